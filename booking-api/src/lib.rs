@@ -1,0 +1,18 @@
+//! booking-api: Floodgate's HTTP API on hyper 1.x. Thin by design: it parses requests,
+//! authenticates, rate-limits and maps [`engine::Error`] to responses in one place; the work is in
+//! [`engine::Engine`].
+//!
+//! # Layout
+//! - [`server`] — listener, connection bound, graceful shutdown, background tasks.
+//! - [`routes`] — the route table and handlers.
+//! - [`http`] — request bodies, JSON responses, the error mapping, CORS.
+//! - [`limits`] — governor rate limits per IP and per fan.
+//! - [`pages`] — the fan's booking page (static HTML/CSS/JS compiled in).
+
+pub mod http;
+pub mod limits;
+pub mod pages;
+pub mod routes;
+pub mod server;
+
+pub use server::{start, Running};

@@ -1,0 +1,121 @@
+//! booking-api: serve the HTTP API, or run one of its maintenance commands.
+
+use clap::{Parser, Subcommand};
+use engine::db::{Db, Scope};
+use engine::ids::DropId;
+use engine::scripts::Redis;
+use engine::{Config, Engine};
+
+#[derive(Parser)]
+#[command(name = "booking-api", about = "Floodgate's booking API", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API (the default). Configuration: defaults, FLOODGATE_CONFIG file, FLOODGATE_* env.
+    Serve,
+    /// Create an API key; prints it once on the last line of stdout.
+    CreateKey {
+        #[arg(long, value_parser = ["seller", "ops"])]
+        scope: String,
+        #[arg(long, default_value = "unnamed")]
+        name: String,
+    },
+    /// Rebuild drops' Redis state from Postgres (the recovery procedure, run by hand).
+    Rebuild {
+        /// One drop; without it every open (or recently closed) drop.
+        #[arg(long)]
+        drop_id: Option<String>,
+    },
+    /// Print `<sha> <numkeys> <keys...> <args...>` for redis-benchmark EVALSHA of reserve.lua
+    /// against a drop (GA, first SKU, quantity 1), with `__rand_int__` for per-call uniqueness.
+    BenchArgs {
+        #[arg(long)]
+        drop_id: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLOODGATE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let cfg = Config::load()?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cfg).await,
+        Command::CreateKey { scope, name } => {
+            let db = Db::connect(&cfg.database)?;
+            db.migrate().await?;
+            let scope = Scope::parse(&scope)
+                .ok_or_else(|| anyhow::anyhow!("scope must be seller or ops"))?;
+            let key = db.create_key(scope, &name).await?;
+            println!("{key}");
+            Ok(())
+        }
+        Command::Rebuild { drop_id } => {
+            let engine = Engine::start(cfg).await?;
+            let drops = match drop_id {
+                Some(d) => vec![DropId::parse(&d)?],
+                None => {
+                    engine
+                        .db
+                        .live_drops(engine.cfg.reconciler.max_drops_watched as i64)
+                        .await?
+                }
+            };
+            for drop in drops {
+                let (kept, ended) = engine.recover(&drop).await?;
+                println!("{drop}: rebuilt from Postgres ({kept} live holds kept, {ended} ended)");
+            }
+            Ok(())
+        }
+        Command::BenchArgs { drop_id } => {
+            let drop = DropId::parse(&drop_id)?;
+            let engine = Engine::start(cfg).await?;
+            let def = engine.drop_def(&drop).await?;
+            let sku = def
+                .buckets
+                .first()
+                .map(|b| b.id.clone())
+                .unwrap_or_default();
+            let keys = Redis::bench_keys(&drop, &format!("fg:{{{drop}}}:idem:bench__rand_int__"));
+            let args = [
+                "bench__rand_int__".to_owned(),
+                format!("{drop}-h__rand_int__"),
+                "0".to_owned(),
+                "items".to_owned(),
+                sku,
+                "1".to_owned(),
+            ];
+            println!(
+                "{} {} {} {}",
+                engine.redis.reserve_sha(),
+                keys.len(),
+                keys.join(" "),
+                args.join(" ")
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let running = booking_api::start(cfg).await?;
+    println!("booking-api listening on {}", running.url());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}

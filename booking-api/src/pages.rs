@@ -1,0 +1,30 @@
+//! The fan's booking page: plain HTML, CSS and JS compiled into the binary (no build step).
+
+use crate::http::{bytes, Body};
+use hyper::Response;
+
+pub fn booking_page() -> Response<Body> {
+    let mut resp = bytes(
+        "text/html; charset=utf-8",
+        include_bytes!("../static/book.html"),
+    );
+    resp.headers_mut().insert(
+        "content-security-policy",
+        hyper::header::HeaderValue::from_static("default-src 'self'; img-src 'self' data:"),
+    );
+    resp
+}
+
+pub fn asset(name: &str) -> Option<Response<Body>> {
+    match name {
+        "book.css" => Some(bytes(
+            "text/css; charset=utf-8",
+            include_bytes!("../static/book.css"),
+        )),
+        "book.js" => Some(bytes(
+            "text/javascript; charset=utf-8",
+            include_bytes!("../static/book.js"),
+        )),
+        _ => None,
+    }
+}

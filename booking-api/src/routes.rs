@@ -1,0 +1,250 @@
+//! The route table. Each handler authenticates, parses its ids (a malformed id is the same 404 as
+//! an unknown one), and calls the engine; errors are mapped in [`crate::http::error`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use engine::booking::{parse_json, AdmissionUpdate};
+use engine::db::{ApiKey, Scope};
+use engine::drops::CreateDrop;
+use engine::ids::{DropId, FanId, HoldId, OrderId};
+use engine::{Code, Engine, Error};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::http::{self, bearer, header, query_param, read_body, Body};
+use crate::limits::Limits;
+use crate::pages;
+
+pub struct App {
+    pub engine: Arc<Engine>,
+    pub limits: Limits,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+type Answer = Result<Response<Body>, Error>;
+
+fn ok((status, body): (u16, serde_json::Value)) -> Answer {
+    Ok(http::json(status, &body))
+}
+
+impl App {
+    /// Routes one request. `route` is the metric label: the path pattern, never the raw path.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> (Response<Body>, &'static str) {
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let method = req.method().clone();
+        let (route, result): (&'static str, Answer) = match (&method, segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => ("/healthz", ok((200, json!({"status": "ok"})))),
+            (&Method::GET, ["readyz"]) => ("/readyz", self.readyz().await),
+            (&Method::GET, ["metrics"]) => (
+                "/metrics",
+                Ok(http::text(
+                    "text/plain; version=0.0.4",
+                    self.metrics.render(),
+                )),
+            ),
+            (&Method::GET, ["drops", _]) => ("/drops/{id}", Ok(pages::booking_page())),
+            (&Method::GET, ["static", name]) => (
+                "/static/{name}",
+                pages::asset(name).ok_or_else(|| Error::new(Code::NotFound)),
+            ),
+            _ => {
+                let limited = self.limits.check_ip(peer.ip());
+                let route = api_route(&method, &segments);
+                let result = match limited {
+                    Err(e) => Err(e),
+                    Ok(()) => self.api(req, &method, &segments).await,
+                };
+                (route, result)
+            }
+        };
+        let resp = result.unwrap_or_else(|e| {
+            if e.code.status() >= 400 {
+                metrics::counter!(engine::metrics::REJECTED, "reason" => e.code.name())
+                    .increment(1);
+            }
+            http::error(&e)
+        });
+        (resp, route)
+    }
+
+    async fn readyz(&self) -> Answer {
+        match self.engine.ready().await {
+            Ok(()) => ok((200, json!({"status": "ready"}))),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn api(&self, req: Request<Incoming>, method: &Method, seg: &[&str]) -> Answer {
+        let e = &self.engine;
+        match (method, seg) {
+            (&Method::POST, ["v1", "fans", "session"]) => self.fan_session(req).await,
+            (&Method::POST, ["v1", "drops"]) => {
+                let seller = self.key(&req, Scope::Seller).await?;
+                let body: CreateDrop = parse_json(&self.body(req).await?)?;
+                ok(e.create_drop(&seller, body).await?)
+            }
+            (&Method::GET, ["v1", "drops"]) => {
+                let seller = self.key(&req, Scope::Seller).await?;
+                ok(e.list_drops(&seller).await?)
+            }
+            (&Method::GET, ["v1", "drops", id]) => ok(e.drop_view(&drop_id(id)?).await?),
+            (&Method::GET, ["v1", "drops", id, "seats"]) => ok(e.seats_view(&drop_id(id)?).await?),
+            (&Method::POST, ["v1", "drops", id, "close"]) => {
+                let seller = self.key(&req, Scope::Seller).await?;
+                ok(e.close_drop(&seller, &drop_id(id)?).await?)
+            }
+            (&Method::GET, ["v1", "drops", id, "admission"]) => {
+                self.key(&req, Scope::Ops).await?;
+                let drop = drop_id(id)?;
+                let s = e.admission_settings(&drop).await?;
+                ok((200, json!({"drop_id": drop, "admission": s})))
+            }
+            (&Method::PUT, ["v1", "drops", id, "admission"]) => {
+                let ops = self.key(&req, Scope::Ops).await?;
+                let drop = drop_id(id)?;
+                let update: AdmissionUpdate = parse_json(&self.body(req).await?)?;
+                ok(e.set_admission(&ops, &drop, update).await?)
+            }
+            (&Method::POST, ["v1", "drops", id, "holds"]) => {
+                let fan = self.fan(&req)?;
+                let drop = drop_id(id)?;
+                let key = header(&req, "idempotency-key").map(str::to_owned);
+                let token = header(&req, "x-admission-token").map(str::to_owned);
+                let body = self.body(req).await?;
+                ok(
+                    e.reserve(&fan, &drop, key.as_deref(), token.as_deref(), &body)
+                        .await?,
+                )
+            }
+            (&Method::GET, ["v1", "fans", "me", "holds"]) => {
+                let fan = self.fan(&req)?;
+                let drop = query_param(&req, "drop_id").map(drop_id).transpose()?;
+                ok(e.fan_holds(&fan, drop.as_ref()).await?)
+            }
+            (&Method::GET, ["v1", "fans", "me", "orders"]) => {
+                let fan = self.fan(&req)?;
+                let drop = query_param(&req, "drop_id").map(drop_id).transpose()?;
+                ok(e.fan_orders(&fan, drop.as_ref()).await?)
+            }
+            (&Method::GET, ["v1", "holds", id]) => {
+                let fan = self.fan(&req)?;
+                ok(e.hold(&fan, &hold_id(id)?).await?)
+            }
+            (&Method::DELETE, ["v1", "holds", id]) => {
+                let fan = self.fan(&req)?;
+                e.release(&fan, &hold_id(id)?).await?;
+                Ok(http::empty(204))
+            }
+            (&Method::POST, ["v1", "holds", id, "confirm"]) => {
+                let fan = self.fan(&req)?;
+                let hold = hold_id(id)?;
+                let body = self.body(req).await?;
+                ok(e.confirm(&fan, &hold, &body).await?)
+            }
+            (&Method::GET, ["v1", "orders", id]) => {
+                let order = OrderId::parse(id).map_err(|_| Error::new(Code::UnknownOrder))?;
+                if bearer(&req).is_some_and(|t| t.starts_with("fgk_")) {
+                    let seller = self.key(&req, Scope::Seller).await?;
+                    ok(e.order_for_seller(&seller, order).await?)
+                } else {
+                    let fan = self.fan(&req)?;
+                    ok(e.order_for_fan(&fan, order).await?)
+                }
+            }
+            _ if api_route(method, seg) != "unknown" => Err(Error::new(Code::MethodNotAllowed)),
+            _ => Err(Error::new(Code::NotFound)),
+        }
+    }
+
+    async fn body(&self, req: Request<Incoming>) -> Result<bytes::Bytes, Error> {
+        read_body(req, self.engine.cfg.http.max_body_bytes).await
+    }
+
+    /// The signed-in fan, rate-limited per fan.
+    fn fan(&self, req: &Request<Incoming>) -> Result<FanId, Error> {
+        let token = bearer(req).ok_or_else(|| {
+            Error::msg(
+                Code::Unauthorized,
+                "Send `Authorization: Bearer <fan_token>`.",
+            )
+        })?;
+        let fan = self.engine.fans.verify(token)?;
+        self.limits.check_fan(fan.as_str())?;
+        Ok(fan)
+    }
+
+    /// An API key with the given scope (401 if missing or unknown, 403 if another scope).
+    async fn key(&self, req: &Request<Incoming>, scope: Scope) -> Result<ApiKey, Error> {
+        let token = bearer(req).ok_or_else(|| {
+            Error::msg(
+                Code::Unauthorized,
+                "Send `Authorization: Bearer <api key>`.",
+            )
+        })?;
+        let key = self
+            .engine
+            .db
+            .verify_key(token)
+            .await?
+            .ok_or_else(|| Error::msg(Code::Unauthorized, "Unknown or revoked API key."))?;
+        if key.scope != scope {
+            return Err(Error::msg(
+                Code::Forbidden,
+                format!("This needs a {} key.", scope.as_str()),
+            ));
+        }
+        Ok(key)
+    }
+
+    async fn fan_session(&self, req: Request<Incoming>) -> Answer {
+        if !self.engine.fans.dev_enabled() {
+            return Err(Error::msg(
+                Code::NotFound,
+                "The development identity provider is off.",
+            ));
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Session {
+            fan: FanId,
+        }
+        let Session { fan } = parse_json(&self.body(req).await?)?;
+        let token = self.engine.fans.issue_dev(&fan)?;
+        ok((201, json!({"fan": fan, "fan_token": token})))
+    }
+}
+
+fn drop_id(s: &str) -> Result<DropId, Error> {
+    DropId::parse(s).map_err(|_| Error::new(Code::UnknownDrop))
+}
+
+fn hold_id(s: &str) -> Result<HoldId, Error> {
+    HoldId::parse(s).map_err(|_| Error::new(Code::UnknownHold))
+}
+
+/// The route pattern for metrics labels (bounded cardinality) and 405 detection.
+fn api_route(_method: &Method, seg: &[&str]) -> &'static str {
+    match seg {
+        ["v1", "fans", "session"] => "/v1/fans/session",
+        ["v1", "drops"] => "/v1/drops",
+        ["v1", "drops", _] => "/v1/drops/{id}",
+        ["v1", "drops", _, "seats"] => "/v1/drops/{id}/seats",
+        ["v1", "drops", _, "close"] => "/v1/drops/{id}/close",
+        ["v1", "drops", _, "admission"] => "/v1/drops/{id}/admission",
+        ["v1", "drops", _, "holds"] => "/v1/drops/{id}/holds",
+        ["v1", "fans", "me", "holds"] => "/v1/fans/me/holds",
+        ["v1", "fans", "me", "orders"] => "/v1/fans/me/orders",
+        ["v1", "holds", _] => "/v1/holds/{id}",
+        ["v1", "holds", _, "confirm"] => "/v1/holds/{id}/confirm",
+        ["v1", "orders", _] => "/v1/orders/{id}",
+        _ => "unknown",
+    }
+}

@@ -1,0 +1,212 @@
+//! The server: accept loop with a connection bound, HTTP/1.1 via hyper, request timeout, CORS,
+//! metrics per route, and graceful shutdown (stop accepting, drain in-flight requests within
+//! `http.shutdown_grace_ms`, stop background tasks).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use engine::config::ms;
+use engine::{Code, Config, Engine, Error};
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::http::{self, Body};
+use crate::limits::Limits;
+use crate::routes::App;
+
+/// The process-wide metrics recorder (one per process, however many servers a test starts).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
+                .and_then(|b| b.install_recorder())
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+        })
+        .clone()
+}
+
+/// A running booking-api.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub engine: Arc<Engine>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (bounded), stops background tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+        self.engine.redis.quit().await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Starts booking-api on `cfg.http.listen` (port 0 picks a free one) with its background tasks.
+pub async fn start(cfg: Config) -> Result<Running, Error> {
+    let listener = TcpListener::bind(cfg.http.listen).await.map_err(|e| {
+        Error::msg(
+            Code::Internal,
+            format!("cannot listen on {}: {e}", cfg.http.listen),
+        )
+    })?;
+    let addr = listener.local_addr().map_err(Error::internal)?;
+    let engine = Engine::start(cfg).await?;
+    let (shutdown, rx) = watch::channel(false);
+    let app = Arc::new(App {
+        engine: engine.clone(),
+        limits: Limits::new(&engine.cfg.limits),
+        metrics: metrics_handle(),
+    });
+    let task = tokio::spawn(serve(listener, app, rx));
+    tracing::info!(%addr, "booking-api listening");
+    Ok(Running {
+        addr,
+        engine,
+        shutdown,
+        task,
+    })
+}
+
+async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    let cfg = app.engine.cfg.http.clone();
+    let background = app.engine.spawn_background(shutdown.clone());
+    let permits = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let tidy = {
+        let app = app.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => app.limits.tidy(),
+                    _ = shutdown.changed() => return,
+                }
+            }
+        })
+    };
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let timeout = ms(cfg.request_timeout_ms);
+        let service = service_fn(move |req: Request<Incoming>| {
+            let app = app.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(&app, req, peer, timeout).await) }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(ms(cfg.header_read_timeout_ms))
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).increment(1.0);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).decrement(1.0);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tidy.abort();
+    if tokio::time::timeout(ms(cfg.shutdown_grace_ms), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over with connections still open");
+    }
+    for t in background {
+        let _ = t.await;
+    }
+}
+
+async fn handle(
+    app: &App,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    timeout: Duration,
+) -> Response<Body> {
+    let started = Instant::now();
+    let origin = req.headers().get("origin").cloned();
+    let method = req.method().clone();
+    let (mut resp, route) = if method == Method::OPTIONS {
+        (http::empty(204), "preflight")
+    } else {
+        match tokio::time::timeout(timeout, app.handle(req, peer)).await {
+            Ok(r) => r,
+            Err(_) => (
+                http::error(
+                    &Error::msg(Code::Unavailable, "The request took too long.")
+                        .retry_after(Duration::from_secs(1)),
+                ),
+                "timeout",
+            ),
+        }
+    };
+    cors(&app.engine.cfg.http.cors_allow_origins, origin, &mut resp);
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!(engine::metrics::HTTP_REQUESTS, "route" => route, "status" => status)
+        .increment(1);
+    metrics::histogram!(engine::metrics::HTTP_REQUEST_SECONDS, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Adds CORS headers when the request's Origin is on the allow-list (config `http.cors_allow_origins`).
+fn cors(allowed: &[String], origin: Option<HeaderValue>, resp: &mut Response<Body>) {
+    let Some(origin) = origin else { return };
+    let ok = origin
+        .to_str()
+        .is_ok_and(|o| allowed.iter().any(|a| a == o || a == "*"));
+    if !ok {
+        return;
+    }
+    let h = resp.headers_mut();
+    h.insert("access-control-allow-origin", origin);
+    h.insert("vary", HeaderValue::from_static("origin"));
+    h.insert(
+        "access-control-allow-methods",
+        HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"),
+    );
+    h.insert(
+        "access-control-allow-headers",
+        HeaderValue::from_static("authorization, content-type, idempotency-key, x-admission-token"),
+    );
+    h.insert(
+        "access-control-expose-headers",
+        HeaderValue::from_static("retry-after"),
+    );
+    h.insert("access-control-max-age", HeaderValue::from_static("600"));
+}

@@ -1,0 +1,256 @@
+//! Test harness: a booking-api started in-process on 127.0.0.1:0 against the Redis and Postgres
+//! that `./dev test` started (FLOODGATE_TEST_REDIS_URL / FLOODGATE_TEST_DATABASE_URL), and a small
+//! client. Every test makes its own drops and fans, so tests run in parallel without sharing data.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use booking_api::Running;
+use engine::db::Scope;
+use engine::Config;
+use serde_json::{json, Value};
+
+pub fn test_config(redis_url: &str, database_url: &str) -> Config {
+    let mut cfg = Config::default();
+    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.redis.url = redis_url.to_owned();
+    cfg.database.url = database_url.to_owned();
+    cfg.database.pool_size = 8;
+    cfg.identity.dev = true;
+    cfg.admission.secrets = vec!["test-admission-secret".into()];
+    // Tests hammer from one address and one fan on purpose; the limiters have their own test.
+    cfg.limits.per_ip_per_s = 1_000_000;
+    cfg.limits.per_ip_burst = 1_000_000;
+    cfg.limits.per_fan_per_s = 1_000_000;
+    cfg.limits.per_fan_burst = 1_000_000;
+    cfg.holds.sweep_interval_ms = 100;
+    cfg.reconciler.interval_ms = 200;
+    cfg.reconciler.watch_interval_ms = 200;
+    cfg.gateway.timeout_ms = 300;
+    cfg.gateway.test_slow_ms = 500;
+    cfg
+}
+
+pub fn shared_config() -> Config {
+    let redis = std::env::var("FLOODGATE_TEST_REDIS_URL")
+        .expect("run tests with ./dev test (FLOODGATE_TEST_REDIS_URL)");
+    let db = std::env::var("FLOODGATE_TEST_DATABASE_URL")
+        .expect("run tests with ./dev test (FLOODGATE_TEST_DATABASE_URL)");
+    test_config(&redis, &db)
+}
+
+pub struct Harness {
+    pub server: Running,
+    pub http: reqwest::Client,
+    pub base: String,
+    pub seller_key: String,
+    pub ops_key: String,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::with_config(shared_config()).await
+    }
+
+    pub async fn with_config(cfg: Config) -> Harness {
+        let server = booking_api::start(cfg).await.expect("booking-api starts");
+        let seller_key = server
+            .engine
+            .db
+            .create_key(Scope::Seller, "test-seller")
+            .await
+            .unwrap();
+        let ops_key = server
+            .engine
+            .db
+            .create_key(Scope::Ops, "test-ops")
+            .await
+            .unwrap();
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .unwrap();
+        let base = server.url();
+        Harness {
+            server,
+            http,
+            base,
+            seller_key,
+            ops_key,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A fan token from the dev identity provider; names get a random suffix so tests never share fans.
+    pub async fn fan(&self, name: &str) -> (String, String) {
+        let fan = format!("{name}-{:08x}", rand::random::<u32>());
+        let r: Value = self
+            .http
+            .post(self.url("/v1/fans/session"))
+            .json(&json!({ "fan": fan }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (fan, r["fan_token"].as_str().unwrap().to_owned())
+    }
+
+    pub async fn create_drop(&self, body: Value) -> String {
+        let r = self
+            .http
+            .post(self.url("/v1/drops"))
+            .bearer_auth(&self.seller_key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(status, 201, "create drop: {v}");
+        v["drop_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn ga_drop(&self, quantity: u32, per_fan_limit: u32, hold_ttl_s: u32) -> String {
+        self.create_drop(json!({
+            "name": "test drop", "per_fan_limit": per_fan_limit, "hold_ttl_s": hold_ttl_s,
+            "admission": {"mode": "open"},
+            "inventory": {"kind": "ga", "skus": [{"sku": "TEE", "name": "Tee", "price_cents": 2500, "quantity": quantity}]}
+        }))
+        .await
+    }
+
+    /// POST a reserve; returns (status, body).
+    pub async fn reserve(&self, token: &str, drop: &str, body: Value) -> (u16, Value) {
+        let key = format!("k-{}", uuid::Uuid::new_v4());
+        self.reserve_with_key(token, drop, &key, body).await
+    }
+
+    pub async fn reserve_with_key(
+        &self,
+        token: &str,
+        drop: &str,
+        key: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/drops/{drop}/holds")))
+            .bearer_auth(token)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn confirm(&self, token: &str, hold: &str, reference: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/holds/{hold}/confirm")))
+            .bearer_auth(token)
+            .json(&json!({"payment": {"gateway": "test", "reference": reference}}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn release(&self, token: &str, hold: &str) -> u16 {
+        self.http
+            .delete(self.url(&format!("/v1/holds/{hold}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn drop_view(&self, drop: &str) -> Value {
+        let (status, v) = self.get(&format!("/v1/drops/{drop}"), None).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    /// Sums of the live counts over the drop's buckets: (total, available, held, sold).
+    pub async fn counts(&self, drop: &str) -> (i64, i64, i64, i64) {
+        let v = self.drop_view(drop).await;
+        let mut sums = (0, 0, 0, 0);
+        for b in v["inventory"].as_array().unwrap() {
+            sums.0 += b["total"].as_i64().unwrap();
+            sums.1 += b["available"].as_i64().unwrap();
+            sums.2 += b["held"].as_i64().unwrap();
+            sums.3 += b["sold"].as_i64().unwrap();
+        }
+        sums
+    }
+
+    /// Checks `available + held + sold == total` for every bucket, and Postgres' record of the
+    /// sale: inventory.sold, order items and the ledger all agree with Redis' sold count.
+    pub async fn assert_invariants(&self, drop: &str) {
+        let v = self.drop_view(drop).await;
+        let db = self.server.engine.db.client().await.unwrap();
+        for b in v["inventory"].as_array().unwrap() {
+            let bucket = b["sku"].as_str().or(b["section"].as_str()).unwrap();
+            let (t, a, h, s) = (
+                b["total"].as_i64().unwrap(),
+                b["available"].as_i64().unwrap(),
+                b["held"].as_i64().unwrap(),
+                b["sold"].as_i64().unwrap(),
+            );
+            assert!(a >= 0 && h >= 0 && s >= 0, "negative count in {b}");
+            assert_eq!(
+                a + h + s,
+                t,
+                "available + held + sold != total for {bucket}: {b}"
+            );
+            let row = db
+                .query_one(
+                    "SELECT (SELECT sold::bigint FROM inventory WHERE drop_id = $1 AND bucket = $2), \
+                     (SELECT coalesce(sum(quantity), 0)::bigint FROM order_items WHERE drop_id = $1 AND bucket = $2), \
+                     (SELECT coalesce(sum(delta_sold), 0)::bigint FROM stock_ledger WHERE drop_id = $1 AND bucket = $2)",
+                    &[&drop, &bucket],
+                )
+                .await
+                .unwrap();
+            let (inv, items, ledger): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+            assert_eq!(inv, s, "Postgres inventory.sold != Redis sold for {bucket}");
+            assert_eq!(items, s, "Postgres order items != Redis sold for {bucket}");
+            assert_eq!(ledger, s, "ledger sum != Redis sold for {bucket}");
+        }
+    }
+
+    /// Waits (generously) until `f` holds; panics with `what` if it never does.
+    pub async fn eventually<F, Fut>(&self, what: &str, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < until {
+            if f().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("timed out waiting for: {what}");
+    }
+}

@@ -1,0 +1,385 @@
+//! Starts and stops the PostgreSQL 15 and Redis that `./dev up`, `./dev test` and the fault tests
+//! run against. Each stack has a name ("dev", "test", "fault-pg-1", ...) and keeps its state under
+//! `/var/tmp/floodgate-<hash of the checkout path>/<name>/`, outside the checkout: the checkout may
+//! sit under a 0700 directory that the `postgres` user (Postgres refuses to run as root) can't enter.
+//!
+//! Stacks whose name starts with `test` or `fault` are throwaway: each start wipes their state and
+//! Postgres runs without fsync. Any other name (`dev`) keeps its data from one start to the next.
+//!
+//! ```no_run
+//! let stack = devstack::Stack::start(devstack::StackConfig {
+//!     name: "fault-example".into(),
+//!     redis_port: devstack::free_port(),
+//!     pg_port: devstack::free_port(),
+//! })?;
+//! println!("{} {}", stack.redis_url(), stack.database_url());
+//! # anyhow::Ok(())
+//! ```
+//!
+//! # Layout
+//! - `lib.rs`: [`Stack`], [`StackConfig`], [`free_port`], [`ensure_installed`], where state lives.
+//! - `pg`: one Postgres cluster: initdb, pg_ctl (as the `postgres` user when we are root), psql.
+//! - `redis`: one redis-server child process (appendonly everysec) and a raw-TCP PING.
+//! - [`sys`]: process helpers over `/proc` and the `kill` command, log tails, port checks.
+//! - [`http`]: a tiny blocking HTTP/1.1 client that `devstack up` uses.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+pub mod http;
+mod pg;
+mod redis;
+pub mod sys;
+
+/// Where every stack of every checkout keeps its state: `<STATE_BASE>/floodgate-<hash>/<name>`.
+pub const STATE_BASE: &str = "/var/tmp";
+/// The stack `./dev up` runs; its state is linked from `<checkout>/.dev/state`.
+pub const DEV_STACK_NAME: &str = "dev";
+
+/// What to start: a name for the state directory and the two loopback ports.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    /// e.g. "dev", "test", "fault-pg-1": letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    pub redis_port: u16,
+    pub pg_port: u16,
+}
+
+/// A running Postgres + Redis pair. Dropping it stops both.
+pub struct Stack {
+    cfg: StackConfig,
+    state_dir: PathBuf,
+    pg: pg::Postgres,
+    pg_running: bool,
+    redis: redis::Redis,
+}
+
+impl Stack {
+    /// Initialises the stack's state if needed, starts Postgres and Redis, waits until both
+    /// answer and creates the database `floodgate`. Servers left running by an earlier run of
+    /// the same stack (a crash, a SIGKILL) are stopped first.
+    pub fn start(cfg: StackConfig) -> Result<Stack> {
+        validate_name(&cfg.name)?;
+        ensure_installed()?;
+        let root = state_root()?;
+        let state_dir = root.join(&cfg.name);
+        let throwaway = is_throwaway(&cfg.name);
+        let as_postgres_user = sys::is_root();
+
+        create_traversable_dir(&root)?;
+        create_traversable_dir(&state_dir)?;
+
+        let pg = pg::Postgres {
+            state_dir: state_dir.clone(),
+            data_dir: state_dir.join("pg"),
+            socket_dir: state_dir.join("pg-sock"),
+            log_file: state_dir.join("postgres.log"),
+            port: cfg.pg_port,
+            fast: throwaway,
+            as_postgres_user,
+        };
+        let redis = redis::Redis {
+            dir: state_dir.join("redis"),
+            log_file: state_dir.join("redis.log"),
+            pid_file: state_dir.join("redis.pid"),
+            port: cfg.redis_port,
+            child: None,
+        };
+
+        // Servers of an earlier run of this stack hold the ports and the data: stop them first.
+        sys::kill_stale(&redis.pid_file, "redis-server");
+        if let pg::Status::Running = pg.status()? {
+            eprintln!(
+                "devstack: stopping a PostgreSQL left running on {}",
+                pg.data_dir.display()
+            );
+            pg.stop()?;
+        }
+        if throwaway {
+            fs::remove_dir_all(&state_dir)
+                .with_context(|| format!("wiping {}", state_dir.display()))?;
+            create_traversable_dir(&state_dir)?;
+        }
+
+        for (what, port) in [("Redis", cfg.redis_port), ("PostgreSQL", cfg.pg_port)] {
+            if !sys::port_is_free(port) {
+                bail!(
+                    "port {port} (for {what} of stack {:?}) is already in use on 127.0.0.1; \
+                     stop whatever listens there or choose another port",
+                    cfg.name
+                );
+            }
+        }
+        if cfg.redis_port == cfg.pg_port {
+            bail!("Redis and PostgreSQL can't share port {}", cfg.pg_port);
+        }
+
+        pg.prepare()?;
+        let mut stack = Stack {
+            cfg,
+            state_dir,
+            pg,
+            pg_running: false,
+            redis,
+        };
+        // From here on, an error drops `stack`, which stops whatever did start.
+        stack.start_postgres()?;
+        stack.pg.create_database()?;
+        stack.start_redis()?;
+        if stack.cfg.name == DEV_STACK_NAME {
+            stack.link_dev_dir()?;
+        }
+        Ok(stack)
+    }
+
+    pub fn config(&self) -> &StackConfig {
+        &self.cfg
+    }
+
+    /// `redis://127.0.0.1:PORT`
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.cfg.redis_port)
+    }
+
+    /// `postgres://floodgate@127.0.0.1:PORT/floodgate` (trust auth on loopback).
+    pub fn database_url(&self) -> String {
+        format!(
+            "postgres://{}@127.0.0.1:{}/{}",
+            pg::PG_USER,
+            self.cfg.pg_port,
+            pg::PG_DATABASE
+        )
+    }
+
+    /// `/var/tmp/floodgate-<hash>/<name>`: `pg/`, `redis/`, and the logs.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Clean shutdown (`pg_ctl stop -m fast`); returns once the server has exited.
+    pub fn stop_postgres(&mut self) -> Result<()> {
+        if !self.pg_running {
+            bail!("PostgreSQL is not running");
+        }
+        self.pg.stop()?;
+        self.pg_running = false;
+        Ok(())
+    }
+
+    /// Starts Postgres again on the same data directory and port; returns once it answers.
+    pub fn start_postgres(&mut self) -> Result<()> {
+        if self.pg_running {
+            return Ok(());
+        }
+        self.pg.start()?;
+        self.pg_running = true;
+        Ok(())
+    }
+
+    /// SIGKILLs redis-server, as in a crash (at most the last second of writes is lost with
+    /// appendfsync everysec), and waits for it to exit.
+    pub fn kill_redis(&mut self) -> Result<()> {
+        self.redis.kill()
+    }
+
+    /// Starts redis-server again from the same directory (it reloads its AOF); returns once it
+    /// answers PING.
+    pub fn start_redis(&mut self) -> Result<()> {
+        self.redis.start()
+    }
+
+    /// Whether the Redis child is still alive.
+    pub fn redis_running(&mut self) -> bool {
+        self.redis.is_running()
+    }
+
+    /// Stops Redis and Postgres. Safe to call more than once.
+    pub fn stop(&mut self) {
+        self.redis.stop();
+        if self.pg_running {
+            if let Err(e) = self.pg.stop() {
+                eprintln!(
+                    "devstack: stopping PostgreSQL of {:?}: {e:#}",
+                    self.cfg.name
+                );
+            }
+            self.pg_running = false;
+        }
+    }
+
+    /// `<checkout>/.dev/state -> /var/tmp/floodgate-<hash>/dev`, so the dev logs are easy to find.
+    fn link_dev_dir(&self) -> Result<()> {
+        let dev_dir = dev_dir()?;
+        fs::create_dir_all(&dev_dir)?;
+        let link = dev_dir.join("state");
+        if fs::symlink_metadata(&link).is_ok() {
+            fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?;
+        }
+        std::os::unix::fs::symlink(&self.state_dir, &link)
+            .with_context(|| format!("linking {}", link.display()))
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop()
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1 (bind to port 0, read it, close). Never hands
+/// out the same port twice in one process, so two calls make a Redis and a Postgres port.
+pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            // Binding loopback port 0 only fails when the machine is out of ports or sockets;
+            // nothing in a dev stack can work then.
+            .expect("binding 127.0.0.1:0");
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
+}
+
+/// Makes sure the tools are there: installs redis-server with apt when it is missing (as root:
+/// `apt-get update` once, then `apt-get install -y redis-server`); PostgreSQL 15 must already be
+/// installed.
+pub fn ensure_installed() -> Result<()> {
+    static INSTALLING: Mutex<()> = Mutex::new(());
+    static APT_UPDATED: AtomicBool = AtomicBool::new(false);
+
+    let pg_tools = [
+        Path::new(pg::PG_BIN_DIR).join("initdb"),
+        Path::new(pg::PG_BIN_DIR).join("pg_ctl"),
+        PathBuf::from(pg::PSQL),
+    ];
+    for tool in &pg_tools {
+        if !tool.exists() {
+            bail!(
+                "{} is missing: install PostgreSQL 15 (Debian: apt-get install postgresql-15)",
+                tool.display()
+            );
+        }
+    }
+
+    let _guard = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
+    if in_path("redis-server") {
+        return Ok(());
+    }
+    if !sys::is_root() {
+        bail!("redis-server is missing: install it with `sudo apt-get install -y redis-server`");
+    }
+    eprintln!("devstack: redis-server is missing; installing it with apt-get");
+    if !APT_UPDATED.swap(true, Ordering::SeqCst) {
+        apt_get(&["update", "-q"])?;
+    }
+    apt_get(&["install", "-y", "-q", "redis-server"])?;
+    stop_system_redis();
+    if !in_path("redis-server") {
+        bail!("apt-get installed redis-server, but it is still not on PATH");
+    }
+    Ok(())
+}
+
+/// The checkout this devstack belongs to: the workspace it was built in if that still exists,
+/// else the nearest directory above the current one whose Cargo.toml has `[workspace]`.
+pub fn workspace_root() -> Result<PathBuf> {
+    let built_in = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf);
+    if let Some(root) = built_in.filter(|r| r.join("Cargo.toml").is_file()) {
+        return root
+            .canonicalize()
+            .with_context(|| format!("resolving {}", root.display()));
+    }
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    for dir in cwd.ancestors() {
+        let manifest = dir.join("Cargo.toml");
+        if fs::read_to_string(&manifest)
+            .map(|s| s.contains("[workspace]"))
+            .unwrap_or(false)
+        {
+            return Ok(dir.canonicalize()?);
+        }
+    }
+    bail!(
+        "can't find the Floodgate checkout (no Cargo.toml with [workspace] above {})",
+        cwd.display()
+    )
+}
+
+/// `<checkout>/.dev`: the dev stack's env file, pid file and a link to its state.
+pub fn dev_dir() -> Result<PathBuf> {
+    Ok(workspace_root()?.join(".dev"))
+}
+
+/// `/var/tmp/floodgate-<first 12 hex digits of sha256(canonical checkout path)>`.
+pub fn state_root() -> Result<PathBuf> {
+    let root = workspace_root()?;
+    let digest = Sha256::digest(root.as_os_str().as_encoded_bytes());
+    let hash = hex::encode(digest);
+    Ok(Path::new(STATE_BASE).join(format!("floodgate-{}", &hash[..12])))
+}
+
+fn is_throwaway(name: &str) -> bool {
+    name.starts_with("test") || name.starts_with("fault")
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        bail!("stack name {name:?}: use letters, digits, '-', '_' and '.' (not leading)");
+    }
+    Ok(())
+}
+
+/// Creates `dir` with mode 0755 whatever the umask, so the `postgres` user can pass through it.
+fn create_traversable_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let meta = fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o755 != 0o755 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {} traversable", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn in_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+fn apt_get(args: &[&str]) -> Result<()> {
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Debian's package may start the system service on 6379 as it installs; we run our own
+/// instances, and the service would take the dev stack's default port.
+fn stop_system_redis() {
+    sys::kill_stale(Path::new("/run/redis/redis-server.pid"), "redis-server");
+}

@@ -1,0 +1,82 @@
+//! Starts a throwaway stack and puts it through what the fault tests do to theirs. Named
+//! `fault_*` so that `./dev test` runs it in its serial phase, not next to the shared stack.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use devstack::{free_port, Stack, StackConfig};
+
+fn redis(port: u16, command: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("{command}\r\n").as_bytes()).unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).expect("read redis reply");
+    String::from_utf8_lossy(&buf[..n]).trim().to_string()
+}
+
+fn psql(url: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args([
+            url,
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("run psql");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn fault_stack_restarts() {
+    let (redis_port, pg_port) = (free_port(), free_port());
+    let mut stack = Stack::start(StackConfig {
+        name: "fault-selftest".into(),
+        redis_port,
+        pg_port,
+    })
+    .expect("stack starts");
+    assert_eq!(stack.redis_url(), format!("redis://127.0.0.1:{redis_port}"));
+    let db = stack.database_url();
+    assert_eq!(
+        db,
+        format!("postgres://floodgate@127.0.0.1:{pg_port}/floodgate")
+    );
+    assert!(stack.state_dir().join("pg").is_dir());
+
+    // Both answer; what Postgres commits and what Redis had for a second survive the restarts.
+    assert_eq!(psql(&db, "select 1").unwrap(), "1");
+    psql(&db, "create table t (x int); insert into t values (7)").unwrap();
+    assert_eq!(redis(redis_port, "PING"), "+PONG");
+    assert_eq!(redis(redis_port, "SET survivor yes"), "+OK");
+    // appendfsync everysec: give the AOF its second before the crash.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    stack.kill_redis().unwrap();
+    assert!(TcpStream::connect(("127.0.0.1", redis_port)).is_err());
+    stack.start_redis().unwrap();
+    assert_eq!(redis(redis_port, "GET survivor"), "$3\r\nyes");
+
+    stack.stop_postgres().unwrap();
+    assert!(psql(&db, "select 1").is_err());
+    stack.start_postgres().unwrap();
+    assert_eq!(psql(&db, "select x from t").unwrap(), "7");
+
+    stack.stop();
+    stack.stop(); // idempotent
+    assert!(TcpStream::connect(("127.0.0.1", redis_port)).is_err());
+    assert!(psql(&db, "select 1").is_err());
+    assert!(!stack.state_dir().join("pg/postmaster.pid").exists());
+}

@@ -1,0 +1,1114 @@
+//! The booking engine: what booking-api's handlers call. Drops, reserves, releases, confirms
+//! (DESIGN.md §4's hold lifecycle), and the background work that keeps Redis honest: the sweeper
+//! (expiry), the reconciler (confirms that stopped halfway) and the watcher (Redis restarts and
+//! lost drops → recovery from Postgres).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::config::{ms, Config};
+use crate::db::{ApiKey, Db, Order, OrderItem};
+use crate::drops::{
+    AdmissionMode, AdmissionSettings, CreateDrop, DropDef, HoldRequest, HoldRequestBody, Kind,
+};
+use crate::error::{Code, Error, Result};
+use crate::ids::{DropId, FanId, HoldId, OrderId};
+use crate::metrics as m;
+use crate::payments::{GatewayError, Lookup, PaymentGateway, TestGateway};
+use crate::scripts::{
+    ConfirmBegin, Finish, HoldItem, HoldRecord, HoldState, Redis, ReserveArgs, Reserved,
+};
+use crate::tokens::{now_ms, AdmissionKeys, FanAuth};
+use crate::writer::{Committed, NewItem, NewOrder, Writer};
+
+/// An answer for a handler: HTTP status and JSON body.
+pub type Answer = (u16, Value);
+
+/// A payment as the fan sends it: `{"gateway": "test", "reference": "ok_1"}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Payment {
+    pub gateway: String,
+    pub reference: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmBody {
+    pub payment: Payment,
+}
+
+/// Ops' partial update of a drop's admission settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionUpdate {
+    pub rate_per_s: Option<f64>,
+    pub burst: Option<u32>,
+    pub max_active: Option<u32>,
+    pub paused: Option<bool>,
+    pub shop_window_s: Option<u32>,
+    pub admit_margin_pct: Option<u32>,
+}
+
+/// The result of one confirm, shared with concurrent confirms of the same hold.
+type ConfirmResult = Result<(Order, bool)>;
+
+struct Inflight {
+    reference: String,
+    done: watch::Receiver<Option<ConfirmResult>>,
+}
+
+/// How far before its confirm deadline a request stops and leaves a payment to the reconciler,
+/// so the two never commit and revert the same hold at once.
+const CONFIRM_SAFETY_MARGIN_MS: i64 = 10_000;
+/// How long a confirm waits for another process already confirming the same hold.
+const CONFIRM_WAIT_OTHER_MS: u64 = 3_000;
+/// Expire calls per drop per sweep, at most (each takes `holds.sweep_batch` holds).
+const SWEEP_ROUNDS_MAX: usize = 20;
+/// How often the list of drops to look after is read from Postgres.
+const WATCHED_REFRESH: Duration = Duration::from_secs(5);
+
+pub struct Engine {
+    pub cfg: Config,
+    pub redis: Redis,
+    pub db: Db,
+    pub writer: Writer,
+    pub gateway: Arc<dyn PaymentGateway>,
+    /// The same gateway as `gateway` when it's the test one, so tests can read its records.
+    pub test_gateway: Option<Arc<TestGateway>>,
+    pub fans: FanAuth,
+    pub admission: AdmissionKeys,
+    drops: Mutex<HashMap<DropId, Arc<DropDef>>>,
+    inflight: Mutex<HashMap<HoldId, Inflight>>,
+    watched: Mutex<Vec<DropId>>,
+    recovering: Mutex<HashMap<DropId, Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these maps leaves it usable: each entry is self-contained.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn rfc3339_ms(ms_since_epoch: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms_since_epoch) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl Engine {
+    /// Connects Redis and Postgres, applies migrations, starts the order writer.
+    pub async fn start(cfg: Config) -> Result<Arc<Engine>> {
+        let redis = Redis::connect(&cfg.redis).await?;
+        let db = Db::connect(&cfg.database)?;
+        db.migrate().await?;
+        let writer = Writer::spawn(db.clone(), &cfg.writer);
+        let test = Arc::new(TestGateway::new(ms(cfg.gateway.test_slow_ms)));
+        let fans = FanAuth::new(&cfg.identity)?;
+        let admission = AdmissionKeys::new(&cfg.admission);
+        Ok(Arc::new(Engine {
+            redis,
+            db,
+            writer,
+            gateway: test.clone(),
+            test_gateway: Some(test),
+            fans,
+            admission,
+            drops: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            watched: Mutex::new(Vec::new()),
+            recovering: Mutex::new(HashMap::new()),
+            cfg,
+        }))
+    }
+
+    // ---- drops ----------------------------------------------------------------------------------
+
+    /// The fields of a drop's Redis meta hash, the same at creation and at every rebuild.
+    fn meta_fields(&self, def: &DropDef, status: &str) -> Value {
+        json!({
+            "status": status,
+            "recovering": "0",
+            "kind": def.kind.as_str(),
+            "per_fan_limit": def.per_fan_limit,
+            "hold_ttl_ms": def.hold_ttl_ms,
+            "opens_at_ms": def.opens_at_ms(),
+            "mode": match def.admission.mode { AdmissionMode::Open => "open", AdmissionMode::Queue => "queue" },
+            "confirm_timeout_ms": self.cfg.holds.confirm_timeout_ms,
+            "confirm_grace_ms": self.cfg.holds.confirm_grace_ms,
+            "reclaim_batch": self.cfg.holds.reclaim_batch,
+            "done_ttl_ms": self.cfg.holds.done_ttl_ms,
+        })
+    }
+
+    fn layout(def: &DropDef) -> Value {
+        let mut layout = serde_json::Map::new();
+        for b in def.buckets.iter().filter(|b| !b.rows.is_empty()) {
+            layout.insert(b.id.clone(), json!(b.rows));
+        }
+        Value::Object(layout)
+    }
+
+    pub async fn create_drop(&self, seller: &ApiKey, body: CreateDrop) -> Result<Answer> {
+        let drop_id = DropId::generate();
+        let seed = crate::tokens::random_secret();
+        let seed_sha256 = sha256_hex(seed.as_bytes());
+        let now = OffsetDateTime::now_utc();
+        let def = body.into_def(
+            drop_id.clone(),
+            seller.key_id.clone(),
+            seed_sha256,
+            now,
+            &self.cfg.drops,
+        )?;
+        let definition = serde_json::to_value(&def).map_err(Error::internal)?;
+        self.db.insert_drop(&def, &seed, &definition).await?;
+        let payload = json!({
+            "meta": self.meta_fields(&def, "open"),
+            "buckets": def.buckets.iter().map(|b| json!([b.id, b.total])).collect::<Vec<_>>(),
+            "seats": def.seat_ids().map(|(id, ..)| id).collect::<Vec<_>>(),
+            "layout": Self::layout(&def),
+        });
+        // If Redis fails here the drop is in Postgres but not loaded: the watcher finds it missing
+        // and recovery loads it, so the seller's retry-free success is still true.
+        self.redis.load_drop(&drop_id, &payload).await?;
+        self.redis
+            .set_admission(&drop_id, admission_fields(&def.admission))
+            .await?;
+        let def = Arc::new(def);
+        lock(&self.drops).insert(drop_id.clone(), def.clone());
+        self.watch_drop(&drop_id);
+        let view = self.drop_view_of(&def, "open").await?;
+        Ok((201, view))
+    }
+
+    fn watch_drop(&self, drop: &DropId) {
+        let mut w = lock(&self.watched);
+        if !w.contains(drop) {
+            w.push(drop.clone());
+        }
+    }
+
+    /// The cached definition, read from Postgres on first use.
+    pub async fn drop_def(&self, drop: &DropId) -> Result<Arc<DropDef>> {
+        if let Some(def) = lock(&self.drops).get(drop) {
+            return Ok(def.clone());
+        }
+        let (def, _) = self
+            .db
+            .drop_def(drop)
+            .await?
+            .ok_or_else(|| Error::new(Code::UnknownDrop))?;
+        let def = Arc::new(def);
+        let mut cache = lock(&self.drops);
+        if cache.len() >= self.cfg.drops.cache_entries {
+            cache.clear();
+        }
+        cache.insert(drop.clone(), def.clone());
+        Ok(def)
+    }
+
+    /// Status from Redis; a drop missing there (flushed, lost) starts recovery and answers 503.
+    async fn live_status(&self, drop: &DropId) -> Result<String> {
+        match self.redis.drop_state(drop).await? {
+            Some((_, true)) | None => {
+                self.start_recovery(drop);
+                Err(recovering())
+            }
+            Some((status, false)) => Ok(status),
+        }
+    }
+
+    pub async fn drop_view(&self, drop: &DropId) -> Result<Answer> {
+        let def = self.drop_def(drop).await?;
+        let status = self.live_status(drop).await?;
+        Ok((200, self.drop_view_of(&def, &status).await?))
+    }
+
+    async fn drop_view_of(&self, def: &DropDef, status: &str) -> Result<Value> {
+        let counts = self.redis.counts(&def.drop_id).await?;
+        let inventory: Vec<Value> = def
+            .buckets
+            .iter()
+            .map(|b| {
+                let c = counts.get(&b.id);
+                let mut v = json!({
+                    "name": b.name,
+                    "price_cents": b.price_cents,
+                    "total": c.map_or(i64::from(b.total), |c| c.total),
+                    "available": c.map_or(0, |c| c.available),
+                    "held": c.map_or(0, |c| c.held),
+                    "sold": c.map_or(0, |c| c.sold),
+                });
+                let key = if def.kind == Kind::Ga {
+                    "sku"
+                } else {
+                    "section"
+                };
+                v[key] = json!(b.id);
+                if def.kind == Kind::Seated {
+                    v["rows"] = json!(b
+                        .rows
+                        .iter()
+                        .map(|(r, n)| json!({"row": r, "seats": n}))
+                        .collect::<Vec<_>>());
+                }
+                v
+            })
+            .collect();
+        Ok(json!({
+            "drop_id": def.drop_id,
+            "name": def.name,
+            "currency": def.currency,
+            "kind": def.kind.as_str(),
+            "status": status,
+            "opens_at": rfc3339(def.opens_at),
+            "per_fan_limit": def.per_fan_limit,
+            "hold_ttl_s": def.hold_ttl_ms / 1000,
+            "admission": {"mode": def.admission.mode},
+            "seed_sha256": def.seed_sha256,
+            "inventory": inventory,
+            "server_now_ms": now_ms(),
+        }))
+    }
+
+    pub async fn seats_view(&self, drop: &DropId) -> Result<Answer> {
+        let def = self.drop_def(drop).await?;
+        if def.kind != Kind::Seated {
+            return Err(Error::invalid("this drop has no seats"));
+        }
+        self.live_status(drop).await?;
+        let states = self.redis.seat_states(drop).await?;
+        let seats: Vec<Value> = def
+            .seat_ids()
+            .map(|(id, b, row, n)| {
+                let state = match states.get(&id).map(String::as_str) {
+                    Some("-") => "free",
+                    Some("#") => "sold",
+                    _ => "held",
+                };
+                json!({"seat": id, "section": b.id, "row": row, "number": n, "state": state})
+            })
+            .collect();
+        Ok((
+            200,
+            json!({"drop_id": drop, "seats": seats, "server_now_ms": now_ms()}),
+        ))
+    }
+
+    pub async fn list_drops(&self, seller: &ApiKey) -> Result<Answer> {
+        let drops = self
+            .db
+            .list_drops(&seller.key_id, self.cfg.drops.max_drops_listed)
+            .await?;
+        let mut out = Vec::with_capacity(drops.len());
+        for (drop, status) in drops {
+            let def = self.drop_def(&drop).await?;
+            out.push(json!({
+                "drop_id": drop, "name": def.name, "status": status, "kind": def.kind.as_str(),
+                "opens_at": rfc3339(def.opens_at), "currency": def.currency,
+            }));
+        }
+        Ok((200, json!({ "drops": out })))
+    }
+
+    async fn owned_drop(&self, seller: &ApiKey, drop: &DropId) -> Result<Arc<DropDef>> {
+        let def = self.drop_def(drop).await?;
+        if def.seller_key_id != seller.key_id {
+            return Err(Error::msg(
+                Code::Forbidden,
+                "This drop belongs to another seller.",
+            ));
+        }
+        Ok(def)
+    }
+
+    pub async fn close_drop(&self, seller: &ApiKey, drop: &DropId) -> Result<Answer> {
+        let def = self.owned_drop(seller, drop).await?;
+        self.db.close_drop(drop).await?;
+        self.redis.set_meta(drop, "status", "closed").await?;
+        Ok((200, self.drop_view_of(&def, "closed").await?))
+    }
+
+    pub async fn admission_settings(&self, drop: &DropId) -> Result<AdmissionSettings> {
+        let def = self.drop_def(drop).await?;
+        let stored = self.db.admission(drop).await?.unwrap_or(Value::Null);
+        Ok(serde_json::from_value(stored).unwrap_or_else(|_| def.admission.clone()))
+    }
+
+    pub async fn set_admission(
+        &self,
+        ops: &ApiKey,
+        drop: &DropId,
+        update: AdmissionUpdate,
+    ) -> Result<Answer> {
+        let mut s = self.admission_settings(drop).await?;
+        if let Some(v) = update.rate_per_s {
+            s.rate_per_s = v;
+        }
+        if let Some(v) = update.burst {
+            s.burst = v;
+        }
+        if let Some(v) = update.max_active {
+            s.max_active = v;
+        }
+        if let Some(v) = update.paused {
+            s.paused = v;
+        }
+        if let Some(v) = update.shop_window_s {
+            s.shop_window_s = v;
+        }
+        if let Some(v) = update.admit_margin_pct {
+            s.admit_margin_pct = v;
+        }
+        s.validate()?;
+        let value = serde_json::to_value(&s).map_err(Error::internal)?;
+        self.db.save_admission(drop, &ops.key_id, &value).await?;
+        self.redis.set_admission(drop, admission_fields(&s)).await?;
+        Ok((200, json!({"drop_id": drop, "admission": value})))
+    }
+
+    // ---- holds ----------------------------------------------------------------------------------
+
+    pub async fn reserve(
+        &self,
+        fan: &FanId,
+        drop: &DropId,
+        idempotency_key: Option<&str>,
+        admission_token: Option<&str>,
+        body: &[u8],
+    ) -> Result<Answer> {
+        let key = idempotency_key
+            .ok_or_else(|| Error::invalid("the Idempotency-Key header is required"))?;
+        if key.is_empty() || key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::invalid(
+                "Idempotency-Key must be 1..=128 printable ASCII characters",
+            ));
+        }
+        let def = self.drop_def(drop).await?;
+        if def.admission.mode == AdmissionMode::Queue {
+            let token = admission_token.ok_or_else(|| {
+                Error::msg(
+                    Code::NotAdmitted,
+                    "This drop has a waiting room: join it to get an admission token.",
+                )
+            })?;
+            self.admission.verify(token, drop, fan)?;
+        }
+        let parsed: HoldRequestBody = parse_json(body)?;
+        let request = HoldRequest::parse(parsed, &def, self.cfg.drops.max_items_per_hold)?;
+        let hold_id = HoldId::generate(drop);
+        let seats: Vec<(String, String)>;
+        let args = match &request {
+            HoldRequest::Items(items) => ReserveArgs::Items(items),
+            HoldRequest::Seats(list) => {
+                seats = list
+                    .iter()
+                    .map(|s| (s.section().to_owned(), s.to_string()))
+                    .collect();
+                ReserveArgs::Seats(&seats)
+            }
+            HoldRequest::Best { section, quantity } => ReserveArgs::Best {
+                section,
+                quantity: *quantity,
+            },
+        };
+        let started = Instant::now();
+        let (reserved, _replay) = self
+            .redis
+            .reserve(drop, fan, key, &sha256_hex(body), &hold_id, args)
+            .await?;
+        metrics::histogram!(m::RESERVE_SECONDS).record(started.elapsed().as_secs_f64());
+        match reserved {
+            Reserved::Held {
+                hold_id,
+                expires_at_ms,
+                now_ms,
+                items,
+            } => {
+                metrics::counter!(m::HOLDS_CREATED).increment(1);
+                let (items, total) = priced_items(&def, &items);
+                Ok((
+                    201,
+                    json!({
+                        "hold_id": hold_id,
+                        "drop_id": drop,
+                        "state": "held",
+                        "expires_at": rfc3339_ms(expires_at_ms),
+                        "expires_at_ms": expires_at_ms,
+                        "server_now_ms": now_ms,
+                        "items": items,
+                        "total_cents": total,
+                        "currency": def.currency,
+                    }),
+                ))
+            }
+            Reserved::Refused {
+                code: Code::Recovering | Code::UnknownDrop,
+                ..
+            } => {
+                self.start_recovery(drop);
+                Err(recovering())
+            }
+            Reserved::Refused { code, detail } => {
+                metrics::counter!(m::REJECTED, "reason" => code.name()).increment(1);
+                let mut e = Error::new(code);
+                if !detail.is_null() && detail != json!({}) && detail != json!([]) {
+                    e = e.detail(detail);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn hold_view(&self, def: &DropDef, hold: &HoldId, rec: &HoldRecord) -> Value {
+        let (items, total) = priced_items(def, &rec.it);
+        let mut v = json!({
+            "hold_id": hold,
+            "drop_id": def.drop_id,
+            "state": rec.st.as_str(),
+            "expires_at": rfc3339_ms(rec.exp),
+            "expires_at_ms": rec.exp,
+            "server_now_ms": now_ms(),
+            "items": items,
+            "total_cents": total,
+            "currency": def.currency,
+        });
+        if let Some(oid) = rec.oid.as_deref().filter(|o| !o.is_empty()) {
+            v["order_id"] = json!(oid);
+        }
+        v
+    }
+
+    pub async fn hold(&self, fan: &FanId, hold: &HoldId) -> Result<Answer> {
+        let drop = hold.drop_id();
+        let def = self
+            .drop_def(&drop)
+            .await
+            .map_err(|_| Error::new(Code::UnknownHold))?;
+        if let Some(rec) = self.redis.hold(hold).await? {
+            if rec.fan != fan.as_str() {
+                return Err(Error::new(Code::UnknownHold));
+            }
+            return Ok((200, self.hold_view(&def, hold, &rec)));
+        }
+        // Purged from Redis: a sold hold still has its order.
+        match self.db.order_by_hold(hold).await? {
+            Some(order) if order.fan == fan.as_str() => Ok((
+                200,
+                json!({
+                    "hold_id": hold, "drop_id": drop, "state": "sold", "order_id": order.order_id,
+                    "items": order.items, "total_cents": order.total_cents, "currency": order.currency,
+                    "server_now_ms": now_ms(),
+                }),
+            )),
+            _ => Err(Error::new(Code::UnknownHold)),
+        }
+    }
+
+    /// The fan's live holds in one drop, or in every drop this process looks after.
+    pub async fn fan_holds(&self, fan: &FanId, drop: Option<&DropId>) -> Result<Answer> {
+        let drops = match drop {
+            Some(d) => vec![d.clone()],
+            None => self.watched_drops(),
+        };
+        let mut out = Vec::new();
+        for d in drops {
+            let Ok(def) = self.drop_def(&d).await else {
+                continue;
+            };
+            for (hold, rec) in self.redis.fan_live_holds(&d, fan).await? {
+                out.push(self.hold_view(&def, &hold, &rec));
+            }
+        }
+        Ok((200, json!({ "holds": out, "server_now_ms": now_ms() })))
+    }
+
+    pub async fn fan_orders(&self, fan: &FanId, drop: Option<&DropId>) -> Result<Answer> {
+        let orders = self.db.fan_orders(fan, drop).await?;
+        Ok((200, json!({ "orders": orders })))
+    }
+
+    pub async fn order_for_fan(&self, fan: &FanId, order: OrderId) -> Result<Answer> {
+        match self.db.order(order).await? {
+            Some(o) if o.fan == fan.as_str() => Ok((200, json!(o))),
+            _ => Err(Error::new(Code::UnknownOrder)),
+        }
+    }
+
+    pub async fn order_for_seller(&self, seller: &ApiKey, order: OrderId) -> Result<Answer> {
+        let o = self
+            .db
+            .order(order)
+            .await?
+            .ok_or_else(|| Error::new(Code::UnknownOrder))?;
+        let drop = DropId::parse(&o.drop_id)?;
+        self.owned_drop(seller, &drop)
+            .await
+            .map_err(|_| Error::new(Code::UnknownOrder))?;
+        Ok((200, json!(o)))
+    }
+
+    pub async fn release(&self, fan: &FanId, hold: &HoldId) -> Result<()> {
+        self.redis.release(hold, fan).await?;
+        metrics::counter!(m::HOLDS_RELEASED).increment(1);
+        Ok(())
+    }
+
+    // ---- confirmation ---------------------------------------------------------------------------
+
+    /// Pays for a hold. Concurrent confirms of one hold in this process share one attempt; the
+    /// first answers 201, the others (and later repeats) 200 with the same order.
+    pub async fn confirm(
+        self: &Arc<Self>,
+        fan: &FanId,
+        hold: &HoldId,
+        body: &[u8],
+    ) -> Result<Answer> {
+        let ConfirmBody { payment } = parse_json(body)?;
+        if payment.gateway != self.gateway.name() {
+            return Err(Error::invalid(format!(
+                "payment.gateway must be `{}`",
+                self.gateway.name()
+            )));
+        }
+        let r = &payment.reference;
+        if r.is_empty() || r.len() > 128 || !r.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::invalid(
+                "payment.reference must be 1..=128 printable ASCII characters",
+            ));
+        }
+        // Some(receiver): another request here is confirming this hold; None: we lead.
+        let (waiting, leader) = {
+            let mut inflight = lock(&self.inflight);
+            match inflight.get(hold) {
+                Some(other) if other.reference != payment.reference => {
+                    return Err(Error::new(Code::ConfirmInProgress));
+                }
+                Some(other) => (Some(other.done.clone()), None),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(
+                        hold.clone(),
+                        Inflight {
+                            reference: payment.reference.clone(),
+                            done: rx,
+                        },
+                    );
+                    (None, Some(tx))
+                }
+            }
+        };
+        if let Some(tx) = leader {
+            // Its own task: a client that hangs up mid-payment must not cut the confirm in half.
+            let (engine, fan, hold) = (self.clone(), fan.clone(), hold.clone());
+            let task = tokio::spawn(async move {
+                let started = Instant::now();
+                let result = engine.confirm_once(&fan, &hold, &payment).await;
+                metrics::histogram!(m::CONFIRM_SECONDS).record(started.elapsed().as_secs_f64());
+                let _ = tx.send(Some(result.clone()));
+                lock(&engine.inflight).remove(&hold);
+                result
+            });
+            let result = task
+                .await
+                .map_err(|e| Error::internal(format!("confirm task: {e}")))?;
+            return result.map(|(order, new)| (if new { 201 } else { 200 }, json!(order)));
+        }
+        let mut rx = waiting.ok_or_else(|| Error::internal("confirm wait"))?;
+        let result = rx
+            .wait_for(|v| v.is_some())
+            .await
+            .map_err(|_| Error::internal("confirm leader vanished"))?
+            .clone()
+            .ok_or_else(|| Error::internal("confirm result missing"))?;
+        result.map(|(order, _)| (200, json!(order)))
+    }
+
+    async fn confirm_once(&self, fan: &FanId, hold: &HoldId, payment: &Payment) -> ConfirmResult {
+        let def = self
+            .drop_def(&hold.drop_id())
+            .await
+            .map_err(|_| Error::new(Code::UnknownHold))?;
+        let rec = match self
+            .redis
+            .confirm_begin(hold, fan, &payment.reference)
+            .await?
+        {
+            ConfirmBegin::Sold(_) => {
+                return self.existing_order(hold, fan).await.map(|o| (o, false))
+            }
+            ConfirmBegin::InProgress(_) => return self.wait_other_confirm(hold, fan).await,
+            ConfirmBegin::Began(rec) => rec,
+        };
+        let (_, total) = priced_items(&def, &rec.it);
+        // If this fails nothing was charged: the hold stays confirming and the reconciler settles it.
+        self.db.begin_payment(hold, fan, self.gateway.name(), &payment.reference, total).await?;
+        let timeout = ms(self.cfg.gateway.timeout_ms);
+        let auth = tokio::time::timeout(
+            timeout,
+            self.gateway
+                .authorize(hold, &payment.reference, total, &def.currency),
+        )
+        .await
+        .unwrap_or(Err(GatewayError::Timeout));
+        match auth {
+            Ok(()) => {}
+            Err(GatewayError::Declined) => {
+                let _ = self.db.set_payment_state(hold, "declined").await;
+                self.redis.confirm_revert(hold).await?;
+                metrics::counter!(m::REJECTED, "reason" => "payment_declined").increment(1);
+                return Err(Error::new(Code::PaymentDeclined));
+            }
+            Err(e) => {
+                tracing::info!(%hold, error = %e, "payment pending; the reconciler will settle it");
+                return Err(payment_pending());
+            }
+        }
+        // Past this point only the reconciler may settle: it takes holds past their confirm
+        // deadline, and we must not commit one it may be reverting.
+        let deadline = rec.cexp.unwrap_or(i64::MAX);
+        if now_ms() > deadline - CONFIRM_SAFETY_MARGIN_MS {
+            return Err(payment_pending());
+        }
+        let (order, new) = self.commit_and_finish(&def, hold, &rec).await?;
+        Ok((order, new))
+    }
+
+    /// Commits the order for a confirming hold (after authorization), captures, and marks it sold.
+    async fn commit_and_finish(
+        &self,
+        def: &DropDef,
+        hold: &HoldId,
+        rec: &HoldRecord,
+    ) -> Result<(Order, bool)> {
+        let (priced, total) = priced_items(def, &rec.it);
+        let order_id = OrderId::generate();
+        let new = NewOrder {
+            order_id,
+            hold_id: hold.clone(),
+            fan: rec.fan.clone(),
+            currency: def.currency.clone(),
+            total_cents: total,
+            per_fan_limit: def.per_fan_limit as i32,
+            items: rec
+                .it
+                .iter()
+                .map(|i| NewItem {
+                    bucket: i.b.clone(),
+                    seat: i.s.clone(),
+                    quantity: i.q as i32,
+                    price_cents: def.bucket(&i.b).map_or(0, |b| b.price_cents),
+                })
+                .collect(),
+        };
+        let committed = match self.writer.commit(new).await {
+            Ok(c) => c,
+            Err(e) if e.code == Code::Internal => {
+                // Postgres' final check refused the sale: undo the payment and the hold.
+                let _ = self.gateway.void(hold).await;
+                let _ = self.db.set_payment_state(hold, "voided").await;
+                self.redis.confirm_revert(hold).await?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = self.gateway.capture(hold).await {
+            tracing::warn!(%hold, error = %e, "capture failed; the order stands, capture is retried by the reconciler");
+        } else {
+            let _ = self.db.set_payment_state(hold, "captured").await;
+        }
+        let order_id = committed.order_id();
+        match self.redis.confirm_finish(hold, order_id).await? {
+            Finish::Sold | Finish::Already => {}
+            Finish::Ended | Finish::Unknown => {
+                metrics::counter!(m::OVERSELL_ALARMS).increment(1);
+                tracing::error!(%hold, %order_id, "order committed for a hold whose units went back to stock");
+            }
+        }
+        if let Committed::New(_) = committed {
+            metrics::counter!(m::HOLDS_CONFIRMED).increment(1);
+            metrics::counter!(m::SOLD_UNITS).increment(u64::from(rec.u));
+        }
+        let order = Order {
+            order_id,
+            hold_id: hold.to_string(),
+            drop_id: def.drop_id.to_string(),
+            fan: rec.fan.clone(),
+            items: priced_order_items(def, &rec.it, &priced),
+            total_cents: total,
+            currency: def.currency.clone(),
+            created_at: OffsetDateTime::now_utc(),
+        };
+        Ok((order, matches!(committed, Committed::New(_))))
+    }
+
+    async fn existing_order(&self, hold: &HoldId, fan: &FanId) -> Result<Order> {
+        match self.db.order_by_hold(hold).await? {
+            Some(o) if o.fan == fan.as_str() => Ok(o),
+            _ => Err(Error::new(Code::UnknownHold)),
+        }
+    }
+
+    /// Another process is confirming this hold with the same reference: wait a little for it.
+    async fn wait_other_confirm(&self, hold: &HoldId, fan: &FanId) -> ConfirmResult {
+        let until = Instant::now() + ms(CONFIRM_WAIT_OTHER_MS);
+        while Instant::now() < until {
+            tokio::time::sleep(ms(100)).await;
+            match self.redis.hold(hold).await? {
+                Some(rec) if rec.st == HoldState::Sold => {
+                    return self.existing_order(hold, fan).await.map(|o| (o, false))
+                }
+                Some(rec) if rec.st == HoldState::Confirming => continue,
+                Some(rec) if rec.st == HoldState::Held => {
+                    return Err(Error::new(Code::PaymentDeclined))
+                }
+                Some(_) => return Err(Error::new(Code::HoldExpired)),
+                None => return Err(Error::new(Code::UnknownHold)),
+            }
+        }
+        Err(payment_pending())
+    }
+
+    // ---- background work ------------------------------------------------------------------------
+
+    fn watched_drops(&self) -> Vec<DropId> {
+        lock(&self.watched).clone()
+    }
+
+    async fn refresh_watched(&self) {
+        match self
+            .db
+            .live_drops(self.cfg.reconciler.max_drops_watched as i64)
+            .await
+        {
+            Ok(drops) => *lock(&self.watched) = drops,
+            Err(e) => tracing::debug!(error = %e, "could not refresh the watched drops"),
+        }
+    }
+
+    /// Starts the sweeper, reconciler and watcher; they stop when `shutdown` turns true.
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        let e = self.clone();
+        tasks.push(tokio::spawn(every(
+            ms(self.cfg.holds.sweep_interval_ms),
+            shutdown.clone(),
+            move || {
+                let e = e.clone();
+                async move { e.sweep().await }
+            },
+        )));
+        let e = self.clone();
+        tasks.push(tokio::spawn(every(
+            ms(self.cfg.reconciler.interval_ms),
+            shutdown.clone(),
+            move || {
+                let e = e.clone();
+                async move { e.reconcile().await }
+            },
+        )));
+        let e = self.clone();
+        let run_id = Arc::new(Mutex::new(String::new()));
+        let last_refresh = Arc::new(Mutex::new(None::<Instant>));
+        tasks.push(tokio::spawn(every(
+            ms(self.cfg.reconciler.watch_interval_ms),
+            shutdown,
+            move || {
+                let (e, run_id, last_refresh) = (e.clone(), run_id.clone(), last_refresh.clone());
+                async move {
+                    let stale = lock(&last_refresh).is_none_or(|t| t.elapsed() >= WATCHED_REFRESH);
+                    if stale {
+                        e.refresh_watched().await;
+                        *lock(&last_refresh) = Some(Instant::now());
+                    }
+                    e.watch_redis(&run_id).await
+                }
+            },
+        )));
+        tasks
+    }
+
+    /// One sweep: every watched drop's overdue holds back to stock, in bounded batches.
+    pub async fn sweep(&self) {
+        for drop in self.watched_drops() {
+            for _ in 0..SWEEP_ROUNDS_MAX {
+                match self.redis.expire(&drop, self.cfg.holds.sweep_batch).await {
+                    Ok((expired, more)) => {
+                        if expired > 0 {
+                            metrics::counter!(m::HOLDS_EXPIRED).increment(expired as u64);
+                        }
+                        if more == 0 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(%drop, error = %e, "sweep failed");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One reconciler round over every watched drop.
+    pub async fn reconcile(&self) {
+        for drop in self.watched_drops() {
+            if let Err(e) = self.reconcile_drop(&drop).await {
+                tracing::debug!(%drop, error = %e, "reconcile round stopped");
+                return;
+            }
+        }
+    }
+
+    /// Settles confirming holds past their confirm deadline: an order in Postgres → sold; else the
+    /// gateway says: authorized → commit and sell; declined or unknown → void and revert.
+    pub async fn reconcile_drop(&self, drop: &DropId) -> Result<usize> {
+        let overdue = self
+            .redis
+            .overdue_confirming(drop, now_ms(), self.cfg.reconciler.batch)
+            .await?;
+        metrics::gauge!(m::CONFIRMING_BACKLOG).set(overdue.len() as f64);
+        if overdue.is_empty() {
+            return Ok(0);
+        }
+        let def = self.drop_def(drop).await?;
+        let mut settled = 0;
+        for hold in overdue {
+            if lock(&self.inflight).contains_key(&hold) {
+                continue;
+            }
+            let Some(rec) = self.redis.hold(&hold).await? else {
+                continue;
+            };
+            if rec.st != HoldState::Confirming {
+                continue;
+            }
+            if let Some(order) = self.db.order_by_hold(&hold).await? {
+                let _ = self.gateway.capture(&hold).await;
+                self.redis.confirm_finish(&hold, order.order_id).await?;
+            } else {
+                let reference = match rec.reference.clone() {
+                    Some(r) => r,
+                    None => self.db.payment_reference(&hold).await?.unwrap_or_default(),
+                };
+                let lookup = self
+                    .gateway
+                    .lookup(&hold, &reference)
+                    .await
+                    .unwrap_or(Lookup::Unknown);
+                match lookup {
+                    Lookup::Authorized | Lookup::Captured => {
+                        self.commit_and_finish(&def, &hold, &rec).await?;
+                    }
+                    Lookup::Declined | Lookup::Voided | Lookup::Unknown => {
+                        let _ = self.gateway.void(&hold).await;
+                        let _ = self.db.set_payment_state(&hold, "voided").await;
+                        self.redis.confirm_revert(&hold).await?;
+                    }
+                }
+            }
+            metrics::counter!(m::RECONCILED).increment(1);
+            settled += 1;
+        }
+        Ok(settled)
+    }
+
+    /// Redis restarted (new `run_id`) → every watched drop recovers; a drop missing or left
+    /// `recovering` → that drop recovers.
+    async fn watch_redis(&self, last_run_id: &Mutex<String>) {
+        let Ok(run_id) = self.redis.run_id().await else {
+            return;
+        };
+        let restarted = {
+            let mut last = lock(last_run_id);
+            let restarted = !last.is_empty() && *last != run_id;
+            *last = run_id;
+            restarted
+        };
+        for drop in self.watched_drops() {
+            let state = self.redis.drop_state(&drop).await;
+            let needs = restarted || matches!(state, Ok(None) | Ok(Some((_, true))));
+            if needs {
+                if let Err(e) = self.recover(&drop).await {
+                    tracing::warn!(%drop, error = %e, "recovery failed; retrying next round");
+                }
+            }
+        }
+    }
+
+    fn start_recovery(&self, drop: &DropId) {
+        // The watcher does the work; this makes sure it looks at this drop soon.
+        self.watch_drop(drop);
+    }
+
+    /// Recovery (and the rebuild command): make the drop's Redis state agree with Postgres.
+    /// Reserves and confirms answer 503 `recovering` until it is done.
+    pub async fn recover(&self, drop: &DropId) -> Result<(i64, i64)> {
+        {
+            let mut r = lock(&self.recovering);
+            if r.get(drop)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+            {
+                return Ok((0, 0));
+            }
+            r.insert(drop.clone(), Instant::now());
+        }
+        let result = self.recover_inner(drop).await;
+        lock(&self.recovering).remove(drop);
+        result
+    }
+
+    async fn recover_inner(&self, drop: &DropId) -> Result<(i64, i64)> {
+        self.redis.set_meta(drop, "recovering", "1").await?;
+        let (def, status) = self
+            .db
+            .drop_def(drop)
+            .await?
+            .ok_or_else(|| Error::new(Code::UnknownDrop))?;
+        let holds = self.redis.hold_ids(drop).await?;
+        let sold = self.db.sold_state(drop, &holds).await?;
+        let mut meta = self.meta_fields(&def, &status);
+        meta["recovering"] = json!("1");
+        let payload = json!({
+            "meta": meta,
+            "buckets": def.buckets.iter().map(|b| json!([b.id, b.total, sold.sold.get(&b.id).copied().unwrap_or(0)])).collect::<Vec<_>>(),
+            "seats": def.seat_ids().map(|(id, ..)| id).collect::<Vec<_>>(),
+            "sold_seats": sold.sold_seats,
+            "layout": Self::layout(&def),
+            "bought": if sold.bought.is_empty() { json!({}) } else { json!(sold.bought) },
+            "orders": if sold.orders.is_empty() { json!({}) } else { json!(sold.orders) },
+        });
+        let admission = self.admission_settings(drop).await?;
+        self.redis
+            .set_admission(drop, admission_fields(&admission))
+            .await?;
+        let (kept, ended) = self.redis.rebuild(drop, &payload).await?;
+        let _ = self
+            .db
+            .record_rebuild(
+                drop,
+                &format!("recovered: {kept} live holds kept, {ended} ended"),
+            )
+            .await;
+        metrics::counter!(m::RECOVERIES).increment(1);
+        tracing::info!(%drop, kept, ended, "drop recovered from Postgres");
+        Ok((kept, ended))
+    }
+
+    pub async fn ready(&self) -> Result<()> {
+        self.redis.ping().await?;
+        self.db.ping().await
+    }
+}
+
+/// Runs `f` every `period` until shutdown.
+async fn every<F, Fut>(period: Duration, mut shutdown: watch::Receiver<bool>, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => f().await,
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+fn admission_fields(s: &AdmissionSettings) -> Vec<(String, String)> {
+    vec![
+        (
+            "mode".into(),
+            match s.mode {
+                AdmissionMode::Open => "open",
+                AdmissionMode::Queue => "queue",
+            }
+            .into(),
+        ),
+        ("rate_per_s".into(), s.rate_per_s.to_string()),
+        ("burst".into(), s.burst.to_string()),
+        ("max_active".into(), s.max_active.to_string()),
+        ("paused".into(), if s.paused { "1" } else { "0" }.into()),
+        ("shop_window_s".into(), s.shop_window_s.to_string()),
+        ("admit_margin_pct".into(), s.admit_margin_pct.to_string()),
+    ]
+}
+
+fn recovering() -> Error {
+    Error::new(Code::Recovering).retry_after(Duration::from_secs(1))
+}
+
+fn payment_pending() -> Error {
+    Error::new(Code::PaymentPending).retry_after(Duration::from_secs(2))
+}
+
+/// Parses a JSON body: syntax errors are 400 `malformed_json`, wrong shapes 422 `invalid_request`.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Syntax
+        | serde_json::error::Category::Eof
+        | serde_json::error::Category::Io => Error::msg(
+            Code::MalformedJson,
+            format!("The body is not valid JSON: {e}"),
+        ),
+        serde_json::error::Category::Data => Error::invalid(e.to_string()),
+    })
+}
+
+/// Items with prices as the API shows them, and their total.
+fn priced_items(def: &DropDef, items: &[HoldItem]) -> (Vec<Value>, i64) {
+    let mut total = 0i64;
+    let out = items
+        .iter()
+        .map(|i| {
+            let price = def.bucket(&i.b).map_or(0, |b| b.price_cents);
+            total += price * i64::from(i.q);
+            match &i.s {
+                Some(seat) => json!({"seat": seat, "section": i.b, "price_cents": price}),
+                None => json!({"sku": i.b, "quantity": i.q, "price_cents": price}),
+            }
+        })
+        .collect();
+    (out, total)
+}
+
+fn priced_order_items(def: &DropDef, items: &[HoldItem], _priced: &[Value]) -> Vec<OrderItem> {
+    items
+        .iter()
+        .map(|i| OrderItem {
+            sku: (def.kind == Kind::Ga).then(|| i.b.clone()),
+            section: (def.kind == Kind::Seated).then(|| i.b.clone()),
+            seat: i.s.clone(),
+            quantity: i.q as i32,
+            price_cents: def.bucket(&i.b).map_or(0, |b| b.price_cents),
+        })
+        .collect()
+}

@@ -1,0 +1,381 @@
+//! Layered configuration: defaults in code → an optional TOML file (`FLOODGATE_CONFIG`) →
+//! `FLOODGATE_*` environment variables, nested with `__` (e.g. `FLOODGATE_HTTP__LISTEN`).
+//! `FLOODGATE_DATABASE_URL`, `FLOODGATE_REDIS_URL` and `FLOODGATE_DEV_IDENTITY` are accepted as
+//! short forms of `database.url`, `redis.url` and `identity.dev`.
+//! Every bound has a named `DEFAULT_...` beside the field it defaults; docs/OPERATIONS.md lists them.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub redis: RedisConfig,
+    pub database: DatabaseConfig,
+    pub limits: LimitsConfig,
+    pub holds: HoldsConfig,
+    pub writer: WriterConfig,
+    pub gateway: GatewayConfig,
+    pub reconciler: ReconcilerConfig,
+    pub identity: IdentityConfig,
+    pub admission: AdmissionConfig,
+    pub drops: DropsConfig,
+}
+
+impl Config {
+    /// Defaults, then the file named by `FLOODGATE_CONFIG` (if set), then the environment.
+    pub fn load() -> Result<Config, Box<figment::Error>> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Ok(path) = std::env::var("FLOODGATE_CONFIG") {
+            fig = fig.merge(Toml::file_exact(Path::new(&path)));
+        }
+        let env = Env::prefixed("FLOODGATE_")
+            .ignore(&["config"])
+            .map(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                let key = match key.as_str() {
+                    "database_url" => "database.url".to_owned(),
+                    "redis_url" => "redis.url".to_owned(),
+                    "dev_identity" => "identity.dev".to_owned(),
+                    other => other.replace("__", "."),
+                };
+                key.into()
+            })
+            .filter(|key| !key.as_str().starts_with("dev_") && !key.as_str().starts_with("test_"));
+        fig.merge(env).extract().map_err(Box::new)
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 15_000;
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Largest request body accepted; larger ones get 413 `body_too_large`.
+    pub max_body_bytes: usize,
+    /// Open connections per process; past it new connections wait in the accept backlog.
+    pub max_connections: usize,
+    pub request_timeout_ms: u64,
+    pub header_read_timeout_ms: u64,
+    /// How long graceful shutdown waits for in-flight requests.
+    pub shutdown_grace_ms: u64,
+    /// Origins allowed to call the API from a browser on another domain (CORS). Empty: same origin only.
+    pub cors_allow_origins: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("the default listen address parses"),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
+            cors_allow_origins: Vec::new(),
+        }
+    }
+}
+
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_REDIS_POOL_SIZE: usize = 4;
+pub const DEFAULT_REDIS_COMMAND_TIMEOUT_MS: u64 = 2_000;
+pub const DEFAULT_REDIS_MAX_COMMAND_BUFFER_LEN: usize = 20_000;
+pub const DEFAULT_REDIS_MAX_FEED_COUNT: u64 = 200;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Connections (fred pipelines each one automatically).
+    pub pool_size: usize,
+    /// A command without an answer by then fails (fred's default is to wait forever).
+    pub command_timeout_ms: u64,
+    /// Commands queued per connection while it is busy or reconnecting; past it they fail at once
+    /// with backpressure instead of piling up (fred's default is unbounded).
+    pub max_command_buffer_len: usize,
+    pub max_feed_count: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: DEFAULT_REDIS_URL.to_owned(),
+            pool_size: DEFAULT_REDIS_POOL_SIZE,
+            command_timeout_ms: DEFAULT_REDIS_COMMAND_TIMEOUT_MS,
+            max_command_buffer_len: DEFAULT_REDIS_MAX_COMMAND_BUFFER_LEN,
+            max_feed_count: DEFAULT_REDIS_MAX_FEED_COUNT,
+        }
+    }
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://floodgate@127.0.0.1:5432/floodgate";
+pub const DEFAULT_DATABASE_POOL_SIZE: usize = 16;
+pub const DEFAULT_DATABASE_TIMEOUT_MS: u64 = 3_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub pool_size: usize,
+    /// Waiting for a pooled connection, connecting, and each statement are bounded by this.
+    pub timeout_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: DEFAULT_DATABASE_URL.to_owned(),
+            pool_size: DEFAULT_DATABASE_POOL_SIZE,
+            timeout_ms: DEFAULT_DATABASE_TIMEOUT_MS,
+        }
+    }
+}
+
+pub const DEFAULT_PER_IP_PER_S: u32 = 500;
+pub const DEFAULT_PER_IP_BURST: u32 = 1_000;
+pub const DEFAULT_PER_FAN_PER_S: u32 = 10;
+pub const DEFAULT_PER_FAN_BURST: u32 = 30;
+pub const DEFAULT_MAX_LIMITER_KEYS: usize = 200_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests per second per client IP (governor, per process). Generous: a stadium or a mobile
+    /// carrier puts thousands of fans behind one address; the per-fan limit does the real work.
+    pub per_ip_per_s: u32,
+    pub per_ip_burst: u32,
+    /// Requests per second per signed-in fan (per process).
+    pub per_fan_per_s: u32,
+    pub per_fan_burst: u32,
+    /// Keys each limiter remembers before it forgets idle ones.
+    pub max_limiter_keys: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            per_ip_per_s: DEFAULT_PER_IP_PER_S,
+            per_ip_burst: DEFAULT_PER_IP_BURST,
+            per_fan_per_s: DEFAULT_PER_FAN_PER_S,
+            per_fan_burst: DEFAULT_PER_FAN_BURST,
+            max_limiter_keys: DEFAULT_MAX_LIMITER_KEYS,
+        }
+    }
+}
+
+pub const DEFAULT_CONFIRM_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_CONFIRM_GRACE_MS: u64 = 60_000;
+pub const DEFAULT_RECLAIM_BATCH: u32 = 8;
+pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 250;
+pub const DEFAULT_SWEEP_BATCH: u32 = 500;
+pub const DEFAULT_DONE_TTL_MS: u64 = 3_600_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HoldsConfig {
+    /// How long a hold may stay `confirming` before the reconciler settles it.
+    pub confirm_timeout_ms: u64,
+    /// How long past a hold's expiry a queue drop keeps its fan admitted (time to pay).
+    pub confirm_grace_ms: u64,
+    /// Expired holds each reserve reclaims before it decides.
+    pub reclaim_batch: u32,
+    pub sweep_interval_ms: u64,
+    /// Holds the sweeper expires per drop per call.
+    pub sweep_batch: u32,
+    /// How long an ended hold stays readable (`GET /v1/holds/{id}`) before it is purged.
+    pub done_ttl_ms: u64,
+}
+
+impl Default for HoldsConfig {
+    fn default() -> Self {
+        HoldsConfig {
+            confirm_timeout_ms: DEFAULT_CONFIRM_TIMEOUT_MS,
+            confirm_grace_ms: DEFAULT_CONFIRM_GRACE_MS,
+            reclaim_batch: DEFAULT_RECLAIM_BATCH,
+            sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS,
+            sweep_batch: DEFAULT_SWEEP_BATCH,
+            done_ttl_ms: DEFAULT_DONE_TTL_MS,
+        }
+    }
+}
+
+pub const DEFAULT_WRITER_MAX_BATCH: usize = 64;
+pub const DEFAULT_WRITER_QUEUE_LEN: usize = 4_096;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WriterConfig {
+    /// Orders committed per Postgres transaction at most.
+    pub max_batch: usize,
+    /// Orders waiting for the writer; past it confirms answer 503 `unavailable`.
+    pub queue_len: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            max_batch: DEFAULT_WRITER_MAX_BATCH,
+            queue_len: DEFAULT_WRITER_QUEUE_LEN,
+        }
+    }
+}
+
+pub const DEFAULT_GATEWAY_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_TEST_GATEWAY_SLOW_MS: u64 = 100;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// How long a gateway call may take before the payment counts as pending.
+    pub timeout_ms: u64,
+    /// How long the test gateway sits on a `slow_` authorization (longer than `timeout_ms` makes
+    /// it time out; the test gateway clips `timeout_ms` to this, so tests stay fast).
+    pub test_slow_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            timeout_ms: DEFAULT_GATEWAY_TIMEOUT_MS,
+            test_slow_ms: DEFAULT_TEST_GATEWAY_SLOW_MS,
+        }
+    }
+}
+
+pub const DEFAULT_RECONCILE_INTERVAL_MS: u64 = 1_000;
+pub const DEFAULT_RECONCILE_BATCH: usize = 100;
+pub const DEFAULT_WATCH_INTERVAL_MS: u64 = 500;
+pub const DEFAULT_MAX_DROPS_WATCHED: usize = 10_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcilerConfig {
+    pub interval_ms: u64,
+    /// Confirming holds settled per drop per round.
+    pub batch: usize,
+    /// How often Redis is checked for a restart (`run_id`) or lost drops.
+    pub watch_interval_ms: u64,
+    /// Open drops the sweeper, reconciler and watcher look after per process.
+    pub max_drops_watched: usize,
+}
+
+impl Default for ReconcilerConfig {
+    fn default() -> Self {
+        ReconcilerConfig {
+            interval_ms: DEFAULT_RECONCILE_INTERVAL_MS,
+            batch: DEFAULT_RECONCILE_BATCH,
+            watch_interval_ms: DEFAULT_WATCH_INTERVAL_MS,
+            max_drops_watched: DEFAULT_MAX_DROPS_WATCHED,
+        }
+    }
+}
+
+pub const DEFAULT_DEV_TOKEN_TTL_S: u64 = 86_400;
+pub const DEFAULT_FAN_TOKEN_CACHE_ENTRIES: usize = 100_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The development identity provider: `POST /v1/fans/session` signs a token for any name.
+    pub dev: bool,
+    /// HS256 secret for dev tokens; generated at start when empty (never hard-coded).
+    pub dev_secret: String,
+    pub dev_token_ttl_s: u64,
+    /// Production: fan tokens from an external identity provider, HS256 with this secret…
+    pub jwt_hs256_secret: String,
+    /// …or RS256 with this PEM public key.
+    pub jwt_rs256_public_key_pem: String,
+    /// Required `iss` / `aud`, when set.
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    /// Verified tokens remembered (RS256 costs about a reserve's CPU budget to verify).
+    pub cache_entries: usize,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            dev: false,
+            dev_secret: String::new(),
+            dev_token_ttl_s: DEFAULT_DEV_TOKEN_TTL_S,
+            jwt_hs256_secret: String::new(),
+            jwt_rs256_public_key_pem: String::new(),
+            jwt_issuer: String::new(),
+            jwt_audience: String::new(),
+            cache_entries: DEFAULT_FAN_TOKEN_CACHE_ENTRIES,
+        }
+    }
+}
+
+pub const DEFAULT_ADMISSION_TOKEN_TTL_S: u64 = 600;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// HMAC secrets for admission tokens: the first signs, all verify (two during a rotation).
+    /// Generated at start when empty — then only this process can verify, fine for one dev box.
+    pub secrets: Vec<String>,
+    pub token_ttl_s: u64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            secrets: Vec::new(),
+            token_ttl_s: DEFAULT_ADMISSION_TOKEN_TTL_S,
+        }
+    }
+}
+
+pub const DEFAULT_MAX_BUCKETS: usize = 200;
+pub const DEFAULT_MAX_SEATS: usize = 100_000;
+pub const DEFAULT_MAX_UNITS_PER_SKU: u32 = 10_000_000;
+pub const DEFAULT_MAX_ITEMS_PER_HOLD: usize = 50;
+pub const DEFAULT_MAX_DROPS_LISTED: i64 = 500;
+pub const DEFAULT_DROP_CACHE_ENTRIES: usize = 10_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DropsConfig {
+    /// SKUs or sections per drop.
+    pub max_buckets: usize,
+    pub max_seats: usize,
+    pub max_units_per_sku: u32,
+    /// Lines (SKUs or seats) in one reserve request.
+    pub max_items_per_hold: usize,
+    pub max_drops_listed: i64,
+    /// Drop definitions cached per process.
+    pub cache_entries: usize,
+}
+
+impl Default for DropsConfig {
+    fn default() -> Self {
+        DropsConfig {
+            max_buckets: DEFAULT_MAX_BUCKETS,
+            max_seats: DEFAULT_MAX_SEATS,
+            max_units_per_sku: DEFAULT_MAX_UNITS_PER_SKU,
+            max_items_per_hold: DEFAULT_MAX_ITEMS_PER_HOLD,
+            max_drops_listed: DEFAULT_MAX_DROPS_LISTED,
+            cache_entries: DEFAULT_DROP_CACHE_ENTRIES,
+        }
+    }
+}
+
+pub fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}

@@ -1,0 +1,600 @@
+//! The Postgres store: migrations, API keys, drops and their inventory, payments, orders and the
+//! ledger. Postgres is the truth for what was sold; its constraints (migrations/0001_init.sql) are
+//! the last guard. Confirmed orders are written by [`crate::writer`] in grouped transactions.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Timeouts};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio_postgres::NoTls;
+
+use crate::config::DatabaseConfig;
+use crate::drops::DropDef;
+use crate::error::{Error, Result};
+use crate::ids::{DropId, FanId, HoldId, OrderId};
+
+/// Versioned migrations, applied in order at start under an advisory lock (so many processes
+/// starting at once apply each exactly once).
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATION_LOCK_ID: i64 = 0x466c_6f6f_6467;
+
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Seller,
+    Ops,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Seller => "seller",
+            Scope::Ops => "ops",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Scope> {
+        match s {
+            "seller" => Some(Scope::Seller),
+            "ops" => Some(Scope::Ops),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub key_id: String,
+    pub scope: Scope,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderItem {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub section: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seat: Option<String>,
+    pub quantity: i32,
+    pub price_cents: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Order {
+    pub order_id: OrderId,
+    pub hold_id: String,
+    pub drop_id: String,
+    pub fan: String,
+    pub items: Vec<OrderItem>,
+    pub total_cents: i64,
+    pub currency: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// Postgres' view of one drop, for recovery.
+#[derive(Debug, Default)]
+pub struct SoldState {
+    pub sold: HashMap<String, i64>,
+    pub sold_seats: Vec<String>,
+    pub bought: HashMap<String, i64>,
+    /// Hold id → order id, for the holds asked about.
+    pub orders: HashMap<String, String>,
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+impl Db {
+    pub fn connect(cfg: &DatabaseConfig) -> Result<Db> {
+        let pg: tokio_postgres::Config = cfg
+            .url
+            .parse()
+            .map_err(|e| Error::invalid(format!("database.url: {e}")))?;
+        let mut pg = pg;
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        pg.connect_timeout(timeout);
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(cfg.pool_size.max(2))
+            .timeouts(Timeouts {
+                wait: Some(timeout),
+                create: Some(timeout),
+                recycle: Some(timeout),
+            })
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::invalid(format!("database: {e}")))?;
+        Ok(Db { pool })
+    }
+
+    pub async fn client(&self) -> Result<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.client().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_ID])
+            .await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL, \
+             applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+        for (version, name, sql) in MIGRATIONS {
+            let done = tx
+                .query_opt(
+                    "SELECT 1 FROM schema_migrations WHERE version = $1",
+                    &[version],
+                )
+                .await?;
+            if done.is_none() {
+                tracing::info!(version, name, "applying migration");
+                tx.batch_execute(sql).await?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    &[version, name],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ---- API keys --------------------------------------------------------------------------------
+
+    /// Makes a key and returns it whole (`fgk_<id>_<secret>`); only its hash is stored.
+    pub async fn create_key(&self, scope: Scope, name: &str) -> Result<String> {
+        let key_id = format!("{:012x}", rand::random::<u64>() >> 16);
+        let secret = hex::encode(rand::random::<[u8; 24]>());
+        let key = format!("fgk_{key_id}_{secret}");
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO api_keys (key_id, scope, name, key_sha256) VALUES ($1, $2, $3, $4)",
+                &[&key_id, &scope.as_str(), &name, &sha256_hex(&key)],
+            )
+            .await?;
+        Ok(key)
+    }
+
+    pub async fn verify_key(&self, key: &str) -> Result<Option<ApiKey>> {
+        let Some(key_id) = key
+            .strip_prefix("fgk_")
+            .and_then(|rest| rest.split('_').next())
+        else {
+            return Ok(None);
+        };
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT scope, key_sha256 FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL",
+                &[&key_id],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let stored: String = row.get(1);
+        let given = sha256_hex(key);
+        // Compare digests in constant time: a timing leak here would reveal a key's hash prefix.
+        let same = stored.len() == given.len()
+            && stored
+                .bytes()
+                .zip(given.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return Ok(None);
+        }
+        let scope: String = row.get(0);
+        Ok(Scope::parse(&scope).map(|scope| ApiKey {
+            key_id: key_id.to_owned(),
+            scope,
+        }))
+    }
+
+    // ---- drops -----------------------------------------------------------------------------------
+
+    pub async fn insert_drop(
+        &self,
+        def: &DropDef,
+        seed: &str,
+        definition: &serde_json::Value,
+    ) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let admission = serde_json::to_value(&def.admission).map_err(Error::internal)?;
+        tx.execute(
+            "INSERT INTO drops (drop_id, seller_key_id, name, currency, kind, opens_at, per_fan_limit, hold_ttl_s, \
+             admission, seed, seed_sha256, definition) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
+            &[
+                &def.drop_id.as_str(),
+                &def.seller_key_id,
+                &def.name,
+                &def.currency,
+                &def.kind.as_str(),
+                &def.opens_at,
+                &(def.per_fan_limit as i32),
+                &((def.hold_ttl_ms / 1000) as i32),
+                &admission,
+                &seed,
+                &def.seed_sha256,
+                definition,
+            ],
+        )
+        .await?;
+        let inv = tx
+            .prepare("INSERT INTO inventory (drop_id, bucket, name, price_cents, total) VALUES ($1,$2,$3,$4,$5)")
+            .await?;
+        let ledger = tx
+            .prepare("INSERT INTO stock_ledger (drop_id, bucket, kind, delta_sold, note) VALUES ($1,$2,'load',0,$3)")
+            .await?;
+        for b in &def.buckets {
+            tx.execute(
+                &inv,
+                &[
+                    &def.drop_id.as_str(),
+                    &b.id,
+                    &b.name,
+                    &b.price_cents,
+                    &(b.total as i32),
+                ],
+            )
+            .await?;
+            tx.execute(
+                &ledger,
+                &[&def.drop_id.as_str(), &b.id, &format!("total {}", b.total)],
+            )
+            .await?;
+        }
+        if !def.buckets.iter().all(|b| b.rows.is_empty()) {
+            // One statement per section: unnest keeps a 100,000-seat map to a handful of round trips.
+            let stmt = tx
+                .prepare(
+                    "INSERT INTO seats (drop_id, seat_id, bucket, row_label, number) \
+                     SELECT $1, s, $2, r, n FROM unnest($3::text[], $4::text[], $5::int[]) AS t(s, r, n)",
+                )
+                .await?;
+            for b in &def.buckets {
+                let (mut ids, mut rows, mut numbers) = (Vec::new(), Vec::new(), Vec::new());
+                for (row, seats) in &b.rows {
+                    for n in 1..=*seats {
+                        ids.push(format!("{}-{}-{}", b.id, row, n));
+                        rows.push(row.clone());
+                        numbers.push(n as i32);
+                    }
+                }
+                tx.execute(
+                    &stmt,
+                    &[&def.drop_id.as_str(), &b.id, &ids, &rows, &numbers],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A drop's definition (as stored at creation) and its status.
+    pub async fn drop_def(&self, drop: &DropId) -> Result<Option<(DropDef, String)>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT definition, status FROM drops WHERE drop_id = $1",
+                &[&drop.as_str()],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let def: serde_json::Value = row.get(0);
+        let def: DropDef = serde_json::from_value(def).map_err(Error::internal)?;
+        Ok(Some((def, row.get(1))))
+    }
+
+    pub async fn seed(&self, drop: &DropId) -> Result<Option<String>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT seed FROM drops WHERE drop_id = $1",
+                &[&drop.as_str()],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn list_drops(
+        &self,
+        seller_key_id: &str,
+        limit: i64,
+    ) -> Result<Vec<(DropId, String)>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT drop_id, status FROM drops WHERE seller_key_id = $1 ORDER BY created_at DESC LIMIT $2",
+                &[&seller_key_id, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| Some((DropId::parse(r.get(0)).ok()?, r.get(1))))
+            .collect())
+    }
+
+    /// Open drops and those closed in the last hour (holds may still be confirmed), newest first.
+    pub async fn live_drops(&self, limit: i64) -> Result<Vec<DropId>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT drop_id FROM drops WHERE status = 'open' OR closed_at > now() - interval '1 hour' \
+                 ORDER BY created_at DESC LIMIT $1",
+                &[&limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| DropId::parse(r.get(0)).ok())
+            .collect())
+    }
+
+    pub async fn close_drop(&self, drop: &DropId) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE drops SET status = 'closed', closed_at = coalesce(closed_at, now()) WHERE drop_id = $1",
+                &[&drop.as_str()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Stores new admission settings with the drop and in the audit log (who, what, when).
+    pub async fn save_admission(
+        &self,
+        drop: &DropId,
+        key_id: &str,
+        settings: &serde_json::Value,
+    ) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "UPDATE drops SET admission = $2 WHERE drop_id = $1",
+            &[&drop.as_str(), settings],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO admission_audit (drop_id, key_id, settings) VALUES ($1, $2, $3)",
+            &[&drop.as_str(), &key_id, settings],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The drop's current admission settings (as ops last set them).
+    pub async fn admission(&self, drop: &DropId) -> Result<Option<serde_json::Value>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT admission FROM drops WHERE drop_id = $1",
+                &[&drop.as_str()],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    // ---- payments --------------------------------------------------------------------------------
+
+    /// Records a payment attempt before the gateway is called; one row per hold, ever.
+    pub async fn begin_payment(
+        &self,
+        hold: &HoldId,
+        fan: &FanId,
+        gateway: &str,
+        reference: &str,
+        amount_cents: i64,
+    ) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO payments (hold_id, drop_id, fan_id, gateway, reference, amount_cents, state) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'pending') \
+                 ON CONFLICT (hold_id) DO UPDATE SET reference = EXCLUDED.reference, state = 'pending', \
+                 updated_at = now() WHERE payments.state IN ('declined', 'voided')",
+                &[&hold.as_str(), &hold.drop_id().as_str(), &fan.as_str(), &gateway, &reference, &amount_cents],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_payment_state(&self, hold: &HoldId, state: &str) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE payments SET state = $2, updated_at = now() WHERE hold_id = $1",
+                &[&hold.as_str(), &state],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The reference a hold's payment was made with, if one was recorded.
+    pub async fn payment_reference(&self, hold: &HoldId) -> Result<Option<String>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT reference FROM payments WHERE hold_id = $1",
+                &[&hold.as_str()],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    // ---- orders ----------------------------------------------------------------------------------
+
+    async fn orders_where(
+        &self,
+        clause: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Order>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT o.order_id, o.hold_id, o.drop_id, o.fan_id, o.total_cents, o.currency, o.created_at, \
+             d.kind, i.bucket, i.seat_id, i.quantity, i.price_cents \
+             FROM orders o JOIN drops d USING (drop_id) JOIN order_items i USING (order_id) \
+             WHERE {clause} ORDER BY o.created_at DESC, o.order_id, i.bucket, i.seat_id LIMIT 10000"
+        );
+        let rows = client.query(&sql, params).await?;
+        let mut out: Vec<Order> = Vec::new();
+        for r in rows {
+            let order_id = OrderId(r.get(0));
+            if out.last().map(|o| o.order_id) != Some(order_id) {
+                out.push(Order {
+                    order_id,
+                    hold_id: r.get(1),
+                    drop_id: r.get(2),
+                    fan: r.get(3),
+                    items: Vec::new(),
+                    total_cents: r.get(4),
+                    currency: r.get(5),
+                    created_at: r.get(6),
+                });
+            }
+            let kind: String = r.get(7);
+            let bucket: String = r.get(8);
+            let item = OrderItem {
+                sku: (kind == "ga").then(|| bucket.clone()),
+                section: (kind == "seated").then_some(bucket),
+                seat: r.get(9),
+                quantity: r.get(10),
+                price_cents: r.get(11),
+            };
+            if let Some(o) = out.last_mut() {
+                o.items.push(item);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn order(&self, order: OrderId) -> Result<Option<Order>> {
+        Ok(self
+            .orders_where("o.order_id = $1", &[&order.0])
+            .await?
+            .pop())
+    }
+
+    pub async fn order_by_hold(&self, hold: &HoldId) -> Result<Option<Order>> {
+        Ok(self
+            .orders_where("o.hold_id = $1", &[&hold.as_str()])
+            .await?
+            .pop())
+    }
+
+    pub async fn fan_orders(&self, fan: &FanId, drop: Option<&DropId>) -> Result<Vec<Order>> {
+        match drop {
+            Some(d) => {
+                self.orders_where(
+                    "o.fan_id = $1 AND o.drop_id = $2",
+                    &[&fan.as_str(), &d.as_str()],
+                )
+                .await
+            }
+            None => self.orders_where("o.fan_id = $1", &[&fan.as_str()]).await,
+        }
+    }
+
+    /// Everything Postgres knows was sold in a drop (units per bucket, seats, units per fan) and
+    /// which of `holds` have an order — read in one snapshot, so a commit landing meanwhile is
+    /// either in all of it or in none.
+    pub async fn sold_state(&self, drop: &DropId, holds: &[String]) -> Result<SoldState> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let client = &tx;
+        let d = drop.as_str();
+        let mut state = SoldState::default();
+        for r in client
+            .query("SELECT hold_id, order_id::text FROM orders WHERE drop_id = $1 AND hold_id = ANY($2)", &[&d, &holds])
+            .await?
+        {
+            state.orders.insert(r.get(0), r.get(1));
+        }
+        for r in client
+            .query(
+                "SELECT bucket, sold::bigint FROM inventory WHERE drop_id = $1",
+                &[&d],
+            )
+            .await?
+        {
+            state.sold.insert(r.get(0), r.get(1));
+        }
+        for r in client
+            .query(
+                "SELECT seat_id FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL",
+                &[&d],
+            )
+            .await?
+        {
+            state.sold_seats.push(r.get(0));
+        }
+        for r in client
+            .query(
+                "SELECT fan_id, units::bigint FROM fan_purchases WHERE drop_id = $1",
+                &[&d],
+            )
+            .await?
+        {
+            state.bought.insert(r.get(0), r.get(1));
+        }
+        tx.commit().await?;
+        Ok(state)
+    }
+
+    pub async fn record_rebuild(&self, drop: &DropId, note: &str) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO stock_ledger (drop_id, bucket, kind, delta_sold, note) \
+                 SELECT drop_id, bucket, 'rebuild', 0, $2 FROM inventory WHERE drop_id = $1",
+                &[&drop.as_str(), &note],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Whether a Postgres error is a constraint refusing a sale (not a fault to retry).
+pub fn is_constraint_violation(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code().starts_with("23"))
+}

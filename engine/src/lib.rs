@@ -1,0 +1,31 @@
+//! Floodgate's engine: everything booking-api (and queue-server, next) share.
+//!
+//! # Layout
+//! - [`ids`] — newtypes that parse: drop, fan, hold, order, SKU, section and seat ids.
+//! - [`error`] — the one table of error codes (HTTP status, stable name, message).
+//! - [`config`] — layered configuration with a named default for every bound.
+//! - [`drops`] — drop definitions: creation requests, bounds, reserve requests against a drop.
+//! - [`scripts`] — all Redis access: the drop key set and one typed wrapper per Lua script.
+//! - [`db`] — the Postgres store: migrations, keys, drops, payments, orders, recovery reads.
+//! - [`writer`] — group commit of confirmed orders, a SAVEPOINT per order.
+//! - [`payments`] — the payment gateway trait and the deterministic test gateway.
+//! - [`tokens`] — fan identity tokens (dev / HS256 / RS256) and admission tokens (HMAC-SHA256).
+//! - [`booking`] — the engine handlers call: reserve, release, confirm, the sweeper, the
+//!   reconciler and recovery.
+//! - [`metrics`] — metric names.
+
+pub mod booking;
+pub mod config;
+pub mod db;
+pub mod drops;
+pub mod error;
+pub mod ids;
+pub mod metrics;
+pub mod payments;
+pub mod scripts;
+pub mod tokens;
+pub mod writer;
+
+pub use booking::Engine;
+pub use config::Config;
+pub use error::{Code, Error, Result};

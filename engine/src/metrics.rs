@@ -1,0 +1,20 @@
+//! Metric names, `floodgate_<thing>_<unit>`, one place so Rust, dashboards and docs agree.
+
+pub const HTTP_REQUESTS: &str = "floodgate_http_requests_total";
+pub const HTTP_REQUEST_SECONDS: &str = "floodgate_http_request_seconds";
+pub const REJECTED: &str = "floodgate_rejected_requests_total";
+pub const RESERVE_SECONDS: &str = "floodgate_reserve_seconds";
+pub const CONFIRM_SECONDS: &str = "floodgate_confirm_seconds";
+pub const HOLDS_CREATED: &str = "floodgate_holds_created_total";
+pub const HOLDS_RELEASED: &str = "floodgate_holds_released_total";
+pub const HOLDS_EXPIRED: &str = "floodgate_holds_expired_total";
+pub const HOLDS_CONFIRMED: &str = "floodgate_holds_confirmed_total";
+pub const SOLD_UNITS: &str = "floodgate_sold_units_total";
+pub const CONFIRMING_BACKLOG: &str = "floodgate_confirming_backlog_holds";
+pub const RECONCILED: &str = "floodgate_reconciled_holds_total";
+pub const RECOVERIES: &str = "floodgate_recoveries_total";
+pub const WRITER_BATCH_ORDERS: &str = "floodgate_writer_batch_orders";
+pub const WRITER_REJECTED: &str = "floodgate_writer_rejected_total";
+pub const CONSTRAINT_REFUSALS: &str = "floodgate_constraint_refusals_total";
+pub const OVERSELL_ALARMS: &str = "floodgate_oversell_alarms_total";
+pub const HTTP_CONNECTIONS: &str = "floodgate_http_connections";

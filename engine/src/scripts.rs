@@ -1,0 +1,648 @@
+//! Everything Floodgate says to Redis: the drop key set, the Lua scripts in `lua/` (loaded by SHA,
+//! reloaded on NOSCRIPT) behind one typed wrapper each, and the few plain reads (counts, a hold,
+//! the seat map). Stock only changes inside these scripts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::RedisConfig;
+use crate::error::{Code, Error, Result};
+use crate::ids::{DropId, FanId, HoldId, OrderId};
+
+/// The shared prelude each hold script starts with (key names, hold helpers).
+const LIB: &str = include_str!("../../lua/lib.lua");
+
+/// The keys of one drop, in the order every hold script takes them (see lua/lib.lua). All carry
+/// the hash tag `{drop_id}`, so a drop lives on one Redis Cluster shard.
+#[derive(Debug, Clone)]
+pub struct DropKeys {
+    keys: Vec<String>,
+}
+
+const KEY_NAMES: [&str; 11] = [
+    "meta",
+    "stock",
+    "seats",
+    "holds",
+    "deadlines",
+    "confirming",
+    "done",
+    "fans",
+    "fanholds",
+    "layout",
+    "active",
+];
+
+impl DropKeys {
+    pub fn new(drop: &DropId) -> Self {
+        DropKeys {
+            keys: KEY_NAMES
+                .iter()
+                .map(|k| format!("fg:{{{drop}}}:{k}"))
+                .collect(),
+        }
+    }
+
+    fn get(&self, name: &str) -> &str {
+        let i = KEY_NAMES
+            .iter()
+            .position(|k| *k == name)
+            .expect("a known key name");
+        &self.keys[i]
+    }
+
+    pub fn meta(&self) -> &str {
+        self.get("meta")
+    }
+    pub fn stock(&self) -> &str {
+        self.get("stock")
+    }
+    pub fn seats(&self) -> &str {
+        self.get("seats")
+    }
+    pub fn holds(&self) -> &str {
+        self.get("holds")
+    }
+    pub fn confirming(&self) -> &str {
+        self.get("confirming")
+    }
+    pub fn fanholds(&self) -> &str {
+        self.get("fanholds")
+    }
+    /// Waiting-room settings ops change live (read by the admission script next issue).
+    pub fn admission(drop: &DropId) -> String {
+        format!("fg:{{{drop}}}:admission")
+    }
+
+    /// The key an idempotent reserve's first answer lives under: scoped to drop, fan and key.
+    pub fn idem(drop: &DropId, fan: &FanId, key: &str) -> String {
+        let digest = Sha256::new()
+            .chain_update(fan.as_str())
+            .chain_update([0])
+            .chain_update(key)
+            .finalize();
+        format!("fg:{{{drop}}}:idem:{}", hex::encode(&digest[..16]))
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.keys.clone()
+    }
+}
+
+/// One item of a hold as the scripts store it: bucket (SKU or section), quantity, seat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldItem {
+    pub b: String,
+    pub q: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HoldState {
+    Held,
+    Confirming,
+    Sold,
+    Released,
+    Expired,
+}
+
+impl HoldState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldState::Held => "held",
+            HoldState::Confirming => "confirming",
+            HoldState::Sold => "sold",
+            HoldState::Released => "released",
+            HoldState::Expired => "expired",
+        }
+    }
+}
+
+/// A hold as Redis keeps it (lua/lib.lua documents the fields).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HoldRecord {
+    pub fan: String,
+    pub st: HoldState,
+    pub exp: i64,
+    #[serde(default)]
+    pub cexp: Option<i64>,
+    #[serde(default, rename = "ref")]
+    pub reference: Option<String>,
+    #[serde(default)]
+    pub oid: Option<String>,
+    pub u: u32,
+    pub c: i64,
+    pub it: Vec<HoldItem>,
+}
+
+/// What a reserve decided.
+#[derive(Debug, Clone)]
+pub enum Reserved {
+    Held {
+        hold_id: HoldId,
+        expires_at_ms: i64,
+        now_ms: i64,
+        items: Vec<HoldItem>,
+    },
+    Refused {
+        code: Code,
+        detail: serde_json::Value,
+    },
+}
+
+/// The body of a reserve: SKUs with quantities, named seats, or best-available in a section.
+#[derive(Debug, Clone)]
+pub enum ReserveArgs<'a> {
+    Items(&'a [(String, u32)]),
+    Seats(&'a [(String, String)]),
+    Best { section: &'a str, quantity: u32 },
+}
+
+#[derive(Debug, Clone)]
+pub enum ConfirmBegin {
+    Began(HoldRecord),
+    InProgress(HoldRecord),
+    Sold(Option<OrderId>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Sold,
+    Already,
+    /// The hold's units had gone back to stock: Postgres sold what Redis released.
+    Ended,
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revert {
+    Held,
+    Expired,
+    NotConfirming,
+    Unknown,
+}
+
+/// Live counts of one bucket. `held` includes confirming.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Counts {
+    pub total: i64,
+    pub available: i64,
+    pub held: i64,
+    pub sold: i64,
+}
+
+struct Scripts {
+    reserve: Script,
+    release: Script,
+    expire: Script,
+    confirm_begin: Script,
+    confirm_finish: Script,
+    confirm_revert: Script,
+    load_drop: Script,
+    rebuild: Script,
+}
+
+fn with_lib(body: &str) -> Script {
+    Script::from_lua(format!("{LIB}\n{body}"))
+}
+
+/// The Redis side of Floodgate: a bounded connection pool and the scripts.
+#[derive(Clone)]
+pub struct Redis {
+    pool: Pool,
+    scripts: Arc<Scripts>,
+}
+
+type Reply = Vec<Value>;
+
+fn text(v: Option<&Value>) -> String {
+    v.and_then(|v| v.as_string()).unwrap_or_default()
+}
+
+fn int(v: Option<&Value>) -> i64 {
+    v.and_then(|v| v.as_i64()).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(raw: &str) -> Result<T> {
+    serde_json::from_str(raw)
+        .map_err(|e| Error::internal(format!("undecodable script answer: {e}: {raw}")))
+}
+
+impl Redis {
+    /// Connects a pool with every buffer and wait bounded (fred's defaults are unbounded).
+    pub async fn connect(cfg: &RedisConfig) -> Result<Redis> {
+        let config =
+            Config::from_url(&cfg.url).map_err(|e| Error::invalid(format!("redis.url: {e}")))?;
+        let pool = Builder::from_config(config)
+            .with_performance_config(|p| {
+                p.default_command_timeout = Duration::from_millis(cfg.command_timeout_ms);
+                p.max_feed_count = cfg.max_feed_count;
+            })
+            .with_connection_config(|c| {
+                c.max_command_buffer_len = cfg.max_command_buffer_len;
+                c.connection_timeout = Duration::from_millis(cfg.command_timeout_ms);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+            .build_pool(cfg.pool_size.max(1))
+            .map_err(|e| Error::invalid(format!("redis: {e}")))?;
+        pool.init()
+            .await
+            .map_err(|e| Error::unavailable("Redis", e))?;
+        let scripts = Scripts {
+            reserve: with_lib(include_str!("../../lua/reserve.lua")),
+            release: with_lib(include_str!("../../lua/release.lua")),
+            expire: with_lib(include_str!("../../lua/expire.lua")),
+            confirm_begin: with_lib(include_str!("../../lua/confirm_begin.lua")),
+            confirm_finish: with_lib(include_str!("../../lua/confirm_finish.lua")),
+            confirm_revert: with_lib(include_str!("../../lua/confirm_revert.lua")),
+            load_drop: with_lib(include_str!("../../lua/load_drop.lua")),
+            rebuild: with_lib(include_str!("../../lua/rebuild.lua")),
+        };
+        for s in [
+            &scripts.reserve,
+            &scripts.release,
+            &scripts.expire,
+            &scripts.confirm_begin,
+            &scripts.confirm_finish,
+            &scripts.confirm_revert,
+            &scripts.load_drop,
+            &scripts.rebuild,
+        ] {
+            s.load(pool.next()).await?;
+        }
+        Ok(Redis {
+            pool,
+            scripts: Arc::new(scripts),
+        })
+    }
+
+    pub async fn quit(&self) {
+        let _ = self.pool.quit().await;
+    }
+
+    fn client(&self) -> &Client {
+        self.pool.next()
+    }
+
+    async fn run(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> Result<Reply> {
+        Ok(script
+            .evalsha_with_reload::<Reply, _, _>(self.client(), keys, args)
+            .await?)
+    }
+
+    /// The SHA-1 of the reserve script as loaded, and its key set, for `redis-benchmark`.
+    pub fn reserve_sha(&self) -> String {
+        self.scripts.reserve.sha1().to_string()
+    }
+
+    pub fn bench_keys(drop: &DropId, idem: &str) -> Vec<String> {
+        let mut keys = DropKeys::new(drop).all();
+        keys.push(idem.to_owned());
+        keys
+    }
+
+    /// Redis' identity for this run of its process; changes when Redis restarts.
+    pub async fn run_id(&self) -> Result<String> {
+        let info: String = self
+            .client()
+            .info(Some(fred::types::InfoKind::Server))
+            .await?;
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        let _: String = self.client().ping(None).await?;
+        Ok(())
+    }
+
+    // ---- scripts ------------------------------------------------------------------------------
+
+    pub async fn load_drop(&self, drop: &DropId, payload: &serde_json::Value) -> Result<bool> {
+        let reply = self
+            .run(
+                &self.scripts.load_drop,
+                DropKeys::new(drop).all(),
+                vec![payload.to_string()],
+            )
+            .await?;
+        Ok(text(reply.get(1)) == "loaded")
+    }
+
+    pub async fn rebuild(&self, drop: &DropId, payload: &serde_json::Value) -> Result<(i64, i64)> {
+        let reply = self
+            .run(
+                &self.scripts.rebuild,
+                DropKeys::new(drop).all(),
+                vec![payload.to_string()],
+            )
+            .await?;
+        Ok((int(reply.get(1)), int(reply.get(2))))
+    }
+
+    pub async fn reserve(
+        &self,
+        drop: &DropId,
+        fan: &FanId,
+        idempotency_key: &str,
+        body_sha256: &str,
+        hold_id: &HoldId,
+        args: ReserveArgs<'_>,
+    ) -> Result<(Reserved, bool)> {
+        let mut keys = DropKeys::new(drop).all();
+        keys.push(DropKeys::idem(drop, fan, idempotency_key));
+        let mut argv = vec![fan.to_string(), hold_id.to_string(), body_sha256.to_owned()];
+        match args {
+            ReserveArgs::Items(items) => {
+                argv.push("items".into());
+                for (sku, q) in items {
+                    argv.push(sku.clone());
+                    argv.push(q.to_string());
+                }
+            }
+            ReserveArgs::Seats(seats) => {
+                argv.push("seats".into());
+                for (section, seat) in seats {
+                    argv.push(section.clone());
+                    argv.push(seat.clone());
+                }
+            }
+            ReserveArgs::Best { section, quantity } => {
+                argv.push("best".into());
+                argv.push(section.to_owned());
+                argv.push(quantity.to_string());
+            }
+        }
+        let reply = self.run(&self.scripts.reserve, keys, argv).await?;
+        match text(reply.first()).as_str() {
+            "replay" => {
+                let first: Vec<serde_json::Value> = decode(&text(reply.get(1)))?;
+                let now_ms = int(reply.get(2));
+                Ok((reserved_from_json(&first, now_ms)?, true))
+            }
+            _ => Ok((reserved_from_reply(&reply)?, false)),
+        }
+    }
+
+    pub async fn release(&self, hold: &HoldId, fan: &FanId) -> Result<()> {
+        let reply = self
+            .run(
+                &self.scripts.release,
+                DropKeys::new(&hold.drop_id()).all(),
+                vec![hold.to_string(), fan.to_string()],
+            )
+            .await?;
+        match (text(reply.first()).as_str(), text(reply.get(1)).as_str()) {
+            ("ok", _) => Ok(()),
+            (_, code) => Err(script_error(code)),
+        }
+    }
+
+    /// Expires up to `limit` held holds past their deadline; returns (expired, still overdue).
+    pub async fn expire(&self, drop: &DropId, limit: u32) -> Result<(i64, i64)> {
+        let reply = self
+            .run(
+                &self.scripts.expire,
+                DropKeys::new(drop).all(),
+                vec![limit.to_string()],
+            )
+            .await?;
+        Ok((int(reply.first()), int(reply.get(1))))
+    }
+
+    pub async fn confirm_begin(
+        &self,
+        hold: &HoldId,
+        fan: &FanId,
+        reference: &str,
+    ) -> Result<ConfirmBegin> {
+        let reply = self
+            .run(
+                &self.scripts.confirm_begin,
+                DropKeys::new(&hold.drop_id()).all(),
+                vec![hold.to_string(), fan.to_string(), reference.to_owned()],
+            )
+            .await?;
+        match text(reply.first()).as_str() {
+            "ok" => Ok(ConfirmBegin::Began(decode(&text(reply.get(1)))?)),
+            "in_progress" => Ok(ConfirmBegin::InProgress(decode(&text(reply.get(1)))?)),
+            "sold" => Ok(ConfirmBegin::Sold(OrderId::parse(&text(reply.get(1))).ok())),
+            _ => Err(script_error(&text(reply.get(1)))),
+        }
+    }
+
+    pub async fn confirm_finish(&self, hold: &HoldId, order: OrderId) -> Result<Finish> {
+        let reply = self
+            .run(
+                &self.scripts.confirm_finish,
+                DropKeys::new(&hold.drop_id()).all(),
+                vec![hold.to_string(), order.to_string()],
+            )
+            .await?;
+        Ok(
+            match (text(reply.first()).as_str(), text(reply.get(1)).as_str()) {
+                ("ok", "sold") => Finish::Sold,
+                ("ok", _) => Finish::Already,
+                (_, "hold_ended") => Finish::Ended,
+                _ => Finish::Unknown,
+            },
+        )
+    }
+
+    pub async fn confirm_revert(&self, hold: &HoldId) -> Result<Revert> {
+        let reply = self
+            .run(
+                &self.scripts.confirm_revert,
+                DropKeys::new(&hold.drop_id()).all(),
+                vec![hold.to_string()],
+            )
+            .await?;
+        Ok(
+            match (text(reply.first()).as_str(), text(reply.get(1)).as_str()) {
+                ("ok", "held") => Revert::Held,
+                ("ok", "expired") => Revert::Expired,
+                ("ok", _) => Revert::NotConfirming,
+                _ => Revert::Unknown,
+            },
+        )
+    }
+
+    // ---- reads and small writes outside stock ------------------------------------------------
+
+    pub async fn hold(&self, hold: &HoldId) -> Result<Option<HoldRecord>> {
+        let keys = DropKeys::new(&hold.drop_id());
+        let raw: Option<String> = self.client().hget(keys.holds(), hold.as_str()).await?;
+        raw.map(|r| decode(&r)).transpose()
+    }
+
+    /// A fan's live (held or confirming) holds in one drop.
+    pub async fn fan_live_holds(
+        &self,
+        drop: &DropId,
+        fan: &FanId,
+    ) -> Result<Vec<(HoldId, HoldRecord)>> {
+        let keys = DropKeys::new(drop);
+        let raw: Option<String> = self.client().hget(keys.fanholds(), fan.as_str()).await?;
+        let ids: Vec<String> = match raw {
+            Some(r) => decode(&r)?,
+            None => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            let Ok(hold) = HoldId::parse(&id) else {
+                continue;
+            };
+            if let Some(rec) = self.hold(&hold).await? {
+                out.push((hold, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the drop is loaded, and whether it is recovering.
+    pub async fn drop_state(&self, drop: &DropId) -> Result<Option<(String, bool)>> {
+        let keys = DropKeys::new(drop);
+        let vals: Vec<Option<String>> = self
+            .client()
+            .hmget(keys.meta(), vec!["status", "recovering"])
+            .await?;
+        match vals.as_slice() {
+            [Some(status), recovering] => {
+                Ok(Some((status.clone(), recovering.as_deref() == Some("1"))))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub async fn set_meta(&self, drop: &DropId, field: &str, value: &str) -> Result<()> {
+        let _: i64 = self
+            .client()
+            .hset(DropKeys::new(drop).meta(), (field, value))
+            .await?;
+        Ok(())
+    }
+
+    /// Live counts per bucket, from one HGETALL.
+    pub async fn counts(&self, drop: &DropId) -> Result<HashMap<String, Counts>> {
+        let raw: HashMap<String, i64> = self.client().hgetall(DropKeys::new(drop).stock()).await?;
+        let mut out: HashMap<String, Counts> = HashMap::new();
+        for (field, v) in raw {
+            let Some((kind, bucket)) = field.split_once(':') else {
+                continue;
+            };
+            let c = out.entry(bucket.to_owned()).or_insert(Counts {
+                total: 0,
+                available: 0,
+                held: 0,
+                sold: 0,
+            });
+            match kind {
+                "a" => c.available = v,
+                "h" => c.held = v,
+                "s" => c.sold = v,
+                "t" => c.total = v,
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Each seat's raw state: "-" free, "#" sold, else the holding hold's id.
+    pub async fn seat_states(&self, drop: &DropId) -> Result<HashMap<String, String>> {
+        Ok(self.client().hgetall(DropKeys::new(drop).seats()).await?)
+    }
+
+    /// Ids of every hold the drop's holds hash still has.
+    pub async fn hold_ids(&self, drop: &DropId) -> Result<Vec<String>> {
+        Ok(self.client().hkeys(DropKeys::new(drop).holds()).await?)
+    }
+
+    /// Confirming holds whose confirm deadline has passed (`now_ms` from the caller's clock is
+    /// good enough here: the reconciler only needs "long enough ago").
+    pub async fn overdue_confirming(
+        &self,
+        drop: &DropId,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<HoldId>> {
+        let ids: Vec<String> = self
+            .client()
+            .zrangebyscore(
+                DropKeys::new(drop).confirming(),
+                "-inf",
+                now_ms as f64,
+                false,
+                Some((0, limit as i64)),
+            )
+            .await?;
+        Ok(ids.iter().filter_map(|s| HoldId::parse(s).ok()).collect())
+    }
+
+    pub async fn set_admission(&self, drop: &DropId, fields: Vec<(String, String)>) -> Result<()> {
+        let _: i64 = self
+            .client()
+            .hset(DropKeys::admission(drop), fields)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn admission(&self, drop: &DropId) -> Result<HashMap<String, String>> {
+        Ok(self.client().hgetall(DropKeys::admission(drop)).await?)
+    }
+}
+
+fn script_error(code: &str) -> Error {
+    Code::from_name(code)
+        .map(Error::new)
+        .unwrap_or_else(|| Error::internal(format!("script answered {code}")))
+}
+
+fn reserved_from_reply(reply: &Reply) -> Result<Reserved> {
+    match text(reply.first()).as_str() {
+        "ok" => Ok(Reserved::Held {
+            hold_id: HoldId::parse(&text(reply.get(1)))?,
+            expires_at_ms: int(reply.get(2)),
+            now_ms: int(reply.get(3)),
+            items: decode(&text(reply.get(4)))?,
+        }),
+        _ => refused(&text(reply.get(1)), &text(reply.get(2))),
+    }
+}
+
+fn reserved_from_json(first: &[serde_json::Value], now_ms: i64) -> Result<Reserved> {
+    let s = |i: usize| {
+        first
+            .get(i)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    match s(0).as_str() {
+        "ok" => Ok(Reserved::Held {
+            hold_id: HoldId::parse(&s(1))?,
+            expires_at_ms: first.get(2).and_then(|v| v.as_i64()).unwrap_or_default(),
+            now_ms,
+            items: decode(&s(4))?,
+        }),
+        _ => refused(&s(1), &s(2)),
+    }
+}
+
+fn refused(code: &str, detail: &str) -> Result<Reserved> {
+    let code =
+        Code::from_name(code).ok_or_else(|| Error::internal(format!("reserve answered {code}")))?;
+    let detail = serde_json::from_str(detail).unwrap_or(serde_json::Value::Null);
+    Ok(Reserved::Refused { code, detail })
+}

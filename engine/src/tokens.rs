@@ -1,0 +1,326 @@
+//! Tokens: fan identity (the dev provider's HS256 tokens, or an external provider's HS256 /
+//! RS256 JWTs) and admission tokens (HMAC-SHA256, signed by the waiting room, verified by
+//! booking-api without a Redis round trip).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{AdmissionConfig, IdentityConfig};
+use crate::error::{Code, Error, Result};
+use crate::ids::{DropId, FanId};
+
+type HmacSha256 = Hmac<Sha256>;
+
+pub fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// A random secret, hex-encoded (dev secrets are made, never written in the code).
+pub fn random_secret() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FanClaims {
+    sub: String,
+    exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<i64>,
+}
+
+/// Verifies fan tokens; signs them too when the dev identity provider is on.
+pub struct FanAuth {
+    dev: Option<(EncodingKey, DecodingKey)>,
+    dev_ttl_s: i64,
+    external: Option<(DecodingKey, Validation)>,
+    /// Verified tokens by SHA-256: (fan, exp). Bounded; cleared whole when full (cheap and safe:
+    /// a miss only costs a verify).
+    cache: Mutex<HashMap<[u8; 32], (FanId, i64)>>,
+    cache_entries: usize,
+}
+
+impl FanAuth {
+    pub fn new(cfg: &IdentityConfig) -> Result<FanAuth> {
+        let dev = cfg.dev.then(|| {
+            let secret = if cfg.dev_secret.is_empty() {
+                random_secret()
+            } else {
+                cfg.dev_secret.clone()
+            };
+            (
+                EncodingKey::from_secret(secret.as_bytes()),
+                DecodingKey::from_secret(secret.as_bytes()),
+            )
+        });
+        let external = if !cfg.jwt_rs256_public_key_pem.is_empty() {
+            let key = DecodingKey::from_rsa_pem(cfg.jwt_rs256_public_key_pem.as_bytes())
+                .map_err(|e| Error::invalid(format!("identity.jwt_rs256_public_key_pem: {e}")))?;
+            Some((key, Validation::new(Algorithm::RS256)))
+        } else if !cfg.jwt_hs256_secret.is_empty() {
+            Some((
+                DecodingKey::from_secret(cfg.jwt_hs256_secret.as_bytes()),
+                Validation::new(Algorithm::HS256),
+            ))
+        } else {
+            None
+        };
+        let external = external.map(|(key, mut v)| {
+            v.leeway = 5;
+            if !cfg.jwt_issuer.is_empty() {
+                v.set_issuer(&[&cfg.jwt_issuer]);
+            }
+            if cfg.jwt_audience.is_empty() {
+                v.validate_aud = false;
+            } else {
+                v.set_audience(&[&cfg.jwt_audience]);
+            }
+            (key, v)
+        });
+        Ok(FanAuth {
+            dev,
+            dev_ttl_s: cfg.dev_token_ttl_s as i64,
+            external,
+            cache: Mutex::new(HashMap::new()),
+            cache_entries: cfg.cache_entries,
+        })
+    }
+
+    pub fn dev_enabled(&self) -> bool {
+        self.dev.is_some()
+    }
+
+    /// The dev identity provider: a token for any fan name.
+    pub fn issue_dev(&self, fan: &FanId) -> Result<String> {
+        let (enc, _) = self
+            .dev
+            .as_ref()
+            .ok_or_else(|| Error::new(Code::NotFound))?;
+        let now = now_s();
+        let claims = FanClaims {
+            sub: fan.to_string(),
+            exp: now + self.dev_ttl_s,
+            iat: Some(now),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, enc).map_err(Error::internal)
+    }
+
+    pub fn verify(&self, token: &str) -> Result<FanId> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = now_s();
+        if let Ok(cache) = self.cache.lock() {
+            if let Some((fan, exp)) = cache.get(&digest) {
+                if *exp > now {
+                    return Ok(fan.clone());
+                }
+            }
+        }
+        let unauthorized = || {
+            Error::msg(
+                Code::Unauthorized,
+                "The fan token is missing, malformed, forged or expired.",
+            )
+        };
+        let mut claims = None;
+        if let Some((_, dec)) = &self.dev {
+            let v = Validation::new(Algorithm::HS256);
+            claims = jsonwebtoken::decode::<FanClaims>(token, dec, &v)
+                .ok()
+                .map(|d| d.claims);
+        }
+        if claims.is_none() {
+            if let Some((dec, v)) = &self.external {
+                claims = jsonwebtoken::decode::<FanClaims>(token, dec, v)
+                    .ok()
+                    .map(|d| d.claims);
+            }
+        }
+        let claims = claims.ok_or_else(unauthorized)?;
+        let fan = FanId::parse(&claims.sub).map_err(|_| unauthorized())?;
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= self.cache_entries {
+                cache.clear();
+            }
+            cache.insert(digest, (fan.clone(), claims.exp));
+        }
+        Ok(fan)
+    }
+}
+
+/// What an admission token says: this fan, at this place in this drop's line, was admitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmissionClaims {
+    pub drop: String,
+    pub fan: String,
+    pub place: i64,
+    pub iat: i64,
+    pub exp: i64,
+    pub jti: String,
+}
+
+/// Signs and verifies admission tokens: `v1.<base64url claims>.<base64url HMAC-SHA256>`.
+/// The first secret signs; every secret verifies, so a rotation runs with two for a while.
+pub struct AdmissionKeys {
+    secrets: Vec<Vec<u8>>,
+    pub token_ttl_s: i64,
+}
+
+impl AdmissionKeys {
+    pub fn new(cfg: &AdmissionConfig) -> AdmissionKeys {
+        let mut secrets: Vec<Vec<u8>> = cfg
+            .secrets
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.as_bytes().to_vec())
+            .collect();
+        if secrets.is_empty() {
+            tracing::warn!("no admission.secrets configured: generated one; only this process can verify its tokens");
+            secrets.push(random_secret().into_bytes());
+        }
+        AdmissionKeys {
+            secrets,
+            token_ttl_s: cfg.token_ttl_s as i64,
+        }
+    }
+
+    fn mac(secret: &[u8], payload: &str) -> Vec<u8> {
+        // HMAC takes keys of any length; this can't fail.
+        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
+        mac.update(payload.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
+    pub fn sign(&self, claims: &AdmissionClaims) -> String {
+        let payload = B64.encode(serde_json::to_vec(claims).unwrap_or_default());
+        let sig = B64.encode(Self::mac(&self.secrets[0], &payload));
+        format!("v1.{payload}.{sig}")
+    }
+
+    /// A token for `fan` in `drop`, issued now and valid for the configured TTL.
+    pub fn issue(&self, drop: &DropId, fan: &FanId, place: i64) -> (String, AdmissionClaims) {
+        let now = now_s();
+        let claims = AdmissionClaims {
+            drop: drop.to_string(),
+            fan: fan.to_string(),
+            place,
+            iat: now,
+            exp: now + self.token_ttl_s,
+            jti: hex::encode(rand::random::<[u8; 8]>()),
+        };
+        (self.sign(&claims), claims)
+    }
+
+    /// Checks signature, expiry, drop and fan. Every failure is the same 403 `not_admitted`.
+    pub fn verify(&self, token: &str, drop: &DropId, fan: &FanId) -> Result<AdmissionClaims> {
+        let refuse = |why: &str| {
+            Error::msg(
+                Code::NotAdmitted,
+                format!("Admission token refused: {why}."),
+            )
+        };
+        let mut parts = token.split('.');
+        let (Some("v1"), Some(payload), Some(sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(refuse("malformed"));
+        };
+        let sig = B64.decode(sig).map_err(|_| refuse("malformed"))?;
+        let signed = self.secrets.iter().any(|secret| {
+            let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
+            mac.update(payload.as_bytes());
+            mac.verify_slice(&sig).is_ok()
+        });
+        if !signed {
+            return Err(refuse("bad signature"));
+        }
+        let claims: AdmissionClaims =
+            serde_json::from_slice(&B64.decode(payload).map_err(|_| refuse("malformed"))?)
+                .map_err(|_| refuse("malformed"))?;
+        if claims.exp <= now_s() {
+            return Err(refuse("expired"));
+        }
+        if claims.drop != drop.as_str() {
+            return Err(refuse("issued for another drop"));
+        }
+        if claims.fan != fan.as_str() {
+            return Err(refuse("issued to another fan"));
+        }
+        Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(secrets: &[&str]) -> AdmissionKeys {
+        AdmissionKeys::new(&AdmissionConfig {
+            secrets: secrets.iter().map(|s| s.to_string()).collect(),
+            token_ttl_s: 60,
+        })
+    }
+
+    #[test]
+    fn admission_token_is_bound_to_drop_and_fan() {
+        let k = keys(&["s1"]);
+        let drop = DropId::generate();
+        let fan = FanId::parse("alice").unwrap();
+        let (token, _) = k.issue(&drop, &fan, 7);
+        assert_eq!(k.verify(&token, &drop, &fan).unwrap().place, 7);
+        assert!(k.verify(&token, &DropId::generate(), &fan).is_err());
+        assert!(k
+            .verify(&token, &drop, &FanId::parse("bob").unwrap())
+            .is_err());
+        let mut forged = token.clone();
+        forged.pop();
+        forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert!(k.verify(&forged, &drop, &fan).is_err());
+    }
+
+    #[test]
+    fn rotation_accepts_old_and_new_secret() {
+        let old = keys(&["old"]);
+        let rotating = keys(&["new", "old"]);
+        let drop = DropId::generate();
+        let fan = FanId::parse("alice").unwrap();
+        let (token, _) = old.issue(&drop, &fan, 1);
+        assert!(rotating.verify(&token, &drop, &fan).is_ok());
+        let (token, _) = rotating.issue(&drop, &fan, 1);
+        assert!(old.verify(&token, &drop, &fan).is_err());
+    }
+
+    #[test]
+    fn expired_admission_token_is_refused() {
+        let k = keys(&["s"]);
+        let drop = DropId::generate();
+        let fan = FanId::parse("alice").unwrap();
+        let claims = AdmissionClaims {
+            drop: drop.to_string(),
+            fan: fan.to_string(),
+            place: 1,
+            iat: now_s() - 100,
+            exp: now_s() - 1,
+            jti: "x".into(),
+        };
+        assert_eq!(
+            k.verify(&k.sign(&claims), &drop, &fan).unwrap_err().code,
+            Code::NotAdmitted
+        );
+    }
+}

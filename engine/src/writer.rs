@@ -1,0 +1,191 @@
+//! The order writer: one task that groups confirmed orders into Postgres transactions (group
+//! commit), one SAVEPOINT per order so a constraint refusing one order doesn't abort the rest.
+//! Each caller gets its answer only after the transaction holding its order has committed.
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::WriterConfig;
+use crate::db::{is_constraint_violation, Db};
+use crate::error::{Code, Error, Result};
+use crate::ids::{HoldId, OrderId};
+
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    pub bucket: String,
+    pub seat: Option<String>,
+    pub quantity: i32,
+    pub price_cents: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub order_id: OrderId,
+    pub hold_id: HoldId,
+    pub fan: String,
+    pub currency: String,
+    pub total_cents: i64,
+    pub per_fan_limit: i32,
+    pub items: Vec<NewItem>,
+}
+
+/// How a commit ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// This order is now in Postgres.
+    New(OrderId),
+    /// The hold already had an order (a retry, or the reconciler got there first).
+    Existing(OrderId),
+}
+
+impl Committed {
+    pub fn order_id(self) -> OrderId {
+        match self {
+            Committed::New(id) | Committed::Existing(id) => id,
+        }
+    }
+}
+
+struct Job {
+    order: NewOrder,
+    reply: oneshot::Sender<Result<Committed>>,
+}
+
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    pub fn spawn(db: Db, cfg: &WriterConfig) -> Writer {
+        let (tx, rx) = mpsc::channel(cfg.queue_len.max(1));
+        tokio::spawn(run(db, rx, cfg.max_batch.max(1)));
+        Writer { tx }
+    }
+
+    /// Commits the order (or finds the hold's existing one); answers after the commit.
+    pub async fn commit(&self, order: NewOrder) -> Result<Committed> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.try_send(Job { order, reply }).map_err(|_| {
+            metrics::counter!(crate::metrics::WRITER_REJECTED).increment(1);
+            Error::msg(
+                Code::Unavailable,
+                "Too many payments are being recorded; retry shortly.",
+            )
+            .retry_after(std::time::Duration::from_secs(1))
+        })?;
+        answer
+            .await
+            .map_err(|_| Error::internal("order writer stopped"))?
+    }
+}
+
+async fn run(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut batch, max_batch).await > 0 {
+        metrics::histogram!(crate::metrics::WRITER_BATCH_ORDERS).record(batch.len() as f64);
+        let jobs = std::mem::take(&mut batch);
+        match write_batch(&db, &jobs).await {
+            Ok(results) => {
+                for (job, result) in jobs.into_iter().zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for the whole batch; per-order results, sent only if the commit succeeds.
+async fn write_batch(db: &Db, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
+    let mut client = db.client().await?;
+    let mut tx = client.transaction().await?;
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let sp = tx.savepoint("one_order").await?;
+        match insert_order(&sp, &job.order).await {
+            Ok(done) => {
+                sp.commit().await?;
+                results.push(Ok(done));
+            }
+            Err(e) if is_constraint_violation(&e) => {
+                // The last guard fired: Redis let through a sale Postgres refuses. Never expected.
+                tracing::error!(hold = %job.order.hold_id, error = %e, "Postgres refused an order");
+                metrics::counter!(crate::metrics::CONSTRAINT_REFUSALS).increment(1);
+                sp.rollback().await?;
+                results.push(Err(Error::msg(
+                    Code::Internal,
+                    "The sale was refused by the store's final check.",
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+async fn insert_order(
+    tx: &deadpool_postgres::Transaction<'_>,
+    o: &NewOrder,
+) -> std::result::Result<Committed, tokio_postgres::Error> {
+    let drop = o.hold_id.drop_id();
+    let d = drop.as_str();
+    let inserted = tx
+        .query_opt(
+            "INSERT INTO orders (order_id, hold_id, drop_id, fan_id, total_cents, currency) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hold_id) DO NOTHING RETURNING order_id",
+            &[
+                &o.order_id.0,
+                &o.hold_id.as_str(),
+                &d,
+                &o.fan,
+                &o.total_cents,
+                &o.currency,
+            ],
+        )
+        .await?;
+    if inserted.is_none() {
+        let row = tx
+            .query_one(
+                "SELECT order_id FROM orders WHERE hold_id = $1",
+                &[&o.hold_id.as_str()],
+            )
+            .await?;
+        return Ok(Committed::Existing(OrderId(row.get(0))));
+    }
+    let buckets: Vec<&str> = o.items.iter().map(|i| i.bucket.as_str()).collect();
+    let seats: Vec<Option<&str>> = o.items.iter().map(|i| i.seat.as_deref()).collect();
+    let quantities: Vec<i32> = o.items.iter().map(|i| i.quantity).collect();
+    let prices: Vec<i64> = o.items.iter().map(|i| i.price_cents).collect();
+    tx.execute(
+        "INSERT INTO order_items (order_id, drop_id, bucket, seat_id, quantity, price_cents) \
+         SELECT $1, $2, b, s, q, p FROM unnest($3::text[], $4::text[], $5::int[], $6::bigint[]) AS t(b, s, q, p)",
+        &[&o.order_id.0, &d, &buckets, &seats, &quantities, &prices],
+    )
+    .await?;
+    // Per bucket: sold += units (CHECK sold <= total) and a 'sale' line in the ledger.
+    tx.execute(
+        "WITH per AS (SELECT b, sum(q)::int AS q FROM unnest($2::text[], $3::int[]) AS t(b, q) GROUP BY b), \
+         upd AS (UPDATE inventory i SET sold = i.sold + per.q FROM per WHERE i.drop_id = $1 AND i.bucket = per.b) \
+         INSERT INTO stock_ledger (drop_id, bucket, kind, delta_sold, order_id) SELECT $1, b, 'sale', q, $4 FROM per",
+        &[&d, &buckets, &quantities, &o.order_id.0],
+    )
+    .await?;
+    let units: i32 = quantities.iter().sum();
+    tx.execute(
+        "INSERT INTO fan_purchases (drop_id, fan_id, units, limit_units) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (drop_id, fan_id) DO UPDATE SET units = fan_purchases.units + EXCLUDED.units",
+        &[&d, &o.fan, &units, &o.per_fan_limit],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE payments SET state = 'authorized', updated_at = now() WHERE hold_id = $1 AND state = 'pending'",
+        &[&o.hold_id.as_str()],
+    )
+    .await?;
+    Ok(Committed::New(o.order_id))
+}

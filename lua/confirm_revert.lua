@@ -1,0 +1,22 @@
+-- confirm_revert.lua — payment failed or was voided: a confirming hold goes back to `held` with
+-- its original deadline, or straight back to stock if that deadline has passed.
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[11]
+-- ARGV[1] hold id
+-- Returns {"ok", "held"} | {"ok", "expired"} | {"ok", "noop", state} (not confirming: nothing to do)
+--       | {"err", "unknown_hold"}
+local id = ARGV[1]
+local h = load_hold(id)
+if not h then return {'err', 'unknown_hold'} end
+if h.st ~= 'confirming' then return {'ok', 'noop', h.st} end
+local now = now_ms()
+if now >= h.exp then
+  return_to_stock(id, h, 'expired', now)
+  return {'ok', 'expired'}
+end
+h.st = 'held'
+h.cexp = nil
+h.ref = nil
+save_hold(id, h)
+redis.call('ZREM', K.confirming, id)
+redis.call('ZADD', K.deadlines, h.exp, id)
+return {'ok', 'held'}

@@ -1,0 +1,109 @@
+-- lib.lua — shared helpers prepended to every hold script by engine::scripts (not loaded alone).
+-- Every hold script receives the same drop key set, named here once:
+-- KEYS[1]  {drop_id}:meta        hash   status, recovering, kind, per_fan_limit, hold_ttl_ms, opens_at_ms,
+--                                       mode, confirm_timeout_ms, confirm_grace_ms, reclaim_batch, done_ttl_ms
+-- KEYS[2]  {drop_id}:stock       hash   a:<bucket> available, h:<bucket> held (incl. confirming),
+--                                       s:<bucket> sold, t:<bucket> total
+-- KEYS[3]  {drop_id}:seats       hash   seat id → "-" free | hold id (held or confirming) | "#" sold
+-- KEYS[4]  {drop_id}:holds       hash   hold id → JSON hold
+-- KEYS[5]  {drop_id}:deadlines   zset   held hold id → expires_at_ms
+-- KEYS[6]  {drop_id}:confirming  zset   confirming hold id → confirm deadline ms
+-- KEYS[7]  {drop_id}:done        zset   ended hold id → purge_at_ms (kept so a fan can read how it ended)
+-- KEYS[8]  {drop_id}:fans        hash   fan id → units held + confirming + bought (the per-fan limit)
+-- KEYS[9]  {drop_id}:fanholds    hash   fan id → JSON array of the fan's live (held/confirming) hold ids
+-- KEYS[10] {drop_id}:layout      hash   section → JSON [[row, seats], ...], front row first
+-- KEYS[11] {drop_id}:active      zset   fan id → admission deadline ms (queue drops)
+-- KEYS[12] {drop_id}:idem:<hash> string the first answer to an idempotent reserve (reserve only)
+--
+-- A hold is JSON: {fan, st, exp, cexp, ref, oid, u, c, it = [{b = bucket, q = qty, s = seat?}]}
+-- with st one of held | confirming | sold | released | expired.
+
+local K = {
+  meta = KEYS[1], stock = KEYS[2], seats = KEYS[3], holds = KEYS[4], deadlines = KEYS[5],
+  confirming = KEYS[6], done = KEYS[7], fans = KEYS[8], fanholds = KEYS[9], layout = KEYS[10],
+  active = KEYS[11], idem = KEYS[12],
+}
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function meta_num(field, default)
+  local v = redis.call('HGET', K.meta, field)
+  if not v then return default end
+  return tonumber(v)
+end
+
+local function load_hold(id)
+  local raw = redis.call('HGET', K.holds, id)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function save_hold(id, h)
+  redis.call('HSET', K.holds, id, cjson.encode(h))
+end
+
+local function fan_live_holds(fan)
+  local raw = redis.call('HGET', K.fanholds, fan)
+  if not raw then return {} end
+  return cjson.decode(raw)
+end
+
+local function set_fan_live_holds(fan, ids)
+  if #ids == 0 then
+    redis.call('HDEL', K.fanholds, fan)
+  else
+    redis.call('HSET', K.fanholds, fan, cjson.encode(ids))
+  end
+end
+
+local function forget_live_hold(fan, id)
+  local ids = fan_live_holds(fan)
+  local kept = {}
+  for _, x in ipairs(ids) do
+    if x ~= id then kept[#kept + 1] = x end
+  end
+  set_fan_live_holds(fan, kept)
+end
+
+-- A held or confirming hold gives its units back to stock and ends as `final_state`.
+local function return_to_stock(id, h, final_state, now)
+  for _, item in ipairs(h.it) do
+    redis.call('HINCRBY', K.stock, 'a:' .. item.b, item.q)
+    redis.call('HINCRBY', K.stock, 'h:' .. item.b, -item.q)
+    if item.s then redis.call('HSET', K.seats, item.s, '-') end
+  end
+  local left = redis.call('HINCRBY', K.fans, h.fan, -h.u)
+  if left <= 0 then redis.call('HDEL', K.fans, h.fan) end
+  redis.call('ZREM', K.deadlines, id)
+  redis.call('ZREM', K.confirming, id)
+  forget_live_hold(h.fan, id)
+  h.st = final_state
+  h.ended = now
+  save_hold(id, h)
+  redis.call('ZADD', K.done, now + meta_num('done_ttl_ms', 3600000), id)
+end
+
+-- Expired held holds go back to stock, at most `limit` of them; ended holds past their keep time
+-- are purged in the same bounded way. Returns how many holds expired.
+local function reclaim(now, limit)
+  local expired = 0
+  local ids = redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    local h = load_hold(id)
+    if h and h.st == 'held' then
+      return_to_stock(id, h, 'expired', now)
+      expired = expired + 1
+    else
+      redis.call('ZREM', K.deadlines, id)
+    end
+  end
+  local gone = redis.call('ZRANGEBYSCORE', K.done, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(gone) do
+    redis.call('HDEL', K.holds, id)
+    redis.call('ZREM', K.done, id)
+  end
+  return expired
+end

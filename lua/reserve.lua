@@ -1,0 +1,157 @@
+-- reserve.lua — a fan takes units of SKUs, named seats, or the best N adjacent seats of a section,
+-- all or nothing, as one hold that expires by itself unless confirmed.
+-- Checks, in order: idempotency replay, drop recovering / closed / not yet open, per-fan limit,
+-- stock or seats. A few expired holds of the drop are reclaimed first, so stock comes back even
+-- when no sweeper runs.
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12] (KEYS[12] = this request's idem key)
+-- ARGV[1] fan id
+-- ARGV[2] new hold id (made by the caller; embeds the drop id)
+-- ARGV[3] SHA-256 hex of the request body (idempotency: same key + other body is refused)
+-- ARGV[4] request kind: "items" | "seats" | "best"
+-- ARGV[5..] items: bucket, quantity, bucket, quantity, ...   (bucket = sku)
+--           seats: section, seat id, section, seat id, ...   (caller checked they exist, no repeats)
+--           best:  section, quantity
+-- Returns {"ok", hold id, expires_at_ms, now_ms, items JSON [{b, q, s?}]}
+--       | {"replay", first answer JSON (an array like the above or {"err", ...}), now_ms}
+--       | {"err", code, detail JSON}   code: sold_out | all_held | insufficient_stock |
+--           seat_unavailable | limit_exceeded | drop_closed | not_open | idempotency_key_reused |
+--           recovering | unknown_drop
+-- Every answer but recovering / unknown_drop / idempotency_key_reused is stored under KEYS[12]
+-- for hold TTL + 10 minutes, so a retry gets the first answer back.
+
+local fan, hold_id, body_sha, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now = now_ms()
+
+local first = redis.call('GET', K.idem)
+if first then
+  local rec = cjson.decode(first)
+  if rec.sha ~= body_sha then
+    return {'err', 'idempotency_key_reused', '{}'}
+  end
+  return {'replay', cjson.encode(rec.ans), now}
+end
+
+local meta = redis.call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit', 'hold_ttl_ms',
+  'opens_at_ms', 'reclaim_batch')
+if not meta[1] then return {'err', 'unknown_drop', '{}'} end
+if meta[2] == '1' then return {'err', 'recovering', '{}'} end
+local limit, ttl_ms = tonumber(meta[3]), tonumber(meta[4])
+local idem_ttl_ms = ttl_ms + 600000
+
+local function answer(ans)
+  redis.call('SET', K.idem, cjson.encode({sha = body_sha, ans = ans}), 'PX', idem_ttl_ms)
+  return ans
+end
+local function refuse(code, detail)
+  return answer({'err', code, cjson.encode(detail or {})})
+end
+
+if meta[1] ~= 'open' then return refuse('drop_closed') end
+if now < tonumber(meta[5]) then return refuse('not_open', {opens_at_ms = tonumber(meta[5])}) end
+
+reclaim(now, tonumber(meta[6]) or 8)
+
+-- Why a bucket can't give `want`: the one name each outcome has everywhere.
+local function shortage(bucket, want)
+  local c = redis.call('HMGET', K.stock, 'a:' .. bucket, 'h:' .. bucket)
+  local avail, held = tonumber(c[1]) or 0, tonumber(c[2]) or 0
+  if avail >= want then return nil end
+  if avail == 0 and held == 0 then return 'sold_out', {bucket = bucket} end
+  if avail == 0 then return 'all_held', {bucket = bucket} end
+  return 'insufficient_stock', {bucket = bucket, available = avail}
+end
+
+-- The seat ids of the best block of `n` adjacent free seats in `section`, or nil.
+local function best_available(section, n)
+  local rows = cjson.decode(redis.call('HGET', K.layout, section) or '[]')
+  local fallback = nil
+  for _, row in ipairs(rows) do
+    local label, count = row[1], row[2]
+    local ids = {}
+    for s = 1, count do ids[s] = section .. '-' .. label .. '-' .. s end
+    local states = redis.call('HMGET', K.seats, unpack(ids))
+    local s = 1
+    while s <= count do
+      if states[s] == '-' then
+        local e = s
+        while e + 1 <= count and states[e + 1] == '-' do e = e + 1 end
+        local spare = (e - s + 1) - n
+        for off = 0, spare do
+          local block = {}
+          for j = 1, n do block[j] = ids[s + off + j - 1] end
+          if off ~= 1 and spare - off ~= 1 then return block end
+          if not fallback then fallback = block end
+        end
+        s = e + 1
+      else
+        s = s + 1
+      end
+    end
+  end
+  return fallback
+end
+
+local items, units = {}, 0
+if kind == 'items' then
+  for i = 5, #ARGV, 2 do
+    local b, q = ARGV[i], tonumber(ARGV[i + 1])
+    items[#items + 1] = {b = b, q = q}
+    units = units + q
+  end
+elseif kind == 'seats' then
+  for i = 5, #ARGV, 2 do
+    items[#items + 1] = {b = ARGV[i], q = 1, s = ARGV[i + 1]}
+    units = units + 1
+  end
+else
+  units = tonumber(ARGV[6])
+end
+
+local bought = tonumber(redis.call('HGET', K.fans, fan) or '0')
+if bought + units > limit then
+  return refuse('limit_exceeded', {per_fan_limit = limit, already = bought})
+end
+
+if kind == 'items' then
+  for _, item in ipairs(items) do
+    local code, detail = shortage(item.b, item.q)
+    if code then return refuse(code, detail) end
+  end
+elseif kind == 'seats' then
+  local taken = {}
+  for _, item in ipairs(items) do
+    if redis.call('HGET', K.seats, item.s) ~= '-' then taken[#taken + 1] = item.s end
+  end
+  if #taken > 0 then
+    local code, detail = shortage(items[1].b, 1)
+    if code == 'sold_out' or code == 'all_held' then return refuse(code, detail) end
+    return refuse('seat_unavailable', {seats = taken})
+  end
+else
+  -- Best available: the front-most row with `units` adjacent free seats; within the section,
+  -- prefer a block that leaves no single free seat stranded beside it (an orphan), if one exists.
+  local section = ARGV[5]
+  local code, detail = shortage(section, units)
+  if code then return refuse(code, detail) end
+  local seats = best_available(section, units)
+  if not seats then return refuse('insufficient_stock', {bucket = section, adjacent = false}) end
+  items = {}
+  for j = 1, units do items[j] = {b = section, q = 1, s = seats[j]} end
+end
+
+local exp = now + ttl_ms
+for _, item in ipairs(items) do
+  redis.call('HINCRBY', K.stock, 'a:' .. item.b, -item.q)
+  redis.call('HINCRBY', K.stock, 'h:' .. item.b, item.q)
+  if item.s then redis.call('HSET', K.seats, item.s, hold_id) end
+end
+redis.call('HINCRBY', K.fans, fan, units)
+save_hold(hold_id, {fan = fan, st = 'held', exp = exp, u = units, c = now, it = items})
+redis.call('ZADD', K.deadlines, exp, hold_id)
+local live = fan_live_holds(fan)
+live[#live + 1] = hold_id
+set_fan_live_holds(fan, live)
+-- A hold keeps a queue drop's shopper admitted until it can no longer be confirmed.
+redis.call('ZADD', K.active, 'XX', 'GT', exp + meta_num('confirm_grace_ms', 60000), fan)
+
+return answer({'ok', hold_id, exp, now, cjson.encode(items)})
