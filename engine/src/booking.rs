@@ -65,15 +65,14 @@ struct Inflight {
     done: watch::Receiver<Option<ConfirmResult>>,
 }
 
-/// How far before its confirm deadline a request stops and leaves a payment to the reconciler,
-/// so the two never commit and revert the same hold at once.
-const CONFIRM_SAFETY_MARGIN_MS: i64 = 10_000;
 /// How long a confirm waits for another process already confirming the same hold.
 const CONFIRM_WAIT_OTHER_MS: u64 = 3_000;
 /// Expire calls per drop per sweep, at most (each takes `holds.sweep_batch` holds).
 const SWEEP_ROUNDS_MAX: usize = 20;
 /// How often the list of drops to look after is read from Postgres.
 const WATCHED_REFRESH: Duration = Duration::from_secs(5);
+/// How long a drop this process served stays looked after without further traffic.
+const TOUCHED_KEEP: Duration = Duration::from_secs(3600);
 
 pub struct Engine {
     pub cfg: Config,
@@ -87,7 +86,10 @@ pub struct Engine {
     pub admission: AdmissionKeys,
     drops: Mutex<HashMap<DropId, Arc<DropDef>>>,
     inflight: Mutex<HashMap<HoldId, Inflight>>,
+    /// Drops the background tasks look after: Postgres' newest live drops…
     watched: Mutex<Vec<DropId>>,
+    /// …plus every drop this process served lately, so its own drops are never crowded out.
+    touched: Mutex<HashMap<DropId, Instant>>,
     recovering: Mutex<HashMap<DropId, Instant>>,
 }
 
@@ -136,6 +138,7 @@ impl Engine {
             drops: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             watched: Mutex::new(Vec::new()),
+            touched: Mutex::new(HashMap::new()),
             recovering: Mutex::new(HashMap::new()),
             cfg,
         }))
@@ -202,9 +205,12 @@ impl Engine {
     }
 
     fn watch_drop(&self, drop: &DropId) {
-        let mut w = lock(&self.watched);
-        if !w.contains(drop) {
-            w.push(drop.clone());
+        let mut touched = lock(&self.touched);
+        if touched.len() >= self.cfg.reconciler.max_drops_watched {
+            touched.retain(|_, at| at.elapsed() < TOUCHED_KEEP);
+        }
+        if touched.len() < self.cfg.reconciler.max_drops_watched || touched.contains_key(drop) {
+            touched.insert(drop.clone(), Instant::now());
         }
     }
 
@@ -405,6 +411,7 @@ impl Engine {
             ));
         }
         let def = self.drop_def(drop).await?;
+        self.watch_drop(drop);
         if def.admission.mode == AdmissionMode::Queue {
             let token = admission_token.ok_or_else(|| {
                 Error::msg(
@@ -470,7 +477,6 @@ impl Engine {
                 Err(recovering())
             }
             Reserved::Refused { code, detail } => {
-                metrics::counter!(m::REJECTED, "reason" => code.name()).increment(1);
                 let mut e = Error::new(code);
                 if !detail.is_null() && detail != json!({}) && detail != json!([]) {
                     e = e.detail(detail);
@@ -676,7 +682,6 @@ impl Engine {
             Err(GatewayError::Declined) => {
                 let _ = self.db.set_payment_state(hold, "declined").await;
                 self.redis.confirm_revert(hold).await?;
-                metrics::counter!(m::REJECTED, "reason" => "payment_declined").increment(1);
                 return Err(Error::new(Code::PaymentDeclined));
             }
             Err(e) => {
@@ -687,7 +692,7 @@ impl Engine {
         // Past this point only the reconciler may settle: it takes holds past their confirm
         // deadline, and we must not commit one it may be reverting.
         let deadline = rec.cexp.unwrap_or(i64::MAX);
-        if now_ms() > deadline - CONFIRM_SAFETY_MARGIN_MS {
+        if now_ms() > deadline - self.cfg.holds.confirm_safety_margin_ms as i64 {
             return Err(payment_pending());
         }
         let (order, new) = self.commit_and_finish(&def, hold, &rec).await?;
@@ -792,7 +797,15 @@ impl Engine {
     // ---- background work ------------------------------------------------------------------------
 
     fn watched_drops(&self) -> Vec<DropId> {
-        lock(&self.watched).clone()
+        let mut drops = lock(&self.watched).clone();
+        let mut touched = lock(&self.touched);
+        touched.retain(|_, at| at.elapsed() < TOUCHED_KEEP);
+        for drop in touched.keys() {
+            if !drops.contains(drop) {
+                drops.push(drop.clone());
+            }
+        }
+        drops
     }
 
     async fn refresh_watched(&self) {

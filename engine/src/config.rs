@@ -180,6 +180,7 @@ impl Default for LimitsConfig {
 
 pub const DEFAULT_CONFIRM_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_CONFIRM_GRACE_MS: u64 = 60_000;
+pub const DEFAULT_CONFIRM_SAFETY_MARGIN_MS: u64 = 10_000;
 pub const DEFAULT_RECLAIM_BATCH: u32 = 8;
 pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 250;
 pub const DEFAULT_SWEEP_BATCH: u32 = 500;
@@ -192,6 +193,10 @@ pub struct HoldsConfig {
     pub confirm_timeout_ms: u64,
     /// How long past a hold's expiry a queue drop keeps its fan admitted (time to pay).
     pub confirm_grace_ms: u64,
+    /// A confirm that reaches this close to its confirm deadline stops before committing and
+    /// leaves the hold to the reconciler, so the two never commit and revert one hold at once.
+    /// Keep it well below `confirm_timeout_ms`.
+    pub confirm_safety_margin_ms: u64,
     /// Expired holds each reserve reclaims before it decides.
     pub reclaim_batch: u32,
     pub sweep_interval_ms: u64,
@@ -206,6 +211,7 @@ impl Default for HoldsConfig {
         HoldsConfig {
             confirm_timeout_ms: DEFAULT_CONFIRM_TIMEOUT_MS,
             confirm_grace_ms: DEFAULT_CONFIRM_GRACE_MS,
+            confirm_safety_margin_ms: DEFAULT_CONFIRM_SAFETY_MARGIN_MS,
             reclaim_batch: DEFAULT_RECLAIM_BATCH,
             sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS,
             sweep_batch: DEFAULT_SWEEP_BATCH,
@@ -270,7 +276,8 @@ pub struct ReconcilerConfig {
     pub batch: usize,
     /// How often Redis is checked for a restart (`run_id`) or lost drops.
     pub watch_interval_ms: u64,
-    /// Open drops the sweeper, reconciler and watcher look after per process.
+    /// Drops the sweeper, reconciler and watcher look after per process: this many of the newest
+    /// live drops in Postgres, plus up to this many drops the process served in the last hour.
     pub max_drops_watched: usize,
 }
 

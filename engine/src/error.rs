@@ -62,7 +62,6 @@ codes! {
     IdempotencyKeyReused => (422, "idempotency_key_reused", "This Idempotency-Key was used with a different request."),
     PaymentDeclined => (402, "payment_declined", "The payment was declined; the hold is still yours until it expires."),
     BodyTooLarge => (413, "body_too_large", "The request body is too large."),
-    UnsupportedMediaType => (415, "unsupported_media_type", "Send JSON with Content-Type: application/json."),
     RateLimited => (429, "rate_limited", "Too many requests; retry after the time given."),
     Recovering => (503, "recovering", "The drop is being reconciled after a storage fault; retry shortly."),
     Unavailable => (503, "unavailable", "A storage service is unavailable; retry shortly."),

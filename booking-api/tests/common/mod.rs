@@ -23,9 +23,14 @@ pub fn test_config(redis_url: &str, database_url: &str) -> Config {
     cfg.limits.per_ip_burst = 1_000_000;
     cfg.limits.per_fan_per_s = 1_000_000;
     cfg.limits.per_fan_burst = 1_000_000;
+    // Every test server shares one Postgres full of other tests' drops: look after a few of the
+    // newest, plus (always) the drops this server served itself.
+    cfg.reconciler.max_drops_watched = 20;
     cfg.holds.sweep_interval_ms = 100;
     cfg.reconciler.interval_ms = 200;
     cfg.reconciler.watch_interval_ms = 200;
+    cfg.holds.confirm_timeout_ms = 5_000;
+    cfg.holds.confirm_safety_margin_ms = 1_000;
     cfg.gateway.timeout_ms = 300;
     cfg.gateway.test_slow_ms = 500;
     cfg
@@ -252,5 +257,120 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("timed out waiting for: {what}");
+    }
+
+    /// POST a reserve with every header chosen: no `Idempotency-Key` when `key` is None, an
+    /// `X-Admission-Token` when `admission` is Some.
+    pub async fn reserve_with(
+        &self,
+        token: &str,
+        drop: &str,
+        key: Option<&str>,
+        admission: Option<&str>,
+        body: Value,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .post(self.url(&format!("/v1/drops/{drop}/holds")))
+            .bearer_auth(token)
+            .json(&body);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        if let Some(a) = admission {
+            req = req.header("X-Admission-Token", a);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST a confirm; returns (status, the `Retry-After` header if any, body).
+    pub async fn confirm_with_retry_after(
+        &self,
+        token: &str,
+        hold: &str,
+        reference: &str,
+    ) -> (u16, Option<String>, Value) {
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/holds/{hold}/confirm")))
+            .bearer_auth(token)
+            .json(&json!({"payment": {"gateway": "test", "reference": reference}}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let retry_after = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        (status, retry_after, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST with the seller key, e.g. `/v1/drops/{id}/close`.
+    pub async fn seller_post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.seller_key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A hold's state as its fan reads it (`GET /v1/holds/{id}`).
+    pub async fn hold_state(&self, token: &str, hold: &str) -> String {
+        let (status, v) = self.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+        assert_eq!(status, 200, "GET hold {hold}: {v}");
+        v["state"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// The sum of a metric's samples at `/metrics` (0 when the metric is absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let metric = series.split('{').next()?;
+                if metric == name {
+                    value.parse::<f64>().ok()
+                } else {
+                    None
+                }
+            })
+            .sum()
+    }
+
+    /// How many orders Postgres has for a drop (and for one hold, if given).
+    pub async fn order_count(&self, drop: &str, hold: Option<&str>) -> i64 {
+        let db = self.server.engine.db.client().await.unwrap();
+        let row = match hold {
+            Some(h) => db
+                .query_one(
+                    "SELECT count(*) FROM orders WHERE drop_id = $1 AND hold_id = $2",
+                    &[&drop, &h],
+                )
+                .await
+                .unwrap(),
+            None => db
+                .query_one("SELECT count(*) FROM orders WHERE drop_id = $1", &[&drop])
+                .await
+                .unwrap(),
+        };
+        row.get(0)
     }
 }
