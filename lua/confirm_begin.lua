@@ -24,7 +24,13 @@ if now >= h.exp then
   return_to_stock(id, h, 'expired', now)
   return {'err', 'hold_expired'}
 end
-if redis.call('HGET', K.meta, 'recovering') == '1' then return {'err', 'recovering'} end
+local meta = redis.call('HMGET', K.meta, 'recovering', 'run_id')
+if meta[1] == '1' then return {'err', 'recovering'} end
+if meta[2] ~= server_run_id() then
+  -- Redis restarted since the drop was loaded: no payment until it is rebuilt from Postgres.
+  redis.call('HSET', K.meta, 'recovering', '1')
+  return {'err', 'recovering'}
+end
 h.st = 'confirming'
 h.ref = ref
 h.cexp = now + meta_num('confirm_timeout_ms', 60000)

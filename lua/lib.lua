@@ -1,7 +1,8 @@
 -- lib.lua — shared helpers prepended to every hold script by engine::scripts (not loaded alone).
 -- Every hold script receives the same drop key set, named here once:
 -- KEYS[1]  {drop_id}:meta        hash   status, recovering, kind, per_fan_limit, hold_ttl_ms, opens_at_ms,
---                                       mode, confirm_timeout_ms, confirm_grace_ms, reclaim_batch, done_ttl_ms
+--                                       mode, confirm_timeout_ms, confirm_grace_ms, reclaim_batch, done_ttl_ms,
+--                                       run_id (the redis-server run the state was loaded or rebuilt in)
 -- KEYS[2]  {drop_id}:stock       hash   a:<bucket> available, h:<bucket> held (incl. confirming),
 --                                       s:<bucket> sold, t:<bucket> total
 -- KEYS[3]  {drop_id}:seats       hash   seat id → "-" free | hold id (held or confirming) | "#" sold
@@ -27,6 +28,14 @@ local K = {
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- This redis-server run's id. A drop whose meta carries another one was loaded before a restart:
+-- the AOF may have lost its last writes (holds, sales Postgres already has), so it must not sell
+-- again until rebuilt. Checked inside the scripts that sell, so no request can slip in between
+-- the restart and the engine noticing it.
+local function server_run_id()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 end
 
 local function meta_num(field, default)

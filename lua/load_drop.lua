@@ -12,4 +12,5 @@ for _, b in ipairs(d.buckets) do
 end
 for _, seat in ipairs(d.seats) do redis.call('HSET', K.seats, seat, '-') end
 for section, rows in pairs(d.layout) do redis.call('HSET', K.layout, section, cjson.encode(rows)) end
+redis.call('HSET', K.meta, 'run_id', server_run_id())
 return {'ok', 'loaded'}

@@ -6,7 +6,7 @@
 --   held = units of live holds, sold = Postgres, available = total - sold - held;
 --   per-fan units = bought (Postgres) + live holds. Live holds that conflict with a sale (a seat
 --   Postgres sold, or more units held than remain) end, newest first.
--- Then the drop leaves `recovering`.
+-- Then the drop leaves `recovering`, stamped with this redis-server run's id.
 -- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[11]
 -- ARGV[1] JSON {meta = {field = value}, buckets = [[bucket, total, sold]], seats = [seat id],
 --               sold_seats = [seat id], layout = {section = [[row, seats]]},
@@ -96,5 +96,5 @@ for _, b in ipairs(d.buckets) do
   redis.call('HSET', K.stock, 'a:' .. bucket, room[bucket], 'h:' .. bucket, held[bucket],
     's:' .. bucket, sold, 't:' .. bucket, total)
 end
-redis.call('HSET', K.meta, 'recovering', '0')
+redis.call('HSET', K.meta, 'recovering', '0', 'run_id', server_run_id())
 return {'ok', kept, ended}

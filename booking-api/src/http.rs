@@ -44,8 +44,14 @@ pub fn text(content_type: &'static str, body: String) -> Response<Body> {
 /// The error mapping: every refusal leaves through here.
 pub fn error(e: &Error) -> Response<Body> {
     let mut resp = json(e.code.status(), &e.body());
-    if let Some(after) = e.retry_after {
-        let secs = after.as_secs().max(1);
+    // Every 429 and 503 says when to retry, even one raised without a hint (e.g. a script's
+    // `recovering`).
+    let retry_after = e.retry_after.or_else(|| {
+        matches!(e.code.status(), 429 | 503).then_some(std::time::Duration::from_secs(1))
+    });
+    if let Some(after) = retry_after {
+        // Round up: a client told 1 s when 1.9 s are needed would come back too early.
+        let secs = after.as_millis().div_ceil(1000).max(1);
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
             resp.headers_mut().insert(RETRY_AFTER, v);
         }

@@ -61,6 +61,8 @@ pub struct AdmissionUpdate {
 type ConfirmResult = Result<(Order, bool)>;
 
 struct Inflight {
+    /// The hold's fan: another fan's confirm must not join (it would be handed this one's order).
+    fan: FanId,
     reference: String,
     done: watch::Receiver<Option<ConfirmResult>>,
 }
@@ -510,7 +512,7 @@ impl Engine {
         let def = self
             .drop_def(&drop)
             .await
-            .map_err(|_| Error::new(Code::UnknownHold))?;
+            .map_err(|e| not_found_as(e, Code::UnknownHold))?;
         if let Some(rec) = self.redis.hold(hold).await? {
             if rec.fan != fan.as_str() {
                 return Err(Error::new(Code::UnknownHold));
@@ -570,7 +572,7 @@ impl Engine {
         let drop = DropId::parse(&o.drop_id)?;
         self.owned_drop(seller, &drop)
             .await
-            .map_err(|_| Error::new(Code::UnknownOrder))?;
+            .map_err(|e| not_found_as(e, Code::UnknownOrder))?;
         Ok((200, json!(o)))
     }
 
@@ -607,6 +609,7 @@ impl Engine {
         let (waiting, leader) = {
             let mut inflight = lock(&self.inflight);
             match inflight.get(hold) {
+                Some(other) if other.fan != *fan => return Err(Error::new(Code::UnknownHold)),
                 Some(other) if other.reference != payment.reference => {
                     return Err(Error::new(Code::ConfirmInProgress));
                 }
@@ -616,6 +619,7 @@ impl Engine {
                     inflight.insert(
                         hold.clone(),
                         Inflight {
+                            fan: fan.clone(),
                             reference: payment.reference.clone(),
                             done: rx,
                         },
@@ -654,12 +658,21 @@ impl Engine {
         let def = self
             .drop_def(&hold.drop_id())
             .await
-            .map_err(|_| Error::new(Code::UnknownHold))?;
-        let rec = match self
+            .map_err(|e| not_found_as(e, Code::UnknownHold))?;
+        self.watch_drop(&def.drop_id);
+        let begun = match self
             .redis
             .confirm_begin(hold, fan, &payment.reference)
-            .await?
+            .await
         {
+            // Ended holds are purged from Redis after `holds.done_ttl_ms`; a sold one still has
+            // its order, and repeating its confirm must keep answering with it.
+            Err(e) if e.code == Code::UnknownHold => {
+                return self.existing_order(hold, fan).await.map(|o| (o, false));
+            }
+            other => other?,
+        };
+        let rec = match begun {
             ConfirmBegin::Sold(_) => {
                 return self.existing_order(hold, fan).await.map(|o| (o, false))
             }
@@ -668,7 +681,9 @@ impl Engine {
         };
         let (_, total) = priced_items(&def, &rec.it);
         // If this fails nothing was charged: the hold stays confirming and the reconciler settles it.
-        self.db.begin_payment(hold, fan, self.gateway.name(), &payment.reference, total).await?;
+        self.db
+            .begin_payment(hold, fan, self.gateway.name(), &payment.reference, total)
+            .await?;
         let timeout = ms(self.cfg.gateway.timeout_ms);
         let auth = tokio::time::timeout(
             timeout,
@@ -1075,6 +1090,15 @@ fn admission_fields(s: &AdmissionSettings) -> Vec<(String, String)> {
     ]
 }
 
+/// A hold or order whose drop doesn't exist is itself unknown; other errors (503s) stay as they are.
+fn not_found_as(e: Error, code: Code) -> Error {
+    if matches!(e.code, Code::UnknownDrop | Code::Forbidden) {
+        Error::new(code)
+    } else {
+        e
+    }
+}
+
 fn recovering() -> Error {
     Error::new(Code::Recovering).retry_after(Duration::from_secs(1))
 }
@@ -1085,14 +1109,24 @@ fn payment_pending() -> Error {
 
 /// Parses a JSON body: syntax errors are 400 `malformed_json`, wrong shapes 422 `invalid_request`.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    let malformed = |e: serde_json::Error| {
+        Error::msg(
+            Code::MalformedJson,
+            format!("The body is not valid JSON: {e}"),
+        )
+    };
     serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Syntax
         | serde_json::error::Category::Eof
-        | serde_json::error::Category::Io => Error::msg(
-            Code::MalformedJson,
-            format!("The body is not valid JSON: {e}"),
-        ),
-        serde_json::error::Category::Data => Error::invalid(e.to_string()),
+        | serde_json::error::Category::Io => malformed(e),
+        // serde stops at the first error, so a wrong field early in a body that is cut short
+        // later would pass for a shape error: check the syntax of the whole body first.
+        serde_json::error::Category::Data => {
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Err(syntax) => malformed(syntax),
+                Ok(_) => Error::invalid(e.to_string()),
+            }
+        }
     })
 }
 

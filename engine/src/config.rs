@@ -36,7 +36,8 @@ impl Config {
             fig = fig.merge(Toml::file_exact(Path::new(&path)));
         }
         let env = Env::prefixed("FLOODGATE_")
-            .ignore(&["config"])
+            // FLOODGATE_LOG is the binaries' log filter, not a config field.
+            .ignore(&["config", "log"])
             .map(|key| {
                 let key = key.as_str().to_ascii_lowercase();
                 let key = match key.as_str() {

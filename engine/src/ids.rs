@@ -180,8 +180,10 @@ impl SeatId {
         };
         Section::parse(section).map_err(|_| bad())?;
         parse_row_label(row).map_err(|_| bad())?;
+        // Digits only: `u32::from_str` also takes a leading `+`, and `A-1-+1` is not `A-1-1`.
+        let digits = number.bytes().all(|b| b.is_ascii_digit());
         match number.parse::<u32>() {
-            Ok(n) if n >= 1 && !number.starts_with('0') => Ok(SeatId(s.to_owned())),
+            Ok(n) if digits && n >= 1 && !number.starts_with('0') => Ok(SeatId(s.to_owned())),
             _ => Err(bad()),
         }
     }
@@ -238,6 +240,7 @@ mod tests {
         assert!(SeatId::parse("A-1-7").is_ok());
         assert!(SeatId::parse("A-1-0").is_err());
         assert!(SeatId::parse("A-1-07").is_err());
+        assert!(SeatId::parse("A-1-+1").is_err());
         assert!(SeatId::parse("A-1").is_err());
         assert_eq!(SeatId::parse("VIP-12-3").unwrap().section(), "VIP");
     }

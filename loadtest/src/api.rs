@@ -16,8 +16,10 @@ use crate::http::{bearer, path_segment, Slot, Target};
 
 /// Concurrent connections used to create fan sessions.
 pub const SETUP_CONCURRENCY: usize = 32;
-/// Attempts per setup call when the server answers 429 or 503 (it asks us to come back).
-const SETUP_ATTEMPTS: u32 = 8;
+/// Attempts per setup call when the server answers 429 or 503 (it asks us to come back):
+/// with the backoff below, about half a minute, enough for thousands of fan sessions through
+/// booking-api's default per-IP limit.
+const SETUP_ATTEMPTS: u32 = 20;
 /// Longest wait between setup attempts (exponential backoff from 50 ms).
 const SETUP_BACKOFF_MAX: Duration = Duration::from_secs(2);
 

@@ -1,10 +1,11 @@
 //! The load itself: the open-loop scheduler and its connection workers, the closed-loop
 //! workers, and the follow-up phase of confirms and releases.
 //!
-//! Open loop: one scheduler task puts each request on a bounded queue when it falls due; a
-//! worker per connection takes the next one when its connection is free. A request's latency
-//! runs from its due time, so time spent waiting in the queue counts. When the queue is full the
-//! request is counted as dropped, never silently delayed.
+//! Open loop: a dispatcher puts each request on a bounded queue when it falls due (in 1 ms
+//! batches); a worker per connection takes the next one when its connection is free. A
+//! request's latency runs from its due time (or its send, if that was earlier), so time spent
+//! waiting in the queue counts. When the queue is full the request is counted as dropped, never
+//! silently delayed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -24,6 +25,9 @@ use crate::schedule::Schedule;
 use crate::stats::Stats;
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The open loop releases requests in batches this far apart (tokio's timer granularity).
+pub const DISPATCH_TICK: Duration = Duration::from_millis(1);
 
 /// Live counters for the progress bar.
 #[derive(Debug, Default)]
@@ -55,6 +59,20 @@ pub struct Reserve {
     pub keep_holds: bool,
     pub timeout: Duration,
     pub progress: Arc<Progress>,
+}
+
+/// When one request happened.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    /// In the measured window (not the warm-up).
+    measured: bool,
+    /// Where its latency starts: the due time in the open loop (or the send, if that came
+    /// first), the send in the closed loop.
+    from: Instant,
+    /// When it was written to the connection.
+    sent_at: Instant,
+    /// When its answer (or failure) came in.
+    done: Instant,
 }
 
 /// A hold the run made, for confirms and releases.
@@ -140,19 +158,20 @@ impl Reserve {
         (result, sent_at, fan)
     }
 
-    /// Books one reserve's result into `out`. `from` is where its latency starts (due time in
-    /// the open loop, send time in the closed loop).
-    #[allow(clippy::too_many_arguments)]
+    /// Books one reserve's result into `out`.
     fn record(
         &self,
         out: &mut Outcome,
-        measured: bool,
-        from: Instant,
-        sent_at: Instant,
-        done: Instant,
+        at: Timing,
         fan: usize,
         result: Result<(StatusCode, Bytes), TransportError>,
     ) {
+        let Timing {
+            measured,
+            from,
+            sent_at,
+            done,
+        } = at;
         match result {
             Ok((status, body)) => {
                 let ok = status == StatusCode::CREATED;
@@ -231,60 +250,44 @@ pub async fn run_open(
                 let job = rx.lock().await.recv().await;
                 let Some(job) = job else { break };
                 let (result, sent_at, fan) = ctx.send(&mut slot, job.seq).await;
-                let done = Instant::now();
-                ctx.record(
-                    &mut out,
-                    job.seq >= warmup_requests,
-                    job.due,
+                let at = Timing {
+                    measured: job.seq >= warmup_requests,
+                    // A request released ahead of its due time counts from when it was sent.
+                    from: job.due.min(sent_at),
                     sent_at,
-                    done,
-                    fan,
-                    result,
-                );
+                    done: Instant::now(),
+                };
+                ctx.record(&mut out, at, fan, result);
             }
             out
         });
     }
     barrier.wait().await;
 
-    // The dispatcher runs on a thread of its own: tokio's timer has a 1 ms granularity, which
-    // would make every request late by up to a millisecond and show as latency that isn't the
-    // server's; a thread's sleep overshoots by tens of microseconds.
-    let t0 = std::time::Instant::now();
-    let dispatcher = {
-        let (progress, backlog_gauge) = (Arc::clone(&ctx.progress), Arc::clone(&backlog_gauge));
-        std::thread::Builder::new()
-            .name("loadtest-dispatch".into())
-            .spawn(move || dispatch(schedule, t0, &tx, &progress, &backlog_gauge, max_backlog))
-    };
-    let dispatcher = match dispatcher {
-        Ok(handle) => Some(handle),
-        Err(e) => {
-            // The closure (and its sender) is gone, so the workers will stop at once.
-            eprintln!("loadtest: can't start the dispatcher thread: {e}");
-            None
-        }
-    };
+    let t0 = Instant::now();
+    let dropped_measured =
+        dispatch(schedule, t0, tx, &ctx.progress, &backlog_gauge, max_backlog).await;
 
     let mut merged = Outcome::default();
     while let Some(joined) = workers.join_next().await {
         // A worker only panics on a bug; the run's numbers would be wrong, so stop.
         merged.merge(joined.expect("open-loop worker panicked"));
     }
-    // The workers only stop once the dispatcher has dropped its sender, so this doesn't block.
-    if let Some(handle) = dispatcher {
-        merged.stats.tally.dropped += handle.join().expect("dispatcher thread panicked");
-    }
+    merged.stats.tally.dropped += dropped_measured;
     backlog_gauge.store(0, Ordering::Relaxed);
-    (merged, Instant::from_std(t0))
+    (merged, t0)
 }
 
-/// Puts every request of `schedule` on the queue when it falls due (t0 + offset). Returns how
-/// many measured requests were dropped because the queue was full.
-fn dispatch(
+/// Puts every request of `schedule` on the queue, a tick at a time: each tick releases the
+/// requests due before the next one, so a request goes out at most [`DISPATCH_TICK`] early (its
+/// latency then counts from the actual send) and late only by the timer's jitter (its latency
+/// counts from the due time). Batching costs one timer wake-up per tick instead of one per
+/// request: the client's CPU is the server's loss. Returns how many measured requests were
+/// dropped because the queue was full; drops the sender when done, which stops the workers.
+async fn dispatch(
     schedule: Schedule,
-    t0: std::time::Instant,
-    tx: &mpsc::Sender<Job>,
+    t0: Instant,
+    tx: mpsc::Sender<Job>,
     progress: &Progress,
     backlog_gauge: &AtomicU64,
     max_backlog: usize,
@@ -292,28 +295,29 @@ fn dispatch(
     let (total, warmup_requests) = (schedule.total_requests(), schedule.warmup_requests());
     let mut dropped_measured = 0u64;
     let mut next = 0u64;
+    let mut tick = tokio::time::interval_at(t0, DISPATCH_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     while next < total {
-        let due = t0 + schedule.offset(next);
-        let now = std::time::Instant::now();
-        if due > now {
-            backlog_gauge.store((max_backlog - tx.capacity()) as u64, Ordering::Relaxed);
-            std::thread::sleep(due - now);
-            // After a late wake-up everything due by now goes out in one burst, exactly as the
-            // arrivals would have been.
-            continue;
-        }
-        match tx.try_send(Job {
-            seq: next,
-            due: Instant::from_std(due),
-        }) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                dropped_measured += u64::from(next >= warmup_requests);
-                progress.dropped.fetch_add(1, Ordering::Relaxed);
+        tick.tick().await;
+        // After a late wake-up everything due by now goes out in one burst, exactly as the
+        // arrivals would have been.
+        let horizon = Instant::now() + DISPATCH_TICK;
+        while next < total {
+            let due = t0 + schedule.offset(next);
+            if due >= horizon {
+                break;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => break,
+            match tx.try_send(Job { seq: next, due }) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    dropped_measured += u64::from(next >= warmup_requests);
+                    progress.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return dropped_measured,
+            }
+            next += 1;
         }
-        next += 1;
+        backlog_gauge.store((max_backlog - tx.capacity()) as u64, Ordering::Relaxed);
     }
     dropped_measured
 }
@@ -354,10 +358,14 @@ pub async fn run_closed(
             while Instant::now() < end {
                 let n = seq.fetch_add(1, Ordering::Relaxed);
                 let (result, sent_at, fan) = ctx.send(&mut slot, n).await;
-                let done = Instant::now();
-                let measured = sent_at >= measure_start;
-                measured_started.fetch_add(u64::from(measured), Ordering::Relaxed);
-                ctx.record(&mut out, measured, sent_at, sent_at, done, fan, result);
+                let at = Timing {
+                    measured: sent_at >= measure_start,
+                    from: sent_at,
+                    sent_at,
+                    done: Instant::now(),
+                };
+                measured_started.fetch_add(u64::from(at.measured), Ordering::Relaxed);
+                ctx.record(&mut out, at, fan, result);
             }
             out
         });
@@ -381,15 +389,18 @@ pub enum FollowUp {
     Keep,
 }
 
-/// The `k`-th successful hold's fate: of every 100, the first `confirm_pct` are confirmed and
-/// the next `release_pct` released, so the split is exact for multiples of 100 and within one
-/// hold per kind otherwise.
+/// The `k`-th successful hold's fate, spread evenly: after any `n` holds, `⌊n·confirm_pct/100⌋`
+/// have been confirmed and the releases are within one of `n·release_pct/100`.
 pub fn follow_up(k: usize, confirm_pct: u8, release_pct: u8) -> FollowUp {
-    let slot = k % 100;
     let (c, r) = (usize::from(confirm_pct), usize::from(release_pct));
-    if slot < c {
-        FollowUp::Confirm
-    } else if slot < c + r {
+    let confirmed_before = |n: usize| n * c / 100;
+    if confirmed_before(k + 1) > confirmed_before(k) {
+        return FollowUp::Confirm;
+    }
+    // Among the holds not confirmed, release the share r / (100 − c) of them, spread the same way.
+    let rest = 100 - c; // > 0: with c = 100 every hold was confirmed above.
+    let j = k - confirmed_before(k);
+    if (j + 1) * r / rest > j * r / rest {
         FollowUp::Release
     } else {
         FollowUp::Keep
@@ -549,6 +560,38 @@ mod tests {
         assert!((0..100).all(|k| follow_up(k, 0, 0) == FollowUp::Keep));
         assert!((0..100).all(|k| follow_up(k, 100, 0) == FollowUp::Confirm));
         assert!((0..100).all(|k| follow_up(k, 0, 100) == FollowUp::Release));
+        assert!((0..100).all(|k| follow_up(k, 37, 63) != FollowUp::Keep));
+    }
+
+    #[test]
+    fn follow_ups_are_spread_evenly_for_any_count() {
+        for (c, r) in [
+            (30u8, 20u8),
+            (10, 10),
+            (1, 99),
+            (50, 50),
+            (7, 0),
+            (0, 13),
+            (99, 1),
+        ] {
+            let (mut confirms, mut releases) = (0usize, 0usize);
+            for n in 1..=2000usize {
+                match follow_up(n - 1, c, r) {
+                    FollowUp::Confirm => confirms += 1,
+                    FollowUp::Release => releases += 1,
+                    FollowUp::Keep => {}
+                }
+                let exact = |pct: u8| n as f64 * f64::from(pct) / 100.0;
+                assert!(
+                    (confirms as f64 - exact(c)).abs() < 1.0,
+                    "c={c} r={r} n={n}"
+                );
+                assert!(
+                    (releases as f64 - exact(r)).abs() < 1.0,
+                    "c={c} r={r} n={n}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -196,8 +196,10 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
                     b.set_message(format!(
                         "201 {} · other {} · no answer {} · dropped {} · backlog {}",
                         progress.ok.load(Ordering::Relaxed),
-                        progress.answered.load(Ordering::Relaxed)
-                            - progress.ok.load(Ordering::Relaxed),
+                        progress
+                            .answered
+                            .load(Ordering::Relaxed)
+                            .saturating_sub(progress.ok.load(Ordering::Relaxed)),
                         progress.no_answer.load(Ordering::Relaxed),
                         progress.dropped.load(Ordering::Relaxed),
                         backlog.load(Ordering::Relaxed),
@@ -230,8 +232,10 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
                     b.set_message(format!(
                         "201 {} · other {} · no answer {}",
                         progress.ok.load(Ordering::Relaxed),
-                        progress.answered.load(Ordering::Relaxed)
-                            - progress.ok.load(Ordering::Relaxed),
+                        progress
+                            .answered
+                            .load(Ordering::Relaxed)
+                            .saturating_sub(progress.ok.load(Ordering::Relaxed)),
                         progress.no_answer.load(Ordering::Relaxed),
                     ));
                 })

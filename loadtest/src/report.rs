@@ -204,6 +204,13 @@ pub fn render_text(r: &Report) -> String {
         r.throughput.total_per_s, r.throughput.ok_per_s
     );
     tally_lines(&mut out, t);
+    if t.by_status.contains_key(&429) {
+        let _ = writeln!(
+            out,
+            "  note        429s: booking-api's own rate limits (limits.per_ip_per_s, \
+             limits.per_fan_per_s) are below this load; raise them to measure reserve, not the limiter"
+        );
+    }
     out.push('\n');
     latency_header(&mut out);
     let from = if r.mode == Mode::Open {
@@ -351,6 +358,14 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("all invariants hold\n"), "{text}");
+        assert!(!text.contains("429s"), "{text}");
+    }
+
+    #[test]
+    fn rate_limiting_is_pointed_out() {
+        let mut r = sample();
+        r.reserve.by_status.insert(429, 5);
+        assert!(render_text(&r).contains("note        429s: booking-api's own rate limits"));
     }
 
     #[test]

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# reserve-baseline.sh — reserve through booking-api against the reserve script alone, on the same
+# drop, in the same run (DESIGN.md §8: bar ≥ 0.6×, goal ≥ 0.75×).
+#
+#   1. redis-benchmark calls EVALSHA of lua/reserve.lua directly: 50 clients, no pipelining.
+#      That is the ceiling: Redis doing nothing but the script.
+#   2. loadtest reserve, closed loop, 50 workers, against booking-api and the same drop: the
+#      same script behind HTTP, auth and validation.
+#   Then prints both throughputs, the ratio loadtest / redis-benchmark, and p50/p99 of both.
+#
+# Usage: bench/reserve-baseline.sh [--drop-id D]
+#
+# Environment (`.dev/env` from `./dev up` is read when present; what is already set wins):
+#   REDIS_URL            redis://[:password@]host:port[/db] or host:port   [127.0.0.1:6379]
+#   BOOKING_URL, FLOODGATE_SELLER_KEY, DATABASE_URL    as for loadtest
+#   DROP_ID              the drop to use (or --drop-id); if unset, loadtest creates one
+#   REQUESTS             redis-benchmark requests            [300000]
+#   CLIENTS              clients / workers on both sides     [50]
+#   DURATION_S           loadtest's measured seconds         [10]
+#   LOADTEST, BOOKING_API  binaries  [target/release/loadtest, target/release/booking-api]
+#   OUT_DIR              where raw outputs go                [target/bench/reserve-<timestamp>]
+#
+# The EVALSHA arguments come from `booking-api bench-args --drop-id D`, which prints one line:
+# `<sha> <numkeys> <keys...> <args...>`, with `__rand_int__` where each call needs a fresh value
+# (redis-benchmark replaces it, given -r).
+#
+# Both runs hold units of the drop (for the hold TTL), so each run should get a fresh drop,
+# which is the default. Exit code: loadtest's (1 if an invariant was violated), or 2 on a setup
+# error.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+die() {
+    echo "reserve-baseline: $*" >&2
+    exit 2
+}
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --drop-id) DROP_ID=${2:?--drop-id needs a value}; shift 2 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument: $1" ;;
+    esac
+done
+
+# .dev/env holds shell KEY=value lines (values shell-quoted); take only keys not already set.
+if [[ -f .dev/env ]]; then
+    while IFS= read -r line; do
+        key=${line%%=*}
+        [[ $key =~ ^[A-Z_][A-Z0-9_]*$ ]] || continue
+        [[ -n ${!key:-} ]] && continue
+        eval "export $line"
+    done < .dev/env
+fi
+
+REDIS_URL=${REDIS_URL:-127.0.0.1:6379}
+REQUESTS=${REQUESTS:-300000}
+CLIENTS=${CLIENTS:-50}
+DURATION_S=${DURATION_S:-10}
+LOADTEST=${LOADTEST:-target/release/loadtest}
+BOOKING_API=${BOOKING_API:-target/release/booking-api}
+OUT_DIR=${OUT_DIR:-target/bench/reserve-$(date +%Y%m%d-%H%M%S)}
+
+command -v redis-benchmark >/dev/null || die "redis-benchmark not found (apt-get install -y redis-tools)"
+command -v jq >/dev/null || die "jq not found (apt-get install -y jq)"
+
+if [[ ! -x $LOADTEST || ! -x $BOOKING_API ]]; then
+    echo "reserve-baseline: building release binaries" >&2
+    cargo build --release -p floodgate-loadtest -p floodgate-booking-api >&2
+fi
+
+# REDIS_URL → host, port, password.
+url=${REDIS_URL#redis://}
+url=${url%%/*}
+password=
+if [[ $url == *@* ]]; then
+    auth=${url%@*}
+    url=${url##*@}
+    [[ $auth == *:* ]] && password=${auth#*:}
+fi
+if [[ $url == *:* ]]; then
+    redis_host=${url%:*}
+    redis_port=${url##*:}
+else
+    redis_host=${url:-127.0.0.1}
+    redis_port=6379
+fi
+redis_auth=()
+[[ -n $password ]] && redis_auth=(-a "$password" --no-auth-warning)
+
+mkdir -p "$OUT_DIR"
+
+if [[ -z ${DROP_ID:-} ]]; then
+    DROP_ID=$("$LOADTEST" reserve --setup-only --quiet) || die "loadtest couldn't create a drop"
+    echo "reserve-baseline: created drop $DROP_ID" >&2
+fi
+
+bench_args=$("$BOOKING_API" bench-args --drop-id "$DROP_ID") || die "booking-api bench-args failed"
+read -r -a evalsha_args <<< "$bench_args"
+[[ ${evalsha_args[0]:-} =~ ^[0-9a-f]{40}$ ]] || die "bench-args should start with a script SHA, got: $bench_args"
+echo "$bench_args" > "$OUT_DIR/bench-args.txt"
+
+# 1. The script alone.
+echo "reserve-baseline: redis-benchmark EVALSHA, $CLIENTS clients, -P 1, $REQUESTS requests" >&2
+redis-benchmark -h "$redis_host" -p "$redis_port" "${redis_auth[@]}" -c "$CLIENTS" -P 1 \
+    -n "$REQUESTS" -r 100000000 --csv EVALSHA "${evalsha_args[@]}" > "$OUT_DIR/redis-benchmark.csv"
+
+# redis-benchmark --csv: a header line ("test","rps",...,"p50_latency_ms",...) and one row per
+# test. The first column holds the command line, which may itself contain commas, so columns are
+# counted from the end of the row.
+csv_field() { # csv_field FILE COLUMN-NAME → the value in the last row
+    awk -F',' -v name="\"$2\"" '
+        $1 == "\"test\"" { n = NF; for (i = 1; i <= NF; i++) if ($i == name) col = i; next }
+        NF > 0 { row = $0; m = NF; split($0, f, ",") }
+        END {
+            if (!col || !m) exit 1
+            v = f[m - (n - col)]; gsub(/"/, "", v); print v
+        }' "$1"
+}
+rb_rps=$(csv_field "$OUT_DIR/redis-benchmark.csv" rps) || die "can't read rps from redis-benchmark's output"
+rb_p50=$(csv_field "$OUT_DIR/redis-benchmark.csv" p50_latency_ms || echo n/a)
+rb_p99=$(csv_field "$OUT_DIR/redis-benchmark.csv" p99_latency_ms || echo n/a)
+
+# 2. Through booking-api, same drop.
+echo "reserve-baseline: loadtest reserve, closed loop, $CLIENTS workers, ${DURATION_S} s" >&2
+set +e
+"$LOADTEST" reserve --drop-id "$DROP_ID" --mode closed --workers "$CLIENTS" \
+    --duration-s "$DURATION_S" --json "$OUT_DIR/loadtest.json" --quiet > "$OUT_DIR/loadtest.txt"
+loadtest_rc=$?
+set -e
+[[ -f $OUT_DIR/loadtest.json ]] || { cat "$OUT_DIR/loadtest.txt" >&2; die "loadtest failed (exit $loadtest_rc)"; }
+
+lt_rps=$(jq -r '.throughput.total_per_s' "$OUT_DIR/loadtest.json")
+lt_ok_rps=$(jq -r '.throughput.ok_per_s' "$OUT_DIR/loadtest.json")
+lt_p50=$(jq -r '.latency.all.p50_ms' "$OUT_DIR/loadtest.json")
+lt_p99=$(jq -r '.latency.all.p99_ms' "$OUT_DIR/loadtest.json")
+lt_codes=$(jq -r '.reserve.by_status | to_entries | map("\(.key): \(.value)") | join(", ")' "$OUT_DIR/loadtest.json")
+
+ratio=$(awk -v a="$lt_rps" -v b="$rb_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
+
+echo
+echo "reserve baseline — drop $DROP_ID, $CLIENTS clients, no pipelining ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+printf '  %-36s %12s %10s %10s\n' "" "req/s" "p50 ms" "p99 ms"
+printf '  %-36s %12.0f %10s %10s\n' "redis-benchmark EVALSHA reserve" "$rb_rps" "$rb_p50" "$rb_p99"
+printf '  %-36s %12.0f %10.3f %10.3f\n' "loadtest via booking-api (closed)" "$lt_rps" "$lt_p50" "$lt_p99"
+echo "  ratio loadtest / redis-benchmark: ${ratio}×   (bar ≥ 0.6×, goal ≥ 0.75×)"
+echo "  loadtest answers by status: ${lt_codes:-none}; 201/s: $(printf '%.0f' "$lt_ok_rps")"
+if awk -v ok="$lt_ok_rps" -v all="$lt_rps" 'BEGIN { exit !(all > 0 && ok < 0.99 * all) }'; then
+    echo "  warning: over 1 % of booking-api's answers were not 201: the ratio compares different work" >&2
+    echo "  (429s mean booking-api's limits.per_ip_per_s / per_fan_per_s throttled the load generator)" >&2
+fi
+echo "  raw outputs: $OUT_DIR"
+if [[ $loadtest_rc -ne 0 ]]; then
+    echo "reserve-baseline: loadtest reported an invariant violation (exit $loadtest_rc):" >&2
+    grep -E '^  FAIL|^INVARIANT' "$OUT_DIR/loadtest.txt" >&2 || true
+fi
+exit "$loadtest_rc"

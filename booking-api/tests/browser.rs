@@ -1,0 +1,616 @@
+//! The fan's booking page (`GET /drops/{id}`, static/book.{html,js,css}) driven in a real headless
+//! Chromium through ChromeDriver (`fantoccini`), against an in-process booking-api per test.
+//!
+//! Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian's chromium and chromium-driver;
+//! `./dev test` installs them). Each test starts its own chromedriver on a free port with a fresh
+//! profile directory; a guard kills it (and the browser it started) even when the test panics.
+//! One browser runs at a time: the machine has two cores. Waits poll with a bound (20 s) and never
+//! assert on timing. Screenshots of each key step go to `target/browser-artifacts/<test>-<step>.png`.
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Harness;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(100);
+const PHONE: (u32, u32) = (390, 844);
+const DESKTOP: (u32, u32) = (1280, 900);
+
+/// One Chromium at a time: each is several processes, and the tests share two cores.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn artifacts_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("browser-artifacts");
+    std::fs::create_dir_all(&dir).expect("create target/browser-artifacts");
+    dir
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free local port")
+        .port()
+}
+
+/// A running chromedriver (in its own process group, with the browsers it starts) and the
+/// browser profile directory; both go away on drop, also when the test panics.
+struct Driver {
+    child: Child,
+    profile: PathBuf,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // The whole group: chromedriver and the Chromium processes it started.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// The browser session of one test, with its screenshots and failure reports.
+struct Page {
+    client: Client,
+    test: &'static str,
+    dir: PathBuf,
+    // Dropped after `client` (fields drop in order), so the session ends before its driver.
+    _driver: Driver,
+}
+
+async fn open_browser(test: &'static str, (width, height): (u32, u32)) -> Page {
+    for bin in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            std::path::Path::new(bin).exists(),
+            "{bin} is missing: install Debian's chromium and chromium-driver (./dev test does)"
+        );
+    }
+    let dir = artifacts_dir();
+    let profile = std::env::temp_dir().join(format!(
+        "floodgate-browser-{test}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&profile).expect("create the browser profile directory");
+    let port = free_port();
+    let log = std::fs::File::create(dir.join(format!("{test}-chromedriver.log")))
+        .expect("create the chromedriver log");
+    let child = {
+        use std::os::unix::process::CommandExt;
+        Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("start chromedriver")
+    };
+    let driver = Driver { child, profile };
+
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let until = Instant::now() + WAIT;
+    while TcpStream::connect_timeout(&addr, POLL).is_err() {
+        assert!(
+            Instant::now() < until,
+            "chromedriver did not listen on {addr}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    let caps = json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": CHROMIUM,
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage",
+                format!("--user-data-dir={}", driver.profile.display()),
+                format!("--window-size={width},{height}"),
+            ],
+        },
+    });
+    let Value::Object(caps) = caps else {
+        unreachable!()
+    };
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://{addr}"))
+        .await
+        .expect("a ChromeDriver session");
+    client
+        .set_window_size(width, height)
+        .await
+        .expect("set the window size");
+    Page {
+        client,
+        test,
+        dir,
+        _driver: driver,
+    }
+}
+
+impl Page {
+    async fn goto(&self, url: &str) {
+        if let Err(e) = self.client.goto(url).await {
+            self.fail(&format!("open {url}: {e}")).await;
+        }
+    }
+
+    /// Saves a PNG of the viewport as `<test>-<step>.png`.
+    async fn shot(&self, step: &str) {
+        let png = self.client.screenshot().await.expect("screenshot");
+        let path = self.dir.join(format!("{}-{step}.png", self.test));
+        std::fs::write(&path, png).expect("write screenshot");
+    }
+
+    /// Panics with `what`, the page's visible text and a `<test>-failure.png` screenshot.
+    async fn fail(&self, what: &str) -> ! {
+        let _ =
+            self.client.screenshot().await.map(|png| {
+                std::fs::write(self.dir.join(format!("{}-failure.png", self.test)), png)
+            });
+        let body = self.body_text().await;
+        panic!("{what}\n--- page text ---\n{body}");
+    }
+
+    async fn body_text(&self) -> String {
+        match self.client.find(Locator::Css("body")).await {
+            Ok(b) => b.text().await.unwrap_or_default(),
+            Err(e) => format!("(no body: {e})"),
+        }
+    }
+
+    /// Waits (bounded) until `css` matches an element; use `:not([hidden])` for shown sections.
+    async fn el(&self, css: &str) -> fantoccini::elements::Element {
+        match self
+            .client
+            .wait()
+            .at_most(WAIT)
+            .every(POLL)
+            .for_element(Locator::Css(css))
+            .await
+        {
+            Ok(el) => el,
+            Err(e) => self.fail(&format!("waiting for `{css}`: {e}")).await,
+        }
+    }
+
+    async fn click(&self, css: &str) {
+        let el = self.el(css).await;
+        if let Err(e) = el.click().await {
+            self.fail(&format!("click `{css}`: {e}")).await;
+        }
+    }
+
+    /// Replaces the value of the input `css` with `text`, as typed.
+    async fn fill(&self, css: &str, text: &str) {
+        let el = self.el(css).await;
+        if let Err(e) = el.clear().await {
+            self.fail(&format!("clear `{css}`: {e}")).await;
+        }
+        if let Err(e) = el.send_keys(text).await {
+            self.fail(&format!("type into `{css}`: {e}")).await;
+        }
+    }
+
+    async fn text(&self, css: &str) -> String {
+        let el = self.el(css).await;
+        el.text().await.unwrap_or_default()
+    }
+
+    async fn css(&self, css: &str, property: &str) -> String {
+        let el = self.el(css).await;
+        el.css_value(property).await.unwrap_or_default()
+    }
+
+    /// Polls (bounded) the visible text of `css` until `ok` accepts it; returns that text.
+    async fn wait_text(&self, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let until = Instant::now() + WAIT;
+        let mut last = String::new();
+        while Instant::now() < until {
+            if let Ok(el) = self.client.find(Locator::Css(css)).await {
+                last = el.text().await.unwrap_or_default();
+                if ok(&last) {
+                    return last;
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        self.fail(&format!(
+            "waiting for {what} in `{css}`; last text {last:?}"
+        ))
+        .await
+    }
+
+    /// The fan token the page keeps in localStorage after signing in.
+    async fn fan_token(&self) -> String {
+        let v = self
+            .client
+            .execute(
+                "return window.localStorage.getItem('floodgate.fan_token');",
+                vec![],
+            )
+            .await
+            .expect("read localStorage");
+        match v.as_str() {
+            Some(t) if !t.is_empty() => t.to_owned(),
+            _ => {
+                self.fail(&format!("no fan token in localStorage: {v}"))
+                    .await
+            }
+        }
+    }
+
+    /// Signs in through the page's form and waits for the picking view.
+    async fn sign_in(&self, name: &str) {
+        self.el("#signin:not([hidden])").await;
+        self.fill("#fan-name", name).await;
+        self.shot("signin").await;
+        self.click("#signin-form button[type=submit]").await;
+        self.el("#whoami:not([hidden])").await;
+        self.el("#pick:not([hidden])").await;
+    }
+
+    async fn close(self) {
+        let Page {
+            client, _driver, ..
+        } = self;
+        let _ = client.close().await;
+        drop(_driver);
+    }
+}
+
+/// `m:ss` from the countdown, in seconds.
+fn clock_secs(text: &str) -> Option<u64> {
+    let (m, s) = text.trim().split_once(':')?;
+    if s.len() != 2 {
+        return None;
+    }
+    Some(m.parse::<u64>().ok()? * 60 + s.parse::<u64>().ok()?)
+}
+
+/// Waits until the countdown shows a time, then until it shows a smaller one; returns both.
+async fn countdown_ticks(p: &Page) -> (u64, u64) {
+    let sel = "#hold-view:not([hidden]) #countdown";
+    let first = p
+        .wait_text(sel, "a countdown", |t| clock_secs(t).is_some_and(|s| s > 0))
+        .await;
+    let first = clock_secs(&first).unwrap();
+    let later = p
+        .wait_text(sel, "the countdown to go down", |t| {
+            clock_secs(t).is_some_and(|s| s < first && s > 0)
+        })
+        .await;
+    (first, clock_secs(&later).unwrap())
+}
+
+/// The fan's live holds of `drop`, through the API.
+async fn live_holds(h: &Harness, token: &str, drop: &str) -> Vec<Value> {
+    let (status, v) = h
+        .get(&format!("/v1/fans/me/holds?drop_id={drop}"), Some(token))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v["holds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["drop_id"] == drop && x["state"] == "held")
+        .cloned()
+        .collect()
+}
+
+async fn order_ids(h: &Harness, token: &str) -> Vec<String> {
+    let (status, v) = h.get("/v1/fans/me/orders", Some(token)).await;
+    assert_eq!(status, 200, "{v}");
+    v["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["order_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Picks `quantity` of the GA drop's one SKU (TEE) and holds it; waits for the hold view.
+async fn hold_tees(p: &Page, quantity: u32) {
+    let option = format!("#quantity-TEE option[value=\"{quantity}\"]");
+    p.el(&option).await;
+    let select = p.el("#quantity-TEE:enabled").await;
+    if let Err(e) = select.select_by_value(&quantity.to_string()).await {
+        p.fail(&format!("choose quantity {quantity}: {e}")).await;
+    }
+    p.shot("picked").await;
+    p.click("#hold-button:enabled").await;
+    p.el("#hold-view:not([hidden])").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_fan_holds_pays_and_sees_the_order() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 4, 300).await;
+    let p = open_browser("browser_fan_holds_pays_and_sees_the_order", PHONE).await;
+
+    p.goto(&h.url(&format!("/drops/{drop}"))).await;
+    p.wait_text("#drop-name", "the drop's name", |t| t == "test drop")
+        .await;
+    p.wait_text("#inventory .avail", "the stock", |t| {
+        t.contains("10 of 10 left")
+    })
+    .await;
+    p.shot("drop").await;
+    p.sign_in(&format!("browser-fan-{:08x}", rand::random::<u32>()))
+        .await;
+    p.shot("signed-in").await;
+
+    hold_tees(&p, 2).await;
+    let (first, later) = countdown_ticks(&p).await;
+    assert!(first <= 300 && later < first, "countdown {first} → {later}");
+    let items = p.text("#hold-items").await;
+    assert!(items.contains("2 × Tee"), "hold items: {items}");
+    let total = p.text("#hold-total").await;
+    assert!(total.contains("50.00"), "hold total: {total}");
+    p.shot("held").await;
+    let token = p.fan_token().await;
+    assert_eq!(h.counts(&drop).await, (10, 8, 2, 0));
+
+    p.fill("#pay-reference", "ok_browser_1").await;
+    p.click("#pay:enabled").await;
+    p.el("#order-view:not([hidden])").await;
+    let order_id = p
+        .wait_text("#order-id", "the order number", |t| {
+            !t.is_empty() && !t.contains("being finalised")
+        })
+        .await;
+    let paid = p.text("#order-total").await;
+    assert!(paid.contains("50.00"), "paid: {paid}");
+    p.shot("order").await;
+
+    let orders = order_ids(&h, &token).await;
+    assert_eq!(orders, vec![order_id.clone()], "the fan's orders");
+    let (status, o) = h.get(&format!("/v1/orders/{order_id}"), Some(&token)).await;
+    assert_eq!(status, 200, "{o}");
+    assert_eq!(o["drop_id"], drop.as_str());
+    assert_eq!(o["items"][0]["quantity"], 2);
+    assert_eq!(h.counts(&drop).await, (10, 8, 0, 2));
+    h.assert_invariants(&drop).await;
+
+    // The page lists the order under "Your orders" too.
+    p.wait_text(
+        "#orders:not([hidden]) #orders-list",
+        "the order in the list",
+        |t| t.contains(&order_id),
+    )
+    .await;
+    p.close().await;
+    h.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_refresh_resumes_the_hold() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 4, 300).await;
+    let p = open_browser("browser_refresh_resumes_the_hold", PHONE).await;
+
+    p.goto(&h.url(&format!("/drops/{drop}"))).await;
+    p.sign_in(&format!("browser-fan-{:08x}", rand::random::<u32>()))
+        .await;
+    hold_tees(&p, 3).await;
+    let (_, before) = countdown_ticks(&p).await;
+    let total = p.text("#hold-total").await;
+    let items = p.text("#hold-items").await;
+    p.shot("held").await;
+    let token = p.fan_token().await;
+    let holds = live_holds(&h, &token, &drop).await;
+    assert_eq!(holds.len(), 1, "{holds:?}");
+    let hold_id = holds[0]["hold_id"].as_str().unwrap().to_owned();
+
+    if let Err(e) = p.client.refresh().await {
+        p.fail(&format!("reload: {e}")).await;
+    }
+    p.el("#hold-view:not([hidden])").await;
+    let (after, _) = countdown_ticks(&p).await;
+    assert!(
+        after <= before,
+        "the countdown started over after the reload: {before} → {after}"
+    );
+    assert_eq!(p.text("#hold-total").await, total);
+    assert_eq!(p.text("#hold-items").await, items);
+    assert!(p.el("#pick").await.is_displayed().await.ok() == Some(false));
+    p.shot("resumed").await;
+
+    // Still the same hold (no second one was made), still held.
+    let holds = live_holds(&h, &token, &drop).await;
+    assert_eq!(holds.len(), 1, "{holds:?}");
+    assert_eq!(holds[0]["hold_id"].as_str().unwrap(), hold_id);
+    assert_eq!(h.hold_state(&token, &hold_id).await, "held");
+    assert_eq!(h.counts(&drop).await, (10, 7, 3, 0));
+    h.assert_invariants(&drop).await;
+    p.close().await;
+    h.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_seat_map_hold() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::start().await;
+    let drop = h
+        .create_drop(json!({
+            "name": "browser concert", "per_fan_limit": 4, "hold_ttl_s": 300,
+            "admission": {"mode": "open"},
+            "inventory": {"kind": "seated", "sections": [
+                {"section": "A", "price_cents": 9000, "rows": [{"row": "1", "seats": 8}, {"row": "2", "seats": 8}]},
+                {"section": "B", "price_cents": 5000, "rows": [{"row": "1", "seats": 10}]}
+            ]}
+        }))
+        .await;
+    // Someone else holds A-1-1 first: the map shows it taken.
+    let (_, other) = h.fan("other").await;
+    let (status, v) = h.reserve(&other, &drop, json!({"seats": ["A-1-1"]})).await;
+    assert_eq!(status, 201, "{v}");
+
+    let p = open_browser("browser_seat_map_hold", DESKTOP).await;
+    p.goto(&h.url(&format!("/drops/{drop}"))).await;
+    p.el("#seated:not([hidden]) #seat-map button[data-seat=\"A-1-3\"]")
+        .await;
+    p.sign_in(&format!("browser-fan-{:08x}", rand::random::<u32>()))
+        .await;
+    let taken = p.el("#seat-map button[data-seat=\"A-1-1\"]").await;
+    assert_eq!(taken.is_enabled().await.ok(), Some(false), "A-1-1 is held");
+
+    p.click("#seat-map button[data-seat=\"A-1-3\"]:enabled")
+        .await;
+    p.click("#seat-map button[data-seat=\"A-1-4\"]:enabled")
+        .await;
+    p.el("#seat-map button[data-seat=\"A-1-3\"].selected[aria-pressed=\"true\"]")
+        .await;
+    p.wait_text("#seat-selection", "the two seats picked", |t| {
+        t.contains("2 seats selected") && t.contains("A-1-3") && t.contains("A-1-4")
+    })
+    .await;
+    // The seat just clicked (still under the pointer) looks like the other pick, not like a
+    // hovered free seat (book.css once let hover win: white number on a pale fill).
+    let hovered = p
+        .css("#seat-map button[data-seat=\"A-1-4\"]", "background-color")
+        .await;
+    let other_pick = p
+        .css("#seat-map button[data-seat=\"A-1-3\"]", "background-color")
+        .await;
+    assert_eq!(hovered, other_pick, "a picked seat under the pointer");
+    p.shot("picked").await;
+    p.click("#hold-seats:enabled").await;
+    p.el("#hold-view:not([hidden])").await;
+    let items = p
+        .wait_text("#hold-items", "the held seats", |t| {
+            t.contains("Section A, row 1, seat 3") && t.contains("Section A, row 1, seat 4")
+        })
+        .await;
+    assert_eq!(items.lines().count(), 2, "hold items: {items}");
+    countdown_ticks(&p).await;
+    let total = p.text("#hold-total").await;
+    assert!(total.contains("180.00"), "hold total: {total}");
+    p.shot("held").await;
+    let token = p.fan_token().await;
+    let holds = live_holds(&h, &token, &drop).await;
+    assert_eq!(holds.len(), 1, "{holds:?}");
+    let hold_id = holds[0]["hold_id"].as_str().unwrap().to_owned();
+
+    // A declined payment: the page says so and the hold stays.
+    p.fill("#pay-reference", "fail_x").await;
+    p.click("#pay:enabled").await;
+    p.wait_text("#error:not([hidden])", "the declined message", |t| {
+        t.contains("declined")
+    })
+    .await;
+    p.el("#hold-view:not([hidden])").await;
+    p.el("#pay:enabled").await;
+    p.shot("declined").await;
+    assert_eq!(h.hold_state(&token, &hold_id).await, "held");
+    assert_eq!(order_ids(&h, &token).await, Vec::<String>::new());
+
+    // Paying again with a good reference makes the order.
+    p.fill("#pay-reference", "ok_y").await;
+    p.click("#pay:enabled").await;
+    p.el("#order-view:not([hidden])").await;
+    let order_id = p
+        .wait_text("#order-id", "the order number", |t| {
+            !t.is_empty() && !t.contains("being finalised")
+        })
+        .await;
+    let ordered = p.text("#order-items").await;
+    assert!(
+        ordered.contains("Section A, row 1, seat 3")
+            && ordered.contains("Section A, row 1, seat 4"),
+        "order items: {ordered}"
+    );
+    assert!(
+        p.el("#error").await.is_displayed().await.ok() == Some(false),
+        "the decline message is gone"
+    );
+    p.shot("order").await;
+
+    assert_eq!(order_ids(&h, &token).await, vec![order_id]);
+    let v = h.drop_view(&drop).await;
+    let a = v["inventory"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["section"] == "A")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (a["sold"].as_i64(), a["held"].as_i64()),
+        (Some(2), Some(1)),
+        "{a}"
+    );
+    h.assert_invariants(&drop).await;
+
+    // Back on the map the two seats show as sold.
+    p.click("#back-to-drop").await;
+    p.el("#pick:not([hidden]) #seat-map button[data-seat=\"A-1-3\"].sold:disabled")
+        .await;
+    p.el("#seat-map button[data-seat=\"A-1-4\"].sold:disabled")
+        .await;
+    p.shot("sold-seats").await;
+    p.close().await;
+    h.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_sold_out_is_shown() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::start().await;
+    let drop = h.ga_drop(1, 1, 300).await;
+    let (_, other) = h.fan("early-bird").await;
+    let (status, hold) = h
+        .reserve(
+            &other,
+            &drop,
+            json!({"items": [{"sku": "TEE", "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{hold}");
+    let (status, order) = h
+        .confirm(&other, hold["hold_id"].as_str().unwrap(), "ok_first")
+        .await;
+    assert_eq!(status, 201, "{order}");
+    assert_eq!(h.counts(&drop).await, (1, 0, 0, 1));
+
+    let p = open_browser("browser_sold_out_is_shown", PHONE).await;
+    p.goto(&h.url(&format!("/drops/{drop}"))).await;
+    p.wait_text("#inventory .avail", "the sold-out state", |t| {
+        t.contains("Sold out")
+    })
+    .await;
+    p.sign_in(&format!("browser-fan-{:08x}", rand::random::<u32>()))
+        .await;
+    p.wait_text("body", "Sold out on the page", |t| t.contains("Sold out"))
+        .await;
+    let hold = p.el("#hold-button").await;
+    assert_eq!(
+        hold.is_enabled().await.ok(),
+        Some(false),
+        "Hold is disabled when sold out"
+    );
+    p.shot("sold-out").await;
+    h.assert_invariants(&drop).await;
+    p.close().await;
+    h.server.shutdown().await;
+}
