@@ -1,9 +1,10 @@
 -- reserve.lua — a fan takes units of SKUs, named seats, or the best N adjacent seats of a section,
 -- all or nothing, as one hold that expires by itself unless confirmed.
--- Checks, in order: idempotency replay, drop recovering (or loaded before a Redis restart: see
--- server_run_id in lib.lua) / closed / not yet open, per-fan limit,
+-- Checks, in order: idempotency replay, drop recovering / closed / not yet open, per-fan limit,
 -- stock or seats. A few expired holds of the drop are reclaimed first, so stock comes back even
--- when no sweeper runs.
+-- when no sweeper runs. Unlike confirm_begin it doesn't compare the Redis run id (an INFO per
+-- call on the hottest path): a hold taken on stale state after a restart can't sell —
+-- confirm_begin refuses until the drop is rebuilt, and the rebuild ends holds that conflict.
 -- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12] (KEYS[12] = this request's idem key)
 -- ARGV[1] fan id
 -- ARGV[2] new hold id (made by the caller; embeds the drop id)
@@ -33,14 +34,9 @@ if first then
 end
 
 local meta = redis.call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit', 'hold_ttl_ms',
-  'opens_at_ms', 'reclaim_batch', 'run_id')
+  'opens_at_ms', 'reclaim_batch')
 if not meta[1] then return {'err', 'unknown_drop', '{}'} end
 if meta[2] == '1' then return {'err', 'recovering', '{}'} end
-if meta[7] ~= server_run_id() then
-  -- Redis restarted since the drop was loaded: the watcher rebuilds it from Postgres.
-  redis.call('HSET', K.meta, 'recovering', '1')
-  return {'err', 'recovering', '{}'}
-end
 local limit, ttl_ms = tonumber(meta[3]), tonumber(meta[4])
 local idem_ttl_ms = ttl_ms + 600000
 

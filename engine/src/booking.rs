@@ -71,6 +71,8 @@ struct Inflight {
 const CONFIRM_WAIT_OTHER_MS: u64 = 3_000;
 /// Expire calls per drop per sweep, at most (each takes `holds.sweep_batch` holds).
 const SWEEP_ROUNDS_MAX: usize = 20;
+/// Rebuilds of one drop in a row while sales keep landing in Postgres during them.
+const RECOVER_ROUNDS_MAX: usize = 3;
 /// How often the list of drops to look after is read from Postgres.
 const WATCHED_REFRESH: Duration = Duration::from_secs(5);
 /// How long a drop this process served stays looked after without further traffic.
@@ -763,6 +765,9 @@ impl Engine {
             Finish::Ended | Finish::Unknown => {
                 metrics::counter!(m::OVERSELL_ALARMS).increment(1);
                 tracing::error!(%hold, %order_id, "order committed for a hold whose units went back to stock");
+                // Redis doesn't count this sale (it lost the hold, or gave its units back): the
+                // watcher rebuilds the drop from Postgres.
+                let _ = self.redis.set_meta(&def.drop_id, "recovering", "1").await;
             }
         }
         if let Committed::New(_) = committed {
@@ -970,20 +975,26 @@ impl Engine {
         let Ok(run_id) = self.redis.run_id().await else {
             return;
         };
-        let restarted = {
+        let (restarted, previous) = {
             let mut last = lock(last_run_id);
             let restarted = !last.is_empty() && *last != run_id;
-            *last = run_id;
-            restarted
+            (restarted, std::mem::replace(&mut *last, run_id))
         };
+        let mut failed = false;
         for drop in self.watched_drops() {
             let state = self.redis.drop_state(&drop).await;
             let needs = restarted || matches!(state, Ok(None) | Ok(Some((_, true))));
             if needs {
                 if let Err(e) = self.recover(&drop).await {
                     tracing::warn!(%drop, error = %e, "recovery failed; retrying next round");
+                    failed = true;
                 }
             }
+        }
+        if restarted && failed {
+            // A drop whose recovery failed before it was marked `recovering` would look healthy
+            // next round: keep the restart unseen, so the next round recovers every drop again.
+            *lock(last_run_id) = previous;
         }
     }
 
@@ -1004,12 +1015,26 @@ impl Engine {
             }
             r.insert(drop.clone(), Instant::now());
         }
-        let result = self.recover_inner(drop).await;
+        let mut result = self.recover_inner(drop).await;
+        // An order committed meanwhile for a hold Redis had lost is in neither the rebuild nor
+        // Redis: Postgres' sold counts moved during the rebuild → rebuild again.
+        for _ in 1..RECOVER_ROUNDS_MAX {
+            match result {
+                Ok((_, _, false)) => result = self.recover_inner(drop).await,
+                _ => break,
+            }
+        }
         lock(&self.recovering).remove(drop);
-        result
+        let (kept, ended, settled) = result?;
+        if !settled {
+            // Still moving: leave it `recovering`, the watcher comes back to it.
+            self.redis.set_meta(drop, "recovering", "1").await?;
+        }
+        Ok((kept, ended))
     }
 
-    async fn recover_inner(&self, drop: &DropId) -> Result<(i64, i64)> {
+    /// One rebuild; the bool says whether Postgres' sold counts stayed as read while it ran.
+    async fn recover_inner(&self, drop: &DropId) -> Result<(i64, i64, bool)> {
         self.redis.set_meta(drop, "recovering", "1").await?;
         let (def, status) = self
             .db
@@ -1034,6 +1059,7 @@ impl Engine {
             .set_admission(drop, admission_fields(&admission))
             .await?;
         let (kept, ended) = self.redis.rebuild(drop, &payload).await?;
+        let settled = self.db.sold_state(drop, &[]).await?.sold == sold.sold;
         let _ = self
             .db
             .record_rebuild(
@@ -1042,8 +1068,8 @@ impl Engine {
             )
             .await;
         metrics::counter!(m::RECOVERIES).increment(1);
-        tracing::info!(%drop, kept, ended, "drop recovered from Postgres");
-        Ok((kept, ended))
+        tracing::info!(%drop, kept, ended, settled, "drop recovered from Postgres");
+        Ok((kept, ended, settled))
     }
 
     pub async fn ready(&self) -> Result<()> {

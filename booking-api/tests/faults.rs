@@ -1,0 +1,1107 @@
+//! Fault tests (issue 3, "Fault tests"). Each test starts a PostgreSQL + Redis stack of its own
+//! with devstack (never the shared test stack) and breaks it on purpose: Postgres stopped during
+//! confirms, Redis killed with SIGKILL and restarted from its AOF, Redis flushed. Then it checks
+//! what DESIGN.md §4 promises, not incidental details:
+//! - while a store is away, answers are documented codes, and every 503 carries `Retry-After`;
+//! - the reconciler and recovery bring every drop back by themselves (awaited with generous
+//!   deadlines; no assertion is about how long anything took);
+//! - every order answered 201 / 200 stays sold, nothing is sold twice, `available + held + sold ==
+//!   total`, and Redis agrees with Postgres hold by hold, seat by seat and fan by fan.
+//!
+//! Run them one at a time: `cargo test -p floodgate-booking-api --test faults -- --test-threads=1`
+//! (`./dev test` does). Every test fn is named `fault_*`.
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{test_config, Harness};
+use devstack::{free_port, Stack, StackConfig};
+use engine::ids::DropId;
+use futures::future::join_all;
+use serde_json::{json, Value};
+
+/// How long recovery may take before a test gives up: generous, the machine is shared.
+const RECOVERY_DEADLINE: Duration = Duration::from_secs(60);
+
+// ---- the stack --------------------------------------------------------------------------------
+
+/// A Postgres + Redis pair of this test's own. devstack is blocking: its calls run on tokio's
+/// blocking pool.
+struct Fault {
+    stack: Arc<Mutex<Stack>>,
+    redis_port: u16,
+    redis_url: String,
+    db_url: String,
+}
+
+impl Fault {
+    async fn start(name: &str) -> Fault {
+        let name = name.to_owned();
+        let stack = tokio::task::spawn_blocking(move || {
+            Stack::start(StackConfig {
+                name,
+                redis_port: free_port(),
+                pg_port: free_port(),
+            })
+        })
+        .await
+        .expect("the stack start task")
+        .expect("the fault stack starts");
+        Fault {
+            redis_port: stack.config().redis_port,
+            redis_url: stack.redis_url(),
+            db_url: stack.database_url(),
+            stack: Arc::new(Mutex::new(stack)),
+        }
+    }
+
+    /// Runs a blocking devstack call (stop / start / kill) off the async workers.
+    async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Stack) -> T + Send + 'static) -> T {
+        let stack = self.stack.clone();
+        tokio::task::spawn_blocking(move || f(&mut stack.lock().unwrap_or_else(|p| p.into_inner())))
+            .await
+            .expect("the devstack task")
+    }
+
+    async fn stop(self) {
+        self.with(|s| s.stop()).await;
+    }
+
+    /// `redis-cli -p PORT args...`, its stdout.
+    async fn redis_cli(&self, args: &[&str]) -> String {
+        let out = tokio::process::Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.redis_port.to_string())
+            .args(args)
+            .output()
+            .await
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn flushall(&self) {
+        let out = self.redis_cli(&["FLUSHALL"]).await;
+        assert_eq!(out.trim(), "OK", "FLUSHALL answered {out}");
+    }
+
+    /// A Redis hash as field → value (redis-cli prints them on alternate lines).
+    async fn redis_hash(&self, key: &str) -> HashMap<String, String> {
+        let out = self.redis_cli(&["HGETALL", key]).await;
+        let out = out.trim_end_matches('\n');
+        if out.is_empty() {
+            return HashMap::new();
+        }
+        let lines: Vec<&str> = out.split('\n').collect();
+        assert!(lines.len().is_multiple_of(2), "HGETALL {key}: {out}");
+        lines
+            .chunks(2)
+            .map(|kv| (kv[0].to_owned(), kv[1].to_owned()))
+            .collect()
+    }
+}
+
+/// Copies a directory's files (Redis' AOF directory) as they are right now.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+fn key(drop: &str, name: &str) -> String {
+    format!("fg:{{{drop}}}:{name}")
+}
+
+// ---- HTTP -------------------------------------------------------------------------------------
+
+/// One answer: status, JSON body and the `Retry-After` header.
+#[derive(Debug, Clone)]
+struct Reply {
+    status: u16,
+    body: Value,
+    retry_after: Option<String>,
+}
+
+impl Reply {
+    fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    fn str(&self, field: &str) -> String {
+        self.body[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {field} in {self:?}"))
+            .to_owned()
+    }
+
+    /// A 5xx always names its code; a 503 must be one of `allowed` and say when to retry.
+    fn check_5xx(&self, what: &str, allowed: &[&str]) {
+        if self.status < 500 {
+            return;
+        }
+        assert!(
+            !self.code().is_empty(),
+            "{what}: a 5xx without a code: {self:?}"
+        );
+        if self.status == 503 {
+            assert!(
+                allowed.contains(&self.code()),
+                "{what}: 503 `{}` is not one of {allowed:?}: {self:?}",
+                self.code()
+            );
+            assert!(
+                self.retry_after.is_some(),
+                "{what}: 503 without Retry-After: {self:?}"
+            );
+        }
+    }
+}
+
+/// A cheap, cloneable client for one booking-api (tasks can own it).
+#[derive(Clone)]
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn of(h: &Harness) -> Api {
+        Api {
+            http: h.http.clone(),
+            base: h.base.clone(),
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
+        let r = req.send().await.expect("booking-api answers");
+        let status = r.status().as_u16();
+        let retry_after = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = r.json().await.unwrap_or(Value::Null);
+        Reply {
+            status,
+            body,
+            retry_after,
+        }
+    }
+
+    /// A token for exactly this fan name (the same fan across booking-api processes).
+    async fn fan_token(&self, fan: &str) -> String {
+        let r = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/fans/session", self.base))
+                    .json(&json!({ "fan": fan })),
+            )
+            .await;
+        assert!(r.status == 200 || r.status == 201, "fan session: {r:?}");
+        r.str("fan_token")
+    }
+
+    async fn reserve(&self, token: &str, drop: &str, idem: &str, body: &Value) -> Reply {
+        self.send(
+            self.http
+                .post(format!("{}/v1/drops/{drop}/holds", self.base))
+                .bearer_auth(token)
+                .header("Idempotency-Key", idem)
+                .json(body),
+        )
+        .await
+    }
+
+    async fn confirm(&self, token: &str, hold: &str, reference: &str) -> Reply {
+        self.send(
+            self.http
+                .post(format!("{}/v1/holds/{hold}/confirm", self.base))
+                .bearer_auth(token)
+                .json(&json!({"payment": {"gateway": "test", "reference": reference}})),
+        )
+        .await
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        self.send(req).await
+    }
+}
+
+fn new_key() -> String {
+    format!("k-{}", uuid::Uuid::new_v4())
+}
+
+/// Polls `f` until it holds; panics with `what` after [`RECOVERY_DEADLINE`].
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = Instant::now() + RECOVERY_DEADLINE;
+    while Instant::now() < until {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("never happened within {RECOVERY_DEADLINE:?}: {what}");
+}
+
+// ---- what Redis and Postgres hold ---------------------------------------------------------------
+
+/// Confirming holds of a drop, read straight from its confirming ZSET (None: Redis didn't answer).
+async fn confirming(h: &Harness, drop: &str) -> Option<usize> {
+    let d = DropId::parse(drop).unwrap();
+    h.server
+        .engine
+        .redis
+        .overdue_confirming(&d, i64::MAX, 1_000_000)
+        .await
+        .ok()
+        .map(|v| v.len())
+}
+
+/// Postgres' orders of a drop: hold id → order id.
+async fn pg_orders(h: &Harness, drop: &str) -> HashMap<String, String> {
+    let db = h.server.engine.db.client().await.unwrap();
+    db.query(
+        "SELECT hold_id, order_id::text FROM orders WHERE drop_id = $1",
+        &[&drop],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Seats Postgres sold in a drop, checking on the way that none was sold twice.
+async fn pg_sold_seats(h: &Harness, drop: &str) -> HashSet<String> {
+    let db = h.server.engine.db.client().await.unwrap();
+    let rows = db
+        .query(
+            "SELECT seat_id, count(*) FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL \
+             GROUP BY seat_id",
+            &[&drop],
+        )
+        .await
+        .unwrap();
+    let mut seats = HashSet::new();
+    for r in rows {
+        let (seat, n): (String, i64) = (r.get(0), r.get(1));
+        assert_eq!(n, 1, "seat {seat} of {drop} sold {n} times");
+        seats.insert(seat);
+    }
+    seats
+}
+
+/// Every bucket: Postgres' sold within total, and order items / ledger / inventory agree.
+async fn assert_pg_sane(h: &Harness, drop: &str) {
+    let db = h.server.engine.db.client().await.unwrap();
+    for r in db
+        .query(
+            "SELECT i.bucket, i.total::bigint, i.sold::bigint, \
+             (SELECT coalesce(sum(quantity), 0)::bigint FROM order_items o WHERE o.drop_id = i.drop_id AND o.bucket = i.bucket), \
+             (SELECT count(*) FROM orders o WHERE o.drop_id = i.drop_id) \
+             FROM inventory i WHERE i.drop_id = $1",
+            &[&drop],
+        )
+        .await
+        .unwrap()
+    {
+        let (bucket, total, sold, items): (String, i64, i64, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        assert!(sold <= total, "{drop}/{bucket}: sold {sold} > total {total}");
+        assert_eq!(sold, items, "{drop}/{bucket}: inventory.sold != order items");
+    }
+    let bad: i64 = db
+        .query_one(
+            "SELECT count(*) FROM fan_purchases f WHERE f.drop_id = $1 AND f.units <> \
+             (SELECT coalesce(sum(i.quantity), 0) FROM orders o JOIN order_items i USING (order_id) \
+              WHERE o.drop_id = f.drop_id AND o.fan_id = f.fan_id)",
+            &[&drop],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bad, 0, "{drop}: fan_purchases disagree with the orders");
+}
+
+/// Redis agrees with itself and with Postgres, hold by hold (call it when no request is in
+/// flight): a hold with an order is `sold` and a `sold` hold has an order; per bucket, held ==
+/// the units of live holds; each seat is `#` iff Postgres sold it, else held by the live hold
+/// that has it, else free; each fan's count == units bought (Postgres) + units in live holds.
+/// Then the harness' own check: available + held + sold == total and Postgres' sold == Redis'.
+async fn assert_consistent(f: &Fault, h: &Harness, drop: &str) {
+    let stock = f.redis_hash(&key(drop, "stock")).await;
+    let holds = f.redis_hash(&key(drop, "holds")).await;
+    let seats = f.redis_hash(&key(drop, "seats")).await;
+    let fans = f.redis_hash(&key(drop, "fans")).await;
+    let orders = pg_orders(h, drop).await;
+    let sold_seats = pg_sold_seats(h, drop).await;
+    let db = h.server.engine.db.client().await.unwrap();
+    let bought: HashMap<String, i64> = db
+        .query(
+            "SELECT fan_id, units::bigint FROM fan_purchases WHERE drop_id = $1",
+            &[&drop],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+
+    let mut held: HashMap<String, i64> = HashMap::new();
+    let mut live_units: HashMap<String, i64> = HashMap::new();
+    let mut held_seats: HashMap<String, String> = HashMap::new();
+    for (id, raw) in &holds {
+        let hold: Value = serde_json::from_str(raw).unwrap();
+        let st = hold["st"].as_str().unwrap();
+        assert_eq!(
+            orders.contains_key(id),
+            st == "sold",
+            "{drop}: hold {id} is `{st}` in Redis; its order in Postgres: {:?}",
+            orders.get(id)
+        );
+        if st == "held" || st == "confirming" {
+            let fan = hold["fan"].as_str().unwrap().to_owned();
+            *live_units.entry(fan).or_default() += hold["u"].as_i64().unwrap();
+            for item in hold["it"].as_array().unwrap() {
+                let b = item["b"].as_str().unwrap().to_owned();
+                *held.entry(b).or_default() += item["q"].as_i64().unwrap();
+                if let Some(seat) = item["s"].as_str() {
+                    let other = held_seats.insert(seat.to_owned(), id.clone());
+                    assert!(other.is_none(), "{drop}: seat {seat} in two live holds");
+                }
+            }
+        }
+    }
+    for field in stock.keys() {
+        if let Some(bucket) = field.strip_prefix("h:") {
+            let h_count: i64 = stock[field].parse().unwrap();
+            assert_eq!(
+                h_count,
+                held.get(bucket).copied().unwrap_or(0),
+                "{drop}/{bucket}: Redis' held count != units of live holds"
+            );
+        }
+    }
+    let mut redis_sold_seats = 0;
+    for (seat, state) in &seats {
+        match state.as_str() {
+            "#" => {
+                redis_sold_seats += 1;
+                assert!(
+                    sold_seats.contains(seat),
+                    "{drop}: seat {seat} sold in Redis, not in Postgres"
+                );
+            }
+            "-" => {
+                assert!(
+                    !sold_seats.contains(seat),
+                    "{drop}: seat {seat} sold in Postgres, free in Redis"
+                );
+                assert!(
+                    !held_seats.contains_key(seat),
+                    "{drop}: seat {seat} free in Redis but in live hold {}",
+                    held_seats[seat]
+                );
+            }
+            hold => assert_eq!(
+                held_seats.get(seat).map(String::as_str),
+                Some(hold),
+                "{drop}: seat {seat} marked held by {hold}"
+            ),
+        }
+    }
+    assert_eq!(
+        redis_sold_seats,
+        sold_seats.len(),
+        "{drop}: sold seats, Redis vs Postgres"
+    );
+    let every_fan: HashSet<&String> = fans
+        .keys()
+        .chain(bought.keys())
+        .chain(live_units.keys())
+        .collect();
+    for fan in every_fan {
+        let counted: i64 = fans.get(fan).map_or(0, |v| v.parse().unwrap());
+        let expected =
+            bought.get(fan).copied().unwrap_or(0) + live_units.get(fan).copied().unwrap_or(0);
+        assert_eq!(
+            counted, expected,
+            "{drop}: fan {fan}'s count in Redis != bought + live holds"
+        );
+    }
+    assert_pg_sane(h, drop).await;
+    h.assert_invariants(drop).await;
+}
+
+fn seated_body(sections: &[&str], rows: u32, seats: u32, per_fan_limit: u32) -> Value {
+    json!({
+        "name": "fault seated", "per_fan_limit": per_fan_limit, "hold_ttl_s": 600,
+        "admission": {"mode": "open"},
+        "inventory": {"kind": "seated", "sections": sections.iter().map(|s| json!({
+            "section": s, "price_cents": 4000,
+            "rows": (1..=rows).map(|r| json!({"row": r.to_string(), "seats": seats})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>()}
+    })
+}
+
+// ---- 1. Postgres stopped during a burst of confirms --------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_postgres_stopped_during_confirms() {
+    let f = Fault::start("fault-pg-confirms").await;
+    let mut cfg = test_config(&f.redis_url, &f.db_url);
+    // Short confirm deadlines, so the reconciler takes the outage's holds soon after.
+    cfg.holds.confirm_timeout_ms = 2_000;
+    cfg.holds.confirm_safety_margin_ms = 500;
+    cfg.database.timeout_ms = 1_000;
+    let h = Harness::with_config(cfg).await;
+    let api = Api::of(&h);
+    let drop = h.ga_drop(200, 1, 600).await;
+
+    // 100 fans hold one unit each.
+    let fans: Vec<(String, String)> = join_all((0..100).map(|i| {
+        let (api, drop) = (api.clone(), drop.clone());
+        async move {
+            let token = api
+                .fan_token(&format!("pg-fan-{i}-{}", uuid::Uuid::new_v4()))
+                .await;
+            let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
+            let r = api.reserve(&token, &drop, &new_key(), &body).await;
+            assert_eq!(r.status, 201, "reserve: {r:?}");
+            (token, r.str("hold_id"))
+        }
+    }))
+    .await;
+    assert_eq!(h.counts(&drop).await, (200, 100, 100, 0));
+    let confirm = |i: usize| {
+        let api = api.clone();
+        let (token, hold) = fans[i].clone();
+        async move { (i, api.confirm(&token, &hold, &format!("ok_{i}")).await) }
+    };
+
+    // 30 confirms with Postgres up; 30 more as it stops; 40 while it is down.
+    let mut answers: Vec<(usize, Reply)> = join_all((0..30).map(confirm)).await;
+    assert!(
+        answers.iter().any(|(_, r)| r.status == 201),
+        "no confirm succeeded with Postgres up: {answers:?}"
+    );
+    let (during, stopped) = tokio::join!(join_all((30..60).map(confirm)), async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        f.with(|s| s.stop_postgres()).await
+    });
+    stopped.expect("Postgres stops");
+    answers.extend(during);
+    let outage = join_all((60..100).map(confirm)).await;
+    for (i, r) in &outage {
+        assert_eq!(r.status, 503, "confirm {i} with Postgres down: {r:?}");
+    }
+    answers.extend(outage);
+
+    let mut orders_answered: HashMap<String, String> = HashMap::new();
+    let mut pending: Vec<usize> = Vec::new();
+    for (i, r) in &answers {
+        r.check_5xx("confirm", &["unavailable", "payment_pending"]);
+        match r.status {
+            201 => {
+                assert_eq!(r.str("hold_id"), fans[*i].1);
+                orders_answered.insert(fans[*i].1.clone(), r.str("order_id"));
+            }
+            503 => pending.push(*i),
+            _ => panic!("confirm {i}: unexpected {r:?}"),
+        }
+    }
+    assert!(pending.len() >= 40);
+
+    // While Postgres is down, every unanswered confirm's hold stays `confirming`, even past its
+    // confirm deadline: the reconciler can't settle without Postgres and must not guess. (A
+    // `payment_pending` from before the outage may have been settled already: `sold` then.)
+    let check_confirming = |label: &'static str| {
+        let (api, fans, pending) = (api.clone(), fans.clone(), pending.clone());
+        async move {
+            let mut sold = 0;
+            for &i in &pending {
+                let (token, hold) = &fans[i];
+                let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+                assert_eq!(r.status, 200, "{label}: hold {hold}: {r:?}");
+                let state = r.body["state"].as_str().unwrap_or_default();
+                if i < 60 && state == "sold" {
+                    sold += 1;
+                } else {
+                    assert_eq!(state, "confirming", "{label}: hold {hold}: {r:?}");
+                }
+            }
+            sold
+        }
+    };
+    let settled_early = check_confirming("Postgres down").await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert_eq!(
+        check_confirming("Postgres down, past the confirm deadlines").await,
+        settled_early
+    );
+    let (total, available, held, sold) = h.counts(&drop).await;
+    assert_eq!((total, available), (200, 100));
+    assert_eq!(
+        sold as usize,
+        orders_answered.len() + settled_early,
+        "Redis sold != orders answered + settled"
+    );
+    assert_eq!(held as usize, pending.len() - settled_early);
+
+    // Postgres back: the reconciler settles every confirming hold.
+    f.with(|s| s.start_postgres())
+        .await
+        .expect("Postgres starts again");
+    eventually("no hold is confirming", || async {
+        confirming(&h, &drop).await == Some(0)
+    })
+    .await;
+
+    // Every 201 still has its order; every hold is sold (the test gateway authorizes `ok_`, so
+    // the reconciler commits each one), and a retried confirm answers 200 with that order.
+    let orders = pg_orders(&h, &drop).await;
+    for (hold, order) in &orders_answered {
+        assert_eq!(orders.get(hold), Some(order), "the 201 order of {hold}");
+    }
+    for (i, (token, hold)) in fans.iter().enumerate() {
+        let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body["state"], "sold", "hold {hold} after recovery: {r:?}");
+        assert_eq!(
+            r.body["order_id"].as_str(),
+            orders.get(hold).map(String::as_str)
+        );
+        if pending.contains(&i) {
+            let again = api.confirm(token, hold, &format!("ok_{i}")).await;
+            assert_eq!(again.status, 200, "retried confirm of {hold}: {again:?}");
+            assert_eq!(Some(&again.str("order_id")), orders.get(hold));
+        }
+    }
+    assert_eq!(orders.len(), 100);
+    assert_eq!(h.counts(&drop).await, (200, 100, 0, 100));
+    assert_consistent(&f, &h, &drop).await;
+
+    // The connection pool healed: a new sale goes through end to end.
+    let token = api
+        .fan_token(&format!("pg-after-{}", uuid::Uuid::new_v4()))
+        .await;
+    let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
+    let r = api.reserve(&token, &drop, &new_key(), &body).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let c = api.confirm(&token, &r.str("hold_id"), "ok_after").await;
+    assert_eq!(c.status, 201, "confirm after Postgres came back: {c:?}");
+    assert_eq!(api.get("/readyz", None).await.status, 200);
+    assert_eq!(h.counts(&drop).await, (200, 99, 0, 101));
+    assert_consistent(&f, &h, &drop).await;
+
+    h.server.shutdown().await;
+    f.stop().await;
+}
+
+// ---- 2. Redis killed (SIGKILL) mid-burst and restarted from its AOF ------------------------------
+
+/// What the shoppers saw, for the checks afterwards.
+#[derive(Default)]
+struct Seen {
+    reserves: usize,
+    reserve_503: HashMap<String, usize>,
+    confirm_503: HashMap<String, usize>,
+    /// (drop, fan token, hold id, the last confirm answer if the hold was confirmed)
+    holds: Vec<(String, String, String, Option<Reply>)>,
+}
+
+/// One shopper: a fan after another reserves (GA units, best-available or named seats) and pays
+/// for most holds, retrying 503s as a client would, until `stop`.
+async fn shopper(
+    api: Api,
+    drop: String,
+    seated: bool,
+    stop: Arc<AtomicBool>,
+    confirmed: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Seen>>,
+) {
+    let retry = |r: &Reply| r.status == 503 && !stop.load(Ordering::SeqCst);
+    let pause = || tokio::time::sleep(Duration::from_millis(rand::random_range(5..40)));
+    'fans: while !stop.load(Ordering::SeqCst) {
+        let token = api
+            .fan_token(&format!("kill-{}", uuid::Uuid::new_v4()))
+            .await;
+        while !stop.load(Ordering::SeqCst) {
+            let body = if !seated {
+                json!({"items": [{"sku": "TEE", "quantity": rand::random_range(1..=2)}]})
+            } else if rand::random_bool(0.5) {
+                let section = ["A", "B"][rand::random_range(0..2)];
+                json!({"best_available": {"section": section, "quantity": rand::random_range(1..=2)}})
+            } else {
+                let section = ["A", "B"][rand::random_range(0..2)];
+                let seat = format!(
+                    "{section}-{}-{}",
+                    rand::random_range(1..=10),
+                    rand::random_range(1..=20)
+                );
+                json!({"seats": [seat]})
+            };
+            // Retries reuse the Idempotency-Key, as a client retrying one request does.
+            let idem = new_key();
+            let r = loop {
+                let r = api.reserve(&token, &drop, &idem, &body).await;
+                r.check_5xx("reserve", &["unavailable", "recovering"]);
+                {
+                    let mut s = seen.lock().unwrap();
+                    s.reserves += 1;
+                    if r.status == 503 {
+                        *s.reserve_503.entry(r.code().to_owned()).or_default() += 1;
+                    }
+                }
+                if !retry(&r) {
+                    break r;
+                }
+                pause().await;
+            };
+            let hold = match (r.status, r.code()) {
+                (201, _) => r.str("hold_id"),
+                (409, "seat_unavailable" | "insufficient_stock" | "all_held" | "sold_out") => {
+                    pause().await;
+                    continue;
+                }
+                (422, "limit_exceeded") => continue 'fans,
+                (503, _) => break 'fans,
+                _ => panic!("reserve {body}: unexpected {r:?}"),
+            };
+            if rand::random_bool(0.25) {
+                // Left held: live holds must survive recovery (or end cleanly).
+                seen.lock()
+                    .unwrap()
+                    .holds
+                    .push((drop.clone(), token.clone(), hold, None));
+                continue;
+            }
+            let reference = format!("ok_{}", uuid::Uuid::new_v4());
+            let c = loop {
+                let c = api.confirm(&token, &hold, &reference).await;
+                c.check_5xx("confirm", &["unavailable", "payment_pending", "recovering"]);
+                if c.status == 503 {
+                    *seen
+                        .lock()
+                        .unwrap()
+                        .confirm_503
+                        .entry(c.code().to_owned())
+                        .or_default() += 1;
+                }
+                if !retry(&c) {
+                    break c;
+                }
+                pause().await;
+            };
+            match (c.status, c.code()) {
+                (200 | 201, _) => {
+                    assert_eq!(c.str("hold_id"), hold);
+                    confirmed.fetch_add(1, Ordering::SeqCst);
+                }
+                // The hold was lost with the AOF's last second, or recovery ended it because
+                // Postgres sold its seat meanwhile: refused cleanly, nothing charged.
+                (404, "unknown_hold") | (410, "hold_expired") => {}
+                // Given up at `stop`: the reconciler settles it.
+                (503, _) => {}
+                _ => panic!("confirm {hold}: unexpected {c:?}"),
+            }
+            seen.lock()
+                .unwrap()
+                .holds
+                .push((drop.clone(), token.clone(), hold, Some(c)));
+            pause().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_redis_killed_and_restarted_from_aof() {
+    burst_through_a_redis_crash("fault-redis-kill", false).await;
+}
+
+/// `kill -9` alone loses nothing Redis acknowledged (its AOF `write()` comes before the reply;
+/// only the fsync waits a second), so this one also rewinds the AOF to a copy taken mid-burst,
+/// as a machine crash with `appendfsync everysec` would: Redis comes back without the last holds,
+/// confirms and sales, which Postgres, the gateway and the fans already saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_redis_lost_its_last_writes() {
+    burst_through_a_redis_crash("fault-redis-rewind", true).await;
+}
+
+/// Bursts of reserves and confirms on a GA and a seated drop; mid-burst Redis is SIGKILLed and
+/// restarted from its AOF (rewound to a copy taken earlier in the burst when `lose_writes`).
+async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
+    let f = Fault::start(stack).await;
+    let cfg = test_config(&f.redis_url, &f.db_url);
+    let h = Harness::with_config(cfg).await;
+    let api = Api::of(&h);
+    let ga = h.ga_drop(3_000, 4, 600).await;
+    let seated = h.create_drop(seated_body(&["A", "B"], 10, 20, 4)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let confirmed = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let shoppers: Vec<_> = (0..60)
+        .map(|i| {
+            let (drop, is_seated) = if i % 2 == 0 {
+                (ga.clone(), false)
+            } else {
+                (seated.clone(), true)
+            };
+            tokio::spawn(shopper(
+                api.clone(),
+                drop,
+                is_seated,
+                stop.clone(),
+                confirmed.clone(),
+                seen.clone(),
+            ))
+        })
+        .collect();
+
+    // Mid-burst: SIGKILL Redis, leave it down a moment, restart it from its AOF.
+    eventually("30 confirms before the crash", || async {
+        confirmed.load(Ordering::SeqCst) >= 30
+    })
+    .await;
+    let aof = f
+        .stack
+        .lock()
+        .unwrap()
+        .state_dir()
+        .join("redis/appendonlydir");
+    let copy = aof.with_file_name("appendonlydir.copy");
+    if lose_writes {
+        let (from, to) = (aof.clone(), copy.clone());
+        f.with(move |_| copy_dir(&from, &to)).await;
+        let at_copy = confirmed.load(Ordering::SeqCst);
+        eventually("30 confirms after the AOF copy", || async {
+            confirmed.load(Ordering::SeqCst) >= at_copy + 30
+        })
+        .await;
+    }
+    f.with(|s| s.kill_redis())
+        .await
+        .expect("redis-server is killed");
+    let before = confirmed.load(Ordering::SeqCst);
+    if lose_writes {
+        f.with(move |_| {
+            std::fs::remove_dir_all(&aof).unwrap();
+            std::fs::rename(&copy, &aof).unwrap();
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    f.with(|s| s.start_redis())
+        .await
+        .expect("redis-server restarts from its AOF");
+    // The burst goes on through recovery and after it.
+    eventually("30 more confirms after the restart", || async {
+        confirmed.load(Ordering::SeqCst) >= before + 30
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for s in shoppers {
+        s.await.expect("a shopper panicked");
+    }
+
+    // The restart was noticed and both drops were rebuilt from Postgres.
+    for drop in [&ga, &seated] {
+        eventually(
+            "the drop was recovered (a rebuild line in the ledger)",
+            || async {
+                let db = h.server.engine.db.client().await.unwrap();
+                let n: i64 = db
+                    .query_one(
+                        "SELECT count(*) FROM stock_ledger WHERE drop_id = $1 AND kind = 'rebuild'",
+                        &[drop],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                n > 0
+            },
+        )
+        .await;
+        // Reserves work again, and the reconciler settles every confirm left halfway.
+        let token = api
+            .fan_token(&format!("after-{}", uuid::Uuid::new_v4()))
+            .await;
+        let body = if *drop == ga {
+            json!({"items": [{"sku": "TEE", "quantity": 1}]})
+        } else {
+            json!({"best_available": {"section": "B", "quantity": 1}})
+        };
+        eventually("a reserve succeeds again", || async {
+            let r = api.reserve(&token, drop, &new_key(), &body).await;
+            r.check_5xx("reserve after recovery", &["unavailable", "recovering"]);
+            r.status == 201
+        })
+        .await;
+        eventually("no hold is confirming", || async {
+            confirming(&h, drop).await == Some(0)
+        })
+        .await;
+    }
+
+    // Every order answered 201 / 200 is in Postgres and its hold reads `sold` with that order.
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    for (_, _, _, c) in &seen.holds {
+        let k = c.as_ref().map_or("unconfirmed".into(), |c| {
+            format!("{} {}", c.status, c.code())
+        });
+        *outcomes.entry(k).or_default() += 1;
+    }
+    let db = h.server.engine.db.client().await.unwrap();
+    let notes: Vec<String> = db
+        .query(
+            "SELECT DISTINCT note FROM stock_ledger WHERE drop_id IN ($1, $2) AND kind = 'rebuild'",
+            &[&ga, &seated],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    eprintln!(
+        "{stack}: {} reserves (503s: {:?}), {} holds \
+         ({outcomes:?}), confirm 503s: {:?}; rebuilds: {notes:?}",
+        seen.reserves,
+        seen.reserve_503,
+        seen.holds.len(),
+        seen.confirm_503
+    );
+    let orders: HashMap<String, HashMap<String, String>> = HashMap::from([
+        (ga.clone(), pg_orders(&h, &ga).await),
+        (seated.clone(), pg_orders(&h, &seated).await),
+    ]);
+    let mut answered = 0;
+    for (drop, token, hold, c) in &seen.holds {
+        let Some(c) = c.as_ref().filter(|c| c.status == 200 || c.status == 201) else {
+            continue;
+        };
+        answered += 1;
+        let order = c.str("order_id");
+        assert_eq!(
+            orders[drop].get(hold),
+            Some(&order),
+            "confirm of {hold} answered {} with order {order}, Postgres has {:?}",
+            c.status,
+            orders[drop].get(hold)
+        );
+        let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body["state"], "sold", "hold {hold}: {r:?}");
+        assert_eq!(r.str("order_id"), order);
+    }
+    assert!(answered >= 60, "only {answered} confirms answered an order");
+    for drop in [&ga, &seated] {
+        assert_consistent(&f, &h, drop).await;
+    }
+
+    h.server.shutdown().await;
+    f.stop().await;
+}
+
+// ---- 3. Redis flushed: the watcher rebuilds by itself; so does the rebuild command ---------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_redis_flushed_then_rebuilt() {
+    let f = Fault::start("fault-redis-flush").await;
+    let h = Harness::with_config(test_config(&f.redis_url, &f.db_url)).await;
+    let api = Api::of(&h);
+    let ga = h.ga_drop(50, 2, 600).await;
+    let seated = h.create_drop(seated_body(&["A"], 3, 8, 2)).await;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let name = |who: &str| format!("{who}-{run}");
+
+    // Sales and live holds: GA fan1 buys 2 (the limit), fan2 buys 1, fan3 holds 1; seated fan4
+    // buys A-1-1 and A-1-2 (the limit), fan5 buys A-2-5, fan6 holds A-3-3.
+    let buy = |fan: String, drop: String, body: Value, pay: bool| {
+        let api = api.clone();
+        async move {
+            let token = api.fan_token(&fan).await;
+            let r = api.reserve(&token, &drop, &new_key(), &body).await;
+            assert_eq!(r.status, 201, "{fan} reserve: {r:?}");
+            let hold = r.str("hold_id");
+            if pay {
+                let c = api.confirm(&token, &hold, "ok_flush").await;
+                assert_eq!(c.status, 201, "{fan} confirm: {c:?}");
+            }
+            (token, hold)
+        }
+    };
+    let units = |q: u32| json!({"items": [{"sku": "TEE", "quantity": q}]});
+    let seats = |s: &[&str]| json!({ "seats": s });
+    let (t1, h1) = buy(name("fan1"), ga.clone(), units(2), true).await;
+    let (t2, _) = buy(name("fan2"), ga.clone(), units(1), true).await;
+    let (t3, h3) = buy(name("fan3"), ga.clone(), units(1), false).await;
+    let (t4, h4) = buy(
+        name("fan4"),
+        seated.clone(),
+        seats(&["A-1-1", "A-1-2"]),
+        true,
+    )
+    .await;
+    let (_, _) = buy(name("fan5"), seated.clone(), seats(&["A-2-5"]), true).await;
+    let (t6, h6) = buy(name("fan6"), seated.clone(), seats(&["A-3-3"]), false).await;
+    assert_eq!(h.counts(&ga).await, (50, 46, 1, 3));
+    assert_eq!(h.counts(&seated).await, (24, 20, 1, 3));
+    let sold_seats = ["A-1-1", "A-1-2", "A-2-5"];
+
+    // What a rebuilt drop must look like: sold from Postgres, the flushed holds gone (their
+    // units and seats back on sale), per-fan counts = what each fan bought.
+    let check_rebuilt = |api: Api, t1: String, t4: String| {
+        let (ga, seated) = (ga.clone(), seated.clone());
+        async move {
+            let v = api.get(&format!("/v1/drops/{seated}/seats"), None).await;
+            assert_eq!(v.status, 200, "{v:?}");
+            for s in v.body["seats"].as_array().unwrap() {
+                let seat = s["seat"].as_str().unwrap();
+                let want = if sold_seats.contains(&seat) {
+                    "sold"
+                } else {
+                    "free"
+                };
+                assert_eq!(s["state"], want, "seat {seat} after the rebuild");
+            }
+            // Fans at the per-fan limit are still refused: their purchases count.
+            let r = api.reserve(&t1, &ga, &new_key(), &units(1)).await;
+            assert_eq!((r.status, r.code()), (422, "limit_exceeded"), "{r:?}");
+            let r = api
+                .reserve(&t4, &seated, &new_key(), &seats(&["A-3-1"]))
+                .await;
+            assert_eq!((r.status, r.code()), (422, "limit_exceeded"), "{r:?}");
+        }
+    };
+
+    // -- The watcher: a flushed drop answers 503 `recovering`, then comes back by itself.
+    f.flushall().await;
+    for drop in [&ga, &seated] {
+        let r = api.get(&format!("/v1/drops/{drop}"), None).await;
+        r.check_5xx("drop view after FLUSHALL", &["recovering"]);
+        assert!(
+            r.status == 503 || r.status == 200,
+            "drop view after FLUSHALL: {r:?}"
+        );
+    }
+    let r = api.reserve(&t2, &ga, &new_key(), &units(1)).await;
+    r.check_5xx("reserve after FLUSHALL", &["recovering"]);
+    assert!(r.status == 503 || r.status == 201, "{r:?}");
+    let extra = u32::from(r.status == 201);
+    eventually("both drops rebuilt by the watcher", || async {
+        let a = api.get(&format!("/v1/drops/{ga}"), None).await;
+        let b = api.get(&format!("/v1/drops/{seated}"), None).await;
+        a.status == 200 && b.status == 200
+    })
+    .await;
+    assert_eq!(
+        h.counts(&ga).await,
+        (50, 47 - i64::from(extra), i64::from(extra), 3)
+    );
+    assert_eq!(h.counts(&seated).await, (24, 21, 0, 3));
+    check_rebuilt(api.clone(), t1.clone(), t4.clone()).await;
+    // The flushed holds are gone; a sold one still reads `sold` (from Postgres).
+    for (token, hold) in [(&t3, &h3), (&t6, &h6)] {
+        let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+        assert_eq!((r.status, r.code()), (404, "unknown_hold"), "{r:?}");
+        let c = api.confirm(token, hold, "ok_lost").await;
+        assert_eq!((c.status, c.code()), (404, "unknown_hold"), "{c:?}");
+    }
+    for (token, hold) in [(&t1, &h1), (&t4, &h4)] {
+        let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body["state"], "sold", "{r:?}");
+    }
+    // A fan under the limit may buy up to it, no further.
+    let r = api.reserve(&t2, &ga, &new_key(), &units(1)).await;
+    if extra == 0 {
+        assert_eq!(r.status, 201, "{r:?}");
+    } else {
+        assert_eq!((r.status, r.code()), (422, "limit_exceeded"), "{r:?}");
+    }
+    let r = api.reserve(&t2, &ga, &new_key(), &units(1)).await;
+    assert_eq!((r.status, r.code()), (422, "limit_exceeded"), "{r:?}");
+    for drop in [&ga, &seated] {
+        assert_consistent(&f, &h, drop).await;
+    }
+
+    // -- The rebuild command, alone: no booking-api runs, Redis is flushed, `booking-api rebuild`.
+    let ga_sold = 3;
+    h.server.shutdown().await;
+    f.flushall().await;
+    for drop in [&ga, &seated] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_booking-api"))
+            .args(["rebuild", "--drop-id", drop])
+            .env("FLOODGATE_DATABASE_URL", &f.db_url)
+            .env("FLOODGATE_REDIS_URL", &f.redis_url)
+            .env_remove("FLOODGATE_CONFIG")
+            .output()
+            .await
+            .expect("booking-api rebuild runs");
+        assert!(
+            out.status.success(),
+            "booking-api rebuild --drop-id {drop}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(drop.as_str()), "rebuild said: {stdout}");
+        // The command's work, read straight from Redis before any booking-api could help.
+        let meta = f.redis_hash(&key(drop, "meta")).await;
+        assert_eq!(meta.get("status").map(String::as_str), Some("open"));
+        assert_eq!(meta.get("recovering").map(String::as_str), Some("0"));
+        let stock = f.redis_hash(&key(drop, "stock")).await;
+        let (total, sold) = if *drop == ga { (50, ga_sold) } else { (24, 3) };
+        let b = if *drop == ga { "TEE" } else { "A" };
+        assert_eq!(stock[&format!("t:{b}")], total.to_string());
+        assert_eq!(stock[&format!("s:{b}")], sold.to_string());
+        assert_eq!(stock[&format!("h:{b}")], "0");
+        assert_eq!(stock[&format!("a:{b}")], (total - sold).to_string());
+        let fans = f.redis_hash(&key(drop, "fans")).await;
+        if *drop == ga {
+            assert_eq!(fans.get(&name("fan1")).map(String::as_str), Some("2"));
+            assert_eq!(fans.get(&name("fan2")).map(String::as_str), Some("1"));
+            assert_eq!(fans.get(&name("fan3")), None);
+        } else {
+            assert_eq!(fans.get(&name("fan4")).map(String::as_str), Some("2"));
+            assert_eq!(fans.get(&name("fan5")).map(String::as_str), Some("1"));
+            assert_eq!(fans.get(&name("fan6")), None);
+        }
+    }
+
+    // A booking-api started afterwards serves the rebuilt drops as they are.
+    let h = Harness::with_config(test_config(&f.redis_url, &f.db_url)).await;
+    let api = Api::of(&h);
+    assert_eq!(h.counts(&ga).await, (50, 50 - ga_sold, 0, ga_sold));
+    assert_eq!(h.counts(&seated).await, (24, 21, 0, 3));
+    let (t1, t4) = (
+        api.fan_token(&name("fan1")).await,
+        api.fan_token(&name("fan4")).await,
+    );
+    check_rebuilt(api.clone(), t1, t4).await;
+    for drop in [&ga, &seated] {
+        assert_consistent(&f, &h, drop).await;
+    }
+    h.server.shutdown().await;
+    f.stop().await;
+}
