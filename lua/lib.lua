@@ -11,7 +11,7 @@
 -- KEYS[6]  {drop_id}:confirming  zset   confirming hold id → confirm deadline ms
 -- KEYS[7]  {drop_id}:done        zset   ended hold id → purge_at_ms (kept so a fan can read how it ended)
 -- KEYS[8]  {drop_id}:fans        hash   fan id → units held + confirming + bought (the per-fan limit)
--- KEYS[9]  {drop_id}:fanholds    hash   fan id → JSON array of the fan's live (held/confirming) hold ids
+-- KEYS[9]  {drop_id}:fanholds    zset   "<fan id>|<hold id>" for each live (held/confirming) hold
 -- KEYS[10] {drop_id}:layout      hash   section → JSON [[row, seats], ...], front row first
 -- KEYS[11] {drop_id}:active      zset   fan id → admission deadline ms (queue drops)
 -- KEYS[12] {drop_id}:idem:<hash> string the first answer to an idempotent reserve (reserve only)
@@ -54,27 +54,14 @@ local function save_hold(id, h)
   redis.call('HSET', K.holds, id, cjson.encode(h))
 end
 
-local function fan_live_holds(fan)
-  local raw = redis.call('HGET', K.fanholds, fan)
-  if not raw then return {} end
-  return cjson.decode(raw)
-end
-
-local function set_fan_live_holds(fan, ids)
-  if #ids == 0 then
-    redis.call('HDEL', K.fanholds, fan)
-  else
-    redis.call('HSET', K.fanholds, fan, cjson.encode(ids))
-  end
+-- A fan's live holds are members "<fan>|<hold id>" of one zset (all scores 0), so adding and
+-- removing cost O(log n) however many holds a fan has; `|` can't occur in either id.
+local function remember_live_hold(fan, id)
+  redis.call('ZADD', K.fanholds, 0, fan .. '|' .. id)
 end
 
 local function forget_live_hold(fan, id)
-  local ids = fan_live_holds(fan)
-  local kept = {}
-  for _, x in ipairs(ids) do
-    if x ~= id then kept[#kept + 1] = x end
-  end
-  set_fan_live_holds(fan, kept)
+  redis.call('ZREM', K.fanholds, fan .. '|' .. id)
 end
 
 -- A held or confirming hold gives its units back to stock and ends as `final_state`.

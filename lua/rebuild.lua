@@ -76,9 +76,7 @@ for _, entry in ipairs(live) do
       if item.s then redis.call('HSET', K.seats, item.s, id) end
     end
     redis.call('HINCRBY', K.fans, h.fan, h.u)
-    local ids = fan_live_holds(h.fan)
-    ids[#ids + 1] = id
-    set_fan_live_holds(h.fan, ids)
+    remember_live_hold(h.fan, id)
     if h.st == 'held' then
       redis.call('ZADD', K.deadlines, h.exp, id)
     else

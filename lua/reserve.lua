@@ -1,10 +1,11 @@
 -- reserve.lua — a fan takes units of SKUs, named seats, or the best N adjacent seats of a section,
 -- all or nothing, as one hold that expires by itself unless confirmed.
--- Checks, in order: idempotency replay, drop recovering / closed / not yet open, per-fan limit,
--- stock or seats. A few expired holds of the drop are reclaimed first, so stock comes back even
--- when no sweeper runs. Unlike confirm_begin it doesn't compare the Redis run id (an INFO per
--- call on the hottest path): a hold taken on stale state after a restart can't sell —
--- confirm_begin refuses until the drop is rebuilt, and the rebuild ends holds that conflict.
+-- Checks, in order: idempotency replay, drop recovering / closed / not yet open, admitted (queue
+-- drops: the fan is in the active set with a live deadline), per-fan limit, stock or seats. A few
+-- expired holds of the drop are reclaimed first, so stock comes back even when no sweeper runs.
+-- Unlike confirm_begin it doesn't compare the Redis run id (an INFO per call on the hottest path):
+-- a hold taken on stale state after a restart can't sell — confirm_begin refuses until the drop
+-- is rebuilt, and the rebuild ends holds that conflict with a sale.
 -- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12] (KEYS[12] = this request's idem key)
 -- ARGV[1] fan id
 -- ARGV[2] new hold id (made by the caller; embeds the drop id)
@@ -17,9 +18,9 @@
 --       | {"replay", first answer JSON (an array like the above or {"err", ...}), now_ms}
 --       | {"err", code, detail JSON}   code: sold_out | all_held | insufficient_stock |
 --           seat_unavailable | limit_exceeded | drop_closed | not_open | idempotency_key_reused |
---           recovering | unknown_drop
--- Every answer but recovering / unknown_drop / idempotency_key_reused is stored under KEYS[12]
--- for hold TTL + 10 minutes, so a retry gets the first answer back.
+--           recovering | unknown_drop | not_admitted
+-- Every answer but recovering / unknown_drop / idempotency_key_reused / not_admitted is stored
+-- under KEYS[12] for hold TTL + 10 minutes, so a retry gets the first answer back.
 
 local fan, hold_id, body_sha, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now = now_ms()
@@ -34,7 +35,7 @@ if first then
 end
 
 local meta = redis.call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit', 'hold_ttl_ms',
-  'opens_at_ms', 'reclaim_batch')
+  'opens_at_ms', 'reclaim_batch', 'mode')
 if not meta[1] then return {'err', 'unknown_drop', '{}'} end
 if meta[2] == '1' then return {'err', 'recovering', '{}'} end
 local limit, ttl_ms = tonumber(meta[3]), tonumber(meta[4])
@@ -50,6 +51,12 @@ end
 
 if meta[1] ~= 'open' then return refuse('drop_closed') end
 if now < tonumber(meta[5]) then return refuse('not_open', {opens_at_ms = tonumber(meta[5])}) end
+-- A queue drop's token says the fan was admitted; the active set says the session still runs.
+-- Not stored: the same key may be retried once the fan is admitted again.
+if meta[7] == 'queue' then
+  local deadline = redis.call('ZSCORE', K.active, fan)
+  if not deadline or tonumber(deadline) < now then return {'err', 'not_admitted', '{}'} end
+end
 
 reclaim(now, tonumber(meta[6]) or 8)
 
@@ -150,10 +157,10 @@ end
 redis.call('HINCRBY', K.fans, fan, units)
 save_hold(hold_id, {fan = fan, st = 'held', exp = exp, u = units, c = now, it = items})
 redis.call('ZADD', K.deadlines, exp, hold_id)
-local live = fan_live_holds(fan)
-live[#live + 1] = hold_id
-set_fan_live_holds(fan, live)
+remember_live_hold(fan, hold_id)
 -- A hold keeps a queue drop's shopper admitted until it can no longer be confirmed.
-redis.call('ZADD', K.active, 'XX', 'GT', exp + meta_num('confirm_grace_ms', 60000), fan)
+if meta[7] == 'queue' then
+  redis.call('ZADD', K.active, 'XX', 'GT', exp + meta_num('confirm_grace_ms', 60000), fan)
+end
 
 return answer({'ok', hold_id, exp, now, cjson.encode(items)})

@@ -1050,7 +1050,8 @@ async fn queue_drops_refuse_missing_or_bad_admission_tokens_with_403() {
         check(case, &r, 403, "not_admitted");
     }
     unchanged(&h, &drop, before).await;
-    // Control: the same request with a valid token is served.
+    // Control: the same request with a valid token, for a fan whose session is live, is served.
+    h.admit(&drop, &fan).await;
     let r = send(
         &h,
         Method::POST,

@@ -294,6 +294,7 @@ async fn queue_drop_admits_a_fan_with_a_signed_token() {
     let h = Harness::start().await;
     let drop = h.create_drop(queue_drop_body()).await;
     let (fan, token) = h.fan("admitted").await;
+    h.admit(&drop, &fan).await;
     let (admission, _) = waiting_room_keys().issue(
         &DropId::parse(&drop).unwrap(),
         &FanId::parse(&fan).unwrap(),
@@ -379,6 +380,13 @@ async fn queue_drop_refuses_forged_misdirected_and_expired_tokens() {
         assert_eq!(error_code(&body), "not_admitted", "{what}");
     }
     assert_eq!(h.counts(&drop).await, (10, 10, 0, 0));
+    // A genuine token alone is not enough: the session must be live in the active set too.
+    let (status, body) = h
+        .reserve_with(&token, &drop, Some("not-yet"), Some(&good), tee(1))
+        .await;
+    assert_eq!(status, 403, "token without an admitted session: {body}");
+    assert_eq!(error_code(&body), "not_admitted");
+    h.admit(&drop, &fan).await;
     let (status, hold) = h
         .reserve_with(&token, &drop, Some("good"), Some(&good), tee(1))
         .await;

@@ -26,6 +26,7 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub admission: AdmissionConfig,
     pub drops: DropsConfig,
+    pub queue: QueueConfig,
 }
 
 impl Config {
@@ -35,23 +36,44 @@ impl Config {
         if let Ok(path) = std::env::var("FLOODGATE_CONFIG") {
             fig = fig.merge(Toml::file_exact(Path::new(&path)));
         }
-        let env = Env::prefixed("FLOODGATE_")
-            // FLOODGATE_LOG is the binaries' log filter, not a config field.
-            .ignore(&["config", "log"])
-            .map(|key| {
-                let key = key.as_str().to_ascii_lowercase();
-                let key = match key.as_str() {
-                    "database_url" => "database.url".to_owned(),
-                    "redis_url" => "redis.url".to_owned(),
-                    "dev_identity" => "identity.dev".to_owned(),
-                    other => other.replace("__", "."),
-                };
-                key.into()
-            })
-            .filter(|key| !key.as_str().starts_with("dev_") && !key.as_str().starts_with("test_"));
+        // Only variables naming a config section (or a short form) are config: the rest of the
+        // FLOODGATE_* family (FLOODGATE_LOG, FLOODGATE_SELLER_KEY, FLOODGATE_TEST_*, ...) belongs
+        // to other tools. Inside a known section an unknown field is still refused.
+        let env = Env::prefixed("FLOODGATE_").filter_map(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            let key = match key.as_str() {
+                "database_url" => "database.url".to_owned(),
+                "redis_url" => "redis.url".to_owned(),
+                "dev_identity" => "identity.dev".to_owned(),
+                other => {
+                    let (section, _) = other.split_once("__")?;
+                    if !SECTIONS.contains(&section) {
+                        return None;
+                    }
+                    other.replace("__", ".")
+                }
+            };
+            Some(key.into())
+        });
         fig.merge(env).extract().map_err(Box::new)
     }
 }
+
+/// The config sections, as the environment spells them (`FLOODGATE_<SECTION>__<FIELD>`).
+const SECTIONS: &[&str] = &[
+    "http",
+    "redis",
+    "database",
+    "limits",
+    "holds",
+    "writer",
+    "gateway",
+    "reconciler",
+    "identity",
+    "admission",
+    "drops",
+    "queue",
+];
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
@@ -380,6 +402,92 @@ impl Default for DropsConfig {
             max_items_per_hold: DEFAULT_MAX_ITEMS_PER_HOLD,
             max_drops_listed: DEFAULT_MAX_DROPS_LISTED,
             cache_entries: DEFAULT_DROP_CACHE_ENTRIES,
+        }
+    }
+}
+
+pub const DEFAULT_QUEUE_LISTEN: &str = "127.0.0.1:8081";
+pub const DEFAULT_QUEUE_MAX_CONNECTIONS: usize = 19_000;
+pub const DEFAULT_QUEUE_TICK_MS: u64 = 100;
+pub const DEFAULT_QUEUE_POSITION_INTERVAL_MS: u64 = 2_000;
+pub const DEFAULT_QUEUE_SEND_QUEUE_LEN: usize = 16;
+pub const DEFAULT_QUEUE_PER_IP_JOIN_PER_S: u32 = 500;
+pub const DEFAULT_QUEUE_PER_IP_JOIN_BURST: u32 = 2_000;
+pub const DEFAULT_WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+pub const DEFAULT_WS_WRITE_BUFFER_BYTES: usize = 4 * 1024;
+pub const DEFAULT_WS_MAX_WRITE_BUFFER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_WS_MAX_MESSAGE_BYTES: usize = 4 * 1024;
+pub const DEFAULT_BOOKING_PUBLIC_URL: &str = "http://127.0.0.1:8080";
+pub const DEFAULT_ADMIT_RATE_WINDOW_MS: u64 = 10_000;
+pub const DEFAULT_ROOM_IDLE_KEEP_MS: u64 = 30_000;
+pub const DEFAULT_MAX_ROOMS: usize = 10_000;
+pub const DEFAULT_POSITION_CONCURRENCY: usize = 64;
+
+/// queue-server: the waiting room's sockets, ticks and bounds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    pub listen: SocketAddr,
+    /// Open connections (WebSockets and HTTP) per process; past it new ones wait in the backlog.
+    pub max_connections: usize,
+    /// How often each drop with waiters here runs the admission script and broadcasts a tick.
+    pub tick_ms: u64,
+    /// How often each waiter gets an exact `position` (one ZRANK per waiter: the slow cadence).
+    pub position_interval_ms: u64,
+    /// Messages queued per socket; a client that lets it fill is dropped, not buffered.
+    pub send_queue_len: usize,
+    /// Joins per second per client IP (governor, per process). Generous: stadiums and mobile
+    /// carriers put thousands of fans behind one address; one place per fan does the real work.
+    pub per_ip_join_per_s: u32,
+    pub per_ip_join_burst: u32,
+    /// tungstenite's buffers: the read buffer is allocated up front, so it is what an idle
+    /// connection costs (the default 128 KiB would be ~135 KiB per waiter).
+    pub ws_read_buffer_bytes: usize,
+    pub ws_write_buffer_bytes: usize,
+    /// Must exceed `ws_write_buffer_bytes` (tungstenite panics otherwise).
+    pub ws_max_write_buffer_bytes: usize,
+    /// Largest message (and frame) a client may send.
+    pub ws_max_message_bytes: usize,
+    /// Where fans book: admitted fans are sent to `{booking_public_url}/drops/{drop_id}?admission_token=...`.
+    pub booking_public_url: String,
+    /// The admission rate behind ETAs is measured over this window.
+    pub admit_rate_window_ms: u64,
+    /// A drop's admission loop keeps running this long after its last waiter or poll here.
+    pub room_idle_keep_ms: u64,
+    /// Drops with an admission loop in this process, at most.
+    pub max_rooms: usize,
+    /// Position lookups in flight per drop on the slow cadence.
+    pub position_concurrency: usize,
+    pub request_timeout_ms: u64,
+    pub header_read_timeout_ms: u64,
+    /// How long graceful shutdown waits for sockets to take their close frame.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            listen: DEFAULT_QUEUE_LISTEN
+                .parse()
+                .expect("the default queue listen address parses"),
+            max_connections: DEFAULT_QUEUE_MAX_CONNECTIONS,
+            tick_ms: DEFAULT_QUEUE_TICK_MS,
+            position_interval_ms: DEFAULT_QUEUE_POSITION_INTERVAL_MS,
+            send_queue_len: DEFAULT_QUEUE_SEND_QUEUE_LEN,
+            per_ip_join_per_s: DEFAULT_QUEUE_PER_IP_JOIN_PER_S,
+            per_ip_join_burst: DEFAULT_QUEUE_PER_IP_JOIN_BURST,
+            ws_read_buffer_bytes: DEFAULT_WS_READ_BUFFER_BYTES,
+            ws_write_buffer_bytes: DEFAULT_WS_WRITE_BUFFER_BYTES,
+            ws_max_write_buffer_bytes: DEFAULT_WS_MAX_WRITE_BUFFER_BYTES,
+            ws_max_message_bytes: DEFAULT_WS_MAX_MESSAGE_BYTES,
+            booking_public_url: DEFAULT_BOOKING_PUBLIC_URL.to_owned(),
+            admit_rate_window_ms: DEFAULT_ADMIT_RATE_WINDOW_MS,
+            room_idle_keep_ms: DEFAULT_ROOM_IDLE_KEEP_MS,
+            max_rooms: DEFAULT_MAX_ROOMS,
+            position_concurrency: DEFAULT_POSITION_CONCURRENCY,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`db`] — the Postgres store: migrations, keys, drops, payments, orders, recovery reads.
 //! - [`writer`] — group commit of confirmed orders, a SAVEPOINT per order.
 //! - [`payments`] — the payment gateway trait and the deterministic test gateway.
+//! - [`queue`] — the waiting room: line keys, pre-queue scores, join and admission wrappers.
 //! - [`tokens`] — fan identity tokens (dev / HS256 / RS256) and admission tokens (HMAC-SHA256).
 //! - [`booking`] — the engine handlers call: reserve, release, confirm, the sweeper, the
 //!   reconciler and recovery.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod ids;
 pub mod metrics;
 pub mod payments;
+pub mod queue;
 pub mod scripts;
 pub mod tokens;
 pub mod writer;

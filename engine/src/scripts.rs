@@ -75,7 +75,7 @@ impl DropKeys {
     pub fn fanholds(&self) -> &str {
         self.get("fanholds")
     }
-    /// Waiting-room settings ops change live (read by the admission script next issue).
+    /// Waiting-room settings ops change live (read by lua/admit.lua).
     pub fn admission(drop: &DropId) -> String {
         format!("fg:{{{drop}}}:admission")
     }
@@ -221,13 +221,13 @@ pub struct Redis {
     scripts: Arc<Scripts>,
 }
 
-type Reply = Vec<Value>;
+pub(crate) type Reply = Vec<Value>;
 
-fn text(v: Option<&Value>) -> String {
+pub(crate) fn text(v: Option<&Value>) -> String {
     v.and_then(|v| v.as_string()).unwrap_or_default()
 }
 
-fn int(v: Option<&Value>) -> i64 {
+pub(crate) fn int(v: Option<&Value>) -> i64 {
     v.and_then(|v| v.as_i64()).unwrap_or_default()
 }
 
@@ -288,11 +288,16 @@ impl Redis {
         let _ = self.pool.quit().await;
     }
 
-    fn client(&self) -> &Client {
+    pub(crate) fn client(&self) -> &Client {
         self.pool.next()
     }
 
-    async fn run(&self, script: &Script, keys: Vec<String>, args: Vec<String>) -> Result<Reply> {
+    pub(crate) async fn run(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Reply> {
         Ok(script
             .evalsha_with_reload::<Reply, _, _>(self.client(), keys, args)
             .await?)
@@ -494,14 +499,24 @@ impl Redis {
         fan: &FanId,
     ) -> Result<Vec<(HoldId, HoldRecord)>> {
         let keys = DropKeys::new(drop);
-        let raw: Option<String> = self.client().hget(keys.fanholds(), fan.as_str()).await?;
-        let ids: Vec<String> = match raw {
-            Some(r) => decode(&r)?,
-            None => return Ok(Vec::new()),
-        };
+        // Members are "<fan>|<hold id>" (lua/lib.lua): the fan's run of them, in lex order.
+        let prefix = format!("{fan}|");
+        let members: Vec<String> = self
+            .client()
+            .zrangebylex(
+                keys.fanholds(),
+                format!("[{prefix}"),
+                format!("[{prefix}~"),
+                None,
+            )
+            .await?;
+        let ids: Vec<&str> = members
+            .iter()
+            .filter_map(|m| m.strip_prefix(&prefix))
+            .collect();
         let mut out = Vec::new();
         for id in ids {
-            let Ok(hold) = HoldId::parse(&id) else {
+            let Ok(hold) = HoldId::parse(id) else {
                 continue;
             };
             if let Some(rec) = self.hold(&hold).await? {

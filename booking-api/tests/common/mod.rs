@@ -129,6 +129,21 @@ impl Harness {
         .await
     }
 
+    /// Puts a fan in a queue drop's active set, as the waiting room's admission would, for tests
+    /// that sign admission tokens themselves (reserve checks the session as well as the token).
+    pub async fn admit(&self, drop: &str, fan: &str) {
+        self.server
+            .engine
+            .redis
+            .test_admit(
+                &engine::ids::DropId::parse(drop).unwrap(),
+                &engine::ids::FanId::parse(fan).unwrap(),
+                300_000,
+            )
+            .await
+            .unwrap();
+    }
+
     /// POST a reserve; returns (status, body).
     pub async fn reserve(&self, token: &str, drop: &str, body: Value) -> (u16, Value) {
         let key = format!("k-{}", uuid::Uuid::new_v4());

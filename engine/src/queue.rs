@@ -1,0 +1,416 @@
+//! The waiting room's engine side (DESIGN.md §3): the line's keys, the pre-queue's commit–reveal
+//! score, typed wrappers for lua/join.lua and lua/admit.lua, and the few plain reads queue-server
+//! needs (a fan's place, rank and admission deadline). All Redis access of the waiting room is here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use sha2::Sha256;
+
+use crate::booking::Engine;
+use crate::drops::AdmissionMode;
+use crate::error::{Code, Error, Result};
+use crate::ids::{DropId, FanId};
+use crate::scripts::{int, text, DropKeys, Redis};
+use crate::tokens::{now_ms, AdmissionClaims};
+
+static JOIN: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("../../lua/join.lua")));
+static ADMIT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("../../lua/admit.lua")));
+
+/// Places after opening are `POST_OPEN_BASE + n`; pre-queue scores are below it.
+pub const POST_OPEN_BASE: i64 = 1 << 52;
+
+/// The pre-queue score of a fan: HMAC-SHA256(seed, fan id) cut to its first 52 bits. The seed
+/// stays secret until opening (only its SHA-256 is published), then anyone can recompute it.
+pub fn prequeue_score(seed: &str, fan: &FanId) -> i64 {
+    // HMAC takes keys of any length; this can't fail.
+    let mut mac = Hmac::<Sha256>::new_from_slice(seed.as_bytes()).expect("HMAC accepts any key");
+    mac.update(fan.as_str().as_bytes());
+    let digest = mac.finalize().into_bytes();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) >> 12) as i64
+}
+
+/// The waiting room's keys of one drop (all with the hash tag `{drop_id}`).
+#[derive(Debug, Clone)]
+pub struct QueueKeys {
+    pub meta: String,
+    pub admission: String,
+    pub stock: String,
+    pub fans: String,
+    pub active: String,
+    pub places: String,
+    pub line: String,
+    pub seq: String,
+    pub bucket: String,
+    pub watermark: String,
+}
+
+impl QueueKeys {
+    pub fn new(drop: &DropId) -> QueueKeys {
+        let drop_keys = DropKeys::new(drop);
+        let k = |name: &str| format!("fg:{{{drop}}}:{name}");
+        QueueKeys {
+            meta: drop_keys.meta().to_owned(),
+            admission: DropKeys::admission(drop),
+            stock: drop_keys.stock().to_owned(),
+            fans: k("fans"),
+            active: k("active"),
+            places: k("places"),
+            line: k("line"),
+            seq: k("seq"),
+            bucket: k("bucket"),
+            watermark: k("watermark"),
+        }
+    }
+}
+
+/// Where a fan stands, as join and `/queue/me` say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FanStatus {
+    Waiting,
+    PreQueue,
+    Admitted,
+    /// Admitted before; the shopping session is over (no second place).
+    Done,
+    SoldOut,
+    Closed,
+}
+
+impl FanStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FanStatus::Waiting => "waiting",
+            FanStatus::PreQueue => "pre_queue",
+            FanStatus::Admitted => "admitted",
+            FanStatus::Done => "done",
+            FanStatus::SoldOut => "sold_out",
+            FanStatus::Closed => "closed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// The fan's place: the line's score (0 when none was made: sold out / closed).
+    pub place: i64,
+    pub new: bool,
+    pub status: FanStatus,
+    pub opens_at_ms: i64,
+    pub now_ms: i64,
+}
+
+/// The line as the admission script left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineState {
+    Open,
+    Paused,
+    PreQueue,
+    AllHeld,
+    SoldOut,
+    Closed,
+    Recovering,
+    UnknownDrop,
+}
+
+impl LineState {
+    fn parse(s: &str) -> LineState {
+        match s {
+            "open" => LineState::Open,
+            "paused" => LineState::Paused,
+            "pre_queue" => LineState::PreQueue,
+            "all_held" => LineState::AllHeld,
+            "sold_out" => LineState::SoldOut,
+            "closed" => LineState::Closed,
+            "recovering" => LineState::Recovering,
+            _ => LineState::UnknownDrop,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LineState::Open => "open",
+            LineState::Paused => "paused",
+            LineState::PreQueue => "pre_queue",
+            LineState::AllHeld => "all_held",
+            LineState::SoldOut => "sold_out",
+            LineState::Closed => "closed",
+            LineState::Recovering => "recovering",
+            LineState::UnknownDrop => "unknown_drop",
+        }
+    }
+}
+
+/// One run of the admission script.
+#[derive(Debug, Clone)]
+pub struct Tick {
+    pub state: LineState,
+    /// The highest place admitted so far.
+    pub watermark: i64,
+    /// Admissions ever, by any instance (the measured admission rate comes from its changes).
+    pub admitted_total: i64,
+    /// Fans still in the line.
+    pub waiting: i64,
+    pub active: i64,
+    /// The configured rate (ops' setting).
+    pub rate_per_s: f64,
+    pub now_ms: i64,
+    /// The fans this call admitted, with their places, head of the line first.
+    pub admitted: Vec<(FanId, i64)>,
+}
+
+/// A fan's standing from plain reads: their place, how many wait ahead, their admission deadline.
+#[derive(Debug, Clone, Default)]
+pub struct Standing {
+    pub place: Option<i64>,
+    /// 0-based rank in the line (people ahead); None when not in the line.
+    pub ahead: Option<i64>,
+    /// When in the active set: the admission deadline (may have passed).
+    pub deadline_ms: Option<i64>,
+}
+
+fn place_of(v: Option<&Value>) -> i64 {
+    text(v).parse::<f64>().map_or(0, |f| f as i64)
+}
+
+impl Redis {
+    /// lua/join.lua: the fan's one place in the drop's line.
+    pub async fn join(&self, drop: &DropId, fan: &FanId, prequeue_score: i64) -> Result<Joined> {
+        let k = QueueKeys::new(drop);
+        let reply = self
+            .run(
+                &JOIN,
+                vec![k.meta, k.admission, k.places, k.line, k.seq, k.active],
+                vec![fan.to_string(), prequeue_score.to_string()],
+            )
+            .await?;
+        let status = match text(reply.get(2)).as_str() {
+            "waiting" => FanStatus::Waiting,
+            "pre_queue" => FanStatus::PreQueue,
+            "admitted" => FanStatus::Admitted,
+            "done" => FanStatus::Done,
+            "sold_out" => FanStatus::SoldOut,
+            "closed" => FanStatus::Closed,
+            "recovering" => {
+                return Err(
+                    Error::new(Code::Recovering).retry_after(std::time::Duration::from_secs(1))
+                )
+            }
+            "not_queue" => {
+                return Err(Error::msg(
+                    Code::InvalidRequest,
+                    "This drop has no waiting room: fans reserve directly.",
+                ))
+            }
+            _ => return Err(Error::new(Code::UnknownDrop)),
+        };
+        Ok(Joined {
+            place: place_of(reply.first()),
+            new: int(reply.get(1)) == 1,
+            status,
+            opens_at_ms: int(reply.get(3)),
+            now_ms: int(reply.get(4)),
+        })
+    }
+
+    /// lua/admit.lua: admits as many fans as the bucket, `max_active`, the stock and `paused` allow.
+    pub async fn admit(&self, drop: &DropId) -> Result<Tick> {
+        let k = QueueKeys::new(drop);
+        let reply = self
+            .run(
+                &ADMIT,
+                vec![
+                    k.meta,
+                    k.admission,
+                    k.stock,
+                    k.fans,
+                    k.active,
+                    k.line,
+                    k.bucket,
+                    k.watermark,
+                ],
+                Vec::new(),
+            )
+            .await?;
+        let mut admitted = Vec::with_capacity(reply.len().saturating_sub(7) / 2);
+        let mut i = 7;
+        while i + 1 < reply.len() {
+            if let Ok(fan) = FanId::parse(&text(reply.get(i))) {
+                admitted.push((fan, place_of(reply.get(i + 1))));
+            }
+            i += 2;
+        }
+        Ok(Tick {
+            state: LineState::parse(&text(reply.first())),
+            watermark: place_of(reply.get(1)),
+            admitted_total: int(reply.get(2)),
+            waiting: int(reply.get(3)),
+            active: int(reply.get(4)),
+            rate_per_s: text(reply.get(5)).parse().unwrap_or(0.0),
+            now_ms: int(reply.get(6)),
+            admitted,
+        })
+    }
+
+    /// A fan's place, rank in the line and admission deadline (three reads, pipelined).
+    pub async fn standing(&self, drop: &DropId, fan: &FanId) -> Result<Standing> {
+        let k = QueueKeys::new(drop);
+        let c = self.client();
+        let (place, rank, deadline) = tokio::join!(
+            c.hget::<Option<String>, _, _>(&k.places, fan.as_str()),
+            c.zrank::<Option<i64>, _, _>(&k.line, fan.as_str(), false),
+            c.zscore::<Option<f64>, _, _>(&k.active, fan.as_str()),
+        );
+        Ok(Standing {
+            place: place?.and_then(|p| p.parse::<f64>().ok()).map(|p| p as i64),
+            ahead: rank?,
+            deadline_ms: deadline?.map(|d| d as i64),
+        })
+    }
+
+    /// Fans waiting in the line.
+    pub async fn line_len(&self, drop: &DropId) -> Result<i64> {
+        Ok(self.client().zcard(QueueKeys::new(drop).line).await?)
+    }
+
+    /// Puts a fan straight into the active set, bypassing the line and the admission script. For
+    /// tests that sign admission tokens themselves; production admits only through lua/admit.lua.
+    #[doc(hidden)]
+    pub async fn test_admit(&self, drop: &DropId, fan: &FanId, window_ms: i64) -> Result<()> {
+        let _: i64 = self
+            .client()
+            .zadd(
+                QueueKeys::new(drop).active,
+                None,
+                None,
+                false,
+                false,
+                ((now_ms() + window_ms) as f64, fan.as_str()),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// The waiting room over an [`Engine`]: joins (with the pre-queue's secret seed, cached per
+/// drop), admission ticks, standings and admission tokens.
+pub struct Queue {
+    pub engine: Arc<Engine>,
+    seeds: Mutex<HashMap<DropId, String>>,
+}
+
+/// How many drops' seeds a process remembers before it forgets them all (a miss is one query).
+const SEED_CACHE_ENTRIES: usize = 10_000;
+
+impl Queue {
+    pub fn new(engine: Arc<Engine>) -> Queue {
+        Queue {
+            engine,
+            seeds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn seed(&self, drop: &DropId) -> Result<String> {
+        if let Some(s) = self
+            .seeds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(drop)
+        {
+            return Ok(s.clone());
+        }
+        let seed = self
+            .engine
+            .db
+            .seed(drop)
+            .await?
+            .ok_or_else(|| Error::new(Code::UnknownDrop))?;
+        let mut cache = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= SEED_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(drop.clone(), seed.clone());
+        Ok(seed)
+    }
+
+    /// Joins the fan to a queue drop's line (idempotent).
+    pub async fn join(&self, drop: &DropId, fan: &FanId) -> Result<Joined> {
+        let def = self.engine.drop_def(drop).await?;
+        if def.admission.mode != AdmissionMode::Queue {
+            return Err(Error::msg(
+                Code::InvalidRequest,
+                "This drop has no waiting room: fans reserve directly.",
+            ));
+        }
+        let seed = self.seed(drop).await?;
+        let joined = self
+            .engine
+            .redis
+            .join(drop, fan, prequeue_score(&seed, fan))
+            .await?;
+        if joined.new {
+            metrics::counter!(crate::metrics::QUEUE_JOINS).increment(1);
+        }
+        Ok(joined)
+    }
+
+    /// The seed's SHA-256 (published at creation) and, once the drop has opened, the seed itself.
+    pub async fn seed_reveal(&self, drop: &DropId) -> Result<(String, Option<String>, i64)> {
+        let def = self.engine.drop_def(drop).await?;
+        let opened = now_ms() >= def.opens_at_ms();
+        let seed = if opened {
+            Some(self.seed(drop).await?)
+        } else {
+            None
+        };
+        Ok((def.seed_sha256.clone(), seed, def.opens_at_ms()))
+    }
+
+    pub async fn admit(&self, drop: &DropId) -> Result<Tick> {
+        let tick = self.engine.redis.admit(drop).await?;
+        if !tick.admitted.is_empty() {
+            metrics::counter!(crate::metrics::QUEUE_ADMISSIONS)
+                .increment(tick.admitted.len() as u64);
+        }
+        Ok(tick)
+    }
+
+    pub async fn standing(&self, drop: &DropId, fan: &FanId) -> Result<Standing> {
+        self.engine.redis.standing(drop, fan).await
+    }
+
+    /// A signed admission token for an admitted fan.
+    pub fn admission_token(
+        &self,
+        drop: &DropId,
+        fan: &FanId,
+        place: i64,
+    ) -> (String, AdmissionClaims) {
+        self.engine.admission.issue(drop, fan, place)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prequeue_scores_fit_52_bits_and_depend_on_seed_and_fan() {
+        let alice = FanId::parse("alice").unwrap();
+        let bob = FanId::parse("bob").unwrap();
+        let a = prequeue_score("seed-1", &alice);
+        assert!((0..POST_OPEN_BASE).contains(&a));
+        assert_eq!(a, prequeue_score("seed-1", &alice));
+        assert_ne!(a, prequeue_score("seed-2", &alice));
+        assert_ne!(a, prequeue_score("seed-1", &bob));
+    }
+}

@@ -1,0 +1,133 @@
+-- admit.lua — decides how many fans of a queue drop's line enter now, pops them from the head of
+-- the line and makes them active shoppers. Atomic, and safe to call from every queue-server
+-- instance at any time: the token bucket, the active set and the stock it reads are all in Redis,
+-- so N callers admit no more than one would.
+-- How many: the fewest of
+--   the token bucket (rate_per_s, burst; time from TIME, elapsed clamped at >= 0),
+--   max_active − active shoppers (the active set after dropping entries past their deadline),
+--   inventory-aware (DESIGN.md §3): admit one more only while
+--     Σ over active fans (per_fan_limit − units held or bought) + per_fan_limit
+--       ≤ available × (1 + admit_margin_pct / 100)
+--   (O(active): one HMGET of the active fans' counts, and active ≤ max_active),
+--   and the line's length. Nobody enters while paused, recovering, closed, sold out, all held,
+--   or before opens_at_ms.
+-- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, per_fan_limit (see lib.lua)
+-- KEYS[2] {drop_id}:admission  hash   rate_per_s, burst, max_active, paused "0"/"1",
+--                                     shop_window_s, admit_margin_pct; line_state set here
+-- KEYS[3] {drop_id}:stock      hash   a:<bucket> available, h:<bucket> held (see lib.lua)
+-- KEYS[4] {drop_id}:fans       hash   fan id → units held + confirming + bought
+-- KEYS[5] {drop_id}:active     zset   fan id → admission deadline ms
+-- KEYS[6] {drop_id}:line       zset   waiting fan id → place
+-- KEYS[7] {drop_id}:bucket     hash   tokens, last_ms (the token bucket's state)
+-- KEYS[8] {drop_id}:watermark  hash   place (highest place admitted), admitted (admissions ever)
+-- ARGV: none
+-- Returns {state, watermark place (decimal string), admitted ever, waiting, active, rate_per_s,
+--          now_ms, fan 1, place 1, fan 2, place 2, ...}   (the fans admitted by this call)
+--   state: open | paused | pre_queue | all_held | sold_out | closed | recovering | unknown_drop
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local wm = redis.call('HMGET', KEYS[8], 'place', 'admitted')
+local watermark, admitted_ever = wm[1] or '0', tonumber(wm[2]) or 0
+local s = redis.call('HMGET', KEYS[2], 'rate_per_s', 'burst', 'max_active', 'paused',
+  'shop_window_s', 'admit_margin_pct', 'line_state')
+local rate = tonumber(s[1]) or 0
+
+local function answer(state, active, popped)
+  local out = {state, watermark, admitted_ever, redis.call('ZCARD', KEYS[6]), active,
+    tostring(rate), now}
+  for _, x in ipairs(popped or {}) do out[#out + 1] = x end
+  return out
+end
+
+local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms', 'per_fan_limit')
+if not meta[1] then return answer('unknown_drop', 0) end
+if meta[2] == '1' then return answer('recovering', 0) end
+
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. now)
+local active = redis.call('ZCARD', KEYS[5])
+
+if meta[1] == 'closed' then return answer('closed', active) end
+if s[7] == 'sold_out' then return answer('sold_out', active) end
+
+local available, held = 0, 0
+local stock = redis.call('HGETALL', KEYS[3])
+for i = 1, #stock, 2 do
+  local kind = string.sub(stock[i], 1, 2)
+  if kind == 'a:' then available = available + tonumber(stock[i + 1])
+  elseif kind == 'h:' then held = held + tonumber(stock[i + 1]) end
+end
+if available == 0 and held == 0 then
+  -- Nothing can come back (sold is final): the line closes for good.
+  redis.call('HSET', KEYS[2], 'line_state', 'sold_out')
+  return answer('sold_out', active)
+end
+
+-- The bucket refills while paused too, up to burst, like any token bucket.
+local burst = tonumber(s[2]) or 0
+local b = redis.call('HMGET', KEYS[7], 'tokens', 'last_ms')
+local tokens, last = tonumber(b[1]), tonumber(b[2])
+if not tokens or not last then
+  tokens, last = burst, now
+end
+local elapsed = now - last
+if elapsed < 0 then elapsed = 0 end
+tokens = math.min(burst, tokens + elapsed * rate / 1000)
+-- TIME can step back on a failover: never move last_ms backwards.
+if now > last then last = now end
+local function save_bucket()
+  redis.call('HSET', KEYS[7], 'tokens', string.format('%.6f', tokens), 'last_ms', last)
+end
+
+local state = 'open'
+if s[4] == '1' then state = 'paused'
+elseif now < (tonumber(meta[3]) or 0) then state = 'pre_queue'
+elseif available == 0 then state = 'all_held' end
+if state ~= 'open' then
+  save_bucket()
+  return answer(state, active)
+end
+
+local n = math.floor(tokens)
+n = math.min(n, (tonumber(s[3]) or 0) - active)
+n = math.min(n, redis.call('ZCARD', KEYS[6]))
+if n > 0 then
+  local limit = tonumber(meta[4]) or 1
+  local margin = tonumber(s[6]) or 0
+  local demand = 0
+  if active > 0 then
+    local fans = redis.call('ZRANGE', KEYS[5], 0, -1)
+    local units = redis.call('HMGET', KEYS[4], unpack(fans))
+    for i = 1, #fans do
+      local left = limit - (tonumber(units[i]) or 0)
+      if left > 0 then demand = demand + left end
+    end
+  end
+  -- (demand + k·limit)·100 ≤ available·(100 + margin), integers only.
+  local room = available * (100 + margin) - demand * 100
+  local by_stock = 0
+  if room > 0 then by_stock = math.floor(room / (limit * 100)) end
+  n = math.min(n, by_stock)
+end
+if n <= 0 then
+  save_bucket()
+  return answer('open', active)
+end
+
+local popped = redis.call('ZPOPMIN', KEYS[6], n)
+local deadline = now + (tonumber(s[5]) or 300) * 1000
+local out = {}
+for i = 1, #popped, 2 do
+  local fan, place = popped[i], popped[i + 1]
+  redis.call('ZADD', KEYS[5], deadline, fan)
+  out[#out + 1] = fan
+  out[#out + 1] = place
+  if tonumber(place) > tonumber(watermark) then watermark = place end
+end
+local count = #popped / 2
+tokens = tokens - count
+admitted_ever = admitted_ever + count
+save_bucket()
+redis.call('HSET', KEYS[8], 'place', watermark, 'admitted', admitted_ever)
+return answer('open', active + count, out)

@@ -1,0 +1,65 @@
+-- join.lua — a fan takes a place in a queue drop's line, once: a reconnect, a refresh, a second
+-- tab or device gets the same place back, and a fan already admitted (or gone through) keeps their
+-- entry in the places hash, so they can't join again. Before `opens_at_ms` the place is the
+-- caller's commit–reveal score (HMAC-SHA256(seed, fan) cut to 52 bits, below 2^52); after it,
+-- 2^52 + a counter, so the line is first come, first served and never depends on a clock.
+-- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, mode (see lib.lua)
+-- KEYS[2] {drop_id}:admission  hash   ops' settings; line_state = "sold_out" once the line closed
+-- KEYS[3] {drop_id}:places     hash   fan id → place (kept after admission: one place per fan)
+-- KEYS[4] {drop_id}:line       zset   waiting fan id → place
+-- KEYS[5] {drop_id}:seq        string the counter places after opening come from
+-- KEYS[6] {drop_id}:active     zset   admitted fan id → admission deadline ms
+-- ARGV[1] fan id
+-- ARGV[2] pre-queue score, a decimal integer in [0, 2^52) (used only before opening)
+-- Returns {place (decimal string), 1 if the place is new else 0, status, opens_at_ms, now_ms}
+--   status: waiting | pre_queue | admitted (in the active set, deadline not passed) |
+--           done (admitted before, session over) | sold_out | closed | recovering | unknown_drop |
+--           not_queue (the drop has no waiting room)
+-- A fan with no place on a sold-out / closed drop gets place "0" and no place is made.
+
+local fan, prequeue_score = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms', 'mode')
+if not meta[1] then return {'0', 0, 'unknown_drop', 0, now} end
+local opens_at = tonumber(meta[3]) or 0
+if meta[2] == '1' then return {'0', 0, 'recovering', opens_at, now} end
+if meta[4] ~= 'queue' then return {'0', 0, 'not_queue', opens_at, now} end
+
+local function status_of(place)
+  local deadline = redis.call('ZSCORE', KEYS[6], fan)
+  if deadline and tonumber(deadline) >= now then return 'admitted' end
+  if redis.call('ZSCORE', KEYS[4], fan) then
+    if now < opens_at then return 'pre_queue' end
+    return 'waiting'
+  end
+  return 'done'
+end
+
+local place = redis.call('HGET', KEYS[3], fan)
+if place then
+  local status = status_of(place)
+  if status == 'waiting' or status == 'pre_queue' then
+    if meta[1] == 'closed' then status = 'closed' end
+    if redis.call('HGET', KEYS[2], 'line_state') == 'sold_out' then status = 'sold_out' end
+  end
+  return {place, 0, status, opens_at, now}
+end
+if meta[1] == 'closed' then return {'0', 0, 'closed', opens_at, now} end
+if redis.call('HGET', KEYS[2], 'line_state') == 'sold_out' then
+  return {'0', 0, 'sold_out', opens_at, now}
+end
+
+local status
+if now < opens_at then
+  place = prequeue_score
+  status = 'pre_queue'
+else
+  -- 2^52 + n stays exact in a double (n < 2^52) and above every pre-queue score.
+  place = string.format('%.0f', 4503599627370496 + redis.call('INCR', KEYS[5]))
+  status = 'waiting'
+end
+redis.call('HSET', KEYS[3], fan, place)
+redis.call('ZADD', KEYS[4], place, fan)
+return {place, 1, status, opens_at, now}

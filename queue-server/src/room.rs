@@ -1,0 +1,429 @@
+//! One admission loop per drop that has waiters (or recent pollers) on this instance. Every tick
+//! it runs the admission script (O(1) Redis calls, however many wait here), tells the fans it
+//! admitted that are connected here, and broadcasts one shared `tick` frame, serialised once. On
+//! a slower cadence each waiter gets an exact `position`, and fans admitted by another instance
+//! are found (their deadline in the active set) and sent their token.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use engine::config::{ms, QueueConfig};
+use engine::ids::{DropId, FanId};
+use engine::queue::{LineState, Queue, Standing, Tick};
+use engine::tokens::now_ms;
+use engine::{Code, Error};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each map entry is self-contained: a panic elsewhere leaves them usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A frame for one socket.
+pub fn frame(v: &Value) -> Message {
+    Message::Text(Utf8Bytes::from(v.to_string()))
+}
+
+/// One connected socket of a fan.
+struct Waiter {
+    fan: FanId,
+    tx: mpsc::Sender<Message>,
+}
+
+#[derive(Default)]
+struct Waiters {
+    by_conn: HashMap<u64, Waiter>,
+    by_fan: HashMap<FanId, Vec<u64>>,
+}
+
+impl Waiters {
+    fn remove(&mut self, conn: u64) {
+        if let Some(w) = self.by_conn.remove(&conn) {
+            if let Some(conns) = self.by_fan.get_mut(&w.fan) {
+                conns.retain(|c| *c != conn);
+                if conns.is_empty() {
+                    self.by_fan.remove(&w.fan);
+                }
+            }
+            metrics::gauge!(engine::metrics::QUEUE_WAITERS).decrement(1.0);
+        }
+    }
+
+    /// Queues `msg` on every socket of `fan`; a socket whose queue is full is dropped.
+    fn send_fan(&mut self, fan: &FanId, msg: &Message) {
+        let conns = self.by_fan.get(fan).cloned().unwrap_or_default();
+        for conn in conns {
+            self.send_conn(conn, msg);
+        }
+    }
+
+    fn send_conn(&mut self, conn: u64, msg: &Message) {
+        let Some(w) = self.by_conn.get(&conn) else {
+            return;
+        };
+        match w.tx.try_send(msg.clone()) {
+            Ok(()) => metrics::counter!(engine::metrics::QUEUE_MESSAGES_SENT).increment(1),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // A slow client is dropped, not buffered without end: removing its sender ends
+                // its socket task.
+                metrics::counter!(engine::metrics::QUEUE_SLOW_CLIENTS_DROPPED).increment(1);
+                self.remove(conn);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.remove(conn),
+        }
+    }
+}
+
+/// What the last tick said, for new sockets and pollers.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub state: LineState,
+    pub watermark: i64,
+    pub admitted_total: i64,
+    pub waiting: i64,
+    /// Admissions per second measured over `admit_rate_window_ms` (any instance's).
+    pub measured_rate_per_s: f64,
+    pub configured_rate_per_s: f64,
+}
+
+impl View {
+    /// The rate ETAs use: measured once there is a window of data, else the configured one.
+    pub fn rate_per_s(&self) -> f64 {
+        if self.measured_rate_per_s > 0.0 {
+            self.measured_rate_per_s
+        } else if self.state == LineState::Open {
+            self.configured_rate_per_s
+        } else {
+            0.0
+        }
+    }
+
+    pub fn eta_s(&self, ahead: i64) -> Option<i64> {
+        let rate = self.rate_per_s();
+        (rate > 0.0).then(|| ((ahead + 1) as f64 / rate).ceil() as i64)
+    }
+
+    /// The state message a new socket gets after its position, if the line isn't simply open.
+    pub fn state_message(&self) -> Option<Value> {
+        match self.state {
+            LineState::Paused => Some(json!({"type": "paused"})),
+            LineState::AllHeld => Some(json!({"type": "all_held"})),
+            LineState::SoldOut => Some(json!({"type": "sold_out"})),
+            LineState::Closed => Some(json!({"type": "closed"})),
+            _ => None,
+        }
+    }
+}
+
+pub struct Room {
+    drop: DropId,
+    waiters: Mutex<Waiters>,
+    touched: Mutex<Instant>,
+    view: Mutex<Option<View>>,
+}
+
+impl Room {
+    pub fn view(&self) -> Option<View> {
+        lock(&self.view).clone()
+    }
+}
+
+/// Every room of this process.
+pub struct Rooms {
+    pub queue: Arc<Queue>,
+    cfg: QueueConfig,
+    rooms: Mutex<HashMap<DropId, Arc<Room>>>,
+    next_conn: AtomicU64,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Rooms {
+    pub fn new(queue: Arc<Queue>, cfg: QueueConfig, shutdown: watch::Receiver<bool>) -> Arc<Rooms> {
+        Arc::new(Rooms {
+            queue,
+            cfg,
+            rooms: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            shutdown,
+        })
+    }
+
+    /// The drop's room, started if needed, marked as in use now.
+    pub fn touch(self: &Arc<Self>, drop: &DropId) -> Result<Arc<Room>, Error> {
+        let mut rooms = lock(&self.rooms);
+        let room = match rooms.get(drop) {
+            Some(r) => r.clone(),
+            None => {
+                if rooms.len() >= self.cfg.max_rooms {
+                    return Err(Error::msg(
+                        Code::Unavailable,
+                        "This instance serves too many waiting rooms; retry shortly.",
+                    )
+                    .retry_after(Duration::from_secs(1)));
+                }
+                let room = Arc::new(Room {
+                    drop: drop.clone(),
+                    waiters: Mutex::new(Waiters::default()),
+                    touched: Mutex::new(Instant::now()),
+                    view: Mutex::new(None),
+                });
+                rooms.insert(drop.clone(), room.clone());
+                tokio::spawn(self.clone().run(room.clone()));
+                room
+            }
+        };
+        *lock(&room.touched) = Instant::now();
+        Ok(room)
+    }
+
+    /// Adds a socket to the drop's room; returns its id for [`Rooms::leave`]. Under the rooms
+    /// lock, so a room's loop can't decide to stop between the lookup and the insert.
+    pub fn enter(
+        self: &Arc<Self>,
+        drop: &DropId,
+        fan: &FanId,
+        tx: mpsc::Sender<Message>,
+    ) -> Result<u64, Error> {
+        let room = self.touch(drop)?;
+        let _rooms = lock(&self.rooms);
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let mut w = lock(&room.waiters);
+        w.by_conn.insert(
+            conn,
+            Waiter {
+                fan: fan.clone(),
+                tx,
+            },
+        );
+        w.by_fan.entry(fan.clone()).or_default().push(conn);
+        metrics::gauge!(engine::metrics::QUEUE_WAITERS).increment(1.0);
+        Ok(conn)
+    }
+
+    pub fn leave(&self, drop: &DropId, conn: u64) {
+        let room = lock(&self.rooms).get(drop).cloned();
+        if let Some(room) = room {
+            lock(&room.waiters).remove(conn);
+            *lock(&room.touched) = Instant::now();
+        }
+    }
+
+    /// The last tick's view of the drop, running the admission script now if this room hasn't
+    /// ticked yet (it is safe to call any time).
+    pub async fn view(self: &Arc<Self>, drop: &DropId) -> Result<View, Error> {
+        let room = self.touch(drop)?;
+        if let Some(v) = room.view() {
+            return Ok(v);
+        }
+        let tick = self.queue.admit(drop).await?;
+        let view = View {
+            state: tick.state,
+            watermark: tick.watermark,
+            admitted_total: tick.admitted_total,
+            waiting: tick.waiting,
+            measured_rate_per_s: 0.0,
+            configured_rate_per_s: tick.rate_per_s,
+        };
+        // The fans this call admitted are told by the slow cadence (they are in the active set).
+        Ok(view)
+    }
+
+    /// The `admitted` message for a fan, with a fresh token.
+    pub fn admitted_message(&self, drop: &DropId, fan: &FanId, place: i64) -> Value {
+        let (token, claims) = self.queue.admission_token(drop, fan, place);
+        json!({
+            "type": "admitted",
+            "admission_token": token,
+            "expires_at": claims.exp,
+            "booking_url": format!(
+                "{}/drops/{drop}?admission_token={token}",
+                self.cfg.booking_public_url.trim_end_matches('/')
+            ),
+        })
+    }
+
+    /// The exact message for a fan's standing: `admitted`, `pre_queue` or `position`; None when
+    /// the fan is neither waiting nor admitted.
+    pub fn standing_message(
+        &self,
+        drop: &DropId,
+        fan: &FanId,
+        standing: &Standing,
+        view: &View,
+        opens_at_ms: i64,
+    ) -> Option<Value> {
+        let now = now_ms();
+        if let (Some(deadline), Some(place)) = (standing.deadline_ms, standing.place) {
+            if deadline >= now {
+                return Some(self.admitted_message(drop, fan, place));
+            }
+        }
+        let ahead = standing.ahead?;
+        if now < opens_at_ms {
+            return Some(
+                json!({"type": "pre_queue", "opens_at": opens_at_ms, "waiting": view.waiting}),
+            );
+        }
+        Some(json!({
+            "type": "position",
+            "place": standing.place,
+            "ahead": ahead,
+            "eta_s": view.eta_s(ahead),
+            "admit_rate_per_s": round2(view.rate_per_s()),
+        }))
+    }
+
+    async fn run(self: Arc<Self>, room: Arc<Room>) {
+        let drop = room.drop.clone();
+        let opens_at_ms = match self.queue.engine.drop_def(&drop).await {
+            Ok(def) => def.opens_at_ms(),
+            Err(e) => {
+                tracing::warn!(%drop, error = %e, "waiting room can't start");
+                lock(&self.rooms).remove(&drop);
+                return;
+            }
+        };
+        let mut shutdown = self.shutdown.clone();
+        let mut tick = tokio::time::interval(ms(self.cfg.tick_ms.max(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let position_every = ms(self.cfg.position_interval_ms.max(self.cfg.tick_ms));
+        let mut last_positions = Instant::now();
+        let mut samples: VecDeque<(Instant, i64)> = VecDeque::new();
+        let window = ms(self.cfg.admit_rate_window_ms.max(1_000));
+        let mut last_state: Option<LineState> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            {
+                let mut rooms = lock(&self.rooms);
+                let idle = lock(&room.waiters).by_conn.is_empty()
+                    && lock(&room.touched).elapsed() >= ms(self.cfg.room_idle_keep_ms);
+                if idle {
+                    rooms.remove(&drop);
+                    return;
+                }
+            }
+            let started = Instant::now();
+            let t = match self.queue.admit(&drop).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(%drop, error = %e, "admission tick failed");
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            samples.push_back((now, t.admitted_total));
+            while samples
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > window)
+            {
+                samples.pop_front();
+            }
+            let measured = match (samples.front(), samples.back()) {
+                (Some((t0, n0)), Some((t1, n1)))
+                    if t1.duration_since(*t0) >= Duration::from_secs(1) =>
+                {
+                    (n1 - n0) as f64 / t1.duration_since(*t0).as_secs_f64()
+                }
+                _ => 0.0,
+            };
+            let view = View {
+                state: t.state,
+                watermark: t.watermark,
+                admitted_total: t.admitted_total,
+                waiting: t.waiting,
+                measured_rate_per_s: measured,
+                configured_rate_per_s: t.rate_per_s,
+            };
+            *lock(&room.view) = Some(view.clone());
+            self.tell_admitted(&room, &t);
+            let shared = frame(&json!({
+                "type": "tick",
+                "watermark": view.watermark,
+                "admitted_total": view.admitted_total,
+                "waiting": view.waiting,
+                "admit_rate_per_s": round2(view.rate_per_s()),
+            }));
+            let state_changed = last_state != Some(view.state);
+            last_state = Some(view.state);
+            let state_frame = state_changed
+                .then(|| view.state_message())
+                .flatten()
+                .map(|v| frame(&v));
+            {
+                let mut w = lock(&room.waiters);
+                let conns: Vec<u64> = w.by_conn.keys().copied().collect();
+                for conn in conns {
+                    w.send_conn(conn, &shared);
+                    if let Some(f) = &state_frame {
+                        w.send_conn(conn, f);
+                    }
+                }
+            }
+            metrics::histogram!(engine::metrics::QUEUE_TICK_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            if last_positions.elapsed() >= position_every {
+                last_positions = Instant::now();
+                self.send_positions(&room, &view, opens_at_ms).await;
+            }
+        }
+    }
+
+    /// Tells the fans this tick admitted that are connected here; they leave the room.
+    fn tell_admitted(&self, room: &Room, t: &Tick) {
+        if t.admitted.is_empty() {
+            return;
+        }
+        let mut w = lock(&room.waiters);
+        for (fan, place) in &t.admitted {
+            if !w.by_fan.contains_key(fan) {
+                continue;
+            }
+            let msg = frame(&self.admitted_message(&room.drop, fan, *place));
+            w.send_fan(fan, &msg);
+            for conn in w.by_fan.get(fan).cloned().unwrap_or_default() {
+                w.remove(conn);
+            }
+        }
+    }
+
+    /// The slow cadence: an exact standing per fan connected here (bounded concurrency).
+    async fn send_positions(&self, room: &Room, view: &View, opens_at_ms: i64) {
+        let fans: Vec<FanId> = lock(&room.waiters).by_fan.keys().cloned().collect();
+        let drop = &room.drop;
+        let mut standings = futures::stream::iter(fans)
+            .map(|fan| async move {
+                let s = self.queue.standing(drop, &fan).await;
+                (fan, s)
+            })
+            .buffer_unordered(self.cfg.position_concurrency.max(1));
+        while let Some((fan, standing)) = standings.next().await {
+            let Ok(standing) = standing else { continue };
+            let Some(msg) = self.standing_message(drop, &fan, &standing, view, opens_at_ms) else {
+                continue;
+            };
+            let admitted = msg["type"] == "admitted";
+            let mut w = lock(&room.waiters);
+            w.send_fan(&fan, &frame(&msg));
+            if admitted {
+                for conn in w.by_fan.get(&fan).cloned().unwrap_or_default() {
+                    w.remove(conn);
+                }
+            }
+        }
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}

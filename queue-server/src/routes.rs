@@ -1,0 +1,198 @@
+//! The route table. Fan routes authenticate with the fan token (Authorization: Bearer, or the
+//! `fan_token` query parameter for browsers' WebSockets), joins are limited per client IP, and
+//! errors are mapped in [`crate::http::error`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use engine::ids::{DropId, FanId};
+use engine::queue::FanStatus;
+use engine::tokens::now_ms;
+use engine::{Code, Error};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use serde_json::json;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+
+use crate::http::{self, bearer, query_param, Body};
+use crate::limits::JoinLimit;
+use crate::room::Rooms;
+use crate::ws;
+
+pub struct App {
+    pub rooms: Arc<Rooms>,
+    pub limits: JoinLimit,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+type Answer = Result<Response<Body>, Error>;
+
+fn ok(status: u16, body: serde_json::Value) -> Answer {
+    Ok(http::json(status, &body))
+}
+
+fn drop_id(s: &str) -> Result<DropId, Error> {
+    DropId::parse(s).map_err(|_| Error::new(Code::UnknownDrop))
+}
+
+impl App {
+    fn fan(&self, req: &Request<Incoming>) -> Result<FanId, Error> {
+        let token = bearer(req)
+            .or_else(|| query_param(req, "fan_token"))
+            .ok_or_else(|| Error::new(Code::Unauthorized))?;
+        self.rooms.queue.engine.fans.verify(token)
+    }
+
+    /// Routes one request. `route` is the metric label: the path pattern, never the raw path.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        permit: Arc<OwnedSemaphorePermit>,
+    ) -> (Response<Body>, &'static str) {
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let method = req.method().clone();
+        let (route, result): (&'static str, Answer) = match (&method, segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => ("/healthz", ok(200, json!({"status": "ok"}))),
+            (&Method::GET, ["readyz"]) => ("/readyz", self.readyz().await),
+            (&Method::GET, ["metrics"]) => (
+                "/metrics",
+                Ok(http::text(
+                    "text/plain; version=0.0.4",
+                    self.metrics.render(),
+                )),
+            ),
+            (&Method::GET, ["v1", "drops", d, "queue", "ws"]) => (
+                "/v1/drops/{id}/queue/ws",
+                self.websocket(req, d, peer, permit).await,
+            ),
+            (&Method::POST, ["v1", "drops", d, "queue"]) => {
+                ("/v1/drops/{id}/queue", self.join(&req, d, peer).await)
+            }
+            (&Method::GET, ["v1", "drops", d, "queue", "me"]) => {
+                ("/v1/drops/{id}/queue/me", self.me(&req, d).await)
+            }
+            (&Method::GET, ["v1", "drops", d, "queue", "seed"]) => {
+                ("/v1/drops/{id}/queue/seed", self.seed(d).await)
+            }
+            _ => ("unknown", Err(Error::new(Code::NotFound))),
+        };
+        let resp = result.unwrap_or_else(|e| {
+            if e.code.status() >= 400 {
+                metrics::counter!(engine::metrics::REJECTED, "reason" => e.code.name())
+                    .increment(1);
+            }
+            http::error(&e)
+        });
+        (resp, route)
+    }
+
+    async fn readyz(&self) -> Answer {
+        match self.rooms.queue.engine.ready().await {
+            Ok(()) => ok(200, json!({"status": "ready"})),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn websocket(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        d: &str,
+        peer: SocketAddr,
+        permit: Arc<OwnedSemaphorePermit>,
+    ) -> Answer {
+        let drop = drop_id(d)?;
+        let fan = self.fan(&req)?;
+        self.limits.check(peer.ip())?;
+        let resp = ws::accept(&req)?;
+        tokio::spawn(ws::serve(
+            self.rooms.clone(),
+            req,
+            drop,
+            fan,
+            permit,
+            self.shutdown.clone(),
+        ));
+        Ok(resp)
+    }
+
+    /// HTTP join: `{"place","ahead","status"}`, idempotent.
+    async fn join(&self, req: &Request<Incoming>, d: &str, peer: SocketAddr) -> Answer {
+        let drop = drop_id(d)?;
+        let fan = self.fan(req)?;
+        self.limits.check(peer.ip())?;
+        let joined = self.rooms.queue.join(&drop, &fan).await?;
+        self.rooms.touch(&drop)?;
+        let ahead = match joined.status {
+            FanStatus::Waiting | FanStatus::PreQueue => {
+                self.rooms.queue.standing(&drop, &fan).await?.ahead
+            }
+            _ => None,
+        };
+        let status = if joined.new { 201 } else { 200 };
+        ok(
+            status,
+            json!({"place": joined.place, "ahead": ahead, "status": joined.status.as_str()}),
+        )
+    }
+
+    /// HTTP poll: `{"status","place","ahead","eta_s","paused"}`, plus the token once admitted.
+    async fn me(&self, req: &Request<Incoming>, d: &str) -> Answer {
+        let drop = drop_id(d)?;
+        let fan = self.fan(req)?;
+        let def = self.rooms.queue.engine.drop_def(&drop).await?;
+        let view = self.rooms.view(&drop).await?;
+        let standing = self.rooms.queue.standing(&drop, &fan).await?;
+        let Some(place) = standing.place else {
+            return Err(Error::msg(
+                Code::NotFound,
+                "This fan has no place in the line: join first (POST /v1/drops/{drop_id}/queue).",
+            ));
+        };
+        let now = now_ms();
+        let paused = view.state == engine::queue::LineState::Paused;
+        if standing.deadline_ms.is_some_and(|d| d >= now) {
+            let msg = self.rooms.admitted_message(&drop, &fan, place);
+            return ok(
+                200,
+                json!({
+                    "status": "admitted", "place": place, "ahead": 0, "eta_s": 0, "paused": paused,
+                    "admission_token": msg["admission_token"], "expires_at": msg["expires_at"],
+                    "booking_url": msg["booking_url"],
+                }),
+            );
+        }
+        use engine::queue::LineState as S;
+        let status = match (standing.ahead, view.state) {
+            (_, S::SoldOut) => "sold_out",
+            (_, S::Closed) => "closed",
+            (Some(_), _) if now < def.opens_at_ms() => "pre_queue",
+            (Some(_), S::AllHeld) => "all_held",
+            (Some(_), _) => "waiting",
+            (None, _) => "done",
+        };
+        let ahead = standing.ahead.filter(|_| status != "pre_queue");
+        ok(
+            200,
+            json!({
+                "status": status,
+                "place": if status == "pre_queue" { None } else { Some(place) },
+                "ahead": ahead,
+                "eta_s": ahead.and_then(|a| view.eta_s(a)),
+                "paused": paused,
+            }),
+        )
+    }
+
+    /// The commit–reveal seed: its SHA-256 always, the seed itself once the drop has opened.
+    async fn seed(&self, d: &str) -> Answer {
+        let drop = drop_id(d)?;
+        let (sha, seed, opens_at_ms) = self.rooms.queue.seed_reveal(&drop).await?;
+        ok(
+            200,
+            json!({"drop_id": drop, "seed_sha256": sha, "seed": seed, "opens_at_ms": opens_at_ms}),
+        )
+    }
+}

@@ -1,0 +1,193 @@
+//! The server: accept loop with a connection bound (WebSockets hold their permit for their whole
+//! life), HTTP/1.1 via hyper with upgrades, request timeout, metrics per route, and graceful
+//! shutdown: stop accepting, tell every socket to reconnect elsewhere (close 1012), wait for the
+//! connections to drain within `queue.shutdown_grace_ms`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use engine::config::ms;
+use engine::queue::Queue;
+use engine::{Code, Config, Engine, Error};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::http::{self, Body};
+use crate::limits::JoinLimit;
+use crate::room::Rooms;
+use crate::routes::App;
+
+/// The process-wide metrics recorder (one per process, however many servers a test starts).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+        })
+        .clone()
+}
+
+/// A running queue-server.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub engine: Arc<Engine>,
+    pub queue: Arc<Queue>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, closes every socket with "reconnect", waits for connections to drain.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+        self.engine.redis.quit().await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+}
+
+/// Starts queue-server on `cfg.queue.listen` (port 0 picks a free one).
+pub async fn start(cfg: Config) -> Result<Running, Error> {
+    let listen = cfg.queue.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::msg(Code::Internal, format!("cannot listen on {listen}: {e}")))?;
+    let addr = listener.local_addr().map_err(Error::internal)?;
+    let engine = Engine::start(cfg).await?;
+    let queue = Arc::new(Queue::new(engine.clone()));
+    let (shutdown, rx) = watch::channel(false);
+    let qcfg = engine.cfg.queue.clone();
+    let app = Arc::new(App {
+        rooms: Rooms::new(queue.clone(), qcfg.clone(), rx.clone()),
+        limits: JoinLimit::new(qcfg.per_ip_join_per_s, qcfg.per_ip_join_burst),
+        metrics: metrics_handle(),
+        shutdown: rx.clone(),
+    });
+    let task = tokio::spawn(serve(listener, app, rx));
+    tracing::info!(%addr, "queue-server listening");
+    Ok(Running {
+        addr,
+        engine,
+        queue,
+        shutdown,
+        task,
+    })
+}
+
+async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    let cfg = app.rooms.queue.engine.cfg.queue.clone();
+    let max = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    let permits = Arc::new(Semaphore::new(max));
+    let tidy = {
+        let app = app.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => app.limits.tidy(),
+                    _ = shutdown.changed() => return,
+                }
+            }
+        })
+    };
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => Arc::new(p), Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let timeout = ms(cfg.request_timeout_ms);
+        let conn_permit = permit.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let app = app.clone();
+            let permit = conn_permit.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(handle(&app, req, peer, timeout, permit).await)
+            }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(ms(cfg.header_read_timeout_ms))
+            .max_buf_size(16 * 1024)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut stop = shutdown.clone();
+        metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).increment(1.0);
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).decrement(1.0);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tidy.abort();
+    // Every connection and socket holds a permit: all of them back means everything drained.
+    let drained =
+        tokio::time::timeout(ms(cfg.shutdown_grace_ms), permits.acquire_many(max as u32)).await;
+    if drained.is_err() {
+        tracing::warn!("shutdown grace period over with connections still open");
+    }
+}
+
+async fn handle(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    timeout: Duration,
+    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let (resp, route) = match tokio::time::timeout(timeout, app.handle(req, peer, permit)).await {
+        Ok(r) => r,
+        Err(_) => (
+            http::error(
+                &Error::msg(Code::Unavailable, "The request took too long.")
+                    .retry_after(Duration::from_secs(1)),
+            ),
+            "timeout",
+        ),
+    };
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!(engine::metrics::HTTP_REQUESTS, "route" => route, "status" => status)
+        .increment(1);
+    metrics::histogram!(engine::metrics::HTTP_REQUEST_SECONDS, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}

@@ -1,0 +1,186 @@
+//! The WebSocket side: the upgrade handshake on hyper, then one task per socket that writes what
+//! its bounded queue holds, reads (and discards) what the client sends, and on shutdown sends a
+//! close frame telling the client to reconnect (1012, service restart).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::config::QueueConfig;
+use engine::ids::{DropId, FanId};
+use engine::queue::{FanStatus, Standing};
+use engine::{Code, Error};
+use futures::{SinkExt, StreamExt};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::http::Body;
+use crate::room::{frame, Rooms};
+
+/// A write that takes longer than this means the client stopped reading: drop it.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn ws_config(cfg: &QueueConfig) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(cfg.ws_read_buffer_bytes)
+        .write_buffer_size(cfg.ws_write_buffer_bytes)
+        // tungstenite panics unless the cap exceeds the buffer.
+        .max_write_buffer_size(
+            cfg.ws_max_write_buffer_bytes
+                .max(cfg.ws_write_buffer_bytes + 1),
+        )
+        .max_message_size(Some(cfg.ws_max_message_bytes))
+        .max_frame_size(Some(cfg.ws_max_message_bytes))
+}
+
+/// Checks the upgrade request; the 101 answer and the handshake's accept key, or why not.
+pub fn accept(req: &Request<Incoming>) -> Result<Response<Body>, Error> {
+    let h = req.headers();
+    let upgrade = h
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let key = h.get(SEC_WEBSOCKET_KEY);
+    let (true, Some(key)) = (upgrade, key) else {
+        return Err(Error::msg(
+            Code::InvalidRequest,
+            "This endpoint speaks WebSocket: send an Upgrade: websocket request.",
+        ));
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let mut resp = Response::new(Body::default());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(UPGRADE, HeaderValue::from_static("websocket"));
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    resp.headers_mut().insert(
+        SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).map_err(Error::internal)?,
+    );
+    Ok(resp)
+}
+
+/// After the 101: joins the fan, queues the first messages (position first), enters the room,
+/// and serves the socket until it closes, is dropped as slow, or the server shuts down.
+pub async fn serve(
+    rooms: Arc<Rooms>,
+    req: Request<Incoming>,
+    drop: DropId,
+    fan: FanId,
+    permit: Arc<OwnedSemaphorePermit>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = &rooms.queue.engine.cfg.queue;
+    let (config, send_queue_len) = (ws_config(cfg), cfg.send_queue_len);
+    let upgraded = match hyper::upgrade::on(req).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade failed");
+            return;
+        }
+    };
+    let mut ws =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).increment(1.0);
+    let (tx, mut rx) = mpsc::channel::<Message>(send_queue_len.max(4));
+    let conn = match first_messages(&rooms, &drop, &fan, &tx).await {
+        Ok(true) => rooms.enter(&drop, &fan, tx).ok(),
+        Ok(false) => {
+            std::mem::drop(tx);
+            None
+        }
+        Err(e) => {
+            let _ = tx.try_send(frame(
+                &json!({"type": "error", "code": e.code.name(), "message": e.message}),
+            ));
+            std::mem::drop(tx);
+            None
+        }
+    };
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(m) => {
+                    match tokio::time::timeout(SEND_TIMEOUT, ws.send(m)).await {
+                        Ok(Ok(())) => {}
+                        _ => break,
+                    }
+                }
+                None => {
+                    // The room let go of this socket (admitted, ended, or too slow): close it.
+                    let _ = tokio::time::timeout(SEND_TIMEOUT, ws.close(None)).await;
+                    break;
+                }
+            },
+            incoming = ws.next() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            _ = shutdown.changed() => {
+                let close = CloseFrame {
+                    code: CloseCode::Restart,
+                    reason: "server restarting: reconnect, your place is kept".into(),
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(close))).await;
+                break;
+            }
+        }
+    }
+    if let Some(conn) = conn {
+        rooms.leave(&drop, conn);
+    }
+    metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).decrement(1.0);
+    std::mem::drop(permit);
+}
+
+/// Joins and queues what a new socket hears first; true when the fan waits (enters the room).
+async fn first_messages(
+    rooms: &Arc<Rooms>,
+    drop: &DropId,
+    fan: &FanId,
+    tx: &mpsc::Sender<Message>,
+) -> Result<bool, Error> {
+    let joined = rooms.queue.join(drop, fan).await?;
+    let view = rooms.view(drop).await?;
+    let send = |v: serde_json::Value| {
+        let _ = tx.try_send(frame(&v));
+    };
+    match joined.status {
+        FanStatus::SoldOut => send(json!({"type": "sold_out"})),
+        FanStatus::Closed => send(json!({"type": "closed"})),
+        FanStatus::Done => send(json!({"type": "done"})),
+        FanStatus::Admitted => send(rooms.admitted_message(drop, fan, joined.place)),
+        FanStatus::PreQueue => {
+            send(
+                json!({"type": "pre_queue", "opens_at": joined.opens_at_ms, "waiting": view.waiting}),
+            );
+            return Ok(true);
+        }
+        FanStatus::Waiting => {
+            let standing: Standing = rooms.queue.standing(drop, fan).await?;
+            if let Some(msg) =
+                rooms.standing_message(drop, fan, &standing, &view, joined.opens_at_ms)
+            {
+                let admitted = msg["type"] == "admitted";
+                send(msg);
+                if admitted {
+                    return Ok(false);
+                }
+            }
+            if let Some(state) = view.state_message() {
+                send(state);
+            }
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

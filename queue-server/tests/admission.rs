@@ -1,0 +1,125 @@
+//! Admission: the token bucket holds across concurrent callers, `max_active` caps shoppers, and
+//! admission is inventory-aware.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Harness;
+use engine::ids::DropId;
+use serde_json::json;
+
+async fn fill_line(h: &Harness, drop: &DropId, n: usize) {
+    let joins = (0..n).map(|i| {
+        let (fan, _) = h.fan(&format!("line{i}"));
+        let q = h.queue.queue.clone();
+        let drop = drop.clone();
+        async move { q.join(&drop, &fan).await.unwrap() }
+    });
+    futures::future::join_all(joins).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_admit_no_more_than_the_bucket_allows() {
+    let h = Harness::start().await;
+    let drop = h
+        .queue_drop(
+            100_000,
+            1,
+            json!({"rate_per_s": 50, "burst": 50, "max_active": 100000}),
+            None,
+        )
+        .await;
+    fill_line(&h, &drop, 700).await;
+    let started = Instant::now();
+    let run_for = Duration::from_secs(10);
+    let tasks = (0..3).map(|_| {
+        let q = h.queue.queue.clone();
+        let drop = drop.clone();
+        tokio::spawn(async move {
+            let mut admitted = 0usize;
+            while started.elapsed() < run_for {
+                admitted += q.admit(&drop).await.unwrap().admitted.len();
+            }
+            admitted
+        })
+    });
+    let total: usize = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .sum();
+    let elapsed = started.elapsed().as_secs_f64();
+    let bound = 50.0 + 50.0 * elapsed;
+    assert!(
+        total as f64 <= bound,
+        "admitted {total} in {elapsed:.2} s, bound {bound:.0}"
+    );
+    // And the bucket did admit: at least the burst plus most of the refill.
+    assert!(total as f64 >= 50.0 + 50.0 * 9.0, "admitted only {total}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_active_caps_shoppers_when_nobody_finishes() {
+    let h = Harness::start().await;
+    let drop = h
+        .queue_drop(
+            100_000,
+            1,
+            json!({"rate_per_s": 10000, "burst": 10000, "max_active": 20}),
+            None,
+        )
+        .await;
+    fill_line(&h, &drop, 60).await;
+    let mut total = 0;
+    for _ in 0..50 {
+        let t = h.queue.queue.admit(&drop).await.unwrap();
+        total += t.admitted.len();
+        assert!(t.active <= 20);
+    }
+    assert_eq!(total, 20);
+    assert_eq!(h.queue.engine.redis.line_len(&drop).await.unwrap(), 40);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admission_is_inventory_aware() {
+    let h = Harness::start().await;
+    // 10 units, 2 per fan, 10 % margin: admit while 2·active + 2 ≤ 10 × 1.1 → at most 5 shoppers.
+    let drop = h
+        .queue_drop(
+            10,
+            2,
+            json!({"rate_per_s": 10000, "burst": 10000, "max_active": 1000, "admit_margin_pct": 10}),
+            None,
+        )
+        .await;
+    let fans: Vec<_> = (0..20).map(|i| h.fan(&format!("shop{i}"))).collect();
+    for (fan, _) in &fans {
+        h.queue.queue.join(&drop, fan).await.unwrap();
+    }
+    let mut admitted = Vec::new();
+    for _ in 0..20 {
+        admitted.extend(h.queue.queue.admit(&drop).await.unwrap().admitted);
+    }
+    assert_eq!(admitted.len(), 5, "{admitted:?}");
+    // All five shop (one unit each): open demand 5 + 2 > 5 × 1.1 available → still nobody more.
+    for (fan, place) in &admitted {
+        let token = fans.iter().find(|(f, _)| f == fan).unwrap().1.clone();
+        let (adm, _) = h.queue.queue.admission_token(&drop, fan, *place);
+        let (status, body) = h.reserve(&drop, &token, &adm, 1).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    for _ in 0..20 {
+        assert!(h
+            .queue
+            .queue
+            .admit(&drop)
+            .await
+            .unwrap()
+            .admitted
+            .is_empty());
+    }
+    h.shutdown().await;
+}

@@ -1,0 +1,208 @@
+//! Test harness: a booking-api (drops, fan sessions, reserves) and a queue-server started
+//! in-process on 127.0.0.1:0 against the Redis and Postgres that `./dev test` started
+//! (FLOODGATE_TEST_REDIS_URL / FLOODGATE_TEST_DATABASE_URL), sharing identity and admission
+//! secrets as a deployment would. Every test makes its own drops and fans.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use engine::db::Scope;
+use engine::ids::{DropId, FanId};
+use engine::Config;
+use serde_json::{json, Value};
+
+pub fn test_config() -> Config {
+    let redis = std::env::var("FLOODGATE_TEST_REDIS_URL")
+        .expect("run tests with ./dev test (FLOODGATE_TEST_REDIS_URL)");
+    let db = std::env::var("FLOODGATE_TEST_DATABASE_URL")
+        .expect("run tests with ./dev test (FLOODGATE_TEST_DATABASE_URL)");
+    let mut cfg = Config::default();
+    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.queue.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.redis.url = redis;
+    cfg.database.url = db;
+    cfg.database.pool_size = 4;
+    cfg.identity.dev = true;
+    cfg.identity.dev_secret = "queue-test-dev-secret".into();
+    cfg.admission.secrets = vec!["queue-test-admission-secret".into()];
+    cfg.limits.per_ip_per_s = 1_000_000;
+    cfg.limits.per_ip_burst = 1_000_000;
+    cfg.limits.per_fan_per_s = 1_000_000;
+    cfg.limits.per_fan_burst = 1_000_000;
+    cfg.queue.per_ip_join_per_s = 1_000_000;
+    cfg.queue.per_ip_join_burst = 1_000_000;
+    cfg.queue.position_interval_ms = 500;
+    cfg.reconciler.max_drops_watched = 20;
+    cfg
+}
+
+pub struct Harness {
+    pub booking: booking_api::Running,
+    pub queue: queue_server::Running,
+    pub http: reqwest::Client,
+    pub seller_key: String,
+    pub ops_key: String,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        let cfg = test_config();
+        let booking = booking_api::start(cfg.clone())
+            .await
+            .expect("booking-api starts");
+        let mut qcfg = cfg;
+        qcfg.queue.booking_public_url = booking.url();
+        let queue = queue_server::start(qcfg)
+            .await
+            .expect("queue-server starts");
+        let seller_key = booking
+            .engine
+            .db
+            .create_key(Scope::Seller, "queue-test-seller")
+            .await
+            .unwrap();
+        let ops_key = booking
+            .engine
+            .db
+            .create_key(Scope::Ops, "queue-test-ops")
+            .await
+            .unwrap();
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .unwrap();
+        Harness {
+            booking,
+            queue,
+            http,
+            seller_key,
+            ops_key,
+        }
+    }
+
+    pub async fn shutdown(self) {
+        self.queue.shutdown().await;
+        self.booking.shutdown().await;
+    }
+
+    /// A new fan (random suffix) and a dev token for them.
+    pub fn fan(&self, name: &str) -> (FanId, String) {
+        let fan = FanId::parse(&format!("{name}-{:08x}", rand::random::<u32>())).unwrap();
+        let token = self.queue.engine.fans.issue_dev(&fan).unwrap();
+        (fan, token)
+    }
+
+    /// A queue drop of one SKU; `admission` is merged into `{"mode": "queue"}`, `opens_in_s`
+    /// puts opening in the future.
+    pub async fn queue_drop(
+        &self,
+        quantity: u32,
+        per_fan_limit: u32,
+        admission: Value,
+        opens_in_s: Option<i64>,
+    ) -> DropId {
+        let mut adm = json!({"mode": "queue"});
+        for (k, v) in admission.as_object().cloned().unwrap_or_default() {
+            adm[k] = v;
+        }
+        let mut body = json!({
+            "name": "queue test", "per_fan_limit": per_fan_limit, "hold_ttl_s": 300,
+            "admission": adm,
+            "inventory": {"kind": "ga", "skus": [{"sku": "TEE", "name": "Tee", "price_cents": 2500, "quantity": quantity}]}
+        });
+        if let Some(s) = opens_in_s {
+            let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(s);
+            body["opens_at"] = json!(at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap());
+        }
+        let r = self
+            .http
+            .post(format!("{}/v1/drops", self.booking.url()))
+            .bearer_auth(&self.seller_key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(status, 201, "create drop: {v}");
+        DropId::parse(v["drop_id"].as_str().unwrap()).unwrap()
+    }
+
+    /// Ops' admission settings (`PUT /v1/drops/{id}/admission`).
+    pub async fn set_admission(&self, drop: &DropId, body: Value) {
+        let r = self
+            .http
+            .put(format!("{}/v1/drops/{drop}/admission", self.booking.url()))
+            .bearer_auth(&self.ops_key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    }
+
+    /// HTTP join; (status, body).
+    pub async fn join(&self, drop: &DropId, token: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/drops/{drop}/queue", self.queue.url()))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn me(&self, drop: &DropId, token: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}/v1/drops/{drop}/queue/me", self.queue.url()))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A reserve at booking-api with an admission token.
+    pub async fn reserve(
+        &self,
+        drop: &DropId,
+        token: &str,
+        admission: &str,
+        qty: u32,
+    ) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/drops/{drop}/holds", self.booking.url()))
+            .bearer_auth(token)
+            .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
+            .header("X-Admission-Token", admission)
+            .json(&json!({"items": [{"sku": "TEE", "quantity": qty}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// Waits (generously) until `f` holds; panics with `what` if it never does.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < until {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
