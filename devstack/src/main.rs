@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
@@ -18,7 +18,7 @@ use devstack::{http, sys, Stack, StackConfig};
 #[derive(Parser)]
 #[command(
     name = "devstack",
-    about = "Floodgate's local PostgreSQL + Redis (+ booking-api) stack"
+    about = "Floodgate's local PostgreSQL + Redis (+ booking-api and queue-server) stack"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,7 +29,7 @@ struct Cli {
 enum Cmd {
     /// Start a stack, run a command against it, stop the stack; exit with the command's code.
     Run(RunArgs),
-    /// Start the dev stack and booking-api with demo data; run until Ctrl-C.
+    /// Start the dev stack, booking-api and queue-server with demo data; run until Ctrl-C.
     Up(UpArgs),
 }
 
@@ -55,9 +55,18 @@ struct UpArgs {
     pg_port: u16,
     #[arg(long, env = "FLOODGATE_DEV_BOOKING_PORT", default_value_t = 8080)]
     booking_port: u16,
+    #[arg(long, env = "FLOODGATE_DEV_QUEUE_PORT", default_value_t = 8081)]
+    queue_port: u16,
     /// The booking-api binary (relative paths: to the current directory, else to the checkout).
     #[arg(long, default_value = "target/release/booking-api")]
     booking_bin: PathBuf,
+    /// The queue-server binary (relative paths: to the current directory, else to the checkout).
+    #[arg(long, default_value = "target/release/queue-server")]
+    queue_bin: PathBuf,
+    /// Stack name: a second stack beside the "dev" one (other ports too), with its own state,
+    /// `.dev/up-<name>.pid` and `.dev/env-<name>`.
+    #[arg(long, default_value = devstack::DEV_STACK_NAME, hide = true)]
+    name: String,
 }
 
 /// Returned when SIGINT/SIGTERM arrives while `up` is still starting things.
@@ -178,36 +187,66 @@ fn run(args: RunArgs) -> Result<u8> {
 // ---------------------------------------------------------------------------------------------
 // devstack up
 
-/// How long booking-api may take to answer `GET /readyz` with 200.
+/// How long a server may take to answer `GET /readyz` with 200.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long booking-api gets to shut down gracefully after SIGTERM.
-const BOOKING_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a server gets to shut down gracefully after SIGTERM.
+const SERVER_STOP_GRACE: Duration = Duration::from_secs(10);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 const LOG_TAIL_LINES: usize = 40;
 
 const DEMO_GA_DROP: &str = r#"{"name":"Demo drop — Floodgate tee","currency":"USD","per_fan_limit":4,"hold_ttl_s":300,"admission":{"mode":"open"},"inventory":{"kind":"ga","skus":[{"sku":"TEE-S","name":"Tee, small","price_cents":2500,"quantity":50},{"sku":"TEE-M","name":"Tee, medium","price_cents":2500,"quantity":100}]}}"#;
 const DEMO_SEATED_DROP: &str = r#"{"name":"Demo concert","per_fan_limit":6,"hold_ttl_s":300,"admission":{"mode":"open"},"inventory":{"kind":"seated","sections":[{"section":"A","price_cents":9000,"rows":[{"row":"1","seats":12},{"row":"2","seats":12},{"row":"3","seats":14}]},{"section":"B","price_cents":5000,"rows":[{"row":"1","seats":20},{"row":"2","seats":20}]}]}}"#;
+const DEMO_QUEUE_DROP: &str = r#"{"name":"Demo queue drop — Floodgate hoodie","currency":"USD","per_fan_limit":2,"hold_ttl_s":300,"admission":{"mode":"queue","rate_per_s":2,"burst":5,"max_active":50},"inventory":{"kind":"ga","skus":[{"sku":"HOODIE","name":"Hoodie","price_cents":6000,"quantity":200}]}}"#;
 
 fn up(args: UpArgs) -> Result<u8> {
     let signals = Signals::install()?;
     let root = devstack::workspace_root()?;
     let dev_dir = root.join(".dev");
     fs::create_dir_all(&dev_dir).with_context(|| format!("creating {}", dev_dir.display()))?;
-    let booking_bin = resolve_booking_bin(&args.booking_bin, &root)?;
+    let booking_bin = resolve_bin(&args.booking_bin, &root, "floodgate-booking-api")?;
+    let queue_bin = resolve_bin(&args.queue_bin, &root, "floodgate-queue-server")?;
+    let default_name = args.name == devstack::DEV_STACK_NAME;
+    if !args
+        .name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        bail!("--name {:?}: use letters, digits, '-', '_', '.'", args.name);
+    }
+    let (pid_name, env_name) = if default_name {
+        ("up.pid".to_string(), "env".to_string())
+    } else {
+        (
+            format!("up-{}.pid", args.name),
+            format!("env-{}", args.name),
+        )
+    };
 
-    let _pid_file = PidFile::claim(dev_dir.join("up.pid"))?;
+    let _pid_file = PidFile::claim(dev_dir.join(pid_name))?;
     devstack::ensure_installed()?;
 
-    // A booking-api orphaned by a devstack that was SIGKILLed would hold the port.
-    let dev_state = devstack::state_root()?.join(devstack::DEV_STACK_NAME);
-    let booking_pid_file = dev_state.join("booking-api.pid");
-    sys::kill_stale(&booking_pid_file, "booking-api");
-    if !sys::port_is_free(args.booking_port) {
-        bail!(
-            "port {} (for booking-api) is already in use on 127.0.0.1; \
-             choose another with --booking-port or FLOODGATE_DEV_BOOKING_PORT",
-            args.booking_port
-        );
+    // Servers orphaned by a devstack that was SIGKILLed would hold their ports.
+    let state_dir = devstack::state_root()?.join(&args.name);
+    let servers = [
+        (
+            "booking-api",
+            args.booking_port,
+            "--booking-port or FLOODGATE_DEV_BOOKING_PORT",
+        ),
+        (
+            "queue-server",
+            args.queue_port,
+            "--queue-port or FLOODGATE_DEV_QUEUE_PORT",
+        ),
+    ];
+    for (name, port, how) in servers {
+        sys::kill_stale(&Server::pid_file(&state_dir, name), name);
+        if !sys::port_is_free(port) {
+            bail!("port {port} (for {name}) is already in use on 127.0.0.1; choose another with {how}");
+        }
+    }
+    if args.booking_port == args.queue_port {
+        bail!("booking-api and queue-server need different ports");
     }
 
     eprintln!(
@@ -215,56 +254,101 @@ fn up(args: UpArgs) -> Result<u8> {
         args.pg_port, args.redis_port
     );
     let mut stack = Stack::start(StackConfig {
-        name: devstack::DEV_STACK_NAME.to_string(),
+        name: args.name.clone(),
         redis_port: args.redis_port,
         pg_port: args.pg_port,
     })
     .context("starting the dev stack (ports: --redis-port/FLOODGATE_DEV_REDIS_PORT, --pg-port/FLOODGATE_DEV_PG_PORT)")?;
     signals.check()?;
 
+    // Fan tokens signed by booking-api and admission tokens signed by queue-server must verify in
+    // the other process: both get the same secrets, fresh for every run.
+    let identity_secret = random_hex_secret()?;
+    let admission_secret = random_hex_secret()?;
     let booking_url = format!("http://127.0.0.1:{}", args.booking_port);
-    let env = vec![
+    let queue_url = format!("http://127.0.0.1:{}", args.queue_port);
+    let shared = [
         ("FLOODGATE_DATABASE_URL", stack.database_url()),
         ("FLOODGATE_REDIS_URL", stack.redis_url()),
-        (
-            "FLOODGATE_HTTP__LISTEN",
-            format!("127.0.0.1:{}", args.booking_port),
-        ),
         ("FLOODGATE_DEV_IDENTITY", "true".to_string()),
+        // Quoted: figment would read a secret of digits only as a number.
+        (
+            "FLOODGATE_IDENTITY__DEV_SECRET",
+            format!("\"{identity_secret}\""),
+        ),
+        (
+            "FLOODGATE_ADMISSION__SECRETS",
+            format!("[\"{admission_secret}\"]"),
+        ),
     ];
+    let mut booking_env = shared.to_vec();
+    booking_env.push((
+        "FLOODGATE_HTTP__LISTEN",
+        format!("127.0.0.1:{}", args.booking_port),
+    ));
+    let mut queue_env = shared.to_vec();
+    queue_env.push((
+        "FLOODGATE_QUEUE__LISTEN",
+        format!("127.0.0.1:{}", args.queue_port),
+    ));
+    queue_env.push(("FLOODGATE_QUEUE__BOOKING_PUBLIC_URL", booking_url.clone()));
 
     eprintln!("devstack: creating API keys (booking-api applies migrations first) ...");
-    let seller_key = create_key(&booking_bin, &env, "seller", "dev-seller")?;
+    let seller_key = create_key(&booking_bin, &booking_env, "seller", "dev-seller")?;
     signals.check()?;
-    let ops_key = create_key(&booking_bin, &env, "ops", "dev-ops")?;
+    let ops_key = create_key(&booking_bin, &booking_env, "ops", "dev-ops")?;
     signals.check()?;
 
-    let log_file = stack.state_dir().join("booking-api.log");
-    eprintln!(
-        "devstack: starting booking-api on {booking_url} (log: {}) ...",
-        log_file.display()
-    );
-    let mut api = BookingApi::spawn(&booking_bin, &env, &log_file, booking_pid_file)?;
-    api.wait_ready(args.booking_port, &signals)?;
+    // Declared after `stack`, so on an error they stop (drop) before it does.
+    let mut api = Server::spawn(
+        "booking-api",
+        &booking_bin,
+        &["serve"],
+        &booking_env,
+        args.booking_port,
+        stack.state_dir(),
+    )?;
+    let mut queue = Server::spawn(
+        "queue-server",
+        &queue_bin,
+        &[],
+        &queue_env,
+        args.queue_port,
+        stack.state_dir(),
+    )?;
+    api.wait_ready(&signals)?;
+    queue.wait_ready(&signals)?;
 
     let ga_drop = create_drop(args.booking_port, &seller_key, DEMO_GA_DROP)?;
     let seated_drop = create_drop(args.booking_port, &seller_key, DEMO_SEATED_DROP)?;
+    let queue_drop = create_drop(args.booking_port, &seller_key, DEMO_QUEUE_DROP)?;
 
     let vars = [
         ("BOOKING_URL", booking_url.clone()),
+        ("QUEUE_URL", queue_url.clone()),
         ("DATABASE_URL", stack.database_url()),
         ("REDIS_URL", stack.redis_url()),
         ("FLOODGATE_SELLER_KEY", seller_key),
         ("FLOODGATE_OPS_KEY", ops_key),
         ("DEMO_DROP_ID", ga_drop.clone()),
         ("DEMO_SEATED_DROP_ID", seated_drop.clone()),
+        ("DEMO_QUEUE_DROP_ID", queue_drop.clone()),
     ];
     let env_text: String = vars
         .iter()
         .map(|(k, v)| format!("{k}={}\n", shell_quote(v)))
         .collect();
-    let env_file = dev_dir.join("env");
+    let env_file = dev_dir.join(env_name);
     fs::write(&env_file, &env_text).with_context(|| format!("writing {}", env_file.display()))?;
+    let logs = if default_name {
+        dev_dir.join("state")
+    } else {
+        stack.state_dir().to_path_buf()
+    };
+    let ws_url = format!(
+        "ws://127.0.0.1:{}/v1/drops/{queue_drop}/queue/ws",
+        args.queue_port
+    );
 
     println!();
     println!("Floodgate dev stack is up.");
@@ -274,43 +358,66 @@ fn up(args: UpArgs) -> Result<u8> {
     println!("  metrics            {booking_url}/metrics");
     println!("  fan page (tee)     {booking_url}/drops/{ga_drop}");
     println!("  fan page (concert) {booking_url}/drops/{seated_drop}");
-    println!("  logs               {}/", dev_dir.join("state").display());
+    println!("  queue-server       {queue_url}");
+    println!("  queue health       {queue_url}/healthz");
+    println!("  queue ready        {queue_url}/readyz");
+    println!("  queue metrics      {queue_url}/metrics");
+    println!("  queue (hoodie)     {ws_url}?fan_token=...");
+    println!(
+        "  queue join (HTTP)  POST {queue_url}/v1/drops/{queue_drop}/queue, then GET .../queue/me"
+    );
+    println!("  logs               {}/", logs.display());
     println!();
     println!(
-        "{} (load it with: set -a; . .dev/env; set +a):",
-        env_file.display()
+        "{} (load it with: set -a; . {}; set +a):",
+        env_file.display(),
+        env_file.strip_prefix(&root).unwrap_or(&env_file).display()
     );
     print!("{env_text}");
     println!();
-    println!("Ctrl-C stops booking-api, Redis and PostgreSQL.");
+    println!("Ctrl-C stops queue-server, booking-api, Redis and PostgreSQL.");
     let _ = std::io::stdout().flush();
 
     let mut code = 0;
-    loop {
+    'watch: loop {
         if signals.any() {
             eprintln!("\ndevstack: stopping ...");
             break;
         }
-        if let Some(status) = api.child.try_wait()? {
-            eprintln!(
-                "devstack: booking-api exited on its own ({status}); stopping the stack\n--- {} ---\n{}",
-                log_file.display(),
-                sys::tail(&log_file, LOG_TAIL_LINES)
-            );
-            code = 1;
-            break;
+        for server in [&mut api, &mut queue] {
+            if let Some(status) = server.child.try_wait()? {
+                eprintln!(
+                    "devstack: {} exited on its own ({status}); stopping the stack\n{}",
+                    server.name,
+                    server.log_tail()
+                );
+                code = 1;
+                break 'watch;
+            }
         }
         thread::sleep(Duration::from_millis(200));
     }
-    // In order: the API first (it drains in-flight requests against Redis and Postgres), then
-    // the stack; the pid file goes last, when `_pid_file` drops.
+    // In order: queue-server (it tells its sockets to go), then booking-api (it drains in-flight
+    // requests against Redis and Postgres), then the stack; the pid file goes last, when
+    // `_pid_file` drops.
+    queue.stop();
     api.stop();
     stack.stop();
     eprintln!("devstack: stopped");
     Ok(code)
 }
 
-fn resolve_booking_bin(bin: &Path, root: &Path) -> Result<PathBuf> {
+/// 32 bytes from /dev/urandom, hex-encoded.
+fn random_hex_secret() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(hex::encode(bytes))
+}
+
+/// A server binary: `bin` as given, else relative to the checkout; `package` is what builds it.
+fn resolve_bin(bin: &Path, root: &Path, package: &str) -> Result<PathBuf> {
     let candidates = if bin.is_absolute() {
         vec![bin.to_path_buf()]
     } else {
@@ -324,12 +431,12 @@ fn resolve_booking_bin(bin: &Path, root: &Path) -> Result<PathBuf> {
         }
     }
     bail!(
-        "booking-api binary not found at {} (build it: cargo build --release -p floodgate-booking-api)",
+        "binary not found at {} (build it: cargo build --release -p {package})",
         bin.display()
     )
 }
 
-fn booking_command(bin: &Path, env: &[(&str, String)]) -> Command {
+fn server_command(bin: &Path, env: &[(&str, String)]) -> Command {
     let mut cmd = Command::new(bin);
     for (k, v) in env {
         cmd.env(k, v);
@@ -341,7 +448,7 @@ fn booking_command(bin: &Path, env: &[(&str, String)]) -> Command {
 
 /// `booking-api create-key --scope SCOPE --name NAME` prints the new key on its last line.
 fn create_key(bin: &Path, env: &[(&str, String)], scope: &str, name: &str) -> Result<String> {
-    let out = booking_command(bin, env)
+    let out = server_command(bin, env)
         .args(["create-key", "--scope", scope, "--name", name])
         .output()
         .with_context(|| format!("running {} create-key", bin.display()))?;
@@ -400,61 +507,88 @@ fn shell_quote(value: &str) -> String {
     }
 }
 
-/// The running `booking-api serve`; dropping it stops it.
-struct BookingApi {
+/// A server `devstack up` runs (booking-api, queue-server), logging to `<state>/<name>.log`, its
+/// pid in `<state>/<name>.pid` for the next run to clean up after a SIGKILL. Dropping it stops it.
+struct Server {
+    name: &'static str,
+    port: u16,
     child: Child,
     log_file: PathBuf,
     pid_file: PathBuf,
 }
 
-impl BookingApi {
+impl Server {
+    fn pid_file(state_dir: &Path, name: &str) -> PathBuf {
+        state_dir.join(format!("{name}.pid"))
+    }
+
     fn spawn(
+        name: &'static str,
         bin: &Path,
+        args: &[&str],
         env: &[(&str, String)],
-        log_file: &Path,
-        pid_file: PathBuf,
-    ) -> Result<BookingApi> {
+        port: u16,
+        state_dir: &Path,
+    ) -> Result<Server> {
+        let log_file = state_dir.join(format!("{name}.log"));
+        eprintln!(
+            "devstack: starting {name} on http://127.0.0.1:{port} (log: {}) ...",
+            log_file.display()
+        );
         let log = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
-            .open(log_file)
+            .open(&log_file)
             .with_context(|| format!("opening {}", log_file.display()))?;
-        let child = booking_command(bin, env)
-            .arg("serve")
+        let child = server_command(bin, env)
+            .args(args)
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
-            .with_context(|| format!("spawning {} serve", bin.display()))?;
-        fs::write(&pid_file, child.id().to_string())?;
-        Ok(BookingApi {
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let pid_file = Server::pid_file(state_dir, name);
+        let server = Server {
+            name,
+            port,
             child,
-            log_file: log_file.to_path_buf(),
+            log_file,
             pid_file,
-        })
+        };
+        fs::write(&server.pid_file, server.child.id().to_string())
+            .with_context(|| format!("writing {}", server.pid_file.display()))?;
+        Ok(server)
     }
 
-    fn wait_ready(&mut self, port: u16, signals: &Signals) -> Result<()> {
+    fn log_tail(&self) -> String {
+        format!(
+            "--- {} ---\n{}",
+            self.log_file.display(),
+            sys::tail(&self.log_file, LOG_TAIL_LINES)
+        )
+    }
+
+    fn wait_ready(&mut self, signals: &Signals) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             signals.check()?;
             if let Some(status) = self.child.try_wait()? {
                 bail!(
-                    "booking-api exited before it was ready ({status})\n--- {} ---\n{}",
-                    self.log_file.display(),
-                    sys::tail(&self.log_file, LOG_TAIL_LINES)
+                    "{} exited before it was ready ({status})\n{}",
+                    self.name,
+                    self.log_tail()
                 );
             }
-            if let Ok(resp) = http::request(port, "GET", "/readyz", &[], None, HTTP_TIMEOUT) {
+            if let Ok(resp) = http::request(self.port, "GET", "/readyz", &[], None, HTTP_TIMEOUT) {
                 if resp.status == 200 {
                     return Ok(());
                 }
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "booking-api did not answer GET /readyz with 200 within {READY_TIMEOUT:?}\n--- {} ---\n{}",
-                    self.log_file.display(),
-                    sys::tail(&self.log_file, LOG_TAIL_LINES)
+                    "{} did not answer GET /readyz with 200 within {READY_TIMEOUT:?}\n{}",
+                    self.name,
+                    self.log_tail()
                 );
             }
             thread::sleep(Duration::from_millis(250));
@@ -463,18 +597,18 @@ impl BookingApi {
 
     /// SIGTERM (graceful shutdown), up to 10 s, then SIGKILL. Safe to call twice.
     fn stop(&mut self) {
-        sys::terminate_child(&mut self.child, BOOKING_STOP_GRACE);
+        sys::terminate_child(&mut self.child, SERVER_STOP_GRACE);
         let _ = fs::remove_file(&self.pid_file);
     }
 }
 
-impl Drop for BookingApi {
+impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }
 }
 
-/// `.dev/up.pid`: one `devstack up` per checkout.
+/// `.dev/up.pid` (`.dev/up-<name>.pid`): one `devstack up` per checkout and stack name.
 struct PidFile {
     path: PathBuf,
 }

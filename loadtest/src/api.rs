@@ -128,9 +128,14 @@ impl Setup {
                 )
             };
             let (result, ()) = self.slot.send(&self.target, req).await;
-            let (status, bytes) = result.map_err(|e| {
-                anyhow::anyhow!("{method} {path}: {e} error talking to {}", self.target.addr)
-            })?;
+            let (status, bytes) = match result {
+                Ok(answer) => answer,
+                // The server closes keep-alive connections left idle (booking-api after
+                // `http.header_read_timeout_ms`), as the setup connection is during a run: a GET
+                // is safe to send again on a fresh connection.
+                Err(_) if method == Method::GET && attempt == 1 => continue,
+                Err(e) => bail!("{method} {path}: {e} error talking to {}", self.target.addr),
+            };
             let retry = status == StatusCode::TOO_MANY_REQUESTS
                 || status == StatusCode::SERVICE_UNAVAILABLE;
             if !retry || attempt == SETUP_ATTEMPTS {
