@@ -98,10 +98,14 @@ if n > 0 then
   local demand = 0
   if active > 0 then
     local fans = redis.call('ZRANGE', KEYS[5], 0, -1)
-    local units = redis.call('HMGET', KEYS[4], unpack(fans))
-    for i = 1, #fans do
-      local left = limit - (tonumber(units[i]) or 0)
-      if left > 0 then demand = demand + left end
+    -- In chunks: Lua's unpack fails past a few thousand values, and max_active may be more.
+    for from = 1, #fans, 1000 do
+      local to = math.min(from + 999, #fans)
+      local units = redis.call('HMGET', KEYS[4], unpack(fans, from, to))
+      for i = 1, to - from + 1 do
+        local left = limit - (tonumber(units[i]) or 0)
+        if left > 0 then demand = demand + left end
+      end
     end
   end
   -- (demand + k·limit)·100 ≤ available·(100 + margin), integers only.

@@ -2,12 +2,15 @@
 -- its original deadline, or straight back to stock if that deadline has passed.
 -- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[11]
 -- ARGV[1] hold id
--- Returns {"ok", "held"} | {"ok", "expired"} | {"ok", "noop", state} (not confirming: nothing to do)
+-- ARGV[2] the payment reference the caller is reverting: another attempt that began since (a
+--         new reference) is left alone
+-- Returns {"ok", "held"} | {"ok", "expired"} | {"ok", "noop", state} (not confirming under that
+--         reference: nothing to do)
 --       | {"err", "unknown_hold"}
-local id = ARGV[1]
+local id, ref = ARGV[1], ARGV[2]
 local h = load_hold(id)
 if not h then return {'err', 'unknown_hold'} end
-if h.st ~= 'confirming' then return {'ok', 'noop', h.st} end
+if h.st ~= 'confirming' or (h.ref or '') ~= ref then return {'ok', 'noop', h.st} end
 local now = now_ms()
 if now >= h.exp then
   return_to_stock(id, h, 'expired', now)

@@ -5,4 +5,5 @@
 -- Returns {expired count, held holds still past their deadline (more to do when > 0)}
 local now = now_ms()
 local expired = reclaim(now, tonumber(ARGV[1]))
+purge_ended(now, tonumber(ARGV[1]))
 return {expired, redis.call('ZCOUNT', K.deadlines, '-inf', now)}

@@ -82,8 +82,7 @@ local function return_to_stock(id, h, final_state, now)
   redis.call('ZADD', K.done, now + meta_num('done_ttl_ms', 3600000), id)
 end
 
--- Expired held holds go back to stock, at most `limit` of them; ended holds past their keep time
--- are purged in the same bounded way. Returns how many holds expired.
+-- Expired held holds go back to stock, at most `limit` of them. Returns how many expired.
 local function reclaim(now, limit)
   local expired = 0
   local ids = redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMIT', 0, limit)
@@ -96,10 +95,15 @@ local function reclaim(now, limit)
       redis.call('ZREM', K.deadlines, id)
     end
   end
+  return expired
+end
+
+-- Ended holds past their keep time leave the holds hash, at most `limit` of them. The sweeper's
+-- job (expire.lua), kept off reserve's hot path.
+local function purge_ended(now, limit)
   local gone = redis.call('ZRANGEBYSCORE', K.done, '-inf', now, 'LIMIT', 0, limit)
   for _, id in ipairs(gone) do
     redis.call('HDEL', K.holds, id)
     redis.call('ZREM', K.done, id)
   end
-  return expired
 end

@@ -5,7 +5,8 @@
 --   seats: sold ones from Postgres, held ones from live holds, the rest free;
 --   held = units of live holds, sold = Postgres, available = total - sold - held;
 --   per-fan units = bought (Postgres) + live holds. Live holds that conflict with a sale (a seat
---   Postgres sold, or more units held than remain) end, newest first.
+--   Postgres sold, more units held than remain, or a fan past the per-fan limit with what
+--   Postgres says they bought) end, newest first.
 -- Then the drop leaves `recovering`, stamped with this redis-server run's id.
 -- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[11]
 -- ARGV[1] JSON {meta = {field = value}, buckets = [[bucket, total, sold]], seats = [seat id],
@@ -14,7 +15,10 @@
 -- Returns {"ok", live holds kept, holds ended}
 local d = cjson.decode(ARGV[1])
 local now = now_ms()
+-- A seller may close the drop while Postgres is read: a close already in Redis stands.
+local was_closed = redis.call('HGET', K.meta, 'status') == 'closed'
 for field, value in pairs(d.meta) do redis.call('HSET', K.meta, field, tostring(value)) end
+if was_closed then redis.call('HSET', K.meta, 'status', 'closed') end
 for section, rows in pairs(d.layout) do redis.call('HSET', K.layout, section, cjson.encode(rows)) end
 
 redis.call('DEL', K.seats, K.fans, K.fanholds)
@@ -59,9 +63,13 @@ for _, b in ipairs(d.buckets) do
   held[b[1]] = 0
 end
 local kept = 0
+-- Units per fan: bought (Postgres) plus the live holds kept so far, against the per-fan limit.
+local limit = tonumber(d.meta.per_fan_limit)
+local fan_units = {}
+for fan, units in pairs(d.bought) do fan_units[fan] = units end
 for _, entry in ipairs(live) do
   local id, h = entry.id, entry.h
-  local fits = true
+  local fits = (fan_units[h.fan] or 0) + h.u <= limit
   local need = {}
   for _, item in ipairs(h.it) do
     need[item.b] = (need[item.b] or 0) + item.q
@@ -75,7 +83,7 @@ for _, entry in ipairs(live) do
     for _, item in ipairs(h.it) do
       if item.s then redis.call('HSET', K.seats, item.s, id) end
     end
-    redis.call('HINCRBY', K.fans, h.fan, h.u)
+    fan_units[h.fan] = (fan_units[h.fan] or 0) + h.u
     remember_live_hold(h.fan, id)
     if h.st == 'held' then
       redis.call('ZADD', K.deadlines, h.exp, id)
@@ -88,7 +96,7 @@ for _, entry in ipairs(live) do
   end
 end
 
-for fan, units in pairs(d.bought) do redis.call('HINCRBY', K.fans, fan, units) end
+for fan, units in pairs(fan_units) do redis.call('HSET', K.fans, fan, units) end
 for _, b in ipairs(d.buckets) do
   local bucket, total, sold = b[1], b[2], b[3]
   redis.call('HSET', K.stock, 'a:' .. bucket, room[bucket], 'h:' .. bucket, held[bucket],

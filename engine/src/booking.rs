@@ -67,6 +67,18 @@ struct Inflight {
     done: watch::Receiver<Option<ConfirmResult>>,
 }
 
+/// Removes a hold's in-flight confirm entry when its task ends, however it ends.
+struct InflightGuard {
+    engine: Arc<Engine>,
+    hold: HoldId,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        lock(&self.engine.inflight).remove(&self.hold);
+    }
+}
+
 /// How long a confirm waits for another process already confirming the same hold.
 const CONFIRM_WAIT_OTHER_MS: u64 = 3_000;
 /// Expire calls per drop per sweep, at most (each takes `holds.sweep_batch` holds).
@@ -77,6 +89,8 @@ const RECOVER_ROUNDS_MAX: usize = 3;
 const WATCHED_REFRESH: Duration = Duration::from_secs(5);
 /// How long a drop this process served stays looked after without further traffic.
 const TOUCHED_KEEP: Duration = Duration::from_secs(3600);
+/// How often a busy drop's "served lately" mark is refreshed.
+const TOUCHED_REFRESH: Duration = Duration::from_secs(10);
 
 pub struct Engine {
     pub cfg: Config,
@@ -124,6 +138,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 impl Engine {
     /// Connects Redis and Postgres, applies migrations, starts the order writer.
     pub async fn start(cfg: Config) -> Result<Arc<Engine>> {
+        cfg.validate()?;
         let redis = Redis::connect(&cfg.redis).await?;
         let db = Db::connect(&cfg.database)?;
         db.migrate().await?;
@@ -210,6 +225,13 @@ impl Engine {
 
     fn watch_drop(&self, drop: &DropId) {
         let mut touched = lock(&self.touched);
+        // On the reserve path: refresh a drop's mark at most every few seconds, not per request.
+        if touched
+            .get(drop)
+            .is_some_and(|at| at.elapsed() < TOUCHED_REFRESH)
+        {
+            return;
+        }
         if touched.len() >= self.cfg.reconciler.max_drops_watched {
             touched.retain(|_, at| at.elapsed() < TOUCHED_KEEP);
         }
@@ -240,11 +262,11 @@ impl Engine {
     /// Status from Redis; a drop missing there (flushed, lost) starts recovery and answers 503.
     async fn live_status(&self, drop: &DropId) -> Result<String> {
         match self.redis.drop_state(drop).await? {
-            Some((_, true)) | None => {
+            Some(state) if !state.recovering => Ok(state.status),
+            _ => {
                 self.start_recovery(drop);
                 Err(recovering())
             }
-            Some((status, false)) => Ok(status),
         }
     }
 
@@ -634,11 +656,15 @@ impl Engine {
             // Its own task: a client that hangs up mid-payment must not cut the confirm in half.
             let (engine, fan, hold) = (self.clone(), fan.clone(), hold.clone());
             let task = tokio::spawn(async move {
+                // Leaves the in-flight map however the task ends, a panic included.
+                let _leave = InflightGuard {
+                    engine: engine.clone(),
+                    hold: hold.clone(),
+                };
                 let started = Instant::now();
                 let result = engine.confirm_once(&fan, &hold, &payment).await;
                 metrics::histogram!(m::CONFIRM_SECONDS).record(started.elapsed().as_secs_f64());
                 let _ = tx.send(Some(result.clone()));
-                lock(&engine.inflight).remove(&hold);
                 result
             });
             let result = task
@@ -698,7 +724,7 @@ impl Engine {
             Ok(()) => {}
             Err(GatewayError::Declined) => {
                 let _ = self.db.set_payment_state(hold, "declined").await;
-                self.redis.confirm_revert(hold).await?;
+                self.redis.confirm_revert(hold, &payment.reference).await?;
                 return Err(Error::new(Code::PaymentDeclined));
             }
             Err(e) => {
@@ -712,22 +738,31 @@ impl Engine {
         if now_ms() > deadline - self.cfg.holds.confirm_safety_margin_ms as i64 {
             return Err(payment_pending());
         }
-        let (order, new) = self.commit_and_finish(&def, hold, &rec).await?;
-        Ok((order, new))
+        self.commit_and_finish(&def, hold, &rec)
+            .await?
+            .ok_or_else(|| {
+                Error::msg(
+                    Code::PaymentDeclined,
+                    "The payment took too long and was voided; the hold is yours until it expires.",
+                )
+            })
     }
 
     /// Commits the order for a confirming hold (after authorization), captures, and marks it sold.
+    /// `Ok(None)`: the payment attempt was voided meanwhile (by a reconciler, maybe on another
+    /// instance); the hold has been reverted and nothing was sold.
     async fn commit_and_finish(
         &self,
         def: &DropDef,
         hold: &HoldId,
         rec: &HoldRecord,
-    ) -> Result<(Order, bool)> {
+    ) -> Result<Option<(Order, bool)>> {
         let (priced, total) = priced_items(def, &rec.it);
-        let order_id = OrderId::generate();
+        let reference = rec.reference.clone().unwrap_or_default();
         let new = NewOrder {
-            order_id,
+            order_id: OrderId::generate(),
             hold_id: hold.clone(),
+            reference: reference.clone(),
             fan: rec.fan.clone(),
             currency: def.currency.clone(),
             total_cents: total,
@@ -747,19 +782,16 @@ impl Engine {
             Ok(c) => c,
             Err(e) if e.code == Code::Internal => {
                 // Postgres' final check refused the sale: undo the payment and the hold.
-                let _ = self.gateway.void(hold).await;
-                let _ = self.db.set_payment_state(hold, "voided").await;
-                self.redis.confirm_revert(hold).await?;
+                self.void_and_revert(hold, &reference).await?;
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
-        if let Err(e) = self.gateway.capture(hold).await {
-            tracing::warn!(%hold, error = %e, "capture failed; the order stands, capture is retried by the reconciler");
-        } else {
-            let _ = self.db.set_payment_state(hold, "captured").await;
-        }
-        let order_id = committed.order_id();
+        let Some(order_id) = committed.order_id() else {
+            self.void_and_revert(hold, &reference).await?;
+            return Ok(None);
+        };
+        self.capture(hold).await;
         match self.redis.confirm_finish(hold, order_id).await? {
             Finish::Sold | Finish::Already => {}
             Finish::Ended | Finish::Unknown => {
@@ -784,7 +816,32 @@ impl Engine {
             currency: def.currency.clone(),
             created_at: OffsetDateTime::now_utc(),
         };
-        Ok((order, matches!(committed, Committed::New(_))))
+        Ok(Some((order, matches!(committed, Committed::New(_)))))
+    }
+
+    /// Captures an authorized payment; a failure leaves it `authorized` for the reconciler's
+    /// capture round.
+    async fn capture(&self, hold: &HoldId) {
+        let timeout = ms(self.cfg.gateway.timeout_ms);
+        match tokio::time::timeout(timeout, self.gateway.capture(hold)).await {
+            Ok(Ok(())) => {
+                let _ = self.db.set_payment_state(hold, "captured").await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%hold, error = %e, "capture failed; retried by the reconciler")
+            }
+            Err(_) => tracing::warn!(%hold, "capture timed out; retried by the reconciler"),
+        }
+    }
+
+    /// Voids the attempt at the gateway and reverts the hold, if that attempt is still the one
+    /// confirming it.
+    async fn void_and_revert(&self, hold: &HoldId, reference: &str) -> Result<()> {
+        let _ =
+            tokio::time::timeout(ms(self.cfg.gateway.timeout_ms), self.gateway.void(hold)).await;
+        let _ = self.db.set_payment_state(hold, "voided").await;
+        self.redis.confirm_revert(hold, reference).await?;
+        Ok(())
     }
 
     async fn existing_order(&self, hold: &HoldId, fan: &FanId) -> Result<Order> {
@@ -864,20 +921,19 @@ impl Engine {
             },
         )));
         let e = self.clone();
-        let run_id = Arc::new(Mutex::new(String::new()));
         let last_refresh = Arc::new(Mutex::new(None::<Instant>));
         tasks.push(tokio::spawn(every(
             ms(self.cfg.reconciler.watch_interval_ms),
             shutdown,
             move || {
-                let (e, run_id, last_refresh) = (e.clone(), run_id.clone(), last_refresh.clone());
+                let (e, last_refresh) = (e.clone(), last_refresh.clone());
                 async move {
                     let stale = lock(&last_refresh).is_none_or(|t| t.elapsed() >= WATCHED_REFRESH);
                     if stale {
                         e.refresh_watched().await;
                         *lock(&last_refresh) = Some(Instant::now());
                     }
-                    e.watch_redis(&run_id).await
+                    e.watch_redis().await
                 }
             },
         )));
@@ -898,26 +954,36 @@ impl Engine {
                         }
                     }
                     Err(e) => {
-                        tracing::debug!(%drop, error = %e, "sweep failed");
-                        return;
+                        tracing::debug!(%drop, error = %e, "sweep of this drop failed");
+                        break;
                     }
                 }
             }
         }
     }
 
-    /// One reconciler round over every watched drop.
+    /// One reconciler round: every watched drop's overdue confirms, then captures that failed.
     pub async fn reconcile(&self) {
         for drop in self.watched_drops() {
             if let Err(e) = self.reconcile_drop(&drop).await {
-                tracing::debug!(%drop, error = %e, "reconcile round stopped");
-                return;
+                tracing::debug!(%drop, error = %e, "reconciling this drop stopped");
             }
+        }
+        match self.db.uncaptured(self.cfg.reconciler.batch as i64).await {
+            Ok(holds) => {
+                for hold in holds {
+                    self.capture(&hold).await;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "capture round skipped"),
         }
     }
 
     /// Settles confirming holds past their confirm deadline: an order in Postgres → sold; else the
-    /// gateway says: authorized → commit and sell; declined or unknown → void and revert.
+    /// gateway says: authorized → commit and sell; declined or unknown → void and revert. A
+    /// gateway that doesn't answer leaves the hold for the next round. Postgres arbitrates with a
+    /// request still committing the same attempt (maybe on another instance): the payment leaves
+    /// `pending` once, to `authorized` (the commit) or `voided` (here).
     pub async fn reconcile_drop(&self, drop: &DropId) -> Result<usize> {
         let overdue = self
             .redis
@@ -928,6 +994,7 @@ impl Engine {
             return Ok(0);
         }
         let def = self.drop_def(drop).await?;
+        let timeout = ms(self.cfg.gateway.timeout_ms);
         let mut settled = 0;
         for hold in overdue {
             if lock(&self.inflight).contains_key(&hold) {
@@ -939,27 +1006,33 @@ impl Engine {
             if rec.st != HoldState::Confirming {
                 continue;
             }
+            let reference = match rec.reference.clone() {
+                Some(r) => r,
+                None => self.db.payment_reference(&hold).await?.unwrap_or_default(),
+            };
             if let Some(order) = self.db.order_by_hold(&hold).await? {
-                let _ = self.gateway.capture(&hold).await;
+                self.capture(&hold).await;
                 self.redis.confirm_finish(&hold, order.order_id).await?;
             } else {
-                let reference = match rec.reference.clone() {
-                    Some(r) => r,
-                    None => self.db.payment_reference(&hold).await?.unwrap_or_default(),
-                };
-                let lookup = self
-                    .gateway
-                    .lookup(&hold, &reference)
-                    .await
-                    .unwrap_or(Lookup::Unknown);
+                let lookup =
+                    match tokio::time::timeout(timeout, self.gateway.lookup(&hold, &reference))
+                        .await
+                    {
+                        Ok(Ok(l)) => l,
+                        // No answer is not "unknown": voiding a payment that may have gone through
+                        // would sell nothing while the fan was charged. Try again next round.
+                        _ => continue,
+                    };
                 match lookup {
                     Lookup::Authorized | Lookup::Captured => {
                         self.commit_and_finish(&def, &hold, &rec).await?;
                     }
                     Lookup::Declined | Lookup::Voided | Lookup::Unknown => {
-                        let _ = self.gateway.void(&hold).await;
-                        let _ = self.db.set_payment_state(&hold, "voided").await;
-                        self.redis.confirm_revert(&hold).await?;
+                        match self.db.void_pending_payment(&hold).await?.as_deref() {
+                            // An order is landing for this attempt: the next round finishes it.
+                            Some("authorized") | Some("captured") => continue,
+                            _ => self.void_and_revert(&hold, &reference).await?,
+                        }
                     }
                 }
             }
@@ -969,32 +1042,25 @@ impl Engine {
         Ok(settled)
     }
 
-    /// Redis restarted (new `run_id`) → every watched drop recovers; a drop missing or left
-    /// `recovering` → that drop recovers.
-    async fn watch_redis(&self, last_run_id: &Mutex<String>) {
+    /// A drop missing from Redis, left `recovering`, or loaded in an earlier Redis run (a restart
+    /// or failover may have lost its last writes) → that drop recovers. Comparing each drop's
+    /// stamped run id, rather than remembering the last one seen, also catches a restart that
+    /// happened while this process was down.
+    async fn watch_redis(&self) {
         let Ok(run_id) = self.redis.run_id().await else {
             return;
         };
-        let (restarted, previous) = {
-            let mut last = lock(last_run_id);
-            let restarted = !last.is_empty() && *last != run_id;
-            (restarted, std::mem::replace(&mut *last, run_id))
-        };
-        let mut failed = false;
         for drop in self.watched_drops() {
-            let state = self.redis.drop_state(&drop).await;
-            let needs = restarted || matches!(state, Ok(None) | Ok(Some((_, true))));
+            let needs = match self.redis.drop_state(&drop).await {
+                Ok(Some(state)) => state.recovering || state.run_id != run_id,
+                Ok(None) => true,
+                Err(_) => return,
+            };
             if needs {
                 if let Err(e) = self.recover(&drop).await {
                     tracing::warn!(%drop, error = %e, "recovery failed; retrying next round");
-                    failed = true;
                 }
             }
-        }
-        if restarted && failed {
-            // A drop whose recovery failed before it was marked `recovering` would look healthy
-            // next round: keep the restart unseen, so the next round recovers every drop again.
-            *lock(last_run_id) = previous;
         }
     }
 

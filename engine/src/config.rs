@@ -75,6 +75,45 @@ const SECTIONS: &[&str] = &[
     "queue",
 ];
 
+impl Config {
+    /// Values that would break the servers at run time are refused at start.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        let positive = [
+            ("holds.sweep_interval_ms", self.holds.sweep_interval_ms),
+            ("reconciler.interval_ms", self.reconciler.interval_ms),
+            (
+                "reconciler.watch_interval_ms",
+                self.reconciler.watch_interval_ms,
+            ),
+            ("holds.confirm_timeout_ms", self.holds.confirm_timeout_ms),
+            ("gateway.timeout_ms", self.gateway.timeout_ms),
+            ("queue.tick_ms", self.queue.tick_ms),
+            (
+                "queue.position_interval_ms",
+                self.queue.position_interval_ms,
+            ),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(crate::Error::invalid(format!(
+                    "config: {name} must be above 0"
+                )));
+            }
+        }
+        if self.holds.confirm_safety_margin_ms >= self.holds.confirm_timeout_ms {
+            return Err(crate::Error::invalid(
+                "config: holds.confirm_safety_margin_ms must be below holds.confirm_timeout_ms",
+            ));
+        }
+        if self.queue.ws_max_write_buffer_bytes <= self.queue.ws_write_buffer_bytes {
+            return Err(crate::Error::invalid(
+                "config: queue.ws_max_write_buffer_bytes must exceed queue.ws_write_buffer_bytes",
+            ));
+        }
+        Ok(())
+    }
+}
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -149,14 +188,17 @@ impl Default for RedisConfig {
 pub const DEFAULT_DATABASE_URL: &str = "postgres://floodgate@127.0.0.1:5432/floodgate";
 pub const DEFAULT_DATABASE_POOL_SIZE: usize = 16;
 pub const DEFAULT_DATABASE_TIMEOUT_MS: u64 = 3_000;
+pub const DEFAULT_DATABASE_STATEMENT_TIMEOUT_MS: u64 = 30_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     pub url: String,
     pub pool_size: usize,
-    /// Waiting for a pooled connection, connecting, and each statement are bounded by this.
+    /// Waiting for a pooled connection and connecting are bounded by this.
     pub timeout_ms: u64,
+    /// Longest a single statement may run (Postgres `statement_timeout`).
+    pub statement_timeout_ms: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -165,6 +207,7 @@ impl Default for DatabaseConfig {
             url: DEFAULT_DATABASE_URL.to_owned(),
             pool_size: DEFAULT_DATABASE_POOL_SIZE,
             timeout_ms: DEFAULT_DATABASE_TIMEOUT_MS,
+            statement_timeout_ms: DEFAULT_DATABASE_STATEMENT_TIMEOUT_MS,
         }
     }
 }

@@ -104,6 +104,10 @@ impl Db {
         let mut pg = pg;
         let timeout = Duration::from_millis(cfg.timeout_ms);
         pg.connect_timeout(timeout);
+        // A dead peer is noticed by TCP keepalive, a stuck statement by Postgres itself.
+        pg.keepalives(true);
+        pg.keepalives_idle(Duration::from_secs(10));
+        pg.options(format!("-c statement_timeout={}", cfg.statement_timeout_ms));
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -442,6 +446,40 @@ impl Db {
             )
             .await?;
         Ok(())
+    }
+
+    /// The reconciler's side of the arbitration with a committing request: a `pending` payment
+    /// becomes `voided`. Returns the state it had before (`None`: no payment recorded).
+    pub async fn void_pending_payment(&self, hold: &HoldId) -> Result<Option<String>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "WITH prev AS (SELECT state FROM payments WHERE hold_id = $1 FOR UPDATE) \
+                 UPDATE payments p SET state = CASE WHEN p.state = 'pending' THEN 'voided' ELSE p.state END, \
+                 updated_at = now() FROM prev WHERE p.hold_id = $1 RETURNING prev.state",
+                &[&hold.as_str()],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Authorized payments whose order stands but whose capture failed, oldest first.
+    pub async fn uncaptured(&self, limit: i64) -> Result<Vec<HoldId>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT p.hold_id FROM payments p JOIN orders o USING (hold_id) \
+                 WHERE p.state = 'authorized' AND p.updated_at < now() - interval '10 seconds' \
+                 ORDER BY p.updated_at LIMIT $1",
+                &[&limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| HoldId::parse(r.get(0)).ok())
+            .collect())
     }
 
     /// The reference a hold's payment was made with, if one was recorded.

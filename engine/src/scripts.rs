@@ -190,6 +190,15 @@ pub enum Revert {
     Unknown,
 }
 
+/// A drop's state in Redis' meta hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropState {
+    pub status: String,
+    pub recovering: bool,
+    /// The redis-server run the drop was loaded or rebuilt in (lua/lib.lua `server_run_id`).
+    pub run_id: String,
+}
+
 /// Live counts of one bucket. `held` includes confirming.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Counts {
@@ -466,12 +475,13 @@ impl Redis {
         )
     }
 
-    pub async fn confirm_revert(&self, hold: &HoldId) -> Result<Revert> {
+    /// Reverts the attempt made under `reference`; a newer attempt is left alone.
+    pub async fn confirm_revert(&self, hold: &HoldId, reference: &str) -> Result<Revert> {
         let reply = self
             .run(
                 &self.scripts.confirm_revert,
                 DropKeys::new(&hold.drop_id()).all(),
-                vec![hold.to_string()],
+                vec![hold.to_string(), reference.to_owned()],
             )
             .await?;
         Ok(
@@ -527,16 +537,20 @@ impl Redis {
     }
 
     /// Whether the drop is loaded, and whether it is recovering.
-    pub async fn drop_state(&self, drop: &DropId) -> Result<Option<(String, bool)>> {
+    /// The drop's status, whether it is recovering, and the Redis run it was loaded or rebuilt
+    /// in; `None` if the drop isn't in Redis at all.
+    pub async fn drop_state(&self, drop: &DropId) -> Result<Option<DropState>> {
         let keys = DropKeys::new(drop);
         let vals: Vec<Option<String>> = self
             .client()
-            .hmget(keys.meta(), vec!["status", "recovering"])
+            .hmget(keys.meta(), vec!["status", "recovering", "run_id"])
             .await?;
         match vals.as_slice() {
-            [Some(status), recovering] => {
-                Ok(Some((status.clone(), recovering.as_deref() == Some("1"))))
-            }
+            [Some(status), recovering, run_id] => Ok(Some(DropState {
+                status: status.clone(),
+                recovering: recovering.as_deref() == Some("1"),
+                run_id: run_id.clone().unwrap_or_default(),
+            })),
             _ => Ok(None),
         }
     }

@@ -21,6 +21,8 @@ pub struct NewItem {
 pub struct NewOrder {
     pub order_id: OrderId,
     pub hold_id: HoldId,
+    /// The payment attempt this order is for: it must still be `pending` under this reference.
+    pub reference: String,
     pub fan: String,
     pub currency: String,
     pub total_cents: i64,
@@ -35,12 +37,15 @@ pub enum Committed {
     New(OrderId),
     /// The hold already had an order (a retry, or the reconciler got there first).
     Existing(OrderId),
+    /// The payment attempt is no longer pending (the reconciler voided it): no order was made.
+    Superseded,
 }
 
 impl Committed {
-    pub fn order_id(self) -> OrderId {
+    pub fn order_id(self) -> Option<OrderId> {
         match self {
-            Committed::New(id) | Committed::Existing(id) => id,
+            Committed::New(id) | Committed::Existing(id) => Some(id),
+            Committed::Superseded => None,
         }
     }
 }
@@ -134,6 +139,27 @@ async fn insert_order(
 ) -> std::result::Result<Committed, tokio_postgres::Error> {
     let drop = o.hold_id.drop_id();
     let d = drop.as_str();
+    // Postgres arbitrates between this commit and a reconciler voiding the same attempt (maybe
+    // on another instance): whoever moves the payment out of `pending` first wins.
+    let claimed = tx
+        .execute(
+            "UPDATE payments SET state = 'authorized', updated_at = now() \
+             WHERE hold_id = $1 AND state = 'pending' AND reference = $2",
+            &[&o.hold_id.as_str(), &o.reference],
+        )
+        .await?;
+    if claimed == 0 {
+        let row = tx
+            .query_opt(
+                "SELECT order_id FROM orders WHERE hold_id = $1",
+                &[&o.hold_id.as_str()],
+            )
+            .await?;
+        return Ok(match row {
+            Some(r) => Committed::Existing(OrderId(r.get(0))),
+            None => Committed::Superseded,
+        });
+    }
     let inserted = tx
         .query_opt(
             "INSERT INTO orders (order_id, hold_id, drop_id, fan_id, total_cents, currency) \
@@ -180,11 +206,6 @@ async fn insert_order(
         "INSERT INTO fan_purchases (drop_id, fan_id, units, limit_units) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (drop_id, fan_id) DO UPDATE SET units = fan_purchases.units + EXCLUDED.units",
         &[&d, &o.fan, &units, &o.per_fan_limit],
-    )
-    .await?;
-    tx.execute(
-        "UPDATE payments SET state = 'authorized', updated_at = now() WHERE hold_id = $1 AND state = 'pending'",
-        &[&o.hold_id.as_str()],
     )
     .await?;
     Ok(Committed::New(o.order_id))
