@@ -5,11 +5,9 @@
 //! # Layout
 //! - [`server`] — listener, connection bound, graceful shutdown, background tasks.
 //! - [`routes`] — the route table and handlers.
-//! - [`http`] — request bodies, JSON responses, the error mapping, CORS.
 //! - [`limits`] — governor rate limits per IP and per fan.
 //! - [`pages`] — the fan's booking page (static HTML/CSS/JS compiled in).
 
-pub mod http;
 pub mod limits;
 pub mod pages;
 pub mod routes;

@@ -1,6 +1,6 @@
 //! The fan's booking page: plain HTML, CSS and JS compiled into the binary (no build step).
 
-use crate::http::{bytes, Body};
+use engine::web::{bytes, Body};
 use hyper::Response;
 
 pub fn booking_page() -> Response<Body> {

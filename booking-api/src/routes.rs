@@ -14,9 +14,9 @@ use hyper::{Method, Request, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::http::{self, bearer, header, query_param, read_body, Body};
 use crate::limits::Limits;
 use crate::pages;
+use engine::web::{self as http, bearer, header, query_param, read_body, Body};
 
 pub struct App {
     pub engine: Arc<Engine>,

@@ -3,7 +3,7 @@
 //! `http.shutdown_grace_ms`, stop background tasks).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::config::ms;
@@ -14,29 +14,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::http::{self, Body};
 use crate::limits::Limits;
 use crate::routes::App;
-
-/// The process-wide metrics recorder (one per process, however many servers a test starts).
-pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ])
-                .and_then(|b| b.install_recorder())
-                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
-        })
-        .clone()
-}
+use engine::web::{self as http, Body};
 
 /// A running booking-api.
 pub struct Running {
@@ -73,7 +57,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let app = Arc::new(App {
         engine: engine.clone(),
         limits: Limits::new(&engine.cfg.limits),
-        metrics: metrics_handle(),
+        metrics: engine::web::metrics_handle(),
     });
     let task = tokio::spawn(serve(listener, app, rx));
     tracing::info!(%addr, "booking-api listening");

@@ -14,6 +14,8 @@
 //! - [`booking`] — the engine handlers call: reserve, release, confirm, the sweeper, the
 //!   reconciler and recovery.
 //! - [`metrics`] — metric names.
+//! - [`web`] — HTTP plumbing both servers share: JSON answers, the error → response mapping,
+//!   bounded body reads, keyed rate limits, the metrics recorder.
 
 pub mod booking;
 pub mod config;
@@ -26,6 +28,7 @@ pub mod payments;
 pub mod queue;
 pub mod scripts;
 pub mod tokens;
+pub mod web;
 pub mod writer;
 
 pub use booking::Engine;

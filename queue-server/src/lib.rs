@@ -9,10 +9,8 @@
 //! - [`routes`] — the route table and the HTTP handlers (join, poll, seed reveal, health, metrics).
 //! - [`ws`] — the WebSocket handshake and one task per socket with a bounded send queue.
 //! - [`room`] — one admission loop per drop with waiters here: ticks, positions, admissions.
-//! - [`http`] — JSON answers and the one place an [`engine::Error`] becomes a response.
 //! - [`limits`] — governor rate limit on joins per client IP.
 
-pub mod http;
 pub mod limits;
 pub mod room;
 pub mod routes;

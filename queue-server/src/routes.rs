@@ -14,10 +14,10 @@ use hyper::{Method, Request, Response};
 use serde_json::json;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
-use crate::http::{self, bearer, query_param, Body};
 use crate::limits::JoinLimit;
 use crate::room::Rooms;
 use crate::ws;
+use engine::web::{self as http, bearer, query_param, Body};
 
 pub struct App {
     pub rooms: Arc<Rooms>,
@@ -105,7 +105,7 @@ impl App {
     ) -> Answer {
         let drop = drop_id(d)?;
         let fan = self.fan(&req)?;
-        self.limits.check(peer.ip())?;
+        self.limits.check(&peer.ip())?;
         let resp = ws::accept(&req)?;
         tokio::spawn(ws::serve(
             self.rooms.clone(),
@@ -122,7 +122,7 @@ impl App {
     async fn join(&self, req: &Request<Incoming>, d: &str, peer: SocketAddr) -> Answer {
         let drop = drop_id(d)?;
         let fan = self.fan(req)?;
-        self.limits.check(peer.ip())?;
+        self.limits.check(&peer.ip())?;
         let joined = self.rooms.queue.join(&drop, &fan).await?;
         self.rooms.touch(&drop)?;
         let ahead = match joined.status {

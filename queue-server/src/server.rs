@@ -4,7 +4,7 @@
 //! connections to drain within `queue.shutdown_grace_ms`.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::config::ms;
@@ -15,27 +15,14 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::http::{self, Body};
 use crate::limits::JoinLimit;
 use crate::room::Rooms;
 use crate::routes::App;
-
-/// The process-wide metrics recorder (one per process, however many servers a test starts).
-pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .install_recorder()
-                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
-        })
-        .clone()
-}
+use engine::web::{self as http, Body};
 
 /// A running queue-server.
 pub struct Running {
@@ -76,8 +63,12 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let qcfg = engine.cfg.queue.clone();
     let app = Arc::new(App {
         rooms: Rooms::new(queue.clone(), qcfg.clone(), rx.clone()),
-        limits: JoinLimit::new(qcfg.per_ip_join_per_s, qcfg.per_ip_join_burst),
-        metrics: metrics_handle(),
+        limits: JoinLimit::new(
+            qcfg.per_ip_join_per_s,
+            qcfg.per_ip_join_burst,
+            crate::limits::MAX_KEYS,
+        ),
+        metrics: engine::web::metrics_handle(),
         shutdown: rx.clone(),
     });
     let task = tokio::spawn(serve(listener, app, rx));

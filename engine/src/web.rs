@@ -1,12 +1,21 @@
-//! Request and response plumbing: bounded body reads, JSON answers, and the one place an
-//! [`engine::Error`] becomes an HTTP response (status, `{"error":{...}}`, `Retry-After`).
+//! HTTP plumbing both servers share: JSON answers, the one place an [`crate::Error`] becomes a
+//! response (status, `{"error":{...}}`, `Retry-After`), bounded body reads, headers, keyed rate
+//! limits and the process-wide metrics recorder.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
-use engine::{Code, Error};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::{Code, Error};
 
 pub type Body = Full<Bytes>;
 
@@ -96,4 +105,64 @@ pub fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str
         let (k, v) = kv.split_once('=')?;
         (k == name).then_some(v)
     })
+}
+
+/// A keyed rate limiter (governor) that forgets idle keys on `tidy` and starts over whole if it
+/// still remembers more than `max_keys`, so an address scan can't grow memory without bound.
+pub struct KeyedLimit<K: std::hash::Hash + Eq + Clone> {
+    quota: Quota,
+    max_keys: usize,
+    limiter: RwLock<Arc<DefaultKeyedRateLimiter<K>>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> KeyedLimit<K> {
+    pub fn new(per_s: u32, burst: u32, max_keys: usize) -> Self {
+        let nz = |v: u32| NonZeroU32::new(v.max(1)).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_second(nz(per_s)).allow_burst(nz(burst));
+        KeyedLimit {
+            quota,
+            max_keys,
+            limiter: RwLock::new(Arc::new(RateLimiter::keyed(quota))),
+        }
+    }
+
+    fn current(&self) -> Arc<DefaultKeyedRateLimiter<K>> {
+        self.limiter
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// 429 `rate_limited`, with the wait, when `key` is past its quota.
+    pub fn check(&self, key: &K) -> Result<(), Error> {
+        self.current().check_key(key).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            Error::new(Code::RateLimited).retry_after(wait.max(Duration::from_secs(1)))
+        })
+    }
+
+    /// Forgets idle keys; servers call it every few seconds.
+    pub fn tidy(&self) {
+        let limiter = self.current();
+        limiter.retain_recent();
+        if limiter.len() > self.max_keys {
+            *self.limiter.write().unwrap_or_else(|p| p.into_inner()) =
+                Arc::new(RateLimiter::keyed(self.quota));
+        }
+    }
+}
+
+/// The process-wide metrics recorder (one per process, however many servers a test starts).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
+                .and_then(|b| b.install_recorder())
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+        })
+        .clone()
 }
