@@ -890,7 +890,7 @@
 
   async function loadOrders() {
     try {
-      const data = await api('GET', '/v1/fans/me/orders', { retries: 1 });
+      const data = await api('GET', `/v1/fans/me/orders?drop_id=${enc(state.dropId)}`, { retries: 1 });
       state.orders = ((data && data.orders) || []).filter((o) => String(o.drop_id) === state.dropId);
     } catch (e) {
       return; // the list is a convenience; the page works without it
@@ -913,7 +913,7 @@
   async function resumeHold() {
     let data;
     try {
-      data = await api('GET', '/v1/fans/me/holds', { retries: 1 });
+      data = await api('GET', `/v1/fans/me/holds?drop_id=${enc(state.dropId)}`, { retries: 1 });
     } catch (e) {
       if (!(e instanceof ApiError && e.code === 'unauthorized')) handleError(e);
       return;

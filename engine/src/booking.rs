@@ -89,6 +89,8 @@ const RECOVER_ROUNDS_MAX: usize = 3;
 const WATCHED_REFRESH: Duration = Duration::from_secs(5);
 /// How long a drop this process served stays looked after without further traffic.
 const TOUCHED_KEEP: Duration = Duration::from_secs(3600);
+/// Drops `GET /v1/fans/me/holds` looks in when no `drop_id` is given.
+const FAN_HOLDS_DROPS_MAX: usize = 100;
 /// How often a busy drop's "served lately" mark is refreshed.
 const TOUCHED_REFRESH: Duration = Duration::from_secs(10);
 
@@ -561,7 +563,12 @@ impl Engine {
     pub async fn fan_holds(&self, fan: &FanId, drop: Option<&DropId>) -> Result<Answer> {
         let drops = match drop {
             Some(d) => vec![d.clone()],
-            None => self.watched_drops(),
+            // Without a drop: the newest drops this process looks after, a bounded number.
+            None => self
+                .watched_drops()
+                .into_iter()
+                .take(FAN_HOLDS_DROPS_MAX)
+                .collect(),
         };
         let mut out = Vec::new();
         for d in drops {
