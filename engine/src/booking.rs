@@ -1035,9 +1035,15 @@ impl Engine {
                         self.commit_and_finish(&def, &hold, &rec).await?;
                     }
                     Lookup::Declined | Lookup::Voided | Lookup::Unknown => {
-                        match self.db.void_pending_payment(&hold).await?.as_deref() {
-                            // An order is landing for this attempt: the next round finishes it.
-                            Some("authorized") | Some("captured") => continue,
+                        match self
+                            .db
+                            .void_pending_payment(&hold, &reference)
+                            .await?
+                            .as_deref()
+                        {
+                            // An order is landing for this attempt (the next round finishes it),
+                            // or a newer attempt owns the payment: not ours to void.
+                            Some("authorized") | Some("captured") | Some("superseded") => continue,
                             _ => self.void_and_revert(&hold, &reference).await?,
                         }
                     }

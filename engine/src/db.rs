@@ -415,7 +415,11 @@ impl Db {
 
     // ---- payments --------------------------------------------------------------------------------
 
-    /// Records a payment attempt before the gateway is called; one row per hold, ever.
+    /// Records a payment attempt before the gateway is called; one row per hold, ever. A new
+    /// attempt takes the row over from an ended one — including one left `pending` because its
+    /// end (a decline) couldn't be written: confirm_begin only lets a new attempt start once
+    /// the old one was reverted, and every path that reverts has ended it. An `authorized` or
+    /// `captured` row (a sale) is never taken over.
     pub async fn begin_payment(
         &self,
         hold: &HoldId,
@@ -430,7 +434,7 @@ impl Db {
                 "INSERT INTO payments (hold_id, drop_id, fan_id, gateway, reference, amount_cents, state) \
                  VALUES ($1, $2, $3, $4, $5, $6, 'pending') \
                  ON CONFLICT (hold_id) DO UPDATE SET reference = EXCLUDED.reference, state = 'pending', \
-                 updated_at = now() WHERE payments.state IN ('declined', 'voided')",
+                 updated_at = now() WHERE payments.state IN ('declined', 'voided', 'pending')",
                 &[&hold.as_str(), &hold.drop_id().as_str(), &fan.as_str(), &gateway, &reference, &amount_cents],
             )
             .await?;
@@ -448,17 +452,24 @@ impl Db {
         Ok(())
     }
 
-    /// The reconciler's side of the arbitration with a committing request: a `pending` payment
-    /// becomes `voided`. Returns the state it had before (`None`: no payment recorded).
-    pub async fn void_pending_payment(&self, hold: &HoldId) -> Result<Option<String>> {
+    /// The reconciler's side of the arbitration with a committing request: the attempt made
+    /// under `reference`, if still `pending`, becomes `voided`. Returns the attempt's state before
+    /// (`None`: no payment recorded; `Some("superseded")`: the row now belongs to a newer attempt,
+    /// which is left alone).
+    pub async fn void_pending_payment(
+        &self,
+        hold: &HoldId,
+        reference: &str,
+    ) -> Result<Option<String>> {
         let row = self
             .client()
             .await?
             .query_opt(
-                "WITH prev AS (SELECT state FROM payments WHERE hold_id = $1 FOR UPDATE) \
-                 UPDATE payments p SET state = CASE WHEN p.state = 'pending' THEN 'voided' ELSE p.state END, \
-                 updated_at = now() FROM prev WHERE p.hold_id = $1 RETURNING prev.state",
-                &[&hold.as_str()],
+                "WITH prev AS (SELECT state, reference FROM payments WHERE hold_id = $1 FOR UPDATE) \
+                 UPDATE payments p SET state = CASE WHEN p.state = 'pending' AND p.reference = $2 \
+                 THEN 'voided' ELSE p.state END, updated_at = now() FROM prev WHERE p.hold_id = $1 \
+                 RETURNING CASE WHEN prev.reference = $2 THEN prev.state ELSE 'superseded' END",
+                &[&hold.as_str(), &reference],
             )
             .await?;
         Ok(row.map(|r| r.get(0)))
