@@ -764,7 +764,7 @@ impl Engine {
         hold: &HoldId,
         rec: &HoldRecord,
     ) -> Result<Option<(Order, bool)>> {
-        let (priced, total) = priced_items(def, &rec.it);
+        let (_, total) = priced_items(def, &rec.it);
         let reference = rec.reference.clone().unwrap_or_default();
         let new = NewOrder {
             order_id: OrderId::generate(),
@@ -818,7 +818,7 @@ impl Engine {
             hold_id: hold.to_string(),
             drop_id: def.drop_id.to_string(),
             fan: rec.fan.clone(),
-            items: priced_order_items(def, &rec.it, &priced),
+            items: order_items(def, &rec.it),
             total_cents: total,
             currency: def.currency.clone(),
             created_at: OffsetDateTime::now_utc(),
@@ -1252,7 +1252,8 @@ fn priced_items(def: &DropDef, items: &[HoldItem]) -> (Vec<Value>, i64) {
     (out, total)
 }
 
-fn priced_order_items(def: &DropDef, items: &[HoldItem], _priced: &[Value]) -> Vec<OrderItem> {
+/// A hold's items as an order shows them.
+fn order_items(def: &DropDef, items: &[HoldItem]) -> Vec<OrderItem> {
     items
         .iter()
         .map(|i| OrderItem {
