@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -25,7 +24,7 @@ use crate::payments::{GatewayError, Lookup, PaymentGateway, TestGateway};
 use crate::scripts::{
     ConfirmBegin, Finish, HoldItem, HoldRecord, HoldState, Redis, ReserveArgs, Reserved,
 };
-use crate::tokens::{now_ms, AdmissionKeys, FanAuth};
+use crate::tokens::{now_ms, sha256_hex, AdmissionKeys, FanAuth};
 use crate::writer::{Committed, NewItem, NewOrder, Writer};
 
 /// An answer for a handler: HTTP status and JSON body.
@@ -133,10 +132,6 @@ fn rfc3339(t: OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
 impl Engine {
     /// Connects Redis and Postgres, applies migrations, starts the order writer.
     pub async fn start(cfg: Config) -> Result<Arc<Engine>> {
@@ -184,12 +179,18 @@ impl Engine {
         })
     }
 
-    fn layout(def: &DropDef) -> Value {
+    /// What `load_drop.lua` and `rebuild.lua` both take about a drop: its meta fields, every seat
+    /// id and the seat layout. Each caller adds its `buckets` (and rebuild what Postgres sold).
+    fn redis_payload(&self, def: &DropDef, status: &str) -> Value {
         let mut layout = serde_json::Map::new();
         for b in def.buckets.iter().filter(|b| !b.rows.is_empty()) {
             layout.insert(b.id.clone(), json!(b.rows));
         }
-        Value::Object(layout)
+        json!({
+            "meta": self.meta_fields(def, status),
+            "seats": def.seat_ids().map(|(id, ..)| id).collect::<Vec<_>>(),
+            "layout": layout,
+        })
     }
 
     pub async fn create_drop(&self, seller: &ApiKey, body: CreateDrop) -> Result<Answer> {
@@ -206,12 +207,12 @@ impl Engine {
         )?;
         let definition = serde_json::to_value(&def).map_err(Error::internal)?;
         self.db.insert_drop(&def, &seed, &definition).await?;
-        let payload = json!({
-            "meta": self.meta_fields(&def, "open"),
-            "buckets": def.buckets.iter().map(|b| json!([b.id, b.total])).collect::<Vec<_>>(),
-            "seats": def.seat_ids().map(|(id, ..)| id).collect::<Vec<_>>(),
-            "layout": Self::layout(&def),
-        });
+        let mut payload = self.redis_payload(&def, "open");
+        payload["buckets"] = json!(def
+            .buckets
+            .iter()
+            .map(|b| json!([b.id, b.total]))
+            .collect::<Vec<_>>());
         // If Redis fails here the drop is in Postgres but not loaded: the watcher finds it missing
         // and recovery loads it, so the seller's retry-free success is still true.
         self.redis.load_drop(&drop_id, &payload).await?;
@@ -1122,17 +1123,17 @@ impl Engine {
             .ok_or_else(|| Error::new(Code::UnknownDrop))?;
         let holds = self.redis.hold_ids(drop).await?;
         let sold = self.db.sold_state(drop, &holds).await?;
-        let mut meta = self.meta_fields(&def, &status);
-        meta["recovering"] = json!("1");
-        let payload = json!({
-            "meta": meta,
-            "buckets": def.buckets.iter().map(|b| json!([b.id, b.total, sold.sold.get(&b.id).copied().unwrap_or(0)])).collect::<Vec<_>>(),
-            "seats": def.seat_ids().map(|(id, ..)| id).collect::<Vec<_>>(),
-            "sold_seats": sold.sold_seats,
-            "layout": Self::layout(&def),
-            "bought": if sold.bought.is_empty() { json!({}) } else { json!(sold.bought) },
-            "orders": if sold.orders.is_empty() { json!({}) } else { json!(sold.orders) },
-        });
+        let mut payload = self.redis_payload(&def, &status);
+        payload["meta"]["recovering"] = json!("1");
+        payload["buckets"] = json!(def
+            .buckets
+            .iter()
+            .map(|b| json!([b.id, b.total, sold.sold.get(&b.id).copied().unwrap_or(0)]))
+            .collect::<Vec<_>>());
+        payload["sold_seats"] = json!(sold.sold_seats);
+        // Maps, even empty, serialize as JSON objects, which is what rebuild.lua indexes.
+        payload["bought"] = json!(sold.bought);
+        payload["orders"] = json!(sold.orders);
         let admission = self.admission_settings(drop).await?;
         self.redis
             .set_admission(drop, admission_fields(&admission))

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Timeouts};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio_postgres::NoTls;
 
@@ -15,6 +14,7 @@ use crate::config::DatabaseConfig;
 use crate::drops::DropDef;
 use crate::error::{Error, Result};
 use crate::ids::{DropId, FanId, HoldId, OrderId};
+use crate::tokens::sha256_hex;
 
 /// Versioned migrations, applied in order at start under an advisory lock (so many processes
 /// starting at once apply each exactly once).
@@ -89,10 +89,6 @@ pub struct SoldState {
     pub bought: HashMap<String, i64>,
     /// Hold id → order id, for the holds asked about.
     pub orders: HashMap<String, String>,
-}
-
-fn sha256_hex(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
 }
 
 impl Db {
@@ -179,7 +175,7 @@ impl Db {
             .await?
             .execute(
                 "INSERT INTO api_keys (key_id, scope, name, key_sha256) VALUES ($1, $2, $3, $4)",
-                &[&key_id, &scope.as_str(), &name, &sha256_hex(&key)],
+                &[&key_id, &scope.as_str(), &name, &sha256_hex(key.as_bytes())],
             )
             .await?;
         Ok(key)
@@ -202,7 +198,7 @@ impl Db {
             .await?;
         let Some(row) = row else { return Ok(None) };
         let stored: String = row.get(1);
-        let given = sha256_hex(key);
+        let given = sha256_hex(key.as_bytes());
         // Compare digests in constant time: a timing leak here would reveal a key's hash prefix.
         let same = stored.len() == given.len()
             && stored

@@ -32,6 +32,11 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// SHA-256 of `bytes`, hex-encoded (API key hashes, seed commitments, request-body hashes).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// A random secret, hex-encoded (dev secrets are made, never written in the code).
 pub fn random_secret() -> String {
     hex::encode(rand::random::<[u8; 32]>())
