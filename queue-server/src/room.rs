@@ -273,6 +273,7 @@ impl Rooms {
             "type": "position",
             "place": standing.place,
             "ahead": ahead,
+            "admitted_total": view.admitted_total,
             "eta_s": view.eta_s(ahead),
             "admit_rate_per_s": round2(view.rate_per_s()),
         }))
@@ -353,6 +354,7 @@ impl Rooms {
                 "admitted_total": view.admitted_total,
                 "waiting": view.waiting,
                 "admit_rate_per_s": round2(view.rate_per_s()),
+                "at_ms": t.now_ms,
             }));
             let state_changed = last_state != Some(view.state);
             last_state = Some(view.state);
