@@ -11,18 +11,26 @@
 --   (O(active): one HMGET of the active fans' counts, and active ≤ max_active),
 --   and the line's length. Nobody enters while paused, recovering, closed, sold out, all held,
 --   or before opens_at_ms.
+-- First, waiters unseen for leave_grace_s (no socket on any instance refreshed them, no poll)
+-- leave the line, at most ARGV[1] per call, and lose their place: coming back later is a new
+-- join at the back. Pre-queue waiters too (a pre-queue place is HMAC(seed, fan), so a fan who
+-- comes back before opening gets the very same one).
 -- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, per_fan_limit (see lib.lua)
 -- KEYS[2] {drop_id}:admission  hash   rate_per_s, burst, max_active, paused "0"/"1",
---                                     shop_window_s, admit_margin_pct; line_state set here
+--                                     shop_window_s, admit_margin_pct, leave_grace_s;
+--                                     line_state set here
 -- KEYS[3] {drop_id}:stock      hash   a:<bucket> available, h:<bucket> held (see lib.lua)
 -- KEYS[4] {drop_id}:fans       hash   fan id → units held + confirming + bought
 -- KEYS[5] {drop_id}:active     zset   fan id → admission deadline ms
 -- KEYS[6] {drop_id}:line       zset   waiting fan id → place
 -- KEYS[7] {drop_id}:bucket     hash   tokens, last_ms (the token bucket's state)
 -- KEYS[8] {drop_id}:watermark  hash   place (highest place admitted), admitted (admissions ever)
--- ARGV: none
+-- KEYS[9] {drop_id}:places     hash   fan id → place (a waiter who leaves loses theirs)
+-- KEYS[10] {drop_id}:seen      zset   waiting fan id → last seen ms
+-- ARGV[1] most waiters to send away per call
 -- Returns {state, watermark place (decimal string), admitted ever, waiting, active, rate_per_s,
---          now_ms, fan 1, place 1, fan 2, place 2, ...}   (the fans admitted by this call)
+--          now_ms, left (waiters sent away by this call), leave_grace_ms,
+--          fan 1, place 1, fan 2, place 2, ...}   (the fans admitted by this call)
 --   state: open | paused | pre_queue | all_held | sold_out | closed | recovering | unknown_drop
 
 local t = redis.call('TIME')
@@ -31,12 +39,15 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local wm = redis.call('HMGET', KEYS[8], 'place', 'admitted')
 local watermark, admitted_ever = wm[1] or '0', tonumber(wm[2]) or 0
 local s = redis.call('HMGET', KEYS[2], 'rate_per_s', 'burst', 'max_active', 'paused',
-  'shop_window_s', 'admit_margin_pct', 'line_state')
+  'shop_window_s', 'admit_margin_pct', 'line_state', 'leave_grace_s')
 local rate = tonumber(s[1]) or 0
+-- 120: DEFAULT_LEAVE_GRACE_S, for drops created before the setting existed.
+local grace_ms = (tonumber(s[8]) or 120) * 1000
+local left = 0
 
 local function answer(state, active, popped)
   local out = {state, watermark, admitted_ever, redis.call('ZCARD', KEYS[6]), active,
-    tostring(rate), now}
+    tostring(rate), now, left, grace_ms}
   for _, x in ipairs(popped or {}) do out[#out + 1] = x end
   return out
 end
@@ -44,6 +55,17 @@ end
 local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms', 'per_fan_limit')
 if not meta[1] then return answer('unknown_drop', 0) end
 if meta[2] == '1' then return answer('recovering', 0) end
+
+local gone = redis.call('ZRANGEBYSCORE', KEYS[10], '-inf', '(' .. (now - grace_ms),
+  'LIMIT', 0, tonumber(ARGV[1]))
+for _, fan in ipairs(gone) do
+  redis.call('ZREM', KEYS[10], fan)
+  -- Only a fan still in the line loses their place: an admitted one keeps it (no second place).
+  if redis.call('ZREM', KEYS[6], fan) == 1 then
+    redis.call('HDEL', KEYS[9], fan)
+    left = left + 1
+  end
+end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. now)
 local active = redis.call('ZCARD', KEYS[5])
@@ -103,8 +125,8 @@ if n > 0 then
       local to = math.min(from + 999, #fans)
       local units = redis.call('HMGET', KEYS[4], unpack(fans, from, to))
       for i = 1, to - from + 1 do
-        local left = limit - (tonumber(units[i]) or 0)
-        if left > 0 then demand = demand + left end
+        local can_take = limit - (tonumber(units[i]) or 0)
+        if can_take > 0 then demand = demand + can_take end
       end
     end
   end
@@ -125,6 +147,7 @@ local out = {}
 for i = 1, #popped, 2 do
   local fan, place = popped[i], popped[i + 1]
   redis.call('ZADD', KEYS[5], deadline, fan)
+  redis.call('ZREM', KEYS[10], fan)
   out[#out + 1] = fan
   out[#out + 1] = place
   if tonumber(place) > tonumber(watermark) then watermark = place end

@@ -25,4 +25,12 @@ h.oid = order_id
 h.ended = now
 save_hold(id, h)
 redis.call('ZADD', K.done, now + meta_num('done_ttl_ms', 3600000), id)
+-- A queue drop's shopping session ends once the fan has bought all the per-fan limit allows
+-- (bought alone: no live hold left), freeing its place among max_active for the next fan.
+local limit = meta_num('per_fan_limit', 0)
+if limit > 0 and tonumber(redis.call('HGET', K.fans, h.fan) or '0') >= limit
+    and #redis.call('ZRANGEBYLEX', K.fanholds, '[' .. h.fan .. '|', '(' .. h.fan .. '}',
+      'LIMIT', 0, 1) == 0 then
+  redis.call('ZREM', K.active, h.fan)
+end
 return {'ok', 'sold'}

@@ -9,6 +9,8 @@
 -- KEYS[4] {drop_id}:line       zset   waiting fan id → place
 -- KEYS[5] {drop_id}:seq        string the counter places after opening come from
 -- KEYS[6] {drop_id}:active     zset   admitted fan id → admission deadline ms
+-- KEYS[7] {drop_id}:seen       zset   waiting fan id → last seen ms (a join counts as seen;
+--                                     admit.lua sends away waiters unseen for leave_grace_s)
 -- ARGV[1] fan id
 -- ARGV[2] pre-queue score, a decimal integer in [0, 2^52) (used only before opening)
 -- Returns {place (decimal string), 1 if the place is new else 0, status, opens_at_ms, now_ms}
@@ -41,6 +43,7 @@ local place = redis.call('HGET', KEYS[3], fan)
 if place then
   local status = status_of(place)
   if status == 'waiting' or status == 'pre_queue' then
+    redis.call('ZADD', KEYS[7], now, fan)
     if meta[1] == 'closed' then status = 'closed' end
     if redis.call('HGET', KEYS[2], 'line_state') == 'sold_out' then status = 'sold_out' end
   end
@@ -62,4 +65,5 @@ else
 end
 redis.call('HSET', KEYS[3], fan, place)
 redis.call('ZADD', KEYS[4], place, fan)
+redis.call('ZADD', KEYS[7], now, fan)
 return {place, 1, status, opens_at, now}

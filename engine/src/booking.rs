@@ -54,6 +54,7 @@ pub struct AdmissionUpdate {
     pub paused: Option<bool>,
     pub shop_window_s: Option<u32>,
     pub admit_margin_pct: Option<u32>,
+    pub leave_grace_s: Option<u32>,
 }
 
 /// The result of one confirm, shared with concurrent confirms of the same hold.
@@ -414,6 +415,9 @@ impl Engine {
         }
         if let Some(v) = update.admit_margin_pct {
             s.admit_margin_pct = v;
+        }
+        if let Some(v) = update.leave_grace_s {
+            s.leave_grace_s = v;
         }
         s.validate()?;
         let value = serde_json::to_value(&s).map_err(Error::internal)?;
@@ -1193,6 +1197,7 @@ fn admission_fields(s: &AdmissionSettings) -> Vec<(String, String)> {
         ("paused".into(), if s.paused { "1" } else { "0" }.into()),
         ("shop_window_s".into(), s.shop_window_s.to_string()),
         ("admit_margin_pct".into(), s.admit_margin_pct.to_string()),
+        ("leave_grace_s".into(), s.leave_grace_s.to_string()),
     ]
 }
 

@@ -92,6 +92,10 @@ impl Config {
                 "queue.position_interval_ms",
                 self.queue.position_interval_ms,
             ),
+            (
+                "queue.presence_interval_ms",
+                self.queue.presence_interval_ms,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -465,6 +469,10 @@ pub const DEFAULT_ADMIT_RATE_WINDOW_MS: u64 = 10_000;
 pub const DEFAULT_ROOM_IDLE_KEEP_MS: u64 = 30_000;
 pub const DEFAULT_MAX_ROOMS: usize = 10_000;
 pub const DEFAULT_POSITION_CONCURRENCY: usize = 64;
+pub const DEFAULT_PRESENCE_INTERVAL_MS: u64 = 5_000;
+pub const DEFAULT_LEAVE_BATCH: usize = 1_000;
+pub const DEFAULT_QUEUE_PER_FAN_POLL_PER_S: u32 = 2;
+pub const DEFAULT_QUEUE_PER_FAN_POLL_BURST: u32 = 10;
 
 /// queue-server: the waiting room's sockets, ticks and bounds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -501,6 +509,14 @@ pub struct QueueConfig {
     pub max_rooms: usize,
     /// Position lookups in flight per drop on the slow cadence.
     pub position_concurrency: usize,
+    /// How often the fans with a socket here are marked as seen (so they keep their place). The
+    /// room refreshes at least three times per drop's `leave_grace_s` whatever this says.
+    pub presence_interval_ms: u64,
+    /// Waiters past their grace sent away per admission run, at most.
+    pub leave_batch: usize,
+    /// `GET /queue/me` polls per second per fan (governor, per process), and the burst.
+    pub per_fan_poll_per_s: u32,
+    pub per_fan_poll_burst: u32,
     pub request_timeout_ms: u64,
     pub header_read_timeout_ms: u64,
     /// How long graceful shutdown waits for sockets to take their close frame.
@@ -528,6 +544,10 @@ impl Default for QueueConfig {
             room_idle_keep_ms: DEFAULT_ROOM_IDLE_KEEP_MS,
             max_rooms: DEFAULT_MAX_ROOMS,
             position_concurrency: DEFAULT_POSITION_CONCURRENCY,
+            presence_interval_ms: DEFAULT_PRESENCE_INTERVAL_MS,
+            leave_batch: DEFAULT_LEAVE_BATCH,
+            per_fan_poll_per_s: DEFAULT_QUEUE_PER_FAN_POLL_PER_S,
+            per_fan_poll_burst: DEFAULT_QUEUE_PER_FAN_POLL_BURST,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,

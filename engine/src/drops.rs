@@ -53,6 +53,10 @@ pub struct AdmissionSettings {
     pub shop_window_s: u32,
     #[serde(default = "default_admit_margin_pct")]
     pub admit_margin_pct: u32,
+    /// A waiter none of whose sockets (or polls) has been seen for this long leaves the line;
+    /// back within it, they keep their place.
+    #[serde(default = "default_leave_grace_s")]
+    pub leave_grace_s: u32,
 }
 
 pub const DEFAULT_ADMIT_RATE_PER_S: f64 = 10.0;
@@ -60,6 +64,9 @@ pub const DEFAULT_ADMIT_BURST: u32 = 20;
 pub const DEFAULT_MAX_ACTIVE: u32 = 1_000;
 pub const DEFAULT_SHOP_WINDOW_S: u32 = 300;
 pub const DEFAULT_ADMIT_MARGIN_PCT: u32 = 10;
+/// Two minutes: a phone changing networks or a browser restarting comes back well within it,
+/// while a closed tab stops taking an admission slot soon after.
+pub const DEFAULT_LEAVE_GRACE_S: u32 = 120;
 fn default_rate_per_s() -> f64 {
     DEFAULT_ADMIT_RATE_PER_S
 }
@@ -74,6 +81,9 @@ fn default_shop_window_s() -> u32 {
 }
 fn default_admit_margin_pct() -> u32 {
     DEFAULT_ADMIT_MARGIN_PCT
+}
+fn default_leave_grace_s() -> u32 {
+    DEFAULT_LEAVE_GRACE_S
 }
 
 impl AdmissionSettings {
@@ -99,6 +109,11 @@ impl AdmissionSettings {
         if self.admit_margin_pct > 1_000 {
             return Err(Error::invalid(
                 "admission.admit_margin_pct must be in 0..=1000",
+            ));
+        }
+        if !(2..=86_400).contains(&self.leave_grace_s) {
+            return Err(Error::invalid(
+                "admission.leave_grace_s must be in 2..=86400",
             ));
         }
         Ok(())

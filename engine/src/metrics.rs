@@ -21,6 +21,7 @@ pub const HTTP_CONNECTIONS: &str = "floodgate_http_connections";
 pub const QUEUE_WAITERS: &str = "floodgate_queue_waiters";
 pub const QUEUE_JOINS: &str = "floodgate_queue_joins_total";
 pub const QUEUE_ADMISSIONS: &str = "floodgate_queue_admissions_total";
+pub const QUEUE_LEFT: &str = "floodgate_queue_left_total";
 pub const QUEUE_WS_CONNECTIONS: &str = "floodgate_queue_ws_connections";
 pub const QUEUE_MESSAGES_SENT: &str = "floodgate_queue_messages_sent_total";
 pub const QUEUE_SLOW_CLIENTS_DROPPED: &str = "floodgate_queue_slow_clients_dropped_total";

@@ -51,6 +51,7 @@ pub struct QueueKeys {
     pub seq: String,
     pub bucket: String,
     pub watermark: String,
+    pub seen: String,
 }
 
 impl QueueKeys {
@@ -68,6 +69,7 @@ impl QueueKeys {
             seq: k("seq"),
             bucket: k("bucket"),
             watermark: k("watermark"),
+            seen: k("seen"),
         }
     }
 }
@@ -164,6 +166,10 @@ pub struct Tick {
     /// The configured rate (ops' setting).
     pub rate_per_s: f64,
     pub now_ms: i64,
+    /// Waiters this call sent away (unseen for longer than the grace).
+    pub left: i64,
+    /// The drop's `leave_grace_s` in ms: presence must be refreshed well within it.
+    pub leave_grace_ms: i64,
     /// The fans this call admitted, with their places, head of the line first.
     pub admitted: Vec<(FanId, i64)>,
 }
@@ -189,7 +195,15 @@ impl Redis {
         let reply = self
             .run(
                 &JOIN,
-                vec![k.meta, k.admission, k.places, k.line, k.seq, k.active],
+                vec![
+                    k.meta,
+                    k.admission,
+                    k.places,
+                    k.line,
+                    k.seq,
+                    k.active,
+                    k.seen,
+                ],
                 vec![fan.to_string(), prequeue_score.to_string()],
             )
             .await?;
@@ -222,8 +236,9 @@ impl Redis {
         })
     }
 
-    /// lua/admit.lua: admits as many fans as the bucket, `max_active`, the stock and `paused` allow.
-    pub async fn admit(&self, drop: &DropId) -> Result<Tick> {
+    /// lua/admit.lua: sends away at most `leave_batch` waiters unseen past the drop's grace, then
+    /// admits as many fans as the bucket, `max_active`, the stock and `paused` allow.
+    pub async fn admit(&self, drop: &DropId, leave_batch: usize) -> Result<Tick> {
         let k = QueueKeys::new(drop);
         let reply = self
             .run(
@@ -237,12 +252,15 @@ impl Redis {
                     k.line,
                     k.bucket,
                     k.watermark,
+                    k.places,
+                    k.seen,
                 ],
-                Vec::new(),
+                vec![leave_batch.max(1).to_string()],
             )
             .await?;
-        let mut admitted = Vec::with_capacity(reply.len().saturating_sub(7) / 2);
-        let mut i = 7;
+        const FIXED: usize = 9;
+        let mut admitted = Vec::with_capacity(reply.len().saturating_sub(FIXED) / 2);
+        let mut i = FIXED;
         while i + 1 < reply.len() {
             if let Ok(fan) = FanId::parse(&text(reply.get(i))) {
                 admitted.push((fan, place_of(reply.get(i + 1))));
@@ -257,6 +275,8 @@ impl Redis {
             active: int(reply.get(4)),
             rate_per_s: text(reply.get(5)).parse().unwrap_or(0.0),
             now_ms: int(reply.get(6)),
+            left: int(reply.get(7)),
+            leave_grace_ms: int(reply.get(8)),
             admitted,
         })
     }
@@ -275,6 +295,33 @@ impl Redis {
             ahead: rank?,
             deadline_ms: deadline?.map(|d| d as i64),
         })
+    }
+
+    /// Marks waiters as seen now (sockets open on this instance, or a poll). Only fans still in
+    /// the line are touched (`XX`): an admitted or departed fan is not brought back. One call
+    /// per `PRESENCE_CHUNK` fans. The score is this process's clock, which admit.lua compares with
+    /// Redis `TIME`: clocks must agree to within a small part of the grace (NTP does).
+    pub async fn touch_presence(&self, drop: &DropId, fans: &[FanId]) -> Result<()> {
+        const PRESENCE_CHUNK: usize = 1_000;
+        let key = QueueKeys::new(drop).seen;
+        let now = now_ms() as f64;
+        for chunk in fans.chunks(PRESENCE_CHUNK) {
+            let members: Vec<(f64, &str)> = chunk.iter().map(|f| (now, f.as_str())).collect();
+            let _: i64 = self
+                .client()
+                .zadd(&key, Some(SetOptions::XX), None, true, false, members)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The active shoppers with their admission deadlines (ms), earliest first.
+    pub async fn active_deadlines(&self, drop: &DropId) -> Result<Vec<(String, i64)>> {
+        let v: Vec<(String, f64)> = self
+            .client()
+            .zrange(QueueKeys::new(drop).active, 0, -1, None, false, None, true)
+            .await?;
+        Ok(v.into_iter().map(|(f, d)| (f, d as i64)).collect())
     }
 
     /// Fans waiting in the line.
@@ -376,12 +423,20 @@ impl Queue {
     }
 
     pub async fn admit(&self, drop: &DropId) -> Result<Tick> {
-        let tick = self.engine.redis.admit(drop).await?;
+        let batch = self.engine.cfg.queue.leave_batch;
+        let tick = self.engine.redis.admit(drop, batch).await?;
         if !tick.admitted.is_empty() {
             metrics::counter!(crate::metrics::QUEUE_ADMISSIONS)
                 .increment(tick.admitted.len() as u64);
         }
+        if tick.left > 0 {
+            metrics::counter!(crate::metrics::QUEUE_LEFT).increment(tick.left as u64);
+        }
         Ok(tick)
+    }
+
+    pub async fn touch_presence(&self, drop: &DropId, fans: &[FanId]) -> Result<()> {
+        self.engine.redis.touch_presence(drop, fans).await
     }
 
     pub async fn standing(&self, drop: &DropId, fan: &FanId) -> Result<Standing> {

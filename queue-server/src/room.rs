@@ -5,7 +5,7 @@
 //! are found (their deadline in the active set) and sent their token.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -297,6 +297,8 @@ impl Rooms {
         let mut samples: VecDeque<(Instant, i64)> = VecDeque::new();
         let window = ms(self.cfg.admit_rate_window_ms.max(1_000));
         let mut last_state: Option<LineState> = None;
+        let mut last_presence = Instant::now();
+        let positions_running = Arc::new(AtomicBool::new(false));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -350,6 +352,7 @@ impl Rooms {
             self.tell_admitted(&room, &t);
             let shared = frame(&json!({
                 "type": "tick",
+                "state": view.state.as_str(),
                 "watermark": view.watermark,
                 "admitted_total": view.admitted_total,
                 "waiting": view.waiting,
@@ -374,9 +377,33 @@ impl Rooms {
             }
             metrics::histogram!(engine::metrics::QUEUE_TICK_SECONDS)
                 .record(started.elapsed().as_secs_f64());
-            if last_positions.elapsed() >= position_every {
+            // Presence at least three times per grace, so a connected fan never looks gone.
+            let presence_every = ms(self.cfg.presence_interval_ms).min(
+                ms(u64::try_from(t.leave_grace_ms / 3).unwrap_or(0)).max(ms(self.cfg.tick_ms)),
+            );
+            if last_presence.elapsed() >= presence_every {
+                last_presence = Instant::now();
+                let fans: Vec<FanId> = lock(&room.waiters).by_fan.keys().cloned().collect();
+                let queue = self.queue.clone();
+                let drop = drop.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = queue.touch_presence(&drop, &fans).await {
+                        tracing::warn!(%drop, error = %e, "presence refresh failed");
+                    }
+                });
+            }
+            // The slow cadence runs beside the ticks (one round at a time), so a long round over
+            // many waiters never delays the next tick.
+            if last_positions.elapsed() >= position_every
+                && !positions_running.swap(true, Ordering::AcqRel)
+            {
                 last_positions = Instant::now();
-                self.send_positions(&room, &view, opens_at_ms).await;
+                let (rooms, room, running) =
+                    (self.clone(), room.clone(), positions_running.clone());
+                tokio::spawn(async move {
+                    rooms.send_positions(&room, &view, opens_at_ms).await;
+                    running.store(false, Ordering::Release);
+                });
             }
         }
     }
@@ -411,13 +438,23 @@ impl Rooms {
             .buffer_unordered(self.cfg.position_concurrency.max(1));
         while let Some((fan, standing)) = standings.next().await {
             let Ok(standing) = standing else { continue };
-            let Some(msg) = self.standing_message(drop, &fan, &standing, view, opens_at_ms) else {
-                continue;
+            let msg = match self.standing_message(drop, &fan, &standing, view, opens_at_ms) {
+                Some(msg) => Some(msg),
+                // Admitted before and the session is over: nothing more to wait for.
+                None if standing.place.is_some() => Some(json!({"type": "done"})),
+                // No place: sent away as gone (its presence went unrefreshed past the grace,
+                // e.g. while Redis was unreachable). Closing the socket makes the page
+                // reconnect, and its join takes a new place.
+                None => None,
             };
-            let admitted = msg["type"] == "admitted";
+            let ends = msg
+                .as_ref()
+                .is_none_or(|m| m["type"] != "position" && m["type"] != "pre_queue");
             let mut w = lock(&room.waiters);
-            w.send_fan(&fan, &frame(&msg));
-            if admitted {
+            if let Some(msg) = msg {
+                w.send_fan(&fan, &frame(&msg));
+            }
+            if ends {
                 for conn in w.by_fan.get(&fan).cloned().unwrap_or_default() {
                     w.remove(conn);
                 }

@@ -14,14 +14,14 @@ use hyper::{Method, Request, Response};
 use serde_json::json;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
-use crate::limits::JoinLimit;
+use crate::limits::Limits;
 use crate::room::Rooms;
 use crate::ws;
 use engine::web::{self as http, bearer, query_param, Body};
 
 pub struct App {
     pub rooms: Arc<Rooms>,
-    pub limits: JoinLimit,
+    pub limits: Limits,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -105,7 +105,7 @@ impl App {
     ) -> Answer {
         let drop = drop_id(d)?;
         let fan = self.fan(&req)?;
-        self.limits.check(&peer.ip())?;
+        self.limits.check_join(&peer.ip())?;
         let resp = ws::accept(&req)?;
         tokio::spawn(ws::serve(
             self.rooms.clone(),
@@ -122,7 +122,7 @@ impl App {
     async fn join(&self, req: &Request<Incoming>, d: &str, peer: SocketAddr) -> Answer {
         let drop = drop_id(d)?;
         let fan = self.fan(req)?;
-        self.limits.check(&peer.ip())?;
+        self.limits.check_join(&peer.ip())?;
         let joined = self.rooms.queue.join(&drop, &fan).await?;
         self.rooms.touch(&drop)?;
         let ahead = match joined.status {
@@ -142,8 +142,14 @@ impl App {
     async fn me(&self, req: &Request<Incoming>, d: &str) -> Answer {
         let drop = drop_id(d)?;
         let fan = self.fan(req)?;
+        self.limits.check_poll(&fan)?;
         let def = self.rooms.queue.engine.drop_def(&drop).await?;
         let view = self.rooms.view(&drop).await?;
+        // A poll is presence: a fan polling keeps their place as a socket would.
+        self.rooms
+            .queue
+            .touch_presence(&drop, std::slice::from_ref(&fan))
+            .await?;
         let standing = self.rooms.queue.standing(&drop, &fan).await?;
         let Some(place) = standing.place else {
             return Err(Error::msg(

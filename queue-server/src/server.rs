@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::limits::JoinLimit;
+use crate::limits::Limits;
 use crate::room::Rooms;
 use crate::routes::App;
 use engine::web::{self as http, Body};
@@ -63,11 +63,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let qcfg = engine.cfg.queue.clone();
     let app = Arc::new(App {
         rooms: Rooms::new(queue.clone(), qcfg.clone(), rx.clone()),
-        limits: JoinLimit::new(
-            qcfg.per_ip_join_per_s,
-            qcfg.per_ip_join_burst,
-            crate::limits::MAX_KEYS,
-        ),
+        limits: Limits::new(&qcfg),
         metrics: engine::web::metrics_handle(),
         shutdown: rx.clone(),
     });

@@ -46,7 +46,10 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start() -> Harness {
-        let cfg = test_config();
+        Harness::start_with(test_config()).await
+    }
+
+    pub async fn start_with(cfg: Config) -> Harness {
         let booking = booking_api::start(cfg.clone())
             .await
             .expect("booking-api starts");
@@ -116,6 +119,11 @@ impl Harness {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap());
         }
+        self.create_drop(body).await
+    }
+
+    /// Creates a drop from a whole `POST /v1/drops` body.
+    pub async fn create_drop(&self, body: Value) -> DropId {
         let r = self
             .http
             .post(format!("{}/v1/drops", self.booking.url()))
@@ -154,6 +162,42 @@ impl Harness {
             .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Pays a hold with the test gateway (`ok_...` succeeds).
+    pub async fn confirm(&self, token: &str, hold: &str, reference: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/holds/{hold}/confirm", self.booking.url()))
+            .bearer_auth(token)
+            .json(&json!({"payment": {"gateway": "test", "reference": reference}}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The drop's live counts summed over its SKUs: (available, held, sold).
+    pub async fn counts(&self, drop: &DropId) -> (i64, i64, i64) {
+        let v: Value = self
+            .http
+            .get(format!("{}/v1/drops/{drop}", self.booking.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let sum = |field: &str| {
+            v["inventory"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b[field].as_i64().unwrap())
+                .sum::<i64>()
+        };
+        (sum("available"), sum("held"), sum("sold"))
     }
 
     pub async fn me(&self, drop: &DropId, token: &str) -> (u16, Value) {
@@ -205,4 +249,50 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// A fan's WebSocket to the waiting room.
+pub type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the fan's socket to `base` (a queue-server's ws:// URL).
+pub async fn connect(base: &str, drop: &DropId, fan_token: &str) -> Socket {
+    let url = format!("{base}/v1/drops/{drop}/queue/ws?fan_token={fan_token}");
+    // Small buffers, as the server's: tungstenite's default read buffer is 128 KiB per socket,
+    // which the crowd test would multiply by thousands.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), false)
+        .await
+        .expect("websocket connects");
+    ws
+}
+
+/// The next JSON message on the socket (30 s at most); None once the socket has closed.
+pub async fn next_message(ws: &mut Socket) -> Option<Value> {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("a message within 30 s");
+        match msg {
+            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Reads until a message of type `kind` arrives (30 s per message at most); panics if the
+/// socket closes first.
+pub async fn wait_for(ws: &mut Socket, kind: &str) -> Value {
+    loop {
+        match next_message(ws).await {
+            Some(m) if m["type"] == kind => return m,
+            Some(_) => {}
+            None => panic!("socket closed while waiting for {kind}"),
+        }
+    }
 }
