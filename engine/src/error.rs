@@ -152,8 +152,22 @@ impl From<crate::ids::ParseError> for Error {
 
 impl From<fred::error::Error> for Error {
     fn from(e: fred::error::Error) -> Self {
+        // A script that fails while running is a bug in it, not an outage: retrying won't help,
+        // so it is a 500, logged as such. Everything else (I/O, timeouts, LOADING, BUSY, ...)
+        // is Redis being unreachable for now: 503 with Retry-After.
+        if is_script_error(e.kind(), e.details()) {
+            return Error::internal(e);
+        }
         Error::unavailable("Redis", e)
     }
+}
+
+/// Redis' answer to a Lua runtime error: `ERR user_script:<line>: ...` (Redis 7) or
+/// `ERR Error running script ...` (older).
+fn is_script_error(kind: &fred::error::ErrorKind, details: &str) -> bool {
+    *kind == fred::error::ErrorKind::Unknown
+        && details.starts_with("ERR")
+        && (details.contains("user_script") || details.contains("Error running script"))
 }
 
 impl From<tokio_postgres::Error> for Error {
@@ -173,6 +187,29 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fred::error::{Error as RedisError, ErrorKind};
+
+    #[test]
+    fn lua_runtime_errors_are_internal_and_outages_unavailable() {
+        let script = RedisError::new(
+            ErrorKind::Unknown,
+            "ERR user_script:12: attempt to compare nil with number script: 1a2b, on @user_script:12.",
+        );
+        assert_eq!(Error::from(script).code, Code::Internal);
+        for (kind, details) in [
+            (ErrorKind::IO, "connection reset"),
+            (ErrorKind::Timeout, "Request timed out."),
+            (
+                ErrorKind::Unknown,
+                "LOADING Redis is loading the dataset in memory",
+            ),
+            (ErrorKind::Unknown, "BUSY Redis is busy running a script."),
+        ] {
+            let e = Error::from(RedisError::new(kind, details));
+            assert_eq!(e.code, Code::Unavailable, "{details}");
+            assert!(e.retry_after.is_some());
+        }
+    }
 
     #[test]
     fn names_are_unique_and_round_trip() {
