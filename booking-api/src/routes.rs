@@ -56,7 +56,8 @@ impl App {
                 pages::asset(name).ok_or_else(|| Error::new(Code::NotFound)),
             ),
             _ => {
-                let limited = self.limits.check_ip(peer.ip());
+                let ip = http::client_ip(&req, peer.ip(), &self.engine.cfg.limits.trusted_proxies);
+                let limited = self.limits.check_ip(ip);
                 let route = api_route(&method, &segments);
                 let result = match limited {
                     Err(e) => Err(e),

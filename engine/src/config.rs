@@ -234,6 +234,9 @@ pub struct LimitsConfig {
     pub per_fan_burst: u32,
     /// Keys each limiter remembers before it forgets idle ones.
     pub max_limiter_keys: usize,
+    /// Load balancers / reverse proxies (addresses or blocks) whose `X-Forwarded-For` is
+    /// believed for per-IP limits (both servers). Empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<crate::net::Cidr>,
 }
 
 impl Default for LimitsConfig {
@@ -244,6 +247,7 @@ impl Default for LimitsConfig {
             per_fan_per_s: DEFAULT_PER_FAN_PER_S,
             per_fan_burst: DEFAULT_PER_FAN_BURST,
             max_limiter_keys: DEFAULT_MAX_LIMITER_KEYS,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -557,4 +561,30 @@ impl Default for QueueConfig {
 
 pub fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_toml(toml: &str) -> Result<Config, figment::Error> {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(toml))
+            .extract()
+    }
+
+    #[test]
+    fn trusted_proxies_parse_as_blocks_and_bad_ones_are_refused() {
+        let cfg =
+            from_toml("[limits]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.5\"]").unwrap();
+        let ips: Vec<String> = cfg
+            .limits
+            .trusted_proxies
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(ips, ["10.0.0.0/8", "192.168.1.5/32"]);
+        assert!(from_toml("[limits]\ntrusted_proxies = [\"10.0.0.0/99\"]").is_err());
+        assert!(Config::default().limits.trusted_proxies.is_empty());
+    }
 }

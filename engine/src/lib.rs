@@ -1,4 +1,4 @@
-//! Floodgate's engine: everything booking-api (and queue-server, next) share.
+//! Floodgate's engine: everything booking-api and queue-server share.
 //!
 //! # Layout
 //! - [`ids`] — newtypes that parse: drop, fan, hold, order, SKU, section and seat ids.
@@ -14,6 +14,7 @@
 //! - [`booking`] — the engine handlers call: reserve, release, confirm, the sweeper, the
 //!   reconciler and recovery.
 //! - [`metrics`] — metric names.
+//! - [`net`] — address blocks and the client's address behind trusted proxies.
 //! - [`web`] — HTTP plumbing both servers share: JSON answers, the error → response mapping,
 //!   bounded body reads, keyed rate limits, the metrics recorder.
 
@@ -24,6 +25,7 @@ pub mod drops;
 pub mod error;
 pub mod ids;
 pub mod metrics;
+pub mod net;
 pub mod payments;
 pub mod queue;
 pub mod scripts;

@@ -92,6 +92,26 @@ pub fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
 }
 
 /// The bearer token of `Authorization`, if any.
+/// The client's address for per-IP limits: the peer, or what trusted proxies say it is
+/// ([`crate::net::client_ip`]). Several `X-Forwarded-For` headers count as one list, in order.
+pub fn client_ip(
+    req: &Request<Incoming>,
+    peer: std::net::IpAddr,
+    trusted: &[crate::net::Cidr],
+) -> std::net::IpAddr {
+    if trusted.is_empty() {
+        return peer;
+    }
+    let values: Vec<&str> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let joined = (!values.is_empty()).then(|| values.join(","));
+    crate::net::client_ip(peer, joined.as_deref(), trusted)
+}
+
 pub fn bearer(req: &Request<Incoming>) -> Option<&str> {
     header(req, "authorization").and_then(|v| {
         v.strip_prefix("Bearer ")

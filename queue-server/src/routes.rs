@@ -44,6 +44,11 @@ impl App {
         self.rooms.queue.engine.fans.verify(token)
     }
 
+    fn client_ip(&self, req: &Request<Incoming>, peer: SocketAddr) -> std::net::IpAddr {
+        let trusted = &self.rooms.queue.engine.cfg.limits.trusted_proxies;
+        http::client_ip(req, peer.ip(), trusted)
+    }
+
     /// Routes one request. `route` is the metric label: the path pattern, never the raw path.
     pub async fn handle(
         self: &Arc<Self>,
@@ -105,7 +110,7 @@ impl App {
     ) -> Answer {
         let drop = drop_id(d)?;
         let fan = self.fan(&req)?;
-        self.limits.check_join(&peer.ip())?;
+        self.limits.check_join(&self.client_ip(&req, peer))?;
         let resp = ws::accept(&req)?;
         tokio::spawn(ws::serve(
             self.rooms.clone(),
@@ -122,7 +127,7 @@ impl App {
     async fn join(&self, req: &Request<Incoming>, d: &str, peer: SocketAddr) -> Answer {
         let drop = drop_id(d)?;
         let fan = self.fan(req)?;
-        self.limits.check_join(&peer.ip())?;
+        self.limits.check_join(&self.client_ip(req, peer))?;
         let joined = self.rooms.queue.join(&drop, &fan).await?;
         self.rooms.touch(&drop)?;
         let ahead = match joined.status {
