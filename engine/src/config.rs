@@ -567,10 +567,11 @@ pub fn ms(v: u64) -> Duration {
 mod tests {
     use super::*;
 
-    fn from_toml(toml: &str) -> Result<Config, figment::Error> {
+    fn from_toml(toml: &str) -> Result<Config, Box<figment::Error>> {
         Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::string(toml))
             .extract()
+            .map_err(Box::new)
     }
 
     #[test]
