@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# script-cost.sh — what one reserve.lua call costs Redis, in CPU instructions counted by
+# callgrind: deterministic, so it can be compared across commits and script variants on a busy,
+# shared machine where timings can't. Reported against an empty script (`EVAL "return 1" 0`)
+# counted the same way in the same run.
+#
+#   1. Starts its own Postgres (devstack) and a redis-server under `valgrind --tool=callgrind`
+#      (no persistence: the AOF's cost is the same per write command for every variant).
+#   2. Starts booking-api against them, creates a GA drop of 1,000,000 units, reserves once (the
+#      script gets loaded), and stops booking-api (its background tasks would be counted too).
+#   3. Warms up, zeroes the counters, runs N reserves with redis-benchmark (one client, fresh fan,
+#      idempotency key and hold id per call, as `booking-api bench-args` gives them), stops Redis
+#      and divides the instructions by the calls Redis counted.
+#   4. The same for the empty script, in a second Redis under callgrind.
+#
+# Usage: bench/script-cost.sh [--variant FILE] [--calls N]
+#   --variant FILE   measure FILE (a whole reserve.lua replacement; lua/lib.lua is prepended, as
+#                    the engine does) instead of lua/reserve.lua, with the same keys and arguments
+#   --calls N        reserves counted [3000]
+# Environment: BOOKING_API (the binary, [target/debug/booking-api]), DEVSTACK
+# ([target/debug/devstack]), PORT_BASE (five ports from it are used [7300]).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+die() {
+    echo "script-cost: $*" >&2
+    exit 2
+}
+
+VARIANT=
+CALLS=3000
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --variant) VARIANT=$(realpath "${2:?--variant needs a file}"); shift 2 ;;
+        --calls) CALLS=${2:?--calls needs a number}; shift 2 ;;
+        --inside-stack) INSIDE=1; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument: $1" ;;
+    esac
+done
+
+BOOKING_API=${BOOKING_API:-target/debug/booking-api}
+DEVSTACK=${DEVSTACK:-target/debug/devstack}
+PORT_BASE=${PORT_BASE:-7300}
+for tool in valgrind redis-server redis-cli redis-benchmark curl python3; do
+    command -v $tool >/dev/null || die "$tool not found"
+done
+
+if [[ -z ${INSIDE:-} ]]; then
+    [[ -x $BOOKING_API && -x $DEVSTACK ]] ||
+        cargo build -q -p floodgate-booking-api -p floodgate-devstack || die "build failed"
+    args=(--inside-stack --calls "$CALLS")
+    [[ -n $VARIANT ]] && args+=(--variant "$VARIANT")
+    exec "$DEVSTACK" run --name script-cost --redis-port $((PORT_BASE)) \
+        --pg-port $((PORT_BASE + 1)) -- "$0" "${args[@]}"
+fi
+
+OUT=$(mktemp -d /tmp/script-cost.XXXXXX)
+RPORT=$((PORT_BASE + 2))
+BPORT=$((PORT_BASE + 3))
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$OUT"' EXIT
+
+# start_redis NAME: a redis-server under callgrind on RPORT; sets REDIS_PID.
+start_redis() {
+    valgrind --tool=callgrind --callgrind-out-file="$OUT/$1.cg" \
+        redis-server --port "$RPORT" --save '' --appendonly no --dir "$OUT" >"$OUT/$1.log" 2>&1 &
+    REDIS_PID=$!
+    pids+=("$REDIS_PID")
+    for _ in $(seq 600); do
+        redis-cli -p "$RPORT" ping >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    die "redis-server under valgrind didn't start: $(tail -3 "$OUT/$1.log")"
+}
+
+# count NAME ARGS...: zero the counters, run CALLS commands, stop Redis; prints Ir per call.
+count() {
+    local name=$1
+    shift
+    redis-benchmark -p "$RPORT" -c 1 -n 200 -r 100000000 "$@" >/dev/null
+    redis-cli -p "$RPORT" config resetstat >/dev/null
+    callgrind_control -z "$REDIS_PID" >/dev/null 2>&1
+    redis-benchmark -p "$RPORT" -c 1 -n "$CALLS" -r 100000000 "$@" >/dev/null
+    local stats calls failed ir
+    stats=$(redis-cli -p "$RPORT" info commandstats | tr -d '\r' | grep "^cmdstat_${1,,}:")
+    calls=$(sed 's/.*:calls=\([0-9]*\),.*/\1/' <<<"$stats")
+    failed=$(sed 's/.*failed_calls=\([0-9]*\).*/\1/' <<<"$stats")
+    [[ $failed == 0 && $calls -gt 0 ]] || die "$name: $stats"
+    redis-cli -p "$RPORT" shutdown nosave >/dev/null 2>&1 || true
+    wait "$REDIS_PID" 2>/dev/null || true
+    ir=$(grep -m1 '^summary:' "$OUT/$name.cg" | awk '{print $2}')
+    echo $((ir / calls))
+}
+
+# 1-3: the reserve script.
+start_redis reserve
+export FLOODGATE_DATABASE_URL=$FLOODGATE_TEST_DATABASE_URL
+export FLOODGATE_REDIS_URL=redis://127.0.0.1:$RPORT FLOODGATE_DEV_IDENTITY=true
+export FLOODGATE_HTTP__LISTEN=127.0.0.1:$BPORT FLOODGATE_LOG=warn
+key=$("$BOOKING_API" create-key --scope seller --name script-cost)
+"$BOOKING_API" serve >"$OUT/booking.log" 2>&1 &
+booking=$!
+pids+=("$booking")
+for _ in $(seq 600); do
+    curl -sf "127.0.0.1:$BPORT/healthz" >/dev/null && break
+    sleep 0.1
+done
+api() { curl -sf -H 'content-type: application/json' "$@"; }
+drop=$(api -X POST "127.0.0.1:$BPORT/v1/drops" -H "Authorization: Bearer $key" -d '{"name":"cost",
+  "per_fan_limit":4,"hold_ttl_s":3600,"admission":{"mode":"open"},"inventory":{"kind":"ga",
+  "skus":[{"sku":"TEE","name":"Tee","price_cents":100,"quantity":1000000}]}}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["drop_id"])') || die "creating the drop failed"
+fan=$(api -X POST "127.0.0.1:$BPORT/v1/fans/session" -d '{"fan":"warm"}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["fan_token"])')
+api -X POST "127.0.0.1:$BPORT/v1/drops/$drop/holds" -H "Authorization: Bearer $fan" \
+    -H 'Idempotency-Key: warm' -d '{"items":[{"sku":"TEE","quantity":1}]}' >/dev/null ||
+    die "the first reserve failed"
+read -ra evalsha <<<"$("$BOOKING_API" bench-args --drop-id "$drop")"
+kill "$booking"
+wait "$booking" 2>/dev/null || true
+what=lua/reserve.lua
+if [[ -n $VARIANT ]]; then
+    evalsha[0]=$(redis-cli -p "$RPORT" script load "$(cat lua/lib.lua; echo; cat "$VARIANT")")
+    what=$VARIANT
+fi
+reserve=$(count reserve EVALSHA "${evalsha[@]}")
+
+# 4: the empty script, the same way.
+start_redis empty
+empty=$(count empty EVAL "return 1" 0)
+
+echo "script-cost: $what, $CALLS calls each, callgrind instructions (Ir) per call in redis-server"
+echo "  reserve      $reserve"
+echo "  empty EVAL   $empty"
+python3 -c "print(f'  ratio        {$reserve / $empty:.1f}x the empty script')"
