@@ -22,4 +22,5 @@ h.ref = nil
 save_hold(id, h)
 redis.call('ZREM', K.confirming, id)
 redis.call('ZADD', K.deadlines, h.exp, id)
+lower_next_due(h.exp)
 return {'ok', 'held'}

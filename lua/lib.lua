@@ -2,7 +2,8 @@
 -- Every hold script receives the same drop key set, named here once:
 -- KEYS[1]  {drop_id}:meta        hash   status, recovering, kind, per_fan_limit, hold_ttl_ms, opens_at_ms,
 --                                       mode, confirm_timeout_ms, confirm_grace_ms, reclaim_batch, done_ttl_ms,
---                                       run_id (the redis-server run the state was loaded or rebuilt in)
+--                                       run_id (the redis-server run the state was loaded or rebuilt in),
+--                                       next_due_ms (no held hold expires before it; see reclaim)
 -- KEYS[2]  {drop_id}:stock       hash   a:<bucket> available, h:<bucket> held (incl. confirming),
 --                                       s:<bucket> sold, t:<bucket> total
 -- KEYS[3]  {drop_id}:seats       hash   seat id → "-" free | hold id (held or confirming) | "#" sold
@@ -82,11 +83,31 @@ local function return_to_stock(id, h, final_state, now)
   redis.call('ZADD', K.done, now + meta_num('done_ttl_ms', 3600000), id)
 end
 
--- Expired held holds go back to stock, at most `limit` of them. Returns how many expired.
-local function reclaim(now, limit)
-  local expired = 0
-  local ids = redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMIT', 0, limit)
-  for _, id in ipairs(ids) do
+-- meta's next_due_ms is a lower bound on every deadline in K.deadlines (missing: unknown), so
+-- reserve skips its inline reclaim while nothing can be due: a `redis.call` saved on the hottest
+-- path. Whoever adds a deadline below it lowers it (lower_next_due); reclaim sets it afresh; a
+-- rebuild deletes it. A bound that is too low only costs one reclaim that finds nothing.
+local NO_DEADLINE = 9007199254740992  -- 2^53: no held hold
+
+local function lower_next_due(exp)
+  local cur = tonumber(redis.call('HGET', K.meta, 'next_due_ms'))
+  if cur and exp < cur then redis.call('HSET', K.meta, 'next_due_ms', exp) end
+end
+
+-- Expired held holds go back to stock, at most `limit` of them. Returns how many expired and the
+-- earliest deadline left (NO_DEADLINE when none; at or before `now` when more are due), which it
+-- stores as next_due_ms unless that is already `known_next_due`.
+local function reclaim(now, limit, known_next_due)
+  local expired, seen, next_due = 0, 0, NO_DEADLINE
+  -- The first limit + 1 deadlines in order: those due are reclaimed, the next one is next_due.
+  local first = redis.call('ZRANGE', K.deadlines, 0, limit, 'WITHSCORES')
+  for i = 1, #first, 2 do
+    local id, at = first[i], tonumber(first[i + 1])
+    if at > now or seen == limit then
+      next_due = at
+      break
+    end
+    seen = seen + 1
     local h = load_hold(id)
     if h and h.st == 'held' then
       return_to_stock(id, h, 'expired', now)
@@ -95,7 +116,8 @@ local function reclaim(now, limit)
       redis.call('ZREM', K.deadlines, id)
     end
   end
-  return expired
+  if next_due ~= known_next_due then redis.call('HSET', K.meta, 'next_due_ms', next_due) end
+  return expired, next_due
 end
 
 -- Ended holds past their keep time leave the holds hash, at most `limit` of them. The sweeper's

@@ -19,6 +19,8 @@ local now = now_ms()
 local was_closed = redis.call('HGET', K.meta, 'status') == 'closed'
 for field, value in pairs(d.meta) do redis.call('HSET', K.meta, field, tostring(value)) end
 if was_closed then redis.call('HSET', K.meta, 'status', 'closed') end
+-- Deadlines are about to be rewritten: the next reclaim works out the earliest one again.
+redis.call('HDEL', K.meta, 'next_due_ms')
 for section, rows in pairs(d.layout) do redis.call('HSET', K.layout, section, cjson.encode(rows)) end
 
 redis.call('DEL', K.seats, K.fans, K.fanholds)

@@ -2,7 +2,8 @@
 -- all or nothing, as one hold that expires by itself unless confirmed.
 -- Checks, in order: idempotency replay, drop recovering / closed / not yet open, admitted (queue
 -- drops: the fan is in the active set with a live deadline), per-fan limit, stock or seats. A few
--- expired holds of the drop are reclaimed first, so stock comes back even when no sweeper runs.
+-- expired holds of the drop are reclaimed first (when meta's next_due_ms says any can be due), so
+-- stock comes back even when no sweeper runs.
 -- Unlike confirm_begin it doesn't compare the Redis run id (an INFO per call on the hottest path):
 -- a hold taken on stale state after a restart can't sell — confirm_begin refuses until the drop
 -- is rebuilt, and the rebuild ends holds that conflict with a sale.
@@ -37,7 +38,7 @@ if first then
 end
 
 local meta = redis.call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit', 'hold_ttl_ms',
-  'opens_at_ms', 'reclaim_batch', 'mode')
+  'opens_at_ms', 'reclaim_batch', 'mode', 'next_due_ms')
 if not meta[1] then return {'err', 'unknown_drop', '{}'} end
 if meta[2] == '1' then return {'err', 'recovering', '{}'} end
 local limit, ttl_ms = tonumber(meta[3]), tonumber(meta[4])
@@ -60,7 +61,11 @@ if meta[7] == 'queue' then
   if not deadline or tonumber(deadline) < now then return {'err', 'not_admitted', '{}'} end
 end
 
-reclaim(now, tonumber(meta[6]) or 8)
+local next_due = tonumber(meta[8])
+if not next_due or now >= next_due then
+  local _
+  _, next_due = reclaim(now, tonumber(meta[6]) or 8, next_due)
+end
 
 -- Why a bucket can't give `want`: the one name each outcome has everywhere.
 local function shortage(bucket, want)
@@ -159,6 +164,7 @@ end
 redis.call('HINCRBY', K.fans, fan, units)
 save_hold(hold_id, {fan = fan, st = 'held', exp = exp, u = units, c = now, it = items})
 redis.call('ZADD', K.deadlines, exp, hold_id)
+if exp < next_due then redis.call('HSET', K.meta, 'next_due_ms', exp) end
 remember_live_hold(fan, hold_id)
 -- A hold keeps a queue drop's shopper admitted until it can no longer be confirmed.
 if meta[7] == 'queue' then
