@@ -105,6 +105,7 @@ pub struct Engine {
     pub fans: FanAuth,
     pub admission: AdmissionKeys,
     drops: Mutex<HashMap<DropId, Arc<DropDef>>>,
+    drop_fills: crate::fill::FillGate<DropId>,
     inflight: Mutex<HashMap<HoldId, Inflight>>,
     /// Drops the background tasks look after: Postgres' newest live drops…
     watched: Mutex<Vec<DropId>>,
@@ -153,6 +154,7 @@ impl Engine {
             fans,
             admission,
             drops: Mutex::new(HashMap::new()),
+            drop_fills: Default::default(),
             inflight: Mutex::new(HashMap::new()),
             watched: Mutex::new(Vec::new()),
             touched: Mutex::new(HashMap::new()),
@@ -246,6 +248,10 @@ impl Engine {
 
     /// The cached definition, read from Postgres on first use.
     pub async fn drop_def(&self, drop: &DropId) -> Result<Arc<DropDef>> {
+        if let Some(def) = lock(&self.drops).get(drop) {
+            return Ok(def.clone());
+        }
+        let _filling = self.drop_fills.enter(drop).await;
         if let Some(def) = lock(&self.drops).get(drop) {
             return Ok(def.clone());
         }

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`ids`] — newtypes that parse: drop, fan, hold, order, SKU, section and seat ids.
 //! - [`error`] — the one table of error codes (HTTP status, stable name, message).
+//! - [`fill`] — one cache fill per key at a time (no stampede on Postgres when a process is cold).
 //! - [`config`] — layered configuration with a named default for every bound.
 //! - [`drops`] — drop definitions: creation requests, bounds, reserve requests against a drop.
 //! - [`scripts`] — all Redis access: the drop key set and one typed wrapper per Lua script.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod db;
 pub mod drops;
 pub mod error;
+pub mod fill;
 pub mod ids;
 pub mod metrics;
 pub mod net;

@@ -353,6 +353,7 @@ impl Redis {
 pub struct Queue {
     pub engine: Arc<Engine>,
     seeds: Mutex<HashMap<DropId, String>>,
+    seed_fills: crate::fill::FillGate<DropId>,
 }
 
 /// How many drops' seeds a process remembers before it forgets them all (a miss is one query).
@@ -363,17 +364,25 @@ impl Queue {
         Queue {
             engine,
             seeds: Mutex::new(HashMap::new()),
+            seed_fills: Default::default(),
         }
     }
 
-    async fn seed(&self, drop: &DropId) -> Result<String> {
-        if let Some(s) = self
-            .seeds
+    fn cached_seed(&self, drop: &DropId) -> Option<String> {
+        self.seeds
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(drop)
-        {
-            return Ok(s.clone());
+            .cloned()
+    }
+
+    async fn seed(&self, drop: &DropId) -> Result<String> {
+        if let Some(s) = self.cached_seed(drop) {
+            return Ok(s);
+        }
+        let _filling = self.seed_fills.enter(drop).await;
+        if let Some(s) = self.cached_seed(drop) {
+            return Ok(s);
         }
         let seed = self
             .engine
