@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{shared_config, Harness};
+use common::Harness;
 use engine::config::AdmissionConfig;
 use engine::db::Scope;
 use engine::ids::{DropId, FanId};
@@ -15,11 +15,11 @@ use engine::tokens::{AdmissionClaims, AdmissionKeys};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::Method;
 use serde_json::{json, Value};
+use testkit::{eventually, test_config, ADMISSION_SECRET};
 
 /// The dev identity secret of the harnesses that sign their own fan tokens.
 const DEV_SECRET: &str = "known";
 /// `test_config`'s admission secret.
-const ADMISSION_SECRET: &str = "test-admission-secret";
 /// `http.max_body_bytes`' default.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -164,7 +164,7 @@ fn sign_fan_token(claims: &Value, secret: &str, alg: Algorithm) -> String {
 }
 
 fn with_dev_secret() -> engine::Config {
-    let mut cfg = shared_config();
+    let mut cfg = test_config();
     cfg.identity.dev_secret = DEV_SECRET.into();
     cfg
 }
@@ -1318,7 +1318,7 @@ async fn another_fans_hold_and_order_answer_404() {
 /// handed the owner's result). A `slow_` payment keeps the owner's confirm in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_fan_cannot_join_a_confirm_in_flight() {
-    let mut cfg = shared_config();
+    let mut cfg = test_config();
     cfg.gateway.timeout_ms = 2_000;
     cfg.gateway.test_slow_ms = 2_000;
     let h = Harness::with_config(cfg).await;
@@ -1377,7 +1377,7 @@ async fn another_fan_cannot_join_a_confirm_in_flight() {
     assert_eq!(h.counts(&drop).await, before);
     // The reconciler settles alice's payment; bob changed nothing.
     let (hr, dr) = (&h, &drop);
-    h.eventually(
+    eventually(
         "the reconciler sells alice's slow payment",
         move || async move { hr.counts(dr).await == (10, 9, 0, 1) },
     )
@@ -1807,7 +1807,7 @@ async fn idempotency_key_problems_are_422() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fan_past_the_burst_gets_429_with_retry_after() {
-    let mut cfg = shared_config();
+    let mut cfg = test_config();
     cfg.limits.per_fan_per_s = 1;
     cfg.limits.per_fan_burst = 2;
     let h = Harness::with_config(cfg).await;
@@ -1856,7 +1856,7 @@ async fn a_fan_past_the_burst_gets_429_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_past_the_burst_gets_429_with_retry_after() {
-    let mut cfg = shared_config();
+    let mut cfg = test_config();
     cfg.limits.per_ip_per_s = 1;
     cfg.limits.per_ip_burst = 3;
     let h = Harness::with_config(cfg).await;

@@ -1,280 +1,32 @@
 //! The fan's booking page (`GET /drops/{id}`, static/book.{html,js,css}) driven in a real headless
-//! Chromium through ChromeDriver (`fantoccini`), against an in-process booking-api per test.
-//!
-//! Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian's chromium and chromium-driver;
-//! `./dev test` installs them). Each test starts its own chromedriver on a free port with a fresh
-//! profile directory; a guard kills it (and the browser it started) even when the test panics.
-//! One browser runs at a time: the machine has two cores. Waits poll with a bound (20 s) and never
-//! assert on timing. Screenshots of each key step go to `target/browser-artifacts/<test>-<step>.png`.
+//! Chromium through ChromeDriver, against an in-process booking-api per test. The browser harness
+//! (one browser at a time, bounded waits, screenshots under `target/browser-artifacts/`) is
+//! `testkit::browser`.
 mod common;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use common::Harness;
-use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
+use testkit::{open_browser, Page, DESKTOP, ONE_BROWSER, PHONE};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-const WAIT: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(100);
-const PHONE: (u32, u32) = (390, 844);
-const DESKTOP: (u32, u32) = (1280, 900);
-
-/// One Chromium at a time: each is several processes, and the tests share two cores.
-static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn artifacts_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let dir = target.join("browser-artifacts");
-    std::fs::create_dir_all(&dir).expect("create target/browser-artifacts");
-    dir
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free local port")
-        .port()
-}
-
-/// A running chromedriver (in its own process group, with the browsers it starts) and the
-/// browser profile directory; both go away on drop, also when the test panics.
-struct Driver {
-    child: Child,
-    profile: PathBuf,
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        // The whole group: chromedriver and the Chromium processes it started.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.profile);
+/// The fan token the booking page keeps in localStorage after signing in.
+async fn fan_token(p: &Page) -> String {
+    match p.local_storage("floodgate.fan_token").await {
+        Some(t) if !t.is_empty() => t,
+        other => {
+            p.fail(&format!("no fan token in localStorage: {other:?}"))
+                .await
+        }
     }
 }
 
-/// The browser session of one test, with its screenshots and failure reports.
-struct Page {
-    client: Client,
-    test: &'static str,
-    dir: PathBuf,
-    // Dropped after `client` (fields drop in order), so the session ends before its driver.
-    _driver: Driver,
-}
-
-async fn open_browser(test: &'static str, (width, height): (u32, u32)) -> Page {
-    for bin in [CHROMIUM, CHROMEDRIVER] {
-        assert!(
-            std::path::Path::new(bin).exists(),
-            "{bin} is missing: install Debian's chromium and chromium-driver (./dev test does)"
-        );
-    }
-    let dir = artifacts_dir();
-    let profile = std::env::temp_dir().join(format!(
-        "floodgate-browser-{test}-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&profile).expect("create the browser profile directory");
-    let port = free_port();
-    let log = std::fs::File::create(dir.join(format!("{test}-chromedriver.log")))
-        .expect("create the chromedriver log");
-    let child = {
-        use std::os::unix::process::CommandExt;
-        Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log handle"))
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("start chromedriver")
-    };
-    let driver = Driver { child, profile };
-
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let until = Instant::now() + WAIT;
-    while TcpStream::connect_timeout(&addr, POLL).is_err() {
-        assert!(
-            Instant::now() < until,
-            "chromedriver did not listen on {addr}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-
-    let caps = json!({
-        "browserName": "chrome",
-        "goog:chromeOptions": {
-            "binary": CHROMIUM,
-            "args": [
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage",
-                format!("--user-data-dir={}", driver.profile.display()),
-                format!("--window-size={width},{height}"),
-            ],
-        },
-    });
-    let Value::Object(caps) = caps else {
-        unreachable!()
-    };
-    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&format!("http://{addr}"))
-        .await
-        .expect("a ChromeDriver session");
-    client
-        .set_window_size(width, height)
-        .await
-        .expect("set the window size");
-    Page {
-        client,
-        test,
-        dir,
-        _driver: driver,
-    }
-}
-
-impl Page {
-    async fn goto(&self, url: &str) {
-        if let Err(e) = self.client.goto(url).await {
-            self.fail(&format!("open {url}: {e}")).await;
-        }
-    }
-
-    /// Saves a PNG of the viewport as `<test>-<step>.png`.
-    async fn shot(&self, step: &str) {
-        let png = self.client.screenshot().await.expect("screenshot");
-        let path = self.dir.join(format!("{}-{step}.png", self.test));
-        std::fs::write(&path, png).expect("write screenshot");
-    }
-
-    /// Panics with `what`, the page's visible text and a `<test>-failure.png` screenshot.
-    async fn fail(&self, what: &str) -> ! {
-        let _ =
-            self.client.screenshot().await.map(|png| {
-                std::fs::write(self.dir.join(format!("{}-failure.png", self.test)), png)
-            });
-        let body = self.body_text().await;
-        panic!("{what}\n--- page text ---\n{body}");
-    }
-
-    async fn body_text(&self) -> String {
-        match self.client.find(Locator::Css("body")).await {
-            Ok(b) => b.text().await.unwrap_or_default(),
-            Err(e) => format!("(no body: {e})"),
-        }
-    }
-
-    /// Waits (bounded) until `css` matches an element; use `:not([hidden])` for shown sections.
-    async fn el(&self, css: &str) -> fantoccini::elements::Element {
-        match self
-            .client
-            .wait()
-            .at_most(WAIT)
-            .every(POLL)
-            .for_element(Locator::Css(css))
-            .await
-        {
-            Ok(el) => el,
-            Err(e) => self.fail(&format!("waiting for `{css}`: {e}")).await,
-        }
-    }
-
-    async fn click(&self, css: &str) {
-        let el = self.el(css).await;
-        if let Err(e) = el.click().await {
-            self.fail(&format!("click `{css}`: {e}")).await;
-        }
-    }
-
-    /// Replaces the value of the input `css` with `text`, as typed.
-    async fn fill(&self, css: &str, text: &str) {
-        let el = self.el(css).await;
-        if let Err(e) = el.clear().await {
-            self.fail(&format!("clear `{css}`: {e}")).await;
-        }
-        if let Err(e) = el.send_keys(text).await {
-            self.fail(&format!("type into `{css}`: {e}")).await;
-        }
-    }
-
-    async fn text(&self, css: &str) -> String {
-        let el = self.el(css).await;
-        el.text().await.unwrap_or_default()
-    }
-
-    async fn css(&self, css: &str, property: &str) -> String {
-        let el = self.el(css).await;
-        el.css_value(property).await.unwrap_or_default()
-    }
-
-    /// Polls (bounded) the visible text of `css` until `ok` accepts it; returns that text.
-    async fn wait_text(&self, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
-        let until = Instant::now() + WAIT;
-        let mut last = String::new();
-        while Instant::now() < until {
-            if let Ok(el) = self.client.find(Locator::Css(css)).await {
-                last = el.text().await.unwrap_or_default();
-                if ok(&last) {
-                    return last;
-                }
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        self.fail(&format!(
-            "waiting for {what} in `{css}`; last text {last:?}"
-        ))
-        .await
-    }
-
-    /// The fan token the page keeps in localStorage after signing in.
-    async fn fan_token(&self) -> String {
-        let v = self
-            .client
-            .execute(
-                "return window.localStorage.getItem('floodgate.fan_token');",
-                vec![],
-            )
-            .await
-            .expect("read localStorage");
-        match v.as_str() {
-            Some(t) if !t.is_empty() => t.to_owned(),
-            _ => {
-                self.fail(&format!("no fan token in localStorage: {v}"))
-                    .await
-            }
-        }
-    }
-
-    /// Signs in through the page's form and waits for the picking view.
-    async fn sign_in(&self, name: &str) {
-        self.el("#signin:not([hidden])").await;
-        self.fill("#fan-name", name).await;
-        self.shot("signin").await;
-        self.click("#signin-form button[type=submit]").await;
-        self.el("#whoami:not([hidden])").await;
-        self.el("#pick:not([hidden])").await;
-    }
-
-    async fn close(self) {
-        let Page {
-            client, _driver, ..
-        } = self;
-        let _ = client.close().await;
-        drop(_driver);
-    }
+/// Signs in through the page's form and waits for the picking view.
+async fn sign_in(p: &Page, name: &str) {
+    p.el("#signin:not([hidden])").await;
+    p.fill("#fan-name", name).await;
+    p.shot("signin").await;
+    p.click("#signin-form button[type=submit]").await;
+    p.el("#whoami:not([hidden])").await;
+    p.el("#pick:not([hidden])").await;
 }
 
 /// `m:ss` from the countdown, in seconds.
@@ -355,8 +107,7 @@ async fn browser_fan_holds_pays_and_sees_the_order() {
     })
     .await;
     p.shot("drop").await;
-    p.sign_in(&format!("browser-fan-{:08x}", rand::random::<u32>()))
-        .await;
+    sign_in(&p, &format!("browser-fan-{:08x}", rand::random::<u32>())).await;
     p.shot("signed-in").await;
 
     hold_tees(&p, 2).await;
@@ -367,7 +118,7 @@ async fn browser_fan_holds_pays_and_sees_the_order() {
     let total = p.text("#hold-total").await;
     assert!(total.contains("50.00"), "hold total: {total}");
     p.shot("held").await;
-    let token = p.fan_token().await;
+    let token = fan_token(&p).await;
     assert_eq!(h.counts(&drop).await, (10, 8, 2, 0));
 
     p.fill("#pay-reference", "ok_browser_1").await;
@@ -410,21 +161,18 @@ async fn browser_refresh_resumes_the_hold() {
     let p = open_browser("browser_refresh_resumes_the_hold", PHONE).await;
 
     p.goto(&h.url(&format!("/drops/{drop}"))).await;
-    p.sign_in(&format!("browser-fan-{:08x}", rand::random::<u32>()))
-        .await;
+    sign_in(&p, &format!("browser-fan-{:08x}", rand::random::<u32>())).await;
     hold_tees(&p, 3).await;
     let (_, before) = countdown_ticks(&p).await;
     let total = p.text("#hold-total").await;
     let items = p.text("#hold-items").await;
     p.shot("held").await;
-    let token = p.fan_token().await;
+    let token = fan_token(&p).await;
     let holds = live_holds(&h, &token, &drop).await;
     assert_eq!(holds.len(), 1, "{holds:?}");
     let hold_id = holds[0]["hold_id"].as_str().unwrap().to_owned();
 
-    if let Err(e) = p.client.refresh().await {
-        p.fail(&format!("reload: {e}")).await;
-    }
+    p.reload().await;
     p.el("#hold-view:not([hidden])").await;
     let (after, _) = countdown_ticks(&p).await;
     assert!(
@@ -470,8 +218,7 @@ async fn browser_seat_map_hold() {
     p.goto(&h.url(&format!("/drops/{drop}"))).await;
     p.el("#seated:not([hidden]) #seat-map button[data-seat=\"A-1-3\"]")
         .await;
-    p.sign_in(&format!("browser-fan-{:08x}", rand::random::<u32>()))
-        .await;
+    sign_in(&p, &format!("browser-fan-{:08x}", rand::random::<u32>())).await;
     let taken = p.el("#seat-map button[data-seat=\"A-1-1\"]").await;
     assert_eq!(taken.is_enabled().await.ok(), Some(false), "A-1-1 is held");
 
@@ -507,7 +254,7 @@ async fn browser_seat_map_hold() {
     let total = p.text("#hold-total").await;
     assert!(total.contains("180.00"), "hold total: {total}");
     p.shot("held").await;
-    let token = p.fan_token().await;
+    let token = fan_token(&p).await;
     let holds = live_holds(&h, &token, &drop).await;
     assert_eq!(holds.len(), 1, "{holds:?}");
     let hold_id = holds[0]["hold_id"].as_str().unwrap().to_owned();
@@ -599,8 +346,7 @@ async fn browser_sold_out_is_shown() {
         t.contains("Sold out")
     })
     .await;
-    p.sign_in(&format!("browser-fan-{:08x}", rand::random::<u32>()))
-        .await;
+    sign_in(&p, &format!("browser-fan-{:08x}", rand::random::<u32>())).await;
     p.wait_text("body", "Sold out on the page", |t| t.contains("Sold out"))
         .await;
     let hold = p.el("#hold-button").await;

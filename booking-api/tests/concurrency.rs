@@ -10,6 +10,7 @@ use engine::ids::HoldId;
 use engine::metrics::CONSTRAINT_REFUSALS;
 use futures::future::join_all;
 use serde_json::{json, Value};
+use testkit::eventually;
 
 /// `n` signed-in fans, made concurrently: (fan id, fan token).
 async fn fans(h: &Harness, prefix: &str, n: usize) -> Vec<(String, String)> {
@@ -83,7 +84,7 @@ async fn five_hundred_fans_race_for_a_hundred_units() {
         .collect();
     assert_eq!(distinct_orders.len(), 60);
 
-    h.eventually("the last 20 holds expire", || async {
+    eventually("the last 20 holds expire", || async {
         h.counts(&drop).await.2 == 0
     })
     .await;

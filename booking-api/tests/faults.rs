@@ -16,13 +16,14 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{test_config, Harness};
+use common::Harness;
 use devstack::{free_port, Stack, StackConfig};
 use engine::ids::DropId;
 use futures::future::join_all;
 use serde_json::{json, Value};
+use testkit::test_config_for;
 
 /// How long recovery may take before a test gives up: generous, the machine is shared.
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(60);
@@ -246,19 +247,12 @@ fn new_key() -> String {
 }
 
 /// Polls `f` until it holds; panics with `what` after [`RECOVERY_DEADLINE`].
-async fn eventually<F, Fut>(what: &str, mut f: F)
+async fn eventually<F, Fut>(what: &str, f: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let until = Instant::now() + RECOVERY_DEADLINE;
-    while Instant::now() < until {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("never happened within {RECOVERY_DEADLINE:?}: {what}");
+    testkit::eventually_within(RECOVERY_DEADLINE, what, f).await
 }
 
 // ---- what Redis and Postgres hold ---------------------------------------------------------------
@@ -467,7 +461,7 @@ fn seated_body(sections: &[&str], rows: u32, seats: u32, per_fan_limit: u32) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_postgres_stopped_during_confirms() {
     let f = Fault::start("fault-pg-confirms").await;
-    let mut cfg = test_config(&f.redis_url, &f.db_url);
+    let mut cfg = test_config_for(&f.redis_url, &f.db_url);
     // Short confirm deadlines, so the reconciler takes the outage's holds soon after.
     cfg.holds.confirm_timeout_ms = 2_000;
     cfg.holds.confirm_safety_margin_ms = 500;
@@ -767,7 +761,7 @@ async fn fault_redis_lost_its_last_writes() {
 /// restarted from its AOF (rewound to a copy taken earlier in the burst when `lose_writes`).
 async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
     let f = Fault::start(stack).await;
-    let cfg = test_config(&f.redis_url, &f.db_url);
+    let cfg = test_config_for(&f.redis_url, &f.db_url);
     let h = Harness::with_config(cfg).await;
     let api = Api::of(&h);
     let ga = h.ga_drop(3_000, 4, 600).await;
@@ -944,7 +938,7 @@ async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_redis_flushed_then_rebuilt() {
     let f = Fault::start("fault-redis-flush").await;
-    let h = Harness::with_config(test_config(&f.redis_url, &f.db_url)).await;
+    let h = Harness::with_config(test_config_for(&f.redis_url, &f.db_url)).await;
     let api = Api::of(&h);
     let ga = h.ga_drop(50, 2, 600).await;
     let seated = h.create_drop(seated_body(&["A"], 3, 8, 2)).await;
@@ -1107,7 +1101,7 @@ async fn fault_redis_flushed_then_rebuilt() {
     }
 
     // A booking-api started afterwards serves the rebuilt drops as they are.
-    let h = Harness::with_config(test_config(&f.redis_url, &f.db_url)).await;
+    let h = Harness::with_config(test_config_for(&f.redis_url, &f.db_url)).await;
     let api = Api::of(&h);
     assert_eq!(h.counts(&ga).await, (50, 50 - ga_sold, 0, ga_sold));
     assert_eq!(h.counts(&seated).await, (24, 21, 0, 3));

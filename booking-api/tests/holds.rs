@@ -3,11 +3,12 @@
 //! hold. Each test makes its own drops and fans against the real Redis and Postgres.
 mod common;
 
-use common::{shared_config, Harness};
+use common::Harness;
 use engine::config::AdmissionConfig;
 use engine::ids::{DropId, FanId, HoldId};
 use engine::tokens::{now_s, AdmissionClaims, AdmissionKeys};
 use serde_json::{json, Value};
+use testkit::{eventually, test_config, ADMISSION_SECRET};
 
 fn error_code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("")
@@ -52,7 +53,7 @@ fn queue_drop_body() -> Value {
 /// What a waiting room with the test servers' secret signs.
 fn waiting_room_keys() -> AdmissionKeys {
     AdmissionKeys::new(&AdmissionConfig {
-        secrets: vec!["test-admission-secret".into()],
+        secrets: vec![ADMISSION_SECRET.into()],
         token_ttl_s: 60,
     })
 }
@@ -99,7 +100,7 @@ async fn declined_payment_puts_hold_back_to_held() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_payment_is_settled_by_the_reconciler() {
-    let mut cfg = shared_config();
+    let mut cfg = test_config();
     // Short, so the reconciler takes the hold soon; long enough that the hold is still
     // `confirming` when the test looks right after the 503.
     cfg.holds.confirm_timeout_ms = 2_000;
@@ -122,7 +123,7 @@ async fn slow_payment_is_settled_by_the_reconciler() {
         "confirming counts as held"
     );
 
-    h.eventually("the reconciler sells the slow payment's hold", || async {
+    eventually("the reconciler sells the slow payment's hold", || async {
         h.hold_state(&token, hold_id).await == "sold"
     })
     .await;
@@ -146,7 +147,7 @@ async fn confirm_after_expiry_is_gone_and_units_return() {
     assert_eq!(status, 201, "{hold}");
     let hold_id = hold["hold_id"].as_str().unwrap();
     let expires_at_ms = hold["expires_at_ms"].as_i64().unwrap();
-    h.eventually("the server's clock passes the hold's deadline", || async {
+    eventually("the server's clock passes the hold's deadline", || async {
         let (_, v) = h.get(&format!("/v1/holds/{hold_id}"), Some(&token)).await;
         v["server_now_ms"].as_i64().unwrap() > expires_at_ms
     })
@@ -575,7 +576,7 @@ async fn another_fans_hold_is_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn another_fans_confirm_during_the_owners_confirm_is_not_found() {
-    let mut cfg = shared_config();
+    let mut cfg = test_config();
     // The owner's `slow_` payment stays in flight for two seconds before it times out.
     cfg.gateway.timeout_ms = 2_000;
     cfg.gateway.test_slow_ms = 5_000;
@@ -589,7 +590,7 @@ async fn another_fans_confirm_during_the_owners_confirm_is_not_found() {
 
     let owners_confirm = h.confirm(&owner, &hold_id, "slow_owner");
     let others = async {
-        h.eventually("the owner's confirm begins", || async {
+        eventually("the owner's confirm begins", || async {
             h.hold_state(&owner, &hold_id).await == "confirming"
         })
         .await;
@@ -606,7 +607,7 @@ async fn another_fans_confirm_during_the_owners_confirm_is_not_found() {
         (404, "unknown_hold"),
         "{different}"
     );
-    h.eventually("the reconciler sells the owner's hold", || async {
+    eventually("the reconciler sells the owner's hold", || async {
         h.hold_state(&owner, &hold_id).await == "sold"
     })
     .await;
@@ -637,7 +638,7 @@ async fn release_while_confirming_is_refused() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(error_code(&body), "hold_confirming", "{body}");
     assert_eq!(h.counts(&drop).await, (10, 9, 1, 0));
-    h.eventually("the reconciler settles the payment", || async {
+    eventually("the reconciler settles the payment", || async {
         h.hold_state(&token, hold_id).await == "sold"
     })
     .await;
@@ -659,7 +660,7 @@ async fn other_reference_while_confirming_is_refused() {
     let (status, body) = h.confirm(&token, hold_id, "ok_2").await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(error_code(&body), "confirm_in_progress");
-    h.eventually("the reconciler settles the first payment", || async {
+    eventually("the reconciler settles the first payment", || async {
         h.hold_state(&token, hold_id).await == "sold"
     })
     .await;

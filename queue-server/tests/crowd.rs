@@ -82,7 +82,7 @@ async fn five_thousand_waiters_hear_positions_and_are_admitted_in_order() {
         }));
     }
     assert_eq!(tasks.len(), WAITERS);
-    common::eventually("every waiter hears a second exact position", || async {
+    testkit::eventually("every waiter hears a second exact position", || async {
         heard_twice.load(Ordering::Relaxed) == WAITERS
     })
     .await;

@@ -5,10 +5,11 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{eventually, Harness};
+use common::Harness;
 use engine::queue::{prequeue_score, FanStatus};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use testkit::eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn second_tab_and_second_device_get_the_same_place() {

@@ -67,7 +67,7 @@ async fn waiters_gone_past_the_grace_leave_and_those_back_within_it_keep_their_p
         })
     };
 
-    common::eventually("the fan who went away leaves the line", || async {
+    testkit::eventually("the fan who went away leaves the line", || async {
         place_of(&h, &drop, &gone).await.is_none()
     })
     .await;
@@ -140,7 +140,7 @@ async fn all_held_then_expiry_reopens_admission_and_sell_out_reaches_every_waite
     }
 
     // The holds expire, the two shoppers' sessions end, and the next two are let in.
-    common::eventually("the unpaid holds return to stock", || async {
+    testkit::eventually("the unpaid holds return to stock", || async {
         h.counts(&drop).await == (2, 0, 0)
     })
     .await;

@@ -1,48 +1,13 @@
 //! Test harness: a booking-api started in-process on 127.0.0.1:0 against the Redis and Postgres
 //! that `./dev test` started (FLOODGATE_TEST_REDIS_URL / FLOODGATE_TEST_DATABASE_URL), and a small
 //! client. Every test makes its own drops and fans, so tests run in parallel without sharing data.
+//! The config and bounded waits every suite shares are in `testkit`.
 #![allow(dead_code)]
-
-use std::time::Duration;
 
 use booking_api::Running;
 use engine::db::Scope;
 use engine::Config;
 use serde_json::{json, Value};
-
-pub fn test_config(redis_url: &str, database_url: &str) -> Config {
-    let mut cfg = Config::default();
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.redis.url = redis_url.to_owned();
-    cfg.database.url = database_url.to_owned();
-    cfg.database.pool_size = 8;
-    cfg.identity.dev = true;
-    cfg.admission.secrets = vec!["test-admission-secret".into()];
-    // Tests hammer from one address and one fan on purpose; the limiters have their own test.
-    cfg.limits.per_ip_per_s = 1_000_000;
-    cfg.limits.per_ip_burst = 1_000_000;
-    cfg.limits.per_fan_per_s = 1_000_000;
-    cfg.limits.per_fan_burst = 1_000_000;
-    // Every test server shares one Postgres full of other tests' drops: look after a few of the
-    // newest, plus (always) the drops this server served itself.
-    cfg.reconciler.max_drops_watched = 20;
-    cfg.holds.sweep_interval_ms = 100;
-    cfg.reconciler.interval_ms = 200;
-    cfg.reconciler.watch_interval_ms = 200;
-    cfg.holds.confirm_timeout_ms = 5_000;
-    cfg.holds.confirm_safety_margin_ms = 1_000;
-    cfg.gateway.timeout_ms = 300;
-    cfg.gateway.test_slow_ms = 500;
-    cfg
-}
-
-pub fn shared_config() -> Config {
-    let redis = std::env::var("FLOODGATE_TEST_REDIS_URL")
-        .expect("run tests with ./dev test (FLOODGATE_TEST_REDIS_URL)");
-    let db = std::env::var("FLOODGATE_TEST_DATABASE_URL")
-        .expect("run tests with ./dev test (FLOODGATE_TEST_DATABASE_URL)");
-    test_config(&redis, &db)
-}
 
 pub struct Harness {
     pub server: Running,
@@ -54,7 +19,7 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start() -> Harness {
-        Self::with_config(shared_config()).await
+        Self::with_config(testkit::test_config()).await
     }
 
     pub async fn with_config(cfg: Config) -> Harness {
@@ -256,22 +221,6 @@ impl Harness {
             assert_eq!(items, s, "Postgres order items != Redis sold for {bucket}");
             assert_eq!(ledger, s, "ledger sum != Redis sold for {bucket}");
         }
-    }
-
-    /// Waits (generously) until `f` holds; panics with `what` if it never does.
-    pub async fn eventually<F, Fut>(&self, what: &str, mut f: F)
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = bool>,
-    {
-        let until = std::time::Instant::now() + Duration::from_secs(20);
-        while std::time::Instant::now() < until {
-            if f().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("timed out waiting for: {what}");
     }
 
     /// POST a reserve with every header chosen: no `Idempotency-Key` when `key` is None, an

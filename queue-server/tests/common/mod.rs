@@ -1,7 +1,8 @@
 //! Test harness: a booking-api (drops, fan sessions, reserves) and a queue-server started
 //! in-process on 127.0.0.1:0 against the Redis and Postgres that `./dev test` started
 //! (FLOODGATE_TEST_REDIS_URL / FLOODGATE_TEST_DATABASE_URL), sharing identity and admission
-//! secrets as a deployment would. Every test makes its own drops and fans.
+//! secrets as a deployment would. Every test makes its own drops and fans. The shared test config
+//! and bounded waits are in `testkit`.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -11,28 +12,13 @@ use engine::ids::{DropId, FanId};
 use engine::Config;
 use serde_json::{json, Value};
 
+/// testkit's test config with what this suite adds: booking-api and queue-server in one test
+/// must accept each other's fan tokens, so the dev identity secret is fixed.
 pub fn test_config() -> Config {
-    let redis = std::env::var("FLOODGATE_TEST_REDIS_URL")
-        .expect("run tests with ./dev test (FLOODGATE_TEST_REDIS_URL)");
-    let db = std::env::var("FLOODGATE_TEST_DATABASE_URL")
-        .expect("run tests with ./dev test (FLOODGATE_TEST_DATABASE_URL)");
-    let mut cfg = Config::default();
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.queue.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.redis.url = redis;
-    cfg.database.url = db;
-    cfg.database.pool_size = 4;
-    cfg.identity.dev = true;
+    let mut cfg = testkit::test_config();
     cfg.identity.dev_secret = "queue-test-dev-secret".into();
-    cfg.admission.secrets = vec!["queue-test-admission-secret".into()];
-    cfg.limits.per_ip_per_s = 1_000_000;
-    cfg.limits.per_ip_burst = 1_000_000;
-    cfg.limits.per_fan_per_s = 1_000_000;
-    cfg.limits.per_fan_burst = 1_000_000;
-    cfg.queue.per_ip_join_per_s = 1_000_000;
-    cfg.queue.per_ip_join_burst = 1_000_000;
-    cfg.queue.position_interval_ms = 500;
-    cfg.reconciler.max_drops_watched = 20;
+    // Two servers per test, each with its own pool.
+    cfg.database.pool_size = 4;
     cfg
 }
 
@@ -234,23 +220,6 @@ impl Harness {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 }
-
-/// Waits (generously) until `f` holds; panics with `what` if it never does.
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while std::time::Instant::now() < until {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
 /// A fan's WebSocket to the waiting room.
 pub type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

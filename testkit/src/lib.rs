@@ -1,0 +1,16 @@
+//! testkit: what Floodgate's test suites share, so each crate's `tests/common` keeps only its own
+//! server harness. A dev-dependency only; it depends on the engine and never on a server crate.
+//!
+//! # Layout
+//! - [`config`] — the test deployment's [`engine::Config`] against the stack `./dev test` started.
+//! - [`wait`] — [`eventually`]: bounded polling instead of timed assertions.
+//! - [`browser`] — headless Chromium through ChromeDriver: one browser at a time, a [`Page`] with
+//!   bounded waits, screenshots under `target/browser-artifacts/`.
+
+pub mod browser;
+pub mod config;
+pub mod wait;
+
+pub use browser::{open_browser, Page, DESKTOP, ONE_BROWSER, PHONE};
+pub use config::{test_config, test_config_for, ADMISSION_SECRET};
+pub use wait::{eventually, eventually_within};

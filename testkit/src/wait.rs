@@ -1,0 +1,34 @@
+//! Bounded waits. Tests never assert a time (DESIGN.md §8): where a behaviour has a time target,
+//! they poll with a generous deadline and fail with what they were waiting for.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// The deadline of [`eventually`]: generous, since two cores run the whole suite.
+pub const EVENTUALLY: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(100);
+
+/// Polls `f` until it holds; panics with `what` after [`EVENTUALLY`].
+pub async fn eventually<F, Fut>(what: &str, f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually_within(EVENTUALLY, what, f).await
+}
+
+/// Polls `f` until it holds; panics with `what` after `deadline`.
+pub async fn eventually_within<F, Fut>(deadline: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    panic!("never happened within {deadline:?}: {what}");
+}
