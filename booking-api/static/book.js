@@ -5,6 +5,8 @@
  *   POST /v1/drops/{id}/holds, GET|DELETE /v1/holds/{id}, POST /v1/holds/{id}/confirm,
  *   GET /v1/orders/{id}, GET /v1/fans/me/holds, GET /v1/fans/me/orders.
  * Time shown to the fan comes from the server (server_now_ms), never from the phone's clock alone.
+ * From the waiting room: ?admission_token=… (sent as X-Admission-Token on reserve) and the
+ * admitted fan's identity as #fan_token=…&fan=… (see readLocation).
  */
 (function () {
   'use strict';
@@ -991,6 +993,17 @@
       history.replaceState(null, '', location.pathname + (q ? `?${q}` : '') + location.hash);
     }
     state.admissionToken = fromUrl || store.get('sessionStorage', admissionKey());
+
+    // The waiting room (queue-server, another origin) hands over the fan it admitted as
+    // #fan_token=…&fan=…: the admission token is bound to that fan, so it replaces whoever was
+    // signed in here. A fragment never reaches a server; drop it from the address bar too.
+    const hand = new URLSearchParams(location.hash.slice(1));
+    const handed = hand.get('fan_token');
+    if (handed) {
+      store.set('localStorage', FAN_TOKEN_KEY, handed);
+      store.set('localStorage', FAN_NAME_KEY, hand.get('fan') || 'fan');
+      history.replaceState(null, '', location.pathname + location.search);
+    }
   }
 
   function wire() {

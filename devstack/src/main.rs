@@ -286,6 +286,11 @@ fn up(args: UpArgs) -> Result<u8> {
         "FLOODGATE_HTTP__LISTEN",
         format!("127.0.0.1:{}", args.booking_port),
     ));
+    // The queue page (queue-server's origin) signs fans in at booking-api and reads the drop.
+    booking_env.push((
+        "FLOODGATE_HTTP__CORS_ALLOW_ORIGINS",
+        format!("[\"{queue_url}\"]"),
+    ));
     let mut queue_env = shared.to_vec();
     queue_env.push((
         "FLOODGATE_QUEUE__LISTEN",
@@ -362,6 +367,7 @@ fn up(args: UpArgs) -> Result<u8> {
     println!("  queue health       {queue_url}/healthz");
     println!("  queue ready        {queue_url}/readyz");
     println!("  queue metrics      {queue_url}/metrics");
+    println!("  fan queue (hoodie) {queue_url}/drops/{queue_drop}");
     println!("  queue (hoodie)     {ws_url}?fan_token=...");
     println!(
         "  queue join (HTTP)  POST {queue_url}/v1/drops/{queue_drop}/queue, then GET .../queue/me"

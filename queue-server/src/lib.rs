@@ -10,8 +10,10 @@
 //! - [`ws`] — the WebSocket handshake and one task per socket with a bounded send queue.
 //! - [`room`] — one admission loop per drop with waiters here: ticks, positions, admissions.
 //! - [`limits`] — governor rate limit on joins per client IP.
+//! - [`pages`] — the fan's queue page (`static/`), compiled in.
 
 pub mod limits;
+pub mod pages;
 pub mod room;
 pub mod routes;
 pub mod server;

@@ -1,6 +1,6 @@
 //! The route table. Fan routes authenticate with the fan token (Authorization: Bearer, or the
 //! `fan_token` query parameter for browsers' WebSockets), joins are limited per client IP, and
-//! errors are mapped in [`crate::http::error`].
+//! errors are mapped in [`crate::http::error`]. The fan's queue page and its assets are public.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::limits::Limits;
+use crate::pages;
 use crate::room::Rooms;
 use crate::ws;
 use engine::web::{self as http, bearer, query_param, Body};
@@ -68,6 +69,16 @@ impl App {
                     "text/plain; version=0.0.4",
                     self.metrics.render(),
                 )),
+            ),
+            (&Method::GET, ["drops", _]) => (
+                "/drops/{id}",
+                Ok(pages::queue_page(
+                    &self.rooms.queue.engine.cfg.queue.booking_public_url,
+                )),
+            ),
+            (&Method::GET, ["static", name]) => (
+                "/static/{name}",
+                pages::asset(name).ok_or_else(|| Error::new(Code::NotFound)),
             ),
             (&Method::GET, ["v1", "drops", d, "queue", "ws"]) => (
                 "/v1/drops/{id}/queue/ws",
