@@ -35,6 +35,20 @@ impl Harness {
         Harness::start_with(test_config()).await
     }
 
+    /// A harness whose booking-api lets the queue page (queue-server's origin) call it, as a
+    /// deployment serving the page must (`http.cors_allow_origins`): queue-server's port is
+    /// picked first, so booking-api can be told its origin.
+    pub async fn start_for_pages() -> Harness {
+        let mut cfg = test_config();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free local port")
+            .port();
+        cfg.queue.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        cfg.http.cors_allow_origins = vec![format!("http://127.0.0.1:{port}")];
+        Harness::start_with(cfg).await
+    }
+
     pub async fn start_with(cfg: Config) -> Harness {
         let booking = booking_api::start(cfg.clone())
             .await
@@ -60,6 +74,31 @@ impl Harness {
             .pool_max_idle_per_host(256)
             .build()
             .unwrap();
+        Harness {
+            booking,
+            queue,
+            http,
+            seller_key,
+            ops_key,
+        }
+    }
+
+    /// Stops queue-server as a deploy would (its sockets are told 1012, "reconnect") and starts
+    /// a new one on the same address.
+    pub async fn restart_queue(self) -> Harness {
+        let Harness {
+            booking,
+            queue,
+            http,
+            seller_key,
+            ops_key,
+        } = self;
+        let mut cfg = queue.engine.cfg.clone();
+        cfg.queue.listen = queue.addr;
+        queue.shutdown().await;
+        let queue = queue_server::start(cfg)
+            .await
+            .expect("queue-server starts again");
         Harness {
             booking,
             queue,
@@ -219,7 +258,19 @@ impl Harness {
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
+
+    /// A GET at booking-api; (status, body).
+    pub async fn booking_get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.get(format!("{}{path}", self.booking.url()));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
 }
+
 /// A fan's WebSocket to the waiting room.
 pub type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
