@@ -49,9 +49,7 @@
     polls: 0,
     position: null,       // the last exact `position` (or poll answer)
     tick: null,           // the last `tick`
-    line: null,           // null (not known yet) | 'open' | 'paused' | 'all_held'
-    stuckAt: null,        // admitted_total when the line stopped: moving past it means it resumed
-    sawZeroRate: false,   // a tick with rate 0 since the line stopped
+    line: null,           // null (not known yet) | 'open' | 'paused' | 'all_held' | 'recovering'
     preQueue: null,       // {opensAtMs, waiting} before opening
     opensAtMs: null,      // from the drop (the poll answer doesn't carry it)
     final: null,          // {kind, text, url}: nothing more will change (no reconnects)
@@ -233,9 +231,8 @@
         state.wsFailures = 0;
         state.attempt = 0;
         if (state.polling) stopPolling();
-        // A new socket hears it all again: its position, then the line's state (nothing when
-        // open). Ticks from before the gap would count admissions the position already has.
-        state.line = null;
+        // A new socket starts with an exact position: ticks from before the gap would count
+        // admissions it already has.
         state.tick = null;
         setConn('Live: this page updates by itself.');
       }
@@ -283,7 +280,7 @@
         state.preQueue = { opensAtMs: m.opens_at, waiting: m.waiting };
         break;
       case 'paused': case 'all_held':
-        lineStopped(m.type);
+        state.line = m.type;
         break;
       case 'admitted':
         admitted(m.booking_url);
@@ -306,31 +303,16 @@
     render();
   }
 
-  function lineStopped(kind) {
-    state.line = kind;
-    const known = [state.tick, state.position].map((x) => x && x.admittedTotal)
-      .filter((n) => typeof n === 'number');
-    state.stuckAt = known.length ? Math.max(...known) : null;
-    state.sawZeroRate = false;
-  }
-
   /**
-   * A tick is one frame shared by every waiter. The server says when the line stops (`paused`,
-   * `all_held`) but not when it starts again, so a stopped line counts as moving again once
-   * someone is let in, or once the rate, having dropped to 0, comes back.
+   * A tick is one frame shared by every waiter: the admissions so far (to count down from), the
+   * rate, Redis' clock, and the line's state, which is how a page hears that a paused or all-held
+   * line moves again (sold out and closed come as messages of their own).
    */
   function onTick(t) {
     state.tick = { admittedTotal: t.admitted_total, rate: t.admit_rate_per_s };
     if (typeof t.at_ms === 'number') state.clockOffsetMs = t.at_ms - Date.now();
     if (state.preQueue && typeof t.waiting === 'number') state.preQueue.waiting = t.waiting;
-    if (state.line === 'paused' || state.line === 'all_held') {
-      if (state.stuckAt === null) state.stuckAt = t.admitted_total;
-      if (t.admitted_total > state.stuckAt || (state.sawZeroRate && t.admit_rate_per_s > 0)) {
-        state.line = 'open';
-      } else if (!(t.admit_rate_per_s > 0)) {
-        state.sawZeroRate = true;
-      }
-    }
+    if (['open', 'paused', 'all_held', 'recovering'].includes(t.state)) state.line = t.state;
   }
 
   // ---------------------------------------------------------------- polling (no WebSocket)
@@ -437,6 +419,9 @@
     }
     if (state.line === 'all_held') {
       return { kind: 'all_held', text: 'Everything is in other fans\' baskets right now. You may still get in: what isn\'t paid for comes back, and the line moves again.' };
+    }
+    if (state.line === 'recovering') {
+      return { kind: 'paused', text: 'The line waits a moment while stock is checked. You keep your place.' };
     }
     if (!state.position) return { kind: 'connecting', text: 'Joining the line…' };
     if (aheadNow() === 0) return { kind: 'waiting', text: 'You\'re at the front of the line: you\'ll be let in any moment.' };
