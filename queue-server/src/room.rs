@@ -86,20 +86,21 @@ pub struct View {
     pub watermark: i64,
     pub admitted_total: i64,
     pub waiting: i64,
-    /// Admissions per second measured over `admit_rate_window_ms` (any instance's).
-    pub measured_rate_per_s: f64,
+    /// Admissions per second measured over `admit_rate_window_ms` (any instance's); None until
+    /// this room has a second of samples.
+    pub measured_rate_per_s: Option<f64>,
     pub configured_rate_per_s: f64,
 }
 
 impl View {
-    /// The rate ETAs use: measured once there is a window of data, else the configured one.
+    /// The rate ETAs use: the measured one once there is a second of data — zero when nothing
+    /// moves (all `max_active` slots taken, say), so no ETA is promised then — else, while the
+    /// line is open, the configured one.
     pub fn rate_per_s(&self) -> f64 {
-        if self.measured_rate_per_s > 0.0 {
-            self.measured_rate_per_s
-        } else if self.state == LineState::Open {
-            self.configured_rate_per_s
-        } else {
-            0.0
+        match self.measured_rate_per_s {
+            Some(rate) => rate,
+            None if self.state == LineState::Open => self.configured_rate_per_s,
+            None => 0.0,
         }
     }
 
@@ -226,7 +227,7 @@ impl Rooms {
             watermark: tick.watermark,
             admitted_total: tick.admitted_total,
             waiting: tick.waiting,
-            measured_rate_per_s: 0.0,
+            measured_rate_per_s: None,
             configured_rate_per_s: tick.rate_per_s,
         };
         // The fans this call admitted are told by the slow cadence (they are in the active set).
@@ -336,9 +337,9 @@ impl Rooms {
                 (Some((t0, n0)), Some((t1, n1)))
                     if t1.duration_since(*t0) >= Duration::from_secs(1) =>
                 {
-                    (n1 - n0) as f64 / t1.duration_since(*t0).as_secs_f64()
+                    Some((n1 - n0) as f64 / t1.duration_since(*t0).as_secs_f64())
                 }
-                _ => 0.0,
+                _ => None,
             };
             let view = View {
                 state: t.state,
@@ -357,6 +358,7 @@ impl Rooms {
                 "admitted_total": view.admitted_total,
                 "waiting": view.waiting,
                 "admit_rate_per_s": round2(view.rate_per_s()),
+                "configured_rate_per_s": view.configured_rate_per_s,
                 "at_ms": t.now_ms,
             }));
             let state_changed = last_state != Some(view.state);

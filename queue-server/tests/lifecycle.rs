@@ -237,7 +237,7 @@ async fn ops_settings_reach_every_instance() {
                 }
             };
             if state == "open" {
-                assert_eq!(tick["admit_rate_per_s"], 42.0, "{tick}");
+                assert_eq!(tick["configured_rate_per_s"], 42.0, "{tick}");
             }
             // Reported, not asserted: these machines are shared and noisy (target: 1 s).
             println!(
