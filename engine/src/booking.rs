@@ -251,14 +251,21 @@ impl Engine {
         if let Some(def) = lock(&self.drops).get(drop) {
             return Ok(def.clone());
         }
-        let _filling = self.drop_fills.enter(drop).await;
+        let filling = self.drop_fills.enter(drop).await;
         if let Some(def) = lock(&self.drops).get(drop) {
             return Ok(def.clone());
+        }
+        if filling.failed_while_waiting() {
+            return Err(Error::unavailable(
+                "Postgres",
+                "a concurrent load of the drop failed",
+            ));
         }
         let (def, _) = self
             .db
             .drop_def(drop)
-            .await?
+            .await
+            .inspect_err(|_| filling.failed())?
             .ok_or_else(|| Error::new(Code::UnknownDrop))?;
         let def = Arc::new(def);
         let mut cache = lock(&self.drops);
