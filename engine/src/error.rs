@@ -163,10 +163,11 @@ impl From<fred::error::Error> for Error {
 }
 
 /// Redis' answer to a Lua runtime error: `ERR user_script:<line>: ...` (Redis 7) or
-/// `ERR Error running script ...` (older).
+/// `ERR Error running script ...` (older), and a command failing inside a script (`WRONGTYPE
+/// ... script: ..., on @user_script:<line>.`, which fred files under another kind).
 fn is_script_error(kind: &fred::error::ErrorKind, details: &str) -> bool {
-    *kind == fred::error::ErrorKind::Unknown
-        && details.starts_with("ERR")
+    use fred::error::ErrorKind::{InvalidArgument, InvalidCommand, Unknown};
+    matches!(kind, Unknown | InvalidArgument | InvalidCommand)
         && (details.contains("user_script") || details.contains("Error running script"))
 }
 
@@ -196,6 +197,11 @@ mod tests {
             "ERR user_script:12: attempt to compare nil with number script: 1a2b, on @user_script:12.",
         );
         assert_eq!(Error::from(script).code, Code::Internal);
+        let wrong_type = RedisError::new(
+            ErrorKind::InvalidArgument,
+            "WRONGTYPE Operation against a key holding the wrong kind of value script: 1a2b, on @user_script:9.",
+        );
+        assert_eq!(Error::from(wrong_type).code, Code::Internal);
         for (kind, details) in [
             (ErrorKind::IO, "connection reset"),
             (ErrorKind::Timeout, "Request timed out."),

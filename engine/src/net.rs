@@ -92,7 +92,7 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[Cidr]) ->
     };
     let mut client = peer;
     for entry in header.rsplit(',') {
-        let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+        let Some(ip) = parse_forwarded(entry.trim()) else {
             // Garbage past the proxies we trust was written by the client: stop at what we know.
             return client;
         };
@@ -102,6 +102,20 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[Cidr]) ->
         }
     }
     client
+}
+
+/// One `X-Forwarded-For` entry: an address, or one with a port as some balancers write them
+/// (`1.2.3.4:5678`, `[2001:db8::1]:443`).
+fn parse_forwarded(entry: &str) -> Option<IpAddr> {
+    if let Ok(ip) = entry.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = entry.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    let (host, port) = entry.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 #[cfg(test)]
@@ -146,6 +160,15 @@ mod tests {
             ip("7.7.7.7")
         );
         assert_eq!(client_ip(ip("10.0.0.1"), None, &trusted), ip("10.0.0.1"));
+        // Entries with ports, as some balancers write them.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), Some("1.2.3.4:5678"), &trusted),
+            ip("1.2.3.4")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), Some("[2001:db8::1]:443"), &trusted),
+            ip("2001:db8::1")
+        );
         // A forged entry left of garbage is never reached.
         assert_eq!(
             client_ip(ip("10.0.0.1"), Some("6.6.6.6, junk, 10.0.0.3"), &trusted),

@@ -91,7 +91,6 @@ pub fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-/// The bearer token of `Authorization`, if any.
 /// The client's address for per-IP limits: the peer, or what trusted proxies say it is
 /// ([`crate::net::client_ip`]). Several `X-Forwarded-For` headers count as one list, in order.
 pub fn client_ip(
@@ -112,6 +111,7 @@ pub fn client_ip(
     crate::net::client_ip(peer, joined.as_deref(), trusted)
 }
 
+/// The bearer token of `Authorization`, if any.
 pub fn bearer(req: &Request<Incoming>) -> Option<&str> {
     header(req, "authorization").and_then(|v| {
         v.strip_prefix("Bearer ")
