@@ -10,7 +10,10 @@ pub fn booking_page() -> Response<Body> {
     );
     resp.headers_mut().insert(
         "content-security-policy",
-        hyper::header::HeaderValue::from_static("default-src 'self'; img-src 'self' data:"),
+        // frame-ancestors: a page that takes payment must not be framed by another site.
+        hyper::header::HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        ),
     );
     resp
 }

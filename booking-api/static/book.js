@@ -997,12 +997,25 @@
     // The waiting room (queue-server, another origin) hands over the fan it admitted as
     // #fan_token=…&fan=…: the admission token is bound to that fan, so it replaces whoever was
     // signed in here. A fragment never reaches a server; drop it from the address bar too.
+    // The name shown is the token's own subject, never a separate parameter: a link can't
+    // sign you in as one fan while showing another's name.
     const hand = new URLSearchParams(location.hash.slice(1));
     const handed = hand.get('fan_token');
     if (handed) {
       store.set('localStorage', FAN_TOKEN_KEY, handed);
-      store.set('localStorage', FAN_NAME_KEY, hand.get('fan') || 'fan');
+      store.set('localStorage', FAN_NAME_KEY, tokenSubject(handed) || 'fan');
       history.replaceState(null, '', location.pathname + location.search);
+    }
+  }
+
+  /** The `sub` claim of a fan token (a JWT), unverified: for display only, the server verifies. */
+  function tokenSubject(token) {
+    try {
+      const b64 = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+      const sub = JSON.parse(atob(b64 + '='.repeat((4 - b64.length % 4) % 4))).sub;
+      return typeof sub === 'string' ? sub : null;
+    } catch (_) {
+      return null;
     }
   }
 

@@ -1666,7 +1666,7 @@ async fn bad_admission_updates_are_refused_and_change_nothing() {
         ("max_active 1.5", r#"{"max_active": 1.5}"#),
         ("shop_window_s 9", r#"{"shop_window_s": 9}"#),
         ("admit_margin_pct 1001", r#"{"admit_margin_pct": 1001}"#),
-        ("leave_grace_s 1", r#"{"leave_grace_s": 1}"#),
+        ("leave_grace_s 14", r#"{"leave_grace_s": 14}"#),
         ("paused a string", r#"{"paused": "yes"}"#),
         ("mode is not ops' to change", r#"{"mode": "queue"}"#),
         ("unknown field", r#"{"rate": 5}"#),

@@ -96,6 +96,7 @@ impl Config {
                 "queue.presence_interval_ms",
                 self.queue.presence_interval_ms,
             ),
+            ("queue.ws_ping_interval_ms", self.queue.ws_ping_interval_ms),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -107,6 +108,11 @@ impl Config {
         if self.holds.confirm_safety_margin_ms >= self.holds.confirm_timeout_ms {
             return Err(crate::Error::invalid(
                 "config: holds.confirm_safety_margin_ms must be below holds.confirm_timeout_ms",
+            ));
+        }
+        if self.queue.ws_idle_timeout_ms <= self.queue.ws_ping_interval_ms {
+            return Err(crate::Error::invalid(
+                "config: queue.ws_idle_timeout_ms must exceed queue.ws_ping_interval_ms",
             ));
         }
         if self.queue.ws_max_write_buffer_bytes <= self.queue.ws_write_buffer_bytes {
@@ -474,6 +480,8 @@ pub const DEFAULT_ROOM_IDLE_KEEP_MS: u64 = 30_000;
 pub const DEFAULT_MAX_ROOMS: usize = 10_000;
 pub const DEFAULT_POSITION_CONCURRENCY: usize = 64;
 pub const DEFAULT_PRESENCE_INTERVAL_MS: u64 = 5_000;
+pub const DEFAULT_WS_PING_INTERVAL_MS: u64 = 20_000;
+pub const DEFAULT_WS_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_LEAVE_BATCH: usize = 1_000;
 pub const DEFAULT_QUEUE_PER_FAN_POLL_PER_S: u32 = 2;
 pub const DEFAULT_QUEUE_PER_FAN_POLL_BURST: u32 = 10;
@@ -518,6 +526,11 @@ pub struct QueueConfig {
     pub presence_interval_ms: u64,
     /// Waiters past their grace sent away per admission run, at most.
     pub leave_batch: usize,
+    /// The server pings every socket this often; a socket that sends nothing (not even the pong
+    /// browsers answer with) for `ws_idle_timeout_ms` is closed. Without it a phone that vanished
+    /// mid-line would keep its place until TCP gave up, a quarter of an hour later.
+    pub ws_ping_interval_ms: u64,
+    pub ws_idle_timeout_ms: u64,
     /// `GET /queue/me` polls per second per fan (governor, per process), and the burst.
     pub per_fan_poll_per_s: u32,
     pub per_fan_poll_burst: u32,
@@ -550,6 +563,8 @@ impl Default for QueueConfig {
             position_concurrency: DEFAULT_POSITION_CONCURRENCY,
             presence_interval_ms: DEFAULT_PRESENCE_INTERVAL_MS,
             leave_batch: DEFAULT_LEAVE_BATCH,
+            ws_ping_interval_ms: DEFAULT_WS_PING_INTERVAL_MS,
+            ws_idle_timeout_ms: DEFAULT_WS_IDLE_TIMEOUT_MS,
             per_fan_poll_per_s: DEFAULT_QUEUE_PER_FAN_POLL_PER_S,
             per_fan_poll_burst: DEFAULT_QUEUE_PER_FAN_POLL_BURST,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,

@@ -111,9 +111,11 @@ impl AdmissionSettings {
                 "admission.admit_margin_pct must be in 0..=1000",
             ));
         }
-        if !(2..=86_400).contains(&self.leave_grace_s) {
+        // The floor leaves room for three presence marks per grace, from sockets (every
+        // presence interval) and from the page's fallback polling (every 5 s).
+        if !(15..=86_400).contains(&self.leave_grace_s) {
             return Err(Error::invalid(
-                "admission.leave_grace_s must be in 2..=86400",
+                "admission.leave_grace_s must be in 15..=86400",
             ));
         }
         Ok(())

@@ -182,6 +182,8 @@ pub struct Standing {
     pub ahead: Option<i64>,
     /// When in the active set: the admission deadline (may have passed).
     pub deadline_ms: Option<i64>,
+    /// Admissions ever, read after the rank (see [`Redis::standing`]).
+    pub admitted_total: i64,
 }
 
 fn place_of(v: Option<&Value>) -> i64 {
@@ -281,30 +283,41 @@ impl Redis {
         })
     }
 
-    /// A fan's place, rank in the line and admission deadline (three reads, pipelined).
+    /// A fan's place, rank in the line, admission deadline and the admissions count, as four
+    /// reads pipelined on one connection, so Redis runs them in this order (not atomically).
+    /// The order is what makes the answer safe while other instances admit: the deadline is read
+    /// after the rank, so a fan admitted in between shows as admitted (never as neither); the
+    /// count is read last, so a page counting down `ahead − (admitted now − admitted_total)`
+    /// can only overstate the people ahead, never understate them.
     pub async fn standing(&self, drop: &DropId, fan: &FanId) -> Result<Standing> {
         let k = QueueKeys::new(drop);
-        let c = self.client();
-        let (place, rank, deadline) = tokio::join!(
-            c.hget::<Option<String>, _, _>(&k.places, fan.as_str()),
-            c.zrank::<Option<i64>, _, _>(&k.line, fan.as_str(), false),
-            c.zscore::<Option<f64>, _, _>(&k.active, fan.as_str()),
-        );
+        let p = self.client().pipeline();
+        let _: () = p.hget(&k.places, fan.as_str()).await?;
+        let _: () = p.zrank(&k.line, fan.as_str(), false).await?;
+        let _: () = p.zscore(&k.active, fan.as_str()).await?;
+        let _: () = p.hget(&k.watermark, "admitted").await?;
+        let (place, rank, deadline, admitted): (
+            Option<String>,
+            Option<i64>,
+            Option<f64>,
+            Option<i64>,
+        ) = p.all().await?;
         Ok(Standing {
-            place: place?.and_then(|p| p.parse::<f64>().ok()).map(|p| p as i64),
-            ahead: rank?,
-            deadline_ms: deadline?.map(|d| d as i64),
+            place: place.and_then(|p| p.parse::<f64>().ok()).map(|p| p as i64),
+            ahead: rank,
+            deadline_ms: deadline.map(|d| d as i64),
+            admitted_total: admitted.unwrap_or(0),
         })
     }
 
-    /// Marks waiters as seen now (sockets open on this instance, or a poll). Only fans still in
-    /// the line are touched (`XX`): an admitted or departed fan is not brought back. One call
-    /// per `PRESENCE_CHUNK` fans. The score is this process's clock, which admit.lua compares with
-    /// Redis `TIME`: clocks must agree to within a small part of the grace (NTP does).
-    pub async fn touch_presence(&self, drop: &DropId, fans: &[FanId]) -> Result<()> {
+    /// Marks waiters as seen at `now_ms`, Redis' clock (admit.lua compares it with `TIME`; the
+    /// caller estimates it from its last admission run). Only fans still in the line are
+    /// touched (`XX`): an admitted or departed fan is not brought back. One call per
+    /// `PRESENCE_CHUNK` fans.
+    pub async fn touch_presence(&self, drop: &DropId, fans: &[FanId], now_ms: i64) -> Result<()> {
         const PRESENCE_CHUNK: usize = 1_000;
         let key = QueueKeys::new(drop).seen;
-        let now = now_ms() as f64;
+        let now = now_ms as f64;
         for chunk in fans.chunks(PRESENCE_CHUNK) {
             let members: Vec<(f64, &str)> = chunk.iter().map(|f| (now, f.as_str())).collect();
             let _: i64 = self
@@ -380,15 +393,22 @@ impl Queue {
         if let Some(s) = self.cached_seed(drop) {
             return Ok(s);
         }
-        let _filling = self.seed_fills.enter(drop).await;
+        let filling = self.seed_fills.enter(drop).await;
         if let Some(s) = self.cached_seed(drop) {
             return Ok(s);
+        }
+        if filling.failed_while_waiting() {
+            return Err(Error::unavailable(
+                "Postgres",
+                "a concurrent load of the seed failed",
+            ));
         }
         let seed = self
             .engine
             .db
             .seed(drop)
-            .await?
+            .await
+            .inspect_err(|_| filling.failed())?
             .ok_or_else(|| Error::new(Code::UnknownDrop))?;
         let mut cache = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= SEED_CACHE_ENTRIES {
@@ -444,8 +464,8 @@ impl Queue {
         Ok(tick)
     }
 
-    pub async fn touch_presence(&self, drop: &DropId, fans: &[FanId]) -> Result<()> {
-        self.engine.redis.touch_presence(drop, fans).await
+    pub async fn touch_presence(&self, drop: &DropId, fans: &[FanId], now_ms: i64) -> Result<()> {
+        self.engine.redis.touch_presence(drop, fans, now_ms).await
     }
 
     pub async fn standing(&self, drop: &DropId, fan: &FanId) -> Result<Standing> {

@@ -20,9 +20,10 @@ pub fn queue_page(booking_public_url: &str) -> Response<Body> {
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // 'self' covers the page's own WebSocket (ws: and wss: on the same host).
+    // 'self' covers the page's own WebSocket (ws: and wss: on the same host, in CSP 3 browsers).
+    // frame-ancestors: the sign-in form must not be framed by another site.
     let csp = format!(
-        "default-src 'self'; connect-src 'self' {}; img-src 'self' data:",
+        "default-src 'self'; connect-src 'self' {}; img-src 'self' data:; frame-ancestors 'none'",
         origin(url).unwrap_or("")
     );
     if let Ok(v) = HeaderValue::from_str(&csp) {

@@ -90,6 +90,11 @@ pub struct View {
     /// this room has a second of samples.
     pub measured_rate_per_s: Option<f64>,
     pub configured_rate_per_s: f64,
+    /// The drop's `leave_grace_s` in ms.
+    pub leave_grace_ms: i64,
+    /// Redis' clock at the admission run, and when this process read it.
+    pub redis_now_ms: i64,
+    pub read_at: Instant,
 }
 
 impl View {
@@ -101,6 +106,26 @@ impl View {
             Some(rate) => rate,
             None if self.state == LineState::Open => self.configured_rate_per_s,
             None => 0.0,
+        }
+    }
+
+    /// Redis' clock now, as this process best knows it: presence is compared with Redis `TIME`
+    /// (admit.lua), so it must be written in that clock, not this machine's.
+    pub fn redis_now_ms(&self) -> i64 {
+        self.redis_now_ms + i64::try_from(self.read_at.elapsed().as_millis()).unwrap_or(0)
+    }
+
+    fn of(t: &Tick, measured_rate_per_s: Option<f64>) -> View {
+        View {
+            state: t.state,
+            watermark: t.watermark,
+            admitted_total: t.admitted_total,
+            waiting: t.waiting,
+            measured_rate_per_s,
+            configured_rate_per_s: t.rate_per_s,
+            leave_grace_ms: t.leave_grace_ms,
+            redis_now_ms: t.now_ms,
+            read_at: Instant::now(),
         }
     }
 
@@ -222,14 +247,7 @@ impl Rooms {
             return Ok(v);
         }
         let tick = self.queue.admit(drop).await?;
-        let view = View {
-            state: tick.state,
-            watermark: tick.watermark,
-            admitted_total: tick.admitted_total,
-            waiting: tick.waiting,
-            measured_rate_per_s: None,
-            configured_rate_per_s: tick.rate_per_s,
-        };
+        let view = View::of(&tick, None);
         // The fans this call admitted are told by the slow cadence (they are in the active set).
         Ok(view)
     }
@@ -274,7 +292,7 @@ impl Rooms {
             "type": "position",
             "place": standing.place,
             "ahead": ahead,
-            "admitted_total": view.admitted_total,
+            "admitted_total": standing.admitted_total,
             "eta_s": view.eta_s(ahead),
             "admit_rate_per_s": round2(view.rate_per_s()),
         }))
@@ -300,6 +318,7 @@ impl Rooms {
         let mut last_state: Option<LineState> = None;
         let mut last_presence = Instant::now();
         let positions_running = Arc::new(AtomicBool::new(false));
+        let presence_running = Arc::new(AtomicBool::new(false));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -315,6 +334,28 @@ impl Rooms {
                 if idle {
                     rooms.remove(&drop);
                     return;
+                }
+            }
+            // Presence first, and whether or not this instance's admission runs succeed: other
+            // instances' runs would otherwise send this one's connected fans away.
+            if let Some(v) = room.view() {
+                // At least three times per grace, so a connected fan never looks gone.
+                let every = ms(self.cfg.presence_interval_ms)
+                    .min(ms(u64::try_from(v.leave_grace_ms / 3).unwrap_or(0)))
+                    .max(ms(self.cfg.tick_ms));
+                if last_presence.elapsed() >= every {
+                    if let Some(busy) = Busy::claim(&presence_running) {
+                        last_presence = Instant::now();
+                        let fans: Vec<FanId> = lock(&room.waiters).by_fan.keys().cloned().collect();
+                        let (queue, drop, now) =
+                            (self.queue.clone(), drop.clone(), v.redis_now_ms());
+                        tokio::spawn(async move {
+                            let _busy = busy;
+                            if let Err(e) = queue.touch_presence(&drop, &fans, now).await {
+                                tracing::warn!(%drop, error = %e, "presence refresh failed");
+                            }
+                        });
+                    }
                 }
             }
             let started = Instant::now();
@@ -341,14 +382,7 @@ impl Rooms {
                 }
                 _ => None,
             };
-            let view = View {
-                state: t.state,
-                watermark: t.watermark,
-                admitted_total: t.admitted_total,
-                waiting: t.waiting,
-                measured_rate_per_s: measured,
-                configured_rate_per_s: t.rate_per_s,
-            };
+            let view = View::of(&t, measured);
             *lock(&room.view) = Some(view.clone());
             self.tell_admitted(&room, &t);
             let shared = frame(&json!({
@@ -379,33 +413,17 @@ impl Rooms {
             }
             metrics::histogram!(engine::metrics::QUEUE_TICK_SECONDS)
                 .record(started.elapsed().as_secs_f64());
-            // Presence at least three times per grace, so a connected fan never looks gone.
-            let presence_every = ms(self.cfg.presence_interval_ms).min(
-                ms(u64::try_from(t.leave_grace_ms / 3).unwrap_or(0)).max(ms(self.cfg.tick_ms)),
-            );
-            if last_presence.elapsed() >= presence_every {
-                last_presence = Instant::now();
-                let fans: Vec<FanId> = lock(&room.waiters).by_fan.keys().cloned().collect();
-                let queue = self.queue.clone();
-                let drop = drop.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = queue.touch_presence(&drop, &fans).await {
-                        tracing::warn!(%drop, error = %e, "presence refresh failed");
-                    }
-                });
-            }
             // The slow cadence runs beside the ticks (one round at a time), so a long round over
             // many waiters never delays the next tick.
-            if last_positions.elapsed() >= position_every
-                && !positions_running.swap(true, Ordering::AcqRel)
-            {
-                last_positions = Instant::now();
-                let (rooms, room, running) =
-                    (self.clone(), room.clone(), positions_running.clone());
-                tokio::spawn(async move {
-                    rooms.send_positions(&room, &view, opens_at_ms).await;
-                    running.store(false, Ordering::Release);
-                });
+            if last_positions.elapsed() >= position_every {
+                if let Some(busy) = Busy::claim(&positions_running) {
+                    last_positions = Instant::now();
+                    let (rooms, room) = (self.clone(), room.clone());
+                    tokio::spawn(async move {
+                        let _busy = busy;
+                        rooms.send_positions(&room, &view, opens_at_ms).await;
+                    });
+                }
             }
         }
     }
@@ -462,6 +480,22 @@ impl Rooms {
                 }
             }
         }
+    }
+}
+
+/// A background round (presence, positions) in flight. Cleared when its task ends however it
+/// ends, a panic included, so one bad round can't stop a room's cadence for good.
+struct Busy(Arc<AtomicBool>);
+
+impl Busy {
+    fn claim(flag: &Arc<AtomicBool>) -> Option<Busy> {
+        (!flag.swap(true, Ordering::AcqRel)).then(|| Busy(flag.clone()))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

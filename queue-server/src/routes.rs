@@ -164,7 +164,7 @@ impl App {
         // A poll is presence: a fan polling keeps their place as a socket would.
         self.rooms
             .queue
-            .touch_presence(&drop, std::slice::from_ref(&fan))
+            .touch_presence(&drop, std::slice::from_ref(&fan), view.redis_now_ms())
             .await?;
         let standing = self.rooms.queue.standing(&drop, &fan).await?;
         let Some(place) = standing.place else {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use engine::config::QueueConfig;
+use engine::config::{ms, QueueConfig};
 use engine::ids::{DropId, FanId};
 use engine::queue::{FanStatus, Standing};
 use engine::{Code, Error};
@@ -106,8 +106,24 @@ pub async fn serve(
             None
         }
     };
+    let mut ping = tokio::time::interval(ms(cfg.ws_ping_interval_ms));
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let idle_timeout = ms(cfg.ws_idle_timeout_ms);
+    let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            _ = ping.tick() => {
+                if heard.elapsed() >= idle_timeout {
+                    // Gone without a close (a phone out of coverage, a killed tab): free the
+                    // slot; its place survives the grace if it comes back.
+                    break;
+                }
+                let sent = tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::Ping(Default::default())));
+                if !matches!(sent.await, Ok(Ok(()))) {
+                    break;
+                }
+            }
             msg = rx.recv() => match msg {
                 Some(m) => {
                     match tokio::time::timeout(SEND_TIMEOUT, ws.send(m)).await {
@@ -123,7 +139,7 @@ pub async fn serve(
             },
             incoming = ws.next() => match incoming {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => heard = tokio::time::Instant::now(),
             },
             _ = shutdown.changed() => {
                 let close = CloseFrame {

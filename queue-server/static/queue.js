@@ -54,7 +54,7 @@
     opensAtMs: null,      // from the drop (the poll answer doesn't carry it)
     final: null,          // {kind, text, url}: nothing more will change (no reconnects)
     clockOffsetMs: 0,     // Redis' clock (ticks' at_ms) − ours
-    timers: { retry: 0, poll: 0, clock: 0, say: 0 },
+    timers: { retry: 0, poll: 0, clock: 0, say: 0, silence: 0 },
   };
 
   // ---------------------------------------------------------------- small helpers
@@ -201,12 +201,26 @@
     els['fan-name'].focus();
   }
 
-  /** A fan token handed over in the fragment (#fan_token=…&fan=…) wins over a stored one. */
+  /** The `sub` claim of a fan token (a JWT), unverified: for display only, the server verifies. */
+  function tokenSubject(token) {
+    try {
+      const b64 = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+      const sub = JSON.parse(atob(b64 + '='.repeat((4 - b64.length % 4) % 4))).sub;
+      return typeof sub === 'string' ? sub : null;
+    } catch (_) {
+      return null;
+    }
+  }
+
+  /**
+   * A fan token handed over in the fragment (#fan_token=…) wins over a stored one. The name shown
+   * is the token's own subject, so a link can't show one fan's name while signing in another.
+   */
   function readFragment() {
     const p = new URLSearchParams(location.hash.slice(1));
     const token = p.get('fan_token');
     if (!token) return;
-    state.fan = { name: p.get('fan') || 'fan', token, startAhead: null };
+    state.fan = { name: tokenSubject(token) || 'fan', token, startAhead: null };
     store.save();
     // Keep the token out of the address bar, history and bookmarks; localStorage has it.
     history.replaceState(null, '', location.pathname + location.search);
@@ -214,9 +228,20 @@
 
   // ---------------------------------------------------------------- the socket
 
+  /** A socket that hears nothing for this long is dead (ticks come every 100 ms): reconnect. */
+  const SILENCE_MS = 15000;
+
   function connect() {
     if (state.final || !state.fan) return;
     clearTimeout(state.timers.retry);
+    // One socket at a time: a previous try still connecting (a proxy holding the upgrade) is
+    // dropped, or each retry would leave another waiter open on the server.
+    if (state.ws) {
+      const old = state.ws;
+      state.ws = null;
+      old.onmessage = old.onclose = null;
+      old.close();
+    }
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
     const url = `${proto}//${location.host}/v1/drops/${enc(state.dropId)}/queue/ws`
       + `?fan_token=${enc(state.fan.token)}`;
@@ -224,8 +249,21 @@
     try { ws = new WebSocket(url); } catch (_) { socketClosed(null, false); return; }
     state.ws = ws;
     let heard = false;
+    const silent = () => {
+      clearTimeout(state.timers.silence);
+      state.timers.silence = setTimeout(() => {
+        if (state.ws !== ws) return;
+        // Dead without a close (the server vanished, the network changed): start over.
+        state.ws = null;
+        ws.onmessage = ws.onclose = null;
+        ws.close();
+        socketClosed(null, heard);
+      }, SILENCE_MS);
+    };
+    silent();
     ws.onmessage = (ev) => {
       if (state.ws !== ws) return;
+      silent();
       if (!heard) {
         heard = true;
         state.wsFailures = 0;
@@ -241,7 +279,12 @@
       onMessage(msg);
     };
     // An error is always followed by a close; the close decides what to do.
-    ws.onclose = (ev) => { if (state.ws === ws) { state.ws = null; socketClosed(ev.code, heard); } };
+    ws.onclose = (ev) => {
+      if (state.ws !== ws) return;
+      clearTimeout(state.timers.silence);
+      state.ws = null;
+      socketClosed(ev.code, heard);
+    };
   }
 
   function socketClosed(code, heard) {
@@ -396,6 +439,7 @@
   function stopAll() {
     stopPolling();
     clearTimeout(state.timers.retry);
+    clearTimeout(state.timers.silence);
     const ws = state.ws;
     state.ws = null;
     if (ws) ws.close(1000);

@@ -87,9 +87,11 @@ async fn queue_page_fan_waits_is_admitted_and_buys() {
         .await;
     let words = line_state(&p, "waiting").await;
     assert!(words.contains("in line"), "{words}");
+    // An ETA from the admission rate; once that one admission has left the measuring window
+    // (a slow machine), the page honestly says it waits for shoppers instead.
     let eta = p.text("#eta").await;
     assert!(
-        eta == "under a minute" || eta.starts_with("about "),
+        eta == "under a minute" || eta.starts_with("about ") || eta == "when shoppers finish",
         "an ETA from the admission rate: {eta}"
     );
     let now: u32 = p.attr(bar, "aria-valuenow").await.parse().unwrap();

@@ -34,6 +34,8 @@ pub fn test_config_for(redis_url: &str, database_url: &str) -> Config {
     cfg.limits.per_fan_burst = 1_000_000;
     cfg.queue.per_ip_join_per_s = 1_000_000;
     cfg.queue.per_ip_join_burst = 1_000_000;
+    cfg.queue.per_fan_poll_per_s = 1_000_000;
+    cfg.queue.per_fan_poll_burst = 1_000_000;
     // Every test server shares one Postgres full of other tests' drops: look after a few of the
     // newest, plus (always) the drops this server served itself.
     cfg.reconciler.max_drops_watched = 20;
