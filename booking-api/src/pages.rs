@@ -24,6 +24,10 @@ pub fn asset(name: &str) -> Option<Response<Body>> {
             "text/css; charset=utf-8",
             include_bytes!("../static/book.css"),
         )),
+        "fan.js" => Some(bytes(
+            "text/javascript; charset=utf-8",
+            include_bytes!("../static/fan.js"),
+        )),
         "book.js" => Some(bytes(
             "text/javascript; charset=utf-8",
             include_bytes!("../static/book.js"),

@@ -1008,16 +1008,8 @@
     }
   }
 
-  /** The `sub` claim of a fan token (a JWT), unverified: for display only, the server verifies. */
-  function tokenSubject(token) {
-    try {
-      const b64 = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-      const sub = JSON.parse(atob(b64 + '='.repeat((4 - b64.length % 4) % 4))).sub;
-      return typeof sub === 'string' ? sub : null;
-    } catch (_) {
-      return null;
-    }
-  }
+  // From fan.js (loaded first): what both pages know about a fan token.
+  const { tokenSubject } = window.FloodgateFan;
 
   function wire() {
     els['signin-form'].addEventListener('submit', signIn);

@@ -38,6 +38,11 @@ pub fn asset(name: &str) -> Option<Response<Body>> {
             "text/css; charset=utf-8",
             include_bytes!("../../booking-api/static/book.css"),
         )),
+        // Shared with the booking page, which owns it.
+        "fan.js" => Some(bytes(
+            "text/javascript; charset=utf-8",
+            include_bytes!("../../booking-api/static/fan.js"),
+        )),
         "queue.css" => Some(bytes(
             "text/css; charset=utf-8",
             include_bytes!("../static/queue.css"),

@@ -201,16 +201,8 @@
     els['fan-name'].focus();
   }
 
-  /** The `sub` claim of a fan token (a JWT), unverified: for display only, the server verifies. */
-  function tokenSubject(token) {
-    try {
-      const b64 = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-      const sub = JSON.parse(atob(b64 + '='.repeat((4 - b64.length % 4) % 4))).sub;
-      return typeof sub === 'string' ? sub : null;
-    } catch (_) {
-      return null;
-    }
-  }
+  // From fan.js (loaded first): what both pages know about a fan token.
+  const { tokenSubject } = window.FloodgateFan;
 
   /**
    * A fan token handed over in the fragment (#fan_token=…) wins over a stored one. The name shown

@@ -87,6 +87,23 @@ async fn waiters_gone_past_the_grace_leave_and_those_back_within_it_keep_their_p
     h.shutdown().await;
 }
 
+/// Waits on the fan's socket for `admitted` (a waiter may hear positions, ticks, `paused` and `all_held`
+/// first, nothing else), then reserves one unit with its token; the hold id.
+async fn admitted_and_holding(h: &Harness, drop: &DropId, token: &str, s: &mut Socket) -> String {
+    let admitted = loop {
+        let m = next_message(s).await.expect("socket open");
+        match m["type"].as_str().unwrap() {
+            "admitted" => break m,
+            "tick" | "position" | "paused" | "all_held" => {}
+            other => panic!("unexpected {other}: {m}"),
+        }
+    };
+    let admission = admitted["admission_token"].as_str().unwrap();
+    let (status, hold) = h.reserve(drop, token, admission, 1).await;
+    assert_eq!(status, 201, "{hold}");
+    hold["hold_id"].as_str().unwrap().to_owned()
+}
+
 async fn drop_socket(mut s: Socket) {
     let _ = s.close(None).await;
 }
@@ -120,19 +137,8 @@ async fn all_held_then_expiry_reopens_admission_and_sell_out_reaches_every_waite
     h.set_admission(&drop, json!({"paused": false})).await;
 
     // Two units, a limit of one each: the first two in line get in, nobody else.
-    let mut holders = Vec::new();
     for (_, token, s, _) in fans.iter_mut().take(2) {
-        let admitted = wait_for(s, "admitted").await;
-        let (status, hold) = h
-            .reserve(
-                &drop,
-                token,
-                admitted["admission_token"].as_str().unwrap(),
-                1,
-            )
-            .await;
-        assert_eq!(status, 201, "{hold}");
-        holders.push(hold["hold_id"].as_str().unwrap().to_owned());
+        admitted_and_holding(&h, &drop, token, s).await;
     }
     for (_, _, s, _) in fans.iter_mut().skip(2) {
         wait_for(s, "all_held").await;
@@ -145,28 +151,8 @@ async fn all_held_then_expiry_reopens_admission_and_sell_out_reaches_every_waite
     .await;
     let mut buyers = Vec::new();
     for (fan, token, s, _) in fans.iter_mut().skip(2).take(2) {
-        let admitted = loop {
-            let m = next_message(s).await.expect("socket open");
-            match m["type"].as_str().unwrap() {
-                "admitted" => break m,
-                "tick" | "position" | "all_held" => {}
-                other => panic!("unexpected {other}: {m}"),
-            }
-        };
-        let (status, hold) = h
-            .reserve(
-                &drop,
-                token,
-                admitted["admission_token"].as_str().unwrap(),
-                1,
-            )
-            .await;
-        assert_eq!(status, 201, "{hold}");
-        buyers.push((
-            fan.clone(),
-            token.clone(),
-            hold["hold_id"].as_str().unwrap().to_owned(),
-        ));
+        let hold = admitted_and_holding(&h, &drop, token, s).await;
+        buyers.push((fan.clone(), token.clone(), hold));
     }
     for (fan, token, hold) in &buyers {
         let (status, order) = h
