@@ -1,8 +1,9 @@
 //! One admission loop per drop that has waiters (or recent pollers) on this instance. Every tick
-//! it runs the admission script (O(1) Redis calls, however many wait here), tells the fans it
-//! admitted that are connected here, and broadcasts one shared `tick` frame, serialised once. On
-//! a slower cadence each waiter gets an exact `position`, and fans admitted by another instance
-//! are found (their deadline in the active set) and sent their token.
+//! it runs the admission script (O(1) Redis calls, however many wait here) and tells the fans it
+//! admitted that are connected here, and every waiter when the line's state changes. Every
+//! `broadcast_interval_ms` it sends one shared `tick` frame, serialised once. On a slower cadence
+//! each waiter gets an exact `position`, and fans admitted by another instance are found (their
+//! deadline in the active set) and sent their token.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,22 +18,27 @@ use engine::{Code, Error};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Each map entry is self-contained: a panic elsewhere leaves them usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A text frame's payload, as sockets' send queues carry it: 32 bytes a slot (a whole tungstenite
+/// `Message` is several times that, and tokio's channels allocate their slots in blocks of 32 per
+/// socket). Cloning one for many sockets shares the bytes.
+pub type Frame = Utf8Bytes;
+
 /// A frame for one socket.
-pub fn frame(v: &Value) -> Message {
-    Message::Text(Utf8Bytes::from(v.to_string()))
+pub fn frame(v: &Value) -> Frame {
+    Utf8Bytes::from(v.to_string())
 }
 
 /// One connected socket of a fan.
 struct Waiter {
     fan: FanId,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Frame>,
 }
 
 #[derive(Default)]
@@ -55,14 +61,14 @@ impl Waiters {
     }
 
     /// Queues `msg` on every socket of `fan`; a socket whose queue is full is dropped.
-    fn send_fan(&mut self, fan: &FanId, msg: &Message) {
+    fn send_fan(&mut self, fan: &FanId, msg: &Frame) {
         let conns = self.by_fan.get(fan).cloned().unwrap_or_default();
         for conn in conns {
             self.send_conn(conn, msg);
         }
     }
 
-    fn send_conn(&mut self, conn: u64, msg: &Message) {
+    fn send_conn(&mut self, conn: u64, msg: &Frame) {
         let Some(w) = self.by_conn.get(&conn) else {
             return;
         };
@@ -213,7 +219,7 @@ impl Rooms {
         self: &Arc<Self>,
         drop: &DropId,
         fan: &FanId,
-        tx: mpsc::Sender<Message>,
+        tx: mpsc::Sender<Frame>,
     ) -> Result<u64, Error> {
         let room = self.touch(drop)?;
         let _rooms = lock(&self.rooms);
@@ -317,6 +323,10 @@ impl Rooms {
         let window = ms(self.cfg.admit_rate_window_ms.max(1_000));
         let mut last_state: Option<LineState> = None;
         let mut last_presence = Instant::now();
+        let broadcast_every = ms(self.cfg.broadcast_interval_ms.max(self.cfg.tick_ms));
+        let mut last_broadcast = Instant::now()
+            .checked_sub(broadcast_every)
+            .unwrap_or_else(Instant::now);
         let positions_running = Arc::new(AtomicBool::new(false));
         let presence_running = Arc::new(AtomicBool::new(false));
         loop {
@@ -385,23 +395,27 @@ impl Rooms {
             let view = View::of(&t, measured);
             *lock(&room.view) = Some(view.clone());
             self.tell_admitted(&room, &t);
-            let shared = frame(&json!({
-                "type": "tick",
-                "state": view.state.as_str(),
-                "watermark": view.watermark,
-                "admitted_total": view.admitted_total,
-                "waiting": view.waiting,
-                "admit_rate_per_s": round2(view.rate_per_s()),
-                "configured_rate_per_s": view.configured_rate_per_s,
-                "at_ms": t.now_ms,
-            }));
+
             let state_changed = last_state != Some(view.state);
             last_state = Some(view.state);
             let state_frame = state_changed
                 .then(|| view.state_message())
                 .flatten()
                 .map(|v| frame(&v));
-            {
+            // The shared frame on its own, slower cadence; a change of state goes out at once.
+            let broadcast = state_changed || last_broadcast.elapsed() >= broadcast_every;
+            if broadcast {
+                last_broadcast = Instant::now();
+                let shared = frame(&json!({
+                    "type": "tick",
+                    "state": view.state.as_str(),
+                    "watermark": view.watermark,
+                    "admitted_total": view.admitted_total,
+                    "waiting": view.waiting,
+                    "admit_rate_per_s": round2(view.rate_per_s()),
+                    "configured_rate_per_s": view.configured_rate_per_s,
+                    "at_ms": t.now_ms,
+                }));
                 let mut w = lock(&room.waiters);
                 let conns: Vec<u64> = w.by_conn.keys().copied().collect();
                 for conn in conns {

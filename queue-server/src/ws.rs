@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::room::{frame, Rooms};
+use crate::room::{frame, Frame, Rooms};
 use engine::web::Body;
 
 /// A write that takes longer than this means the client stopped reading: drop it.
@@ -91,7 +91,7 @@ pub async fn serve(
     let mut ws =
         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
     metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).increment(1.0);
-    let (tx, mut rx) = mpsc::channel::<Message>(send_queue_len.max(4));
+    let (tx, mut rx) = mpsc::channel::<Frame>(send_queue_len.max(4));
     let conn = match first_messages(&rooms, &drop, &fan, &tx).await {
         Ok(true) => rooms.enter(&drop, &fan, tx).ok(),
         Ok(false) => {
@@ -126,7 +126,7 @@ pub async fn serve(
             }
             msg = rx.recv() => match msg {
                 Some(m) => {
-                    match tokio::time::timeout(SEND_TIMEOUT, ws.send(m)).await {
+                    match tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::Text(m))).await {
                         Ok(Ok(())) => {}
                         _ => break,
                     }
@@ -163,7 +163,7 @@ async fn first_messages(
     rooms: &Arc<Rooms>,
     drop: &DropId,
     fan: &FanId,
-    tx: &mpsc::Sender<Message>,
+    tx: &mpsc::Sender<Frame>,
 ) -> Result<bool, Error> {
     let joined = rooms.queue.join(drop, fan).await?;
     let view = rooms.view(drop).await?;
