@@ -482,6 +482,7 @@ pub const DEFAULT_ADMIT_RATE_WINDOW_MS: u64 = 10_000;
 pub const DEFAULT_ROOM_IDLE_KEEP_MS: u64 = 30_000;
 pub const DEFAULT_MAX_ROOMS: usize = 10_000;
 pub const DEFAULT_POSITION_CONCURRENCY: usize = 64;
+pub const DEFAULT_POSITION_SLICE: usize = 512;
 pub const DEFAULT_PRESENCE_INTERVAL_MS: u64 = 5_000;
 pub const DEFAULT_WS_PING_INTERVAL_MS: u64 = 20_000;
 pub const DEFAULT_WS_IDLE_TIMEOUT_MS: u64 = 60_000;
@@ -529,6 +530,8 @@ pub struct QueueConfig {
     pub max_rooms: usize,
     /// Position lookups in flight per drop on the slow cadence.
     pub position_concurrency: usize,
+    /// A position round goes out in slices of this many fans, spread over half the interval.
+    pub position_slice: usize,
     /// How often the fans with a socket here are marked as seen (so they keep their place). The
     /// room refreshes at least three times per drop's `leave_grace_s` whatever this says.
     pub presence_interval_ms: u64,
@@ -570,6 +573,7 @@ impl Default for QueueConfig {
             room_idle_keep_ms: DEFAULT_ROOM_IDLE_KEEP_MS,
             max_rooms: DEFAULT_MAX_ROOMS,
             position_concurrency: DEFAULT_POSITION_CONCURRENCY,
+            position_slice: DEFAULT_POSITION_SLICE,
             presence_interval_ms: DEFAULT_PRESENCE_INTERVAL_MS,
             leave_batch: DEFAULT_LEAVE_BATCH,
             ws_ping_interval_ms: DEFAULT_WS_PING_INTERVAL_MS,

@@ -461,10 +461,26 @@ impl Rooms {
     }
 
     /// The slow cadence: an exact standing per fan connected here (bounded concurrency).
+    /// A round goes out in slices of `position_slice` fans spread over half the interval, not in
+    /// one burst: a burst to every socket lands on the same CPU as the shared tick and delays it.
     async fn send_positions(&self, room: &Room, view: &View, opens_at_ms: i64) {
         let fans: Vec<FanId> = lock(&room.waiters).by_fan.keys().cloned().collect();
+        let slice = self.cfg.position_slice.max(1);
+        let slices = u32::try_from(fans.len().div_ceil(slice))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let pause = ms(self.cfg.position_interval_ms / 2) / slices;
+        for (i, fans) in fans.chunks(slice).enumerate() {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            self.send_positions_to(room, fans, view, opens_at_ms).await;
+        }
+    }
+
+    async fn send_positions_to(&self, room: &Room, fans: &[FanId], view: &View, opens_at_ms: i64) {
         let drop = &room.drop;
-        let mut standings = futures::stream::iter(fans)
+        let mut standings = futures::stream::iter(fans.iter().cloned())
             .map(|fan| async move {
                 let s = self.queue.standing(drop, &fan).await;
                 (fan, s)

@@ -81,18 +81,25 @@ pub async fn serve(
 ) {
     let cfg = &rooms.queue.engine.cfg.queue;
     let (config, send_queue_len) = (ws_config(cfg), cfg.send_queue_len);
-    let upgraded = match hyper::upgrade::on(req).await {
+    // The two awaits before the loop are boxed: an async fn's state is as big as its biggest
+    // await, and this one lives as long as the socket. Inline, the join's Redis and Postgres
+    // futures made every waiting socket's task several KiB larger for its whole life.
+    let upgraded = match Box::pin(hyper::upgrade::on(req)).await {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(error = %e, "websocket upgrade failed");
             return;
         }
     };
-    let mut ws =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let mut ws = Box::pin(WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        Some(config),
+    ))
+    .await;
     metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).increment(1.0);
     let (tx, mut rx) = mpsc::channel::<Frame>(send_queue_len.max(4));
-    let conn = match first_messages(&rooms, &drop, &fan, &tx).await {
+    let conn = match Box::pin(first_messages(&rooms, &drop, &fan, &tx)).await {
         Ok(true) => rooms.enter(&drop, &fan, tx).ok(),
         Ok(false) => {
             std::mem::drop(tx);
@@ -126,9 +133,8 @@ pub async fn serve(
             }
             msg = rx.recv() => match msg {
                 Some(m) => {
-                    match tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::Text(m))).await {
-                        Ok(Ok(())) => {}
-                        _ => break,
+                    if !send_soon(&mut ws, Message::Text(m)).await {
+                        break;
                     }
                 }
                 None => {
@@ -156,6 +162,24 @@ pub async fn serve(
     }
     metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).decrement(1.0);
     std::mem::drop(permit);
+}
+
+/// Sends one message; false when the socket failed or stayed blocked for `SEND_TIMEOUT`. The
+/// timeout's timer is armed only when the write doesn't complete at once: a tick goes to every
+/// socket together, and a timer registered and cancelled per send would cost each tick 19,000
+/// trips through the runtime's timer wheel for sends that almost never block.
+async fn send_soon<S>(ws: &mut S, msg: Message) -> bool
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let send = ws.send(msg);
+    tokio::pin!(send);
+    match futures::poll!(&mut send) {
+        std::task::Poll::Ready(r) => r.is_ok(),
+        std::task::Poll::Pending => {
+            matches!(tokio::time::timeout(SEND_TIMEOUT, send).await, Ok(Ok(())))
+        }
+    }
 }
 
 /// Joins and queues what a new socket hears first; true when the fan waits (enters the room).
