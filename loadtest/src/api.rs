@@ -53,6 +53,60 @@ impl DropSpec {
     }
 }
 
+/// A drop behind the waiting room (`loadtest queue`): one GA SKU, admission settings given.
+#[derive(Debug, Clone)]
+pub struct QueueDropSpec {
+    pub name: String,
+    pub sku: String,
+    pub stock: u64,
+    pub per_fan_limit: u32,
+    pub admission: AdmissionSettings,
+}
+
+/// `admission` settings of a queue drop, as `POST /v1/drops` and
+/// `PUT /v1/drops/{drop_id}/admission` take them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdmissionSettings {
+    pub rate_per_s: f64,
+    pub burst: u64,
+    pub max_active: u64,
+    pub paused: bool,
+}
+
+impl AdmissionSettings {
+    /// The body of `PUT /v1/drops/{drop_id}/admission`.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "rate_per_s": self.rate_per_s,
+            "burst": self.burst,
+            "max_active": self.max_active,
+            "paused": self.paused,
+        })
+    }
+}
+
+impl QueueDropSpec {
+    pub fn body(&self) -> serde_json::Value {
+        let mut admission = self.admission.body();
+        admission["mode"] = "queue".into();
+        serde_json::json!({
+            "name": self.name,
+            "per_fan_limit": self.per_fan_limit,
+            "hold_ttl_s": 600,
+            "admission": admission,
+            "inventory": {
+                "kind": "ga",
+                "skus": [{
+                    "sku": self.sku,
+                    "name": "loadtest",
+                    "price_cents": 1000,
+                    "quantity": self.stock,
+                }],
+            },
+        })
+    }
+}
+
 /// The reserve request body: the same bytes for every request of a run.
 pub fn hold_body(sku: &str, quantity: u32) -> Bytes {
     let v = serde_json::json!({ "items": [{ "sku": sku, "quantity": quantity }] });
@@ -153,8 +207,47 @@ impl Setup {
         seller_key: &str,
         spec: &DropSpec,
     ) -> anyhow::Result<String> {
+        self.create_drop_from(seller_key, spec.body()).await
+    }
+
+    /// `POST /v1/drops` of a queue drop → its id.
+    pub async fn create_queue_drop(
+        &mut self,
+        seller_key: &str,
+        spec: &QueueDropSpec,
+    ) -> anyhow::Result<String> {
+        self.create_drop_from(seller_key, spec.body()).await
+    }
+
+    /// `PUT /v1/drops/{drop_id}/admission` with the ops key.
+    pub async fn put_admission(
+        &mut self,
+        ops_key: &str,
+        drop_id: &str,
+        settings: &AdmissionSettings,
+    ) -> anyhow::Result<()> {
+        let auth = bearer(ops_key)?;
+        let path = format!("/v1/drops/{}/admission", path_segment(drop_id));
+        let body = Bytes::from(settings.body().to_string());
+        let (status, bytes) = self
+            .call(Method::PUT, &path, Some(&auth), Some(body))
+            .await?;
+        if status != StatusCode::OK {
+            bail!(
+                "PUT {path} answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        Ok(())
+    }
+
+    async fn create_drop_from(
+        &mut self,
+        seller_key: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<String> {
         let auth = bearer(seller_key)?;
-        let body = Bytes::from(spec.body().to_string());
+        let body = Bytes::from(body.to_string());
         let (status, bytes) = self
             .call(Method::POST, "/v1/drops", Some(&auth), Some(body))
             .await?;
@@ -172,8 +265,8 @@ impl Setup {
             .with_context(|| format!("POST /v1/drops: no drop_id in {v}"))
     }
 
-    /// `POST /v1/fans/session` → `Bearer <fan_token>`.
-    pub async fn fan_session(&mut self, fan: &str) -> anyhow::Result<HeaderValue> {
+    /// `POST /v1/fans/session` → the fan token itself.
+    pub async fn fan_token(&mut self, fan: &str) -> anyhow::Result<String> {
         let body = Bytes::from(serde_json::json!({ "fan": fan }).to_string());
         let (status, bytes) = self
             .call(Method::POST, "/v1/fans/session", None, Some(body))
@@ -186,11 +279,10 @@ impl Setup {
         }
         let v: serde_json::Value =
             serde_json::from_slice(&bytes).context("POST /v1/fans/session: answer is not JSON")?;
-        let token = v
-            .get("fan_token")
+        v.get("fan_token")
             .and_then(|t| t.as_str())
-            .with_context(|| format!("POST /v1/fans/session: no fan_token in {v}"))?;
-        bearer(token)
+            .map(str::to_owned)
+            .with_context(|| format!("POST /v1/fans/session: no fan_token in {v}"))
     }
 
     /// `GET /v1/drops/{drop_id}` as JSON.
@@ -221,6 +313,22 @@ pub async fn create_fans(
     timeout: Duration,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Vec<HeaderValue>> {
+    create_fan_tokens(target, run_id, count, timeout, progress)
+        .await?
+        .iter()
+        .map(|t| bearer(t))
+        .collect()
+}
+
+/// Creates `count` fan sessions over [`SETUP_CONCURRENCY`] connections; returns their fan
+/// tokens in fan order.
+pub async fn create_fan_tokens(
+    target: &Target,
+    run_id: &str,
+    count: usize,
+    timeout: Duration,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Vec<String>> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..SETUP_CONCURRENCY.min(count) {
@@ -235,12 +343,12 @@ pub async fn create_fans(
                 if i >= count {
                     return Ok::<_, anyhow::Error>(made);
                 }
-                made.push((i, setup.fan_session(&fan_name(&run_id, i)).await?));
+                made.push((i, setup.fan_token(&fan_name(&run_id, i)).await?));
                 progress.inc(1);
             }
         });
     }
-    let mut tokens: Vec<Option<HeaderValue>> = vec![None; count];
+    let mut tokens: Vec<Option<String>> = vec![None; count];
     while let Some(joined) = tasks.join_next().await {
         for (i, token) in joined.context("fan session task panicked")?? {
             tokens[i] = Some(token);
@@ -273,6 +381,31 @@ mod tests {
         assert_eq!(v["inventory"]["skus"][0]["quantity"], 1_000_000);
         assert_eq!(v["per_fan_limit"], 1000);
         assert_eq!(v["hold_ttl_s"], 600);
+    }
+
+    #[test]
+    fn queue_drop_body_carries_the_admission_settings() {
+        let spec = QueueDropSpec {
+            name: "loadtest queue 1".into(),
+            sku: "LT".into(),
+            stock: 1_000_000,
+            per_fan_limit: 1,
+            admission: AdmissionSettings {
+                rate_per_s: 50.0,
+                burst: 50,
+                max_active: 1_000_000,
+                paused: true,
+            },
+        };
+        let v = spec.body();
+        assert_eq!(v["admission"]["mode"], "queue");
+        assert_eq!(v["admission"]["rate_per_s"], 50.0);
+        assert_eq!(v["admission"]["burst"], 50);
+        assert_eq!(v["admission"]["max_active"], 1_000_000);
+        assert_eq!(v["admission"]["paused"], true);
+        assert_eq!(v["per_fan_limit"], 1);
+        let put = spec.admission.body();
+        assert!(put.get("mode").is_none(), "mode can't be changed: {put}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Command line: one subcommand per scenario, every option also readable from the environment
 //! that `./dev up` writes to `.dev/env`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -17,6 +18,41 @@ pub const MAX_QUANTITY: u32 = 1000;
 pub const MAX_REQUEST_TIMEOUT_MS: u64 = 600_000;
 pub const MAX_THREADS: usize = 64;
 
+/// `loadtest queue`'s defaults and bounds. queue-server's own defaults it mirrors (tick, buffer
+/// sizes, send queue) are engine::config's `DEFAULT_QUEUE_*`; loadtest doesn't link the engine.
+pub const DEFAULT_QUEUE_FANS: usize = 2_000;
+pub const MAX_QUEUE_FANS: usize = 100_000;
+pub const DEFAULT_QUEUE_STOCK: u64 = 1_000_000;
+pub const DEFAULT_QUEUE_PER_FAN_LIMIT: u32 = 1;
+pub const DEFAULT_ADMIT_RATE_PER_S: f64 = 50.0;
+/// One second of admissions: a tick loop that stalls longer than burst / rate loses tokens.
+pub const DEFAULT_ADMIT_BURST: u64 = 50;
+pub const DEFAULT_MAX_ACTIVE: u64 = 1_000_000;
+/// Client processes, each with its share of the sockets (open files per process are limited).
+pub const DEFAULT_CLIENT_PROCS: usize = 4;
+pub const MAX_CLIENT_PROCS: usize = 100;
+/// Sockets per source address: far below the ~28,000 ephemeral ports of one address.
+pub const DEFAULT_SOCKETS_PER_ADDR: usize = 1_000;
+pub const MAX_SOCKETS_PER_ADDR: usize = 20_000;
+/// Sockets per client process between connect and first frame at once.
+pub const DEFAULT_CONNECT_CONCURRENCY: usize = 64;
+pub const MAX_CONNECT_CONCURRENCY: usize = 10_000;
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 30_000;
+/// The clients' tungstenite read buffer (allocated per socket up front; frames are < 1 KiB).
+pub const DEFAULT_CLIENT_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Largest frame a client (or the baseline server) accepts.
+pub const MAX_WS_MESSAGE_BYTES: usize = 64 * 1024;
+pub const DEFAULT_SETTLE_S: f64 = 3.0;
+pub const DEFAULT_STEADY_S: f64 = 20.0;
+pub const DEFAULT_ADMIT_WINDOW_S: f64 = 60.0;
+pub const DEFAULT_ADMIT_SETTLE_S: f64 = 2.0;
+/// queue-server's `queue.tick_ms` default; the baseline ticks at the same pace.
+pub const DEFAULT_TICK_MS: u64 = 100;
+/// queue-server's `queue.ws_read_buffer_bytes` / `ws_write_buffer_bytes` / `send_queue_len`.
+pub const DEFAULT_SERVER_WS_BUFFER_BYTES: usize = 4 * 1024;
+pub const DEFAULT_SERVER_SEND_QUEUE_LEN: usize = 16;
+pub const DEFAULT_BASELINE_THREADS: usize = 2;
+
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version, about = "Floodgate's load generator")]
 pub struct Cli {
@@ -29,6 +65,17 @@ pub enum Scenario {
     /// Fans reserve GA units of one drop through booking-api, open- or closed-loop; then optional
     /// confirms and releases; then the stock invariants are checked against the API and Postgres.
     Reserve(ReserveArgs),
+    /// The waiting room at scale: N WebSockets in one queue-server process, held by client
+    /// processes of loadtest; RSS per socket, tick delivery to the last socket, exact-position
+    /// rounds, admissions per minute against the set rate, and admission order — beside a
+    /// minimal tokio-tungstenite broadcast server measured the same way in the same run.
+    Queue(QueueArgs),
+    /// (internal) One client process of `queue`: JSON lines on stdin and stdout.
+    #[command(hide = true)]
+    QueueClients,
+    /// (internal) The baseline server of `queue`: broadcasts a tick frame to every socket.
+    #[command(hide = true)]
+    WsBaseline(WsBaselineArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -201,6 +248,231 @@ impl ReserveArgs {
     }
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct QueueArgs {
+    /// booking-api's base URL (drop, admission settings, fan sessions).
+    #[arg(long, env = "BOOKING_URL")]
+    pub booking_url: String,
+
+    /// queue-server's base URL; sockets go to `ws://…/v1/drops/{drop_id}/queue/ws`.
+    #[arg(long, env = "QUEUE_URL")]
+    pub queue_url: String,
+
+    /// Seller API key, to create the drop (not needed with --drop-id).
+    #[arg(long, env = "FLOODGATE_SELLER_KEY", hide_env_values = true)]
+    pub seller_key: Option<String>,
+
+    /// Ops API key: admission is paused while sockets connect and resumed for the admission
+    /// window (`PUT /v1/drops/{drop_id}/admission`).
+    #[arg(long, env = "FLOODGATE_OPS_KEY", hide_env_values = true)]
+    pub ops_key: String,
+
+    /// Use this queue drop (its admission settings are overwritten with the ones below, and
+    /// its line should be empty) instead of creating one.
+    #[arg(long, visible_alias = "drop")]
+    pub drop_id: Option<String>,
+
+    /// WebSockets to open: one fan each.
+    #[arg(long, default_value_t = DEFAULT_QUEUE_FANS)]
+    pub fans: usize,
+
+    /// Created drop: units of its one SKU (enough that stock never limits admission).
+    #[arg(long, default_value_t = DEFAULT_QUEUE_STOCK)]
+    pub stock: u64,
+
+    /// Created drop: units per fan (admission keeps Σ per_fan_limit of active fans ≤ stock).
+    #[arg(long, default_value_t = DEFAULT_QUEUE_PER_FAN_LIMIT)]
+    pub per_fan_limit: u32,
+
+    /// Admissions per second (`admission.rate_per_s`).
+    #[arg(long, default_value_t = DEFAULT_ADMIT_RATE_PER_S)]
+    pub rate_per_s: f64,
+
+    /// Token bucket size (`admission.burst`).
+    #[arg(long, default_value_t = DEFAULT_ADMIT_BURST)]
+    pub burst: u64,
+
+    /// Active shoppers at most (`admission.max_active`); the default never limits.
+    #[arg(long, default_value_t = DEFAULT_MAX_ACTIVE)]
+    pub max_active: u64,
+
+    /// Client processes sharing the sockets (1..=100); process k uses source addresses
+    /// 127.0.k.1, 127.0.k.2, … (the baseline's 127.0.(128+k).x).
+    #[arg(long, default_value_t = DEFAULT_CLIENT_PROCS)]
+    pub client_procs: usize,
+
+    /// Sockets per source address.
+    #[arg(long, default_value_t = DEFAULT_SOCKETS_PER_ADDR)]
+    pub sockets_per_addr: usize,
+
+    /// Per client process: sockets between connect and their first frame at once.
+    #[arg(long, default_value_t = DEFAULT_CONNECT_CONCURRENCY)]
+    pub connect_concurrency: usize,
+
+    /// A socket not open (handshake done, first frame in) after this long counts as failed.
+    #[arg(long, default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
+    pub connect_timeout_ms: u64,
+
+    /// The clients' WebSocket read buffer per socket.
+    #[arg(long, default_value_t = DEFAULT_CLIENT_READ_BUFFER_BYTES)]
+    pub client_read_buffer_bytes: usize,
+
+    /// Wait after the last socket opened before measuring.
+    #[arg(long, default_value_t = DEFAULT_SETTLE_S)]
+    pub settle_s: f64,
+
+    /// The steady phase: every socket open, admission paused; tick delivery and position rounds.
+    #[arg(long, default_value_t = DEFAULT_STEADY_S)]
+    pub steady_s: f64,
+
+    /// The admission window measured after admission resumes and the burst is spent.
+    #[arg(long, default_value_t = DEFAULT_ADMIT_WINDOW_S)]
+    pub admit_window_s: f64,
+
+    /// Wait after resuming admission, on top of burst / rate, before the window starts.
+    #[arg(long, default_value_t = DEFAULT_ADMIT_SETTLE_S)]
+    pub admit_settle_s: f64,
+
+    /// Skip the baseline (the minimal broadcast server; it costs a second round of connects).
+    #[arg(long)]
+    pub no_baseline: bool,
+
+    /// Where the baseline server listens.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub baseline_listen: SocketAddr,
+
+    /// The baseline's tick; set it to queue-server's `queue.tick_ms`.
+    #[arg(long, default_value_t = DEFAULT_TICK_MS)]
+    pub tick_ms: u64,
+
+    /// queue-server's pid, for its memory and CPU; found from the port it listens on if not given.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+
+    /// Redis, only to find its process and report its CPU share (optional).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Setup requests without an answer after this long fail the run.
+    #[arg(long, default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+
+    /// Exit 1 when a bar is missed (RSS per socket, tick delivery p99, admission rate, order).
+    #[arg(long)]
+    pub check: bool,
+
+    /// Also write the report as JSON to this path.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl QueueArgs {
+    /// Checks the bounds clap can't express; returns a message for the first one broken.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite_in = |v: f64, lo: f64, hi: f64| v.is_finite() && v >= lo && v <= hi;
+        if !(1..=MAX_QUEUE_FANS).contains(&self.fans) {
+            return Err(format!("--fans must be in 1..={MAX_QUEUE_FANS}"));
+        }
+        if !(1..=MAX_CLIENT_PROCS).contains(&self.client_procs) {
+            return Err(format!("--client-procs must be in 1..={MAX_CLIENT_PROCS}"));
+        }
+        if !(1..=MAX_SOCKETS_PER_ADDR).contains(&self.sockets_per_addr) {
+            return Err(format!(
+                "--sockets-per-addr must be in 1..={MAX_SOCKETS_PER_ADDR}"
+            ));
+        }
+        let per_proc = self.fans.div_ceil(self.client_procs);
+        if per_proc.div_ceil(self.sockets_per_addr) > crate::ws_clients::MAX_HOSTS_PER_NET {
+            return Err(format!(
+                "{per_proc} sockets per client process need more than {} source addresses: \
+                 raise --sockets-per-addr or --client-procs",
+                crate::ws_clients::MAX_HOSTS_PER_NET
+            ));
+        }
+        if !(1..=MAX_CONNECT_CONCURRENCY).contains(&self.connect_concurrency) {
+            return Err(format!(
+                "--connect-concurrency must be in 1..={MAX_CONNECT_CONCURRENCY}"
+            ));
+        }
+        if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&self.connect_timeout_ms) {
+            return Err(format!(
+                "--connect-timeout-ms must be in 1..={MAX_REQUEST_TIMEOUT_MS}"
+            ));
+        }
+        if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&self.request_timeout_ms) {
+            return Err(format!(
+                "--request-timeout-ms must be in 1..={MAX_REQUEST_TIMEOUT_MS}"
+            ));
+        }
+        if !(256..=MAX_WS_MESSAGE_BYTES).contains(&self.client_read_buffer_bytes) {
+            return Err(format!(
+                "--client-read-buffer-bytes must be in 256..={MAX_WS_MESSAGE_BYTES}"
+            ));
+        }
+        // booking-api's bounds on the admission settings (docs/API.md).
+        if !finite_in(self.rate_per_s, f64::MIN_POSITIVE, 100_000.0) {
+            return Err("--rate-per-s must be in (0, 100000]".into());
+        }
+        if !(1..=1_000_000).contains(&self.burst) {
+            return Err("--burst must be in 1..=1000000".into());
+        }
+        if !(1..=10_000_000).contains(&self.max_active) {
+            return Err("--max-active must be in 1..=10000000".into());
+        }
+        if self.stock == 0 || self.per_fan_limit == 0 {
+            return Err("--stock and --per-fan-limit must be at least 1".into());
+        }
+        for (name, v) in [
+            ("--settle-s", self.settle_s),
+            ("--admit-settle-s", self.admit_settle_s),
+        ] {
+            if !finite_in(v, 0.0, MAX_DURATION_S) {
+                return Err(format!("{name} must be in [0, {MAX_DURATION_S}]"));
+            }
+        }
+        for (name, v) in [
+            ("--steady-s", self.steady_s),
+            ("--admit-window-s", self.admit_window_s),
+        ] {
+            if !finite_in(v, 1.0, MAX_DURATION_S) {
+                return Err(format!("{name} must be in [1, {MAX_DURATION_S}]"));
+            }
+        }
+        if !(10..=60_000).contains(&self.tick_ms) {
+            return Err("--tick-ms must be in 10..=60000".into());
+        }
+        if self.drop_id.is_none() && self.seller_key.is_none() {
+            return Err(
+                "creating a drop needs --seller-key (or FLOODGATE_SELLER_KEY); or pass --drop-id"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WsBaselineArgs {
+    #[arg(long)]
+    pub listen: SocketAddr,
+    #[arg(long, default_value_t = DEFAULT_TICK_MS)]
+    pub tick_ms: u64,
+    #[arg(long, default_value_t = DEFAULT_SERVER_WS_BUFFER_BYTES)]
+    pub read_buffer_bytes: usize,
+    #[arg(long, default_value_t = DEFAULT_SERVER_WS_BUFFER_BYTES)]
+    pub write_buffer_bytes: usize,
+    /// Frames a socket may fall behind before it skips ahead.
+    #[arg(long, default_value_t = DEFAULT_SERVER_SEND_QUEUE_LEN)]
+    pub send_queue_len: usize,
+    /// Runtime threads: queue-server's `#[tokio::main]` runs one per CPU.
+    #[arg(long, default_value_t = DEFAULT_BASELINE_THREADS)]
+    pub threads: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,7 +494,58 @@ mod tests {
             .scenario
         {
             Scenario::Reserve(a) => a,
+            other => panic!("not reserve: {other:?}"),
         }
+    }
+
+    fn parse_queue(extra: &[&str]) -> QueueArgs {
+        let mut argv = vec![
+            "loadtest",
+            "queue",
+            "--booking-url",
+            "http://127.0.0.1:8080",
+            "--queue-url",
+            "http://127.0.0.1:8081",
+            "--seller-key",
+            "k",
+            "--ops-key",
+            "o",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)
+            .expect("valid command line")
+            .scenario
+        {
+            Scenario::Queue(a) => a,
+            other => panic!("not queue: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn queue_defaults_are_valid_and_bounded() {
+        let a = parse_queue(&[]);
+        assert_eq!(a.fans, DEFAULT_QUEUE_FANS);
+        assert_eq!(a.rate_per_s, DEFAULT_ADMIT_RATE_PER_S);
+        assert_eq!(a.client_procs, DEFAULT_CLIENT_PROCS);
+        assert_eq!(a.validate(), Ok(()));
+        assert_eq!(parse_queue(&["--fans", "19000"]).validate(), Ok(()));
+        assert!(parse_queue(&["--fans", "0"]).validate().is_err());
+        assert!(parse_queue(&["--rate-per-s", "0"]).validate().is_err());
+        // 19,000 sockets in one process at 10 per address would need 1,900 addresses.
+        assert!(parse_queue(&[
+            "--fans",
+            "19000",
+            "--client-procs",
+            "1",
+            "--sockets-per-addr",
+            "10"
+        ])
+        .validate()
+        .is_err());
+        assert_eq!(
+            parse_queue(&["--drop", "d1"]).drop_id.as_deref(),
+            Some("d1")
+        );
     }
 
     #[test]

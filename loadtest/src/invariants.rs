@@ -62,7 +62,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: impl Into<String>, pass: bool, detail: impl Into<String>) -> Self {
+    pub fn new(name: impl Into<String>, pass: bool, detail: impl Into<String>) -> Self {
         let verdict = if pass { Verdict::Pass } else { Verdict::Fail };
         Self {
             name: name.into(),
@@ -71,7 +71,7 @@ impl Check {
         }
     }
 
-    fn skipped(name: impl Into<String>, why: impl Into<String>) -> Self {
+    pub fn skipped(name: impl Into<String>, why: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             verdict: Verdict::Skipped,

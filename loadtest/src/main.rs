@@ -1,9 +1,11 @@
 //! `loadtest` — Floodgate's load generator. It drives a running booking-api the way fans would,
 //! measures it honestly (open-loop arrivals, latency from the due time, HdrHistogram), and at
 //! the end checks that no unit was lost or sold twice, against the API and against Postgres.
+//! `loadtest queue` holds thousands of waiting-room WebSockets open against queue-server and
+//! measures memory per socket, tick delivery and admission accuracy.
 //!
-//! Exit code: 0 when every invariant holds, 1 when one is violated (or couldn't be checked),
-//! 2 on a usage or setup error.
+//! Exit code: 0 when every invariant holds, 1 when one is violated (or couldn't be checked; for
+//! `queue`, a bar missed with `--check`), 2 on a usage or setup error.
 //!
 //! # Layout
 //! - `cli` — the command line and its bounds.
@@ -14,15 +16,25 @@
 //! - `stats` — per-worker histograms and counts, merged at the end.
 //! - `invariants` — the end-of-run checks, pure over sample data, plus the Postgres sums.
 //! - `report` — the report, as text and JSON.
+//! - `queue` — the waiting-room scenario: setup, phases, the client processes it drives.
+//! - `ws_clients` — a client process of `queue`: its share of the sockets, aggregated per tick.
+//! - `ws_baseline` — the minimal tokio-tungstenite broadcast server `queue` compares against.
+//! - `queue_report` — the waiting room's figures from the clients' reports, its bars, its report.
+//! - `procfs` — memory, CPU, load and listening sockets from /proc.
 
 mod api;
 mod cli;
 mod http;
 mod invariants;
 mod load;
+mod procfs;
+mod queue;
+mod queue_report;
 mod report;
 mod schedule;
 mod stats;
+mod ws_baseline;
+mod ws_clients;
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -49,7 +61,30 @@ const PROGRESS_TICK: Duration = Duration::from_millis(200);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Scenario::Reserve(args) = cli.scenario;
+    let args = match cli.scenario {
+        Scenario::Reserve(args) => args,
+        Scenario::Queue(args) => {
+            if let Err(msg) = args.validate() {
+                eprintln!("loadtest: {msg}");
+                return ExitCode::from(2);
+            }
+            return block_on(current_thread(), queue::run(args));
+        }
+        Scenario::QueueClients => {
+            return block_on(current_thread(), async {
+                ws_clients::run().await.map(|()| true)
+            })
+        }
+        Scenario::WsBaseline(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(args.threads.clamp(1, cli::MAX_THREADS))
+                .enable_all()
+                .build();
+            return block_on(runtime, async {
+                ws_baseline::run(args).await.map(|()| true)
+            });
+        }
+    };
     if let Err(msg) = args.validate() {
         eprintln!("loadtest: {msg}");
         return ExitCode::from(2);
@@ -64,6 +99,20 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
     };
+    block_on(runtime, reserve(args))
+}
+
+fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Runs a scenario to its exit code: 0 passed, 1 failed, 2 a usage or setup error.
+fn block_on(
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    scenario: impl std::future::Future<Output = anyhow::Result<bool>>,
+) -> ExitCode {
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
@@ -71,7 +120,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(reserve(args)) {
+    match runtime.block_on(scenario) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {

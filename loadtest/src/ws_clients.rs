@@ -1,0 +1,699 @@
+//! The waiting room's sockets, opened by child processes of loadtest (`loadtest queue-clients`,
+//! hidden): one process holds only its share, so no process runs into the open-file limit, and
+//! its sockets leave from its own source addresses `127.0.<net>.<host>`, so no address runs out
+//! of ephemeral ports and the server's per-address join limit sees many clients.
+//!
+//! Protocol with the parent, JSON lines: the parent writes one [`ClientsInit`] on stdin, then
+//! `stop` (or closes stdin) when the run is over; the child writes [`ChildLine`]s on stdout:
+//! `progress` every [`PROGRESS_EVERY`], `connected` once every socket has been tried, and one
+//! `report` after `stop`, with what the sockets saw aggregated per tick, per position round and
+//! per admission — small, whatever the number of sockets.
+//!
+//! Times are wall-clock microseconds since the epoch, taken as each frame comes out of the
+//! socket: ticks carry `at_ms`, the Redis `TIME` of their admission run, and Redis runs on the
+//! same machine, so `receive − at_ms` is the tick's delivery time (to the nearest millisecond
+//! below: `at_ms` is truncated, so a delay can read up to 1 ms long).
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt as _;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// How often a child tells the parent how far it got.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// After `stop`, how long sockets get to finish before the report is written anyway.
+pub const STOP_DRAIN: Duration = Duration::from_secs(5);
+/// Distinct ticks / position rounds a child remembers (ten ticks a second for almost three
+/// hours); more are counted in `dropped_records`, never kept without bound.
+pub const MAX_TICKS_TRACKED: usize = 100_000;
+pub const MAX_ROUNDS_TRACKED: usize = 10_000;
+/// Host numbers of `127.0.<net>.<host>`: 1..=254.
+pub const MAX_HOSTS_PER_NET: usize = 254;
+/// Open files a child needs beyond its sockets (stdio, epoll, eventfd, ...).
+pub const SPARE_FILES: u64 = 64;
+
+/// What the parent asks of one child.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientsInit {
+    /// Where the sockets connect.
+    pub target: SocketAddr,
+    /// `ws://host:port/path`, without a query.
+    pub url: String,
+    /// One fan token per socket, sent as `?fan_token=`; empty: `count` sockets without one.
+    pub tokens: Vec<String>,
+    pub count: usize,
+    /// The run-wide index of this child's first socket (fan), so reports name fans globally.
+    pub first_fan: usize,
+    /// Third octet of the source addresses: `127.0.<source_net>.<host>`.
+    pub source_net: u8,
+    /// Sockets per source address (hosts 1, 2, ... each take this many in turn).
+    pub sockets_per_addr: usize,
+    pub read_buffer_bytes: usize,
+    /// Sockets between connect and first frame at once.
+    pub connect_concurrency: usize,
+    /// Connect + handshake + first frame must take less than this.
+    pub connect_timeout_ms: u64,
+}
+
+impl ClientsInit {
+    pub fn source_addr(&self, socket: usize) -> Ipv4Addr {
+        let host = 1 + socket / self.sockets_per_addr.max(1);
+        // validate() keeps host ≤ 254.
+        Ipv4Addr::new(127, 0, self.source_net, host.min(MAX_HOSTS_PER_NET) as u8)
+    }
+
+    pub fn source_addrs(&self) -> usize {
+        self.count.div_ceil(self.sockets_per_addr.max(1))
+    }
+
+    fn url_of(&self, socket: usize) -> String {
+        match self.tokens.get(socket) {
+            Some(token) => format!("{}?fan_token={token}", self.url),
+            None => self.url.clone(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.tokens.is_empty() && self.tokens.len() != self.count {
+            return Err(format!(
+                "{} tokens for {} sockets",
+                self.tokens.len(),
+                self.count
+            ));
+        }
+        if self.sockets_per_addr == 0 || self.connect_concurrency == 0 {
+            return Err("sockets_per_addr and connect_concurrency must be at least 1".into());
+        }
+        if self.source_addrs() > MAX_HOSTS_PER_NET {
+            return Err(format!(
+                "{} sockets at {} per address need {} addresses; one child has {MAX_HOSTS_PER_NET}",
+                self.count,
+                self.sockets_per_addr,
+                self.source_addrs()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Running counts, sent with every progress line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Sockets that completed the handshake and got their first frame.
+    pub opened: u64,
+    /// Sockets that didn't (see the report's `failures`).
+    pub failed: u64,
+    /// Sockets open now.
+    pub open: u64,
+    pub frames: u64,
+    pub admitted: u64,
+}
+
+/// One stdout line of a child.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ChildLine {
+    Progress(Counts),
+    /// Every socket has been tried (opened or failed).
+    Connected(Counts),
+    Report(Box<ChildReport>),
+}
+
+/// One tick as this child's sockets saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TickSeen {
+    pub at_ms: i64,
+    pub admitted_total: Option<i64>,
+    /// Sockets that received it.
+    pub sockets: u64,
+    pub first_us: i64,
+    pub last_us: i64,
+    /// The frame's size.
+    pub bytes: usize,
+}
+
+/// One slow-cadence round of exact `position` messages: every socket's position that came
+/// after the same tick (queue-server sends a round right after a tick's broadcast, and a
+/// socket's frames arrive in order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundSeen {
+    /// `at_ms` of the tick the round followed; None for positions before any tick.
+    pub after_tick_ms: Option<i64>,
+    pub sockets: u64,
+    pub first_us: i64,
+    pub last_us: i64,
+}
+
+/// One `admitted` message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdmittedSeen {
+    /// The run-wide socket (fan) index.
+    pub fan: usize,
+    /// The place in the admission token's claims.
+    pub place: Option<i64>,
+    /// The place this socket's `position` messages gave.
+    pub place_seen: Option<i64>,
+    /// `at_ms` of the last tick this socket received before it: the fan was admitted by the
+    /// tick after that one (queue-server tells admitted fans before it broadcasts the tick).
+    pub after_tick_ms: Option<i64>,
+    pub at_us: i64,
+}
+
+/// What one child saw, written once after `stop`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChildReport {
+    pub counts: Counts,
+    /// Sockets that never opened, by why (`connect`, `handshake`, `http_429`, `timeout`, ...).
+    pub failures: BTreeMap<String, u64>,
+    /// Open sockets the server closed (admitted fans' sockets are closed after the message).
+    pub closed_by_server: u64,
+    pub read_errors: u64,
+    pub frames_by_type: BTreeMap<String, u64>,
+    /// Frames that weren't the JSON the protocol describes.
+    pub bad_frames: u64,
+    pub ticks: Vec<TickSeen>,
+    pub rounds: Vec<RoundSeen>,
+    pub admitted: Vec<AdmittedSeen>,
+    /// Ticks or rounds beyond [`MAX_TICKS_TRACKED`] / [`MAX_ROUNDS_TRACKED`], not recorded.
+    pub dropped_records: u64,
+}
+
+/// The fields loadtest reads from a server frame; the rest are ignored.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    at_ms: Option<i64>,
+    admitted_total: Option<i64>,
+    place: Option<i64>,
+    #[serde(borrow)]
+    admission_token: Option<Cow<'a, str>>,
+}
+
+/// The `place` claim of an admission token `v1.<base64url claims>.<base64url mac>`.
+pub fn token_place(token: &str) -> Option<i64> {
+    let claims = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims)
+        .ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()?
+        .get("place")?
+        .as_i64()
+}
+
+pub fn wall_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// What one socket remembers between frames.
+#[derive(Debug, Default)]
+struct SocketState {
+    last_tick_ms: Option<i64>,
+    place: Option<i64>,
+    positions: u64,
+}
+
+/// The child's aggregates, shared by its sockets (one runtime thread: the lock never waits).
+#[derive(Debug, Default)]
+struct Agg {
+    ticks: HashMap<i64, TickSeen>,
+    rounds: HashMap<Option<i64>, RoundSeen>,
+    admitted: Vec<AdmittedSeen>,
+    frames_by_type: BTreeMap<String, u64>,
+    failures: BTreeMap<String, u64>,
+    bad_frames: u64,
+    dropped_records: u64,
+    closed_by_server: u64,
+    read_errors: u64,
+    /// Every socket gets the same tick frame: parse it once.
+    last_tick: Option<(String, i64, Option<i64>)>,
+}
+
+impl Agg {
+    fn count_type(&mut self, kind: &str) {
+        match self.frames_by_type.get_mut(kind) {
+            Some(n) => *n += 1,
+            None => {
+                self.frames_by_type.insert(kind.to_owned(), 1);
+            }
+        }
+    }
+
+    fn tick(&mut self, at_ms: i64, admitted_total: Option<i64>, bytes: usize, now_us: i64) {
+        self.count_type("tick");
+        if let Some(t) = self.ticks.get_mut(&at_ms) {
+            t.sockets += 1;
+            t.first_us = t.first_us.min(now_us);
+            t.last_us = t.last_us.max(now_us);
+            return;
+        }
+        if self.ticks.len() >= MAX_TICKS_TRACKED {
+            self.dropped_records += 1;
+            return;
+        }
+        self.ticks.insert(
+            at_ms,
+            TickSeen {
+                at_ms,
+                admitted_total,
+                sockets: 1,
+                first_us: now_us,
+                last_us: now_us,
+                bytes,
+            },
+        );
+    }
+
+    fn round(&mut self, after_tick_ms: Option<i64>, now_us: i64) {
+        if let Some(r) = self.rounds.get_mut(&after_tick_ms) {
+            r.sockets += 1;
+            r.first_us = r.first_us.min(now_us);
+            r.last_us = r.last_us.max(now_us);
+            return;
+        }
+        if self.rounds.len() >= MAX_ROUNDS_TRACKED {
+            self.dropped_records += 1;
+            return;
+        }
+        self.rounds.insert(
+            after_tick_ms,
+            RoundSeen {
+                after_tick_ms,
+                sockets: 1,
+                first_us: now_us,
+                last_us: now_us,
+            },
+        );
+    }
+
+    /// Books one text frame of socket `fan`.
+    fn frame(&mut self, fan: usize, sock: &mut SocketState, text: &str, now_us: i64) {
+        if let Some((last, at_ms, admitted_total)) = &self.last_tick {
+            if last == text {
+                let (at_ms, admitted_total) = (*at_ms, *admitted_total);
+                sock.last_tick_ms = Some(at_ms);
+                self.tick(at_ms, admitted_total, text.len(), now_us);
+                return;
+            }
+        }
+        let Ok(f) = serde_json::from_str::<Frame<'_>>(text) else {
+            self.bad_frames += 1;
+            return;
+        };
+        match f.kind.as_ref() {
+            "tick" => {
+                let Some(at_ms) = f.at_ms else {
+                    self.bad_frames += 1;
+                    return;
+                };
+                sock.last_tick_ms = Some(at_ms);
+                self.last_tick = Some((text.to_owned(), at_ms, f.admitted_total));
+                self.tick(at_ms, f.admitted_total, text.len(), now_us);
+            }
+            "position" => {
+                self.count_type("position");
+                // The first position is the one every socket gets on connect, not a round.
+                if sock.positions > 0 {
+                    self.round(sock.last_tick_ms, now_us);
+                }
+                sock.positions += 1;
+                sock.place = f.place.or(sock.place);
+            }
+            "admitted" => {
+                self.count_type("admitted");
+                self.admitted.push(AdmittedSeen {
+                    fan,
+                    place: f.admission_token.as_deref().and_then(token_place),
+                    place_seen: sock.place,
+                    after_tick_ms: sock.last_tick_ms,
+                    at_us: now_us,
+                });
+            }
+            other => self.count_type(other),
+        }
+    }
+}
+
+struct Shared {
+    init: ClientsInit,
+    ws_config: WebSocketConfig,
+    agg: Mutex<Agg>,
+    opened: AtomicU64,
+    failed: AtomicU64,
+    open: AtomicU64,
+    frames: AtomicU64,
+    admitted: AtomicU64,
+    /// Socket tasks still running.
+    live: AtomicU64,
+}
+
+impl Shared {
+    fn agg(&self) -> std::sync::MutexGuard<'_, Agg> {
+        // A panicking socket task leaves plain counters behind: still usable.
+        self.agg.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn counts(&self) -> Counts {
+        Counts {
+            opened: self.opened.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            open: self.open.load(Ordering::Relaxed),
+            frames: self.frames.load(Ordering::Relaxed),
+            admitted: self.admitted.load(Ordering::Relaxed),
+        }
+    }
+
+    fn fail(&self, why: &str) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        *self.agg().failures.entry(why.to_owned()).or_default() += 1;
+    }
+}
+
+/// Counts a socket task as live until dropped.
+struct Live(Arc<Shared>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn emit(line: &ChildLine) {
+    // The parent reads every line; if it is gone there is nobody left to tell.
+    if let Ok(json) = serde_json::to_string(line) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{json}");
+        let _ = out.flush();
+    }
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Binds to the socket's source address, connects, and does the WebSocket handshake.
+async fn open(shared: &Shared, socket: usize) -> Result<Ws, String> {
+    let init = &shared.init;
+    let tcp = TcpSocket::new_v4().map_err(|_| "socket".to_owned())?;
+    let src = SocketAddrV4::new(init.source_addr(socket), 0);
+    tcp.bind(src.into()).map_err(|_| "bind".to_owned())?;
+    let stream = tcp
+        .connect(init.target)
+        .await
+        .map_err(|_| "connect".to_owned())?;
+    let _ = stream.set_nodelay(true);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        init.url_of(socket),
+        stream,
+        Some(shared.ws_config),
+    )
+    .await
+    .map_err(|e| match e {
+        tungstenite::Error::Http(resp) => format!("http_{}", resp.status().as_u16()),
+        _ => "handshake".to_owned(),
+    })?;
+    Ok(ws)
+}
+
+/// One socket: open it (holding a connect permit until its first frame), then book every frame
+/// until the server closes it or the run stops.
+async fn socket(
+    shared: Arc<Shared>,
+    socket: usize,
+    permit: OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _live = Live(shared.clone());
+    let fan = shared.init.first_fan + socket;
+    let timeout = Duration::from_millis(shared.init.connect_timeout_ms);
+    let first = async {
+        let mut ws = open(&shared, socket).await?;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => Ok((ws, t, wall_us())),
+            Some(Ok(_)) => Err("first_frame_not_text".to_owned()),
+            None | Some(Err(_)) => Err("closed_before_first_frame".to_owned()),
+        }
+    };
+    let (mut ws, text, at_us) = tokio::select! {
+        r = tokio::time::timeout(timeout, first) => match r {
+            Ok(Ok(x)) => x,
+            Ok(Err(why)) => return shared.fail(&why),
+            Err(_) => return shared.fail("timeout"),
+        },
+        _ = stop.changed() => return,
+    };
+    drop(permit);
+    shared.opened.fetch_add(1, Ordering::Relaxed);
+    shared.open.fetch_add(1, Ordering::Relaxed);
+    let mut state = SocketState::default();
+    let book = |text: &str, at_us: i64, state: &mut SocketState| {
+        shared.frames.fetch_add(1, Ordering::Relaxed);
+        let mut agg = shared.agg();
+        let admitted_before = agg.admitted.len();
+        agg.frame(fan, state, text, at_us);
+        if agg.admitted.len() > admitted_before {
+            shared.admitted.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    book(&text, at_us, &mut state);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) => book(&t, wall_us(), &mut state),
+                Some(Ok(Message::Close(_))) | None => {
+                    shared.agg().closed_by_server += 1;
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) => {
+                    shared.agg().read_errors += 1;
+                    break;
+                }
+            },
+        }
+    }
+    shared.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Starts every socket, at most `connect_concurrency` between connect and first frame.
+async fn connect_all(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let permits = Arc::new(Semaphore::new(shared.init.connect_concurrency));
+    for i in 0..shared.init.count {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
+        };
+        shared.live.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(socket(shared.clone(), i, permit, stop.clone()));
+    }
+}
+
+async fn report_progress(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let mut told_connected = false;
+    loop {
+        tick.tick().await;
+        let counts = shared.counts();
+        emit(&ChildLine::Progress(counts));
+        if !told_connected && counts.opened + counts.failed >= shared.init.count as u64 {
+            told_connected = true;
+            emit(&ChildLine::Connected(counts));
+        }
+    }
+}
+
+/// `loadtest queue-clients`: reads its [`ClientsInit`], opens the sockets, reports, and on
+/// `stop` closes them and writes its [`ChildReport`].
+pub async fn run() -> anyhow::Result<()> {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let first = lines
+        .next_line()
+        .await
+        .context("reading the init line")?
+        .context("stdin closed before the init line")?;
+    let init: ClientsInit = serde_json::from_str(&first).context("parsing the init line")?;
+    if let Err(msg) = init.validate() {
+        bail!("{msg}");
+    }
+    if let Some(limit) = crate::procfs::open_files_limit() {
+        if init.count as u64 + SPARE_FILES > limit {
+            bail!(
+                "{} sockets need {} open files, the limit is {limit}: use more client processes",
+                init.count,
+                init.count as u64 + SPARE_FILES
+            );
+        }
+    }
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(init.read_buffer_bytes)
+        .write_buffer_size(0)
+        .max_message_size(Some(crate::cli::MAX_WS_MESSAGE_BYTES))
+        .max_frame_size(Some(crate::cli::MAX_WS_MESSAGE_BYTES));
+    let shared = Arc::new(Shared {
+        init,
+        ws_config,
+        agg: Mutex::new(Agg::default()),
+        opened: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        open: AtomicU64::new(0),
+        frames: AtomicU64::new(0),
+        admitted: AtomicU64::new(0),
+        live: AtomicU64::new(0),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let connector = tokio::spawn(connect_all(shared.clone(), stop_rx));
+    let progress = tokio::spawn(report_progress(shared.clone()));
+
+    loop {
+        match lines.next_line().await {
+            Ok(Some(line)) if line.trim() == "stop" => break,
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let _ = stop_tx.send(true);
+    connector.abort();
+    let drained = tokio::time::Instant::now() + STOP_DRAIN;
+    while shared.live.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < drained {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    progress.abort();
+
+    let counts = shared.counts();
+    let mut agg = std::mem::take(&mut *shared.agg());
+    let mut ticks: Vec<TickSeen> = agg.ticks.drain().map(|(_, t)| t).collect();
+    ticks.sort_by_key(|t| t.at_ms);
+    let mut rounds: Vec<RoundSeen> = agg.rounds.drain().map(|(_, r)| r).collect();
+    rounds.sort_by_key(|r| r.after_tick_ms);
+    emit(&ChildLine::Report(Box::new(ChildReport {
+        counts,
+        failures: agg.failures,
+        closed_by_server: agg.closed_by_server,
+        read_errors: agg.read_errors,
+        frames_by_type: agg.frames_by_type,
+        bad_frames: agg.bad_frames,
+        ticks,
+        rounds,
+        admitted: agg.admitted,
+        dropped_records: agg.dropped_records,
+    })));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init(count: usize, per_addr: usize) -> ClientsInit {
+        ClientsInit {
+            target: "127.0.0.1:1".parse().unwrap(),
+            url: "ws://127.0.0.1:1/ws".into(),
+            tokens: Vec::new(),
+            count,
+            first_fan: 0,
+            source_net: 3,
+            sockets_per_addr: per_addr,
+            read_buffer_bytes: 4096,
+            connect_concurrency: 8,
+            connect_timeout_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn sockets_spread_over_source_addresses() {
+        let i = init(2500, 1000);
+        assert_eq!(i.source_addr(0), Ipv4Addr::new(127, 0, 3, 1));
+        assert_eq!(i.source_addr(999), Ipv4Addr::new(127, 0, 3, 1));
+        assert_eq!(i.source_addr(1000), Ipv4Addr::new(127, 0, 3, 2));
+        assert_eq!(i.source_addr(2499), Ipv4Addr::new(127, 0, 3, 3));
+        assert_eq!(i.source_addrs(), 3);
+        assert!(i.validate().is_ok());
+        assert!(init(255 * 10, 10).validate().is_err());
+    }
+
+    #[test]
+    fn urls_carry_the_fan_token() {
+        let mut i = init(2, 10);
+        assert_eq!(i.url_of(1), "ws://127.0.0.1:1/ws");
+        i.tokens = vec!["a".into(), "b".into()];
+        assert_eq!(i.url_of(1), "ws://127.0.0.1:1/ws?fan_token=b");
+        i.tokens.pop();
+        assert!(i.validate().is_err());
+    }
+
+    #[test]
+    fn token_place_reads_the_claims() {
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+            br#"{"drop":"d","fan":"f","place":4503599627370497,"iat":1,"exp":2,"jti":"j"}"#,
+        );
+        assert_eq!(
+            token_place(&format!("v1.{claims}.sig")),
+            Some(4_503_599_627_370_497)
+        );
+        assert_eq!(token_place("v1.!!.sig"), None);
+        assert_eq!(token_place("nonsense"), None);
+    }
+
+    #[test]
+    fn frames_are_booked_per_tick_round_and_admission() {
+        let mut agg = Agg::default();
+        let (mut a, mut b) = (SocketState::default(), SocketState::default());
+        let pos = r#"{"type":"position","place":4503599627370500,"ahead":3,"admitted_total":0}"#;
+        agg.frame(0, &mut a, pos, 10);
+        agg.frame(1, &mut b, pos, 11);
+        let tick = r#"{"admitted_total":0,"at_ms":1000,"type":"tick","waiting":5,"watermark":0}"#;
+        agg.frame(0, &mut a, tick, 1_000_100);
+        agg.frame(1, &mut b, tick, 1_000_300);
+        // A round of positions after that tick.
+        agg.frame(0, &mut a, pos, 1_000_500);
+        agg.frame(1, &mut b, pos, 1_000_900);
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"place":4503599627370500}"#);
+        let admitted = format!(r#"{{"type":"admitted","admission_token":"v1.{claims}.x"}}"#);
+        agg.frame(0, &mut a, &admitted, 1_100_000);
+        agg.frame(1, &mut b, "not json", 1_100_001);
+
+        let t = &agg.ticks[&1000];
+        assert_eq!(
+            (t.sockets, t.first_us, t.last_us, t.admitted_total),
+            (2, 1_000_100, 1_000_300, Some(0))
+        );
+        assert_eq!(agg.rounds.len(), 1);
+        let r = &agg.rounds[&Some(1000)];
+        assert_eq!(
+            (r.sockets, r.first_us, r.last_us),
+            (2, 1_000_500, 1_000_900)
+        );
+        assert_eq!(
+            agg.admitted,
+            vec![AdmittedSeen {
+                fan: 0,
+                place: Some(4_503_599_627_370_500),
+                place_seen: Some(4_503_599_627_370_500),
+                after_tick_ms: Some(1000),
+                at_us: 1_100_000,
+            }]
+        );
+        assert_eq!(agg.frames_by_type["tick"], 2);
+        assert_eq!(agg.frames_by_type["position"], 4);
+        assert_eq!(agg.bad_frames, 1);
+    }
+}
