@@ -641,7 +641,7 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<bool> {
         &ticks,
         args.steady_s,
     );
-    let rounds = report::merge_rounds(&reports);
+    let rounds = report::merge_rounds(&reports, ws_clients::ROUND_GAP.as_micros() as i64);
     let admitted: Vec<_> = reports
         .iter()
         .flat_map(|r| r.admitted.iter().cloned())
@@ -685,7 +685,7 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<bool> {
         },
         queue: queue_phase,
         baseline,
-        positions: report::position_rounds(&rounds, steady.from_ms, steady.to_ms),
+        positions: report::position_rounds(&rounds, &ticks, steady.from_ms, steady.to_ms),
         admitting: report::delivery(&ticks, resumed_ms, admitting_to_ms),
         admission: report::admission(
             &ticks,

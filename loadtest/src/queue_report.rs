@@ -55,34 +55,32 @@ pub fn merge_ticks(reports: &[ChildReport]) -> Vec<MergedTick> {
 /// One round of exact positions, merged over every client process.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MergedRound {
-    /// `at_ms` of the tick the round followed.
-    pub after_tick_ms: i64,
-    pub sockets: u64,
+    pub positions: u64,
     pub first_us: i64,
     pub last_us: i64,
 }
 
-pub fn merge_rounds(reports: &[ChildReport]) -> Vec<MergedRound> {
-    let mut by_tick: BTreeMap<i64, MergedRound> = BTreeMap::new();
-    for r in reports.iter().flat_map(|r| &r.rounds) {
-        let Some(after) = r.after_tick_ms else {
-            continue;
-        };
-        by_tick
-            .entry(after)
-            .and_modify(|m| {
-                m.sockets += r.sockets;
-                m.first_us = m.first_us.min(r.first_us);
-                m.last_us = m.last_us.max(r.last_us);
-            })
-            .or_insert(MergedRound {
-                after_tick_ms: after,
-                sockets: r.sockets,
-                first_us: r.first_us,
-                last_us: r.last_us,
-            });
+/// The children's bursts of positions, merged where they overlap or lie within `gap_us` of each
+/// other (each child hears every round; the merged round spans all of them).
+pub fn merge_rounds(reports: &[ChildReport], gap_us: i64) -> Vec<MergedRound> {
+    let mut bursts: Vec<&crate::ws_clients::RoundSeen> =
+        reports.iter().flat_map(|r| &r.rounds).collect();
+    bursts.sort_by_key(|r| r.first_us);
+    let mut out: Vec<MergedRound> = Vec::new();
+    for b in bursts {
+        match out.last_mut() {
+            Some(m) if b.first_us <= m.last_us + gap_us => {
+                m.positions += b.positions;
+                m.last_us = m.last_us.max(b.last_us);
+            }
+            _ => out.push(MergedRound {
+                positions: b.positions,
+                first_us: b.first_us,
+                last_us: b.last_us,
+            }),
+        }
     }
-    by_tick.into_values().collect()
+    out
 }
 
 fn record_us(h: &mut hdrhistogram::Histogram<u64>, us: i64) {
@@ -138,31 +136,48 @@ pub fn delivery(ticks: &[MergedTick], from_ms: i64, to_ms: i64) -> Delivery {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Rounds {
     pub rounds: u64,
-    pub sockets_min: u64,
-    pub sockets_max: u64,
-    /// From the `at_ms` of the tick a round followed to the last socket getting its position.
+    /// Fewest and most positions in one round: one per socket, so more than the sockets means
+    /// rounds ran into each other with no silence between them.
+    pub positions_min: u64,
+    pub positions_max: u64,
+    /// From the `at_ms` of the last tick before a round's first position to its last position.
     pub to_last: Percentiles,
     /// From the first socket getting its position to the last.
     pub spread: Percentiles,
+    /// Between consecutive rounds' first positions: the cadence as it ran.
+    pub interval: Percentiles,
 }
 
-/// Rounds that followed a tick with `at_ms` in `[from_ms, to_ms)`.
-pub fn position_rounds(rounds: &[MergedRound], from_ms: i64, to_ms: i64) -> Rounds {
+/// Rounds whose first position came in `[from_ms, to_ms)`.
+pub fn position_rounds(
+    rounds: &[MergedRound],
+    ticks: &[MergedTick],
+    from_ms: i64,
+    to_ms: i64,
+) -> Rounds {
     let window: Vec<&MergedRound> = rounds
         .iter()
-        .filter(|r| (from_ms..to_ms).contains(&r.after_tick_ms))
+        .filter(|r| (from_ms * 1000..to_ms * 1000).contains(&r.first_us))
         .collect();
-    let (mut to_last, mut spread) = (new_histogram(), new_histogram());
+    let (mut to_last, mut spread, mut interval) =
+        (new_histogram(), new_histogram(), new_histogram());
     for r in &window {
-        record_us(&mut to_last, r.last_us - r.after_tick_ms * 1000);
+        let before = ticks.partition_point(|t| t.at_ms * 1000 <= r.first_us);
+        if let Some(t) = before.checked_sub(1).map(|i| &ticks[i]) {
+            record_us(&mut to_last, r.last_us - t.at_ms * 1000);
+        }
         record_us(&mut spread, r.last_us - r.first_us);
+    }
+    for pair in window.windows(2) {
+        record_us(&mut interval, pair[1].first_us - pair[0].first_us);
     }
     Rounds {
         rounds: window.len() as u64,
-        sockets_min: window.iter().map(|r| r.sockets).min().unwrap_or(0),
-        sockets_max: window.iter().map(|r| r.sockets).max().unwrap_or(0),
+        positions_min: window.iter().map(|r| r.positions).min().unwrap_or(0),
+        positions_max: window.iter().map(|r| r.positions).max().unwrap_or(0),
         to_last: Percentiles::of(&to_last),
         spread: Percentiles::of(&spread),
+        interval: Percentiles::of(&interval),
     }
 }
 
@@ -643,17 +658,18 @@ pub fn render_text(r: &QueueReport) -> String {
     let p = &r.positions;
     let _ = writeln!(
         out,
-        "\nposition rounds (steady phase): {} rounds to {}–{} sockets",
-        p.rounds, p.sockets_min, p.sockets_max
+        "\nposition rounds (steady phase): {} rounds of {}–{} positions",
+        p.rounds, p.positions_min, p.positions_max
     );
     delivery_header(&mut out);
+    delivery_row(&mut out, "tick before → last socket", p.rounds, &p.to_last);
+    delivery_row(&mut out, "first → last socket", p.rounds, &p.spread);
     delivery_row(
         &mut out,
-        "preceding tick's at_ms → last",
-        p.rounds,
-        &p.to_last,
+        "round interval",
+        p.rounds.saturating_sub(1),
+        &p.interval,
     );
-    delivery_row(&mut out, "first → last socket", p.rounds, &p.spread);
     let d = &r.admitting;
     let _ = writeln!(
         out,
@@ -763,30 +779,36 @@ mod tests {
     }
 
     #[test]
-    fn rounds_are_timed_from_the_tick_they_follow() {
-        let round = |after_tick_ms, sockets, first_us, last_us| RoundSeen {
-            after_tick_ms,
-            sockets,
-            first_us,
-            last_us,
+    fn rounds_merge_across_children_and_are_timed_from_the_tick_before() {
+        let burst = |positions, first_ms: i64, last_ms: i64| RoundSeen {
+            positions,
+            first_us: first_ms * 1000,
+            last_us: last_ms * 1000,
         };
         let a = ChildReport {
-            rounds: vec![
-                round(Some(1000), 3, 1_010_000, 1_300_000),
-                round(None, 1, 1, 1),
-            ],
+            rounds: vec![burst(3, 1010, 1300), burst(3, 3010, 3200)],
             ..ChildReport::default()
         };
         let b = ChildReport {
-            rounds: vec![round(Some(1000), 2, 1_005_000, 1_400_000)],
+            rounds: vec![burst(2, 1005, 1400), burst(2, 3020, 3100)],
             ..ChildReport::default()
         };
-        let merged = merge_rounds(&[a, b]);
-        assert_eq!(merged.len(), 1);
-        let r = position_rounds(&merged, 0, 5000);
-        assert_eq!((r.rounds, r.sockets_min), (1, 5));
+        let rounds = merge_rounds(&[a, b], 300_000);
+        assert_eq!(
+            rounds
+                .iter()
+                .map(|m| (m.positions, m.first_us, m.last_us))
+                .collect::<Vec<_>>(),
+            [(5, 1_005_000, 1_400_000), (5, 3_010_000, 3_200_000)]
+        );
+        let ticks = vec![merged(900, 0), merged(1000, 0), merged(3000, 0)];
+        let r = position_rounds(&rounds, &ticks, 0, 5000);
+        assert_eq!((r.rounds, r.positions_min, r.positions_max), (2, 5, 5));
+        // Round one: from the tick at 1000 to 1400; round two: from 3000 to 3200.
         assert!((r.to_last.max_ms - 400.0).abs() < 0.5, "{r:?}");
         assert!((r.spread.max_ms - 395.0).abs() < 0.5, "{r:?}");
+        assert!((r.interval.max_ms - 2005.0).abs() < 2.0, "{r:?}");
+        assert_eq!(position_rounds(&rounds, &ticks, 2000, 5000).rounds, 1);
     }
 
     fn merged(at_ms: i64, total: i64) -> MergedTick {

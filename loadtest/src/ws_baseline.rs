@@ -34,10 +34,12 @@ const MAX_WRITE_BUFFER_BYTES: usize = 64 * 1024;
 pub fn tick_frame(n: i64, waiting: i64, at_ms: i64) -> String {
     json!({
         "type": "tick",
+        "state": "open",
         "watermark": POST_OPEN_BASE + n,
         "admitted_total": n,
         "waiting": waiting,
         "admit_rate_per_s": 50.0,
+        "configured_rate_per_s": 50.0,
         "at_ms": at_ms,
     })
     .to_string()

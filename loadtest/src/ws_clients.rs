@@ -9,6 +9,11 @@
 //! `report` after `stop`, with what the sockets saw aggregated per tick, per position round and
 //! per admission — small, whatever the number of sockets.
 //!
+//! A round of exact `position` messages is found by time: queue-server sends one round at a
+//! time, every `queue.position_interval_ms`, one message per waiter, so a child's position
+//! receive times come in bursts; a silence longer than [`ROUND_GAP`] ends one. (A round can't be
+//! named by the tick before it: rounds run beside the ticks and span many of them.)
+//!
 //! Times are wall-clock microseconds since the epoch, taken as each frame comes out of the
 //! socket: ticks carry `at_ms`, the Redis `TIME` of their admission run, and Redis runs on the
 //! same machine, so `receive − at_ms` is the tick's delivery time (to the nearest millisecond
@@ -37,10 +42,15 @@ use tokio_tungstenite::WebSocketStream;
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// After `stop`, how long sockets get to finish before the report is written anyway.
 pub const STOP_DRAIN: Duration = Duration::from_secs(5);
-/// Distinct ticks / position rounds a child remembers (ten ticks a second for almost three
-/// hours); more are counted in `dropped_records`, never kept without bound.
+/// Distinct ticks a child remembers (ten a second for almost three hours), and position receive
+/// times (twenty rounds to 200,000 sockets); more are counted in `dropped_records`, never kept
+/// without bound.
 pub const MAX_TICKS_TRACKED: usize = 100_000;
-pub const MAX_ROUNDS_TRACKED: usize = 10_000;
+pub const MAX_POSITIONS_TRACKED: usize = 4_000_000;
+/// A silence this long between two positions ends a round. Rounds start
+/// `queue.position_interval_ms` (2 s) apart; inside one, a child's thousands of sockets hear
+/// their positions well under a millisecond apart.
+pub const ROUND_GAP: Duration = Duration::from_millis(300);
 /// Host numbers of `127.0.<net>.<host>`: 1..=254.
 pub const MAX_HOSTS_PER_NET: usize = 254;
 /// Open files a child needs beyond its sockets (stdio, epoll, eventfd, ...).
@@ -146,16 +156,33 @@ pub struct TickSeen {
     pub bytes: usize,
 }
 
-/// One slow-cadence round of exact `position` messages: every socket's position that came
-/// after the same tick (queue-server sends a round right after a tick's broadcast, and a
-/// socket's frames arrive in order).
+/// One slow-cadence round of exact `position` messages, as one child's sockets heard it: a
+/// burst of positions with no silence longer than [`ROUND_GAP`] inside.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundSeen {
-    /// `at_ms` of the tick the round followed; None for positions before any tick.
-    pub after_tick_ms: Option<i64>,
-    pub sockets: u64,
+    /// Positions received (one per socket, unless rounds ran into each other).
+    pub positions: u64,
     pub first_us: i64,
     pub last_us: i64,
+}
+
+/// Splits sorted receive times into rounds at every silence longer than `gap_us`.
+pub fn rounds_of(sorted_us: &[i64], gap_us: i64) -> Vec<RoundSeen> {
+    let mut out: Vec<RoundSeen> = Vec::new();
+    for &t in sorted_us {
+        match out.last_mut() {
+            Some(r) if t - r.last_us <= gap_us => {
+                r.positions += 1;
+                r.last_us = t;
+            }
+            _ => out.push(RoundSeen {
+                positions: 1,
+                first_us: t,
+                last_us: t,
+            }),
+        }
+    }
+    out
 }
 
 /// One `admitted` message.
@@ -188,7 +215,7 @@ pub struct ChildReport {
     pub ticks: Vec<TickSeen>,
     pub rounds: Vec<RoundSeen>,
     pub admitted: Vec<AdmittedSeen>,
-    /// Ticks or rounds beyond [`MAX_TICKS_TRACKED`] / [`MAX_ROUNDS_TRACKED`], not recorded.
+    /// Ticks or positions beyond [`MAX_TICKS_TRACKED`] / [`MAX_POSITIONS_TRACKED`], not recorded.
     pub dropped_records: u64,
 }
 
@@ -235,7 +262,8 @@ struct SocketState {
 #[derive(Debug, Default)]
 struct Agg {
     ticks: HashMap<i64, TickSeen>,
-    rounds: HashMap<Option<i64>, RoundSeen>,
+    /// Receive times of every position but each socket's first (the one on connect).
+    positions_us: Vec<i64>,
     admitted: Vec<AdmittedSeen>,
     frames_by_type: BTreeMap<String, u64>,
     failures: BTreeMap<String, u64>,
@@ -282,26 +310,12 @@ impl Agg {
         );
     }
 
-    fn round(&mut self, after_tick_ms: Option<i64>, now_us: i64) {
-        if let Some(r) = self.rounds.get_mut(&after_tick_ms) {
-            r.sockets += 1;
-            r.first_us = r.first_us.min(now_us);
-            r.last_us = r.last_us.max(now_us);
-            return;
-        }
-        if self.rounds.len() >= MAX_ROUNDS_TRACKED {
+    fn position(&mut self, now_us: i64) {
+        if self.positions_us.len() >= MAX_POSITIONS_TRACKED {
             self.dropped_records += 1;
             return;
         }
-        self.rounds.insert(
-            after_tick_ms,
-            RoundSeen {
-                after_tick_ms,
-                sockets: 1,
-                first_us: now_us,
-                last_us: now_us,
-            },
-        );
+        self.positions_us.push(now_us);
     }
 
     /// Books one text frame of socket `fan`.
@@ -332,7 +346,7 @@ impl Agg {
                 self.count_type("position");
                 // The first position is the one every socket gets on connect, not a round.
                 if sock.positions > 0 {
-                    self.round(sock.last_tick_ms, now_us);
+                    self.position(now_us);
                 }
                 sock.positions += 1;
                 sock.place = f.place.or(sock.place);
@@ -581,8 +595,8 @@ pub async fn run() -> anyhow::Result<()> {
     let mut agg = std::mem::take(&mut *shared.agg());
     let mut ticks: Vec<TickSeen> = agg.ticks.drain().map(|(_, t)| t).collect();
     ticks.sort_by_key(|t| t.at_ms);
-    let mut rounds: Vec<RoundSeen> = agg.rounds.drain().map(|(_, r)| r).collect();
-    rounds.sort_by_key(|r| r.after_tick_ms);
+    agg.positions_us.sort_unstable();
+    let rounds = rounds_of(&agg.positions_us, ROUND_GAP.as_micros() as i64);
     emit(&ChildLine::Report(Box::new(ChildReport {
         counts,
         failures: agg.failures,
@@ -653,6 +667,18 @@ mod tests {
     }
 
     #[test]
+    fn rounds_split_at_silences() {
+        let r = rounds_of(&[10, 20, 25, 400, 410, 1000], 100);
+        assert_eq!(
+            r.iter()
+                .map(|r| (r.positions, r.first_us, r.last_us))
+                .collect::<Vec<_>>(),
+            [(3, 10, 25), (2, 400, 410), (1, 1000, 1000)]
+        );
+        assert!(rounds_of(&[], 100).is_empty());
+    }
+
+    #[test]
     fn frames_are_booked_per_tick_round_and_admission() {
         let mut agg = Agg::default();
         let (mut a, mut b) = (SocketState::default(), SocketState::default());
@@ -676,12 +702,7 @@ mod tests {
             (t.sockets, t.first_us, t.last_us, t.admitted_total),
             (2, 1_000_100, 1_000_300, Some(0))
         );
-        assert_eq!(agg.rounds.len(), 1);
-        let r = &agg.rounds[&Some(1000)];
-        assert_eq!(
-            (r.sockets, r.first_us, r.last_us),
-            (2, 1_000_500, 1_000_900)
-        );
+        assert_eq!(agg.positions_us, vec![1_000_500, 1_000_900]);
         assert_eq!(
             agg.admitted,
             vec![AdmittedSeen {
