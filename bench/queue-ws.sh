@@ -17,6 +17,8 @@
 #   OUT_DIR              report, logs, machine state, copies of the binaries run
 #                                                   [$CARGO_TARGET_DIR/bench/queue-ws-<timestamp>]
 #   SKIP_BUILD=1         use the release binaries already built
+#   BIN_DIR              take loadtest, queue-server, booking-api and devstack from this directory
+#                        (no build): pin one build for a series of runs
 #   QUEUE_ENV            extra environment for queue-server, e.g. "FLOODGATE_QUEUE__TICK_MS=200"
 #                        (pass the same --tick-ms to loadtest so the baseline ticks alike)
 #
@@ -56,15 +58,18 @@ if [[ ${1:-} != --inner ]]; then
     OUT_DIR=${OUT_DIR:-$TARGET_DIR/bench/queue-ws-$(date +%Y%m%d-%H%M%S)}
     mkdir -p "$OUT_DIR/bin"
     OUT_DIR=$(cd "$OUT_DIR" && pwd)
-    if [[ -z ${SKIP_BUILD:-} ]]; then
+    FROM=${BIN_DIR:-$TARGET_DIR/release}
+    if [[ -z ${SKIP_BUILD:-} && -z ${BIN_DIR:-} ]]; then
         echo "queue-ws: building release binaries" >&2
         cargo build --release -p floodgate-loadtest -p floodgate-queue-server \
             -p floodgate-booking-api -p floodgate-devstack >&2
     fi
     for bin in loadtest queue-server booking-api devstack; do
-        [[ -x $TARGET_DIR/release/$bin ]] || die "$TARGET_DIR/release/$bin is missing (build, or unset SKIP_BUILD)"
-        cp "$TARGET_DIR/release/$bin" "$OUT_DIR/bin/"
+        [[ -x $FROM/$bin ]] || die "$FROM/$bin is missing (build, or unset SKIP_BUILD / BIN_DIR)"
+        cp "$FROM/$bin" "$OUT_DIR/bin/"
     done
+    "$OUT_DIR/bin/loadtest" queue --help >/dev/null 2>&1 ||
+        die "$FROM/loadtest has no queue scenario (a build from another checkout replaced it?)"
     git log -1 --format='%H %s' > "$OUT_DIR/commit.txt" 2>/dev/null || true
 
     # One open file per socket in queue-server; the client processes split theirs.
