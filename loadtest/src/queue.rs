@@ -282,6 +282,9 @@ struct Opening {
     connect_s: f64,
     rss_before_kib: u64,
     rss_open_kib: u64,
+    /// Sockets open when `rss_open_kib` was read (the server may have closed some since they
+    /// opened).
+    open_at_rss: u64,
 }
 
 async fn open_sockets(args: &QueueArgs, spec: &PhaseSpec<'_>) -> anyhow::Result<Opened> {
@@ -310,12 +313,14 @@ async fn open_sockets(args: &QueueArgs, spec: &PhaseSpec<'_>) -> anyhow::Result<
     );
     tokio::time::sleep(Duration::from_secs_f64(args.settle_s)).await;
     let rss_open_kib = procfs::vm_rss_kib(spec.pid)?;
+    let open_at_rss = clients.counts().open;
     Ok(Opened {
         clients,
         took: Opening {
             connect_s,
             rss_before_kib,
             rss_open_kib,
+            open_at_rss,
         },
     })
 }
@@ -351,6 +356,8 @@ struct Steady {
     from_ms: i64,
     to_ms: i64,
     rss_end_kib: u64,
+    /// Sockets open at the end.
+    open_at_end: u64,
     cpu: Cpu,
 }
 
@@ -383,6 +390,7 @@ async fn steady_phase(
         from_ms,
         to_ms,
         rss_end_kib: procfs::vm_rss_kib(spec.pid).unwrap_or(0),
+        open_at_end: clients.counts().open,
         cpu,
     }
 }
@@ -415,6 +423,8 @@ fn server_phase(
         rss_before_kib: took.rss_before_kib,
         rss_open_kib: took.rss_open_kib,
         rss_end_kib: steady.rss_end_kib,
+        open_at_rss: took.open_at_rss,
+        open_at_end: steady.open_at_end,
         rss_per_socket_kib: report::per_socket_kib(
             took.rss_before_kib,
             took.rss_open_kib,

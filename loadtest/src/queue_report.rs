@@ -334,6 +334,12 @@ pub struct ServerPhase {
     pub rss_before_kib: u64,
     pub rss_open_kib: u64,
     pub rss_end_kib: u64,
+    /// Sockets open (as the client processes last reported, ≤ 0.5 s before) when the "all open"
+    /// RSS was read, and at the end of the steady phase: fewer than `opened` means the server
+    /// closed sockets (dropped as slow clients, most likely), and the RSS figures are not per
+    /// open socket any more.
+    pub open_at_rss: u64,
+    pub open_at_end: u64,
     /// (RSS with every socket open − before) / sockets opened.
     pub rss_per_socket_kib: f64,
     /// The same at the end of the steady phase (write buffers and queues have been used).
@@ -428,17 +434,28 @@ pub struct QueueReport {
 /// The bars, as checks.
 pub fn checks(r: &QueueReport) -> Vec<Check> {
     let q = &r.queue;
+    let n = q.sockets as u64;
     let mut out = vec![Check::new(
-        "every socket open",
-        q.opened == q.sockets as u64,
+        "every socket open through the steady phase",
+        q.opened == n && q.open_at_rss == n && q.open_at_end == n,
         format!(
-            "{} of {} opened{}",
+            "{} of {} opened{}; {} open at the RSS reading, {} at the end of the steady phase{}",
             q.opened,
             q.sockets,
             if q.failures.is_empty() {
                 String::new()
             } else {
                 format!(" (failed: {})", counts_line(&q.failures))
+            },
+            q.open_at_rss,
+            q.open_at_end,
+            if q.open_at_end < q.opened {
+                format!(
+                    "; the server closed {} (see floodgate_queue_slow_clients_dropped_total)",
+                    q.opened - q.open_at_end
+                )
+            } else {
+                String::new()
             }
         ),
     )];
@@ -541,7 +558,8 @@ fn delivery_row(out: &mut String, label: &str, n: u64, p: &Percentiles) {
 fn phase_lines(out: &mut String, p: &ServerPhase) {
     let _ = writeln!(
         out,
-        "\n{} (pid {}): {} of {} sockets open in {:.1} s{}",
+        "\n{} (pid {}): {} of {} sockets open in {:.1} s{}; open at the RSS reading {}, \
+         at the end of the steady phase {}",
         p.server,
         p.pid,
         p.opened,
@@ -551,7 +569,9 @@ fn phase_lines(out: &mut String, p: &ServerPhase) {
             String::new()
         } else {
             format!("; failed: {}", counts_line(&p.failures))
-        }
+        },
+        p.open_at_rss,
+        p.open_at_end
     );
     let mib = |kib: u64| kib as f64 / 1024.0;
     let _ = writeln!(
