@@ -469,12 +469,14 @@ pub fn checks(r: &QueueReport) -> Vec<Check> {
         ),
     ));
     let d = &q.steady;
+    // A tick counts only if it reached every socket: a fast tick to the few sockets the server
+    // kept is no figure for N.
     out.push(Check::new(
-        format!("tick to the last socket, p99 ≤ {BAR_TICK_TO_LAST_MS} ms"),
-        d.ticks > 0 && d.to_last.p99_ms <= BAR_TICK_TO_LAST_MS,
+        format!("tick to the last of all sockets, p99 ≤ {BAR_TICK_TO_LAST_MS} ms"),
+        d.ticks > 0 && d.sockets_min == n && d.to_last.p99_ms <= BAR_TICK_TO_LAST_MS,
         format!(
-            "p99 {:.1} ms, max {:.1} ms over {} ticks to {}–{} sockets",
-            d.to_last.p99_ms, d.to_last.max_ms, d.ticks, d.sockets_min, d.sockets_max
+            "p99 {:.1} ms, max {:.1} ms over {} ticks to {}–{} of {} sockets",
+            d.to_last.p99_ms, d.to_last.max_ms, d.ticks, d.sockets_min, d.sockets_max, n
         ),
     ));
     out.push(match &r.admission {
