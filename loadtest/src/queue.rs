@@ -695,7 +695,14 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<bool> {
         },
         queue: queue_phase,
         baseline,
-        positions: report::position_rounds(&rounds, &ticks, steady.from_ms, steady.to_ms),
+        positions: report::position_rounds(
+            &rounds,
+            &ticks,
+            steady.from_ms,
+            steady.to_ms,
+            steady.open_at_end,
+            report::positions_per_s(&reports, steady.from_ms, steady.to_ms),
+        ),
         admitting: report::delivery(&ticks, resumed_ms, admitting_to_ms),
         admission: report::admission(
             &ticks,

@@ -146,18 +146,46 @@ pub struct Rounds {
     pub spread: Percentiles,
     /// Between consecutive rounds' first positions: the cadence as it ran.
     pub interval: Percentiles,
+    /// Positions received per second over the window, whatever the rounds: with rounds back to
+    /// back, a round over N sockets takes N / this.
+    pub positions_per_s: f64,
+    /// Some round held more positions than there were sockets: rounds ran into each other with
+    /// no silence between them (a round took longer than `queue.position_interval_ms`), and the
+    /// per-round figures describe runs of rounds, not rounds.
+    pub back_to_back: bool,
 }
 
-/// Rounds whose first position came in `[from_ms, to_ms)`.
+/// Positions per second summed over the children's per-second counts in `[from_ms, to_ms)`
+/// (whole seconds: the window is cut to the seconds it covers entirely).
+pub fn positions_per_s(reports: &[ChildReport], from_ms: i64, to_ms: i64) -> f64 {
+    let (from_s, to_s) = (
+        from_ms.div_euclid(1000) + 1,
+        to_ms.div_euclid(1000), // exclusive
+    );
+    if to_s <= from_s {
+        return 0.0;
+    }
+    let n: u64 = reports
+        .iter()
+        .flat_map(|r| r.positions_per_s.range(from_s..to_s))
+        .map(|(_, n)| n)
+        .sum();
+    n as f64 / (to_s - from_s) as f64
+}
+
+/// Rounds that overlap `[from_ms, to_ms)`; `sockets` tells a round from rounds run together;
+/// `positions_per_s` from [`positions_per_s`].
 pub fn position_rounds(
     rounds: &[MergedRound],
     ticks: &[MergedTick],
     from_ms: i64,
     to_ms: i64,
+    sockets: u64,
+    positions_per_s: f64,
 ) -> Rounds {
     let window: Vec<&MergedRound> = rounds
         .iter()
-        .filter(|r| (from_ms * 1000..to_ms * 1000).contains(&r.first_us))
+        .filter(|r| r.first_us < to_ms * 1000 && r.last_us >= from_ms * 1000)
         .collect();
     let (mut to_last, mut spread, mut interval) =
         (new_histogram(), new_histogram(), new_histogram());
@@ -171,13 +199,16 @@ pub fn position_rounds(
     for pair in window.windows(2) {
         record_us(&mut interval, pair[1].first_us - pair[0].first_us);
     }
+    let positions_max = window.iter().map(|r| r.positions).max().unwrap_or(0);
     Rounds {
         rounds: window.len() as u64,
         positions_min: window.iter().map(|r| r.positions).min().unwrap_or(0),
-        positions_max: window.iter().map(|r| r.positions).max().unwrap_or(0),
+        positions_max,
         to_last: Percentiles::of(&to_last),
         spread: Percentiles::of(&spread),
         interval: Percentiles::of(&interval),
+        positions_per_s,
+        back_to_back: positions_max > sockets,
     }
 }
 
@@ -692,6 +723,23 @@ pub fn render_text(r: &QueueReport) -> String {
         p.rounds.saturating_sub(1),
         &p.interval,
     );
+    let _ = writeln!(
+        out,
+        "  throughput  {:.0} positions/s: one round over {} sockets takes ≈ {:.2} s{}",
+        p.positions_per_s,
+        r.queue.open_at_end,
+        if p.positions_per_s > 0.0 {
+            r.queue.open_at_end as f64 / p.positions_per_s
+        } else {
+            0.0
+        },
+        if p.back_to_back {
+            "; rounds ran back to back (no silence between them): the rows above are runs \
+             of rounds"
+        } else {
+            ""
+        }
+    );
     let d = &r.admitting;
     let _ = writeln!(
         out,
@@ -824,13 +872,36 @@ mod tests {
             [(5, 1_005_000, 1_400_000), (5, 3_010_000, 3_200_000)]
         );
         let ticks = vec![merged(900, 0), merged(1000, 0), merged(3000, 0)];
-        let r = position_rounds(&rounds, &ticks, 0, 5000);
+        let r = position_rounds(&rounds, &ticks, 0, 5000, 5, 0.0);
         assert_eq!((r.rounds, r.positions_min, r.positions_max), (2, 5, 5));
+        assert!(!r.back_to_back);
+        assert!(position_rounds(&rounds, &ticks, 0, 5000, 4, 0.0).back_to_back);
         // Round one: from the tick at 1000 to 1400; round two: from 3000 to 3200.
         assert!((r.to_last.max_ms - 400.0).abs() < 0.5, "{r:?}");
         assert!((r.spread.max_ms - 395.0).abs() < 0.5, "{r:?}");
         assert!((r.interval.max_ms - 2005.0).abs() < 2.0, "{r:?}");
-        assert_eq!(position_rounds(&rounds, &ticks, 2000, 5000).rounds, 1);
+        // A round that began before the window and ends in it counts.
+        assert_eq!(
+            position_rounds(&rounds, &ticks, 1200, 5000, 5, 0.0).rounds,
+            2
+        );
+        assert_eq!(
+            position_rounds(&rounds, &ticks, 2000, 5000, 5, 0.0).rounds,
+            1
+        );
+    }
+
+    #[test]
+    fn position_throughput_counts_whole_seconds() {
+        let per_s = |pairs: &[(i64, u64)]| ChildReport {
+            positions_per_s: pairs.iter().copied().collect(),
+            ..ChildReport::default()
+        };
+        let a = per_s(&[(10, 100), (11, 200), (12, 300), (13, 400)]);
+        let b = per_s(&[(11, 50), (12, 50)]);
+        // [10.5 s, 13.0 s): whole seconds 11 and 12.
+        assert!((positions_per_s(&[a, b], 10_500, 13_000) - 300.0).abs() < 1e-9);
+        assert_eq!(positions_per_s(&[], 10_500, 11_000), 0.0);
     }
 
     fn merged(at_ms: i64, total: i64) -> MergedTick {

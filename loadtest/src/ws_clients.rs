@@ -214,6 +214,9 @@ pub struct ChildReport {
     pub bad_frames: u64,
     pub ticks: Vec<TickSeen>,
     pub rounds: Vec<RoundSeen>,
+    /// Positions (after each socket's first) received per wall-clock second (Unix seconds):
+    /// the slow cadence's throughput, also when rounds run back to back with no silence.
+    pub positions_per_s: BTreeMap<i64, u64>,
     pub admitted: Vec<AdmittedSeen>,
     /// Ticks or positions beyond [`MAX_TICKS_TRACKED`] / [`MAX_POSITIONS_TRACKED`], not recorded.
     pub dropped_records: u64,
@@ -597,6 +600,10 @@ pub async fn run() -> anyhow::Result<()> {
     ticks.sort_by_key(|t| t.at_ms);
     agg.positions_us.sort_unstable();
     let rounds = rounds_of(&agg.positions_us, ROUND_GAP.as_micros() as i64);
+    let mut positions_per_s = BTreeMap::new();
+    for t in &agg.positions_us {
+        *positions_per_s.entry(t.div_euclid(1_000_000)).or_insert(0) += 1;
+    }
     emit(&ChildLine::Report(Box::new(ChildReport {
         counts,
         failures: agg.failures,
@@ -606,6 +613,7 @@ pub async fn run() -> anyhow::Result<()> {
         bad_frames: agg.bad_frames,
         ticks,
         rounds,
+        positions_per_s,
         admitted: agg.admitted,
         dropped_records: agg.dropped_records,
     })));
