@@ -214,9 +214,11 @@ pub struct ChildReport {
     pub bad_frames: u64,
     pub ticks: Vec<TickSeen>,
     pub rounds: Vec<RoundSeen>,
-    /// Positions (after each socket's first) received per wall-clock second (Unix seconds):
-    /// the slow cadence's throughput, also when rounds run back to back with no silence.
-    pub positions_per_s: BTreeMap<i64, u64>,
+    /// (Unix second, positions received in it), after each socket's first, in time order: the
+    /// slow cadence's throughput, also when rounds run back to back with no silence. (Pairs, not
+    /// a map: JSON map keys are strings, and the tagged [`ChildLine`] can't read them back as
+    /// numbers.)
+    pub positions_per_s: Vec<(i64, u64)>,
     pub admitted: Vec<AdmittedSeen>,
     /// Ticks or positions beyond [`MAX_TICKS_TRACKED`] / [`MAX_POSITIONS_TRACKED`], not recorded.
     pub dropped_records: u64,
@@ -600,9 +602,13 @@ pub async fn run() -> anyhow::Result<()> {
     ticks.sort_by_key(|t| t.at_ms);
     agg.positions_us.sort_unstable();
     let rounds = rounds_of(&agg.positions_us, ROUND_GAP.as_micros() as i64);
-    let mut positions_per_s = BTreeMap::new();
+    let mut positions_per_s: Vec<(i64, u64)> = Vec::new();
     for t in &agg.positions_us {
-        *positions_per_s.entry(t.div_euclid(1_000_000)).or_insert(0) += 1;
+        let second = t.div_euclid(1_000_000);
+        match positions_per_s.last_mut() {
+            Some((s, n)) if *s == second => *n += 1,
+            _ => positions_per_s.push((second, 1)),
+        }
     }
     emit(&ChildLine::Report(Box::new(ChildReport {
         counts,
@@ -672,6 +678,56 @@ mod tests {
         );
         assert_eq!(token_place("v1.!!.sig"), None);
         assert_eq!(token_place("nonsense"), None);
+    }
+
+    #[test]
+    fn child_lines_survive_the_pipe() {
+        let report = ChildReport {
+            counts: Counts {
+                opened: 3,
+                ..Counts::default()
+            },
+            failures: [("http_429".to_owned(), 2)].into_iter().collect(),
+            ticks: vec![TickSeen {
+                at_ms: 1_795_451_409_000,
+                admitted_total: Some(5),
+                sockets: 3,
+                first_us: 1,
+                last_us: 2,
+                bytes: 155,
+            }],
+            rounds: rounds_of(&[10, 20], 100),
+            positions_per_s: vec![(1_795_451_408, 7), (1_795_451_409, 9)],
+            admitted: vec![AdmittedSeen {
+                fan: 4,
+                place: Some(1 << 52),
+                place_seen: None,
+                after_tick_ms: Some(1_795_451_409_000),
+                at_us: 3,
+            }],
+            ..ChildReport::default()
+        };
+        for line in [
+            ChildLine::Progress(report.counts),
+            ChildLine::Connected(report.counts),
+            ChildLine::Report(Box::new(report.clone())),
+        ] {
+            let json = serde_json::to_string(&line).unwrap();
+            assert!(!json.contains('\n'), "one line: {json}");
+            let back: ChildLine = serde_json::from_str(&json).unwrap();
+            match (line, back) {
+                (ChildLine::Report(a), ChildLine::Report(b)) => {
+                    assert_eq!(a.ticks, b.ticks);
+                    assert_eq!(a.rounds, b.rounds);
+                    assert_eq!(a.positions_per_s, b.positions_per_s);
+                    assert_eq!(a.admitted, b.admitted);
+                    assert_eq!(a.failures, b.failures);
+                }
+                (ChildLine::Progress(a), ChildLine::Progress(b))
+                | (ChildLine::Connected(a), ChildLine::Connected(b)) => assert_eq!(a, b),
+                _ => panic!("the line changed kind"),
+            }
+        }
     }
 
     #[test]
