@@ -19,8 +19,9 @@
 #   SKIP_BUILD=1         use the release binaries already built
 #   BIN_DIR              take loadtest, queue-server, booking-api and devstack from this directory
 #                        (no build): pin one build for a series of runs
-#   QUEUE_ENV            extra environment for queue-server, e.g. "FLOODGATE_QUEUE__TICK_MS=200"
-#                        (pass the same --tick-ms to loadtest so the baseline ticks alike)
+#   QUEUE_ENV            extra environment for queue-server, e.g.
+#                        "FLOODGATE_QUEUE__BROADCAST_INTERVAL_MS=500" (pass the same
+#                        --broadcast-interval-ms to loadtest so the baseline broadcasts alike)
 #
 # Limits: queue-server gets `ulimit -n` raised to the hard limit (one file per socket, plus
 # Redis, the listener and the runtime's own), `queue.max_connections` = FANS + 200, and the

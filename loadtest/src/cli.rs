@@ -43,11 +43,13 @@ pub const DEFAULT_CLIENT_READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Largest frame a client (or the baseline server) accepts.
 pub const MAX_WS_MESSAGE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_SETTLE_S: f64 = 3.0;
-pub const DEFAULT_STEADY_S: f64 = 20.0;
+/// Thirty shared frames at queue-server's default pace, three rounds of exact positions.
+pub const DEFAULT_STEADY_S: f64 = 30.0;
 pub const DEFAULT_ADMIT_WINDOW_S: f64 = 60.0;
 pub const DEFAULT_ADMIT_SETTLE_S: f64 = 2.0;
-/// queue-server's `queue.tick_ms` default; the baseline ticks at the same pace.
-pub const DEFAULT_TICK_MS: u64 = 100;
+/// queue-server's `queue.broadcast_interval_ms` default: how often every waiter gets the shared
+/// `tick` frame. The baseline broadcasts at the same pace.
+pub const DEFAULT_BROADCAST_INTERVAL_MS: u64 = 1_000;
 /// queue-server's `queue.ws_read_buffer_bytes` / `ws_write_buffer_bytes` / `send_queue_len`.
 pub const DEFAULT_SERVER_WS_BUFFER_BYTES: usize = 4 * 1024;
 pub const DEFAULT_SERVER_SEND_QUEUE_LEN: usize = 16;
@@ -341,9 +343,9 @@ pub struct QueueArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     pub baseline_listen: SocketAddr,
 
-    /// The baseline's tick; set it to queue-server's `queue.tick_ms`.
-    #[arg(long, default_value_t = DEFAULT_TICK_MS)]
-    pub tick_ms: u64,
+    /// How often the baseline broadcasts; set it to queue-server's `queue.broadcast_interval_ms`.
+    #[arg(long, default_value_t = DEFAULT_BROADCAST_INTERVAL_MS)]
+    pub broadcast_interval_ms: u64,
 
     /// queue-server's pid, for its memory and CPU; found from the port it listens on if not given.
     #[arg(long)]
@@ -442,8 +444,8 @@ impl QueueArgs {
                 return Err(format!("{name} must be in [1, {MAX_DURATION_S}]"));
             }
         }
-        if !(10..=60_000).contains(&self.tick_ms) {
-            return Err("--tick-ms must be in 10..=60000".into());
+        if !(10..=60_000).contains(&self.broadcast_interval_ms) {
+            return Err("--broadcast-interval-ms must be in 10..=60000".into());
         }
         if self.drop_id.is_none() && self.seller_key.is_none() {
             return Err(
@@ -459,8 +461,8 @@ impl QueueArgs {
 pub struct WsBaselineArgs {
     #[arg(long)]
     pub listen: SocketAddr,
-    #[arg(long, default_value_t = DEFAULT_TICK_MS)]
-    pub tick_ms: u64,
+    #[arg(long, default_value_t = DEFAULT_BROADCAST_INTERVAL_MS)]
+    pub interval_ms: u64,
     #[arg(long, default_value_t = DEFAULT_SERVER_WS_BUFFER_BYTES)]
     pub read_buffer_bytes: usize,
     #[arg(long, default_value_t = DEFAULT_SERVER_WS_BUFFER_BYTES)]

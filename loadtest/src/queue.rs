@@ -454,8 +454,8 @@ async fn baseline_phase(args: &QueueArgs, redis_pid: Option<u32>) -> anyhow::Res
             "ws-baseline",
             "--listen",
             &args.baseline_listen.to_string(),
-            "--tick-ms",
-            &args.tick_ms.to_string(),
+            "--interval-ms",
+            &args.broadcast_interval_ms.to_string(),
         ])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

@@ -1,6 +1,6 @@
 //! The baseline for the waiting room's figures (`loadtest ws-baseline`, hidden): the least a
 //! tokio-tungstenite server can do to push one frame to every socket. It accepts WebSockets on
-//! any path, says `hello` to each, and every `tick_ms` broadcasts a frame shaped like
+//! any path, says `hello` to each, and every `interval_ms` broadcasts a frame shaped like
 //! queue-server's `tick` (same fields, same size), whose `at_ms` is this process's clock when
 //! the tick starts — where queue-server's is Redis' clock when its admission script runs. One
 //! `tokio::sync::broadcast` channel, one task per socket, the same buffer sizes as queue-server.
@@ -62,7 +62,7 @@ pub async fn run(args: WsBaselineArgs) -> anyhow::Result<()> {
         .max_message_size(Some(crate::cli::MAX_WS_MESSAGE_BYTES))
         .max_frame_size(Some(crate::cli::MAX_WS_MESSAGE_BYTES));
     let (tx, _) = broadcast::channel::<Message>(args.send_queue_len);
-    tokio::spawn(ticker(tx.clone(), args.tick_ms));
+    tokio::spawn(ticker(tx.clone(), args.interval_ms));
     loop {
         let (stream, _peer): (_, SocketAddr) = match listener.accept().await {
             Ok(x) => x,
@@ -105,8 +105,8 @@ pub async fn run(args: WsBaselineArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn ticker(tx: broadcast::Sender<Message>, tick_ms: u64) {
-    let mut tick = tokio::time::interval(Duration::from_millis(tick_ms.max(1)));
+async fn ticker(tx: broadcast::Sender<Message>, interval_ms: u64) {
+    let mut tick = tokio::time::interval(Duration::from_millis(interval_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n = 0i64;
     loop {
