@@ -724,23 +724,32 @@ pub fn render_text(r: &QueueReport) -> String {
         p.rounds.saturating_sub(1),
         &p.interval,
     );
-    let _ = writeln!(
-        out,
-        "  throughput  {:.0} positions/s: one round over {} sockets takes ≈ {:.2} s{}",
-        p.positions_per_s,
-        r.queue.open_at_end,
-        if p.positions_per_s > 0.0 {
-            r.queue.open_at_end as f64 / p.positions_per_s
-        } else {
-            0.0
-        },
-        if p.back_to_back {
-            "; rounds ran back to back (no silence between them): the rows above are runs \
-             of rounds"
-        } else {
-            ""
-        }
-    );
+    let sockets = r.queue.open_at_end;
+    let _ = if p.back_to_back {
+        writeln!(
+            out,
+            "  throughput  {:.0} positions/s with no pause: one round over {sockets} sockets takes \
+             ≈ {:.2} s, longer than the position interval; the rows above are runs of rounds",
+            p.positions_per_s,
+            if p.positions_per_s > 0.0 {
+                sockets as f64 / p.positions_per_s
+            } else {
+                0.0
+            },
+        )
+    } else {
+        writeln!(
+            out,
+            "  throughput  {:.0} positions/s averaged over the phase; inside a round ≈ {:.0}/s \
+             ({sockets} sockets over the p50 spread)",
+            p.positions_per_s,
+            if p.spread.p50_ms > 0.0 {
+                sockets as f64 / (p.spread.p50_ms / 1000.0)
+            } else {
+                0.0
+            },
+        )
+    };
     let d = &r.admitting;
     let _ = writeln!(
         out,
