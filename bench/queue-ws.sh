@@ -19,6 +19,8 @@
 #   SKIP_BUILD=1         use the release binaries already built
 #   BIN_DIR              take loadtest, queue-server, booking-api and devstack from this directory
 #                        (no build): pin one build for a series of runs
+#   KEEP_BINARIES=1      keep the copies of the binaries in OUT_DIR/bin after the run (≈ 200 MB;
+#                        by default only their SHA-256 sums stay, in OUT_DIR/binaries.sha256)
 #   QUEUE_ENV            extra environment for queue-server, e.g.
 #                        "FLOODGATE_QUEUE__BROADCAST_INTERVAL_MS=500" (pass the same
 #                        --broadcast-interval-ms to loadtest so the baseline broadcasts alike)
@@ -29,7 +31,8 @@
 # booking-api's per-IP and per-fan limits are raised the same way for the fan-session setup.
 #
 # The binaries are copied into OUT_DIR before anything starts: the target directory may be
-# shared, and a build from another checkout must not swap a binary in the middle of a run.
+# shared, and a build from another checkout must not swap a binary in the middle of a run. Their
+# SHA-256 sums stay with the report; the copies go when the run ends unless KEEP_BINARIES=1.
 #
 # Exit code: loadtest's (0; 1 with --check when a bar is missed), 2 on a setup error.
 set -euo pipefail
@@ -69,6 +72,7 @@ if [[ ${1:-} != --inner ]]; then
         [[ -x $FROM/$bin ]] || die "$FROM/$bin is missing (build, or unset SKIP_BUILD / BIN_DIR)"
         cp "$FROM/$bin" "$OUT_DIR/bin/"
     done
+    (cd "$OUT_DIR" && sha256sum bin/*) > "$OUT_DIR/binaries.sha256"
     "$OUT_DIR/bin/loadtest" queue --help >/dev/null 2>&1 ||
         die "$FROM/loadtest has no queue scenario (a build from another checkout replaced it?)"
     git log -1 --format='%H %s' > "$OUT_DIR/commit.txt" 2>/dev/null || true
@@ -80,6 +84,7 @@ if [[ ${1:-} != --inner ]]; then
         die "open-file limit $limit is below $FANS sockets + $SPARE_FILES; lower FANS or raise ulimit -Hn"
     fi
     export OUT_DIR FANS REDIS_PORT PG_PORT BOOKING_PORT QUEUE_PORT BASELINE_PORT QUEUE_ENV
+    export KEEP_BINARIES=${KEEP_BINARIES:-}
     exec "$OUT_DIR/bin/devstack" run --name "$STACK_NAME" --redis-port "$REDIS_PORT" \
         --pg-port "$PG_PORT" -- bash "$0" --inner "$@"
 fi
@@ -104,6 +109,8 @@ cleanup() {
     for pid in "${pids[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
+    # devstack runs from its copy too; Linux lets a running binary's file go.
+    [[ -n ${KEEP_BINARIES:-} ]] || rm -rf "$OUT_DIR/bin"
 }
 trap cleanup EXIT
 
