@@ -476,7 +476,7 @@ pub struct WsBaselineArgs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(extra: &[&str]) -> ReserveArgs {
@@ -500,7 +500,8 @@ mod tests {
         }
     }
 
-    fn parse_queue(extra: &[&str]) -> QueueArgs {
+    /// `loadtest queue` with the required flags and `extra`; shared with queue.rs's tests.
+    pub(crate) fn parse_queue(extra: &[&str]) -> QueueArgs {
         let mut argv = vec![
             "loadtest",
             "queue",

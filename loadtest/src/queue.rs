@@ -731,27 +731,8 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser as _;
 
-    fn args(extra: &[&str]) -> QueueArgs {
-        let mut argv = vec![
-            "loadtest",
-            "queue",
-            "--booking-url",
-            "http://127.0.0.1:8080",
-            "--queue-url",
-            "http://127.0.0.1:8081",
-            "--seller-key",
-            "k",
-            "--ops-key",
-            "o",
-        ];
-        argv.extend_from_slice(extra);
-        match crate::cli::Cli::try_parse_from(argv).unwrap().scenario {
-            crate::cli::Scenario::Queue(a) => a,
-            _ => unreachable!(),
-        }
-    }
+    use crate::cli::tests::parse_queue as args;
 
     #[test]
     fn sockets_and_tokens_split_over_client_processes() {
