@@ -131,8 +131,7 @@ impl Harness {
             .send()
             .await
             .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        testkit::answer(r).await
     }
 
     pub async fn confirm(&self, token: &str, hold: &str, reference: &str) -> (u16, Value) {
@@ -144,8 +143,7 @@ impl Harness {
             .send()
             .await
             .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        testkit::answer(r).await
     }
 
     pub async fn release(&self, token: &str, hold: &str) -> u16 {
@@ -165,8 +163,7 @@ impl Harness {
             req = req.bearer_auth(t);
         }
         let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        testkit::answer(r).await
     }
 
     pub async fn drop_view(&self, drop: &str) -> Value {
@@ -245,8 +242,7 @@ impl Harness {
             req = req.header("X-Admission-Token", a);
         }
         let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        testkit::answer(r).await
     }
 
     /// POST a confirm; returns (status, the `Retry-After` header if any, body).
@@ -283,8 +279,7 @@ impl Harness {
             .send()
             .await
             .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        testkit::answer(r).await
     }
 
     /// A hold's state as its fan reads it (`GET /v1/holds/{id}`).

@@ -185,8 +185,7 @@ impl Harness {
             .send()
             .await
             .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        testkit::answer(r).await
     }
 
     /// Pays a hold with the test gateway (`ok_...` succeeds).
@@ -199,8 +198,7 @@ impl Harness {
             .send()
             .await
             .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        testkit::answer(r).await
     }
 
     /// The drop's live counts summed over its SKUs: (available, held, sold).
@@ -233,8 +231,7 @@ impl Harness {
             .send()
             .await
             .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        testkit::answer(r).await
     }
 
     /// A reserve at booking-api with an admission token.
@@ -255,8 +252,7 @@ impl Harness {
             .send()
             .await
             .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        testkit::answer(r).await
     }
 
     /// A GET at booking-api; (status, body).
@@ -266,8 +262,7 @@ impl Harness {
             req = req.bearer_auth(t);
         }
         let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        testkit::answer(r).await
     }
 }
 
