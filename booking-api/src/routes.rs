@@ -66,13 +66,7 @@ impl App {
                 (route, result)
             }
         };
-        let resp = result.unwrap_or_else(|e| {
-            if e.code.status() >= 400 {
-                metrics::counter!(engine::metrics::REJECTED, "reason" => e.code.name())
-                    .increment(1);
-            }
-            http::error(&e)
-        });
+        let resp = result.unwrap_or_else(|e| http::refusal(&e));
         (resp, route)
     }
 

@@ -68,6 +68,14 @@ pub fn error(e: &Error) -> Response<Body> {
     resp
 }
 
+/// A handler's error as the response, counted in `floodgate_rejected_requests_total` by reason.
+pub fn refusal(e: &Error) -> Response<Body> {
+    if e.code.status() >= 400 {
+        metrics::counter!(crate::metrics::REJECTED, "reason" => e.code.name()).increment(1);
+    }
+    error(e)
+}
+
 /// Reads the whole body, refusing more than `max` bytes with 413 `body_too_large` (checked from
 /// Content-Length first, so an honest large upload isn't read at all).
 pub async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Error> {

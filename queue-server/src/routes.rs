@@ -95,13 +95,7 @@ impl App {
             }
             _ => ("unknown", Err(Error::new(Code::NotFound))),
         };
-        let resp = result.unwrap_or_else(|e| {
-            if e.code.status() >= 400 {
-                metrics::counter!(engine::metrics::REJECTED, "reason" => e.code.name())
-                    .increment(1);
-            }
-            http::error(&e)
-        });
+        let resp = result.unwrap_or_else(|e| http::refusal(&e));
         (resp, route)
     }
 
