@@ -40,13 +40,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLOODGATE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    engine::process::init_logging();
     let cli = Cli::parse();
     let cfg = Config::load()?;
     match cli.command.unwrap_or(Command::Serve) {
@@ -110,11 +104,7 @@ async fn main() -> anyhow::Result<()> {
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let running = booking_api::start(cfg).await?;
     println!("booking-api listening on {}", running.url());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    engine::process::shutdown_signal().await?;
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
