@@ -17,7 +17,7 @@ use engine::tokens::now_ms;
 use engine::{Code, Error};
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -63,24 +63,63 @@ impl Waiters {
     /// Queues `msg` on every socket of `fan`; a socket whose queue is full is dropped.
     fn send_fan(&mut self, fan: &FanId, msg: &Frame) {
         let conns = self.by_fan.get(fan).cloned().unwrap_or_default();
+        let mut gone = Vec::new();
         for conn in conns {
-            self.send_conn(conn, msg);
+            if let Some(w) = self.by_conn.get(&conn) {
+                if w.queue(msg) {
+                    metrics::counter!(engine::metrics::QUEUE_MESSAGES_SENT).increment(1);
+                } else {
+                    gone.push(conn);
+                }
+            }
+        }
+        for conn in gone {
+            self.remove(conn);
         }
     }
 
-    fn send_conn(&mut self, conn: u64, msg: &Frame) {
-        let Some(w) = self.by_conn.get(&conn) else {
-            return;
-        };
-        match w.tx.try_send(msg.clone()) {
-            Ok(()) => metrics::counter!(engine::metrics::QUEUE_MESSAGES_SENT).increment(1),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                // A slow client is dropped, not buffered without end: removing its sender ends
-                // its socket task.
-                metrics::counter!(engine::metrics::QUEUE_SLOW_CLIENTS_DROPPED).increment(1);
-                self.remove(conn);
+    /// Queues `frames` on every socket here, in one pass over them; sockets whose queue is full
+    /// (or whose task ended) are dropped. Counted once per call, not once per socket: a
+    /// broadcast is 19,000 sends.
+    fn broadcast(&mut self, frames: &[&Frame]) {
+        let mut sent = 0u64;
+        let mut gone = Vec::new();
+        for (conn, w) in &self.by_conn {
+            for f in frames {
+                if !w.queue(f) {
+                    gone.push(*conn);
+                    break;
+                }
+                sent += 1;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => self.remove(conn),
+        }
+        metrics::counter!(engine::metrics::QUEUE_MESSAGES_SENT).increment(sent);
+        for conn in gone {
+            self.remove(conn);
+        }
+    }
+
+    /// Whether every socket here has taken everything queued for it (and written it: a socket
+    /// task takes a frame off its queue and writes it in the same step).
+    fn drained(&self) -> bool {
+        self.by_conn
+            .values()
+            .all(|w| w.tx.capacity() == w.tx.max_capacity())
+    }
+}
+
+impl Waiter {
+    /// Queues one frame; false when the socket must go: its queue is full (a slow client is
+    /// dropped, not buffered without end: removing its sender ends its socket task) or its
+    /// task already ended.
+    fn queue(&self, msg: &Frame) -> bool {
+        match self.tx.try_send(msg.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!(engine::metrics::QUEUE_SLOW_CLIENTS_DROPPED).increment(1);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 }
@@ -223,6 +262,14 @@ impl Rooms {
     ) -> Result<u64, Error> {
         let room = self.touch(drop)?;
         let _rooms = lock(&self.rooms);
+        // Checked under the rooms lock, which close_all holds while it lets go of every
+        // socket: a socket enters before it (and is let go) or sees the flag.
+        if self.shutting_down() {
+            return Err(Error::msg(
+                Code::Unavailable,
+                "This instance is shutting down; reconnect.",
+            ));
+        }
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let mut w = lock(&room.waiters);
         w.by_conn.insert(
@@ -235,6 +282,25 @@ impl Rooms {
         w.by_fan.entry(fan.clone()).or_default().push(conn);
         metrics::gauge!(engine::metrics::QUEUE_WAITERS).increment(1.0);
         Ok(conn)
+    }
+
+    /// Whether the server is shutting down: a socket the room lets go of then closes with 1012
+    /// ("reconnect") rather than a plain close.
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// At shutdown, after the flag is set: lets go of every socket (each writes what it has
+    /// queued and closes with 1012), and [`Rooms::enter`] refuses new ones.
+    pub fn close_all(&self) {
+        let rooms = lock(&self.rooms);
+        for room in rooms.values() {
+            let mut w = lock(&room.waiters);
+            let conns: Vec<u64> = w.by_conn.keys().copied().collect();
+            for conn in conns {
+                w.remove(conn);
+            }
+        }
     }
 
     pub fn leave(&self, drop: &DropId, conn: u64) {
@@ -329,6 +395,12 @@ impl Rooms {
             .unwrap_or_else(Instant::now);
         let positions_running = Arc::new(AtomicBool::new(false));
         let presence_running = Arc::new(AtomicBool::new(false));
+        // The slow cadences (exact positions, presence) wait while a tick frame is on its way to
+        // the sockets: they share its CPU, and a round's writes landing among the tick's delay
+        // its last socket. `delivering` is when the last broadcast went out, until every socket
+        // has written it (or half a broadcast interval, so one stuck client can't stall them).
+        let mut delivering: Option<Instant> = None;
+        let slices = SliceGrants::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -346,9 +418,14 @@ impl Rooms {
                     return;
                 }
             }
+            if delivering.is_some_and(|since| {
+                since.elapsed() >= broadcast_every / 2 || lock(&room.waiters).drained()
+            }) {
+                delivering = None;
+            }
             // Presence first, and whether or not this instance's admission runs succeed: other
             // instances' runs would otherwise send this one's connected fans away.
-            if let Some(v) = room.view() {
+            if let (Some(v), None) = (room.view(), delivering) {
                 // At least three times per grace, so a connected fan never looks gone.
                 let every = ms(self.cfg.presence_interval_ms)
                     .min(ms(u64::try_from(v.leave_grace_ms / 3).unwrap_or(0)))
@@ -403,7 +480,10 @@ impl Rooms {
                 .flatten()
                 .map(|v| frame(&v));
             // The shared frame on its own, slower cadence; a change of state goes out at once.
-            let broadcast = state_changed || last_broadcast.elapsed() >= broadcast_every;
+            // Half a run early counts as on time: runs come every `tick_ms`, a little under it
+            // after a slow one, and waiting for the next would space frames a run too far.
+            let broadcast = state_changed
+                || last_broadcast.elapsed() + ms(self.cfg.tick_ms) / 2 >= broadcast_every;
             if broadcast {
                 last_broadcast = Instant::now();
                 let shared = frame(&json!({
@@ -417,27 +497,30 @@ impl Rooms {
                     "at_ms": t.now_ms,
                 }));
                 let mut w = lock(&room.waiters);
-                let conns: Vec<u64> = w.by_conn.keys().copied().collect();
-                for conn in conns {
-                    w.send_conn(conn, &shared);
-                    if let Some(f) = &state_frame {
-                        w.send_conn(conn, f);
-                    }
+                match &state_frame {
+                    Some(f) => w.broadcast(&[&shared, f]),
+                    None => w.broadcast(&[&shared]),
                 }
+                delivering = Some(last_broadcast);
             }
             metrics::histogram!(engine::metrics::QUEUE_TICK_SECONDS)
                 .record(started.elapsed().as_secs_f64());
             // The slow cadence runs beside the ticks (one round at a time), so a long round over
-            // many waiters never delays the next tick.
+            // many waiters never delays the next tick; its slices go one per run between ticks.
             if last_positions.elapsed() >= position_every {
                 if let Some(busy) = Busy::claim(&positions_running) {
                     last_positions = Instant::now();
-                    let (rooms, room) = (self.clone(), room.clone());
+                    let (rooms, room, slices) = (self.clone(), room.clone(), slices.0.clone());
                     tokio::spawn(async move {
                         let _busy = busy;
-                        rooms.send_positions(&room, &view, opens_at_ms).await;
+                        rooms
+                            .send_positions(&room, &view, opens_at_ms, &slices)
+                            .await;
                     });
                 }
+            }
+            if delivering.is_none() {
+                slices.grant();
             }
         }
     }
@@ -461,19 +544,17 @@ impl Rooms {
     }
 
     /// The slow cadence: an exact standing per fan connected here (bounded concurrency).
-    /// A round goes out in slices of `position_slice` fans spread over half the interval, not in
-    /// one burst: a burst to every socket lands on the same CPU as the shared tick and delays it.
-    async fn send_positions(&self, room: &Room, view: &View, opens_at_ms: i64) {
+    /// A round goes out in slices of `position_slice` fans, each waiting for the room's loop to
+    /// grant it (one per admission run, between tick frames), not in one burst: a burst to every
+    /// socket lands on the same CPU as the shared tick and delays it.
+    async fn send_positions(&self, room: &Room, view: &View, opens_at_ms: i64, slices: &Semaphore) {
         let fans: Vec<FanId> = lock(&room.waiters).by_fan.keys().cloned().collect();
-        let slice = self.cfg.position_slice.max(1);
-        let slices = u32::try_from(fans.len().div_ceil(slice))
-            .unwrap_or(u32::MAX)
-            .max(1);
-        let pause = ms(self.cfg.position_interval_ms / 2) / slices;
-        for (i, fans) in fans.chunks(slice).enumerate() {
-            if i > 0 {
-                tokio::time::sleep(pause).await;
-            }
+        for fans in fans.chunks(self.cfg.position_slice.max(1)) {
+            // Closed: the room's loop ended.
+            let Ok(grant) = slices.acquire().await else {
+                return;
+            };
+            grant.forget();
             self.send_positions_to(room, fans, view, opens_at_ms).await;
         }
     }
@@ -510,6 +591,28 @@ impl Rooms {
                 }
             }
         }
+    }
+}
+
+/// Permission for a position round's next slice, granted by the room's loop (at most one
+/// outstanding); closed when the loop ends, which ends a round waiting for one.
+struct SliceGrants(Arc<Semaphore>);
+
+impl SliceGrants {
+    fn new() -> SliceGrants {
+        SliceGrants(Arc::new(Semaphore::new(0)))
+    }
+
+    fn grant(&self) {
+        if self.0.available_permits() == 0 {
+            self.0.add_permits(1);
+        }
+    }
+}
+
+impl Drop for SliceGrants {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 

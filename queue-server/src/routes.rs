@@ -12,7 +12,7 @@ use engine::{Code, Error};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use serde_json::json;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::limits::Limits;
 use crate::pages;
@@ -24,7 +24,6 @@ pub struct App {
     pub rooms: Arc<Rooms>,
     pub limits: Limits,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-    pub shutdown: watch::Receiver<bool>,
 }
 
 type Answer = Result<Response<Body>, Error>;
@@ -117,14 +116,7 @@ impl App {
         let fan = self.fan(&req)?;
         self.limits.check_join(&self.client_ip(&req, peer))?;
         let resp = ws::accept(&req)?;
-        tokio::spawn(ws::serve(
-            self.rooms.clone(),
-            req,
-            drop,
-            fan,
-            permit,
-            self.shutdown.clone(),
-        ));
+        tokio::spawn(ws::serve(self.rooms.clone(), req, drop, fan, permit));
         Ok(resp)
     }
 

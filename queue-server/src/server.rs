@@ -29,6 +29,7 @@ pub struct Running {
     pub addr: SocketAddr,
     pub engine: Arc<Engine>,
     pub queue: Arc<Queue>,
+    rooms: Arc<Rooms>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -37,6 +38,7 @@ impl Running {
     /// Stops accepting, closes every socket with "reconnect", waits for connections to drain.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        self.rooms.close_all();
         let _ = self.task.await;
         self.engine.redis.quit().await;
     }
@@ -65,14 +67,15 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         rooms: Rooms::new(queue.clone(), qcfg.clone(), rx.clone()),
         limits: Limits::new(&qcfg),
         metrics: engine::web::metrics_handle(),
-        shutdown: rx.clone(),
     });
+    let rooms = app.rooms.clone();
     let task = tokio::spawn(serve(listener, app, rx));
     tracing::info!(%addr, "queue-server listening");
     Ok(Running {
         addr,
         engine,
         queue,
+        rooms,
         shutdown,
         task,
     })

@@ -15,7 +15,7 @@ use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -77,7 +77,6 @@ pub async fn serve(
     drop: DropId,
     fan: FanId,
     permit: Arc<OwnedSemaphorePermit>,
-    mut shutdown: watch::Receiver<bool>,
 ) {
     let cfg = &rooms.queue.engine.cfg.queue;
     let (config, send_queue_len) = (ws_config(cfg), cfg.send_queue_len);
@@ -138,8 +137,19 @@ pub async fn serve(
                     }
                 }
                 None => {
-                    // The room let go of this socket (admitted, ended, or too slow): close it.
-                    let _ = tokio::time::timeout(SEND_TIMEOUT, ws.close(None)).await;
+                    // The room let go of this socket: admitted, ended, too slow — or the server
+                    // is shutting down, and then the fan is told to come back (1012, service
+                    // restart). The room does it, not a shutdown branch here: that would cost
+                    // every socket a wake-up registration on each frame it sends.
+                    if rooms.shutting_down() {
+                        let close = CloseFrame {
+                            code: CloseCode::Restart,
+                            reason: "server restarting: reconnect, your place is kept".into(),
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(close))).await;
+                    } else {
+                        let _ = tokio::time::timeout(SEND_TIMEOUT, ws.close(None)).await;
+                    }
                     break;
                 }
             },
@@ -147,14 +157,6 @@ pub async fn serve(
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => heard = tokio::time::Instant::now(),
             },
-            _ = shutdown.changed() => {
-                let close = CloseFrame {
-                    code: CloseCode::Restart,
-                    reason: "server restarting: reconnect, your place is kept".into(),
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(close))).await;
-                break;
-            }
         }
     }
     if let Some(conn) = conn {
