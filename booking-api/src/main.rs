@@ -6,6 +6,12 @@ use engine::ids::DropId;
 use engine::scripts::Redis;
 use engine::{Config, Engine};
 
+/// mimalloc, not glibc's malloc: a reserve allocates and frees a few dozen small buffers (the
+/// request, its JSON, fred's frames), and glibc's free lists were ≈ 17 % of booking-api's CPU
+/// under load (perf, 6,000 reserves/s). The servers' tests run in-process on the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "booking-api", about = "Floodgate's booking API", version)]
 struct Cli {
