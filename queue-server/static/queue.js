@@ -511,10 +511,14 @@
     const eta = ahead === null ? null : etaS(ahead);
     if (ahead === null) els.eta.textContent = '–';
     else if (state.line === 'paused') els.eta.textContent = 'on hold';
+    else if (state.line === 'all_held') els.eta.textContent = 'when stock returns';
     // A measured rate of 0 on an open line: every shopping slot is taken and nobody has finished
     // for a while. Promising a time then would be a guess, so the page says what is happening.
     else if (eta === null && state.tick && state.tick.rate === 0) els.eta.textContent = 'when shoppers finish';
     else els.eta.textContent = eta === null ? 'working it out' : fmtWait(eta);
+    // Words ("when shoppers finish") in a smaller face than figures, so that at phone width they
+    // wrap between words rather than inside one.
+    els.eta.classList.toggle('words', !/\d/.test(els.eta.textContent));
 
     // Progress from where we first stood to the front of the line.
     if (ahead !== null && state.fan && (state.fan.startAhead === null || ahead > state.fan.startAhead)) {

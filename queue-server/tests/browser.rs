@@ -1,7 +1,8 @@
 //! The fan's queue page (`GET /drops/{id}` on queue-server, static/queue.{html,js,css}) driven in
 //! a real headless Chromium at phone width, against an in-process booking-api and queue-server per
 //! test: the fan waits (paused by ops), watches the line move, is admitted, lands on booking-api's
-//! page and buys; a reload keeps the place; a sold-out drop says so. The browser harness (one
+//! page and buys; a reload keeps the place; a sold-out drop says so; stock all in others'
+//! holds says so, and the fan gets in when it comes back. The browser harness (one
 //! browser at a time, bounded waits, screenshots `target/browser-artifacts/queue-<test>-<step>.png`)
 //! is `testkit::browser`.
 mod common;
@@ -194,16 +195,7 @@ async fn queue_page_shows_sold_out() {
     let drop = h.queue_drop(1, 1, json!({"rate_per_s": 10}), None).await;
     // Another fan goes through the line and buys the only tee.
     let (_, buyer) = h.fan("buyer");
-    assert_eq!(h.join(&drop, &buyer).await.0, 201);
-    let admission = std::sync::Mutex::new(String::new());
-    eventually("the buyer is admitted", || async {
-        let (_, me) = h.me(&drop, &buyer).await;
-        let token = me["admission_token"].as_str().unwrap_or_default();
-        *admission.lock().unwrap() = token.to_owned();
-        !token.is_empty()
-    })
-    .await;
-    let admission = admission.into_inner().unwrap();
+    let admission = h.join_until_admitted(&drop, &buyer).await;
     let (status, hold) = h.reserve(&drop, &buyer, &admission, 1).await;
     assert_eq!(status, 201, "{hold}");
     let (status, order) = h
@@ -229,6 +221,47 @@ async fn queue_page_shows_sold_out() {
     })
     .await;
     p.shot("sold-out").await;
+    p.close().await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_page_shows_all_held_then_admits_when_the_stock_returns() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::start_for_pages().await;
+    // One tee. A 100 % margin lets one more fan in beside a shopper who may still buy it, once
+    // the tee is back on sale.
+    let drop = h
+        .queue_drop(
+            1,
+            1,
+            json!({"rate_per_s": 10, "admit_margin_pct": 100}),
+            None,
+        )
+        .await;
+    let (_, holder) = h.fan("holder");
+    let admission = h.join_until_admitted(&drop, &holder).await;
+    let (status, hold) = h.reserve(&drop, &holder, &admission, 1).await;
+    assert_eq!(status, 201, "{hold}");
+
+    let p = open_browser("queue-all_held", PHONE).await;
+    join_in_browser(&p, &h, &drop, "hopeful").await;
+    let words = line_state(&p, "all_held").await;
+    assert!(words.contains("baskets"), "{words}");
+    assert_eq!(p.text("#place").await, "#2");
+    assert_eq!(p.text("#eta").await, "when stock returns");
+    p.shot("all-held").await;
+
+    // The holder gives the tee back: it is on sale again, the line moves, and the page takes
+    // our fan to the booking page.
+    assert_eq!(
+        h.release(&holder, hold["hold_id"].as_str().unwrap()).await,
+        204
+    );
+    let booking = format!("{}/drops/{drop}", h.booking.url());
+    p.wait_url("the booking page", |u| u == booking).await;
+    p.el("#quantity-TEE").await;
+    p.shot("admitted").await;
     p.close().await;
     h.shutdown().await;
 }

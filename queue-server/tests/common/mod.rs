@@ -201,6 +201,33 @@ impl Harness {
         testkit::answer(r).await
     }
 
+    /// Gives a hold back (`DELETE /v1/holds/{id}`); the status.
+    pub async fn release(&self, token: &str, hold: &str) -> u16 {
+        let r = self
+            .http
+            .delete(format!("{}/v1/holds/{hold}", self.booking.url()))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    }
+
+    /// Joins `token`'s fan over HTTP and polls until the line admits it; its admission token.
+    pub async fn join_until_admitted(&self, drop: &DropId, token: &str) -> String {
+        let (status, joined) = self.join(drop, token).await;
+        assert_eq!(status, 201, "{joined}");
+        let admission = std::sync::Mutex::new(String::new());
+        testkit::eventually("the fan is admitted", || async {
+            let (_, me) = self.me(drop, token).await;
+            let got = me["admission_token"].as_str().unwrap_or_default();
+            *admission.lock().unwrap() = got.to_owned();
+            !got.is_empty()
+        })
+        .await;
+        admission.into_inner().unwrap()
+    }
+
     /// The drop's live counts summed over its SKUs: (available, held, sold).
     pub async fn counts(&self, drop: &DropId) -> (i64, i64, i64) {
         let v: Value = self
