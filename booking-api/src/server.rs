@@ -69,43 +69,20 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     })
 }
 
-async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+async fn serve(listener: TcpListener, app: Arc<App>, shutdown: watch::Receiver<bool>) {
     let cfg = app.engine.cfg.http.clone();
     let background = app.engine.spawn_background(shutdown.clone());
     let permits = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let tidy = {
         let app = app.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => app.limits.tidy(),
-                    _ = shutdown.changed() => return,
-                }
-            }
+        http::every_until_shutdown(Duration::from_secs(10), shutdown.clone(), move || {
+            app.limits.tidy()
         })
     };
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.changed() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
+    let timeout = ms(cfg.request_timeout_ms);
+    http::accept_loop(listener, permits, shutdown, |stream, peer, permit| {
         let app = app.clone();
-        let timeout = ms(cfg.request_timeout_ms);
         let service = service_fn(move |req: Request<Incoming>| {
             let app = app.clone();
             async move { Ok::<_, std::convert::Infallible>(handle(&app, req, peer, timeout).await) }
@@ -122,8 +99,8 @@ async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Receiv
             metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).decrement(1.0);
             drop(permit);
         });
-    }
-    drop(listener);
+    })
+    .await;
     tidy.abort();
     if tokio::time::timeout(ms(cfg.shutdown_grace_ms), graceful.shutdown())
         .await

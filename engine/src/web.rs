@@ -194,3 +194,56 @@ pub fn metrics_handle() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// The servers' accept loop: until `shutdown`, takes a permit from `permits` (the connection
+/// cap: past it, new connections wait in the listen backlog), accepts, sets TCP_NODELAY and
+/// hands the connection to `serve` with its permit, which it holds for the connection's life.
+/// A failed accept (out of files, most likely) waits 50 ms rather than spin.
+pub async fn accept_loop<F>(
+    listener: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut serve: F,
+) where
+    F: FnMut(tokio::net::TcpStream, std::net::SocketAddr, tokio::sync::OwnedSemaphorePermit),
+{
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        serve(stream, peer, permit);
+    }
+}
+
+/// Runs `f` every `period` until `shutdown` (e.g. dropping idle rate-limit keys).
+pub fn every_until_shutdown<F>(
+    period: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut f: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => f(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    })
+}

@@ -81,72 +81,58 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     })
 }
 
-async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+async fn serve(listener: TcpListener, app: Arc<App>, shutdown: watch::Receiver<bool>) {
     let cfg = app.rooms.queue.engine.cfg.queue.clone();
     let max = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(max));
     let tidy = {
         let app = app.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => app.limits.tidy(),
-                    _ = shutdown.changed() => return,
-                }
-            }
+        http::every_until_shutdown(Duration::from_secs(10), shutdown.clone(), move || {
+            app.limits.tidy()
         })
     };
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => Arc::new(p), Err(_) => break },
-            _ = shutdown.changed() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let timeout = ms(cfg.request_timeout_ms);
-        let conn_permit = permit.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
+    let timeout = ms(cfg.request_timeout_ms);
+    http::accept_loop(
+        listener,
+        permits.clone(),
+        shutdown.clone(),
+        |stream, peer, permit| {
+            // Shared with the request handler: an upgraded WebSocket keeps it after the HTTP side ends.
+            let permit = Arc::new(permit);
             let app = app.clone();
-            let permit = conn_permit.clone();
-            async move {
-                Ok::<_, std::convert::Infallible>(handle(&app, req, peer, timeout, permit).await)
-            }
-        });
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(ms(cfg.header_read_timeout_ms))
-            .max_buf_size(16 * 1024)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        let mut stop = shutdown.clone();
-        metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).increment(1.0);
-        tokio::spawn(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            let conn_permit = permit.clone();
+            let service = service_fn(move |req: Request<Incoming>| {
+                let app = app.clone();
+                let permit = conn_permit.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        handle(&app, req, peer, timeout, permit).await,
+                    )
                 }
-            }
-            metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).decrement(1.0);
-            drop(permit);
-        });
-    }
-    drop(listener);
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ms(cfg.header_read_timeout_ms))
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let mut stop = shutdown.clone();
+            metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).increment(1.0);
+            tokio::spawn(async move {
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = stop.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+                metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).decrement(1.0);
+                drop(permit);
+            });
+        },
+    )
+    .await;
     tidy.abort();
     // Every connection and socket holds a permit: all of them back means everything drained.
     let drained =
