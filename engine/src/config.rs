@@ -533,7 +533,8 @@ pub struct QueueConfig {
     /// A position round goes out in slices of this many fans, one slice per admission run,
     /// only once the last `tick` frame has reached every socket (the two share the CPU). So a
     /// round over N waiters here takes about N / position_slice runs, less those spent
-    /// delivering ticks: 19,000 at 512 and 100 ms ≈ 6 s.
+    /// delivering ticks: 19,000 at 512 and 100 ms ≈ 5–7 s. Neither a slice nor the presence
+    /// refresh waits more than a broadcast interval for a quiet moment.
     pub position_slice: usize,
     /// How often the fans with a socket here are marked as seen (so they keep their place). The
     /// room refreshes at least three times per drop's `leave_grace_s` whatever this says.

@@ -48,7 +48,7 @@ pub const STOP_DRAIN: Duration = Duration::from_secs(5);
 pub const MAX_TICKS_TRACKED: usize = 100_000;
 pub const MAX_POSITIONS_TRACKED: usize = 4_000_000;
 /// A silence this long between two positions ends a round. Rounds start
-/// `queue.position_interval_ms` (10 s) apart and take ≈ 6–7 s over 19,000 sockets; inside one,
+/// `queue.position_interval_ms` (10 s) apart and take ≈ 5–7 s over 19,000 sockets; inside one,
 /// slices of `queue.position_slice` go out between tick frames, so a child hears nothing while
 /// a tick is delivered — ≈ 0.3–0.6 s, never more than half a broadcast interval and a run.
 pub const ROUND_GAP: Duration = Duration::from_millis(1_500);

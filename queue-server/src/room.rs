@@ -261,7 +261,16 @@ impl Rooms {
         tx: mpsc::Sender<Frame>,
     ) -> Result<u64, Error> {
         let room = self.touch(drop)?;
-        let _rooms = lock(&self.rooms);
+        let rooms = lock(&self.rooms);
+        // Its loop may have ended since `touch` (the drop failed to load): nobody would serve
+        // the socket there.
+        if !rooms.get(drop).is_some_and(|r| Arc::ptr_eq(r, &room)) {
+            return Err(Error::msg(
+                Code::Unavailable,
+                "The waiting room is restarting; reconnect.",
+            )
+            .retry_after(Duration::from_secs(1)));
+        }
         // Checked under the rooms lock, which close_all holds while it lets go of every
         // socket: a socket enters before it (and is let go) or sees the flag.
         if self.shutting_down() {
@@ -376,7 +385,18 @@ impl Rooms {
             Ok(def) => def.opens_at_ms(),
             Err(e) => {
                 tracing::warn!(%drop, error = %e, "waiting room can't start");
-                lock(&self.rooms).remove(&drop);
+                let mut rooms = lock(&self.rooms);
+                if rooms.get(&drop).is_some_and(|r| Arc::ptr_eq(r, &room)) {
+                    rooms.remove(&drop);
+                }
+                // Sockets that entered meanwhile have no loop to serve them: let them go (they
+                // close, and the page reconnects into a new room). Under the rooms lock, which
+                // `enter` holds while it checks that its room is still the drop's.
+                let mut w = lock(&room.waiters);
+                let conns: Vec<u64> = w.by_conn.keys().copied().collect();
+                for conn in conns {
+                    w.remove(conn);
+                }
                 return;
             }
         };
@@ -397,10 +417,14 @@ impl Rooms {
         let presence_running = Arc::new(AtomicBool::new(false));
         // The slow cadences (exact positions, presence) wait while a tick frame is on its way to
         // the sockets: they share its CPU, and a round's writes landing among the tick's delay
-        // its last socket. `delivering` is when the last broadcast went out, until every socket
-        // has written it (or half a broadcast interval, so one stuck client can't stall them).
+        // its last socket. `delivering` is when the oldest broadcast not yet written everywhere
+        // went out, until every socket has taken it (or half a broadcast interval, so one stuck
+        // client can't stall them). Neither waits more than a broadcast interval, whatever the
+        // broadcasts do: state changes (each broadcast at once) could otherwise follow each
+        // other closely enough to keep `delivering` set for good.
         let mut delivering: Option<Instant> = None;
         let slices = SliceGrants::new();
+        let mut last_grant = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -425,12 +449,13 @@ impl Rooms {
             }
             // Presence first, and whether or not this instance's admission runs succeed: other
             // instances' runs would otherwise send this one's connected fans away.
-            if let (Some(v), None) = (room.view(), delivering) {
+            if let Some(v) = room.view() {
                 // At least three times per grace, so a connected fan never looks gone.
                 let every = ms(self.cfg.presence_interval_ms)
                     .min(ms(u64::try_from(v.leave_grace_ms / 3).unwrap_or(0)))
                     .max(ms(self.cfg.tick_ms));
-                if last_presence.elapsed() >= every {
+                let since = last_presence.elapsed();
+                if since >= every && (delivering.is_none() || since >= every + broadcast_every) {
                     if let Some(busy) = Busy::claim(&presence_running) {
                         last_presence = Instant::now();
                         let fans: Vec<FanId> = lock(&room.waiters).by_fan.keys().cloned().collect();
@@ -501,7 +526,9 @@ impl Rooms {
                     Some(f) => w.broadcast(&[&shared, f]),
                     None => w.broadcast(&[&shared]),
                 }
-                delivering = Some(last_broadcast);
+                if delivering.is_none() {
+                    delivering = Some(last_broadcast);
+                }
             }
             metrics::histogram!(engine::metrics::QUEUE_TICK_SECONDS)
                 .record(started.elapsed().as_secs_f64());
@@ -510,6 +537,7 @@ impl Rooms {
             if last_positions.elapsed() >= position_every {
                 if let Some(busy) = Busy::claim(&positions_running) {
                     last_positions = Instant::now();
+                    last_grant = last_positions;
                     let (rooms, room, slices) = (self.clone(), room.clone(), slices.0.clone());
                     tokio::spawn(async move {
                         let _busy = busy;
@@ -519,8 +547,11 @@ impl Rooms {
                     });
                 }
             }
-            if delivering.is_none() {
+            if positions_running.load(Ordering::Acquire)
+                && (delivering.is_none() || last_grant.elapsed() >= broadcast_every)
+            {
                 slices.grant();
+                last_grant = Instant::now();
             }
         }
     }
@@ -549,6 +580,11 @@ impl Rooms {
     /// socket lands on the same CPU as the shared tick and delays it.
     async fn send_positions(&self, room: &Room, view: &View, opens_at_ms: i64, slices: &Semaphore) {
         let fans: Vec<FanId> = lock(&room.waiters).by_fan.keys().cloned().collect();
+        // A grant left from the last round's end isn't for now: this round starts right behind a
+        // broadcast, and its first slice waits for the next grant like the others.
+        if let Ok(stale) = slices.try_acquire() {
+            stale.forget();
+        }
         for fans in fans.chunks(self.cfg.position_slice.max(1)) {
             // Closed: the room's loop ended.
             let Ok(grant) = slices.acquire().await else {

@@ -518,7 +518,8 @@
     else els.eta.textContent = eta === null ? 'working it out' : fmtWait(eta);
     // Words ("when shoppers finish") in a smaller face than figures, so that at phone width they
     // wrap between words rather than inside one.
-    els.eta.classList.toggle('words', !/\d/.test(els.eta.textContent));
+    const etaText = els.eta.textContent;
+    els.eta.classList.toggle('words', /[a-z]/i.test(etaText) && !/\d/.test(etaText));
 
     // Progress from where we first stood to the front of the line.
     if (ahead !== null && state.fan && (state.fan.startAhead === null || ahead > state.fan.startAhead)) {

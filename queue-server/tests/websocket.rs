@@ -105,3 +105,30 @@ async fn shutdown_tells_sockets_to_reconnect() {
     stopping.await.unwrap();
     booking.shutdown().await;
 }
+
+/// With a shared frame on every admission run (`broadcast_interval_ms` = `tick_ms`), there is
+/// never a run without a broadcast: exact positions must still come (a position round's slices
+/// wait for a quiet moment, but never more than a broadcast interval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn positions_keep_coming_when_every_run_broadcasts() {
+    let mut cfg = common::test_config();
+    cfg.queue.tick_ms = 100;
+    cfg.queue.broadcast_interval_ms = 100;
+    cfg.queue.position_interval_ms = 300;
+    let h = Harness::start_with(cfg).await;
+    let drop = h.queue_drop(10, 2, json!({"paused": true}), None).await;
+    let (_, token) = h.fan("busy-line");
+    let mut ws = common::connect(&h.queue.ws_url(), &drop, &token).await;
+    // The first position comes with the join; the next ones only from position rounds.
+    for _ in 0..3 {
+        // Ticks keep the socket busy, so bound the whole wait, not each message.
+        let position = tokio::time::timeout(
+            Duration::from_secs(30),
+            common::wait_for(&mut ws, "position"),
+        )
+        .await
+        .expect("a position within 30 s");
+        assert_eq!(position["ahead"], 0, "{position}");
+    }
+    h.shutdown().await;
+}
