@@ -99,8 +99,9 @@ impl Waiters {
         }
     }
 
-    /// Whether every socket here has taken everything queued for it (and written it: a socket
-    /// task takes a frame off its queue and writes it in the same step).
+    /// Whether every socket here has taken everything queued for it. A socket task takes a frame
+    /// off its queue and writes it in the same step, so this is "written", but for the rare
+    /// socket whose write blocked (it is still being written then).
     fn drained(&self) -> bool {
         self.by_conn
             .values()
