@@ -6,7 +6,10 @@
 #      That is the ceiling: Redis doing nothing but the script.
 #   2. loadtest reserve, closed loop, 50 workers, against booking-api and the same drop: the
 #      same script behind HTTP, auth and validation.
-#   Then prints both throughputs, the ratio loadtest / redis-benchmark, and p50/p99 of both.
+#   3. loadtest reserve, open loop at half of step 2's throughput, HALF_RUNS times on fresh
+#      drops: latency from each request's intended send time (bar: p99 ≤ 5 ms at half of peak).
+#   Then prints both throughputs, the ratio loadtest / redis-benchmark, p50/p99 of both, and
+#   the half-of-peak runs' p50 / p99 / p99.9 against the latency bar.
 #
 # Usage: bench/reserve-baseline.sh [--drop-id D]
 #
@@ -17,6 +20,8 @@
 #   REQUESTS             redis-benchmark requests            [300000]
 #   CLIENTS              clients / workers on both sides     [50]
 #   DURATION_S           loadtest's measured seconds         [10]
+#   HALF_RUNS            open-loop runs at half of peak (0 skips them)        [3]
+#   HALF_DURATION_S      measured seconds of each (after a 3 s warm-up)       [20]
 #   LOADTEST, BOOKING_API  binaries  [target/release/loadtest, target/release/booking-api]
 #   OUT_DIR              where raw outputs go                [target/bench/reserve-<timestamp>]
 #
@@ -58,6 +63,8 @@ REDIS_URL=${REDIS_URL:-127.0.0.1:6379}
 REQUESTS=${REQUESTS:-300000}
 CLIENTS=${CLIENTS:-50}
 DURATION_S=${DURATION_S:-10}
+HALF_RUNS=${HALF_RUNS:-3}
+HALF_DURATION_S=${HALF_DURATION_S:-20}
 LOADTEST=${LOADTEST:-target/release/loadtest}
 BOOKING_API=${BOOKING_API:-target/release/booking-api}
 OUT_DIR=${OUT_DIR:-target/bench/reserve-$(date +%Y%m%d-%H%M%S)}
@@ -149,6 +156,25 @@ echo "  loadtest answers by status: ${lt_codes:-none}; 201/s: $(printf '%.0f' "$
 if awk -v ok="$lt_ok_rps" -v all="$lt_rps" 'BEGIN { exit !(all > 0 && ok < 0.99 * all) }'; then
     echo "  warning: over 1 % of booking-api's answers were not 201: the ratio compares different work" >&2
     echo "  (429s mean booking-api's limits.per_ip_per_s / per_fan_per_s throttled the load generator)" >&2
+fi
+
+# 3. Latency at half of peak: open loop, so a slow answer can't slow the arrivals down.
+half=$(awk -v r="$lt_ok_rps" 'BEGIN { printf "%d", r / 2 }')
+if (( HALF_RUNS > 0 && half > 0 )); then
+    echo "  open loop at half of peak, $half/s, ${HALF_DURATION_S} s each (bar p99 ≤ 5 ms):"
+    for ((i = 1; i <= HALF_RUNS; i++)); do
+        echo "reserve-baseline: open loop at $half/s, run $i of $HALF_RUNS" >&2
+        set +e
+        "$LOADTEST" reserve --rate "$half" --warmup-s 3 --duration-s "$HALF_DURATION_S" \
+            --json "$OUT_DIR/half-$i.json" --quiet > "$OUT_DIR/half-$i.txt"
+        rc=$?
+        set -e
+        (( rc == 0 )) || loadtest_rc=$rc
+        [[ -f $OUT_DIR/half-$i.json ]] || { echo "    run $i: no report (exit $rc)"; continue; }
+        jq -r --arg i "$i" 'def r2: (. * 100 | round) / 100;
+            "    run \($i): \(.throughput.ok_per_s | floor)/s  p50 \(.latency.all.p50_ms | r2) ms  p99 \(.latency.all.p99_ms | r2) ms  p99.9 \(.latency.all.p99_9_ms | r2) ms  (service time p99 \(.latency.service.p99_ms | r2) ms)"' \
+            "$OUT_DIR/half-$i.json"
+    done
 fi
 echo "  raw outputs: $OUT_DIR"
 if [[ $loadtest_rc -ne 0 ]]; then
