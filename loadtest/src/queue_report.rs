@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::invariants::{Check, Verdict};
 use crate::stats::{new_histogram, Percentiles};
-use crate::ws_clients::{AdmittedSeen, ChildReport};
+use crate::ws_clients::{AdmittedSeen, ChildReport, TickSeen};
 
 /// The bars of the acceptance item (DESIGN.md §8).
 pub const BAR_RSS_PER_SOCKET_KIB: f64 = 10.0;
@@ -16,16 +16,9 @@ pub const GOAL_RSS_PER_SOCKET_KIB: f64 = 8.0;
 pub const BAR_TICK_TO_LAST_MS: f64 = 500.0;
 pub const BAR_ADMIT_RATE_ERROR_PCT: f64 = 2.0;
 
-/// One tick, merged over every client process.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct MergedTick {
-    pub at_ms: i64,
-    pub admitted_total: Option<i64>,
-    pub sockets: u64,
-    pub first_us: i64,
-    pub last_us: i64,
-    pub bytes: usize,
-}
+/// One tick, merged over every client process: what one child saw, summed (sockets) and
+/// widened (first and last receive times) over all of them.
+pub type MergedTick = TickSeen;
 
 /// Every tick any socket received, in time order.
 pub fn merge_ticks(reports: &[ChildReport]) -> Vec<MergedTick> {
@@ -40,14 +33,7 @@ pub fn merge_ticks(reports: &[ChildReport]) -> Vec<MergedTick> {
                 m.admitted_total = m.admitted_total.max(t.admitted_total);
                 m.bytes = m.bytes.max(t.bytes);
             })
-            .or_insert(MergedTick {
-                at_ms: t.at_ms,
-                admitted_total: t.admitted_total,
-                sockets: t.sockets,
-                first_us: t.first_us,
-                last_us: t.last_us,
-                bytes: t.bytes,
-            });
+            .or_insert_with(|| t.clone());
     }
     by_at.into_values().collect()
 }
@@ -816,7 +802,7 @@ pub fn render_text(r: &QueueReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws_clients::{RoundSeen, TickSeen};
+    use crate::ws_clients::RoundSeen;
 
     fn tick(at_ms: i64, total: i64, sockets: u64, first_ms: i64, last_ms: i64) -> TickSeen {
         TickSeen {
