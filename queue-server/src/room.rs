@@ -60,6 +60,14 @@ impl Waiters {
         }
     }
 
+    /// Lets go of every socket here: dropping its sender ends its socket task, which closes it.
+    fn let_go_all(&mut self) {
+        let conns: Vec<u64> = self.by_conn.keys().copied().collect();
+        for conn in conns {
+            self.remove(conn);
+        }
+    }
+
     /// Queues `msg` on every socket of `fan`; a socket whose queue is full is dropped.
     fn send_fan(&mut self, fan: &FanId, msg: &Frame) {
         let conns = self.by_fan.get(fan).cloned().unwrap_or_default();
@@ -305,11 +313,7 @@ impl Rooms {
     pub fn close_all(&self) {
         let rooms = lock(&self.rooms);
         for room in rooms.values() {
-            let mut w = lock(&room.waiters);
-            let conns: Vec<u64> = w.by_conn.keys().copied().collect();
-            for conn in conns {
-                w.remove(conn);
-            }
+            lock(&room.waiters).let_go_all();
         }
     }
 
@@ -393,11 +397,7 @@ impl Rooms {
                 // Sockets that entered meanwhile have no loop to serve them: let them go (they
                 // close, and the page reconnects into a new room). Under the rooms lock, which
                 // `enter` holds while it checks that its room is still the drop's.
-                let mut w = lock(&room.waiters);
-                let conns: Vec<u64> = w.by_conn.keys().copied().collect();
-                for conn in conns {
-                    w.remove(conn);
-                }
+                lock(&room.waiters).let_go_all();
                 return;
             }
         };
