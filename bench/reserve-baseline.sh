@@ -9,7 +9,9 @@
 #   3. loadtest reserve, open loop at half of step 2's throughput, HALF_RUNS times on fresh
 #      drops: latency from each request's intended send time (bar: p99 ≤ 5 ms at half of peak).
 #   Then prints both throughputs, the ratio loadtest / redis-benchmark, p50/p99 of both, and
-#   the half-of-peak runs' p50 / p99 / p99.9 against the latency bar.
+#   the half-of-peak runs' p50 / p99 / p99.9 against the latency bar, each with the number of
+#   AOF rewrites Redis ran during it (a rewrite forks and rewrites the whole file: on two shared
+#   cores it is the largest single cause of a missed latency bar; see docs/BENCHMARKS.md).
 #
 # Usage: bench/reserve-baseline.sh [--drop-id D]
 #
@@ -71,6 +73,7 @@ OUT_DIR=${OUT_DIR:-target/bench/reserve-$(date +%Y%m%d-%H%M%S)}
 
 command -v redis-benchmark >/dev/null || die "redis-benchmark not found (apt-get install -y redis-tools)"
 command -v jq >/dev/null || die "jq not found (apt-get install -y jq)"
+command -v redis-cli >/dev/null || die "redis-cli not found (apt-get install -y redis-tools)"
 
 if [[ ! -x $LOADTEST || ! -x $BOOKING_API ]]; then
     echo "reserve-baseline: building release binaries" >&2
@@ -95,6 +98,14 @@ else
 fi
 redis_auth=()
 [[ -n $password ]] && redis_auth=(-a "$password" --no-auth-warning)
+
+# redis_info SECTION FIELD → the field's value from INFO (empty when absent).
+redis_info() {
+    redis-cli -h "$redis_host" -p "$redis_port" "${redis_auth[@]}" info "$1" |
+        tr -d '\r' | awk -F: -v f="$2" '$1 == f { print $2 }'
+}
+aof_rewrite_pct=$(redis-cli -h "$redis_host" -p "$redis_port" "${redis_auth[@]}" \
+    config get auto-aof-rewrite-percentage | tail -n 1)
 
 mkdir -p "$OUT_DIR"
 
@@ -161,18 +172,21 @@ fi
 # 3. Latency at half of peak: open loop, so a slow answer can't slow the arrivals down.
 half=$(awk -v r="$lt_ok_rps" 'BEGIN { printf "%d", r / 2 }')
 if (( HALF_RUNS > 0 && half > 0 )); then
-    echo "  open loop at half of peak, $half/s, ${HALF_DURATION_S} s each (bar p99 ≤ 5 ms):"
+    echo "  open loop at half of peak, $half/s, ${HALF_DURATION_S} s each (bar p99 ≤ 5 ms;" \
+        "Redis auto-aof-rewrite-percentage ${aof_rewrite_pct:-?}):"
     for ((i = 1; i <= HALF_RUNS; i++)); do
         echo "reserve-baseline: open loop at $half/s, run $i of $HALF_RUNS" >&2
+        rewrites_before=$(redis_info persistence aof_rewrites)
         set +e
         "$LOADTEST" reserve --rate "$half" --warmup-s 3 --duration-s "$HALF_DURATION_S" \
             --json "$OUT_DIR/half-$i.json" --quiet > "$OUT_DIR/half-$i.txt"
         rc=$?
         set -e
         (( rc == 0 )) || loadtest_rc=$rc
+        rewrites=$(( $(redis_info persistence aof_rewrites) - rewrites_before ))
         [[ -f $OUT_DIR/half-$i.json ]] || { echo "    run $i: no report (exit $rc)"; continue; }
-        jq -r --arg i "$i" 'def r2: (. * 100 | round) / 100;
-            "    run \($i): \(.throughput.ok_per_s | floor)/s  p50 \(.latency.all.p50_ms | r2) ms  p99 \(.latency.all.p99_ms | r2) ms  p99.9 \(.latency.all.p99_9_ms | r2) ms  (service time p99 \(.latency.service.p99_ms | r2) ms)"' \
+        jq -r --arg i "$i" --arg rw "$rewrites" 'def r2: (. * 100 | round) / 100;
+            "    run \($i): \(.throughput.ok_per_s | floor)/s  p50 \(.latency.all.p50_ms | r2) ms  p99 \(.latency.all.p99_ms | r2) ms  p99.9 \(.latency.all.p99_9_ms | r2) ms  (service time p99 \(.latency.service.p99_ms | r2) ms; AOF rewrites \($rw))"' \
             "$OUT_DIR/half-$i.json"
     done
 fi
