@@ -57,12 +57,14 @@ struct UpArgs {
     booking_port: u16,
     #[arg(long, env = "FLOODGATE_DEV_QUEUE_PORT", default_value_t = 8081)]
     queue_port: u16,
-    /// The booking-api binary (relative paths: to the current directory, else to the checkout).
-    #[arg(long, default_value = "target/release/booking-api")]
-    booking_bin: PathBuf,
-    /// The queue-server binary (relative paths: to the current directory, else to the checkout).
-    #[arg(long, default_value = "target/release/queue-server")]
-    queue_bin: PathBuf,
+    /// The booking-api binary (relative paths: to the current directory, else to the checkout)
+    /// [default: $CARGO_TARGET_DIR/release/booking-api, CARGO_TARGET_DIR defaulting to target]
+    #[arg(long)]
+    booking_bin: Option<PathBuf>,
+    /// The queue-server binary (relative paths: to the current directory, else to the checkout)
+    /// [default: $CARGO_TARGET_DIR/release/queue-server]
+    #[arg(long)]
+    queue_bin: Option<PathBuf>,
     /// Stack name: a second stack beside the "dev" one (other ports too), with its own state,
     /// `.dev/up-<name>.pid` and `.dev/env-<name>`.
     #[arg(long, default_value = devstack::DEV_STACK_NAME, hide = true)]
@@ -203,8 +205,18 @@ fn up(args: UpArgs) -> Result<u8> {
     let root = devstack::workspace_root()?;
     let dev_dir = root.join(".dev");
     fs::create_dir_all(&dev_dir).with_context(|| format!("creating {}", dev_dir.display()))?;
-    let booking_bin = resolve_bin(&args.booking_bin, &root, "floodgate-booking-api")?;
-    let queue_bin = resolve_bin(&args.queue_bin, &root, "floodgate-queue-server")?;
+    let booking_bin = resolve_bin(
+        args.booking_bin,
+        "booking-api",
+        &root,
+        "floodgate-booking-api",
+    )?;
+    let queue_bin = resolve_bin(
+        args.queue_bin,
+        "queue-server",
+        &root,
+        "floodgate-queue-server",
+    )?;
     let default_name = args.name == devstack::DEV_STACK_NAME;
     if !args
         .name
@@ -422,8 +434,15 @@ fn random_hex_secret() -> Result<String> {
     Ok(hex::encode(bytes))
 }
 
-/// A server binary: `bin` as given, else relative to the checkout; `package` is what builds it.
-fn resolve_bin(bin: &Path, root: &Path, package: &str) -> Result<PathBuf> {
+/// A server binary: `bin` as given, else relative to the checkout; without `bin`, `name` where
+/// `cargo build --release` puts it (`./dev up` builds there, honouring `CARGO_TARGET_DIR`).
+/// `package` is what builds it.
+fn resolve_bin(bin: Option<PathBuf>, name: &str, root: &Path, package: &str) -> Result<PathBuf> {
+    let bin = bin.unwrap_or_else(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
+        PathBuf::from(target).join("release").join(name)
+    });
+    let bin = bin.as_path();
     let candidates = if bin.is_absolute() {
         vec![bin.to_path_buf()]
     } else {
