@@ -98,6 +98,46 @@ async fn declined_payment_puts_hold_back_to_held() {
     h.server.shutdown().await;
 }
 
+/// After a declined attempt, a second one moves the hold to `confirming` but fails before it
+/// records its payment (Postgres unreachable, the process killed): the payment row still holds the
+/// first attempt. The reconciler must give the hold back rather than skip it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attempt_that_never_recorded_its_payment_is_reverted() {
+    let mut cfg = test_config();
+    cfg.holds.confirm_timeout_ms = 1_000;
+    cfg.holds.confirm_safety_margin_ms = 200;
+    let h = Harness::with_config(cfg).await;
+    let drop = h.ga_drop(10, 4, 300).await;
+    let (fan, token) = h.fan("retrier").await;
+    let (status, hold) = h.reserve(&token, &drop, tee(2)).await;
+    assert_eq!(status, 201, "{hold}");
+    let hold_id = hold["hold_id"].as_str().unwrap();
+    let (status, body) = h.confirm(&token, hold_id, "fail_first").await;
+    assert_eq!(status, 402, "{body}");
+
+    // What confirm does before it records the payment, and then nothing more.
+    let id = HoldId::parse(hold_id).unwrap();
+    h.server
+        .engine
+        .redis
+        .confirm_begin(&id, &FanId::parse(&fan).unwrap(), "ok_second")
+        .await
+        .unwrap();
+    assert_eq!(h.hold_state(&token, hold_id).await, "confirming");
+
+    eventually("the reconciler gives the hold back", || async {
+        h.hold_state(&token, hold_id).await == "held"
+    })
+    .await;
+    assert_eq!(h.counts(&drop).await, (10, 8, 2, 0));
+    let (status, order) = h.confirm(&token, hold_id, "ok_third").await;
+    assert_eq!(status, 201, "{order}");
+    assert_eq!(h.counts(&drop).await, (10, 8, 0, 2));
+    assert_eq!(h.order_count(&drop, Some(hold_id)).await, 1);
+    h.assert_invariants(&drop).await;
+    h.server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_payment_is_settled_by_the_reconciler() {
     let mut cfg = test_config();

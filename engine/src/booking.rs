@@ -869,6 +869,26 @@ impl Engine {
         Ok(())
     }
 
+    /// The payment row belongs to another attempt than the one confirming under `reference`.
+    /// If the hold is still confirming under it, that attempt never recorded its payment (a
+    /// Postgres or process failure between confirm_begin and begin_payment) and so never reached
+    /// the gateway, which comes after: the row and the gateway's record are an earlier attempt's,
+    /// already ended, so only the hold goes back. Leaving it would keep it `confirming` for good,
+    /// its units out of stock. If the hold moved on, a newer attempt owns the row: not ours.
+    async fn revert_unrecorded(&self, hold: &HoldId, reference: &str) -> Result<()> {
+        match self.redis.hold(hold).await? {
+            Some(now)
+                if now.st == HoldState::Confirming
+                    && now.reference.as_deref() == Some(reference) =>
+            {
+                tracing::info!(%hold, "reverting a confirm attempt that never recorded its payment");
+                self.redis.confirm_revert(hold, reference).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     async fn existing_order(&self, hold: &HoldId, fan: &FanId) -> Result<Order> {
         match self.db.order_by_hold(hold).await? {
             Some(o) if o.fan == fan.as_str() => Ok(o),
@@ -1059,9 +1079,9 @@ impl Engine {
                             .await?
                             .as_deref()
                         {
-                            // An order is landing for this attempt (the next round finishes it),
-                            // or a newer attempt owns the payment: not ours to void.
-                            Some("authorized") | Some("captured") | Some("superseded") => continue,
+                            // An order is landing for this attempt: the next round finishes it.
+                            Some("authorized") | Some("captured") => continue,
+                            Some("superseded") => self.revert_unrecorded(&hold, &reference).await?,
                             _ => self.void_and_revert(&hold, &reference).await?,
                         }
                     }

@@ -43,6 +43,8 @@ pub trait PaymentGateway: Send + Sync {
     ) -> Result<(), GatewayError>;
     async fn capture(&self, hold: &HoldId) -> Result<(), GatewayError>;
     async fn void(&self, hold: &HoldId) -> Result<(), GatewayError>;
+    /// What became of the attempt made under `reference`; one the gateway never saw (an
+    /// earlier attempt with another reference doesn't count) is `Unknown`.
     async fn lookup(&self, hold: &HoldId, reference: &str) -> Result<Lookup, GatewayError>;
 }
 
@@ -151,6 +153,7 @@ impl PaymentGateway for TestGateway {
     async fn lookup(&self, hold: &HoldId, reference: &str) -> Result<Lookup, GatewayError> {
         // After a restart the memory is gone; the reference alone still decides, deterministically.
         Ok(self.with(hold, |p| match p.state {
+            Some(_) if p.reference != reference => Lookup::Unknown,
             Some("authorized") => Lookup::Authorized,
             Some("captured") => Lookup::Captured,
             Some("declined") => Lookup::Declined,
