@@ -356,3 +356,119 @@ async fn twenty_parallel_reserves_with_one_idempotency_key_make_one_hold() {
     h.assert_invariants(&drop).await;
     h.server.shutdown().await;
 }
+
+/// Two order writers — two booking-api instances' — commit `ORDERS_PER_WRITER` one-unit orders
+/// each, concurrently, in batches of 8; `layout(writer, i)` gives order i's (bucket, fan).
+/// Returns each commit's result and Postgres' sold count per bucket.
+async fn two_writers(
+    h: &Harness,
+    max_retries: u32,
+    layout: impl Fn(usize, usize) -> (&'static str, String),
+) -> (
+    Vec<engine::error::Result<engine::writer::Committed>>,
+    Vec<(String, i32)>,
+) {
+    use engine::config::WriterConfig;
+    use engine::ids::{DropId, FanId, OrderId};
+    use engine::writer::{NewItem, NewOrder, Writer};
+
+    let drop = h
+        .create_drop(json!({
+            "name": "two writers", "per_fan_limit": 1000, "hold_ttl_s": 300,
+            "admission": {"mode": "open"},
+            "inventory": {"kind": "ga", "skus": [
+                {"sku": "A", "name": "A", "price_cents": 100, "quantity": 1000},
+                {"sku": "B", "name": "B", "price_cents": 100, "quantity": 1000}]}
+        }))
+        .await;
+    let drop_id = DropId::parse(&drop).unwrap();
+    let db = &h.server.engine.db;
+    // Small batches, so each writer runs many transactions that overlap the other's.
+    let cfg = WriterConfig {
+        max_batch: 8,
+        max_retries,
+        ..WriterConfig::default()
+    };
+    let writers = [
+        Writer::spawn(db.clone(), &cfg),
+        Writer::spawn(db.clone(), &cfg),
+    ];
+    // Each order is for a hold of its own with a pending payment, as confirm leaves it.
+    let mut orders = Vec::new();
+    for w in 0..2 {
+        for i in 0..ORDERS_PER_WRITER {
+            let (bucket, fan) = layout(w, i);
+            let hold = HoldId::generate(&drop_id);
+            let reference = format!("ok_{w}_{i}");
+            db.begin_payment(&hold, &FanId::parse(&fan).unwrap(), "test", &reference, 100)
+                .await
+                .unwrap();
+            let order = NewOrder {
+                order_id: OrderId::generate(),
+                hold_id: hold,
+                reference,
+                fan,
+                currency: "USD".into(),
+                total_cents: 100,
+                per_fan_limit: 1000,
+                items: vec![NewItem {
+                    bucket: bucket.into(),
+                    seat: None,
+                    quantity: 1,
+                    price_cents: 100,
+                }],
+            };
+            orders.push((w, order));
+        }
+    }
+    let results = join_all(orders.into_iter().map(|(w, o)| writers[w].commit(o))).await;
+    let rows = db
+        .client()
+        .await
+        .unwrap()
+        .query(
+            "SELECT bucket, sold FROM inventory WHERE drop_id = $1 ORDER BY bucket",
+            &[&drop],
+        )
+        .await
+        .unwrap();
+    let sold = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    (results, sold)
+}
+
+const ORDERS_PER_WRITER: usize = 150;
+
+/// Two writers' batches take the same two inventory rows, one A then B, the other B then A.
+/// Every order must commit without a retry: the writer locks its rows in one order, so no
+/// deadlock (which would answer its fans 503 and leave them to the reconciler).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_writers_taking_rows_in_opposite_orders_both_commit() {
+    let h = Harness::start().await;
+    let fan = |w: usize, i: usize| format!("w{w}-{i}-{:08x}", rand::random::<u32>());
+    let (results, sold) = two_writers(&h, 0, |w, i| {
+        (if (w + i) % 2 == 0 { "A" } else { "B" }, fan(w, i))
+    })
+    .await;
+    for r in &results {
+        assert!(matches!(r, Ok(engine::writer::Committed::New(_))), "{r:?}");
+    }
+    let n = ORDERS_PER_WRITER as i32;
+    assert_eq!(sold, vec![("A".into(), n), ("B".into(), n)]);
+    h.server.shutdown().await;
+}
+
+/// Two writers sell different rows (A, B) to the same two fans, in opposite orders. Without
+/// order in how batches take per-fan rows, these deadlock; no retry here, so none may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_writers_selling_to_the_same_fans_in_opposite_orders_both_commit() {
+    let h = Harness::start().await;
+    let fans = [0, 1].map(|i| format!("fan{i}-{:08x}", rand::random::<u32>()));
+    let (results, sold) =
+        two_writers(&h, 0, |w, i| (["A", "B"][w], fans[(w + i) % 2].clone())).await;
+    for r in &results {
+        assert!(matches!(r, Ok(engine::writer::Committed::New(_))), "{r:?}");
+    }
+    let n = ORDERS_PER_WRITER as i32;
+    assert_eq!(sold, vec![("A".into(), n), ("B".into(), n)]);
+    h.server.shutdown().await;
+}

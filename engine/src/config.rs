@@ -302,6 +302,7 @@ impl Default for HoldsConfig {
 
 pub const DEFAULT_WRITER_MAX_BATCH: usize = 64;
 pub const DEFAULT_WRITER_QUEUE_LEN: usize = 4_096;
+pub const DEFAULT_WRITER_MAX_RETRIES: u32 = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -310,6 +311,9 @@ pub struct WriterConfig {
     pub max_batch: usize,
     /// Orders waiting for the writer; past it confirms answer 503 `unavailable`.
     pub queue_len: usize,
+    /// Times a batch Postgres aborted as a deadlock or serialization failure (another instance's
+    /// batch) is run again before its confirms answer 503 and the reconciler takes over.
+    pub max_retries: u32,
 }
 
 impl Default for WriterConfig {
@@ -317,6 +321,7 @@ impl Default for WriterConfig {
         WriterConfig {
             max_batch: DEFAULT_WRITER_MAX_BATCH,
             queue_len: DEFAULT_WRITER_QUEUE_LEN,
+            max_retries: DEFAULT_WRITER_MAX_RETRIES,
         }
     }
 }

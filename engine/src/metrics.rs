@@ -15,6 +15,7 @@ pub const RECONCILED: &str = "floodgate_reconciled_holds_total";
 pub const RECOVERIES: &str = "floodgate_recoveries_total";
 pub const WRITER_BATCH_ORDERS: &str = "floodgate_writer_batch_orders";
 pub const WRITER_REJECTED: &str = "floodgate_writer_rejected_total";
+pub const WRITER_RETRIES: &str = "floodgate_writer_retries_total";
 pub const CONSTRAINT_REFUSALS: &str = "floodgate_constraint_refusals_total";
 pub const OVERSELL_ALARMS: &str = "floodgate_oversell_alarms_total";
 pub const HTTP_CONNECTIONS: &str = "floodgate_http_connections";

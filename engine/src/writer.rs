@@ -3,6 +3,7 @@
 //! Each caller gets its answer only after the transaction holding its order has committed.
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::error::SqlState;
 
 use crate::config::WriterConfig;
 use crate::db::{is_constraint_violation, Db};
@@ -63,7 +64,7 @@ pub struct Writer {
 impl Writer {
     pub fn spawn(db: Db, cfg: &WriterConfig) -> Writer {
         let (tx, rx) = mpsc::channel(cfg.queue_len.max(1));
-        tokio::spawn(run(db, rx, cfg.max_batch.max(1)));
+        tokio::spawn(run(db, rx, cfg.max_batch.max(1), cfg.max_retries));
         Writer { tx }
     }
 
@@ -84,12 +85,12 @@ impl Writer {
     }
 }
 
-async fn run(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+async fn run(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize, max_retries: u32) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         metrics::histogram!(crate::metrics::WRITER_BATCH_ORDERS).record(batch.len() as f64);
         let jobs = std::mem::take(&mut batch);
-        match write_batch(&db, &jobs).await {
+        match write_batch(&db, &jobs, max_retries).await {
             Ok(results) => {
                 for (job, result) in jobs.into_iter().zip(results) {
                     let _ = job.reply.send(result);
@@ -105,32 +106,111 @@ async fn run(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
 }
 
 /// One transaction for the whole batch; per-order results, sent only if the commit succeeds.
-async fn write_batch(db: &Db, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
+/// A batch Postgres aborts for another transaction's sake (a deadlock or serialization failure,
+/// say with another instance's batch) is run again, up to `max_retries` times.
+async fn write_batch(db: &Db, jobs: &[Job], max_retries: u32) -> Result<Vec<Result<Committed>>> {
+    let mut retries = 0;
+    loop {
+        match try_batch(db, jobs).await {
+            Ok(results) => return Ok(results),
+            Err(Attempt::Retry(e)) if retries < max_retries => {
+                retries += 1;
+                metrics::counter!(crate::metrics::WRITER_RETRIES).increment(1);
+                tracing::warn!(error = %e, retries, "Postgres aborted an order batch; running it again");
+            }
+            Err(Attempt::Retry(e)) => return Err(e.into()),
+            Err(Attempt::Failed(e)) => return Err(e),
+        }
+    }
+}
+
+/// Why a batch didn't commit: worth running again, or not.
+enum Attempt {
+    Retry(tokio_postgres::Error),
+    Failed(Error),
+}
+
+impl From<tokio_postgres::Error> for Attempt {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let transient = [
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+        ];
+        if e.code().is_some_and(|c| transient.contains(c)) {
+            Attempt::Retry(e)
+        } else {
+            Attempt::Failed(e.into())
+        }
+    }
+}
+
+impl From<Error> for Attempt {
+    fn from(e: Error) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+async fn try_batch(db: &Db, jobs: &[Job]) -> std::result::Result<Vec<Result<Committed>>, Attempt> {
     let mut client = db.client().await?;
     let mut tx = client.transaction().await?;
-    let mut results = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    lock_inventory(&tx, jobs).await?;
+    // Orders go in fan order, so two batches that share fans take their per-fan rows in the same
+    // order too (see lock_inventory).
+    let mut by_fan: Vec<usize> = (0..jobs.len()).collect();
+    by_fan.sort_by(|&a, &b| jobs[a].order.fan.cmp(&jobs[b].order.fan));
+    let mut results: Vec<Result<Committed>> = vec![Ok(Committed::Superseded); jobs.len()];
+    for i in by_fan {
+        let job = &jobs[i];
         let sp = tx.savepoint("one_order").await?;
         match insert_order(&sp, &job.order).await {
             Ok(done) => {
                 sp.commit().await?;
-                results.push(Ok(done));
+                results[i] = Ok(done);
             }
             Err(e) if is_constraint_violation(&e) => {
                 // The last guard fired: Redis let through a sale Postgres refuses. Never expected.
                 tracing::error!(hold = %job.order.hold_id, error = %e, "Postgres refused an order");
                 metrics::counter!(crate::metrics::CONSTRAINT_REFUSALS).increment(1);
                 sp.rollback().await?;
-                results.push(Err(Error::msg(
+                results[i] = Err(Error::msg(
                     Code::Internal,
                     "The sale was refused by the store's final check.",
-                )));
+                ));
             }
             Err(e) => return Err(e.into()),
         }
     }
     tx.commit().await?;
     Ok(results)
+}
+
+/// Locks every inventory row the batch will update, in one order (drop, bucket) for every
+/// writer. Orders update their rows one by one; two instances' batches taking the same rows in
+/// opposite orders would deadlock, and Postgres only notices after `deadlock_timeout` (1 s).
+async fn lock_inventory(
+    tx: &deadpool_postgres::Transaction<'_>,
+    jobs: &[Job],
+) -> std::result::Result<(), tokio_postgres::Error> {
+    let mut rows: Vec<(String, &str)> = jobs
+        .iter()
+        .flat_map(|j| {
+            let drop = j.order.hold_id.drop_id().to_string();
+            j.order
+                .items
+                .iter()
+                .map(move |i| (drop.clone(), i.bucket.as_str()))
+        })
+        .collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let (drops, buckets): (Vec<String>, Vec<&str>) = rows.into_iter().unzip();
+    tx.execute(
+        "SELECT 1 FROM inventory i JOIN unnest($1::text[], $2::text[]) AS t(d, b) \
+         ON i.drop_id = t.d AND i.bucket = t.b ORDER BY i.drop_id, i.bucket FOR UPDATE OF i",
+        &[&drops, &buckets],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn insert_order(
