@@ -54,6 +54,8 @@ for i = 1, #all, 2 do
     -- ask the gateway, as for any confirm that stopped halfway.
     h.st = 'confirming'; h.cexp = now; h.oid = nil
     save_hold(id, h)
+    -- Live again: off the purge list its sale put it on.
+    redis.call('ZREM', K.done, id)
     live[#live + 1] = {id = id, h = h}
   end
 end

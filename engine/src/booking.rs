@@ -817,9 +817,15 @@ impl Engine {
             return Ok(None);
         };
         self.capture(hold).await;
-        match self.redis.confirm_finish(hold, order_id).await? {
-            Finish::Sold | Finish::Already => {}
-            Finish::Ended | Finish::Unknown => {
+        match self.redis.confirm_finish(hold, order_id).await {
+            Ok(Finish::Sold | Finish::Already) => {}
+            // The order is committed: the sale stands, and the fan hears so. Redis still says
+            // `confirming`; past the confirm deadline the reconciler finds the order and
+            // finishes the hold.
+            Err(e) => {
+                tracing::warn!(%hold, %order_id, error = %e, "sold, but Redis missed the finish; the reconciler completes it")
+            }
+            Ok(Finish::Ended | Finish::Unknown) => {
                 metrics::counter!(m::OVERSELL_ALARMS).increment(1);
                 tracing::error!(%hold, %order_id, "order committed for a hold whose units went back to stock");
                 // Redis doesn't count this sale (it lost the hold, or gave its units back): the
