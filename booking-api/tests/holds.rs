@@ -805,3 +805,53 @@ async fn not_open_drop_refuses() {
     assert_eq!(h.counts(&drop).await, (5, 5, 0, 0));
     h.server.shutdown().await;
 }
+
+/// Redis and Postgres disagree (here: Postgres says everything is sold, Redis that all is
+/// available). Postgres' constraint refuses the confirm's order; the payment is voided, and the
+/// drop is rebuilt from Postgres so the next fan isn't charged and refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn order_refused_by_postgres_voids_and_rebuilds_the_drop() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(2, 2, 300).await;
+    h.server
+        .engine
+        .db
+        .client()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE inventory SET sold = total WHERE drop_id = $1",
+            &[&drop],
+        )
+        .await
+        .unwrap();
+    let (_, token) = h.fan("refused").await;
+    let (status, hold) = h.reserve(&token, &drop, tee(1)).await;
+    assert_eq!(status, 201, "{hold}");
+    let hold_id = hold["hold_id"].as_str().unwrap();
+
+    let (status, body) = h.confirm(&token, hold_id, "ok_refused").await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(error_code(&body), "internal");
+    assert_eq!(h.order_count(&drop, None).await, 0);
+    let payment = h
+        .server
+        .engine
+        .test_gateway
+        .as_ref()
+        .unwrap()
+        .payment(&HoldId::parse(hold_id).unwrap())
+        .unwrap();
+    assert_eq!((payment.captures, payment.voids), (0, 1), "{payment:?}");
+
+    eventually("the drop is rebuilt from Postgres", || async {
+        let (status, _) = h.get(&format!("/v1/drops/{drop}"), None).await;
+        status == 200 && h.counts(&drop).await == (2, 0, 0, 2)
+    })
+    .await;
+    let (_, other) = h.fan("next").await;
+    let (status, body) = h.reserve(&other, &drop, tee(1)).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(error_code(&body), "sold_out");
+    h.server.shutdown().await;
+}

@@ -803,15 +803,18 @@ impl Engine {
                 })
                 .collect(),
         };
-        let committed = match self.writer.commit(new).await {
-            Ok(c) => c,
-            Err(e) if e.code == Code::Internal => {
-                // Postgres' final check refused the sale: undo the payment and the hold.
-                self.void_and_revert(hold, &reference).await?;
-                return Err(e);
-            }
-            Err(e) => return Err(e),
-        };
+        let committed = self.writer.commit(new).await?;
+        if committed == Committed::Refused {
+            // Postgres' final check refused the sale: undo the payment and the hold, and rebuild
+            // the drop from Postgres, since Redis disagrees with it (else every later buyer of
+            // these units would be authorized, voided and refused the same way).
+            self.void_and_revert(hold, &reference).await?;
+            let _ = self.redis.set_meta(&def.drop_id, "recovering", "1").await;
+            return Err(Error::msg(
+                Code::Internal,
+                "The sale was refused by the store's final check.",
+            ));
+        }
         let Some(order_id) = committed.order_id() else {
             self.void_and_revert(hold, &reference).await?;
             return Ok(None);

@@ -40,13 +40,16 @@ pub enum Committed {
     Existing(OrderId),
     /// The payment attempt is no longer pending (the reconciler voided it): no order was made.
     Superseded,
+    /// Postgres' constraints, the last guard, refused the order: Redis let through a sale that
+    /// Postgres says is not there to sell. Never expected; nothing was written.
+    Refused,
 }
 
 impl Committed {
     pub fn order_id(self) -> Option<OrderId> {
         match self {
             Committed::New(id) | Committed::Existing(id) => Some(id),
-            Committed::Superseded => None,
+            Committed::Superseded | Committed::Refused => None,
         }
     }
 }
@@ -172,10 +175,7 @@ async fn try_batch(db: &Db, jobs: &[Job]) -> std::result::Result<Vec<Result<Comm
                 tracing::error!(hold = %job.order.hold_id, error = %e, "Postgres refused an order");
                 metrics::counter!(crate::metrics::CONSTRAINT_REFUSALS).increment(1);
                 sp.rollback().await?;
-                results[i] = Err(Error::msg(
-                    Code::Internal,
-                    "The sale was refused by the store's final check.",
-                ));
+                results[i] = Ok(Committed::Refused);
             }
             Err(e) => return Err(e.into()),
         }
