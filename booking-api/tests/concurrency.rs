@@ -321,14 +321,7 @@ async fn twenty_concurrent_confirms_make_one_order() {
     assert_eq!(order_ids.len(), 1, "every answer carries the one order");
     assert!(answers.iter().all(|(_, o)| o["hold_id"] == hold_id));
 
-    let payment = h
-        .server
-        .engine
-        .test_gateway
-        .as_ref()
-        .unwrap()
-        .payment(&HoldId::parse(hold_id).unwrap())
-        .unwrap();
+    let payment = h.payment(hold_id).await;
     assert_eq!(payment.authorizations, 1, "{payment:?}");
     assert_eq!(payment.captures, 1, "{payment:?}");
     assert_eq!(h.order_count(&drop, Some(hold_id)).await, 1);

@@ -84,14 +84,7 @@ async fn declined_payment_puts_hold_back_to_held() {
     let (status, order) = h.confirm(&token, hold_id, "ok_card").await;
     assert_eq!(status, 201, "{order}");
     assert_eq!(h.hold_state(&token, hold_id).await, "sold");
-    let payment = h
-        .server
-        .engine
-        .test_gateway
-        .as_ref()
-        .unwrap()
-        .payment(&HoldId::parse(hold_id).unwrap())
-        .unwrap();
+    let payment = h.payment(hold_id).await;
     assert_eq!(payment.captures, 1, "{payment:?}");
     assert_eq!(h.counts(&drop).await, (10, 8, 0, 2));
     h.assert_invariants(&drop).await;
@@ -834,14 +827,7 @@ async fn order_refused_by_postgres_voids_and_rebuilds_the_drop() {
     assert_eq!(status, 500, "{body}");
     assert_eq!(error_code(&body), "internal");
     assert_eq!(h.order_count(&drop, None).await, 0);
-    let payment = h
-        .server
-        .engine
-        .test_gateway
-        .as_ref()
-        .unwrap()
-        .payment(&HoldId::parse(hold_id).unwrap())
-        .unwrap();
+    let payment = h.payment(hold_id).await;
     assert_eq!((payment.captures, payment.voids), (0, 1), "{payment:?}");
 
     eventually("the drop is rebuilt from Postgres", || async {

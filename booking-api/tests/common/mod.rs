@@ -314,6 +314,16 @@ impl Harness {
             .sum()
     }
 
+    /// What the test gateway recorded of a hold's payment.
+    pub async fn payment(&self, hold_id: &str) -> engine::payments::TestPayment {
+        let gateway = self.server.engine.test_gateway.as_ref();
+        let hold = engine::ids::HoldId::parse(hold_id).unwrap();
+        gateway
+            .expect("the test gateway is on")
+            .payment(&hold)
+            .expect("a payment for the hold")
+    }
+
     /// How many orders Postgres has for a drop (and for one hold, if given).
     pub async fn order_count(&self, drop: &str, hold: Option<&str>) -> i64 {
         let db = self.server.engine.db.client().await.unwrap();
