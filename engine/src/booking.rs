@@ -734,9 +734,17 @@ impl Engine {
         };
         let (_, total) = priced_items(&def, &rec.it);
         // If this fails nothing was charged: the hold stays confirming and the reconciler settles it.
-        self.db
+        let recorded = self
+            .db
             .begin_payment(hold, fan, self.gateway.name(), &payment.reference, total)
             .await?;
+        // The reconciler takes holds past their confirm deadline, and reverts one whose payment
+        // row isn't this attempt's: an insert that landed late (a stall, a partition) must not go
+        // on to charge the fan for a hold that may be back in stock. Nothing is charged yet.
+        let deadline = rec.cexp.unwrap_or(i64::MAX);
+        if !recorded || now_ms() > deadline - self.cfg.holds.confirm_safety_margin_ms as i64 {
+            return Err(payment_pending());
+        }
         let timeout = ms(self.cfg.gateway.timeout_ms);
         let auth = tokio::time::timeout(
             timeout,
@@ -759,7 +767,6 @@ impl Engine {
         }
         // Past this point only the reconciler may settle: it takes holds past their confirm
         // deadline, and we must not commit one it may be reverting.
-        let deadline = rec.cexp.unwrap_or(i64::MAX);
         if now_ms() > deadline - self.cfg.holds.confirm_safety_margin_ms as i64 {
             return Err(payment_pending());
         }
@@ -808,8 +815,8 @@ impl Engine {
             // Postgres' final check refused the sale: undo the payment and the hold, and rebuild
             // the drop from Postgres, since Redis disagrees with it (else every later buyer of
             // these units would be authorized, voided and refused the same way).
-            self.void_and_revert(hold, &reference).await?;
             let _ = self.redis.set_meta(&def.drop_id, "recovering", "1").await;
+            self.void_and_revert(hold, &reference).await?;
             return Err(Error::msg(
                 Code::Internal,
                 "The sale was refused by the store's final check.",

@@ -415,7 +415,7 @@ impl Db {
     /// attempt takes the row over from an ended one — including one left `pending` because its
     /// end (a decline) couldn't be written: confirm_begin only lets a new attempt start once
     /// the old one was reverted, and every path that reverts has ended it. An `authorized` or
-    /// `captured` row (a sale) is never taken over.
+    /// `captured` row (a sale) is never taken over. Returns whether the row is now this attempt's.
     pub async fn begin_payment(
         &self,
         hold: &HoldId,
@@ -423,8 +423,9 @@ impl Db {
         gateway: &str,
         reference: &str,
         amount_cents: i64,
-    ) -> Result<()> {
-        self.client()
+    ) -> Result<bool> {
+        let written = self
+            .client()
             .await?
             .execute(
                 "INSERT INTO payments (hold_id, drop_id, fan_id, gateway, reference, amount_cents, state) \
@@ -434,7 +435,7 @@ impl Db {
                 &[&hold.as_str(), &hold.drop_id().as_str(), &fan.as_str(), &gateway, &reference, &amount_cents],
             )
             .await?;
-        Ok(())
+        Ok(written == 1)
     }
 
     pub async fn set_payment_state(&self, hold: &HoldId, state: &str) -> Result<()> {

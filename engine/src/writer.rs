@@ -157,10 +157,10 @@ async fn try_batch(db: &Db, jobs: &[Job]) -> std::result::Result<Vec<Result<Comm
     let mut client = db.client().await?;
     let mut tx = client.transaction().await?;
     lock_inventory(&tx, jobs).await?;
-    // Orders go in fan order, so two batches that share fans take their per-fan rows in the same
-    // order too (see lock_inventory).
+    // Orders go in (drop, fan) order, so two batches that share fans take their per-fan rows
+    // (`fan_purchases`, keyed so) in the same order too (see lock_inventory).
     let mut by_fan: Vec<usize> = (0..jobs.len()).collect();
-    by_fan.sort_by(|&a, &b| jobs[a].order.fan.cmp(&jobs[b].order.fan));
+    by_fan.sort_by_cached_key(|&i| (jobs[i].order.hold_id.drop_id(), &jobs[i].order.fan));
     let mut results: Vec<Result<Committed>> = vec![Ok(Committed::Superseded); jobs.len()];
     for i in by_fan {
         let job = &jobs[i];
