@@ -201,24 +201,6 @@ impl Setup {
         unreachable!("the last attempt returns")
     }
 
-    /// `POST /v1/drops` → the new drop's id.
-    pub async fn create_drop(
-        &mut self,
-        seller_key: &str,
-        spec: &DropSpec,
-    ) -> anyhow::Result<String> {
-        self.create_drop_from(seller_key, spec.body()).await
-    }
-
-    /// `POST /v1/drops` of a queue drop → its id.
-    pub async fn create_queue_drop(
-        &mut self,
-        seller_key: &str,
-        spec: &QueueDropSpec,
-    ) -> anyhow::Result<String> {
-        self.create_drop_from(seller_key, spec.body()).await
-    }
-
     /// `PUT /v1/drops/{drop_id}/admission` with the ops key.
     pub async fn put_admission(
         &mut self,
@@ -241,7 +223,8 @@ impl Setup {
         Ok(())
     }
 
-    async fn create_drop_from(
+    /// `POST /v1/drops` with a drop's body (`DropSpec::body`, `QueueDropSpec::body`) → its id.
+    pub async fn create_drop(
         &mut self,
         seller_key: &str,
         body: serde_json::Value,

@@ -44,6 +44,16 @@ impl Progress {
             + self.no_answer.load(Ordering::Relaxed)
             + self.dropped.load(Ordering::Relaxed)
     }
+
+    /// The progress bar's message: 201s, other answers, requests without an answer.
+    pub fn line(&self) -> String {
+        let ok = self.ok.load(Ordering::Relaxed);
+        format!(
+            "201 {ok} · other {} · no answer {}",
+            self.answered.load(Ordering::Relaxed).saturating_sub(ok),
+            self.no_answer.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Everything a reserve worker needs, built once per run.

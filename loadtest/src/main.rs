@@ -199,7 +199,7 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
                 .seller_key
                 .as_deref()
                 .context("--seller-key is required to create a drop")?;
-            (setup.create_drop(key, &spec).await?, true)
+            (setup.create_drop(key, spec.body()).await?, true)
         }
     };
     if args.setup_only {
@@ -243,13 +243,8 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
                 Ticker::start(&load_bar, move |b| {
                     b.set_position(progress.done());
                     b.set_message(format!(
-                        "201 {} · other {} · no answer {} · dropped {} · backlog {}",
-                        progress.ok.load(Ordering::Relaxed),
-                        progress
-                            .answered
-                            .load(Ordering::Relaxed)
-                            .saturating_sub(progress.ok.load(Ordering::Relaxed)),
-                        progress.no_answer.load(Ordering::Relaxed),
+                        "{} · dropped {} · backlog {}",
+                        progress.line(),
                         progress.dropped.load(Ordering::Relaxed),
                         backlog.load(Ordering::Relaxed),
                     ));
@@ -278,15 +273,7 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
                 let progress = Arc::clone(&progress);
                 Ticker::start(&load_bar, move |b| {
                     b.set_position((started.elapsed().as_millis() as u64).min(total_ms));
-                    b.set_message(format!(
-                        "201 {} · other {} · no answer {}",
-                        progress.ok.load(Ordering::Relaxed),
-                        progress
-                            .answered
-                            .load(Ordering::Relaxed)
-                            .saturating_sub(progress.ok.load(Ordering::Relaxed)),
-                        progress.no_answer.load(Ordering::Relaxed),
-                    ));
+                    b.set_message(progress.line());
                 })
             };
             let (outcome, t0, requests) =

@@ -548,7 +548,7 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<bool> {
                 .seller_key
                 .as_deref()
                 .context("--seller-key is required to create a drop")?;
-            (setup.create_queue_drop(key, &spec).await?, true)
+            (setup.create_drop(key, spec.body()).await?, true)
         }
     };
     let server_pid = match args.server_pid {
