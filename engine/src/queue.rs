@@ -428,11 +428,22 @@ impl Queue {
             ));
         }
         let seed = self.seed(drop).await?;
-        let joined = self
+        let joined = match self
             .engine
             .redis
             .join(drop, fan, prequeue_score(&seed, fan))
-            .await?;
+            .await
+        {
+            // Postgres has the drop (drop_def above) and Redis doesn't: Redis lost it (a flush,
+            // a failover to an empty replica) and booking-api's watcher is rebuilding it. The line
+            // waits, as while `recovering`; "no such drop" would send every fan away for good.
+            Err(e) if e.code == Code::UnknownDrop => {
+                return Err(
+                    Error::new(Code::Recovering).retry_after(std::time::Duration::from_secs(1))
+                );
+            }
+            other => other?,
+        };
         if joined.new {
             metrics::counter!(crate::metrics::QUEUE_JOINS).increment(1);
         }

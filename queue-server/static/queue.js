@@ -20,7 +20,14 @@
   const BACKOFF_BASE_MS = 500;
   const BACKOFF_MAX_MS = 30000;
   const RESTART_SPREAD_MS = 3000;        // close 1012: everyone reconnects, spread over this
-  const WS_FAILURES_BEFORE_POLLING = 4;  // sockets in a row that closed before saying anything
+  const WS_FAILURES_BEFORE_POLLING = 4;  // sockets in a row that closed before they were stable
+  /**
+   * A socket counts as working once it has stayed open this long after its first message. One that
+   * says something and closes at once (the server answered an error such as `recovering`, or
+   * couldn't take the socket) keeps the backoff growing, or every page would reconnect twice a
+   * second while the server is at its weakest.
+   */
+  const STABLE_MS = 5000;
   const POLL_MS = 5000;
   const POLLS_BETWEEN_WS_TRIES = 12;     // while polling, try a socket again about once a minute
   const REQUEST_TIMEOUT_MS = 15000;
@@ -54,7 +61,7 @@
     opensAtMs: null,      // from the drop (the poll answer doesn't carry it)
     final: null,          // {kind, text, url}: nothing more will change (no reconnects)
     clockOffsetMs: 0,     // Redis' clock (ticks' at_ms) − ours
-    timers: { retry: 0, poll: 0, clock: 0, say: 0, silence: 0 },
+    timers: { retry: 0, poll: 0, clock: 0, say: 0, silence: 0, stable: 0 },
   };
 
   // ---------------------------------------------------------------- small helpers
@@ -241,6 +248,7 @@
     try { ws = new WebSocket(url); } catch (_) { socketClosed(null, false); return; }
     state.ws = ws;
     let heard = false;
+    let stable = false;
     const silent = () => {
       clearTimeout(state.timers.silence);
       state.timers.silence = setTimeout(() => {
@@ -249,7 +257,7 @@
         state.ws = null;
         ws.onmessage = ws.onclose = null;
         ws.close();
-        socketClosed(null, heard);
+        socketClosed(null, heard, stable);
       }, SILENCE_MS);
     };
     silent();
@@ -258,8 +266,13 @@
       silent();
       if (!heard) {
         heard = true;
-        state.wsFailures = 0;
-        state.attempt = 0;
+        clearTimeout(state.timers.stable);
+        state.timers.stable = setTimeout(() => {
+          if (state.ws !== ws) return;
+          stable = true;
+          state.wsFailures = 0;
+          state.attempt = 0;
+        }, STABLE_MS);
         if (state.polling) stopPolling();
         // A new socket starts with an exact position: ticks from before the gap would count
         // admissions it already has.
@@ -274,18 +287,19 @@
     ws.onclose = (ev) => {
       if (state.ws !== ws) return;
       clearTimeout(state.timers.silence);
+      clearTimeout(state.timers.stable);
       state.ws = null;
-      socketClosed(ev.code, heard);
+      socketClosed(ev.code, heard, stable);
     };
   }
 
-  function socketClosed(code, heard) {
+  function socketClosed(code, heard, stable) {
     if (state.final || !state.fan || state.polling) return;   // polling carries on by itself
-    if (!heard) {
+    if (!stable && code !== 1012) {
       state.wsFailures += 1;
       // A socket refused at once may be a bad token or drop (the browser hides the HTTP status):
       // one HTTP join says which, and joins us anyway (it is idempotent).
-      if (state.wsFailures === 1) queueApi('POST', `/v1/drops/${enc(state.dropId)}/queue`).catch(fatal);
+      if (!heard && state.wsFailures === 1) queueApi('POST', `/v1/drops/${enc(state.dropId)}/queue`).catch(fatal);
       if (state.wsFailures >= WS_FAILURES_BEFORE_POLLING) { startPolling(); return; }
     }
     let delay;
@@ -432,6 +446,7 @@
     stopPolling();
     clearTimeout(state.timers.retry);
     clearTimeout(state.timers.silence);
+    clearTimeout(state.timers.stable);
     const ws = state.ws;
     state.ws = null;
     if (ws) ws.close(1000);

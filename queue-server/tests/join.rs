@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::Harness;
+use common::{redis_cli, Harness};
 use engine::queue::{prequeue_score, FanStatus};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -176,5 +176,27 @@ async fn admitted_fan_joining_again_gets_no_second_place() {
     let standing = h.queue.queue.standing(&drop, &fan).await.unwrap();
     assert_eq!(standing.ahead, None, "not back in the line");
     assert_eq!(h.queue.engine.redis.line_len(&drop).await.unwrap(), 0);
+    h.shutdown().await;
+}
+
+/// Redis lost a queue drop that Postgres has (a flush, a failover to an empty replica): joining
+/// answers 503 `recovering` until booking-api's watcher has rebuilt it, never `unknown_drop`
+/// (which the page takes as final), and then the fan joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drop_redis_lost_is_recovering_not_unknown() {
+    let h = Harness::start().await;
+    let drop = h.queue_drop(10, 1, json!({}), None).await;
+    let (_, token) = h.fan("after-the-flush");
+    redis_cli(&["DEL", &engine::queue::QueueKeys::new(&drop).meta]).await;
+    let (status, body) = h.join(&drop, &token).await;
+    // Another test server's watcher may have rebuilt it already.
+    assert!(
+        status == 201 || (status == 503 && body["error"]["code"] == "recovering"),
+        "{status} {body}"
+    );
+    eventually("the drop is rebuilt and the fan joins", || async {
+        h.join(&drop, &token).await.0 == 201
+    })
+    .await;
     h.shutdown().await;
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{connect, next_message, test_config, wait_for, Harness, Socket};
+use common::{connect, next_message, redis_cli, test_config, wait_for, Harness, Socket};
 use engine::ids::{DropId, FanId};
 use serde_json::json;
 
@@ -84,6 +84,53 @@ async fn waiters_gone_past_the_grace_leave_and_those_back_within_it_keep_their_p
     assert!(back_place > gone_place, "{back}");
     assert!(Some(back_place) > flaky_place, "{back}");
     assert_eq!(back["ahead"], 3, "{back}");
+    h.shutdown().await;
+}
+
+/// Redis was down (or every instance stopped) for longer than the grace: no socket's presence
+/// could be refreshed, so every waiter looks gone. They keep their places for a grace after
+/// admission runs resume, while sockets reconnect and presence catches up; after that, one
+/// still unseen leaves as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_keep_their_place_after_an_outage_longer_than_the_grace() {
+    let h = Harness::start().await;
+    let drop = h
+        .queue_drop(10, 1, json!({"paused": true, "leave_grace_s": 15}), None)
+        .await;
+    let keys = engine::queue::QueueKeys::new(&drop);
+    // Joins over HTTP, then says nothing more: only the outage's aftermath keeps it in line.
+    let (fan, token) = h.fan("patient");
+    let (status, joined) = h.join(&drop, &token).await;
+    assert_eq!(status, 201, "{joined}");
+    let place = joined["place"].as_i64();
+    testkit::eventually("the admission loop runs", || async {
+        !redis_cli(&["HGET", &keys.bucket, "run_ms"])
+            .await
+            .is_empty()
+    })
+    .await;
+
+    // The outage, as Redis sees it afterwards: the last admission run and the fan's last
+    // presence both a minute ago (the run first, so no run in between sees only the fan's).
+    let minute_ago =
+        (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000 - 60_000).to_string();
+    redis_cli(&["HSET", &keys.bucket, "run_ms", &minute_ago]).await;
+    redis_cli(&["ZADD", &keys.seen, &minute_ago, fan.as_str()]).await;
+    testkit::eventually("an admission run after the outage", || async {
+        let run_ms = redis_cli(&["HGET", &keys.bucket, "run_ms"]).await;
+        run_ms.parse::<i64>().unwrap_or(0) > minute_ago.parse::<i64>().unwrap()
+    })
+    .await;
+    assert_eq!(
+        place_of(&h, &drop, &fan).await,
+        place,
+        "kept through the outage"
+    );
+
+    testkit::eventually("a grace later, still unseen, the fan leaves", || async {
+        place_of(&h, &drop, &fan).await.is_none()
+    })
+    .await;
     h.shutdown().await;
 }
 

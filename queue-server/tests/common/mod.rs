@@ -338,3 +338,17 @@ pub async fn wait_for(ws: &mut Socket, kind: &str) -> Value {
         }
     }
 }
+
+/// `redis-cli -u <the test Redis> args...`, its stdout (trimmed): for tests that play a fault
+/// on a drop's keys.
+pub async fn redis_cli(args: &[&str]) -> String {
+    let url = test_config().redis.url;
+    let out = tokio::process::Command::new("redis-cli")
+        .args(["-u", url.as_str()])
+        .args(args)
+        .output()
+        .await
+        .expect("redis-cli runs");
+    assert!(out.status.success(), "redis-cli {args:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
