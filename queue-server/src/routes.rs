@@ -127,16 +127,20 @@ impl App {
         self.limits.check_join(&self.client_ip(req, peer))?;
         let joined = self.rooms.queue.join(&drop, &fan).await?;
         self.rooms.touch(&drop)?;
-        let ahead = match joined.status {
-            FanStatus::Waiting | FanStatus::PreQueue => {
-                self.rooms.queue.standing(&drop, &fan).await?.ahead
-            }
-            _ => None,
+        // Before opening the place is the fan's draw, and a draw seen could be a draw shopped
+        // for (join under many names, keep the best): like `/me` and the socket, show none.
+        let (place, ahead) = match joined.status {
+            FanStatus::Waiting => (
+                Some(joined.place),
+                self.rooms.queue.standing(&drop, &fan).await?.ahead,
+            ),
+            FanStatus::PreQueue => (None, None),
+            _ => (Some(joined.place), None),
         };
         let status = if joined.new { 201 } else { 200 };
         ok(
             status,
-            json!({"place": joined.place, "ahead": ahead, "status": joined.status.as_str()}),
+            json!({"place": place, "ahead": ahead, "status": joined.status.as_str()}),
         )
     }
 

@@ -200,3 +200,20 @@ async fn a_drop_redis_lost_is_recovering_not_unknown() {
     .await;
     h.shutdown().await;
 }
+
+/// Before opening, an HTTP join shows no place and no rank, as `/me` and the socket don't: the
+/// place is the fan's draw, and a draw seen could be shopped for under many names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_join_before_opening_reveals_no_draw() {
+    let h = Harness::start().await;
+    let drop = h.queue_drop(10, 1, json!({}), Some(600)).await;
+    let (_, token) = h.fan("early-bird");
+    let (status, joined) = h.join(&drop, &token).await;
+    assert_eq!(status, 201, "{joined}");
+    assert_eq!(joined["status"], "pre_queue", "{joined}");
+    assert!(
+        joined["place"].is_null() && joined["ahead"].is_null(),
+        "{joined}"
+    );
+    h.shutdown().await;
+}
