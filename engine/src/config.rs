@@ -486,6 +486,7 @@ pub const DEFAULT_BOOKING_PUBLIC_URL: &str = "http://127.0.0.1:8080";
 pub const DEFAULT_ADMIT_RATE_WINDOW_MS: u64 = 10_000;
 pub const DEFAULT_ROOM_IDLE_KEEP_MS: u64 = 30_000;
 pub const DEFAULT_MAX_ROOMS: usize = 10_000;
+pub const DEFAULT_QUEUE_MAX_SOCKETS_PER_FAN: usize = 8;
 pub const DEFAULT_POSITION_CONCURRENCY: usize = 64;
 pub const DEFAULT_POSITION_SLICE: usize = 512;
 pub const DEFAULT_PRESENCE_INTERVAL_MS: u64 = 5_000;
@@ -533,6 +534,9 @@ pub struct QueueConfig {
     pub room_idle_keep_ms: u64,
     /// Drops with an admission loop in this process, at most.
     pub max_rooms: usize,
+    /// Open sockets per fan per drop in this process: tabs and devices, not one fan token
+    /// holding every connection slot. Past it a socket gets `rate_limited` and closes.
+    pub max_sockets_per_fan: usize,
     /// Position lookups in flight per drop on the slow cadence.
     pub position_concurrency: usize,
     /// A position round goes out in slices of this many fans, one slice per admission run,
@@ -581,6 +585,7 @@ impl Default for QueueConfig {
             admit_rate_window_ms: DEFAULT_ADMIT_RATE_WINDOW_MS,
             room_idle_keep_ms: DEFAULT_ROOM_IDLE_KEEP_MS,
             max_rooms: DEFAULT_MAX_ROOMS,
+            max_sockets_per_fan: DEFAULT_QUEUE_MAX_SOCKETS_PER_FAN,
             position_concurrency: DEFAULT_POSITION_CONCURRENCY,
             position_slice: DEFAULT_POSITION_SLICE,
             presence_interval_ms: DEFAULT_PRESENCE_INTERVAL_MS,

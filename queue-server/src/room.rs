@@ -288,8 +288,18 @@ impl Rooms {
                 "This instance is shutting down; reconnect.",
             ));
         }
-        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let mut w = lock(&room.waiters);
+        if w.by_fan
+            .get(fan)
+            .is_some_and(|c| c.len() >= self.cfg.max_sockets_per_fan)
+        {
+            return Err(Error::msg(
+                Code::RateLimited,
+                "This fan has too many pages open in this line; close one.",
+            )
+            .retry_after(Duration::from_secs(5)));
+        }
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         w.by_conn.insert(
             conn,
             Waiter {

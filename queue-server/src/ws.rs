@@ -98,20 +98,22 @@ pub async fn serve(
     .await;
     metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).increment(1.0);
     let (tx, mut rx) = mpsc::channel::<Frame>(send_queue_len.max(4));
+    let refuse = |e: Error| {
+        let _ = tx.try_send(frame(
+            &json!({"type": "error", "code": e.code.name(), "message": e.message}),
+        ));
+    };
     let conn = match Box::pin(first_messages(&rooms, &drop, &fan, &tx)).await {
-        Ok(true) => rooms.enter(&drop, &fan, tx).ok(),
-        Ok(false) => {
-            std::mem::drop(tx);
-            None
-        }
+        Ok(true) => rooms.enter(&drop, &fan, tx.clone()).map_err(refuse).ok(),
+        Ok(false) => None,
         Err(e) => {
-            let _ = tx.try_send(frame(
-                &json!({"type": "error", "code": e.code.name(), "message": e.message}),
-            ));
-            std::mem::drop(tx);
+            refuse(e);
             None
         }
     };
+    // From here the room holds the only sender (if it took the socket): when it lets go, the
+    // socket's queue ends and so does the socket.
+    std::mem::drop(tx);
     let mut ping = tokio::time::interval(ms(cfg.ws_ping_interval_ms));
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;

@@ -132,3 +132,53 @@ async fn positions_keep_coming_when_every_run_broadcasts() {
     }
     h.shutdown().await;
 }
+
+/// One fan token can't hold every connection slot: past `queue.max_sockets_per_fan` sockets in
+/// one drop's line, another gets `error` `rate_limited` and closes; the ones open keep working,
+/// and closing one makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sockets_per_fan_are_capped() {
+    let mut cfg = common::test_config();
+    cfg.queue.max_sockets_per_fan = 2;
+    let h = Harness::start_with(cfg).await;
+    let drop = h.queue_drop(10, 1, json!({"paused": true}), None).await;
+    let ws = h.queue.ws_url();
+    let (_, token) = h.fan("many-tabs");
+    let mut first = common::connect(&ws, &drop, &token).await;
+    common::wait_for(&mut first, "position").await;
+    let mut second = common::connect(&ws, &drop, &token).await;
+    common::wait_for(&mut second, "position").await;
+
+    let mut third = common::connect(&ws, &drop, &token).await;
+    let refused = loop {
+        let m = common::next_message(&mut third)
+            .await
+            .expect("an error before the close");
+        if m["type"] == "error" {
+            break m;
+        }
+    };
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert!(
+        common::next_message(&mut third).await.is_none(),
+        "then it closes"
+    );
+
+    let _ = first.close(None).await;
+    testkit::eventually("a closed socket makes room for another", || async {
+        let mut again = common::connect(&ws, &drop, &token).await;
+        loop {
+            match common::next_message(&mut again).await {
+                Some(m) if m["type"] == "position" => {
+                    // Stays open: the room counts it now.
+                    return true;
+                }
+                Some(m) if m["type"] == "error" => return false,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    })
+    .await;
+    h.shutdown().await;
+}
