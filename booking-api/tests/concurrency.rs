@@ -465,3 +465,54 @@ async fn two_writers_selling_to_the_same_fans_in_opposite_orders_both_commit() {
     assert_eq!(sold, vec![("A".into(), n), ("B".into(), n)]);
     h.server.shutdown().await;
 }
+
+/// Two ops change different admission settings at the same moment, one pausing and one setting
+/// the rate: round after round, neither undoes the other, in Postgres or in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_admission_changes_both_stand() {
+    let h = Harness::start().await;
+    let drop = h
+        .create_drop(json!({
+            "name": "ops race", "per_fan_limit": 2, "hold_ttl_s": 300,
+            "admission": {"mode": "queue"},
+            "inventory": {"kind": "ga", "skus": [{"sku": "TEE", "name": "Tee", "price_cents": 2500, "quantity": 10}]}
+        }))
+        .await;
+    let drop_id = engine::ids::DropId::parse(&drop).unwrap();
+    let url = h.url(&format!("/v1/drops/{drop}/admission"));
+    let put = |body: Value| h.http.put(&url).bearer_auth(&h.ops_key).json(&body).send();
+    for round in 0..15u32 {
+        let paused = round % 2 == 0;
+        let rate = f64::from(round + 1);
+        let (a, b) = tokio::join!(
+            put(json!({ "paused": paused })),
+            put(json!({ "rate_per_s": rate }))
+        );
+        assert_eq!(a.unwrap().status(), 200);
+        assert_eq!(b.unwrap().status(), 200);
+
+        let stored = h
+            .server
+            .engine
+            .db
+            .admission(&drop_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (stored["paused"].as_bool(), stored["rate_per_s"].as_f64()),
+            (Some(paused), Some(rate)),
+            "Postgres, round {round}: {stored}"
+        );
+        let live = h.server.engine.redis.admission(&drop_id).await.unwrap();
+        assert_eq!(
+            (
+                live["paused"].as_str(),
+                live["rate_per_s"].parse::<f64>().ok()
+            ),
+            (if paused { "1" } else { "0" }, Some(rate)),
+            "Redis, round {round}: {live:?}"
+        );
+    }
+    h.server.shutdown().await;
+}

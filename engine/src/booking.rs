@@ -57,6 +57,33 @@ pub struct AdmissionUpdate {
     pub leave_grace_s: Option<u32>,
 }
 
+impl AdmissionUpdate {
+    /// Sets the fields this update names; the rest stay as they are.
+    fn apply(&self, s: &mut AdmissionSettings) {
+        if let Some(v) = self.rate_per_s {
+            s.rate_per_s = v;
+        }
+        if let Some(v) = self.burst {
+            s.burst = v;
+        }
+        if let Some(v) = self.max_active {
+            s.max_active = v;
+        }
+        if let Some(v) = self.paused {
+            s.paused = v;
+        }
+        if let Some(v) = self.shop_window_s {
+            s.shop_window_s = v;
+        }
+        if let Some(v) = self.admit_margin_pct {
+            s.admit_margin_pct = v;
+        }
+        if let Some(v) = self.leave_grace_s {
+            s.leave_grace_s = v;
+        }
+    }
+}
+
 /// The result of one confirm, shared with concurrent confirms of the same hold.
 type ConfirmResult = Result<(Order, bool)>;
 
@@ -410,32 +437,27 @@ impl Engine {
         drop: &DropId,
         update: AdmissionUpdate,
     ) -> Result<Answer> {
-        let mut s = self.admission_settings(drop).await?;
-        if let Some(v) = update.rate_per_s {
-            s.rate_per_s = v;
-        }
-        if let Some(v) = update.burst {
-            s.burst = v;
-        }
-        if let Some(v) = update.max_active {
-            s.max_active = v;
-        }
-        if let Some(v) = update.paused {
-            s.paused = v;
-        }
-        if let Some(v) = update.shop_window_s {
-            s.shop_window_s = v;
-        }
-        if let Some(v) = update.admit_margin_pct {
-            s.admit_margin_pct = v;
-        }
-        if let Some(v) = update.leave_grace_s {
-            s.leave_grace_s = v;
-        }
-        s.validate()?;
-        let value = serde_json::to_value(&s).map_err(Error::internal)?;
-        self.db.save_admission(drop, &ops.key_id, &value).await?;
-        self.redis.set_admission(drop, admission_fields(&s)).await?;
+        let def = self.drop_def(drop).await?;
+        let value = self
+            .db
+            .update_admission(
+                drop,
+                &ops.key_id,
+                |stored| {
+                    let mut s = stored
+                        .and_then(|v| serde_json::from_value(v).ok())
+                        .unwrap_or_else(|| def.admission.clone());
+                    update.apply(&mut s);
+                    s.validate()?;
+                    serde_json::to_value(&s).map_err(Error::internal)
+                },
+                async |value| {
+                    let s: AdmissionSettings =
+                        serde_json::from_value(value.clone()).map_err(Error::internal)?;
+                    self.redis.set_admission(drop, admission_fields(&s)).await
+                },
+            )
+            .await?;
         Ok((200, json!({"drop_id": drop, "admission": value})))
     }
 

@@ -12,7 +12,7 @@ use tokio_postgres::NoTls;
 
 use crate::config::DatabaseConfig;
 use crate::drops::DropDef;
-use crate::error::{Error, Result};
+use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId, HoldId, OrderId};
 use crate::tokens::sha256_hex;
 
@@ -373,27 +373,41 @@ impl Db {
         Ok(())
     }
 
-    /// Stores new admission settings with the drop and in the audit log (who, what, when).
-    pub async fn save_admission(
+    /// Ops' change to a drop's admission settings, one at a time per drop: under the drop row's
+    /// lock `merge` turns the stored settings into the new ones, which are saved and audited, and
+    /// `publish` (writing them to Redis) runs before the commit. So two changes racing (a pause
+    /// and a new rate) neither undo each other here nor reach Redis in another order than
+    /// Postgres'. If `publish` fails nothing is saved.
+    pub async fn update_admission(
         &self,
         drop: &DropId,
         key_id: &str,
-        settings: &serde_json::Value,
-    ) -> Result<()> {
+        merge: impl FnOnce(Option<serde_json::Value>) -> Result<serde_json::Value>,
+        publish: impl AsyncFnOnce(&serde_json::Value) -> Result<()>,
+    ) -> Result<serde_json::Value> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT admission FROM drops WHERE drop_id = $1 FOR UPDATE",
+                &[&drop.as_str()],
+            )
+            .await?
+            .ok_or_else(|| Error::new(Code::UnknownDrop))?;
+        let settings = merge(row.get(0))?;
         tx.execute(
             "UPDATE drops SET admission = $2 WHERE drop_id = $1",
-            &[&drop.as_str(), settings],
+            &[&drop.as_str(), &settings],
         )
         .await?;
         tx.execute(
             "INSERT INTO admission_audit (drop_id, key_id, settings) VALUES ($1, $2, $3)",
-            &[&drop.as_str(), &key_id, settings],
+            &[&drop.as_str(), &key_id, &settings],
         )
         .await?;
+        publish(&settings).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(settings)
     }
 
     /// The drop's current admission settings (as ops last set them).
