@@ -15,9 +15,10 @@
 -- leave the line, at most ARGV[1] per call, and lose their place: coming back later is a new
 -- join at the back. Pre-queue waiters too (a pre-queue place is HMAC(seed, fan), so a fan who
 -- comes back before opening gets the very same one). After a gap in admission runs longer than
--- a quarter of the grace (Redis down, every instance stopped), nobody leaves for a whole grace:
--- presence refreshes stopped too, so being unseen says nothing about the fan, and sockets need
--- the time to reconnect.
+-- a quarter of the grace (Redis down, every instance stopped, or nobody here for a while), for a
+-- whole grace only waiters already gone a grace before the gap began leave: presence refreshes
+-- stopped too, so being unseen since says nothing about the fan, and sockets need the time to
+-- reconnect.
 -- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, per_fan_limit (see lib.lua)
 -- KEYS[2] {drop_id}:admission  hash   rate_per_s, burst, max_active, paused "0"/"1",
 --                                     shop_window_s, admit_margin_pct, leave_grace_s;
@@ -27,7 +28,8 @@
 -- KEYS[5] {drop_id}:active     zset   fan id → admission deadline ms
 -- KEYS[6] {drop_id}:line       zset   waiting fan id → place
 -- KEYS[7] {drop_id}:bucket     hash   tokens, last_ms (the token bucket's state), run_ms (the
---                                     last admission run), quiet_until_ms (no waiter leaves before)
+--                                     last admission run), quiet_until_ms and quiet_cutoff_ms
+--                                     (until then only waiters unseen since the cutoff leave)
 -- KEYS[8] {drop_id}:watermark  hash   place (highest place admitted), admitted (admissions ever)
 -- KEYS[9] {drop_id}:places     hash   fan id → place (a waiter who leaves loses theirs)
 -- KEYS[10] {drop_id}:seen      zset   waiting fan id → last seen ms
@@ -60,25 +62,24 @@ local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms',
 if not meta[1] then return answer('unknown_drop', 0) end
 
 -- Before the recovering check: a Redis restart is such a gap, and recovery may take a while.
-local r = redis.call('HMGET', KEYS[7], 'run_ms', 'quiet_until_ms')
-local last_run, quiet_until = tonumber(r[1]), tonumber(r[2]) or 0
+local r = redis.call('HMGET', KEYS[7], 'run_ms', 'quiet_until_ms', 'quiet_cutoff_ms')
+local last_run, quiet_until, cutoff = tonumber(r[1]), tonumber(r[2]) or 0, tonumber(r[3])
 if last_run and now - last_run > grace_ms / 4 then
-  quiet_until = now + grace_ms
-  redis.call('HSET', KEYS[7], 'quiet_until_ms', quiet_until)
+  quiet_until, cutoff = now + grace_ms, last_run - grace_ms
+  redis.call('HSET', KEYS[7], 'quiet_until_ms', quiet_until, 'quiet_cutoff_ms', cutoff)
 end
 redis.call('HSET', KEYS[7], 'run_ms', now)
 if meta[2] == '1' then return answer('recovering', 0) end
 
-if now >= quiet_until then
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[10], '-inf', '(' .. (now - grace_ms),
-    'LIMIT', 0, tonumber(ARGV[1]))
-  for _, fan in ipairs(gone) do
-    redis.call('ZREM', KEYS[10], fan)
-    -- Only a fan still in the line loses their place: an admitted one keeps it (no second place).
-    if redis.call('ZREM', KEYS[6], fan) == 1 then
-      redis.call('HDEL', KEYS[9], fan)
-      left = left + 1
-    end
+if now >= quiet_until or not cutoff then cutoff = now - grace_ms end
+local gone = redis.call('ZRANGEBYSCORE', KEYS[10], '-inf', '(' .. cutoff,
+  'LIMIT', 0, tonumber(ARGV[1]))
+for _, fan in ipairs(gone) do
+  redis.call('ZREM', KEYS[10], fan)
+  -- Only a fan still in the line loses their place: an admitted one keeps it (no second place).
+  if redis.call('ZREM', KEYS[6], fan) == 1 then
+    redis.call('HDEL', KEYS[9], fan)
+    left = left + 1
   end
 end
 

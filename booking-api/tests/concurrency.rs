@@ -351,15 +351,12 @@ async fn twenty_parallel_reserves_with_one_idempotency_key_make_one_hold() {
 }
 
 /// Two order writers — two booking-api instances' — commit `ORDERS_PER_WRITER` one-unit orders
-/// each, concurrently, in batches of 8; `layout(writer, i)` gives order i's (bucket, fan).
-/// Returns each commit's result and Postgres' sold count per bucket.
-async fn two_writers(
+/// each, concurrently, in batches of 8 and with no retries (so a deadlock would fail its batch
+/// rather than be run again); `layout(writer, i)` gives order i's (bucket, fan). Every order must
+/// commit, and Postgres' sold counts must match.
+async fn two_writers_all_commit(
     h: &Harness,
-    max_retries: u32,
     layout: impl Fn(usize, usize) -> (&'static str, String),
-) -> (
-    Vec<engine::error::Result<engine::writer::Committed>>,
-    Vec<(String, i32)>,
 ) {
     use engine::config::WriterConfig;
     use engine::ids::{DropId, FanId, OrderId};
@@ -379,7 +376,7 @@ async fn two_writers(
     // Small batches, so each writer runs many transactions that overlap the other's.
     let cfg = WriterConfig {
         max_batch: 8,
-        max_retries,
+        max_retries: 0,
         ..WriterConfig::default()
     };
     let writers = [
@@ -425,44 +422,37 @@ async fn two_writers(
         )
         .await
         .unwrap();
-    let sold = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    (results, sold)
+    let sold: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for r in &results {
+        assert!(matches!(r, Ok(engine::writer::Committed::New(_))), "{r:?}");
+    }
+    let n = ORDERS_PER_WRITER as i32;
+    assert_eq!(sold, vec![("A".into(), n), ("B".into(), n)]);
 }
 
 const ORDERS_PER_WRITER: usize = 150;
 
-/// Two writers' batches take the same two inventory rows, one A then B, the other B then A.
-/// Every order must commit without a retry: the writer locks its rows in one order, so no
-/// deadlock (which would answer its fans 503 and leave them to the reconciler).
+/// Two writers' batches take the same two inventory rows, one A then B, the other B then A: the
+/// writer locks its rows in one order, so no deadlock (which would answer its fans 503 and leave
+/// them to the reconciler).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_writers_taking_rows_in_opposite_orders_both_commit() {
     let h = Harness::start().await;
     let fan = |w: usize, i: usize| format!("w{w}-{i}-{:08x}", rand::random::<u32>());
-    let (results, sold) = two_writers(&h, 0, |w, i| {
+    two_writers_all_commit(&h, |w, i| {
         (if (w + i) % 2 == 0 { "A" } else { "B" }, fan(w, i))
     })
     .await;
-    for r in &results {
-        assert!(matches!(r, Ok(engine::writer::Committed::New(_))), "{r:?}");
-    }
-    let n = ORDERS_PER_WRITER as i32;
-    assert_eq!(sold, vec![("A".into(), n), ("B".into(), n)]);
     h.server.shutdown().await;
 }
 
 /// Two writers sell different rows (A, B) to the same two fans, in opposite orders. Without
-/// order in how batches take per-fan rows, these deadlock; no retry here, so none may.
+/// order in how batches take per-fan rows, these deadlock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_writers_selling_to_the_same_fans_in_opposite_orders_both_commit() {
     let h = Harness::start().await;
     let fans = [0, 1].map(|i| format!("fan{i}-{:08x}", rand::random::<u32>()));
-    let (results, sold) =
-        two_writers(&h, 0, |w, i| (["A", "B"][w], fans[(w + i) % 2].clone())).await;
-    for r in &results {
-        assert!(matches!(r, Ok(engine::writer::Committed::New(_))), "{r:?}");
-    }
-    let n = ORDERS_PER_WRITER as i32;
-    assert_eq!(sold, vec![("A".into(), n), ("B".into(), n)]);
+    two_writers_all_commit(&h, |w, i| (["A", "B"][w], fans[(w + i) % 2].clone())).await;
     h.server.shutdown().await;
 }
 

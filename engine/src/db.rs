@@ -389,7 +389,9 @@ impl Db {
         let tx = client.transaction().await?;
         let row = tx
             .query_opt(
-                "SELECT admission FROM drops WHERE drop_id = $1 FOR UPDATE",
+                // NO KEY: orders, payments and the ledger reference this row (FOR KEY SHARE);
+                // a full FOR UPDATE would stall every order write while Redis is called.
+                "SELECT admission FROM drops WHERE drop_id = $1 FOR NO KEY UPDATE",
                 &[&drop.as_str()],
             )
             .await?

@@ -90,7 +90,7 @@ async fn waiters_gone_past_the_grace_leave_and_those_back_within_it_keep_their_p
 /// Redis was down (or every instance stopped) for longer than the grace: no socket's presence
 /// could be refreshed, so every waiter looks gone. They keep their places for a grace after
 /// admission runs resume, while sockets reconnect and presence catches up; after that, one
-/// still unseen leaves as usual.
+/// still unseen leaves as usual. One gone a grace before the outage began leaves at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiters_keep_their_place_after_an_outage_longer_than_the_grace() {
     let h = Harness::start().await;
@@ -103,6 +103,10 @@ async fn waiters_keep_their_place_after_an_outage_longer_than_the_grace() {
     let (status, joined) = h.join(&drop, &token).await;
     assert_eq!(status, 201, "{joined}");
     let place = joined["place"].as_i64();
+    // And one already gone a grace before the outage began: nothing keeps it.
+    let (long_gone, long_gone_token) = h.fan("long-gone");
+    let (status, joined) = h.join(&drop, &long_gone_token).await;
+    assert_eq!(status, 201, "{joined}");
     testkit::eventually("the admission loop runs", || async {
         !redis_cli(&["HGET", &keys.bucket, "run_ms"])
             .await
@@ -114,8 +118,10 @@ async fn waiters_keep_their_place_after_an_outage_longer_than_the_grace() {
     // presence both a minute ago (the run first, so no run in between sees only the fan's).
     let minute_ago =
         (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000 - 60_000).to_string();
+    let before_the_outage = (minute_ago.parse::<i64>().unwrap() - 20_000).to_string();
     redis_cli(&["HSET", &keys.bucket, "run_ms", &minute_ago]).await;
     redis_cli(&["ZADD", &keys.seen, &minute_ago, fan.as_str()]).await;
+    redis_cli(&["ZADD", &keys.seen, &before_the_outage, long_gone.as_str()]).await;
     testkit::eventually("an admission run after the outage", || async {
         let run_ms = redis_cli(&["HGET", &keys.bucket, "run_ms"]).await;
         run_ms.parse::<i64>().unwrap_or(0) > minute_ago.parse::<i64>().unwrap()
@@ -125,6 +131,11 @@ async fn waiters_keep_their_place_after_an_outage_longer_than_the_grace() {
         place_of(&h, &drop, &fan).await,
         place,
         "kept through the outage"
+    );
+    assert_eq!(
+        place_of(&h, &drop, &long_gone).await,
+        None,
+        "gone before it"
     );
 
     testkit::eventually("a grace later, still unseen, the fan leaves", || async {

@@ -169,10 +169,9 @@ async fn sockets_per_fan_are_capped() {
         let mut again = common::connect(&ws, &drop, &token).await;
         loop {
             match common::next_message(&mut again).await {
-                Some(m) if m["type"] == "position" => {
-                    // Stays open: the room counts it now.
-                    return true;
-                }
+                // Only the room sends ticks: this socket is in (a refused one hears its first
+                // messages, then `error`, then the close).
+                Some(m) if m["type"] == "tick" => return true,
                 Some(m) if m["type"] == "error" => return false,
                 Some(_) => {}
                 None => return false,
