@@ -1281,7 +1281,8 @@ fn not_found_as(e: Error, code: Code) -> Error {
     }
 }
 
-fn recovering() -> Error {
+/// 503 `recovering`: the drop's Redis state is being rebuilt from Postgres.
+pub(crate) fn recovering() -> Error {
     Error::new(Code::Recovering).retry_after(Duration::from_secs(1))
 }
 

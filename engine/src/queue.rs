@@ -216,11 +216,7 @@ impl Redis {
             "done" => FanStatus::Done,
             "sold_out" => FanStatus::SoldOut,
             "closed" => FanStatus::Closed,
-            "recovering" => {
-                return Err(
-                    Error::new(Code::Recovering).retry_after(std::time::Duration::from_secs(1))
-                )
-            }
+            "recovering" => return Err(crate::booking::recovering()),
             "not_queue" => {
                 return Err(Error::msg(
                     Code::InvalidRequest,
@@ -437,11 +433,7 @@ impl Queue {
             // Postgres has the drop (drop_def above) and Redis doesn't: Redis lost it (a flush,
             // a failover to an empty replica) and booking-api's watcher is rebuilding it. The line
             // waits, as while `recovering`; "no such drop" would send every fan away for good.
-            Err(e) if e.code == Code::UnknownDrop => {
-                return Err(
-                    Error::new(Code::Recovering).retry_after(std::time::Duration::from_secs(1))
-                );
-            }
+            Err(e) if e.code == Code::UnknownDrop => return Err(crate::booking::recovering()),
             other => other?,
         };
         if joined.new {
