@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # reserve-baseline.sh — reserve through booking-api against the reserve script alone, on the same
-# drop, in the same run (DESIGN.md §8: bar ≥ 0.6×, goal ≥ 0.75×).
+# drop, in the same run (docs/BENCHMARKS.md, Bars: bar ≥ 0.6×, goal ≥ 0.75×).
 #
 #   1. redis-benchmark calls EVALSHA of lua/reserve.lua directly: 50 clients, no pipelining.
 #      That is the ceiling: Redis doing nothing but the script.

@@ -5,7 +5,7 @@
 -- How many: the fewest of
 --   the token bucket (rate_per_s, burst; time from TIME, elapsed clamped at >= 0),
 --   max_active − active shoppers (the active set after dropping entries past their deadline),
---   inventory-aware (DESIGN.md §3): admit one more only while
+--   inventory-aware (docs/ARCHITECTURE.md, Choices): admit one more only while
 --     Σ over active fans (per_fan_limit − units held or bought) + per_fan_limit
 --       ≤ available × (1 + admit_margin_pct / 100)
 --   (O(active): one HMGET of the active fans' counts, and active ≤ max_active),

@@ -1,7 +1,7 @@
 //! Fault tests (issue 3, "Fault tests"). Each test starts a PostgreSQL + Redis stack of its own
 //! with devstack (never the shared test stack) and breaks it on purpose: Postgres stopped during
 //! confirms, Redis killed with SIGKILL and restarted from its AOF, Redis flushed. Then it checks
-//! what DESIGN.md §4 promises, not incidental details:
+//! what the hold lifecycle and recovery (docs/ARCHITECTURE.md) promise, not incidental details:
 //! - while a store is away, answers are documented codes, and every 503 carries `Retry-After`;
 //! - the reconciler and recovery bring every drop back by themselves (awaited with generous
 //!   deadlines; no assertion is about how long anything took);

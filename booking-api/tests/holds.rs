@@ -1,6 +1,6 @@
-//! The hold lifecycle one request at a time (DESIGN.md §4): declined and slow payments, expiry,
-//! idempotent reserves, admission tokens on queue drops, seat choice, and who may see or touch a
-//! hold. Each test makes its own drops and fans against the real Redis and Postgres.
+//! The hold lifecycle (docs/ARCHITECTURE.md) one request at a time: declined and slow payments,
+//! expiry, idempotent reserves, admission tokens on queue drops, seat choice, and who may see or
+//! touch a hold. Each test makes its own drops and fans against the real Redis and Postgres.
 mod common;
 
 use common::Harness;

@@ -1,5 +1,5 @@
 //! The booking engine: what booking-api's handlers call. Drops, reserves, releases, confirms
-//! (DESIGN.md §4's hold lifecycle), and the background work that keeps Redis honest: the sweeper
+//! (the hold lifecycle in docs/ARCHITECTURE.md), and the background work that keeps Redis honest: the sweeper
 //! (expiry), the reconciler (confirms that stopped halfway) and the watcher (Redis restarts and
 //! lost drops → recovery from Postgres).
 

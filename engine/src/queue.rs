@@ -1,6 +1,7 @@
-//! The waiting room's engine side (DESIGN.md §3): the line's keys, the pre-queue's commit–reveal
-//! score, typed wrappers for lua/join.lua and lua/admit.lua, and the few plain reads queue-server
-//! needs (a fan's place, rank and admission deadline). All Redis access of the waiting room is here.
+//! The waiting room's engine side (docs/ARCHITECTURE.md, Choices): the line's keys, the
+//! pre-queue's commit–reveal score, typed wrappers for lua/join.lua and lua/admit.lua, and the few
+//! plain reads queue-server needs (a fan's place, rank and admission deadline). All Redis access of
+//! the waiting room is here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};

@@ -10,7 +10,7 @@ use crate::invariants::{Check, Verdict};
 use crate::stats::{new_histogram, Percentiles};
 use crate::ws_clients::{AdmittedSeen, ChildReport, TickSeen};
 
-/// The bars of the acceptance item (DESIGN.md §8).
+/// The waiting room's bars (docs/BENCHMARKS.md, Bars).
 pub const BAR_RSS_PER_SOCKET_KIB: f64 = 10.0;
 pub const GOAL_RSS_PER_SOCKET_KIB: f64 = 8.0;
 pub const BAR_TICK_TO_LAST_MS: f64 = 500.0;

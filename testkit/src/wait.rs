@@ -1,5 +1,6 @@
-//! Bounded waits. Tests never assert a time (DESIGN.md §8): where a behaviour has a time target,
-//! they poll with a generous deadline and fail with what they were waiting for.
+//! Bounded waits. Tests never assert a time (docs/ARCHITECTURE.md, Choices: tests never assert a
+//! time): where a behaviour has a time target, they poll with a generous deadline and fail with
+//! what they were waiting for.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
