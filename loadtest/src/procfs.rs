@@ -18,7 +18,7 @@ pub fn vm_rss_kib(pid: u32) -> anyhow::Result<u64> {
     status_field_kib(&text, "VmRSS").with_context(|| format!("no VmRSS in {path}"))
 }
 
-/// A `Name:   1234 kB` field of /proc/<pid>/status.
+/// A `Name:   1234 kB` field of `/proc/<pid>/status`.
 fn status_field_kib(status: &str, name: &str) -> Option<u64> {
     status.lines().find_map(|line| {
         let rest = line.strip_prefix(name)?.strip_prefix(':')?;
@@ -35,7 +35,7 @@ pub fn cpu_s(pid: u32) -> f64 {
         .map_or(0.0, |t| t as f64 / CLOCK_TICKS_PER_S)
 }
 
-/// utime + stime from a /proc/<pid>/stat line. The command name (field 2) may hold spaces and
+/// utime + stime from a `/proc/<pid>/stat` line. The command name (field 2) may hold spaces and
 /// parentheses, so fields are counted after its closing parenthesis.
 fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     let after_comm = &stat[stat.rfind(')')? + 1..];

@@ -1,6 +1,6 @@
 //! The route table. Fan routes authenticate with the fan token (Authorization: Bearer, or the
 //! `fan_token` query parameter for browsers' WebSockets), joins are limited per client IP, and
-//! errors are mapped in [`crate::http::error`]. The fan's queue page and its assets are public.
+//! errors are mapped in [`engine::web::refusal`]. The fan's queue page and its assets are public.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +34,33 @@ fn ok(status: u16, body: serde_json::Value) -> Answer {
 
 fn drop_id(s: &str) -> Result<DropId, Error> {
     DropId::parse(s).map_err(|_| Error::new(Code::UnknownDrop))
+}
+
+/// Every route queue-server answers, as (method, path pattern); the patterns are its metric
+/// labels. docs/openapi.yaml describes each one and no other (tests/openapi.rs).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/drops/{id}"),
+    ("GET", "/static/{name}"),
+    ("GET", "/v1/drops/{id}/queue/ws"),
+    ("POST", "/v1/drops/{id}/queue"),
+    ("GET", "/v1/drops/{id}/queue/me"),
+    ("GET", "/v1/drops/{id}/queue/seed"),
+];
+
+/// Whether some route of [`ROUTES`] has this path (with any method): then another method is
+/// 405 `method_not_allowed`, as at booking-api, rather than 404.
+fn known_path(segments: &[&str]) -> bool {
+    ROUTES.iter().any(|(_, pattern)| {
+        let parts: Vec<&str> = pattern.trim_matches('/').split('/').collect();
+        parts.len() == segments.len()
+            && parts
+                .iter()
+                .zip(segments)
+                .all(|(p, s)| p.starts_with('{') || p == s)
+    })
 }
 
 impl App {
@@ -92,6 +119,7 @@ impl App {
             (&Method::GET, ["v1", "drops", d, "queue", "seed"]) => {
                 ("/v1/drops/{id}/queue/seed", self.seed(d).await)
             }
+            _ if known_path(&segments) => ("unknown", Err(Error::new(Code::MethodNotAllowed))),
             _ => ("unknown", Err(Error::new(Code::NotFound))),
         };
         let resp = result.unwrap_or_else(|e| http::refusal(&e));
