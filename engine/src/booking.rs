@@ -1,7 +1,7 @@
 //! The booking engine: what booking-api's handlers call. Drops, reserves, releases, confirms
-//! (the hold lifecycle in docs/ARCHITECTURE.md), and the background work that keeps Redis honest: the sweeper
-//! (expiry), the reconciler (confirms that stopped halfway) and the watcher (Redis restarts and
-//! lost drops → recovery from Postgres).
+//! (the hold lifecycle in docs/ARCHITECTURE.md), and the background work that keeps Redis honest:
+//! the sweeper (expiry), the reconciler (confirms that stopped halfway) and the watcher (Redis
+//! restarts and lost drops → recovery from Postgres).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -81,6 +81,21 @@ impl AdmissionUpdate {
         if let Some(v) = self.leave_grace_s {
             s.leave_grace_s = v;
         }
+    }
+
+    /// The settings after this update: the stored ones (the drop's own when none are stored or
+    /// they no longer parse) with the named fields set, refused if that breaks a bound.
+    fn applied_to(
+        &self,
+        stored: Option<Value>,
+        drop: &AdmissionSettings,
+    ) -> Result<AdmissionSettings> {
+        let mut s = stored
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_else(|| drop.clone());
+        self.apply(&mut s);
+        s.validate()?;
+        Ok(s)
     }
 }
 
@@ -444,11 +459,7 @@ impl Engine {
                 drop,
                 &ops.key_id,
                 |stored| {
-                    let mut s = stored
-                        .and_then(|v| serde_json::from_value(v).ok())
-                        .unwrap_or_else(|| def.admission.clone());
-                    update.apply(&mut s);
-                    s.validate()?;
+                    let s = update.applied_to(stored, &def.admission)?;
                     serde_json::to_value(&s).map_err(Error::internal)
                 },
                 async |value| {
@@ -1342,4 +1353,110 @@ fn order_items(def: &DropDef, items: &[HoldItem]) -> Vec<OrderItem> {
             price_cents: def.bucket(&i.b).map_or(0, |b| b.price_cents),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drop_settings() -> AdmissionSettings {
+        serde_json::from_value(json!({"mode": "queue", "rate_per_s": 5.0, "max_active": 50}))
+            .unwrap()
+    }
+
+    fn update(body: Value) -> AdmissionUpdate {
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn an_admission_update_sets_only_what_it_names() {
+        let drop = drop_settings();
+        let s = update(json!({"paused": true}))
+            .applied_to(None, &drop)
+            .unwrap();
+        assert_eq!(
+            s,
+            AdmissionSettings {
+                paused: true,
+                ..drop.clone()
+            }
+        );
+        let s = update(json!({
+            "rate_per_s": 2.5, "burst": 3, "max_active": 7, "paused": false, "shop_window_s": 60,
+            "admit_margin_pct": 0, "leave_grace_s": 30
+        }))
+        .applied_to(None, &drop)
+        .unwrap();
+        assert_eq!(
+            s,
+            AdmissionSettings {
+                mode: AdmissionMode::Queue,
+                rate_per_s: 2.5,
+                burst: 3,
+                max_active: 7,
+                paused: false,
+                shop_window_s: 60,
+                admit_margin_pct: 0,
+                leave_grace_s: 30,
+            }
+        );
+        // An empty update changes nothing.
+        assert_eq!(update(json!({})).applied_to(None, &drop).unwrap(), drop);
+    }
+
+    #[test]
+    fn an_admission_update_builds_on_the_stored_settings() {
+        let drop = drop_settings();
+        let stored = AdmissionSettings {
+            paused: true,
+            burst: 40,
+            ..drop.clone()
+        };
+        let s = update(json!({"rate_per_s": 1.0}))
+            .applied_to(Some(serde_json::to_value(&stored).unwrap()), &drop)
+            .unwrap();
+        assert_eq!(
+            s,
+            AdmissionSettings {
+                rate_per_s: 1.0,
+                ..stored
+            }
+        );
+        // Stored settings that no longer parse give way to the drop's own.
+        let s = update(json!({"burst": 9}))
+            .applied_to(Some(json!({"mode": "queue", "rate": 3})), &drop)
+            .unwrap();
+        assert_eq!(s, AdmissionSettings { burst: 9, ..drop });
+    }
+
+    #[test]
+    fn an_admission_update_past_a_bound_is_refused() {
+        let drop = drop_settings();
+        for (body, says) in [
+            (json!({"rate_per_s": 0.0}), "rate_per_s"),
+            (json!({"rate_per_s": 100001.0}), "rate_per_s"),
+            (json!({"burst": 0}), "burst"),
+            (json!({"max_active": 0}), "max_active"),
+            (json!({"shop_window_s": 9}), "shop_window_s"),
+            (json!({"admit_margin_pct": 1001}), "admit_margin_pct"),
+            (json!({"leave_grace_s": 14}), "leave_grace_s"),
+        ] {
+            let err = update(body.clone())
+                .applied_to(None, &drop)
+                .expect_err("refused");
+            assert_eq!(err.code, Code::InvalidRequest, "{body}");
+            assert!(err.message.contains(says), "{body}: {err}");
+        }
+        // Neither an unknown field nor the mode (fixed at creation) can be sent.
+        for body in [
+            json!({"rate": 5}),
+            json!({"mode": "open"}),
+            json!({"burst": -1}),
+        ] {
+            assert!(
+                serde_json::from_value::<AdmissionUpdate>(body.clone()).is_err(),
+                "{body}"
+            );
+        }
+    }
 }

@@ -630,4 +630,98 @@ mod tests {
         assert!(from_toml("[limits]\ntrusted_proxies = [\"10.0.0.0/99\"]").is_err());
         assert!(Config::default().limits.trusted_proxies.is_empty());
     }
+
+    #[track_caller]
+    fn refused(cfg: &Config, says: &str) {
+        let err = cfg.validate().expect_err(says);
+        assert_eq!(err.code, crate::error::Code::InvalidRequest);
+        assert!(err.message.contains(says), "`{err}` should say `{says}`");
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn intervals_and_timeouts_must_be_above_zero() {
+        type SetToZero = fn(&mut Config);
+        let zeroes: [(&str, SetToZero); 9] = [
+            ("holds.sweep_interval_ms", |c| c.holds.sweep_interval_ms = 0),
+            ("reconciler.interval_ms", |c| c.reconciler.interval_ms = 0),
+            ("reconciler.watch_interval_ms", |c| {
+                c.reconciler.watch_interval_ms = 0
+            }),
+            ("holds.confirm_timeout_ms", |c| {
+                c.holds.confirm_timeout_ms = 0;
+                c.holds.confirm_safety_margin_ms = 0;
+            }),
+            ("gateway.timeout_ms", |c| c.gateway.timeout_ms = 0),
+            ("queue.tick_ms", |c| c.queue.tick_ms = 0),
+            ("queue.position_interval_ms", |c| {
+                c.queue.position_interval_ms = 0
+            }),
+            ("queue.presence_interval_ms", |c| {
+                c.queue.presence_interval_ms = 0
+            }),
+            ("queue.ws_ping_interval_ms", |c| {
+                c.queue.ws_ping_interval_ms = 0
+            }),
+        ];
+        for (name, zero) in zeroes {
+            let mut cfg = Config::default();
+            zero(&mut cfg);
+            refused(&cfg, &format!("{name} must be above 0"));
+        }
+    }
+
+    #[test]
+    fn bounds_that_depend_on_each_other_are_checked() {
+        let mut cfg = Config::default();
+        cfg.holds.confirm_timeout_ms = 1_000;
+        cfg.holds.confirm_safety_margin_ms = 999;
+        cfg.validate().unwrap();
+        cfg.holds.confirm_safety_margin_ms = 1_000;
+        refused(&cfg, "holds.confirm_safety_margin_ms must be below");
+
+        let mut cfg = Config::default();
+        cfg.queue.ws_ping_interval_ms = 1_000;
+        cfg.queue.ws_idle_timeout_ms = 1_001;
+        cfg.validate().unwrap();
+        cfg.queue.ws_idle_timeout_ms = 1_000;
+        refused(&cfg, "queue.ws_idle_timeout_ms must exceed");
+
+        let mut cfg = Config::default();
+        cfg.queue.ws_write_buffer_bytes = 4096;
+        cfg.queue.ws_max_write_buffer_bytes = 4097;
+        cfg.validate().unwrap();
+        cfg.queue.ws_max_write_buffer_bytes = 4096;
+        refused(&cfg, "queue.ws_max_write_buffer_bytes must exceed");
+    }
+
+    #[test]
+    fn unknown_sections_and_fields_are_refused() {
+        let cfg = from_toml("[holds]\nsweep_batch = 7\n[queue]\ntick_ms = 50").unwrap();
+        assert_eq!(cfg.holds.sweep_batch, 7);
+        assert_eq!(cfg.queue.tick_ms, 50);
+        assert_eq!(cfg.holds.sweep_interval_ms, DEFAULT_SWEEP_INTERVAL_MS);
+        assert!(from_toml("[holds]\nsweep_btach = 7").is_err());
+        assert!(from_toml("[hold]\nsweep_batch = 7").is_err());
+        assert!(from_toml("[holds]\nsweep_batch = -1").is_err());
+    }
+
+    #[test]
+    fn every_section_is_known_to_the_environment() {
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let mut fields: Vec<&str> = defaults
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort_unstable();
+        let mut sections = SECTIONS.to_vec();
+        sections.sort_unstable();
+        assert_eq!(fields, sections);
+    }
 }

@@ -518,3 +518,486 @@ impl HoldRequest {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    /// Small bounds, so every one of them can be crossed in a test.
+    fn limits() -> DropsConfig {
+        DropsConfig {
+            max_buckets: 3,
+            max_seats: 10,
+            max_units_per_sku: 100,
+            ..DropsConfig::default()
+        }
+    }
+
+    fn ga() -> Value {
+        json!({
+            "name": "Tour tee", "per_fan_limit": 4, "hold_ttl_s": 300,
+            "admission": {"mode": "open"},
+            "inventory": {"kind": "ga", "skus": [
+                {"sku": "TEE-M", "name": "Tee, M", "price_cents": 2500, "quantity": 100},
+                {"sku": "TEE-L", "name": "Tee, L", "price_cents": 2500, "quantity": 0}]}
+        })
+    }
+
+    fn seated() -> Value {
+        json!({
+            "name": "Quartet", "per_fan_limit": 4, "hold_ttl_s": 60,
+            "admission": {"mode": "queue"},
+            "inventory": {"kind": "seated", "sections": [
+                {"section": "A", "price_cents": 5000, "rows": [{"row": "1", "seats": 3}, {"row": "2", "seats": 2}]},
+                {"section": "B", "price_cents": 3000, "rows": [{"row": "1", "seats": 1}]}]}
+        })
+    }
+
+    fn create(body: Value) -> Result<DropDef> {
+        let req: CreateDrop =
+            serde_json::from_value(body).map_err(|e| Error::invalid(e.to_string()))?;
+        req.into_def(
+            DropId::generate(),
+            "key1".to_owned(),
+            "00".repeat(32),
+            OffsetDateTime::UNIX_EPOCH,
+            &limits(),
+        )
+    }
+
+    #[track_caller]
+    fn refused(body: Value, says: &str) {
+        let err = create(body).expect_err(says);
+        assert_eq!(err.code, Code::InvalidRequest, "{err}");
+        assert!(err.message.contains(says), "`{err}` should say `{says}`");
+    }
+
+    #[test]
+    fn ga_drop_takes_defaults_and_keeps_sku_order() {
+        let def = create(ga()).unwrap();
+        assert_eq!(def.kind, Kind::Ga);
+        assert_eq!(def.currency, "USD");
+        assert_eq!(def.opens_at, OffsetDateTime::UNIX_EPOCH);
+        assert_eq!(def.hold_ttl_ms, 300_000);
+        assert_eq!(def.per_fan_limit, 4);
+        let ids: Vec<_> = def.buckets.iter().map(|b| b.id.as_str()).collect();
+        assert_eq!(ids, ["TEE-M", "TEE-L"]);
+        assert_eq!(def.total_units(), 100);
+        assert_eq!(def.bucket("TEE-L").map(|b| b.total), Some(0));
+        let a = &def.admission;
+        assert_eq!(a.mode, AdmissionMode::Open);
+        assert_eq!(a.rate_per_s, DEFAULT_ADMIT_RATE_PER_S);
+        assert_eq!(a.burst, DEFAULT_ADMIT_BURST);
+        assert_eq!(a.max_active, DEFAULT_MAX_ACTIVE);
+        assert!(!a.paused);
+        assert_eq!(a.shop_window_s, DEFAULT_SHOP_WINDOW_S);
+        assert_eq!(a.admit_margin_pct, DEFAULT_ADMIT_MARGIN_PCT);
+        assert_eq!(a.leave_grace_s, DEFAULT_LEAVE_GRACE_S);
+    }
+
+    #[test]
+    fn seated_drop_counts_its_rows_and_knows_its_seats() {
+        let def = create(seated()).unwrap();
+        assert_eq!(def.kind, Kind::Seated);
+        assert_eq!(def.bucket("A").map(|b| b.total), Some(5));
+        assert_eq!(def.total_units(), 6);
+        let seats: Vec<_> = def.seat_ids().map(|(id, ..)| id).collect();
+        assert_eq!(
+            seats,
+            ["A-1-1", "A-1-2", "A-1-3", "A-2-1", "A-2-2", "B-1-1"]
+        );
+        let has = |s: &str| def.has_seat(&SeatId::parse(s).unwrap());
+        assert!(has("A-1-3") && has("A-2-2") && has("B-1-1"));
+        assert!(!has("A-1-4") && !has("A-3-1") && !has("B-2-1") && !has("C-1-1"));
+    }
+
+    #[test]
+    fn drop_fields_are_bounded() {
+        let mut body = ga();
+        body["name"] = json!("  Tour tee  ");
+        body["currency"] = json!("EUR");
+        body["per_fan_limit"] = json!(1000);
+        body["hold_ttl_s"] = json!(3600);
+        body["opens_at"] = json!("2030-01-01T10:00:00Z");
+        let def = create(body).unwrap();
+        assert_eq!(def.name, "Tour tee");
+        assert_eq!(def.currency, "EUR");
+        assert_eq!(def.per_fan_limit, 1000);
+        assert_eq!(def.hold_ttl_ms, 3_600_000);
+        assert_eq!(def.opens_at_ms(), 1_893_492_000_000);
+        let mut body = ga();
+        body["name"] = json!("é".repeat(200));
+        body["hold_ttl_s"] = json!(1);
+        body["per_fan_limit"] = json!(1);
+        create(body).unwrap();
+
+        for (field, value, says) in [
+            ("name", json!(""), "name must be 1..=200"),
+            ("name", json!("   "), "name must be 1..=200"),
+            ("name", json!("x".repeat(201)), "name must be 1..=200"),
+            ("currency", json!("usd"), "currency"),
+            ("currency", json!("US"), "currency"),
+            ("currency", json!("USDX"), "currency"),
+            ("per_fan_limit", json!(0), "per_fan_limit"),
+            ("per_fan_limit", json!(1001), "per_fan_limit"),
+            ("hold_ttl_s", json!(0), "hold_ttl_s"),
+            ("hold_ttl_s", json!(3601), "hold_ttl_s"),
+            ("colour", json!("red"), "unknown field"),
+        ] {
+            let mut body = ga();
+            body[field] = value;
+            refused(body, says);
+        }
+    }
+
+    #[test]
+    fn admission_settings_are_bounded() {
+        let ok = |patch: Value| {
+            let mut body = json!({"mode": "queue"});
+            for (k, v) in patch.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            serde_json::from_value::<AdmissionSettings>(body)
+                .unwrap()
+                .validate()
+        };
+        for edge in [
+            json!({"rate_per_s": 0.001}),
+            json!({"rate_per_s": 100000}),
+            json!({"burst": 1}),
+            json!({"burst": 1000000}),
+            json!({"max_active": 1}),
+            json!({"max_active": 10000000}),
+            json!({"shop_window_s": 10}),
+            json!({"shop_window_s": 86400}),
+            json!({"admit_margin_pct": 0}),
+            json!({"admit_margin_pct": 1000}),
+            json!({"leave_grace_s": 15}),
+            json!({"leave_grace_s": 86400}),
+        ] {
+            assert!(ok(edge.clone()).is_ok(), "{edge} is within bounds");
+        }
+        for (past, says) in [
+            (json!({"rate_per_s": 0}), "rate_per_s"),
+            (json!({"rate_per_s": -1}), "rate_per_s"),
+            (json!({"rate_per_s": 100000.5}), "rate_per_s"),
+            (json!({"burst": 0}), "burst"),
+            (json!({"burst": 1000001}), "burst"),
+            (json!({"max_active": 0}), "max_active"),
+            (json!({"max_active": 10000001}), "max_active"),
+            (json!({"shop_window_s": 9}), "shop_window_s"),
+            (json!({"shop_window_s": 86401}), "shop_window_s"),
+            (json!({"admit_margin_pct": 1001}), "admit_margin_pct"),
+            (json!({"leave_grace_s": 14}), "leave_grace_s"),
+            (json!({"leave_grace_s": 86401}), "leave_grace_s"),
+        ] {
+            let err = ok(past.clone()).expect_err("past a bound");
+            assert_eq!(err.code, Code::InvalidRequest);
+            assert!(err.message.contains(says), "{past}: {err}");
+        }
+        let mut nan = serde_json::from_value::<AdmissionSettings>(json!({"mode": "open"})).unwrap();
+        nan.rate_per_s = f64::NAN;
+        assert!(nan.validate().is_err());
+        nan.rate_per_s = f64::INFINITY;
+        assert!(nan.validate().is_err());
+        // A drop is refused when its admission settings are.
+        let mut body = ga();
+        body["admission"]["burst"] = json!(0);
+        refused(body, "admission.burst");
+        let mut body = ga();
+        body["admission"]["mode"] = json!("lottery");
+        refused(body, "unknown variant");
+    }
+
+    #[test]
+    fn skus_are_bounded() {
+        let mut body = ga();
+        body["inventory"]["skus"][0]["quantity"] = json!(100);
+        body["inventory"]["skus"][0]["price_cents"] = json!(10_000_000_000i64);
+        body["inventory"]["skus"][1]["price_cents"] = json!(0);
+        create(body).unwrap();
+
+        let sku = |n: usize| json!({"sku": format!("S{n}"), "name": "s", "price_cents": 1, "quantity": 1});
+        let mut body = ga();
+        body["inventory"]["skus"] = json!([]);
+        refused(body, "inventory.skus must have 1..=3");
+        let mut body = ga();
+        body["inventory"]["skus"] = json!([sku(1), sku(2), sku(3), sku(4)]);
+        refused(body, "inventory.skus must have 1..=3");
+        let mut body = ga();
+        body["inventory"]["skus"] = json!([sku(1), sku(2), sku(1)]);
+        refused(body, "sku `S1` appears twice");
+        for (field, value, says) in [
+            ("quantity", json!(-1), "quantity must be in 0..=100"),
+            ("quantity", json!(101), "quantity must be in 0..=100"),
+            ("price_cents", json!(-1), "price_cents"),
+            ("price_cents", json!(10_000_000_001i64), "price_cents"),
+            ("name", json!(" "), "sku name must be 1..=200"),
+            ("sku", json!("TEE M"), "sku `TEE M`"),
+            ("sku", json!("S".repeat(41)), "1..=40"),
+        ] {
+            let mut body = ga();
+            body["inventory"]["skus"][0][field] = value;
+            refused(body, says);
+        }
+    }
+
+    #[test]
+    fn sections_rows_and_seats_are_bounded() {
+        let section =
+            |id: &str, rows: Value| json!({"section": id, "price_cents": 1, "rows": rows});
+        let one_row = json!([{"row": "1", "seats": 1}]);
+        let with_sections = |sections: Value| {
+            let mut body = seated();
+            body["inventory"]["sections"] = sections;
+            body
+        };
+        // Exactly max_seats (10) over the drop is fine; one more is not, whichever section has it.
+        let ten = json!([{"row": "1", "seats": 6}, {"row": "2", "seats": 4}]);
+        create(with_sections(json!([section("A", ten)]))).unwrap();
+        refused(
+            with_sections(json!([
+                section("A", json!([{"row": "1", "seats": 6}])),
+                section("B", json!([{"row": "1", "seats": 5}]))
+            ])),
+            "at most 10 seats",
+        );
+        refused(
+            with_sections(json!([])),
+            "inventory.sections must have 1..=3",
+        );
+        refused(
+            with_sections(json!([
+                section("A", one_row.clone()),
+                section("B", one_row.clone()),
+                section("C", one_row.clone()),
+                section("D", one_row.clone())
+            ])),
+            "inventory.sections must have 1..=3",
+        );
+        refused(
+            with_sections(json!([
+                section("A", one_row.clone()),
+                section("A", one_row.clone())
+            ])),
+            "section `A` appears twice",
+        );
+        refused(
+            with_sections(json!([section("A", json!([]))])),
+            "section `A` has no rows",
+        );
+        refused(
+            with_sections(json!([section(
+                "A",
+                json!([{"row": "1", "seats": 1}, {"row": "1", "seats": 2}])
+            )])),
+            "row `1` appears twice",
+        );
+        for (row, seats, says) in [
+            ("1", 0, "a row has 1..=1000 seats"),
+            ("1", 1001, "a row has 1..=1000 seats"),
+            ("", 1, "row ``"),
+            ("A-1", 1, "row `A-1`"),
+            ("123456789", 1, "row `123456789`"),
+        ] {
+            refused(
+                with_sections(json!([section("A", json!([{"row": row, "seats": seats}]))])),
+                says,
+            );
+        }
+        for bad in ["A-B", "", "S".repeat(17).as_str()] {
+            refused(
+                with_sections(json!([section(bad, one_row.clone())])),
+                "section `",
+            );
+        }
+        let mut body = seated();
+        body["inventory"]["sections"][0]["price_cents"] = json!(-1);
+        refused(body, "section.price_cents");
+        // A GA drop's body can't describe seats, nor the other way round.
+        let mut body = ga();
+        body["inventory"]["sections"] = json!([]);
+        refused(body, "unknown field");
+    }
+
+    // ---- reserve requests ----
+
+    fn parse(drop: &DropDef, body: Value) -> Result<HoldRequest> {
+        let body: HoldRequestBody =
+            serde_json::from_value(body).map_err(|e| Error::invalid(e.to_string()))?;
+        HoldRequest::parse(body, drop, 3)
+    }
+
+    #[track_caller]
+    fn refused_hold(drop: &DropDef, body: Value, code: Code, says: &str) {
+        let err = parse(drop, body.clone()).expect_err("refused");
+        assert_eq!(err.code, code, "{body}: {err}");
+        assert!(
+            err.message.contains(says),
+            "{body}: `{err}` should say `{says}`"
+        );
+    }
+
+    #[test]
+    fn items_are_checked_against_the_drop() {
+        let drop = create(ga()).unwrap();
+        assert_eq!(
+            parse(
+                &drop,
+                json!({"items": [{"sku": "TEE-M", "quantity": 1}, {"sku": "TEE-L", "quantity": 3}]})
+            )
+            .unwrap(),
+            HoldRequest::Items(vec![("TEE-M".into(), 1), ("TEE-L".into(), 3)])
+        );
+        let invalid = Code::InvalidRequest;
+        let item = |sku: &str, q: i64| json!({"sku": sku, "quantity": q});
+        for (body, code, says) in [
+            (json!({}), invalid, "exactly one of"),
+            (
+                json!({"items": [item("TEE-M", 1)], "best_available": {"section": "A", "quantity": 1}}),
+                invalid,
+                "exactly one of",
+            ),
+            (json!({"items": []}), invalid, "`items` must have 1..=3"),
+            (
+                json!({"items": [item("TEE-M", 1), item("TEE-L", 1), item("X", 1), item("Y", 1)]}),
+                invalid,
+                "`items` must have 1..=3",
+            ),
+            (json!({"items": [item("TEE-M", 0)]}), invalid, "at least 1"),
+            (json!({"items": [item("TEE-M", -2)]}), invalid, "at least 1"),
+            (
+                json!({"items": [item("TEE-M", 5)]}),
+                Code::LimitExceeded,
+                "at most 4",
+            ),
+            (
+                json!({"items": [item("TEE-M", 2), item("TEE-L", 3)]}),
+                Code::LimitExceeded,
+                "at most 4",
+            ),
+            (
+                json!({"items": [item("TEE-XL", 1)]}),
+                Code::UnknownSku,
+                "no sku `TEE-XL`",
+            ),
+            (
+                json!({"items": [item("TEE-M", 1), item("TEE-M", 1)]}),
+                invalid,
+                "sku `TEE-M` appears twice",
+            ),
+            (json!({"seats": ["A-1-1"]}), invalid, "no seats"),
+            (
+                json!({"best_available": {"section": "A", "quantity": 1}}),
+                invalid,
+                "no seats",
+            ),
+            (
+                json!({"items": [{"sku": "TEE-M", "quantity": 1, "size": "M"}]}),
+                invalid,
+                "unknown field",
+            ),
+        ] {
+            refused_hold(&drop, body, code, says);
+        }
+    }
+
+    #[test]
+    fn seats_and_best_available_are_checked_against_the_drop() {
+        let drop = create(seated()).unwrap();
+        let seat = |s: &str| SeatId::parse(s).unwrap();
+        assert_eq!(
+            parse(&drop, json!({"seats": ["A-2-2", "B-1-1"]})).unwrap(),
+            HoldRequest::Seats(vec![seat("A-2-2"), seat("B-1-1")])
+        );
+        assert_eq!(
+            parse(
+                &drop,
+                json!({"best_available": {"section": "A", "quantity": 4}})
+            )
+            .unwrap(),
+            HoldRequest::Best {
+                section: "A".into(),
+                quantity: 4
+            }
+        );
+        let invalid = Code::InvalidRequest;
+        for (body, code, says) in [
+            (
+                json!({"items": [{"sku": "A", "quantity": 1}]}),
+                invalid,
+                "this drop is seated",
+            ),
+            (json!({"seats": []}), invalid, "`seats` must have 1..=3"),
+            (
+                json!({"seats": ["A-1-1", "A-1-2", "A-1-3", "A-2-1"]}),
+                invalid,
+                "`seats` must have 1..=3",
+            ),
+            (
+                json!({"seats": ["A-1-4"]}),
+                Code::UnknownSeat,
+                "no seat `A-1-4`",
+            ),
+            (
+                json!({"seats": ["A-3-1"]}),
+                Code::UnknownSeat,
+                "no seat `A-3-1`",
+            ),
+            (
+                json!({"seats": ["C-1-1"]}),
+                Code::UnknownSeat,
+                "no seat `C-1-1`",
+            ),
+            (
+                json!({"seats": ["A-1-01"]}),
+                Code::UnknownSeat,
+                "no seat `A-1-01`",
+            ),
+            (
+                json!({"seats": ["A-1"]}),
+                Code::UnknownSeat,
+                "no seat `A-1`",
+            ),
+            (
+                json!({"seats": ["A-1-1", "A-1-1"]}),
+                invalid,
+                "seat `A-1-1` appears twice",
+            ),
+            (
+                json!({"seats": ["A-1-1"], "best_available": {"section": "A", "quantity": 1}}),
+                invalid,
+                "exactly one of",
+            ),
+            (
+                json!({"best_available": {"section": "C", "quantity": 1}}),
+                Code::UnknownSection,
+                "no section `C`",
+            ),
+            (
+                json!({"best_available": {"section": "A", "quantity": 0}}),
+                invalid,
+                "at least 1",
+            ),
+            (
+                json!({"best_available": {"section": "A", "quantity": 5}}),
+                Code::LimitExceeded,
+                "at most 4",
+            ),
+        ] {
+            refused_hold(&drop, body, code, says);
+        }
+        // The per-fan limit counts seats too (3 seats of a limit of 2).
+        let mut body = seated();
+        body["per_fan_limit"] = json!(2);
+        let drop = create(body).unwrap();
+        refused_hold(
+            &drop,
+            json!({"seats": ["A-1-1", "A-1-2", "A-1-3"]}),
+            Code::LimitExceeded,
+            "at most 2",
+        );
+    }
+}
