@@ -13,14 +13,14 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::config::{ms, Config};
-use crate::db::{ApiKey, Db, Order, OrderItem};
+use crate::db::{ApiKey, Db, Order, OrderItem, Voiding};
 use crate::drops::{
     AdmissionMode, AdmissionSettings, CreateDrop, DropDef, HoldRequest, HoldRequestBody, Kind,
 };
 use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId, HoldId, OrderId};
 use crate::metrics as m;
-use crate::payments::{GatewayError, Lookup, PaymentGateway, TestGateway};
+use crate::payments::{GatewayError, Lookup, PaymentGateway, PaymentState, TestGateway};
 use crate::scripts::{
     ConfirmBegin, Finish, HoldItem, HoldRecord, HoldState, Redis, ReserveArgs, Reserved,
 };
@@ -789,7 +789,10 @@ impl Engine {
         match auth {
             Ok(()) => {}
             Err(GatewayError::Declined) => {
-                let _ = self.db.set_payment_state(hold, "declined").await;
+                let _ = self
+                    .db
+                    .set_payment_state(hold, PaymentState::Declined)
+                    .await;
                 self.redis.confirm_revert(hold, &payment.reference).await?;
                 return Err(Error::new(Code::PaymentDeclined));
             }
@@ -899,7 +902,10 @@ impl Engine {
         let timeout = ms(self.cfg.gateway.timeout_ms);
         match tokio::time::timeout(timeout, self.gateway.capture(hold)).await {
             Ok(Ok(())) => {
-                let _ = self.db.set_payment_state(hold, "captured").await;
+                let _ = self
+                    .db
+                    .set_payment_state(hold, PaymentState::Captured)
+                    .await;
             }
             Ok(Err(e)) => {
                 tracing::warn!(%hold, error = %e, "capture failed; retried by the reconciler")
@@ -913,7 +919,7 @@ impl Engine {
     async fn void_and_revert(&self, hold: &HoldId, reference: &str) -> Result<()> {
         let _ =
             tokio::time::timeout(ms(self.cfg.gateway.timeout_ms), self.gateway.void(hold)).await;
-        let _ = self.db.set_payment_state(hold, "voided").await;
+        let _ = self.db.set_payment_state(hold, PaymentState::Voided).await;
         self.redis.confirm_revert(hold, reference).await?;
         Ok(())
     }
@@ -1122,16 +1128,17 @@ impl Engine {
                         self.commit_and_finish(&def, &hold, &rec).await?;
                     }
                     Lookup::Declined | Lookup::Voided | Lookup::Unknown => {
-                        match self
-                            .db
-                            .void_pending_payment(&hold, &reference)
-                            .await?
-                            .as_deref()
-                        {
+                        match self.db.void_pending_payment(&hold, &reference).await? {
                             // An order is landing for this attempt: the next round finishes it.
-                            Some("authorized") | Some("captured") => continue,
-                            Some("superseded") => self.revert_unrecorded(&hold, &reference).await?,
-                            _ => self.void_and_revert(&hold, &reference).await?,
+                            Voiding::Was(PaymentState::Authorized | PaymentState::Captured) => {
+                                continue
+                            }
+                            Voiding::Superseded => {
+                                self.revert_unrecorded(&hold, &reference).await?
+                            }
+                            Voiding::NoPayment | Voiding::Was(_) => {
+                                self.void_and_revert(&hold, &reference).await?
+                            }
                         }
                     }
                 }

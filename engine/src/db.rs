@@ -14,6 +14,7 @@ use crate::config::DatabaseConfig;
 use crate::drops::DropDef;
 use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId, HoldId, OrderId};
+use crate::payments::PaymentState;
 use crate::tokens::sha256_hex;
 
 /// Versioned migrations, applied in order at start under an advisory lock (so many processes
@@ -21,6 +22,17 @@ use crate::tokens::sha256_hex;
 const MIGRATIONS: &[(i32, &str, &str)] =
     &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
 const MIGRATION_LOCK_ID: i64 = 0x466c_6f6f_6467;
+
+/// What [`Db::void_pending_payment`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Voiding {
+    /// No payment was recorded for the hold.
+    NoPayment,
+    /// The row belongs to a newer attempt (another reference) and was left alone.
+    Superseded,
+    /// The attempt's state before; `Pending` means it is `Voided` now.
+    Was(PaymentState),
+}
 
 #[derive(Clone)]
 pub struct Db {
@@ -454,26 +466,20 @@ impl Db {
         Ok(written == 1)
     }
 
-    pub async fn set_payment_state(&self, hold: &HoldId, state: &str) -> Result<()> {
+    pub async fn set_payment_state(&self, hold: &HoldId, state: PaymentState) -> Result<()> {
         self.client()
             .await?
             .execute(
                 "UPDATE payments SET state = $2, updated_at = now() WHERE hold_id = $1",
-                &[&hold.as_str(), &state],
+                &[&hold.as_str(), &state.as_str()],
             )
             .await?;
         Ok(())
     }
 
     /// The reconciler's side of the arbitration with a committing request: the attempt made
-    /// under `reference`, if still `pending`, becomes `voided`. Returns the attempt's state before
-    /// (`None`: no payment recorded; `Some("superseded")`: the row now belongs to a newer attempt,
-    /// which is left alone).
-    pub async fn void_pending_payment(
-        &self,
-        hold: &HoldId,
-        reference: &str,
-    ) -> Result<Option<String>> {
+    /// under `reference`, if still `pending`, becomes `voided`. Says what it found before.
+    pub async fn void_pending_payment(&self, hold: &HoldId, reference: &str) -> Result<Voiding> {
         let row = self
             .client()
             .await?
@@ -481,11 +487,19 @@ impl Db {
                 "WITH prev AS (SELECT state, reference FROM payments WHERE hold_id = $1 FOR UPDATE) \
                  UPDATE payments p SET state = CASE WHEN p.state = 'pending' AND p.reference = $2 \
                  THEN 'voided' ELSE p.state END, updated_at = now() FROM prev WHERE p.hold_id = $1 \
-                 RETURNING CASE WHEN prev.reference = $2 THEN prev.state ELSE 'superseded' END",
+                 RETURNING CASE WHEN prev.reference = $2 THEN prev.state ELSE NULL END",
                 &[&hold.as_str(), &reference],
             )
             .await?;
-        Ok(row.map(|r| r.get(0)))
+        let Some(row) = row else {
+            return Ok(Voiding::NoPayment);
+        };
+        let Some(state) = row.get::<_, Option<&str>>(0) else {
+            return Ok(Voiding::Superseded);
+        };
+        PaymentState::parse(state)
+            .map(Voiding::Was)
+            .ok_or_else(|| Error::internal(format!("payments.state `{state}`")))
     }
 
     /// Authorized payments whose order stands but whose capture failed, oldest first.

@@ -20,6 +20,53 @@ pub enum GatewayError {
     Other(String),
 }
 
+/// A payment attempt's state: one name in Rust, in the `payments` table (whose CHECK lists the
+/// same names; a test holds the two together) and in the test gateway's records.
+/// `pending` → `authorized` (with the order) → `captured`; `pending` → `declined` | `voided`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PaymentState {
+    /// Recorded before the gateway is called; no order yet.
+    Pending,
+    /// Authorized, and (in Postgres) committed with its order in one transaction.
+    Authorized,
+    Declined,
+    Captured,
+    /// Ended without a sale by the reconciler (or a void at the gateway).
+    Voided,
+}
+
+impl PaymentState {
+    pub const ALL: [PaymentState; 5] = [
+        PaymentState::Pending,
+        PaymentState::Authorized,
+        PaymentState::Declined,
+        PaymentState::Captured,
+        PaymentState::Voided,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentState::Pending => "pending",
+            PaymentState::Authorized => "authorized",
+            PaymentState::Declined => "declined",
+            PaymentState::Captured => "captured",
+            PaymentState::Voided => "voided",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PaymentState> {
+        PaymentState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for PaymentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the gateway knows of a hold's payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
@@ -55,7 +102,7 @@ pub struct TestPayment {
     pub authorizations: u32,
     pub captures: u32,
     pub voids: u32,
-    pub state: Option<&'static str>,
+    pub state: Option<PaymentState>,
 }
 
 /// Deterministic gateway for development and tests, by reference prefix:
@@ -105,9 +152,9 @@ impl PaymentGateway for TestGateway {
                 p.authorizations += 1;
                 p.state = Some(
                     if reference.starts_with("ok_") || reference.starts_with("slow_") {
-                        "authorized"
+                        PaymentState::Authorized
                     } else {
-                        "declined"
+                        PaymentState::Declined
                     },
                 );
             }
@@ -117,23 +164,23 @@ impl PaymentGateway for TestGateway {
             return Err(GatewayError::Timeout);
         }
         match self.with(hold, |p| p.state) {
-            Some("authorized") | Some("captured") => Ok(()),
+            Some(PaymentState::Authorized | PaymentState::Captured) => Ok(()),
             _ => Err(GatewayError::Declined),
         }
     }
 
     async fn capture(&self, hold: &HoldId) -> Result<(), GatewayError> {
         self.with(hold, |p| match p.state {
-            Some("authorized") => {
+            Some(PaymentState::Authorized) => {
                 p.captures += 1;
-                p.state = Some("captured");
+                p.state = Some(PaymentState::Captured);
                 Ok(())
             }
-            Some("captured") => Ok(()),
+            Some(PaymentState::Captured) => Ok(()),
             // No record: authorized by another process's gateway (or before a restart).
             None => {
                 p.captures += 1;
-                p.state = Some("captured");
+                p.state = Some(PaymentState::Captured);
                 Ok(())
             }
             _ => Err(GatewayError::Other("nothing authorized to capture".into())),
@@ -142,9 +189,9 @@ impl PaymentGateway for TestGateway {
 
     async fn void(&self, hold: &HoldId) -> Result<(), GatewayError> {
         self.with(hold, |p| {
-            if p.state == Some("authorized") {
+            if p.state == Some(PaymentState::Authorized) {
                 p.voids += 1;
-                p.state = Some("voided");
+                p.state = Some(PaymentState::Voided);
             }
             Ok(())
         })
@@ -154,17 +201,81 @@ impl PaymentGateway for TestGateway {
         // After a restart the memory is gone; the reference alone still decides, deterministically.
         Ok(self.with(hold, |p| match p.state {
             Some(_) if p.reference != reference => Lookup::Unknown,
-            Some("authorized") => Lookup::Authorized,
-            Some("captured") => Lookup::Captured,
-            Some("declined") => Lookup::Declined,
-            Some("voided") => Lookup::Voided,
+            Some(PaymentState::Authorized) => Lookup::Authorized,
+            Some(PaymentState::Captured) => Lookup::Captured,
+            Some(PaymentState::Declined) => Lookup::Declined,
+            Some(PaymentState::Voided) => Lookup::Voided,
             _ if reference.starts_with("ok_") || reference.starts_with("slow_") => {
                 p.reference = reference.to_owned();
                 p.authorizations += 1;
-                p.state = Some("authorized");
+                p.state = Some(PaymentState::Authorized);
                 Lookup::Authorized
             }
             _ => Lookup::Unknown,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payment_states_round_trip() {
+        for state in PaymentState::ALL {
+            assert_eq!(PaymentState::parse(state.as_str()), Some(state));
+        }
+        assert_eq!(PaymentState::parse("superseded"), None);
+        assert_eq!(PaymentState::parse("Pending"), None);
+    }
+
+    /// The `payments.state` CHECK in the migration names exactly the enum's states.
+    #[test]
+    fn payment_states_match_the_sql_check() {
+        let sql = include_str!("../../migrations/0001_init.sql");
+        let table = &sql[sql
+            .find("CREATE TABLE payments")
+            .expect("the payments table")..];
+        let check = table
+            .lines()
+            .find(|l| l.trim_start().starts_with("state "))
+            .expect("payments.state");
+        let list = check
+            .split_once("CHECK (state IN (")
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .expect("a CHECK (state IN (...)) on payments.state")
+            .0;
+        let in_sql: Vec<&str> = list
+            .split(',')
+            .map(|name| name.trim().trim_matches('\''))
+            .collect();
+        let in_rust: Vec<&str> = PaymentState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(in_sql, in_rust);
+    }
+
+    #[tokio::test]
+    async fn the_test_gateway_records_states() {
+        let gw = TestGateway::new(Duration::from_millis(1));
+        let hold = HoldId::generate(&crate::ids::DropId::generate());
+        assert_eq!(
+            gw.authorize(&hold, "fail_1", 100, "USD").await,
+            Err(GatewayError::Declined)
+        );
+        assert_eq!(
+            gw.payment(&hold).unwrap().state,
+            Some(PaymentState::Declined)
+        );
+        gw.authorize(&hold, "ok_2", 100, "USD").await.unwrap();
+        assert_eq!(gw.lookup(&hold, "ok_2").await, Ok(Lookup::Authorized));
+        assert_eq!(gw.lookup(&hold, "fail_1").await, Ok(Lookup::Unknown));
+        gw.capture(&hold).await.unwrap();
+        gw.void(&hold).await.unwrap();
+        let p = gw.payment(&hold).unwrap();
+        assert_eq!(
+            p.state,
+            Some(PaymentState::Captured),
+            "a capture is not voided"
+        );
+        assert_eq!((p.authorizations, p.captures, p.voids), (2, 1, 0));
     }
 }
