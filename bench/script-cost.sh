@@ -14,8 +14,9 @@
 #   4. The same for the empty script, in a second Redis under callgrind.
 #
 # Usage: bench/script-cost.sh [--variant FILE] [--calls N]
-#   --variant FILE   measure FILE (a whole reserve.lua replacement; lua/lib.lua is prepended, as
-#                    the engine does) instead of lua/reserve.lua, with the same keys and arguments
+#   --variant FILE   measure FILE (a whole reserve.lua replacement; lua/clock.lua and lua/lib.lua
+#                    are prepended, as the engine does) instead of lua/reserve.lua, with the same
+#                    keys and arguments
 #   --calls N        reserves counted [3000]
 # Environment: BOOKING_API (the binary, [target/debug/booking-api]), DEVSTACK
 # ([target/debug/devstack]), PORT_BASE (five ports from it are used [7300]).
@@ -122,7 +123,7 @@ kill "$booking"
 wait "$booking" 2>/dev/null || true
 what=lua/reserve.lua
 if [[ -n $VARIANT ]]; then
-    evalsha[0]=$(redis-cli -p "$RPORT" script load "$(cat lua/lib.lua; echo; cat "$VARIANT")")
+    evalsha[0]=$(redis-cli -p "$RPORT" script load "$(cat lua/clock.lua; echo; cat lua/lib.lua; echo; cat "$VARIANT")")
     what=$VARIANT
 fi
 reserve=$(count reserve EVALSHA "${evalsha[@]}")

@@ -19,6 +19,7 @@
 -- whole grace only waiters already gone a grace before the gap began leave: presence refreshes
 -- stopped too, so being unseen since says nothing about the fan, and sockets need the time to
 -- reconnect.
+-- Time comes from now_ms() (clock.lua, prepended by engine::scripts).
 -- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, per_fan_limit (see lib.lua)
 -- KEYS[2] {drop_id}:admission  hash   rate_per_s, burst, max_active, paused "0"/"1",
 --                                     shop_window_s, admit_margin_pct, leave_grace_s;
@@ -39,8 +40,7 @@
 --          fan 1, place 1, fan 2, place 2, ...}   (the fans admitted by this call)
 --   state: open | paused | pre_queue | all_held | sold_out | closed | recovering | unknown_drop
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 
 local wm = redis.call('HMGET', KEYS[8], 'place', 'admitted')
 local watermark, admitted_ever = wm[1] or '0', tonumber(wm[2]) or 0

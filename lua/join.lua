@@ -3,6 +3,7 @@
 -- entry in the places hash, so they can't join again. Before `opens_at_ms` the place is the
 -- caller's commit–reveal score (HMAC-SHA256(seed, fan) cut to 52 bits, below 2^52); after it,
 -- 2^52 + a counter, so the line is first come, first served and never depends on a clock.
+-- Time comes from now_ms() (clock.lua, prepended by engine::scripts).
 -- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, mode (see lib.lua)
 -- KEYS[2] {drop_id}:admission  hash   ops' settings; line_state = "sold_out" once the line closed
 -- KEYS[3] {drop_id}:places     hash   fan id → place (kept after admission: one place per fan)
@@ -20,8 +21,7 @@
 -- A fan with no place on a sold-out / closed drop gets place "0" and no place is made.
 
 local fan, prequeue_score = ARGV[1], ARGV[2]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 
 local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms', 'mode')
 if not meta[1] then return {'0', 0, 'unknown_drop', 0, now} end

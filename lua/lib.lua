@@ -1,4 +1,5 @@
--- lib.lua — shared helpers prepended to every hold script by engine::scripts (not loaded alone).
+-- lib.lua — shared helpers prepended to every hold script by engine::scripts (not loaded alone),
+-- after clock.lua (which defines now_ms()).
 -- Every hold script receives the same drop key set, named here once:
 -- KEYS[1]  {drop_id}:meta        hash   status, recovering, kind, per_fan_limit, hold_ttl_ms, opens_at_ms,
 --                                       mode, confirm_timeout_ms, confirm_grace_ms, reclaim_batch, done_ttl_ms,
@@ -25,11 +26,6 @@ local K = {
   confirming = KEYS[6], done = KEYS[7], fans = KEYS[8], fanholds = KEYS[9], layout = KEYS[10],
   active = KEYS[11], idem = KEYS[12],
 }
-
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 
 -- This redis-server run's id. A drop whose meta carries another one was loaded before a restart:
 -- the AOF may have lost its last writes (holds, sales Postgres already has), so it must not sell

@@ -59,7 +59,12 @@ for i = 1, #all, 2 do
     live[#live + 1] = {id = id, h = h}
   end
 end
-table.sort(live, function(x, y) return x.h.c < y.h.c end)
+-- Ties (holds made in the same millisecond) break by id, so which hold loses is decided, not left
+-- to table.sort (which isn't stable).
+table.sort(live, function(x, y)
+  if x.h.c ~= y.h.c then return x.h.c < y.h.c end
+  return x.id < y.id
+end)
 
 local room, held = {}, {}
 for _, b in ipairs(d.buckets) do

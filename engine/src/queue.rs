@@ -4,10 +4,9 @@
 //! the waiting room is here.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 
 use fred::prelude::*;
-use fred::types::scripts::Script;
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
@@ -18,11 +17,6 @@ use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId};
 use crate::scripts::{int, text, DropKeys, Redis};
 use crate::tokens::{now_ms, AdmissionClaims};
-
-static JOIN: LazyLock<Script> =
-    LazyLock::new(|| Script::from_lua(include_str!("../../lua/join.lua")));
-static ADMIT: LazyLock<Script> =
-    LazyLock::new(|| Script::from_lua(include_str!("../../lua/admit.lua")));
 
 /// Places after opening are `POST_OPEN_BASE + n`; pre-queue scores are below it.
 pub const POST_OPEN_BASE: i64 = 1 << 52;
@@ -197,7 +191,7 @@ impl Redis {
         let k = QueueKeys::new(drop);
         let reply = self
             .run(
-                &JOIN,
+                &self.scripts.join,
                 vec![
                     k.meta,
                     k.admission,
@@ -241,7 +235,7 @@ impl Redis {
         let k = QueueKeys::new(drop);
         let reply = self
             .run(
-                &ADMIT,
+                &self.scripts.admit,
                 vec![
                     k.meta,
                     k.admission,

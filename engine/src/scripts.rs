@@ -15,8 +15,38 @@ use crate::config::RedisConfig;
 use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId, HoldId, OrderId};
 
-/// The shared prelude each hold script starts with (key names, hold helpers).
+/// The prelude every script starts with: `now_ms()`, the one place a script reads the time.
+const CLOCK: &str = include_str!("../../lua/clock.lua");
+
+/// The shared prelude each hold script starts with after the clock (key names, hold helpers).
 const LIB: &str = include_str!("../../lua/lib.lua");
+
+/// Every script: its name (its file in `lua/`), its source, and whether it takes `lib.lua` (the
+/// hold scripts do; the waiting room's `join` and `admit` take only the clock).
+const SOURCES: [(&str, &str, bool); 10] = [
+    ("reserve", include_str!("../../lua/reserve.lua"), true),
+    ("release", include_str!("../../lua/release.lua"), true),
+    ("expire", include_str!("../../lua/expire.lua"), true),
+    (
+        "confirm_begin",
+        include_str!("../../lua/confirm_begin.lua"),
+        true,
+    ),
+    (
+        "confirm_finish",
+        include_str!("../../lua/confirm_finish.lua"),
+        true,
+    ),
+    (
+        "confirm_revert",
+        include_str!("../../lua/confirm_revert.lua"),
+        true,
+    ),
+    ("load_drop", include_str!("../../lua/load_drop.lua"), true),
+    ("rebuild", include_str!("../../lua/rebuild.lua"), true),
+    ("join", include_str!("../../lua/join.lua"), false),
+    ("admit", include_str!("../../lua/admit.lua"), false),
+];
 
 /// The keys of one drop, in the order every hold script takes them (see lua/lib.lua). All carry
 /// the hash tag `{drop_id}`, so a drop lives on one Redis Cluster shard.
@@ -208,7 +238,7 @@ pub struct Counts {
     pub sold: i64,
 }
 
-struct Scripts {
+pub(crate) struct Scripts {
     reserve: Script,
     release: Script,
     expire: Script,
@@ -217,17 +247,67 @@ struct Scripts {
     confirm_revert: Script,
     load_drop: Script,
     rebuild: Script,
+    pub(crate) join: Script,
+    pub(crate) admit: Script,
 }
 
-fn with_lib(body: &str) -> Script {
-    Script::from_lua(format!("{LIB}\n{body}"))
+impl Scripts {
+    /// Every script with `clock` as its time prelude; `source(name, file's text)` may hand back
+    /// another body (only the model test does, to load a deliberately broken script).
+    fn new(clock: &str, source: impl Fn(&str, &'static str) -> String) -> Scripts {
+        let mut built = SOURCES.iter().map(|(name, body, with_lib)| {
+            let body = source(name, body);
+            let lib = if *with_lib { LIB } else { "" };
+            Script::from_lua(format!("{clock}\n{lib}\n{body}"))
+        });
+        // SOURCES has exactly these ten, in this order.
+        let mut next = || built.next().expect("one script per SOURCES entry");
+        Scripts {
+            reserve: next(),
+            release: next(),
+            expire: next(),
+            confirm_begin: next(),
+            confirm_finish: next(),
+            confirm_revert: next(),
+            load_drop: next(),
+            rebuild: next(),
+            join: next(),
+            admit: next(),
+        }
+    }
+
+    fn all(&self) -> [&Script; 10] {
+        [
+            &self.reserve,
+            &self.release,
+            &self.expire,
+            &self.confirm_begin,
+            &self.confirm_finish,
+            &self.confirm_revert,
+            &self.load_drop,
+            &self.rebuild,
+            &self.join,
+            &self.admit,
+        ]
+    }
+}
+
+/// What the model test (engine/tests/model.rs) loads instead of the production scripts: its own
+/// clock prelude (time it moves by hand) and, optionally, replaced script bodies. Only in builds
+/// with the `test-scripts` feature, which only the engine's own tests turn on.
+#[cfg(feature = "test-scripts")]
+pub struct TestScripts {
+    /// Lua that defines `local function now_ms()`, in place of lua/clock.lua.
+    pub clock: String,
+    /// (script name as in `lua/`, body without preludes) to load instead of the file.
+    pub replace: Vec<(String, String)>,
 }
 
 /// The Redis side of Floodgate: a bounded connection pool and the scripts.
 #[derive(Clone)]
 pub struct Redis {
     pool: Pool,
-    scripts: Arc<Scripts>,
+    pub(crate) scripts: Arc<Scripts>,
 }
 
 pub(crate) type Reply = Vec<Value>;
@@ -248,6 +328,22 @@ fn decode<T: serde::de::DeserializeOwned>(raw: &str) -> Result<T> {
 impl Redis {
     /// Connects a pool with every buffer and wait bounded (fred's defaults are unbounded).
     pub async fn connect(cfg: &RedisConfig) -> Result<Redis> {
+        Self::connect_with(cfg, Scripts::new(CLOCK, |_, body| body.to_owned())).await
+    }
+
+    /// [`Redis::connect`] with the model test's clock and script bodies.
+    #[cfg(feature = "test-scripts")]
+    pub async fn connect_with_test_scripts(cfg: &RedisConfig, test: TestScripts) -> Result<Redis> {
+        let scripts = Scripts::new(&test.clock, |name, body| {
+            test.replace
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or_else(|| body.to_owned(), |(_, b)| b.clone())
+        });
+        Self::connect_with(cfg, scripts).await
+    }
+
+    async fn connect_with(cfg: &RedisConfig, scripts: Scripts) -> Result<Redis> {
         let config =
             Config::from_url(&cfg.url).map_err(|e| Error::invalid(format!("redis.url: {e}")))?;
         let pool = Builder::from_config(config)
@@ -265,26 +361,7 @@ impl Redis {
         pool.init()
             .await
             .map_err(|e| Error::unavailable("Redis", e))?;
-        let scripts = Scripts {
-            reserve: with_lib(include_str!("../../lua/reserve.lua")),
-            release: with_lib(include_str!("../../lua/release.lua")),
-            expire: with_lib(include_str!("../../lua/expire.lua")),
-            confirm_begin: with_lib(include_str!("../../lua/confirm_begin.lua")),
-            confirm_finish: with_lib(include_str!("../../lua/confirm_finish.lua")),
-            confirm_revert: with_lib(include_str!("../../lua/confirm_revert.lua")),
-            load_drop: with_lib(include_str!("../../lua/load_drop.lua")),
-            rebuild: with_lib(include_str!("../../lua/rebuild.lua")),
-        };
-        for s in [
-            &scripts.reserve,
-            &scripts.release,
-            &scripts.expire,
-            &scripts.confirm_begin,
-            &scripts.confirm_finish,
-            &scripts.confirm_revert,
-            &scripts.load_drop,
-            &scripts.rebuild,
-        ] {
+        for s in scripts.all() {
             s.load(pool.next()).await?;
         }
         Ok(Redis {

@@ -1,0 +1,680 @@
+//! The model-based test of the Lua scripts: random sequences of everything that changes a drop
+//! in Redis (reserve of GA items, named seats and best-available; release; time passing and the
+//! sweeper; confirm begin / Postgres commit / finish / revert; close; join, admission runs,
+//! presence and ops' admission changes; Redis losing the drop or its last writes, then the
+//! rebuild from Postgres' record), run against the real scripts on the real Redis of `./dev test`
+//! and against a reference model in plain Rust (`reference.rs`). After every step the answers and
+//! every key of the drop must agree, and the books must balance.
+//!
+//! Time is the test's: the scripts are loaded with a clock prelude that reads a per-drop key
+//! (`world.rs`), in place of lua/clock.lua's `TIME` — only in this test build.
+//!
+//! `FLOODGATE_MODEL_STEPS` sets how many steps each variant runs (default 6,000; a nightly run
+//! may set 200,000); `FLOODGATE_MODEL_SEED` replays a run (its seed is printed when it fails).
+//! A failing sequence is shrunk to a minimal one, printed with the seed.
+
+mod reference;
+mod world;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use proptest::test_runner::{
+    Config as RunnerConfig, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner,
+};
+use sha2::{Digest, Sha256};
+
+use reference::{DropSpec, Model, Request, T0_MS};
+use world::{apply, Outcome, Step, World};
+
+const FANS: [&str; 3] = ["fan-a", "fan-b", "fan-c"];
+const REFERENCES: [&str; 2] = ["pay-1", "pay-2"];
+/// The pre-queue seed of every modelled drop (join takes the score as an argument).
+const SEED: &str = "model-test-seed";
+const DEFAULT_STEPS: usize = 6_000;
+
+/// The drop a case runs on.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    seated: bool,
+    queue: bool,
+    opens_later: bool,
+}
+
+impl Shape {
+    fn spec(self) -> DropSpec {
+        let (buckets, layout) = if self.seated {
+            (
+                vec![("S1".to_owned(), 7), ("S2".to_owned(), 3)],
+                vec![
+                    (
+                        "S1".to_owned(),
+                        vec![("A".to_owned(), 4), ("B".to_owned(), 3)],
+                    ),
+                    ("S2".to_owned(), vec![("A".to_owned(), 3)]),
+                ],
+            )
+        } else {
+            (vec![("TEE".to_owned(), 5), ("CAP".to_owned(), 3)], vec![])
+        };
+        DropSpec {
+            seated: self.seated,
+            queue: self.queue,
+            buckets,
+            layout,
+            per_fan_limit: 4,
+            hold_ttl_ms: 5_000,
+            opens_at_ms: if self.opens_later {
+                T0_MS + 1_500
+            } else {
+                T0_MS
+            },
+            confirm_timeout_ms: 3_000,
+            confirm_grace_ms: 2_000,
+            reclaim_batch: 2,
+            done_ttl_ms: 8_000,
+        }
+    }
+}
+
+/// A step before its ids are decided: indices pick among fans, holds made so far, references.
+#[derive(Debug, Clone)]
+enum Op {
+    Reserve {
+        fan: usize,
+        key: usize,
+        kind: u8,
+        a: usize,
+        b: usize,
+        n: u32,
+    },
+    /// `fan` 3..=5 is the hold's own fan; 0..=2 a fixed fan (often someone else).
+    Release {
+        fan: usize,
+        hold: usize,
+    },
+    Expire {
+        limit: i64,
+    },
+    Begin {
+        fan: usize,
+        hold: usize,
+        reference: usize,
+    },
+    Commit {
+        hold: usize,
+    },
+    Finish {
+        hold: usize,
+    },
+    Revert {
+        hold: usize,
+        reference: usize,
+    },
+    Advance {
+        ms: i64,
+    },
+    Close,
+    Checkpoint,
+    Lose {
+        rollback: bool,
+    },
+    Rebuild,
+    Join {
+        fan: usize,
+    },
+    Admit {
+        leave_batch: i64,
+    },
+    Touch {
+        mask: u8,
+    },
+    Settings {
+        rate_per_s: u32,
+        burst: u32,
+        max_active: u32,
+        paused: bool,
+        shop_window_s: u32,
+        margin_pct: u32,
+        leave_grace_s: u32,
+    },
+    /// Script calls sent at once (the concurrent variant).
+    Together(Vec<Op>),
+}
+
+fn script_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..3usize, 0..10usize, 0..3u8, 0..16usize, 0..16usize, 1..=3u32)
+            .prop_map(|(fan, key, kind, a, b, n)| Op::Reserve { fan, key, kind, a, b, n }),
+        2 => (0..6usize, 0..64usize).prop_map(|(fan, hold)| Op::Release { fan, hold }),
+        1 => (1..4i64).prop_map(|limit| Op::Expire { limit }),
+        3 => (0..6usize, 0..64usize, 0..2usize)
+            .prop_map(|(fan, hold, reference)| Op::Begin { fan, hold, reference }),
+        2 => (0..64usize).prop_map(|hold| Op::Finish { hold }),
+        1 => (0..64usize, 0..2usize).prop_map(|(hold, reference)| Op::Revert { hold, reference }),
+        2 => (0..3usize).prop_map(|fan| Op::Join { fan }),
+        2 => (1..4i64).prop_map(|leave_batch| Op::Admit { leave_batch }),
+    ]
+}
+
+/// Closing, losing Redis and rebuilding are rare, so most of a case runs on a live drop.
+fn any_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        100 => script_op(),
+        15 => (0..64usize).prop_map(|hold| Op::Commit { hold }),
+        16 => prop_oneof![0..1_500i64, 1_500..4_000i64, Just(9_000i64)]
+            .prop_map(|ms| Op::Advance { ms }),
+        4 => (0..8u8).prop_map(|mask| Op::Touch { mask }),
+        4 => (0..4u32, 0..4u32, 0..4u32, proptest::bool::weighted(0.2), 1..8u32, 0..30u32, 2..8u32)
+            .prop_map(|(rate_per_s, burst, max_active, paused, shop_window_s, margin_pct, leave_grace_s)| {
+                Op::Settings { rate_per_s, burst, max_active, paused, shop_window_s, margin_pct, leave_grace_s }
+            }),
+        1 => Just(Op::Close),
+        3 => Just(Op::Checkpoint),
+        2 => any::<bool>().prop_map(|rollback| Op::Lose { rollback }),
+        6 => Just(Op::Rebuild),
+    ]
+}
+
+fn concurrent_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => any_op(),
+        2 => prop::collection::vec(script_op(), 2..=4).prop_map(Op::Together),
+    ]
+}
+
+fn shape() -> impl Strategy<Value = Shape> {
+    (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.3)).prop_map(
+        |(seated, queue, opens_later)| Shape {
+            seated,
+            queue,
+            opens_later,
+        },
+    )
+}
+
+/// What deciding ids needs to remember across steps.
+struct Ids {
+    drop: String,
+    issued: Vec<String>,
+    next_hold: u64,
+}
+
+impl Ids {
+    /// Four times in five a hold Redis has (per the model), else any id issued so far (refused
+    /// reserves issued ids that never became holds).
+    fn hold(&self, i: usize, model: &Model) -> String {
+        let live: Vec<&String> = model.store.holds.keys().collect();
+        if !i.is_multiple_of(5) && !live.is_empty() {
+            live[(i / 5) % live.len()].clone()
+        } else if self.issued.is_empty() {
+            format!("{}-h{:016x}", self.drop, u64::MAX)
+        } else {
+            self.issued[i % self.issued.len()].clone()
+        }
+    }
+}
+
+fn sha_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+fn resolve(op: &Op, model: &Model, ids: &mut Ids) -> Step {
+    let spec = &model.spec;
+    let owner = |fan: usize, hold: &str| {
+        if fan < FANS.len() {
+            FANS[fan].to_owned()
+        } else {
+            model
+                .store
+                .holds
+                .get(hold)
+                .map_or(FANS[0].to_owned(), |h| h.fan.clone())
+        }
+    };
+    match op {
+        Op::Reserve {
+            fan,
+            key,
+            kind,
+            a,
+            b,
+            n,
+        } => {
+            let req = if !spec.seated {
+                let nb = spec.buckets.len();
+                let mut items = vec![(spec.buckets[a % nb].0.clone(), *n)];
+                if b % 2 == 1 {
+                    items.push((spec.buckets[(a + 1) % nb].0.clone(), 1));
+                }
+                Request::Items(items)
+            } else if kind % 2 == 1 {
+                let seats = spec.seat_ids();
+                let mut picked = vec![seats[a % seats.len()].clone()];
+                let other = seats[b % seats.len()].clone();
+                if !picked.contains(&other) {
+                    picked.push(other);
+                }
+                Request::Seats(
+                    picked
+                        .into_iter()
+                        .map(|s| (s.split('-').next().unwrap_or_default().to_owned(), s))
+                        .collect(),
+                )
+            } else {
+                Request::Best {
+                    section: spec.buckets[a % spec.buckets.len()].0.clone(),
+                    quantity: *n,
+                }
+            };
+            let hold = format!("{}-h{:016x}", ids.drop, ids.next_hold);
+            ids.next_hold += 1;
+            ids.issued.push(hold.clone());
+            // Keys 0..=2 are reused (replays, and another body under a used key); the rest are
+            // fresh, as a client's retry-safe key for a new request is.
+            let key = if *key < 3 {
+                format!("key-{key}")
+            } else {
+                format!("fresh-{}", ids.next_hold)
+            };
+            Step::Reserve {
+                fan: FANS[*fan].to_owned(),
+                key,
+                body_sha: sha_hex(&format!("{req:?}")),
+                hold,
+                req,
+            }
+        }
+        Op::Release { fan, hold } => {
+            let hold = ids.hold(*hold, model);
+            Step::Release {
+                fan: owner(*fan, &hold),
+                hold,
+            }
+        }
+        Op::Expire { limit } => Step::Expire { limit: *limit },
+        Op::Begin {
+            fan,
+            hold,
+            reference,
+        } => {
+            let hold = ids.hold(*hold, model);
+            Step::Begin {
+                fan: owner(*fan, &hold),
+                hold,
+                reference: REFERENCES[*reference].to_owned(),
+            }
+        }
+        Op::Commit { hold } => Step::Commit {
+            hold: ids.hold(*hold, model),
+            order: engine::ids::OrderId::generate().to_string(),
+        },
+        Op::Finish { hold } => {
+            let hold = ids.hold(*hold, model);
+            let order = model.record.orders.get(&hold).map_or_else(
+                || engine::ids::OrderId::generate().to_string(),
+                |(o, _, _)| o.clone(),
+            );
+            Step::Finish { hold, order }
+        }
+        Op::Revert { hold, reference } => Step::Revert {
+            hold: ids.hold(*hold, model),
+            reference: REFERENCES[*reference].to_owned(),
+        },
+        Op::Advance { ms } => Step::Advance { ms: *ms },
+        Op::Close => Step::Close,
+        Op::Checkpoint => Step::Checkpoint,
+        Op::Lose { rollback } => Step::Lose {
+            rollback: *rollback,
+        },
+        Op::Rebuild => Step::Rebuild,
+        Op::Join { fan } => {
+            let f = engine::ids::FanId::parse(FANS[*fan]).expect("a fan id");
+            Step::Join {
+                fan: FANS[*fan].to_owned(),
+                score: engine::queue::prequeue_score(SEED, &f),
+            }
+        }
+        Op::Admit { leave_batch } => Step::Admit {
+            leave_batch: *leave_batch,
+        },
+        Op::Touch { mask } => Step::Touch {
+            fans: FANS
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, f)| (*f).to_owned())
+                .collect(),
+        },
+        Op::Settings {
+            rate_per_s,
+            burst,
+            max_active,
+            paused,
+            shop_window_s,
+            margin_pct,
+            leave_grace_s,
+        } => Step::Settings {
+            fields: settings(
+                *rate_per_s,
+                *burst,
+                *max_active,
+                *paused,
+                *shop_window_s,
+                *margin_pct,
+                *leave_grace_s,
+            ),
+        },
+        // Batches are resolved step by step by the caller.
+        Op::Together(_) => Step::Checkpoint,
+    }
+}
+
+fn settings(
+    rate_per_s: u32,
+    burst: u32,
+    max_active: u32,
+    paused: bool,
+    shop_window_s: u32,
+    margin_pct: u32,
+    leave_grace_s: u32,
+) -> Vec<(String, String)> {
+    [
+        ("rate_per_s", rate_per_s.to_string()),
+        ("burst", burst.to_string()),
+        ("max_active", max_active.to_string()),
+        ("paused", if paused { "1" } else { "0" }.to_owned()),
+        ("shop_window_s", shop_window_s.to_string()),
+        ("admit_margin_pct", margin_pct.to_string()),
+        ("leave_grace_s", leave_grace_s.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+// How often each (step, answer) came up, so a run shows what it reached and the test can insist
+// that it reached the interesting states (a generator that drifted would pass quietly).
+// Per test thread: each variant runs its cases on its own thread (the runtime's `block_on`).
+thread_local! {
+    static SEEN: RefCell<BTreeMap<String, usize>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+fn count(step: &Step, outcome: &Outcome) {
+    let what = match step {
+        Step::Reserve { .. } => "reserve",
+        Step::Release { .. } => "release",
+        Step::Expire { .. } => "expire",
+        Step::Begin { .. } => "begin",
+        Step::Commit { .. } => "commit",
+        Step::Finish { .. } => "finish",
+        Step::Revert { .. } => "revert",
+        Step::Rebuild => "rebuild",
+        Step::Join { .. } => "join",
+        Step::Admit { .. } => "admit",
+        _ => return,
+    };
+    let answer = match outcome {
+        Outcome::Reserve(_, true) => "replay".to_owned(),
+        Outcome::Reserve(reference::ReserveOut::Held { .. }, _) => "held".to_owned(),
+        Outcome::Reserve(reference::ReserveOut::Refused { code, .. }, _) => code.clone(),
+        Outcome::Result(Ok(x)) => x.split(':').next().unwrap_or_default().to_owned(),
+        Outcome::Result(Err(code)) => code.clone(),
+        Outcome::Pair(a, b) if what == "rebuild" => {
+            format!("kept {}, ended {}", (*a).min(1), (*b).min(1))
+        }
+        Outcome::Pair(a, _) => format!("{}", (*a).min(1)),
+        Outcome::Word(w) => (*w).to_owned(),
+        Outcome::Tick(t) => format!(
+            "{} admitted {} left {}",
+            t.state,
+            t.admitted.len().min(1),
+            t.left.min(1)
+        ),
+        Outcome::Join(Ok((_, new, status))) => format!("{status} new {new}"),
+        Outcome::Join(Err(code)) => code.clone(),
+        Outcome::Nothing => "-".to_owned(),
+    };
+    SEEN.with(|seen| {
+        *seen
+            .borrow_mut()
+            .entry(format!("{what}: {answer}"))
+            .or_insert(0) += 1
+    });
+}
+
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![vec![]];
+    }
+    let mut out = Vec::new();
+    for p in permutations(n - 1) {
+        for at in 0..=p.len() {
+            let mut q = p.clone();
+            q.insert(at, n - 1);
+            out.push(q);
+        }
+    }
+    out
+}
+
+/// Runs one case; Err describes the first step where Redis and the model part.
+async fn run_case(
+    redis: &engine::scripts::Redis,
+    raw: &fred::prelude::Client,
+    run_id: &str,
+    shape: Shape,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
+    let mut model = Model::new(shape.spec(), run_id.to_owned());
+    let mut world = World::new(redis.clone(), raw.clone(), &mut model).await;
+    let mut ids = Ids {
+        drop: world.drop.to_string(),
+        issued: Vec::new(),
+        next_hold: 0,
+    };
+    let first = Step::Settings {
+        fields: settings(2, 2, 2, false, 6, 10, 4),
+    };
+    apply(&mut model, &first);
+    world.run(&first, &model).await;
+    let result = run_ops(&mut world, &mut model, &mut ids, ops).await;
+    world.cleanup().await;
+    result
+}
+
+async fn run_ops(
+    world: &mut World,
+    model: &mut Model,
+    ids: &mut Ids,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
+    for (i, op) in ops.iter().enumerate() {
+        if let Op::Together(batch) = op {
+            let steps: Vec<Step> = batch.iter().map(|o| resolve(o, model, ids)).collect();
+            let actual: Vec<Outcome> =
+                futures::future::join_all(steps.iter().map(|s| world.run(s, model))).await;
+            let mut matched = None;
+            for order in permutations(steps.len()) {
+                let mut m = model.clone();
+                let mut outs = vec![Outcome::Nothing; steps.len()];
+                for &j in &order {
+                    outs[j] = apply(&mut m, &steps[j]);
+                }
+                if outs == actual && world.diff(&m).await.is_none() {
+                    for (step, outcome) in steps.iter().zip(&outs) {
+                        count(step, outcome);
+                    }
+                    matched = Some(m);
+                    break;
+                }
+            }
+            match matched {
+                Some(m) => *model = m,
+                None => {
+                    return Err(TestCaseError::fail(format!(
+                        "step {i}: no serial order of {steps:#?} explains what Redis answered: {actual:#?}"
+                    )))
+                }
+            }
+            continue;
+        }
+        let step = resolve(op, model, ids);
+        let expected = apply(model, &step);
+        match &step {
+            Step::Checkpoint => world.checkpoint(model).await,
+            Step::Lose { rollback } => world.lose(*rollback, model).await,
+            _ => {}
+        }
+        let actual = world.run(&step, model).await;
+        if actual != expected {
+            return Err(TestCaseError::fail(format!(
+                "step {i} {step:?}:\n  redis answered {actual:?}\n  model expected {expected:?}"
+            )));
+        }
+        if let Some(d) = world.diff(model).await {
+            return Err(TestCaseError::fail(format!("after step {i} {step:?}, {d}")));
+        }
+        count(&step, &actual);
+    }
+    Ok(())
+}
+
+fn total_steps() -> usize {
+    std::env::var("FLOODGATE_MODEL_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_STEPS)
+}
+
+fn seed() -> u64 {
+    std::env::var("FLOODGATE_MODEL_SEED")
+        .ok()
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(rand::random)
+}
+
+/// Runs `cases` random cases of up to `max_ops` ops; Err(minimal failing case) with the seed.
+fn check(
+    seed: u64,
+    cases: u32,
+    max_ops: usize,
+    concurrent: bool,
+    replace: Vec<(String, String)>,
+) -> Result<(), (String, Shape, Vec<Op>)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let (redis, raw) = rt.block_on(world::connect(replace));
+    let run_id = rt.block_on(redis.run_id()).expect("Redis' run id");
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        RunnerConfig {
+            cases,
+            failure_persistence: None,
+            max_shrink_iters: 4_000,
+            ..RunnerConfig::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+    );
+    let ops = if concurrent {
+        prop::collection::vec(concurrent_op(), 1..=max_ops).boxed()
+    } else {
+        prop::collection::vec(any_op(), 1..=max_ops).boxed()
+    };
+    let result = runner.run(&(shape(), ops), |(shape, ops)| {
+        rt.block_on(run_case(&redis, &raw, &run_id, shape, &ops))
+    });
+    match result {
+        Ok(()) => Ok(()),
+        Err(TestError::Fail(reason, (shape, ops))) => Err((reason.to_string(), shape, ops)),
+        Err(TestError::Abort(reason)) => Err((
+            reason.to_string(),
+            Shape {
+                seated: false,
+                queue: false,
+                opens_later: false,
+            },
+            vec![],
+        )),
+    }
+}
+
+fn run_variant(concurrent: bool) {
+    const OPS_PER_CASE: usize = 100;
+    let steps = total_steps();
+    // Cases average half the longest length.
+    let cases = (steps / (OPS_PER_CASE / 2)).max(1) as u32;
+    let seed = seed();
+    if let Err((reason, shape, ops)) = check(seed, cases, OPS_PER_CASE, concurrent, vec![]) {
+        panic!(
+            "the scripts and the model disagree (FLOODGATE_MODEL_SEED={seed:x} replays this run)\n\
+             minimal case: {shape:?}, {} ops:\n{ops:#?}\n{reason}",
+            ops.len()
+        );
+    }
+    let seen = SEEN.with(|seen| seen.borrow().clone());
+    eprintln!("model test ({steps} steps, seed {seed:x}) reached:");
+    for (what, n) in &seen {
+        eprintln!("  {n:>6}  {what}");
+    }
+    // A full-length run must have reached the states where bugs live, not only refusals.
+    if steps >= DEFAULT_STEPS {
+        for must in [
+            "reserve: held",
+            "reserve: sold_out",
+            "reserve: replay",
+            "release: ok",
+            "begin: began",
+            "finish: sold",
+            "revert: held",
+            "rebuild: kept 1, ended 0",
+            "join: waiting new true",
+            "admit: open admitted 1 left 0",
+        ] {
+            assert!(
+                seen.contains_key(must),
+                "the run never reached `{must}` (seed {seed:x}): the generator needs a look"
+            );
+        }
+    }
+}
+
+#[test]
+fn scripts_agree_with_the_model() {
+    run_variant(false);
+}
+
+#[test]
+fn concurrent_scripts_agree_with_some_serial_order_of_the_model() {
+    run_variant(true);
+}
+
+/// The test earns its keep: a release that forgets the per-fan count (kept as a fixture) fails it,
+/// and the failing case shrinks to a handful of steps.
+#[test]
+fn a_release_that_forgets_the_fan_count_is_caught_and_shrunk() {
+    let broken = include_str!("fixtures/release_forgets_fan.lua").to_owned();
+    let seed = seed();
+    let outcome = check(seed, 200, 40, false, vec![("release".into(), broken)]);
+    let Err((reason, shape, ops)) = outcome else {
+        panic!("the broken release passed the model test (seed {seed:x})");
+    };
+    eprintln!(
+        "caught, shrunk to {} ops on {shape:?}: {ops:?}\n{reason}",
+        ops.len()
+    );
+    assert!(
+        reason.contains("fans"),
+        "it should fail on the per-fan counts: {reason}"
+    );
+    assert!(
+        ops.len() <= 6,
+        "the failing case should shrink to a few ops, got {}: {ops:#?}",
+        ops.len()
+    );
+}

@@ -1,0 +1,1223 @@
+//! The reference model: what each Lua script in `lua/` does, written again in plain Rust over plain
+//! maps that mirror one drop's Redis keys (and a record standing for what Postgres holds). The
+//! model test runs every step against the real scripts and this model and compares the two.
+//!
+//! Written from the scripts' headers and the rules in docs/ARCHITECTURE.md, not by calling the
+//! engine, so a script that drifts from those rules shows up as a difference. One deliberate
+//! simplification: meta's `next_due_ms` (a cache that only saves reserve a `redis.call`) is not
+//! modelled; the model reclaims whenever a script may, and the test checks instead that
+//! `next_due_ms` never exceeds the earliest deadline, which is exactly what makes skipping safe.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{json, Value};
+
+/// The model's clock starts here (ms since the epoch; 13 digits, as today's clocks).
+pub const T0_MS: i64 = 1_700_000_000_000;
+/// Places after opening are `POST_OPEN_BASE + n` (lua/join.lua).
+pub const POST_OPEN_BASE: i64 = 1 << 52;
+
+/// One item of a hold: bucket (SKU or section), quantity, seat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub bucket: String,
+    pub quantity: i64,
+    pub seat: Option<String>,
+}
+
+impl Item {
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({"b": self.bucket, "q": self.quantity});
+        if let Some(s) = &self.seat {
+            v["s"] = json!(s);
+        }
+        v
+    }
+}
+
+/// A hold as the holds hash keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hold {
+    pub fan: String,
+    pub state: &'static str,
+    pub expires_at_ms: i64,
+    pub confirm_deadline_ms: Option<i64>,
+    pub reference: Option<String>,
+    pub order: Option<String>,
+    pub units: i64,
+    pub created_ms: i64,
+    pub items: Vec<Item>,
+    pub ended_ms: Option<i64>,
+}
+
+impl Hold {
+    /// The JSON the scripts store (lua/lib.lua names the short fields).
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "fan": self.fan, "st": self.state, "exp": self.expires_at_ms, "u": self.units,
+            "c": self.created_ms,
+            "it": self.items.iter().map(Item::to_json).collect::<Vec<_>>(),
+        });
+        if let Some(x) = self.confirm_deadline_ms {
+            v["cexp"] = json!(x);
+        }
+        if let Some(x) = &self.reference {
+            v["ref"] = json!(x);
+        }
+        if let Some(x) = &self.order {
+            v["oid"] = json!(x);
+        }
+        if let Some(x) = self.ended_ms {
+            v["ended"] = json!(x);
+        }
+        v
+    }
+}
+
+/// A reserve request after the engine parsed it against the drop (ids exist, no repeats).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Items(Vec<(String, u32)>),
+    Seats(Vec<(String, String)>),
+    Best { section: String, quantity: u32 },
+}
+
+/// What reserve answered (the replay flag aside).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReserveOut {
+    Held {
+        hold: String,
+        expires_at_ms: i64,
+        items: Vec<Item>,
+    },
+    Refused {
+        code: String,
+        detail: Value,
+    },
+}
+
+fn refused(code: &str, detail: Value) -> ReserveOut {
+    ReserveOut::Refused {
+        code: code.into(),
+        detail,
+    }
+}
+
+/// One admission run's answer (lua/admit.lua's Returns).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TickOut {
+    pub state: String,
+    pub watermark: i64,
+    pub admitted_total: i64,
+    pub waiting: i64,
+    pub active: i64,
+    pub left: i64,
+    pub admitted: Vec<(String, i64)>,
+}
+
+/// A drop's fixed settings, as the engine sends them to load_drop.lua and rebuild.lua.
+#[derive(Debug, Clone)]
+pub struct DropSpec {
+    pub seated: bool,
+    pub queue: bool,
+    /// (bucket, total): SKUs, or sections with their seat counts.
+    pub buckets: Vec<(String, i64)>,
+    /// Seated drops: section → rows (label, seats), front row first.
+    pub layout: Vec<(String, Vec<(String, u32)>)>,
+    pub per_fan_limit: i64,
+    pub hold_ttl_ms: i64,
+    pub opens_at_ms: i64,
+    pub confirm_timeout_ms: i64,
+    pub confirm_grace_ms: i64,
+    pub reclaim_batch: i64,
+    pub done_ttl_ms: i64,
+}
+
+impl DropSpec {
+    pub fn seat_ids(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (section, rows) in &self.layout {
+            for (row, n) in rows {
+                for s in 1..=*n {
+                    out.push(format!("{section}-{row}-{s}"));
+                }
+            }
+        }
+        out
+    }
+
+    /// The meta fields, as the engine's `meta_fields` writes them.
+    pub fn meta_payload(&self, status: &str, recovering: &str) -> Value {
+        json!({
+            "status": status, "recovering": recovering,
+            "kind": if self.seated { "seated" } else { "ga" },
+            "per_fan_limit": self.per_fan_limit, "hold_ttl_ms": self.hold_ttl_ms,
+            "opens_at_ms": self.opens_at_ms, "mode": if self.queue { "queue" } else { "open" },
+            "confirm_timeout_ms": self.confirm_timeout_ms,
+            "confirm_grace_ms": self.confirm_grace_ms, "reclaim_batch": self.reclaim_batch,
+            "done_ttl_ms": self.done_ttl_ms,
+        })
+    }
+
+    pub fn layout_json(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        for (section, rows) in &self.layout {
+            m.insert(
+                section.clone(),
+                json!(rows.iter().map(|(r, n)| json!([r, n])).collect::<Vec<_>>()),
+            );
+        }
+        Value::Object(m)
+    }
+
+    pub fn load_payload(&self) -> Value {
+        json!({
+            "meta": self.meta_payload("open", "0"),
+            "buckets": self.buckets.iter().map(|(b, t)| json!([b, t])).collect::<Vec<_>>(),
+            "seats": self.seat_ids(),
+            "layout": self.layout_json(),
+        })
+    }
+}
+
+/// What Postgres holds for the drop: its status, ops' admission settings and the committed
+/// orders (by hold).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Record {
+    pub status: String,
+    pub admission: BTreeMap<String, String>,
+    /// hold id → (order id, fan, items)
+    pub orders: BTreeMap<String, (String, String, Vec<Item>)>,
+}
+
+impl Record {
+    pub fn sold(&self, bucket: &str) -> i64 {
+        self.orders
+            .values()
+            .flat_map(|(_, _, it)| it)
+            .filter(|i| i.bucket == bucket)
+            .map(|i| i.quantity)
+            .sum()
+    }
+
+    pub fn bought(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for (_, fan, items) in self.orders.values() {
+            *out.entry(fan.clone()).or_insert(0) += items.iter().map(|i| i.quantity).sum::<i64>();
+        }
+        out
+    }
+
+    pub fn sold_seats(&self) -> Vec<String> {
+        self.orders
+            .values()
+            .flat_map(|(_, _, it)| it.iter().filter_map(|i| i.seat.clone()))
+            .collect()
+    }
+
+    /// What the engine's recovery sends rebuild.lua.
+    pub fn rebuild_payload(&self, spec: &DropSpec) -> Value {
+        let orders: serde_json::Map<String, Value> = self
+            .orders
+            .iter()
+            .map(|(h, (o, _, _))| (h.clone(), json!(o)))
+            .collect();
+        json!({
+            "meta": spec.meta_payload(&self.status, "1"),
+            "buckets": spec.buckets.iter().map(|(b, t)| json!([b, t, self.sold(b)])).collect::<Vec<_>>(),
+            "seats": spec.seat_ids(),
+            "sold_seats": self.sold_seats(),
+            "layout": spec.layout_json(),
+            "bought": self.bought(),
+            "orders": orders,
+        })
+    }
+}
+
+/// One drop's Redis keys, as plain maps (a missing key is an empty map).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Store {
+    pub meta: BTreeMap<String, String>,
+    pub stock: BTreeMap<String, i64>,
+    pub seats: BTreeMap<String, String>,
+    pub holds: BTreeMap<String, Hold>,
+    pub deadlines: BTreeMap<String, i64>,
+    pub confirming: BTreeMap<String, i64>,
+    pub done: BTreeMap<String, i64>,
+    pub fans: BTreeMap<String, i64>,
+    pub fanholds: BTreeSet<String>,
+    pub layout: BTreeMap<String, Value>,
+    pub active: BTreeMap<String, i64>,
+    /// (fan, idempotency key) → (body sha, first answer)
+    pub idem: BTreeMap<(String, String), (String, ReserveOut)>,
+    pub admission: BTreeMap<String, String>,
+    pub places: BTreeMap<String, i64>,
+    pub line: BTreeMap<String, i64>,
+    pub seq: i64,
+    pub seen: BTreeMap<String, i64>,
+    /// The token bucket's hash, each field as a number.
+    pub bucket: BTreeMap<String, f64>,
+    pub watermark: BTreeMap<String, i64>,
+}
+
+/// Members of a zset in Redis' order (score, then member bytes).
+fn zset_order(z: &BTreeMap<String, i64>) -> Vec<(String, i64)> {
+    let mut v: Vec<(String, i64)> = z.iter().map(|(k, s)| (k.clone(), *s)).collect();
+    v.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    v
+}
+
+fn num(m: &BTreeMap<String, String>, field: &str) -> Option<i64> {
+    m.get(field)
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|f| f as i64)
+}
+
+fn incr(m: &mut BTreeMap<String, i64>, field: &str, by: i64) -> i64 {
+    let v = m.entry(field.to_owned()).or_insert(0);
+    *v += by;
+    *v
+}
+
+/// Lua's `string.format('%.6f', x)` read back with `tonumber`.
+fn six_places(x: f64) -> f64 {
+    format!("{x:.6}").parse().unwrap_or(0.0)
+}
+
+/// The model of one drop.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub spec: DropSpec,
+    pub now_ms: i64,
+    pub store: Store,
+    pub record: Record,
+    /// The redis-server run id (scripts stamp it; confirm_begin compares it).
+    pub run_id: String,
+}
+
+impl Model {
+    pub fn new(spec: DropSpec, run_id: String) -> Model {
+        Model {
+            spec,
+            now_ms: T0_MS,
+            store: Store::default(),
+            record: Record {
+                status: "open".into(),
+                admission: BTreeMap::new(),
+                orders: BTreeMap::new(),
+            },
+            run_id,
+        }
+    }
+
+    fn meta_num(&self, field: &str, default: i64) -> i64 {
+        num(&self.store.meta, field).unwrap_or(default)
+    }
+
+    // ---- lib.lua ----------------------------------------------------------------------------
+
+    fn return_to_stock(&mut self, id: &str, final_state: &'static str) {
+        let now = self.now_ms;
+        let done_ttl = self.meta_num("done_ttl_ms", 3_600_000);
+        let s = &mut self.store;
+        let Some(mut h) = s.holds.get(id).cloned() else {
+            return;
+        };
+        for item in &h.items {
+            incr(&mut s.stock, &format!("a:{}", item.bucket), item.quantity);
+            incr(&mut s.stock, &format!("h:{}", item.bucket), -item.quantity);
+            if let Some(seat) = &item.seat {
+                s.seats.insert(seat.clone(), "-".into());
+            }
+        }
+        if incr(&mut s.fans, &h.fan, -h.units) <= 0 {
+            s.fans.remove(&h.fan);
+        }
+        s.deadlines.remove(id);
+        s.confirming.remove(id);
+        s.fanholds.remove(&format!("{}|{id}", h.fan));
+        h.state = final_state;
+        h.ended_ms = Some(now);
+        s.holds.insert(id.to_owned(), h);
+        s.done.insert(id.to_owned(), now + done_ttl);
+    }
+
+    /// Due held holds go back to stock, at most `limit`, earliest first. Returns how many.
+    fn reclaim(&mut self, limit: i64) -> i64 {
+        let now = self.now_ms;
+        let mut expired = 0;
+        let due: Vec<String> = zset_order(&self.store.deadlines)
+            .into_iter()
+            .take_while(|(_, at)| *at <= now)
+            .take(limit.max(0) as usize)
+            .map(|(id, _)| id)
+            .collect();
+        for id in due {
+            if self.store.holds.get(&id).map(|h| h.state) == Some("held") {
+                self.return_to_stock(&id, "expired");
+                expired += 1;
+            } else {
+                self.store.deadlines.remove(&id);
+            }
+        }
+        expired
+    }
+
+    fn purge_ended(&mut self, limit: i64) {
+        let now = self.now_ms;
+        let gone: Vec<String> = zset_order(&self.store.done)
+            .into_iter()
+            .take_while(|(_, at)| *at <= now)
+            .take(limit.max(0) as usize)
+            .map(|(id, _)| id)
+            .collect();
+        for id in gone {
+            self.store.holds.remove(&id);
+            self.store.done.remove(&id);
+        }
+    }
+
+    // ---- load_drop.lua ----------------------------------------------------------------------
+
+    pub fn load_drop(&mut self) -> bool {
+        if !self.store.meta.is_empty() {
+            return false;
+        }
+        let spec = self.spec.clone();
+        let meta = spec.meta_payload("open", "0");
+        self.set_meta_from(&meta);
+        for (b, total) in &spec.buckets {
+            for (k, v) in [("a", *total), ("h", 0), ("s", 0), ("t", *total)] {
+                self.store.stock.insert(format!("{k}:{b}"), v);
+            }
+        }
+        for seat in spec.seat_ids() {
+            self.store.seats.insert(seat, "-".into());
+        }
+        self.set_layout();
+        self.store.meta.insert("run_id".into(), self.run_id.clone());
+        true
+    }
+
+    fn set_meta_from(&mut self, meta: &Value) {
+        for (k, v) in meta.as_object().into_iter().flatten() {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            self.store.meta.insert(k.clone(), text);
+        }
+    }
+
+    fn set_layout(&mut self) {
+        if let Value::Object(m) = self.spec.layout_json() {
+            for (k, v) in m {
+                self.store.layout.insert(k, v);
+            }
+        }
+    }
+
+    // ---- reserve.lua --------------------------------------------------------------------------
+
+    fn shortage(&self, bucket: &str, want: i64) -> Option<(&'static str, Value)> {
+        let avail = *self.store.stock.get(&format!("a:{bucket}")).unwrap_or(&0);
+        let held = *self.store.stock.get(&format!("h:{bucket}")).unwrap_or(&0);
+        if avail >= want {
+            return None;
+        }
+        if avail == 0 && held == 0 {
+            return Some(("sold_out", json!({"bucket": bucket})));
+        }
+        if avail == 0 {
+            return Some(("all_held", json!({"bucket": bucket})));
+        }
+        Some((
+            "insufficient_stock",
+            json!({"bucket": bucket, "available": avail}),
+        ))
+    }
+
+    /// The best block of `n` adjacent free seats: front row first; within the section, a block
+    /// that leaves no single free seat stranded beside it, if any exists.
+    fn best_available(&self, section: &str, n: i64) -> Option<Vec<String>> {
+        let rows: Vec<(String, i64)> = self
+            .store
+            .layout
+            .get(section)
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|r| {
+                (
+                    r[0].as_str().unwrap_or_default().to_owned(),
+                    r[1].as_i64().unwrap_or(0),
+                )
+            })
+            .collect();
+        let mut fallback = None;
+        for (label, count) in rows {
+            let ids: Vec<String> = (1..=count)
+                .map(|s| format!("{section}-{label}-{s}"))
+                .collect();
+            let free: Vec<bool> = ids
+                .iter()
+                .map(|id| self.store.seats.get(id).map(String::as_str) == Some("-"))
+                .collect();
+            let mut s = 0usize;
+            while (s as i64) < count {
+                if free[s] {
+                    let mut e = s;
+                    while ((e + 1) as i64) < count && free[e + 1] {
+                        e += 1;
+                    }
+                    let spare = (e - s + 1) as i64 - n;
+                    let mut off = 0;
+                    while off <= spare {
+                        let start = s + off as usize;
+                        let block: Vec<String> = ids[start..start + n as usize].to_vec();
+                        if off != 1 && spare - off != 1 {
+                            return Some(block);
+                        }
+                        if fallback.is_none() {
+                            fallback = Some(block);
+                        }
+                        off += 1;
+                    }
+                    s = e + 1;
+                } else {
+                    s += 1;
+                }
+            }
+        }
+        fallback
+    }
+
+    /// Returns the answer and whether it was a replay.
+    pub fn reserve(
+        &mut self,
+        fan: &str,
+        key: &str,
+        body_sha: &str,
+        hold_id: &str,
+        req: &Request,
+    ) -> (ReserveOut, bool) {
+        let now = self.now_ms;
+        let idem_key = (fan.to_owned(), key.to_owned());
+        if let Some((sha, first)) = self.store.idem.get(&idem_key) {
+            if sha != body_sha {
+                return (refused("idempotency_key_reused", json!({})), false);
+            }
+            return (first.clone(), true);
+        }
+        if !self.store.meta.contains_key("status") {
+            return (refused("unknown_drop", json!({})), false);
+        }
+        if self.store.meta.get("recovering").map(String::as_str) == Some("1") {
+            return (refused("recovering", json!({})), false);
+        }
+        let limit = self.meta_num("per_fan_limit", 0);
+        let ttl_ms = self.meta_num("hold_ttl_ms", 0);
+        let answer = |m: &mut Model, out: ReserveOut| {
+            m.store
+                .idem
+                .insert(idem_key.clone(), (body_sha.to_owned(), out.clone()));
+            (out, false)
+        };
+        if self.store.meta.get("status").map(String::as_str) != Some("open") {
+            return answer(self, refused("drop_closed", json!({})));
+        }
+        let opens_at = self.meta_num("opens_at_ms", 0);
+        if now < opens_at {
+            return answer(self, refused("not_open", json!({"opens_at_ms": opens_at})));
+        }
+        let queue = self.store.meta.get("mode").map(String::as_str) == Some("queue");
+        if queue && self.store.active.get(fan).is_none_or(|d| *d < now) {
+            return (refused("not_admitted", json!({})), false);
+        }
+        let batch = self.meta_num("reclaim_batch", 8);
+        self.reclaim(batch);
+
+        let (mut items, units): (Vec<Item>, i64) = match req {
+            Request::Items(list) => (
+                list.iter()
+                    .map(|(b, q)| Item {
+                        bucket: b.clone(),
+                        quantity: *q as i64,
+                        seat: None,
+                    })
+                    .collect(),
+                list.iter().map(|(_, q)| *q as i64).sum(),
+            ),
+            Request::Seats(list) => (
+                list.iter()
+                    .map(|(b, s)| Item {
+                        bucket: b.clone(),
+                        quantity: 1,
+                        seat: Some(s.clone()),
+                    })
+                    .collect(),
+                list.len() as i64,
+            ),
+            Request::Best { quantity, .. } => (Vec::new(), *quantity as i64),
+        };
+        let bought = *self.store.fans.get(fan).unwrap_or(&0);
+        if bought + units > limit {
+            return answer(
+                self,
+                refused(
+                    "limit_exceeded",
+                    json!({"per_fan_limit": limit, "already": bought}),
+                ),
+            );
+        }
+        match req {
+            Request::Items(_) => {
+                for item in &items {
+                    if let Some((code, detail)) = self.shortage(&item.bucket, item.quantity) {
+                        return answer(self, refused(code, detail));
+                    }
+                }
+            }
+            Request::Seats(_) => {
+                let taken: Vec<String> = items
+                    .iter()
+                    .filter_map(|i| i.seat.clone())
+                    .filter(|s| self.store.seats.get(s).map(String::as_str) != Some("-"))
+                    .collect();
+                if !taken.is_empty() {
+                    if let Some((code @ ("sold_out" | "all_held"), detail)) =
+                        self.shortage(&items[0].bucket, 1)
+                    {
+                        return answer(self, refused(code, detail));
+                    }
+                    return answer(self, refused("seat_unavailable", json!({"seats": taken})));
+                }
+            }
+            Request::Best { section, .. } => {
+                if let Some((code, detail)) = self.shortage(section, units) {
+                    return answer(self, refused(code, detail));
+                }
+                let Some(seats) = self.best_available(section, units) else {
+                    return answer(
+                        self,
+                        refused(
+                            "insufficient_stock",
+                            json!({"bucket": section, "adjacent": false}),
+                        ),
+                    );
+                };
+                items = seats
+                    .into_iter()
+                    .map(|s| Item {
+                        bucket: section.clone(),
+                        quantity: 1,
+                        seat: Some(s),
+                    })
+                    .collect();
+            }
+        }
+
+        let exp = now + ttl_ms;
+        let s = &mut self.store;
+        for item in &items {
+            incr(&mut s.stock, &format!("a:{}", item.bucket), -item.quantity);
+            incr(&mut s.stock, &format!("h:{}", item.bucket), item.quantity);
+            if let Some(seat) = &item.seat {
+                s.seats.insert(seat.clone(), hold_id.to_owned());
+            }
+        }
+        incr(&mut s.fans, fan, units);
+        s.holds.insert(
+            hold_id.to_owned(),
+            Hold {
+                fan: fan.to_owned(),
+                state: "held",
+                expires_at_ms: exp,
+                confirm_deadline_ms: None,
+                reference: None,
+                order: None,
+                units,
+                created_ms: now,
+                items: items.clone(),
+                ended_ms: None,
+            },
+        );
+        s.deadlines.insert(hold_id.to_owned(), exp);
+        s.fanholds.insert(format!("{fan}|{hold_id}"));
+        if queue {
+            let grace = num(&s.meta, "confirm_grace_ms").unwrap_or(60_000);
+            if let Some(d) = s.active.get_mut(fan) {
+                *d = (*d).max(exp + grace);
+            }
+        }
+        answer(
+            self,
+            ReserveOut::Held {
+                hold: hold_id.to_owned(),
+                expires_at_ms: exp,
+                items,
+            },
+        )
+    }
+
+    // ---- release.lua, expire.lua -----------------------------------------------------------
+
+    /// Ok(()) for released or already ended; Err(code).
+    pub fn release(&mut self, id: &str, fan: &str) -> Result<(), String> {
+        let Some(h) = self.store.holds.get(id).filter(|h| h.fan == fan) else {
+            return Err("unknown_hold".into());
+        };
+        match h.state {
+            "confirming" => Err("hold_confirming".into()),
+            "sold" => Err("hold_sold".into()),
+            "held" => {
+                self.return_to_stock(id, "released");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn expire(&mut self, limit: i64) -> (i64, i64) {
+        if !self.store.meta.contains_key("status") {
+            return (0, 0);
+        }
+        let expired = self.reclaim(limit);
+        self.purge_ended(limit);
+        let now = self.now_ms;
+        let overdue = self
+            .store
+            .deadlines
+            .values()
+            .filter(|at| **at <= now)
+            .count() as i64;
+        (expired, overdue)
+    }
+
+    // ---- confirm_begin / confirm_finish / confirm_revert -------------------------------------
+
+    /// Ok("began" | "in_progress" | "sold:<order>") or Err(code).
+    pub fn confirm_begin(
+        &mut self,
+        id: &str,
+        fan: &str,
+        reference: &str,
+    ) -> Result<String, String> {
+        let now = self.now_ms;
+        let Some(h) = self.store.holds.get(id).filter(|h| h.fan == fan).cloned() else {
+            return Err("unknown_hold".into());
+        };
+        match h.state {
+            "sold" => return Ok(format!("sold:{}", h.order.clone().unwrap_or_default())),
+            "confirming" if h.reference.as_deref() == Some(reference) => {
+                return Ok("in_progress".into())
+            }
+            "confirming" => return Err("confirm_in_progress".into()),
+            "released" => return Err("hold_released".into()),
+            "expired" => return Err("hold_expired".into()),
+            _ => {}
+        }
+        if now >= h.expires_at_ms {
+            self.return_to_stock(id, "expired");
+            return Err("hold_expired".into());
+        }
+        if self.store.meta.get("recovering").map(String::as_str) == Some("1") {
+            return Err("recovering".into());
+        }
+        if self.store.meta.get("run_id") != Some(&self.run_id) {
+            self.store.meta.insert("recovering".into(), "1".into());
+            return Err("recovering".into());
+        }
+        let timeout = self.meta_num("confirm_timeout_ms", 60_000);
+        let mut h = h;
+        h.state = "confirming";
+        h.reference = Some(reference.to_owned());
+        h.confirm_deadline_ms = Some(now + timeout);
+        self.store.holds.insert(id.to_owned(), h);
+        self.store.deadlines.remove(id);
+        self.store.confirming.insert(id.to_owned(), now + timeout);
+        Ok("began".into())
+    }
+
+    /// "sold" | "already" | "ended" | "unknown"
+    pub fn confirm_finish(&mut self, id: &str, order: &str) -> &'static str {
+        let now = self.now_ms;
+        let Some(mut h) = self.store.holds.get(id).cloned() else {
+            return "unknown";
+        };
+        match h.state {
+            "sold" => return "already",
+            "confirming" | "held" => {}
+            _ => return "ended",
+        }
+        let done_ttl = self.meta_num("done_ttl_ms", 3_600_000);
+        let limit = self.meta_num("per_fan_limit", 0);
+        let s = &mut self.store;
+        for item in &h.items {
+            incr(&mut s.stock, &format!("h:{}", item.bucket), -item.quantity);
+            incr(&mut s.stock, &format!("s:{}", item.bucket), item.quantity);
+            if let Some(seat) = &item.seat {
+                s.seats.insert(seat.clone(), "#".into());
+            }
+        }
+        s.deadlines.remove(id);
+        s.confirming.remove(id);
+        s.fanholds.remove(&format!("{}|{id}", h.fan));
+        h.state = "sold";
+        h.order = Some(order.to_owned());
+        h.ended_ms = Some(now);
+        let fan = h.fan.clone();
+        s.holds.insert(id.to_owned(), h);
+        s.done.insert(id.to_owned(), now + done_ttl);
+        let prefix = format!("{fan}|");
+        if limit > 0
+            && *s.fans.get(&fan).unwrap_or(&0) >= limit
+            && !s.fanholds.iter().any(|m| m.starts_with(&prefix))
+        {
+            s.active.remove(&fan);
+        }
+        "sold"
+    }
+
+    /// "held" | "expired" | "noop" | "unknown"
+    pub fn confirm_revert(&mut self, id: &str, reference: &str) -> &'static str {
+        let Some(mut h) = self.store.holds.get(id).cloned() else {
+            return "unknown";
+        };
+        if h.state != "confirming" || h.reference.as_deref().unwrap_or("") != reference {
+            return "noop";
+        }
+        if self.now_ms >= h.expires_at_ms {
+            self.return_to_stock(id, "expired");
+            return "expired";
+        }
+        h.state = "held";
+        h.confirm_deadline_ms = None;
+        h.reference = None;
+        let exp = h.expires_at_ms;
+        self.store.holds.insert(id.to_owned(), h);
+        self.store.confirming.remove(id);
+        self.store.deadlines.insert(id.to_owned(), exp);
+        "held"
+    }
+
+    // ---- Postgres' side ----------------------------------------------------------------------
+
+    /// The order of a confirming hold commits in Postgres, unless Postgres' constraints refuse it
+    /// (a seat sold twice, more units than the total, a fan past the limit, one order per hold).
+    /// Returns whether it committed.
+    pub fn commit(&mut self, id: &str, order: &str) -> bool {
+        let Some(h) = self.store.holds.get(id).filter(|h| h.state == "confirming") else {
+            return false;
+        };
+        if self.record.orders.contains_key(id) {
+            return false;
+        }
+        let sold_seats: BTreeSet<String> = self.record.sold_seats().into_iter().collect();
+        let seat_taken = h
+            .items
+            .iter()
+            .any(|i| i.seat.as_ref().is_some_and(|s| sold_seats.contains(s)));
+        let over_total = h.items.iter().any(|i| {
+            let total = self
+                .spec
+                .buckets
+                .iter()
+                .find(|(b, _)| *b == i.bucket)
+                .map_or(0, |(_, t)| *t);
+            self.record.sold(&i.bucket) + i.quantity > total
+        });
+        let over_limit = self.record.bought().get(&h.fan).copied().unwrap_or(0) + h.units
+            > self.spec.per_fan_limit;
+        if seat_taken || over_total || over_limit {
+            return false;
+        }
+        self.record.orders.insert(
+            id.to_owned(),
+            (order.to_owned(), h.fan.clone(), h.items.clone()),
+        );
+        true
+    }
+
+    /// Ops change admission settings: Postgres, then Redis' admission hash (recovery writes
+    /// Postgres' settings back into Redis before it rebuilds).
+    pub fn set_admission(&mut self, fields: &[(String, String)]) {
+        for (k, v) in fields {
+            self.record.admission.insert(k.clone(), v.clone());
+            self.store.admission.insert(k.clone(), v.clone());
+        }
+    }
+
+    pub fn restore_admission(&mut self) {
+        for (k, v) in self.record.admission.clone() {
+            self.store.admission.insert(k, v);
+        }
+    }
+
+    /// The seller closes the drop: Postgres first, then Redis' meta.
+    pub fn close(&mut self) {
+        self.record.status = "closed".into();
+        self.store.meta.insert("status".into(), "closed".into());
+    }
+
+    // ---- rebuild.lua ------------------------------------------------------------------------
+
+    /// Returns (live holds kept, holds ended).
+    pub fn rebuild(&mut self) -> (i64, i64) {
+        let now = self.now_ms;
+        let spec = self.spec.clone();
+        let payload = self.record.rebuild_payload(&spec);
+        let was_closed = self.store.meta.get("status").map(String::as_str) == Some("closed");
+        self.set_meta_from(&payload["meta"]);
+        if was_closed {
+            self.store.meta.insert("status".into(), "closed".into());
+        }
+        self.set_layout();
+        let s = &mut self.store;
+        s.seats.clear();
+        s.fans.clear();
+        s.fanholds.clear();
+        for seat in spec.seat_ids() {
+            s.seats.insert(seat, "-".into());
+        }
+        for seat in self.record.sold_seats() {
+            s.seats.insert(seat, "#".into());
+        }
+        let done_ttl = num(&s.meta, "done_ttl_ms").unwrap_or(3_600_000);
+        let finish_ended = |s: &mut Store, id: &str, mut h: Hold, state: &'static str| {
+            h.state = state;
+            h.ended_ms = Some(now);
+            s.holds.insert(id.to_owned(), h);
+            s.deadlines.remove(id);
+            s.confirming.remove(id);
+            s.done.insert(id.to_owned(), now + done_ttl);
+        };
+        let mut live: Vec<(String, Hold)> = Vec::new();
+        let mut ended = 0;
+        for (id, h) in s.holds.clone() {
+            if let Some((order, _, _)) = self.record.orders.get(&id) {
+                if h.state != "sold" {
+                    let mut h = h;
+                    h.order = Some(order.clone());
+                    finish_ended(s, &id, h, "sold");
+                }
+            } else if h.state == "held" && h.expires_at_ms <= now {
+                finish_ended(s, &id, h, "expired");
+                ended += 1;
+            } else if h.state == "held" || h.state == "confirming" {
+                live.push((id, h));
+            } else if h.state == "sold" {
+                let mut h = h;
+                h.state = "confirming";
+                h.confirm_deadline_ms = Some(now);
+                h.order = None;
+                s.holds.insert(id.clone(), h.clone());
+                s.done.remove(&id);
+                live.push((id, h));
+            }
+        }
+        live.sort_by(|x, y| {
+            x.1.created_ms
+                .cmp(&y.1.created_ms)
+                .then_with(|| x.0.cmp(&y.0))
+        });
+        let mut room: BTreeMap<String, i64> = BTreeMap::new();
+        let mut held: BTreeMap<String, i64> = BTreeMap::new();
+        for (b, total) in &spec.buckets {
+            room.insert(b.clone(), total - self.record.sold(b));
+            held.insert(b.clone(), 0);
+        }
+        let limit = spec.per_fan_limit;
+        let mut fan_units = self.record.bought();
+        let mut kept = 0;
+        for (id, h) in live {
+            let mut fits = fan_units.get(&h.fan).copied().unwrap_or(0) + h.units <= limit;
+            let mut need: BTreeMap<String, i64> = BTreeMap::new();
+            for item in &h.items {
+                *need.entry(item.bucket.clone()).or_insert(0) += item.quantity;
+                if let Some(seat) = &item.seat {
+                    if s.seats.get(seat).map(String::as_str) != Some("-") {
+                        fits = false;
+                    }
+                }
+            }
+            for (b, q) in &need {
+                if room.get(b).copied().unwrap_or(0) < *q {
+                    fits = false;
+                }
+            }
+            if fits {
+                for (b, q) in &need {
+                    *room.get_mut(b).expect("every bucket has room") -= q;
+                    *held.get_mut(b).expect("every bucket has held") += q;
+                }
+                for item in &h.items {
+                    if let Some(seat) = &item.seat {
+                        s.seats.insert(seat.clone(), id.clone());
+                    }
+                }
+                *fan_units.entry(h.fan.clone()).or_insert(0) += h.units;
+                s.fanholds.insert(format!("{}|{id}", h.fan));
+                if h.state == "held" {
+                    s.deadlines.insert(id.clone(), h.expires_at_ms);
+                } else {
+                    s.confirming
+                        .insert(id.clone(), h.confirm_deadline_ms.unwrap_or(now));
+                }
+                kept += 1;
+            } else {
+                finish_ended(s, &id, h, "expired");
+                ended += 1;
+            }
+        }
+        for (fan, units) in fan_units {
+            s.fans.insert(fan, units);
+        }
+        for (b, total) in &spec.buckets {
+            s.stock.insert(format!("a:{b}"), room[b]);
+            s.stock.insert(format!("h:{b}"), held[b]);
+            s.stock.insert(format!("s:{b}"), self.record.sold(b));
+            s.stock.insert(format!("t:{b}"), *total);
+        }
+        s.meta.insert("recovering".into(), "0".into());
+        s.meta.insert("run_id".into(), self.run_id.clone());
+        (kept, ended)
+    }
+
+    // ---- join.lua ---------------------------------------------------------------------------
+
+    /// Ok((place, new, status)) or Err(status the wrapper turns into an error).
+    pub fn join(&mut self, fan: &str, prequeue_score: i64) -> Result<(i64, bool, String), String> {
+        let now = self.now_ms;
+        let Some(status) = self.store.meta.get("status").cloned() else {
+            return Err("unknown_drop".into());
+        };
+        let opens_at = self.meta_num("opens_at_ms", 0);
+        if self.store.meta.get("recovering").map(String::as_str) == Some("1") {
+            return Err("recovering".into());
+        }
+        if self.store.meta.get("mode").map(String::as_str) != Some("queue") {
+            return Err("not_queue".into());
+        }
+        let sold_out =
+            self.store.admission.get("line_state").map(String::as_str) == Some("sold_out");
+        let s = &mut self.store;
+        if let Some(place) = s.places.get(fan).copied() {
+            let mut st = if s.active.get(fan).is_some_and(|d| *d >= now) {
+                "admitted"
+            } else if s.line.contains_key(fan) {
+                if now < opens_at {
+                    "pre_queue"
+                } else {
+                    "waiting"
+                }
+            } else {
+                "done"
+            };
+            if st == "waiting" || st == "pre_queue" {
+                s.seen.insert(fan.to_owned(), now);
+                if status == "closed" {
+                    st = "closed";
+                }
+                if sold_out {
+                    st = "sold_out";
+                }
+            }
+            return Ok((place, false, st.into()));
+        }
+        if status == "closed" {
+            return Ok((0, false, "closed".into()));
+        }
+        if sold_out {
+            return Ok((0, false, "sold_out".into()));
+        }
+        let (place, st) = if now < opens_at {
+            (prequeue_score, "pre_queue")
+        } else {
+            s.seq += 1;
+            (POST_OPEN_BASE + s.seq, "waiting")
+        };
+        s.places.insert(fan.to_owned(), place);
+        s.line.insert(fan.to_owned(), place);
+        s.seen.insert(fan.to_owned(), now);
+        Ok((place, true, st.into()))
+    }
+
+    /// queue-server's presence refresh: waiters still in `seen` are seen now.
+    pub fn touch(&mut self, fans: &[String]) {
+        for f in fans {
+            if let Some(at) = self.store.seen.get_mut(f) {
+                *at = self.now_ms;
+            }
+        }
+    }
+
+    // ---- admit.lua --------------------------------------------------------------------------
+
+    pub fn admit(&mut self, leave_batch: i64) -> TickOut {
+        let now = self.now_ms;
+        let s = &mut self.store;
+        let mut watermark = s.watermark.get("place").copied().unwrap_or(0);
+        let mut admitted_ever = s.watermark.get("admitted").copied().unwrap_or(0);
+        let setting = |k: &str| s.admission.get(k).and_then(|v| v.parse::<f64>().ok());
+        let rate = setting("rate_per_s").unwrap_or(0.0);
+        let grace_ms = setting("leave_grace_s").unwrap_or(120.0) as i64 * 1000;
+        let burst = setting("burst").unwrap_or(0.0);
+        let max_active = setting("max_active").unwrap_or(0.0) as i64;
+        let paused = s.admission.get("paused").map(String::as_str) == Some("1");
+        let shop_window_s = setting("shop_window_s").unwrap_or(300.0) as i64;
+        let margin = setting("admit_margin_pct").unwrap_or(0.0) as i64;
+        let line_sold_out = s.admission.get("line_state").map(String::as_str) == Some("sold_out");
+        let mut left = 0;
+        let tick =
+            |s: &Store, state: &str, active: i64, admitted: Vec<(String, i64)>, w, a, left| {
+                TickOut {
+                    state: state.into(),
+                    watermark: w,
+                    admitted_total: a,
+                    waiting: s.line.len() as i64,
+                    active,
+                    left,
+                    admitted,
+                }
+            };
+        let Some(status) = s.meta.get("status").cloned() else {
+            return tick(s, "unknown_drop", 0, vec![], watermark, admitted_ever, 0);
+        };
+        let last_run = s.bucket.get("run_ms").map(|v| *v as i64);
+        let mut quiet_until = s.bucket.get("quiet_until_ms").map_or(0, |v| *v as i64);
+        let mut cutoff = s.bucket.get("quiet_cutoff_ms").map(|v| *v as i64);
+        if let Some(last) = last_run {
+            if (now - last) as f64 > grace_ms as f64 / 4.0 {
+                quiet_until = now + grace_ms;
+                cutoff = Some(last - grace_ms);
+                s.bucket.insert("quiet_until_ms".into(), quiet_until as f64);
+                s.bucket
+                    .insert("quiet_cutoff_ms".into(), (last - grace_ms) as f64);
+            }
+        }
+        s.bucket.insert("run_ms".into(), now as f64);
+        if s.meta.get("recovering").map(String::as_str) == Some("1") {
+            return tick(s, "recovering", 0, vec![], watermark, admitted_ever, 0);
+        }
+        let cutoff = match cutoff {
+            Some(c) if now < quiet_until => c,
+            _ => now - grace_ms,
+        };
+        let gone: Vec<String> = zset_order(&s.seen)
+            .into_iter()
+            .take_while(|(_, at)| *at < cutoff)
+            .take(leave_batch.max(0) as usize)
+            .map(|(f, _)| f)
+            .collect();
+        for fan in gone {
+            s.seen.remove(&fan);
+            if s.line.remove(&fan).is_some() {
+                s.places.remove(&fan);
+                left += 1;
+            }
+        }
+        s.active.retain(|_, d| *d >= now);
+        let active = s.active.len() as i64;
+        if status == "closed" {
+            return tick(s, "closed", active, vec![], watermark, admitted_ever, left);
+        }
+        if line_sold_out {
+            return tick(
+                s,
+                "sold_out",
+                active,
+                vec![],
+                watermark,
+                admitted_ever,
+                left,
+            );
+        }
+        let (mut available, mut held) = (0, 0);
+        for (k, v) in &s.stock {
+            if k.starts_with("a:") {
+                available += v;
+            } else if k.starts_with("h:") {
+                held += v;
+            }
+        }
+        if available == 0 && held == 0 {
+            s.admission.insert("line_state".into(), "sold_out".into());
+            return tick(
+                s,
+                "sold_out",
+                active,
+                vec![],
+                watermark,
+                admitted_ever,
+                left,
+            );
+        }
+        let (mut tokens, mut last) = match (s.bucket.get("tokens"), s.bucket.get("last_ms")) {
+            (Some(t), Some(l)) => (*t, *l as i64),
+            _ => (burst, now),
+        };
+        let elapsed = (now - last).max(0);
+        tokens = burst.min(tokens + elapsed as f64 * rate / 1000.0);
+        last = last.max(now);
+        let save_bucket = |s: &mut Store, tokens: f64| {
+            s.bucket.insert("tokens".into(), six_places(tokens));
+            s.bucket.insert("last_ms".into(), last as f64);
+        };
+        let opens_at = num(&s.meta, "opens_at_ms").unwrap_or(0);
+        let state = if paused {
+            "paused"
+        } else if now < opens_at {
+            "pre_queue"
+        } else if available == 0 {
+            "all_held"
+        } else {
+            "open"
+        };
+        if state != "open" {
+            save_bucket(s, tokens);
+            return tick(s, state, active, vec![], watermark, admitted_ever, left);
+        }
+        let mut n = tokens.floor() as i64;
+        n = n.min(max_active - active);
+        n = n.min(s.line.len() as i64);
+        if n > 0 {
+            let limit = num(&s.meta, "per_fan_limit").unwrap_or(1);
+            let demand: i64 = s
+                .active
+                .keys()
+                .map(|f| (limit - s.fans.get(f).copied().unwrap_or(0)).max(0))
+                .sum();
+            let room = available * (100 + margin) - demand * 100;
+            let by_stock = if room > 0 { room / (limit * 100) } else { 0 };
+            n = n.min(by_stock);
+        }
+        if n <= 0 {
+            save_bucket(s, tokens);
+            return tick(s, "open", active, vec![], watermark, admitted_ever, left);
+        }
+        let popped: Vec<(String, i64)> = zset_order(&s.line).into_iter().take(n as usize).collect();
+        let deadline = now + shop_window_s * 1000;
+        for (fan, place) in &popped {
+            s.line.remove(fan);
+            s.active.insert(fan.clone(), deadline);
+            s.seen.remove(fan);
+            watermark = watermark.max(*place);
+        }
+        let count = popped.len() as i64;
+        tokens -= count as f64;
+        admitted_ever += count;
+        save_bucket(s, tokens);
+        s.watermark.insert("place".into(), watermark);
+        s.watermark.insert("admitted".into(), admitted_ever);
+        tick(
+            s,
+            "open",
+            active + count,
+            popped,
+            watermark,
+            admitted_ever,
+            left,
+        )
+    }
+}

@@ -1,0 +1,644 @@
+//! The real side of the model test: one drop in the Redis that `./dev test` started, driven
+//! through the engine's typed script wrappers (`engine::scripts::Redis`), with the scripts loaded
+//! over a clock the test sets by hand, and read back key by key for comparison with the model.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use engine::config::RedisConfig;
+use engine::ids::{DropId, FanId, HoldId, OrderId};
+use engine::queue::QueueKeys;
+use engine::scripts::{
+    ConfirmBegin, DropKeys, Finish, Redis, ReserveArgs, Reserved, Revert, TestScripts,
+};
+use fred::prelude::*;
+use serde_json::Value;
+
+use crate::reference::{Hold, Item, Model, Request, ReserveOut, Store, TickOut};
+
+/// The test's clock, in place of lua/clock.lua: every script's KEYS[1] is its drop's meta key, so
+/// each drop gets a clock of its own (`fg:{drop}:testclock`) and cases can run side by side.
+const TEST_CLOCK: &str = r#"
+local function now_ms()
+  local key = (string.gsub(KEYS[1], ':meta$', ':testclock'))
+  return tonumber(redis.call('GET', key))
+end
+"#;
+
+/// One step, with every id decided, so the model and Redis see the very same thing.
+#[derive(Debug, Clone)]
+pub enum Step {
+    Reserve {
+        fan: String,
+        key: String,
+        body_sha: String,
+        hold: String,
+        req: Request,
+    },
+    Release {
+        hold: String,
+        fan: String,
+    },
+    Expire {
+        limit: i64,
+    },
+    Begin {
+        hold: String,
+        fan: String,
+        reference: String,
+    },
+    /// Postgres commits the order of a confirming hold (no Redis call).
+    Commit {
+        hold: String,
+        order: String,
+    },
+    Finish {
+        hold: String,
+        order: String,
+    },
+    Revert {
+        hold: String,
+        reference: String,
+    },
+    Advance {
+        ms: i64,
+    },
+    Close,
+    /// Remembers Redis' state of the drop, for a later `Lose { rollback: true }`.
+    Checkpoint,
+    /// Redis loses the drop (a flush) or its writes since the checkpoint (an AOF that missed
+    /// them, a failover to a lagging replica); the engine notices and marks it recovering.
+    Lose {
+        rollback: bool,
+    },
+    /// Recovery: Postgres' admission settings back into Redis, then rebuild.lua.
+    Rebuild,
+    Join {
+        fan: String,
+        score: i64,
+    },
+    Admit {
+        leave_batch: i64,
+    },
+    Touch {
+        fans: Vec<String>,
+    },
+    Settings {
+        fields: Vec<(String, String)>,
+    },
+}
+
+/// What a step answered, in one comparable shape for both sides.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Reserve(ReserveOut, bool),
+    Result(Result<String, String>),
+    Pair(i64, i64),
+    Word(&'static str),
+    Tick(TickOut),
+    Join(Result<(i64, bool, String), String>),
+    Nothing,
+}
+
+/// Applies a step to the model.
+pub fn apply(model: &mut Model, step: &Step) -> Outcome {
+    match step {
+        Step::Reserve {
+            fan,
+            key,
+            body_sha,
+            hold,
+            req,
+        } => {
+            let (out, replay) = model.reserve(fan, key, body_sha, hold, req);
+            Outcome::Reserve(out, replay)
+        }
+        Step::Release { hold, fan } => {
+            Outcome::Result(model.release(hold, fan).map(|()| "ok".to_owned()))
+        }
+        Step::Expire { limit } => {
+            let (a, b) = model.expire(*limit);
+            Outcome::Pair(a, b)
+        }
+        Step::Begin {
+            hold,
+            fan,
+            reference,
+        } => Outcome::Result(model.confirm_begin(hold, fan, reference)),
+        Step::Commit { hold, order } => {
+            model.commit(hold, order);
+            Outcome::Nothing
+        }
+        Step::Finish { hold, order } => Outcome::Word(model.confirm_finish(hold, order)),
+        Step::Revert { hold, reference } => Outcome::Word(model.confirm_revert(hold, reference)),
+        Step::Advance { ms } => {
+            model.now_ms += ms;
+            Outcome::Nothing
+        }
+        Step::Close => {
+            model.close();
+            Outcome::Nothing
+        }
+        Step::Checkpoint | Step::Lose { .. } => Outcome::Nothing,
+        Step::Rebuild => {
+            model.restore_admission();
+            let (a, b) = model.rebuild();
+            Outcome::Pair(a, b)
+        }
+        Step::Join { fan, score } => Outcome::Join(model.join(fan, *score)),
+        Step::Admit { leave_batch } => Outcome::Tick(model.admit(*leave_batch)),
+        Step::Touch { fans } => {
+            model.touch(fans);
+            Outcome::Nothing
+        }
+        Step::Settings { fields } => {
+            model.set_admission(fields);
+            Outcome::Nothing
+        }
+    }
+}
+
+type Saved = Vec<(String, Vec<u8>, i64)>;
+
+/// The drop in Redis.
+pub struct World {
+    pub redis: Redis,
+    raw: Client,
+    pub drop: DropId,
+    saved: Option<(Saved, Store)>,
+}
+
+pub fn redis_url() -> String {
+    std::env::var("FLOODGATE_TEST_REDIS_URL")
+        .expect("run tests with ./dev test (FLOODGATE_TEST_REDIS_URL)")
+}
+
+/// The scripts over the test clock; `replace` swaps script bodies (the broken fixtures).
+pub async fn connect(replace: Vec<(String, String)>) -> (Redis, Client) {
+    let cfg = RedisConfig {
+        url: redis_url(),
+        pool_size: 4,
+        ..RedisConfig::default()
+    };
+    let redis = Redis::connect_with_test_scripts(
+        &cfg,
+        TestScripts {
+            clock: TEST_CLOCK.to_owned(),
+            replace,
+        },
+    )
+    .await
+    .expect("connect to the test Redis");
+    let raw = Builder::from_config(Config::from_url(&cfg.url).expect("a Redis URL"))
+        .build()
+        .expect("a Redis client");
+    raw.init().await.expect("connect to the test Redis");
+    (redis, raw)
+}
+
+fn err_name(e: engine::Error) -> String {
+    e.code.name().to_owned()
+}
+
+impl World {
+    pub async fn new(redis: Redis, raw: Client, model: &mut Model) -> World {
+        let world = World {
+            redis,
+            raw,
+            drop: DropId::generate(),
+            saved: None,
+        };
+        world.set_clock(model.now_ms).await;
+        let loaded = world
+            .redis
+            .load_drop(&world.drop, &model.spec.load_payload())
+            .await
+            .expect("load_drop");
+        assert_eq!(loaded, model.load_drop(), "load_drop's answer");
+        world
+    }
+
+    fn clock_key(&self) -> String {
+        format!("fg:{{{}}}:testclock", self.drop)
+    }
+
+    pub async fn set_clock(&self, ms: i64) {
+        let _: () = self
+            .raw
+            .set(self.clock_key(), ms, None, None, false)
+            .await
+            .expect("SET the test clock");
+    }
+
+    /// The drop's keys, but the test clock.
+    async fn keys(&self) -> Vec<String> {
+        let keys: Vec<String> = self
+            .raw
+            .custom(
+                fred::types::CustomCommand::new_static("KEYS", None, false),
+                vec![format!("fg:{{{}}}:*", self.drop)],
+            )
+            .await
+            .expect("KEYS");
+        keys.into_iter()
+            .filter(|k| *k != self.clock_key())
+            .collect()
+    }
+
+    /// Runs one step; `model` is read only for what the step needs from Postgres' record.
+    pub async fn run(&self, step: &Step, model: &Model) -> Outcome {
+        let fan = |f: &str| FanId::parse(f).expect("a fan id");
+        let hold = |h: &str| HoldId::parse(h).expect("a hold id");
+        match step {
+            Step::Reserve {
+                fan: f,
+                key,
+                body_sha,
+                hold: h,
+                req,
+            } => {
+                let items: Vec<(String, u32)>;
+                let seats: Vec<(String, String)>;
+                let args = match req {
+                    Request::Items(list) => {
+                        items = list.clone();
+                        ReserveArgs::Items(&items)
+                    }
+                    Request::Seats(list) => {
+                        seats = list.clone();
+                        ReserveArgs::Seats(&seats)
+                    }
+                    Request::Best { section, quantity } => ReserveArgs::Best {
+                        section,
+                        quantity: *quantity,
+                    },
+                };
+                match self
+                    .redis
+                    .reserve(&self.drop, &fan(f), key, body_sha, &hold(h), args)
+                    .await
+                {
+                    Ok((
+                        Reserved::Held {
+                            hold_id,
+                            expires_at_ms,
+                            items,
+                            ..
+                        },
+                        replay,
+                    )) => Outcome::Reserve(
+                        ReserveOut::Held {
+                            hold: hold_id.to_string(),
+                            expires_at_ms,
+                            items: items
+                                .into_iter()
+                                .map(|i| Item {
+                                    bucket: i.b,
+                                    quantity: i.q as i64,
+                                    seat: i.s,
+                                })
+                                .collect(),
+                        },
+                        replay,
+                    ),
+                    Ok((Reserved::Refused { code, detail }, replay)) => Outcome::Reserve(
+                        ReserveOut::Refused {
+                            code: code.name().to_owned(),
+                            detail,
+                        },
+                        replay,
+                    ),
+                    Err(e) => panic!("reserve failed: {e:?}"),
+                }
+            }
+            Step::Release { hold: h, fan: f } => Outcome::Result(
+                self.redis
+                    .release(&hold(h), &fan(f))
+                    .await
+                    .map(|()| "ok".to_owned())
+                    .map_err(err_name),
+            ),
+            Step::Expire { limit } => {
+                let (a, b) = self
+                    .redis
+                    .expire(&self.drop, *limit as u32)
+                    .await
+                    .expect("expire");
+                Outcome::Pair(a, b)
+            }
+            Step::Begin {
+                hold: h,
+                fan: f,
+                reference,
+            } => Outcome::Result(
+                match self.redis.confirm_begin(&hold(h), &fan(f), reference).await {
+                    Ok(ConfirmBegin::Began(_)) => Ok("began".into()),
+                    Ok(ConfirmBegin::InProgress(_)) => Ok("in_progress".into()),
+                    Ok(ConfirmBegin::Sold(o)) => Ok(format!(
+                        "sold:{}",
+                        o.map(|o| o.to_string()).unwrap_or_default()
+                    )),
+                    Err(e) => Err(err_name(e)),
+                },
+            ),
+            Step::Finish { hold: h, order } => {
+                let order = OrderId::parse(order).expect("an order id");
+                Outcome::Word(
+                    match self
+                        .redis
+                        .confirm_finish(&hold(h), order)
+                        .await
+                        .expect("confirm_finish")
+                    {
+                        Finish::Sold => "sold",
+                        Finish::Already => "already",
+                        Finish::Ended => "ended",
+                        Finish::Unknown => "unknown",
+                    },
+                )
+            }
+            Step::Revert { hold: h, reference } => Outcome::Word(
+                match self
+                    .redis
+                    .confirm_revert(&hold(h), reference)
+                    .await
+                    .expect("confirm_revert")
+                {
+                    Revert::Held => "held",
+                    Revert::Expired => "expired",
+                    Revert::NotConfirming => "noop",
+                    Revert::Unknown => "unknown",
+                },
+            ),
+            Step::Commit { .. } => Outcome::Nothing,
+            Step::Advance { .. } => {
+                self.set_clock(model.now_ms).await;
+                Outcome::Nothing
+            }
+            Step::Close => {
+                self.redis
+                    .set_meta(&self.drop, "status", "closed")
+                    .await
+                    .expect("close");
+                Outcome::Nothing
+            }
+            Step::Checkpoint => Outcome::Nothing,
+            Step::Lose { .. } => Outcome::Nothing,
+            Step::Rebuild => {
+                let fields: Vec<(String, String)> = model
+                    .record
+                    .admission
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if !fields.is_empty() {
+                    self.redis
+                        .set_admission(&self.drop, fields)
+                        .await
+                        .expect("set_admission");
+                }
+                let payload = model.record.rebuild_payload(&model.spec);
+                let (a, b) = self
+                    .redis
+                    .rebuild(&self.drop, &payload)
+                    .await
+                    .expect("rebuild");
+                Outcome::Pair(a, b)
+            }
+            Step::Join { fan: f, score } => {
+                Outcome::Join(match self.redis.join(&self.drop, &fan(f), *score).await {
+                    Ok(j) => Ok((j.place, j.new, j.status.as_str().to_owned())),
+                    Err(e) => Err(match e.code.name() {
+                        "invalid_request" => "not_queue".to_owned(),
+                        other => other.to_owned(),
+                    }),
+                })
+            }
+            Step::Admit { leave_batch } => {
+                let t = self
+                    .redis
+                    .admit(&self.drop, *leave_batch as usize)
+                    .await
+                    .expect("admit");
+                Outcome::Tick(TickOut {
+                    state: t.state.as_str().to_owned(),
+                    watermark: t.watermark,
+                    admitted_total: t.admitted_total,
+                    waiting: t.waiting,
+                    active: t.active,
+                    left: t.left,
+                    admitted: t
+                        .admitted
+                        .into_iter()
+                        .map(|(f, p)| (f.to_string(), p))
+                        .collect(),
+                })
+            }
+            Step::Touch { fans } => {
+                let fans: Vec<FanId> = fans.iter().map(|f| fan(f)).collect();
+                self.redis
+                    .touch_presence(&self.drop, &fans, model.now_ms)
+                    .await
+                    .expect("touch_presence");
+                Outcome::Nothing
+            }
+            Step::Settings { fields } => {
+                self.redis
+                    .set_admission(&self.drop, fields.clone())
+                    .await
+                    .expect("set_admission");
+                Outcome::Nothing
+            }
+        }
+    }
+
+    /// Checkpoint and loss act on both sides at once: the model's store goes with Redis'.
+    pub async fn checkpoint(&mut self, model: &Model) {
+        let mut saved = Vec::new();
+        for key in self.keys().await {
+            let dump: Option<Vec<u8>> = self
+                .raw
+                .custom(
+                    fred::types::CustomCommand::new_static("DUMP", None, false),
+                    vec![key.clone()],
+                )
+                .await
+                .expect("DUMP");
+            let ttl: i64 = self.raw.pttl(&key).await.expect("PTTL");
+            if let Some(dump) = dump {
+                saved.push((key, dump, ttl));
+            }
+        }
+        self.saved = Some((saved, model.store.clone()));
+    }
+
+    pub async fn lose(&mut self, rollback: bool, model: &mut Model) {
+        for key in self.keys().await {
+            let _: i64 = self.raw.del(&key).await.expect("DEL");
+        }
+        model.store = Store::default();
+        if rollback {
+            if let Some((saved, store)) = &self.saved {
+                for (key, dump, ttl) in saved {
+                    let args: Vec<fred::types::Value> = vec![
+                        key.clone().into(),
+                        (*ttl).max(0).into(),
+                        fred::types::Value::Bytes(dump.clone().into()),
+                    ];
+                    let _: fred::types::Value = self
+                        .raw
+                        .custom(
+                            fred::types::CustomCommand::new_static("RESTORE", None, false),
+                            args,
+                        )
+                        .await
+                        .expect("RESTORE");
+                }
+                model.store = store.clone();
+            }
+        }
+        // What the engine does when it notices: the drop answers `recovering` until rebuilt.
+        self.redis
+            .set_meta(&self.drop, "recovering", "1")
+            .await
+            .expect("set recovering");
+        model.store.meta.insert("recovering".into(), "1".into());
+    }
+
+    async fn hash(&self, key: &str) -> BTreeMap<String, String> {
+        let m: HashMap<String, String> = self.raw.hgetall(key).await.expect("HGETALL");
+        m.into_iter().collect()
+    }
+
+    async fn zset(&self, key: &str) -> BTreeMap<String, i64> {
+        let v: Vec<(String, f64)> = self
+            .raw
+            .zrange(key, 0, -1, None, false, None, true)
+            .await
+            .expect("ZRANGE");
+        v.into_iter().map(|(m, s)| (m, s as i64)).collect()
+    }
+
+    /// Compares Redis with the model key by key; the first difference, if any.
+    pub async fn diff(&self, model: &Model) -> Option<String> {
+        let k = DropKeys::new(&self.drop);
+        let q = QueueKeys::new(&self.drop);
+        let s = &model.store;
+        let parse_i64 = |m: BTreeMap<String, String>| -> BTreeMap<String, i64> {
+            m.into_iter()
+                .map(|(k, v)| (k, v.parse::<f64>().map_or(i64::MIN, |f| f as i64)))
+                .collect()
+        };
+        let mut meta = self.hash(k.meta()).await;
+        let next_due = meta.remove("next_due_ms");
+        if let Some(next_due) = next_due.and_then(|v| v.parse::<f64>().ok()) {
+            let earliest = s.deadlines.values().min().copied();
+            if let Some(e) = earliest {
+                if next_due as i64 > e {
+                    return Some(format!(
+                        "meta next_due_ms {next_due} is past the earliest deadline {e}: reserve would skip a due reclaim"
+                    ));
+                }
+            }
+        }
+        macro_rules! same {
+            ($what:expr, $real:expr, $model:expr) => {
+                let (real, modelled) = ($real, $model);
+                if real != modelled {
+                    return Some(format!(
+                        "{}:\n  redis: {:?}\n  model: {:?}",
+                        $what, real, modelled
+                    ));
+                }
+            };
+        }
+        same!("meta", meta, s.meta.clone());
+        let stock = parse_i64(self.hash(k.stock()).await);
+        same!("stock", stock.clone(), s.stock.clone());
+        let buckets: BTreeSet<String> = stock
+            .keys()
+            .filter_map(|f| f.get(2..).map(str::to_owned))
+            .collect();
+        for b in buckets {
+            let g = |p: &str| stock.get(&format!("{p}:{b}")).copied().unwrap_or(0);
+            if g("a") + g("h") + g("s") != g("t") || g("a") < 0 || g("h") < 0 || g("s") < 0 {
+                return Some(format!(
+                    "the books don't balance for {b}: available {} + held {} + sold {} vs total {}",
+                    g("a"),
+                    g("h"),
+                    g("s"),
+                    g("t")
+                ));
+            }
+        }
+        same!("seats", self.hash(k.seats()).await, s.seats.clone());
+        let holds: BTreeMap<String, Value> = self
+            .hash(k.holds())
+            .await
+            .into_iter()
+            .map(|(id, raw)| (id, serde_json::from_str(&raw).unwrap_or(Value::Null)))
+            .collect();
+        let modelled: BTreeMap<String, Value> = s
+            .holds
+            .iter()
+            .map(|(id, h)| (id.clone(), Hold::to_json(h)))
+            .collect();
+        same!("holds", holds, modelled);
+        let key = |name: &str| format!("fg:{{{}}}:{name}", self.drop);
+        same!(
+            "deadlines",
+            self.zset(&key("deadlines")).await,
+            s.deadlines.clone()
+        );
+        same!(
+            "confirming",
+            self.zset(&key("confirming")).await,
+            s.confirming.clone()
+        );
+        same!("done", self.zset(&key("done")).await, s.done.clone());
+        same!("fans", parse_i64(self.hash(&q.fans).await), s.fans.clone());
+        let fanholds: BTreeSet<String> = self.zset(k.fanholds()).await.into_keys().collect();
+        same!("fanholds", fanholds, s.fanholds.clone());
+        let layout: BTreeMap<String, Value> = self
+            .hash(&key("layout"))
+            .await
+            .into_iter()
+            .map(|(sec, raw)| (sec, serde_json::from_str(&raw).unwrap_or(Value::Null)))
+            .collect();
+        same!("layout", layout, s.layout.clone());
+        same!("active", self.zset(&q.active).await, s.active.clone());
+        same!(
+            "admission",
+            self.hash(&q.admission).await,
+            s.admission.clone()
+        );
+        same!(
+            "places",
+            parse_i64(self.hash(&q.places).await),
+            s.places.clone()
+        );
+        same!("line", self.zset(&q.line).await, s.line.clone());
+        let seq: Option<i64> = self.raw.get(&q.seq).await.expect("GET seq");
+        same!("seq", seq.unwrap_or(0), s.seq);
+        same!("seen", self.zset(&q.seen).await, s.seen.clone());
+        let bucket: BTreeMap<String, f64> = self
+            .hash(&q.bucket)
+            .await
+            .into_iter()
+            .map(|(f, v)| (f, v.parse::<f64>().unwrap_or(f64::NAN)))
+            .collect();
+        same!("token bucket", bucket, s.bucket.clone());
+        same!(
+            "watermark",
+            parse_i64(self.hash(&q.watermark).await),
+            s.watermark.clone()
+        );
+        None
+    }
+
+    pub async fn cleanup(&self) {
+        for key in self.keys().await {
+            let _: i64 = self.raw.del(&key).await.unwrap_or(0);
+        }
+        let _: i64 = self.raw.del(self.clock_key()).await.unwrap_or(0);
+    }
+}
