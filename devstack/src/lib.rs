@@ -22,8 +22,12 @@
 //! - `redis`: one redis-server child process (appendonly everysec) and a raw-TCP PING.
 //! - [`sys`]: process helpers over `/proc` and the `kill` command, log tails, port checks.
 //! - [`http`]: a tiny blocking HTTP/1.1 client that `devstack up` uses.
+//! - [`netns`]: [`NetLink`], a network namespace + veth pair whose packets a test drops (loss, a
+//!   partition); the network-fault tests run Redis behind one.
+//! - `relay`: [`DelayRelay`], a TCP relay that adds latency (kernels without `tc netem`).
 
 use std::fs;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -34,9 +38,14 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 pub mod http;
+pub mod netns;
 mod pg;
 mod redis;
+mod relay;
 pub mod sys;
+
+pub use netns::{is_kernel_refusal, KernelRefused, NetLink};
+pub use relay::DelayRelay;
 
 /// Where every stack of every checkout keeps its state: `<STATE_BASE>/floodgate-<hash>/<name>`.
 pub const STATE_BASE: &str = "/var/tmp";
@@ -59,6 +68,8 @@ pub struct Stack {
     pg: pg::Postgres,
     pg_running: bool,
     redis: redis::Redis,
+    /// Redis' network namespace, when it runs behind one; dropped after Redis stops.
+    link: Option<NetLink>,
 }
 
 impl Stack {
@@ -66,6 +77,20 @@ impl Stack {
     /// answer and creates the database `floodgate`. Servers left running by an earlier run of
     /// the same stack (a crash, a SIGKILL) are stopped first.
     pub fn start(cfg: StackConfig) -> Result<Stack> {
+        Stack::start_inner(cfg, None)
+    }
+
+    /// As [`Stack::start`], but Redis runs inside a network namespace of its own and listens on
+    /// the inside end of a veth pair ([`NetLink`]): [`Stack::redis_url`] points there, and
+    /// [`Stack::link`] drops packets on the way (loss, a partition). Postgres stays on loopback.
+    /// Fails with a [`KernelRefused`] where the kernel won't make the link.
+    pub fn start_with_redis_behind_link(cfg: StackConfig) -> Result<Stack> {
+        validate_name(&cfg.name)?;
+        let link = NetLink::create()?;
+        Stack::start_inner(cfg, Some(link))
+    }
+
+    fn start_inner(cfg: StackConfig, link: Option<NetLink>) -> Result<Stack> {
         validate_name(&cfg.name)?;
         ensure_installed()?;
         let root = state_root()?;
@@ -90,6 +115,10 @@ impl Stack {
             log_file: state_dir.join("redis.log"),
             pid_file: state_dir.join("redis.pid"),
             port: cfg.redis_port,
+            bind: link
+                .as_ref()
+                .map_or(Ipv4Addr::LOCALHOST, NetLink::inside_addr),
+            netns: link.as_ref().map(|l| l.namespace().to_owned()),
             child: None,
         };
 
@@ -128,6 +157,7 @@ impl Stack {
             pg,
             pg_running: false,
             redis,
+            link,
         };
         // From here on, an error drops `stack`, which stops whatever did start.
         stack.start_postgres()?;
@@ -143,9 +173,20 @@ impl Stack {
         &self.cfg
     }
 
-    /// `redis://127.0.0.1:PORT`
+    /// `redis://127.0.0.1:PORT`, or `redis://<inside address>:PORT` behind a link.
     pub fn redis_url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.cfg.redis_port)
+        format!("redis://{}", self.redis_addr())
+    }
+
+    /// Where Redis listens: 127.0.0.1:PORT, or the inside end of its [`NetLink`].
+    pub fn redis_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.redis.bind, self.cfg.redis_port))
+    }
+
+    /// The link in front of Redis, for stacks started with
+    /// [`Stack::start_with_redis_behind_link`].
+    pub fn link(&self) -> Option<&NetLink> {
+        self.link.as_ref()
     }
 
     /// `postgres://floodgate@127.0.0.1:PORT/floodgate` (trust auth on loopback).
@@ -256,9 +297,6 @@ pub fn free_port() -> u16 {
 /// `apt-get update` once, then `apt-get install -y redis-server`); PostgreSQL 15 must already be
 /// installed.
 pub fn ensure_installed() -> Result<()> {
-    static INSTALLING: Mutex<()> = Mutex::new(());
-    static APT_UPDATED: AtomicBool = AtomicBool::new(false);
-
     let pg_tools = [
         Path::new(pg::PG_BIN_DIR).join("initdb"),
         Path::new(pg::PG_BIN_DIR).join("pg_ctl"),
@@ -273,23 +311,51 @@ pub fn ensure_installed() -> Result<()> {
         }
     }
 
+    if install_missing(&[("redis-server", "redis-server")])? {
+        stop_system_redis();
+    }
+    Ok(())
+}
+
+/// Makes sure `ip` (iproute2) and `nft` (nftables), which [`NetLink`] runs, are there:
+/// installs them with apt when missing and we are root.
+pub fn ensure_net_tools() -> Result<()> {
+    install_missing(&[("ip", "iproute2"), ("nft", "nftables")])?;
+    Ok(())
+}
+
+/// Installs the package of each (command, package) whose command is not on PATH (as root:
+/// `apt-get update` once per process, then `apt-get install -y`). True if it installed any.
+fn install_missing(tools: &[(&str, &str)]) -> Result<bool> {
+    static INSTALLING: Mutex<()> = Mutex::new(());
+    static APT_UPDATED: AtomicBool = AtomicBool::new(false);
+
     let _guard = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
-    if in_path("redis-server") {
-        return Ok(());
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(command, _)| !in_path(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(false);
     }
+    let list = missing.join(" ");
     if !sys::is_root() {
-        bail!("redis-server is missing: install it with `sudo apt-get install -y redis-server`");
+        bail!("{list} missing: install with `sudo apt-get install -y {list}`");
     }
-    eprintln!("devstack: redis-server is missing; installing it with apt-get");
+    eprintln!("devstack: installing {list} with apt-get");
     if !APT_UPDATED.swap(true, Ordering::SeqCst) {
         apt_get(&["update", "-q"])?;
     }
-    apt_get(&["install", "-y", "-q", "redis-server"])?;
-    stop_system_redis();
-    if !in_path("redis-server") {
-        bail!("apt-get installed redis-server, but it is still not on PATH");
+    let mut args = vec!["install", "-y", "-q"];
+    args.extend(&missing);
+    apt_get(&args)?;
+    for (command, package) in tools {
+        if !in_path(command) {
+            bail!("apt-get installed {package}, but `{command}` is still not on PATH");
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The checkout this devstack belongs to: the workspace it was built in if that still exists,

@@ -2,7 +2,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -26,6 +26,10 @@ pub(crate) struct Redis {
     /// loss of the terminal) has its server cleaned up by the next start of the same stack.
     pub pid_file: PathBuf,
     pub port: u16,
+    /// The address it listens on: 127.0.0.1, or the inside end of a [`crate::NetLink`].
+    pub bind: Ipv4Addr,
+    /// The network namespace it runs in (`ip netns exec`), if not the root one.
+    pub netns: Option<String>,
     pub child: Option<Child>,
 }
 
@@ -53,8 +57,18 @@ impl Redis {
             .append(true)
             .open(&self.log_file)
             .with_context(|| format!("opening {}", self.log_file.display()))?;
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = match &self.netns {
+            // `ip netns exec` execs redis-server, so the child's pid is Redis' own.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "redis-server"]);
+                c
+            }
+            None => Command::new("redis-server"),
+        };
+        let child = command
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", &self.bind.to_string()])
             .arg("--dir")
             .arg(&self.dir)
             .args(["--appendonly", "yes", "--appendfsync", "everysec"])
@@ -76,7 +90,7 @@ impl Redis {
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + REDIS_START_TIMEOUT;
         loop {
-            if ping(self.port) {
+            if ping(SocketAddr::from((self.bind, self.port))) {
                 return Ok(());
             }
             if let Some(child) = &mut self.child {
@@ -125,9 +139,8 @@ impl Redis {
     }
 }
 
-/// Whether a Redis on 127.0.0.1:`port` answers `PING` with `+PONG` (not `-LOADING`).
-pub fn ping(port: u16) -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+/// Whether a Redis at `addr` answers `PING` with `+PONG` (not `-LOADING`).
+pub fn ping(addr: SocketAddr) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
         return false;
     };

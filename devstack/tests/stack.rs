@@ -80,3 +80,67 @@ fn fault_stack_restarts() {
     assert!(psql(&db, "select 1").is_err());
     assert!(!stack.state_dir().join("pg/postmaster.pid").exists());
 }
+
+/// PING over a socket to `addr`; None if no answer within `patience`.
+fn ping_at(addr: std::net::SocketAddr, patience: Duration) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, patience).ok()?;
+    s.set_read_timeout(Some(patience)).unwrap();
+    s.write_all(b"PING\r\n").ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+#[test]
+fn fault_redis_behind_a_link_partitions_and_heals() {
+    let stack = match Stack::start_with_redis_behind_link(StackConfig {
+        name: "fault-selftest-link".into(),
+        redis_port: free_port(),
+        pg_port: free_port(),
+    }) {
+        Ok(s) => s,
+        Err(e) if devstack::is_kernel_refusal(&e) => {
+            eprintln!("SKIPPED fault_redis_behind_a_link_partitions_and_heals: {e:#}");
+            return;
+        }
+        Err(e) => panic!("the stack behind a link starts: {e:#}"),
+    };
+    let link = stack.link().expect("a link");
+    let addr = stack.redis_addr();
+    assert_eq!(addr.ip(), link.inside_addr());
+    assert_eq!(stack.redis_url(), format!("redis://{addr}"));
+    let ns = link.namespace().to_owned();
+    let patience = Duration::from_secs(2);
+    assert_eq!(ping_at(addr, patience).as_deref(), Some("+PONG"));
+
+    // A partition: nothing comes back (no reset either); healing brings Redis back as it was.
+    link.partition().unwrap();
+    assert_eq!(ping_at(addr, patience), None);
+    link.heal().unwrap();
+    assert_eq!(ping_at(addr, patience).as_deref(), Some("+PONG"));
+    // Total loss is a partition too; 0 % heals.
+    link.set_loss(100).unwrap();
+    assert_eq!(ping_at(addr, patience), None);
+    link.set_loss(0).unwrap();
+    assert_eq!(ping_at(addr, patience).as_deref(), Some("+PONG"));
+
+    // The relay adds its delay each way: a round trip through it takes at least twice that.
+    let relay =
+        devstack::DelayRelay::start(addr, Duration::from_millis(100)).expect("the relay starts");
+    let started = std::time::Instant::now();
+    assert_eq!(
+        ping_at(relay.addr(), Duration::from_secs(10)).as_deref(),
+        Some("+PONG")
+    );
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    drop(relay);
+
+    // Dropping the stack stops Redis and deletes the namespace with its veth pair.
+    drop(stack);
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&ns),
+        "namespace {ns} left behind"
+    );
+    assert_eq!(ping_at(addr, Duration::from_millis(500)), None);
+}
