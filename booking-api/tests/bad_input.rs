@@ -5,7 +5,7 @@
 //! are exactly as before and that `available + held + sold == total` still holds with Postgres.
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::Harness;
 use engine::config::AdmissionConfig;
@@ -1335,7 +1335,11 @@ async fn another_fan_cannot_join_a_confirm_in_flight() {
     let before = h.counts(&drop).await;
 
     let bob_tries = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Once alice's confirm has begun, the slow payment keeps it in flight for 2 s.
+        eventually("alice's confirm is in flight", || async {
+            hold_state(&h, &alice, &held).await == "confirming"
+        })
+        .await;
         let auth = bearer(&bob);
         let path = format!("/v1/holds/{held}/confirm");
         let hold_path = format!("/v1/holds/{held}");
