@@ -1,0 +1,475 @@
+//! What the fault tests share (booking-api/tests/faults.rs and netfaults.rs): a stack of the
+//! test's own ([`Fault`]), a client that keeps each answer's status, code and `Retry-After`
+//! ([`Api`], [`Reply`]), and the checks every fault run ends with ([`assert_consistent`]: Redis
+//! agrees with itself and with Postgres hold by hold, nothing is sold twice, the books balance).
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devstack::{free_port, NetLink, Stack, StackConfig};
+use engine::ids::DropId;
+use serde_json::{json, Value};
+
+use crate::common::Harness;
+
+/// How long recovery may take before a test gives up: generous, the machine is shared.
+pub const RECOVERY_DEADLINE: Duration = Duration::from_secs(60);
+
+// ---- the stack --------------------------------------------------------------------------------
+
+/// A Postgres + Redis pair of this test's own. devstack is blocking: its calls run on tokio's
+/// blocking pool.
+pub struct Fault {
+    pub stack: Arc<Mutex<Stack>>,
+    /// Where Redis listens: 127.0.0.1, or the inside end of the stack's link.
+    pub redis_addr: SocketAddr,
+    pub redis_url: String,
+    pub db_url: String,
+}
+
+impl Fault {
+    pub async fn start(name: &str) -> Fault {
+        Fault::start_with(name, false)
+            .await
+            .expect("the fault stack starts")
+    }
+
+    /// A stack whose Redis runs behind a [`NetLink`] (its own network namespace), so the test
+    /// can drop packets between the servers and Redis. None, with the reason on stderr, where
+    /// the kernel refuses namespaces or nftables: the caller skips.
+    pub async fn start_behind_link(name: &str) -> Option<Fault> {
+        match Fault::start_with(name, true).await {
+            Ok(f) => Some(f),
+            Err(e) if devstack::is_kernel_refusal(&e) => {
+                eprintln!("SKIPPED {name}: {e:#}");
+                None
+            }
+            Err(e) => panic!("the fault stack behind a link starts: {e:#}"),
+        }
+    }
+
+    async fn start_with(name: &str, behind_link: bool) -> anyhow::Result<Fault> {
+        let cfg = StackConfig {
+            name: name.to_owned(),
+            redis_port: free_port(),
+            pg_port: free_port(),
+        };
+        let stack = tokio::task::spawn_blocking(move || {
+            if behind_link {
+                Stack::start_with_redis_behind_link(cfg)
+            } else {
+                Stack::start(cfg)
+            }
+        })
+        .await
+        .expect("the stack start task")?;
+        Ok(Fault {
+            redis_addr: stack.redis_addr(),
+            redis_url: stack.redis_url(),
+            db_url: stack.database_url(),
+            stack: Arc::new(Mutex::new(stack)),
+        })
+    }
+
+    /// Runs `f` on the stack's link (loss, partition, heal) off the async workers.
+    pub async fn link(&self, f: impl FnOnce(&NetLink) -> anyhow::Result<()> + Send + 'static) {
+        self.with(move |s| f(s.link().expect("a stack behind a link")))
+            .await
+            .expect("the link changes");
+    }
+
+    /// Runs a blocking devstack call (stop / start / kill) off the async workers.
+    pub async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Stack) -> T + Send + 'static,
+    ) -> T {
+        let stack = self.stack.clone();
+        tokio::task::spawn_blocking(move || f(&mut stack.lock().unwrap_or_else(|p| p.into_inner())))
+            .await
+            .expect("the devstack task")
+    }
+
+    pub async fn stop(self) {
+        self.with(|s| s.stop()).await;
+    }
+
+    /// `redis-cli -p PORT args...`, its stdout.
+    pub async fn redis_cli(&self, args: &[&str]) -> String {
+        let out = tokio::process::Command::new("redis-cli")
+            .arg("-h")
+            .arg(self.redis_addr.ip().to_string())
+            .arg("-p")
+            .arg(self.redis_addr.port().to_string())
+            .args(args)
+            .output()
+            .await
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub async fn flushall(&self) {
+        let out = self.redis_cli(&["FLUSHALL"]).await;
+        assert_eq!(out.trim(), "OK", "FLUSHALL answered {out}");
+    }
+
+    /// A Redis hash as field → value (redis-cli prints them on alternate lines).
+    pub async fn redis_hash(&self, key: &str) -> HashMap<String, String> {
+        let out = self.redis_cli(&["HGETALL", key]).await;
+        let out = out.trim_end_matches('\n');
+        if out.is_empty() {
+            return HashMap::new();
+        }
+        let lines: Vec<&str> = out.split('\n').collect();
+        assert!(lines.len().is_multiple_of(2), "HGETALL {key}: {out}");
+        lines
+            .chunks(2)
+            .map(|kv| (kv[0].to_owned(), kv[1].to_owned()))
+            .collect()
+    }
+}
+
+pub fn key(drop: &str, name: &str) -> String {
+    format!("fg:{{{drop}}}:{name}")
+}
+
+// ---- HTTP -------------------------------------------------------------------------------------
+
+/// One answer: status, JSON body and the `Retry-After` header.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub retry_after: Option<String>,
+}
+
+impl Reply {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    pub fn str(&self, field: &str) -> String {
+        self.body[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {field} in {self:?}"))
+            .to_owned()
+    }
+
+    /// A 5xx always names its code; a 503 must be one of `allowed` and say when to retry.
+    pub fn check_5xx(&self, what: &str, allowed: &[&str]) {
+        if self.status < 500 {
+            return;
+        }
+        assert!(
+            !self.code().is_empty(),
+            "{what}: a 5xx without a code: {self:?}"
+        );
+        if self.status == 503 {
+            assert!(
+                allowed.contains(&self.code()),
+                "{what}: 503 `{}` is not one of {allowed:?}: {self:?}",
+                self.code()
+            );
+            assert!(
+                self.retry_after.is_some(),
+                "{what}: 503 without Retry-After: {self:?}"
+            );
+        }
+    }
+}
+
+/// A cheap, cloneable client for one booking-api (tasks can own it).
+#[derive(Clone)]
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+impl Api {
+    pub fn of(h: &Harness) -> Api {
+        Api {
+            http: h.http.clone(),
+            base: h.base.clone(),
+        }
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
+        let r = req.send().await.expect("booking-api answers");
+        let status = r.status().as_u16();
+        let retry_after = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = r.json().await.unwrap_or(Value::Null);
+        Reply {
+            status,
+            body,
+            retry_after,
+        }
+    }
+
+    /// A token for exactly this fan name (the same fan across booking-api processes).
+    pub async fn fan_token(&self, fan: &str) -> String {
+        let r = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/fans/session", self.base))
+                    .json(&json!({ "fan": fan })),
+            )
+            .await;
+        assert!(r.status == 200 || r.status == 201, "fan session: {r:?}");
+        r.str("fan_token")
+    }
+
+    pub async fn reserve(&self, token: &str, drop: &str, idem: &str, body: &Value) -> Reply {
+        self.send(
+            self.http
+                .post(format!("{}/v1/drops/{drop}/holds", self.base))
+                .bearer_auth(token)
+                .header("Idempotency-Key", idem)
+                .json(body),
+        )
+        .await
+    }
+
+    pub async fn confirm(&self, token: &str, hold: &str, reference: &str) -> Reply {
+        self.send(
+            self.http
+                .post(format!("{}/v1/holds/{hold}/confirm", self.base))
+                .bearer_auth(token)
+                .json(&json!({"payment": {"gateway": "test", "reference": reference}})),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        self.send(req).await
+    }
+}
+
+pub fn new_key() -> String {
+    format!("k-{}", uuid::Uuid::new_v4())
+}
+
+/// Polls `f` until it holds; panics with `what` after [`RECOVERY_DEADLINE`].
+pub async fn eventually<F, Fut>(what: &str, f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    testkit::eventually_within(RECOVERY_DEADLINE, what, f).await
+}
+
+// ---- what Redis and Postgres hold ---------------------------------------------------------------
+
+/// Confirming holds of a drop, read straight from its confirming ZSET (None: Redis didn't answer).
+pub async fn confirming(h: &Harness, drop: &str) -> Option<usize> {
+    let d = DropId::parse(drop).unwrap();
+    h.server
+        .engine
+        .redis
+        .overdue_confirming(&d, i64::MAX, 1_000_000)
+        .await
+        .ok()
+        .map(|v| v.len())
+}
+
+/// Postgres' orders of a drop: hold id → order id.
+pub async fn pg_orders(h: &Harness, drop: &str) -> HashMap<String, String> {
+    let db = h.server.engine.db.client().await.unwrap();
+    db.query(
+        "SELECT hold_id, order_id::text FROM orders WHERE drop_id = $1",
+        &[&drop],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Seats Postgres sold in a drop, checking on the way that none was sold twice.
+pub async fn pg_sold_seats(h: &Harness, drop: &str) -> HashSet<String> {
+    let db = h.server.engine.db.client().await.unwrap();
+    let rows = db
+        .query(
+            "SELECT seat_id, count(*) FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL \
+             GROUP BY seat_id",
+            &[&drop],
+        )
+        .await
+        .unwrap();
+    let mut seats = HashSet::new();
+    for r in rows {
+        let (seat, n): (String, i64) = (r.get(0), r.get(1));
+        assert_eq!(n, 1, "seat {seat} of {drop} sold {n} times");
+        seats.insert(seat);
+    }
+    seats
+}
+
+/// Every bucket: Postgres' sold within total, and order items / ledger / inventory agree.
+pub async fn assert_pg_sane(h: &Harness, drop: &str) {
+    let db = h.server.engine.db.client().await.unwrap();
+    for r in db
+        .query(
+            "SELECT i.bucket, i.total::bigint, i.sold::bigint, \
+             (SELECT coalesce(sum(quantity), 0)::bigint FROM order_items o WHERE o.drop_id = i.drop_id AND o.bucket = i.bucket), \
+             (SELECT count(*) FROM orders o WHERE o.drop_id = i.drop_id) \
+             FROM inventory i WHERE i.drop_id = $1",
+            &[&drop],
+        )
+        .await
+        .unwrap()
+    {
+        let (bucket, total, sold, items): (String, i64, i64, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        assert!(sold <= total, "{drop}/{bucket}: sold {sold} > total {total}");
+        assert_eq!(sold, items, "{drop}/{bucket}: inventory.sold != order items");
+    }
+    let bad: i64 = db
+        .query_one(
+            "SELECT count(*) FROM fan_purchases f WHERE f.drop_id = $1 AND f.units <> \
+             (SELECT coalesce(sum(i.quantity), 0) FROM orders o JOIN order_items i USING (order_id) \
+              WHERE o.drop_id = f.drop_id AND o.fan_id = f.fan_id)",
+            &[&drop],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bad, 0, "{drop}: fan_purchases disagree with the orders");
+}
+
+/// Redis agrees with itself and with Postgres, hold by hold (call it when no request is in
+/// flight): a hold with an order is `sold` and a `sold` hold has an order; per bucket, held ==
+/// the units of live holds; each seat is `#` iff Postgres sold it, else held by the live hold
+/// that has it, else free; each fan's count == units bought (Postgres) + units in live holds.
+/// Then the harness' own check: available + held + sold == total and Postgres' sold == Redis'.
+pub async fn assert_consistent(f: &Fault, h: &Harness, drop: &str) {
+    let stock = f.redis_hash(&key(drop, "stock")).await;
+    let holds = f.redis_hash(&key(drop, "holds")).await;
+    let seats = f.redis_hash(&key(drop, "seats")).await;
+    let fans = f.redis_hash(&key(drop, "fans")).await;
+    let orders = pg_orders(h, drop).await;
+    let sold_seats = pg_sold_seats(h, drop).await;
+    let db = h.server.engine.db.client().await.unwrap();
+    let bought: HashMap<String, i64> = db
+        .query(
+            "SELECT fan_id, units::bigint FROM fan_purchases WHERE drop_id = $1",
+            &[&drop],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+
+    let mut held: HashMap<String, i64> = HashMap::new();
+    let mut live_units: HashMap<String, i64> = HashMap::new();
+    let mut held_seats: HashMap<String, String> = HashMap::new();
+    for (id, raw) in &holds {
+        let hold: Value = serde_json::from_str(raw).unwrap();
+        let st = hold["st"].as_str().unwrap();
+        assert_eq!(
+            orders.contains_key(id),
+            st == "sold",
+            "{drop}: hold {id} is `{st}` in Redis; its order in Postgres: {:?}",
+            orders.get(id)
+        );
+        if st == "held" || st == "confirming" {
+            let fan = hold["fan"].as_str().unwrap().to_owned();
+            *live_units.entry(fan).or_default() += hold["u"].as_i64().unwrap();
+            for item in hold["it"].as_array().unwrap() {
+                let b = item["b"].as_str().unwrap().to_owned();
+                *held.entry(b).or_default() += item["q"].as_i64().unwrap();
+                if let Some(seat) = item["s"].as_str() {
+                    let other = held_seats.insert(seat.to_owned(), id.clone());
+                    assert!(other.is_none(), "{drop}: seat {seat} in two live holds");
+                }
+            }
+        }
+    }
+    for field in stock.keys() {
+        if let Some(bucket) = field.strip_prefix("h:") {
+            let h_count: i64 = stock[field].parse().unwrap();
+            assert_eq!(
+                h_count,
+                held.get(bucket).copied().unwrap_or(0),
+                "{drop}/{bucket}: Redis' held count != units of live holds"
+            );
+        }
+    }
+    let mut redis_sold_seats = 0;
+    for (seat, state) in &seats {
+        match state.as_str() {
+            "#" => {
+                redis_sold_seats += 1;
+                assert!(
+                    sold_seats.contains(seat),
+                    "{drop}: seat {seat} sold in Redis, not in Postgres"
+                );
+            }
+            "-" => {
+                assert!(
+                    !sold_seats.contains(seat),
+                    "{drop}: seat {seat} sold in Postgres, free in Redis"
+                );
+                assert!(
+                    !held_seats.contains_key(seat),
+                    "{drop}: seat {seat} free in Redis but in live hold {}",
+                    held_seats[seat]
+                );
+            }
+            hold => assert_eq!(
+                held_seats.get(seat).map(String::as_str),
+                Some(hold),
+                "{drop}: seat {seat} marked held by {hold}"
+            ),
+        }
+    }
+    assert_eq!(
+        redis_sold_seats,
+        sold_seats.len(),
+        "{drop}: sold seats, Redis vs Postgres"
+    );
+    let every_fan: HashSet<&String> = fans
+        .keys()
+        .chain(bought.keys())
+        .chain(live_units.keys())
+        .collect();
+    for fan in every_fan {
+        let counted: i64 = fans.get(fan).map_or(0, |v| v.parse().unwrap());
+        let expected =
+            bought.get(fan).copied().unwrap_or(0) + live_units.get(fan).copied().unwrap_or(0);
+        assert_eq!(
+            counted, expected,
+            "{drop}: fan {fan}'s count in Redis != bought + live holds"
+        );
+    }
+    assert_pg_sane(h, drop).await;
+    h.assert_invariants(drop).await;
+}
+
+pub fn seated_body(sections: &[&str], rows: u32, seats: u32, per_fan_limit: u32) -> Value {
+    json!({
+        "name": "fault seated", "per_fan_limit": per_fan_limit, "hold_ttl_s": 600,
+        "admission": {"mode": "open"},
+        "inventory": {"kind": "seated", "sections": sections.iter().map(|s| json!({
+            "section": s, "price_cents": 4000,
+            "rows": (1..=rows).map(|r| json!({"row": r.to_string(), "seats": seats})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>()}
+    })
+}
