@@ -6,7 +6,8 @@
 //! - [`fill`] — one cache fill per key at a time (no stampede on Postgres when a process is cold).
 //! - [`config`] — layered configuration with a named default for every bound.
 //! - [`drops`] — drop definitions: creation requests, bounds, reserve requests against a drop.
-//! - [`scripts`] — all Redis access: the drop key set and one typed wrapper per Lua script.
+//! - [`keys`] — every Redis key name of a drop, in the orders the scripts take them.
+//! - [`scripts`] — all Redis access: one typed wrapper per Lua script, and a few reads.
 //! - [`db`] — the Postgres store: migrations, keys, drops, payments, orders, recovery reads.
 //! - [`writer`] — group commit of confirmed orders, a SAVEPOINT per order.
 //! - [`payments`] — the payment gateway trait and the deterministic test gateway.
@@ -27,6 +28,7 @@ pub mod drops;
 pub mod error;
 pub mod fill;
 pub mod ids;
+pub mod keys;
 pub mod metrics;
 pub mod net;
 pub mod payments;

@@ -15,7 +15,7 @@ use crate::booking::Engine;
 use crate::drops::AdmissionMode;
 use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId};
-use crate::scripts::{int, text, DropKeys, Redis};
+use crate::scripts::{int, text, Redis};
 use crate::tokens::{now_ms, AdmissionClaims};
 
 /// Places after opening are `POST_OPEN_BASE + n`; pre-queue scores are below it.
@@ -33,41 +33,7 @@ pub fn prequeue_score(seed: &str, fan: &FanId) -> i64 {
     (u64::from_be_bytes(first) >> 12) as i64
 }
 
-/// The waiting room's keys of one drop (all with the hash tag `{drop_id}`).
-#[derive(Debug, Clone)]
-pub struct QueueKeys {
-    pub meta: String,
-    pub admission: String,
-    pub stock: String,
-    pub fans: String,
-    pub active: String,
-    pub places: String,
-    pub line: String,
-    pub seq: String,
-    pub bucket: String,
-    pub watermark: String,
-    pub seen: String,
-}
-
-impl QueueKeys {
-    pub fn new(drop: &DropId) -> QueueKeys {
-        let drop_keys = DropKeys::new(drop);
-        let k = |name: &str| format!("fg:{{{drop}}}:{name}");
-        QueueKeys {
-            meta: drop_keys.meta().to_owned(),
-            admission: DropKeys::admission(drop),
-            stock: drop_keys.stock().to_owned(),
-            fans: k("fans"),
-            active: k("active"),
-            places: k("places"),
-            line: k("line"),
-            seq: k("seq"),
-            bucket: k("bucket"),
-            watermark: k("watermark"),
-            seen: k("seen"),
-        }
-    }
-}
+pub use crate::keys::QueueKeys;
 
 /// Where a fan stands, as join and `/queue/me` say it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -192,15 +158,7 @@ impl Redis {
         let reply = self
             .run(
                 &self.scripts.join,
-                vec![
-                    k.meta,
-                    k.admission,
-                    k.places,
-                    k.line,
-                    k.seq,
-                    k.active,
-                    k.seen,
-                ],
+                k.join(),
                 vec![fan.to_string(), prequeue_score.to_string()],
             )
             .await?;
@@ -236,18 +194,7 @@ impl Redis {
         let reply = self
             .run(
                 &self.scripts.admit,
-                vec![
-                    k.meta,
-                    k.admission,
-                    k.stock,
-                    k.fans,
-                    k.active,
-                    k.line,
-                    k.bucket,
-                    k.watermark,
-                    k.places,
-                    k.seen,
-                ],
+                k.admit(),
                 vec![leave_batch.max(1).to_string()],
             )
             .await?;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::config::RedisConfig;
 use crate::error::{Code, Error, Result};
@@ -48,82 +47,7 @@ const SOURCES: [(&str, &str, bool); 10] = [
     ("admit", include_str!("../../lua/admit.lua"), false),
 ];
 
-/// The keys of one drop, in the order every hold script takes them (see lua/lib.lua). All carry
-/// the hash tag `{drop_id}`, so a drop lives on one Redis Cluster shard.
-#[derive(Debug, Clone)]
-pub struct DropKeys {
-    keys: Vec<String>,
-}
-
-const KEY_NAMES: [&str; 11] = [
-    "meta",
-    "stock",
-    "seats",
-    "holds",
-    "deadlines",
-    "confirming",
-    "done",
-    "fans",
-    "fanholds",
-    "layout",
-    "active",
-];
-
-impl DropKeys {
-    pub fn new(drop: &DropId) -> Self {
-        DropKeys {
-            keys: KEY_NAMES
-                .iter()
-                .map(|k| format!("fg:{{{drop}}}:{k}"))
-                .collect(),
-        }
-    }
-
-    fn get(&self, name: &str) -> &str {
-        let i = KEY_NAMES
-            .iter()
-            .position(|k| *k == name)
-            .expect("a known key name");
-        &self.keys[i]
-    }
-
-    pub fn meta(&self) -> &str {
-        self.get("meta")
-    }
-    pub fn stock(&self) -> &str {
-        self.get("stock")
-    }
-    pub fn seats(&self) -> &str {
-        self.get("seats")
-    }
-    pub fn holds(&self) -> &str {
-        self.get("holds")
-    }
-    pub fn confirming(&self) -> &str {
-        self.get("confirming")
-    }
-    pub fn fanholds(&self) -> &str {
-        self.get("fanholds")
-    }
-    /// Waiting-room settings ops change live (read by lua/admit.lua).
-    pub fn admission(drop: &DropId) -> String {
-        format!("fg:{{{drop}}}:admission")
-    }
-
-    /// The key an idempotent reserve's first answer lives under: scoped to drop, fan and key.
-    pub fn idem(drop: &DropId, fan: &FanId, key: &str) -> String {
-        let digest = Sha256::new()
-            .chain_update(fan.as_str())
-            .chain_update([0])
-            .chain_update(key)
-            .finalize();
-        format!("fg:{{{drop}}}:idem:{}", hex::encode(&digest[..16]))
-    }
-
-    fn all(&self) -> Vec<String> {
-        self.keys.clone()
-    }
-}
+pub use crate::keys::DropKeys;
 
 /// One item of a hold as the scripts store it: bucket (SKU or section), quantity, seat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

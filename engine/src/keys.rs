@@ -1,0 +1,247 @@
+//! Every Redis key name of a drop, in one place. Each is `fg:{<drop id>}:<name>`: the hash tag
+//! `{drop_id}` keeps a drop on one Redis Cluster shard. The scripts never build key names; they
+//! take them as KEYS in the orders listed here, which their headers (and lua/lib.lua's `K` table)
+//! name — a test below reads the Lua files and checks that they agree.
+
+use sha2::{Digest, Sha256};
+
+use crate::ids::{DropId, FanId};
+
+/// The key `name` of `drop`.
+pub fn drop_key(drop: &DropId, name: &str) -> String {
+    format!("fg:{{{drop}}}:{name}")
+}
+
+/// The keys every hold script takes, KEYS[1]..KEYS[11], in lua/lib.lua's order (reserve adds its
+/// idempotency key as KEYS[12]).
+pub const HOLD_KEYS: [&str; 11] = [
+    "meta",
+    "stock",
+    "seats",
+    "holds",
+    "deadlines",
+    "confirming",
+    "done",
+    "fans",
+    "fanholds",
+    "layout",
+    "active",
+];
+
+/// lua/join.lua's KEYS, in order.
+pub const JOIN_KEYS: [&str; 7] = [
+    "meta",
+    "admission",
+    "places",
+    "line",
+    "seq",
+    "active",
+    "seen",
+];
+
+/// lua/admit.lua's KEYS, in order.
+pub const ADMIT_KEYS: [&str; 10] = [
+    "meta",
+    "admission",
+    "stock",
+    "fans",
+    "active",
+    "line",
+    "bucket",
+    "watermark",
+    "places",
+    "seen",
+];
+
+/// The keys of one drop, in the order every hold script takes them.
+#[derive(Debug, Clone)]
+pub struct DropKeys {
+    keys: Vec<String>,
+}
+
+impl DropKeys {
+    pub fn new(drop: &DropId) -> Self {
+        DropKeys {
+            keys: HOLD_KEYS.iter().map(|k| drop_key(drop, k)).collect(),
+        }
+    }
+
+    fn get(&self, name: &str) -> &str {
+        let i = HOLD_KEYS
+            .iter()
+            .position(|k| *k == name)
+            .expect("a known key name");
+        &self.keys[i]
+    }
+
+    pub fn meta(&self) -> &str {
+        self.get("meta")
+    }
+    pub fn stock(&self) -> &str {
+        self.get("stock")
+    }
+    pub fn seats(&self) -> &str {
+        self.get("seats")
+    }
+    pub fn holds(&self) -> &str {
+        self.get("holds")
+    }
+    pub fn confirming(&self) -> &str {
+        self.get("confirming")
+    }
+    pub fn fanholds(&self) -> &str {
+        self.get("fanholds")
+    }
+    /// Waiting-room settings ops change live (read by lua/admit.lua).
+    pub fn admission(drop: &DropId) -> String {
+        drop_key(drop, "admission")
+    }
+
+    /// The key an idempotent reserve's first answer lives under: scoped to drop, fan and key.
+    pub fn idem(drop: &DropId, fan: &FanId, key: &str) -> String {
+        let digest = Sha256::new()
+            .chain_update(fan.as_str())
+            .chain_update([0])
+            .chain_update(key)
+            .finalize();
+        drop_key(drop, &format!("idem:{}", hex::encode(&digest[..16])))
+    }
+
+    /// All of them, KEYS[1]..KEYS[11].
+    pub fn all(&self) -> Vec<String> {
+        self.keys.clone()
+    }
+}
+
+/// The waiting room's keys of one drop.
+#[derive(Debug, Clone)]
+pub struct QueueKeys {
+    pub meta: String,
+    pub admission: String,
+    pub stock: String,
+    pub fans: String,
+    pub active: String,
+    pub places: String,
+    pub line: String,
+    pub seq: String,
+    pub bucket: String,
+    pub watermark: String,
+    pub seen: String,
+}
+
+impl QueueKeys {
+    pub fn new(drop: &DropId) -> QueueKeys {
+        let k = |name: &str| drop_key(drop, name);
+        QueueKeys {
+            meta: k("meta"),
+            admission: k("admission"),
+            stock: k("stock"),
+            fans: k("fans"),
+            active: k("active"),
+            places: k("places"),
+            line: k("line"),
+            seq: k("seq"),
+            bucket: k("bucket"),
+            watermark: k("watermark"),
+            seen: k("seen"),
+        }
+    }
+
+    fn named(&self, name: &str) -> String {
+        match name {
+            "meta" => &self.meta,
+            "admission" => &self.admission,
+            "stock" => &self.stock,
+            "fans" => &self.fans,
+            "active" => &self.active,
+            "places" => &self.places,
+            "line" => &self.line,
+            "seq" => &self.seq,
+            "bucket" => &self.bucket,
+            "watermark" => &self.watermark,
+            "seen" => &self.seen,
+            // JOIN_KEYS and ADMIT_KEYS name only the fields above (the test below checks it).
+            other => unreachable!("no queue key {other}"),
+        }
+        .clone()
+    }
+
+    /// lua/join.lua's KEYS.
+    pub fn join(&self) -> Vec<String> {
+        JOIN_KEYS.iter().map(|k| self.named(k)).collect()
+    }
+
+    /// lua/admit.lua's KEYS.
+    pub fn admit(&self) -> Vec<String> {
+        ADMIT_KEYS.iter().map(|k| self.named(k)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names after `{drop_id}:` in a script header's `-- KEYS[i] {drop_id}:name` lines.
+    fn header_keys(lua: &str) -> Vec<String> {
+        lua.lines()
+            .filter_map(|l| l.strip_prefix("-- KEYS["))
+            .filter_map(|l| l.split_once("{drop_id}:"))
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lib_lua_names_the_hold_keys_in_the_same_order() {
+        let lib = include_str!("../../lua/lib.lua");
+        // The header's `-- KEYS[i]  {drop_id}:name` lines, and the `K` table's `name = KEYS[i]`.
+        let header = header_keys(lib);
+        assert_eq!(&header[..HOLD_KEYS.len()], HOLD_KEYS);
+        let table = lib
+            .split_once("local K = {")
+            .and_then(|(_, rest)| rest.split_once('}'))
+            .map(|(body, _)| body)
+            .expect("lib.lua has a K table");
+        for (i, name) in HOLD_KEYS.iter().enumerate() {
+            assert!(
+                table.contains(&format!("{name} = KEYS[{}]", i + 1)),
+                "lib.lua's K should have {name} = KEYS[{}]",
+                i + 1
+            );
+        }
+        assert!(table.contains("idem = KEYS[12]"));
+    }
+
+    #[test]
+    fn join_and_admit_headers_name_their_keys_in_the_same_order() {
+        assert_eq!(header_keys(include_str!("../../lua/join.lua")), JOIN_KEYS);
+        assert_eq!(header_keys(include_str!("../../lua/admit.lua")), ADMIT_KEYS);
+        let drop = DropId::generate();
+        let q = QueueKeys::new(&drop);
+        for (i, name) in ADMIT_KEYS.iter().enumerate() {
+            assert_eq!(q.admit()[i], drop_key(&drop, name));
+        }
+        for (i, name) in JOIN_KEYS.iter().enumerate() {
+            assert_eq!(q.join()[i], drop_key(&drop, name));
+        }
+    }
+
+    #[test]
+    fn every_key_carries_the_drop_hash_tag() {
+        let drop = DropId::generate();
+        let fan = FanId::parse("fan-1").expect("a fan id");
+        let tag = format!("{{{drop}}}");
+        let mut all = DropKeys::new(&drop).all();
+        all.extend(QueueKeys::new(&drop).admit());
+        all.extend(QueueKeys::new(&drop).join());
+        all.push(DropKeys::admission(&drop));
+        all.push(DropKeys::idem(&drop, &fan, "k"));
+        for key in all {
+            assert!(key.contains(&tag), "{key} lacks the hash tag {tag}");
+        }
+    }
+}
