@@ -3,11 +3,17 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Harness;
 use engine::ids::DropId;
 use serde_json::json;
+
+/// How long the bucket test waits for its admissions: generous, for a machine that two cores
+/// share with the whole suite (at the bucket's rate they take about 9 s).
+const PATIENCE: Duration = Duration::from_secs(60);
 
 async fn fill_line(h: &Harness, drop: &DropId, n: usize) {
     let joins = (0..n).map(|i| {
@@ -31,32 +37,37 @@ async fn three_instances_admit_no_more_than_the_bucket_allows() {
         )
         .await;
     fill_line(&h, &drop, 700).await;
+    // The three call as fast as they can until the bucket has let TARGET in (the burst and about
+    // 9 s of refill), then the count is held against what the bucket allows over the time they
+    // took. No bound on time is asserted: a busy machine only makes it take longer.
+    const TARGET: usize = 500;
+    let admitted = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let run_for = Duration::from_secs(10);
     let tasks = (0..3).map(|_| {
         let q = h.queue.queue.clone();
         let drop = drop.clone();
+        let admitted = admitted.clone();
         tokio::spawn(async move {
-            let mut admitted = 0usize;
-            while started.elapsed() < run_for {
-                admitted += q.admit(&drop).await.unwrap().admitted.len();
+            while admitted.load(Ordering::SeqCst) < TARGET && started.elapsed() < PATIENCE {
+                let n = q.admit(&drop).await.unwrap().admitted.len();
+                admitted.fetch_add(n, Ordering::SeqCst);
             }
-            admitted
         })
     });
-    let total: usize = futures::future::join_all(tasks)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .sum();
+    for task in futures::future::join_all(tasks).await {
+        task.unwrap();
+    }
     let elapsed = started.elapsed().as_secs_f64();
+    let total = admitted.load(Ordering::SeqCst);
+    assert!(
+        total >= TARGET,
+        "the bucket let only {total} in within {PATIENCE:?}"
+    );
     let bound = 50.0 + 50.0 * elapsed;
     assert!(
         total as f64 <= bound,
         "admitted {total} in {elapsed:.2} s, bound {bound:.0}"
     );
-    // And the bucket did admit: at least the burst plus most of the refill.
-    assert!(total as f64 >= 50.0 + 50.0 * 9.0, "admitted only {total}");
     h.shutdown().await;
 }
 
