@@ -50,17 +50,20 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/drops/{id}/queue/seed"),
 ];
 
-/// Whether some route of [`ROUTES`] has this path (with any method): then another method is
-/// 405 `method_not_allowed`, as at booking-api, rather than 404.
+/// Whether some API route (`/v1/…`) of [`ROUTES`] has this path with any method: then another
+/// method is 405 `method_not_allowed`, as at booking-api, rather than 404.
 fn known_path(segments: &[&str]) -> bool {
-    ROUTES.iter().any(|(_, pattern)| {
-        let parts: Vec<&str> = pattern.trim_matches('/').split('/').collect();
-        parts.len() == segments.len()
-            && parts
-                .iter()
-                .zip(segments)
-                .all(|(p, s)| p.starts_with('{') || p == s)
-    })
+    ROUTES
+        .iter()
+        .filter(|(_, p)| p.starts_with("/v1/"))
+        .any(|(_, pattern)| {
+            let parts: Vec<&str> = pattern.trim_matches('/').split('/').collect();
+            parts.len() == segments.len()
+                && parts
+                    .iter()
+                    .zip(segments)
+                    .all(|(p, s)| p.starts_with('{') || p == s)
+        })
 }
 
 impl App {

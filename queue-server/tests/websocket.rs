@@ -21,7 +21,7 @@ where
             .expect("socket open")
             .expect("no socket error");
         if let Message::Text(t) = msg {
-            return serde_json::from_str(&t).unwrap();
+            return common::checked_frame(&t);
         }
     }
 }

@@ -320,11 +320,29 @@ pub async fn next_message(ws: &mut Socket) -> Option<Value> {
             .await
             .expect("a message within 30 s");
         match msg {
-            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Text(t))) => return Some(checked_frame(&t)),
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
             Some(Ok(_)) => {}
         }
     }
+}
+
+/// A frame the server sent, parsed and checked against docs/ws-frames.schema.json: every frame a
+/// test reads goes through here, so the schema and the server can't drift apart.
+pub fn checked_frame(text: &str) -> Value {
+    static SCHEMA: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    let schema = SCHEMA.get_or_init(|| {
+        let doc: Value = serde_json::from_str(include_str!("../../../docs/ws-frames.schema.json"))
+            .expect("docs/ws-frames.schema.json is JSON");
+        jsonschema::validator_for(&doc).expect("docs/ws-frames.schema.json is a JSON Schema")
+    });
+    let frame: Value = serde_json::from_str(text).expect("a JSON frame");
+    let errors: Vec<String> = schema.iter_errors(&frame).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "frame {frame} breaks docs/ws-frames.schema.json: {errors:?}"
+    );
+    frame
 }
 
 /// Reads until a message of type `kind` arrives (30 s per message at most); panics if the
