@@ -486,6 +486,27 @@ impl Rooms {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::warn!(%drop, error = %e, "admission tick failed");
+                    // Redis out of reach: the line can't move, but its sockets hear so on the
+                    // usual cadence. Silence would look like a dead socket, and every page drops
+                    // one after 15 s without a frame: all at once, into the outage.
+                    if last_broadcast.elapsed() + ms(self.cfg.tick_ms) / 2 >= broadcast_every {
+                        if let Some(v) = room.view() {
+                            last_broadcast = Instant::now();
+                            let stalled = frame(&json!({
+                                "type": "tick",
+                                "state": "unavailable",
+                                "watermark": v.watermark,
+                                "admitted_total": v.admitted_total,
+                                "waiting": v.waiting,
+                                "admit_rate_per_s": 0.0,
+                                "configured_rate_per_s": v.configured_rate_per_s,
+                                "at_ms": v.redis_now_ms(),
+                            }));
+                            lock(&room.waiters).broadcast(&[&stalled]);
+                        }
+                    }
+                    // The line's state goes out again with the first run that succeeds.
+                    last_state = None;
                     continue;
                 }
             };

@@ -56,7 +56,7 @@
     polls: 0,
     position: null,       // the last exact `position` (or poll answer)
     tick: null,           // the last `tick`
-    line: null,           // null (not known yet) | 'open' | 'paused' | 'all_held' | 'recovering'
+    line: null,           // null (not known yet) | 'open' | 'paused' | 'all_held' | 'recovering' | 'unavailable'
     preQueue: null,       // {opensAtMs, waiting} before opening
     opensAtMs: null,      // from the drop (the poll answer doesn't carry it)
     final: null,          // {kind, text, url}: nothing more will change (no reconnects)
@@ -361,7 +361,7 @@
     state.tick = { admittedTotal: t.admitted_total, rate: t.admit_rate_per_s };
     if (typeof t.at_ms === 'number') state.clockOffsetMs = t.at_ms - Date.now();
     if (state.preQueue && typeof t.waiting === 'number') state.preQueue.waiting = t.waiting;
-    if (['open', 'paused', 'all_held', 'recovering'].includes(t.state)) state.line = t.state;
+    if (['open', 'paused', 'all_held', 'recovering', 'unavailable'].includes(t.state)) state.line = t.state;
   }
 
   // ---------------------------------------------------------------- polling (no WebSocket)
@@ -474,6 +474,9 @@
     if (state.line === 'recovering') {
       return { kind: 'paused', text: 'The line waits a moment while stock is checked. You keep your place.' };
     }
+    if (state.line === 'unavailable') {
+      return { kind: 'paused', text: 'The line can\'t move for a moment: our servers lost touch with each other. You keep your place; it moves again by itself.' };
+    }
     if (!state.position) return { kind: 'connecting', text: 'Joining the line…' };
     if (aheadNow() === 0) return { kind: 'waiting', text: 'You\'re at the front of the line: you\'ll be let in any moment.' };
     return { kind: 'waiting', text: 'You\'re in line. When it\'s your turn, this page takes you to the shop.' };
@@ -525,7 +528,7 @@
     els.ahead.textContent = ahead === null ? '–' : ahead.toLocaleString();
     const eta = ahead === null ? null : etaS(ahead);
     if (ahead === null) els.eta.textContent = '–';
-    else if (state.line === 'paused') els.eta.textContent = 'on hold';
+    else if (state.line === 'paused' || state.line === 'unavailable') els.eta.textContent = 'on hold';
     else if (state.line === 'all_held') els.eta.textContent = 'when stock returns';
     // A measured rate of 0 on an open line: every shopping slot is taken and nobody has finished
     // for a while. Promising a time then would be a guess, so the page says what is happening.

@@ -1,9 +1,10 @@
 //! Network-fault test of the waiting room: Redis runs in a network namespace of the test's own,
 //! behind a veth link the test partitions (devstack's `NetLink`: nftables drops every packet, so
 //! sockets to Redis stay open and hear nothing). Fans keep WebSockets open through a 10 s
-//! partition; every frame they get is one the docs list, a socket opened or a poll made during
-//! the partition is answered within the request timeout (an `error` frame, a 503 with
-//! `Retry-After`), and after healing the line is intact (same places) and admission resumes.
+//! partition; every frame they get is one the docs list, each hears the line is `unavailable`
+//! while it is (not silence, which a page takes for a dead socket), a socket opened or a poll
+//! made during the partition is answered within the request timeout (an `error` frame, a 503
+//! with `Retry-After`), and after healing the line is intact (same places) and admission resumes.
 //!
 //! Skips, saying why on stderr, only where the kernel refuses namespaces or nftables. Run it on
 //! its own: `cargo test --workspace --test netfaults -- --test-threads=1` (`./dev test` does).
@@ -230,6 +231,16 @@ async fn fault_redis_partitioned_from_queue_server_with_sockets_open() {
         let h = heard.lock().unwrap();
         for (_, f) in &h.frames {
             check_frame(f);
+        }
+        // Not silence: while the line couldn't move, the socket heard so.
+        if h.closed.is_none() {
+            assert!(
+                h.frames
+                    .iter()
+                    .any(|(at, f)| *at > cut && *at < healed && f["state"] == "unavailable"),
+                "a socket heard nothing of the partition: {:?}",
+                h.frames.iter().map(|(_, f)| f).collect::<Vec<_>>()
+            );
         }
         // The longest stretch without a frame around the partition, for the report.
         let mut last = cut;
