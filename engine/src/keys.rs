@@ -12,8 +12,8 @@ pub fn drop_key(drop: &DropId, name: &str) -> String {
     format!("fg:{{{drop}}}:{name}")
 }
 
-/// The keys every hold script takes, KEYS[1]..KEYS[11], in lua/lib.lua's order (reserve adds its
-/// idempotency key as KEYS[12]).
+/// The keys every hold script takes, `KEYS[1]..KEYS[11]`, in lua/lib.lua's order (reserve adds its
+/// idempotency key as `KEYS[12]`).
 pub const HOLD_KEYS: [&str; 11] = [
     "meta",
     "stock",
@@ -107,7 +107,7 @@ impl DropKeys {
         drop_key(drop, &format!("idem:{}", hex::encode(&digest[..16])))
     }
 
-    /// All of them, KEYS[1]..KEYS[11].
+    /// All of them, `KEYS[1]..KEYS[11]`.
     pub fn all(&self) -> Vec<String> {
         self.keys.clone()
     }

@@ -1,0 +1,374 @@
+//! Paying for a hold (the hold lifecycle in docs/ARCHITECTURE.md): confirm begin in Redis, a
+//! payments row, authorize, the order's commit through the writer, capture, then confirm finish —
+//! or void and revert. Concurrent confirms of one hold wait for the first.
+
+use super::*;
+
+/// A payment as the fan sends it: `{"gateway": "test", "reference": "ok_1"}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Payment {
+    pub gateway: String,
+    pub reference: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmBody {
+    pub payment: Payment,
+}
+
+/// The result of one confirm, shared with concurrent confirms of the same hold.
+pub(super) type ConfirmResult = Result<(Order, bool)>;
+
+pub(super) struct Inflight {
+    /// The hold's fan: another fan's confirm must not join (it would be handed this one's order).
+    fan: FanId,
+    reference: String,
+    done: watch::Receiver<Option<ConfirmResult>>,
+}
+
+/// Removes a hold's in-flight confirm entry when its task ends, however it ends.
+pub(super) struct InflightGuard {
+    engine: Arc<Engine>,
+    hold: HoldId,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        lock(&self.engine.inflight).remove(&self.hold);
+    }
+}
+
+/// How long a confirm waits for another process already confirming the same hold.
+pub(super) const CONFIRM_WAIT_OTHER_MS: u64 = 3_000;
+
+impl Engine {
+    /// Pays for a hold. Concurrent confirms of one hold in this process share one attempt; the
+    /// first answers 201, the others (and later repeats) 200 with the same order.
+    pub async fn confirm(
+        self: &Arc<Self>,
+        fan: &FanId,
+        hold: &HoldId,
+        body: &[u8],
+    ) -> Result<Answer> {
+        let ConfirmBody { payment } = parse_json(body)?;
+        if payment.gateway != self.gateway.name() {
+            return Err(Error::invalid(format!(
+                "payment.gateway must be `{}`",
+                self.gateway.name()
+            )));
+        }
+        let r = &payment.reference;
+        if r.is_empty() || r.len() > 128 || !r.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::invalid(
+                "payment.reference must be 1..=128 printable ASCII characters",
+            ));
+        }
+        // Some(receiver): another request here is confirming this hold; None: we lead.
+        let (waiting, leader) = {
+            let mut inflight = lock(&self.inflight);
+            match inflight.get(hold) {
+                Some(other) if other.fan != *fan => return Err(Error::new(Code::UnknownHold)),
+                Some(other) if other.reference != payment.reference => {
+                    return Err(Error::new(Code::ConfirmInProgress));
+                }
+                Some(other) => (Some(other.done.clone()), None),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(
+                        hold.clone(),
+                        Inflight {
+                            fan: fan.clone(),
+                            reference: payment.reference.clone(),
+                            done: rx,
+                        },
+                    );
+                    (None, Some(tx))
+                }
+            }
+        };
+        if let Some(tx) = leader {
+            // Its own task: a client that hangs up mid-payment must not cut the confirm in half.
+            let (engine, fan, hold) = (self.clone(), fan.clone(), hold.clone());
+            let task = tokio::spawn(async move {
+                // Leaves the in-flight map however the task ends, a panic included.
+                let _leave = InflightGuard {
+                    engine: engine.clone(),
+                    hold: hold.clone(),
+                };
+                let started = Instant::now();
+                let result = engine.confirm_once(&fan, &hold, &payment).await;
+                metrics::histogram!(m::CONFIRM_SECONDS).record(started.elapsed().as_secs_f64());
+                let _ = tx.send(Some(result.clone()));
+                result
+            });
+            let result = task
+                .await
+                .map_err(|e| Error::internal(format!("confirm task: {e}")))?;
+            return result.map(|(order, new)| (if new { 201 } else { 200 }, json!(order)));
+        }
+        let mut rx = waiting.ok_or_else(|| Error::internal("confirm wait"))?;
+        let result = rx
+            .wait_for(|v| v.is_some())
+            .await
+            .map_err(|_| Error::internal("confirm leader vanished"))?
+            .clone()
+            .ok_or_else(|| Error::internal("confirm result missing"))?;
+        result.map(|(order, _)| (200, json!(order)))
+    }
+
+    pub(super) async fn confirm_once(
+        &self,
+        fan: &FanId,
+        hold: &HoldId,
+        payment: &Payment,
+    ) -> ConfirmResult {
+        let def = self
+            .drop_def(&hold.drop_id())
+            .await
+            .map_err(|e| not_found_as(e, Code::UnknownHold))?;
+        self.watch_drop(&def.drop_id);
+        let begun = match self
+            .redis
+            .confirm_begin(hold, fan, &payment.reference)
+            .await
+        {
+            // Ended holds are purged from Redis after `holds.done_ttl_ms`; a sold one still has
+            // its order, and repeating its confirm must keep answering with it.
+            Err(e) if e.code == Code::UnknownHold => {
+                return self.existing_order(hold, fan).await.map(|o| (o, false));
+            }
+            other => other?,
+        };
+        let rec = match begun {
+            ConfirmBegin::Sold(_) => {
+                return self.existing_order(hold, fan).await.map(|o| (o, false))
+            }
+            ConfirmBegin::InProgress(_) => return self.wait_other_confirm(hold, fan).await,
+            ConfirmBegin::Began(rec) => rec,
+        };
+        let (_, total) = priced_items(&def, &rec.it);
+        // If this fails nothing was charged: the hold stays confirming and the reconciler settles it.
+        let recorded = self
+            .db
+            .begin_payment(hold, fan, self.gateway.name(), &payment.reference, total)
+            .await?;
+        // The reconciler takes holds past their confirm deadline, and reverts one whose payment
+        // row isn't this attempt's: an insert that landed late (a stall, a partition) must not go
+        // on to charge the fan for a hold that may be back in stock. Nothing is charged yet.
+        let deadline = rec.cexp.unwrap_or(i64::MAX);
+        if !recorded || now_ms() > deadline - self.cfg.holds.confirm_safety_margin_ms as i64 {
+            return Err(payment_pending());
+        }
+        let timeout = ms(self.cfg.gateway.timeout_ms);
+        let auth = tokio::time::timeout(
+            timeout,
+            self.gateway
+                .authorize(hold, &payment.reference, total, &def.currency),
+        )
+        .await
+        .unwrap_or(Err(GatewayError::Timeout));
+        match auth {
+            Ok(()) => {}
+            Err(GatewayError::Declined) => {
+                let _ = self
+                    .db
+                    .set_payment_state(hold, PaymentState::Declined)
+                    .await;
+                self.redis.confirm_revert(hold, &payment.reference).await?;
+                return Err(Error::new(Code::PaymentDeclined));
+            }
+            Err(e) => {
+                tracing::info!(%hold, error = %e, "payment pending; the reconciler will settle it");
+                return Err(payment_pending());
+            }
+        }
+        // Past this point only the reconciler may settle: it takes holds past their confirm
+        // deadline, and we must not commit one it may be reverting.
+        if now_ms() > deadline - self.cfg.holds.confirm_safety_margin_ms as i64 {
+            return Err(payment_pending());
+        }
+        self.commit_and_finish(&def, hold, &rec)
+            .await?
+            .ok_or_else(|| {
+                Error::msg(
+                    Code::PaymentDeclined,
+                    "The payment took too long and was voided; the hold is yours until it expires.",
+                )
+            })
+    }
+
+    /// Commits the order for a confirming hold (after authorization), captures, and marks it sold.
+    /// `Ok(None)`: the payment attempt was voided meanwhile (by a reconciler, maybe on another
+    /// instance); the hold has been reverted and nothing was sold.
+    pub(super) async fn commit_and_finish(
+        &self,
+        def: &DropDef,
+        hold: &HoldId,
+        rec: &HoldRecord,
+    ) -> Result<Option<(Order, bool)>> {
+        let (_, total) = priced_items(def, &rec.it);
+        let reference = rec.reference.clone().unwrap_or_default();
+        let new = NewOrder {
+            order_id: OrderId::generate(),
+            hold_id: hold.clone(),
+            reference: reference.clone(),
+            fan: rec.fan.clone(),
+            currency: def.currency.clone(),
+            total_cents: total,
+            per_fan_limit: def.per_fan_limit as i32,
+            items: rec
+                .it
+                .iter()
+                .map(|i| NewItem {
+                    bucket: i.b.clone(),
+                    seat: i.s.clone(),
+                    quantity: i.q as i32,
+                    price_cents: def.bucket(&i.b).map_or(0, |b| b.price_cents),
+                })
+                .collect(),
+        };
+        let committed = self.writer.commit(new).await?;
+        if committed == Committed::Refused {
+            // Postgres' final check refused the sale: undo the payment and the hold, and rebuild
+            // the drop from Postgres, since Redis disagrees with it (else every later buyer of
+            // these units would be authorized, voided and refused the same way).
+            let _ = self.redis.set_meta(&def.drop_id, "recovering", "1").await;
+            self.void_and_revert(hold, &reference).await?;
+            return Err(Error::msg(
+                Code::Internal,
+                "The sale was refused by the store's final check.",
+            ));
+        }
+        let Some(order_id) = committed.order_id() else {
+            self.void_and_revert(hold, &reference).await?;
+            return Ok(None);
+        };
+        self.capture(hold).await;
+        match self.redis.confirm_finish(hold, order_id).await {
+            Ok(Finish::Sold | Finish::Already) => {}
+            // The order is committed: the sale stands, and the fan hears so. Redis still says
+            // `confirming`; past the confirm deadline the reconciler finds the order and
+            // finishes the hold.
+            Err(e) => {
+                tracing::warn!(%hold, %order_id, error = %e, "sold, but Redis missed the finish; the reconciler completes it")
+            }
+            Ok(Finish::Ended | Finish::Unknown) => {
+                metrics::counter!(m::OVERSELL_ALARMS).increment(1);
+                tracing::error!(%hold, %order_id, "order committed for a hold whose units went back to stock");
+                // Redis doesn't count this sale (it lost the hold, or gave its units back): the
+                // watcher rebuilds the drop from Postgres.
+                let _ = self.redis.set_meta(&def.drop_id, "recovering", "1").await;
+            }
+        }
+        if let Committed::New(_) = committed {
+            metrics::counter!(m::HOLDS_CONFIRMED).increment(1);
+            metrics::counter!(m::SOLD_UNITS).increment(u64::from(rec.u));
+        }
+        let order = Order {
+            order_id,
+            hold_id: hold.to_string(),
+            drop_id: def.drop_id.to_string(),
+            fan: rec.fan.clone(),
+            items: order_items(def, &rec.it),
+            total_cents: total,
+            currency: def.currency.clone(),
+            created_at: OffsetDateTime::now_utc(),
+        };
+        Ok(Some((order, matches!(committed, Committed::New(_)))))
+    }
+
+    /// Captures an authorized payment; a failure leaves it `authorized` for the reconciler's
+    /// capture round.
+    pub(super) async fn capture(&self, hold: &HoldId) {
+        let timeout = ms(self.cfg.gateway.timeout_ms);
+        match tokio::time::timeout(timeout, self.gateway.capture(hold)).await {
+            Ok(Ok(())) => {
+                let _ = self
+                    .db
+                    .set_payment_state(hold, PaymentState::Captured)
+                    .await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%hold, error = %e, "capture failed; retried by the reconciler")
+            }
+            Err(_) => tracing::warn!(%hold, "capture timed out; retried by the reconciler"),
+        }
+    }
+
+    /// Voids the attempt at the gateway and reverts the hold, if that attempt is still the one
+    /// confirming it.
+    pub(super) async fn void_and_revert(&self, hold: &HoldId, reference: &str) -> Result<()> {
+        let _ =
+            tokio::time::timeout(ms(self.cfg.gateway.timeout_ms), self.gateway.void(hold)).await;
+        let _ = self.db.set_payment_state(hold, PaymentState::Voided).await;
+        self.redis.confirm_revert(hold, reference).await?;
+        Ok(())
+    }
+
+    /// The payment row belongs to another attempt than the one confirming under `reference`.
+    /// If the hold is still confirming under it, that attempt never recorded its payment (a
+    /// Postgres or process failure between confirm_begin and begin_payment) and so never reached
+    /// the gateway, which comes after: the row and the gateway's record are an earlier attempt's,
+    /// already ended, so only the hold goes back. Leaving it would keep it `confirming` for good,
+    /// its units out of stock. If the hold moved on, a newer attempt owns the row: not ours.
+    pub(super) async fn revert_unrecorded(&self, hold: &HoldId, reference: &str) -> Result<()> {
+        match self.redis.hold(hold).await? {
+            Some(now)
+                if now.st == HoldState::Confirming
+                    && now.reference.as_deref() == Some(reference) =>
+            {
+                tracing::info!(%hold, "reverting a confirm attempt that never recorded its payment");
+                self.redis.confirm_revert(hold, reference).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub(super) async fn existing_order(&self, hold: &HoldId, fan: &FanId) -> Result<Order> {
+        match self.db.order_by_hold(hold).await? {
+            Some(o) if o.fan == fan.as_str() => Ok(o),
+            _ => Err(Error::new(Code::UnknownHold)),
+        }
+    }
+
+    /// Another process is confirming this hold with the same reference: wait a little for it.
+    pub(super) async fn wait_other_confirm(&self, hold: &HoldId, fan: &FanId) -> ConfirmResult {
+        let until = Instant::now() + ms(CONFIRM_WAIT_OTHER_MS);
+        while Instant::now() < until {
+            tokio::time::sleep(ms(100)).await;
+            match self.redis.hold(hold).await? {
+                Some(rec) if rec.st == HoldState::Sold => {
+                    return self.existing_order(hold, fan).await.map(|o| (o, false))
+                }
+                Some(rec) if rec.st == HoldState::Confirming => continue,
+                Some(rec) if rec.st == HoldState::Held => {
+                    return Err(Error::new(Code::PaymentDeclined))
+                }
+                Some(_) => return Err(Error::new(Code::HoldExpired)),
+                None => return Err(Error::new(Code::UnknownHold)),
+            }
+        }
+        Err(payment_pending())
+    }
+}
+
+pub(super) fn payment_pending() -> Error {
+    Error::new(Code::PaymentPending).retry_after(Duration::from_secs(2))
+}
+
+/// A hold's items as an order shows them.
+pub(super) fn order_items(def: &DropDef, items: &[HoldItem]) -> Vec<OrderItem> {
+    items
+        .iter()
+        .map(|i| OrderItem {
+            sku: (def.kind == Kind::Ga).then(|| i.b.clone()),
+            section: (def.kind == Kind::Seated).then(|| i.b.clone()),
+            seat: i.s.clone(),
+            quantity: i.q as i32,
+            price_cents: def.bucket(&i.b).map_or(0, |b| b.price_cents),
+        })
+        .collect()
+}

@@ -1,0 +1,360 @@
+//! Sellers' drops: creating one (Postgres, then Redis in one script), finding its definition,
+//! closing it; ops' admission settings, applied one change at a time under the drop row's lock.
+
+use super::background::{TOUCHED_KEEP, TOUCHED_REFRESH};
+use super::*;
+
+/// Ops' partial update of a drop's admission settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionUpdate {
+    pub rate_per_s: Option<f64>,
+    pub burst: Option<u32>,
+    pub max_active: Option<u32>,
+    pub paused: Option<bool>,
+    pub shop_window_s: Option<u32>,
+    pub admit_margin_pct: Option<u32>,
+    pub leave_grace_s: Option<u32>,
+}
+
+impl AdmissionUpdate {
+    /// Sets the fields this update names; the rest stay as they are.
+    pub(super) fn apply(&self, s: &mut AdmissionSettings) {
+        if let Some(v) = self.rate_per_s {
+            s.rate_per_s = v;
+        }
+        if let Some(v) = self.burst {
+            s.burst = v;
+        }
+        if let Some(v) = self.max_active {
+            s.max_active = v;
+        }
+        if let Some(v) = self.paused {
+            s.paused = v;
+        }
+        if let Some(v) = self.shop_window_s {
+            s.shop_window_s = v;
+        }
+        if let Some(v) = self.admit_margin_pct {
+            s.admit_margin_pct = v;
+        }
+        if let Some(v) = self.leave_grace_s {
+            s.leave_grace_s = v;
+        }
+    }
+
+    /// The settings after this update: the stored ones (the drop's own when none are stored or
+    /// they no longer parse) with the named fields set, refused if that breaks a bound.
+    pub(super) fn applied_to(
+        &self,
+        stored: Option<Value>,
+        drop: &AdmissionSettings,
+    ) -> Result<AdmissionSettings> {
+        let mut s = stored
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_else(|| drop.clone());
+        self.apply(&mut s);
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+impl Engine {
+    /// The fields of a drop's Redis meta hash, the same at creation and at every rebuild.
+    pub(super) fn meta_fields(&self, def: &DropDef, status: &str) -> Value {
+        json!({
+            "status": status,
+            "recovering": "0",
+            "kind": def.kind.as_str(),
+            "per_fan_limit": def.per_fan_limit,
+            "hold_ttl_ms": def.hold_ttl_ms,
+            "opens_at_ms": def.opens_at_ms(),
+            "mode": match def.admission.mode { AdmissionMode::Open => "open", AdmissionMode::Queue => "queue" },
+            "confirm_timeout_ms": self.cfg.holds.confirm_timeout_ms,
+            "confirm_grace_ms": self.cfg.holds.confirm_grace_ms,
+            "reclaim_batch": self.cfg.holds.reclaim_batch,
+            "done_ttl_ms": self.cfg.holds.done_ttl_ms,
+        })
+    }
+
+    /// What `load_drop.lua` and `rebuild.lua` both take about a drop: its meta fields, every seat
+    /// id and the seat layout. Each caller adds its `buckets` (and rebuild what Postgres sold).
+    pub(super) fn redis_payload(&self, def: &DropDef, status: &str) -> Value {
+        let mut layout = serde_json::Map::new();
+        for b in def.buckets.iter().filter(|b| !b.rows.is_empty()) {
+            layout.insert(b.id.clone(), json!(b.rows));
+        }
+        json!({
+            "meta": self.meta_fields(def, status),
+            "seats": def.seat_ids().map(|(id, ..)| id).collect::<Vec<_>>(),
+            "layout": layout,
+        })
+    }
+
+    pub async fn create_drop(&self, seller: &ApiKey, body: CreateDrop) -> Result<Answer> {
+        let drop_id = DropId::generate();
+        let seed = crate::tokens::random_secret();
+        let seed_sha256 = sha256_hex(seed.as_bytes());
+        let now = OffsetDateTime::now_utc();
+        let def = body.into_def(
+            drop_id.clone(),
+            seller.key_id.clone(),
+            seed_sha256,
+            now,
+            &self.cfg.drops,
+        )?;
+        let definition = serde_json::to_value(&def).map_err(Error::internal)?;
+        self.db.insert_drop(&def, &seed, &definition).await?;
+        let mut payload = self.redis_payload(&def, "open");
+        payload["buckets"] = json!(def
+            .buckets
+            .iter()
+            .map(|b| json!([b.id, b.total]))
+            .collect::<Vec<_>>());
+        // If Redis fails here the drop is in Postgres but not loaded: the watcher finds it missing
+        // and recovery loads it, so the seller's retry-free success is still true.
+        self.redis.load_drop(&drop_id, &payload).await?;
+        self.redis
+            .set_admission(&drop_id, admission_fields(&def.admission))
+            .await?;
+        let def = Arc::new(def);
+        lock(&self.drops).insert(drop_id.clone(), def.clone());
+        self.watch_drop(&drop_id);
+        let view = self.drop_view_of(&def, "open").await?;
+        Ok((201, view))
+    }
+
+    pub(super) fn watch_drop(&self, drop: &DropId) {
+        let mut touched = lock(&self.touched);
+        // On the reserve path: refresh a drop's mark at most every few seconds, not per request.
+        if touched
+            .get(drop)
+            .is_some_and(|at| at.elapsed() < TOUCHED_REFRESH)
+        {
+            return;
+        }
+        if touched.len() >= self.cfg.reconciler.max_drops_watched {
+            touched.retain(|_, at| at.elapsed() < TOUCHED_KEEP);
+        }
+        if touched.len() < self.cfg.reconciler.max_drops_watched || touched.contains_key(drop) {
+            touched.insert(drop.clone(), Instant::now());
+        }
+    }
+
+    /// The cached definition, read from Postgres on first use.
+    pub async fn drop_def(&self, drop: &DropId) -> Result<Arc<DropDef>> {
+        if let Some(def) = lock(&self.drops).get(drop) {
+            return Ok(def.clone());
+        }
+        let filling = self.drop_fills.enter(drop).await;
+        if let Some(def) = lock(&self.drops).get(drop) {
+            return Ok(def.clone());
+        }
+        if filling.failed_while_waiting() {
+            return Err(Error::unavailable(
+                "Postgres",
+                "a concurrent load of the drop failed",
+            ));
+        }
+        let (def, _) = self
+            .db
+            .drop_def(drop)
+            .await
+            .inspect_err(|_| filling.failed())?
+            .ok_or_else(|| Error::new(Code::UnknownDrop))?;
+        let def = Arc::new(def);
+        let mut cache = lock(&self.drops);
+        if cache.len() >= self.cfg.drops.cache_entries {
+            cache.clear();
+        }
+        cache.insert(drop.clone(), def.clone());
+        Ok(def)
+    }
+
+    /// Status from Redis; a drop missing there (flushed, lost) starts recovery and answers 503.
+    pub(super) async fn live_status(&self, drop: &DropId) -> Result<String> {
+        match self.redis.drop_state(drop).await? {
+            Some(state) if !state.recovering => Ok(state.status),
+            _ => {
+                self.start_recovery(drop);
+                Err(recovering())
+            }
+        }
+    }
+
+    pub(super) async fn owned_drop(&self, seller: &ApiKey, drop: &DropId) -> Result<Arc<DropDef>> {
+        let def = self.drop_def(drop).await?;
+        if def.seller_key_id != seller.key_id {
+            return Err(Error::msg(
+                Code::Forbidden,
+                "This drop belongs to another seller.",
+            ));
+        }
+        Ok(def)
+    }
+
+    pub async fn close_drop(&self, seller: &ApiKey, drop: &DropId) -> Result<Answer> {
+        let def = self.owned_drop(seller, drop).await?;
+        self.db.close_drop(drop).await?;
+        self.redis.set_meta(drop, "status", "closed").await?;
+        Ok((200, self.drop_view_of(&def, "closed").await?))
+    }
+
+    pub async fn admission_settings(&self, drop: &DropId) -> Result<AdmissionSettings> {
+        let def = self.drop_def(drop).await?;
+        let stored = self.db.admission(drop).await?.unwrap_or(Value::Null);
+        Ok(serde_json::from_value(stored).unwrap_or_else(|_| def.admission.clone()))
+    }
+
+    pub async fn set_admission(
+        &self,
+        ops: &ApiKey,
+        drop: &DropId,
+        update: AdmissionUpdate,
+    ) -> Result<Answer> {
+        let def = self.drop_def(drop).await?;
+        let value = self
+            .db
+            .update_admission(
+                drop,
+                &ops.key_id,
+                |stored| {
+                    let s = update.applied_to(stored, &def.admission)?;
+                    serde_json::to_value(&s).map_err(Error::internal)
+                },
+                async |value| {
+                    let s: AdmissionSettings =
+                        serde_json::from_value(value.clone()).map_err(Error::internal)?;
+                    self.redis.set_admission(drop, admission_fields(&s)).await
+                },
+            )
+            .await?;
+        Ok((200, json!({"drop_id": drop, "admission": value})))
+    }
+}
+
+pub(super) fn admission_fields(s: &AdmissionSettings) -> Vec<(String, String)> {
+    vec![
+        (
+            "mode".into(),
+            match s.mode {
+                AdmissionMode::Open => "open",
+                AdmissionMode::Queue => "queue",
+            }
+            .into(),
+        ),
+        ("rate_per_s".into(), s.rate_per_s.to_string()),
+        ("burst".into(), s.burst.to_string()),
+        ("max_active".into(), s.max_active.to_string()),
+        ("paused".into(), if s.paused { "1" } else { "0" }.into()),
+        ("shop_window_s".into(), s.shop_window_s.to_string()),
+        ("admit_margin_pct".into(), s.admit_margin_pct.to_string()),
+        ("leave_grace_s".into(), s.leave_grace_s.to_string()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn drop_settings() -> AdmissionSettings {
+        serde_json::from_value(json!({"mode": "queue", "rate_per_s": 5.0, "max_active": 50}))
+            .unwrap()
+    }
+
+    pub(super) fn update(body: Value) -> AdmissionUpdate {
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    pub(super) fn an_admission_update_sets_only_what_it_names() {
+        let drop = drop_settings();
+        let s = update(json!({"paused": true}))
+            .applied_to(None, &drop)
+            .unwrap();
+        assert_eq!(
+            s,
+            AdmissionSettings {
+                paused: true,
+                ..drop.clone()
+            }
+        );
+        let s = update(json!({
+            "rate_per_s": 2.5, "burst": 3, "max_active": 7, "paused": false, "shop_window_s": 60,
+            "admit_margin_pct": 0, "leave_grace_s": 30
+        }))
+        .applied_to(None, &drop)
+        .unwrap();
+        assert_eq!(
+            s,
+            AdmissionSettings {
+                mode: AdmissionMode::Queue,
+                rate_per_s: 2.5,
+                burst: 3,
+                max_active: 7,
+                paused: false,
+                shop_window_s: 60,
+                admit_margin_pct: 0,
+                leave_grace_s: 30,
+            }
+        );
+        // An empty update changes nothing.
+        assert_eq!(update(json!({})).applied_to(None, &drop).unwrap(), drop);
+    }
+
+    #[test]
+    pub(super) fn an_admission_update_builds_on_the_stored_settings() {
+        let drop = drop_settings();
+        let stored = AdmissionSettings {
+            paused: true,
+            burst: 40,
+            ..drop.clone()
+        };
+        let s = update(json!({"rate_per_s": 1.0}))
+            .applied_to(Some(serde_json::to_value(&stored).unwrap()), &drop)
+            .unwrap();
+        assert_eq!(
+            s,
+            AdmissionSettings {
+                rate_per_s: 1.0,
+                ..stored
+            }
+        );
+        // Stored settings that no longer parse give way to the drop's own.
+        let s = update(json!({"burst": 9}))
+            .applied_to(Some(json!({"mode": "queue", "rate": 3})), &drop)
+            .unwrap();
+        assert_eq!(s, AdmissionSettings { burst: 9, ..drop });
+    }
+
+    #[test]
+    pub(super) fn an_admission_update_past_a_bound_is_refused() {
+        let drop = drop_settings();
+        for (body, says) in [
+            (json!({"rate_per_s": 0.0}), "rate_per_s"),
+            (json!({"rate_per_s": 100001.0}), "rate_per_s"),
+            (json!({"burst": 0}), "burst"),
+            (json!({"max_active": 0}), "max_active"),
+            (json!({"shop_window_s": 9}), "shop_window_s"),
+            (json!({"admit_margin_pct": 1001}), "admit_margin_pct"),
+            (json!({"leave_grace_s": 14}), "leave_grace_s"),
+        ] {
+            let err = update(body.clone())
+                .applied_to(None, &drop)
+                .expect_err("refused");
+            assert_eq!(err.code, Code::InvalidRequest, "{body}");
+            assert!(err.message.contains(says), "{body}: {err}");
+        }
+        // Neither an unknown field nor the mode (fixed at creation) can be sent.
+        for body in [
+            json!({"rate": 5}),
+            json!({"mode": "open"}),
+            json!({"burst": -1}),
+        ] {
+            assert!(
+                serde_json::from_value::<AdmissionUpdate>(body.clone()).is_err(),
+                "{body}"
+            );
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! A fan's reserve (one script call, idempotent per key) and release.
+
+use super::*;
+
+impl Engine {
+    pub async fn reserve(
+        &self,
+        fan: &FanId,
+        drop: &DropId,
+        idempotency_key: Option<&str>,
+        admission_token: Option<&str>,
+        body: &[u8],
+    ) -> Result<Answer> {
+        let key = idempotency_key
+            .ok_or_else(|| Error::invalid("the Idempotency-Key header is required"))?;
+        if key.is_empty() || key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::invalid(
+                "Idempotency-Key must be 1..=128 printable ASCII characters",
+            ));
+        }
+        let def = self.drop_def(drop).await?;
+        self.watch_drop(drop);
+        if def.admission.mode == AdmissionMode::Queue {
+            let token = admission_token.ok_or_else(|| {
+                Error::msg(
+                    Code::NotAdmitted,
+                    "This drop has a waiting room: join it to get an admission token.",
+                )
+            })?;
+            self.admission.verify(token, drop, fan)?;
+        }
+        let parsed: HoldRequestBody = parse_json(body)?;
+        let request = HoldRequest::parse(parsed, &def, self.cfg.drops.max_items_per_hold)?;
+        let hold_id = HoldId::generate(drop);
+        let seats: Vec<(String, String)>;
+        let args = match &request {
+            HoldRequest::Items(items) => ReserveArgs::Items(items),
+            HoldRequest::Seats(list) => {
+                seats = list
+                    .iter()
+                    .map(|s| (s.section().to_owned(), s.to_string()))
+                    .collect();
+                ReserveArgs::Seats(&seats)
+            }
+            HoldRequest::Best { section, quantity } => ReserveArgs::Best {
+                section,
+                quantity: *quantity,
+            },
+        };
+        let started = Instant::now();
+        let (reserved, _replay) = self
+            .redis
+            .reserve(drop, fan, key, &sha256_hex(body), &hold_id, args)
+            .await?;
+        metrics::histogram!(m::RESERVE_SECONDS).record(started.elapsed().as_secs_f64());
+        match reserved {
+            Reserved::Held {
+                hold_id,
+                expires_at_ms,
+                now_ms,
+                items,
+            } => {
+                metrics::counter!(m::HOLDS_CREATED).increment(1);
+                let (items, total) = priced_items(&def, &items);
+                Ok((
+                    201,
+                    json!({
+                        "hold_id": hold_id,
+                        "drop_id": drop,
+                        "state": "held",
+                        "expires_at": rfc3339_ms(expires_at_ms),
+                        "expires_at_ms": expires_at_ms,
+                        "server_now_ms": now_ms,
+                        "items": items,
+                        "total_cents": total,
+                        "currency": def.currency,
+                    }),
+                ))
+            }
+            Reserved::Refused {
+                code: Code::Recovering | Code::UnknownDrop,
+                ..
+            } => {
+                self.start_recovery(drop);
+                Err(recovering())
+            }
+            Reserved::Refused { code, detail } => {
+                let mut e = Error::new(code);
+                if !detail.is_null() && detail != json!({}) && detail != json!([]) {
+                    e = e.detail(detail);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn release(&self, fan: &FanId, hold: &HoldId) -> Result<()> {
+        self.redis.release(hold, fan).await?;
+        metrics::counter!(m::HOLDS_RELEASED).increment(1);
+        Ok(())
+    }
+}

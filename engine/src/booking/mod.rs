@@ -1,0 +1,163 @@
+//! The booking engine: what booking-api's handlers call. Drops, reserves, releases, confirms
+//! (the hold lifecycle in docs/ARCHITECTURE.md), and the background work that keeps Redis honest:
+//! the sweeper (expiry), the reconciler (confirms that stopped halfway) and the watcher (Redis
+//! restarts and lost drops → recovery from Postgres).
+//!
+//! # Layout
+//! - this file — the [`Engine`] itself: what it owns, starting it, readiness.
+//! - `drops.rs` — sellers' drops: creating, loading into Redis, closing; ops' admission settings.
+//! - `holds.rs` — a fan's reserve and release.
+//! - `confirm.rs` — paying for a hold: confirm begin, payment, the order's commit, finish or revert.
+//! - `background.rs` — the sweeper, the reconciler, the Redis watcher and recovery.
+//! - `views.rs` — what the engine shows: drops, seats, holds, orders.
+
+mod background;
+mod confirm;
+mod drops;
+mod holds;
+mod views;
+
+use confirm::Inflight;
+pub use confirm::{ConfirmBody, Payment};
+use drops::admission_fields;
+pub use drops::AdmissionUpdate;
+use views::priced_items;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::config::{ms, Config};
+use crate::db::{ApiKey, Db, Order, OrderItem, Voiding};
+use crate::drops::{
+    AdmissionMode, AdmissionSettings, CreateDrop, DropDef, HoldRequest, HoldRequestBody, Kind,
+};
+use crate::error::{Code, Error, Result};
+use crate::ids::{DropId, FanId, HoldId, OrderId};
+use crate::metrics as m;
+use crate::payments::{GatewayError, Lookup, PaymentGateway, PaymentState, TestGateway};
+use crate::scripts::{
+    ConfirmBegin, Finish, HoldItem, HoldRecord, HoldState, Redis, ReserveArgs, Reserved,
+};
+use crate::tokens::{now_ms, sha256_hex, AdmissionKeys, FanAuth};
+use crate::writer::{Committed, NewItem, NewOrder, Writer};
+
+/// An answer for a handler: HTTP status and JSON body.
+pub type Answer = (u16, Value);
+
+pub struct Engine {
+    pub cfg: Config,
+    pub redis: Redis,
+    pub db: Db,
+    pub writer: Writer,
+    pub gateway: Arc<dyn PaymentGateway>,
+    /// The same gateway as `gateway` when it's the test one, so tests can read its records.
+    pub test_gateway: Option<Arc<TestGateway>>,
+    pub fans: FanAuth,
+    pub admission: AdmissionKeys,
+    drops: Mutex<HashMap<DropId, Arc<DropDef>>>,
+    drop_fills: crate::fill::FillGate<DropId>,
+    inflight: Mutex<HashMap<HoldId, Inflight>>,
+    /// Drops the background tasks look after: Postgres' newest live drops…
+    watched: Mutex<Vec<DropId>>,
+    /// …plus every drop this process served lately, so its own drops are never crowded out.
+    touched: Mutex<HashMap<DropId, Instant>>,
+    recovering: Mutex<HashMap<DropId, Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these maps leaves it usable: each entry is self-contained.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn rfc3339_ms(ms_since_epoch: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms_since_epoch) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl Engine {
+    /// Connects Redis and Postgres, applies migrations, starts the order writer.
+    pub async fn start(cfg: Config) -> Result<Arc<Engine>> {
+        cfg.validate()?;
+        let redis = Redis::connect(&cfg.redis).await?;
+        let db = Db::connect(&cfg.database)?;
+        db.migrate().await?;
+        let writer = Writer::spawn(db.clone(), &cfg.writer);
+        let test = Arc::new(TestGateway::new(ms(cfg.gateway.test_slow_ms)));
+        let fans = FanAuth::new(&cfg.identity)?;
+        let admission = AdmissionKeys::new(&cfg.admission);
+        Ok(Arc::new(Engine {
+            redis,
+            db,
+            writer,
+            gateway: test.clone(),
+            test_gateway: Some(test),
+            fans,
+            admission,
+            drops: Mutex::new(HashMap::new()),
+            drop_fills: Default::default(),
+            inflight: Mutex::new(HashMap::new()),
+            watched: Mutex::new(Vec::new()),
+            touched: Mutex::new(HashMap::new()),
+            recovering: Mutex::new(HashMap::new()),
+            cfg,
+        }))
+    }
+
+    pub async fn ready(&self) -> Result<()> {
+        self.redis.ping().await?;
+        self.db.ping().await
+    }
+}
+
+/// A hold or order whose drop doesn't exist is itself unknown; other errors (503s) stay as they are.
+fn not_found_as(e: Error, code: Code) -> Error {
+    if matches!(e.code, Code::UnknownDrop | Code::Forbidden) {
+        Error::new(code)
+    } else {
+        e
+    }
+}
+
+/// 503 `recovering`: the drop's Redis state is being rebuilt from Postgres.
+pub(crate) fn recovering() -> Error {
+    Error::new(Code::Recovering).retry_after(Duration::from_secs(1))
+}
+
+/// Parses a JSON body: syntax errors are 400 `malformed_json`, wrong shapes 422 `invalid_request`.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    let malformed = |e: serde_json::Error| {
+        Error::msg(
+            Code::MalformedJson,
+            format!("The body is not valid JSON: {e}"),
+        )
+    };
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Syntax
+        | serde_json::error::Category::Eof
+        | serde_json::error::Category::Io => malformed(e),
+        // serde stops at the first error, so a wrong field early in a body that is cut short
+        // later would pass for a shape error: check the syntax of the whole body first.
+        serde_json::error::Category::Data => {
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Err(syntax) => malformed(syntax),
+                Ok(_) => Error::invalid(e.to_string()),
+            }
+        }
+    })
+}
