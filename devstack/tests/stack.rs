@@ -3,8 +3,9 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devstack::{free_port, Stack, StackConfig};
 
@@ -15,6 +16,35 @@ fn redis(port: u16, command: &str) -> String {
     let mut buf = [0u8; 256];
     let n = s.read(&mut buf).expect("read redis reply");
     String::from_utf8_lossy(&buf[..n]).trim().to_string()
+}
+
+/// Waits until Redis has written `needle` to its append-only file, which is what a SIGKILL can't
+/// take back. With `appendfsync everysec` the write may wait for the background fsync (up to
+/// 2 s, longer on a busy machine), so a fixed sleep would be a guess.
+fn wait_for_aof(port: u16, needle: &str) {
+    // CONFIG GET dir answers `*2 $3 dir $N <dir>`, one per line.
+    let reply = redis(port, "CONFIG GET dir");
+    let dir = Path::new(reply.lines().last().expect("CONFIG GET dir")).join("appendonlydir");
+    let written = || {
+        std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".incr.aof"))
+            .any(|e| {
+                std::fs::read(e.path())
+                    .is_ok_and(|aof| aof.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            })
+    };
+    let until = Instant::now() + Duration::from_secs(30);
+    while !written() {
+        assert!(
+            Instant::now() < until,
+            "Redis never wrote `{needle}` to {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn psql(url: &str, sql: &str) -> Result<String, String> {
@@ -61,8 +91,7 @@ fn fault_stack_restarts() {
     psql(&db, "create table t (x int); insert into t values (7)").unwrap();
     assert_eq!(redis(redis_port, "PING"), "+PONG");
     assert_eq!(redis(redis_port, "SET survivor yes"), "+OK");
-    // appendfsync everysec: give the AOF its second before the crash.
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for_aof(redis_port, "survivor");
 
     stack.kill_redis().unwrap();
     assert!(TcpStream::connect(("127.0.0.1", redis_port)).is_err());
