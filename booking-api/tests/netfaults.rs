@@ -194,6 +194,11 @@ async fn check_acknowledged(f: &Fault, h: &Harness, api: &Api, seen: &Seen, drop
 }
 
 // ---- 1. 200 ms of latency and 5 % loss between booking-api and Redis during a reserve burst ----
+//
+// The relay adds the round trip in user space and the link drops the packets, so TCP recovers a
+// lost packet at the link's own (short) round trip: loss costs less here than behind a real
+// 200 ms link, where `tc netem` would put both on one hop. Kernels with netem could do that; this
+// one (CONFIG_NET_SCH_NETEM off) can't.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_slow_lossy_redis_during_a_reserve_burst() {
