@@ -24,7 +24,7 @@ const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections relayed at once; more are closed at accept (a test needs a handful).
 const MAX_CONNECTIONS: usize = 256;
 
-/// Relays 127.0.0.1:<port> to `upstream` with a delay each way. Dropping it closes every
+/// Relays `127.0.0.1:<port>` to `upstream` with a delay each way. Dropping it closes every
 /// relayed connection.
 pub struct DelayRelay {
     addr: SocketAddr,
@@ -66,7 +66,7 @@ impl DelayRelay {
         })
     }
 
-    /// Where clients connect: 127.0.0.1:<port>.
+    /// Where clients connect: `127.0.0.1:<port>`.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
