@@ -10,6 +10,8 @@
 # reused). Environment:
 #   CONTRACT_MAX_EXAMPLES   cases per operation and phase (default 50: about 3 minutes)
 #   CONTRACT_SEED           hypothesis seed (default: random; printed to reproduce)
+#   CONTRACT_CHECKS         schemathesis' --checks (default: the ones this contract holds)
+#   CONTRACT_LIVE_ID_SHARE  how often hooks.py swaps a generated id for a live one (default 0.8)
 #   CONTRACT_REDIS_PORT, CONTRACT_PG_PORT, CONTRACT_BOOKING_PORT, CONTRACT_QUEUE_PORT
 #                           the stack's ports (default 6392, 5442, 18080, 18081)
 set -euo pipefail
@@ -107,11 +109,12 @@ set -a
 . "$env_file"
 set +a
 
-export SCHEMATHESIS_HOOKS=contract.hooks PYTHONPATH=$PWD
+export SCHEMATHESIS_HOOKS=contract.hooks PYTHONPATH=$PWD PYTHONDONTWRITEBYTECODE=1
 root=$PWD
 report=$root/.dev/contract-report
 checks=not_a_server_error,status_code_conformance,content_type_conformance
 checks=$checks,response_schema_conformance,error_shape,every_operation_2xx_and_stock_invariant
+checks=${CONTRACT_CHECKS:-$checks}
 status=0
 run() {
     local server=$1 url=$2
