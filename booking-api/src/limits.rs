@@ -5,8 +5,8 @@
 use std::net::IpAddr;
 
 use engine::config::LimitsConfig;
-use engine::web::KeyedLimit;
 use engine::Error;
+use web::KeyedLimit;
 
 pub struct Limits {
     per_ip: KeyedLimit<IpAddr>,

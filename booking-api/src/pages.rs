@@ -1,7 +1,7 @@
 //! The fan's booking page: plain HTML, CSS and JS compiled into the binary (no build step).
 
-use engine::web::{bytes, Body};
 use hyper::Response;
+use web::{bytes, Body};
 
 pub fn booking_page() -> Response<Body> {
     let mut resp = bytes(

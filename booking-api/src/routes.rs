@@ -1,5 +1,5 @@
 //! The route table. Each handler authenticates, parses its ids (a malformed id is the same 404 as
-//! an unknown one), and calls the engine; errors are mapped in [`engine::web::refusal`].
+//! an unknown one), and calls the engine; errors are mapped in [`web::refusal`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::limits::Limits;
 use crate::pages;
-use engine::web::{self as http, bearer, header, query_param, read_body, Body};
+use web::{self as http, bearer, header, query_param, read_body, Body};
 
 pub struct App {
     pub engine: Arc<Engine>,

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::limits::Limits;
 use crate::routes::App;
-use engine::web::{self as http, Body};
+use web::{self as http, Body};
 
 /// A running booking-api.
 pub struct Running {
@@ -57,7 +57,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let app = Arc::new(App {
         engine: engine.clone(),
         limits: Limits::new(&engine.cfg.limits),
-        metrics: engine::web::metrics_handle(),
+        metrics: web::metrics_handle(),
     });
     let task = tokio::spawn(serve(listener, app, rx));
     tracing::info!(%addr, "booking-api listening");

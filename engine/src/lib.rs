@@ -18,8 +18,6 @@
 //!   reconciler and recovery.
 //! - [`metrics`] — metric names.
 //! - [`net`] — address blocks and the client's address behind trusted proxies.
-//! - [`web`] — HTTP plumbing both servers share: JSON answers, the error → response mapping,
-//!   bounded body reads, keyed rate limits, the metrics recorder.
 
 pub mod booking;
 pub mod config;
@@ -36,7 +34,6 @@ pub mod process;
 pub mod queue;
 pub mod scripts;
 pub mod tokens;
-pub mod web;
 pub mod writer;
 
 pub use booking::Engine;

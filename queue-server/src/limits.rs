@@ -1,4 +1,4 @@
-//! Rate limits (governor, per process; see [`engine::web::KeyedLimit`]): joins and sockets per
+//! Rate limits (governor, per process; see [`web::KeyedLimit`]): joins and sockets per
 //! client IP (generous: a stadium shares one address), and HTTP polls per fan (a client without
 //! WebSockets should poll every few seconds, not spin).
 
@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use engine::config::QueueConfig;
 use engine::ids::FanId;
-use engine::web::KeyedLimit;
 use engine::Error;
+use web::KeyedLimit;
 
 /// Keys (addresses or fans) each limiter remembers before it starts over.
 pub const MAX_KEYS: usize = 200_000;

@@ -2,9 +2,9 @@
 //! page's base styles are booking-api's `book.css`, embedded from there, so the waiting room and
 //! the shop it leads to look alike and can't drift apart; `queue.css` adds only the line's parts.
 
-use engine::web::{bytes, Body};
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::Response;
+use web::{bytes, Body};
 
 const PAGE: &str = include_str!("../static/queue.html");
 

@@ -1,6 +1,6 @@
 //! The route table. Fan routes authenticate with the fan token (Authorization: Bearer, or the
 //! `fan_token` query parameter for browsers' WebSockets), joins are limited per client IP, and
-//! errors are mapped in [`engine::web::refusal`]. The fan's queue page and its assets are public.
+//! errors are mapped in [`web::refusal`]. The fan's queue page and its assets are public.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use crate::limits::Limits;
 use crate::pages;
 use crate::room::Rooms;
 use crate::ws;
-use engine::web::{self as http, bearer, query_param, Body};
+use web::{self as http, bearer, query_param, Body};
 
 pub struct App {
     pub rooms: Arc<Rooms>,

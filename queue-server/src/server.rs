@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::limits::Limits;
 use crate::room::Rooms;
 use crate::routes::App;
-use engine::web::{self as http, Body};
+use web::{self as http, Body};
 
 /// A running queue-server.
 pub struct Running {
@@ -66,7 +66,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let app = Arc::new(App {
         rooms: Rooms::new(queue.clone(), qcfg.clone(), rx.clone()),
         limits: Limits::new(&qcfg),
-        metrics: engine::web::metrics_handle(),
+        metrics: web::metrics_handle(),
     });
     let rooms = app.rooms.clone();
     let task = tokio::spawn(serve(listener, app, rx));

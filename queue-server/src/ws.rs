@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::room::{frame, Frame, Rooms};
-use engine::web::Body;
+use web::Body;
 
 /// A write that takes longer than this means the client stopped reading: drop it.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);

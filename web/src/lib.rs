@@ -1,6 +1,7 @@
-//! HTTP plumbing both servers share: JSON answers, the one place an [`crate::Error`] becomes a
-//! response (status, `{"error":{...}}`, `Retry-After`), bounded body reads, headers, keyed rate
-//! limits and the process-wide metrics recorder.
+//! HTTP plumbing both servers share, kept out of the domain crate (`engine`): JSON answers, the
+//! one place an [`engine::Error`] becomes a response (status, `{"error":{...}}`, `Retry-After`),
+//! bounded body reads, headers, keyed rate limits, the process-wide metrics recorder, the accept
+//! loop under a connection cap and periodic chores that stop at shutdown.
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -15,7 +16,7 @@ use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::{Code, Error};
+use engine::{Code, Error};
 
 pub type Body = Full<Bytes>;
 
@@ -71,7 +72,7 @@ pub fn error(e: &Error) -> Response<Body> {
 /// A handler's error as the response, counted in `floodgate_rejected_requests_total` by reason.
 pub fn refusal(e: &Error) -> Response<Body> {
     if e.code.status() >= 400 {
-        metrics::counter!(crate::metrics::REJECTED, "reason" => e.code.name()).increment(1);
+        metrics::counter!(engine::metrics::REJECTED, "reason" => e.code.name()).increment(1);
     }
     error(e)
 }
@@ -100,11 +101,11 @@ pub fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
 }
 
 /// The client's address for per-IP limits: the peer, or what trusted proxies say it is
-/// ([`crate::net::client_ip`]). Several `X-Forwarded-For` headers count as one list, in order.
+/// ([`engine::net::client_ip`]). Several `X-Forwarded-For` headers count as one list, in order.
 pub fn client_ip(
     req: &Request<Incoming>,
     peer: std::net::IpAddr,
-    trusted: &[crate::net::Cidr],
+    trusted: &[engine::net::Cidr],
 ) -> std::net::IpAddr {
     if trusted.is_empty() {
         return peer;
@@ -116,7 +117,7 @@ pub fn client_ip(
         .filter_map(|v| v.to_str().ok())
         .collect();
     let joined = (!values.is_empty()).then(|| values.join(","));
-    crate::net::client_ip(peer, joined.as_deref(), trusted)
+    engine::net::client_ip(peer, joined.as_deref(), trusted)
 }
 
 /// The bearer token of `Authorization`, if any.
