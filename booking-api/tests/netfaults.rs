@@ -21,7 +21,8 @@ use std::time::Duration;
 use common::Harness;
 use devstack::DelayRelay;
 use fault_kit::{
-    assert_consistent, confirming, eventually, new_key, pg_orders, seated_body, Api, Fault, Reply,
+    assert_consistent, confirming, eventually, key, new_key, pg_orders, seated_body, Api, Fault,
+    Reply,
 };
 use futures::future::join_all;
 use serde_json::{json, Value};
@@ -100,7 +101,7 @@ async fn fan(api: Api, drop: String, body: Value, pay: bool, tries: usize, seen:
         .await;
     let idem = new_key();
     let mut hold = None;
-    for _ in 0..tries {
+    for attempt in 0..tries {
         let started = std::time::Instant::now();
         let r = api.reserve(&token, &drop, &idem, &body).await;
         let took = started.elapsed();
@@ -114,6 +115,14 @@ async fn fan(api: Api, drop: String, body: Value, pay: bool, tries: usize, seen:
         if r.status != 503 {
             if r.status == 201 {
                 hold = Some(r.str("hold_id"));
+                if attempt > 0 {
+                    *seen
+                        .lock()
+                        .unwrap()
+                        .answers
+                        .entry("reserve 201 after a 503".into())
+                        .or_default() += 1;
+                }
             }
             break;
         }
@@ -209,6 +218,9 @@ async fn fault_slow_lossy_redis_during_a_reserve_burst() {
     let relay = DelayRelay::start(f.redis_addr, Duration::ZERO).expect("the relay starts");
     let mut cfg = test_config_for(&format!("redis://{}", relay.addr()), &f.db_url);
     cfg.http.request_timeout_ms = REQUEST_TIMEOUT_MS;
+    // A Redis command given up on soon after the round trip: some reserves answer 503 although
+    // their script ran, and the fan's retry with the same Idempotency-Key must get that hold.
+    cfg.redis.command_timeout_ms = 250;
     let h = Harness::with_config(cfg).await;
     let api = impatient_api(&h);
     let ga = h.ga_drop(150, 2, 600).await;
@@ -262,6 +274,20 @@ async fn fault_slow_lossy_redis_during_a_reserve_burst() {
         "a reserve answered in {quickest:?}: the 200 ms round trip wasn't in place"
     );
     check_acknowledged(&f, &h, &api, &seen, &[&ga, &seated]).await;
+    // Each fan sent one reserve (retries reuse its Idempotency-Key): however many of its tries
+    // timed out after the script ran, Redis has at most one hold of that fan.
+    for drop in [&ga, &seated] {
+        let mut per_fan: HashMap<String, usize> = HashMap::new();
+        for raw in f.redis_hash(&key(drop, "holds")).await.values() {
+            let hold: Value = serde_json::from_str(raw).unwrap();
+            *per_fan
+                .entry(hold["fan"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        for (fan, n) in per_fan {
+            assert_eq!(n, 1, "{drop}: fan {fan} has {n} holds from one reserve");
+        }
+    }
 
     h.server.shutdown().await;
     drop(relay);
