@@ -173,6 +173,50 @@ async fn slow_payment_is_settled_by_the_reconciler() {
     h.server.shutdown().await;
 }
 
+/// Test servers share one Postgres full of other tests' drops; each looks after only the drops it
+/// served (testkit's `reconciler.watch_newest_drops = 0`), so no test's sweeper, reconciler or
+/// watcher ends, settles or rebuilds another test's hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_test_server_leaves_other_servers_drops_alone() {
+    // The drop's reserves reclaim nothing, so only a sweeper can end its expired holds.
+    let mut cfg = test_config();
+    cfg.holds.reclaim_batch = 0;
+    let maker = Harness::with_config(cfg).await;
+    let drop = maker.ga_drop(10, 4, 1).await;
+    let (_, token) = maker.fan("first").await;
+    let (status, hold) = maker.reserve(&token, &drop, tee(1)).await;
+    assert_eq!(status, 201, "{hold}");
+    let expires_at_ms = hold["expires_at_ms"].as_i64().unwrap();
+    maker.server.shutdown().await;
+
+    let other = Harness::start().await;
+    eventually("the server's clock passes the hold's deadline", || async {
+        other.drop_view(&drop).await["server_now_ms"]
+            .as_i64()
+            .unwrap()
+            > expires_at_ms
+    })
+    .await;
+    other.server.engine.sweep().await;
+    other.server.engine.reconcile().await;
+    assert_eq!(
+        other.counts(&drop).await,
+        (10, 9, 1, 0),
+        "a server that never served the drop left its expired hold alone"
+    );
+
+    // Once it serves the drop, the drop is its own to look after.
+    let (_, token) = other.fan("second").await;
+    let (status, hold) = other.reserve(&token, &drop, tee(1)).await;
+    assert_eq!(status, 201, "{hold}");
+    eventually("its sweeper returns both expired holds", || async {
+        other.counts(&drop).await == (10, 10, 0, 0)
+    })
+    .await;
+    other.assert_invariants(&drop).await;
+    other.server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn confirm_after_expiry_is_gone_and_units_return() {
     let h = Harness::start().await;

@@ -352,6 +352,9 @@ pub const DEFAULT_RECONCILE_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_RECONCILE_BATCH: usize = 100;
 pub const DEFAULT_WATCH_INTERVAL_MS: u64 = 500;
 pub const DEFAULT_MAX_DROPS_WATCHED: usize = 10_000;
+/// Every process looks after the newest live drops too, not only those it served: a restarted
+/// booking-api must still reconcile and recover the drops its predecessor sold.
+pub const DEFAULT_WATCH_NEWEST_DROPS: usize = DEFAULT_MAX_DROPS_WATCHED;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -361,9 +364,14 @@ pub struct ReconcilerConfig {
     pub batch: usize,
     /// How often Redis is checked for a restart (`run_id`) or lost drops.
     pub watch_interval_ms: u64,
-    /// Drops the sweeper, reconciler and watcher look after per process: this many of the newest
-    /// live drops in Postgres, plus up to this many drops the process served in the last hour.
+    /// Drops the sweeper, reconciler and watcher look after per process: up to this many of the
+    /// newest live drops in Postgres (see `watch_newest_drops`), plus up to this many drops the
+    /// process served in the last hour.
     pub max_drops_watched: usize,
+    /// How many of the newest live drops in Postgres each process looks after besides those it
+    /// served (capped by `max_drops_watched`). 0: only the drops it served itself, as test
+    /// servers sharing one Postgres run, so one test's server never touches another's drops.
+    pub watch_newest_drops: usize,
 }
 
 impl Default for ReconcilerConfig {
@@ -373,6 +381,7 @@ impl Default for ReconcilerConfig {
             batch: DEFAULT_RECONCILE_BATCH,
             watch_interval_ms: DEFAULT_WATCH_INTERVAL_MS,
             max_drops_watched: DEFAULT_MAX_DROPS_WATCHED,
+            watch_newest_drops: DEFAULT_WATCH_NEWEST_DROPS,
         }
     }
 }

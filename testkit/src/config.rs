@@ -13,10 +13,15 @@ pub fn test_config() -> Config {
         .expect("run tests with ./dev test (FLOODGATE_TEST_REDIS_URL)");
     let db = std::env::var("FLOODGATE_TEST_DATABASE_URL")
         .expect("run tests with ./dev test (FLOODGATE_TEST_DATABASE_URL)");
-    test_config_for(&redis, &db)
+    let mut cfg = test_config_for(&redis, &db);
+    // That Postgres is full of other tests' drops: a test server looks after only the drops it
+    // served itself, so its sweeper, reconciler and watcher never touch another test's drop.
+    cfg.reconciler.watch_newest_drops = 0;
+    cfg
 }
 
 /// The test config against a stack of the test's own (the fault tests start and break theirs).
+/// It looks after the newest drops in that Postgres, as production does.
 pub fn test_config_for(redis_url: &str, database_url: &str) -> Config {
     let mut cfg = Config::default();
     // Parsing a literal address: can't fail.
@@ -36,9 +41,11 @@ pub fn test_config_for(redis_url: &str, database_url: &str) -> Config {
     cfg.queue.per_ip_join_burst = 1_000_000;
     cfg.queue.per_fan_poll_per_s = 1_000_000;
     cfg.queue.per_fan_poll_burst = 1_000_000;
-    // Every test server shares one Postgres full of other tests' drops: look after a few of the
-    // newest, plus (always) the drops this server served itself.
+    // A stack of the test's own holds only its drops: look after the newest as production does,
+    // so a server started after a fault recovers drops it never served (`test_config` turns
+    // this off on the shared stack).
     cfg.reconciler.max_drops_watched = 20;
+    cfg.reconciler.watch_newest_drops = 20;
     // Short loops, so expiry, reconciling and exact positions happen within a test's patience.
     cfg.holds.sweep_interval_ms = 100;
     cfg.reconciler.interval_ms = 200;

@@ -29,11 +29,16 @@ impl Engine {
     }
 
     pub(super) async fn refresh_watched(&self) {
-        match self
-            .db
-            .live_drops(self.cfg.reconciler.max_drops_watched as i64)
-            .await
-        {
+        let newest = self
+            .cfg
+            .reconciler
+            .watch_newest_drops
+            .min(self.cfg.reconciler.max_drops_watched);
+        if newest == 0 {
+            // Only the drops this process served (`touched`); Postgres isn't asked.
+            return;
+        }
+        match self.db.live_drops(newest as i64).await {
             Ok(drops) => *lock(&self.watched) = drops,
             Err(e) => tracing::debug!(error = %e, "could not refresh the watched drops"),
         }
