@@ -115,7 +115,13 @@ impl Db {
         // A dead peer is noticed by TCP keepalive, a stuck statement by Postgres itself.
         pg.keepalives(true);
         pg.keepalives_idle(Duration::from_secs(10));
-        pg.options(format!("-c statement_timeout={}", cfg.statement_timeout_ms));
+        // Added to the URL's own `options` (e.g. a search_path), not in their place.
+        let statement_timeout = format!("-c statement_timeout={}", cfg.statement_timeout_ms);
+        let options = match pg.get_options() {
+            Some(own) if !own.is_empty() => format!("{own} {statement_timeout}"),
+            _ => statement_timeout,
+        };
+        pg.options(options);
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -174,6 +180,32 @@ impl Db {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Whether every migration this build knows is applied (for servers that don't migrate).
+    pub async fn check_migrated(&self) -> Result<()> {
+        let client = self.client().await?;
+        let applied: Option<i32> = match client
+            .query_one("SELECT max(version) FROM schema_migrations", &[])
+            .await
+        {
+            Ok(row) => row.get(0),
+            // No schema_migrations table yet: nothing was applied.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let latest = MIGRATIONS.iter().map(|(v, _, _)| *v).max();
+        if applied.is_some() && applied >= latest {
+            return Ok(());
+        }
+        Err(Error::msg(
+            Code::Unavailable,
+            format!(
+                "Postgres' schema is at migration {applied:?}, this build needs {latest:?}: \
+                 start booking-api first (it applies migrations)"
+            ),
+        )
+        .retry_after(std::time::Duration::from_secs(1)))
     }
 
     // ---- API keys --------------------------------------------------------------------------------

@@ -36,6 +36,6 @@ pub mod scripts;
 pub mod tokens;
 pub mod writer;
 
-pub use booking::Engine;
+pub use booking::{Engine, Role};
 pub use config::Config;
 pub use error::{Code, Error, Result};

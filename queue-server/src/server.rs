@@ -59,7 +59,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         .await
         .map_err(|e| Error::msg(Code::Internal, format!("cannot listen on {listen}: {e}")))?;
     let addr = listener.local_addr().map_err(Error::internal)?;
-    let engine = Engine::start(cfg).await?;
+    let engine = Engine::start_as(cfg, engine::Role::Queue).await?;
     let queue = Arc::new(Queue::new(engine.clone()));
     let (shutdown, rx) = watch::channel(false);
     let qcfg = engine.cfg.queue.clone();

@@ -229,7 +229,10 @@ impl Engine {
                 })
                 .collect(),
         };
-        let committed = self.writer.commit(new).await?;
+        let writer = self.writer.as_ref().ok_or_else(|| {
+            Error::internal("a confirm reached an engine without an order writer (queue-server's)")
+        })?;
+        let committed = writer.commit(new).await?;
         if committed == Committed::Refused {
             // Postgres' final check refused the sale: undo the payment and the hold, and rebuild
             // the drop from Postgres, since Redis disagrees with it (else every later buyer of

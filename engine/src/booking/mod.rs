@@ -50,11 +50,21 @@ use crate::writer::{Committed, NewItem, NewOrder, Writer};
 /// An answer for a handler: HTTP status and JSON body.
 pub type Answer = (u16, Value);
 
+/// Which server an engine runs in; each starts only what it uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// booking-api: applies migrations, writes orders, runs the background work.
+    Booking,
+    /// queue-server: reads drops and runs the waiting room; no writer, no migrations.
+    Queue,
+}
+
 pub struct Engine {
     pub cfg: Config,
     pub redis: Redis,
     pub db: Db,
-    pub writer: Writer,
+    /// The order writer: booking-api's only ([`Role::Queue`] sells nothing).
+    writer: Option<Writer>,
     pub gateway: Arc<dyn PaymentGateway>,
     /// The same gateway as `gateway` when it's the test one, so tests can read its records.
     pub test_gateway: Option<Arc<TestGateway>>,
@@ -91,13 +101,28 @@ fn rfc3339(t: OffsetDateTime) -> String {
 }
 
 impl Engine {
-    /// Connects Redis and Postgres, applies migrations, starts the order writer.
+    /// booking-api's engine: connects Redis and Postgres, applies migrations, starts the order
+    /// writer.
     pub async fn start(cfg: Config) -> Result<Arc<Engine>> {
+        Self::start_as(cfg, Role::Booking).await
+    }
+
+    /// An engine for `role`: the waiting room's neither migrates Postgres (booking-api owns the
+    /// schema; this one refuses to start on an unmigrated one) nor starts an order writer.
+    pub async fn start_as(cfg: Config, role: Role) -> Result<Arc<Engine>> {
         cfg.validate()?;
         let redis = Redis::connect(&cfg.redis).await?;
         let db = Db::connect(&cfg.database)?;
-        db.migrate().await?;
-        let writer = Writer::spawn(db.clone(), &cfg.writer);
+        let writer = match role {
+            Role::Booking => {
+                db.migrate().await?;
+                Some(Writer::spawn(db.clone(), &cfg.writer))
+            }
+            Role::Queue => {
+                db.check_migrated().await?;
+                None
+            }
+        };
         let test = Arc::new(TestGateway::new(ms(cfg.gateway.test_slow_ms)));
         let fans = FanAuth::new(&cfg.identity)?;
         let admission = AdmissionKeys::new(&cfg.admission);
