@@ -202,7 +202,7 @@ def map_case(ctx, case):
     """Swaps generated ids for live ones most of the time, and names the fan they belong to."""
     w = world()
     op = case.operation
-    path, method = op.path, op.method.upper()
+    path = op.path
     params = case.path_parameters if case.path_parameters is not None else {}
     fan = None
 
