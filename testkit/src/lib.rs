@@ -5,13 +5,17 @@
 //! - [`config`] — the test deployment's [`engine::Config`] against the stack `./dev test` started.
 //! - [`wait`] — [`eventually`]: bounded polling instead of timed assertions.
 //! - [`answer`] — an HTTP answer as (status, JSON body).
+//! - [`booking`] — [`BookingClient`]: the one client of booking-api's HTTP API every suite uses,
+//!   and its [`Reply`].
 //! - [`browser`] — headless Chromium through ChromeDriver: one browser at a time, a [`Page`] with
 //!   bounded waits, screenshots under `target/browser-artifacts/`.
 
+pub mod booking;
 pub mod browser;
 pub mod config;
 pub mod wait;
 
+pub use booking::{new_key, BookingClient, Reply};
 pub use browser::{open_browser, Page, DESKTOP, ONE_BROWSER, PHONE};
 pub use config::{test_config, test_config_for, ADMISSION_SECRET};
 pub use wait::{eventually, eventually_within};
