@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::Harness;
-use devstack::DelayRelay;
+use devstack::{BehindLink, DelayRelay};
 use fault_kit::{
     assert_consistent, confirming, eventually, key, new_key, pg_orders, seated_body, Api, Fault,
     Reply,
@@ -211,7 +211,7 @@ async fn check_acknowledged(f: &Fault, h: &Harness, api: &Api, seen: &Seen, drop
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_slow_lossy_redis_during_a_reserve_burst() {
-    let Some(f) = Fault::start_behind_link("fault-net-lossy").await else {
+    let Some(f) = Fault::start_behind_link("fault-net-lossy", BehindLink::Redis).await else {
         return;
     };
     // booking-api reaches Redis through the relay (100 ms each way) and the lossy link.
@@ -294,16 +294,31 @@ async fn fault_slow_lossy_redis_during_a_reserve_burst() {
     f.stop().await;
 }
 
-// ---- 2. A 10 s partition between booking-api and Redis during confirms --------------------------
+// ---- 2. A 10 s partition between booking-api and Redis (or Postgres) during confirms -----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_redis_partitioned_from_booking_api_during_confirms() {
-    let Some(f) = Fault::start_behind_link("fault-net-partition").await else {
+    partitioned_during_confirms("fault-net-partition", BehindLink::Redis).await;
+}
+
+/// The same with Postgres behind the link: a confirm's order write (and the reconciler's reads)
+/// meet the silence; a batch in flight at the cut resumes when TCP retransmits after healing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_postgres_partitioned_from_booking_api_during_confirms() {
+    partitioned_during_confirms("fault-net-pg-partition", BehindLink::Postgres).await;
+}
+
+/// 120 fans hold a unit each and pay in 12 lanes; a 10 s partition cuts the server behind the
+/// link off in the middle of it; afterwards every order answered is sold, every fan left unpaid
+/// pays on retrying, and the books balance.
+async fn partitioned_during_confirms(name: &str, which: BehindLink) {
+    let Some(f) = Fault::start_behind_link(name, which).await else {
         return;
     };
     let mut cfg = test_config_for(&f.redis_url, &f.db_url);
     cfg.http.request_timeout_ms = REQUEST_TIMEOUT_MS;
     cfg.redis.command_timeout_ms = 1_000;
+    cfg.database.timeout_ms = 1_000;
     // Short confirm deadlines, so the reconciler settles what the partition left halfway soon
     // after it heals.
     cfg.holds.confirm_timeout_ms = 3_000;
@@ -377,7 +392,7 @@ async fn fault_redis_partitioned_from_booking_api_during_confirms() {
 
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     eprintln!(
-        "fault-net-partition: {} orders, {} confirms unpaid; answers {:?}",
+        "{name}: {} orders, {} confirms unpaid; answers {:?}",
         seen.orders.len(),
         seen.unpaid.len(),
         seen.answers

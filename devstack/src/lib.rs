@@ -23,7 +23,7 @@
 //! - [`sys`]: process helpers over `/proc` and the `kill` command, log tails, port checks.
 //! - [`http`]: a tiny blocking HTTP/1.1 client that `devstack up` uses.
 //! - [`netns`]: [`NetLink`], a network namespace + veth pair whose packets a test drops (loss, a
-//!   partition); the network-fault tests run Redis behind one.
+//!   partition); the network-fault tests run Redis or Postgres behind one.
 //! - `relay`: [`DelayRelay`], a TCP relay that adds latency (kernels without `tc netem`).
 
 use std::fs;
@@ -51,6 +51,13 @@ pub use relay::DelayRelay;
 pub const STATE_BASE: &str = "/var/tmp";
 /// The stack `./dev up` runs; its state is linked from `<checkout>/.dev/state`.
 pub const DEV_STACK_NAME: &str = "dev";
+
+/// Which server of a stack runs behind its [`NetLink`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BehindLink {
+    Redis,
+    Postgres,
+}
 
 /// What to start: a name for the state directory and the two loopback ports.
 #[derive(Debug, Clone)]
@@ -85,13 +92,29 @@ impl Stack {
     /// [`Stack::link`] drops packets on the way (loss, a partition). Postgres stays on loopback.
     /// Fails with a [`KernelRefused`] where the kernel won't make the link.
     pub fn start_with_redis_behind_link(cfg: StackConfig) -> Result<Stack> {
-        validate_name(&cfg.name)?;
-        let link = NetLink::create()?;
-        Stack::start_inner(cfg, Some(link))
+        Stack::start_behind_link(cfg, BehindLink::Redis)
     }
 
-    fn start_inner(cfg: StackConfig, link: Option<NetLink>) -> Result<Stack> {
+    /// As [`Stack::start_with_redis_behind_link`], for either server: the other one stays on
+    /// loopback.
+    pub fn start_behind_link(cfg: StackConfig, which: BehindLink) -> Result<Stack> {
         validate_name(&cfg.name)?;
+        let link = NetLink::create()?;
+        Stack::start_inner(cfg, Some((link, which)))
+    }
+
+    fn start_inner(cfg: StackConfig, link: Option<(NetLink, BehindLink)>) -> Result<Stack> {
+        validate_name(&cfg.name)?;
+        // (address, namespace) for the server behind the link; loopback for the other.
+        let place = |server: BehindLink| match &link {
+            Some((l, which)) if *which == server => {
+                (l.inside_addr(), Some(l.namespace().to_owned()))
+            }
+            _ => (Ipv4Addr::LOCALHOST, None),
+        };
+        let (pg_listen, pg_netns) = place(BehindLink::Postgres);
+        let (redis_bind, redis_netns) = place(BehindLink::Redis);
+        let link = link.map(|(l, _)| l);
         ensure_installed()?;
         let root = state_root()?;
         let state_dir = root.join(&cfg.name);
@@ -109,16 +132,16 @@ impl Stack {
             port: cfg.pg_port,
             fast: throwaway,
             as_postgres_user,
+            listen: pg_listen,
+            netns: pg_netns,
         };
         let redis = redis::Redis {
             dir: state_dir.join("redis"),
             log_file: state_dir.join("redis.log"),
             pid_file: state_dir.join("redis.pid"),
             port: cfg.redis_port,
-            bind: link
-                .as_ref()
-                .map_or(Ipv4Addr::LOCALHOST, NetLink::inside_addr),
-            netns: link.as_ref().map(|l| l.namespace().to_owned()),
+            bind: redis_bind,
+            netns: redis_netns,
             child: None,
         };
 
@@ -183,17 +206,19 @@ impl Stack {
         SocketAddr::from((self.redis.bind, self.cfg.redis_port))
     }
 
-    /// The link in front of Redis, for stacks started with
-    /// [`Stack::start_with_redis_behind_link`].
+    /// The link in front of Redis or Postgres, for stacks started with
+    /// [`Stack::start_behind_link`].
     pub fn link(&self) -> Option<&NetLink> {
         self.link.as_ref()
     }
 
-    /// `postgres://floodgate@127.0.0.1:PORT/floodgate` (trust auth on loopback).
+    /// `postgres://floodgate@127.0.0.1:PORT/floodgate` (trust auth on loopback), or at the
+    /// inside address of the link Postgres runs behind.
     pub fn database_url(&self) -> String {
         format!(
-            "postgres://{}@127.0.0.1:{}/{}",
+            "postgres://{}@{}:{}/{}",
             pg::PG_USER,
+            self.pg.listen,
             self.cfg.pg_port,
             pg::PG_DATABASE
         )

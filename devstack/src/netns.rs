@@ -4,12 +4,12 @@
 //! drop a share of the link's packets (loss) or all of them (a partition: packets vanish, no
 //! reset, so a client's socket stays open and hears nothing, the worst case).
 //!
-//! The servers under test stay in the root namespace and reach what runs inside (Redis, see
-//! [`crate::Stack::start_with_redis_behind_link`]) at [`NetLink::inside_addr`]; no rule touches
+//! The servers under test stay in the root namespace and reach what runs inside (Redis or
+//! Postgres, see [`crate::Stack::start_behind_link`]) at [`NetLink::inside_addr`]; no rule touches
 //! the root namespace's firewall, and no packet leaves the machine.
 //!
 //! Latency is not added here: `tc netem` needs `CONFIG_NET_SCH_NETEM`, which not every kernel has
-//! (this project's CI machine lacks it), so [`crate::DelayRelay`] delays bytes in user space.
+//! (the kernel these tests were written on lacks it), so [`crate::DelayRelay`] delays bytes in user space.
 //!
 //! Where the kernel refuses a step (no permission for namespaces, no veth, no nf_tables), the
 //! error is a [`KernelRefused`], which tests turn into a skip with its message; anything else is

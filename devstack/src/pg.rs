@@ -4,6 +4,8 @@
 //! `postgres` system user through `runuser`, in directories that user owns.
 
 use std::fs;
+use std::io::Write;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,10 @@ pub(crate) struct Postgres {
     /// Test and fault stacks trade durability for speed.
     pub fast: bool,
     pub as_postgres_user: bool,
+    /// The address it listens on: 127.0.0.1, or the inside end of a [`crate::NetLink`].
+    pub listen: Ipv4Addr,
+    /// The network namespace it runs in (`ip netns exec`), if not the root one.
+    pub netns: Option<String>,
 }
 
 pub(crate) enum Status {
@@ -48,13 +54,17 @@ pub(crate) enum Status {
 impl Postgres {
     fn tool(&self, name: &str) -> Command {
         let bin = Path::new(PG_BIN_DIR).join(name);
-        let mut cmd = if self.as_postgres_user {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(bin);
-            c
-        } else {
-            Command::new(bin)
-        };
+        // [ip netns exec <ns>] [runuser -u postgres --] <bin>
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = &self.netns {
+            argv.extend(["ip", "netns", "exec", ns.as_str()].map(Into::into));
+        }
+        if self.as_postgres_user {
+            argv.extend(["runuser", "-u", "postgres", "--"].map(Into::into));
+        }
+        argv.push(bin.into_os_string());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.current_dir(&self.state_dir)
             .stdin(Stdio::null())
             // Our own process group: a Ctrl-C at the terminal reaches devstack alone, which
@@ -159,16 +169,27 @@ impl Postgres {
             ])
             .output()
             .context("running initdb")?;
-        check(&out, "initdb")
+        check(&out, "initdb")?;
+        if self.listen != Ipv4Addr::LOCALHOST {
+            // Clients reach a server behind a link from the root namespace's end of it.
+            let hba = self.data_dir.join("pg_hba.conf");
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(&hba)
+                .with_context(|| format!("opening {}", hba.display()))?;
+            writeln!(f, "host all all 10.213.0.0/16 trust")?;
+        }
+        Ok(())
     }
 
     fn server_options(&self) -> String {
         // pg_ctl hands -o to a shell: every value here is free of spaces and quotes (the state
         // path is /var/tmp/floodgate-<hex>/<validated name>/pg-sock).
         let mut opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections={PG_MAX_CONNECTIONS}",
+            "-p {} -k {} -c listen_addresses={} -c max_connections={PG_MAX_CONNECTIONS}",
             self.port,
-            self.socket_dir.display()
+            self.socket_dir.display(),
+            self.listen
         );
         if self.fast {
             opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
@@ -238,7 +259,7 @@ impl Postgres {
     /// Runs one SQL command through psql over TCP; returns its unaligned, tuples-only output.
     pub fn psql(&self, database: &str, sql: &str) -> Result<String> {
         let out = Command::new(PSQL)
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-h", &self.listen.to_string(), "-p", &self.port.to_string()])
             .args(["-U", PG_USER, "-d", database])
             .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .env("PGCONNECT_TIMEOUT", "5")

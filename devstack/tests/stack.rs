@@ -173,3 +173,43 @@ fn fault_redis_behind_a_link_partitions_and_heals() {
     );
     assert_eq!(ping_at(addr, Duration::from_millis(500)), None);
 }
+
+#[test]
+fn fault_postgres_behind_a_link_partitions_and_heals() {
+    let stack = match Stack::start_behind_link(
+        StackConfig {
+            name: "fault-selftest-pglink".into(),
+            redis_port: free_port(),
+            pg_port: free_port(),
+        },
+        devstack::BehindLink::Postgres,
+    ) {
+        Ok(s) => s,
+        Err(e) if devstack::is_kernel_refusal(&e) => {
+            eprintln!("SKIPPED fault_postgres_behind_a_link_partitions_and_heals: {e:#}");
+            return;
+        }
+        Err(e) => panic!("the stack behind a link starts: {e:#}"),
+    };
+    let link = stack.link().expect("a link");
+    let db = stack.database_url();
+    assert!(db.contains(&format!("@{}:", link.inside_addr())), "{db}");
+    // Redis stays on loopback.
+    assert_eq!(
+        ping_at(stack.redis_addr(), Duration::from_secs(2)).as_deref(),
+        Some("+PONG")
+    );
+    let select = || {
+        Command::new("psql")
+            .args([db.as_str(), "-X", "-q", "-t", "-A", "-c", "select 1"])
+            .env("PGCONNECT_TIMEOUT", "2")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(select(), "1");
+    link.partition().unwrap();
+    assert_eq!(select(), "");
+    link.heal().unwrap();
+    assert_eq!(select(), "1");
+}

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devstack::{free_port, NetLink, Stack, StackConfig};
+use devstack::{free_port, BehindLink, NetLink, Stack, StackConfig};
 use engine::ids::DropId;
 use serde_json::{json, Value};
 
@@ -33,16 +33,16 @@ pub struct Fault {
 
 impl Fault {
     pub async fn start(name: &str) -> Fault {
-        Fault::start_with(name, false)
+        Fault::start_with(name, None)
             .await
             .expect("the fault stack starts")
     }
 
-    /// A stack whose Redis runs behind a [`NetLink`] (its own network namespace), so the test
-    /// can drop packets between the servers and Redis. None, with the reason on stderr, where
-    /// the kernel refuses namespaces or nftables: the caller skips.
-    pub async fn start_behind_link(name: &str) -> Option<Fault> {
-        match Fault::start_with(name, true).await {
+    /// A stack whose Redis or Postgres runs behind a [`NetLink`] (its own network namespace),
+    /// so the test can drop packets between the servers and it. None, with the reason on
+    /// stderr, where the kernel refuses namespaces or nftables: the caller skips.
+    pub async fn start_behind_link(name: &str, which: BehindLink) -> Option<Fault> {
+        match Fault::start_with(name, Some(which)).await {
             Ok(f) => Some(f),
             Err(e) if devstack::is_kernel_refusal(&e) => {
                 eprintln!("SKIPPED {name}: {e:#}");
@@ -52,18 +52,15 @@ impl Fault {
         }
     }
 
-    async fn start_with(name: &str, behind_link: bool) -> anyhow::Result<Fault> {
+    async fn start_with(name: &str, behind_link: Option<BehindLink>) -> anyhow::Result<Fault> {
         let cfg = StackConfig {
             name: name.to_owned(),
             redis_port: free_port(),
             pg_port: free_port(),
         };
-        let stack = tokio::task::spawn_blocking(move || {
-            if behind_link {
-                Stack::start_with_redis_behind_link(cfg)
-            } else {
-                Stack::start(cfg)
-            }
+        let stack = tokio::task::spawn_blocking(move || match behind_link {
+            Some(which) => Stack::start_behind_link(cfg, which),
+            None => Stack::start(cfg),
         })
         .await
         .expect("the stack start task")?;
