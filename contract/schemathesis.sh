@@ -113,7 +113,7 @@ export SCHEMATHESIS_HOOKS=contract.hooks PYTHONPATH=$PWD PYTHONDONTWRITEBYTECODE
 root=$PWD
 report=$root/.dev/contract-report
 checks=not_a_server_error,status_code_conformance,content_type_conformance
-checks=$checks,response_schema_conformance,negative_data_rejection
+checks=$checks,response_schema_conformance,response_headers_conformance,negative_data_rejection
 checks=$checks,error_shape,every_operation_2xx_and_stock_invariant
 checks=${CONTRACT_CHECKS:-$checks}
 status=0
