@@ -1,7 +1,7 @@
 //! booking-api: serve the HTTP API, or run one of its maintenance commands.
 
 use clap::{Parser, Subcommand};
-use engine::db::{Db, Scope};
+use engine::db::Scope;
 use engine::ids::DropId;
 use engine::scripts::Redis;
 use engine::{Config, Engine};
@@ -52,11 +52,9 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cfg).await,
         Command::CreateKey { scope, name } => {
-            let db = Db::connect(&cfg.database)?;
-            db.migrate().await?;
             let scope = Scope::parse(&scope)
                 .ok_or_else(|| anyhow::anyhow!("scope must be seller or ops"))?;
-            let key = db.create_key(scope, &name).await?;
+            let key = Engine::create_key(&cfg, scope, &name).await?;
             println!("{key}");
             Ok(())
         }
@@ -64,12 +62,7 @@ async fn main() -> anyhow::Result<()> {
             let engine = Engine::start(cfg).await?;
             let drops = match drop_id {
                 Some(d) => vec![DropId::parse(&d)?],
-                None => {
-                    engine
-                        .db
-                        .live_drops(engine.cfg.reconciler.max_drops_watched as i64)
-                        .await?
-                }
+                None => engine.live_drops().await?,
             };
             for drop in drops {
                 let (kept, ended) = engine.recover(&drop).await?;
@@ -97,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
             ];
             println!(
                 "{} {} {} {}",
-                engine.redis.reserve_sha(),
+                engine.reserve_script_sha(),
                 keys.len(),
                 keys.join(" "),
                 args.join(" ")

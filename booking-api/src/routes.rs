@@ -4,10 +4,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use engine::booking::{parse_json, AdmissionUpdate};
+use engine::booking::{parse_json, AdmissionUpdate, ConfirmBody};
 use engine::db::{ApiKey, Scope};
-use engine::drops::CreateDrop;
-use engine::ids::{DropId, FanId, HoldId, OrderId};
+use engine::drops::{CreateDrop, HoldRequestBody};
+use engine::ids::{DropId, FanId, HoldId, IdempotencyKey, OrderId};
+use engine::tokens::sha256_hex;
 use engine::{Code, Engine, Error};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
@@ -56,7 +57,8 @@ impl App {
                 pages::asset(name).ok_or_else(|| Error::new(Code::NotFound)),
             ),
             _ => {
-                let ip = http::client_ip(&req, peer.ip(), &self.engine.cfg.limits.trusted_proxies);
+                let ip =
+                    http::client_ip(&req, peer.ip(), &self.engine.cfg().limits.trusted_proxies);
                 let limited = self.limits.check_ip(ip);
                 let route = api_route(&method, &segments);
                 let result = match limited {
@@ -111,11 +113,15 @@ impl App {
             (&Method::POST, ["v1", "drops", id, "holds"]) => {
                 let fan = self.fan(&req)?;
                 let drop = drop_id(id)?;
-                let key = header(&req, "idempotency-key").map(str::to_owned);
+                let key = header(&req, "idempotency-key")
+                    .ok_or_else(|| Error::invalid("the Idempotency-Key header is required"))?;
+                let key = IdempotencyKey::parse(key).map_err(|e| Error::invalid(e.0))?;
                 let token = header(&req, "x-admission-token").map(str::to_owned);
-                let body = self.body(req).await?;
+                let raw = self.body(req).await?;
+                let body: HoldRequestBody = parse_json(&raw)?;
+                let body_sha256 = sha256_hex(&raw);
                 ok(
-                    e.reserve(&fan, &drop, key.as_deref(), token.as_deref(), &body)
+                    e.reserve(&fan, &drop, &key, token.as_deref(), body, &body_sha256)
                         .await?,
                 )
             }
@@ -141,8 +147,8 @@ impl App {
             (&Method::POST, ["v1", "holds", id, "confirm"]) => {
                 let fan = self.fan(&req)?;
                 let hold = hold_id(id)?;
-                let body = self.body(req).await?;
-                ok(e.confirm(&fan, &hold, &body).await?)
+                let ConfirmBody { payment } = parse_json(&self.body(req).await?)?;
+                ok(e.confirm(&fan, &hold, payment).await?)
             }
             (&Method::GET, ["v1", "orders", id]) => {
                 let order = OrderId::parse(id).map_err(|_| Error::new(Code::UnknownOrder))?;
@@ -160,7 +166,7 @@ impl App {
     }
 
     async fn body(&self, req: Request<Incoming>) -> Result<bytes::Bytes, Error> {
-        read_body(req, self.engine.cfg.http.max_body_bytes).await
+        read_body(req, self.engine.cfg().http.max_body_bytes).await
     }
 
     /// The signed-in fan, rate-limited per fan.
@@ -171,7 +177,7 @@ impl App {
                 "Send `Authorization: Bearer <fan_token>`.",
             )
         })?;
-        let fan = self.engine.fans.verify(token)?;
+        let fan = self.engine.fans().verify(token)?;
         self.limits.check_fan(fan.as_str())?;
         Ok(fan)
     }
@@ -184,23 +190,11 @@ impl App {
                 "Send `Authorization: Bearer <api key>`.",
             )
         })?;
-        let key = self
-            .engine
-            .db
-            .verify_key(token)
-            .await?
-            .ok_or_else(|| Error::msg(Code::Unauthorized, "Unknown or revoked API key."))?;
-        if key.scope != scope {
-            return Err(Error::msg(
-                Code::Forbidden,
-                format!("This needs a {} key.", scope.as_str()),
-            ));
-        }
-        Ok(key)
+        self.engine.api_key(token, scope).await
     }
 
     async fn fan_session(&self, req: Request<Incoming>) -> Answer {
-        if !self.engine.fans.dev_enabled() {
+        if !self.engine.fans().dev_enabled() {
             return Err(Error::msg(
                 Code::NotFound,
                 "The development identity provider is off.",
@@ -212,7 +206,7 @@ impl App {
             fan: FanId,
         }
         let Session { fan } = parse_json(&self.body(req).await?)?;
-        let token = self.engine.fans.issue_dev(&fan)?;
+        let token = self.engine.fans().issue_dev(&fan)?;
         ok((201, json!({"fan": fan, "fan_token": token})))
     }
 }

@@ -35,7 +35,7 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
-        self.engine.redis.quit().await;
+        self.engine.close().await;
     }
 
     pub fn url(&self) -> String {
@@ -56,7 +56,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let (shutdown, rx) = watch::channel(false);
     let app = Arc::new(App {
         engine: engine.clone(),
-        limits: Limits::new(&engine.cfg.limits),
+        limits: Limits::new(&engine.cfg().limits),
         metrics: web::metrics_handle(),
     });
     let task = tokio::spawn(serve(listener, app, rx));
@@ -70,7 +70,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
 }
 
 async fn serve(listener: TcpListener, app: Arc<App>, shutdown: watch::Receiver<bool>) {
-    let cfg = app.engine.cfg.http.clone();
+    let cfg = app.engine.cfg().http.clone();
     let background = app.engine.spawn_background(shutdown.clone());
     let permits = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -136,7 +136,7 @@ async fn handle(
             ),
         }
     };
-    cors(&app.engine.cfg.http.cors_allow_origins, origin, &mut resp);
+    cors(&app.engine.cfg().http.cors_allow_origins, origin, &mut resp);
     let status = resp.status().as_u16().to_string();
     metrics::counter!(engine::metrics::HTTP_REQUESTS, "route" => route, "status" => status)
         .increment(1);

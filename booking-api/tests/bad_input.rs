@@ -877,7 +877,7 @@ async fn api_keys_missing_forged_or_out_of_scope_are_refused() {
     let other_seller = h
         .server
         .engine
-        .db
+        .db()
         .create_key(Scope::Seller, "another seller")
         .await
         .unwrap();

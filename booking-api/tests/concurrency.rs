@@ -229,7 +229,7 @@ async fn two_hundred_fans_race_for_overlapping_seats() {
         .iter()
         .all(|s| s["state"] != "held"));
 
-    let db = h.server.engine.db.client().await.unwrap();
+    let db = h.server.engine.db().client().await.unwrap();
     let twice = db
         .query(
             "SELECT seat_id, count(*) FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL \
@@ -372,7 +372,7 @@ async fn two_writers_all_commit(
         }))
         .await;
     let drop_id = DropId::parse(&drop).unwrap();
-    let db = &h.server.engine.db;
+    let db = h.server.engine.db();
     // Small batches, so each writer runs many transactions that overlap the other's.
     let cfg = WriterConfig {
         max_batch: 8,
@@ -484,7 +484,7 @@ async fn concurrent_admission_changes_both_stand() {
         let stored = h
             .server
             .engine
-            .db
+            .db()
             .admission(&drop_id)
             .await
             .unwrap()
@@ -494,7 +494,7 @@ async fn concurrent_admission_changes_both_stand() {
             (Some(paused), Some(rate)),
             "Postgres, round {round}: {stored}"
         );
-        let live = h.server.engine.redis.admission(&drop_id).await.unwrap();
+        let live = h.server.engine.redis().admission(&drop_id).await.unwrap();
         assert_eq!(
             (
                 live["paused"].as_str(),

@@ -419,7 +419,7 @@ async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
         eventually(
             "the drop was recovered (a rebuild line in the ledger)",
             || async {
-                let db = h.server.engine.db.client().await.unwrap();
+                let db = h.server.engine.db().client().await.unwrap();
                 let n: i64 = db
                     .query_one(
                         "SELECT count(*) FROM stock_ledger WHERE drop_id = $1 AND kind = 'rebuild'",
@@ -462,7 +462,7 @@ async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
         });
         *outcomes.entry(k).or_default() += 1;
     }
-    let db = h.server.engine.db.client().await.unwrap();
+    let db = h.server.engine.db().client().await.unwrap();
     let notes: Vec<String> = db
         .query(
             "SELECT DISTINCT note FROM stock_ledger WHERE drop_id IN ($1, $2) AND kind = 'rebuild'",

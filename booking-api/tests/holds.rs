@@ -114,7 +114,7 @@ async fn attempt_that_never_recorded_its_payment_is_reverted() {
     let id = HoldId::parse(hold_id).unwrap();
     h.server
         .engine
-        .redis
+        .redis()
         .confirm_begin(&id, &FanId::parse(&fan).unwrap(), "card_second")
         .await
         .unwrap();
@@ -854,7 +854,7 @@ async fn order_refused_by_postgres_voids_and_rebuilds_the_drop() {
     let drop = h.ga_drop(2, 2, 300).await;
     h.server
         .engine
-        .db
+        .db()
         .client()
         .await
         .unwrap()

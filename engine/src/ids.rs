@@ -76,6 +76,42 @@ string_id!(
     SeatId
 );
 
+string_id!(
+    /// A client's `Idempotency-Key` for a reserve: 1..=128 printable ASCII characters.
+    IdempotencyKey
+);
+string_id!(
+    /// A payment's reference from the fan's payment method: 1..=128 printable ASCII characters.
+    PaymentReference
+);
+
+/// What a key or a reference may be: 1..=128 printable ASCII characters (no space, no control).
+fn printable_ascii_128(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+impl IdempotencyKey {
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        if !printable_ascii_128(s) {
+            return Err(ParseError(
+                "Idempotency-Key must be 1..=128 printable ASCII characters".into(),
+            ));
+        }
+        Ok(IdempotencyKey(s.to_owned()))
+    }
+}
+
+impl PaymentReference {
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        if !printable_ascii_128(s) {
+            return Err(ParseError(
+                "payment.reference must be 1..=128 printable ASCII characters".into(),
+            ));
+        }
+        Ok(PaymentReference(s.to_owned()))
+    }
+}
+
 fn random_hex16() -> String {
     format!("{:016x}", rand::rng().random::<u64>())
 }

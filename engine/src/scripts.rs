@@ -218,8 +218,8 @@ impl Scripts {
 
 /// What the model test (engine/tests/model.rs) loads instead of the production scripts: its own
 /// clock prelude (time it moves by hand) and, optionally, replaced script bodies. Only in builds
-/// with the `test-scripts` feature, which only the engine's own tests turn on.
-#[cfg(feature = "test-scripts")]
+/// with the `testing` feature, which only test builds turn on.
+#[cfg(feature = "testing")]
 pub struct TestScripts {
     /// Lua that defines `local function now_ms()`, in place of lua/clock.lua.
     pub clock: String,
@@ -256,7 +256,7 @@ impl Redis {
     }
 
     /// [`Redis::connect`] with the model test's clock and script bodies.
-    #[cfg(feature = "test-scripts")]
+    #[cfg(feature = "testing")]
     pub async fn connect_with_test_scripts(cfg: &RedisConfig, test: TestScripts) -> Result<Redis> {
         let scripts = Scripts::new(&test.clock, |name, body| {
             test.replace

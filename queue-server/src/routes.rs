@@ -71,11 +71,11 @@ impl App {
         let token = bearer(req)
             .or_else(|| query_param(req, "fan_token"))
             .ok_or_else(|| Error::new(Code::Unauthorized))?;
-        self.rooms.queue.engine.fans.verify(token)
+        self.rooms.queue.engine.fans().verify(token)
     }
 
     fn client_ip(&self, req: &Request<Incoming>, peer: SocketAddr) -> std::net::IpAddr {
-        let trusted = &self.rooms.queue.engine.cfg.limits.trusted_proxies;
+        let trusted = &self.rooms.queue.engine.cfg().limits.trusted_proxies;
         http::client_ip(req, peer.ip(), trusted)
     }
 
@@ -102,7 +102,7 @@ impl App {
             (&Method::GET, ["drops", _]) => (
                 "/drops/{id}",
                 Ok(pages::queue_page(
-                    &self.rooms.queue.engine.cfg.queue.booking_public_url,
+                    &self.rooms.queue.engine.cfg().queue.booking_public_url,
                 )),
             ),
             (&Method::GET, ["static", name]) => (

@@ -40,7 +40,7 @@ impl Running {
         let _ = self.shutdown.send(true);
         self.rooms.close_all();
         let _ = self.task.await;
-        self.engine.redis.quit().await;
+        self.engine.close().await;
     }
 
     pub fn url(&self) -> String {
@@ -62,7 +62,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let engine = Engine::start_as(cfg, engine::Role::Queue).await?;
     let queue = Arc::new(Queue::new(engine.clone()));
     let (shutdown, rx) = watch::channel(false);
-    let qcfg = engine.cfg.queue.clone();
+    let qcfg = engine.cfg().queue.clone();
     let app = Arc::new(App {
         rooms: Rooms::new(queue.clone(), qcfg.clone(), rx.clone()),
         limits: Limits::new(&qcfg),
@@ -82,7 +82,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
 }
 
 async fn serve(listener: TcpListener, app: Arc<App>, shutdown: watch::Receiver<bool>) {
-    let cfg = app.rooms.queue.engine.cfg.queue.clone();
+    let cfg = app.rooms.queue.engine.cfg().queue.clone();
     let max = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(max));
     let tidy = {

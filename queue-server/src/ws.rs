@@ -78,7 +78,7 @@ pub async fn serve(
     fan: FanId,
     permit: Arc<OwnedSemaphorePermit>,
 ) {
-    let cfg = &rooms.queue.engine.cfg.queue;
+    let cfg = &rooms.queue.engine.cfg().queue;
     let (config, send_queue_len) = (ws_config(cfg), cfg.send_queue_len);
     // The two awaits before the loop are boxed: an async fn's state is as big as its biggest
     // await, and this one lives as long as the socket. Inline, the join's Redis and Postgres

@@ -90,7 +90,7 @@ async fn max_active_caps_shoppers_when_nobody_finishes() {
         assert!(t.active <= 20);
     }
     assert_eq!(total, 20);
-    assert_eq!(h.queue.engine.redis.line_len(&drop).await.unwrap(), 40);
+    assert_eq!(h.queue.engine.redis().line_len(&drop).await.unwrap(), 40);
     h.shutdown().await;
 }
 

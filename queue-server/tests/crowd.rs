@@ -109,7 +109,13 @@ async fn five_thousand_waiters_hear_positions_and_are_admitted_in_order() {
     }
     // In order: admission deadlines (admission time + shop window, from Redis TIME) never go
     // down along the line. Fans admitted in one run share a deadline.
-    let active = h.queue.engine.redis.active_deadlines(&drop).await.unwrap();
+    let active = h
+        .queue
+        .engine
+        .redis()
+        .active_deadlines(&drop)
+        .await
+        .unwrap();
     let deadline: HashMap<String, i64> = active.into_iter().collect();
     let mut by_place: Vec<&Seen> = seen.iter().collect();
     by_place.sort_by_key(|s| s.place);

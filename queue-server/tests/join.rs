@@ -16,7 +16,7 @@ async fn second_tab_and_second_device_get_the_same_place() {
     let h = Harness::start().await;
     let drop = h.queue_drop(10, 2, json!({"paused": true}), None).await;
     let (fan, tab) = h.fan("tabs");
-    let device = h.queue.engine.fans.issue_dev(&fan).unwrap();
+    let device = h.queue.engine.fans().issue_dev(&fan).unwrap();
     let (status, first) = h.join(&drop, &tab).await;
     assert_eq!(status, 201, "{first}");
     assert_eq!(first["status"], "waiting");
@@ -46,7 +46,7 @@ async fn thousand_concurrent_joins_get_thousand_distinct_places() {
         places.insert(body["place"].as_i64().unwrap());
     }
     assert_eq!(places.len(), 1_000);
-    assert_eq!(h.queue.engine.redis.line_len(&drop).await.unwrap(), 1_000);
+    assert_eq!(h.queue.engine.redis().line_len(&drop).await.unwrap(), 1_000);
     h.shutdown().await;
 }
 
@@ -175,7 +175,7 @@ async fn admitted_fan_joining_again_gets_no_second_place() {
     assert_eq!(again["status"], "admitted");
     let standing = h.queue.queue.standing(&drop, &fan).await.unwrap();
     assert_eq!(standing.ahead, None, "not back in the line");
-    assert_eq!(h.queue.engine.redis.line_len(&drop).await.unwrap(), 0);
+    assert_eq!(h.queue.engine.redis().line_len(&drop).await.unwrap(), 0);
     h.shutdown().await;
 }
 

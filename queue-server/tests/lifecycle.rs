@@ -235,7 +235,7 @@ async fn all_held_then_expiry_reopens_admission_and_sell_out_reaches_every_waite
         "{joined}"
     );
     assert_eq!(place_of(&h, &drop, &late).await, None);
-    let state = h.booking.engine.db.sold_state(&drop, &[]).await.unwrap();
+    let state = h.booking.engine.db().sold_state(&drop, &[]).await.unwrap();
     assert_eq!(state.sold.values().sum::<i64>(), 2, "Postgres' record");
     h.shutdown().await;
 }
@@ -254,7 +254,7 @@ async fn ops_settings_reach_every_instance() {
     let (first_fan, _) = h.fan("shopper");
     h.queue
         .engine
-        .redis
+        .redis()
         .test_admit(&drop, &first_fan, 600_000)
         .await
         .unwrap();

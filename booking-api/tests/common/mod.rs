@@ -26,13 +26,13 @@ impl Harness {
         let server = booking_api::start(cfg).await.expect("booking-api starts");
         let seller_key = server
             .engine
-            .db
+            .db()
             .create_key(Scope::Seller, "test-seller")
             .await
             .unwrap();
         let ops_key = server
             .engine
-            .db
+            .db()
             .create_key(Scope::Ops, "test-ops")
             .await
             .unwrap();
@@ -99,7 +99,7 @@ impl Harness {
     pub async fn admit(&self, drop: &str, fan: &str) {
         self.server
             .engine
-            .redis
+            .redis()
             .test_admit(
                 &engine::ids::DropId::parse(drop).unwrap(),
                 &engine::ids::FanId::parse(fan).unwrap(),
@@ -189,7 +189,7 @@ impl Harness {
     /// sale: inventory.sold, order items and the ledger all agree with Redis' sold count.
     pub async fn assert_invariants(&self, drop: &str) {
         let v = self.drop_view(drop).await;
-        let db = self.server.engine.db.client().await.unwrap();
+        let db = self.server.engine.db().client().await.unwrap();
         for b in v["inventory"].as_array().unwrap() {
             let bucket = b["sku"].as_str().or(b["section"].as_str()).unwrap();
             let (t, a, h, s) = (
@@ -316,7 +316,7 @@ impl Harness {
 
     /// What the test gateway recorded of a hold's payment.
     pub async fn payment(&self, hold_id: &str) -> engine::payments::TestPayment {
-        let gateway = self.server.engine.test_gateway.as_ref();
+        let gateway = self.server.engine.test_gateway();
         let hold = engine::ids::HoldId::parse(hold_id).unwrap();
         gateway
             .expect("the test gateway is on")
@@ -326,7 +326,7 @@ impl Harness {
 
     /// How many orders Postgres has for a drop (and for one hold, if given).
     pub async fn order_count(&self, drop: &str, hold: Option<&str>) -> i64 {
-        let db = self.server.engine.db.client().await.unwrap();
+        let db = self.server.engine.db().client().await.unwrap();
         let row = match hold {
             Some(h) => db
                 .query_one(

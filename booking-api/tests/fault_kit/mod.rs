@@ -277,7 +277,7 @@ pub async fn confirming(h: &Harness, drop: &str) -> Option<usize> {
     let d = DropId::parse(drop).unwrap();
     h.server
         .engine
-        .redis
+        .redis()
         .overdue_confirming(&d, i64::MAX, 1_000_000)
         .await
         .ok()
@@ -286,7 +286,7 @@ pub async fn confirming(h: &Harness, drop: &str) -> Option<usize> {
 
 /// Postgres' orders of a drop: hold id → order id.
 pub async fn pg_orders(h: &Harness, drop: &str) -> HashMap<String, String> {
-    let db = h.server.engine.db.client().await.unwrap();
+    let db = h.server.engine.db().client().await.unwrap();
     db.query(
         "SELECT hold_id, order_id::text FROM orders WHERE drop_id = $1",
         &[&drop],
@@ -300,7 +300,7 @@ pub async fn pg_orders(h: &Harness, drop: &str) -> HashMap<String, String> {
 
 /// Seats Postgres sold in a drop, checking on the way that none was sold twice.
 pub async fn pg_sold_seats(h: &Harness, drop: &str) -> HashSet<String> {
-    let db = h.server.engine.db.client().await.unwrap();
+    let db = h.server.engine.db().client().await.unwrap();
     let rows = db
         .query(
             "SELECT seat_id, count(*) FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL \
@@ -320,7 +320,7 @@ pub async fn pg_sold_seats(h: &Harness, drop: &str) -> HashSet<String> {
 
 /// Every bucket: Postgres' sold within total, and order items / ledger / inventory agree.
 pub async fn assert_pg_sane(h: &Harness, drop: &str) {
-    let db = h.server.engine.db.client().await.unwrap();
+    let db = h.server.engine.db().client().await.unwrap();
     for r in db
         .query(
             "SELECT i.bucket, i.total::bigint, i.sold::bigint, \
@@ -362,7 +362,7 @@ pub async fn assert_consistent(f: &Fault, h: &Harness, drop: &str) {
     let fans = f.redis_hash(&key(drop, "fans")).await;
     let orders = pg_orders(h, drop).await;
     let sold_seats = pg_sold_seats(h, drop).await;
-    let db = h.server.engine.db.client().await.unwrap();
+    let db = h.server.engine.db().client().await.unwrap();
     let bought: HashMap<String, i64> = db
         .query(
             "SELECT fan_id, units::bigint FROM fan_purchases WHERE drop_id = $1",

@@ -9,7 +9,7 @@ use super::*;
 #[serde(deny_unknown_fields)]
 pub struct Payment {
     pub gateway: String,
-    pub reference: String,
+    pub reference: PaymentReference,
 }
 
 #[derive(Debug, Deserialize)]
@@ -24,7 +24,7 @@ pub(super) type ConfirmResult = Result<(Order, bool)>;
 pub(super) struct Inflight {
     /// The hold's fan: another fan's confirm must not join (it would be handed this one's order).
     fan: FanId,
-    reference: String,
+    reference: PaymentReference,
     done: watch::Receiver<Option<ConfirmResult>>,
 }
 
@@ -50,20 +50,13 @@ impl Engine {
         self: &Arc<Self>,
         fan: &FanId,
         hold: &HoldId,
-        body: &[u8],
+        payment: Payment,
     ) -> Result<Answer> {
-        let ConfirmBody { payment } = parse_json(body)?;
         if payment.gateway != self.gateway.name() {
             return Err(Error::invalid(format!(
                 "payment.gateway must be `{}`",
                 self.gateway.name()
             )));
-        }
-        let r = &payment.reference;
-        if r.is_empty() || r.len() > 128 || !r.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(Error::invalid(
-                "payment.reference must be 1..=128 printable ASCII characters",
-            ));
         }
         // Some(receiver): another request here is confirming this hold; None: we lead.
         let (waiting, leader) = {
@@ -131,7 +124,7 @@ impl Engine {
         self.watch_drop(&def.drop_id);
         let begun = match self
             .redis
-            .confirm_begin(hold, fan, &payment.reference)
+            .confirm_begin(hold, fan, payment.reference.as_str())
             .await
         {
             // Ended holds are purged from Redis after `holds.done_ttl_ms`; a sold one still has
@@ -152,7 +145,13 @@ impl Engine {
         // If this fails nothing was charged: the hold stays confirming and the reconciler settles it.
         let recorded = self
             .db
-            .begin_payment(hold, fan, self.gateway.name(), &payment.reference, total)
+            .begin_payment(
+                hold,
+                fan,
+                self.gateway.name(),
+                payment.reference.as_str(),
+                total,
+            )
             .await?;
         // The reconciler takes holds past their confirm deadline, and reverts one whose payment
         // row isn't this attempt's: an insert that landed late (a stall, a partition) must not go
@@ -165,7 +164,7 @@ impl Engine {
         let auth = tokio::time::timeout(
             timeout,
             self.gateway
-                .authorize(hold, &payment.reference, total, &def.currency),
+                .authorize(hold, payment.reference.as_str(), total, &def.currency),
         )
         .await
         .unwrap_or(Err(GatewayError::Timeout));
@@ -176,7 +175,9 @@ impl Engine {
                     .db
                     .set_payment_state(hold, PaymentState::Declined)
                     .await;
-                self.redis.confirm_revert(hold, &payment.reference).await?;
+                self.redis
+                    .confirm_revert(hold, payment.reference.as_str())
+                    .await?;
                 return Err(Error::new(Code::PaymentDeclined));
             }
             Err(e) => {

@@ -3,21 +3,17 @@
 use super::*;
 
 impl Engine {
+    /// A reserve: `body` as parsed, `body_sha256` of its bytes as sent (a retry under the same
+    /// key must send the very same request).
     pub async fn reserve(
         &self,
         fan: &FanId,
         drop: &DropId,
-        idempotency_key: Option<&str>,
+        key: &IdempotencyKey,
         admission_token: Option<&str>,
-        body: &[u8],
+        body: HoldRequestBody,
+        body_sha256: &str,
     ) -> Result<Answer> {
-        let key = idempotency_key
-            .ok_or_else(|| Error::invalid("the Idempotency-Key header is required"))?;
-        if key.is_empty() || key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(Error::invalid(
-                "Idempotency-Key must be 1..=128 printable ASCII characters",
-            ));
-        }
         let def = self.drop_def(drop).await?;
         self.watch_drop(drop);
         if def.admission.mode == AdmissionMode::Queue {
@@ -29,8 +25,7 @@ impl Engine {
             })?;
             self.admission.verify(token, drop, fan)?;
         }
-        let parsed: HoldRequestBody = parse_json(body)?;
-        let request = HoldRequest::parse(parsed, &def, self.cfg.drops.max_items_per_hold)?;
+        let request = HoldRequest::parse(body, &def, self.cfg.drops.max_items_per_hold)?;
         let hold_id = HoldId::generate(drop);
         let seats: Vec<(String, String)>;
         let args = match &request {
@@ -50,7 +45,7 @@ impl Engine {
         let started = Instant::now();
         let (reserved, _replay) = self
             .redis
-            .reserve(drop, fan, key, &sha256_hex(body), &hold_id, args)
+            .reserve(drop, fan, key.as_str(), body_sha256, &hold_id, args)
             .await?;
         metrics::histogram!(m::RESERVE_SECONDS).record(started.elapsed().as_secs_f64());
         match reserved {

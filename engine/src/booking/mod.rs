@@ -33,12 +33,12 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::config::{ms, Config};
-use crate::db::{ApiKey, Db, Order, OrderItem, Voiding};
+use crate::db::{ApiKey, Db, Order, OrderItem, Scope, Voiding};
 use crate::drops::{
     AdmissionMode, AdmissionSettings, CreateDrop, DropDef, HoldRequest, HoldRequestBody, Kind,
 };
 use crate::error::{Code, Error, Result};
-use crate::ids::{DropId, FanId, HoldId, OrderId};
+use crate::ids::{DropId, FanId, HoldId, IdempotencyKey, OrderId, PaymentReference};
 use crate::metrics as m;
 use crate::payments::{GatewayError, Lookup, PaymentGateway, PaymentState, TestGateway};
 use crate::scripts::{
@@ -59,17 +59,20 @@ pub enum Role {
     Queue,
 }
 
+/// The façade both servers use: its fields are the crate's, so a server reaches Redis and Postgres
+/// only through the engine's methods (tests get [`Engine::redis`] and [`Engine::db`] under the
+/// `testing` feature, which only test builds turn on).
 pub struct Engine {
-    pub cfg: Config,
-    pub redis: Redis,
-    pub db: Db,
+    pub(crate) cfg: Config,
+    pub(crate) redis: Redis,
+    pub(crate) db: Db,
     /// The order writer: booking-api's only ([`Role::Queue`] sells nothing).
     writer: Option<Writer>,
-    pub gateway: Arc<dyn PaymentGateway>,
+    pub(crate) gateway: Arc<dyn PaymentGateway>,
     /// The same gateway as `gateway` when it's the test one, so tests can read its records.
-    pub test_gateway: Option<Arc<TestGateway>>,
-    pub fans: FanAuth,
-    pub admission: AdmissionKeys,
+    pub(crate) test_gateway: Option<Arc<TestGateway>>,
+    pub(crate) fans: FanAuth,
+    pub(crate) admission: AdmissionKeys,
     drops: Mutex<HashMap<DropId, Arc<DropDef>>>,
     drop_fills: crate::fill::FillGate<DropId>,
     inflight: Mutex<HashMap<HoldId, Inflight>>,
@@ -142,6 +145,77 @@ impl Engine {
             recovering: Mutex::new(HashMap::new()),
             cfg,
         }))
+    }
+
+    /// The configuration this engine runs with.
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Fan identity: verifying fan tokens, and the dev identity provider.
+    pub fn fans(&self) -> &FanAuth {
+        &self.fans
+    }
+
+    /// Closes the Redis pool (at shutdown, after the last request).
+    pub async fn close(&self) {
+        self.redis.quit().await;
+    }
+
+    /// The SHA-1 of lua/reserve.lua as loaded (for `redis-benchmark`'s EVALSHA).
+    pub fn reserve_script_sha(&self) -> String {
+        self.redis.reserve_sha()
+    }
+
+    /// The live drops the background work looks after at most (`reconciler.max_drops_watched`),
+    /// newest first: what `booking-api rebuild` rebuilds when given no drop.
+    pub async fn live_drops(&self) -> Result<Vec<DropId>> {
+        self.db
+            .live_drops(self.cfg.reconciler.max_drops_watched as i64)
+            .await
+    }
+
+    /// Creates an API key for `scope` (applying migrations first, so it works on a new
+    /// database) and returns it whole; only its hash is stored.
+    pub async fn create_key(cfg: &Config, scope: Scope, name: &str) -> Result<String> {
+        let db = Db::connect(&cfg.database)?;
+        db.migrate().await?;
+        db.create_key(scope, name).await
+    }
+
+    /// The API key `token` names, if it has `scope`: 401 when unknown or revoked, 403 when it
+    /// has another scope.
+    pub async fn api_key(&self, token: &str, scope: Scope) -> Result<ApiKey> {
+        let key = self
+            .db
+            .verify_key(token)
+            .await?
+            .ok_or_else(|| Error::msg(Code::Unauthorized, "Unknown or revoked API key."))?;
+        if key.scope != scope {
+            return Err(Error::msg(
+                Code::Forbidden,
+                format!("This needs a {} key.", scope.as_str()),
+            ));
+        }
+        Ok(key)
+    }
+
+    /// Redis, for tests that look behind the engine.
+    #[cfg(feature = "testing")]
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    /// Postgres, for tests that look behind the engine.
+    #[cfg(feature = "testing")]
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The test gateway's records, for tests (when the engine pays through it).
+    #[cfg(feature = "testing")]
+    pub fn test_gateway(&self) -> Option<&Arc<TestGateway>> {
+        self.test_gateway.as_ref()
     }
 
     pub async fn ready(&self) -> Result<()> {

@@ -60,13 +60,13 @@ impl Harness {
             .expect("queue-server starts");
         let seller_key = booking
             .engine
-            .db
+            .db()
             .create_key(Scope::Seller, "queue-test-seller")
             .await
             .unwrap();
         let ops_key = booking
             .engine
-            .db
+            .db()
             .create_key(Scope::Ops, "queue-test-ops")
             .await
             .unwrap();
@@ -93,7 +93,7 @@ impl Harness {
             seller_key,
             ops_key,
         } = self;
-        let mut cfg = queue.engine.cfg.clone();
+        let mut cfg = queue.engine.cfg().clone();
         cfg.queue.listen = queue.addr;
         queue.shutdown().await;
         let queue = queue_server::start(cfg)
@@ -116,7 +116,7 @@ impl Harness {
     /// A new fan (random suffix) and a dev token for them.
     pub fn fan(&self, name: &str) -> (FanId, String) {
         let fan = FanId::parse(&format!("{name}-{:08x}", rand::random::<u32>())).unwrap();
-        let token = self.queue.engine.fans.issue_dev(&fan).unwrap();
+        let token = self.queue.engine.fans().issue_dev(&fan).unwrap();
         (fan, token)
     }
 
