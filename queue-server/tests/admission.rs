@@ -119,7 +119,7 @@ async fn admission_is_inventory_aware() {
     for (fan, place) in &admitted {
         let token = fans.iter().find(|(f, _)| f == fan).unwrap().1.clone();
         let (adm, _) = h.queue.queue.admission_token(&drop, fan, *place);
-        let (status, body) = h.reserve(&drop, &token, &adm, 1).await;
+        let (status, body) = h.reserve_admitted(&drop, &token, &adm, 1).await;
         assert_eq!(status, 201, "{body}");
     }
     for _ in 0..20 {

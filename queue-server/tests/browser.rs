@@ -135,9 +135,7 @@ async fn queue_page_fan_waits_is_admitted_and_buys() {
         .local_storage("floodgate.fan_token")
         .await
         .expect("the booking page keeps the fan token");
-    let (status, o) = h
-        .booking_get(&format!("/v1/orders/{order_id}"), Some(&token))
-        .await;
+    let (status, o) = h.get(&format!("/v1/orders/{order_id}"), Some(&token)).await;
     assert_eq!(status, 200, "{o}");
     assert_eq!(o["fan"], fan.as_str());
     assert_eq!(o["drop_id"], drop.as_str());
@@ -196,7 +194,7 @@ async fn queue_page_shows_sold_out() {
     // Another fan goes through the line and buys the only tee.
     let (_, buyer) = h.fan("buyer");
     let admission = h.join_until_admitted(&drop, &buyer).await;
-    let (status, hold) = h.reserve(&drop, &buyer, &admission, 1).await;
+    let (status, hold) = h.reserve_admitted(&drop, &buyer, &admission, 1).await;
     assert_eq!(status, 201, "{hold}");
     let (status, order) = h
         .confirm(&buyer, hold["hold_id"].as_str().unwrap(), "ok_sold_out")
@@ -241,7 +239,7 @@ async fn queue_page_shows_all_held_then_admits_when_the_stock_returns() {
         .await;
     let (_, holder) = h.fan("holder");
     let admission = h.join_until_admitted(&drop, &holder).await;
-    let (status, hold) = h.reserve(&drop, &holder, &admission, 1).await;
+    let (status, hold) = h.reserve_admitted(&drop, &holder, &admission, 1).await;
     assert_eq!(status, 201, "{hold}");
 
     let p = open_browser("queue-all_held", PHONE).await;

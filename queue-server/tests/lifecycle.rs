@@ -157,7 +157,7 @@ async fn admitted_and_holding(h: &Harness, drop: &DropId, token: &str, s: &mut S
         }
     };
     let admission = admitted["admission_token"].as_str().unwrap();
-    let (status, hold) = h.reserve(drop, token, admission, 1).await;
+    let (status, hold) = h.reserve_admitted(drop, token, admission, 1).await;
     assert_eq!(status, 201, "{hold}");
     hold["hold_id"].as_str().unwrap().to_owned()
 }
@@ -174,7 +174,7 @@ async fn all_held_then_expiry_reopens_admission_and_sell_out_reaches_every_waite
     cfg.holds.sweep_interval_ms = 200;
     let h = Harness::start_with(cfg).await;
     let drop = h
-        .create_drop(json!({
+        .new_drop(json!({
             "name": "two tees", "per_fan_limit": 1, "hold_ttl_s": 2,
             "admission": {"mode": "queue", "paused": true, "rate_per_s": 1000, "burst": 1000,
                           "max_active": 100, "shop_window_s": 10},
@@ -204,7 +204,7 @@ async fn all_held_then_expiry_reopens_admission_and_sell_out_reaches_every_waite
 
     // The holds expire, the two shoppers' sessions end, and the next two are let in.
     testkit::eventually("the unpaid holds return to stock", || async {
-        h.counts(&drop).await == (2, 0, 0)
+        h.stock(&drop).await == (2, 0, 0)
     })
     .await;
     let mut buyers = Vec::new();
@@ -226,7 +226,7 @@ async fn all_held_then_expiry_reopens_admission_and_sell_out_reaches_every_waite
     for (_, _, s, _) in fans.iter_mut().skip(4) {
         wait_for(s, "sold_out").await;
     }
-    assert_eq!(h.counts(&drop).await, (0, 0, 2));
+    assert_eq!(h.stock(&drop).await, (0, 0, 2));
     let (late, late_token) = h.fan("late");
     let (status, joined) = h.join(&drop, &late_token).await;
     assert_eq!(

@@ -302,13 +302,13 @@ async fn fault_redis_partitioned_from_queue_server_with_sockets_open() {
     })
     .await;
     let admission = admitted(heard).await.unwrap();
-    let (status, hold) = h.reserve(&drop, &first.1, &admission, 1).await;
+    let (status, hold) = h.reserve_admitted(&drop, &first.1, &admission, 1).await;
     assert_eq!(status, 201, "{hold}");
     let (status, order) = h
         .confirm(&first.1, hold["hold_id"].as_str().unwrap(), "ok_net")
         .await;
     assert_eq!(status, 201, "{order}");
-    let (available, held, sold) = h.counts(&drop).await;
+    let (available, held, sold) = h.stock(&drop).await;
     assert_eq!(available + held + sold, 100);
     assert_eq!(sold, 1);
 

@@ -62,7 +62,7 @@ async fn websocket_fan_gets_position_then_admitted_and_reserves() {
         .as_str()
         .unwrap()
         .contains(&format!("/drops/{drop}?admission_token=")));
-    let (status, hold) = h.reserve(&drop, &token, admission, 1).await;
+    let (status, hold) = h.reserve_admitted(&drop, &token, admission, 1).await;
     assert_eq!(status, 201, "{hold}");
     h.shutdown().await;
 }
@@ -74,7 +74,7 @@ async fn queue_drop_reserve_needs_an_admitted_session() {
     let (fan, token) = h.fan("gatecrasher");
     // A correctly signed token, but the fan was never admitted by the waiting room.
     let (admission, _) = h.queue.queue.admission_token(&drop, &fan, 1);
-    let (status, body) = h.reserve(&drop, &token, &admission, 1).await;
+    let (status, body) = h.reserve_admitted(&drop, &token, &admission, 1).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], "not_admitted");
     h.shutdown().await;

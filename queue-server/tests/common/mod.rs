@@ -1,8 +1,9 @@
 //! Test harness: a booking-api (drops, fan sessions, reserves) and a queue-server started
 //! in-process on 127.0.0.1:0 against the Redis and Postgres that `./dev test` started
 //! (FLOODGATE_TEST_REDIS_URL / FLOODGATE_TEST_DATABASE_URL), sharing identity and admission
-//! secrets as a deployment would. Every test makes its own drops and fans. The shared test config
-//! and bounded waits are in `testkit`.
+//! secrets as a deployment would. A harness derefs to its `testkit::BookingClient` (the one client
+//! of booking-api every suite uses) for drops, admission settings, holds and reads; what is the
+//! waiting room's is here. Every test makes its own drops and fans.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -11,6 +12,7 @@ use engine::db::Scope;
 use engine::ids::{DropId, FanId};
 use engine::Config;
 use serde_json::{json, Value};
+use testkit::BookingClient;
 
 /// testkit's test config with what this suite adds: booking-api and queue-server in one test
 /// must accept each other's fan tokens, so the dev identity secret is fixed.
@@ -25,9 +27,16 @@ pub fn test_config() -> Config {
 pub struct Harness {
     pub booking: booking_api::Running,
     pub queue: queue_server::Running,
-    pub http: reqwest::Client,
-    pub seller_key: String,
-    pub ops_key: String,
+    /// The client of `booking`.
+    pub client: BookingClient,
+}
+
+impl std::ops::Deref for Harness {
+    type Target = BookingClient;
+
+    fn deref(&self) -> &BookingClient {
+        &self.client
+    }
 }
 
 impl Harness {
@@ -70,16 +79,11 @@ impl Harness {
             .create_key(Scope::Ops, "queue-test-ops")
             .await
             .unwrap();
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .build()
-            .unwrap();
+        let client = BookingClient::new(booking.url()).with_keys(seller_key, ops_key);
         Harness {
             booking,
             queue,
-            http,
-            seller_key,
-            ops_key,
+            client,
         }
     }
 
@@ -89,9 +93,7 @@ impl Harness {
         let Harness {
             booking,
             queue,
-            http,
-            seller_key,
-            ops_key,
+            client,
         } = self;
         let mut cfg = queue.engine.cfg().clone();
         cfg.queue.listen = queue.addr;
@@ -102,9 +104,7 @@ impl Harness {
         Harness {
             booking,
             queue,
-            http,
-            seller_key,
-            ops_key,
+            client,
         }
     }
 
@@ -144,36 +144,12 @@ impl Harness {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap());
         }
-        self.create_drop(body).await
+        self.new_drop(body).await
     }
 
-    /// Creates a drop from a whole `POST /v1/drops` body.
-    pub async fn create_drop(&self, body: Value) -> DropId {
-        let r = self
-            .http
-            .post(format!("{}/v1/drops", self.booking.url()))
-            .bearer_auth(&self.seller_key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.unwrap();
-        assert_eq!(status, 201, "create drop: {v}");
-        DropId::parse(v["drop_id"].as_str().unwrap()).unwrap()
-    }
-
-    /// Ops' admission settings (`PUT /v1/drops/{id}/admission`).
-    pub async fn set_admission(&self, drop: &DropId, body: Value) {
-        let r = self
-            .http
-            .put(format!("{}/v1/drops/{drop}/admission", self.booking.url()))
-            .bearer_auth(&self.ops_key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    /// Creates a drop from a whole `POST /v1/drops` body; its id, parsed.
+    pub async fn new_drop(&self, body: Value) -> DropId {
+        DropId::parse(&self.client.create_drop(body).await).expect("a drop id")
     }
 
     /// HTTP join; (status, body).
@@ -186,31 +162,6 @@ impl Harness {
             .await
             .unwrap();
         testkit::answer(r).await
-    }
-
-    /// Pays a hold with the test gateway (`ok_...` succeeds).
-    pub async fn confirm(&self, token: &str, hold: &str, reference: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/v1/holds/{hold}/confirm", self.booking.url()))
-            .bearer_auth(token)
-            .json(&json!({"payment": {"gateway": "test", "reference": reference}}))
-            .send()
-            .await
-            .unwrap();
-        testkit::answer(r).await
-    }
-
-    /// Gives a hold back (`DELETE /v1/holds/{id}`); the status.
-    pub async fn release(&self, token: &str, hold: &str) -> u16 {
-        let r = self
-            .http
-            .delete(format!("{}/v1/holds/{hold}", self.booking.url()))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        r.status().as_u16()
     }
 
     /// Joins `token`'s fan over HTTP and polls until the line admits it; its admission token.
@@ -229,25 +180,9 @@ impl Harness {
     }
 
     /// The drop's live counts summed over its SKUs: (available, held, sold).
-    pub async fn counts(&self, drop: &DropId) -> (i64, i64, i64) {
-        let v: Value = self
-            .http
-            .get(format!("{}/v1/drops/{drop}", self.booking.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let sum = |field: &str| {
-            v["inventory"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|b| b[field].as_i64().unwrap())
-                .sum::<i64>()
-        };
-        (sum("available"), sum("held"), sum("sold"))
+    pub async fn stock(&self, drop: &DropId) -> (i64, i64, i64) {
+        let (_, available, held, sold) = self.client.counts(drop).await;
+        (available, held, sold)
     }
 
     pub async fn me(&self, drop: &DropId, token: &str) -> (u16, Value) {
@@ -261,35 +196,24 @@ impl Harness {
         testkit::answer(r).await
     }
 
-    /// A reserve at booking-api with an admission token.
-    pub async fn reserve(
+    /// A reserve of `qty` tees at booking-api with an admission token.
+    pub async fn reserve_admitted(
         &self,
         drop: &DropId,
         token: &str,
         admission: &str,
         qty: u32,
     ) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/v1/drops/{drop}/holds", self.booking.url()))
-            .bearer_auth(token)
-            .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
-            .header("X-Admission-Token", admission)
-            .json(&json!({"items": [{"sku": "TEE", "quantity": qty}]}))
-            .send()
+        let body = json!({"items": [{"sku": "TEE", "quantity": qty}]});
+        self.client
+            .reserve_with(
+                token,
+                drop,
+                Some(&testkit::new_key()),
+                Some(admission),
+                body,
+            )
             .await
-            .unwrap();
-        testkit::answer(r).await
-    }
-
-    /// A GET at booking-api; (status, body).
-    pub async fn booking_get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = self.http.get(format!("{}{path}", self.booking.url()));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let r = req.send().await.unwrap();
-        testkit::answer(r).await
     }
 }
 
