@@ -15,20 +15,13 @@ use engine::tokens::{AdmissionClaims, AdmissionKeys};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::Method;
 use serde_json::{json, Value};
-use testkit::{eventually, test_config, ADMISSION_SECRET};
+use testkit::{eventually, test_config, Reply, ADMISSION_SECRET};
 
 /// The dev identity secret of the harnesses that sign their own fan tokens.
 const DEV_SECRET: &str = "known";
 /// `test_config`'s admission secret.
 /// `http.max_body_bytes`' default.
 const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// One answer: status, JSON body (`Null` when there is none) and `Retry-After`.
-struct Reply {
-    status: u16,
-    body: Value,
-    retry_after: Option<String>,
-}
 
 /// Sends a request with a raw `Authorization` value (so malformed ones can be sent too).
 async fn send(
@@ -51,19 +44,7 @@ async fn send(
             .header("content-type", "application/json")
             .body(body.to_vec());
     }
-    let r = req.send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
-    let status = r.status().as_u16();
-    let retry_after = r
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let bytes = r.bytes().await.unwrap_or_default();
-    Reply {
-        status,
-        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        retry_after,
-    }
+    h.send(req).await
 }
 
 fn bearer(token: &str) -> String {

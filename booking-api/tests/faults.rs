@@ -19,13 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::Harness;
-use fault_kit::{
-    assert_consistent, confirming, eventually, key, new_key, pg_orders, seated_body, Api, Fault,
-    Reply,
-};
+use fault_kit::{assert_consistent, confirming, eventually, key, pg_orders, seated_body, Fault};
 use futures::future::join_all;
 use serde_json::{json, Value};
-use testkit::test_config_for;
+use testkit::{new_key, test_config_for, BookingClient, Reply};
 
 /// Copies a directory's files (Redis' AOF directory) as they are right now.
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -47,7 +44,7 @@ async fn fault_postgres_stopped_during_confirms() {
     cfg.holds.confirm_safety_margin_ms = 500;
     cfg.database.timeout_ms = 1_000;
     let h = Harness::with_config(cfg).await;
-    let api = Api::of(&h);
+    let api = h.client.clone();
     let drop = h.ga_drop(200, 1, 600).await;
 
     // 100 fans hold one unit each.
@@ -58,7 +55,7 @@ async fn fault_postgres_stopped_during_confirms() {
                 .fan_token(&format!("pg-fan-{i}-{}", uuid::Uuid::new_v4()))
                 .await;
             let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
-            let r = api.reserve(&token, &drop, &new_key(), &body).await;
+            let r = api.reserve_reply(&token, &drop, &new_key(), &body).await;
             assert_eq!(r.status, 201, "reserve: {r:?}");
             (token, r.str("hold_id"))
         }
@@ -68,7 +65,12 @@ async fn fault_postgres_stopped_during_confirms() {
     let confirm = |i: usize| {
         let api = api.clone();
         let (token, hold) = fans[i].clone();
-        async move { (i, api.confirm(&token, &hold, &format!("ok_{i}")).await) }
+        async move {
+            (
+                i,
+                api.confirm_reply(&token, &hold, &format!("ok_{i}")).await,
+            )
+        }
     };
 
     // 30 confirms with Postgres up; 30 more as it stops; 40 while it is down.
@@ -113,7 +115,9 @@ async fn fault_postgres_stopped_during_confirms() {
             let mut sold = 0;
             for &i in &pending {
                 let (token, hold) = &fans[i];
-                let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+                let r = api
+                    .get_reply(&format!("/v1/holds/{hold}"), Some(token))
+                    .await;
                 assert_eq!(r.status, 200, "{label}: hold {hold}: {r:?}");
                 let state = r.body["state"].as_str().unwrap_or_default();
                 if i < 60 && state == "sold" {
@@ -159,7 +163,9 @@ async fn fault_postgres_stopped_during_confirms() {
         assert_eq!(orders.get(hold), Some(order), "the 201 order of {hold}");
     }
     for (i, (token, hold)) in fans.iter().enumerate() {
-        let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+        let r = api
+            .get_reply(&format!("/v1/holds/{hold}"), Some(token))
+            .await;
         assert_eq!(r.status, 200, "{r:?}");
         match r.body["state"].as_str().unwrap_or_default() {
             "sold" => {
@@ -168,7 +174,7 @@ async fn fault_postgres_stopped_during_confirms() {
                     orders.get(hold).map(String::as_str)
                 );
                 if pending.contains(&i) {
-                    let again = api.confirm(token, hold, &format!("ok_{i}")).await;
+                    let again = api.confirm_reply(token, hold, &format!("ok_{i}")).await;
                     assert_eq!(again.status, 200, "retried confirm of {hold}: {again:?}");
                     assert_eq!(Some(&again.str("order_id")), orders.get(hold));
                 }
@@ -179,7 +185,9 @@ async fn fault_postgres_stopped_during_confirms() {
                     "hold {hold} answered 201 but is held: {r:?}"
                 );
                 assert_eq!(orders.get(hold), None, "held hold {hold} has an order");
-                let again = api.confirm(token, hold, &format!("ok_retry_{i}")).await;
+                let again = api
+                    .confirm_reply(token, hold, &format!("ok_retry_{i}"))
+                    .await;
                 assert_eq!(again.status, 201, "retried confirm of {hold}: {again:?}");
             }
             other => panic!("hold {hold} after recovery is {other}: {r:?}"),
@@ -195,11 +203,13 @@ async fn fault_postgres_stopped_during_confirms() {
         .fan_token(&format!("pg-after-{}", uuid::Uuid::new_v4()))
         .await;
     let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
-    let r = api.reserve(&token, &drop, &new_key(), &body).await;
+    let r = api.reserve_reply(&token, &drop, &new_key(), &body).await;
     assert_eq!(r.status, 201, "{r:?}");
-    let c = api.confirm(&token, &r.str("hold_id"), "ok_after").await;
+    let c = api
+        .confirm_reply(&token, &r.str("hold_id"), "ok_after")
+        .await;
     assert_eq!(c.status, 201, "confirm after Postgres came back: {c:?}");
-    assert_eq!(api.get("/readyz", None).await.status, 200);
+    assert_eq!(api.get_reply("/readyz", None).await.status, 200);
     assert_eq!(h.counts(&drop).await, (200, 99, 0, 101));
     assert_consistent(&f, &h, &drop).await;
 
@@ -222,7 +232,7 @@ struct Seen {
 /// One shopper: a fan after another reserves (GA units, best-available or named seats) and pays
 /// for most holds, retrying 503s as a client would, until `stop`.
 async fn shopper(
-    api: Api,
+    api: BookingClient,
     drop: String,
     seated: bool,
     stop: Arc<AtomicBool>,
@@ -253,7 +263,7 @@ async fn shopper(
             // Retries reuse the Idempotency-Key, as a client retrying one request does.
             let idem = new_key();
             let r = loop {
-                let r = api.reserve(&token, &drop, &idem, &body).await;
+                let r = api.reserve_reply(&token, &drop, &idem, &body).await;
                 r.check_5xx("reserve", &["unavailable", "recovering"]);
                 {
                     let mut s = seen.lock().unwrap();
@@ -287,7 +297,7 @@ async fn shopper(
             }
             let reference = format!("ok_{}", uuid::Uuid::new_v4());
             let c = loop {
-                let c = api.confirm(&token, &hold, &reference).await;
+                let c = api.confirm_reply(&token, &hold, &reference).await;
                 c.check_5xx("confirm", &["unavailable", "payment_pending", "recovering"]);
                 if c.status == 503 {
                     *seen
@@ -343,7 +353,7 @@ async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
     let f = Fault::start(stack).await;
     let cfg = test_config_for(&f.redis_url, &f.db_url);
     let h = Harness::with_config(cfg).await;
-    let api = Api::of(&h);
+    let api = h.client.clone();
     let ga = h.ga_drop(3_000, 4, 600).await;
     let seated = h.create_drop(seated_body(&["A", "B"], 10, 20, 4)).await;
 
@@ -442,7 +452,7 @@ async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
             json!({"best_available": {"section": "B", "quantity": 1}})
         };
         eventually("a reserve succeeds again", || async {
-            let r = api.reserve(&token, drop, &new_key(), &body).await;
+            let r = api.reserve_reply(&token, drop, &new_key(), &body).await;
             r.check_5xx("reserve after recovery", &["unavailable", "recovering"]);
             r.status == 201
         })
@@ -499,7 +509,9 @@ async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
             c.status,
             orders[drop].get(hold)
         );
-        let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+        let r = api
+            .get_reply(&format!("/v1/holds/{hold}"), Some(token))
+            .await;
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(r.body["state"], "sold", "hold {hold}: {r:?}");
         assert_eq!(r.str("order_id"), order);
@@ -519,7 +531,7 @@ async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
 async fn fault_redis_flushed_then_rebuilt() {
     let f = Fault::start("fault-redis-flush").await;
     let h = Harness::with_config(test_config_for(&f.redis_url, &f.db_url)).await;
-    let api = Api::of(&h);
+    let api = h.client.clone();
     let ga = h.ga_drop(50, 2, 600).await;
     let seated = h.create_drop(seated_body(&["A"], 3, 8, 2)).await;
     let run = uuid::Uuid::new_v4().simple().to_string();
@@ -531,11 +543,11 @@ async fn fault_redis_flushed_then_rebuilt() {
         let api = api.clone();
         async move {
             let token = api.fan_token(&fan).await;
-            let r = api.reserve(&token, &drop, &new_key(), &body).await;
+            let r = api.reserve_reply(&token, &drop, &new_key(), &body).await;
             assert_eq!(r.status, 201, "{fan} reserve: {r:?}");
             let hold = r.str("hold_id");
             if pay {
-                let c = api.confirm(&token, &hold, "ok_flush").await;
+                let c = api.confirm_reply(&token, &hold, "ok_flush").await;
                 assert_eq!(c.status, 201, "{fan} confirm: {c:?}");
             }
             (token, hold)
@@ -561,10 +573,12 @@ async fn fault_redis_flushed_then_rebuilt() {
 
     // What a rebuilt drop must look like: sold from Postgres, the flushed holds gone (their
     // units and seats back on sale), per-fan counts = what each fan bought.
-    let check_rebuilt = |api: Api, t1: String, t4: String| {
+    let check_rebuilt = |api: BookingClient, t1: String, t4: String| {
         let (ga, seated) = (ga.clone(), seated.clone());
         async move {
-            let v = api.get(&format!("/v1/drops/{seated}/seats"), None).await;
+            let v = api
+                .get_reply(&format!("/v1/drops/{seated}/seats"), None)
+                .await;
             assert_eq!(v.status, 200, "{v:?}");
             for s in v.body["seats"].as_array().unwrap() {
                 let seat = s["seat"].as_str().unwrap();
@@ -576,10 +590,10 @@ async fn fault_redis_flushed_then_rebuilt() {
                 assert_eq!(s["state"], want, "seat {seat} after the rebuild");
             }
             // Fans at the per-fan limit are still refused: their purchases count.
-            let r = api.reserve(&t1, &ga, &new_key(), &units(1)).await;
+            let r = api.reserve_reply(&t1, &ga, &new_key(), &units(1)).await;
             assert_eq!((r.status, r.code()), (422, "limit_exceeded"), "{r:?}");
             let r = api
-                .reserve(&t4, &seated, &new_key(), &seats(&["A-3-1"]))
+                .reserve_reply(&t4, &seated, &new_key(), &seats(&["A-3-1"]))
                 .await;
             assert_eq!((r.status, r.code()), (422, "limit_exceeded"), "{r:?}");
         }
@@ -588,20 +602,20 @@ async fn fault_redis_flushed_then_rebuilt() {
     // -- The watcher: a flushed drop answers 503 `recovering`, then comes back by itself.
     f.flushall().await;
     for drop in [&ga, &seated] {
-        let r = api.get(&format!("/v1/drops/{drop}"), None).await;
+        let r = api.get_reply(&format!("/v1/drops/{drop}"), None).await;
         r.check_5xx("drop view after FLUSHALL", &["recovering"]);
         assert!(
             r.status == 503 || r.status == 200,
             "drop view after FLUSHALL: {r:?}"
         );
     }
-    let r = api.reserve(&t2, &ga, &new_key(), &units(1)).await;
+    let r = api.reserve_reply(&t2, &ga, &new_key(), &units(1)).await;
     r.check_5xx("reserve after FLUSHALL", &["recovering"]);
     assert!(r.status == 503 || r.status == 201, "{r:?}");
     let extra = u32::from(r.status == 201);
     eventually("both drops rebuilt by the watcher", || async {
-        let a = api.get(&format!("/v1/drops/{ga}"), None).await;
-        let b = api.get(&format!("/v1/drops/{seated}"), None).await;
+        let a = api.get_reply(&format!("/v1/drops/{ga}"), None).await;
+        let b = api.get_reply(&format!("/v1/drops/{seated}"), None).await;
         a.status == 200 && b.status == 200
     })
     .await;
@@ -613,24 +627,28 @@ async fn fault_redis_flushed_then_rebuilt() {
     check_rebuilt(api.clone(), t1.clone(), t4.clone()).await;
     // The flushed holds are gone; a sold one still reads `sold` (from Postgres).
     for (token, hold) in [(&t3, &h3), (&t6, &h6)] {
-        let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+        let r = api
+            .get_reply(&format!("/v1/holds/{hold}"), Some(token))
+            .await;
         assert_eq!((r.status, r.code()), (404, "unknown_hold"), "{r:?}");
-        let c = api.confirm(token, hold, "ok_lost").await;
+        let c = api.confirm_reply(token, hold, "ok_lost").await;
         assert_eq!((c.status, c.code()), (404, "unknown_hold"), "{c:?}");
     }
     for (token, hold) in [(&t1, &h1), (&t4, &h4)] {
-        let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+        let r = api
+            .get_reply(&format!("/v1/holds/{hold}"), Some(token))
+            .await;
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(r.body["state"], "sold", "{r:?}");
     }
     // A fan under the limit may buy up to it, no further.
-    let r = api.reserve(&t2, &ga, &new_key(), &units(1)).await;
+    let r = api.reserve_reply(&t2, &ga, &new_key(), &units(1)).await;
     if extra == 0 {
         assert_eq!(r.status, 201, "{r:?}");
     } else {
         assert_eq!((r.status, r.code()), (422, "limit_exceeded"), "{r:?}");
     }
-    let r = api.reserve(&t2, &ga, &new_key(), &units(1)).await;
+    let r = api.reserve_reply(&t2, &ga, &new_key(), &units(1)).await;
     assert_eq!((r.status, r.code()), (422, "limit_exceeded"), "{r:?}");
     for drop in [&ga, &seated] {
         assert_consistent(&f, &h, drop).await;
@@ -682,7 +700,7 @@ async fn fault_redis_flushed_then_rebuilt() {
 
     // A booking-api started afterwards serves the rebuilt drops as they are.
     let h = Harness::with_config(test_config_for(&f.redis_url, &f.db_url)).await;
-    let api = Api::of(&h);
+    let api = h.client.clone();
     assert_eq!(h.counts(&ga).await, (50, 50 - ga_sold, 0, ga_sold));
     assert_eq!(h.counts(&seated).await, (24, 21, 0, 3));
     let (t1, t4) = (

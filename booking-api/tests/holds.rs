@@ -147,10 +147,10 @@ async fn slow_payment_is_settled_by_the_reconciler() {
     assert_eq!(status, 201, "{hold}");
     let hold_id = hold["hold_id"].as_str().unwrap();
 
-    let (status, retry_after, body) = h.confirm_with_retry_after(&token, hold_id, "slow_1").await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(error_code(&body), "payment_pending");
-    assert!(retry_after.is_some(), "503 carries Retry-After");
+    let r = h.confirm_reply(&token, hold_id, "slow_1").await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.code(), "payment_pending");
+    assert!(r.retry_after.is_some(), "503 carries Retry-After");
     assert_eq!(h.hold_state(&token, hold_id).await, "confirming");
     assert_eq!(
         h.counts(&drop).await,

@@ -20,27 +20,25 @@ use std::time::Duration;
 
 use common::Harness;
 use devstack::{BehindLink, DelayRelay};
-use fault_kit::{
-    assert_consistent, confirming, eventually, key, new_key, pg_orders, seated_body, Api, Fault,
-    Reply,
-};
+use fault_kit::{assert_consistent, confirming, eventually, key, pg_orders, seated_body, Fault};
 use futures::future::join_all;
 use serde_json::{json, Value};
-use testkit::test_config_for;
+use testkit::{new_key, test_config_for, BookingClient, Reply};
 
 /// booking-api's request timeout in these tests: every answer comes within it, or it is a bug.
 const REQUEST_TIMEOUT_MS: u64 = 4_000;
 
 /// A client that gives up a little after booking-api's request timeout: a request it gives up on
-/// hung past that timeout, and the test fails on it (`Api::send` panics on a client error).
-fn impatient_api(h: &Harness) -> Api {
-    Api {
+/// hung past that timeout, and the test fails on it (`BookingClient::send` panics on a client
+/// error).
+fn impatient_api(h: &Harness) -> BookingClient {
+    BookingClient {
         http: reqwest::Client::builder()
             .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS + 3_000))
             .pool_max_idle_per_host(256)
             .build()
             .expect("a client"),
-        base: h.base.clone(),
+        ..h.client.clone()
     }
 }
 
@@ -95,7 +93,14 @@ fn check_confirm(r: &Reply) {
 
 /// One fan: a reserve (retried on 503 with the same Idempotency-Key, as a client retrying one
 /// request does, at most `tries` times), then, for every other fan, a confirm (retried likewise).
-async fn fan(api: Api, drop: String, body: Value, pay: bool, tries: usize, seen: Arc<Mutex<Seen>>) {
+async fn fan(
+    api: BookingClient,
+    drop: String,
+    body: Value,
+    pay: bool,
+    tries: usize,
+    seen: Arc<Mutex<Seen>>,
+) {
     let token = api
         .fan_token(&format!("net-{}", uuid::Uuid::new_v4()))
         .await;
@@ -103,7 +108,7 @@ async fn fan(api: Api, drop: String, body: Value, pay: bool, tries: usize, seen:
     let mut hold = None;
     for attempt in 0..tries {
         let started = std::time::Instant::now();
-        let r = api.reserve(&token, &drop, &idem, &body).await;
+        let r = api.reserve_reply(&token, &drop, &idem, &body).await;
         let took = started.elapsed();
         check_reserve(&r);
         {
@@ -138,7 +143,7 @@ async fn fan(api: Api, drop: String, body: Value, pay: bool, tries: usize, seen:
     }
     let reference = format!("ok_{}", uuid::Uuid::new_v4());
     for _ in 0..tries {
-        let c = api.confirm(&token, &hold, &reference).await;
+        let c = api.confirm_reply(&token, &hold, &reference).await;
         check_confirm(&c);
         seen.lock().unwrap().count("confirm", &c);
         if c.status == 200 || c.status == 201 {
@@ -154,7 +159,13 @@ async fn fan(api: Api, drop: String, body: Value, pay: bool, tries: usize, seen:
 /// After the fault: every hold answered 201 still exists (held, confirming or sold); every order
 /// answered is in Postgres and its hold reads `sold` with it; every unpaid confirm, retried now,
 /// sells or finds its hold ended; then Redis and Postgres agree about every drop.
-async fn check_acknowledged(f: &Fault, h: &Harness, api: &Api, seen: &Seen, drops: &[&String]) {
+async fn check_acknowledged(
+    f: &Fault,
+    h: &Harness,
+    api: &BookingClient,
+    seen: &Seen,
+    drops: &[&String],
+) {
     for drop in drops {
         eventually("no hold is confirming", || async {
             confirming(h, drop).await == Some(0)
@@ -174,7 +185,9 @@ async fn check_acknowledged(f: &Fault, h: &Harness, api: &Api, seen: &Seen, drop
         );
     }
     for (_, token, hold) in &seen.holds {
-        let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+        let r = api
+            .get_reply(&format!("/v1/holds/{hold}"), Some(token))
+            .await;
         assert_eq!(r.status, 200, "an acknowledged hold {hold}: {r:?}");
         let state = r.body["state"].as_str().unwrap_or_default();
         assert!(
@@ -191,7 +204,7 @@ async fn check_acknowledged(f: &Fault, h: &Harness, api: &Api, seen: &Seen, drop
     // order, whatever the reference).
     for (token, hold, _) in &seen.unpaid {
         let reference = format!("ok_retry_{}", uuid::Uuid::new_v4());
-        let c = api.confirm(token, hold, &reference).await;
+        let c = api.confirm_reply(token, hold, &reference).await;
         assert!(
             c.status == 200 || c.status == 201,
             "confirm of {hold} retried after healing: {c:?}"
@@ -335,7 +348,7 @@ async fn partitioned_during_confirms(name: &str, which: BehindLink) {
                 .fan_token(&format!("part-{i}-{}", uuid::Uuid::new_v4()))
                 .await;
             let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
-            let r = api.reserve(&token, &drop, &new_key(), &body).await;
+            let r = api.reserve_reply(&token, &drop, &new_key(), &body).await;
             assert_eq!(r.status, 201, "reserve before the partition: {r:?}");
             (token, r.str("hold_id"))
         }
@@ -356,7 +369,7 @@ async fn partitioned_during_confirms(name: &str, which: BehindLink) {
                         return;
                     };
                     let reference = format!("ok_{i}");
-                    let c = api.confirm(token, hold, &reference).await;
+                    let c = api.confirm_reply(token, hold, &reference).await;
                     check_confirm(&c);
                     {
                         let mut s = seen.lock().unwrap();
@@ -379,9 +392,11 @@ async fn partitioned_during_confirms(name: &str, which: BehindLink) {
     f.link(|l| l.partition()).await;
     // While Redis is out of reach, reads answer documented codes within the timeout too.
     let (token, hold) = &holds[0];
-    let r = api.get(&format!("/v1/holds/{hold}"), Some(token)).await;
+    let r = api
+        .get_reply(&format!("/v1/holds/{hold}"), Some(token))
+        .await;
     r.check_5xx("hold read in the partition", &["unavailable", "recovering"]);
-    let r = api.get(&format!("/v1/drops/{drop}"), None).await;
+    let r = api.get_reply(&format!("/v1/drops/{drop}"), None).await;
     r.check_5xx("drop read in the partition", &["unavailable", "recovering"]);
     tokio::time::sleep(Duration::from_secs(10)).await;
     f.link(|l| l.heal()).await;

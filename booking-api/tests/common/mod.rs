@@ -1,20 +1,26 @@
 //! Test harness: a booking-api started in-process on 127.0.0.1:0 against the Redis and Postgres
-//! that `./dev test` started (FLOODGATE_TEST_REDIS_URL / FLOODGATE_TEST_DATABASE_URL), and a small
-//! client. Every test makes its own drops and fans, so tests run in parallel without sharing data.
-//! The config and bounded waits every suite shares are in `testkit`.
+//! that `./dev test` started (FLOODGATE_TEST_REDIS_URL / FLOODGATE_TEST_DATABASE_URL). A harness
+//! derefs to its `testkit::BookingClient` (the one client of the API every suite uses), so tests
+//! call `h.reserve(…)`; what needs the server's engine (Postgres checks, the test gateway) is
+//! here. Every test makes its own drops and fans, so tests run in parallel without sharing data.
 #![allow(dead_code)]
 
 use booking_api::Running;
 use engine::db::Scope;
 use engine::Config;
-use serde_json::{json, Value};
+use testkit::BookingClient;
 
 pub struct Harness {
     pub server: Running,
-    pub http: reqwest::Client,
-    pub base: String,
-    pub seller_key: String,
-    pub ops_key: String,
+    pub client: BookingClient,
+}
+
+impl std::ops::Deref for Harness {
+    type Target = BookingClient;
+
+    fn deref(&self) -> &BookingClient {
+        &self.client
+    }
 }
 
 impl Harness {
@@ -36,62 +42,8 @@ impl Harness {
             .create_key(Scope::Ops, "test-ops")
             .await
             .unwrap();
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .build()
-            .unwrap();
-        let base = server.url();
-        Harness {
-            server,
-            http,
-            base,
-            seller_key,
-            ops_key,
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-
-    /// A fan token from the dev identity provider; names get a random suffix so tests never share fans.
-    pub async fn fan(&self, name: &str) -> (String, String) {
-        let fan = format!("{name}-{:08x}", rand::random::<u32>());
-        let r: Value = self
-            .http
-            .post(self.url("/v1/fans/session"))
-            .json(&json!({ "fan": fan }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        (fan, r["fan_token"].as_str().unwrap().to_owned())
-    }
-
-    pub async fn create_drop(&self, body: Value) -> String {
-        let r = self
-            .http
-            .post(self.url("/v1/drops"))
-            .bearer_auth(&self.seller_key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.unwrap();
-        assert_eq!(status, 201, "create drop: {v}");
-        v["drop_id"].as_str().unwrap().to_owned()
-    }
-
-    pub async fn ga_drop(&self, quantity: u32, per_fan_limit: u32, hold_ttl_s: u32) -> String {
-        self.create_drop(json!({
-            "name": "test drop", "per_fan_limit": per_fan_limit, "hold_ttl_s": hold_ttl_s,
-            "admission": {"mode": "open"},
-            "inventory": {"kind": "ga", "skus": [{"sku": "TEE", "name": "Tee", "price_cents": 2500, "quantity": quantity}]}
-        }))
-        .await
+        let client = BookingClient::new(server.url()).with_keys(seller_key, ops_key);
+        Harness { server, client }
     }
 
     /// Puts a fan in a queue drop's active set, as the waiting room's admission would, for tests
@@ -107,82 +59,6 @@ impl Harness {
             )
             .await
             .unwrap();
-    }
-
-    /// POST a reserve; returns (status, body).
-    pub async fn reserve(&self, token: &str, drop: &str, body: Value) -> (u16, Value) {
-        let key = format!("k-{}", uuid::Uuid::new_v4());
-        self.reserve_with_key(token, drop, &key, body).await
-    }
-
-    pub async fn reserve_with_key(
-        &self,
-        token: &str,
-        drop: &str,
-        key: &str,
-        body: Value,
-    ) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.url(&format!("/v1/drops/{drop}/holds")))
-            .bearer_auth(token)
-            .header("Idempotency-Key", key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        testkit::answer(r).await
-    }
-
-    pub async fn confirm(&self, token: &str, hold: &str, reference: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.url(&format!("/v1/holds/{hold}/confirm")))
-            .bearer_auth(token)
-            .json(&json!({"payment": {"gateway": "test", "reference": reference}}))
-            .send()
-            .await
-            .unwrap();
-        testkit::answer(r).await
-    }
-
-    pub async fn release(&self, token: &str, hold: &str) -> u16 {
-        self.http
-            .delete(self.url(&format!("/v1/holds/{hold}")))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
-    }
-
-    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = self.http.get(self.url(path));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let r = req.send().await.unwrap();
-        testkit::answer(r).await
-    }
-
-    pub async fn drop_view(&self, drop: &str) -> Value {
-        let (status, v) = self.get(&format!("/v1/drops/{drop}"), None).await;
-        assert_eq!(status, 200, "{v}");
-        v
-    }
-
-    /// Sums of the live counts over the drop's buckets: (total, available, held, sold).
-    pub async fn counts(&self, drop: &str) -> (i64, i64, i64, i64) {
-        let v = self.drop_view(drop).await;
-        let mut sums = (0, 0, 0, 0);
-        for b in v["inventory"].as_array().unwrap() {
-            sums.0 += b["total"].as_i64().unwrap();
-            sums.1 += b["available"].as_i64().unwrap();
-            sums.2 += b["held"].as_i64().unwrap();
-            sums.3 += b["sold"].as_i64().unwrap();
-        }
-        sums
     }
 
     /// Checks `available + held + sold == total` for every bucket, and Postgres' record of the
@@ -218,100 +94,6 @@ impl Harness {
             assert_eq!(items, s, "Postgres order items != Redis sold for {bucket}");
             assert_eq!(ledger, s, "ledger sum != Redis sold for {bucket}");
         }
-    }
-
-    /// POST a reserve with every header chosen: no `Idempotency-Key` when `key` is None, an
-    /// `X-Admission-Token` when `admission` is Some.
-    pub async fn reserve_with(
-        &self,
-        token: &str,
-        drop: &str,
-        key: Option<&str>,
-        admission: Option<&str>,
-        body: Value,
-    ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .post(self.url(&format!("/v1/drops/{drop}/holds")))
-            .bearer_auth(token)
-            .json(&body);
-        if let Some(k) = key {
-            req = req.header("Idempotency-Key", k);
-        }
-        if let Some(a) = admission {
-            req = req.header("X-Admission-Token", a);
-        }
-        let r = req.send().await.unwrap();
-        testkit::answer(r).await
-    }
-
-    /// POST a confirm; returns (status, the `Retry-After` header if any, body).
-    pub async fn confirm_with_retry_after(
-        &self,
-        token: &str,
-        hold: &str,
-        reference: &str,
-    ) -> (u16, Option<String>, Value) {
-        let r = self
-            .http
-            .post(self.url(&format!("/v1/holds/{hold}/confirm")))
-            .bearer_auth(token)
-            .json(&json!({"payment": {"gateway": "test", "reference": reference}}))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let retry_after = r
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        (status, retry_after, r.json().await.unwrap_or(Value::Null))
-    }
-
-    /// POST with the seller key, e.g. `/v1/drops/{id}/close`.
-    pub async fn seller_post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(&self.seller_key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        testkit::answer(r).await
-    }
-
-    /// A hold's state as its fan reads it (`GET /v1/holds/{id}`).
-    pub async fn hold_state(&self, token: &str, hold: &str) -> String {
-        let (status, v) = self.get(&format!("/v1/holds/{hold}"), Some(token)).await;
-        assert_eq!(status, 200, "GET hold {hold}: {v}");
-        v["state"].as_str().unwrap_or_default().to_owned()
-    }
-
-    /// The sum of a metric's samples at `/metrics` (0 when the metric is absent).
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let metric = series.split('{').next()?;
-                if metric == name {
-                    value.parse::<f64>().ok()
-                } else {
-                    None
-                }
-            })
-            .sum()
     }
 
     /// What the test gateway recorded of a hold's payment.
