@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use engine::booking::{parse_json, AdmissionUpdate, ConfirmBody};
+use engine::booking::{parse_json, AdmissionUpdate, ConfirmBody, Made};
 use engine::db::{ApiKey, Scope};
 use engine::drops::{CreateDrop, HoldRequestBody};
 use engine::ids::{DropId, FanId, HoldId, IdempotencyKey, OrderId};
@@ -27,8 +27,14 @@ pub struct App {
 
 type Answer = Result<Response<Body>, Error>;
 
-fn ok((status, body): (u16, serde_json::Value)) -> Answer {
-    Ok(http::json(status, &body))
+/// 200 with the engine's answer as JSON.
+fn ok<T: serde::Serialize>(body: T) -> Answer {
+    Ok(http::json(200, &body))
+}
+
+/// 201 with what the request made.
+fn created<T: serde::Serialize>(body: T) -> Answer {
+    Ok(http::json(201, &body))
 }
 
 impl App {
@@ -42,7 +48,7 @@ impl App {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = req.method().clone();
         let (route, result): (&'static str, Answer) = match (&method, segments.as_slice()) {
-            (&Method::GET, ["healthz"]) => ("/healthz", ok((200, json!({"status": "ok"})))),
+            (&Method::GET, ["healthz"]) => ("/healthz", ok(json!({"status": "ok"}))),
             (&Method::GET, ["readyz"]) => ("/readyz", self.readyz().await),
             (&Method::GET, ["metrics"]) => (
                 "/metrics",
@@ -74,7 +80,7 @@ impl App {
 
     async fn readyz(&self) -> Answer {
         match self.engine.ready().await {
-            Ok(()) => ok((200, json!({"status": "ready"}))),
+            Ok(()) => ok(json!({"status": "ready"})),
             Err(e) => Err(e),
         }
     }
@@ -86,7 +92,7 @@ impl App {
             (&Method::POST, ["v1", "drops"]) => {
                 let seller = self.key(&req, Scope::Seller).await?;
                 let body: CreateDrop = parse_json(&self.body(req).await?)?;
-                ok(e.create_drop(&seller, body).await?)
+                created(e.create_drop(&seller, body).await?)
             }
             (&Method::GET, ["v1", "drops"]) => {
                 let seller = self.key(&req, Scope::Seller).await?;
@@ -102,7 +108,7 @@ impl App {
                 self.key(&req, Scope::Ops).await?;
                 let drop = drop_id(id)?;
                 let s = e.admission_settings(&drop).await?;
-                ok((200, json!({"drop_id": drop, "admission": s})))
+                ok(json!({"drop_id": drop, "admission": s}))
             }
             (&Method::PUT, ["v1", "drops", id, "admission"]) => {
                 let ops = self.key(&req, Scope::Ops).await?;
@@ -120,7 +126,7 @@ impl App {
                 let raw = self.body(req).await?;
                 let body: HoldRequestBody = parse_json(&raw)?;
                 let body_sha256 = sha256_hex(&raw);
-                ok(
+                created(
                     e.reserve(&fan, &drop, &key, token.as_deref(), body, &body_sha256)
                         .await?,
                 )
@@ -148,7 +154,10 @@ impl App {
                 let fan = self.fan(&req)?;
                 let hold = hold_id(id)?;
                 let ConfirmBody { payment } = parse_json(&self.body(req).await?)?;
-                ok(e.confirm(&fan, &hold, payment).await?)
+                match e.confirm(&fan, &hold, payment).await? {
+                    Made::New(order) => created(order),
+                    Made::Existing(order) => ok(order),
+                }
             }
             (&Method::GET, ["v1", "orders", id]) => {
                 let order = OrderId::parse(id).map_err(|_| Error::new(Code::UnknownOrder))?;
@@ -207,7 +216,7 @@ impl App {
         }
         let Session { fan } = parse_json(&self.body(req).await?)?;
         let token = self.engine.fans().issue_dev(&fan)?;
-        ok((201, json!({"fan": fan, "fan_token": token})))
+        created(json!({"fan": fan, "fan_token": token}))
     }
 }
 

@@ -20,7 +20,8 @@ use engine::{Code, Error};
 
 pub type Body = Full<Bytes>;
 
-pub fn json(status: u16, value: &serde_json::Value) -> Response<Body> {
+/// A JSON answer: anything the engine returns (a typed view) or a `serde_json::Value`.
+pub fn json<T: serde::Serialize + ?Sized>(status: u16, value: &T) -> Response<Body> {
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);

@@ -51,7 +51,7 @@ impl Engine {
         fan: &FanId,
         hold: &HoldId,
         payment: Payment,
-    ) -> Result<Answer> {
+    ) -> Result<Made<Order>> {
         if payment.gateway != self.gateway.name() {
             return Err(Error::invalid(format!(
                 "payment.gateway must be `{}`",
@@ -99,7 +99,13 @@ impl Engine {
             let result = task
                 .await
                 .map_err(|e| Error::internal(format!("confirm task: {e}")))?;
-            return result.map(|(order, new)| (if new { 201 } else { 200 }, json!(order)));
+            return result.map(|(order, new)| {
+                if new {
+                    Made::New(order)
+                } else {
+                    Made::Existing(order)
+                }
+            });
         }
         let mut rx = waiting.ok_or_else(|| Error::internal("confirm wait"))?;
         let result = rx
@@ -108,7 +114,7 @@ impl Engine {
             .map_err(|_| Error::internal("confirm leader vanished"))?
             .clone()
             .ok_or_else(|| Error::internal("confirm result missing"))?;
-        result.map(|(order, _)| (200, json!(order)))
+        result.map(|(order, _)| Made::Existing(order))
     }
 
     pub(super) async fn confirm_once(

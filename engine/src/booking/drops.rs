@@ -91,7 +91,7 @@ impl Engine {
         })
     }
 
-    pub async fn create_drop(&self, seller: &ApiKey, body: CreateDrop) -> Result<Answer> {
+    pub async fn create_drop(&self, seller: &ApiKey, body: CreateDrop) -> Result<DropView> {
         let drop_id = DropId::generate();
         let seed = crate::tokens::random_secret();
         let seed_sha256 = sha256_hex(seed.as_bytes());
@@ -120,8 +120,7 @@ impl Engine {
         let def = Arc::new(def);
         lock(&self.drops).insert(drop_id.clone(), def.clone());
         self.watch_drop(&drop_id);
-        let view = self.drop_view_of(&def, "open").await?;
-        Ok((201, view))
+        self.drop_view_of(&def, "open").await
     }
 
     pub(super) fn watch_drop(&self, drop: &DropId) {
@@ -193,11 +192,11 @@ impl Engine {
         Ok(def)
     }
 
-    pub async fn close_drop(&self, seller: &ApiKey, drop: &DropId) -> Result<Answer> {
+    pub async fn close_drop(&self, seller: &ApiKey, drop: &DropId) -> Result<DropView> {
         let def = self.owned_drop(seller, drop).await?;
         self.db.close_drop(drop).await?;
         self.redis.set_meta(drop, "status", "closed").await?;
-        Ok((200, self.drop_view_of(&def, "closed").await?))
+        self.drop_view_of(&def, "closed").await
     }
 
     pub async fn admission_settings(&self, drop: &DropId) -> Result<AdmissionSettings> {
@@ -211,7 +210,7 @@ impl Engine {
         ops: &ApiKey,
         drop: &DropId,
         update: AdmissionUpdate,
-    ) -> Result<Answer> {
+    ) -> Result<AdmissionView> {
         let def = self.drop_def(drop).await?;
         let value = self
             .db
@@ -229,7 +228,10 @@ impl Engine {
                 },
             )
             .await?;
-        Ok((200, json!({"drop_id": drop, "admission": value})))
+        Ok(AdmissionView {
+            drop_id: drop.clone(),
+            admission: value,
+        })
     }
 }
 

@@ -13,7 +13,7 @@ impl Engine {
         admission_token: Option<&str>,
         body: HoldRequestBody,
         body_sha256: &str,
-    ) -> Result<Answer> {
+    ) -> Result<HoldView> {
         let def = self.drop_def(drop).await?;
         self.watch_drop(drop);
         if def.admission.mode == AdmissionMode::Queue {
@@ -57,20 +57,18 @@ impl Engine {
             } => {
                 metrics::counter!(m::HOLDS_CREATED).increment(1);
                 let (items, total) = priced_items(&def, &items);
-                Ok((
-                    201,
-                    json!({
-                        "hold_id": hold_id,
-                        "drop_id": drop,
-                        "state": "held",
-                        "expires_at": rfc3339_ms(expires_at_ms),
-                        "expires_at_ms": expires_at_ms,
-                        "server_now_ms": now_ms,
-                        "items": items,
-                        "total_cents": total,
-                        "currency": def.currency,
-                    }),
-                ))
+                Ok(HoldView {
+                    hold_id,
+                    drop_id: drop.clone(),
+                    state: HoldState::Held.as_str(),
+                    expires_at: Some(rfc3339_ms(expires_at_ms)),
+                    expires_at_ms: Some(expires_at_ms),
+                    server_now_ms: now_ms,
+                    items,
+                    total_cents: total,
+                    currency: def.currency.clone(),
+                    order_id: None,
+                })
             }
             Reserved::Refused {
                 code: Code::Recovering | Code::UnknownDrop,

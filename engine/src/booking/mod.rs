@@ -22,6 +22,10 @@ pub use confirm::{ConfirmBody, Payment};
 use drops::admission_fields;
 pub use drops::AdmissionUpdate;
 use views::priced_items;
+pub use views::{
+    AdmissionModeView, AdmissionView, DropList, DropSummary, DropView, FanHolds, FanOrders,
+    HoldView, InventoryView, Made, PricedItem, RowView, SeatView, SeatsView,
+};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,9 +50,6 @@ use crate::scripts::{
 };
 use crate::tokens::{now_ms, sha256_hex, AdmissionKeys, FanAuth};
 use crate::writer::{Committed, NewItem, NewOrder, Writer};
-
-/// An answer for a handler: HTTP status and JSON body.
-pub type Answer = (u16, Value);
 
 /// Which server an engine runs in; each starts only what it uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,73 +1,233 @@
-//! What the engine shows: a drop with its live counts, its seats, a fan's holds and orders,
-//! an order for its seller.
+//! What the engine shows, as typed results the servers serialize: a drop with its live counts,
+//! its seats, a fan's holds and orders, an order for its seller.
+
+use serde::Serialize;
 
 use super::*;
+use crate::drops::AdmissionMode;
 
 /// Drops `GET /v1/fans/me/holds` looks in when no `drop_id` is given.
 pub(super) const FAN_HOLDS_DROPS_MAX: usize = 100;
 
-impl Engine {
-    pub async fn drop_view(&self, drop: &DropId) -> Result<Answer> {
-        let def = self.drop_def(drop).await?;
-        let status = self.live_status(drop).await?;
-        Ok((200, self.drop_view_of(&def, &status).await?))
+/// Something a request made, or found already made (a replay, a repeated confirm): servers
+/// answer 201 for the first, 200 for the second.
+#[derive(Debug, Clone)]
+pub enum Made<T> {
+    New(T),
+    Existing(T),
+}
+
+impl<T> Made<T> {
+    pub fn is_new(&self) -> bool {
+        matches!(self, Made::New(_))
     }
 
-    pub(super) async fn drop_view_of(&self, def: &DropDef, status: &str) -> Result<Value> {
+    pub fn into_inner(self) -> T {
+        match self {
+            Made::New(t) | Made::Existing(t) => t,
+        }
+    }
+}
+
+/// A drop with its live counts (`GET /v1/drops/{id}`, creating and closing one).
+#[derive(Debug, Clone, Serialize)]
+pub struct DropView {
+    pub drop_id: DropId,
+    pub name: String,
+    pub currency: String,
+    pub kind: &'static str,
+    pub status: String,
+    pub opens_at: String,
+    pub per_fan_limit: u32,
+    pub hold_ttl_s: u64,
+    pub admission: AdmissionModeView,
+    pub seed_sha256: String,
+    pub inventory: Vec<InventoryView>,
+    pub server_now_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdmissionModeView {
+    pub mode: AdmissionMode,
+}
+
+/// One SKU (GA drops) or section (seated drops) with its live counts; `held` includes confirming.
+#[derive(Debug, Clone, Serialize)]
+pub struct InventoryView {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub section: Option<String>,
+    pub name: String,
+    pub price_cents: i64,
+    pub total: i64,
+    pub available: i64,
+    pub held: i64,
+    pub sold: i64,
+    /// Seated drops: the section's rows, front first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Vec<RowView>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RowView {
+    pub row: String,
+    pub seats: u32,
+}
+
+/// A seated drop's seats and their states (`GET /v1/drops/{id}/seats`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SeatsView {
+    pub drop_id: DropId,
+    pub seats: Vec<SeatView>,
+    pub server_now_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SeatView {
+    pub seat: String,
+    pub section: String,
+    pub row: String,
+    pub number: u32,
+    /// free | held | sold
+    pub state: &'static str,
+}
+
+/// A seller's drops (`GET /v1/drops`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DropList {
+    pub drops: Vec<DropSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DropSummary {
+    pub drop_id: DropId,
+    pub name: String,
+    pub status: String,
+    pub kind: &'static str,
+    pub opens_at: String,
+    pub currency: String,
+}
+
+/// A hold as its fan sees it (a reserve's answer, `GET /v1/holds/{id}`, the fan's holds). A
+/// hold Redis no longer keeps but that was sold shows only what its order says.
+#[derive(Debug, Clone, Serialize)]
+pub struct HoldView {
+    pub hold_id: HoldId,
+    pub drop_id: DropId,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<i64>,
+    pub server_now_ms: i64,
+    pub items: Vec<PricedItem>,
+    pub total_cents: i64,
+    pub currency: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+}
+
+/// One item of a hold with its price: a seat, or units of a SKU.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum PricedItem {
+    Seat {
+        seat: String,
+        section: String,
+        price_cents: i64,
+    },
+    Units {
+        sku: String,
+        quantity: u32,
+        price_cents: i64,
+    },
+    /// As a sold hold's order records it (once Redis no longer keeps the hold).
+    Ordered(OrderItem),
+}
+
+/// A fan's live holds (`GET /v1/fans/me/holds`).
+#[derive(Debug, Clone, Serialize)]
+pub struct FanHolds {
+    pub holds: Vec<HoldView>,
+    pub server_now_ms: i64,
+}
+
+/// A fan's orders (`GET /v1/fans/me/orders`).
+#[derive(Debug, Clone, Serialize)]
+pub struct FanOrders {
+    pub orders: Vec<Order>,
+}
+
+/// A drop's admission settings (`GET`/`PUT /v1/drops/{id}/admission`).
+#[derive(Debug, Clone, Serialize)]
+pub struct AdmissionView {
+    pub drop_id: DropId,
+    pub admission: Value,
+}
+
+impl Engine {
+    pub async fn drop_view(&self, drop: &DropId) -> Result<DropView> {
+        let def = self.drop_def(drop).await?;
+        let status = self.live_status(drop).await?;
+        self.drop_view_of(&def, &status).await
+    }
+
+    pub(super) async fn drop_view_of(&self, def: &DropDef, status: &str) -> Result<DropView> {
         let counts = self.redis.counts(&def.drop_id).await?;
-        let inventory: Vec<Value> = def
+        let ga = def.kind == Kind::Ga;
+        let inventory = def
             .buckets
             .iter()
             .map(|b| {
                 let c = counts.get(&b.id);
-                let mut v = json!({
-                    "name": b.name,
-                    "price_cents": b.price_cents,
-                    "total": c.map_or(i64::from(b.total), |c| c.total),
-                    "available": c.map_or(0, |c| c.available),
-                    "held": c.map_or(0, |c| c.held),
-                    "sold": c.map_or(0, |c| c.sold),
-                });
-                let key = if def.kind == Kind::Ga {
-                    "sku"
-                } else {
-                    "section"
-                };
-                v[key] = json!(b.id);
-                if def.kind == Kind::Seated {
-                    v["rows"] = json!(b
-                        .rows
-                        .iter()
-                        .map(|(r, n)| json!({"row": r, "seats": n}))
-                        .collect::<Vec<_>>());
+                InventoryView {
+                    sku: ga.then(|| b.id.clone()),
+                    section: (!ga).then(|| b.id.clone()),
+                    name: b.name.clone(),
+                    price_cents: b.price_cents,
+                    total: c.map_or(i64::from(b.total), |c| c.total),
+                    available: c.map_or(0, |c| c.available),
+                    held: c.map_or(0, |c| c.held),
+                    sold: c.map_or(0, |c| c.sold),
+                    rows: (def.kind == Kind::Seated).then(|| {
+                        b.rows
+                            .iter()
+                            .map(|(row, seats)| RowView {
+                                row: row.clone(),
+                                seats: *seats,
+                            })
+                            .collect()
+                    }),
                 }
-                v
             })
             .collect();
-        Ok(json!({
-            "drop_id": def.drop_id,
-            "name": def.name,
-            "currency": def.currency,
-            "kind": def.kind.as_str(),
-            "status": status,
-            "opens_at": rfc3339(def.opens_at),
-            "per_fan_limit": def.per_fan_limit,
-            "hold_ttl_s": def.hold_ttl_ms / 1000,
-            "admission": {"mode": def.admission.mode},
-            "seed_sha256": def.seed_sha256,
-            "inventory": inventory,
-            "server_now_ms": now_ms(),
-        }))
+        Ok(DropView {
+            drop_id: def.drop_id.clone(),
+            name: def.name.clone(),
+            currency: def.currency.clone(),
+            kind: def.kind.as_str(),
+            status: status.to_owned(),
+            opens_at: rfc3339(def.opens_at),
+            per_fan_limit: def.per_fan_limit,
+            hold_ttl_s: def.hold_ttl_ms / 1000,
+            admission: AdmissionModeView {
+                mode: def.admission.mode,
+            },
+            seed_sha256: def.seed_sha256.clone(),
+            inventory,
+            server_now_ms: now_ms(),
+        })
     }
 
-    pub async fn seats_view(&self, drop: &DropId) -> Result<Answer> {
+    pub async fn seats_view(&self, drop: &DropId) -> Result<SeatsView> {
         let def = self.drop_def(drop).await?;
         if def.kind != Kind::Seated {
             return Err(Error::invalid("this drop has no seats"));
         }
         self.live_status(drop).await?;
         let states = self.redis.seat_states(drop).await?;
-        let seats: Vec<Value> = def
+        let seats = def
             .seat_ids()
             .map(|(id, b, row, n)| {
                 let state = match states.get(&id).map(String::as_str) {
@@ -75,16 +235,23 @@ impl Engine {
                     Some("#") => "sold",
                     _ => "held",
                 };
-                json!({"seat": id, "section": b.id, "row": row, "number": n, "state": state})
+                SeatView {
+                    seat: id,
+                    section: b.id.clone(),
+                    row: row.to_owned(),
+                    number: n,
+                    state,
+                }
             })
             .collect();
-        Ok((
-            200,
-            json!({"drop_id": drop, "seats": seats, "server_now_ms": now_ms()}),
-        ))
+        Ok(SeatsView {
+            drop_id: drop.clone(),
+            seats,
+            server_now_ms: now_ms(),
+        })
     }
 
-    pub async fn list_drops(&self, seller: &ApiKey) -> Result<Answer> {
+    pub async fn list_drops(&self, seller: &ApiKey) -> Result<DropList> {
         let drops = self
             .db
             .list_drops(&seller.key_id, self.cfg.drops.max_drops_listed)
@@ -92,34 +259,35 @@ impl Engine {
         let mut out = Vec::with_capacity(drops.len());
         for (drop, status) in drops {
             let def = self.drop_def(&drop).await?;
-            out.push(json!({
-                "drop_id": drop, "name": def.name, "status": status, "kind": def.kind.as_str(),
-                "opens_at": rfc3339(def.opens_at), "currency": def.currency,
-            }));
+            out.push(DropSummary {
+                drop_id: drop,
+                name: def.name.clone(),
+                status,
+                kind: def.kind.as_str(),
+                opens_at: rfc3339(def.opens_at),
+                currency: def.currency.clone(),
+            });
         }
-        Ok((200, json!({ "drops": out })))
+        Ok(DropList { drops: out })
     }
 
-    pub(super) fn hold_view(&self, def: &DropDef, hold: &HoldId, rec: &HoldRecord) -> Value {
+    pub(super) fn hold_view(&self, def: &DropDef, hold: &HoldId, rec: &HoldRecord) -> HoldView {
         let (items, total) = priced_items(def, &rec.it);
-        let mut v = json!({
-            "hold_id": hold,
-            "drop_id": def.drop_id,
-            "state": rec.st.as_str(),
-            "expires_at": rfc3339_ms(rec.exp),
-            "expires_at_ms": rec.exp,
-            "server_now_ms": now_ms(),
-            "items": items,
-            "total_cents": total,
-            "currency": def.currency,
-        });
-        if let Some(oid) = rec.oid.as_deref().filter(|o| !o.is_empty()) {
-            v["order_id"] = json!(oid);
+        HoldView {
+            hold_id: hold.clone(),
+            drop_id: def.drop_id.clone(),
+            state: rec.st.as_str(),
+            expires_at: Some(rfc3339_ms(rec.exp)),
+            expires_at_ms: Some(rec.exp),
+            server_now_ms: now_ms(),
+            items,
+            total_cents: total,
+            currency: def.currency.clone(),
+            order_id: rec.oid.clone().filter(|o| !o.is_empty()),
         }
-        v
     }
 
-    pub async fn hold(&self, fan: &FanId, hold: &HoldId) -> Result<Answer> {
+    pub async fn hold(&self, fan: &FanId, hold: &HoldId) -> Result<HoldView> {
         let drop = hold.drop_id();
         let def = self
             .drop_def(&drop)
@@ -129,24 +297,28 @@ impl Engine {
             if rec.fan != fan.as_str() {
                 return Err(Error::new(Code::UnknownHold));
             }
-            return Ok((200, self.hold_view(&def, hold, &rec)));
+            return Ok(self.hold_view(&def, hold, &rec));
         }
         // Purged from Redis: a sold hold still has its order.
         match self.db.order_by_hold(hold).await? {
-            Some(order) if order.fan == fan.as_str() => Ok((
-                200,
-                json!({
-                    "hold_id": hold, "drop_id": drop, "state": "sold", "order_id": order.order_id,
-                    "items": order.items, "total_cents": order.total_cents, "currency": order.currency,
-                    "server_now_ms": now_ms(),
-                }),
-            )),
+            Some(order) if order.fan == fan.as_str() => Ok(HoldView {
+                hold_id: hold.clone(),
+                drop_id: drop,
+                state: HoldState::Sold.as_str(),
+                expires_at: None,
+                expires_at_ms: None,
+                server_now_ms: now_ms(),
+                items: order.items.into_iter().map(PricedItem::Ordered).collect(),
+                total_cents: order.total_cents,
+                currency: order.currency,
+                order_id: Some(order.order_id.to_string()),
+            }),
             _ => Err(Error::new(Code::UnknownHold)),
         }
     }
 
     /// The fan's live holds in one drop, or in every drop this process looks after.
-    pub async fn fan_holds(&self, fan: &FanId, drop: Option<&DropId>) -> Result<Answer> {
+    pub async fn fan_holds(&self, fan: &FanId, drop: Option<&DropId>) -> Result<FanHolds> {
         let drops = match drop {
             Some(d) => vec![d.clone()],
             // Without a drop: the newest drops this process looks after, a bounded number.
@@ -165,22 +337,25 @@ impl Engine {
                 out.push(self.hold_view(&def, &hold, &rec));
             }
         }
-        Ok((200, json!({ "holds": out, "server_now_ms": now_ms() })))
+        Ok(FanHolds {
+            holds: out,
+            server_now_ms: now_ms(),
+        })
     }
 
-    pub async fn fan_orders(&self, fan: &FanId, drop: Option<&DropId>) -> Result<Answer> {
+    pub async fn fan_orders(&self, fan: &FanId, drop: Option<&DropId>) -> Result<FanOrders> {
         let orders = self.db.fan_orders(fan, drop).await?;
-        Ok((200, json!({ "orders": orders })))
+        Ok(FanOrders { orders })
     }
 
-    pub async fn order_for_fan(&self, fan: &FanId, order: OrderId) -> Result<Answer> {
+    pub async fn order_for_fan(&self, fan: &FanId, order: OrderId) -> Result<Order> {
         match self.db.order(order).await? {
-            Some(o) if o.fan == fan.as_str() => Ok((200, json!(o))),
+            Some(o) if o.fan == fan.as_str() => Ok(o),
             _ => Err(Error::new(Code::UnknownOrder)),
         }
     }
 
-    pub async fn order_for_seller(&self, seller: &ApiKey, order: OrderId) -> Result<Answer> {
+    pub async fn order_for_seller(&self, seller: &ApiKey, order: OrderId) -> Result<Order> {
         let o = self
             .db
             .order(order)
@@ -190,12 +365,12 @@ impl Engine {
         self.owned_drop(seller, &drop)
             .await
             .map_err(|e| not_found_as(e, Code::UnknownOrder))?;
-        Ok((200, json!(o)))
+        Ok(o)
     }
 }
 
 /// Items with prices as the API shows them, and their total.
-pub(super) fn priced_items(def: &DropDef, items: &[HoldItem]) -> (Vec<Value>, i64) {
+pub(super) fn priced_items(def: &DropDef, items: &[HoldItem]) -> (Vec<PricedItem>, i64) {
     let mut total = 0i64;
     let out = items
         .iter()
@@ -203,8 +378,16 @@ pub(super) fn priced_items(def: &DropDef, items: &[HoldItem]) -> (Vec<Value>, i6
             let price = def.bucket(&i.b).map_or(0, |b| b.price_cents);
             total += price * i64::from(i.q);
             match &i.s {
-                Some(seat) => json!({"seat": seat, "section": i.b, "price_cents": price}),
-                None => json!({"sku": i.b, "quantity": i.q, "price_cents": price}),
+                Some(seat) => PricedItem::Seat {
+                    seat: seat.clone(),
+                    section: i.b.clone(),
+                    price_cents: price,
+                },
+                None => PricedItem::Units {
+                    sku: i.b.clone(),
+                    quantity: i.q,
+                    price_cents: price,
+                },
             }
         })
         .collect();
