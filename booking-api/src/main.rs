@@ -46,7 +46,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    engine::process::init_logging();
+    web::process::init_logging();
     let cli = Cli::parse();
     let cfg = Config::load()?;
     match cli.command.unwrap_or(Command::Serve) {
@@ -103,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let running = booking_api::start(cfg).await?;
     println!("booking-api listening on {}", running.url());
-    engine::process::shutdown_signal().await?;
+    web::process::shutdown_signal().await?;
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use engine::config::ms;
 use engine::{Code, Config, Engine, Error};
@@ -119,29 +119,13 @@ async fn handle(
     peer: SocketAddr,
     timeout: Duration,
 ) -> Response<Body> {
-    let started = Instant::now();
     let origin = req.headers().get("origin").cloned();
-    let method = req.method().clone();
-    let (mut resp, route) = if method == Method::OPTIONS {
-        (http::empty(204), "preflight")
+    let mut resp = if req.method() == Method::OPTIONS {
+        http::answer_within(timeout, async { (http::empty(204), "preflight") }).await
     } else {
-        match tokio::time::timeout(timeout, app.handle(req, peer)).await {
-            Ok(r) => r,
-            Err(_) => (
-                http::error(
-                    &Error::msg(Code::Unavailable, "The request took too long.")
-                        .retry_after(Duration::from_secs(1)),
-                ),
-                "timeout",
-            ),
-        }
+        http::answer_within(timeout, app.handle(req, peer)).await
     };
     cors(&app.engine.cfg().http.cors_allow_origins, origin, &mut resp);
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!(engine::metrics::HTTP_REQUESTS, "route" => route, "status" => status)
-        .increment(1);
-    metrics::histogram!(engine::metrics::HTTP_REQUEST_SECONDS, "route" => route)
-        .record(started.elapsed().as_secs_f64());
     resp
 }
 

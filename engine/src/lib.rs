@@ -11,7 +11,6 @@
 //! - [`db`] — the Postgres store: migrations, keys, drops, payments, orders, recovery reads.
 //! - [`writer`] — group commit of confirmed orders, a SAVEPOINT per order.
 //! - [`payments`] — the payment gateway trait and the deterministic test gateway.
-//! - [`process`] — logging set-up and the shutdown signal both server binaries use.
 //! - [`queue`] — the waiting room: line keys, pre-queue scores, join and admission wrappers.
 //! - [`tokens`] — fan identity tokens (dev / HS256 / RS256) and admission tokens (HMAC-SHA256).
 //! - [`booking`] — the engine handlers call: reserve, release, confirm, the sweeper, the
@@ -30,7 +29,6 @@ pub mod keys;
 pub mod metrics;
 pub mod net;
 pub mod payments;
-pub mod process;
 pub mod queue;
 pub mod scripts;
 pub mod tokens;

@@ -5,11 +5,11 @@ use engine::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    engine::process::init_logging();
+    web::process::init_logging();
     let cfg = Config::load()?;
     let running = queue_server::start(cfg).await?;
     println!("queue-server listening on {}", running.url());
-    engine::process::shutdown_signal().await?;
+    web::process::shutdown_signal().await?;
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use engine::config::ms;
 use engine::queue::Queue;
@@ -149,21 +149,5 @@ async fn handle(
     timeout: Duration,
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
 ) -> Response<Body> {
-    let started = Instant::now();
-    let (resp, route) = match tokio::time::timeout(timeout, app.handle(req, peer, permit)).await {
-        Ok(r) => r,
-        Err(_) => (
-            http::error(
-                &Error::msg(Code::Unavailable, "The request took too long.")
-                    .retry_after(Duration::from_secs(1)),
-            ),
-            "timeout",
-        ),
-    };
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!(engine::metrics::HTTP_REQUESTS, "route" => route, "status" => status)
-        .increment(1);
-    metrics::histogram!(engine::metrics::HTTP_REQUEST_SECONDS, "route" => route)
-        .record(started.elapsed().as_secs_f64());
-    resp
+    http::answer_within(timeout, app.handle(req, peer, permit)).await
 }

@@ -1,7 +1,8 @@
 //! HTTP plumbing both servers share, kept out of the domain crate (`engine`): JSON answers, the
 //! one place an [`engine::Error`] becomes a response (status, `{"error":{...}}`, `Retry-After`),
 //! bounded body reads, headers, keyed rate limits, the process-wide metrics recorder, the accept
-//! loop under a connection cap and periodic chores that stop at shutdown.
+//! loop under a connection cap, one request's handler under a timeout with its metrics, periodic
+//! chores that stop at shutdown, and ([`process`]) logging and the shutdown signal.
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -17,6 +18,8 @@ use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use engine::{Code, Error};
+
+pub mod process;
 
 pub type Body = Full<Bytes>;
 
@@ -248,4 +251,30 @@ where
             }
         }
     })
+}
+
+/// Runs one request's `handler` (which answers with the route's metric label) within `timeout`
+/// — past it, 503 `unavailable` with `Retry-After` — and counts the answer by route and status,
+/// with its latency.
+pub async fn answer_within<F>(timeout: Duration, handler: F) -> Response<Body>
+where
+    F: std::future::Future<Output = (Response<Body>, &'static str)>,
+{
+    let started = std::time::Instant::now();
+    let (resp, route) = match tokio::time::timeout(timeout, handler).await {
+        Ok(r) => r,
+        Err(_) => (
+            error(
+                &Error::msg(Code::Unavailable, "The request took too long.")
+                    .retry_after(Duration::from_secs(1)),
+            ),
+            "timeout",
+        ),
+    };
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!(engine::metrics::HTTP_REQUESTS, "route" => route, "status" => status)
+        .increment(1);
+    metrics::histogram!(engine::metrics::HTTP_REQUEST_SECONDS, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
 }
