@@ -1,13 +1,14 @@
 //! [`BookingClient`]: the one client of booking-api's HTTP API that every test suite uses (the
-//! booking tests, the waiting-room tests, the fault tests). It only talks HTTP to a URL, so
-//! testkit never depends on a server crate; what needs the server's engine (Postgres checks, the
-//! test gateway) stays in each crate's `tests/common`.
+//! booking tests, the waiting-room tests, the fault tests). It talks HTTP to a URL (only its
+//! keys are made through the engine), so testkit never depends on a server crate; what else needs
+//! the server's engine (Postgres checks, the test gateway) stays in each crate's `tests/common`.
 //!
 //! Answers come two ways: `(status, JSON body)` for most tests ([`BookingClient::call`]), and a
 //! [`Reply`] that also keeps `Retry-After` for tests that check 503s ([`BookingClient::send`]).
 
 use std::fmt::Display;
 
+use engine::db::Scope;
 use serde_json::{json, Value};
 
 /// One answer: status, JSON body (`null` when there is none) and the `Retry-After` header.
@@ -83,6 +84,26 @@ impl BookingClient {
             seller_key: String::new(),
             ops_key: String::new(),
         }
+    }
+
+    /// A client of the booking-api at `base` that `engine` serves, with a seller key and an ops
+    /// key made for it in the engine's Postgres (`{name}-seller`, `{name}-ops`).
+    pub async fn with_new_keys(
+        base: impl Into<String>,
+        engine: &engine::Engine,
+        name: &str,
+    ) -> BookingClient {
+        let seller_key = engine
+            .db()
+            .create_key(Scope::Seller, &format!("{name}-seller"))
+            .await
+            .expect("a seller key");
+        let ops_key = engine
+            .db()
+            .create_key(Scope::Ops, &format!("{name}-ops"))
+            .await
+            .expect("an ops key");
+        BookingClient::new(base).with_keys(seller_key, ops_key)
     }
 
     pub fn with_keys(mut self, seller_key: String, ops_key: String) -> BookingClient {

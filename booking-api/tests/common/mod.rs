@@ -6,7 +6,6 @@
 #![allow(dead_code)]
 
 use booking_api::Running;
-use engine::db::Scope;
 use engine::Config;
 use testkit::BookingClient;
 
@@ -30,19 +29,7 @@ impl Harness {
 
     pub async fn with_config(cfg: Config) -> Harness {
         let server = booking_api::start(cfg).await.expect("booking-api starts");
-        let seller_key = server
-            .engine
-            .db()
-            .create_key(Scope::Seller, "test-seller")
-            .await
-            .unwrap();
-        let ops_key = server
-            .engine
-            .db()
-            .create_key(Scope::Ops, "test-ops")
-            .await
-            .unwrap();
-        let client = BookingClient::new(server.url()).with_keys(seller_key, ops_key);
+        let client = BookingClient::with_new_keys(server.url(), &server.engine, "test").await;
         Harness { server, client }
     }
 

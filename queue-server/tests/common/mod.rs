@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use engine::db::Scope;
 use engine::ids::{DropId, FanId};
 use engine::Config;
 use serde_json::{json, Value};
@@ -67,19 +66,8 @@ impl Harness {
         let queue = queue_server::start(qcfg)
             .await
             .expect("queue-server starts");
-        let seller_key = booking
-            .engine
-            .db()
-            .create_key(Scope::Seller, "queue-test-seller")
-            .await
-            .unwrap();
-        let ops_key = booking
-            .engine
-            .db()
-            .create_key(Scope::Ops, "queue-test-ops")
-            .await
-            .unwrap();
-        let client = BookingClient::new(booking.url()).with_keys(seller_key, ops_key);
+        let client =
+            BookingClient::with_new_keys(booking.url(), &booking.engine, "queue-test").await;
         Harness {
             booking,
             queue,
