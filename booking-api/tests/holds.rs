@@ -94,8 +94,6 @@ async fn declined_payment_puts_hold_back_to_held() {
 /// After a declined attempt, a second one moves the hold to `confirming` but fails before it
 /// records its payment (Postgres unreachable, the process killed): the payment row still holds the
 /// first attempt. The reconciler must give the hold back rather than skip it for good.
-/// (Its reference has no `ok_` prefix, so the reconciler of any other test server in this
-/// process, whose test gateway never saw the hold, can't take it for authorized either.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attempt_that_never_recorded_its_payment_is_reverted() {
     let mut cfg = test_config();

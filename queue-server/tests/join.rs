@@ -189,7 +189,7 @@ async fn a_drop_redis_lost_is_recovering_not_unknown() {
     let (_, token) = h.fan("after-the-flush");
     redis_cli(&["DEL", &engine::queue::QueueKeys::new(&drop).meta]).await;
     let (status, body) = h.join(&drop, &token).await;
-    // Another test server's watcher may have rebuilt it already.
+    // This harness' booking-api watcher may have rebuilt it already (the drop is its own).
     assert!(
         status == 201 || (status == 503 && body["error"]["code"] == "recovering"),
         "{status} {body}"
