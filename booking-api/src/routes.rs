@@ -74,7 +74,8 @@ impl App {
                 (route, result)
             }
         };
-        let resp = result.unwrap_or_else(|e| http::refusal(&e));
+        let mut resp = result.unwrap_or_else(|e| http::refusal(&e));
+        http::allow(&mut resp, ROUTES, &segments);
         (resp, route)
     }
 

@@ -53,17 +53,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// Whether some API route (`/v1/…`) of [`ROUTES`] has this path with any method: then another
 /// method is 405 `method_not_allowed`, as at booking-api, rather than 404.
 fn known_path(segments: &[&str]) -> bool {
-    ROUTES
-        .iter()
-        .filter(|(_, p)| p.starts_with("/v1/"))
-        .any(|(_, pattern)| {
-            let parts: Vec<&str> = pattern.trim_matches('/').split('/').collect();
-            parts.len() == segments.len()
-                && parts
-                    .iter()
-                    .zip(segments)
-                    .all(|(p, s)| p.starts_with('{') || p == s)
-        })
+    segments.first() == Some(&"v1") && !http::allowed_methods(ROUTES, segments).is_empty()
 }
 
 impl App {
@@ -125,7 +115,8 @@ impl App {
             _ if known_path(&segments) => ("unknown", Err(Error::new(Code::MethodNotAllowed))),
             _ => ("unknown", Err(Error::new(Code::NotFound))),
         };
-        let resp = result.unwrap_or_else(|e| http::refusal(&e));
+        let mut resp = result.unwrap_or_else(|e| http::refusal(&e));
+        http::allow(&mut resp, ROUTES, &segments);
         (resp, route)
     }
 

@@ -165,12 +165,33 @@ async fn every_spec_path_is_answered_by_its_server() {
                 .into_iter()
                 .find(|m| !methods.iter().any(|x| x == m))
                 .unwrap();
-            let (status, body) = answer(&h, base, other, &url_path).await;
+            let r = h
+                .http
+                .request(
+                    reqwest::Method::from_bytes(other.as_bytes()).unwrap(),
+                    format!("{base}{url_path}"),
+                )
+                .send()
+                .await
+                .unwrap();
+            // RFC 9110: a 405 lists the methods the path has.
+            let allow: BTreeSet<String> = r
+                .headers()
+                .get("allow")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .split(',')
+                .map(|m| m.trim().to_owned())
+                .filter(|m| !m.is_empty())
+                .collect();
+            let (status, body) = testkit::answer(r).await;
             assert_eq!(
                 (status, body["error"]["code"].as_str()),
                 (405, Some("method_not_allowed")),
                 "{server}: {other} {url_path} answered {body}"
             );
+            let expected: BTreeSet<String> = methods.iter().cloned().collect();
+            assert_eq!(allow, expected, "{server}: Allow of {other} {url_path}");
         }
         let (status, body) = answer(&h, base, "GET", "/v1/nothing-here").await;
         assert_eq!(

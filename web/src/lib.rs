@@ -81,6 +81,35 @@ pub fn refusal(e: &Error) -> Response<Body> {
     error(e)
 }
 
+/// The methods a route table — (method, path pattern) pairs, a `{…}` segment matching any one —
+/// has for a path's segments.
+pub fn allowed_methods(routes: &[(&'static str, &str)], segments: &[&str]) -> Vec<&'static str> {
+    routes
+        .iter()
+        .filter(|(_, pattern)| {
+            let parts: Vec<&str> = pattern.trim_matches('/').split('/').collect();
+            parts.len() == segments.len()
+                && parts
+                    .iter()
+                    .zip(segments)
+                    .all(|(p, s)| p.starts_with('{') || p == s)
+        })
+        .map(|(method, _)| *method)
+        .collect()
+}
+
+/// Gives a 405 answer the `Allow` header it must carry (RFC 9110 §15.5.6): the methods `routes`
+/// has for the path. Other answers are left alone.
+pub fn allow(resp: &mut Response<Body>, routes: &[(&'static str, &str)], segments: &[&str]) {
+    if resp.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return;
+    }
+    let methods = allowed_methods(routes, segments).join(", ");
+    if let Ok(v) = HeaderValue::from_str(&methods) {
+        resp.headers_mut().insert(hyper::header::ALLOW, v);
+    }
+}
+
 /// Reads the whole body, refusing more than `max` bytes with 413 `body_too_large` (checked from
 /// Content-Length first, so an honest large upload isn't read at all).
 pub async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Error> {
