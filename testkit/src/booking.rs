@@ -120,7 +120,7 @@ impl BookingClient {
 
     /// Sends `req`; the answer with its `Retry-After`.
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
-        let r = req.send().await.expect("booking-api answers");
+        let r = req.send().await.expect("the server answers");
         let status = r.status().as_u16();
         let retry_after = r
             .headers()

@@ -101,7 +101,8 @@ impl Harness {
         self.booking.shutdown().await;
     }
 
-    /// A new fan (random suffix) and a dev token for them.
+    /// A new fan (random suffix) and a dev token for them, issued by queue-server's engine (the
+    /// client's `fan` asks booking-api's session endpoint; the tokens are the same kind).
     pub fn fan(&self, name: &str) -> (FanId, String) {
         let fan = FanId::parse(&format!("{name}-{:08x}", rand::random::<u32>())).unwrap();
         let token = self.queue.engine.fans().issue_dev(&fan).unwrap();
@@ -142,14 +143,8 @@ impl Harness {
 
     /// HTTP join; (status, body).
     pub async fn join(&self, drop: &DropId, token: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/v1/drops/{drop}/queue", self.queue.url()))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        testkit::answer(r).await
+        let url = format!("{}/v1/drops/{drop}/queue", self.queue.url());
+        self.call(self.http.post(url).bearer_auth(token)).await
     }
 
     /// Joins `token`'s fan over HTTP and polls until the line admits it; its admission token.
@@ -174,14 +169,8 @@ impl Harness {
     }
 
     pub async fn me(&self, drop: &DropId, token: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}/v1/drops/{drop}/queue/me", self.queue.url()))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        testkit::answer(r).await
+        let url = format!("{}/v1/drops/{drop}/queue/me", self.queue.url());
+        self.call(self.http.get(url).bearer_auth(token)).await
     }
 
     /// A reserve of `qty` tees at booking-api with an admission token.
