@@ -86,29 +86,24 @@ string_id!(
 );
 
 /// What a key or a reference may be: 1..=128 printable ASCII characters (no space, no control).
-fn printable_ascii_128(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
+fn printable_ascii_128(s: &str, what: &str) -> Result<String, ParseError> {
+    if s.is_empty() || s.len() > 128 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ParseError(format!(
+            "{what} must be 1..=128 printable ASCII characters"
+        )));
+    }
+    Ok(s.to_owned())
 }
 
 impl IdempotencyKey {
     pub fn parse(s: &str) -> Result<Self, ParseError> {
-        if !printable_ascii_128(s) {
-            return Err(ParseError(
-                "Idempotency-Key must be 1..=128 printable ASCII characters".into(),
-            ));
-        }
-        Ok(IdempotencyKey(s.to_owned()))
+        printable_ascii_128(s, "Idempotency-Key").map(IdempotencyKey)
     }
 }
 
 impl PaymentReference {
     pub fn parse(s: &str) -> Result<Self, ParseError> {
-        if !printable_ascii_128(s) {
-            return Err(ParseError(
-                "payment.reference must be 1..=128 printable ASCII characters".into(),
-            ));
-        }
-        Ok(PaymentReference(s.to_owned()))
+        printable_ascii_128(s, "payment.reference").map(PaymentReference)
     }
 }
 

@@ -94,6 +94,9 @@ enum Op {
         fan: usize,
         hold: usize,
     },
+    /// A client's retry of the last reserve: same fan, key and body (a new hold id, as the
+    /// engine makes one per request).
+    Retry,
     Expire {
         limit: i64,
     },
@@ -130,15 +133,8 @@ enum Op {
     Touch {
         mask: u8,
     },
-    Settings {
-        rate_per_s: u32,
-        burst: u32,
-        max_active: u32,
-        paused: bool,
-        shop_window_s: u32,
-        margin_pct: u32,
-        leave_grace_s: u32,
-    },
+    /// Ops change admission settings (the fields as the admission hash keeps them).
+    Settings(Vec<(String, String)>),
     /// Script calls sent at once (the concurrent variant).
     Together(Vec<Op>),
 }
@@ -152,7 +148,8 @@ fn script_op() -> impl Strategy<Value = Op> {
         3 => (0..6usize, 0..64usize, 0..2usize)
             .prop_map(|(fan, hold, reference)| Op::Begin { fan, hold, reference }),
         2 => (0..64usize).prop_map(|hold| Op::Finish { hold }),
-        1 => (0..64usize, 0..2usize).prop_map(|(hold, reference)| Op::Revert { hold, reference }),
+        1 => Just(Op::Retry),
+        1 => (0..64usize, 0..3usize).prop_map(|(hold, reference)| Op::Revert { hold, reference }),
         2 => (0..3usize).prop_map(|fan| Op::Join { fan }),
         2 => (1..4i64).prop_map(|leave_batch| Op::Admit { leave_batch }),
     ]
@@ -168,7 +165,7 @@ fn any_op() -> impl Strategy<Value = Op> {
         4 => (0..8u8).prop_map(|mask| Op::Touch { mask }),
         4 => (0..4u32, 0..4u32, 0..4u32, proptest::bool::weighted(0.2), 1..8u32, 0..30u32, 2..8u32)
             .prop_map(|(rate_per_s, burst, max_active, paused, shop_window_s, margin_pct, leave_grace_s)| {
-                Op::Settings { rate_per_s, burst, max_active, paused, shop_window_s, margin_pct, leave_grace_s }
+                Op::Settings(settings(rate_per_s, burst, max_active, paused, shop_window_s, margin_pct, leave_grace_s))
             }),
         1 => Just(Op::Close),
         3 => Just(Op::Checkpoint),
@@ -199,9 +196,27 @@ struct Ids {
     drop: String,
     issued: Vec<String>,
     next_hold: u64,
+    last_reserve: Option<Step>,
 }
 
 impl Ids {
+    /// Two times in three a hold in `state` (when there is one), else as [`Ids::hold`]: the
+    /// steps after a confirm began mostly act on confirming holds, as the engine's do.
+    fn hold_in(&self, i: usize, model: &Model, state: &str) -> String {
+        let matching: Vec<&String> = model
+            .store
+            .holds
+            .iter()
+            .filter(|(_, h)| h.state == state)
+            .map(|(id, _)| id)
+            .collect();
+        if !i.is_multiple_of(3) && !matching.is_empty() {
+            matching[(i / 3) % matching.len()].clone()
+        } else {
+            self.hold(i, model)
+        }
+    }
+
     /// Four times in five a hold Redis has (per the model), else any id issued so far (refused
     /// reserves issued ids that never became holds).
     fn hold(&self, i: usize, model: &Model) -> String {
@@ -278,12 +293,35 @@ fn resolve(op: &Op, model: &Model, ids: &mut Ids) -> Step {
             } else {
                 format!("fresh-{}", ids.next_hold)
             };
-            Step::Reserve {
+            let step = Step::Reserve {
                 fan: FANS[*fan].to_owned(),
                 key,
                 body_sha: sha_hex(&format!("{req:?}")),
                 hold,
                 req,
+            };
+            ids.last_reserve = Some(step.clone());
+            step
+        }
+        Op::Retry => {
+            let hold = format!("{}-h{:016x}", ids.drop, ids.next_hold);
+            ids.next_hold += 1;
+            ids.issued.push(hold.clone());
+            match ids.last_reserve.clone() {
+                Some(Step::Reserve {
+                    fan,
+                    key,
+                    body_sha,
+                    req,
+                    ..
+                }) => Step::Reserve {
+                    fan,
+                    key,
+                    body_sha,
+                    hold,
+                    req,
+                },
+                _ => Step::Expire { limit: 1 },
             }
         }
         Op::Release { fan, hold } => {
@@ -299,7 +337,7 @@ fn resolve(op: &Op, model: &Model, ids: &mut Ids) -> Step {
             hold,
             reference,
         } => {
-            let hold = ids.hold(*hold, model);
+            let hold = ids.hold_in(*hold, model, "held");
             Step::Begin {
                 fan: owner(*fan, &hold),
                 hold,
@@ -307,21 +345,31 @@ fn resolve(op: &Op, model: &Model, ids: &mut Ids) -> Step {
             }
         }
         Op::Commit { hold } => Step::Commit {
-            hold: ids.hold(*hold, model),
+            hold: ids.hold_in(*hold, model, "confirming"),
             order: engine::ids::OrderId::generate().to_string(),
         },
         Op::Finish { hold } => {
-            let hold = ids.hold(*hold, model);
+            let hold = ids.hold_in(*hold, model, "confirming");
             let order = model.record.orders.get(&hold).map_or_else(
                 || engine::ids::OrderId::generate().to_string(),
                 |(o, _, _)| o.clone(),
             );
             Step::Finish { hold, order }
         }
-        Op::Revert { hold, reference } => Step::Revert {
-            hold: ids.hold(*hold, model),
-            reference: REFERENCES[*reference].to_owned(),
-        },
+        Op::Revert { hold, reference } => {
+            let hold = ids.hold_in(*hold, model, "confirming");
+            // 2: the reference the hold is confirming under (what the engine reverts with).
+            let reference = match REFERENCES.get(*reference) {
+                Some(r) => (*r).to_owned(),
+                None => model
+                    .store
+                    .holds
+                    .get(&hold)
+                    .and_then(|h| h.reference.clone())
+                    .unwrap_or_else(|| REFERENCES[0].to_owned()),
+            };
+            Step::Revert { hold, reference }
+        }
         Op::Advance { ms } => Step::Advance { ms: *ms },
         Op::Close => Step::Close,
         Op::Checkpoint => Step::Checkpoint,
@@ -347,24 +395,8 @@ fn resolve(op: &Op, model: &Model, ids: &mut Ids) -> Step {
                 .map(|(_, f)| (*f).to_owned())
                 .collect(),
         },
-        Op::Settings {
-            rate_per_s,
-            burst,
-            max_active,
-            paused,
-            shop_window_s,
-            margin_pct,
-            leave_grace_s,
-        } => Step::Settings {
-            fields: settings(
-                *rate_per_s,
-                *burst,
-                *max_active,
-                *paused,
-                *shop_window_s,
-                *margin_pct,
-                *leave_grace_s,
-            ),
+        Op::Settings(fields) => Step::Settings {
+            fields: fields.clone(),
         },
         // Batches are resolved step by step by the caller.
         Op::Together(_) => Step::Checkpoint,
@@ -473,6 +505,7 @@ async fn run_case(
         drop: world.drop.to_string(),
         issued: Vec::new(),
         next_hold: 0,
+        last_reserve: None,
     };
     let first = Step::Settings {
         fields: settings(2, 2, 2, false, 6, 10, 4),

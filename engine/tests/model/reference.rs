@@ -1119,19 +1119,14 @@ impl Model {
         }
         s.active.retain(|_, d| *d >= now);
         let active = s.active.len() as i64;
+        // Every answer before the bucket is read admits no one and moves no watermark.
+        let early =
+            |s: &Store, state: &str| tick(s, state, active, vec![], watermark, admitted_ever, left);
         if status == "closed" {
-            return tick(s, "closed", active, vec![], watermark, admitted_ever, left);
+            return early(s, "closed");
         }
         if line_sold_out {
-            return tick(
-                s,
-                "sold_out",
-                active,
-                vec![],
-                watermark,
-                admitted_ever,
-                left,
-            );
+            return early(s, "sold_out");
         }
         let (mut available, mut held) = (0, 0);
         for (k, v) in &s.stock {
@@ -1143,15 +1138,7 @@ impl Model {
         }
         if available == 0 && held == 0 {
             s.admission.insert("line_state".into(), "sold_out".into());
-            return tick(
-                s,
-                "sold_out",
-                active,
-                vec![],
-                watermark,
-                admitted_ever,
-                left,
-            );
+            return early(s, "sold_out");
         }
         let (mut tokens, mut last) = match (s.bucket.get("tokens"), s.bucket.get("last_ms")) {
             (Some(t), Some(l)) => (*t, *l as i64),
