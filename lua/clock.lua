@@ -1,6 +1,6 @@
 -- clock.lua — the one place a script reads the time. engine::scripts prepends it to every script,
 -- so every instance reads one clock: Redis' own TIME, never the caller's machine.
--- The model test (engine/tests/model.rs) loads the scripts with a prelude of its own in place of
+-- The model test (engine/tests/model/) loads the scripts with a prelude of its own in place of
 -- this file, so it can move time by hand; production scripts never read time from a key, which
 -- would let anyone who can write to Redis move a sale's clock.
 -- Defines now_ms(): milliseconds since the epoch, by Redis' clock.

@@ -206,14 +206,20 @@ mod tests {
             .and_then(|(_, rest)| rest.split_once('}'))
             .map(|(body, _)| body)
             .expect("lib.lua has a K table");
-        for (i, name) in HOLD_KEYS.iter().enumerate() {
-            assert!(
-                table.contains(&format!("{name} = KEYS[{}]", i + 1)),
-                "lib.lua's K should have {name} = KEYS[{}]",
-                i + 1
-            );
-        }
-        assert!(table.contains("idem = KEYS[12]"));
+        // `name = KEYS[i]` pairs, read exactly (not as substrings: `holds` is in `fanholds`).
+        let pairs: Vec<(String, String)> = table
+            .split(',')
+            .filter_map(|p| p.split_once('='))
+            .map(|(n, k)| (n.trim().to_owned(), k.trim().to_owned()))
+            .filter(|(n, _)| !n.is_empty())
+            .collect();
+        let mut expected: Vec<(String, String)> = HOLD_KEYS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| ((*name).to_owned(), format!("KEYS[{}]", i + 1)))
+            .collect();
+        expected.push(("idem".into(), "KEYS[12]".into()));
+        assert_eq!(pairs, expected, "lib.lua's K table");
     }
 
     #[test]

@@ -216,7 +216,7 @@ impl Scripts {
     }
 }
 
-/// What the model test (engine/tests/model.rs) loads instead of the production scripts: its own
+/// What the model test (engine/tests/model/) loads instead of the production scripts: its own
 /// clock prelude (time it moves by hand) and, optionally, replaced script bodies. Only in builds
 /// with the `testing` feature, which only test builds turn on.
 #[cfg(feature = "testing")]

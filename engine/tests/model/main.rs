@@ -539,6 +539,20 @@ async fn run_ops(
                     for (step, outcome) in steps.iter().zip(&outs) {
                         count(step, outcome);
                     }
+                    // Only a reordering explained it: the calls really raced.
+                    if !order.windows(2).all(|w| w[0] < w[1]) {
+                        let mut identity = model.clone();
+                        let serial: Vec<Outcome> =
+                            steps.iter().map(|st| apply(&mut identity, st)).collect();
+                        if serial != actual || world.diff(&identity).await.is_some() {
+                            SEEN.with(|seen| {
+                                *seen
+                                    .borrow_mut()
+                                    .entry("batch: explained only out of order".into())
+                                    .or_insert(0) += 1
+                            });
+                        }
+                    }
                     matched = Some(m);
                     break;
                 }
@@ -668,6 +682,9 @@ fn run_variant(concurrent: bool) {
             "rebuild: kept 1, ended 0",
             "join: waiting new true",
             "admit: open admitted 1 left 0",
+            "reserve: limit_exceeded",
+            "reserve: idempotency_key_reused",
+            "reserve: seat_unavailable",
         ] {
             assert!(
                 seen.contains_key(must),

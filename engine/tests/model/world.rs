@@ -632,6 +632,65 @@ impl World {
             parse_i64(self.hash(&q.watermark).await),
             s.watermark.clone()
         );
+        // Each idempotent reserve's first answer: the body's SHA and the answer's kind and
+        // hold id or code ("<sha>\n<answer JSON>", lua/reserve.lua).
+        for ((fan, key), (sha, first)) in &s.idem {
+            let fan = FanId::parse(fan).expect("a fan id");
+            let stored: Option<String> = self
+                .raw
+                .get(DropKeys::idem(&self.drop, &fan, key))
+                .await
+                .expect("GET an idempotency key");
+            let stored = stored.and_then(|raw| {
+                let (sha, answer) = raw.split_once('\n')?;
+                let answer: Value = serde_json::from_str(answer).ok()?;
+                Some((sha.to_owned(), answer[0].clone(), answer[1].clone()))
+            });
+            let expected = match first {
+                ReserveOut::Held { hold, .. } => {
+                    (sha.clone(), Value::from("ok"), Value::from(hold.as_str()))
+                }
+                ReserveOut::Refused { code, .. } => {
+                    (sha.clone(), Value::from("err"), Value::from(code.as_str()))
+                }
+            };
+            same!(
+                format!("idempotency key {key} of {fan}"),
+                stored,
+                Some(expected)
+            );
+        }
+        // And nothing else: a script that wrote a key the model doesn't know of shows here.
+        let mut expected: BTreeSet<String> = BTreeSet::new();
+        let mut expect = |name: &str, present: bool| {
+            if present {
+                expected.insert(format!("fg:{{{}}}:{name}", self.drop));
+            }
+        };
+        expect("meta", !s.meta.is_empty());
+        expect("stock", !s.stock.is_empty());
+        expect("seats", !s.seats.is_empty());
+        expect("holds", !s.holds.is_empty());
+        expect("deadlines", !s.deadlines.is_empty());
+        expect("confirming", !s.confirming.is_empty());
+        expect("done", !s.done.is_empty());
+        expect("fans", !s.fans.is_empty());
+        expect("fanholds", !s.fanholds.is_empty());
+        expect("layout", !s.layout.is_empty());
+        expect("active", !s.active.is_empty());
+        expect("admission", !s.admission.is_empty());
+        expect("places", !s.places.is_empty());
+        expect("line", !s.line.is_empty());
+        expect("seq", s.seq != 0);
+        expect("seen", !s.seen.is_empty());
+        expect("bucket", !s.bucket.is_empty());
+        expect("watermark", !s.watermark.is_empty());
+        for (fan, key) in s.idem.keys() {
+            let fan = FanId::parse(fan).expect("a fan id");
+            expected.insert(DropKeys::idem(&self.drop, &fan, key));
+        }
+        let present: BTreeSet<String> = self.keys().await.into_iter().collect();
+        same!("the drop's keys", present, expected);
         None
     }
 
