@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use engine::booking::{parse_json, AdmissionUpdate, ConfirmBody, Made};
+use engine::booking::{AdmissionUpdate, ConfirmBody, Made};
 use engine::db::{ApiKey, Scope};
 use engine::drops::{CreateDrop, HoldRequestBody};
 use engine::ids::{DropId, FanId, HoldId, IdempotencyKey, OrderId};
@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::limits::Limits;
 use crate::pages;
-use web::{self as http, bearer, header, query_param, read_body, Body};
+use web::{self as http, bearer, header, parse_json, query_param, read_body, Body};
 
 pub struct App {
     pub engine: Arc<Engine>,

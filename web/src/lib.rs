@@ -307,3 +307,26 @@ where
         .record(started.elapsed().as_secs_f64());
     resp
 }
+
+/// Parses a JSON body: syntax errors are 400 `malformed_json`, wrong shapes 422 `invalid_request`.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
+    let malformed = |e: serde_json::Error| {
+        Error::msg(
+            Code::MalformedJson,
+            format!("The body is not valid JSON: {e}"),
+        )
+    };
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Syntax
+        | serde_json::error::Category::Eof
+        | serde_json::error::Category::Io => malformed(e),
+        // serde stops at the first error, so a wrong field early in a body that is cut short
+        // later would pass for a shape error: check the syntax of the whole body first.
+        serde_json::error::Category::Data => {
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Err(syntax) => malformed(syntax),
+                Ok(_) => Error::invalid(e.to_string()),
+            }
+        }
+    })
+}
