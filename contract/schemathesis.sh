@@ -122,7 +122,8 @@ run() {
     shift 2
     say "== $server at $url (seed $SEED, $MAX_EXAMPLES examples per operation and phase)"
     # From .dev/: schemathesis keeps a cache directory where it runs.
-    (cd .dev && "$root/$VENV/bin/schemathesis" run "$root/docs/openapi.yaml" --url "$url" \
+    (cd .dev && "$root/$VENV/bin/schemathesis" --config-file "$root/contract/schemathesis.toml" \
+        run "$root/docs/openapi.yaml" --url "$url" \
         --checks "$checks" --phases examples,coverage,fuzzing \
         --max-examples "$MAX_EXAMPLES" --seed "$SEED" --workers 2 \
         --generation-database none --no-color --suppress-health-check all \

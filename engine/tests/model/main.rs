@@ -56,7 +56,7 @@ impl Shape {
                 ],
             )
         } else {
-            (vec![("TEE".to_owned(), 5), ("CAP".to_owned(), 3)], vec![])
+            (vec![("TEE".to_owned(), 4), ("CAP".to_owned(), 2)], vec![])
         };
         DropSpec {
             seated: self.seated,
@@ -145,11 +145,11 @@ fn script_op() -> impl Strategy<Value = Op> {
             .prop_map(|(fan, key, kind, a, b, n)| Op::Reserve { fan, key, kind, a, b, n }),
         2 => (0..6usize, 0..64usize).prop_map(|(fan, hold)| Op::Release { fan, hold }),
         1 => (1..4i64).prop_map(|limit| Op::Expire { limit }),
-        3 => (0..6usize, 0..64usize, 0..2usize)
+        4 => (0..6usize, 0..64usize, 0..2usize)
             .prop_map(|(fan, hold, reference)| Op::Begin { fan, hold, reference }),
         2 => (0..64usize).prop_map(|hold| Op::Finish { hold }),
         1 => Just(Op::Retry),
-        1 => (0..64usize, 0..3usize).prop_map(|(hold, reference)| Op::Revert { hold, reference }),
+        4 => (0..64usize, 0..3usize).prop_map(|(hold, reference)| Op::Revert { hold, reference }),
         2 => (0..3usize).prop_map(|fan| Op::Join { fan }),
         2 => (1..4i64).prop_map(|leave_batch| Op::Admit { leave_batch }),
     ]
