@@ -76,6 +76,8 @@ fn listen(mut ws: Socket) -> (Arc<Mutex<Heard>>, tokio::task::JoinHandle<()>) {
 }
 
 fn check_frame(v: &Value) {
+    // Every frame also against docs/ws-frames.schema.json, as the other queue tests do.
+    common::checked_frame(&v.to_string());
     let kind = v["type"].as_str().unwrap_or_default();
     assert!(FRAME_TYPES.contains(&kind), "an undocumented frame: {v}");
     if kind == "error" {
