@@ -492,16 +492,7 @@ impl Rooms {
                     if last_broadcast.elapsed() + ms(self.cfg.tick_ms) / 2 >= broadcast_every {
                         if let Some(v) = room.view() {
                             last_broadcast = Instant::now();
-                            let stalled = frame(&json!({
-                                "type": "tick",
-                                "state": "unavailable",
-                                "watermark": v.watermark,
-                                "admitted_total": v.admitted_total,
-                                "waiting": v.waiting,
-                                "admit_rate_per_s": 0.0,
-                                "configured_rate_per_s": v.configured_rate_per_s,
-                                "at_ms": v.redis_now_ms(),
-                            }));
+                            let stalled = tick_frame(&v, "unavailable", 0.0, v.redis_now_ms());
                             lock(&room.waiters).broadcast(&[&stalled]);
                         }
                     }
@@ -543,16 +534,12 @@ impl Rooms {
                 || last_broadcast.elapsed() + ms(self.cfg.tick_ms) / 2 >= broadcast_every;
             if broadcast {
                 last_broadcast = Instant::now();
-                let shared = frame(&json!({
-                    "type": "tick",
-                    "state": view.state.as_str(),
-                    "watermark": view.watermark,
-                    "admitted_total": view.admitted_total,
-                    "waiting": view.waiting,
-                    "admit_rate_per_s": round2(view.rate_per_s()),
-                    "configured_rate_per_s": view.configured_rate_per_s,
-                    "at_ms": t.now_ms,
-                }));
+                let shared = tick_frame(
+                    &view,
+                    view.state.as_str(),
+                    round2(view.rate_per_s()),
+                    t.now_ms,
+                );
                 let mut w = lock(&room.waiters);
                 match &state_frame {
                     Some(f) => w.broadcast(&[&shared, f]),
@@ -698,6 +685,21 @@ impl Drop for Busy {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
     }
+}
+
+/// The one `tick` frame every waiter of a room shares: the line as `view` last saw it, in `state`,
+/// moving at `admit_rate_per_s`, by Redis' clock at `at_ms`.
+fn tick_frame(view: &View, state: &str, admit_rate_per_s: f64, at_ms: i64) -> Frame {
+    frame(&json!({
+        "type": "tick",
+        "state": state,
+        "watermark": view.watermark,
+        "admitted_total": view.admitted_total,
+        "waiting": view.waiting,
+        "admit_rate_per_s": admit_rate_per_s,
+        "configured_rate_per_s": view.configured_rate_per_s,
+        "at_ms": at_ms,
+    }))
 }
 
 fn round2(v: f64) -> f64 {

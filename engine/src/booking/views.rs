@@ -9,24 +9,12 @@ use crate::drops::AdmissionMode;
 /// Drops `GET /v1/fans/me/holds` looks in when no `drop_id` is given.
 pub(super) const FAN_HOLDS_DROPS_MAX: usize = 100;
 
-/// Something a request made, or found already made (a replay, a repeated confirm): servers
+/// Something a request made, or found already made (a repeated confirm): servers
 /// answer 201 for the first, 200 for the second.
 #[derive(Debug, Clone)]
 pub enum Made<T> {
     New(T),
     Existing(T),
-}
-
-impl<T> Made<T> {
-    pub fn is_new(&self) -> bool {
-        matches!(self, Made::New(_))
-    }
-
-    pub fn into_inner(self) -> T {
-        match self {
-            Made::New(t) | Made::Existing(t) => t,
-        }
-    }
 }
 
 /// A drop with its live counts (`GET /v1/drops/{id}`, creating and closing one).

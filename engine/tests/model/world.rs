@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use engine::config::RedisConfig;
 use engine::ids::{DropId, FanId, HoldId, OrderId};
+use engine::keys::drop_key;
 use engine::queue::QueueKeys;
 use engine::scripts::{
     ConfirmBegin, DropKeys, Finish, Redis, ReserveArgs, Reserved, Revert, TestScripts,
@@ -218,7 +219,7 @@ impl World {
     }
 
     fn clock_key(&self) -> String {
-        format!("fg:{{{}}}:testclock", self.drop)
+        drop_key(&self.drop, "testclock")
     }
 
     pub async fn set_clock(&self, ms: i64) {
@@ -235,7 +236,7 @@ impl World {
             .raw
             .custom(
                 fred::types::CustomCommand::new_static("KEYS", None, false),
-                vec![format!("fg:{{{}}}:*", self.drop)],
+                vec![drop_key(&self.drop, "*")],
             )
             .await
             .expect("KEYS");
@@ -583,7 +584,7 @@ impl World {
             .map(|(id, h)| (id.clone(), Hold::to_json(h)))
             .collect();
         same!("holds", holds, modelled);
-        let key = |name: &str| format!("fg:{{{}}}:{name}", self.drop);
+        let key = |name: &str| drop_key(&self.drop, name);
         same!(
             "deadlines",
             self.zset(&key("deadlines")).await,
@@ -664,7 +665,7 @@ impl World {
         let mut expected: BTreeSet<String> = BTreeSet::new();
         let mut expect = |name: &str, present: bool| {
             if present {
-                expected.insert(format!("fg:{{{}}}:{name}", self.drop));
+                expected.insert(drop_key(&self.drop, name));
             }
         };
         expect("meta", !s.meta.is_empty());
