@@ -81,18 +81,21 @@ fn check_reserve(r: &Reply) {
     assert!(ok, "reserve: an answer the docs don't list here: {r:?}");
 }
 
-/// Confirm answers the docs list for a confirm that may meet a slow or absent Redis.
+/// Confirm answers the docs list for a confirm that may meet a slow or absent Redis. A 402 is
+/// one: an attempt that ran past its confirm deadline (its answers lost on the slow link) is
+/// voided or reverted by the reconciler, and a retry of it waiting for it hears that it ended.
 fn check_confirm(r: &Reply) {
     r.check_5xx("confirm", &["unavailable", "payment_pending", "recovering"]);
     let ok = matches!(
         (r.status, r.code()),
-        (200 | 201, _) | (409, "confirm_in_progress") | (503, _)
+        (200 | 201, _) | (402, "payment_declined") | (409, "confirm_in_progress") | (503, _)
     );
     assert!(ok, "confirm: an answer the docs don't list here: {r:?}");
 }
 
 /// One fan: a reserve (retried on 503 with the same Idempotency-Key, as a client retrying one
-/// request does, at most `tries` times), then, for every other fan, a confirm (retried likewise).
+/// request does, at most `tries` times), then, for every other fan, a confirm (retried likewise;
+/// after a 402 with another payment reference, as docs/API.md tells a client to).
 async fn fan(
     api: BookingClient,
     drop: String,
@@ -141,7 +144,7 @@ async fn fan(
     if !pay {
         return;
     }
-    let reference = format!("ok_{}", uuid::Uuid::new_v4());
+    let mut reference = format!("ok_{}", uuid::Uuid::new_v4());
     for _ in 0..tries {
         let c = api.confirm_reply(&token, &hold, &reference).await;
         check_confirm(&c);
@@ -150,6 +153,9 @@ async fn fan(
             assert_eq!(c.str("hold_id"), hold);
             seen.lock().unwrap().orders.insert(hold, c.str("order_id"));
             return;
+        }
+        if c.status == 402 {
+            reference = format!("ok_{}", uuid::Uuid::new_v4());
         }
         tokio::time::sleep(Duration::from_millis(rand::random_range(50..300))).await;
     }

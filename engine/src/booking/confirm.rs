@@ -354,8 +354,13 @@ impl Engine {
                     return self.existing_order(hold, fan).await.map(|o| (o, false))
                 }
                 Some(rec) if rec.st == HoldState::Confirming => continue,
+                // That attempt ended unsold (declined, or voided past its confirm deadline):
+                // an attempt's reference is spent with it, so the fan pays again with another.
                 Some(rec) if rec.st == HoldState::Held => {
-                    return Err(Error::new(Code::PaymentDeclined))
+                    return Err(Error::msg(
+                        Code::PaymentDeclined,
+                        "The attempt with this payment ended without a sale and nothing was charged; the hold is yours until it expires: pay again.",
+                    ))
                 }
                 Some(_) => return Err(Error::new(Code::HoldExpired)),
                 None => return Err(Error::new(Code::UnknownHold)),
