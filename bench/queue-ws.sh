@@ -168,6 +168,6 @@ set +e
 rc=${PIPESTATUS[0]}
 set -e
 machine_state "$OUT_DIR/machine-after.txt"
-curl -fsS "http://127.0.0.1:$QUEUE_PORT/metrics" > "$OUT_DIR/queue-server-metrics.txt" 2>/dev/null || true
+curl -fsS -H "Authorization: Bearer $OPS_KEY" "http://127.0.0.1:$QUEUE_PORT/metrics" > "$OUT_DIR/queue-server-metrics.txt" 2>/dev/null || true
 echo "queue-ws: raw outputs in $OUT_DIR" >&2
 exit "$rc"

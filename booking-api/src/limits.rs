@@ -1,6 +1,6 @@
-//! Rate limits per client IP and per signed-in fan (governor, per process). Each limiter forgets
-//! idle keys periodically and is replaced whole if it still holds more than `max_limiter_keys`,
-//! so an address scan can't grow memory without bound.
+//! Rate limits per client IP (IPv6 by /64) and per signed-in fan (governor, per process; see
+//! [`web::KeyedLimit`]). Each limiter remembers at most `limits.max_limiter_keys` keys, forgetting
+//! the idlest first, so an address scan can't grow memory without bound nor free a limited client.
 
 use std::net::IpAddr;
 
@@ -22,14 +22,14 @@ impl Limits {
     }
 
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Error> {
-        self.per_ip.check(&ip)
+        self.per_ip.check_ip(ip)
     }
 
     pub fn check_fan(&self, fan: &str) -> Result<(), Error> {
         self.per_fan.check(&fan.to_owned())
     }
 
-    /// Forget idle keys; called every few seconds by the server.
+    /// Forget idle keys; called every `limits.tidy_interval_ms` by the server.
     pub fn tidy(&self) {
         self.per_ip.tidy();
         self.per_fan.tidy();

@@ -49,13 +49,21 @@ impl App {
         let method = req.method().clone();
         let (route, result): (&'static str, Answer) = match (&method, segments.as_slice()) {
             (&Method::GET, ["healthz"]) => ("/healthz", ok(json!({"status": "ok"}))),
-            (&Method::GET, ["readyz"]) => ("/readyz", self.readyz().await),
+            // Readiness asks Redis and Postgres, and metrics check a key in Postgres: the per-IP
+            // limit comes first, as for the API.
+            (&Method::GET, ["readyz"]) => (
+                "/readyz",
+                match self.check_ip(&req, peer) {
+                    Ok(()) => self.readyz().await,
+                    Err(e) => Err(e),
+                },
+            ),
             (&Method::GET, ["metrics"]) => (
                 "/metrics",
-                Ok(http::text(
-                    "text/plain; version=0.0.4",
-                    self.metrics.render(),
-                )),
+                match self.check_ip(&req, peer) {
+                    Ok(()) => self.metrics(&req).await,
+                    Err(e) => Err(e),
+                },
             ),
             (&Method::GET, ["drops", _]) => ("/drops/{id}", Ok(pages::booking_page())),
             (&Method::GET, ["static", name]) => (
@@ -63,9 +71,7 @@ impl App {
                 pages::asset(name).ok_or_else(|| Error::new(Code::NotFound)),
             ),
             _ => {
-                let ip =
-                    http::client_ip(&req, peer.ip(), &self.engine.cfg().limits.trusted_proxies);
-                let limited = self.limits.check_ip(ip);
+                let limited = self.check_ip(&req, peer);
                 let route = api_route(&method, &segments);
                 let result = match limited {
                     Err(e) => Err(e),
@@ -77,6 +83,19 @@ impl App {
         let mut resp = result.unwrap_or_else(|e| http::refusal(&e));
         http::allow(&mut resp, ROUTES, &segments);
         (resp, route)
+    }
+
+    /// The per-IP limit (IPv6 by /64), before any key, token, id or store is looked at.
+    fn check_ip(&self, req: &Request<Incoming>, peer: SocketAddr) -> Result<(), Error> {
+        let trusted = &self.engine.cfg().limits.trusted_proxies;
+        self.limits.check_ip(http::client_ip(req, peer.ip(), trusted))
+    }
+
+    /// Prometheus text, for an ops key only: the public listener doesn't tell the world its
+    /// traffic (`http.metrics_listen` serves it without a key, privately).
+    async fn metrics(&self, req: &Request<Incoming>) -> Answer {
+        self.key(req, Scope::Ops).await?;
+        Ok(http::metrics_page(&self.metrics))
     }
 
     async fn readyz(&self) -> Answer {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use engine::config::ms;
+use engine::config::{ms, HttpConfig};
 use engine::{Code, Config, Engine, Error};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
@@ -25,6 +25,8 @@ use web::{self as http, Body};
 /// A running booking-api.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The internal listener serving `/metrics` without a key (`http.metrics_listen`), if any.
+    pub metrics_addr: Option<SocketAddr>,
     pub engine: Arc<Engine>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -52,6 +54,11 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         )
     })?;
     let addr = listener.local_addr().map_err(Error::internal)?;
+    let metrics = match cfg.http.metrics_listen {
+        Some(at) => Some(web::bind(at).await?),
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().map(|(_, a)| *a);
     let engine = Engine::start(cfg).await?;
     let (shutdown, rx) = watch::channel(false);
     let app = Arc::new(App {
@@ -59,27 +66,41 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         limits: Limits::new(&engine.cfg().limits),
         metrics: web::metrics_handle(),
     });
-    let task = tokio::spawn(serve(listener, app, rx));
-    tracing::info!(%addr, "booking-api listening");
+    let task = tokio::spawn(serve(listener, metrics.map(|(l, _)| l), app, rx));
+    tracing::info!(%addr, ?metrics_addr, "booking-api listening");
     Ok(Running {
         addr,
+        metrics_addr,
         engine,
         shutdown,
         task,
     })
 }
 
-async fn serve(listener: TcpListener, app: Arc<App>, shutdown: watch::Receiver<bool>) {
+async fn serve(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    app: Arc<App>,
+    shutdown: watch::Receiver<bool>,
+) {
     let cfg = app.engine.cfg().http.clone();
     let background = app.engine.spawn_background(shutdown.clone());
     let permits = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let tidy = {
         let app = app.clone();
-        http::every_until_shutdown(Duration::from_secs(10), shutdown.clone(), move || {
-            app.limits.tidy()
-        })
+        let every = ms(app.engine.cfg().limits.tidy_interval_ms);
+        http::every_until_shutdown(every, shutdown.clone(), move || app.limits.tidy())
     };
+    let metrics = metrics.map(|l| {
+        tokio::spawn(http::serve_metrics(
+            l,
+            app.metrics.clone(),
+            permits.clone(),
+            ms(cfg.header_read_timeout_ms),
+            shutdown.clone(),
+        ))
+    });
     let timeout = ms(cfg.request_timeout_ms);
     http::accept_loop(listener, permits, shutdown, |stream, peer, permit| {
         let app = app.clone();
@@ -90,7 +111,7 @@ async fn serve(listener: TcpListener, app: Arc<App>, shutdown: watch::Receiver<b
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(ms(cfg.header_read_timeout_ms))
-            .max_buf_size(64 * 1024)
+            .max_buf_size(cfg.max_read_buffer_bytes)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).increment(1.0);
@@ -102,6 +123,9 @@ async fn serve(listener: TcpListener, app: Arc<App>, shutdown: watch::Receiver<b
     })
     .await;
     tidy.abort();
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     if tokio::time::timeout(ms(cfg.shutdown_grace_ms), graceful.shutdown())
         .await
         .is_err()
@@ -125,13 +149,14 @@ async fn handle(
     } else {
         http::answer_within(timeout, app.handle(req, peer)).await
     };
-    cors(&app.engine.cfg().http.cors_allow_origins, origin, &mut resp);
+    cors(&app.engine.cfg().http, origin, &mut resp);
     resp
 }
 
 /// Adds CORS headers when the request's Origin is on the allow-list (config `http.cors_allow_origins`).
-fn cors(allowed: &[String], origin: Option<HeaderValue>, resp: &mut Response<Body>) {
+fn cors(cfg: &HttpConfig, origin: Option<HeaderValue>, resp: &mut Response<Body>) {
     let Some(origin) = origin else { return };
+    let allowed = &cfg.cors_allow_origins;
     let ok = origin
         .to_str()
         .is_ok_and(|o| allowed.iter().any(|a| a == o || a == "*"));
@@ -153,5 +178,8 @@ fn cors(allowed: &[String], origin: Option<HeaderValue>, resp: &mut Response<Bod
         "access-control-expose-headers",
         HeaderValue::from_static("retry-after"),
     );
-    h.insert("access-control-max-age", HeaderValue::from_static("600"));
+    h.insert(
+        "access-control-max-age",
+        HeaderValue::from(cfg.cors_max_age_s),
+    );
 }

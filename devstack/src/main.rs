@@ -372,13 +372,13 @@ fn up(args: UpArgs) -> Result<u8> {
     println!("  API                {booking_url}/v1");
     println!("  health             {booking_url}/healthz");
     println!("  ready              {booking_url}/readyz");
-    println!("  metrics            {booking_url}/metrics");
+    println!("  metrics            {booking_url}/metrics (with the ops key as Bearer)");
     println!("  fan page (tee)     {booking_url}/drops/{ga_drop}");
     println!("  fan page (concert) {booking_url}/drops/{seated_drop}");
     println!("  queue-server       {queue_url}");
     println!("  queue health       {queue_url}/healthz");
     println!("  queue ready        {queue_url}/readyz");
-    println!("  queue metrics      {queue_url}/metrics");
+    println!("  queue metrics      {queue_url}/metrics (with the ops key as Bearer)");
     println!("  fan queue (hoodie) {queue_url}/drops/{queue_drop}");
     println!("  queue (hoodie)     {ws_url}?fan_token=...");
     println!(

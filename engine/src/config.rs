@@ -120,6 +120,18 @@ impl Config {
                 "config: queue.ws_max_write_buffer_bytes must exceed queue.ws_write_buffer_bytes",
             ));
         }
+        // A zero here would panic a timer, or refuse every lookup of a drop not cached yet.
+        for (name, value) in [
+            ("limits.tidy_interval_ms", self.limits.tidy_interval_ms),
+            ("drops.lookups_per_s", u64::from(self.drops.lookups_per_s)),
+            ("drops.lookup_burst", u64::from(self.drops.lookup_burst)),
+        ] {
+            if value == 0 {
+                return Err(crate::Error::invalid(format!(
+                    "config: {name} must be above 0"
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -130,6 +142,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 15_000;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// hyper's read buffer per connection, which bounds a request's head (line and headers).
+pub const DEFAULT_MAX_READ_BUFFER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_CORS_MAX_AGE_S: u64 = 600;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -145,6 +160,14 @@ pub struct HttpConfig {
     pub shutdown_grace_ms: u64,
     /// Origins allowed to call the API from a browser on another domain (CORS). Empty: same origin only.
     pub cors_allow_origins: Vec<String>,
+    /// How long a browser may reuse a CORS preflight's answer.
+    pub cors_max_age_s: u64,
+    /// The most a connection's read buffer grows to: a request head larger than this is refused
+    /// (431) before it costs more memory.
+    pub max_read_buffer_bytes: usize,
+    /// An internal listener serving `GET /metrics` without a key (for Prometheus on a private
+    /// network). Unset: none; the public listener answers `/metrics` only with an ops key.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for HttpConfig {
@@ -159,6 +182,9 @@ impl Default for HttpConfig {
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             cors_allow_origins: Vec::new(),
+            cors_max_age_s: DEFAULT_CORS_MAX_AGE_S,
+            max_read_buffer_bytes: DEFAULT_MAX_READ_BUFFER_BYTES,
+            metrics_listen: None,
         }
     }
 }
@@ -227,6 +253,7 @@ pub const DEFAULT_PER_IP_BURST: u32 = 1_000;
 pub const DEFAULT_PER_FAN_PER_S: u32 = 10;
 pub const DEFAULT_PER_FAN_BURST: u32 = 30;
 pub const DEFAULT_MAX_LIMITER_KEYS: usize = 200_000;
+pub const DEFAULT_LIMITER_TIDY_INTERVAL_MS: u64 = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -238,8 +265,11 @@ pub struct LimitsConfig {
     /// Requests per second per signed-in fan (per process).
     pub per_fan_per_s: u32,
     pub per_fan_burst: u32,
-    /// Keys each limiter remembers before it forgets idle ones.
+    /// Keys (client addresses, IPv6 by /64, or fans) each limiter of both servers remembers at
+    /// most; past it a limiter forgets the idlest keys, never one it is holding back.
     pub max_limiter_keys: usize,
+    /// How often every limiter forgets the keys whose buckets have refilled.
+    pub tidy_interval_ms: u64,
     /// Load balancers / reverse proxies (addresses or blocks) whose `X-Forwarded-For` is
     /// believed for per-IP limits (both servers). Empty: the TCP peer is the client.
     pub trusted_proxies: Vec<crate::net::Cidr>,
@@ -253,6 +283,7 @@ impl Default for LimitsConfig {
             per_fan_per_s: DEFAULT_PER_FAN_PER_S,
             per_fan_burst: DEFAULT_PER_FAN_BURST,
             max_limiter_keys: DEFAULT_MAX_LIMITER_KEYS,
+            tidy_interval_ms: DEFAULT_LIMITER_TIDY_INTERVAL_MS,
             trusted_proxies: Vec::new(),
         }
     }
@@ -449,6 +480,14 @@ pub const DEFAULT_MAX_UNITS_PER_SKU: u32 = 10_000_000;
 pub const DEFAULT_MAX_ITEMS_PER_HOLD: usize = 50;
 pub const DEFAULT_MAX_DROPS_LISTED: i64 = 500;
 pub const DEFAULT_DROP_CACHE_ENTRIES: usize = 10_000;
+/// Drop ids are random, so nobody asks for one before it exists: remembering an unknown one for
+/// 2 s costs a real drop nothing and spares Postgres every repeat of a made-up one.
+pub const DEFAULT_UNKNOWN_DROP_TTL_MS: u64 = 2_000;
+pub const DEFAULT_UNKNOWN_DROP_CACHE_ENTRIES: usize = 10_000;
+/// A process reads a drop's definition from Postgres once (it is cached for good), so only a
+/// cold start over many live drops or a flood of made-up ids comes near this.
+pub const DEFAULT_DROP_LOOKUPS_PER_S: u32 = 100;
+pub const DEFAULT_DROP_LOOKUP_BURST: u32 = 500;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -462,6 +501,16 @@ pub struct DropsConfig {
     pub max_drops_listed: i64,
     /// Drop definitions cached per process.
     pub cache_entries: usize,
+    /// How long a drop id Postgres doesn't know is answered 404 `unknown_drop` without asking
+    /// again (per process; a drop created meanwhile by this process is known at once).
+    pub unknown_ttl_ms: u64,
+    /// Unknown drop ids remembered per process, at most (the oldest go first).
+    pub unknown_cache_entries: usize,
+    /// Postgres reads of drops this process hasn't cached (known or unknown) per second, and
+    /// their burst: past it such a request answers 503 `unavailable`, so a flood of made-up ids
+    /// costs Postgres a bounded number of queries a second however many addresses send it.
+    pub lookups_per_s: u32,
+    pub lookup_burst: u32,
 }
 
 impl Default for DropsConfig {
@@ -473,6 +522,10 @@ impl Default for DropsConfig {
             max_items_per_hold: DEFAULT_MAX_ITEMS_PER_HOLD,
             max_drops_listed: DEFAULT_MAX_DROPS_LISTED,
             cache_entries: DEFAULT_DROP_CACHE_ENTRIES,
+            unknown_ttl_ms: DEFAULT_UNKNOWN_DROP_TTL_MS,
+            unknown_cache_entries: DEFAULT_UNKNOWN_DROP_CACHE_ENTRIES,
+            lookups_per_s: DEFAULT_DROP_LOOKUPS_PER_S,
+            lookup_burst: DEFAULT_DROP_LOOKUP_BURST,
         }
     }
 }
@@ -487,6 +540,12 @@ pub const DEFAULT_QUEUE_POSITION_INTERVAL_MS: u64 = 10_000;
 pub const DEFAULT_QUEUE_SEND_QUEUE_LEN: usize = 16;
 pub const DEFAULT_QUEUE_PER_IP_JOIN_PER_S: u32 = 500;
 pub const DEFAULT_QUEUE_PER_IP_JOIN_BURST: u32 = 2_000;
+/// Every request (pages, polls, socket upgrades, joins) per address: above the joins' limit, as
+/// a fan's page makes a few requests besides its join.
+pub const DEFAULT_QUEUE_PER_IP_PER_S: u32 = 1_000;
+pub const DEFAULT_QUEUE_PER_IP_BURST: u32 = 4_000;
+/// Waiting-room requests are small: 16 KiB of head is plenty and bounds 19,000 connections.
+pub const DEFAULT_QUEUE_MAX_READ_BUFFER_BYTES: usize = 16 * 1024;
 pub const DEFAULT_WS_READ_BUFFER_BYTES: usize = 4 * 1024;
 pub const DEFAULT_WS_WRITE_BUFFER_BYTES: usize = 4 * 1024;
 pub const DEFAULT_WS_MAX_WRITE_BUFFER_BYTES: usize = 64 * 1024;
@@ -527,6 +586,14 @@ pub struct QueueConfig {
     /// carriers put thousands of fans behind one address; one place per fan does the real work.
     pub per_ip_join_per_s: u32,
     pub per_ip_join_burst: u32,
+    /// Requests per second per client IP on every route but `/healthz`, checked before anything
+    /// else (a token, a drop id, Redis, Postgres): a refusal costs one limiter check.
+    pub per_ip_per_s: u32,
+    pub per_ip_burst: u32,
+    /// As `http.max_read_buffer_bytes`, for queue-server's connections.
+    pub max_read_buffer_bytes: usize,
+    /// As `http.metrics_listen`, for queue-server.
+    pub metrics_listen: Option<SocketAddr>,
     /// tungstenite's buffers: the read buffer is allocated up front, so it is what an idle
     /// connection costs (the default 128 KiB would be ~135 KiB per waiter).
     pub ws_read_buffer_bytes: usize,
@@ -586,6 +653,10 @@ impl Default for QueueConfig {
             send_queue_len: DEFAULT_QUEUE_SEND_QUEUE_LEN,
             per_ip_join_per_s: DEFAULT_QUEUE_PER_IP_JOIN_PER_S,
             per_ip_join_burst: DEFAULT_QUEUE_PER_IP_JOIN_BURST,
+            per_ip_per_s: DEFAULT_QUEUE_PER_IP_PER_S,
+            per_ip_burst: DEFAULT_QUEUE_PER_IP_BURST,
+            max_read_buffer_bytes: DEFAULT_QUEUE_MAX_READ_BUFFER_BYTES,
+            metrics_listen: None,
             ws_read_buffer_bytes: DEFAULT_WS_READ_BUFFER_BYTES,
             ws_write_buffer_bytes: DEFAULT_WS_WRITE_BUFFER_BYTES,
             ws_max_write_buffer_bytes: DEFAULT_WS_MAX_WRITE_BUFFER_BYTES,
@@ -706,6 +777,31 @@ mod tests {
         cfg.validate().unwrap();
         cfg.queue.ws_max_write_buffer_bytes = 4096;
         refused(&cfg, "queue.ws_max_write_buffer_bytes must exceed");
+    }
+
+    #[test]
+    fn limiter_and_lookup_rates_must_be_above_zero() {
+        type SetToZero = fn(&mut Config);
+        let zeroes: [(&str, SetToZero); 3] = [
+            ("limits.tidy_interval_ms", |c| c.limits.tidy_interval_ms = 0),
+            ("drops.lookups_per_s", |c| c.drops.lookups_per_s = 0),
+            ("drops.lookup_burst", |c| c.drops.lookup_burst = 0),
+        ];
+        for (name, zero) in zeroes {
+            let mut cfg = Config::default();
+            zero(&mut cfg);
+            refused(&cfg, &format!("{name} must be above 0"));
+        }
+    }
+
+    #[test]
+    fn a_metrics_listener_is_off_unless_set() {
+        assert!(Config::default().http.metrics_listen.is_none());
+        let cfg = from_toml("[http]\nmetrics_listen = \"127.0.0.1:9090\"").unwrap();
+        assert_eq!(
+            cfg.http.metrics_listen,
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
     }
 
     #[test]

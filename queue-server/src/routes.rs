@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use engine::db::Scope;
 use engine::ids::{DropId, FanId};
 use engine::queue::FanStatus;
 use engine::tokens::now_ms;
@@ -35,6 +36,9 @@ fn ok(status: u16, body: serde_json::Value) -> Answer {
 fn drop_id(s: &str) -> Result<DropId, Error> {
     DropId::parse(s).map_err(|_| Error::new(Code::UnknownDrop))
 }
+
+/// The metric label of a request the per-IP limit refused before routing it.
+const RATE_LIMITED_ROUTE: &str = "rate_limited";
 
 /// Every route queue-server answers, as (method, path pattern); the patterns are its metric
 /// labels. docs/openapi.yaml describes each one and no other (tests/openapi.rs).
@@ -78,17 +82,17 @@ impl App {
     ) -> (Response<Body>, &'static str) {
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // Every route but liveness: the per-IP limit first, before any token, id or store.
+        if segments != ["healthz"] {
+            if let Err(e) = self.limits.check_ip(self.client_ip(&req, peer)) {
+                return (http::refusal(&e), RATE_LIMITED_ROUTE);
+            }
+        }
         let method = req.method().clone();
         let (route, result): (&'static str, Answer) = match (&method, segments.as_slice()) {
             (&Method::GET, ["healthz"]) => ("/healthz", ok(200, json!({"status": "ok"}))),
             (&Method::GET, ["readyz"]) => ("/readyz", self.readyz().await),
-            (&Method::GET, ["metrics"]) => (
-                "/metrics",
-                Ok(http::text(
-                    "text/plain; version=0.0.4",
-                    self.metrics.render(),
-                )),
-            ),
+            (&Method::GET, ["metrics"]) => ("/metrics", self.metrics(&req).await),
             (&Method::GET, ["drops", _]) => (
                 "/drops/{id}",
                 Ok(pages::queue_page(
@@ -120,6 +124,16 @@ impl App {
         (resp, route)
     }
 
+    /// Prometheus text, for an ops key only: the public listener doesn't tell the world its
+    /// traffic (`queue.metrics_listen` serves it without a key, privately).
+    async fn metrics(&self, req: &Request<Incoming>) -> Answer {
+        let key = bearer(req).ok_or_else(|| {
+            Error::msg(Code::Unauthorized, "Send `Authorization: Bearer <ops key>`.")
+        })?;
+        self.rooms.queue.engine.api_key(key, Scope::Ops).await?;
+        Ok(http::metrics_page(&self.metrics))
+    }
+
     async fn readyz(&self) -> Answer {
         match self.rooms.queue.engine.ready().await {
             Ok(()) => ok(200, json!({"status": "ready"})),
@@ -144,9 +158,9 @@ impl App {
 
     /// HTTP join: `{"place","ahead","status"}`, idempotent.
     async fn join(&self, req: &Request<Incoming>, d: &str, peer: SocketAddr) -> Answer {
+        self.limits.check_join(&self.client_ip(req, peer))?;
         let drop = drop_id(d)?;
         let fan = self.fan(req)?;
-        self.limits.check_join(&self.client_ip(req, peer))?;
         let joined = self.rooms.queue.join(&drop, &fan).await?;
         self.rooms.touch(&drop)?;
         // Before opening the place is the fan's draw, and a draw seen could be a draw shopped

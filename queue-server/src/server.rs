@@ -27,6 +27,8 @@ use web::{self as http, Body};
 /// A running queue-server.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The internal listener serving `/metrics` without a key (`queue.metrics_listen`), if any.
+    pub metrics_addr: Option<SocketAddr>,
     pub engine: Arc<Engine>,
     pub queue: Arc<Queue>,
     rooms: Arc<Rooms>,
@@ -59,20 +61,26 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         .await
         .map_err(|e| Error::msg(Code::Internal, format!("cannot listen on {listen}: {e}")))?;
     let addr = listener.local_addr().map_err(Error::internal)?;
+    let metrics = match cfg.queue.metrics_listen {
+        Some(at) => Some(web::bind(at).await?),
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().map(|(_, a)| *a);
     let engine = Engine::start_as(cfg, engine::Role::Queue).await?;
     let queue = Arc::new(Queue::new(engine.clone()));
     let (shutdown, rx) = watch::channel(false);
     let qcfg = engine.cfg().queue.clone();
     let app = Arc::new(App {
         rooms: Rooms::new(queue.clone(), qcfg.clone(), rx.clone()),
-        limits: Limits::new(&qcfg),
+        limits: Limits::new(engine.cfg()),
         metrics: web::metrics_handle(),
     });
     let rooms = app.rooms.clone();
-    let task = tokio::spawn(serve(listener, app, rx));
-    tracing::info!(%addr, "queue-server listening");
+    let task = tokio::spawn(serve(listener, metrics.map(|(l, _)| l), app, rx));
+    tracing::info!(%addr, ?metrics_addr, "queue-server listening");
     Ok(Running {
         addr,
+        metrics_addr,
         engine,
         queue,
         rooms,
@@ -81,16 +89,29 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     })
 }
 
-async fn serve(listener: TcpListener, app: Arc<App>, shutdown: watch::Receiver<bool>) {
+async fn serve(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    app: Arc<App>,
+    shutdown: watch::Receiver<bool>,
+) {
     let cfg = app.rooms.queue.engine.cfg().queue.clone();
     let max = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(max));
     let tidy = {
         let app = app.clone();
-        http::every_until_shutdown(Duration::from_secs(10), shutdown.clone(), move || {
-            app.limits.tidy()
-        })
+        let every = ms(app.rooms.queue.engine.cfg().limits.tidy_interval_ms);
+        http::every_until_shutdown(every, shutdown.clone(), move || app.limits.tidy())
     };
+    let metrics = metrics.map(|l| {
+        tokio::spawn(http::serve_metrics(
+            l,
+            app.metrics.clone(),
+            permits.clone(),
+            ms(cfg.header_read_timeout_ms),
+            shutdown.clone(),
+        ))
+    });
     let timeout = ms(cfg.request_timeout_ms);
     http::accept_loop(
         listener,
@@ -113,7 +134,7 @@ async fn serve(listener: TcpListener, app: Arc<App>, shutdown: watch::Receiver<b
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(ms(cfg.header_read_timeout_ms))
-                .max_buf_size(16 * 1024)
+                .max_buf_size(cfg.max_read_buffer_bytes)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             let mut stop = shutdown.clone();
@@ -134,6 +155,9 @@ async fn serve(listener: TcpListener, app: Arc<App>, shutdown: watch::Receiver<b
     )
     .await;
     tidy.abort();
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     // Every connection and socket holds a permit: all of them back means everything drained.
     let drained =
         tokio::time::timeout(ms(cfg.shutdown_grace_ms), permits.acquire_many(max as u32)).await;

@@ -348,11 +348,13 @@ impl BookingClient {
         sums
     }
 
-    /// The sum of a metric's samples at `/metrics` (0 when the metric is absent).
+    /// The sum of a metric's samples at `/metrics` (0 when the metric is absent), read with the
+    /// ops key (the public listener serves metrics to nobody else).
     pub async fn metric(&self, name: &str) -> f64 {
         let text = self
             .http
             .get(self.url("/metrics"))
+            .bearer_auth(&self.ops_key)
             .send()
             .await
             .expect("booking-api answers")

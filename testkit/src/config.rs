@@ -37,6 +37,8 @@ pub fn test_config_for(redis_url: &str, database_url: &str) -> Config {
     cfg.limits.per_ip_burst = 1_000_000;
     cfg.limits.per_fan_per_s = 1_000_000;
     cfg.limits.per_fan_burst = 1_000_000;
+    cfg.queue.per_ip_per_s = 1_000_000;
+    cfg.queue.per_ip_burst = 1_000_000;
     cfg.queue.per_ip_join_per_s = 1_000_000;
     cfg.queue.per_ip_join_burst = 1_000_000;
     cfg.queue.per_fan_poll_per_s = 1_000_000;

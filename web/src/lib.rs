@@ -4,13 +4,15 @@
 //! loop under a connection cap, one request's handler under a timeout with its metrics, periodic
 //! chores that stop at shutdown, and ([`process`]) logging and the shutdown signal.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::nanos::Nanos;
+use governor::{Quota, RateLimiter};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
@@ -169,12 +171,13 @@ pub fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str
     })
 }
 
-/// A keyed rate limiter (governor) that forgets idle keys on `tidy` and starts over whole if it
-/// still remembers more than `max_keys`, so an address scan can't grow memory without bound.
+/// A keyed rate limiter (governor's GCRA) that remembers at most `max_keys` keys, so an address
+/// scan can't grow memory without bound. Past the bound it forgets the keys nearest a full bucket
+/// first (the idle ones, whose state a fresh bucket equals), a few at a time: a scan of new keys
+/// pushes out other scanners and idle clients, never a client it is limiting, and never every
+/// bucket at once (starting over whole would hand a flooder a fresh burst each time).
 pub struct KeyedLimit<K: std::hash::Hash + Eq + Clone> {
-    quota: Quota,
-    max_keys: usize,
-    limiter: RwLock<Arc<DefaultKeyedRateLimiter<K>>>,
+    limiter: RateLimiter<K, BoundedStore<K>, DefaultClock>,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> KeyedLimit<K> {
@@ -182,35 +185,144 @@ impl<K: std::hash::Hash + Eq + Clone> KeyedLimit<K> {
         let nz = |v: u32| NonZeroU32::new(v.max(1)).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::per_second(nz(per_s)).allow_burst(nz(burst));
         KeyedLimit {
-            quota,
-            max_keys,
-            limiter: RwLock::new(Arc::new(RateLimiter::keyed(quota))),
+            limiter: RateLimiter::new(quota, BoundedStore::new(max_keys), DefaultClock::default()),
         }
-    }
-
-    fn current(&self) -> Arc<DefaultKeyedRateLimiter<K>> {
-        self.limiter
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     /// 429 `rate_limited`, with the wait, when `key` is past its quota.
     pub fn check(&self, key: &K) -> Result<(), Error> {
-        self.current().check_key(key).map_err(|not_until| {
+        self.limiter.check_key(key).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             Error::new(Code::RateLimited).retry_after(wait.max(Duration::from_secs(1)))
         })
     }
 
-    /// Forgets idle keys; servers call it every few seconds.
+    /// Keys remembered now.
+    pub fn len(&self) -> usize {
+        self.limiter.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.limiter.is_empty()
+    }
+
+    /// Forgets every idle key (one whose bucket has refilled); servers call it every
+    /// `limits.tidy_interval_ms`.
     pub fn tidy(&self) {
-        let limiter = self.current();
-        limiter.retain_recent();
-        if limiter.len() > self.max_keys {
-            *self.limiter.write().unwrap_or_else(|p| p.into_inner()) =
-                Arc::new(RateLimiter::keyed(self.quota));
+        self.limiter.retain_recent();
+    }
+}
+
+impl KeyedLimit<std::net::IpAddr> {
+    /// The per-address check: IPv6 clients by their /64 ([`ip_key`]).
+    pub fn check_ip(&self, ip: std::net::IpAddr) -> Result<(), Error> {
+        self.check(&ip_key(ip))
+    }
+}
+
+/// The key a client address is limited by: an IPv4 address (or an IPv4-mapped IPv6 one) as is,
+/// an IPv6 address by its /64 — one subscriber's whole allocation, since a host picks any of
+/// its 2^64 addresses at will (privacy addresses), which would otherwise make a fresh bucket
+/// per request.
+pub fn ip_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            std::net::IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into())
         }
+        v4 => v4,
+    }
+}
+
+/// Shards of a [`BoundedStore`]: enough that concurrent checks rarely wait on one lock.
+const LIMITER_SHARDS: usize = 16;
+
+/// governor's state per key (the GCRA's theoretical arrival time, in nanoseconds since the
+/// limiter started), in locked shards that each hold at most their share of `max_keys`.
+struct BoundedStore<K> {
+    shards: Box<[Mutex<HashMap<K, u64>>]>,
+    per_shard: usize,
+    hasher: std::hash::RandomState,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> BoundedStore<K> {
+    fn new(max_keys: usize) -> Self {
+        BoundedStore {
+            shards: (0..LIMITER_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            per_shard: (max_keys / LIMITER_SHARDS).max(1),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    fn shard(&self, key: &K) -> std::sync::MutexGuard<'_, HashMap<K, u64>> {
+        use std::hash::BuildHasher;
+        let i = (self.hasher.hash_one(key) % LIMITER_SHARDS as u64) as usize;
+        // A panic under this lock leaves a map of plain numbers: still usable.
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes room in a full shard: forgets the eighth of its keys with the earliest arrival times
+    /// (idle keys first; then those with the most of their burst left). A scan pays for this once
+    /// per eighth of a shard, so a check costs O(1) on average.
+    fn evict(map: &mut HashMap<K, u64>) {
+        let mut times: Vec<u64> = map.values().copied().collect();
+        let k = (times.len() / 8).min(times.len().saturating_sub(1));
+        let (_, &mut cut, _) = times.select_nth_unstable(k);
+        let below = map.values().filter(|&&t| t < cut).count();
+        let mut at_cut = k + 1 - below.min(k + 1);
+        map.retain(|_, t| {
+            if *t < cut {
+                false
+            } else if *t == cut && at_cut > 0 {
+                at_cut -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> governor::state::StateStore for BoundedStore<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut map = self.shard(key);
+        let prev = map.get(key).copied();
+        // governor's own stores read 0 as "no state yet" too.
+        let (outcome, next) = f(prev.filter(|&t| t > 0).map(Nanos::new))?;
+        if prev.is_none() && map.len() >= self.per_shard {
+            Self::evict(&mut map);
+        }
+        map.insert(key.clone(), next.as_u64());
+        Ok(outcome)
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> governor::state::keyed::ShrinkableKeyedStateStore<K>
+    for BoundedStore<K>
+{
+    fn retain_recent(&self, drop_below: Nanos) {
+        for shard in self.shards.iter() {
+            let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            map.retain(|_, t| *t > drop_below.as_u64());
+            map.shrink_to_fit();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -227,6 +339,61 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
         })
         .clone()
+}
+
+/// `/metrics`: the process's Prometheus text.
+pub fn metrics_page(handle: &PrometheusHandle) -> Response<Body> {
+    text("text/plain; version=0.0.4", handle.render())
+}
+
+/// The internal metrics listener (`http.metrics_listen`, `queue.metrics_listen`): `GET /metrics`
+/// without a key, 404 `not_found` for anything else, until `shutdown`. Its connections count
+/// against the server's connection cap (`permits`), and their heads against `header_read_timeout`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    permits: Arc<tokio::sync::Semaphore>,
+    header_read_timeout: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut stop = shutdown.clone();
+    accept_loop(listener, permits, shutdown, |stream, _peer, permit| {
+        let handle = handle.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let resp = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+                metrics_page(&handle)
+            } else {
+                error(&Error::new(Code::NotFound))
+            };
+            async move { Ok::<_, std::convert::Infallible>(resp) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.changed() => conn.as_mut().graceful_shutdown(),
+            }
+            drop(permit);
+        });
+    })
+    .await;
+    let _ = stop.changed().await;
+}
+
+/// Binds a listener for `at` (port 0 picks a free one): the listener and its address.
+pub async fn bind(
+    at: std::net::SocketAddr,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), Error> {
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .map_err(|e| Error::msg(Code::Internal, format!("cannot listen on {at}: {e}")))?;
+    let addr = listener.local_addr().map_err(Error::internal)?;
+    Ok((listener, addr))
 }
 
 /// The servers' accept loop: until `shutdown`, takes a permit from `permits` (the connection
@@ -329,4 +496,49 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Erro
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scan of new keys (an attacker cycling addresses) fills the limiter past `max_keys`: a
+    /// key that was already limited stays limited, whatever the limiter forgets to make room.
+    #[test]
+    fn a_key_scan_does_not_reset_a_limited_key() {
+        let limit = KeyedLimit::new(1, 3, 64);
+        for _ in 0..3 {
+            limit.check(&u32::MAX).unwrap();
+        }
+        assert!(limit.check(&u32::MAX).is_err(), "past its burst");
+        for k in 0..10_000u32 {
+            let _ = limit.check(&k);
+        }
+        limit.tidy();
+        let refused = limit
+            .check(&u32::MAX)
+            .expect_err("still limited after the scan");
+        assert_eq!(refused.code, Code::RateLimited);
+    }
+
+    #[test]
+    fn ipv6_is_keyed_by_its_64_and_ipv4_by_address() {
+        let key = |s: &str| ip_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("2001:db8:1:2:abcd::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::ffff"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:3::1"), "2001:db8:1:3::");
+        assert_eq!(key("198.51.100.7"), "198.51.100.7");
+        assert_eq!(key("::ffff:198.51.100.7"), "198.51.100.7");
+    }
+
+    /// However many keys arrive between two `tidy` calls, the limiter remembers at most
+    /// `max_keys` of them.
+    #[test]
+    fn a_key_scan_stays_within_max_keys() {
+        let limit = KeyedLimit::new(1, 3, 64);
+        for k in 0..10_000u32 {
+            let _ = limit.check(&k);
+            assert!(limit.len() <= 64, "{} keys after {k}", limit.len());
+        }
+    }
 }

@@ -119,6 +119,7 @@ impl Engine {
             .await?;
         let def = Arc::new(def);
         lock(&self.drops).insert(drop_id.clone(), def.clone());
+        lock(&self.lookups).known(&drop_id);
         self.watch_drop(&drop_id);
         self.drop_view_of(&def, "open").await
     }
@@ -140,14 +141,17 @@ impl Engine {
         }
     }
 
-    /// The cached definition, read from Postgres on first use.
+    /// The cached definition, read from Postgres on first use. An id Postgres doesn't know is
+    /// remembered as unknown for `drops.unknown_ttl_ms`, and reads of drops not cached here take
+    /// a token from a per-process budget (`drops.lookups_per_s`): past it, 503 `unavailable`.
+    /// So a flood of made-up ids costs Postgres a bounded number of queries a second.
     pub async fn drop_def(&self, drop: &DropId) -> Result<Arc<DropDef>> {
-        if let Some(def) = lock(&self.drops).get(drop) {
-            return Ok(def.clone());
+        if let Some(def) = self.cached_drop(drop)? {
+            return Ok(def);
         }
         let filling = self.drop_fills.enter(drop).await;
-        if let Some(def) = lock(&self.drops).get(drop) {
-            return Ok(def.clone());
+        if let Some(def) = self.cached_drop(drop)? {
+            return Ok(def);
         }
         if filling.failed_while_waiting() {
             return Err(Error::unavailable(
@@ -155,12 +159,28 @@ impl Engine {
                 "a concurrent load of the drop failed",
             ));
         }
-        let (def, _) = self
+        {
+            let mut lookups = lock(&self.lookups);
+            if !lookups.take() {
+                let wait = lookups.wait().max(Duration::from_secs(1));
+                return Err(Error::msg(
+                    Code::Unavailable,
+                    "Too many lookups of drops this server hasn't seen yet; retry shortly.",
+                )
+                .retry_after(wait));
+            }
+        }
+        self.drop_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let found = self
             .db
             .drop_def(drop)
             .await
-            .inspect_err(|_| filling.failed())?
-            .ok_or_else(|| Error::new(Code::UnknownDrop))?;
+            .inspect_err(|_| filling.failed())?;
+        let Some((def, _)) = found else {
+            lock(&self.lookups).unknown(drop);
+            return Err(Error::new(Code::UnknownDrop));
+        };
         let def = Arc::new(def);
         let mut cache = lock(&self.drops);
         if cache.len() >= self.cfg.drops.cache_entries {
@@ -168,6 +188,17 @@ impl Engine {
         }
         cache.insert(drop.clone(), def.clone());
         Ok(def)
+    }
+
+    /// The definition if cached; 404 `unknown_drop` if Postgres lately said there is none.
+    fn cached_drop(&self, drop: &DropId) -> Result<Option<Arc<DropDef>>> {
+        if let Some(def) = lock(&self.drops).get(drop) {
+            return Ok(Some(def.clone()));
+        }
+        if lock(&self.lookups).is_unknown(drop) {
+            return Err(Error::new(Code::UnknownDrop));
+        }
+        Ok(None)
     }
 
     /// Status from Redis; a drop missing there (flushed, lost) starts recovery and answers 503.

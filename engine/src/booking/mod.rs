@@ -6,6 +6,8 @@
 //! # Layout
 //! - this file — the [`Engine`] itself: what it owns, starting it, readiness.
 //! - `drops.rs` — sellers' drops: creating, loading into Redis, closing; ops' admission settings.
+//! - `lookups.rs` — unknown drop ids remembered briefly, and the budget of Postgres reads of
+//!   drops not cached yet.
 //! - `holds.rs` — a fan's reserve and release.
 //! - `confirm.rs` — paying for a hold: confirm begin, payment, the order's commit, finish or revert.
 //! - `background.rs` — the sweeper, the reconciler, the Redis watcher and recovery.
@@ -15,6 +17,7 @@ mod background;
 mod confirm;
 mod drops;
 mod holds;
+mod lookups;
 mod views;
 
 use confirm::Inflight;
@@ -75,6 +78,10 @@ pub struct Engine {
     pub(crate) fans: FanAuth,
     pub(crate) admission: AdmissionKeys,
     drops: Mutex<HashMap<DropId, Arc<DropDef>>>,
+    /// Drop ids Postgres didn't know lately, and the budget of reads for uncached drops.
+    lookups: Mutex<lookups::Lookups>,
+    /// Postgres reads of a drop definition on a request's behalf (tests count them).
+    drop_reads: std::sync::atomic::AtomicU64,
     drop_fills: crate::fill::FillGate<DropId>,
     inflight: Mutex<HashMap<HoldId, Inflight>>,
     /// Drops the background tasks look after: Postgres' newest live drops…
@@ -139,6 +146,8 @@ impl Engine {
             fans,
             admission,
             drops: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(lookups::Lookups::new(&cfg.drops)),
+            drop_reads: Default::default(),
             drop_fills: Default::default(),
             inflight: Mutex::new(HashMap::new()),
             watched: Mutex::new(Vec::new()),
@@ -211,6 +220,13 @@ impl Engine {
     #[cfg(feature = "testing")]
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// How many times [`Engine::drop_def`] has read Postgres, for tests that check a flood of
+    /// unknown drop ids stays away from it.
+    #[cfg(feature = "testing")]
+    pub fn drop_reads(&self) -> u64 {
+        self.drop_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The test gateway's records, for tests (when the engine pays through it).
