@@ -380,7 +380,9 @@ fn up(args: UpArgs) -> Result<u8> {
     println!("  queue ready        {queue_url}/readyz");
     println!("  queue metrics      {queue_url}/metrics (with the ops key as Bearer)");
     println!("  fan queue (hoodie) {queue_url}/drops/{queue_drop}");
-    println!("  queue (hoodie)     {ws_url}?fan_token=...");
+    println!(
+        "  queue (hoodie)     {ws_url}, first message {{\"type\":\"auth\",\"fan_token\":...}}"
+    );
     println!(
         "  queue join (HTTP)  POST {queue_url}/v1/drops/{queue_drop}/queue, then GET .../queue/me"
     );

@@ -23,6 +23,7 @@ pub struct Config {
     pub writer: WriterConfig,
     pub gateway: GatewayConfig,
     pub reconciler: ReconcilerConfig,
+    pub recovery: RecoveryConfig,
     pub identity: IdentityConfig,
     pub admission: AdmissionConfig,
     pub drops: DropsConfig,
@@ -69,6 +70,7 @@ const SECTIONS: &[&str] = &[
     "writer",
     "gateway",
     "reconciler",
+    "recovery",
     "identity",
     "admission",
     "drops",
@@ -97,7 +99,19 @@ impl Config {
                 self.queue.presence_interval_ms,
             ),
             ("queue.ws_ping_interval_ms", self.queue.ws_ping_interval_ms),
+            ("queue.ws_auth_timeout_ms", self.queue.ws_auth_timeout_ms),
         ];
+        let positive_counts = [
+            ("recovery.slice", self.recovery.slice),
+            ("recovery.concurrent_drops", self.recovery.concurrent_drops),
+        ];
+        for (name, value) in positive_counts {
+            if value == 0 {
+                return Err(crate::Error::invalid(format!(
+                    "config: {name} must be above 0"
+                )));
+            }
+        }
         for (name, value) in positive {
             if value == 0 {
                 return Err(crate::Error::invalid(format!(
@@ -108,6 +122,15 @@ impl Config {
         if self.holds.confirm_safety_margin_ms >= self.holds.confirm_timeout_ms {
             return Err(crate::Error::invalid(
                 "config: holds.confirm_safety_margin_ms must be below holds.confirm_timeout_ms",
+            ));
+        }
+        // A confirm starts its authorization no later than the safety margin before its confirm
+        // deadline, and the call lasts at most `gateway.timeout_ms`: only a timeout below the
+        // margin guarantees it has ended before the reconciler may look it up and void it.
+        if self.gateway.timeout_ms >= self.holds.confirm_safety_margin_ms {
+            return Err(crate::Error::invalid(
+                "config: gateway.timeout_ms must be below holds.confirm_safety_margin_ms \
+                 (an authorization must end before the confirm deadline)",
             ));
         }
         if self.queue.ws_idle_timeout_ms <= self.queue.ws_ping_interval_ms {
@@ -225,6 +248,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://floodgate@127.0.0.1:5432/floo
 pub const DEFAULT_DATABASE_POOL_SIZE: usize = 16;
 pub const DEFAULT_DATABASE_TIMEOUT_MS: u64 = 3_000;
 pub const DEFAULT_DATABASE_STATEMENT_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_DATABASE_KEEPALIVE_IDLE_MS: u64 = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -235,6 +259,9 @@ pub struct DatabaseConfig {
     pub timeout_ms: u64,
     /// Longest a single statement may run (Postgres `statement_timeout`).
     pub statement_timeout_ms: u64,
+    /// How long a Postgres connection may sit silent before TCP keepalive probes it, so a dead
+    /// peer (a failover, a cut link) is noticed without a statement to time out.
+    pub keepalive_idle_ms: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -244,6 +271,7 @@ impl Default for DatabaseConfig {
             pool_size: DEFAULT_DATABASE_POOL_SIZE,
             timeout_ms: DEFAULT_DATABASE_TIMEOUT_MS,
             statement_timeout_ms: DEFAULT_DATABASE_STATEMENT_TIMEOUT_MS,
+            keepalive_idle_ms: DEFAULT_DATABASE_KEEPALIVE_IDLE_MS,
         }
     }
 }
@@ -304,9 +332,9 @@ pub struct HoldsConfig {
     pub confirm_timeout_ms: u64,
     /// How long past a hold's expiry a queue drop keeps its fan admitted (time to pay).
     pub confirm_grace_ms: u64,
-    /// A confirm that reaches this close to its confirm deadline stops before committing and
-    /// leaves the hold to the reconciler, so the two never commit and revert one hold at once.
-    /// Keep it well below `confirm_timeout_ms`.
+    /// A confirm that reaches this close to its confirm deadline stops before charging or
+    /// committing and leaves the hold to the reconciler, so the two never commit and revert one
+    /// hold at once. Below `confirm_timeout_ms`, above `gateway.timeout_ms`.
     pub confirm_safety_margin_ms: u64,
     /// Expired holds each reserve reclaims before it decides.
     pub reclaim_batch: u32,
@@ -363,7 +391,8 @@ pub const DEFAULT_TEST_GATEWAY_SLOW_MS: u64 = 100;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
-    /// How long a gateway call may take before the payment counts as pending.
+    /// How long a gateway call may take before the payment counts as pending. Below
+    /// `holds.confirm_safety_margin_ms`, so an authorization ends before its confirm deadline.
     pub timeout_ms: u64,
     /// How long the test gateway sits on a `slow_` authorization (longer than `timeout_ms` makes
     /// it time out; the test gateway clips `timeout_ms` to this, so tests stay fast).
@@ -413,6 +442,31 @@ impl Default for ReconcilerConfig {
             watch_interval_ms: DEFAULT_WATCH_INTERVAL_MS,
             max_drops_watched: DEFAULT_MAX_DROPS_WATCHED,
             watch_newest_drops: DEFAULT_WATCH_NEWEST_DROPS,
+        }
+    }
+}
+
+/// A slice of 500 holds is a few milliseconds of one Redis core: other drops never notice.
+pub const DEFAULT_RECOVERY_SLICE: usize = 500;
+pub const DEFAULT_RECOVERY_CONCURRENT_DROPS: usize = 4;
+
+/// Recovery (rebuilding drops from Postgres) and loading new drops: both run in slices.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecoveryConfig {
+    /// Entries (holds, seats, buckets, fans) one script call of a rebuild or of loading a new
+    /// drop handles at most, so no call holds Redis for long however big the drop.
+    pub slice: usize,
+    /// Drops one process rebuilds at a time (after a restart every drop needs one; a huge drop
+    /// must not keep the small ones waiting).
+    pub concurrent_drops: usize,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            slice: DEFAULT_RECOVERY_SLICE,
+            concurrent_drops: DEFAULT_RECOVERY_CONCURRENT_DROPS,
         }
     }
 }
@@ -488,6 +542,7 @@ pub const DEFAULT_UNKNOWN_DROP_CACHE_ENTRIES: usize = 10_000;
 /// cold start over many live drops or a flood of made-up ids comes near this.
 pub const DEFAULT_DROP_LOOKUPS_PER_S: u32 = 100;
 pub const DEFAULT_DROP_LOOKUP_BURST: u32 = 500;
+pub const DEFAULT_FAN_HOLDS_MAX_DROPS: usize = 100;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -511,6 +566,9 @@ pub struct DropsConfig {
     /// costs Postgres a bounded number of queries a second however many addresses send it.
     pub lookups_per_s: u32,
     pub lookup_burst: u32,
+    /// Drops `GET /v1/fans/me/holds` looks in when it names none (the newest this process
+    /// looks after): one Redis read each.
+    pub fan_holds_max_drops: usize,
 }
 
 impl Default for DropsConfig {
@@ -526,6 +584,7 @@ impl Default for DropsConfig {
             unknown_cache_entries: DEFAULT_UNKNOWN_DROP_CACHE_ENTRIES,
             lookups_per_s: DEFAULT_DROP_LOOKUPS_PER_S,
             lookup_burst: DEFAULT_DROP_LOOKUP_BURST,
+            fan_holds_max_drops: DEFAULT_FAN_HOLDS_MAX_DROPS,
         }
     }
 }
@@ -560,7 +619,11 @@ pub const DEFAULT_POSITION_SLICE: usize = 512;
 pub const DEFAULT_PRESENCE_INTERVAL_MS: u64 = 5_000;
 pub const DEFAULT_WS_PING_INTERVAL_MS: u64 = 20_000;
 pub const DEFAULT_WS_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// A page sends its auth frame the moment its socket opens: 10 s covers a slow phone link many
+/// times over, and bounds what a socket that never authenticates costs (a connection slot).
+pub const DEFAULT_WS_AUTH_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_LEAVE_BATCH: usize = 1_000;
+pub const DEFAULT_PRESENCE_CHUNK: usize = 1_000;
 pub const DEFAULT_QUEUE_PER_FAN_POLL_PER_S: u32 = 2;
 pub const DEFAULT_QUEUE_PER_FAN_POLL_BURST: u32 = 10;
 
@@ -626,11 +689,17 @@ pub struct QueueConfig {
     pub presence_interval_ms: u64,
     /// Waiters past their grace sent away per admission run, at most.
     pub leave_batch: usize,
+    /// Waiters marked present per Redis call (`ZADD XX` of this many members).
+    pub presence_chunk: usize,
     /// The server pings every socket this often; a socket that sends nothing (not even the pong
     /// browsers answer with) for `ws_idle_timeout_ms` is closed. Without it a phone that vanished
     /// mid-line would keep its place until TCP gave up, a quarter of an hour later.
     pub ws_ping_interval_ms: u64,
     pub ws_idle_timeout_ms: u64,
+    /// A socket must authenticate with its first message (`{"type":"auth","fan_token":…}`)
+    /// within this long, or it is closed: the fan token never travels in a URL, and a socket
+    /// that says nothing holds no connection slot for longer than this.
+    pub ws_auth_timeout_ms: u64,
     /// `GET /queue/me` polls per second per fan (governor, per process), and the burst.
     pub per_fan_poll_per_s: u32,
     pub per_fan_poll_burst: u32,
@@ -670,8 +739,10 @@ impl Default for QueueConfig {
             position_slice: DEFAULT_POSITION_SLICE,
             presence_interval_ms: DEFAULT_PRESENCE_INTERVAL_MS,
             leave_batch: DEFAULT_LEAVE_BATCH,
+            presence_chunk: DEFAULT_PRESENCE_CHUNK,
             ws_ping_interval_ms: DEFAULT_WS_PING_INTERVAL_MS,
             ws_idle_timeout_ms: DEFAULT_WS_IDLE_TIMEOUT_MS,
+            ws_auth_timeout_ms: DEFAULT_WS_AUTH_TIMEOUT_MS,
             per_fan_poll_per_s: DEFAULT_QUEUE_PER_FAN_POLL_PER_S,
             per_fan_poll_burst: DEFAULT_QUEUE_PER_FAN_POLL_BURST,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
@@ -726,7 +797,7 @@ mod tests {
     #[test]
     fn intervals_and_timeouts_must_be_above_zero() {
         type SetToZero = fn(&mut Config);
-        let zeroes: [(&str, SetToZero); 9] = [
+        let zeroes: [(&str, SetToZero); 10] = [
             ("holds.sweep_interval_ms", |c| c.holds.sweep_interval_ms = 0),
             ("reconciler.interval_ms", |c| c.reconciler.interval_ms = 0),
             ("reconciler.watch_interval_ms", |c| {
@@ -747,6 +818,9 @@ mod tests {
             ("queue.ws_ping_interval_ms", |c| {
                 c.queue.ws_ping_interval_ms = 0
             }),
+            ("queue.ws_auth_timeout_ms", |c| {
+                c.queue.ws_auth_timeout_ms = 0
+            }),
         ];
         for (name, zero) in zeroes {
             let mut cfg = Config::default();
@@ -756,13 +830,31 @@ mod tests {
     }
 
     #[test]
+    fn recovery_slices_must_be_above_zero() {
+        let mut cfg = Config::default();
+        cfg.recovery.slice = 0;
+        refused(&cfg, "recovery.slice must be above 0");
+        let mut cfg = Config::default();
+        cfg.recovery.concurrent_drops = 0;
+        refused(&cfg, "recovery.concurrent_drops must be above 0");
+    }
+
+    #[test]
     fn bounds_that_depend_on_each_other_are_checked() {
         let mut cfg = Config::default();
         cfg.holds.confirm_timeout_ms = 1_000;
         cfg.holds.confirm_safety_margin_ms = 999;
+        cfg.gateway.timeout_ms = 998;
         cfg.validate().unwrap();
         cfg.holds.confirm_safety_margin_ms = 1_000;
         refused(&cfg, "holds.confirm_safety_margin_ms must be below");
+
+        let mut cfg = Config::default();
+        cfg.holds.confirm_safety_margin_ms = 5_000;
+        cfg.gateway.timeout_ms = 4_999;
+        cfg.validate().unwrap();
+        cfg.gateway.timeout_ms = 5_000;
+        refused(&cfg, "gateway.timeout_ms must be below holds.confirm_safety_margin_ms");
 
         let mut cfg = Config::default();
         cfg.queue.ws_ping_interval_ms = 1_000;

@@ -8,7 +8,8 @@
 //!    to it; its RSS is read before and with all open; a steady phase times each tick from its
 //!    `at_ms` to the last socket; the sockets close.
 //! 3. **queue-server**, the same way: N sockets (one per fan) to
-//!    `/v1/drops/{drop_id}/queue/ws?fan_token=…`, RSS before / all open / after the steady
+//!    `/v1/drops/{drop_id}/queue/ws`, each authenticated with its first message
+//!    (`{"type":"auth","fan_token":…}`), RSS before / all open / after the steady
 //!    phase, tick delivery and exact-position rounds during the steady phase (admission paused,
 //!    so every socket stays).
 //! 4. **Admission.** Resumed with the ops key; after the burst is spent, admissions over

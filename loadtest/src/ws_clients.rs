@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
-use futures::StreamExt as _;
+use futures::{SinkExt as _, StreamExt as _};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::net::{TcpSocket, TcpStream};
@@ -64,7 +64,8 @@ pub struct ClientsInit {
     pub target: SocketAddr,
     /// `ws://host:port/path`, without a query.
     pub url: String,
-    /// One fan token per socket, sent as `?fan_token=`; empty: `count` sockets without one.
+    /// One fan token per socket, sent as the socket's first message (`{"type":"auth",…}`, never
+    /// in the URL); empty: `count` sockets that send nothing (the baseline server's).
     pub tokens: Vec<String>,
     pub count: usize,
     /// The run-wide index of this child's first socket (fan), so reports name fans globally.
@@ -91,11 +92,11 @@ impl ClientsInit {
         self.count.div_ceil(self.sockets_per_addr.max(1))
     }
 
-    fn url_of(&self, socket: usize) -> String {
-        match self.tokens.get(socket) {
-            Some(token) => format!("{}?fan_token={token}", self.url),
-            None => self.url.clone(),
-        }
+    /// The auth frame socket `socket` opens with, if it has a fan token.
+    fn auth_of(&self, socket: usize) -> Option<String> {
+        self.tokens
+            .get(socket)
+            .map(|token| serde_json::json!({"type": "auth", "fan_token": token}).to_string())
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -427,7 +428,8 @@ fn emit(line: &ChildLine) {
 
 type Ws = WebSocketStream<TcpStream>;
 
-/// Binds to the socket's source address, connects, and does the WebSocket handshake.
+/// Binds to the socket's source address, connects, does the WebSocket handshake, and sends the
+/// auth frame (queue-server's sockets authenticate with their first message).
 async fn open(shared: &Shared, socket: usize) -> Result<Ws, String> {
     let init = &shared.init;
     let tcp = TcpSocket::new_v4().map_err(|_| "socket".to_owned())?;
@@ -438,8 +440,8 @@ async fn open(shared: &Shared, socket: usize) -> Result<Ws, String> {
         .await
         .map_err(|_| "connect".to_owned())?;
     let _ = stream.set_nodelay(true);
-    let (ws, _) = tokio_tungstenite::client_async_with_config(
-        init.url_of(socket),
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        init.url.as_str(),
         stream,
         Some(shared.ws_config),
     )
@@ -448,6 +450,11 @@ async fn open(shared: &Shared, socket: usize) -> Result<Ws, String> {
         tungstenite::Error::Http(resp) => format!("http_{}", resp.status().as_u16()),
         _ => "handshake".to_owned(),
     })?;
+    if let Some(auth) = init.auth_of(socket) {
+        ws.send(Message::text(auth))
+            .await
+            .map_err(|_| "auth_send".to_owned())?;
+    }
     Ok(ws)
 }
 
@@ -659,11 +666,12 @@ mod tests {
     }
 
     #[test]
-    fn urls_carry_the_fan_token() {
+    fn sockets_authenticate_with_their_first_message() {
         let mut i = init(2, 10);
-        assert_eq!(i.url_of(1), "ws://127.0.0.1:1/ws");
+        assert_eq!(i.auth_of(1), None);
         i.tokens = vec!["a".into(), "b".into()];
-        assert_eq!(i.url_of(1), "ws://127.0.0.1:1/ws?fan_token=b");
+        let auth: serde_json::Value = serde_json::from_str(&i.auth_of(1).unwrap()).unwrap();
+        assert_eq!(auth, serde_json::json!({"type": "auth", "fan_token": "b"}));
         i.tokens.pop();
         assert!(i.validate().is_err());
     }

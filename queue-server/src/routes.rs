@@ -1,12 +1,14 @@
-//! The route table. Fan routes authenticate with the fan token (Authorization: Bearer, or the
-//! `fan_token` query parameter for browsers' WebSockets), joins are limited per client IP, and
-//! errors are mapped in [`web::refusal`]. The fan's queue page and its assets are public.
+//! The route table. Fan routes authenticate with the fan token (Authorization: Bearer; the
+//! WebSocket with its first message, see [`ws`]; a `fan_token` in the URL is refused), joins are
+//! limited per client IP, and errors are mapped in [`web::refusal`]. The fan's queue page and
+//! its assets are public.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use engine::db::Scope;
 use engine::ids::{DropId, FanId};
+use engine::drops::AdmissionMode;
 use engine::queue::FanStatus;
 use engine::tokens::now_ms;
 use engine::{Code, Error};
@@ -19,7 +21,7 @@ use crate::limits::Limits;
 use crate::pages;
 use crate::room::Rooms;
 use crate::ws;
-use web::{self as http, bearer, query_param, Body};
+use web::{self as http, bearer, Body};
 
 pub struct App {
     pub rooms: Arc<Rooms>,
@@ -62,9 +64,8 @@ fn known_path(segments: &[&str]) -> bool {
 
 impl App {
     fn fan(&self, req: &Request<Incoming>) -> Result<FanId, Error> {
-        let token = bearer(req)
-            .or_else(|| query_param(req, "fan_token"))
-            .ok_or_else(|| Error::new(Code::Unauthorized))?;
+        ws::refuse_token_in_url(req)?;
+        let token = bearer(req).ok_or_else(|| Error::new(Code::Unauthorized))?;
         self.rooms.queue.engine.fans().verify(token)
     }
 
@@ -148,11 +149,12 @@ impl App {
         peer: SocketAddr,
         permit: Arc<OwnedSemaphorePermit>,
     ) -> Answer {
+        ws::refuse_token_in_url(&req)?;
         let drop = drop_id(d)?;
-        let fan = self.fan(&req)?;
         self.limits.check_join(&self.client_ip(&req, peer))?;
         let resp = ws::accept(&req)?;
-        tokio::spawn(ws::serve(self.rooms.clone(), req, drop, fan, permit));
+        // The fan authenticates with the socket's first message (ws::serve).
+        tokio::spawn(ws::serve(self.rooms.clone(), req, drop, permit));
         Ok(resp)
     }
 
@@ -186,6 +188,11 @@ impl App {
         let fan = self.fan(req)?;
         self.limits.check_poll(&fan)?;
         let def = self.rooms.queue.engine.drop_def(&drop).await?;
+        // Before the view: a view runs the room's admission loop, and a drop without a waiting
+        // room has no line to run.
+        if def.admission.mode != AdmissionMode::Queue {
+            return Err(engine::queue::not_queue());
+        }
         let view = self.rooms.view(&drop).await?;
         // A poll is presence: a fan polling keeps their place as a socket would.
         self.rooms
@@ -202,12 +209,16 @@ impl App {
         let now = now_ms();
         let paused = view.state == engine::queue::LineState::Paused;
         if standing.deadline_ms.is_some_and(|d| d >= now) {
-            let msg = self.rooms.admitted_message(&drop, &fan, place);
+            let msg = self
+                .rooms
+                .admitted_message(&drop, &fan, place, standing.session);
             return ok(
                 200,
                 json!({
                     "status": "admitted", "place": place, "ahead": 0, "eta_s": 0, "paused": paused,
                     "admission_token": msg["admission_token"], "expires_at": msg["expires_at"],
+                    "shop_ends_at_ms": msg["shop_ends_at_ms"],
+                    "session_ends_at_ms": msg["session_ends_at_ms"],
                     "booking_url": msg["booking_url"],
                 }),
             );

@@ -1,6 +1,13 @@
-//! The WebSocket side: the upgrade handshake on hyper, then one task per socket that writes what
-//! its bounded queue holds, reads (and discards) what the client sends, and on shutdown sends a
-//! close frame telling the client to reconnect (1012, service restart).
+//! The WebSocket side: the upgrade handshake on hyper, then one task per socket that first waits
+//! for the socket's auth frame, then writes what its bounded queue holds, reads (and discards)
+//! what the client sends, and on shutdown sends a close frame telling the client to reconnect
+//! (1012, service restart).
+//!
+//! **The fan token never travels in a URL**: proxies, load balancers and access logs keep URLs.
+//! A socket authenticates with its first message, `{"type":"auth","fan_token":"…"}`, within
+//! `queue.ws_auth_timeout_ms`; a socket asked for with `?fan_token=` is refused before the
+//! upgrade ([`refuse_token_in_url`]). Until then it holds a connection slot and nothing else: no
+//! join, no room, no Redis.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +21,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -27,6 +35,47 @@ use web::Body;
 
 /// A write that takes longer than this means the client stopped reading: drop it.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// After refusing a socket's auth, how long its close handshake may take: the client's own close
+/// is read before the connection drops, so the refusal isn't lost to a TCP reset.
+const REFUSAL_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// What a client must send first, and how: the refusals' messages quote it.
+const AUTH_FIRST: &str =
+    r#"A socket's first message must be {"type":"auth","fan_token":"<fan token>"}."#;
+
+/// Refuses a request whose URL carries the fan token (`?fan_token=`, with or without a value):
+/// 422 `invalid_request`, before the socket's upgrade (and before the HTTP join and poll look
+/// at their `Authorization`). The token is not looked at.
+pub fn refuse_token_in_url<B>(req: &Request<B>) -> Result<(), Error> {
+    let carries = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv.split('=').next() == Some("fan_token"))
+    });
+    if carries {
+        return Err(Error::invalid(
+            r#"The fan token never goes in a URL (proxies and logs keep URLs): open the socket without it and send {"type":"auth","fan_token":"<fan token>"} as its first message."#,
+        ));
+    }
+    Ok(())
+}
+
+/// The first message a socket sends. Fields other than these are ignored, so a later page may
+/// add some without an older server refusing it in the middle of a rolling deploy.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientFrame {
+    Auth { fan_token: String },
+}
+
+/// Why a socket never got past its auth frame.
+enum Refused {
+    /// The client closed, or the connection broke: nobody to tell.
+    Gone,
+    /// Nothing arrived within `queue.ws_auth_timeout_ms`: closed 1008 `auth_timeout`.
+    Timeout,
+    /// A bad first message or token: an `error` frame, then closed 1008 with the code as reason.
+    Frame(Error),
+}
 
 pub fn ws_config(cfg: &QueueConfig) -> WebSocketConfig {
     WebSocketConfig::default()
@@ -69,18 +118,18 @@ pub fn accept(req: &Request<Incoming>) -> Result<Response<Body>, Error> {
     Ok(resp)
 }
 
-/// After the 101: joins the fan, queues the first messages (position first), enters the room,
-/// and serves the socket until it closes, is dropped as slow, or the server shuts down.
+/// After the 101: waits for the socket's auth frame, then joins the fan, queues the first
+/// messages (position first), enters the room, and serves the socket until it closes, is dropped
+/// as slow, or the server shuts down.
 pub async fn serve(
     rooms: Arc<Rooms>,
     req: Request<Incoming>,
     drop: DropId,
-    fan: FanId,
     permit: Arc<OwnedSemaphorePermit>,
 ) {
     let cfg = &rooms.queue.engine.cfg().queue;
-    let (config, send_queue_len) = (ws_config(cfg), cfg.send_queue_len);
-    // The two awaits before the loop are boxed: an async fn's state is as big as its biggest
+    let config = ws_config(cfg);
+    // The awaits before the line's loop are boxed: an async fn's state is as big as its biggest
     // await, and this one lives as long as the socket. Inline, the join's Redis and Postgres
     // futures made every waiting socket's task several KiB larger for its whole life.
     let upgraded = match Box::pin(hyper::upgrade::on(req)).await {
@@ -97,14 +146,97 @@ pub async fn serve(
     ))
     .await;
     metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).increment(1.0);
-    let (tx, mut rx) = mpsc::channel::<Frame>(send_queue_len.max(4));
+    match Box::pin(authenticate(&rooms, &mut ws)).await {
+        Ok(fan) => wait_in_line(&rooms, ws, &drop, &fan).await,
+        Err(refused) => Box::pin(refuse(ws, refused)).await,
+    }
+    metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).decrement(1.0);
+    std::mem::drop(permit);
+}
+
+/// Reads the socket's first message: the fan of a good auth frame, or why not. Pings and pongs
+/// don't count (tungstenite answers pings itself); any other frame first is refused.
+async fn authenticate<S>(rooms: &Rooms, ws: &mut WebSocketStream<S>) -> Result<FanId, Refused>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let timeout = ms(rooms.queue.engine.cfg().queue.ws_auth_timeout_ms);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let invalid = |why: &str| Refused::Frame(Error::invalid(format!("{why} {AUTH_FIRST}")));
+    loop {
+        let text = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return Err(Refused::Timeout),
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return Err(Refused::Gone),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(Message::Text(t)))) => t,
+            Ok(Some(Ok(Message::Binary(_) | Message::Frame(_)))) => {
+                return Err(invalid("A binary frame came before the auth frame."))
+            }
+        };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|_| {
+            Refused::Frame(Error::msg(
+                Code::MalformedJson,
+                format!("The first message is not JSON. {AUTH_FIRST}"),
+            ))
+        })?;
+        let ClientFrame::Auth { fan_token } = serde_json::from_value(value)
+            .map_err(|_| invalid("The first message is not an auth frame."))?;
+        return rooms
+            .queue
+            .engine
+            .fans()
+            .verify(&fan_token)
+            .map_err(Refused::Frame);
+    }
+}
+
+/// Tells a socket whose auth failed why (an `error` frame, unless it timed out) and closes it
+/// with 1008 (policy violation) and the code as reason, waiting briefly for the client's close.
+async fn refuse<S>(mut ws: WebSocketStream<S>, refused: Refused)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let reason = match refused {
+        Refused::Gone => return,
+        Refused::Timeout => "auth_timeout",
+        Refused::Frame(e) => {
+            let error = json!({"type": "error", "code": e.code.name(), "message": e.message});
+            let sent = ws.send(Message::Text(frame(&error)));
+            if !matches!(tokio::time::timeout(SEND_TIMEOUT, sent).await, Ok(Ok(()))) {
+                return;
+            }
+            e.code.name()
+        }
+    };
+    let close = CloseFrame {
+        code: CloseCode::Policy,
+        reason: reason.into(),
+    };
+    if !matches!(
+        tokio::time::timeout(SEND_TIMEOUT, ws.close(Some(close))).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    let until = tokio::time::Instant::now() + REFUSAL_CLOSE_WAIT;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, ws.next()).await {}
+}
+
+/// An authenticated socket: joins the fan, queues what it hears first, and serves it until it
+/// closes, is dropped as slow, or the server shuts down.
+async fn wait_in_line<S>(rooms: &Arc<Rooms>, mut ws: WebSocketStream<S>, drop: &DropId, fan: &FanId)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let cfg = &rooms.queue.engine.cfg().queue;
+    let (tx, mut rx) = mpsc::channel::<Frame>(cfg.send_queue_len.max(4));
     let refuse = |e: Error| {
         let _ = tx.try_send(frame(
             &json!({"type": "error", "code": e.code.name(), "message": e.message}),
         ));
     };
-    let conn = match Box::pin(first_messages(&rooms, &drop, &fan, &tx)).await {
-        Ok(true) => rooms.enter(&drop, &fan, tx.clone()).map_err(refuse).ok(),
+    let conn = match Box::pin(first_messages(rooms, drop, fan, &tx)).await {
+        Ok(true) => rooms.enter(drop, fan, tx.clone()).map_err(refuse).ok(),
         Ok(false) => None,
         Err(e) => {
             refuse(e);
@@ -162,10 +294,8 @@ pub async fn serve(
         }
     }
     if let Some(conn) = conn {
-        rooms.leave(&drop, conn);
+        rooms.leave(drop, conn);
     }
-    metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).decrement(1.0);
-    std::mem::drop(permit);
 }
 
 /// Sends one message; false when the socket failed or stayed blocked for `SEND_TIMEOUT`. The
@@ -202,7 +332,10 @@ async fn first_messages(
         FanStatus::SoldOut => send(json!({"type": "sold_out"})),
         FanStatus::Closed => send(json!({"type": "closed"})),
         FanStatus::Done => send(json!({"type": "done"})),
-        FanStatus::Admitted => send(rooms.admitted_message(drop, fan, joined.place)),
+        FanStatus::Admitted => {
+            let session = rooms.queue.standing(drop, fan).await?.session;
+            send(rooms.admitted_message(drop, fan, joined.place, session))
+        }
         FanStatus::PreQueue => {
             send(
                 json!({"type": "pre_queue", "opens_at": joined.opens_at_ms, "waiting": view.waiting}),

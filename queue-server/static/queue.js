@@ -4,8 +4,10 @@
  *   booking-api, at the URL in <meta name="floodgate-booking-url"> (another origin: booking-api's
  *     http.cors_allow_origins must list this page's): POST /v1/fans/session (the dev identity
  *     provider) and GET /v1/drops/{id} (the drop's name);
- *   queue-server, same origin: the WebSocket /v1/drops/{id}/queue/ws?fan_token=…, and when sockets
- *     keep failing, POST /v1/drops/{id}/queue then GET /v1/drops/{id}/queue/me every few seconds.
+ *   queue-server, same origin: the WebSocket /v1/drops/{id}/queue/ws, which the page authenticates
+ *     with its first message {"type":"auth","fan_token":…} (a token never goes in a URL: proxies
+ *     and logs keep URLs), and when sockets keep failing, POST /v1/drops/{id}/queue then
+ *     GET /v1/drops/{id}/queue/me every few seconds (the token as Authorization: Bearer).
  * The fan's identity is kept per drop in localStorage, so a reload keeps the place (joining is
  * idempotent per fan). On `admitted` the page goes to `booking_url` with the fan token in the
  * fragment (#fan_token=…&fan=…): the booking page is on another origin and can't read ours, and a
@@ -238,15 +240,21 @@
     if (state.ws) {
       const old = state.ws;
       state.ws = null;
-      old.onmessage = old.onclose = null;
+      old.onopen = old.onmessage = old.onclose = null;
       old.close();
     }
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    const url = `${proto}//${location.host}/v1/drops/${enc(state.dropId)}/queue/ws`
-      + `?fan_token=${enc(state.fan.token)}`;
+    const url = `${proto}//${location.host}/v1/drops/${enc(state.dropId)}/queue/ws`;
     let ws;
     try { ws = new WebSocket(url); } catch (_) { socketClosed(null, false); return; }
     state.ws = ws;
+    // The socket's first message, sent the moment it opens: the server closes a socket that
+    // hasn't authenticated within queue.ws_auth_timeout_ms (1008, reason auth_timeout).
+    const token = state.fan.token;
+    ws.onopen = () => {
+      if (state.ws !== ws) return;
+      ws.send(JSON.stringify({ type: 'auth', fan_token: token }));
+    };
     let heard = false;
     let stable = false;
     const silent = () => {
@@ -255,7 +263,7 @@
         if (state.ws !== ws) return;
         // Dead without a close (the server vanished, the network changed): start over.
         state.ws = null;
-        ws.onmessage = ws.onclose = null;
+        ws.onopen = ws.onmessage = ws.onclose = null;
         ws.close();
         socketClosed(null, heard, stable);
       }, SILENCE_MS);

@@ -198,9 +198,17 @@ impl Harness {
 pub type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Opens the fan's socket to `base` (a queue-server's ws:// URL).
+/// Opens a socket to the drop's line at `base` (a queue-server's ws:// URL) and authenticates it
+/// as the page does: no token in the URL, `{"type":"auth","fan_token":…}` as its first message.
 pub async fn connect(base: &str, drop: &DropId, fan_token: &str) -> Socket {
-    let url = format!("{base}/v1/drops/{drop}/queue/ws?fan_token={fan_token}");
+    let mut ws = open(base, drop).await;
+    send_auth(&mut ws, fan_token).await;
+    ws
+}
+
+/// Opens a socket to the drop's line without authenticating it.
+pub async fn open(base: &str, drop: &DropId) -> Socket {
+    let url = format!("{base}/v1/drops/{drop}/queue/ws");
     // Small buffers, as the server's: tungstenite's default read buffer is 128 KiB per socket,
     // which the crowd test would multiply by thousands.
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
@@ -210,6 +218,47 @@ pub async fn connect(base: &str, drop: &DropId, fan_token: &str) -> Socket {
         .await
         .expect("websocket connects");
     ws
+}
+
+/// Sends the auth frame, the first message every socket must send.
+pub async fn send_auth(ws: &mut Socket, fan_token: &str) {
+    send_text(
+        ws,
+        &json!({"type": "auth", "fan_token": fan_token}).to_string(),
+    )
+    .await;
+}
+
+/// Sends one text frame.
+pub async fn send_text(ws: &mut Socket, text: &str) {
+    use futures::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+        .await
+        .expect("the frame is sent");
+}
+
+/// Reads the socket until the server closes it (30 s per message at most): the frames it sent
+/// on the way (each checked against the schema) and its close frame, if it sent one.
+pub async fn until_closed(
+    ws: &mut Socket,
+) -> (
+    Vec<Value>,
+    Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>,
+) {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut frames = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("a message or the close within 30 s");
+        match msg {
+            Some(Ok(Message::Text(t))) => frames.push(checked_frame(&t)),
+            Some(Ok(Message::Close(close))) => return (frames, close),
+            None | Some(Err(_)) => return (frames, None),
+            Some(Ok(_)) => {}
+        }
+    }
 }
 
 /// The next JSON message on the socket (30 s at most); None once the socket has closed.
