@@ -11,6 +11,11 @@
 --   (O(active): one HMGET of the active fans' counts, and active ≤ max_active),
 --   and the line's length. Nobody enters while paused, recovering, closed, sold out, all held,
 --   or before opens_at_ms.
+-- A shopping session has two ends fixed here at admission (docs/ARCHITECTURE.md, invariants): the
+-- shop end (now + shop_window_s: reserves are accepted until then) and the hard end (shop end +
+-- hold_ttl_ms + confirm_grace_ms: nothing keeps the session, or its max_active slot, past it).
+-- Both go into the sessions hash, and queue-server signs them into the fan's admission token, so
+-- reserve.lua enforces them without a read and a rebuilt line can restore them.
 -- First, waiters unseen for leave_grace_s (no socket on any instance refreshed them, no poll)
 -- leave the line, at most ARGV[1] per call, and lose their place: coming back later is a new
 -- join at the back. Pre-queue waiters too (a pre-queue place is HMAC(seed, fan), so a fan who
@@ -34,9 +39,11 @@
 -- KEYS[8] {drop_id}:watermark  hash   place (highest place admitted), admitted (admissions ever)
 -- KEYS[9] {drop_id}:places     hash   fan id → place (a waiter who leaves loses theirs)
 -- KEYS[10] {drop_id}:seen      zset   waiting fan id → last seen ms
--- ARGV[1] most waiters to send away per call
+-- KEYS[11] {drop_id}:sessions  hash   admitted fan id → "<shop end ms>:<hard end ms>"
+-- ARGV[1] most waiters to send away, and most ended sessions to drop, per call
 -- Returns {state, watermark place (decimal string), admitted ever, waiting, active, rate_per_s,
 --          now_ms, left (waiters sent away by this call), leave_grace_ms,
+--          shop end ms, hard end ms (of this call's admissions; 0, 0 when it admitted none),
 --          fan 1, place 1, fan 2, place 2, ...}   (the fans admitted by this call)
 --   state: open | paused | pre_queue | all_held | sold_out | closed | recovering | unknown_drop
 
@@ -51,14 +58,17 @@ local rate = tonumber(s[1]) or 0
 local grace_ms = (tonumber(s[8]) or 120) * 1000
 local left = 0
 
+local shop_end, hard_end = 0, 0
+
 local function answer(state, active, popped)
   local out = {state, watermark, admitted_ever, redis.call('ZCARD', KEYS[6]), active,
-    tostring(rate), now, left, grace_ms}
+    tostring(rate), now, left, grace_ms, shop_end, hard_end}
   for _, x in ipairs(popped or {}) do out[#out + 1] = x end
   return out
 end
 
-local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms', 'per_fan_limit')
+local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms', 'per_fan_limit',
+  'hold_ttl_ms', 'confirm_grace_ms')
 if not meta[1] then return answer('unknown_drop', 0) end
 
 -- Before the recovering check: a Redis restart is such a gap, and recovery may take a while.
@@ -83,8 +93,15 @@ for _, fan in ipairs(gone) do
   end
 end
 
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. now)
-local active = redis.call('ZCARD', KEYS[5])
+-- Sessions past their deadline end, at most ARGV[1] per call (the rest next call); `active`
+-- counts only live ones, so the ones left over cost nothing but memory meanwhile.
+local ended = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. now, 'LIMIT', 0,
+  tonumber(ARGV[1]))
+for _, fan in ipairs(ended) do
+  redis.call('ZREM', KEYS[5], fan)
+  redis.call('HDEL', KEYS[11], fan)
+end
+local active = redis.call('ZCOUNT', KEYS[5], now, '+inf')
 
 if meta[1] == 'closed' then return answer('closed', active) end
 if s[7] == 'sold_out' then return answer('sold_out', active) end
@@ -135,14 +152,19 @@ if n > 0 then
   local margin = tonumber(s[6]) or 0
   local demand = 0
   if active > 0 then
-    local fans = redis.call('ZRANGE', KEYS[5], 0, -1)
+    local fans = redis.call('ZRANGEBYSCORE', KEYS[5], now, '+inf')
     -- In chunks: Lua's unpack fails past a few thousand values, and max_active may be more.
     for from = 1, #fans, 1000 do
       local to = math.min(from + 999, #fans)
       local units = redis.call('HMGET', KEYS[4], unpack(fans, from, to))
+      local ends = redis.call('HMGET', KEYS[11], unpack(fans, from, to))
       for i = 1, to - from + 1 do
-        local can_take = limit - (tonumber(units[i]) or 0)
-        if can_take > 0 then demand = demand + can_take end
+        -- A fan past their shop end can't take more: they are no demand on the stock.
+        local shop = ends[i] and tonumber(string.match(ends[i], '^(%d+):'))
+        if not shop or now < shop then
+          local can_take = limit - (tonumber(units[i]) or 0)
+          if can_take > 0 then demand = demand + can_take end
+        end
       end
     end
   end
@@ -158,11 +180,16 @@ if n <= 0 then
 end
 
 local popped = redis.call('ZPOPMIN', KEYS[6], n)
-local deadline = now + (tonumber(s[5]) or 300) * 1000
+-- 300 s, 60 s: DEFAULT_SHOP_WINDOW_S and DEFAULT_CONFIRM_GRACE_MS, for drops whose settings
+-- predate them.
+shop_end = now + (tonumber(s[5]) or 300) * 1000
+hard_end = shop_end + (tonumber(meta[5]) or 0) + (tonumber(meta[6]) or 60000)
+local session = shop_end .. ':' .. hard_end
 local out = {}
 for i = 1, #popped, 2 do
   local fan, place = popped[i], popped[i + 1]
-  redis.call('ZADD', KEYS[5], deadline, fan)
+  redis.call('ZADD', KEYS[5], shop_end, fan)
+  redis.call('HSET', KEYS[11], fan, session)
   redis.call('ZREM', KEYS[10], fan)
   out[#out + 1] = fan
   out[#out + 1] = place

@@ -12,7 +12,11 @@
 -- ARGV[2] new hold id (made by the caller; embeds the drop id)
 -- ARGV[3] SHA-256 hex of the request body (idempotency: same key + other body is refused)
 -- ARGV[4] request kind: "items" | "seats" | "best"
--- ARGV[5..] items: bucket, quantity, bucket, quantity, ...   (bucket = sku)
+-- ARGV[5] the session's shop end ms, from the fan's signed admission token (anything but a
+--         number when none: a drop without a waiting room, or a token minted before sessions had
+--         ends); a queue drop's reserve at or past it is not_admitted
+-- ARGV[6] the session's hard end ms, likewise: a hold extends the session no further
+-- ARGV[7..] items: bucket, quantity, bucket, quantity, ...   (bucket = sku)
 --           seats: section, seat id, section, seat id, ...   (caller checked they exist, no repeats)
 --           best:  section, quantity
 -- Returns {"ok", hold id, expires_at_ms, now_ms, items JSON [{b, q, s?}]}
@@ -24,6 +28,7 @@
 -- under KEYS[12] for hold TTL + 10 minutes, so a retry gets the first answer back.
 
 local fan, hold_id, body_sha, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local shop_end, hard_end = tonumber(ARGV[5]), tonumber(ARGV[6])
 local now = now_ms()
 
 -- The first answer is stored as "<body sha>\n<answer JSON>": one encode on the way in, none on a
@@ -54,11 +59,15 @@ end
 
 if meta[1] ~= 'open' then return refuse('drop_closed') end
 if now < tonumber(meta[5]) then return refuse('not_open', {opens_at_ms = tonumber(meta[5])}) end
--- A queue drop's token says the fan was admitted; the active set says the session still runs.
--- Not stored: the same key may be retried once the fan is admitted again.
+-- A queue drop's token says the fan was admitted; the active set says the session still runs,
+-- and the token's shop end says it may still pick. Not stored: the same key may be retried once
+-- the fan is admitted again.
 if meta[7] == 'queue' then
   local deadline = redis.call('ZSCORE', K.active, fan)
   if not deadline or tonumber(deadline) < now then return {'err', 'not_admitted', '{}'} end
+  if shop_end and now >= shop_end then
+    return {'err', 'not_admitted', cjson.encode({shop_ended_at_ms = shop_end})}
+  end
 end
 
 local next_due = tonumber(meta[8])
@@ -109,18 +118,18 @@ end
 
 local items, units = {}, 0
 if kind == 'items' then
-  for i = 5, #ARGV, 2 do
+  for i = 7, #ARGV, 2 do
     local b, q = ARGV[i], tonumber(ARGV[i + 1])
     items[#items + 1] = {b = b, q = q}
     units = units + q
   end
 elseif kind == 'seats' then
-  for i = 5, #ARGV, 2 do
+  for i = 7, #ARGV, 2 do
     items[#items + 1] = {b = ARGV[i], q = 1, s = ARGV[i + 1]}
     units = units + 1
   end
 else
-  units = tonumber(ARGV[6])
+  units = tonumber(ARGV[8])
 end
 
 local bought = tonumber(redis.call('HGET', K.fans, fan) or '0')
@@ -146,7 +155,7 @@ elseif kind == 'seats' then
 else
   -- Best available: the front-most row with `units` adjacent free seats; within the section,
   -- prefer a block that leaves no single free seat stranded beside it (an orphan), if one exists.
-  local section = ARGV[5]
+  local section = ARGV[7]
   local code, detail = shortage(section, units)
   if code then return refuse(code, detail) end
   local seats = best_available(section, units)
@@ -166,9 +175,12 @@ save_hold(hold_id, {fan = fan, st = 'held', exp = exp, u = units, c = now, it = 
 redis.call('ZADD', K.deadlines, exp, hold_id)
 if exp < next_due then redis.call('HSET', K.meta, 'next_due_ms', exp) end
 remember_live_hold(fan, hold_id)
--- A hold keeps a queue drop's shopper admitted until it can no longer be confirmed.
+-- A hold keeps a queue drop's shopper admitted until it can no longer be confirmed, never past
+-- the session's hard end.
 if meta[7] == 'queue' then
-  redis.call('ZADD', K.active, 'XX', 'GT', exp + meta_num('confirm_grace_ms', 60000), fan)
+  local until_ms = exp + meta_num('confirm_grace_ms', 60000)
+  if hard_end and until_ms > hard_end then until_ms = hard_end end
+  redis.call('ZADD', K.active, 'XX', 'GT', until_ms, fan)
 end
 
 return answer({'ok', hold_id, exp, now, cjson.encode(items)})

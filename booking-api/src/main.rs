@@ -85,6 +85,10 @@ async fn main() -> anyhow::Result<()> {
                 format!("{drop}-h__rand_int__"),
                 "0".to_owned(),
                 "items".to_owned(),
+                // No session ends (reserve.lua reads a non-number as none; an empty argument
+                // wouldn't survive the shell's word splitting).
+                "-".to_owned(),
+                "-".to_owned(),
                 sku,
                 "1".to_owned(),
             ];

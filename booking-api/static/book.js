@@ -126,6 +126,22 @@
       .format(new Date(ms));
   }
 
+  /** The session's ends an admission token carries (its claims are readable, not secret):
+   *  {shopEndMs, hardEndMs}, or null for a token without them. */
+  function sessionEnds(token) {
+    try {
+      const part = String(token || '').split('.')[1];
+      const json = atob(part.replace(/-/g, '+').replace(/_/g, '/'));
+      const c = JSON.parse(json);
+      if (typeof c.shop_end_ms !== 'number') return null;
+      return { shopEndMs: c.shop_end_ms, hardEndMs: c.hard_end_ms };
+    } catch (_) { return null; }
+  }
+
+  function fmtTime(ms) {
+    return new Intl.DateTimeFormat(undefined, { timeStyle: 'medium' }).format(new Date(ms));
+  }
+
   function fmtClock(ms) {
     const s = Math.max(0, Math.ceil(ms / 1000));
     const m = Math.floor(s / 60);
@@ -231,6 +247,7 @@
     const code = e.code || (res.status === 401 ? 'unauthorized' : `http_${res.status}`);
     const err = new ApiError(res.status, code, e.message || `The server answered ${res.status}.`,
       parseRetryAfter(res.headers.get('Retry-After')));
+    err.detail = e.detail || null;
     if (res.status === 401 && sendsToken) {
       signOut('Your sign-in has ended. Please sign in again.');
       err.handled = true;
@@ -249,7 +266,9 @@
       return at ? `This drop isn't open yet. It opens ${at}.` : 'This drop isn\'t open yet.';
     },
     drop_closed: () => 'This drop is closed.',
-    not_admitted: () => 'Your admission has ended (or you haven\'t been admitted yet). Rejoin the line from the waiting-room page that sent you here; when it\'s your turn it brings you back.',
+    not_admitted: (e) => (e.detail && e.detail.shop_ended_at_ms)
+      ? 'Your time to pick has ended, so nothing more can be held; you can still pay for what you hold until its timer runs out.'
+      : 'Your admission has ended (or you haven\'t been admitted yet). Rejoin the line from the waiting-room page that sent you here; when it\'s your turn it brings you back.',
     rate_limited: (e) => `Too many requests right now. Please wait ${plural(e.retryAfterS || 5, 'second', 'seconds')}, then try again.`,
     recovering: () => 'We\'re reconciling stock, try again in a few seconds.',
     hold_expired: () => 'Your hold expired; the items went back on sale.',
@@ -393,6 +412,13 @@
     else if (notYet) notice = `This drop opens ${fmtDateTime(d.opens_at)}.`;
     else if (d.admission && d.admission.mode === 'queue' && !state.admissionToken) {
       notice = 'This drop has a waiting room: join the line first. When it\'s your turn, it brings you back here.';
+    } else if (d.admission && d.admission.mode === 'queue') {
+      const ends = sessionEnds(state.admissionToken);
+      if (ends && ends.shopEndMs > serverNow()) {
+        notice = `Your turn: you can pick until ${fmtTime(ends.shopEndMs)}, then pay for what you hold before its timer runs out.`;
+      } else if (ends) {
+        notice = 'Your time to pick has ended; you can still pay for what you hold until its timer runs out.';
+      }
     }
     els['drop-notice'].textContent = notice;
     els['drop-notice'].hidden = !notice;

@@ -990,10 +990,10 @@ async fn queue_drops_refuse_missing_or_bad_admission_tokens_with_403() {
     let ours = keys(ADMISSION_SECRET);
     let drop_id = DropId::parse(&drop).unwrap();
     let fan_id = FanId::parse(&fan).unwrap();
-    let (valid, _) = ours.issue(&drop_id, &fan_id, 1);
-    let (forged, _) = keys("another-secret").issue(&drop_id, &fan_id, 1);
-    let (other_fan, _) = ours.issue(&drop_id, &FanId::parse("someone-else").unwrap(), 1);
-    let (other_drop, _) = ours.issue(&DropId::generate(), &fan_id, 1);
+    let (valid, _) = ours.issue(&drop_id, &fan_id, 1, None);
+    let (forged, _) = keys("another-secret").issue(&drop_id, &fan_id, 1, None);
+    let (other_fan, _) = ours.issue(&drop_id, &FanId::parse("someone-else").unwrap(), 1, None);
+    let (other_drop, _) = ours.issue(&DropId::generate(), &fan_id, 1, None);
     let expired = ours.sign(&AdmissionClaims {
         drop: drop.clone(),
         fan: fan.clone(),
@@ -1001,6 +1001,7 @@ async fn queue_drops_refuse_missing_or_bad_admission_tokens_with_403() {
         iat: now_s() - 120,
         exp: now_s() - 60,
         jti: "x".into(),
+        ..Default::default()
     });
     let truncated = valid[..valid.len() - 2].to_owned();
     let cases: &[(&str, Option<&str>)] = &[

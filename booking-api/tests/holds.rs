@@ -377,6 +377,7 @@ async fn queue_drop_admits_a_fan_with_a_signed_token() {
         &DropId::parse(&drop).unwrap(),
         &FanId::parse(&fan).unwrap(),
         1,
+        None,
     );
     let (status, hold) = h
         .reserve_with(&token, &drop, Some("k-1"), Some(&admission), tee(1))
@@ -408,7 +409,7 @@ async fn queue_drop_refuses_forged_misdirected_and_expired_tokens() {
     let keys = waiting_room_keys();
     let drop_id = DropId::parse(&drop).unwrap();
     let fan_id = FanId::parse(&fan).unwrap();
-    let (good, claims) = keys.issue(&drop_id, &fan_id, 1);
+    let (good, claims) = keys.issue(&drop_id, &fan_id, 1, None);
 
     let mut bad_signature = good.clone();
     let last = bad_signature.pop().unwrap();
@@ -422,8 +423,8 @@ async fn queue_drop_refuses_forged_misdirected_and_expired_tokens() {
     let (good_parts, other_parts): (Vec<&str>, Vec<&str>) =
         (good.split('.').collect(), signed_other.split('.').collect());
     let swapped_payload = format!("v1.{}.{}", other_parts[1], good_parts[2]);
-    let (other_fans, _) = keys.issue(&drop_id, &FanId::parse(&other_fan).unwrap(), 1);
-    let (other_drops, _) = keys.issue(&DropId::parse(&other_drop).unwrap(), &fan_id, 1);
+    let (other_fans, _) = keys.issue(&drop_id, &FanId::parse(&other_fan).unwrap(), 1, None);
+    let (other_drops, _) = keys.issue(&DropId::parse(&other_drop).unwrap(), &fan_id, 1, None);
     let expired = keys.sign(&AdmissionClaims {
         iat: now_s() - 120,
         exp: now_s() - 1,
@@ -433,7 +434,7 @@ async fn queue_drop_refuses_forged_misdirected_and_expired_tokens() {
         secrets: vec!["some-other-secret".into()],
         token_ttl_s: 60,
     })
-    .issue(&drop_id, &fan_id, 1);
+    .issue(&drop_id, &fan_id, 1, None);
 
     for (i, (what, admission)) in [
         ("bad signature", bad_signature.as_str()),

@@ -40,7 +40,7 @@ pub const JOIN_KEYS: [&str; 7] = [
 ];
 
 /// lua/admit.lua's KEYS, in order.
-pub const ADMIT_KEYS: [&str; 10] = [
+pub const ADMIT_KEYS: [&str; 11] = [
     "meta",
     "admission",
     "stock",
@@ -66,6 +66,7 @@ impl DropKeys {
         }
     }
 
+    "sessions",
     fn get(&self, name: &str) -> &str {
         let i = HOLD_KEYS
             .iter()
@@ -149,6 +150,8 @@ impl QueueKeys {
 
     fn named(&self, name: &str) -> String {
         match name {
+    /// Admitted fan → "<shop end ms>:<hard end ms>" (lua/admit.lua).
+    pub sessions: String,
             "meta" => &self.meta,
             "admission" => &self.admission,
             "stock" => &self.stock,
@@ -166,6 +169,7 @@ impl QueueKeys {
         .clone()
     }
 
+            sessions: k("sessions"),
     /// lua/join.lua's KEYS.
     pub fn join(&self) -> Vec<String> {
         JOIN_KEYS.iter().map(|k| self.named(k)).collect()
@@ -182,6 +186,7 @@ mod tests {
     use super::*;
 
     /// The names after `{drop_id}:` in a script header's `-- KEYS[i] {drop_id}:name` lines.
+            "sessions" => &self.sessions,
     fn header_keys(lua: &str) -> Vec<String> {
         lua.lines()
             .filter_map(|l| l.strip_prefix("-- KEYS["))

@@ -35,6 +35,14 @@ pub fn prequeue_score(seed: &str, fan: &FanId) -> i64 {
 
 pub use crate::keys::QueueKeys;
 
+/// The answer to a waiting-room request on a drop that has none.
+pub fn not_queue() -> Error {
+    Error::msg(
+        Code::InvalidRequest,
+        "This drop has no waiting room: fans reserve directly.",
+    )
+}
+
 /// Where a fan stands, as join and `/queue/me` say it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -113,6 +121,26 @@ impl LineState {
     }
 }
 
+/// A shopping session's two ends, fixed at admission (lua/admit.lua) and signed into the fan's
+/// admission token: reserves are accepted until `shop_end_ms`; nothing keeps the session (or its
+/// `max_active` slot) past `hard_end_ms` = shop end + hold TTL + confirm grace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionEnds {
+    pub shop_end_ms: i64,
+    pub hard_end_ms: i64,
+}
+
+impl SessionEnds {
+    /// The sessions hash's value, `"<shop end ms>:<hard end ms>"`.
+    fn parse(v: &str) -> Option<SessionEnds> {
+        let (shop, hard) = v.split_once(':')?;
+        Some(SessionEnds {
+            shop_end_ms: shop.parse().ok()?,
+            hard_end_ms: hard.parse().ok()?,
+        })
+    }
+}
+
 /// One run of the admission script.
 #[derive(Debug, Clone)]
 pub struct Tick {
@@ -133,6 +161,8 @@ pub struct Tick {
     pub leave_grace_ms: i64,
     /// The fans this call admitted, with their places, head of the line first.
     pub admitted: Vec<(FanId, i64)>,
+    /// The sessions of the fans this call admitted (one admission run, one pair of ends).
+    pub session: Option<SessionEnds>,
 }
 
 /// A fan's standing from plain reads: their place, how many wait ahead, their admission deadline.
@@ -145,6 +175,8 @@ pub struct Standing {
     pub deadline_ms: Option<i64>,
     /// Admissions ever, read after the rank (see [`Redis::standing`]).
     pub admitted_total: i64,
+    /// When admitted: the session's ends.
+    pub session: Option<SessionEnds>,
 }
 
 fn place_of(v: Option<&Value>) -> i64 {
@@ -170,12 +202,7 @@ impl Redis {
             "sold_out" => FanStatus::SoldOut,
             "closed" => FanStatus::Closed,
             "recovering" => return Err(crate::booking::recovering()),
-            "not_queue" => {
-                return Err(Error::msg(
-                    Code::InvalidRequest,
-                    "This drop has no waiting room: fans reserve directly.",
-                ))
-            }
+            "not_queue" => return Err(not_queue()),
             _ => return Err(Error::new(Code::UnknownDrop)),
         };
         Ok(Joined {
@@ -198,7 +225,7 @@ impl Redis {
                 vec![leave_batch.max(1).to_string()],
             )
             .await?;
-        const FIXED: usize = 9;
+        const FIXED: usize = 11;
         let mut admitted = Vec::with_capacity(reply.len().saturating_sub(FIXED) / 2);
         let mut i = FIXED;
         while i + 1 < reply.len() {
@@ -217,12 +244,17 @@ impl Redis {
             now_ms: int(reply.get(6)),
             left: int(reply.get(7)),
             leave_grace_ms: int(reply.get(8)),
+            session: (!admitted.is_empty()).then(|| SessionEnds {
+                shop_end_ms: int(reply.get(9)),
+                hard_end_ms: int(reply.get(10)),
+            }),
             admitted,
         })
     }
 
-    /// A fan's place, rank in the line, admission deadline and the admissions count, as four
-    /// reads pipelined on one connection, so Redis runs them in this order (not atomically).
+    /// A fan's place, rank in the line, admission deadline, the admissions count and the
+    /// session's ends, as five reads pipelined on one connection, so Redis runs them in this
+    /// order (not atomically).
     /// The order is what makes the answer safe while other instances admit: the deadline is read
     /// after the rank, so a fan admitted in between shows as admitted (never as neither); the
     /// count is read last, so a page counting down `ahead − (admitted now − admitted_total)`
@@ -234,29 +266,36 @@ impl Redis {
         let _: () = p.zrank(&k.line, fan.as_str(), false).await?;
         let _: () = p.zscore(&k.active, fan.as_str()).await?;
         let _: () = p.hget(&k.watermark, "admitted").await?;
-        let (place, rank, deadline, admitted): (
+        let _: () = p.hget(&k.sessions, fan.as_str()).await?;
+        let (place, rank, deadline, admitted, session): (
             Option<String>,
             Option<i64>,
             Option<f64>,
             Option<i64>,
+            Option<String>,
         ) = p.all().await?;
         Ok(Standing {
             place: place.and_then(|p| p.parse::<f64>().ok()).map(|p| p as i64),
             ahead: rank,
             deadline_ms: deadline.map(|d| d as i64),
             admitted_total: admitted.unwrap_or(0),
+            session: session.as_deref().and_then(SessionEnds::parse),
         })
     }
 
     /// Marks waiters as seen at `now_ms`, Redis' clock (admit.lua compares it with `TIME`; the
     /// caller estimates it from its last admission run). Only fans still in the line are
-    /// touched (`XX`): an admitted or departed fan is not brought back. One call per
-    /// `PRESENCE_CHUNK` fans.
-    pub async fn touch_presence(&self, drop: &DropId, fans: &[FanId], now_ms: i64) -> Result<()> {
-        const PRESENCE_CHUNK: usize = 1_000;
+    /// touched (`XX`): an admitted or departed fan is not brought back. One call per `chunk` fans.
+    pub async fn touch_presence(
+        &self,
+        drop: &DropId,
+        fans: &[FanId],
+        now_ms: i64,
+        chunk: usize,
+    ) -> Result<()> {
         let key = QueueKeys::new(drop).seen;
         let now = now_ms as f64;
-        for chunk in fans.chunks(PRESENCE_CHUNK) {
+        for chunk in fans.chunks(chunk.max(1)) {
             let members: Vec<(f64, &str)> = chunk.iter().map(|f| (now, f.as_str())).collect();
             let _: i64 = self
                 .client()
@@ -307,9 +346,6 @@ pub struct Queue {
     seed_fills: crate::fill::FillGate<DropId>,
 }
 
-/// How many drops' seeds a process remembers before it forgets them all (a miss is one query).
-const SEED_CACHE_ENTRIES: usize = 10_000;
-
 impl Queue {
     pub fn new(engine: Arc<Engine>) -> Queue {
         Queue {
@@ -349,8 +385,12 @@ impl Queue {
             .inspect_err(|_| filling.failed())?
             .ok_or_else(|| Error::new(Code::UnknownDrop))?;
         let mut cache = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= SEED_CACHE_ENTRIES {
-            cache.clear();
+        // One seed per drop definition cached: the same bound. Full, it forgets one (a miss
+        // costs one query), never all of them at once.
+        if cache.len() >= self.engine.cfg.drops.cache_entries {
+            if let Some(any) = cache.keys().next().cloned() {
+                cache.remove(&any);
+            }
         }
         cache.insert(drop.clone(), seed.clone());
         Ok(seed)
@@ -360,10 +400,7 @@ impl Queue {
     pub async fn join(&self, drop: &DropId, fan: &FanId) -> Result<Joined> {
         let def = self.engine.drop_def(drop).await?;
         if def.admission.mode != AdmissionMode::Queue {
-            return Err(Error::msg(
-                Code::InvalidRequest,
-                "This drop has no waiting room: fans reserve directly.",
-            ));
+            return Err(not_queue());
         }
         let seed = self.seed(drop).await?;
         let joined = match self
@@ -410,21 +447,27 @@ impl Queue {
     }
 
     pub async fn touch_presence(&self, drop: &DropId, fans: &[FanId], now_ms: i64) -> Result<()> {
-        self.engine.redis.touch_presence(drop, fans, now_ms).await
+        let chunk = self.engine.cfg.queue.presence_chunk;
+        self.engine
+            .redis
+            .touch_presence(drop, fans, now_ms, chunk)
+            .await
     }
 
     pub async fn standing(&self, drop: &DropId, fan: &FanId) -> Result<Standing> {
         self.engine.redis.standing(drop, fan).await
     }
 
-    /// A signed admission token for an admitted fan.
+    /// A signed admission token for an admitted fan, carrying the session's ends (and expiring
+    /// by its hard end at the latest).
     pub fn admission_token(
         &self,
         drop: &DropId,
         fan: &FanId,
         place: i64,
+        session: Option<SessionEnds>,
     ) -> (String, AdmissionClaims) {
-        self.engine.admission.issue(drop, fan, place)
+        self.engine.admission.issue(drop, fan, place, session)
     }
 }
 

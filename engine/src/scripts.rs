@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::RedisConfig;
 use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId, HoldId, OrderId};
+use crate::queue::SessionEnds;
 
 /// The prelude every script starts with: `now_ms()`, the one place a script reads the time.
 const CLOCK: &str = include_str!("../../lua/clock.lua");
@@ -140,6 +141,17 @@ pub enum Finish {
 pub enum Revert {
     Held,
     Expired,
+impl ReserveArgs<'_> {
+    /// lua/reserve.lua's ARGV[4].
+    fn kind(&self) -> &'static str {
+        match self {
+            ReserveArgs::Items(_) => "items",
+            ReserveArgs::Seats(_) => "seats",
+            ReserveArgs::Best { .. } => "best",
+        }
+    }
+}
+
     NotConfirming,
     Unknown,
 }
@@ -381,21 +393,18 @@ impl Redis {
         let mut argv = vec![fan.to_string(), hold_id.to_string(), body_sha256.to_owned()];
         match args {
             ReserveArgs::Items(items) => {
-                argv.push("items".into());
                 for (sku, q) in items {
                     argv.push(sku.clone());
                     argv.push(q.to_string());
                 }
             }
             ReserveArgs::Seats(seats) => {
-                argv.push("seats".into());
                 for (section, seat) in seats {
                     argv.push(section.clone());
                     argv.push(seat.clone());
                 }
             }
             ReserveArgs::Best { section, quantity } => {
-                argv.push("best".into());
                 argv.push(section.to_owned());
                 argv.push(quantity.to_string());
             }
@@ -477,11 +486,18 @@ impl Redis {
     }
 
     /// Reverts the attempt made under `reference`; a newer attempt is left alone.
+        session: Option<SessionEnds>,
     pub async fn confirm_revert(&self, hold: &HoldId, reference: &str) -> Result<Revert> {
         let reply = self
             .run(
                 &self.scripts.confirm_revert,
                 DropKeys::new(&hold.drop_id()).all(),
+        argv.push(args.kind().into());
+        let (shop_end, hard_end) = session.map_or((String::new(), String::new()), |s| {
+            (s.shop_end_ms.to_string(), s.hard_end_ms.to_string())
+        });
+        argv.push(shop_end);
+        argv.push(hard_end);
                 vec![hold.to_string(), reference.to_owned()],
             )
             .await?;

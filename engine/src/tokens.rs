@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{AdmissionConfig, IdentityConfig};
 use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId};
+use crate::queue::SessionEnds;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -169,7 +170,7 @@ impl FanAuth {
 }
 
 /// What an admission token says: this fan, at this place in this drop's line, was admitted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdmissionClaims {
     pub drop: String,
     pub fan: String,
@@ -177,6 +178,22 @@ pub struct AdmissionClaims {
     pub iat: i64,
     pub exp: i64,
     pub jti: String,
+    /// The session's ends (lua/admit.lua); absent in tokens minted before sessions had ends,
+    /// which expire within `admission.token_ttl_s` of their issue anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shop_end_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_end_ms: Option<i64>,
+}
+
+impl AdmissionClaims {
+    /// The session's ends the token carries, if it carries both.
+    pub fn session(&self) -> Option<SessionEnds> {
+        Some(SessionEnds {
+            shop_end_ms: self.shop_end_ms?,
+            hard_end_ms: self.hard_end_ms?,
+        })
+    }
 }
 
 /// Signs and verifies admission tokens: `v1.<base64url claims>.<base64url HMAC-SHA256>`.
@@ -217,16 +234,29 @@ impl AdmissionKeys {
         format!("v1.{payload}.{sig}")
     }
 
-    /// A token for `fan` in `drop`, issued now and valid for the configured TTL.
-    pub fn issue(&self, drop: &DropId, fan: &FanId, place: i64) -> (String, AdmissionClaims) {
+    /// A token for `fan` in `drop`, issued now and valid for the configured TTL, or until the
+    /// session's hard end if that comes first: no token outlives its session.
+    pub fn issue(
+        &self,
+        drop: &DropId,
+        fan: &FanId,
+        place: i64,
+        session: Option<SessionEnds>,
+    ) -> (String, AdmissionClaims) {
         let now = now_s();
+        let mut exp = now + self.token_ttl_s;
+        if let Some(s) = session {
+            exp = exp.min(s.hard_end_ms.div_euclid(1000));
+        }
         let claims = AdmissionClaims {
             drop: drop.to_string(),
             fan: fan.to_string(),
             place,
             iat: now,
-            exp: now + self.token_ttl_s,
+            exp,
             jti: hex::encode(rand::random::<[u8; 8]>()),
+            shop_end_ms: session.map(|s| s.shop_end_ms),
+            hard_end_ms: session.map(|s| s.hard_end_ms),
         };
         (self.sign(&claims), claims)
     }
@@ -286,7 +316,7 @@ mod tests {
         let k = keys(&["s1"]);
         let drop = DropId::generate();
         let fan = FanId::parse("alice").unwrap();
-        let (token, _) = k.issue(&drop, &fan, 7);
+        let (token, _) = k.issue(&drop, &fan, 7, None);
         assert_eq!(k.verify(&token, &drop, &fan).unwrap().place, 7);
         assert!(k.verify(&token, &DropId::generate(), &fan).is_err());
         assert!(k
@@ -299,14 +329,31 @@ mod tests {
     }
 
     #[test]
+    fn admission_token_carries_the_session_and_never_outlives_it() {
+        let k = keys(&["s1"]);
+        let drop = DropId::generate();
+        let fan = FanId::parse("alice").unwrap();
+        let session = SessionEnds {
+            shop_end_ms: (now_s() + 5) * 1000,
+            hard_end_ms: (now_s() + 20) * 1000 + 999,
+        };
+        let (token, claims) = k.issue(&drop, &fan, 7, Some(session));
+        assert_eq!(claims.exp, now_s() + 20, "capped at the hard end, not the 60 s TTL");
+        let verified = k.verify(&token, &drop, &fan).unwrap();
+        assert_eq!(verified.session(), Some(session));
+        let (_, claims) = k.issue(&drop, &fan, 7, None);
+        assert_eq!((claims.exp - claims.iat, claims.session()), (60, None));
+    }
+
+    #[test]
     fn rotation_accepts_old_and_new_secret() {
         let old = keys(&["old"]);
         let rotating = keys(&["new", "old"]);
         let drop = DropId::generate();
         let fan = FanId::parse("alice").unwrap();
-        let (token, _) = old.issue(&drop, &fan, 1);
+        let (token, _) = old.issue(&drop, &fan, 1, None);
         assert!(rotating.verify(&token, &drop, &fan).is_ok());
-        let (token, _) = rotating.issue(&drop, &fan, 1);
+        let (token, _) = rotating.issue(&drop, &fan, 1, None);
         assert!(old.verify(&token, &drop, &fan).is_err());
     }
 
@@ -322,6 +369,7 @@ mod tests {
             iat: now_s() - 100,
             exp: now_s() - 1,
             jti: "x".into(),
+            ..Default::default()
         };
         assert_eq!(
             k.verify(&k.sign(&claims), &drop, &fan).unwrap_err().code,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use engine::config::{ms, QueueConfig};
 use engine::ids::{DropId, FanId};
-use engine::queue::{LineState, Queue, Standing, Tick};
+use engine::queue::{LineState, Queue, SessionEnds, Standing, Tick};
 use engine::tokens::now_ms;
 use engine::{Code, Error};
 use futures::StreamExt;
@@ -348,13 +348,21 @@ impl Rooms {
         Ok(view)
     }
 
-    /// The `admitted` message for a fan, with a fresh token.
-    pub fn admitted_message(&self, drop: &DropId, fan: &FanId, place: i64) -> Value {
-        let (token, claims) = self.queue.admission_token(drop, fan, place);
+    /// The `admitted` message for a fan, with a fresh token and the session's ends.
+    pub fn admitted_message(
+        &self,
+        drop: &DropId,
+        fan: &FanId,
+        place: i64,
+        session: Option<SessionEnds>,
+    ) -> Value {
+        let (token, claims) = self.queue.admission_token(drop, fan, place, session);
         json!({
             "type": "admitted",
             "admission_token": token,
             "expires_at": claims.exp,
+            "shop_ends_at_ms": claims.shop_end_ms,
+            "session_ends_at_ms": claims.hard_end_ms,
             "booking_url": format!(
                 "{}/drops/{drop}?admission_token={token}",
                 self.cfg.booking_public_url.trim_end_matches('/')
@@ -375,7 +383,7 @@ impl Rooms {
         let now = now_ms();
         if let (Some(deadline), Some(place)) = (standing.deadline_ms, standing.place) {
             if deadline >= now {
-                return Some(self.admitted_message(drop, fan, place));
+                return Some(self.admitted_message(drop, fan, place, standing.session));
             }
         }
         let ahead = standing.ahead?;
@@ -585,7 +593,7 @@ impl Rooms {
             if !w.by_fan.contains_key(fan) {
                 continue;
             }
-            let msg = frame(&self.admitted_message(&room.drop, fan, *place));
+            let msg = frame(&self.admitted_message(&room.drop, fan, *place, t.session));
             w.send_fan(fan, &msg);
             for conn in w.by_fan.get(fan).cloned().unwrap_or_default() {
                 w.remove(conn);

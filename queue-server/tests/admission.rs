@@ -132,7 +132,7 @@ async fn admission_is_inventory_aware() {
     // All five shop (one unit each): open demand 5 + 2 > 5 × 1.1 available → still nobody more.
     for (fan, place) in &admitted {
         let token = fans.iter().find(|(f, _)| f == fan).unwrap().1.clone();
-        let (adm, _) = h.queue.queue.admission_token(&drop, fan, *place);
+        let (adm, _) = h.queue.queue.admission_token(&drop, fan, *place, None);
         let (status, body) = h.reserve_admitted(&drop, &token, &adm, 1).await;
         assert_eq!(status, 201, "{body}");
     }
@@ -146,5 +146,20 @@ async fn admission_is_inventory_aware() {
             .admitted
             .is_empty());
     }
+    h.shutdown().await;
+}
+
+/// A drop without a waiting room has no line to run: polling `/queue/me` on it is refused like a
+/// join, before any admission run (each one writes the drop's token bucket in Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_me_on_a_drop_without_a_waiting_room_runs_no_admission() {
+    let h = Harness::start().await;
+    let drop = DropId::parse(&h.client.ga_drop(5, 2, 300).await).unwrap();
+    let (_, token) = h.fan("direct");
+    let (status, body) = h.me(&drop, &token).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    let bucket = engine::keys::drop_key(&drop, "bucket");
+    assert_eq!(common::redis_cli(&["EXISTS", &bucket]).await, "0");
     h.shutdown().await;
 }

@@ -16,6 +16,7 @@ impl Engine {
     ) -> Result<HoldView> {
         let def = self.drop_def(drop).await?;
         self.watch_drop(drop);
+        let mut session = None;
         if def.admission.mode == AdmissionMode::Queue {
             let token = admission_token.ok_or_else(|| {
                 Error::msg(
@@ -23,7 +24,7 @@ impl Engine {
                     "This drop has a waiting room: join it to get an admission token.",
                 )
             })?;
-            self.admission.verify(token, drop, fan)?;
+            session = self.admission.verify(token, drop, fan)?.session();
         }
         let request = HoldRequest::parse(body, &def, self.cfg.drops.max_items_per_hold)?;
         let hold_id = HoldId::generate(drop);
@@ -45,7 +46,7 @@ impl Engine {
         let started = Instant::now();
         let (reserved, _replay) = self
             .redis
-            .reserve(drop, fan, key.as_str(), body_sha256, &hold_id, args)
+            .reserve(drop, fan, key.as_str(), body_sha256, &hold_id, session, args)
             .await?;
         metrics::histogram!(m::RESERVE_SECONDS).record(started.elapsed().as_secs_f64());
         match reserved {
@@ -77,6 +78,14 @@ impl Engine {
                 self.start_recovery(drop);
                 Err(recovering())
             }
+            Reserved::Refused {
+                code: Code::NotAdmitted,
+                detail,
+            } if detail.get("shop_ended_at_ms").is_some() => Err(Error::msg(
+                Code::NotAdmitted,
+                "Your shopping window has ended: no new holds; a hold you have can still be paid until it expires.",
+            )
+            .detail(detail)),
             Reserved::Refused { code, detail } => {
                 let mut e = Error::new(code);
                 if !detail.is_null() && detail != json!({}) && detail != json!([]) {

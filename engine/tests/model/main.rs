@@ -454,6 +454,11 @@ fn count(step: &Step, outcome: &Outcome) {
         Outcome::Result(Ok(x)) => x.split(':').next().unwrap_or_default().to_owned(),
         Outcome::Result(Err(code)) => code.clone(),
         Outcome::Pair(a, b) if what == "rebuild" => {
+        Outcome::Reserve(reference::ReserveOut::Refused { code, detail }, _)
+            if detail.get("shop_ended_at_ms").is_some() =>
+        {
+            format!("{code} (shop ended)")
+        }
             format!("kept {}, ended {}", (*a).min(1), (*b).min(1))
         }
         Outcome::Pair(a, _) => format!("{}", (*a).min(1)),

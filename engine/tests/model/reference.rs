@@ -112,6 +112,8 @@ pub struct TickOut {
     pub waiting: i64,
     pub active: i64,
     pub left: i64,
+    /// The session ends of this call's admissions ((0, 0) when it admitted none).
+    pub session: (i64, i64),
     pub admitted: Vec<(String, i64)>,
 }
 
@@ -221,6 +223,8 @@ impl Record {
             .orders
             .iter()
             .map(|(h, (o, _, _))| (h.clone(), json!(o)))
+    /// Admitted fan → "<shop end ms>:<hard end ms>".
+    pub sessions: BTreeMap<String, String>,
             .collect();
         json!({
             "meta": spec.meta_payload(&self.status, "1"),
@@ -466,6 +470,12 @@ impl Model {
             let mut s = 0usize;
             while (s as i64) < count {
                 if free[s] {
+    /// A fan's session ends as the sessions hash has them (what their admission token carries).
+    pub fn session_of(&self, fan: &str) -> Option<(i64, i64)> {
+        let (shop, hard) = self.store.sessions.get(fan)?.split_once(':')?;
+        Some((shop.parse().ok()?, hard.parse().ok()?))
+    }
+
                     let mut e = s;
                     while ((e + 1) as i64) < count && free[e + 1] {
                         e += 1;
@@ -507,6 +517,16 @@ impl Model {
             if sha != body_sha {
                 return (refused("idempotency_key_reused", json!({})), false);
             }
+        // The fan's admission token carries the session's ends: the ones admission stored.
+        let session = self.session_of(fan);
+        if let Some((shop_end, _)) = session.filter(|_| queue) {
+            if now >= shop_end {
+                return (
+                    refused("not_admitted", json!({"shop_ended_at_ms": shop_end})),
+                    false,
+                );
+            }
+        }
             return (first.clone(), true);
         }
         if !self.store.meta.contains_key("status") {
@@ -619,6 +639,10 @@ impl Model {
 
         let exp = now + ttl_ms;
         let s = &mut self.store;
+            let until = match session {
+                Some((_, hard_end)) => (exp + grace).min(hard_end),
+                None => exp + grace,
+            };
         for item in &items {
             incr(&mut s.stock, &format!("a:{}", item.bucket), -item.quantity);
             incr(&mut s.stock, &format!("h:{}", item.bucket), item.quantity);
@@ -647,7 +671,7 @@ impl Model {
         if queue {
             let grace = num(&s.meta, "confirm_grace_ms").unwrap_or(60_000);
             if let Some(d) = s.active.get_mut(fan) {
-                *d = (*d).max(exp + grace);
+                *d = (*d).max(until);
             }
         }
         answer(
@@ -1067,6 +1091,7 @@ impl Model {
         let paused = s.admission.get("paused").map(String::as_str) == Some("1");
         let shop_window_s = setting("shop_window_s").unwrap_or(300.0) as i64;
         let margin = setting("admit_margin_pct").unwrap_or(0.0) as i64;
+                    session: (0, 0),
         let line_sold_out = s.admission.get("line_state").map(String::as_str) == Some("sold_out");
         let mut left = 0;
         let tick =
@@ -1117,8 +1142,17 @@ impl Model {
                 left += 1;
             }
         }
-        s.active.retain(|_, d| *d >= now);
-        let active = s.active.len() as i64;
+        let ended: Vec<String> = zset_order(&s.active)
+            .into_iter()
+            .take_while(|(_, d)| *d < now)
+            .take(leave_batch.max(1) as usize)
+            .map(|(f, _)| f)
+            .collect();
+        for fan in ended {
+            s.active.remove(&fan);
+            s.sessions.remove(&fan);
+        }
+        let active = s.active.values().filter(|d| **d >= now).count() as i64;
         // Every answer before the bucket is read admits no one and moves no watermark.
         let early =
             |s: &Store, state: &str| tick(s, state, active, vec![], watermark, admitted_ever, left);
@@ -1159,6 +1193,14 @@ impl Model {
         } else if available == 0 {
             "all_held"
         } else {
+            let shopping = |f: &String| {
+                let shop_end = s
+                    .sessions
+                    .get(f)
+                    .and_then(|v| v.split_once(':'))
+                    .and_then(|(shop, _)| shop.parse::<i64>().ok());
+                shop_end.is_none_or(|end| now < end)
+            };
             "open"
         };
         if state != "open" {
@@ -1172,8 +1214,9 @@ impl Model {
             let limit = num(&s.meta, "per_fan_limit").unwrap_or(1);
             let demand: i64 = s
                 .active
-                .keys()
-                .map(|f| (limit - s.fans.get(f).copied().unwrap_or(0)).max(0))
+                .iter()
+                .filter(|(f, d)| **d >= now && shopping(f))
+                .map(|(f, _)| (limit - s.fans.get(f).copied().unwrap_or(0)).max(0))
                 .sum();
             let room = available * (100 + margin) - demand * 100;
             let by_stock = if room > 0 { room / (limit * 100) } else { 0 };
@@ -1184,10 +1227,15 @@ impl Model {
             return tick(s, "open", active, vec![], watermark, admitted_ever, left);
         }
         let popped: Vec<(String, i64)> = zset_order(&s.line).into_iter().take(n as usize).collect();
-        let deadline = now + shop_window_s * 1000;
+        let shop_end = now + shop_window_s * 1000;
+        let hard_end = shop_end
+            + num(&s.meta, "hold_ttl_ms").unwrap_or(0)
+            + num(&s.meta, "confirm_grace_ms").unwrap_or(60_000);
         for (fan, place) in &popped {
             s.line.remove(fan);
-            s.active.insert(fan.clone(), deadline);
+            s.active.insert(fan.clone(), shop_end);
+            s.sessions
+                .insert(fan.clone(), format!("{shop_end}:{hard_end}"));
             s.seen.remove(fan);
             watermark = watermark.max(*place);
         }
@@ -1197,7 +1245,7 @@ impl Model {
         save_bucket(s, tokens);
         s.watermark.insert("place".into(), watermark);
         s.watermark.insert("admitted".into(), admitted_ever);
-        tick(
+        let mut out = tick(
             s,
             "open",
             active + count,
@@ -1205,6 +1253,8 @@ impl Model {
             watermark,
             admitted_ever,
             left,
-        )
+        );
+        out.session = (shop_end, hard_end);
+        out
     }
 }

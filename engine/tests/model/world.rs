@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use engine::config::RedisConfig;
 use engine::ids::{DropId, FanId, HoldId, OrderId};
 use engine::keys::drop_key;
-use engine::queue::QueueKeys;
+use engine::queue::{QueueKeys, SessionEnds};
 use engine::scripts::{
     ConfirmBegin, DropKeys, Finish, Redis, ReserveArgs, Reserved, Revert, TestScripts,
 };
@@ -275,7 +275,7 @@ impl World {
                 };
                 match self
                     .redis
-                    .reserve(&self.drop, &fan(f), key, body_sha, &hold(h), args)
+                    .reserve(&self.drop, &fan(f), key, body_sha, &hold(h), session, args)
                     .await
                 {
                     Ok((
@@ -342,6 +342,19 @@ impl World {
                 },
             ),
             Step::Finish { hold: h, order } => {
+                // The fan's admission token carries the session's ends admission stored.
+                let stored: Option<String> = self
+                    .raw
+                    .hget(drop_key(&self.drop, "sessions"), f.as_str())
+                    .await
+                    .expect("HGET sessions");
+                let session = stored.and_then(|v| {
+                    let (shop, hard) = v.split_once(':')?;
+                    Some(SessionEnds {
+                        shop_end_ms: shop.parse().ok()?,
+                        hard_end_ms: hard.parse().ok()?,
+                    })
+                });
                 let order = OrderId::parse(order).expect("an order id");
                 Outcome::Word(
                     match self
@@ -502,6 +515,7 @@ impl World {
             .set_meta(&self.drop, "recovering", "1")
             .await
             .expect("set recovering");
+                    session: t.session.map_or((0, 0), |s| (s.shop_end_ms, s.hard_end_ms)),
         model.store.meta.insert("recovering".into(), "1".into());
     }
 
@@ -702,3 +716,5 @@ impl World {
         let _: i64 = self.raw.del(self.clock_key()).await.unwrap_or(0);
     }
 }
+        same!("sessions", self.hash(&q.sessions).await, s.sessions.clone());
+        expect("sessions", !s.sessions.is_empty());
