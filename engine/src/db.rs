@@ -114,7 +114,7 @@ impl Db {
         pg.connect_timeout(timeout);
         // A dead peer is noticed by TCP keepalive, a stuck statement by Postgres itself.
         pg.keepalives(true);
-        pg.keepalives_idle(Duration::from_secs(10));
+        pg.keepalives_idle(Duration::from_millis(cfg.keepalive_idle_ms));
         // Added to the URL's own `options` (e.g. a search_path), not in their place.
         let statement_timeout = format!("-c statement_timeout={}", cfg.statement_timeout_ms);
         let options = match pg.get_options() {

@@ -183,8 +183,12 @@ impl Engine {
         };
         let def = Arc::new(def);
         let mut cache = lock(&self.drops);
+        // Full, it forgets one definition (a miss costs one read), never all of them at once:
+        // starting over would send every live drop back to Postgres together.
         if cache.len() >= self.cfg.drops.cache_entries {
-            cache.clear();
+            if let Some(any) = cache.keys().next().cloned() {
+                cache.remove(&any);
+            }
         }
         cache.insert(drop.clone(), def.clone());
         Ok(def)

@@ -6,9 +6,6 @@ use serde::Serialize;
 use super::*;
 use crate::drops::AdmissionMode;
 
-/// Drops `GET /v1/fans/me/holds` looks in when no `drop_id` is given.
-pub(super) const FAN_HOLDS_DROPS_MAX: usize = 100;
-
 /// Something a request made, or found already made (a repeated confirm): servers
 /// answer 201 for the first, 200 for the second.
 #[derive(Debug, Clone)]
@@ -313,7 +310,7 @@ impl Engine {
             None => self
                 .watched_drops()
                 .into_iter()
-                .take(FAN_HOLDS_DROPS_MAX)
+                .take(self.cfg.drops.fan_holds_max_drops)
                 .collect(),
         };
         let mut out = Vec::new();
