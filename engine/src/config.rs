@@ -148,6 +148,7 @@ impl Config {
             ("limits.tidy_interval_ms", self.limits.tidy_interval_ms),
             ("drops.lookups_per_s", u64::from(self.drops.lookups_per_s)),
             ("drops.lookup_burst", u64::from(self.drops.lookup_burst)),
+            ("holds.sweep_rounds_max", self.holds.sweep_rounds_max as u64),
         ] {
             if value == 0 {
                 return Err(crate::Error::invalid(format!(
@@ -323,6 +324,8 @@ pub const DEFAULT_CONFIRM_SAFETY_MARGIN_MS: u64 = 10_000;
 pub const DEFAULT_RECLAIM_BATCH: u32 = 8;
 pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 250;
 pub const DEFAULT_SWEEP_BATCH: u32 = 500;
+pub const DEFAULT_SWEEP_ROUNDS_MAX: usize = 20;
+pub const DEFAULT_CONFIRM_WAIT_OTHER_MS: u64 = 3_000;
 pub const DEFAULT_DONE_TTL_MS: u64 = 3_600_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -341,6 +344,12 @@ pub struct HoldsConfig {
     pub sweep_interval_ms: u64,
     /// Holds the sweeper expires per drop per call.
     pub sweep_batch: u32,
+    /// Expire calls per drop per sweep, at most: a drop with a backlog can't hold the sweeper
+    /// back from the others (the rest waits for the next sweep, or a reserve's reclaim).
+    pub sweep_rounds_max: usize,
+    /// How long a confirm waits for another process already confirming the same hold with the
+    /// same payment, before answering 503 `payment_pending`.
+    pub confirm_wait_other_ms: u64,
     /// How long an ended hold stays readable (`GET /v1/holds/{id}`) before it is purged.
     pub done_ttl_ms: u64,
 }
@@ -354,6 +363,8 @@ impl Default for HoldsConfig {
             reclaim_batch: DEFAULT_RECLAIM_BATCH,
             sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS,
             sweep_batch: DEFAULT_SWEEP_BATCH,
+            sweep_rounds_max: DEFAULT_SWEEP_ROUNDS_MAX,
+            confirm_wait_other_ms: DEFAULT_CONFIRM_WAIT_OTHER_MS,
             done_ttl_ms: DEFAULT_DONE_TTL_MS,
         }
     }
@@ -415,6 +426,10 @@ pub const DEFAULT_MAX_DROPS_WATCHED: usize = 10_000;
 /// Every process looks after the newest live drops too, not only those it served: a restarted
 /// booking-api must still reconcile and recover the drops its predecessor sold.
 pub const DEFAULT_WATCH_NEWEST_DROPS: usize = DEFAULT_MAX_DROPS_WATCHED;
+pub const DEFAULT_WATCHED_REFRESH_MS: u64 = 5_000;
+pub const DEFAULT_SERVED_KEEP_MS: u64 = 3_600_000;
+/// On the reserve path: a busy drop's "served lately" mark is refreshed at most this often.
+pub const DEFAULT_SERVED_REFRESH_MS: u64 = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -432,6 +447,12 @@ pub struct ReconcilerConfig {
     /// served (capped by `max_drops_watched`). 0: only the drops it served itself, as test
     /// servers sharing one Postgres run, so one test's server never touches another's drops.
     pub watch_newest_drops: usize,
+    /// How often the list of the newest live drops is read from Postgres.
+    pub watched_refresh_ms: u64,
+    /// How long a drop this process served stays looked after without further traffic.
+    pub served_keep_ms: u64,
+    /// How often a busy drop's "served lately" mark is refreshed, at most.
+    pub served_refresh_ms: u64,
 }
 
 impl Default for ReconcilerConfig {
@@ -442,6 +463,9 @@ impl Default for ReconcilerConfig {
             watch_interval_ms: DEFAULT_WATCH_INTERVAL_MS,
             max_drops_watched: DEFAULT_MAX_DROPS_WATCHED,
             watch_newest_drops: DEFAULT_WATCH_NEWEST_DROPS,
+            watched_refresh_ms: DEFAULT_WATCHED_REFRESH_MS,
+            served_keep_ms: DEFAULT_SERVED_KEEP_MS,
+            served_refresh_ms: DEFAULT_SERVED_REFRESH_MS,
         }
     }
 }
@@ -874,10 +898,11 @@ mod tests {
     #[test]
     fn limiter_and_lookup_rates_must_be_above_zero() {
         type SetToZero = fn(&mut Config);
-        let zeroes: [(&str, SetToZero); 3] = [
+        let zeroes: [(&str, SetToZero); 4] = [
             ("limits.tidy_interval_ms", |c| c.limits.tidy_interval_ms = 0),
             ("drops.lookups_per_s", |c| c.drops.lookups_per_s = 0),
             ("drops.lookup_burst", |c| c.drops.lookup_burst = 0),
+            ("holds.sweep_rounds_max", |c| c.holds.sweep_rounds_max = 0),
         ];
         for (name, zero) in zeroes {
             let mut cfg = Config::default();

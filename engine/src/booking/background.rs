@@ -4,22 +4,15 @@
 
 use super::*;
 
-/// Expire calls per drop per sweep, at most (each takes `holds.sweep_batch` holds).
-pub(super) const SWEEP_ROUNDS_MAX: usize = 20;
 /// Rebuilds of one drop in a row while sales keep landing in Postgres during them.
 pub(super) const RECOVER_ROUNDS_MAX: usize = 3;
-/// How often the list of drops to look after is read from Postgres.
-pub(super) const WATCHED_REFRESH: Duration = Duration::from_secs(5);
-/// How long a drop this process served stays looked after without further traffic.
-pub(super) const TOUCHED_KEEP: Duration = Duration::from_secs(3600);
-/// How often a busy drop's "served lately" mark is refreshed.
-pub(super) const TOUCHED_REFRESH: Duration = Duration::from_secs(10);
 
 impl Engine {
     pub(super) fn watched_drops(&self) -> Vec<DropId> {
         let mut drops = lock(&self.watched).clone();
         let mut touched = lock(&self.touched);
-        touched.retain(|_, at| at.elapsed() < TOUCHED_KEEP);
+        let keep = ms(self.cfg.reconciler.served_keep_ms);
+        touched.retain(|_, at| at.elapsed() < keep);
         for drop in touched.keys() {
             if !drops.contains(drop) {
                 drops.push(drop.clone());
@@ -76,7 +69,8 @@ impl Engine {
             move || {
                 let (e, last_refresh) = (e.clone(), last_refresh.clone());
                 async move {
-                    let stale = lock(&last_refresh).is_none_or(|t| t.elapsed() >= WATCHED_REFRESH);
+                    let refresh = ms(e.cfg.reconciler.watched_refresh_ms);
+                    let stale = lock(&last_refresh).is_none_or(|t| t.elapsed() >= refresh);
                     if stale {
                         e.refresh_watched().await;
                         *lock(&last_refresh) = Some(Instant::now());
@@ -91,7 +85,7 @@ impl Engine {
     /// One sweep: every watched drop's overdue holds back to stock, in bounded batches.
     pub async fn sweep(&self) {
         for drop in self.watched_drops() {
-            for _ in 0..SWEEP_ROUNDS_MAX {
+            for _ in 0..self.cfg.holds.sweep_rounds_max {
                 match self.redis.expire(&drop, self.cfg.holds.sweep_batch).await {
                     Ok((expired, more)) => {
                         if expired > 0 {

@@ -40,9 +40,6 @@ impl Drop for InflightGuard {
     }
 }
 
-/// How long a confirm waits for another process already confirming the same hold.
-pub(super) const CONFIRM_WAIT_OTHER_MS: u64 = 3_000;
-
 impl Engine {
     /// Pays for a hold. Concurrent confirms of one hold in this process share one attempt; the
     /// first answers 201, the others (and later repeats) 200 with the same order.
@@ -346,7 +343,7 @@ impl Engine {
 
     /// Another process is confirming this hold with the same reference: wait a little for it.
     pub(super) async fn wait_other_confirm(&self, hold: &HoldId, fan: &FanId) -> ConfirmResult {
-        let until = Instant::now() + ms(CONFIRM_WAIT_OTHER_MS);
+        let until = Instant::now() + ms(self.cfg.holds.confirm_wait_other_ms);
         while Instant::now() < until {
             tokio::time::sleep(ms(100)).await;
             match self.redis.hold(hold).await? {

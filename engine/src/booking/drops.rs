@@ -1,7 +1,6 @@
 //! Sellers' drops: creating one (Postgres, then Redis in one script), finding its definition,
 //! closing it; ops' admission settings, applied one change at a time under the drop row's lock.
 
-use super::background::{TOUCHED_KEEP, TOUCHED_REFRESH};
 use super::*;
 
 /// Ops' partial update of a drop's admission settings.
@@ -129,12 +128,13 @@ impl Engine {
         // On the reserve path: refresh a drop's mark at most every few seconds, not per request.
         if touched
             .get(drop)
-            .is_some_and(|at| at.elapsed() < TOUCHED_REFRESH)
+            .is_some_and(|at| at.elapsed() < ms(self.cfg.reconciler.served_refresh_ms))
         {
             return;
         }
         if touched.len() >= self.cfg.reconciler.max_drops_watched {
-            touched.retain(|_, at| at.elapsed() < TOUCHED_KEEP);
+            let keep = ms(self.cfg.reconciler.served_keep_ms);
+            touched.retain(|_, at| at.elapsed() < keep);
         }
         if touched.len() < self.cfg.reconciler.max_drops_watched || touched.contains_key(drop) {
             touched.insert(drop.clone(), Instant::now());
