@@ -1303,6 +1303,8 @@ async fn another_fan_cannot_join_a_confirm_in_flight() {
     let mut cfg = test_config();
     cfg.gateway.timeout_ms = 2_000;
     cfg.gateway.test_slow_ms = 2_000;
+    // An authorization must end before the confirm deadline (Config::validate).
+    cfg.holds.confirm_safety_margin_ms = 2_500;
     let h = Harness::with_config(cfg).await;
     let drop = h.ga_drop(10, 4, 300).await;
     let (_, alice) = h.fan("alice").await;

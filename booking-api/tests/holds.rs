@@ -658,6 +658,7 @@ async fn another_fans_confirm_during_the_owners_confirm_is_not_found() {
     // The owner's `slow_` payment stays in flight for two seconds before it times out.
     cfg.gateway.timeout_ms = 2_000;
     cfg.gateway.test_slow_ms = 5_000;
+    cfg.holds.confirm_safety_margin_ms = 2_500;
     let h = Harness::with_config(cfg).await;
     let drop = h.ga_drop(10, 4, 300).await;
     let (_, owner) = h.fan("owner").await;

@@ -878,7 +878,10 @@ mod tests {
         cfg.gateway.timeout_ms = 4_999;
         cfg.validate().unwrap();
         cfg.gateway.timeout_ms = 5_000;
-        refused(&cfg, "gateway.timeout_ms must be below holds.confirm_safety_margin_ms");
+        refused(
+            &cfg,
+            "gateway.timeout_ms must be below holds.confirm_safety_margin_ms",
+        );
 
         let mut cfg = Config::default();
         cfg.queue.ws_ping_interval_ms = 1_000;

@@ -19,19 +19,38 @@ use crate::tokens::sha256_hex;
 
 /// Versioned migrations, applied in order at start under an advisory lock (so many processes
 /// starting at once apply each exactly once).
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+/// A schema change that a rolling deploy runs beside the previous release adds the new shape
+/// first; a later migration drops the old one (docs/OPERATIONS.md, "Schema changes").
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (
+        2,
+        "payment_attempts",
+        include_str!("../../migrations/0002_payment_attempts.sql"),
+    ),
+];
 const MIGRATION_LOCK_ID: i64 = 0x466c_6f6f_6467;
 
-/// What [`Db::void_pending_payment`] found.
+/// What [`Db::void_attempt`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Voiding {
-    /// No payment was recorded for the hold.
-    NoPayment,
-    /// The row belongs to a newer attempt (another reference) and was left alone.
-    Superseded,
-    /// The attempt's state before; `Pending` means it is `Voided` now.
+    /// The attempt had recorded no payment (so it never reached the gateway); it is recorded
+    /// `voided` now, so its insert, should it still land, finds it ended.
+    Unrecorded,
+    /// The attempt's state before; `Pending` means it is `Voiding` now.
     Was(PaymentState),
+}
+
+/// A payment attempt that hasn't settled: `pending` (in flight, or left halfway) or `voiding`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsettled {
+    pub hold: HoldId,
+    pub reference: String,
+    pub fan: String,
+    pub amount_cents: i64,
+    pub state: PaymentState,
+    /// Since the attempt was recorded, by Postgres' clock.
+    pub age_ms: i64,
 }
 
 #[derive(Clone)]
@@ -471,11 +490,9 @@ impl Db {
 
     // ---- payments --------------------------------------------------------------------------------
 
-    /// Records a payment attempt before the gateway is called; one row per hold, ever. A new
-    /// attempt takes the row over from an ended one — including one left `pending` because its
-    /// end (a decline) couldn't be written: confirm_begin only lets a new attempt start once
-    /// the old one was reverted, and every path that reverts has ended it. An `authorized` or
-    /// `captured` row (a sale) is never taken over. Returns whether the row is now this attempt's.
+    /// Records a payment attempt, `(hold, reference)`, before the gateway is called. Returns
+    /// whether this call recorded it: an attempt already there — ended by the reconciler while
+    /// this insert stalled, or the same reference used before — is never taken over.
     pub async fn begin_payment(
         &self,
         hold: &HoldId,
@@ -488,59 +505,140 @@ impl Db {
             .client()
             .await?
             .execute(
-                "INSERT INTO payments (hold_id, drop_id, fan_id, gateway, reference, amount_cents, state) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 'pending') \
-                 ON CONFLICT (hold_id) DO UPDATE SET reference = EXCLUDED.reference, state = 'pending', \
-                 updated_at = now() WHERE payments.state IN ('declined', 'voided', 'pending')",
-                &[&hold.as_str(), &hold.drop_id().as_str(), &fan.as_str(), &gateway, &reference, &amount_cents],
+                "INSERT INTO payment_attempts (hold_id, reference, drop_id, fan_id, gateway, amount_cents, state) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'pending') ON CONFLICT (hold_id, reference) DO NOTHING",
+                &[&hold.as_str(), &reference, &hold.drop_id().as_str(), &fan.as_str(), &gateway, &amount_cents],
             )
             .await?;
         Ok(written == 1)
     }
 
-    pub async fn set_payment_state(&self, hold: &HoldId, state: PaymentState) -> Result<()> {
+    /// The state of one attempt, if it was recorded.
+    pub async fn attempt_state(
+        &self,
+        hold: &HoldId,
+        reference: &str,
+    ) -> Result<Option<PaymentState>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT state FROM payment_attempts WHERE hold_id = $1 AND reference = $2",
+                &[&hold.as_str(), &reference],
+            )
+            .await?;
+        row.map(|r| parse_state(r.get(0))).transpose()
+    }
+
+    /// Moves one attempt from `from` to `to`; a write that arrives late, after the attempt moved
+    /// on, changes nothing (nor any other attempt of the hold). Returns whether it moved.
+    pub async fn set_payment_state(
+        &self,
+        hold: &HoldId,
+        reference: &str,
+        from: PaymentState,
+        to: PaymentState,
+    ) -> Result<bool> {
+        let moved = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE payment_attempts SET state = $4, updated_at = now() \
+                 WHERE hold_id = $1 AND reference = $2 AND state = $3",
+                &[&hold.as_str(), &reference, &from.as_str(), &to.as_str()],
+            )
+            .await?;
+        Ok(moved == 1)
+    }
+
+    /// Ends an attempt without a sale — the reconciler's side of the arbitration with a request
+    /// committing the same attempt: if still `pending`, it becomes `voiding` (no order can be
+    /// committed for it from then on; the gateway void comes next); if never recorded, it is
+    /// recorded `voided`. Says what it found.
+    pub async fn void_attempt(
+        &self,
+        hold: &HoldId,
+        fan: &str,
+        gateway: &str,
+        reference: &str,
+        amount_cents: i64,
+    ) -> Result<Voiding> {
+        let client = self.client().await?;
+        let recorded = client
+            .execute(
+                "INSERT INTO payment_attempts (hold_id, reference, drop_id, fan_id, gateway, amount_cents, state) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'voided') ON CONFLICT (hold_id, reference) DO NOTHING",
+                &[&hold.as_str(), &reference, &hold.drop_id().as_str(), &fan, &gateway, &amount_cents],
+            )
+            .await?;
+        if recorded == 1 {
+            return Ok(Voiding::Unrecorded);
+        }
+        let row = client
+            .query_one(
+                "WITH prev AS (SELECT state FROM payment_attempts WHERE hold_id = $1 AND reference = $2 FOR UPDATE) \
+                 UPDATE payment_attempts p SET state = CASE WHEN prev.state = 'pending' THEN 'voiding' ELSE p.state END, \
+                 updated_at = CASE WHEN prev.state = 'pending' THEN now() ELSE p.updated_at END \
+                 FROM prev WHERE p.hold_id = $1 AND p.reference = $2 RETURNING prev.state",
+                &[&hold.as_str(), &reference],
+            )
+            .await?;
+        parse_state(row.get(0)).map(Voiding::Was)
+    }
+
+    /// Attempts not yet settled (`pending` or `voiding`), least recently touched first, of every
+    /// drop — or only of `drops`, when given.
+    pub async fn unsettled(&self, limit: i64, drops: Option<&[DropId]>) -> Result<Vec<Unsettled>> {
+        let drops: Option<Vec<&str>> = drops.map(|d| d.iter().map(DropId::as_str).collect());
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT hold_id, reference, fan_id, amount_cents, state, \
+                 (extract(epoch FROM now() - created_at) * 1000)::bigint FROM payment_attempts \
+                 WHERE state IN ('pending', 'voiding') AND ($2::text[] IS NULL OR drop_id = ANY($2)) \
+                 ORDER BY updated_at LIMIT $1",
+                &[&limit, &drops],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let Ok(hold) = HoldId::parse(r.get(0)) else {
+                continue;
+            };
+            out.push(Unsettled {
+                hold,
+                reference: r.get(1),
+                fan: r.get(2),
+                amount_cents: r.get(3),
+                state: parse_state(r.get(4))?,
+                age_ms: r.get(5),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sends an attempt the reconciler couldn't settle this round to the back of its work list
+    /// ([`Db::unsettled`] takes the least recently touched first), so a few that keep failing
+    /// never crowd out the rest.
+    pub async fn touch_attempt(&self, hold: &HoldId, reference: &str) -> Result<()> {
         self.client()
             .await?
             .execute(
-                "UPDATE payments SET state = $2, updated_at = now() WHERE hold_id = $1",
-                &[&hold.as_str(), &state.as_str()],
+                "UPDATE payment_attempts SET updated_at = now() WHERE hold_id = $1 AND reference = $2",
+                &[&hold.as_str(), &reference],
             )
             .await?;
         Ok(())
     }
 
-    /// The reconciler's side of the arbitration with a committing request: the attempt made
-    /// under `reference`, if still `pending`, becomes `voided`. Says what it found before.
-    pub async fn void_pending_payment(&self, hold: &HoldId, reference: &str) -> Result<Voiding> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "WITH prev AS (SELECT state, reference FROM payments WHERE hold_id = $1 FOR UPDATE) \
-                 UPDATE payments p SET state = CASE WHEN p.state = 'pending' AND p.reference = $2 \
-                 THEN 'voided' ELSE p.state END, updated_at = now() FROM prev WHERE p.hold_id = $1 \
-                 RETURNING CASE WHEN prev.reference = $2 THEN prev.state ELSE NULL END",
-                &[&hold.as_str(), &reference],
-            )
-            .await?;
-        let Some(row) = row else {
-            return Ok(Voiding::NoPayment);
-        };
-        let Some(state) = row.get::<_, Option<&str>>(0) else {
-            return Ok(Voiding::Superseded);
-        };
-        PaymentState::parse(state)
-            .map(Voiding::Was)
-            .ok_or_else(|| Error::internal(format!("payments.state `{state}`")))
-    }
-
-    /// Authorized payments whose order stands but whose capture failed, oldest first.
-    pub async fn uncaptured(&self, limit: i64) -> Result<Vec<HoldId>> {
+    /// Authorized attempts whose order stands but whose capture failed, oldest first.
+    pub async fn uncaptured(&self, limit: i64) -> Result<Vec<(HoldId, String)>> {
         let rows = self
             .client()
             .await?
             .query(
-                "SELECT p.hold_id FROM payments p JOIN orders o USING (hold_id) \
+                "SELECT p.hold_id, p.reference FROM payment_attempts p JOIN orders o USING (hold_id) \
                  WHERE p.state = 'authorized' AND p.updated_at < now() - interval '10 seconds' \
                  ORDER BY p.updated_at LIMIT $1",
                 &[&limit],
@@ -548,21 +646,8 @@ impl Db {
             .await?;
         Ok(rows
             .iter()
-            .filter_map(|r| HoldId::parse(r.get(0)).ok())
+            .filter_map(|r| Some((HoldId::parse(r.get(0)).ok()?, r.get(1))))
             .collect())
-    }
-
-    /// The reference a hold's payment was made with, if one was recorded.
-    pub async fn payment_reference(&self, hold: &HoldId) -> Result<Option<String>> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT reference FROM payments WHERE hold_id = $1",
-                &[&hold.as_str()],
-            )
-            .await?;
-        Ok(row.map(|r| r.get(0)))
     }
 
     // ---- orders ----------------------------------------------------------------------------------
@@ -700,6 +785,10 @@ impl Db {
             .await?;
         Ok(())
     }
+}
+
+fn parse_state(state: &str) -> Result<PaymentState> {
+    PaymentState::parse(state).ok_or_else(|| Error::internal(format!("payments.state `{state}`")))
 }
 
 /// Whether a Postgres error is a constraint refusing a sale (not a fault to retry).

@@ -1,8 +1,10 @@
-//! Payment gateways. Every call is idempotent by hold id: authorizing the same hold twice is one
-//! authorization, capturing twice is one capture. `lookup` lets the reconciler find out what
-//! happened to a payment whose answer was lost.
+//! Payment gateways. Every call names its attempt, (hold id, reference), and is idempotent by it:
+//! authorizing the same attempt twice is one authorization, capturing or voiding it twice is one
+//! capture or void. `lookup` lets the reconciler find out what happened to a payment whose answer
+//! was lost.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -20,9 +22,11 @@ pub enum GatewayError {
     Other(String),
 }
 
-/// A payment attempt's state: one name in Rust, in the `payments` table (whose CHECK lists the
-/// same names; a test holds the two together) and in the test gateway's records.
-/// `pending` → `authorized` (with the order) → `captured`; `pending` → `declined` | `voided`.
+/// A payment attempt's state: one name in Rust, in the `payment_attempts` table (whose CHECK
+/// lists the same names; a test holds the two together) and in the test gateway's records.
+/// `pending` → `authorized` (with the order) → `captured`; `pending` → `declined`;
+/// `pending` → `voiding` → `voided` (`voided` straight away for an attempt that never recorded
+/// its payment, so it never can).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PaymentState {
     /// Recorded before the gateway is called; no order yet.
@@ -31,16 +35,20 @@ pub enum PaymentState {
     Authorized,
     Declined,
     Captured,
-    /// Ended without a sale by the reconciler (or a void at the gateway).
+    /// Ended without a sale (no order can be committed for it any more), but the gateway hasn't
+    /// confirmed the void yet: the reconciler calls it again every round until it does.
+    Voiding,
+    /// Ended without a sale, and voided at the gateway (or never reached it).
     Voided,
 }
 
 impl PaymentState {
-    pub const ALL: [PaymentState; 5] = [
+    pub const ALL: [PaymentState; 6] = [
         PaymentState::Pending,
         PaymentState::Authorized,
         PaymentState::Declined,
         PaymentState::Captured,
+        PaymentState::Voiding,
         PaymentState::Voided,
     ];
 
@@ -50,6 +58,7 @@ impl PaymentState {
             PaymentState::Authorized => "authorized",
             PaymentState::Declined => "declined",
             PaymentState::Captured => "captured",
+            PaymentState::Voiding => "voiding",
             PaymentState::Voided => "voided",
         }
     }
@@ -88,30 +97,65 @@ pub trait PaymentGateway: Send + Sync {
         amount_cents: i64,
         currency: &str,
     ) -> Result<(), GatewayError>;
-    async fn capture(&self, hold: &HoldId) -> Result<(), GatewayError>;
-    async fn void(&self, hold: &HoldId) -> Result<(), GatewayError>;
+    async fn capture(&self, hold: &HoldId, reference: &str) -> Result<(), GatewayError>;
+    /// Releases the attempt's authorization, if it has one; `Ok` means the gateway holds no
+    /// money for it any more (an attempt it never authorized included).
+    async fn void(&self, hold: &HoldId, reference: &str) -> Result<(), GatewayError>;
     /// What became of the attempt made under `reference`; one the gateway never saw (an
     /// earlier attempt with another reference doesn't count) is `Unknown`.
     async fn lookup(&self, hold: &HoldId, reference: &str) -> Result<Lookup, GatewayError>;
 }
 
-/// Per-hold record the test gateway keeps, visible to tests.
+/// Per-hold record the test gateway keeps, visible to tests: the latest attempt's reference and
+/// state, and counts over every attempt.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TestPayment {
     pub reference: String,
     pub authorizations: u32,
     pub captures: u32,
+    /// Voids that released an authorization.
     pub voids: u32,
+    /// Every void call that reached the gateway, failed ones included.
+    pub void_calls: u32,
     pub state: Option<PaymentState>,
 }
 
 /// Deterministic gateway for development and tests, by reference prefix:
 /// `ok_…` is authorized, `fail_…` declined, `slow_…` authorized but the answer never comes in
 /// time (the caller sees a timeout; `lookup` later says authorized, so the reconciler sells it).
-/// Anything else is declined.
+/// Anything else is declined. Tests can make it misbehave on purpose ([`TestGateway::fail_voids`],
+/// [`TestGateway::hold_captures`]).
 pub struct TestGateway {
     slow: Duration,
     payments: Mutex<HashMap<String, TestPayment>>,
+    /// Void calls still to fail (a fault hook for tests).
+    voids_to_fail: AtomicU32,
+    /// While set, captures wait here (a fault hook for tests).
+    capture_gate: Mutex<Option<std::sync::Arc<CaptureGate>>>,
+}
+
+/// Captures held at the gateway until a test lets them go, so the test can act between an
+/// order's commit and the rest of its confirm.
+pub struct CaptureGate {
+    /// Notified when a capture arrives.
+    pub arrived: tokio::sync::Notify,
+    /// Closed to let the held captures (and all later ones) through.
+    open: tokio::sync::Semaphore,
+}
+
+impl Default for CaptureGate {
+    fn default() -> Self {
+        CaptureGate {
+            arrived: tokio::sync::Notify::new(),
+            open: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+impl CaptureGate {
+    pub fn open(&self) {
+        self.open.close();
+    }
 }
 
 impl TestGateway {
@@ -119,11 +163,25 @@ impl TestGateway {
         TestGateway {
             slow,
             payments: Mutex::new(HashMap::new()),
+            voids_to_fail: AtomicU32::new(0),
+            capture_gate: Mutex::new(None),
         }
     }
 
     pub fn payment(&self, hold: &HoldId) -> Option<TestPayment> {
         self.payments.lock().ok()?.get(hold.as_str()).cloned()
+    }
+
+    /// The next `n` void calls fail (the gateway is down for them), as a real gateway's might.
+    pub fn fail_voids(&self, n: u32) {
+        self.voids_to_fail.store(n, Ordering::SeqCst);
+    }
+
+    /// Holds every capture from now on until the returned gate is opened.
+    pub fn hold_captures(&self) -> std::sync::Arc<CaptureGate> {
+        let gate = std::sync::Arc::new(CaptureGate::default());
+        *self.capture_gate.lock().unwrap_or_else(|p| p.into_inner()) = Some(gate.clone());
+        gate
     }
 
     fn with<T>(&self, hold: &HoldId, f: impl FnOnce(&mut TestPayment) -> T) -> T {
@@ -169,8 +227,22 @@ impl PaymentGateway for TestGateway {
         }
     }
 
-    async fn capture(&self, hold: &HoldId) -> Result<(), GatewayError> {
+    async fn capture(&self, hold: &HoldId, reference: &str) -> Result<(), GatewayError> {
+        let gate = self
+            .capture_gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(gate) = gate {
+            gate.arrived.notify_one();
+            // Closed = open: acquire fails at once, which is all a held capture waits for.
+            let _ = gate.open.acquire().await;
+        }
         self.with(hold, |p| match p.state {
+            // Another attempt's record: a capture of this one has nothing authorized.
+            Some(_) if p.reference != reference => {
+                Err(GatewayError::Other("nothing authorized to capture".into()))
+            }
             Some(PaymentState::Authorized) => {
                 p.captures += 1;
                 p.state = Some(PaymentState::Captured);
@@ -179,6 +251,7 @@ impl PaymentGateway for TestGateway {
             Some(PaymentState::Captured) => Ok(()),
             // No record: authorized by another process's gateway (or before a restart).
             None => {
+                p.reference = reference.to_owned();
                 p.captures += 1;
                 p.state = Some(PaymentState::Captured);
                 Ok(())
@@ -187,9 +260,17 @@ impl PaymentGateway for TestGateway {
         })
     }
 
-    async fn void(&self, hold: &HoldId) -> Result<(), GatewayError> {
+    async fn void(&self, hold: &HoldId, reference: &str) -> Result<(), GatewayError> {
+        let fail = self
+            .voids_to_fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
         self.with(hold, |p| {
-            if p.state == Some(PaymentState::Authorized) {
+            p.void_calls += 1;
+            if fail {
+                return Err(GatewayError::Other("void failed (test fault)".into()));
+            }
+            if p.reference == reference && p.state == Some(PaymentState::Authorized) {
                 p.voids += 1;
                 p.state = Some(PaymentState::Voided);
             }
@@ -229,21 +310,21 @@ mod tests {
         assert_eq!(PaymentState::parse("Pending"), None);
     }
 
-    /// The `payments.state` CHECK in the migration names exactly the enum's states.
+    /// The `payment_attempts.state` CHECK in the migration names exactly the enum's states.
     #[test]
     fn payment_states_match_the_sql_check() {
-        let sql = include_str!("../../migrations/0001_init.sql");
+        let sql = include_str!("../../migrations/0002_payment_attempts.sql");
         let table = &sql[sql
-            .find("CREATE TABLE payments")
-            .expect("the payments table")..];
+            .find("CREATE TABLE payment_attempts")
+            .expect("the payment_attempts table")..];
         let check = table
             .lines()
             .find(|l| l.trim_start().starts_with("state "))
-            .expect("payments.state");
+            .expect("payment_attempts.state");
         let list = check
             .split_once("CHECK (state IN (")
             .and_then(|(_, rest)| rest.split_once(')'))
-            .expect("a CHECK (state IN (...)) on payments.state")
+            .expect("a CHECK (state IN (...)) on payment_attempts.state")
             .0;
         let in_sql: Vec<&str> = list
             .split(',')
@@ -268,8 +349,8 @@ mod tests {
         gw.authorize(&hold, "ok_2", 100, "USD").await.unwrap();
         assert_eq!(gw.lookup(&hold, "ok_2").await, Ok(Lookup::Authorized));
         assert_eq!(gw.lookup(&hold, "fail_1").await, Ok(Lookup::Unknown));
-        gw.capture(&hold).await.unwrap();
-        gw.void(&hold).await.unwrap();
+        gw.capture(&hold, "ok_2").await.unwrap();
+        gw.void(&hold, "ok_2").await.unwrap();
         let p = gw.payment(&hold).unwrap();
         assert_eq!(
             p.state,
@@ -277,5 +358,25 @@ mod tests {
             "a capture is not voided"
         );
         assert_eq!((p.authorizations, p.captures, p.voids), (2, 1, 0));
+    }
+
+    #[tokio::test]
+    async fn the_test_gateway_voids_per_attempt_and_fails_voids_on_demand() {
+        let gw = TestGateway::new(Duration::from_millis(1));
+        let hold = HoldId::generate(&crate::ids::DropId::generate());
+        gw.authorize(&hold, "ok_1", 100, "USD").await.unwrap();
+        gw.void(&hold, "ok_0").await.unwrap();
+        assert_eq!(
+            gw.payment(&hold).unwrap().state,
+            Some(PaymentState::Authorized),
+            "another attempt's void leaves this one's authorization"
+        );
+        gw.fail_voids(2);
+        assert!(gw.void(&hold, "ok_1").await.is_err());
+        assert!(gw.void(&hold, "ok_1").await.is_err());
+        gw.void(&hold, "ok_1").await.unwrap();
+        let p = gw.payment(&hold).unwrap();
+        assert_eq!(p.state, Some(PaymentState::Voided));
+        assert_eq!((p.voids, p.void_calls), (1, 4));
     }
 }

@@ -615,8 +615,17 @@ impl Redis {
         Ok(self.client().hkeys(DropKeys::new(drop).holds()).await?)
     }
 
-    /// Confirming holds whose confirm deadline has passed (`now_ms` from the caller's clock is
-    /// good enough here: the reconciler only needs "long enough ago").
+    /// Redis' clock (`TIME`) as the node holding `drop` reads it: the clock every script of the
+    /// drop reads, and so the one its deadlines are compared on.
+    pub async fn time_ms(&self, drop: &DropId) -> Result<i64> {
+        let keys = DropKeys::new(drop);
+        let cmd = fred::types::CustomCommand::new_static("TIME", keys.meta(), false);
+        let (secs, micros): (i64, i64) = self.client().custom(cmd, Vec::<String>::new()).await?;
+        Ok(secs * 1_000 + micros / 1_000)
+    }
+
+    /// Confirming holds whose confirm deadline has passed by `now_ms`, which must be Redis'
+    /// clock ([`Redis::time_ms`]): the deadlines were set on it.
     pub async fn overdue_confirming(
         &self,
         drop: &DropId,

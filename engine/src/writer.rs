@@ -38,7 +38,7 @@ pub enum Committed {
     New(OrderId),
     /// The hold already had an order (a retry, or the reconciler got there first).
     Existing(OrderId),
-    /// The payment attempt is no longer pending (the reconciler voided it): no order was made.
+    /// The payment attempt is no longer pending (the reconciler is voiding it): no order was made.
     Superseded,
     /// Postgres' constraints, the last guard, refused the order: Redis let through a sale that
     /// Postgres says is not there to sell. Never expected; nothing was written.
@@ -223,8 +223,8 @@ async fn insert_order(
     // on another instance): whoever moves the payment out of `pending` first wins.
     let claimed = tx
         .execute(
-            "UPDATE payments SET state = 'authorized', updated_at = now() \
-             WHERE hold_id = $1 AND state = 'pending' AND reference = $2",
+            "UPDATE payment_attempts SET state = 'authorized', updated_at = now() \
+             WHERE hold_id = $1 AND reference = $2 AND state = 'pending'",
             &[&o.hold_id.as_str(), &o.reference],
         )
         .await?;

@@ -104,89 +104,203 @@ impl Engine {
         }
     }
 
-    /// One reconciler round: every watched drop's overdue confirms, then captures that failed.
+    /// One reconciler round: every unsettled payment attempt in Postgres (whatever its drop's
+    /// age, whichever process served it), then every watched drop's overdue confirms (an attempt
+    /// that never recorded its payment is only in Redis), then captures that failed. A hold
+    /// whose settlement fails is logged and left for the next round; the round goes on.
     pub async fn reconcile(&self) {
+        let mut clocks = HashMap::new();
+        self.reconcile_attempts(&mut clocks).await;
         for drop in self.watched_drops() {
             if let Err(e) = self.reconcile_drop(&drop).await {
                 tracing::debug!(%drop, error = %e, "reconciling this drop stopped");
             }
         }
         match self.db.uncaptured(self.cfg.reconciler.batch as i64).await {
-            Ok(holds) => {
-                for hold in holds {
-                    self.capture(&hold).await;
+            Ok(attempts) => {
+                for (hold, reference) in attempts {
+                    self.capture(&hold, &reference).await;
                 }
             }
             Err(e) => tracing::debug!(error = %e, "capture round skipped"),
         }
     }
 
-    /// Settles confirming holds past their confirm deadline: an order in Postgres → sold; else the
-    /// gateway says: authorized → commit and sell; declined or unknown → void and revert. A
-    /// gateway that doesn't answer leaves the hold for the next round. Postgres arbitrates with a
-    /// request still committing the same attempt (maybe on another instance): the payment leaves
-    /// `pending` once, to `authorized` (the commit) or `voided` (here).
+    /// The unsettled attempts Postgres has, each settled on its own (one failing doesn't stop
+    /// the rest). A process told to look after only the drops it served
+    /// (`reconciler.watch_newest_drops = 0`, the test servers on a shared stack) takes only
+    /// those drops' attempts.
+    async fn reconcile_attempts(&self, clocks: &mut HashMap<DropId, i64>) {
+        let only = (self.cfg.reconciler.watch_newest_drops == 0).then(|| self.watched_drops());
+        let attempts = match self
+            .db
+            .unsettled(self.cfg.reconciler.batch as i64, only.as_deref())
+            .await
+        {
+            Ok(attempts) => attempts,
+            Err(e) => {
+                tracing::debug!(error = %e, "the round of unsettled payments was skipped");
+                return;
+            }
+        };
+        for attempt in attempts {
+            if lock(&self.inflight).contains_key(&attempt.hold) {
+                continue;
+            }
+            let settled = match self.settle_attempt(&attempt, clocks).await {
+                Ok(settled) => settled,
+                Err(e) => {
+                    tracing::warn!(hold = %attempt.hold, error = %e, "settling this payment attempt failed; retrying next round");
+                    false
+                }
+            };
+            if !settled {
+                if let Err(e) = self.db.touch_attempt(&attempt.hold, &attempt.reference).await {
+                    tracing::debug!(hold = %attempt.hold, error = %e, "could not requeue the attempt");
+                }
+            }
+        }
+    }
+
+    /// Redis' clock for `drop`, read once a round (an older reading only makes a deadline look
+    /// less overdue, never more).
+    async fn redis_now(&self, drop: &DropId, clocks: &mut HashMap<DropId, i64>) -> Result<i64> {
+        if let Some(now) = clocks.get(drop) {
+            return Ok(*now);
+        }
+        let now = self.redis.time_ms(drop).await?;
+        clocks.insert(drop.clone(), now);
+        Ok(now)
+    }
+
+    /// Settles one unsettled attempt if it is due; says whether it is done with (settled, or
+    /// still in time), false when it needs another round.
+    async fn settle_attempt(
+        &self,
+        attempt: &Unsettled,
+        clocks: &mut HashMap<DropId, i64>,
+    ) -> Result<bool> {
+        let (hold, reference) = (&attempt.hold, attempt.reference.as_str());
+        if attempt.state == PaymentState::Voiding {
+            // Postgres has ended it; the gateway's void is what's missing. The hold goes back
+            // if it is still confirming under this attempt (the process that began voiding it
+            // may have died before its revert).
+            let voided = self.finish_void(hold, reference).await;
+            self.redis.confirm_revert(hold, reference).await?;
+            return Ok(voided);
+        }
+        let drop = hold.drop_id();
+        match self.redis.hold(hold).await? {
+            Some(rec)
+                if rec.st == HoldState::Confirming
+                    && rec.reference.as_deref() == Some(reference) =>
+            {
+                let now = self.redis_now(&drop, clocks).await?;
+                if rec.cexp.is_some_and(|deadline| deadline > now) {
+                    return Ok(true);
+                }
+                let def = self.drop_def(&drop).await?;
+                self.settle_overdue(&def, hold, &rec).await
+            }
+            // The hold isn't confirming under this attempt (any more): the attempt never sells.
+            // It is left `pending` because its end wasn't written (a decline whose write
+            // failed) or its hold was lost. Ended once its confirm deadline is surely past —
+            // a request still authorizing it would otherwise meet a void that came first.
+            _ if attempt.age_ms > self.cfg.holds.confirm_timeout_ms as i64 => {
+                let found = self
+                    .db
+                    .void_attempt(
+                        hold,
+                        &attempt.fan,
+                        self.gateway.name(),
+                        reference,
+                        attempt.amount_cents,
+                    )
+                    .await?;
+                Ok(found != Voiding::Was(PaymentState::Pending)
+                    || self.finish_void(hold, reference).await)
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// Settles a drop's confirming holds past their confirm deadline (Redis' clock), each on its
+    /// own: one failing is logged, and the others are still settled.
     pub async fn reconcile_drop(&self, drop: &DropId) -> Result<usize> {
+        let now = self.redis.time_ms(drop).await?;
         let overdue = self
             .redis
-            .overdue_confirming(drop, now_ms(), self.cfg.reconciler.batch)
+            .overdue_confirming(drop, now, self.cfg.reconciler.batch)
             .await?;
         metrics::gauge!(m::CONFIRMING_BACKLOG).set(overdue.len() as f64);
         if overdue.is_empty() {
             return Ok(0);
         }
         let def = self.drop_def(drop).await?;
-        let timeout = ms(self.cfg.gateway.timeout_ms);
         let mut settled = 0;
         for hold in overdue {
             if lock(&self.inflight).contains_key(&hold) {
                 continue;
             }
-            let Some(rec) = self.redis.hold(&hold).await? else {
-                continue;
+            let result = match self.redis.hold(&hold).await {
+                Ok(Some(rec)) if rec.st == HoldState::Confirming => {
+                    self.settle_overdue(&def, &hold, &rec).await
+                }
+                Ok(_) => Ok(false),
+                Err(e) => Err(e),
             };
-            if rec.st != HoldState::Confirming {
-                continue;
-            }
-            let reference = match rec.reference.clone() {
-                Some(r) => r,
-                None => self.db.payment_reference(&hold).await?.unwrap_or_default(),
-            };
-            if let Some(order) = self.db.order_by_hold(&hold).await? {
-                self.capture(&hold).await;
-                self.redis.confirm_finish(&hold, order.order_id).await?;
-            } else {
-                let lookup =
-                    match tokio::time::timeout(timeout, self.gateway.lookup(&hold, &reference))
-                        .await
-                    {
-                        Ok(Ok(l)) => l,
-                        // No answer is not "unknown": voiding a payment that may have gone through
-                        // would sell nothing while the fan was charged. Try again next round.
-                        _ => continue,
-                    };
-                match lookup {
-                    Lookup::Authorized | Lookup::Captured => {
-                        self.commit_and_finish(&def, &hold, &rec).await?;
-                    }
-                    Lookup::Declined | Lookup::Voided | Lookup::Unknown => {
-                        match self.db.void_pending_payment(&hold, &reference).await? {
-                            // An order is landing for this attempt: the next round finishes it.
-                            Voiding::Was(PaymentState::Authorized | PaymentState::Captured) => {
-                                continue
-                            }
-                            Voiding::Superseded => {
-                                self.revert_unrecorded(&hold, &reference).await?
-                            }
-                            Voiding::NoPayment | Voiding::Was(_) => {
-                                self.void_and_revert(&hold, &reference).await?
-                            }
-                        }
-                    }
+            match result {
+                Ok(true) => settled += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%hold, error = %e, "settling this hold failed; retrying next round")
                 }
             }
+        }
+        Ok(settled)
+    }
+
+    /// Settles one confirming hold past its confirm deadline: an order in Postgres → sold; an
+    /// attempt that never recorded its payment (so never reached the gateway, which comes after)
+    /// → recorded `voided`, hold back; else the gateway says: authorized → commit and sell;
+    /// declined or unknown → void and revert. A gateway that doesn't answer leaves the hold for
+    /// the next round (voiding a payment that may have gone through would sell nothing while
+    /// the fan was charged). Postgres arbitrates with a request still committing the same
+    /// attempt (maybe on another instance): the attempt leaves `pending` once, to `authorized`
+    /// (the commit) or `voiding` (here). Says whether the hold was settled.
+    pub(super) async fn settle_overdue(
+        &self,
+        def: &DropDef,
+        hold: &HoldId,
+        rec: &HoldRecord,
+    ) -> Result<bool> {
+        let Some(reference) = rec.reference.as_deref() else {
+            return Ok(false);
+        };
+        let settled = if let Some(order) = self.db.order_by_hold(hold).await? {
+            self.capture(hold, reference).await;
+            self.redis.confirm_finish(hold, order.order_id).await?;
+            true
+        } else if self.db.attempt_state(hold, reference).await?.is_none() {
+            self.void_and_revert(def, hold, rec).await?
+        } else {
+            let timeout = ms(self.cfg.gateway.timeout_ms);
+            let lookup =
+                match tokio::time::timeout(timeout, self.gateway.lookup(hold, reference)).await {
+                    Ok(Ok(l)) => l,
+                    _ => return Ok(false),
+                };
+            match lookup {
+                Lookup::Authorized | Lookup::Captured => {
+                    self.commit_and_finish(def, hold, rec).await?.is_some()
+                }
+                Lookup::Declined | Lookup::Voided | Lookup::Unknown => {
+                    self.void_and_revert(def, hold, rec).await?
+                }
+            }
+        };
+        if settled {
             metrics::counter!(m::RECONCILED).increment(1);
-            settled += 1;
         }
         Ok(settled)
     }

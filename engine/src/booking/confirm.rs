@@ -144,6 +144,15 @@ impl Engine {
             ConfirmBegin::InProgress(_) => return self.wait_other_confirm(hold, fan).await,
             ConfirmBegin::Began(rec) => rec,
         };
+        // The confirm deadline is on Redis' clock, so it is never compared with this process's:
+        // what is left of it (less the safety margin) is read off Redis' clock once, after the
+        // begin, and counted down on this process's monotonic clock from before that read —
+        // so the local cut-off falls no later than the real one.
+        let asked = Instant::now();
+        let redis_now = self.redis.time_ms(&def.drop_id).await?;
+        let margin_ms = self.cfg.holds.confirm_safety_margin_ms as i64;
+        let left_ms = rec.cexp.map_or(0, |d| d - margin_ms - redis_now).max(0);
+        let cut_off = asked + ms(left_ms as u64);
         let (_, total) = priced_items(&def, &rec.it);
         // If this fails nothing was charged: the hold stays confirming and the reconciler settles it.
         let recorded = self
@@ -156,13 +165,20 @@ impl Engine {
                 total,
             )
             .await?;
-        // The reconciler takes holds past their confirm deadline, and reverts one whose payment
-        // row isn't this attempt's: an insert that landed late (a stall, a partition) must not go
-        // on to charge the fan for a hold that may be back in stock. Nothing is charged yet.
-        let deadline = rec.cexp.unwrap_or(i64::MAX);
-        if !recorded || now_ms() > deadline - self.cfg.holds.confirm_safety_margin_ms as i64 {
+        if !recorded {
+            return self
+                .attempt_already_recorded(hold, &payment.reference)
+                .await;
+        }
+        // The reconciler takes holds past their confirm deadline and ends attempts it finds
+        // unrecorded: an insert that landed late (a stall, a partition) must not go on to charge
+        // the fan for a hold that may be back in stock. Nothing is charged yet.
+        if Instant::now() >= cut_off {
             return Err(payment_pending());
         }
+        // Bounded by `gateway.timeout_ms`, below the safety margin (Config::validate): an
+        // authorization that starts before the cut-off ends before the confirm deadline, when
+        // the reconciler may look it up.
         let timeout = ms(self.cfg.gateway.timeout_ms);
         let auth = tokio::time::timeout(
             timeout,
@@ -174,10 +190,19 @@ impl Engine {
         match auth {
             Ok(()) => {}
             Err(GatewayError::Declined) => {
-                let _ = self
+                // A failed write leaves the attempt `pending`; the reconciler ends it.
+                if let Err(e) = self
                     .db
-                    .set_payment_state(hold, PaymentState::Declined)
-                    .await;
+                    .set_payment_state(
+                        hold,
+                        payment.reference.as_str(),
+                        PaymentState::Pending,
+                        PaymentState::Declined,
+                    )
+                    .await
+                {
+                    tracing::warn!(%hold, error = %e, "could not record a decline; the reconciler ends the attempt");
+                }
                 self.redis
                     .confirm_revert(hold, payment.reference.as_str())
                     .await?;
@@ -190,7 +215,7 @@ impl Engine {
         }
         // Past this point only the reconciler may settle: it takes holds past their confirm
         // deadline, and we must not commit one it may be reverting.
-        if now_ms() > deadline - self.cfg.holds.confirm_safety_margin_ms as i64 {
+        if Instant::now() >= cut_off {
             return Err(payment_pending());
         }
         self.commit_and_finish(&def, hold, &rec)
@@ -201,6 +226,27 @@ impl Engine {
                     "The payment took too long and was voided; the hold is yours until it expires.",
                 )
             })
+    }
+
+    /// The attempt `(hold, reference)` was in Postgres before this confirm recorded it: the same
+    /// reference used by an earlier attempt, or the reconciler ended this one while its insert
+    /// stalled. Either way this confirm charges nothing. An ended attempt's reference is spent
+    /// with it: the hold goes back to `held` and the fan pays again with another.
+    async fn attempt_already_recorded(
+        &self,
+        hold: &HoldId,
+        reference: &PaymentReference,
+    ) -> ConfirmResult {
+        match self.db.attempt_state(hold, reference.as_str()).await? {
+            Some(PaymentState::Declined | PaymentState::Voiding | PaymentState::Voided) => {
+                self.redis.confirm_revert(hold, reference.as_str()).await?;
+                Err(Error::msg(
+                    Code::PaymentDeclined,
+                    "The attempt with this payment ended without a sale and nothing was charged; the hold is yours until it expires: pay again.",
+                ))
+            }
+            _ => Err(payment_pending()),
+        }
     }
 
     /// Commits the order for a confirming hold (after authorization), captures, and marks it sold.
@@ -240,19 +286,20 @@ impl Engine {
         if committed == Committed::Refused {
             // Postgres' final check refused the sale: undo the payment and the hold, and rebuild
             // the drop from Postgres, since Redis disagrees with it (else every later buyer of
-            // these units would be authorized, voided and refused the same way).
+            // these units would be authorized, voided and refused the same way). The hold goes
+            // back first: a drop being rebuilt takes no script calls.
+            self.void_and_revert(def, hold, rec).await?;
             let _ = self.redis.set_meta(&def.drop_id, "recovering", "1").await;
-            self.void_and_revert(hold, &reference).await?;
             return Err(Error::msg(
                 Code::Internal,
                 "The sale was refused by the store's final check.",
             ));
         }
         let Some(order_id) = committed.order_id() else {
-            self.void_and_revert(hold, &reference).await?;
+            self.void_and_revert(def, hold, rec).await?;
             return Ok(None);
         };
-        self.capture(hold).await;
+        self.capture(hold, &reference).await;
         match self.redis.confirm_finish(hold, order_id).await {
             Ok(Finish::Sold | Finish::Already) => {}
             // The order is committed: the sale stands, and the fan hears so. Redis still says
@@ -286,16 +333,24 @@ impl Engine {
         Ok(Some((order, matches!(committed, Committed::New(_)))))
     }
 
-    /// Captures an authorized payment; a failure leaves it `authorized` for the reconciler's
+    /// Captures an authorized attempt; a failure leaves it `authorized` for the reconciler's
     /// capture round.
-    pub(super) async fn capture(&self, hold: &HoldId) {
+    pub(super) async fn capture(&self, hold: &HoldId, reference: &str) {
         let timeout = ms(self.cfg.gateway.timeout_ms);
-        match tokio::time::timeout(timeout, self.gateway.capture(hold)).await {
+        match tokio::time::timeout(timeout, self.gateway.capture(hold, reference)).await {
             Ok(Ok(())) => {
-                let _ = self
+                if let Err(e) = self
                     .db
-                    .set_payment_state(hold, PaymentState::Captured)
-                    .await;
+                    .set_payment_state(
+                        hold,
+                        reference,
+                        PaymentState::Authorized,
+                        PaymentState::Captured,
+                    )
+                    .await
+                {
+                    tracing::warn!(%hold, error = %e, "captured, but not recorded; the capture round repeats it");
+                }
             }
             Ok(Err(e)) => {
                 tracing::warn!(%hold, error = %e, "capture failed; retried by the reconciler")
@@ -304,34 +359,61 @@ impl Engine {
         }
     }
 
-    /// Voids the attempt at the gateway and reverts the hold, if that attempt is still the one
-    /// confirming it.
-    pub(super) async fn void_and_revert(&self, hold: &HoldId, reference: &str) -> Result<()> {
-        let _ =
-            tokio::time::timeout(ms(self.cfg.gateway.timeout_ms), self.gateway.void(hold)).await;
-        let _ = self.db.set_payment_state(hold, PaymentState::Voided).await;
+    /// Ends the hold's confirming attempt without a sale and gives the hold back: Postgres first
+    /// (`pending` → `voiding`, or an unrecorded attempt recorded `voided`: the arbitration with a
+    /// request committing the same attempt), then the gateway's void, then the hold back to
+    /// `held` (if that attempt is still the one confirming it). The hold goes back even if the
+    /// void fails: no order can be committed for a `voiding` attempt, and the reconciler calls
+    /// the void again until the gateway confirms it. Returns false, touching nothing, if the
+    /// attempt is authorized: its order is committed or committing, and the hold will be sold.
+    pub(super) async fn void_and_revert(
+        &self,
+        def: &DropDef,
+        hold: &HoldId,
+        rec: &HoldRecord,
+    ) -> Result<bool> {
+        let reference = rec.reference.as_deref().unwrap_or_default();
+        let (_, amount) = priced_items(def, &rec.it);
+        let found = self
+            .db
+            .void_attempt(hold, &rec.fan, self.gateway.name(), reference, amount)
+            .await?;
+        match found {
+            Voiding::Was(PaymentState::Authorized | PaymentState::Captured) => return Ok(false),
+            Voiding::Was(PaymentState::Pending | PaymentState::Voiding) => {
+                self.finish_void(hold, reference).await;
+            }
+            Voiding::Unrecorded | Voiding::Was(PaymentState::Declined | PaymentState::Voided) => {}
+        }
         self.redis.confirm_revert(hold, reference).await?;
-        Ok(())
+        Ok(true)
     }
 
-    /// The payment row belongs to another attempt than the one confirming under `reference`.
-    /// If the hold is still confirming under it, that attempt never recorded its payment (a
-    /// Postgres or process failure between confirm_begin and begin_payment) and so never reached
-    /// the gateway, which comes after: the row and the gateway's record are an earlier attempt's,
-    /// already ended, so only the hold goes back. Leaving it would keep it `confirming` for good,
-    /// its units out of stock. If the hold moved on, a newer attempt owns the row: not ours.
-    pub(super) async fn revert_unrecorded(&self, hold: &HoldId, reference: &str) -> Result<()> {
-        match self.redis.hold(hold).await? {
-            Some(now)
-                if now.st == HoldState::Confirming
-                    && now.reference.as_deref() == Some(reference) =>
+    /// Asks the gateway to void a `voiding` attempt; once it confirms, the attempt is `voided`.
+    /// A failure leaves it `voiding`, for the reconciler's next round. Says whether it is voided.
+    pub(super) async fn finish_void(&self, hold: &HoldId, reference: &str) -> bool {
+        let timeout = ms(self.cfg.gateway.timeout_ms);
+        match tokio::time::timeout(timeout, self.gateway.void(hold, reference)).await {
+            Ok(Ok(())) => match self
+                .db
+                .set_payment_state(hold, reference, PaymentState::Voiding, PaymentState::Voided)
+                .await
             {
-                tracing::info!(%hold, "reverting a confirm attempt that never recorded its payment");
-                self.redis.confirm_revert(hold, reference).await?;
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(%hold, error = %e, "voided, but not recorded; voided again next round");
+                    false
+                }
+            },
+            Ok(Err(e)) => {
+                tracing::warn!(%hold, error = %e, "void failed; retried by the reconciler");
+                false
             }
-            _ => {}
+            Err(_) => {
+                tracing::warn!(%hold, "void timed out; retried by the reconciler");
+                false
+            }
         }
-        Ok(())
     }
 
     pub(super) async fn existing_order(&self, hold: &HoldId, fan: &FanId) -> Result<Order> {

@@ -40,7 +40,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::config::{ms, Config};
-use crate::db::{ApiKey, Db, Order, OrderItem, Scope, Voiding};
+use crate::db::{ApiKey, Db, Order, OrderItem, Scope, Unsettled, Voiding};
 use crate::drops::{
     AdmissionMode, AdmissionSettings, CreateDrop, DropDef, HoldRequest, HoldRequestBody, Kind,
 };
