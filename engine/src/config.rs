@@ -149,6 +149,7 @@ impl Config {
             ("drops.lookups_per_s", u64::from(self.drops.lookups_per_s)),
             ("drops.lookup_burst", u64::from(self.drops.lookup_burst)),
             ("holds.sweep_rounds_max", self.holds.sweep_rounds_max as u64),
+            ("queue.ws_send_timeout_ms", self.queue.ws_send_timeout_ms),
         ] {
             if value == 0 {
                 return Err(crate::Error::invalid(format!(
@@ -647,6 +648,9 @@ pub const DEFAULT_WS_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// times over, and bounds what a socket that never authenticates costs (a connection slot).
 pub const DEFAULT_WS_AUTH_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_LEAVE_BATCH: usize = 1_000;
+/// A write that blocks this long means the client stopped reading.
+pub const DEFAULT_WS_SEND_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_WS_CLOSE_WAIT_MS: u64 = 2_000;
 pub const DEFAULT_PRESENCE_CHUNK: usize = 1_000;
 pub const DEFAULT_QUEUE_PER_FAN_POLL_PER_S: u32 = 2;
 pub const DEFAULT_QUEUE_PER_FAN_POLL_BURST: u32 = 10;
@@ -720,6 +724,12 @@ pub struct QueueConfig {
     /// mid-line would keep its place until TCP gave up, a quarter of an hour later.
     pub ws_ping_interval_ms: u64,
     pub ws_idle_timeout_ms: u64,
+    /// A write to a socket (a frame, a ping, a close) that blocks this long drops the socket:
+    /// its client stopped reading.
+    pub ws_send_timeout_ms: u64,
+    /// How long a close handshake may take (a refused auth, a restart's 1012) before the
+    /// connection is dropped.
+    pub ws_close_wait_ms: u64,
     /// A socket must authenticate with its first message (`{"type":"auth","fan_token":…}`)
     /// within this long, or it is closed: the fan token never travels in a URL, and a socket
     /// that says nothing holds no connection slot for longer than this.
@@ -766,6 +776,8 @@ impl Default for QueueConfig {
             presence_chunk: DEFAULT_PRESENCE_CHUNK,
             ws_ping_interval_ms: DEFAULT_WS_PING_INTERVAL_MS,
             ws_idle_timeout_ms: DEFAULT_WS_IDLE_TIMEOUT_MS,
+            ws_send_timeout_ms: DEFAULT_WS_SEND_TIMEOUT_MS,
+            ws_close_wait_ms: DEFAULT_WS_CLOSE_WAIT_MS,
             ws_auth_timeout_ms: DEFAULT_WS_AUTH_TIMEOUT_MS,
             per_fan_poll_per_s: DEFAULT_QUEUE_PER_FAN_POLL_PER_S,
             per_fan_poll_burst: DEFAULT_QUEUE_PER_FAN_POLL_BURST,
@@ -901,11 +913,12 @@ mod tests {
     #[test]
     fn limiter_and_lookup_rates_must_be_above_zero() {
         type SetToZero = fn(&mut Config);
-        let zeroes: [(&str, SetToZero); 4] = [
+        let zeroes: [(&str, SetToZero); 5] = [
             ("limits.tidy_interval_ms", |c| c.limits.tidy_interval_ms = 0),
             ("drops.lookups_per_s", |c| c.drops.lookups_per_s = 0),
             ("drops.lookup_burst", |c| c.drops.lookup_burst = 0),
             ("holds.sweep_rounds_max", |c| c.holds.sweep_rounds_max = 0),
+            ("queue.ws_send_timeout_ms", |c| c.queue.ws_send_timeout_ms = 0),
         ];
         for (name, zero) in zeroes {
             let mut cfg = Config::default();

@@ -33,12 +33,6 @@ use tokio_tungstenite::WebSocketStream;
 use crate::room::{frame, Frame, Rooms};
 use web::Body;
 
-/// A write that takes longer than this means the client stopped reading: drop it.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// After refusing a socket's auth, how long its close handshake may take: the client's own close
-/// is read before the connection drops, so the refusal isn't lost to a TCP reset.
-const REFUSAL_CLOSE_WAIT: Duration = Duration::from_secs(2);
-
 /// What a client must send first, and how: the refusals' messages quote it.
 const AUTH_FIRST: &str =
     r#"A socket's first message must be {"type":"auth","fan_token":"<fan token>"}."#;
@@ -148,7 +142,7 @@ pub async fn serve(
     metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).increment(1.0);
     match Box::pin(authenticate(&rooms, &mut ws)).await {
         Ok(fan) => wait_in_line(&rooms, ws, &drop, &fan).await,
-        Err(refused) => Box::pin(refuse(ws, refused)).await,
+        Err(refused) => Box::pin(refuse(ws, refused, cfg)).await,
     }
     metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).decrement(1.0);
     std::mem::drop(permit);
@@ -191,18 +185,21 @@ where
 }
 
 /// Tells a socket whose auth failed why (an `error` frame, unless it timed out) and closes it
-/// with 1008 (policy violation) and the code as reason, waiting briefly for the client's close.
-async fn refuse<S>(mut ws: WebSocketStream<S>, refused: Refused)
+/// with 1008 (policy violation) and the code as reason, waiting `queue.ws_close_wait_ms` for
+/// the client's close: it is read before the connection drops, so the refusal isn't lost to a
+/// TCP reset.
+async fn refuse<S>(mut ws: WebSocketStream<S>, refused: Refused, cfg: &QueueConfig)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let send_timeout = ms(cfg.ws_send_timeout_ms);
     let reason = match refused {
         Refused::Gone => return,
         Refused::Timeout => "auth_timeout",
         Refused::Frame(e) => {
             let error = json!({"type": "error", "code": e.code.name(), "message": e.message});
             let sent = ws.send(Message::Text(frame(&error)));
-            if !matches!(tokio::time::timeout(SEND_TIMEOUT, sent).await, Ok(Ok(()))) {
+            if !matches!(tokio::time::timeout(send_timeout, sent).await, Ok(Ok(()))) {
                 return;
             }
             e.code.name()
@@ -213,12 +210,12 @@ where
         reason: reason.into(),
     };
     if !matches!(
-        tokio::time::timeout(SEND_TIMEOUT, ws.close(Some(close))).await,
+        tokio::time::timeout(send_timeout, ws.close(Some(close))).await,
         Ok(Ok(()))
     ) {
         return;
     }
-    let until = tokio::time::Instant::now() + REFUSAL_CLOSE_WAIT;
+    let until = tokio::time::Instant::now() + ms(cfg.ws_close_wait_ms);
     while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, ws.next()).await {}
 }
 
@@ -250,6 +247,7 @@ where
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let idle_timeout = ms(cfg.ws_idle_timeout_ms);
+    let send_timeout = ms(cfg.ws_send_timeout_ms);
     let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -259,14 +257,14 @@ where
                     // slot; its place survives the grace if it comes back.
                     break;
                 }
-                let sent = tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::Ping(Default::default())));
+                let sent = tokio::time::timeout(send_timeout, ws.send(Message::Ping(Default::default())));
                 if !matches!(sent.await, Ok(Ok(()))) {
                     break;
                 }
             }
             msg = rx.recv() => match msg {
                 Some(m) => {
-                    if !send_soon(&mut ws, Message::Text(m)).await {
+                    if !send_soon(&mut ws, Message::Text(m), send_timeout).await {
                         break;
                     }
                 }
@@ -280,9 +278,9 @@ where
                             code: CloseCode::Restart,
                             reason: "server restarting: reconnect, your place is kept".into(),
                         };
-                        let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(close))).await;
+                        let _ = tokio::time::timeout(ms(cfg.ws_close_wait_ms), ws.close(Some(close))).await;
                     } else {
-                        let _ = tokio::time::timeout(SEND_TIMEOUT, ws.close(None)).await;
+                        let _ = tokio::time::timeout(send_timeout, ws.close(None)).await;
                     }
                     break;
                 }
@@ -298,11 +296,11 @@ where
     }
 }
 
-/// Sends one message; false when the socket failed or stayed blocked for `SEND_TIMEOUT`. The
+/// Sends one message; false when the socket failed or stayed blocked for `timeout`. The
 /// timeout's timer is armed only when the write doesn't complete at once: a tick goes to every
 /// socket together, and a timer registered and cancelled per send would cost each tick 19,000
 /// trips through the runtime's timer wheel for sends that almost never block.
-async fn send_soon<S>(ws: &mut S, msg: Message) -> bool
+async fn send_soon<S>(ws: &mut S, msg: Message, timeout: Duration) -> bool
 where
     S: futures::Sink<Message> + Unpin,
 {
@@ -311,7 +309,7 @@ where
     match futures::poll!(&mut send) {
         std::task::Poll::Ready(r) => r.is_ok(),
         std::task::Poll::Pending => {
-            matches!(tokio::time::timeout(SEND_TIMEOUT, send).await, Ok(Ok(())))
+            matches!(tokio::time::timeout(timeout, send).await, Ok(Ok(())))
         }
     }
 }
