@@ -5,16 +5,25 @@
  *   POST /v1/drops/{id}/holds, GET|DELETE /v1/holds/{id}, POST /v1/holds/{id}/confirm,
  *   GET /v1/orders/{id}, GET /v1/fans/me/holds, GET /v1/fans/me/orders.
  * Time shown to the fan comes from the server (server_now_ms), never from the phone's clock alone.
- * From the waiting room: ?admission_token=… (sent as X-Admission-Token on reserve) and the
- * admitted fan's identity as #fan_token=…&fan=… (see readLocation).
+ * The API is the page's own origin, or the one in <meta name="floodgate-api-url"> when another
+ * server serves the page: queue-server serves it as the shop of its drops (/drops/{id}/shop), on
+ * the queue page's origin, and the queue page hands over the admitted fan and their admission
+ * token in that origin's storage (fan.js). Links never switch the fan without asking: a
+ * #fan_token=… is only taken after "Continue as …?" (adoptLinked). ?admission_token=… is still
+ * read (the booking_url of the waiting room's `admitted` answers, for other front ends).
  */
 (function () {
   'use strict';
 
   // ---------------------------------------------------------------- constants
 
-  const FAN_TOKEN_KEY = 'floodgate.fan_token';
-  const FAN_NAME_KEY = 'floodgate.fan_name';
+  // From fan.js (loaded first): what both pages know about a fan.
+  const { keys, tokenSubject, takeLinkToken, askSwitch } = window.FloodgateFan;
+  const FAN_TOKEN_KEY = keys.fanToken;
+  const FAN_NAME_KEY = keys.fanName;
+  /** booking-api's URL when it isn't this page's origin ('' when it is). */
+  const API_URL = ((document.querySelector('meta[name="floodgate-api-url"]') || {}).content || '')
+    .replace(/\/+$/, '');
   const REFRESH_MS = 5000;            // live counts while no hold is active
   const POLL_DEFAULT_S = 3;           // payment confirmation polling
   const POLL_MAX = 100;               // ≈ 5 minutes of polling, then we stop and say so
@@ -225,7 +234,7 @@
       const ctrl = new AbortController();
       const timer = setTimeout(() => ctrl.abort(), REQUEST_TIMEOUT_MS);
       try {
-        res = await fetch(path, { method, headers, body, signal: ctrl.signal, cache: 'no-store' });
+        res = await fetch(API_URL + path, { method, headers, body, signal: ctrl.signal, cache: 'no-store' });
         break;
       } catch (err) {
         if (attempt >= retries) throw new NetworkError(String(err));
@@ -631,7 +640,7 @@
 
   // ---------------------------------------------------------------- reserving a hold
 
-  const admissionKey = () => `floodgate.admission_token.${state.dropId}`;
+  const admissionKey = () => keys.admission(state.dropId);
 
   /**
    * POST a hold. The Idempotency-Key is made once per attempt and kept while the answer is
@@ -1003,12 +1012,16 @@
 
   // ---------------------------------------------------------------- start
 
+  /** The drop, and the admission token in `?admission_token=`; the fan token a link carries, if any. */
   function readLocation() {
-    const m = location.pathname.match(/^\/drops\/([^/]+)\/?$/);
+    // /drops/{id} at booking-api; /drops/{id}/shop at queue-server.
+    const m = location.pathname.match(/^\/drops\/([^/]+)(?:\/shop)?\/?$/);
     if (m) {
       try { state.dropId = decodeURIComponent(m[1]); } catch (_) { state.dropId = m[1]; }
     }
-    if (!state.dropId) return;
+    // Out of the address bar whatever the page: history, bookmarks and shared screens keep it.
+    const linked = takeLinkToken();
+    if (!state.dropId) return linked;
     const params = new URLSearchParams(location.search);
     const fromUrl = params.get('admission_token');
     if (fromUrl) {
@@ -1019,23 +1032,31 @@
       history.replaceState(null, '', location.pathname + (q ? `?${q}` : '') + location.hash);
     }
     state.admissionToken = fromUrl || store.get('sessionStorage', admissionKey());
-
-    // The waiting room (queue-server, another origin) hands over the fan it admitted as
-    // #fan_token=…&fan=…: the admission token is bound to that fan, so it replaces whoever was
-    // signed in here. A fragment never reaches a server; drop it from the address bar too.
-    // The name shown is the token's own subject, never a separate parameter: a link can't
-    // sign you in as one fan while showing another's name.
-    const hand = new URLSearchParams(location.hash.slice(1));
-    const handed = hand.get('fan_token');
-    if (handed) {
-      store.set('localStorage', FAN_TOKEN_KEY, handed);
-      store.set('localStorage', FAN_NAME_KEY, tokenSubject(handed) || 'fan');
-      history.replaceState(null, '', location.pathname + location.search);
-    }
+    return linked;
   }
 
-  // From fan.js (loaded first): what both pages know about a fan token.
-  const { tokenSubject } = window.FloodgateFan;
+  /**
+   * A fan token from a link is someone else's word for who this browser is (login CSRF): unless
+   * it is the fan already signed in, ask, and store it only on "Continue as …". Declining keeps
+   * whoever was signed in. The name shown is the token's own subject, never a separate
+   * parameter: a link can't show one fan's name while signing in another.
+   */
+  async function adoptLinked(linked) {
+    if (!linked) return;
+    const next = tokenSubject(linked) || 'another fan';
+    const current = state.fanToken
+      ? (store.get('localStorage', FAN_NAME_KEY) || tokenSubject(state.fanToken) || 'fan')
+      : null;
+    if (linked === state.fanToken || (state.fanToken && next === tokenSubject(state.fanToken))) return;
+    if (!(await askSwitch(next, current))) {
+      announce(current ? `Still signed in as ${current}.` : 'Not signed in.');
+      return;
+    }
+    state.fanToken = linked;
+    store.set('localStorage', FAN_TOKEN_KEY, linked);
+    store.set('localStorage', FAN_NAME_KEY, next);
+    announce(`Signed in as ${next}.`);
+  }
 
   function wire() {
     els['signin-form'].addEventListener('submit', signIn);
@@ -1059,8 +1080,9 @@
 
   async function init() {
     wire();
-    readLocation();
+    const linked = readLocation();
     state.fanToken = store.get('localStorage', FAN_TOKEN_KEY);
+    await adoptLinked(linked);
     if (!state.dropId) {
       els['drop-name'].textContent = 'No drop here';
       showError('This address doesn\'t name a drop. Booking pages look like /drops/<drop id>.');

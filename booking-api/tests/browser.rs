@@ -360,3 +360,58 @@ async fn browser_sold_out_is_shown() {
     p.close().await;
     h.server.shutdown().await;
 }
+
+/// Login CSRF: a link someone else made (`/drops/D#fan_token=<their token>`) must never sign this
+/// browser in as them. The page asks ("Continue as …?") and stores nothing until the fan answers;
+/// declining keeps the fan who was signed in, and a reload too. Accepting is how a site with its
+/// own identity provider still hands a fan over by link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_link_with_another_fans_token_asks_before_switching() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 4, 300).await;
+    let (attacker, attacker_token) = h.fan("attacker").await;
+    let p = open_browser("crafted_link_asks_before_switching", PHONE).await;
+    let page = h.url(&format!("/drops/{drop}"));
+    p.goto(&page).await;
+    let victim = format!("victim-{:08x}", rand::random::<u32>());
+    sign_in(&p, &victim).await;
+    let victim_token = fan_token(&p).await;
+
+    // The crafted link, opened as a new page load (a hash change alone reloads nothing).
+    let crafted = format!("{page}#fan_token={attacker_token}&fan={victim}");
+    p.goto("about:blank").await;
+    p.goto(&crafted).await;
+    let asks = p
+        .wait_text("#switch:not([hidden])", "the question", |t| {
+            t.contains(&format!("Continue as {attacker}"))
+        })
+        .await;
+    assert!(asks.contains(&victim), "it names who is signed in: {asks}");
+    p.shot("asks").await;
+    assert_eq!(fan_token(&p).await, victim_token, "nothing stored yet");
+    // The token left the address bar at once.
+    let url = p
+        .wait_url("the address without the token", |u| !u.contains('#'))
+        .await;
+    assert!(!url.contains("fan_token"), "{url}");
+
+    p.click("#switch-decline").await;
+    p.wait_text("#fan-label", "the fan who was signed in", |t| t == victim)
+        .await;
+    assert_eq!(fan_token(&p).await, victim_token, "declining keeps the fan");
+    p.reload().await;
+    p.wait_text("#fan-label", "the same fan after a reload", |t| t == victim)
+        .await;
+    assert_eq!(fan_token(&p).await, victim_token);
+
+    // Asked again and accepted: the link's fan, as a deliberate choice.
+    p.goto("about:blank").await;
+    p.goto(&crafted).await;
+    p.click("#switch-accept").await;
+    p.wait_text("#fan-label", "the link's fan", |t| t == attacker)
+        .await;
+    assert_eq!(fan_token(&p).await, attacker_token);
+    p.close().await;
+    h.server.shutdown().await;
+}

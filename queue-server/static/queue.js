@@ -9,10 +9,12 @@
  *     and logs keep URLs), and when sockets keep failing, POST /v1/drops/{id}/queue then
  *     GET /v1/drops/{id}/queue/me every few seconds (the token as Authorization: Bearer).
  * The fan's identity is kept per drop in localStorage, so a reload keeps the place (joining is
- * idempotent per fan). On `admitted` the page goes to `booking_url` with the fan token in the
- * fragment (#fan_token=…&fan=…): the booking page is on another origin and can't read ours, and a
- * fragment never reaches a server or its logs. A fan token can come in the same way (from a site
- * with its own identity provider): #fan_token=…&fan=….
+ * idempotent per fan). On `admitted` the page hands the fan over to the shop, which queue-server
+ * serves from this same origin (/drops/{id}/shop, booking-api's page): it writes the fan and the
+ * admission token where the shop page reads them (fan.js's keys) and goes there. Nothing about
+ * who the fan is travels in an address, so no link can sign a browser in as someone else. A fan
+ * token can still come in a link (#fan_token=…, from a site with its own identity provider), but
+ * unless it is the fan already here the page asks "Continue as …?" before it stores anything.
  */
 (function () {
   'use strict';
@@ -210,21 +212,26 @@
     els['fan-name'].focus();
   }
 
-  // From fan.js (loaded first): what both pages know about a fan token.
-  const { tokenSubject } = window.FloodgateFan;
+  // From fan.js (loaded first): what both pages know about a fan.
+  const { keys, tokenSubject, takeLinkToken, askSwitch } = window.FloodgateFan;
 
   /**
-   * A fan token handed over in the fragment (#fan_token=…) wins over a stored one. The name shown
-   * is the token's own subject, so a link can't show one fan's name while signing in another.
+   * A fan token from a link (#fan_token=…) is someone else's word for who waits here (login
+   * CSRF): unless it is the fan already here, ask, and take it only on "Continue as …";
+   * declining keeps the fan and their place. The name shown is the token's own subject, so a
+   * link can't show one fan's name while signing in another.
    */
-  function readFragment() {
-    const p = new URLSearchParams(location.hash.slice(1));
-    const token = p.get('fan_token');
-    if (!token) return;
-    state.fan = { name: tokenSubject(token) || 'fan', token, startAhead: null };
+  async function adoptLinked(linked) {
+    if (!linked) return;
+    const next = tokenSubject(linked) || 'another fan';
+    const here = state.fan;
+    if (here && (linked === here.token || next === tokenSubject(here.token))) return;
+    if (!(await askSwitch(next, here ? here.name : null))) {
+      announce(here ? `Still in line as ${here.name}.` : 'Not signed in.');
+      return;
+    }
+    state.fan = { name: next, token: linked, startAhead: null };
     store.save();
-    // Keep the token out of the address bar, history and bookmarks; localStorage has it.
-    history.replaceState(null, '', location.pathname + location.search);
   }
 
   // ---------------------------------------------------------------- the socket
@@ -340,7 +347,7 @@
         state.line = m.type;
         break;
       case 'admitted':
-        admitted(m.booking_url);
+        admitted(m);
         return;
       case 'sold_out':
         finish('sold_out', 'Sold out. Everything has been sold, so the line has closed. Sorry!');
@@ -413,7 +420,7 @@
   /** GET /queue/me: {status, place, ahead, eta_s, paused} (+ booking_url once admitted). */
   function onPoll(me) {
     switch (me.status) {
-      case 'admitted': admitted(me.booking_url); return;
+      case 'admitted': admitted(me); return;
       case 'sold_out': case 'closed': case 'done': onMessage({ type: me.status }); return;
       case 'pre_queue':
         state.preQueue = { opensAtMs: state.opensAtMs, waiting: null };
@@ -430,20 +437,34 @@
 
   // ---------------------------------------------------------------- the end of the wait
 
-  function shopUrl(bookingUrl) {
-    const base = bookingUrl || `${state.bookingUrl}/drops/${enc(state.dropId)}`;
-    if (!state.fan) return base;
-    const hand = new URLSearchParams({ fan_token: state.fan.token, fan: state.fan.name });
-    return `${base}#${hand}`;
+  /** The shop: booking-api's page, served by queue-server on this origin. */
+  const shopUrl = () => `/drops/${enc(state.dropId)}/shop`;
+
+  /**
+   * Hands the fan (and, once admitted, their admission token) to the shop page: the same origin,
+   * so through storage, never in an address. The fan is the one this page waits as, chosen here by
+   * signing in (or by saying yes to a link): the shop takes them over whoever was signed in there.
+   */
+  function handOff(admissionToken) {
+    if (!state.fan) return;
+    try {
+      localStorage.setItem(keys.fanToken, state.fan.token);
+      localStorage.setItem(keys.fanName, state.fan.name);
+      if (admissionToken) sessionStorage.setItem(keys.admission(state.dropId), admissionToken);
+    } catch (_) { /* private mode: the shop asks the fan to sign in */ }
   }
 
-  function admitted(bookingUrl) {
-    const url = shopUrl(bookingUrl);
+  /** `admitted` (socket) or an admitted poll answer: the token, and off to the shop. */
+  function admitted(m) {
+    handOff(m.admission_token);
+    const url = shopUrl();
     finish('admitted', 'It\'s your turn! Taking you to the shop…', url);
     location.assign(url);
   }
 
   function finish(kind, text, url) {
+    // The shop link (admitted, done, no waiting room) finds the fan signed in there.
+    if (url) handOff(null);
     stopAll();
     setConn('');
     state.final = { kind, text, url };
@@ -590,7 +611,7 @@
     } catch (_) { /* keep "Waiting room" */ }
   }
 
-  function init() {
+  async function init() {
     const m = location.pathname.match(/^\/drops\/([^/]+)\/?$/);
     if (!m) {
       showError('This address doesn\'t name a drop. Waiting rooms look like /drops/<drop id>.');
@@ -601,12 +622,12 @@
     state.bookingUrl = ((meta && meta.content) || '').replace(/\/+$/, '');
     els['signin-form'].addEventListener('submit', signIn);
 
-    readFragment();
-    if (!state.fan) {
-      const saved = store.load();
-      if (saved && saved.token) state.fan = { name: saved.name || 'fan', token: saved.token, startAhead: saved.startAhead ?? null };
-    }
+    // Out of the address bar at once; taken only if the fan says so.
+    const linked = takeLinkToken();
+    const saved = store.load();
+    if (saved && saved.token) state.fan = { name: saved.name || 'fan', token: saved.token, startAhead: saved.startAhead ?? null };
     loadDrop();
+    await adoptLinked(linked);
     if (state.fan) startLine(false);
     else { els.signin.hidden = false; els['fan-name'].focus(); }
   }

@@ -1,10 +1,10 @@
 //! The fan's queue page (`GET /drops/{id}` on queue-server, static/queue.{html,js,css}) driven in
 //! a real headless Chromium at phone width, against an in-process booking-api and queue-server per
-//! test: the fan waits (paused by ops), watches the line move, is admitted, lands on booking-api's
-//! page and buys; a reload keeps the place; a sold-out drop says so; stock all in others'
-//! holds says so, and the fan gets in when it comes back. The browser harness (one
-//! browser at a time, bounded waits, screenshots `target/browser-artifacts/queue-<test>-<step>.png`)
-//! is `testkit::browser`.
+//! test: the fan waits (paused by ops), watches the line move, is admitted, lands on the shop
+//! (`/drops/{id}/shop`, the same origin) and buys; a link carrying another fan's token asks
+//! first; a reload keeps the place; a sold-out drop says so; stock all in others' holds says so,
+//! and the fan gets in when it comes back. The browser harness (one browser at a time, bounded
+//! waits, screenshots `target/browser-artifacts/queue-<test>-<step>.png`) is `testkit::browser`.
 mod common;
 
 use common::Harness;
@@ -99,10 +99,11 @@ async fn queue_page_fan_waits_is_admitted_and_buys() {
     assert!(now > 0 && now < 100, "progress {now}");
     p.shot("moving").await;
 
-    // Room for everyone: our fan is admitted and lands on booking-api's page, signed in as the
-    // same fan, with the admission token (kept out of the address bar).
+    // Room for everyone: our fan is admitted and lands on the shop (the booking page, served by
+    // queue-server from the queue page's own origin), signed in as the same fan and with the
+    // admission token, neither of which ever went into an address.
     h.set_admission(&drop, json!({"max_active": 10})).await;
-    let booking = format!("{}/drops/{drop}", h.booking.url());
+    let booking = format!("{}/drops/{drop}/shop", h.queue.url());
     p.wait_url("the booking page", |u| u == booking).await;
     p.wait_text("#drop-name", "the drop's name", |t| t == "queue test")
         .await;
@@ -256,7 +257,7 @@ async fn queue_page_shows_all_held_then_admits_when_the_stock_returns() {
         h.release(&holder, hold["hold_id"].as_str().unwrap()).await,
         204
     );
-    let booking = format!("{}/drops/{drop}", h.booking.url());
+    let booking = format!("{}/drops/{drop}/shop", h.queue.url());
     p.wait_url("the booking page", |u| u == booking).await;
     p.el("#quantity-TEE").await;
     p.shot("admitted").await;
@@ -336,10 +337,51 @@ async fn queue_page_survives_restarts_and_polls_when_sockets_fail() {
 
     // Room for our fan: the poll answers `admitted` and the page goes to the shop.
     h.set_admission(&drop, json!({"max_active": 10})).await;
-    let booking = format!("{}/drops/{drop}", h.booking.url());
+    let booking = format!("{}/drops/{drop}/shop", h.queue.url());
     p.wait_url("the booking page", |u| u == booking).await;
     p.el("#whoami:not([hidden])").await;
     p.el("#pick:not([hidden])").await;
+    p.close().await;
+    h.shutdown().await;
+}
+
+/// Login CSRF: a link someone else made (`/drops/D#fan_token=<their token>`) must never switch the
+/// fan this browser waits as. The page asks ("Continue as …?") and stores nothing until the fan
+/// answers; declining keeps the fan and their place in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_page_crafted_link_asks_before_switching_fans() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::start_for_pages().await;
+    let drop = h.queue_drop(20, 2, json!({"paused": true}), None).await;
+    let (attacker, attacker_token) = h.fan("attacker");
+    let p = open_browser("queue-crafted_link", PHONE).await;
+    let fan = join_in_browser(&p, &h, &drop, "victim").await;
+    line_state(&p, "paused").await;
+    let place = p.text("#place").await;
+    let (_, token) = stored_fan(&p, &drop).await;
+
+    let page = format!("{}/drops/{drop}", h.queue.url());
+    p.goto("about:blank").await;
+    p.goto(&format!("{page}#fan_token={attacker_token}")).await;
+    let asks = p
+        .wait_text("#switch:not([hidden])", "the question", |t| {
+            t.contains(&format!("Continue as {attacker}"))
+        })
+        .await;
+    assert!(asks.contains(&fan), "it names who waits here: {asks}");
+    p.shot("asks").await;
+    assert_eq!(stored_fan(&p, &drop).await, (fan.clone(), token.clone()));
+
+    p.click("#switch-decline").await;
+    p.wait_text("#fan-label", "the same fan", |t| t == fan)
+        .await;
+    line_state(&p, "paused").await;
+    p.wait_text("#place", "the same place", |t| t == place)
+        .await;
+    assert_eq!(stored_fan(&p, &drop).await, (fan, token));
+    // The attacker's fan never joined.
+    let (status, _) = h.me(&drop, &attacker_token).await;
+    assert_eq!(status, 404);
     p.close().await;
     h.shutdown().await;
 }
