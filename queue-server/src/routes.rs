@@ -10,7 +10,7 @@ use std::sync::Arc;
 use engine::db::Scope;
 use engine::ids::{DropId, FanId};
 use engine::drops::AdmissionMode;
-use engine::queue::{FanStatus, Proofs};
+use engine::queue::FanStatus;
 use engine::tokens::now_ms;
 use engine::{Code, Error};
 use hyper::body::Incoming;
@@ -166,18 +166,12 @@ impl App {
         Ok(resp)
     }
 
-    /// HTTP join: `{"place","ahead","status"}` (and a place receipt while waiting), idempotent.
-    /// `X-Place-Receipt` and `X-Admission-Token` bring back what the fan held if Redis lost the
-    /// line (as the socket's auth frame does).
+    /// HTTP join: `{"place","ahead","status"}`, idempotent.
     async fn join(&self, req: &Request<Incoming>, d: &str, peer: SocketAddr) -> Answer {
         self.limits.check_join(&self.client_ip(req, peer))?;
         let drop = drop_id(d)?;
         let fan = self.fan(req)?;
-        let proofs = Proofs {
-            receipt: http::header(req, "x-place-receipt"),
-            admission_token: http::header(req, "x-admission-token"),
-        };
-        let joined = self.rooms.queue.join(&drop, &fan, proofs).await?;
+        let joined = self.rooms.queue.join(&drop, &fan).await?;
         self.rooms.touch(&drop)?;
         // Before opening the place is the fan's draw, and a draw seen could be a draw shopped
         // for (join under many names, keep the best): like `/me` and the socket, show none.
@@ -190,11 +184,10 @@ impl App {
             _ => (Some(joined.place), None),
         };
         let status = if joined.new { 201 } else { 200 };
-        let mut answer = json!({"place": place, "ahead": ahead, "status": joined.status.as_str()});
-        if joined.status == FanStatus::Waiting {
-            answer["receipt"] = json!(self.rooms.queue.receipt(&drop, &fan, joined.place));
-        }
-        ok(status, answer)
+        ok(
+            status,
+            json!({"place": place, "ahead": ahead, "status": joined.status.as_str()}),
+        )
     }
 
     /// HTTP poll: `{"status","place","ahead","eta_s","paused"}`, plus the token once admitted.
@@ -248,19 +241,16 @@ impl App {
             (None, _) => "done",
         };
         let ahead = standing.ahead.filter(|_| status != "pre_queue");
-        let mut answer = json!({
-            "status": status,
-            "place": if status == "pre_queue" { None } else { Some(place) },
-            "ahead": ahead,
-            "eta_s": ahead.and_then(|a| view.eta_s(a)),
-            "paused": paused,
-        });
-        // In the line after opening: a receipt for the place (before opening the place is the
-        // fan's draw, not shown; the draw comes back by itself, it is HMAC(seed, fan)).
-        if standing.ahead.is_some() && status != "pre_queue" {
-            answer["receipt"] = json!(self.rooms.queue.receipt(&drop, &fan, place));
-        }
-        ok(200, answer)
+        ok(
+            200,
+            json!({
+                "status": status,
+                "place": if status == "pre_queue" { None } else { Some(place) },
+                "ahead": ahead,
+                "eta_s": ahead.and_then(|a| view.eta_s(a)),
+                "paused": paused,
+            }),
+        )
     }
 
     /// The commit–reveal seed: its SHA-256 always, the seed itself once the drop has opened.
