@@ -19,17 +19,18 @@ if h.st == 'confirming' then
 end
 if h.st == 'released' then return {'err', 'hold_released'} end
 if h.st == 'expired' then return {'err', 'hold_expired'} end
-local now = now_ms()
-if now >= h.exp then
-  return_to_stock(id, h, 'expired', now)
-  return {'err', 'hold_expired'}
-end
+-- Checked before anything is written: a drop being rebuilt is frozen (lib.lua `recovering`).
 local meta = redis.call('HMGET', K.meta, 'recovering', 'run_id')
 if meta[1] == '1' then return {'err', 'recovering'} end
 if meta[2] ~= server_run_id() then
   -- Redis restarted since the drop was loaded: no payment until it is rebuilt from Postgres.
   redis.call('HSET', K.meta, 'recovering', '1')
   return {'err', 'recovering'}
+end
+local now = now_ms()
+if now >= h.exp then
+  return_to_stock(id, h, 'expired', now)
+  return {'err', 'hold_expired'}
 end
 h.st = 'confirming'
 h.ref = ref

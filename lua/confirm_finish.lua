@@ -6,11 +6,14 @@
 -- Returns {"ok", "sold"} | {"ok", "already"}
 --       | {"err", "unknown_hold"} | {"err", "hold_ended", state}  (its units went back to stock:
 --         Postgres sold what Redis had released; the caller must raise the alarm)
+--       | {"err", "recovering"} (the drop is being rebuilt, lib.lua: the rebuild or, after it,
+--         the reconciler finds the order)
 local id, order_id = ARGV[1], ARGV[2]
 local h = load_hold(id)
 if not h then return {'err', 'unknown_hold'} end
 if h.st == 'sold' then return {'ok', 'already'} end
 if h.st ~= 'confirming' and h.st ~= 'held' then return {'err', 'hold_ended', h.st} end
+if recovering() then return {'err', 'recovering'} end
 local now = now_ms()
 for _, item in ipairs(h.it) do
   redis.call('HINCRBY', K.stock, 'h:' .. item.b, -item.q)

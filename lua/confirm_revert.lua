@@ -6,11 +6,12 @@
 --         new reference) is left alone
 -- Returns {"ok", "held"} | {"ok", "expired"} | {"ok", "noop", state} (not confirming under that
 --         reference: nothing to do)
---       | {"err", "unknown_hold"}
+--       | {"err", "unknown_hold"} | {"err", "recovering"} (the drop is being rebuilt: lib.lua)
 local id, ref = ARGV[1], ARGV[2]
 local h = load_hold(id)
 if not h then return {'err', 'unknown_hold'} end
 if h.st ~= 'confirming' or (h.ref or '') ~= ref then return {'ok', 'noop', h.st} end
+if recovering() then return {'err', 'recovering'} end
 local now = now_ms()
 if now >= h.exp then
   return_to_stock(id, h, 'expired', now)

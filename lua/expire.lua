@@ -1,13 +1,14 @@
 -- expire.lua — the sweeper: held holds past their deadline go back to stock, a bounded batch per
 -- call; ended holds past their keep time are purged the same way. A drop that isn't in Redis (a
--- flush, or one not loaded yet) is left alone: writing here would make a meta hash of one field.
+-- flush, or one not loaded yet) is left alone: writing here would make a meta hash of one field;
+-- so is a drop being rebuilt (lib.lua `recovering`: the rebuild expires what is due itself).
 -- While meta's next_due_ms says no hold can be due, nothing is read or written but meta.
 -- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[11]
 -- ARGV[1] most holds to expire (and to purge) in this call
 -- Returns {expired count, held holds still past their deadline (more to do when > 0)}
 local now = now_ms()
-local m = redis.call('HMGET', K.meta, 'status', 'next_due_ms')
-if not m[1] then return {0, 0} end
+local m = redis.call('HMGET', K.meta, 'status', 'next_due_ms', 'recovering')
+if not m[1] or m[3] == '1' then return {0, 0} end
 local limit = tonumber(ARGV[1])
 local expired, next_due = 0, tonumber(m[2])
 if not next_due or now >= next_due then

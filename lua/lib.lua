@@ -20,6 +20,8 @@
 --
 -- A hold is JSON: {fan, st, exp, cexp, ref, oid, u, c, it = [{b = bucket, q = qty, s = seat?}]}
 -- with st one of held | confirming | sold | released | expired.
+-- The rebuild's scripts (rebuild*.lua) take one key more, KEYS[12] {drop_id}:rebuild, named in
+-- their own headers.
 
 local K = {
   meta = KEYS[1], stock = KEYS[2], seats = KEYS[3], holds = KEYS[4], deadlines = KEYS[5],
@@ -33,6 +35,19 @@ local K = {
 -- the restart and the engine noticing it.
 local function server_run_id()
   return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+end
+
+-- A drop being rebuilt or loaded (meta recovering = "1") is frozen: the rebuild counts its stock
+-- afresh in slices, so no script may move stock, seats or holds until the last slice ends it.
+-- Scripts that would write answer `recovering` instead; answers that change nothing stand.
+local function recovering()
+  return redis.call('HGET', K.meta, 'recovering') == '1'
+end
+
+-- A rebuild or load in progress names itself with a token in meta (rebuild_token); each of its
+-- slices carries it, so a slice of a rebuild that another one has since restarted changes nothing.
+local function rebuilding(token)
+  return redis.call('HGET', K.meta, 'rebuild_token') == token
 end
 
 local function meta_num(field, default)
@@ -124,4 +139,14 @@ local function purge_ended(now, limit)
     redis.call('HDEL', K.holds, id)
     redis.call('ZREM', K.done, id)
   end
+end
+
+-- A rebuild ends a hold without giving anything back: it counts stock, seats and fans afresh.
+local function end_in_rebuild(id, h, state, now)
+  h.st = state
+  h.ended = now
+  save_hold(id, h)
+  redis.call('ZREM', K.deadlines, id)
+  redis.call('ZREM', K.confirming, id)
+  redis.call('ZADD', K.done, now + meta_num('done_ttl_ms', 3600000), id)
 end

@@ -1,16 +1,15 @@
--- load_drop.lua — a new drop's settings and whole inventory enter Redis in one step.
--- Does nothing if the drop is already loaded (creation may be retried).
+-- load_drop.lua — a new drop enters Redis: its settings in this call, its inventory (stock,
+-- layout, seats) in bounded slices after it (rebuild_fill.lua), then rebuild_finish.lua opens it.
+-- A load is a rebuild of a drop that has sold nothing and holds nothing. Until its last slice the
+-- drop is `recovering` (reserves answer 503), so a load that stopped halfway is finished by the
+-- watcher's rebuild. Does nothing if the drop is already in Redis (creation may be retried).
 -- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[11]
--- ARGV[1] JSON {meta = {field = value}, buckets = [[bucket, total]], seats = [seat id],
---               layout = {section = [[row, seats]]}}
+-- ARGV[1] the load's token: every later slice names it (lib.lua `rebuilding`)
+-- ARGV[2] JSON {field = value}: the drop's meta fields
 -- Returns {"ok", "loaded"} | {"ok", "exists"}
 if redis.call('EXISTS', K.meta) == 1 then return {'ok', 'exists'} end
-local d = cjson.decode(ARGV[1])
-for field, value in pairs(d.meta) do redis.call('HSET', K.meta, field, tostring(value)) end
-for _, b in ipairs(d.buckets) do
-  redis.call('HSET', K.stock, 'a:' .. b[1], b[2], 'h:' .. b[1], 0, 's:' .. b[1], 0, 't:' .. b[1], b[2])
+for field, value in pairs(cjson.decode(ARGV[2])) do
+  redis.call('HSET', K.meta, field, tostring(value))
 end
-for _, seat in ipairs(d.seats) do redis.call('HSET', K.seats, seat, '-') end
-for section, rows in pairs(d.layout) do redis.call('HSET', K.layout, section, cjson.encode(rows)) end
-redis.call('HSET', K.meta, 'run_id', server_run_id())
+redis.call('HSET', K.meta, 'recovering', '1', 'rebuild_token', ARGV[1])
 return {'ok', 'loaded'}

@@ -774,6 +774,54 @@ impl Db {
         Ok(state)
     }
 
+    /// Opens the snapshot a sliced rebuild reads Postgres through ([`RecoverySnapshot`]).
+    pub async fn recovery_snapshot(&self, drop: &DropId) -> Result<RecoverySnapshot> {
+        let client = self.client().await?;
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let mut snap = RecoverySnapshot {
+            client: Some(client),
+            drop: drop.to_string(),
+            sold: HashMap::new(),
+            sold_seats: std::collections::HashSet::new(),
+            bought: Vec::new(),
+        };
+        let c = snap.client()?;
+        let d = drop.as_str();
+        let mut sold = HashMap::new();
+        for r in c
+            .query(
+                "SELECT bucket, sold::bigint FROM inventory WHERE drop_id = $1",
+                &[&d],
+            )
+            .await?
+        {
+            sold.insert(r.get(0), r.get(1));
+        }
+        let mut sold_seats = std::collections::HashSet::new();
+        for r in c
+            .query(
+                "SELECT seat_id FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL",
+                &[&d],
+            )
+            .await?
+        {
+            sold_seats.insert(r.get(0));
+        }
+        let bought = c
+            .query(
+                "SELECT fan_id, units::bigint FROM fan_purchases WHERE drop_id = $1",
+                &[&d],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        (snap.sold, snap.sold_seats, snap.bought) = (sold, sold_seats, bought);
+        Ok(snap)
+    }
+
     pub async fn record_rebuild(&self, drop: &DropId, note: &str) -> Result<()> {
         self.client()
             .await?
@@ -789,6 +837,64 @@ impl Db {
 
 fn parse_state(state: &str) -> Result<PaymentState> {
     PaymentState::parse(state).ok_or_else(|| Error::internal(format!("payments.state `{state}`")))
+}
+
+/// Postgres' view of one drop for a sliced rebuild: what was sold (units per bucket, seats, units
+/// per fan), read at the start of one repeatable-read, read-only transaction that stays open while
+/// the rebuild asks, a slice of holds at a time, which have orders. So a commit landing during the
+/// rebuild is in all of it or in none, however many slices it takes.
+pub struct RecoverySnapshot {
+    /// `None` once finished. Dropped unfinished (an error mid-rebuild), the connection is taken
+    /// out of the pool, so a transaction left open never goes back into it.
+    client: Option<deadpool_postgres::Object>,
+    drop: String,
+    pub sold: HashMap<String, i64>,
+    pub sold_seats: std::collections::HashSet<String>,
+    pub bought: Vec<(String, i64)>,
+}
+
+impl RecoverySnapshot {
+    fn client(&self) -> Result<&deadpool_postgres::Object> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| Error::internal("the recovery snapshot was already finished"))
+    }
+
+    /// Which of `holds` have an order: hold id → order id.
+    pub async fn orders(&self, holds: &[String]) -> Result<HashMap<String, String>> {
+        Ok(self
+            .client()?
+            .query(
+                "SELECT hold_id, order_id::text FROM orders WHERE drop_id = $1 AND hold_id = ANY($2)",
+                &[&self.drop, &holds],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    /// Ends the snapshot's transaction; the connection goes back to the pool.
+    pub async fn finish(mut self) -> Result<()> {
+        if let Some(client) = self.client.take() {
+            match client.batch_execute("COMMIT").await {
+                Ok(()) => drop(client),
+                Err(e) => {
+                    drop(deadpool_postgres::Object::take(client));
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RecoverySnapshot {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
 }
 
 /// Whether a Postgres error is a constraint refusing a sale (not a fault to retry).

@@ -28,6 +28,21 @@ pub const HOLD_KEYS: [&str; 11] = [
     "active",
 ];
 
+/// The rebuild's scratch zset (live hold id → created ms), the rebuild scripts' `KEYS[12]`
+/// (lua/rebuild.lua).
+pub const REBUILD_KEY: &str = "rebuild";
+
+/// The rebuild scripts that take [`REBUILD_KEY`] after the hold keys, as their headers say.
+pub const REBUILD_SCRIPTS: [(&str, &str); 4] = [
+    ("rebuild", include_str!("../../lua/rebuild.lua")),
+    ("rebuild_sort", include_str!("../../lua/rebuild_sort.lua")),
+    ("rebuild_keep", include_str!("../../lua/rebuild_keep.lua")),
+    (
+        "rebuild_finish",
+        include_str!("../../lua/rebuild_finish.lua"),
+    ),
+];
+
 /// lua/join.lua's KEYS, in order.
 pub const JOIN_KEYS: [&str; 7] = [
     "meta",
@@ -51,6 +66,7 @@ pub const ADMIT_KEYS: [&str; 11] = [
     "watermark",
     "places",
     "seen",
+    "sessions",
 ];
 
 /// The keys of one drop, in the order every hold script takes them.
@@ -66,7 +82,6 @@ impl DropKeys {
         }
     }
 
-    "sessions",
     fn get(&self, name: &str) -> &str {
         let i = HOLD_KEYS
             .iter()
@@ -112,6 +127,13 @@ impl DropKeys {
     pub fn all(&self) -> Vec<String> {
         self.keys.clone()
     }
+
+    /// The rebuild scripts' keys: all of them and the scratch zset, `KEYS[1]..KEYS[12]`.
+    pub fn rebuild(drop: &DropId) -> Vec<String> {
+        let mut keys = DropKeys::new(drop).all();
+        keys.push(drop_key(drop, REBUILD_KEY));
+        keys
+    }
 }
 
 /// The waiting room's keys of one drop.
@@ -128,6 +150,8 @@ pub struct QueueKeys {
     pub bucket: String,
     pub watermark: String,
     pub seen: String,
+    /// Admitted fan → "<shop end ms>:<hard end ms>" (lua/admit.lua).
+    pub sessions: String,
 }
 
 impl QueueKeys {
@@ -145,13 +169,12 @@ impl QueueKeys {
             bucket: k("bucket"),
             watermark: k("watermark"),
             seen: k("seen"),
+            sessions: k("sessions"),
         }
     }
 
     fn named(&self, name: &str) -> String {
         match name {
-    /// Admitted fan → "<shop end ms>:<hard end ms>" (lua/admit.lua).
-    pub sessions: String,
             "meta" => &self.meta,
             "admission" => &self.admission,
             "stock" => &self.stock,
@@ -163,17 +186,18 @@ impl QueueKeys {
             "bucket" => &self.bucket,
             "watermark" => &self.watermark,
             "seen" => &self.seen,
+            "sessions" => &self.sessions,
             // JOIN_KEYS and ADMIT_KEYS name only the fields above (the test below checks it).
             other => unreachable!("no queue key {other}"),
         }
         .clone()
     }
 
-            sessions: k("sessions"),
     /// lua/join.lua's KEYS.
     pub fn join(&self) -> Vec<String> {
         JOIN_KEYS.iter().map(|k| self.named(k)).collect()
     }
+
 
     /// lua/admit.lua's KEYS.
     pub fn admit(&self) -> Vec<String> {
@@ -186,7 +210,6 @@ mod tests {
     use super::*;
 
     /// The names after `{drop_id}:` in a script header's `-- KEYS[i] {drop_id}:name` lines.
-            "sessions" => &self.sessions,
     fn header_keys(lua: &str) -> Vec<String> {
         lua.lines()
             .filter_map(|l| l.strip_prefix("-- KEYS["))
@@ -242,6 +265,22 @@ mod tests {
     }
 
     #[test]
+    fn rebuild_scripts_name_the_scratch_key_after_the_hold_keys() {
+        for (name, lua) in REBUILD_SCRIPTS {
+            let header = header_keys(lua);
+            assert_eq!(header, [REBUILD_KEY], "{name}.lua's KEYS[12]");
+            assert!(
+                lua.contains(&format!("-- KEYS[12] {{drop_id}}:{REBUILD_KEY} ")),
+                "{name}.lua names its KEYS[12]"
+            );
+        }
+        let drop = DropId::generate();
+        let keys = DropKeys::rebuild(&drop);
+        assert_eq!(keys[..HOLD_KEYS.len()], DropKeys::new(&drop).all()[..]);
+        assert_eq!(keys[HOLD_KEYS.len()], drop_key(&drop, REBUILD_KEY));
+    }
+
+    #[test]
     fn every_key_carries_the_drop_hash_tag() {
         let drop = DropId::generate();
         let fan = FanId::parse("fan-1").expect("a fan id");
@@ -250,6 +289,7 @@ mod tests {
         all.extend(QueueKeys::new(&drop).admit());
         all.extend(QueueKeys::new(&drop).join());
         all.push(DropKeys::admission(&drop));
+        all.extend(DropKeys::rebuild(&drop));
         all.push(DropKeys::idem(&drop, &fan, "k"));
         for key in all {
             assert!(key.contains(&tag), "{key} lacks the hash tag {tag}");

@@ -23,7 +23,7 @@ const LIB: &str = include_str!("../../lua/lib.lua");
 
 /// Every script: its name (its file in `lua/`), its source, and whether it takes `lib.lua` (the
 /// hold scripts do; the waiting room's `join` and `admit` take only the clock).
-const SOURCES: [(&str, &str, bool); 10] = [
+const SOURCES: [(&str, &str, bool); 14] = [
     ("reserve", include_str!("../../lua/reserve.lua"), true),
     ("release", include_str!("../../lua/release.lua"), true),
     ("expire", include_str!("../../lua/expire.lua"), true),
@@ -44,6 +44,26 @@ const SOURCES: [(&str, &str, bool); 10] = [
     ),
     ("load_drop", include_str!("../../lua/load_drop.lua"), true),
     ("rebuild", include_str!("../../lua/rebuild.lua"), true),
+    (
+        "rebuild_fill",
+        include_str!("../../lua/rebuild_fill.lua"),
+        true,
+    ),
+    (
+        "rebuild_sort",
+        include_str!("../../lua/rebuild_sort.lua"),
+        true,
+    ),
+    (
+        "rebuild_keep",
+        include_str!("../../lua/rebuild_keep.lua"),
+        true,
+    ),
+    (
+        "rebuild_finish",
+        include_str!("../../lua/rebuild_finish.lua"),
+        true,
+    ),
     ("join", include_str!("../../lua/join.lua"), false),
     ("admit", include_str!("../../lua/admit.lua"), false),
 ];
@@ -121,6 +141,17 @@ pub enum ReserveArgs<'a> {
     Best { section: &'a str, quantity: u32 },
 }
 
+impl ReserveArgs<'_> {
+    /// lua/reserve.lua's ARGV[4].
+    fn kind(&self) -> &'static str {
+        match self {
+            ReserveArgs::Items(_) => "items",
+            ReserveArgs::Seats(_) => "seats",
+            ReserveArgs::Best { .. } => "best",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum ConfirmBegin {
     Began(HoldRecord),
@@ -141,17 +172,6 @@ pub enum Finish {
 pub enum Revert {
     Held,
     Expired,
-impl ReserveArgs<'_> {
-    /// lua/reserve.lua's ARGV[4].
-    fn kind(&self) -> &'static str {
-        match self {
-            ReserveArgs::Items(_) => "items",
-            ReserveArgs::Seats(_) => "seats",
-            ReserveArgs::Best { .. } => "best",
-        }
-    }
-}
-
     NotConfirming,
     Unknown,
 }
@@ -183,6 +203,10 @@ pub(crate) struct Scripts {
     confirm_revert: Script,
     load_drop: Script,
     rebuild: Script,
+    rebuild_fill: Script,
+    rebuild_sort: Script,
+    rebuild_keep: Script,
+    rebuild_finish: Script,
     pub(crate) join: Script,
     pub(crate) admit: Script,
 }
@@ -196,7 +220,7 @@ impl Scripts {
             let lib = if *with_lib { LIB } else { "" };
             Script::from_lua(format!("{clock}\n{lib}\n{body}"))
         });
-        // SOURCES has exactly these ten, in this order.
+        // SOURCES has exactly these fourteen, in this order.
         let mut next = || built.next().expect("one script per SOURCES entry");
         Scripts {
             reserve: next(),
@@ -207,12 +231,16 @@ impl Scripts {
             confirm_revert: next(),
             load_drop: next(),
             rebuild: next(),
+            rebuild_fill: next(),
+            rebuild_sort: next(),
+            rebuild_keep: next(),
+            rebuild_finish: next(),
             join: next(),
             admit: next(),
         }
     }
 
-    fn all(&self) -> [&Script; 10] {
+    fn all(&self) -> [&Script; 14] {
         [
             &self.reserve,
             &self.release,
@@ -222,6 +250,10 @@ impl Scripts {
             &self.confirm_revert,
             &self.load_drop,
             &self.rebuild,
+            &self.rebuild_fill,
+            &self.rebuild_sort,
+            &self.rebuild_keep,
+            &self.rebuild_finish,
             &self.join,
             &self.admit,
         ]
@@ -357,26 +389,97 @@ impl Redis {
 
     // ---- scripts ------------------------------------------------------------------------------
 
-    pub async fn load_drop(&self, drop: &DropId, payload: &serde_json::Value) -> Result<bool> {
+    /// Loads a new drop (lua/load_drop.lua), its inventory in slices of at most `slice` entries
+    /// per script call; false (and nothing written) if the drop is already in Redis. Until the
+    /// last slice the drop answers `recovering`; a load that stops halfway is finished by the
+    /// watcher's rebuild.
+    pub async fn load_drop(
+        &self,
+        drop: &DropId,
+        image: &DropImage,
+        slice: usize,
+    ) -> Result<(bool, RebuildReport)> {
+        let mut run = SlicedRun::new(self, drop, slice);
         let reply = self
             .run(
                 &self.scripts.load_drop,
                 DropKeys::new(drop).all(),
-                vec![payload.to_string()],
+                vec![run.token.clone(), image.meta.to_string()],
             )
             .await?;
-        Ok(text(reply.get(1)) == "loaded")
+        run.counted(0);
+        if text(reply.get(1)) != "loaded" {
+            return Ok((false, run.report));
+        }
+        run.fill_all(image).await?;
+        run.finish().await?;
+        Ok((true, run.report))
     }
 
-    pub async fn rebuild(&self, drop: &DropId, payload: &serde_json::Value) -> Result<(i64, i64)> {
-        let reply = self
-            .run(
-                &self.scripts.rebuild,
-                DropKeys::new(drop).all(),
-                vec![payload.to_string()],
+    /// Starts rebuilding a drop from what Postgres says it is (lua/rebuild.lua describes the
+    /// steps), in script calls of at most `slice` entries each: meta, stock, layout, seats and
+    /// per-fan units. The caller then feeds it the drop's holds a slice at a time
+    /// ([`Rebuild::next_holds`], [`Rebuild::sort`]) and ends it ([`Rebuild::finish`]). The drop
+    /// answers `recovering` until then. Any step fails with `recovering` if another rebuild of
+    /// the drop began meanwhile.
+    pub async fn begin_rebuild(
+        &self,
+        drop: &DropId,
+        image: &DropImage,
+        slice: usize,
+    ) -> Result<Rebuild<'_>> {
+        let mut run = SlicedRun::new(self, drop, slice);
+        run.call(
+            &self.scripts.rebuild,
+            vec![run.token.clone(), image.meta.to_string()],
+        )
+        .await?;
+        run.counted(0);
+        run.fill_all(image).await?;
+        Ok(Rebuild {
+            run,
+            holds: DropKeys::new(drop),
+            cursor: Some("0".to_owned()),
+            found: Vec::new(),
+        })
+    }
+
+    /// One HSCAN step over a drop's holds: the next cursor ("0" when the walk is done) and the
+    /// fields it returned (about `count`; Redis may return more, or a small hash whole).
+    async fn hscan_fields(
+        &self,
+        keys: &DropKeys,
+        cursor: &str,
+        count: usize,
+    ) -> Result<(String, Vec<String>)> {
+        let reply: Value = self
+            .client()
+            .custom(
+                fred::types::CustomCommand::new_static(
+                    "HSCAN",
+                    fred::types::ClusterHash::FirstKey,
+                    false,
+                ),
+                vec![
+                    keys.holds().to_owned(),
+                    cursor.to_owned(),
+                    "COUNT".to_owned(),
+                    count.to_string(),
+                ],
             )
             .await?;
-        Ok((int(reply.get(1)), int(reply.get(2))))
+        let parts = reply.into_array();
+        let next = text(parts.first());
+        let fields = parts
+            .get(1)
+            .cloned()
+            .map(Value::into_array)
+            .unwrap_or_default()
+            .iter()
+            .step_by(2)
+            .map(|v| text(Some(v)))
+            .collect();
+        Ok((next, fields))
     }
 
     pub async fn reserve(
@@ -386,11 +489,18 @@ impl Redis {
         idempotency_key: &str,
         body_sha256: &str,
         hold_id: &HoldId,
+        session: Option<SessionEnds>,
         args: ReserveArgs<'_>,
     ) -> Result<(Reserved, bool)> {
         let mut keys = DropKeys::new(drop).all();
         keys.push(DropKeys::idem(drop, fan, idempotency_key));
         let mut argv = vec![fan.to_string(), hold_id.to_string(), body_sha256.to_owned()];
+        argv.push(args.kind().into());
+        let (shop_end, hard_end) = session.map_or((String::new(), String::new()), |s| {
+            (s.shop_end_ms.to_string(), s.hard_end_ms.to_string())
+        });
+        argv.push(shop_end);
+        argv.push(hard_end);
         match args {
             ReserveArgs::Items(items) => {
                 for (sku, q) in items {
@@ -480,24 +590,18 @@ impl Redis {
                 ("ok", "sold") => Finish::Sold,
                 ("ok", _) => Finish::Already,
                 (_, "hold_ended") => Finish::Ended,
+                (_, "recovering") => return Err(recovering_error()),
                 _ => Finish::Unknown,
             },
         )
     }
 
     /// Reverts the attempt made under `reference`; a newer attempt is left alone.
-        session: Option<SessionEnds>,
     pub async fn confirm_revert(&self, hold: &HoldId, reference: &str) -> Result<Revert> {
         let reply = self
             .run(
                 &self.scripts.confirm_revert,
                 DropKeys::new(&hold.drop_id()).all(),
-        argv.push(args.kind().into());
-        let (shop_end, hard_end) = session.map_or((String::new(), String::new()), |s| {
-            (s.shop_end_ms.to_string(), s.hard_end_ms.to_string())
-        });
-        argv.push(shop_end);
-        argv.push(hard_end);
                 vec![hold.to_string(), reference.to_owned()],
             )
             .await?;
@@ -506,6 +610,7 @@ impl Redis {
                 ("ok", "held") => Revert::Held,
                 ("ok", "expired") => Revert::Expired,
                 ("ok", _) => Revert::NotConfirming,
+                (_, "recovering") => return Err(recovering_error()),
                 _ => Revert::Unknown,
             },
         )
@@ -610,11 +715,6 @@ impl Redis {
         Ok(self.client().hgetall(DropKeys::new(drop).seats()).await?)
     }
 
-    /// Ids of every hold the drop's holds hash still has.
-    pub async fn hold_ids(&self, drop: &DropId) -> Result<Vec<String>> {
-        Ok(self.client().hkeys(DropKeys::new(drop).holds()).await?)
-    }
-
     /// Redis' clock (`TIME`) as the node holding `drop` reads it: the clock every script of the
     /// drop reads, and so the one its deadlines are compared on.
     pub async fn time_ms(&self, drop: &DropId) -> Result<i64> {
@@ -656,6 +756,201 @@ impl Redis {
     pub async fn admission(&self, drop: &DropId) -> Result<HashMap<String, String>> {
         Ok(self.client().hgetall(DropKeys::admission(drop)).await?)
     }
+}
+
+/// What Postgres says a drop is, for loading it into Redis or rebuilding it there.
+#[derive(Debug, Clone, Default)]
+pub struct DropImage {
+    /// The drop's meta fields (lua/lib.lua's KEYS[1]).
+    pub meta: serde_json::Value,
+    /// (bucket, total, sold): a SKU or a section.
+    pub buckets: Vec<(String, i64, i64)>,
+    /// (section, JSON `[[row, seats], ...]`, front row first).
+    pub layout: Vec<(String, String)>,
+    /// (seat id, sold) for every seat of the map.
+    pub seats: Vec<(String, bool)>,
+    /// (fan, units bought).
+    pub bought: Vec<(String, i64)>,
+}
+
+/// What a sliced rebuild (or load) did: live holds kept and holds ended, and its script calls
+/// with the most entries one of them handled, as the scripts themselves counted them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub kept: i64,
+    pub ended: i64,
+    pub calls: u64,
+    pub max_entries_per_call: u64,
+}
+
+/// A rebuild in progress ([`Redis::begin_rebuild`]).
+pub struct Rebuild<'a> {
+    run: SlicedRun<'a>,
+    holds: DropKeys,
+    /// The HSCAN cursor of the walk over the holds hash; `None` once it is done.
+    cursor: Option<String>,
+    /// Hold ids the last HSCAN returned beyond a slice, for the next ones.
+    found: Vec<String>,
+}
+
+impl Rebuild<'_> {
+    /// What this rebuild did so far.
+    pub fn report(&self) -> RebuildReport {
+        self.run.report
+    }
+
+    /// The next slice (at most `slice`) of the drop's hold ids, from a walk of its holds hash
+    /// with HSCAN (never HKEYS: one call over 300,000 fields blocks Redis); `None` once every
+    /// hold was returned. The drop is frozen meanwhile (lua/lib.lua `recovering`), so the walk
+    /// sees every hold; one returned twice is sorted the same twice.
+    pub async fn next_holds(&mut self) -> Result<Option<Vec<String>>> {
+        while self.found.is_empty() {
+            let Some(cursor) = self.cursor.take() else {
+                return Ok(None);
+            };
+            let (next, ids) = self
+                .run
+                .redis
+                .hscan_fields(&self.holds, &cursor, self.run.slice)
+                .await?;
+            self.found = ids;
+            self.cursor = (next != "0").then_some(next);
+        }
+        let rest = self.found.split_off(self.found.len().min(self.run.slice));
+        Ok(Some(std::mem::replace(&mut self.found, rest)))
+    }
+
+    /// Sorts a slice of holds (lua/rebuild_sort.lua); `orders` maps those with an order in
+    /// Postgres to its id.
+    pub async fn sort(&mut self, ids: &[String], orders: &HashMap<String, String>) -> Result<()> {
+        for ids in ids.chunks(self.run.slice) {
+            let mut argv = vec![self.run.token.clone()];
+            for id in ids {
+                argv.push(id.clone());
+                argv.push(orders.get(id).cloned().unwrap_or_default());
+            }
+            let reply = self
+                .run
+                .call(&self.run.redis.scripts.rebuild_sort, argv)
+                .await?;
+            self.run.counted(int(reply.get(1)));
+            self.run.report.ended += int(reply.get(2));
+        }
+        Ok(())
+    }
+
+    /// Keeps or ends the live holds, oldest first, a slice at a time (lua/rebuild_keep.lua),
+    /// then takes the drop out of `recovering` (lua/rebuild_finish.lua).
+    pub async fn finish(mut self) -> Result<RebuildReport> {
+        loop {
+            let argv = vec![self.run.token.clone(), self.run.slice.to_string()];
+            let reply = self
+                .run
+                .call(&self.run.redis.scripts.rebuild_keep, argv)
+                .await?;
+            self.run.counted(int(reply.get(1)));
+            self.run.report.kept += int(reply.get(2));
+            self.run.report.ended += int(reply.get(3));
+            if int(reply.get(4)) == 0 {
+                break;
+            }
+        }
+        self.run.finish().await?;
+        Ok(self.run.report)
+    }
+}
+
+/// One rebuild or load in progress: its token, its slice and what it did so far.
+struct SlicedRun<'a> {
+    redis: &'a Redis,
+    keys: Vec<String>,
+    token: String,
+    slice: usize,
+    report: RebuildReport,
+}
+
+impl<'a> SlicedRun<'a> {
+    fn new(redis: &'a Redis, drop: &DropId, slice: usize) -> SlicedRun<'a> {
+        SlicedRun {
+            redis,
+            keys: DropKeys::rebuild(drop),
+            token: hex::encode(rand::random::<[u8; 16]>()),
+            slice: slice.max(1),
+            report: RebuildReport::default(),
+        }
+    }
+
+    /// A script call of this run; `superseded` (another rebuild began since) fails it.
+    async fn call(&self, script: &Script, argv: Vec<String>) -> Result<Reply> {
+        let reply = self.redis.run(script, self.keys.clone(), argv).await?;
+        if text(reply.first()) == "err" {
+            let why = text(reply.get(1));
+            return Err(Error::msg(
+                Code::Recovering,
+                format!(
+                    "The drop's rebuild stopped ({why}): another one took over; retry shortly."
+                ),
+            )
+            .retry_after(Duration::from_secs(1)));
+        }
+        Ok(reply)
+    }
+
+    /// Counts one script call that handled `entries` entries.
+    fn counted(&mut self, entries: i64) {
+        self.report.calls += 1;
+        self.report.max_entries_per_call = self.report.max_entries_per_call.max(entries as u64);
+    }
+
+    /// Writes `entries` (each a run of strings) into what `what` names, a slice at a time.
+    async fn fill(&mut self, what: &str, entries: Vec<Vec<String>>) -> Result<()> {
+        for chunk in entries.chunks(self.slice) {
+            let mut argv = vec![self.token.clone(), what.to_owned()];
+            argv.extend(chunk.iter().flatten().cloned());
+            let reply = self.call(&self.redis.scripts.rebuild_fill, argv).await?;
+            self.counted(int(reply.get(1)));
+        }
+        Ok(())
+    }
+
+    async fn fill_all(&mut self, image: &DropImage) -> Result<()> {
+        let stock = image
+            .buckets
+            .iter()
+            .map(|(b, total, sold)| vec![b.clone(), total.to_string(), sold.to_string()])
+            .collect();
+        self.fill("stock", stock).await?;
+        let layout = image
+            .layout
+            .iter()
+            .map(|(section, rows)| vec![section.clone(), rows.clone()])
+            .collect();
+        self.fill("layout", layout).await?;
+        let seats = image
+            .seats
+            .iter()
+            .map(|(seat, sold)| vec![seat.clone(), if *sold { "#" } else { "-" }.to_owned()])
+            .collect();
+        self.fill("seats", seats).await?;
+        let fans = image
+            .bought
+            .iter()
+            .map(|(fan, units)| vec![fan.clone(), units.to_string()])
+            .collect();
+        self.fill("fans", fans).await
+    }
+
+    async fn finish(&mut self) -> Result<()> {
+        let argv = vec![self.token.clone()];
+        self.call(&self.redis.scripts.rebuild_finish, argv).await?;
+        self.counted(0);
+        Ok(())
+    }
+}
+
+/// A script refused to write to a drop being rebuilt (lua/lib.lua `recovering`).
+fn recovering_error() -> Error {
+    Error::new(Code::Recovering).retry_after(Duration::from_secs(1))
 }
 
 fn script_error(code: &str) -> Error {

@@ -308,8 +308,10 @@ impl Engine {
     /// A drop missing from Redis, left `recovering`, or loaded in an earlier Redis run (a restart
     /// or failover may have lost its last writes) → that drop recovers. Comparing each drop's
     /// stamped run id, rather than remembering the last one seen, also catches a restart that
-    /// happened while this process was down.
-    pub(super) async fn watch_redis(&self) {
+    /// happened while this process was down. Recoveries run as tasks of their own, up to
+    /// `recovery.concurrent_drops` at once, so a huge drop's rebuild keeps neither the small
+    /// drops' nor a later round's waiting.
+    pub(super) async fn watch_redis(self: &Arc<Self>) {
         let Ok(run_id) = self.redis.run_id().await else {
             return;
         };
@@ -319,11 +321,30 @@ impl Engine {
                 Ok(None) => true,
                 Err(_) => return,
             };
-            if needs {
-                if let Err(e) = self.recover(&drop).await {
-                    tracing::warn!(%drop, error = %e, "recovery failed; retrying next round");
-                }
+            if !needs {
+                continue;
             }
+            {
+                let mut r = lock(&self.recovering);
+                if r.contains_key(&drop) {
+                    continue;
+                }
+                if r.len() >= self.cfg.recovery.concurrent_drops {
+                    // The rest wait for a later round.
+                    return;
+                }
+                r.insert(drop.clone(), Instant::now());
+            }
+            let e = self.clone();
+            tokio::spawn(async move {
+                let _claim = Claimed {
+                    engine: &e,
+                    drop: drop.clone(),
+                };
+                if let Err(err) = e.recover_claimed(&drop).await {
+                    tracing::warn!(%drop, error = %err, "recovery failed; retrying next round");
+                }
+            });
         }
     }
 
@@ -333,17 +354,39 @@ impl Engine {
     }
 
     /// Recovery (and the rebuild command): make the drop's Redis state agree with Postgres.
-    /// Reserves and confirms answer 503 `recovering` until it is done.
+    /// Reserves and confirms answer 503 `recovering` until it is done. If this process is already
+    /// recovering the drop, returns at once with nothing kept or ended.
     pub async fn recover(&self, drop: &DropId) -> Result<(i64, i64)> {
         {
             let mut r = lock(&self.recovering);
-            if r.get(drop)
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
-            {
+            if r.contains_key(drop) {
                 return Ok((0, 0));
             }
             r.insert(drop.clone(), Instant::now());
         }
+        let _claim = Claimed {
+            engine: self,
+            drop: drop.clone(),
+        };
+        self.recover_claimed(drop).await
+    }
+
+    /// What recovery has done in this process so far: rebuilds' live holds kept and holds
+    /// ended, script calls, and the most entries one call handled (at most `recovery.slice`).
+    pub fn recovery_stats(&self) -> RebuildReport {
+        *lock(&self.recovery_stats)
+    }
+
+    pub(super) fn count_slices(&self, report: &RebuildReport) {
+        let mut s = lock(&self.recovery_stats);
+        s.kept += report.kept;
+        s.ended += report.ended;
+        s.calls += report.calls;
+        s.max_entries_per_call = s.max_entries_per_call.max(report.max_entries_per_call);
+    }
+
+    /// Recovery of a drop this process has claimed in `recovering`.
+    async fn recover_claimed(&self, drop: &DropId) -> Result<(i64, i64)> {
         let mut result = self.recover_inner(drop).await;
         // An order committed meanwhile for a hold Redis had lost is in neither the rebuild nor
         // Redis: Postgres' sold counts moved during the rebuild → rebuild again.
@@ -353,7 +396,6 @@ impl Engine {
                 _ => break,
             }
         }
-        lock(&self.recovering).remove(drop);
         let (kept, ended, settled) = result?;
         if !settled {
             // Still moving: leave it `recovering`, the watcher comes back to it.
@@ -362,7 +404,8 @@ impl Engine {
         Ok((kept, ended))
     }
 
-    /// One rebuild; the bool says whether Postgres' sold counts stayed as read while it ran.
+    /// One rebuild, in slices of `recovery.slice` entries (lua/rebuild.lua); the bool says
+    /// whether Postgres' sold counts stayed as read while it ran.
     pub(super) async fn recover_inner(&self, drop: &DropId) -> Result<(i64, i64, bool)> {
         self.redis.set_meta(drop, "recovering", "1").await?;
         let (def, status) = self
@@ -370,25 +413,34 @@ impl Engine {
             .drop_def(drop)
             .await?
             .ok_or_else(|| Error::new(Code::UnknownDrop))?;
-        let holds = self.redis.hold_ids(drop).await?;
-        let sold = self.db.sold_state(drop, &holds).await?;
-        let mut payload = self.redis_payload(&def, &status);
-        payload["meta"]["recovering"] = json!("1");
-        payload["buckets"] = json!(def
-            .buckets
-            .iter()
-            .map(|b| json!([b.id, b.total, sold.sold.get(&b.id).copied().unwrap_or(0)]))
-            .collect::<Vec<_>>());
-        payload["sold_seats"] = json!(sold.sold_seats);
-        // Maps, even empty, serialize as JSON objects, which is what rebuild.lua indexes.
-        payload["bought"] = json!(sold.bought);
-        payload["orders"] = json!(sold.orders);
+        let snapshot = self.db.recovery_snapshot(drop).await?;
+        let mut image = self.drop_image(&def, &status);
+        image.meta["recovering"] = json!("1");
+        for (bucket, _, sold) in &mut image.buckets {
+            *sold = snapshot.sold.get(bucket.as_str()).copied().unwrap_or(0);
+        }
+        for (seat, sold) in &mut image.seats {
+            *sold = snapshot.sold_seats.contains(seat.as_str());
+        }
+        image.bought = snapshot.bought.clone();
         let admission = self.admission_settings(drop).await?;
         self.redis
             .set_admission(drop, admission_fields(&admission))
             .await?;
-        let (kept, ended) = self.redis.rebuild(drop, &payload).await?;
-        let settled = self.db.sold_state(drop, &[]).await?.sold == sold.sold;
+        let mut rebuild = self
+            .redis
+            .begin_rebuild(drop, &image, self.cfg.recovery.slice)
+            .await?;
+        while let Some(holds) = rebuild.next_holds().await? {
+            let orders = snapshot.orders(&holds).await?;
+            rebuild.sort(&holds, &orders).await?;
+        }
+        let report = rebuild.finish().await?;
+        self.count_slices(&report);
+        let sold = snapshot.sold.clone();
+        snapshot.finish().await?;
+        let settled = self.db.sold_state(drop, &[]).await?.sold == sold;
+        let (kept, ended) = (report.kept, report.ended);
         let _ = self
             .db
             .record_rebuild(
@@ -397,8 +449,21 @@ impl Engine {
             )
             .await;
         metrics::counter!(m::RECOVERIES).increment(1);
-        tracing::info!(%drop, kept, ended, settled, "drop recovered from Postgres");
+        tracing::info!(%drop, kept, ended, settled, calls = report.calls, "drop recovered from Postgres");
         Ok((kept, ended, settled))
+    }
+}
+
+/// A drop this process is recovering (its entry in `Engine::recovering`), released however the
+/// recovery ends, a panic included.
+struct Claimed<'a> {
+    engine: &'a Engine,
+    drop: DropId,
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        lock(&self.engine.recovering).remove(&self.drop);
     }
 }
 

@@ -76,18 +76,25 @@ impl Engine {
         })
     }
 
-    /// What `load_drop.lua` and `rebuild.lua` both take about a drop: its meta fields, every seat
-    /// id and the seat layout. Each caller adds its `buckets` (and rebuild what Postgres sold).
-    pub(super) fn redis_payload(&self, def: &DropDef, status: &str) -> Value {
-        let mut layout = serde_json::Map::new();
-        for b in def.buckets.iter().filter(|b| !b.rows.is_empty()) {
-            layout.insert(b.id.clone(), json!(b.rows));
+    /// A drop as `load_drop` and `rebuild` both take it: its meta fields, buckets, seat layout
+    /// and every seat, with nothing sold (recovery then adds what Postgres sold).
+    pub(super) fn drop_image(&self, def: &DropDef, status: &str) -> DropImage {
+        DropImage {
+            meta: self.meta_fields(def, status),
+            buckets: def
+                .buckets
+                .iter()
+                .map(|b| (b.id.clone(), i64::from(b.total), 0))
+                .collect(),
+            layout: def
+                .buckets
+                .iter()
+                .filter(|b| !b.rows.is_empty())
+                .map(|b| (b.id.clone(), json!(b.rows).to_string()))
+                .collect(),
+            seats: def.seat_ids().map(|(id, ..)| (id, false)).collect(),
+            bought: Vec::new(),
         }
-        json!({
-            "meta": self.meta_fields(def, status),
-            "seats": def.seat_ids().map(|(id, ..)| id).collect::<Vec<_>>(),
-            "layout": layout,
-        })
     }
 
     pub async fn create_drop(&self, seller: &ApiKey, body: CreateDrop) -> Result<DropView> {
@@ -104,15 +111,15 @@ impl Engine {
         )?;
         let definition = serde_json::to_value(&def).map_err(Error::internal)?;
         self.db.insert_drop(&def, &seed, &definition).await?;
-        let mut payload = self.redis_payload(&def, "open");
-        payload["buckets"] = json!(def
-            .buckets
-            .iter()
-            .map(|b| json!([b.id, b.total]))
-            .collect::<Vec<_>>());
-        // If Redis fails here the drop is in Postgres but not loaded: the watcher finds it missing
-        // and recovery loads it, so the seller's retry-free success is still true.
-        self.redis.load_drop(&drop_id, &payload).await?;
+        // If Redis fails here the drop is in Postgres but not (wholly) loaded: the watcher finds
+        // it missing or still `recovering` and recovery loads it, so the seller's retry-free
+        // success is still true.
+        let image = self.drop_image(&def, "open");
+        let (_, report) = self
+            .redis
+            .load_drop(&drop_id, &image, self.cfg.recovery.slice)
+            .await?;
+        self.count_slices(&report);
         self.redis
             .set_admission(&drop_id, admission_fields(&def.admission))
             .await?;

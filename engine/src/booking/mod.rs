@@ -49,7 +49,8 @@ use crate::ids::{DropId, FanId, HoldId, IdempotencyKey, OrderId, PaymentReferenc
 use crate::metrics as m;
 use crate::payments::{GatewayError, Lookup, PaymentGateway, PaymentState, TestGateway};
 use crate::scripts::{
-    ConfirmBegin, Finish, HoldItem, HoldRecord, HoldState, Redis, ReserveArgs, Reserved,
+    ConfirmBegin, DropImage, Finish, HoldItem, HoldRecord, HoldState, RebuildReport, Redis,
+    ReserveArgs, Reserved,
 };
 use crate::tokens::{now_ms, sha256_hex, AdmissionKeys, FanAuth};
 use crate::writer::{Committed, NewItem, NewOrder, Writer};
@@ -89,6 +90,8 @@ pub struct Engine {
     /// …plus every drop this process served lately, so its own drops are never crowded out.
     touched: Mutex<HashMap<DropId, Instant>>,
     recovering: Mutex<HashMap<DropId, Instant>>,
+    /// What this process's rebuilds did ([`Engine::recovery_stats`]).
+    recovery_stats: Mutex<RebuildReport>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -153,6 +156,7 @@ impl Engine {
             watched: Mutex::new(Vec::new()),
             touched: Mutex::new(HashMap::new()),
             recovering: Mutex::new(HashMap::new()),
+            recovery_stats: Mutex::new(RebuildReport::default()),
             cfg,
         }))
     }

@@ -123,7 +123,9 @@ enum Op {
     Lose {
         rollback: bool,
     },
-    Rebuild,
+    Rebuild {
+        interrupted: bool,
+    },
     Join {
         fan: usize,
     },
@@ -170,7 +172,7 @@ fn any_op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Close),
         3 => Just(Op::Checkpoint),
         2 => any::<bool>().prop_map(|rollback| Op::Lose { rollback }),
-        6 => Just(Op::Rebuild),
+        6 => proptest::bool::weighted(0.3).prop_map(|interrupted| Op::Rebuild { interrupted }),
     ]
 }
 
@@ -376,7 +378,9 @@ fn resolve(op: &Op, model: &Model, ids: &mut Ids) -> Step {
         Op::Lose { rollback } => Step::Lose {
             rollback: *rollback,
         },
-        Op::Rebuild => Step::Rebuild,
+        Op::Rebuild { interrupted } => Step::Rebuild {
+            interrupted: *interrupted,
+        },
         Op::Join { fan } => {
             let f = engine::ids::FanId::parse(FANS[*fan]).expect("a fan id");
             Step::Join {
@@ -442,7 +446,7 @@ fn count(step: &Step, outcome: &Outcome) {
         Step::Commit { .. } => "commit",
         Step::Finish { .. } => "finish",
         Step::Revert { .. } => "revert",
-        Step::Rebuild => "rebuild",
+        Step::Rebuild { .. } => "rebuild",
         Step::Join { .. } => "join",
         Step::Admit { .. } => "admit",
         _ => return,
@@ -450,15 +454,15 @@ fn count(step: &Step, outcome: &Outcome) {
     let answer = match outcome {
         Outcome::Reserve(_, true) => "replay".to_owned(),
         Outcome::Reserve(reference::ReserveOut::Held { .. }, _) => "held".to_owned(),
-        Outcome::Reserve(reference::ReserveOut::Refused { code, .. }, _) => code.clone(),
-        Outcome::Result(Ok(x)) => x.split(':').next().unwrap_or_default().to_owned(),
-        Outcome::Result(Err(code)) => code.clone(),
-        Outcome::Pair(a, b) if what == "rebuild" => {
         Outcome::Reserve(reference::ReserveOut::Refused { code, detail }, _)
             if detail.get("shop_ended_at_ms").is_some() =>
         {
             format!("{code} (shop ended)")
         }
+        Outcome::Reserve(reference::ReserveOut::Refused { code, .. }, _) => code.clone(),
+        Outcome::Result(Ok(x)) => x.split(':').next().unwrap_or_default().to_owned(),
+        Outcome::Result(Err(code)) => code.clone(),
+        Outcome::Pair(a, b) if what == "rebuild" => {
             format!("kept {}, ended {}", (*a).min(1), (*b).min(1))
         }
         Outcome::Pair(a, _) => format!("{}", (*a).min(1)),

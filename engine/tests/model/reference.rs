@@ -117,7 +117,7 @@ pub struct TickOut {
     pub admitted: Vec<(String, i64)>,
 }
 
-/// A drop's fixed settings, as the engine sends them to load_drop.lua and rebuild.lua.
+/// A drop's fixed settings, as the engine loads them into Redis and rebuilds them there.
 #[derive(Debug, Clone)]
 pub struct DropSpec {
     pub seated: bool,
@@ -171,15 +171,6 @@ impl DropSpec {
         }
         Value::Object(m)
     }
-
-    pub fn load_payload(&self) -> Value {
-        json!({
-            "meta": self.meta_payload("open", "0"),
-            "buckets": self.buckets.iter().map(|(b, t)| json!([b, t])).collect::<Vec<_>>(),
-            "seats": self.seat_ids(),
-            "layout": self.layout_json(),
-        })
-    }
 }
 
 /// What Postgres holds for the drop: its status, ops' admission settings and the committed
@@ -216,26 +207,6 @@ impl Record {
             .flat_map(|(_, _, it)| it.iter().filter_map(|i| i.seat.clone()))
             .collect()
     }
-
-    /// What the engine's recovery sends rebuild.lua.
-    pub fn rebuild_payload(&self, spec: &DropSpec) -> Value {
-        let orders: serde_json::Map<String, Value> = self
-            .orders
-            .iter()
-            .map(|(h, (o, _, _))| (h.clone(), json!(o)))
-    /// Admitted fan → "<shop end ms>:<hard end ms>".
-    pub sessions: BTreeMap<String, String>,
-            .collect();
-        json!({
-            "meta": spec.meta_payload(&self.status, "1"),
-            "buckets": spec.buckets.iter().map(|(b, t)| json!([b, t, self.sold(b)])).collect::<Vec<_>>(),
-            "seats": spec.seat_ids(),
-            "sold_seats": self.sold_seats(),
-            "layout": spec.layout_json(),
-            "bought": self.bought(),
-            "orders": orders,
-        })
-    }
 }
 
 /// One drop's Redis keys, as plain maps (a missing key is an empty map).
@@ -252,6 +223,8 @@ pub struct Store {
     pub fanholds: BTreeSet<String>,
     pub layout: BTreeMap<String, Value>,
     pub active: BTreeMap<String, i64>,
+    /// Admitted fan → "<shop end ms>:<hard end ms>".
+    pub sessions: BTreeMap<String, String>,
     /// (fan, idempotency key) → (body sha, first answer)
     pub idem: BTreeMap<(String, String), (String, ReserveOut)>,
     pub admission: BTreeMap<String, String>,
@@ -470,12 +443,6 @@ impl Model {
             let mut s = 0usize;
             while (s as i64) < count {
                 if free[s] {
-    /// A fan's session ends as the sessions hash has them (what their admission token carries).
-    pub fn session_of(&self, fan: &str) -> Option<(i64, i64)> {
-        let (shop, hard) = self.store.sessions.get(fan)?.split_once(':')?;
-        Some((shop.parse().ok()?, hard.parse().ok()?))
-    }
-
                     let mut e = s;
                     while ((e + 1) as i64) < count && free[e + 1] {
                         e += 1;
@@ -503,6 +470,12 @@ impl Model {
     }
 
     /// Returns the answer and whether it was a replay.
+    /// A fan's session ends as the sessions hash has them (what their admission token carries).
+    pub fn session_of(&self, fan: &str) -> Option<(i64, i64)> {
+        let (shop, hard) = self.store.sessions.get(fan)?.split_once(':')?;
+        Some((shop.parse().ok()?, hard.parse().ok()?))
+    }
+
     pub fn reserve(
         &mut self,
         fan: &str,
@@ -517,16 +490,6 @@ impl Model {
             if sha != body_sha {
                 return (refused("idempotency_key_reused", json!({})), false);
             }
-        // The fan's admission token carries the session's ends: the ones admission stored.
-        let session = self.session_of(fan);
-        if let Some((shop_end, _)) = session.filter(|_| queue) {
-            if now >= shop_end {
-                return (
-                    refused("not_admitted", json!({"shop_ended_at_ms": shop_end})),
-                    false,
-                );
-            }
-        }
             return (first.clone(), true);
         }
         if !self.store.meta.contains_key("status") {
@@ -553,6 +516,16 @@ impl Model {
         let queue = self.store.meta.get("mode").map(String::as_str) == Some("queue");
         if queue && self.store.active.get(fan).is_none_or(|d| *d < now) {
             return (refused("not_admitted", json!({})), false);
+        }
+        // The fan's admission token carries the session's ends: the ones admission stored.
+        let session = self.session_of(fan);
+        if let Some((shop_end, _)) = session.filter(|_| queue) {
+            if now >= shop_end {
+                return (
+                    refused("not_admitted", json!({"shop_ended_at_ms": shop_end})),
+                    false,
+                );
+            }
         }
         let batch = self.meta_num("reclaim_batch", 8);
         self.reclaim(batch);
@@ -639,10 +612,6 @@ impl Model {
 
         let exp = now + ttl_ms;
         let s = &mut self.store;
-            let until = match session {
-                Some((_, hard_end)) => (exp + grace).min(hard_end),
-                None => exp + grace,
-            };
         for item in &items {
             incr(&mut s.stock, &format!("a:{}", item.bucket), -item.quantity);
             incr(&mut s.stock, &format!("h:{}", item.bucket), item.quantity);
@@ -670,6 +639,10 @@ impl Model {
         s.fanholds.insert(format!("{fan}|{hold_id}"));
         if queue {
             let grace = num(&s.meta, "confirm_grace_ms").unwrap_or(60_000);
+            let until = match session {
+                Some((_, hard_end)) => (exp + grace).min(hard_end),
+                None => exp + grace,
+            };
             if let Some(d) = s.active.get_mut(fan) {
                 *d = (*d).max(until);
             }
@@ -684,6 +657,12 @@ impl Model {
         )
     }
 
+    /// lib.lua's `recovering`: a drop being rebuilt is frozen; scripts that would write to it
+    /// answer `recovering` (what changes nothing still answers as before).
+    fn recovering(&self) -> bool {
+        self.store.meta.get("recovering").map(String::as_str) == Some("1")
+    }
+
     // ---- release.lua, expire.lua -----------------------------------------------------------
 
     /// Ok(()) for released or already ended; Err(code).
@@ -694,6 +673,7 @@ impl Model {
         match h.state {
             "confirming" => Err("hold_confirming".into()),
             "sold" => Err("hold_sold".into()),
+            "held" if self.recovering() => Err("recovering".into()),
             "held" => {
                 self.return_to_stock(id, "released");
                 Ok(())
@@ -703,7 +683,7 @@ impl Model {
     }
 
     pub fn expire(&mut self, limit: i64) -> (i64, i64) {
-        if !self.store.meta.contains_key("status") {
+        if !self.store.meta.contains_key("status") || self.recovering() {
             return (0, 0);
         }
         let expired = self.reclaim(limit);
@@ -741,16 +721,16 @@ impl Model {
             "expired" => return Err("hold_expired".into()),
             _ => {}
         }
-        if now >= h.expires_at_ms {
-            self.return_to_stock(id, "expired");
-            return Err("hold_expired".into());
-        }
-        if self.store.meta.get("recovering").map(String::as_str) == Some("1") {
+        if self.recovering() {
             return Err("recovering".into());
         }
         if self.store.meta.get("run_id") != Some(&self.run_id) {
             self.store.meta.insert("recovering".into(), "1".into());
             return Err("recovering".into());
+        }
+        if now >= h.expires_at_ms {
+            self.return_to_stock(id, "expired");
+            return Err("hold_expired".into());
         }
         let timeout = self.meta_num("confirm_timeout_ms", 60_000);
         let mut h = h;
@@ -763,7 +743,7 @@ impl Model {
         Ok("began".into())
     }
 
-    /// "sold" | "already" | "ended" | "unknown"
+    /// "sold" | "already" | "ended" | "unknown" | "recovering"
     pub fn confirm_finish(&mut self, id: &str, order: &str) -> &'static str {
         let now = self.now_ms;
         let Some(mut h) = self.store.holds.get(id).cloned() else {
@@ -773,6 +753,9 @@ impl Model {
             "sold" => return "already",
             "confirming" | "held" => {}
             _ => return "ended",
+        }
+        if self.recovering() {
+            return "recovering";
         }
         let done_ttl = self.meta_num("done_ttl_ms", 3_600_000);
         let limit = self.meta_num("per_fan_limit", 0);
@@ -803,13 +786,16 @@ impl Model {
         "sold"
     }
 
-    /// "held" | "expired" | "noop" | "unknown"
+    /// "held" | "expired" | "noop" | "unknown" | "recovering"
     pub fn confirm_revert(&mut self, id: &str, reference: &str) -> &'static str {
         let Some(mut h) = self.store.holds.get(id).cloned() else {
             return "unknown";
         };
         if h.state != "confirming" || h.reference.as_deref().unwrap_or("") != reference {
             return "noop";
+        }
+        if self.recovering() {
+            return "recovering";
         }
         if self.now_ms >= h.expires_at_ms {
             self.return_to_stock(id, "expired");
@@ -890,17 +876,20 @@ impl Model {
     pub fn rebuild(&mut self) -> (i64, i64) {
         let now = self.now_ms;
         let spec = self.spec.clone();
-        let payload = self.record.rebuild_payload(&spec);
+        let meta = spec.meta_payload(&self.record.status, "1");
         let was_closed = self.store.meta.get("status").map(String::as_str) == Some("closed");
-        self.set_meta_from(&payload["meta"]);
+        self.set_meta_from(&meta);
         if was_closed {
             self.store.meta.insert("status".into(), "closed".into());
         }
         self.set_layout();
         let s = &mut self.store;
+        // rebuild.lua drops what the holds decide and counts it afresh from them.
         s.seats.clear();
         s.fans.clear();
         s.fanholds.clear();
+        s.deadlines.clear();
+        s.confirming.clear();
         for seat in spec.seat_ids() {
             s.seats.insert(seat, "-".into());
         }
@@ -1091,7 +1080,6 @@ impl Model {
         let paused = s.admission.get("paused").map(String::as_str) == Some("1");
         let shop_window_s = setting("shop_window_s").unwrap_or(300.0) as i64;
         let margin = setting("admit_margin_pct").unwrap_or(0.0) as i64;
-                    session: (0, 0),
         let line_sold_out = s.admission.get("line_state").map(String::as_str) == Some("sold_out");
         let mut left = 0;
         let tick =
@@ -1103,6 +1091,7 @@ impl Model {
                     waiting: s.line.len() as i64,
                     active,
                     left,
+                    session: (0, 0),
                     admitted,
                 }
             };
@@ -1193,14 +1182,6 @@ impl Model {
         } else if available == 0 {
             "all_held"
         } else {
-            let shopping = |f: &String| {
-                let shop_end = s
-                    .sessions
-                    .get(f)
-                    .and_then(|v| v.split_once(':'))
-                    .and_then(|(shop, _)| shop.parse::<i64>().ok());
-                shop_end.is_none_or(|end| now < end)
-            };
             "open"
         };
         if state != "open" {
@@ -1212,6 +1193,14 @@ impl Model {
         n = n.min(s.line.len() as i64);
         if n > 0 {
             let limit = num(&s.meta, "per_fan_limit").unwrap_or(1);
+            let shopping = |f: &String| {
+                let shop_end = s
+                    .sessions
+                    .get(f)
+                    .and_then(|v| v.split_once(':'))
+                    .and_then(|(shop, _)| shop.parse::<i64>().ok());
+                shop_end.is_none_or(|end| now < end)
+            };
             let demand: i64 = s
                 .active
                 .iter()

@@ -9,12 +9,16 @@ use engine::ids::{DropId, FanId, HoldId, OrderId};
 use engine::keys::drop_key;
 use engine::queue::{QueueKeys, SessionEnds};
 use engine::scripts::{
-    ConfirmBegin, DropKeys, Finish, Redis, ReserveArgs, Reserved, Revert, TestScripts,
+    ConfirmBegin, DropImage, DropKeys, Finish, Redis, ReserveArgs, Reserved, Revert, TestScripts,
 };
 use fred::prelude::*;
 use serde_json::Value;
 
-use crate::reference::{Hold, Item, Model, Request, ReserveOut, Store, TickOut};
+use crate::reference::{DropSpec, Hold, Item, Model, Record, Request, ReserveOut, Store, TickOut};
+
+/// Entries per script call of a load or rebuild here: small, so the test's drops (10 seats, a few
+/// holds) take several slices, as a big drop does with the production slice.
+const SLICE: usize = 3;
 
 /// The test's clock, in place of lua/clock.lua: every script's KEYS[1] is its drop's meta key, so
 /// each drop gets a clock of its own (`fg:{drop}:testclock`) and cases can run side by side.
@@ -71,8 +75,13 @@ pub enum Step {
     Lose {
         rollback: bool,
     },
-    /// Recovery: Postgres' admission settings back into Redis, then rebuild.lua.
-    Rebuild,
+    /// Recovery: Postgres' admission settings back into Redis, then the sliced rebuild
+    /// (lua/rebuild.lua). `interrupted`: a rebuild first stops after a few slices (its process
+    /// died), the scripts that would write to the drop meanwhile must refuse, and a new rebuild
+    /// starts over, which must leave the drop exactly as one uninterrupted rebuild.
+    Rebuild {
+        interrupted: bool,
+    },
     Join {
         fan: String,
         score: i64,
@@ -140,7 +149,7 @@ pub fn apply(model: &mut Model, step: &Step) -> Outcome {
             Outcome::Nothing
         }
         Step::Checkpoint | Step::Lose { .. } => Outcome::Nothing,
-        Step::Rebuild => {
+        Step::Rebuild { .. } => {
             model.restore_admission();
             let (a, b) = model.rebuild();
             Outcome::Pair(a, b)
@@ -166,6 +175,54 @@ pub struct World {
     raw: Client,
     pub drop: DropId,
     saved: Option<(Saved, Store)>,
+}
+
+/// What the engine loads or rebuilds the drop from: the spec, and what Postgres' record sold.
+fn image(spec: &DropSpec, record: &Record, recovering: &str) -> DropImage {
+    let sold_seats = record.sold_seats();
+    DropImage {
+        meta: spec.meta_payload(&record.status, recovering),
+        buckets: spec
+            .buckets
+            .iter()
+            .map(|(b, total)| (b.clone(), *total, record.sold(b)))
+            .collect(),
+        layout: spec
+            .layout_json()
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(section, rows)| (section.clone(), rows.to_string()))
+            .collect(),
+        seats: spec
+            .seat_ids()
+            .into_iter()
+            .map(|s| {
+                let sold = sold_seats.contains(&s);
+                (s, sold)
+            })
+            .collect(),
+        bought: record.bought().into_iter().collect(),
+    }
+}
+
+/// Sorts one slice of holds, with the record's orders for them.
+async fn sort_slice(rebuild: &mut engine::scripts::Rebuild<'_>, record: &Record, ids: &[String]) {
+    assert!(ids.len() <= SLICE, "a slice of {} holds", ids.len());
+    let orders: HashMap<String, String> = ids
+        .iter()
+        .filter_map(|id| Some((id.clone(), record.orders.get(id)?.0.clone())))
+        .collect();
+    rebuild.sort(ids, &orders).await.expect("rebuild_sort");
+}
+
+#[track_caller]
+fn within_slices(report: &engine::scripts::RebuildReport) {
+    assert!(
+        report.max_entries_per_call <= SLICE as u64,
+        "a script call handled {} entries (slice {SLICE}): {report:?}",
+        report.max_entries_per_call
+    );
 }
 
 pub fn redis_url() -> String {
@@ -209,11 +266,23 @@ impl World {
             saved: None,
         };
         world.set_clock(model.now_ms).await;
-        let loaded = world
+        let (loaded, report) = world
             .redis
-            .load_drop(&world.drop, &model.spec.load_payload())
+            .load_drop(
+                &world.drop,
+                &image(
+                    &model.spec,
+                    &Record {
+                        status: "open".into(),
+                        ..Record::default()
+                    },
+                    "0",
+                ),
+                SLICE,
+            )
             .await
             .expect("load_drop");
+        within_slices(&report);
         assert_eq!(loaded, model.load_drop(), "load_drop's answer");
         world
     }
@@ -273,6 +342,19 @@ impl World {
                         quantity: *quantity,
                     },
                 };
+                // The fan's admission token carries the session's ends admission stored.
+                let stored: Option<String> = self
+                    .raw
+                    .hget(drop_key(&self.drop, "sessions"), f.as_str())
+                    .await
+                    .expect("HGET sessions");
+                let session = stored.and_then(|v| {
+                    let (shop, hard) = v.split_once(':')?;
+                    Some(SessionEnds {
+                        shop_end_ms: shop.parse().ok()?,
+                        hard_end_ms: hard.parse().ok()?,
+                    })
+                });
                 match self
                     .redis
                     .reserve(&self.drop, &fan(f), key, body_sha, &hold(h), session, args)
@@ -342,47 +424,24 @@ impl World {
                 },
             ),
             Step::Finish { hold: h, order } => {
-                // The fan's admission token carries the session's ends admission stored.
-                let stored: Option<String> = self
-                    .raw
-                    .hget(drop_key(&self.drop, "sessions"), f.as_str())
-                    .await
-                    .expect("HGET sessions");
-                let session = stored.and_then(|v| {
-                    let (shop, hard) = v.split_once(':')?;
-                    Some(SessionEnds {
-                        shop_end_ms: shop.parse().ok()?,
-                        hard_end_ms: hard.parse().ok()?,
-                    })
-                });
                 let order = OrderId::parse(order).expect("an order id");
-                Outcome::Word(
-                    match self
-                        .redis
-                        .confirm_finish(&hold(h), order)
-                        .await
-                        .expect("confirm_finish")
-                    {
-                        Finish::Sold => "sold",
-                        Finish::Already => "already",
-                        Finish::Ended => "ended",
-                        Finish::Unknown => "unknown",
-                    },
-                )
+                Outcome::Word(match self.redis.confirm_finish(&hold(h), order).await {
+                    Ok(Finish::Sold) => "sold",
+                    Ok(Finish::Already) => "already",
+                    Ok(Finish::Ended) => "ended",
+                    Ok(Finish::Unknown) => "unknown",
+                    Err(e) => e.code.name(),
+                })
             }
-            Step::Revert { hold: h, reference } => Outcome::Word(
-                match self
-                    .redis
-                    .confirm_revert(&hold(h), reference)
-                    .await
-                    .expect("confirm_revert")
-                {
-                    Revert::Held => "held",
-                    Revert::Expired => "expired",
-                    Revert::NotConfirming => "noop",
-                    Revert::Unknown => "unknown",
-                },
-            ),
+            Step::Revert { hold: h, reference } => {
+                Outcome::Word(match self.redis.confirm_revert(&hold(h), reference).await {
+                    Ok(Revert::Held) => "held",
+                    Ok(Revert::Expired) => "expired",
+                    Ok(Revert::NotConfirming) => "noop",
+                    Ok(Revert::Unknown) => "unknown",
+                    Err(e) => e.code.name(),
+                })
+            }
             Step::Commit { .. } => Outcome::Nothing,
             Step::Advance { .. } => {
                 self.set_clock(model.now_ms).await;
@@ -397,7 +456,7 @@ impl World {
             }
             Step::Checkpoint => Outcome::Nothing,
             Step::Lose { .. } => Outcome::Nothing,
-            Step::Rebuild => {
+            Step::Rebuild { interrupted } => {
                 let fields: Vec<(String, String)> = model
                     .record
                     .admission
@@ -410,13 +469,29 @@ impl World {
                         .await
                         .expect("set_admission");
                 }
-                let payload = model.record.rebuild_payload(&model.spec);
-                let (a, b) = self
-                    .redis
-                    .rebuild(&self.drop, &payload)
-                    .await
-                    .expect("rebuild");
-                Outcome::Pair(a, b)
+                let stale = match interrupted {
+                    true => Some(self.interrupted_rebuild(model).await),
+                    false => None,
+                };
+                let report = self.rebuild(&model.record, &model.spec).await;
+                within_slices(&report);
+                // Holds the interrupted rebuild ended were ended once, by it.
+                let ended_before = stale.as_ref().map_or(0, |s| s.report().ended);
+                // The interrupted rebuild's slices, coming late, change nothing (the diff after
+                // this step checks it): the new rebuild superseded it.
+                if let Some(mut stale) = stale {
+                    let ids: Vec<String> = model.store.holds.keys().take(SLICE).cloned().collect();
+                    if !ids.is_empty() {
+                        let e = stale
+                            .sort(&ids, &HashMap::new())
+                            .await
+                            .expect_err("superseded");
+                        assert_eq!(e.code.name(), "recovering", "a superseded rebuild_sort");
+                    }
+                    let e = stale.finish().await.expect_err("superseded");
+                    assert_eq!(e.code.name(), "recovering", "a superseded rebuild_keep");
+                }
+                Outcome::Pair(report.kept, ended_before + report.ended)
             }
             Step::Join { fan: f, score } => {
                 Outcome::Join(match self.redis.join(&self.drop, &fan(f), *score).await {
@@ -440,6 +515,7 @@ impl World {
                     waiting: t.waiting,
                     active: t.active,
                     left: t.left,
+                    session: t.session.map_or((0, 0), |s| (s.shop_end_ms, s.hard_end_ms)),
                     admitted: t
                         .admitted
                         .into_iter()
@@ -450,7 +526,7 @@ impl World {
             Step::Touch { fans } => {
                 let fans: Vec<FanId> = fans.iter().map(|f| fan(f)).collect();
                 self.redis
-                    .touch_presence(&self.drop, &fans, model.now_ms)
+                    .touch_presence(&self.drop, &fans, model.now_ms, 1_000)
                     .await
                     .expect("touch_presence");
                 Outcome::Nothing
@@ -463,6 +539,79 @@ impl World {
                 Outcome::Nothing
             }
         }
+    }
+
+    /// The sliced rebuild as the engine's recovery runs it, Postgres' orders from the record.
+    async fn rebuild(&self, record: &Record, spec: &DropSpec) -> engine::scripts::RebuildReport {
+        let mut rebuild = self
+            .redis
+            .begin_rebuild(&self.drop, &image(spec, record, "1"), SLICE)
+            .await
+            .expect("begin_rebuild");
+        while let Some(ids) = rebuild.next_holds().await.expect("HSCAN of the holds") {
+            sort_slice(&mut rebuild, record, &ids).await;
+        }
+        rebuild
+            .finish()
+            .await
+            .expect("rebuild_keep, rebuild_finish")
+    }
+
+    /// A rebuild that dies after a slice of holds (its process died), handed back to show that
+    /// its later slices change nothing. Until a new rebuild ends, the drop is frozen: every
+    /// script that would write to it refuses, the sweeper does nothing.
+    async fn interrupted_rebuild(&self, model: &Model) -> engine::scripts::Rebuild<'_> {
+        let mut rebuild = self
+            .redis
+            .begin_rebuild(&self.drop, &image(&model.spec, &model.record, "1"), SLICE)
+            .await
+            .expect("begin_rebuild");
+        if let Some(ids) = rebuild.next_holds().await.expect("HSCAN of the holds") {
+            sort_slice(&mut rebuild, &model.record, &ids).await;
+        }
+        let frozen = "a script wrote to a drop in the middle of its rebuild";
+        assert_eq!(
+            self.redis.expire(&self.drop, 100).await.expect("expire"),
+            (0, 0),
+            "{frozen}"
+        );
+        for id in model.store.holds.keys() {
+            let hold = HoldId::parse(id).expect("a hold id");
+            // As the rebuild left it so far (its first slice may have ended it).
+            let Some(h) = self.redis.hold(&hold).await.expect("a hold") else {
+                continue;
+            };
+            let fan = FanId::parse(&h.fan).expect("a fan id");
+            match h.st {
+                engine::scripts::HoldState::Held => {
+                    let e = self.redis.release(&hold, &fan).await.expect_err(frozen);
+                    assert_eq!(e.code.name(), "recovering", "{frozen}: release");
+                    let e = self
+                        .redis
+                        .confirm_begin(&hold, &fan, "pay-x")
+                        .await
+                        .expect_err(frozen);
+                    assert_eq!(e.code.name(), "recovering", "{frozen}: confirm_begin");
+                }
+                engine::scripts::HoldState::Confirming => {
+                    let e = self
+                        .redis
+                        .confirm_finish(&hold, OrderId::generate())
+                        .await
+                        .expect_err(frozen);
+                    assert_eq!(e.code.name(), "recovering", "{frozen}: confirm_finish");
+                    let reference = h.reference.clone().unwrap_or_default();
+                    let e = self
+                        .redis
+                        .confirm_revert(&hold, &reference)
+                        .await
+                        .expect_err(frozen);
+                    assert_eq!(e.code.name(), "recovering", "{frozen}: confirm_revert");
+                }
+                _ => {}
+            }
+        }
+        rebuild
     }
 
     /// Checkpoint and loss act on both sides at once: the model's store goes with Redis'.
@@ -515,7 +664,6 @@ impl World {
             .set_meta(&self.drop, "recovering", "1")
             .await
             .expect("set recovering");
-                    session: t.session.map_or((0, 0), |s| (s.shop_end_ms, s.hard_end_ms)),
         model.store.meta.insert("recovering".into(), "1".into());
     }
 
@@ -621,6 +769,7 @@ impl World {
             .collect();
         same!("layout", layout, s.layout.clone());
         same!("active", self.zset(&q.active).await, s.active.clone());
+        same!("sessions", self.hash(&q.sessions).await, s.sessions.clone());
         same!(
             "admission",
             self.hash(&q.admission).await,
@@ -693,6 +842,7 @@ impl World {
         expect("fanholds", !s.fanholds.is_empty());
         expect("layout", !s.layout.is_empty());
         expect("active", !s.active.is_empty());
+        expect("sessions", !s.sessions.is_empty());
         expect("admission", !s.admission.is_empty());
         expect("places", !s.places.is_empty());
         expect("line", !s.line.is_empty());
@@ -716,5 +866,3 @@ impl World {
         let _: i64 = self.raw.del(self.clock_key()).await.unwrap_or(0);
     }
 }
-        same!("sessions", self.hash(&q.sessions).await, s.sessions.clone());
-        expect("sessions", !s.sessions.is_empty());
