@@ -431,6 +431,7 @@ pub const DEFAULT_WATCHED_REFRESH_MS: u64 = 5_000;
 pub const DEFAULT_SERVED_KEEP_MS: u64 = 3_600_000;
 /// On the reserve path: a busy drop's "served lately" mark is refreshed at most this often.
 pub const DEFAULT_SERVED_REFRESH_MS: u64 = 10_000;
+pub const DEFAULT_RECOVER_ROUNDS_MAX: usize = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -454,6 +455,9 @@ pub struct ReconcilerConfig {
     pub served_keep_ms: u64,
     /// How often a busy drop's "served lately" mark is refreshed, at most.
     pub served_refresh_ms: u64,
+    /// Rebuilds of one drop in a row while sales keep landing in Postgres during them; past
+    /// it the drop stays `recovering` and the watcher comes back to it.
+    pub recover_rounds_max: usize,
 }
 
 impl Default for ReconcilerConfig {
@@ -467,6 +471,7 @@ impl Default for ReconcilerConfig {
             watched_refresh_ms: DEFAULT_WATCHED_REFRESH_MS,
             served_keep_ms: DEFAULT_SERVED_KEEP_MS,
             served_refresh_ms: DEFAULT_SERVED_REFRESH_MS,
+            recover_rounds_max: DEFAULT_RECOVER_ROUNDS_MAX,
         }
     }
 }

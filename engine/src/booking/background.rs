@@ -4,9 +4,6 @@
 
 use super::*;
 
-/// Rebuilds of one drop in a row while sales keep landing in Postgres during them.
-pub(super) const RECOVER_ROUNDS_MAX: usize = 3;
-
 impl Engine {
     pub(super) fn watched_drops(&self) -> Vec<DropId> {
         let mut drops = lock(&self.watched).clone();
@@ -390,7 +387,7 @@ impl Engine {
         let mut result = self.recover_inner(drop).await;
         // An order committed meanwhile for a hold Redis had lost is in neither the rebuild nor
         // Redis: Postgres' sold counts moved during the rebuild → rebuild again.
-        for _ in 1..RECOVER_ROUNDS_MAX {
+        for _ in 1..self.cfg.reconciler.recover_rounds_max {
             match result {
                 Ok((_, _, false)) => result = self.recover_inner(drop).await,
                 _ => break,
