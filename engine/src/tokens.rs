@@ -27,10 +27,25 @@ pub fn now_s() -> i64 {
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    #[cfg(feature = "testing")]
+    let now = now + CLOCK_SKEW_MS.load(std::sync::atomic::Ordering::Relaxed);
+    now
+}
+
+/// How far a test has moved this process's wall clock as [`now_ms`] reads it.
+#[cfg(feature = "testing")]
+static CLOCK_SKEW_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Moves this process's wall clock (as [`now_ms`] reads it) by `ms`: a server whose clock is
+/// wrong, for the tests that deadlines set on Redis' clock never meet it. Process-wide, so such a
+/// test runs in a test binary of its own. Only in builds with the `testing` feature.
+#[cfg(feature = "testing")]
+pub fn skew_clock_ms(ms: i64) {
+    CLOCK_SKEW_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// SHA-256 of `bytes`, hex-encoded (API key hashes, seed commitments, request-body hashes).
