@@ -356,7 +356,7 @@ pub async fn serve_metrics(
     header_read_timeout: Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut stop = shutdown.clone();
+    let stop = shutdown.clone();
     accept_loop(listener, permits, shutdown, |stream, _peer, permit| {
         let handle = handle.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -382,7 +382,6 @@ pub async fn serve_metrics(
         });
     })
     .await;
-    let _ = stop.changed().await;
 }
 
 /// Binds a listener for `at` (port 0 picks a free one): the listener and its address.
