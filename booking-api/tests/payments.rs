@@ -226,6 +226,20 @@ async fn private_database(name: &str) -> String {
     format!("{server}/{db}")
 }
 
+/// Drops a database [`private_database`] made (its servers shut down first).
+async fn drop_private_database(url: &str) {
+    let shared = std::env::var("FLOODGATE_TEST_DATABASE_URL").unwrap();
+    let (_, db) = url.rsplit_once('/').expect("a database in the URL");
+    let (client, conn) = tokio_postgres::connect(&shared, tokio_postgres::NoTls)
+        .await
+        .expect("the shared Postgres");
+    tokio::spawn(conn);
+    client
+        .simple_query(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .expect("DROP DATABASE");
+}
+
 /// Server A sells a slow payment and stops before its confirm deadline. Server B never served
 /// the drop, and it isn't among the newest drops B looks after: B's reconciler must still settle
 /// the attempt, from Postgres.
@@ -263,6 +277,7 @@ async fn the_reconciler_settles_attempts_of_drops_it_neither_served_nor_watches(
     b.assert_invariants(&drop).await;
     b.assert_invariants(&newer).await;
     b.server.shutdown().await;
+    drop_private_database(&db).await;
 }
 
 /// Two holds overdue in one drop; the first one's record can't be read (every call about it
@@ -576,4 +591,80 @@ async fn the_previous_releases_payment_statements_still_work_beside_this_one() {
     );
     h.assert_invariants(&drop).await;
     h.server.shutdown().await;
+}
+
+// ---- many attempts, two reconcilers --------------------------------------------------------
+
+/// Two booking-api instances over one database (a private one, so both look after everything in
+/// it, as production instances do) and forty confirms at once: thirty slow payments and ten
+/// attempts whose process died after recording them. Both reconcilers race over the same
+/// attempts; Postgres lets each settle once: thirty orders, ten holds back, nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_reconcilers_settle_each_attempt_once() {
+    let redis = std::env::var("FLOODGATE_TEST_REDIS_URL").unwrap();
+    let db = private_database("fg_two_reconcilers").await;
+    let mut cfg = test_config_for(&redis, &db);
+    cfg.holds.confirm_timeout_ms = 2_000;
+    cfg.holds.confirm_safety_margin_ms = 500;
+    let a = Harness::with_config(cfg.clone()).await;
+    let b = Harness::with_config(cfg).await;
+    let drop = a.ga_drop(100, 1, 300).await;
+    let mut holds = Vec::new();
+    for i in 0..40 {
+        holds.push(fan_with_hold(&a, &drop, &format!("fan{i}"), 1).await);
+    }
+    let (slow, lost) = holds.split_at(30);
+    // Through A (each process signs its own dev fan tokens); both reconcilers settle them.
+    let confirms = slow
+        .iter()
+        .map(|(_, token, hold)| a.confirm_reply(token, hold, "slow_pay"));
+    let lost_ones = lost.iter().map(|(fan, _, hold)| async {
+        attempt_recorded_then_lost(&a, fan, hold, "lost_pay").await
+    });
+    let (answers, _) = tokio::join!(
+        futures::future::join_all(confirms),
+        futures::future::join_all(lost_ones)
+    );
+    for r in &answers {
+        assert_eq!(r.status, 503, "{r:?}");
+    }
+
+    eventually(
+        "every slow payment sold, every lost attempt's hold back",
+        || async {
+            let mut done = true;
+            for (i, (_, _, hold)) in holds.iter().enumerate() {
+                let want = if i < 30 {
+                    HoldState::Sold
+                } else {
+                    HoldState::Held
+                };
+                done &= hold_record(&a, hold).await.st == want;
+            }
+            done
+        },
+    )
+    .await;
+    let pg = a.server.engine.db().client().await.unwrap();
+    let states: Vec<(String, i64)> = pg
+        .query(
+            "SELECT state, count(*) FROM payment_attempts WHERE drop_id = $1 GROUP BY state ORDER BY state",
+            &[&drop],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        states,
+        vec![("captured".into(), 30), ("voided".into(), 10)],
+        "each attempt settled once"
+    );
+    assert_eq!(a.order_count(&drop, None).await, 30);
+    assert_eq!(a.counts(&drop).await, (100, 60, 10, 30));
+    a.assert_invariants(&drop).await;
+    a.server.shutdown().await;
+    b.server.shutdown().await;
+    drop_private_database(&db).await;
 }
