@@ -104,6 +104,11 @@ impl Config {
         let positive_counts = [
             ("recovery.slice", self.recovery.slice),
             ("recovery.concurrent_drops", self.recovery.concurrent_drops),
+            ("drops.archive_batch", self.drops.archive_batch),
+            (
+                "drops.archive_interval_ms",
+                self.drops.archive_interval_ms as usize,
+            ),
         ];
         for (name, value) in positive_counts {
             if value == 0 {
@@ -564,6 +569,10 @@ pub const DEFAULT_MAX_UNITS_PER_SKU: u32 = 10_000_000;
 pub const DEFAULT_MAX_ITEMS_PER_HOLD: usize = 50;
 pub const DEFAULT_MAX_DROPS_LISTED: i64 = 500;
 pub const DEFAULT_DROP_CACHE_ENTRIES: usize = 10_000;
+/// A day after closing: sellers look at a drop's live page for a while after the sale.
+pub const DEFAULT_ARCHIVE_AFTER_S: u64 = 86_400;
+pub const DEFAULT_ARCHIVE_INTERVAL_MS: u64 = 60_000;
+pub const DEFAULT_ARCHIVE_BATCH: usize = 20;
 /// Drop ids are random, so nobody asks for one before it exists: remembering an unknown one for
 /// 2 s costs a real drop nothing and spares Postgres every repeat of a made-up one.
 pub const DEFAULT_UNKNOWN_DROP_TTL_MS: u64 = 2_000;
@@ -599,6 +608,12 @@ pub struct DropsConfig {
     /// Drops `GET /v1/fans/me/holds` looks in when it names none (the newest this process
     /// looks after): one Redis read each.
     pub fan_holds_max_drops: usize,
+    /// A closed drop with no live hold and no unsettled payment is archived this long after it
+    /// closed: its Redis keys are removed, and Postgres serves it from then on.
+    pub archive_after_s: u64,
+    /// How often each booking-api looks for drops to archive, and how many it archives a round.
+    pub archive_interval_ms: u64,
+    pub archive_batch: usize,
 }
 
 impl Default for DropsConfig {
@@ -615,6 +630,9 @@ impl Default for DropsConfig {
             lookups_per_s: DEFAULT_DROP_LOOKUPS_PER_S,
             lookup_burst: DEFAULT_DROP_LOOKUP_BURST,
             fan_holds_max_drops: DEFAULT_FAN_HOLDS_MAX_DROPS,
+            archive_after_s: DEFAULT_ARCHIVE_AFTER_S,
+            archive_interval_ms: DEFAULT_ARCHIVE_INTERVAL_MS,
+            archive_batch: DEFAULT_ARCHIVE_BATCH,
         }
     }
 }
@@ -871,13 +889,19 @@ mod tests {
     }
 
     #[test]
-    fn recovery_slices_must_be_above_zero() {
+    fn recovery_and_archive_bounds_must_be_above_zero() {
         let mut cfg = Config::default();
         cfg.recovery.slice = 0;
         refused(&cfg, "recovery.slice must be above 0");
         let mut cfg = Config::default();
         cfg.recovery.concurrent_drops = 0;
         refused(&cfg, "recovery.concurrent_drops must be above 0");
+        let mut cfg = Config::default();
+        cfg.drops.archive_batch = 0;
+        refused(&cfg, "drops.archive_batch must be above 0");
+        let mut cfg = Config::default();
+        cfg.drops.archive_interval_ms = 0;
+        refused(&cfg, "drops.archive_interval_ms must be above 0");
     }
 
     #[test]

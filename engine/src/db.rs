@@ -28,6 +28,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "payment_attempts",
         include_str!("../../migrations/0002_payment_attempts.sql"),
     ),
+    (
+        3,
+        "archive",
+        include_str!("../../migrations/0003_archive.sql"),
+    ),
 ];
 const MIGRATION_LOCK_ID: i64 = 0x466c_6f6f_6467;
 
@@ -414,8 +419,8 @@ impl Db {
             .client()
             .await?
             .query(
-                "SELECT drop_id FROM drops WHERE status = 'open' OR closed_at > now() - interval '1 hour' \
-                 ORDER BY created_at DESC LIMIT $1",
+                "SELECT drop_id FROM drops WHERE (status = 'open' OR closed_at > now() - interval '1 hour') \
+                 AND archived_at IS NULL ORDER BY created_at DESC LIMIT $1",
                 &[&limit],
             )
             .await?;
@@ -772,6 +777,107 @@ impl Db {
         }
         tx.commit().await?;
         Ok(state)
+    }
+
+    // ---- archived drops ------------------------------------------------------------------------
+
+    /// Closed drops the archiver should look at, oldest closing first: closed at least `after_s`
+    /// ago and not archived all the way yet (with whether Postgres already marks them archived).
+    /// `only`: just these drops (a process that looks after only the drops it served).
+    pub async fn archive_candidates(
+        &self,
+        after_s: u64,
+        limit: i64,
+        only: Option<&[DropId]>,
+    ) -> Result<Vec<(DropId, bool)>> {
+        let only: Option<Vec<&str>> = only.map(|d| d.iter().map(DropId::as_str).collect());
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT drop_id, archived_at IS NOT NULL FROM drops \
+                 WHERE status = 'closed' AND NOT archive_done \
+                 AND closed_at <= now() - make_interval(secs => $1) \
+                 AND ($3::text[] IS NULL OR drop_id = ANY($3)) ORDER BY closed_at LIMIT $2",
+                &[&(after_s as f64), &limit, &only],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| Some((DropId::parse(r.get(0)).ok()?, r.get(1))))
+            .collect())
+    }
+
+    /// Marks a closed drop archived unless a payment of it is unsettled (pending, being voided,
+    /// or authorized and not captured yet: the reconciler still needs its drop). Whether it is
+    /// archived now.
+    pub async fn mark_archived(&self, drop: &DropId) -> Result<bool> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE drops SET archived_at = coalesce(archived_at, now()) \
+                 WHERE drop_id = $1 AND status = 'closed' AND NOT EXISTS (SELECT 1 FROM \
+                 payment_attempts WHERE drop_id = $1 AND state IN ('pending', 'voiding', 'authorized'))",
+                &[&drop.as_str()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// The archived drop's Redis keys are gone.
+    pub async fn mark_archive_done(&self, drop: &DropId) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE drops SET archive_done = true WHERE drop_id = $1 AND archived_at IS NOT NULL",
+                &[&drop.as_str()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn is_archived(&self, drop: &DropId) -> Result<bool> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT archived_at IS NOT NULL FROM drops WHERE drop_id = $1",
+                &[&drop.as_str()],
+            )
+            .await?;
+        Ok(row.is_some_and(|r| r.get(0)))
+    }
+
+    /// An archived drop's final counts per bucket, `(total, sold)`: what Redis counted before it
+    /// let the drop go (nothing is held in an archived drop).
+    pub async fn final_counts(&self, drop: &DropId) -> Result<HashMap<String, (i64, i64)>> {
+        Ok(self
+            .client()
+            .await?
+            .query(
+                "SELECT bucket, total::bigint, sold::bigint FROM inventory WHERE drop_id = $1",
+                &[&drop.as_str()],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect())
+    }
+
+    /// The seats Postgres sold in a drop.
+    pub async fn sold_seats(&self, drop: &DropId) -> Result<std::collections::HashSet<String>> {
+        Ok(self
+            .client()
+            .await?
+            .query(
+                "SELECT seat_id FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL",
+                &[&drop.as_str()],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
     }
 
     /// Opens the snapshot a sliced rebuild reads Postgres through ([`RecoverySnapshot`]).

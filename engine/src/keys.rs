@@ -128,6 +128,25 @@ impl DropKeys {
         self.keys.clone()
     }
 
+    /// Every key of the drop lua/archive.lua removes: meta and stock first (it reads them), then
+    /// the rest of the hold scripts', the waiting room's and the rebuild's, each once. Not the
+    /// idempotency keys, which expire by themselves within hold TTL + 10 minutes of the last
+    /// reserve (and are many: one per reserve).
+    pub fn every(drop: &DropId) -> Vec<String> {
+        let mut names: Vec<&str> = Vec::new();
+        let all = HOLD_KEYS
+            .iter()
+            .chain(JOIN_KEYS.iter())
+            .chain(ADMIT_KEYS.iter())
+            .chain(["admission", REBUILD_KEY].iter());
+        for name in all {
+            if !names.contains(name) {
+                names.push(name);
+            }
+        }
+        names.into_iter().map(|name| drop_key(drop, name)).collect()
+    }
+
     /// The rebuild scripts' keys: all of them and the scratch zset, `KEYS[1]..KEYS[12]`.
     pub fn rebuild(drop: &DropId) -> Vec<String> {
         let mut keys = DropKeys::new(drop).all();
@@ -281,6 +300,29 @@ mod tests {
     }
 
     #[test]
+    fn archive_takes_meta_and_stock_first_and_every_key_once() {
+        let drop = DropId::generate();
+        let every = DropKeys::every(&drop);
+        assert_eq!(every[0], drop_key(&drop, "meta"));
+        assert_eq!(every[1], drop_key(&drop, "stock"));
+        let unique: std::collections::HashSet<&String> = every.iter().collect();
+        assert_eq!(unique.len(), every.len(), "a key twice: {every:?}");
+        let named = HOLD_KEYS
+            .iter()
+            .chain(&JOIN_KEYS)
+            .chain(&ADMIT_KEYS)
+            .chain(&["admission", REBUILD_KEY]);
+        for name in named {
+            assert!(
+                every.contains(&drop_key(&drop, name)),
+                "{name} is left behind"
+            );
+        }
+        let header = header_keys(include_str!("../../lua/archive.lua"));
+        assert_eq!(header, ["meta", "stock"], "archive.lua's KEYS[1], KEYS[2]");
+    }
+
+    #[test]
     fn every_key_carries_the_drop_hash_tag() {
         let drop = DropId::generate();
         let fan = FanId::parse("fan-1").expect("a fan id");
@@ -290,6 +332,7 @@ mod tests {
         all.extend(QueueKeys::new(&drop).join());
         all.push(DropKeys::admission(&drop));
         all.extend(DropKeys::rebuild(&drop));
+        all.extend(DropKeys::every(&drop));
         all.push(DropKeys::idem(&drop, &fan, "k"));
         for key in all {
             assert!(key.contains(&tag), "{key} lacks the hash tag {tag}");

@@ -23,7 +23,7 @@ const LIB: &str = include_str!("../../lua/lib.lua");
 
 /// Every script: its name (its file in `lua/`), its source, and whether it takes `lib.lua` (the
 /// hold scripts do; the waiting room's `join` and `admit` take only the clock).
-const SOURCES: [(&str, &str, bool); 14] = [
+const SOURCES: [(&str, &str, bool); 15] = [
     ("reserve", include_str!("../../lua/reserve.lua"), true),
     ("release", include_str!("../../lua/release.lua"), true),
     ("expire", include_str!("../../lua/expire.lua"), true),
@@ -64,6 +64,7 @@ const SOURCES: [(&str, &str, bool); 14] = [
         include_str!("../../lua/rebuild_finish.lua"),
         true,
     ),
+    ("archive", include_str!("../../lua/archive.lua"), false),
     ("join", include_str!("../../lua/join.lua"), false),
     ("admit", include_str!("../../lua/admit.lua"), false),
 ];
@@ -207,6 +208,7 @@ pub(crate) struct Scripts {
     rebuild_sort: Script,
     rebuild_keep: Script,
     rebuild_finish: Script,
+    archive: Script,
     pub(crate) join: Script,
     pub(crate) admit: Script,
 }
@@ -220,7 +222,7 @@ impl Scripts {
             let lib = if *with_lib { LIB } else { "" };
             Script::from_lua(format!("{clock}\n{lib}\n{body}"))
         });
-        // SOURCES has exactly these fourteen, in this order.
+        // SOURCES has exactly these fifteen, in this order.
         let mut next = || built.next().expect("one script per SOURCES entry");
         Scripts {
             reserve: next(),
@@ -235,12 +237,13 @@ impl Scripts {
             rebuild_sort: next(),
             rebuild_keep: next(),
             rebuild_finish: next(),
+            archive: next(),
             join: next(),
             admit: next(),
         }
     }
 
-    fn all(&self) -> [&Script; 14] {
+    fn all(&self) -> [&Script; 15] {
         [
             &self.reserve,
             &self.release,
@@ -254,6 +257,7 @@ impl Scripts {
             &self.rebuild_sort,
             &self.rebuild_keep,
             &self.rebuild_finish,
+            &self.archive,
             &self.join,
             &self.admit,
         ]
@@ -442,6 +446,30 @@ impl Redis {
             cursor: Some("0".to_owned()),
             found: Vec::new(),
         })
+    }
+
+    /// Removes an archived drop's keys (lua/archive.lua); `Err(reason)` if the drop isn't ready
+    /// to leave Redis (`open`, `live_holds`, `rebuilding`).
+    pub async fn archive(&self, drop: &DropId) -> Result<std::result::Result<i64, String>> {
+        let reply = self
+            .run(&self.scripts.archive, DropKeys::every(drop), vec![])
+            .await?;
+        Ok(match text(reply.first()).as_str() {
+            "ok" => Ok(int(reply.get(1))),
+            _ => Err(text(reply.get(1))),
+        })
+    }
+
+    /// Which of the drop's keys (lua/archive.lua's) Redis still has.
+    pub async fn present_keys(&self, drop: &DropId) -> Result<Vec<String>> {
+        let mut present = Vec::new();
+        for key in DropKeys::every(drop) {
+            let n: i64 = self.client().exists(key.as_str()).await?;
+            if n > 0 {
+                present.push(key);
+            }
+        }
+        Ok(present)
     }
 
     /// One HSCAN step over a drop's holds: the next cursor ("0" when the walk is done) and the

@@ -34,7 +34,7 @@ impl Engine {
         }
     }
 
-    /// Starts the sweeper, reconciler and watcher; they stop when `shutdown` turns true.
+    /// Starts the sweeper, reconciler, watcher and archiver; they stop when `shutdown` turns true.
     pub fn spawn_background(
         self: &Arc<Self>,
         shutdown: watch::Receiver<bool>,
@@ -62,7 +62,7 @@ impl Engine {
         let last_refresh = Arc::new(Mutex::new(None::<Instant>));
         tasks.push(tokio::spawn(every(
             ms(self.cfg.reconciler.watch_interval_ms),
-            shutdown,
+            shutdown.clone(),
             move || {
                 let (e, last_refresh) = (e.clone(), last_refresh.clone());
                 async move {
@@ -73,6 +73,17 @@ impl Engine {
                         *lock(&last_refresh) = Some(Instant::now());
                     }
                     e.watch_redis().await
+                }
+            },
+        )));
+        let e = self.clone();
+        tasks.push(tokio::spawn(every(
+            ms(self.cfg.drops.archive_interval_ms),
+            shutdown,
+            move || {
+                let e = e.clone();
+                async move {
+                    e.archive_round().await;
                 }
             },
         )));
@@ -404,6 +415,12 @@ impl Engine {
     /// One rebuild, in slices of `recovery.slice` entries (lua/rebuild.lua); the bool says
     /// whether Postgres' sold counts stayed as read while it ran.
     pub(super) async fn recover_inner(&self, drop: &DropId) -> Result<(i64, i64, bool)> {
+        if self.db.is_archived(drop).await? {
+            // Postgres is an archived drop's only record: nothing to rebuild (and no meta key to
+            // write, which would bring it back to readers half made). No longer looked after.
+            self.forget_drop(drop);
+            return Ok((0, 0, true));
+        }
         self.redis.set_meta(drop, "recovering", "1").await?;
         let (def, status) = self
             .db
@@ -448,6 +465,76 @@ impl Engine {
         metrics::counter!(m::RECOVERIES).increment(1);
         tracing::info!(%drop, kept, ended, settled, calls = report.calls, "drop recovered from Postgres");
         Ok((kept, ended, settled))
+    }
+}
+
+impl Engine {
+    /// One archiver round: up to `drops.archive_batch` closed drops, closed at least
+    /// `drops.archive_after_s` ago, leave Redis (a process that looks after only the drops it
+    /// served archives only those). How many were archived.
+    pub async fn archive_round(&self) -> usize {
+        let only = (self.cfg.reconciler.watch_newest_drops == 0).then(|| self.watched_drops());
+        let candidates = match self
+            .db
+            .archive_candidates(
+                self.cfg.drops.archive_after_s,
+                self.cfg.drops.archive_batch as i64,
+                only.as_deref(),
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "archiver round skipped");
+                return 0;
+            }
+        };
+        let mut archived = 0;
+        for (drop, marked) in candidates {
+            match self.archive(&drop, marked).await {
+                Ok(true) => archived += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(%drop, error = %e, "archiving this drop failed; next round")
+                }
+            }
+        }
+        archived
+    }
+
+    /// Archives one closed drop: Postgres marks it archived (unless a payment of it is unsettled)
+    /// — from then on readers serve it from Postgres and recovery skips it — then its Redis keys
+    /// go (lua/archive.lua), then Postgres notes they are gone. A drop that still holds anything
+    /// waits. Stopped halfway, the next round picks it up where it stopped.
+    async fn archive(&self, drop: &DropId, marked: bool) -> Result<bool> {
+        if !marked {
+            // Nothing may still be held or being paid for (a flushed drop holds nothing).
+            if let Some(state) = self.redis.drop_state(drop).await? {
+                if state.status != "closed" || state.recovering {
+                    return Ok(false);
+                }
+                if self.redis.counts(drop).await?.values().any(|c| c.held != 0) {
+                    return Ok(false);
+                }
+            }
+            if !self.db.mark_archived(drop).await? {
+                return Ok(false);
+            }
+        }
+        if let Err(why) = self.redis.archive(drop).await? {
+            tracing::debug!(%drop, why, "archived drop's keys stay for now");
+            return Ok(false);
+        }
+        self.db.mark_archive_done(drop).await?;
+        self.forget_drop(drop);
+        tracing::info!(%drop, "closed drop archived: Postgres serves it from now on");
+        Ok(true)
+    }
+
+    /// An archived drop is no longer looked after by the sweeper, reconciler or watcher.
+    fn forget_drop(&self, drop: &DropId) {
+        lock(&self.touched).remove(drop);
+        lock(&self.watched).retain(|d| d != drop);
     }
 }
 

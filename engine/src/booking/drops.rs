@@ -213,9 +213,11 @@ impl Engine {
     }
 
     /// Status from Redis; a drop missing there (flushed, lost) starts recovery and answers 503.
-    pub(super) async fn live_status(&self, drop: &DropId) -> Result<String> {
+    /// `None`: the drop is archived (Redis has none of it; Postgres serves it).
+    pub(super) async fn live_status(&self, drop: &DropId) -> Result<Option<String>> {
         match self.redis.drop_state(drop).await? {
-            Some(state) if !state.recovering => Ok(state.status),
+            Some(state) if !state.recovering => Ok(Some(state.status)),
+            None if self.db.is_archived(drop).await? => Ok(None),
             _ => {
                 self.start_recovery(drop);
                 Err(recovering())
@@ -237,6 +239,10 @@ impl Engine {
     pub async fn close_drop(&self, seller: &ApiKey, drop: &DropId) -> Result<DropView> {
         let def = self.owned_drop(seller, drop).await?;
         self.db.close_drop(drop).await?;
+        // An archived drop is closed already and has no Redis state left to mark.
+        if self.db.is_archived(drop).await? {
+            return self.archived_view(&def).await;
+        }
         self.redis.set_meta(drop, "status", "closed").await?;
         self.drop_view_of(&def, "closed").await
     }

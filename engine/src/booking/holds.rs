@@ -72,6 +72,13 @@ impl Engine {
                 })
             }
             Reserved::Refused {
+                code: Code::UnknownDrop,
+                ..
+            } if self.db.is_archived(drop).await? => {
+                // Archived: closed for good, Postgres its only record (nothing to rebuild).
+                Err(Error::new(Code::DropClosed))
+            }
+            Reserved::Refused {
                 code: Code::Recovering | Code::UnknownDrop,
                 ..
             } => {

@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::*;
 use crate::drops::AdmissionMode;
+use crate::scripts::Counts;
 
 /// Something a request made, or found already made (a repeated confirm): servers
 /// answer 201 for the first, 200 for the second.
@@ -154,12 +155,43 @@ pub struct AdmissionView {
 impl Engine {
     pub async fn drop_view(&self, drop: &DropId) -> Result<DropView> {
         let def = self.drop_def(drop).await?;
-        let status = self.live_status(drop).await?;
-        self.drop_view_of(&def, &status).await
+        match self.live_status(drop).await? {
+            Some(status) => self.drop_view_of(&def, &status).await,
+            None => self.archived_view(&def).await,
+        }
     }
 
     pub(super) async fn drop_view_of(&self, def: &DropDef, status: &str) -> Result<DropView> {
         let counts = self.redis.counts(&def.drop_id).await?;
+        Ok(self.view_with_counts(def, status, &counts))
+    }
+
+    /// An archived drop, from Postgres: closed, its final counts, nothing held.
+    pub(super) async fn archived_view(&self, def: &DropDef) -> Result<DropView> {
+        let counts = self
+            .db
+            .final_counts(&def.drop_id)
+            .await?
+            .into_iter()
+            .map(|(bucket, (total, sold))| {
+                let c = Counts {
+                    total,
+                    available: total - sold,
+                    held: 0,
+                    sold,
+                };
+                (bucket, c)
+            })
+            .collect();
+        Ok(self.view_with_counts(def, "closed", &counts))
+    }
+
+    fn view_with_counts(
+        &self,
+        def: &DropDef,
+        status: &str,
+        counts: &HashMap<String, Counts>,
+    ) -> DropView {
         let ga = def.kind == Kind::Ga;
         let inventory = def
             .buckets
@@ -187,7 +219,7 @@ impl Engine {
                 }
             })
             .collect();
-        Ok(DropView {
+        DropView {
             drop_id: def.drop_id.clone(),
             name: def.name.clone(),
             currency: def.currency.clone(),
@@ -202,7 +234,7 @@ impl Engine {
             seed_sha256: def.seed_sha256.clone(),
             inventory,
             server_now_ms: now_ms(),
-        })
+        }
     }
 
     pub async fn seats_view(&self, drop: &DropId) -> Result<SeatsView> {
@@ -210,8 +242,19 @@ impl Engine {
         if def.kind != Kind::Seated {
             return Err(Error::invalid("this drop has no seats"));
         }
-        self.live_status(drop).await?;
-        let states = self.redis.seat_states(drop).await?;
+        let states = match self.live_status(drop).await? {
+            Some(_) => self.redis.seat_states(drop).await?,
+            // Archived: Postgres' sold seats, the rest free (nothing is held any more).
+            None => {
+                let sold = self.db.sold_seats(drop).await?;
+                def.seat_ids()
+                    .map(|(id, ..)| {
+                        let state = if sold.contains(&id) { "#" } else { "-" };
+                        (id, state.to_owned())
+                    })
+                    .collect()
+            }
+        };
         let seats = def
             .seat_ids()
             .map(|(id, b, row, n)| {
