@@ -1,6 +1,6 @@
 //! The work that keeps Redis honest without a request: the sweeper (expiry), the reconciler
-//! (confirms that stopped halfway), the watcher (Redis restarts and lost drops) and recovery
-//! (rebuilding a drop from Postgres).
+//! (confirms that stopped halfway), the watcher (Redis restarts and lost drops), recovery
+//! (rebuilding a drop from Postgres, in slices) and the archiver (closed drops leave Redis).
 
 use super::*;
 

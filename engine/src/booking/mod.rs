@@ -10,7 +10,7 @@
 //!   drops not cached yet.
 //! - `holds.rs` — a fan's reserve and release.
 //! - `confirm.rs` — paying for a hold: confirm begin, payment, the order's commit, finish or revert.
-//! - `background.rs` — the sweeper, the reconciler, the Redis watcher and recovery.
+//! - `background.rs` — the sweeper, the reconciler, the Redis watcher, recovery and the archiver.
 //! - `views.rs` — what the engine shows: drops, seats, holds, orders.
 
 mod background;
