@@ -23,7 +23,9 @@
 -- a quarter of the grace (Redis down, every instance stopped, or nobody here for a while), for a
 -- whole grace only waiters already gone a grace before the gap began leave: presence refreshes
 -- stopped too, so being unseen since says nothing about the fan, and sockets need the time to
--- reconnect.
+-- reconnect. After Redis lost the line, nobody enters until meta's line_returning_until_ms
+-- (lua/line_restore.lua): returning fans get their places back meanwhile, so the order they are
+-- admitted in is the line's, not their reconnect speed's (the state says recovering).
 -- Time comes from now_ms() (clock.lua, prepended by engine::scripts).
 -- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, per_fan_limit (see lib.lua)
 -- KEYS[2] {drop_id}:admission  hash   rate_per_s, burst, max_active, paused "0"/"1",
@@ -40,10 +42,13 @@
 -- KEYS[9] {drop_id}:places     hash   fan id → place (a waiter who leaves loses theirs)
 -- KEYS[10] {drop_id}:seen      zset   waiting fan id → last seen ms
 -- KEYS[11] {drop_id}:sessions  hash   admitted fan id → "<shop end ms>:<hard end ms>"
+-- KEYS[12] {drop_id}:seq       string the join counter (returned, so its high-water mark can be
+--                                     kept in Postgres, beyond the reach of a Redis loss)
 -- ARGV[1] most waiters to send away, and most ended sessions to drop, per call
 -- Returns {state, watermark place (decimal string), admitted ever, waiting, active, rate_per_s,
 --          now_ms, left (waiters sent away by this call), leave_grace_ms,
 --          shop end ms, hard end ms (of this call's admissions; 0, 0 when it admitted none),
+--          the join counter,
 --          fan 1, place 1, fan 2, place 2, ...}   (the fans admitted by this call)
 --   state: open | paused | pre_queue | all_held | sold_out | closed | recovering | unknown_drop
 
@@ -62,13 +67,13 @@ local shop_end, hard_end = 0, 0
 
 local function answer(state, active, popped)
   local out = {state, watermark, admitted_ever, redis.call('ZCARD', KEYS[6]), active,
-    tostring(rate), now, left, grace_ms, shop_end, hard_end}
+    tostring(rate), now, left, grace_ms, shop_end, hard_end, redis.call('GET', KEYS[12]) or '0'}
   for _, x in ipairs(popped or {}) do out[#out + 1] = x end
   return out
 end
 
 local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms', 'per_fan_limit',
-  'hold_ttl_ms', 'confirm_grace_ms')
+  'hold_ttl_ms', 'confirm_grace_ms', 'line_returning_until_ms')
 if not meta[1] then return answer('unknown_drop', 0) end
 
 -- Before the recovering check: a Redis restart is such a gap, and recovery may take a while.
@@ -79,7 +84,7 @@ if last_run and now - last_run > grace_ms / 4 then
   redis.call('HSET', KEYS[7], 'quiet_until_ms', quiet_until, 'quiet_cutoff_ms', cutoff)
 end
 redis.call('HSET', KEYS[7], 'run_ms', now)
-if meta[2] == '1' then return answer('recovering', 0) end
+if meta[2] == '1' or now < (tonumber(meta[7]) or 0) then return answer('recovering', 0) end
 
 if now >= quiet_until or not cutoff then cutoff = now - grace_ms end
 local gone = redis.call('ZRANGEBYSCORE', KEYS[10], '-inf', '(' .. cutoff,

@@ -3,8 +3,16 @@
 -- entry in the places hash, so they can't join again. Before `opens_at_ms` the place is the
 -- caller's commit–reveal score (HMAC-SHA256(seed, fan) cut to 52 bits, below 2^52); after it,
 -- 2^52 + a counter, so the line is first come, first served and never depends on a clock.
+-- After Redis lost the line (lua/line_restore.lua stamped meta's line_rebuilt_ms), a fan with no
+-- place may bring back what they held from before the loss, verified and passed in by the caller:
+-- an admission token (its place and session ends: the session comes back, if its shop end hasn't
+-- passed), or a place receipt (the place comes back: in the line, or "done" if it is at or below
+-- the admitted watermark, or if the fan bought the per-fan limit). Only proofs issued before the
+-- rebuild count, and a receipt only if issued within two leave graces of it: a fan unseen for
+-- longer had left the line (one grace), the other covers the time from the loss to its rebuild.
 -- Time comes from now_ms() (clock.lua, prepended by engine::scripts).
--- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, mode (see lib.lua)
+-- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, mode, per_fan_limit,
+--                                     line_rebuilt_ms (see lib.lua)
 -- KEYS[2] {drop_id}:admission  hash   ops' settings; line_state = "sold_out" once the line closed
 -- KEYS[3] {drop_id}:places     hash   fan id → place (kept after admission: one place per fan)
 -- KEYS[4] {drop_id}:line       zset   waiting fan id → place
@@ -12,8 +20,14 @@
 -- KEYS[6] {drop_id}:active     zset   admitted fan id → admission deadline ms
 -- KEYS[7] {drop_id}:seen       zset   waiting fan id → last seen ms (a join counts as seen;
 --                                     admit.lua sends away waiters unseen for leave_grace_s)
+-- KEYS[8] {drop_id}:sessions   hash   admitted fan id → "<shop end ms>:<hard end ms>"
+-- KEYS[9] {drop_id}:fans       hash   fan id → units held + confirming + bought
+-- KEYS[10] {drop_id}:watermark hash   place (highest place admitted), admitted
 -- ARGV[1] fan id
 -- ARGV[2] pre-queue score, a decimal integer in [0, 2^52) (used only before opening)
+-- ARGV[3] a place receipt's place, ARGV[4] its issue time ms ("-", "-" when none)
+-- ARGV[5] an admission token's place, ARGV[6] its issue time ms, ARGV[7] its shop end ms,
+--         ARGV[8] its hard end ms ("-" x4 when none)
 -- Returns {place (decimal string), 1 if the place is new else 0, status, opens_at_ms, now_ms}
 --   status: waiting | pre_queue | admitted (in the active set, deadline not passed) |
 --           done (admitted before, session over) | sold_out | closed | recovering | unknown_drop |
@@ -21,9 +35,13 @@
 -- A fan with no place on a sold-out / closed drop gets place "0" and no place is made.
 
 local fan, prequeue_score = ARGV[1], ARGV[2]
+local receipt_place, receipt_iat = tonumber(ARGV[3]), tonumber(ARGV[4])
+local token_place, token_iat = tonumber(ARGV[5]), tonumber(ARGV[6])
+local token_shop_end, token_hard_end = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = now_ms()
 
-local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms', 'mode')
+local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms', 'mode',
+  'per_fan_limit', 'line_rebuilt_ms')
 if not meta[1] then return {'0', 0, 'unknown_drop', 0, now} end
 local opens_at = tonumber(meta[3]) or 0
 if meta[2] == '1' then return {'0', 0, 'recovering', opens_at, now} end
@@ -52,6 +70,36 @@ end
 if meta[1] == 'closed' then return {'0', 0, 'closed', opens_at, now} end
 if redis.call('HGET', KEYS[2], 'line_state') == 'sold_out' then
   return {'0', 0, 'sold_out', opens_at, now}
+end
+
+local rebuilt = tonumber(meta[6])
+if rebuilt then
+  -- An admitted fan from before the loss: their session, as their admission token has it.
+  if token_place and token_iat and token_shop_end and token_hard_end and token_iat < rebuilt
+      and now < token_shop_end then
+    local key = string.format('%.0f', token_place)
+    redis.call('HSET', KEYS[3], fan, key)
+    redis.call('ZADD', KEYS[6], 'GT', token_shop_end, fan)
+    redis.call('HSET', KEYS[8], fan, string.format('%.0f:%.0f', token_shop_end, token_hard_end))
+    return {key, 0, 'admitted', opens_at, now}
+  end
+  -- A waiter from before the loss: their place, as their receipt has it.
+  local grace_ms = (tonumber(redis.call('HGET', KEYS[2], 'leave_grace_s')) or 120) * 1000
+  if receipt_place and receipt_iat and receipt_iat < rebuilt
+      and receipt_iat >= rebuilt - 2 * grace_ms then
+    local key = string.format('%.0f', receipt_place)
+    local limit = tonumber(meta[5]) or 0
+    local bought = tonumber(redis.call('HGET', KEYS[9], fan)) or 0
+    if limit > 0 and bought >= limit then return {'0', 0, 'done', opens_at, now} end
+    redis.call('HSET', KEYS[3], fan, key)
+    local watermark = tonumber(redis.call('HGET', KEYS[10], 'place')) or 0
+    -- At or below the watermark: admitted before the loss, so not again.
+    if receipt_place <= watermark then return {key, 0, 'done', opens_at, now} end
+    redis.call('ZADD', KEYS[4], key, fan)
+    redis.call('ZADD', KEYS[7], now, fan)
+    if now < opens_at then return {key, 0, 'pre_queue', opens_at, now} end
+    return {key, 0, 'waiting', opens_at, now}
+  end
 end
 
 local status

@@ -100,6 +100,10 @@ impl Config {
             ),
             ("queue.ws_ping_interval_ms", self.queue.ws_ping_interval_ms),
             ("queue.ws_auth_timeout_ms", self.queue.ws_auth_timeout_ms),
+            (
+                "queue.line_marks_interval_ms",
+                self.queue.line_marks_interval_ms,
+            ),
         ];
         let positive_counts = [
             ("recovery.slice", self.recovery.slice),
@@ -670,6 +674,9 @@ pub const DEFAULT_WS_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// A page sends its auth frame the moment its socket opens: 10 s covers a slow phone link many
 /// times over, and bounds what a socket that never authenticates costs (a connection slot).
 pub const DEFAULT_WS_AUTH_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_RECOVERY_RETURN_S: u64 = 30;
+pub const DEFAULT_LINE_SEQ_MARGIN: u64 = 1_000_000;
+pub const DEFAULT_LINE_MARKS_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_LEAVE_BATCH: usize = 1_000;
 /// A write that blocks this long means the client stopped reading.
 pub const DEFAULT_WS_SEND_TIMEOUT_MS: u64 = 10_000;
@@ -757,6 +764,17 @@ pub struct QueueConfig {
     /// within this long, or it is closed: the fan token never travels in a URL, and a socket
     /// that says nothing holds no connection slot for longer than this.
     pub ws_auth_timeout_ms: u64,
+    /// After Redis lost a line, how long admission waits while fans come back with their place
+    /// receipts and admission tokens (docs/ARCHITECTURE.md, "The line after Redis loss"), so the
+    /// order they are admitted in is the line's, not their reconnect speed's.
+    pub recovery_return_s: u64,
+    /// After Redis lost a line, the join counter restarts this far above its kept mark: more
+    /// than the joins any line takes between two marks (`line_marks_interval_ms`), so a fan who
+    /// joins after the loss gets a place behind every one handed out before it.
+    pub line_seq_margin: u64,
+    /// How often an instance running a line keeps its marks (join counter, admitted watermark)
+    /// in Postgres, when they moved.
+    pub line_marks_interval_ms: u64,
     /// `GET /queue/me` polls per second per fan (governor, per process), and the burst.
     pub per_fan_poll_per_s: u32,
     pub per_fan_poll_burst: u32,
@@ -802,6 +820,9 @@ impl Default for QueueConfig {
             ws_send_timeout_ms: DEFAULT_WS_SEND_TIMEOUT_MS,
             ws_close_wait_ms: DEFAULT_WS_CLOSE_WAIT_MS,
             ws_auth_timeout_ms: DEFAULT_WS_AUTH_TIMEOUT_MS,
+            recovery_return_s: DEFAULT_RECOVERY_RETURN_S,
+            line_seq_margin: DEFAULT_LINE_SEQ_MARGIN,
+            line_marks_interval_ms: DEFAULT_LINE_MARKS_INTERVAL_MS,
             per_fan_poll_per_s: DEFAULT_QUEUE_PER_FAN_POLL_PER_S,
             per_fan_poll_burst: DEFAULT_QUEUE_PER_FAN_POLL_BURST,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,

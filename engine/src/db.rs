@@ -33,8 +33,22 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "archive",
         include_str!("../../migrations/0003_archive.sql"),
     ),
+    (
+        4,
+        "line_marks",
+        include_str!("../../migrations/0004_line_marks.sql"),
+    ),
 ];
 const MIGRATION_LOCK_ID: i64 = 0x466c_6f6f_6467;
+
+/// A waiting room's high-water marks (migrations/0004_line_marks.sql): the join counter, the
+/// highest place admitted, admissions ever.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LineMarks {
+    pub seq: i64,
+    pub place: i64,
+    pub admitted: i64,
+}
 
 /// What [`Db::void_attempt`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,6 +406,39 @@ impl Db {
             )
             .await?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Raises a queue drop's kept line marks to these (never lowers them: instances report what
+    /// they saw, in any order).
+    pub async fn keep_line_marks(&self, drop: &DropId, marks: LineMarks) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE drops SET line_seq_mark = GREATEST(line_seq_mark, $2), \
+                 line_place_mark = GREATEST(line_place_mark, $3), \
+                 line_admitted_mark = GREATEST(line_admitted_mark, $4) WHERE drop_id = $1",
+                &[&drop.as_str(), &marks.seq, &marks.place, &marks.admitted],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A drop's kept line marks (zeros for an unknown drop, or one whose line never moved).
+    pub async fn line_marks(&self, drop: &DropId) -> Result<LineMarks> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT line_seq_mark, line_place_mark, line_admitted_mark FROM drops \
+                 WHERE drop_id = $1",
+                &[&drop.as_str()],
+            )
+            .await?;
+        Ok(row.map_or(LineMarks::default(), |r| LineMarks {
+            seq: r.get(0),
+            place: r.get(1),
+            admitted: r.get(2),
+        }))
     }
 
     pub async fn list_drops(

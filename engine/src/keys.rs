@@ -44,7 +44,7 @@ pub const REBUILD_SCRIPTS: [(&str, &str); 4] = [
 ];
 
 /// lua/join.lua's KEYS, in order.
-pub const JOIN_KEYS: [&str; 7] = [
+pub const JOIN_KEYS: [&str; 10] = [
     "meta",
     "admission",
     "places",
@@ -52,10 +52,13 @@ pub const JOIN_KEYS: [&str; 7] = [
     "seq",
     "active",
     "seen",
+    "sessions",
+    "fans",
+    "watermark",
 ];
 
 /// lua/admit.lua's KEYS, in order.
-pub const ADMIT_KEYS: [&str; 11] = [
+pub const ADMIT_KEYS: [&str; 12] = [
     "meta",
     "admission",
     "stock",
@@ -67,7 +70,11 @@ pub const ADMIT_KEYS: [&str; 11] = [
     "places",
     "seen",
     "sessions",
+    "seq",
 ];
+
+/// lua/line_restore.lua's KEYS, in order.
+pub const LINE_RESTORE_KEYS: [&str; 3] = ["meta", "seq", "watermark"];
 
 /// The keys of one drop, in the order every hold script takes them.
 #[derive(Debug, Clone)]
@@ -217,6 +224,10 @@ impl QueueKeys {
         JOIN_KEYS.iter().map(|k| self.named(k)).collect()
     }
 
+    /// lua/line_restore.lua's KEYS.
+    pub fn line_restore(&self) -> Vec<String> {
+        LINE_RESTORE_KEYS.iter().map(|k| self.named(k)).collect()
+    }
 
     /// lua/admit.lua's KEYS.
     pub fn admit(&self) -> Vec<String> {
@@ -273,6 +284,10 @@ mod tests {
     fn join_and_admit_headers_name_their_keys_in_the_same_order() {
         assert_eq!(header_keys(include_str!("../../lua/join.lua")), JOIN_KEYS);
         assert_eq!(header_keys(include_str!("../../lua/admit.lua")), ADMIT_KEYS);
+        assert_eq!(
+            header_keys(include_str!("../../lua/line_restore.lua")),
+            LINE_RESTORE_KEYS
+        );
         let drop = DropId::generate();
         let q = QueueKeys::new(&drop);
         for (i, name) in ADMIT_KEYS.iter().enumerate() {

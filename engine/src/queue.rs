@@ -12,6 +12,7 @@ use serde::Serialize;
 use sha2::Sha256;
 
 use crate::booking::Engine;
+use crate::db::LineMarks;
 use crate::drops::AdmissionMode;
 use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId};
@@ -163,6 +164,24 @@ pub struct Tick {
     pub admitted: Vec<(FanId, i64)>,
     /// The sessions of the fans this call admitted (one admission run, one pair of ends).
     pub session: Option<SessionEnds>,
+    /// The join counter (its high-water mark is kept in Postgres: [`crate::db::LineMarks`]).
+    pub seq: i64,
+}
+
+/// What a fan's page presents when it joins: the last place receipt it was handed and its
+/// admission token, if it has them. They matter only after Redis lost the line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Proofs<'a> {
+    pub receipt: Option<&'a str>,
+    pub admission_token: Option<&'a str>,
+}
+
+/// What a fan brings back after Redis lost the line (lua/join.lua): the place their receipt
+/// says, or the session their admission token carries, each with its issue time (ms).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Returning {
+    pub receipt: Option<(i64, i64)>,
+    pub admitted: Option<(i64, i64, SessionEnds)>,
 }
 
 /// A fan's standing from plain reads: their place, how many wait ahead, their admission deadline.
@@ -179,21 +198,46 @@ pub struct Standing {
     pub session: Option<SessionEnds>,
 }
 
+/// What [`Redis::standing`] reads: place, rank, deadline, admissions, session.
+type StandingReads = (
+    Option<String>,
+    Option<i64>,
+    Option<f64>,
+    Option<i64>,
+    Option<String>,
+);
+
 fn place_of(v: Option<&Value>) -> i64 {
     text(v).parse::<f64>().map_or(0, |f| f as i64)
 }
 
 impl Redis {
     /// lua/join.lua: the fan's one place in the drop's line.
-    pub async fn join(&self, drop: &DropId, fan: &FanId, prequeue_score: i64) -> Result<Joined> {
+    pub async fn join(
+        &self,
+        drop: &DropId,
+        fan: &FanId,
+        prequeue_score: i64,
+        returning: Returning,
+    ) -> Result<Joined> {
         let k = QueueKeys::new(drop);
-        let reply = self
-            .run(
-                &self.scripts.join,
-                k.join(),
-                vec![fan.to_string(), prequeue_score.to_string()],
-            )
-            .await?;
+        // "-": none (an empty argument reads the same to the script; this one reads in a log).
+        let none = || "-".to_owned();
+        let mut argv = vec![fan.to_string(), prequeue_score.to_string()];
+        match returning.receipt {
+            Some((place, iat_ms)) => argv.extend([place.to_string(), iat_ms.to_string()]),
+            None => argv.extend([none(), none()]),
+        }
+        match returning.admitted {
+            Some((place, iat_ms, ends)) => argv.extend([
+                place.to_string(),
+                iat_ms.to_string(),
+                ends.shop_end_ms.to_string(),
+                ends.hard_end_ms.to_string(),
+            ]),
+            None => argv.extend([none(), none(), none(), none()]),
+        }
+        let reply = self.run(&self.scripts.join, k.join(), argv).await?;
         let status = match text(reply.get(2)).as_str() {
             "waiting" => FanStatus::Waiting,
             "pre_queue" => FanStatus::PreQueue,
@@ -225,7 +269,7 @@ impl Redis {
                 vec![leave_batch.max(1).to_string()],
             )
             .await?;
-        const FIXED: usize = 11;
+        const FIXED: usize = 12;
         let mut admitted = Vec::with_capacity(reply.len().saturating_sub(FIXED) / 2);
         let mut i = FIXED;
         while i + 1 < reply.len() {
@@ -248,6 +292,7 @@ impl Redis {
                 shop_end_ms: int(reply.get(9)),
                 hard_end_ms: int(reply.get(10)),
             }),
+            seq: int(reply.get(11)),
             admitted,
         })
     }
@@ -267,13 +312,7 @@ impl Redis {
         let _: () = p.zscore(&k.active, fan.as_str()).await?;
         let _: () = p.hget(&k.watermark, "admitted").await?;
         let _: () = p.hget(&k.sessions, fan.as_str()).await?;
-        let (place, rank, deadline, admitted, session): (
-            Option<String>,
-            Option<i64>,
-            Option<f64>,
-            Option<i64>,
-            Option<String>,
-        ) = p.all().await?;
+        let (place, rank, deadline, admitted, session): StandingReads = p.all().await?;
         Ok(Standing {
             place: place.and_then(|p| p.parse::<f64>().ok()).map(|p| p as i64),
             ahead: rank,
@@ -281,6 +320,31 @@ impl Redis {
             admitted_total: admitted.unwrap_or(0),
             session: session.as_deref().and_then(SessionEnds::parse),
         })
+    }
+
+    /// lua/line_restore.lua: if Redis lost the drop's line, sets it up again from the marks
+    /// Postgres kept; true if it did.
+    pub async fn restore_line(
+        &self,
+        drop: &DropId,
+        marks: LineMarks,
+        seq_margin: u64,
+        returning_ms: u64,
+    ) -> Result<bool> {
+        let reply = self
+            .run(
+                &self.scripts.line_restore,
+                QueueKeys::new(drop).line_restore(),
+                vec![
+                    marks.seq.to_string(),
+                    seq_margin.to_string(),
+                    marks.place.to_string(),
+                    marks.admitted.to_string(),
+                    returning_ms.to_string(),
+                ],
+            )
+            .await?;
+        Ok(text(reply.first()) == "restored")
     }
 
     /// Marks waiters as seen at `now_ms`, Redis' clock (admit.lua compares it with `TIME`; the
@@ -396,17 +460,32 @@ impl Queue {
         Ok(seed)
     }
 
-    /// Joins the fan to a queue drop's line (idempotent).
-    pub async fn join(&self, drop: &DropId, fan: &FanId) -> Result<Joined> {
+    /// Joins the fan to a queue drop's line (idempotent). After Redis lost the line, what the
+    /// fan presents brings back their place or session (lua/join.lua): a receipt that doesn't
+    /// verify is refused (422 `invalid_request`); an admission token that doesn't (expired, most
+    /// often: the session is over) brings nothing back and is no error.
+    pub async fn join(&self, drop: &DropId, fan: &FanId, proofs: Proofs<'_>) -> Result<Joined> {
         let def = self.engine.drop_def(drop).await?;
         if def.admission.mode != AdmissionMode::Queue {
             return Err(not_queue());
         }
+        let receipt = match proofs.receipt {
+            Some(r) => {
+                let c = self.engine.admission.verify_receipt(r, drop, fan)?;
+                Some((c.place, c.iat_ms))
+            }
+            None => None,
+        };
+        let admitted = proofs
+            .admission_token
+            .and_then(|t| self.engine.admission.verify(t, drop, fan).ok())
+            .and_then(|c| Some((c.place, c.iat * 1000, c.session()?)));
+        let returning = Returning { receipt, admitted };
         let seed = self.seed(drop).await?;
         let joined = match self
             .engine
             .redis
-            .join(drop, fan, prequeue_score(&seed, fan))
+            .join(drop, fan, prequeue_score(&seed, fan), returning)
             .await
         {
             // Postgres has the drop (drop_def above) and Redis doesn't: Redis lost it (a flush,
@@ -419,6 +498,16 @@ impl Queue {
             metrics::counter!(crate::metrics::QUEUE_JOINS).increment(1);
         }
         Ok(joined)
+    }
+
+    /// A place receipt for a waiter: what their page presents if Redis loses the line.
+    pub fn receipt(&self, drop: &DropId, fan: &FanId, place: i64) -> String {
+        self.engine.admission.issue_receipt(drop, fan, place)
+    }
+
+    /// Keeps the line's marks in Postgres (see [`LineMarks`]).
+    pub async fn keep_line_marks(&self, drop: &DropId, marks: LineMarks) -> Result<()> {
+        self.engine.db.keep_line_marks(drop, marks).await
     }
 
     /// The seed's SHA-256 (published at creation) and, once the drop has opened, the seed itself.

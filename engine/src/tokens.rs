@@ -215,6 +215,8 @@ impl AdmissionClaims {
 /// The first secret signs; every secret verifies, so a rotation runs with two for a while.
 pub struct AdmissionKeys {
     secrets: Vec<Vec<u8>>,
+    /// Place receipts' keys, one derived from each secret (the first signs).
+    receipt_keys: Vec<Vec<u8>>,
     pub token_ttl_s: i64,
 }
 
@@ -231,6 +233,7 @@ impl AdmissionKeys {
             secrets.push(random_secret().into_bytes());
         }
         AdmissionKeys {
+            receipt_keys: secrets.iter().map(|s| receipt_key(s)).collect(),
             secrets,
             token_ttl_s: cfg.token_ttl_s as i64,
         }
@@ -284,24 +287,7 @@ impl AdmissionKeys {
                 format!("Admission token refused: {why}."),
             )
         };
-        let mut parts = token.split('.');
-        let (Some("v1"), Some(payload), Some(sig), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(refuse("malformed"));
-        };
-        let sig = B64.decode(sig).map_err(|_| refuse("malformed"))?;
-        let signed = self.secrets.iter().any(|secret| {
-            let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
-            mac.update(payload.as_bytes());
-            mac.verify_slice(&sig).is_ok()
-        });
-        if !signed {
-            return Err(refuse("bad signature"));
-        }
-        let claims: AdmissionClaims =
-            serde_json::from_slice(&B64.decode(payload).map_err(|_| refuse("malformed"))?)
-                .map_err(|_| refuse("malformed"))?;
+        let claims: AdmissionClaims = opened("v1", &self.secrets, token).map_err(refuse)?;
         if claims.exp <= now_s() {
             return Err(refuse("expired"));
         }
@@ -313,6 +299,90 @@ impl AdmissionKeys {
         }
         Ok(claims)
     }
+
+    /// A place receipt for a fan in a drop's line (see [`ReceiptClaims`]), signed with the
+    /// receipts' own key.
+    pub fn issue_receipt(&self, drop: &DropId, fan: &FanId, place: i64) -> String {
+        let claims = ReceiptClaims {
+            typ: RECEIPT_TYPE.into(),
+            drop: drop.to_string(),
+            fan: fan.to_string(),
+            place,
+            iat_ms: now_ms(),
+        };
+        let payload = B64.encode(serde_json::to_vec(&claims).unwrap_or_default());
+        let sig = B64.encode(Self::mac(&self.receipt_keys[0], &payload));
+        format!("r1.{payload}.{sig}")
+    }
+
+    /// Checks a place receipt's signature, type, drop and fan: 422 `invalid_request` otherwise
+    /// (a receipt doesn't expire; what it is still good for, lua/join.lua decides).
+    pub fn verify_receipt(
+        &self,
+        receipt: &str,
+        drop: &DropId,
+        fan: &FanId,
+    ) -> Result<ReceiptClaims> {
+        let refuse = |why: &str| Error::invalid(format!("The place receipt is refused: {why}."));
+        let claims: ReceiptClaims = opened("r1", &self.receipt_keys, receipt).map_err(refuse)?;
+        if claims.typ != RECEIPT_TYPE {
+            return Err(refuse("not a place receipt"));
+        }
+        if claims.drop != drop.as_str() || claims.fan != fan.as_str() {
+            return Err(refuse("issued for another drop or fan"));
+        }
+        Ok(claims)
+    }
+}
+
+/// The type tag every place receipt carries: a token of another kind never passes for one.
+const RECEIPT_TYPE: &str = "place";
+
+/// What a place receipt says: this fan held this place in this drop's line at `iat_ms` (the
+/// server's clock). The waiting room hands a fresh one with each standing it tells a waiter; after
+/// Redis lost the line the fan's page presents it, and the place comes back (lua/join.lua).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptClaims {
+    pub typ: String,
+    pub drop: String,
+    pub fan: String,
+    pub place: i64,
+    pub iat_ms: i64,
+}
+
+/// The receipts' key from an admission secret: its own key (a receipt signed with it is no
+/// admission token, and the other way round), derived, so every instance with the same secrets
+/// agrees without another setting.
+fn receipt_key(secret: &[u8]) -> Vec<u8> {
+    AdmissionKeys::mac(secret, "floodgate place receipt key v1")
+}
+
+/// The claims of `<prefix>.<base64url JSON>.<base64url HMAC-SHA256>` signed with any of `keys`.
+fn opened<T: serde::de::DeserializeOwned>(
+    prefix: &str,
+    keys: &[Vec<u8>],
+    token: &str,
+) -> std::result::Result<T, &'static str> {
+    let mut parts = token.split('.');
+    let (Some(p), Some(payload), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("malformed");
+    };
+    if p != prefix {
+        return Err("malformed");
+    }
+    let sig = B64.decode(sig).map_err(|_| "malformed")?;
+    let signed = keys.iter().any(|key| {
+        // HMAC takes keys of any length; this can't fail.
+        let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts any key length");
+        mac.update(payload.as_bytes());
+        mac.verify_slice(&sig).is_ok()
+    });
+    if !signed {
+        return Err("bad signature");
+    }
+    serde_json::from_slice(&B64.decode(payload).map_err(|_| "malformed")?).map_err(|_| "malformed")
 }
 
 #[cfg(test)]
@@ -353,11 +423,42 @@ mod tests {
             hard_end_ms: (now_s() + 20) * 1000 + 999,
         };
         let (token, claims) = k.issue(&drop, &fan, 7, Some(session));
-        assert_eq!(claims.exp, now_s() + 20, "capped at the hard end, not the 60 s TTL");
+        assert_eq!(
+            claims.exp,
+            now_s() + 20,
+            "capped at the hard end, not the 60 s TTL"
+        );
         let verified = k.verify(&token, &drop, &fan).unwrap();
         assert_eq!(verified.session(), Some(session));
         let (_, claims) = k.issue(&drop, &fan, 7, None);
         assert_eq!((claims.exp - claims.iat, claims.session()), (60, None));
+    }
+
+    #[test]
+    fn a_place_receipt_is_bound_to_drop_and_fan_and_is_no_admission_token() {
+        let k = keys(&["s1"]);
+        let drop = DropId::generate();
+        let fan = FanId::parse("alice").unwrap();
+        let receipt = k.issue_receipt(&drop, &fan, 42);
+        let claims = k.verify_receipt(&receipt, &drop, &fan).unwrap();
+        assert_eq!((claims.place, claims.typ.as_str()), (42, "place"));
+        assert!(k
+            .verify_receipt(&receipt, &DropId::generate(), &fan)
+            .is_err());
+        assert!(k
+            .verify_receipt(&receipt, &drop, &FanId::parse("bob").unwrap())
+            .is_err());
+        assert!(keys(&["s2"]).verify_receipt(&receipt, &drop, &fan).is_err());
+        // Neither passes for the other, even re-labelled: the keys differ.
+        let (token, _) = k.issue(&drop, &fan, 42, None);
+        assert!(k.verify_receipt(&token, &drop, &fan).is_err());
+        assert!(k
+            .verify_receipt(&token.replacen("v1.", "r1.", 1), &drop, &fan)
+            .is_err());
+        assert!(k.verify(&receipt, &drop, &fan).is_err());
+        assert!(k
+            .verify(&receipt.replacen("r1.", "v1.", 1), &drop, &fan)
+            .is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use engine::config::{ms, QueueConfig};
+use engine::db::LineMarks;
 use engine::ids::{DropId, FanId};
 use engine::queue::{LineState, Queue, SessionEnds, Standing, Tick};
 use engine::tokens::now_ms;
@@ -392,14 +393,20 @@ impl Rooms {
                 json!({"type": "pre_queue", "opens_at": opens_at_ms, "waiting": view.waiting}),
             );
         }
-        Some(json!({
+        let mut position = json!({
             "type": "position",
             "place": standing.place,
             "ahead": ahead,
             "admitted_total": standing.admitted_total,
             "eta_s": view.eta_s(ahead),
             "admit_rate_per_s": round2(view.rate_per_s()),
-        }))
+        });
+        // A fresh receipt with each position: the page keeps the last, and brings it back if
+        // Redis loses the line (its issue time says the fan was still here).
+        if let Some(place) = standing.place {
+            position["receipt"] = json!(self.queue.receipt(drop, fan, place));
+        }
+        Some(position)
     }
 
     async fn run(self: Arc<Self>, room: Arc<Room>) {
@@ -434,6 +441,13 @@ impl Rooms {
             .unwrap_or_else(Instant::now);
         let positions_running = Arc::new(AtomicBool::new(false));
         let presence_running = Arc::new(AtomicBool::new(false));
+        // The line's marks as last kept in Postgres (by this loop), and its writer's turn.
+        let kept_marks = Arc::new(Mutex::new(LineMarks::default()));
+        let marks_running = Arc::new(AtomicBool::new(false));
+        let marks_every = ms(self.cfg.line_marks_interval_ms);
+        let mut last_marks = Instant::now()
+            .checked_sub(marks_every)
+            .unwrap_or_else(Instant::now);
         // The slow cadences (exact positions, presence) wait while a tick frame is on its way to
         // the sockets: they share its CPU, and a round's writes landing among the tick's delay
         // its last socket. `delivering` is when the oldest broadcast not yet written everywhere
@@ -509,6 +523,30 @@ impl Rooms {
                     continue;
                 }
             };
+            // The marks a Redis loss can't take (docs/ARCHITECTURE.md, "The line after Redis
+            // loss"): kept when they moved, at most every `line_marks_interval_ms`, one write at
+            // a time; a failed write is tried again next interval.
+            let marks = LineMarks {
+                seq: t.seq,
+                place: t.watermark,
+                admitted: t.admitted_total,
+            };
+            if marks != *lock(&kept_marks) && last_marks.elapsed() >= marks_every {
+                if let Some(busy) = Busy::claim(&marks_running) {
+                    last_marks = Instant::now();
+                    let (queue, drop, kept) =
+                        (self.queue.clone(), drop.clone(), kept_marks.clone());
+                    tokio::spawn(async move {
+                        let _busy = busy;
+                        match queue.keep_line_marks(&drop, marks).await {
+                            Ok(()) => *lock(&kept) = marks,
+                            Err(e) => {
+                                tracing::warn!(%drop, error = %e, "keeping the line's marks failed")
+                            }
+                        }
+                    });
+                }
+            }
             let now = Instant::now();
             samples.push_back((now, t.admitted_total));
             while samples
@@ -528,6 +566,23 @@ impl Rooms {
             let view = View::of(&t, measured);
             *lock(&room.view) = Some(view.clone());
             self.tell_admitted(&room, &t);
+            // Redis lost the drop (it is unknown there, though the room started from Postgres)
+            // or is rebuilding it: its line may be gone. Every socket here is told `recovering`
+            // and let go; the pages reconnect and rejoin with their receipts and admission
+            // tokens, which bring their places and sessions back (lua/join.lua).
+            let lost = |s: Option<LineState>| {
+                matches!(s, Some(LineState::Recovering | LineState::UnknownDrop))
+            };
+            if lost(Some(view.state)) && !lost(last_state) {
+                let msg = frame(&json!({
+                    "type": "error",
+                    "code": "recovering",
+                    "message": "The line is being restored: reconnect in a few seconds; your place is kept.",
+                }));
+                let mut w = lock(&room.waiters);
+                w.broadcast(&[&msg]);
+                w.let_go_all();
+            }
 
             let state_changed = last_state != Some(view.state);
             last_state = Some(view.state);

@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use engine::db::Scope;
-use engine::ids::{DropId, FanId};
 use engine::drops::AdmissionMode;
-use engine::queue::FanStatus;
+use engine::ids::{DropId, FanId};
+use engine::queue::{FanStatus, Proofs};
 use engine::tokens::now_ms;
 use engine::{Code, Error};
 use hyper::body::Incoming;
@@ -137,7 +137,10 @@ impl App {
     /// traffic (`queue.metrics_listen` serves it without a key, privately).
     async fn metrics(&self, req: &Request<Incoming>) -> Answer {
         let key = bearer(req).ok_or_else(|| {
-            Error::msg(Code::Unauthorized, "Send `Authorization: Bearer <ops key>`.")
+            Error::msg(
+                Code::Unauthorized,
+                "Send `Authorization: Bearer <ops key>`.",
+            )
         })?;
         self.rooms.queue.engine.api_key(key, Scope::Ops).await?;
         Ok(http::metrics_page(&self.metrics))
@@ -166,12 +169,18 @@ impl App {
         Ok(resp)
     }
 
-    /// HTTP join: `{"place","ahead","status"}`, idempotent.
+    /// HTTP join: `{"place","ahead","status"}` (and a place receipt while waiting), idempotent.
+    /// `X-Place-Receipt` and `X-Admission-Token` bring back what the fan held if Redis lost the
+    /// line (as the socket's auth frame does).
     async fn join(&self, req: &Request<Incoming>, d: &str, peer: SocketAddr) -> Answer {
         self.limits.check_join(&self.client_ip(req, peer))?;
         let drop = drop_id(d)?;
         let fan = self.fan(req)?;
-        let joined = self.rooms.queue.join(&drop, &fan).await?;
+        let proofs = Proofs {
+            receipt: http::header(req, "x-place-receipt"),
+            admission_token: http::header(req, "x-admission-token"),
+        };
+        let joined = self.rooms.queue.join(&drop, &fan, proofs).await?;
         self.rooms.touch(&drop)?;
         // Before opening the place is the fan's draw, and a draw seen could be a draw shopped
         // for (join under many names, keep the best): like `/me` and the socket, show none.
@@ -184,10 +193,11 @@ impl App {
             _ => (Some(joined.place), None),
         };
         let status = if joined.new { 201 } else { 200 };
-        ok(
-            status,
-            json!({"place": place, "ahead": ahead, "status": joined.status.as_str()}),
-        )
+        let mut answer = json!({"place": place, "ahead": ahead, "status": joined.status.as_str()});
+        if joined.status == FanStatus::Waiting {
+            answer["receipt"] = json!(self.rooms.queue.receipt(&drop, &fan, joined.place));
+        }
+        ok(status, answer)
     }
 
     /// HTTP poll: `{"status","place","ahead","eta_s","paused"}`, plus the token once admitted.
@@ -241,16 +251,19 @@ impl App {
             (None, _) => "done",
         };
         let ahead = standing.ahead.filter(|_| status != "pre_queue");
-        ok(
-            200,
-            json!({
-                "status": status,
-                "place": if status == "pre_queue" { None } else { Some(place) },
-                "ahead": ahead,
-                "eta_s": ahead.and_then(|a| view.eta_s(a)),
-                "paused": paused,
-            }),
-        )
+        let mut answer = json!({
+            "status": status,
+            "place": if status == "pre_queue" { None } else { Some(place) },
+            "ahead": ahead,
+            "eta_s": ahead.and_then(|a| view.eta_s(a)),
+            "paused": paused,
+        });
+        // In the line after opening: a receipt for the place (before opening the place is the
+        // fan's draw, not shown; the draw comes back by itself, it is HMAC(seed, fan)).
+        if standing.ahead.is_some() && status != "pre_queue" {
+            answer["receipt"] = json!(self.rooms.queue.receipt(&drop, &fan, place));
+        }
+        ok(200, answer)
     }
 
     /// The commit–reveal seed: its SHA-256 always, the seed itself once the drop has opened.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use engine::config::{ms, QueueConfig};
 use engine::ids::{DropId, FanId};
-use engine::queue::{FanStatus, Standing};
+use engine::queue::{FanStatus, Proofs, Standing};
 use engine::{Code, Error};
 use futures::{SinkExt, StreamExt};
 use hyper::body::Incoming;
@@ -58,7 +58,31 @@ pub fn refuse_token_in_url<B>(req: &Request<B>) -> Result<(), Error> {
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ClientFrame {
-    Auth { fan_token: String },
+    Auth {
+        fan_token: String,
+        /// What the page kept from before, for the case Redis lost the line (docs/API.md, "The
+        /// line after Redis loss"): the last place receipt it was handed, its admission token.
+        #[serde(default)]
+        receipt: Option<String>,
+        #[serde(default)]
+        admission_token: Option<String>,
+    },
+}
+
+/// What an auth frame brought besides the fan: see [`engine::queue::Proofs`].
+#[derive(Default)]
+struct Brought {
+    receipt: Option<String>,
+    admission_token: Option<String>,
+}
+
+impl Brought {
+    fn proofs(&self) -> Proofs<'_> {
+        Proofs {
+            receipt: self.receipt.as_deref(),
+            admission_token: self.admission_token.as_deref(),
+        }
+    }
 }
 
 /// Why a socket never got past its auth frame.
@@ -141,7 +165,7 @@ pub async fn serve(
     .await;
     metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).increment(1.0);
     match Box::pin(authenticate(&rooms, &mut ws)).await {
-        Ok(fan) => wait_in_line(&rooms, ws, &drop, &fan).await,
+        Ok((fan, brought)) => wait_in_line(&rooms, ws, &drop, &fan, &brought).await,
         Err(refused) => Box::pin(refuse(ws, refused, cfg)).await,
     }
     metrics::gauge!(engine::metrics::QUEUE_WS_CONNECTIONS).decrement(1.0);
@@ -150,7 +174,10 @@ pub async fn serve(
 
 /// Reads the socket's first message: the fan of a good auth frame, or why not. Pings and pongs
 /// don't count (tungstenite answers pings itself); any other frame first is refused.
-async fn authenticate<S>(rooms: &Rooms, ws: &mut WebSocketStream<S>) -> Result<FanId, Refused>
+async fn authenticate<S>(
+    rooms: &Rooms,
+    ws: &mut WebSocketStream<S>,
+) -> Result<(FanId, Brought), Refused>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -173,14 +200,23 @@ where
                 format!("The first message is not JSON. {AUTH_FIRST}"),
             ))
         })?;
-        let ClientFrame::Auth { fan_token } = serde_json::from_value(value)
+        let ClientFrame::Auth {
+            fan_token,
+            receipt,
+            admission_token,
+        } = serde_json::from_value(value)
             .map_err(|_| invalid("The first message is not an auth frame."))?;
-        return rooms
+        let fan = rooms
             .queue
             .engine
             .fans()
             .verify(&fan_token)
-            .map_err(Refused::Frame);
+            .map_err(Refused::Frame)?;
+        let brought = Brought {
+            receipt,
+            admission_token,
+        };
+        return Ok((fan, brought));
     }
 }
 
@@ -221,8 +257,13 @@ where
 
 /// An authenticated socket: joins the fan, queues what it hears first, and serves it until it
 /// closes, is dropped as slow, or the server shuts down.
-async fn wait_in_line<S>(rooms: &Arc<Rooms>, mut ws: WebSocketStream<S>, drop: &DropId, fan: &FanId)
-where
+async fn wait_in_line<S>(
+    rooms: &Arc<Rooms>,
+    mut ws: WebSocketStream<S>,
+    drop: &DropId,
+    fan: &FanId,
+    brought: &Brought,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let cfg = &rooms.queue.engine.cfg().queue;
@@ -232,7 +273,7 @@ where
             &json!({"type": "error", "code": e.code.name(), "message": e.message}),
         ));
     };
-    let conn = match Box::pin(first_messages(rooms, drop, fan, &tx)).await {
+    let conn = match Box::pin(first_messages(rooms, drop, fan, brought, &tx)).await {
         Ok(true) => rooms.enter(drop, fan, tx.clone()).map_err(refuse).ok(),
         Ok(false) => None,
         Err(e) => {
@@ -319,9 +360,10 @@ async fn first_messages(
     rooms: &Arc<Rooms>,
     drop: &DropId,
     fan: &FanId,
+    brought: &Brought,
     tx: &mpsc::Sender<Frame>,
 ) -> Result<bool, Error> {
-    let joined = rooms.queue.join(drop, fan).await?;
+    let joined = rooms.queue.join(drop, fan, brought.proofs()).await?;
     let view = rooms.view(drop).await?;
     let send = |v: serde_json::Value| {
         let _ = tx.try_send(frame(&v));

@@ -215,6 +215,15 @@
   // From fan.js (loaded first): what both pages know about a fan.
   const { keys, tokenSubject, takeLinkToken, askSwitch } = window.FloodgateFan;
 
+  /** What the page keeps for the case Redis loses the line: the last place receipt (per drop and
+   *  fan) and the admission token the hand-off stored. */
+  const kept = {
+    receiptKey: () => `floodgate.receipt.${state.dropId}.${state.fan && state.fan.name}`,
+    receipt() { try { return localStorage.getItem(kept.receiptKey()); } catch (_) { return null; } },
+    saveReceipt(r) { try { localStorage.setItem(kept.receiptKey(), r); } catch (_) { /* private mode */ } },
+    admission() { try { return sessionStorage.getItem(keys.admission(state.dropId)); } catch (_) { return null; } },
+  };
+
   /**
    * A fan token from a link (#fan_token=…) is someone else's word for who waits here (login
    * CSRF): unless it is the fan already here, ask, and take it only on "Continue as …";
@@ -260,7 +269,14 @@
     const token = state.fan.token;
     ws.onopen = () => {
       if (state.ws !== ws) return;
-      ws.send(JSON.stringify({ type: 'auth', fan_token: token }));
+      // With what this page kept from before: if Redis lost the line, the receipt brings the
+      // place back and the admission token the session (docs/API.md, "The line after Redis loss").
+      const auth = { type: 'auth', fan_token: token };
+      const receipt = kept.receipt();
+      if (receipt) auth.receipt = receipt;
+      const admission = kept.admission();
+      if (admission) auth.admission_token = admission;
+      ws.send(JSON.stringify(auth));
     };
     let heard = false;
     let stable = false;
@@ -333,6 +349,7 @@
     switch (m.type) {
       case 'position':
         state.position = { place: m.place, ahead: m.ahead, admittedTotal: m.admitted_total, rate: m.admit_rate_per_s };
+        if (m.receipt) kept.saveReceipt(m.receipt);
         state.preQueue = null;
         if (state.line === null) state.line = 'open';
         showError('');

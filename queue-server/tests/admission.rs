@@ -20,7 +20,7 @@ async fn fill_line(h: &Harness, drop: &DropId, n: usize) {
         let (fan, _) = h.fan(&format!("line{i}"));
         let q = h.queue.queue.clone();
         let drop = drop.clone();
-        async move { q.join(&drop, &fan).await.unwrap() }
+        async move { q.join(&drop, &fan, Default::default()).await.unwrap() }
     });
     futures::future::join_all(joins).await;
 }
@@ -122,7 +122,11 @@ async fn admission_is_inventory_aware() {
         .await;
     let fans: Vec<_> = (0..20).map(|i| h.fan(&format!("shop{i}"))).collect();
     for (fan, _) in &fans {
-        h.queue.queue.join(&drop, fan).await.unwrap();
+        h.queue
+            .queue
+            .join(&drop, fan, Default::default())
+            .await
+            .unwrap();
     }
     let mut admitted = Vec::new();
     for _ in 0..20 {

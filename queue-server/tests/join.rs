@@ -59,7 +59,12 @@ async fn admission_order_equals_join_order_after_opening() {
     let mut joined = Vec::new();
     for i in 0..60 {
         let (fan, _) = h.fan(&format!("fifo{i}"));
-        let j = h.queue.queue.join(&drop, &fan).await.unwrap();
+        let j = h
+            .queue
+            .queue
+            .join(&drop, &fan, Default::default())
+            .await
+            .unwrap();
         assert_eq!(j.status, FanStatus::Waiting);
         joined.push(fan);
     }
@@ -108,7 +113,12 @@ async fn prequeue_order_is_recomputable_from_the_revealed_seed() {
         // Through the engine, not HTTP: an HTTP join starts this instance's admission loop,
         // which would admit some fans behind the test's back.
         let (fan, _) = h.fan(&format!("early{i}"));
-        let joined = h.queue.queue.join(&drop, &fan).await.unwrap();
+        let joined = h
+            .queue
+            .queue
+            .join(&drop, &fan, Default::default())
+            .await
+            .unwrap();
         assert_eq!(joined.status, FanStatus::PreQueue);
         assert!(joined.place < engine::queue::POST_OPEN_BASE);
         fans.push(fan);
@@ -213,6 +223,106 @@ async fn http_join_before_opening_reveals_no_draw() {
     assert_eq!(joined["status"], "pre_queue", "{joined}");
     assert!(
         joined["place"].is_null() && joined["ahead"].is_null(),
+        "{joined}"
+    );
+    h.shutdown().await;
+}
+
+/// After Redis lost a line (here: its keys deleted, then lua/line_restore.lua from kept marks),
+/// a receipt brings its place back, unless the place was admitted already (at or below the
+/// watermark), the fan bought their limit, or the receipt is older than the line's grace allows
+/// (the fan had left); a forged receipt is refused; a fan new after the loss joins behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn receipts_bring_places_back_after_the_line_is_lost() {
+    use engine::db::LineMarks;
+    use engine::queue::Returning;
+    let h = Harness::start().await;
+    let drop = h.queue_drop(10, 1, json!({"paused": true}), None).await;
+    let mut fans = Vec::new();
+    for name in ["admitted", "kept", "bought", "stale"] {
+        let (fan, token) = h.fan(name);
+        let (status, joined) = h.join(&drop, &token).await;
+        assert_eq!(status, 201, "{joined}");
+        let receipt = joined["receipt"].as_str().expect("a receipt").to_owned();
+        fans.push((fan, token, joined["place"].as_i64().unwrap(), receipt));
+    }
+    let join_with = |token: &str, receipt: &str| {
+        let url = format!("{}/v1/drops/{drop}/queue", h.queue.url());
+        h.http
+            .post(url)
+            .bearer_auth(token)
+            .header("X-Place-Receipt", receipt)
+    };
+
+    // The line is lost; the marks say 4 joins, and the first place was admitted.
+    let key = |name: &str| engine::keys::drop_key(&drop, name);
+    redis_cli(&[
+        "DEL",
+        &key("places"),
+        &key("line"),
+        &key("seq"),
+        &key("seen"),
+    ])
+    .await;
+    let redis = h.queue.engine.redis();
+    let marks = LineMarks {
+        seq: 4,
+        place: fans[0].2,
+        admitted: 1,
+    };
+    assert!(redis
+        .restore_line(&drop, marks, 1_000_000, 0)
+        .await
+        .unwrap());
+    assert!(
+        !redis
+            .restore_line(&drop, marks, 1_000_000, 0)
+            .await
+            .unwrap(),
+        "a line still there is left alone"
+    );
+    redis_cli(&["HSET", &key("fans"), fans[2].0.as_str(), "1"]).await;
+
+    let (status, back) = h.call(join_with(&fans[1].1, &fans[1].3)).await;
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(
+        (back["status"].as_str(), back["place"].as_i64()),
+        (Some("waiting"), Some(fans[1].2))
+    );
+    let (_, back) = h.call(join_with(&fans[0].1, &fans[0].3)).await;
+    assert_eq!(back["status"], "done", "admitted before the loss: {back}");
+    let (_, back) = h.call(join_with(&fans[2].1, &fans[2].3)).await;
+    assert_eq!(back["status"], "done", "bought the limit: {back}");
+    // A receipt issued long before the rebuild: that fan had left the line.
+    let stale = redis
+        .join(
+            &drop,
+            &fans[3].0,
+            0,
+            Returning {
+                receipt: Some((fans[3].2, 1)),
+                admitted: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(stale.status, FanStatus::Waiting);
+    assert!(
+        stale.place > fans[3].2 + 4,
+        "a new place at the back: {stale:?}"
+    );
+
+    let (status, refused) = h.call(join_with(&fans[1].1, "r1.forged.receipt")).await;
+    assert_eq!(status, 422, "{refused}");
+    let other = fans[0].3.clone();
+    let (status, refused) = h.call(join_with(&fans[1].1, &other)).await;
+    assert_eq!(status, 422, "another fan's receipt: {refused}");
+
+    let (_, newcomer) = h.fan("newcomer");
+    let (status, joined) = h.join(&drop, &newcomer).await;
+    assert_eq!(status, 201, "{joined}");
+    assert!(
+        joined["place"].as_i64().unwrap() > fans[3].2 + 1_000_000,
         "{joined}"
     );
     h.shutdown().await;

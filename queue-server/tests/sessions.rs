@@ -37,7 +37,11 @@ async fn a_reserve_release_loop_does_not_outlive_the_shop_window() {
     let (looper, token) = h.fan("looper");
     let admission = h.join_until_admitted(&drop, &token).await;
     let (status, me) = h.me(&drop, &token).await;
-    assert_eq!((status, me["status"].as_str()), (200, Some("admitted")), "{me}");
+    assert_eq!(
+        (status, me["status"].as_str()),
+        (200, Some("admitted")),
+        "{me}"
+    );
     let shop_end = num(&me, "shop_ends_at_ms");
     let hard_end = num(&me, "session_ends_at_ms");
     assert_eq!(
@@ -59,7 +63,10 @@ async fn a_reserve_release_loop_does_not_outlive_the_shop_window() {
             match status {
                 201 => {
                     let now = num(&body, "server_now_ms");
-                    assert!(now < shop_end, "a hold taken at {now}, past the shop end {shop_end}");
+                    assert!(
+                        now < shop_end,
+                        "a hold taken at {now}, past the shop end {shop_end}"
+                    );
                     let hold = body["hold_id"].as_str().unwrap().to_owned();
                     if now > shop_end - 3_000 {
                         kept = Some(hold);

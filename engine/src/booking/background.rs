@@ -445,6 +445,20 @@ impl Engine {
             .redis
             .begin_rebuild(drop, &image, self.cfg.recovery.slice)
             .await?;
+        if def.admission.mode == AdmissionMode::Queue {
+            // The line's own keys, if Redis lost them: set up again from the marks Postgres kept
+            // (lua/line_restore.lua), before the drop leaves `recovering` and fans come back.
+            let marks = self.db.line_marks(drop).await?;
+            let q = &self.cfg.queue;
+            let returning_ms = q.recovery_return_s.saturating_mul(1000);
+            if self
+                .redis
+                .restore_line(drop, marks, q.line_seq_margin, returning_ms)
+                .await?
+            {
+                tracing::info!(%drop, ?marks, "the line was lost: restored from its kept marks");
+            }
+        }
         while let Some(holds) = rebuild.next_holds().await? {
             let orders = snapshot.orders(&holds).await?;
             rebuild.sort(&holds, &orders).await?;

@@ -46,7 +46,15 @@ impl Engine {
         let started = Instant::now();
         let (reserved, _replay) = self
             .redis
-            .reserve(drop, fan, key.as_str(), body_sha256, &hold_id, session, args)
+            .reserve(
+                drop,
+                fan,
+                key.as_str(),
+                body_sha256,
+                &hold_id,
+                session,
+                args,
+            )
             .await?;
         metrics::histogram!(m::RESERVE_SECONDS).record(started.elapsed().as_secs_f64());
         match reserved {

@@ -114,6 +114,8 @@ pub struct TickOut {
     pub left: i64,
     /// The session ends of this call's admissions ((0, 0) when it admitted none).
     pub session: (i64, i64),
+    /// The join counter.
+    pub seq: i64,
     pub admitted: Vec<(String, i64)>,
 }
 
@@ -1092,6 +1094,7 @@ impl Model {
                     active,
                     left,
                     session: (0, 0),
+                    seq: s.seq,
                     admitted,
                 }
             };
@@ -1111,7 +1114,8 @@ impl Model {
             }
         }
         s.bucket.insert("run_ms".into(), now as f64);
-        if s.meta.get("recovering").map(String::as_str) == Some("1") {
+        let returning_until = num(&s.meta, "line_returning_until_ms").unwrap_or(0);
+        if s.meta.get("recovering").map(String::as_str) == Some("1") || now < returning_until {
             return tick(s, "recovering", 0, vec![], watermark, admitted_ever, 0);
         }
         let cutoff = match cutoff {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use engine::config::RedisConfig;
 use engine::ids::{DropId, FanId, HoldId, OrderId};
 use engine::keys::drop_key;
-use engine::queue::{QueueKeys, SessionEnds};
+use engine::queue::{QueueKeys, Returning, SessionEnds};
 use engine::scripts::{
     ConfirmBegin, DropImage, DropKeys, Finish, Redis, ReserveArgs, Reserved, Revert, TestScripts,
 };
@@ -493,15 +493,19 @@ impl World {
                 }
                 Outcome::Pair(report.kept, ended_before + report.ended)
             }
-            Step::Join { fan: f, score } => {
-                Outcome::Join(match self.redis.join(&self.drop, &fan(f), *score).await {
+            Step::Join { fan: f, score } => Outcome::Join(
+                match self
+                    .redis
+                    .join(&self.drop, &fan(f), *score, Returning::default())
+                    .await
+                {
                     Ok(j) => Ok((j.place, j.new, j.status.as_str().to_owned())),
                     Err(e) => Err(match e.code.name() {
                         "invalid_request" => "not_queue".to_owned(),
                         other => other.to_owned(),
                     }),
-                })
-            }
+                },
+            ),
             Step::Admit { leave_batch } => {
                 let t = self
                     .redis
@@ -516,6 +520,7 @@ impl World {
                     active: t.active,
                     left: t.left,
                     session: t.session.map_or((0, 0), |s| (s.shop_end_ms, s.hard_end_ms)),
+                    seq: t.seq,
                     admitted: t
                         .admitted
                         .into_iter()

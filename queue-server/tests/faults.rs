@@ -1,0 +1,271 @@
+//! Fault tests of the waiting room on a stack of their own (they flush its Redis). Run them one
+//! at a time: `cargo test --workspace --test faults -- --test-threads=1` (`./dev test` does).
+//! Every test fn is named `fault_*`.
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{open, send_text, Harness, Socket};
+use devstack::{free_port, Stack, StackConfig};
+use engine::ids::{DropId, FanId};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long admission waits for returning fans after the line is restored (the test's
+/// `queue.recovery_return_s`): the reconnects below take a fraction of it.
+const RETURN_S: u64 = 10;
+const WAITERS: usize = 200;
+
+/// One fan's view of the line: its place, its last receipt, and what admitted it.
+#[derive(Debug, Clone, Default)]
+struct Fan {
+    place: i64,
+    receipt: Option<String>,
+    /// (admission token, shop end ms) of each `admitted` frame.
+    admitted: Vec<(String, i64)>,
+}
+
+/// Opens a socket for `fan` that presents `auth` extras, and records what it hears into `seen`.
+async fn wait(
+    base: &str,
+    drop: &DropId,
+    token: &str,
+    extras: Value,
+    seen: Arc<Mutex<Fan>>,
+) -> tokio::task::JoinHandle<()> {
+    let mut ws: Socket = open(base, drop).await;
+    let mut auth = json!({"type": "auth", "fan_token": token});
+    for (k, v) in extras.as_object().cloned().unwrap_or_default() {
+        auth[k] = v;
+    }
+    send_text(&mut ws, &auth.to_string()).await;
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = ws.next().await {
+            let Message::Text(t) = msg else { continue };
+            let v: Value = common::checked_frame(&t);
+            let mut f = seen.lock().unwrap();
+            match v["type"].as_str() {
+                Some("position") => {
+                    f.place = v["place"].as_i64().unwrap_or(f.place);
+                    if let Some(r) = v["receipt"].as_str() {
+                        f.receipt = Some(r.to_owned());
+                    }
+                }
+                Some("admitted") => {
+                    let token = v["admission_token"].as_str().unwrap().to_owned();
+                    f.admitted
+                        .push((token, v["shop_ends_at_ms"].as_i64().unwrap()));
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+/// The claims of an admission token (its middle part is base64url JSON).
+fn claims(token: &str) -> Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// 200 fans wait on sockets and some are admitted; Redis is flushed. The drop is rebuilt, the
+/// line restored from its kept marks, and every fan comes back — in reverse order, the worst
+/// case — with its receipt and, if admitted, its admission token. The admitted get their
+/// sessions back (not a second admission); the others are admitted in their original order, at
+/// their original places; a fan new after the loss joins behind all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_the_line_survives_a_redis_flush() {
+    let stack = tokio::task::spawn_blocking(|| {
+        Stack::start(StackConfig {
+            name: "fault-line-flush".into(),
+            redis_port: free_port(),
+            pg_port: free_port(),
+        })
+    })
+    .await
+    .unwrap()
+    .expect("the stack starts");
+    let mut cfg = testkit::test_config_for(&stack.redis_url(), &stack.database_url());
+    // As common::test_config: both servers accept each other's fan tokens.
+    cfg.identity.dev_secret = "queue-test-dev-secret".into();
+    cfg.database.pool_size = 4;
+    cfg.queue.recovery_return_s = RETURN_S;
+    cfg.queue.line_marks_interval_ms = 200;
+    let h = Harness::start_with(cfg).await;
+    let drop = h
+        .queue_drop(
+            1_000,
+            1,
+            json!({"rate_per_s": 20, "burst": 1, "max_active": 1000, "paused": true}),
+            None,
+        )
+        .await;
+    let base = h.queue.ws_url();
+    let redis_url = stack.redis_url();
+
+    // 200 waiters, each on a socket, each told its place (and handed a receipt).
+    let fans: Vec<(FanId, String, Arc<Mutex<Fan>>)> = (0..WAITERS)
+        .map(|i| {
+            let (fan, token) = h.fan(&format!("w{i:03}"));
+            (fan, token, Arc::new(Mutex::new(Fan::default())))
+        })
+        .collect();
+    let mut listeners = Vec::new();
+    for (_, token, seen) in &fans {
+        listeners.push(wait(&base, &drop, token, json!({}), seen.clone()).await);
+    }
+    testkit::eventually("every waiter has a place and a receipt", || async {
+        fans.iter().all(|(_, _, s)| {
+            let f = s.lock().unwrap();
+            f.place > 0 && f.receipt.is_some()
+        })
+    })
+    .await;
+
+    // Some are admitted (20 a second); the line's marks reach Postgres; then Redis loses all.
+    h.client
+        .set_admission(&drop, json!({"paused": false}))
+        .await;
+    testkit::eventually("30 waiters are admitted", || async {
+        fans.iter()
+            .filter(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
+            .count()
+            >= 30
+    })
+    .await;
+    let db = h.booking.engine.db();
+    testkit::eventually("the line's marks are kept", || async {
+        db.line_marks(&drop).await.unwrap().place > 0
+    })
+    .await;
+    assert_eq!(cli(&redis_url, &["FLUSHALL"]).await, "OK");
+    for l in listeners {
+        l.abort();
+    }
+    let before: HashMap<FanId, Fan> = fans
+        .iter()
+        .map(|(f, _, s)| (f.clone(), s.lock().unwrap().clone()))
+        .collect();
+    let was_admitted = |f: &FanId| !before[f].admitted.is_empty();
+
+    // The drop is rebuilt and its line restored (booking-api's watcher notices the loss).
+    testkit::eventually("the drop is rebuilt and its line restored", || async {
+        let meta = engine::keys::drop_key(&drop, "meta");
+        let fields = cli(
+            &redis_url,
+            &["HMGET", &meta, "recovering", "line_rebuilt_ms"],
+        )
+        .await;
+        let mut lines = fields.lines();
+        lines.next() == Some("0") && lines.next().is_some_and(|l| !l.is_empty())
+    })
+    .await;
+
+    // Everyone comes back, last place first, with what their page kept.
+    let mut order: Vec<&(FanId, String, Arc<Mutex<Fan>>)> = fans.iter().collect();
+    order.sort_by_key(|(f, _, _)| std::cmp::Reverse(before[f].place));
+    let mut listeners = Vec::new();
+    for (fan, token, seen) in order {
+        *seen.lock().unwrap() = Fan::default();
+        let b = &before[fan];
+        let mut extras = json!({"receipt": b.receipt});
+        if let Some((admission, _)) = b.admitted.last() {
+            extras["admission_token"] = json!(admission);
+        }
+        listeners.push(wait(&base, &drop, token, extras, seen.clone()).await);
+    }
+    // A fan new after the loss.
+    let (_, newcomer) = h.fan("newcomer");
+    let (status, joined) = h.join(&drop, &newcomer).await;
+    assert_eq!(status, 201, "{joined}");
+    let highest = before.values().map(|f| f.place).max().unwrap();
+    assert!(
+        joined["place"].as_i64().unwrap() > highest,
+        "the newcomer's place {joined} must follow every restored one (up to {highest})"
+    );
+
+    testkit::eventually_within(
+        Duration::from_secs(120),
+        "every returning fan is admitted or has their session back",
+        || async {
+            fans.iter()
+                .all(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
+        },
+    )
+    .await;
+    let after: HashMap<FanId, Fan> = fans
+        .iter()
+        .map(|(f, _, s)| (f.clone(), s.lock().unwrap().clone()))
+        .collect();
+    // The admitted have their sessions back, not a second admission: the same shop end.
+    let mut waiting: Vec<(i64, i64)> = Vec::new();
+    for (fan, b) in &before {
+        let a = &after[fan];
+        let (token, shop_end) = a.admitted.first().unwrap();
+        assert_eq!(
+            claims(token)["place"].as_i64(),
+            Some(b.place),
+            "{fan}: admitted at its original place"
+        );
+        if was_admitted(fan) {
+            assert_eq!(
+                Some(shop_end),
+                b.admitted.last().map(|(_, e)| e),
+                "{fan} was admitted before the loss: its session comes back as it was"
+            );
+        } else {
+            waiting.push((b.place, *shop_end));
+        }
+    }
+    assert!(
+        waiting.len() >= 100,
+        "most fans were still waiting: {}",
+        waiting.len()
+    );
+    // Admission runs admit the head of the line: in place order, admission times never fall.
+    waiting.sort();
+    for pair in waiting.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].1,
+            "place {} was admitted (shop end {}) after place {} (shop end {}): out of order",
+            pair[0].0,
+            pair[0].1,
+            pair[1].0,
+            pair[1].1
+        );
+    }
+    let shops_after_loss = waiting.first().unwrap().1;
+    let shops_before = before
+        .values()
+        .flat_map(|f| f.admitted.iter().map(|(_, e)| *e))
+        .max()
+        .unwrap();
+    assert!(
+        shops_after_loss > shops_before,
+        "the waiters were admitted after the loss"
+    );
+    for l in listeners {
+        l.abort();
+    }
+    h.shutdown().await;
+    std::mem::drop(stack);
+}
+
+/// `redis-cli` against the stack's Redis; its output, trimmed.
+async fn cli(url: &str, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("redis-cli")
+        .args(["-u", url])
+        .args(args)
+        .output()
+        .await
+        .expect("redis-cli runs");
+    assert!(out.status.success(), "redis-cli {args:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
