@@ -128,9 +128,13 @@ enum Op {
     },
     Join {
         fan: usize,
+        /// The fan's page presents what it kept (receipt, admission token).
+        present: bool,
     },
     Admit {
         leave_batch: i64,
+        /// queue-server keeps the line's marks after this run (not every run: marks lag).
+        keep: bool,
     },
     Touch {
         mask: u8,
@@ -152,8 +156,8 @@ fn script_op() -> impl Strategy<Value = Op> {
         2 => (0..64usize).prop_map(|hold| Op::Finish { hold }),
         1 => Just(Op::Retry),
         4 => (0..64usize, 0..3usize).prop_map(|(hold, reference)| Op::Revert { hold, reference }),
-        2 => (0..3usize).prop_map(|fan| Op::Join { fan }),
-        2 => (1..4i64).prop_map(|leave_batch| Op::Admit { leave_batch }),
+        2 => (0..3usize, any::<bool>()).prop_map(|(fan, present)| Op::Join { fan, present }),
+        2 => (1..4i64, any::<bool>()).prop_map(|(leave_batch, keep)| Op::Admit { leave_batch, keep }),
     ]
 }
 
@@ -381,15 +385,31 @@ fn resolve(op: &Op, model: &Model, ids: &mut Ids) -> Step {
         Op::Rebuild { interrupted } => Step::Rebuild {
             interrupted: *interrupted,
         },
-        Op::Join { fan } => {
+        Op::Join { fan, present } => {
             let f = engine::ids::FanId::parse(FANS[*fan]).expect("a fan id");
+            let page = model.pages.get(FANS[*fan]).cloned().unwrap_or_default();
+            let returning = match present {
+                true => engine::queue::Returning {
+                    receipt: page.receipt,
+                    admitted: page.token.map(|(place, iat, shop_end_ms, hard_end_ms)| {
+                        let ends = engine::queue::SessionEnds {
+                            shop_end_ms,
+                            hard_end_ms,
+                        };
+                        (place, iat, ends)
+                    }),
+                },
+                false => engine::queue::Returning::default(),
+            };
             Step::Join {
                 fan: FANS[*fan].to_owned(),
                 score: engine::queue::prequeue_score(SEED, &f),
+                returning,
             }
         }
-        Op::Admit { leave_batch } => Step::Admit {
+        Op::Admit { leave_batch, keep } => Step::Admit {
             leave_batch: *leave_batch,
+            keep: *keep,
         },
         Op::Touch { mask } => Step::Touch {
             fans: FANS

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use engine::queue::Returning;
 use serde_json::{json, Value};
 
 /// The model's clock starts here (ms since the epoch; 13 digits, as today's clocks).
@@ -183,6 +184,9 @@ pub struct Record {
     pub admission: BTreeMap<String, String>,
     /// hold id → (order id, fan, items)
     pub orders: BTreeMap<String, (String, String, Vec<Item>)>,
+    /// The line's kept marks (join counter, highest place admitted, admissions ever), as
+    /// queue-server raises them after admission runs (migrations/0004_line_marks.sql).
+    pub line_marks: (i64, i64, i64),
 }
 
 impl Record {
@@ -272,6 +276,17 @@ pub struct Model {
     pub record: Record,
     /// The redis-server run id (scripts stamp it; confirm_begin compares it).
     pub run_id: String,
+    /// What each fan's page keeps (outside Redis and Postgres): its last place receipt and its
+    /// admission token, presented when it joins again after the line was lost.
+    pub pages: BTreeMap<String, Page>,
+}
+
+/// A fan's page: the last receipt (place, issued ms) and admission token (place, issued ms, shop
+/// end ms, hard end ms) queue-server handed it.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub receipt: Option<(i64, i64)>,
+    pub token: Option<(i64, i64, i64, i64)>,
 }
 
 impl Model {
@@ -282,10 +297,10 @@ impl Model {
             store: Store::default(),
             record: Record {
                 status: "open".into(),
-                admission: BTreeMap::new(),
-                orders: BTreeMap::new(),
+                ..Record::default()
             },
             run_id,
+            pages: BTreeMap::new(),
         }
     }
 
@@ -1002,8 +1017,16 @@ impl Model {
     // ---- join.lua ---------------------------------------------------------------------------
 
     /// Ok((place, new, status)) or Err(status the wrapper turns into an error).
-    pub fn join(&mut self, fan: &str, prequeue_score: i64) -> Result<(i64, bool, String), String> {
+    /// join.lua; `returning` what the fan's page presents (receipt, admission token).
+    pub fn join(
+        &mut self,
+        fan: &str,
+        prequeue_score: i64,
+        returning: &Returning,
+    ) -> Result<(i64, bool, String), String> {
         let now = self.now_ms;
+        let limit = self.meta_num("per_fan_limit", 0);
+        let rebuilt = num(&self.store.meta, "line_rebuilt_ms");
         let Some(status) = self.store.meta.get("status").cloned() else {
             return Err("unknown_drop".into());
         };
@@ -1046,6 +1069,47 @@ impl Model {
         if sold_out {
             return Ok((0, false, "sold_out".into()));
         }
+        if let Some(rebuilt) = rebuilt {
+            if let Some((place, iat, shop_end, hard_end)) = returning
+                .admitted
+                .map(|(p, i, e)| (p, i, e.shop_end_ms, e.hard_end_ms))
+            {
+                if iat < rebuilt && now < shop_end {
+                    s.places.insert(fan.to_owned(), place);
+                    let d = s.active.entry(fan.to_owned()).or_insert(shop_end);
+                    *d = (*d).max(shop_end);
+                    s.sessions
+                        .insert(fan.to_owned(), format!("{shop_end}:{hard_end}"));
+                    return Ok((place, false, "admitted".into()));
+                }
+            }
+            let grace_ms = s
+                .admission
+                .get("leave_grace_s")
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(120.0) as i64
+                * 1000;
+            if let Some((place, iat)) = returning.receipt {
+                if iat < rebuilt && iat >= rebuilt - 2 * grace_ms {
+                    let bought = s.fans.get(fan).copied().unwrap_or(0);
+                    if limit > 0 && bought >= limit {
+                        return Ok((0, false, "done".into()));
+                    }
+                    s.places.insert(fan.to_owned(), place);
+                    if place <= s.watermark.get("place").copied().unwrap_or(0) {
+                        return Ok((place, false, "done".into()));
+                    }
+                    s.line.insert(fan.to_owned(), place);
+                    s.seen.insert(fan.to_owned(), now);
+                    let st = if now < opens_at {
+                        "pre_queue"
+                    } else {
+                        "waiting"
+                    };
+                    return Ok((place, false, st.into()));
+                }
+            }
+        }
         let (place, st) = if now < opens_at {
             (prequeue_score, "pre_queue")
         } else {
@@ -1059,6 +1123,35 @@ impl Model {
     }
 
     /// queue-server's presence refresh: waiters still in `seen` are seen now.
+    /// line_restore.lua, as recovery runs it for a queue drop: true if it restored the line.
+    pub fn restore_line(&mut self, margin: i64, returning_ms: i64) -> bool {
+        let now = self.now_ms;
+        let (seq, place, admitted) = self.record.line_marks;
+        let s = &mut self.store;
+        if s.meta.is_empty() || s.seq != 0 || (seq, place, admitted) == (0, 0, 0) {
+            return false;
+        }
+        s.seq = seq + margin;
+        s.watermark.insert("place".into(), place);
+        s.watermark.insert("admitted".into(), admitted);
+        s.meta.insert("line_rebuilt_ms".into(), now.to_string());
+        s.meta.insert(
+            "line_returning_until_ms".into(),
+            (now + returning_ms).to_string(),
+        );
+        true
+    }
+
+    /// queue-server after an admission run: raises the kept marks to the run's (never lowers).
+    pub fn keep_marks(&mut self, t: &TickOut) {
+        let m = &mut self.record.line_marks;
+        *m = (
+            m.0.max(t.seq),
+            m.1.max(t.watermark),
+            m.2.max(t.admitted_total),
+        );
+    }
+
     pub fn touch(&mut self, fans: &[String]) {
         for f in fans {
             if let Some(at) = self.store.seen.get_mut(f) {

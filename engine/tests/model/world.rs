@@ -20,6 +20,11 @@ use crate::reference::{DropSpec, Hold, Item, Model, Record, Request, ReserveOut,
 /// holds) take several slices, as a big drop does with the production slice.
 const SLICE: usize = 3;
 
+/// Recovery's `queue.line_seq_margin` and `queue.recovery_return_s` (in ms) in the model test: a
+/// small margin keeps places readable; the return window is a few Advance steps long.
+const LINE_SEQ_MARGIN: i64 = 1_000;
+const RETURN_MS: i64 = 3_000;
+
 /// The test's clock, in place of lua/clock.lua: every script's KEYS[1] is its drop's meta key, so
 /// each drop gets a clock of its own (`fg:{drop}:testclock`) and cases can run side by side.
 const TEST_CLOCK: &str = r#"
@@ -85,9 +90,13 @@ pub enum Step {
     Join {
         fan: String,
         score: i64,
+        /// What the fan's page presents (lua/join.lua uses it only after the line was lost).
+        returning: Returning,
     },
     Admit {
         leave_batch: i64,
+        /// queue-server keeps the line's marks in Postgres after this run.
+        keep: bool,
     },
     Touch {
         fans: Vec<String>,
@@ -152,12 +161,46 @@ pub fn apply(model: &mut Model, step: &Step) -> Outcome {
         Step::Rebuild { .. } => {
             model.restore_admission();
             let (a, b) = model.rebuild();
+            if model.spec.queue {
+                model.restore_line(LINE_SEQ_MARGIN, RETURN_MS);
+            }
             Outcome::Pair(a, b)
         }
-        Step::Join { fan, score } => Outcome::Join(model.join(fan, *score)),
-        Step::Admit { leave_batch } => Outcome::Tick(model.admit(*leave_batch)),
+        Step::Join {
+            fan,
+            score,
+            returning,
+        } => {
+            let out = model.join(fan, *score, returning);
+            // queue-server hands a waiter a receipt with its standing.
+            if let Ok((place, _, status)) = &out {
+                if status == "waiting" {
+                    model.pages.entry(fan.clone()).or_default().receipt =
+                        Some((*place, model.now_ms));
+                }
+            }
+            Outcome::Join(out)
+        }
+        Step::Admit { leave_batch, keep } => {
+            let t = model.admit(*leave_batch);
+            if *keep {
+                model.keep_marks(&t);
+            }
+            // Each admitted fan's page gets an admission token with its place and session.
+            for (fan, place) in &t.admitted {
+                model.pages.entry(fan.clone()).or_default().token =
+                    Some((*place, model.now_ms, t.session.0, t.session.1));
+            }
+            Outcome::Tick(t)
+        }
         Step::Touch { fans } => {
             model.touch(fans);
+            // Positions go out with fresh receipts to the waiters still in the line.
+            for f in fans {
+                if let Some(place) = model.store.line.get(f).copied() {
+                    model.pages.entry(f.clone()).or_default().receipt = Some((place, model.now_ms));
+                }
+            }
             Outcome::Nothing
         }
         Step::Settings { fields } => {
@@ -491,12 +534,29 @@ impl World {
                     let e = stale.finish().await.expect_err("superseded");
                     assert_eq!(e.code.name(), "recovering", "a superseded rebuild_keep");
                 }
+                // Recovery sets a queue drop's line up again if it was lost, from Postgres' marks.
+                if model.spec.queue {
+                    let (seq, place, admitted) = model.record.line_marks;
+                    let marks = engine::db::LineMarks {
+                        seq,
+                        place,
+                        admitted,
+                    };
+                    self.redis
+                        .restore_line(&self.drop, marks, LINE_SEQ_MARGIN as u64, RETURN_MS as u64)
+                        .await
+                        .expect("restore_line");
+                }
                 Outcome::Pair(report.kept, ended_before + report.ended)
             }
-            Step::Join { fan: f, score } => Outcome::Join(
+            Step::Join {
+                fan: f,
+                score,
+                returning,
+            } => Outcome::Join(
                 match self
                     .redis
-                    .join(&self.drop, &fan(f), *score, Returning::default())
+                    .join(&self.drop, &fan(f), *score, *returning)
                     .await
                 {
                     Ok(j) => Ok((j.place, j.new, j.status.as_str().to_owned())),
@@ -506,7 +566,7 @@ impl World {
                     }),
                 },
             ),
-            Step::Admit { leave_batch } => {
+            Step::Admit { leave_batch, .. } => {
                 let t = self
                     .redis
                     .admit(&self.drop, *leave_batch as usize)
