@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{open, send_text, Harness, Socket};
+use common::{open, redis_cli_at, send_text, Harness, Socket};
 use devstack::{free_port, Stack, StackConfig};
 use engine::ids::{DropId, FanId};
 use futures::StreamExt;
@@ -145,7 +145,7 @@ async fn fault_the_line_survives_a_redis_flush() {
         db.line_marks(&drop).await.unwrap().place > 0
     })
     .await;
-    assert_eq!(cli(&redis_url, &["FLUSHALL"]).await, "OK");
+    assert_eq!(redis_cli_at(&redis_url, &["FLUSHALL"]).await, "OK");
     for l in listeners {
         l.abort();
     }
@@ -158,7 +158,7 @@ async fn fault_the_line_survives_a_redis_flush() {
     // The drop is rebuilt and its line restored (booking-api's watcher notices the loss).
     testkit::eventually("the drop is rebuilt and its line restored", || async {
         let meta = engine::keys::drop_key(&drop, "meta");
-        let fields = cli(
+        let fields = redis_cli_at(
             &redis_url,
             &["HMGET", &meta, "recovering", "line_rebuilt_ms"],
         )
@@ -256,16 +256,4 @@ async fn fault_the_line_survives_a_redis_flush() {
     }
     h.shutdown().await;
     std::mem::drop(stack);
-}
-
-/// `redis-cli` against the stack's Redis; its output, trimmed.
-async fn cli(url: &str, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("redis-cli")
-        .args(["-u", url])
-        .args(args)
-        .output()
-        .await
-        .expect("redis-cli runs");
-    assert!(out.status.success(), "redis-cli {args:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

@@ -310,9 +310,13 @@ pub async fn wait_for(ws: &mut Socket, kind: &str) -> Value {
 /// `redis-cli -u <the test Redis> args...`, its stdout (trimmed): for tests that play a fault
 /// on a drop's keys.
 pub async fn redis_cli(args: &[&str]) -> String {
-    let url = test_config().redis.url;
+    redis_cli_at(&test_config().redis.url, args).await
+}
+
+/// `redis-cli` against the Redis at `url` (a stack of a test's own); its output, trimmed.
+pub async fn redis_cli_at(url: &str, args: &[&str]) -> String {
     let out = tokio::process::Command::new("redis-cli")
-        .args(["-u", url.as_str()])
+        .args(["-u", url])
         .args(args)
         .output()
         .await
