@@ -119,6 +119,7 @@ enum Op {
         ms: i64,
     },
     Close,
+    Archive,
     Checkpoint,
     Lose {
         rollback: bool,
@@ -174,6 +175,7 @@ fn any_op() -> impl Strategy<Value = Op> {
                 Op::Settings(settings(rate_per_s, burst, max_active, paused, shop_window_s, margin_pct, leave_grace_s))
             }),
         1 => Just(Op::Close),
+        1 => Just(Op::Archive),
         3 => Just(Op::Checkpoint),
         2 => any::<bool>().prop_map(|rollback| Op::Lose { rollback }),
         6 => proptest::bool::weighted(0.3).prop_map(|interrupted| Op::Rebuild { interrupted }),
@@ -378,6 +380,7 @@ fn resolve(op: &Op, model: &Model, ids: &mut Ids) -> Step {
         }
         Op::Advance { ms } => Step::Advance { ms: *ms },
         Op::Close => Step::Close,
+        Op::Archive => Step::Archive,
         Op::Checkpoint => Step::Checkpoint,
         Op::Lose { rollback } => Step::Lose {
             rollback: *rollback,
@@ -467,6 +470,7 @@ fn count(step: &Step, outcome: &Outcome) {
         Step::Finish { .. } => "finish",
         Step::Revert { .. } => "revert",
         Step::Rebuild { .. } => "rebuild",
+        Step::Archive => "archive",
         Step::Join { .. } => "join",
         Step::Admit { .. } => "admit",
         _ => return,

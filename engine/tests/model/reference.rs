@@ -184,6 +184,9 @@ pub struct Record {
     pub admission: BTreeMap<String, String>,
     /// hold id → (order id, fan, items)
     pub orders: BTreeMap<String, (String, String, Vec<Item>)>,
+    /// The drop is archived (`drops.archived_at`): the engine never writes its Redis keys again
+    /// (close, recovery and the watcher leave it alone).
+    pub archived: bool,
     /// The line's kept marks (join counter, highest place admitted, admissions ever), as
     /// queue-server raises them after admission runs (migrations/0004_line_marks.sql).
     pub line_marks: (i64, i64, i64),
@@ -884,7 +887,34 @@ impl Model {
     /// The seller closes the drop: Postgres first, then Redis' meta.
     pub fn close(&mut self) {
         self.record.status = "closed".into();
-        self.store.meta.insert("status".into(), "closed".into());
+        if !self.record.archived {
+            self.store.meta.insert("status".into(), "closed".into());
+        }
+    }
+
+    // ---- archive.lua ------------------------------------------------------------------------
+
+    /// Ok("archived") once every key of the drop is gone (but its idempotency keys, which
+    /// expire by themselves); Err(code) while it is open, being rebuilt, or holds anything.
+    pub fn archive(&mut self) -> Result<String, String> {
+        let meta = &self.store.meta;
+        if meta.get("status").is_some_and(|s| s != "closed") {
+            return Err("open".into());
+        }
+        if meta.contains_key("rebuild_token") {
+            return Err("rebuilding".into());
+        }
+        let s = &self.store.stock;
+        if s.iter().any(|(k, v)| k.starts_with("h:") && *v != 0) {
+            return Err("live_holds".into());
+        }
+        let idem = std::mem::take(&mut self.store.idem);
+        self.store = Store {
+            idem,
+            ..Store::default()
+        };
+        self.record.archived = true;
+        Ok("archived".into())
     }
 
     // ---- rebuild.lua ------------------------------------------------------------------------

@@ -73,6 +73,8 @@ pub enum Step {
         ms: i64,
     },
     Close,
+    /// The archiver: lua/archive.lua (Postgres marked the drop archived).
+    Archive,
     /// Remembers Redis' state of the drop, for a later `Lose { rollback: true }`.
     Checkpoint,
     /// Redis loses the drop (a flush) or its writes since the checkpoint (an AOF that missed
@@ -157,7 +159,10 @@ pub fn apply(model: &mut Model, step: &Step) -> Outcome {
             model.close();
             Outcome::Nothing
         }
+        Step::Archive => Outcome::Result(model.archive()),
         Step::Checkpoint | Step::Lose { .. } => Outcome::Nothing,
+        // The engine's recovery leaves an archived drop alone.
+        Step::Rebuild { .. } if model.record.archived => Outcome::Pair(0, 0),
         Step::Rebuild { .. } => {
             model.restore_admission();
             let (a, b) = model.rebuild();
@@ -490,6 +495,7 @@ impl World {
                 self.set_clock(model.now_ms).await;
                 Outcome::Nothing
             }
+            Step::Close if model.record.archived => Outcome::Nothing,
             Step::Close => {
                 self.redis
                     .set_meta(&self.drop, "status", "closed")
@@ -497,8 +503,15 @@ impl World {
                     .expect("close");
                 Outcome::Nothing
             }
+            Step::Archive => Outcome::Result(
+                match self.redis.archive(&self.drop).await.expect("archive") {
+                    Ok(_) => Ok("archived".into()),
+                    Err(why) => Err(why),
+                },
+            ),
             Step::Checkpoint => Outcome::Nothing,
             Step::Lose { .. } => Outcome::Nothing,
+            Step::Rebuild { .. } if model.record.archived => Outcome::Pair(0, 0),
             Step::Rebuild { interrupted } => {
                 let fields: Vec<(String, String)> = model
                     .record
@@ -724,7 +737,11 @@ impl World {
                 model.store = store.clone();
             }
         }
-        // What the engine does when it notices: the drop answers `recovering` until rebuilt.
+        // What the engine does when it notices: the drop answers `recovering` until rebuilt (an
+        // archived drop it no longer looks after).
+        if model.record.archived {
+            return;
+        }
         self.redis
             .set_meta(&self.drop, "recovering", "1")
             .await
