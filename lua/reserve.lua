@@ -18,7 +18,7 @@
 -- ARGV[6] the session's hard end ms, likewise: a hold extends the session no further
 -- ARGV[7..] items: bucket, quantity, bucket, quantity, ...   (bucket = sku)
 --           seats: section, seat id, section, seat id, ...   (caller checked they exist, no repeats)
---           best:  section, quantity
+--           best:  section, quantity, seats to examine at most (`seats.best_scan_seats_max`)
 -- Returns {"ok", hold id, expires_at_ms, now_ms, items JSON [{b, q, s?}]}
 --       | {"replay", first answer JSON (an array like the above or {"err", ...}), now_ms}
 --       | {"err", code, detail JSON}   code: sold_out | all_held | insufficient_stock |
@@ -86,12 +86,18 @@ local function shortage(bucket, want)
   return 'insufficient_stock', {bucket = bucket, available = avail}
 end
 
--- The seat ids of the best block of `n` adjacent free seats in `section`, or nil.
-local function best_available(section, n)
+-- The seat ids of the best block of `n` adjacent free seats in `section`, or nil. Reads whole
+-- rows front first while fewer than `max_seats` seats have been read (the first row always), so
+-- its work is bounded however big the section: a block only further back is not found
+-- (insufficient_stock, adjacent = false; the fan can still pick named seats on the map).
+local function best_available(section, n, max_seats)
   local rows = cjson.decode(redis.call('HGET', K.layout, section) or '[]')
   local fallback = nil
+  local examined = 0
   for _, row in ipairs(rows) do
+    if examined >= max_seats then break end
     local label, count = row[1], row[2]
+    examined = examined + count
     local ids = {}
     for s = 1, count do ids[s] = section .. '-' .. label .. '-' .. s end
     local states = redis.call('HMGET', K.seats, unpack(ids))
@@ -158,7 +164,7 @@ else
   local section = ARGV[7]
   local code, detail = shortage(section, units)
   if code then return refuse(code, detail) end
-  local seats = best_available(section, units)
+  local seats = best_available(section, units, tonumber(ARGV[9]) or 1)
   if not seats then return refuse('insufficient_stock', {bucket = section, adjacent = false}) end
   items = {}
   for j = 1, units do items[j] = {b = section, q = 1, s = seats[j]} end

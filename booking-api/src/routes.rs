@@ -37,6 +37,31 @@ fn created<T: serde::Serialize>(body: T) -> Answer {
     Ok(http::json(201, &body))
 }
 
+/// A seat map with its version as `ETag`, or 304 without a body when the client's
+/// `If-None-Match` names that version. `no-cache`: a browser may keep it but must ask again each
+/// time, so a poll always learns of a change.
+fn seat_map_answer(req: &Request<Incoming>, seats: &engine::booking::SeatsView) -> Response<Body> {
+    let etag = format!("\"{}\"", seats.map.0.version);
+    let unchanged = header(req, "if-none-match").is_some_and(|v| {
+        v.split(',')
+            .map(|t| t.trim().trim_start_matches("W/"))
+            .any(|t| t == etag || t == "*")
+    });
+    let mut resp = if unchanged {
+        http::empty(304)
+    } else {
+        http::json(200, seats)
+    };
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&etag) {
+        resp.headers_mut().insert(hyper::header::ETAG, v);
+    }
+    resp.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-cache"),
+    );
+    resp
+}
+
 impl App {
     /// Routes one request. `route` is the metric label: the path pattern, never the raw path.
     pub async fn handle(
@@ -119,7 +144,10 @@ impl App {
                 ok(e.list_drops(&seller).await?)
             }
             (&Method::GET, ["v1", "drops", id]) => ok(e.drop_view(&drop_id(id)?).await?),
-            (&Method::GET, ["v1", "drops", id, "seats"]) => ok(e.seats_view(&drop_id(id)?).await?),
+            (&Method::GET, ["v1", "drops", id, "seats"]) => {
+                let seats = e.seats_view(&drop_id(id)?).await?;
+                Ok(seat_map_answer(&req, &seats))
+            }
             (&Method::POST, ["v1", "drops", id, "close"]) => {
                 let seller = self.key(&req, Scope::Seller).await?;
                 ok(e.close_drop(&seller, &drop_id(id)?).await?)

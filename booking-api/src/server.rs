@@ -172,11 +172,13 @@ fn cors(cfg: &HttpConfig, origin: Option<HeaderValue>, resp: &mut Response<Body>
     );
     h.insert(
         "access-control-allow-headers",
-        HeaderValue::from_static("authorization, content-type, idempotency-key, x-admission-token"),
+        HeaderValue::from_static(
+            "authorization, content-type, idempotency-key, x-admission-token, if-none-match",
+        ),
     );
     h.insert(
         "access-control-expose-headers",
-        HeaderValue::from_static("retry-after"),
+        HeaderValue::from_static("retry-after, etag"),
     );
     h.insert(
         "access-control-max-age",

@@ -48,7 +48,8 @@
   const state = {
     dropId: null,
     drop: null,               // GET /v1/drops/{id}
-    seats: [],                // GET /v1/drops/{id}/seats
+    seats: [],                // GET /v1/drops/{id}/seats, one {seat, section, row, number, state} each
+    seatsVersion: null,       // that map's version: sent as If-None-Match, an unchanged map is a 304
     fanToken: null,
     admissionToken: null,
     offsetMs: 0,              // server clock − local clock
@@ -214,8 +215,11 @@
     return Math.min(MAX_RETRY_AFTER_S, Math.max(1, Math.ceil(s)));
   }
 
+  /** What `api` resolves to when a conditional GET's answer is 304 (what the caller has is current). */
+  const NOT_MODIFIED = Object.freeze({ notModified: true });
+
   /**
-   * One JSON request. Resolves to the parsed body (null for 204); rejects with ApiError for a
+   * One JSON request. Resolves to the parsed body (null for 204, NOT_MODIFIED for 304); rejects with ApiError for a
    * non-2xx answer or NetworkError when the server could not be reached after `retries` retries.
    * A 401 on a call that sent the fan token signs the fan out.
    */
@@ -244,6 +248,7 @@
       }
     }
 
+    if (res.status === 304) return NOT_MODIFIED;
     let data = null;
     if (res.status !== 204) {
       const text = await res.text().catch(() => '');
@@ -395,10 +400,37 @@
     renderDrop();
   }
 
+  /**
+   * The seat map arrives compact (a string of states per row, seat 1 first: f free, h held,
+   * s sold) with a version; the page asks with If-None-Match explicitly (its fetches are
+   * no-store, so the browser's own cache never answers), and a 304 leaves the map as it is.
+   */
   async function loadSeats() {
-    const data = await api('GET', `/v1/drops/${enc(state.dropId)}/seats`, { auth: false, retries: 1 });
-    state.seats = (data && data.seats) || [];
+    const headers = state.seatsVersion ? { 'If-None-Match': `"${state.seatsVersion}"` } : {};
+    const data = await api('GET', `/v1/drops/${enc(state.dropId)}/seats`, { auth: false, retries: 1, headers });
+    if (data === NOT_MODIFIED) return;
+    state.seatsVersion = (data && data.version) || null;
+    state.seats = expandSeats(data);
     renderSeatMap();
+  }
+
+  const SEAT_STATES = { f: 'free', h: 'held', s: 'sold' };
+
+  function expandSeats(data) {
+    const seats = [];
+    for (const sec of (data && data.sections) || []) {
+      for (const r of sec.rows || []) {
+        const states = r.states || '';
+        for (let i = 0; i < states.length; i += 1) {
+          const number = i + 1;
+          seats.push({
+            seat: `${sec.section}-${r.row}-${number}`, section: sec.section, row: r.row, number,
+            state: SEAT_STATES[states[i]] || 'held',
+          });
+        }
+      }
+    }
+    return seats;
   }
 
   function renderDrop() {

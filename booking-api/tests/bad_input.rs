@@ -91,13 +91,26 @@ async fn hold_state(h: &Harness, token: &str, hold: &str) -> String {
 async fn seat_state(h: &Harness, drop: &str, seat: &str) -> String {
     let (status, v) = h.get(&format!("/v1/drops/{drop}/seats"), None).await;
     assert_eq!(status, 200, "{v}");
-    v["seats"]
+    // Seat `S-R-n` is the n-th character of row R's states in section S.
+    let mut parts = seat.splitn(3, '-');
+    let (section, row) = (parts.next().unwrap(), parts.next().unwrap());
+    let n: usize = parts.next().unwrap().parse().unwrap();
+    let states = v["sections"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["seat"] == seat)
-        .map(|s| s["state"].as_str().unwrap().to_owned())
-        .unwrap_or_else(|| panic!("no seat {seat}"))
+        .filter(|s| s["section"] == section)
+        .flat_map(|s| s["rows"].as_array().unwrap())
+        .find(|r| r["row"] == row)
+        .and_then(|r| r["states"].as_str())
+        .unwrap_or_else(|| panic!("no seat {seat} in {v}"));
+    match states.chars().nth(n - 1) {
+        Some('f') => "free",
+        Some('h') => "held",
+        Some('s') => "sold",
+        other => panic!("seat {seat}: {other:?} in {v}"),
+    }
+    .to_owned()
 }
 
 /// Ends a family: the counts are exactly as before, and the invariants hold.

@@ -27,6 +27,7 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub admission: AdmissionConfig,
     pub drops: DropsConfig,
+    pub seats: SeatsConfig,
     pub queue: QueueConfig,
 }
 
@@ -74,6 +75,7 @@ const SECTIONS: &[&str] = &[
     "identity",
     "admission",
     "drops",
+    "seats",
     "queue",
 ];
 
@@ -159,6 +161,19 @@ impl Config {
             ("drops.lookup_burst", u64::from(self.drops.lookup_burst)),
             ("holds.sweep_rounds_max", self.holds.sweep_rounds_max as u64),
             ("queue.ws_send_timeout_ms", self.queue.ws_send_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(crate::Error::invalid(format!(
+                    "config: {name} must be above 0"
+                )));
+            }
+        }
+        // `seats.map_refresh_ms` may be 0: every request then reads, unless a read is already
+        // under way for it (still one read for a crowd arriving together).
+        for (name, value) in [
+            ("seats.map_cache_drops", self.seats.map_cache_drops),
+            ("seats.map_scan_chunk", self.seats.map_scan_chunk),
+            ("seats.best_scan_seats_max", self.seats.best_scan_seats_max),
         ] {
             if value == 0 {
                 return Err(crate::Error::invalid(format!(
@@ -637,6 +652,47 @@ impl Default for DropsConfig {
             archive_after_s: DEFAULT_ARCHIVE_AFTER_S,
             archive_interval_ms: DEFAULT_ARCHIVE_INTERVAL_MS,
             archive_batch: DEFAULT_ARCHIVE_BATCH,
+        }
+    }
+}
+
+/// Every booking page polls its seat map every 5 s: a snapshot a quarter of a second old is as
+/// good as a fresh one to a fan, and turns thousands of pages' polls into four reads a second.
+pub const DEFAULT_SEAT_MAP_REFRESH_MS: u64 = 250;
+/// Seat maps a process keeps; past it the one read longest ago is forgotten (a miss costs one
+/// read). A 100,000-seat map takes about 100 KiB.
+pub const DEFAULT_SEAT_MAP_CACHE_DROPS: usize = 256;
+/// Fields per HSCAN step when a seat map is read: a few hundred microseconds of Redis each, where
+/// one HGETALL of a 100,000-seat map holds it for tens of milliseconds.
+pub const DEFAULT_SEAT_MAP_SCAN_CHUNK: usize = 1_000;
+/// Seats best-available looks at per reserve, at most (whole rows, front first; the first row
+/// always): bounds the reserve script's work whatever the section's size.
+pub const DEFAULT_BEST_SCAN_SEATS_MAX: usize = 4_000;
+
+/// Seat maps (`GET /v1/drops/{id}/seats`) and best-available.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SeatsConfig {
+    /// A process serves one drop's seat map from one snapshot for this long; then the next
+    /// request reads it again, once however many callers wait (0: only callers arriving while a
+    /// read is under way share it).
+    pub map_refresh_ms: u64,
+    /// Drops whose snapshot a process keeps.
+    pub map_cache_drops: usize,
+    /// Seats per HSCAN step reading a snapshot.
+    pub map_scan_chunk: usize,
+    /// Seats one best-available reserve examines at most; a section whose free block lies past
+    /// them answers `insufficient_stock` with `adjacent: false`.
+    pub best_scan_seats_max: usize,
+}
+
+impl Default for SeatsConfig {
+    fn default() -> Self {
+        SeatsConfig {
+            map_refresh_ms: DEFAULT_SEAT_MAP_REFRESH_MS,
+            map_cache_drops: DEFAULT_SEAT_MAP_CACHE_DROPS,
+            map_scan_chunk: DEFAULT_SEAT_MAP_SCAN_CHUNK,
+            best_scan_seats_max: DEFAULT_BEST_SCAN_SEATS_MAX,
         }
     }
 }

@@ -144,7 +144,12 @@ pub enum Reserved {
 pub enum ReserveArgs<'a> {
     Items(&'a [(String, u32)]),
     Seats(&'a [(String, String)]),
-    Best { section: &'a str, quantity: u32 },
+    /// `scan_seats_max`: seats best-available examines at most (whole rows, front first).
+    Best {
+        section: &'a str,
+        quantity: u32,
+        scan_seats_max: usize,
+    },
 }
 
 impl ReserveArgs<'_> {
@@ -288,6 +293,8 @@ pub struct TestScripts {
 pub struct Redis {
     pool: Pool,
     pub(crate) scripts: Arc<Scripts>,
+    /// Seats per HSCAN step reading a seat map (`seats.map_scan_chunk`).
+    seat_scan_chunk: usize,
 }
 
 pub(crate) type Reply = Vec<Value>;
@@ -347,7 +354,15 @@ impl Redis {
         Ok(Redis {
             pool,
             scripts: Arc::new(scripts),
+            seat_scan_chunk: crate::config::DEFAULT_SEAT_MAP_SCAN_CHUNK,
         })
+    }
+
+    /// This client reading seat maps in HSCAN steps of `chunk` seats (a new client uses
+    /// `DEFAULT_SEAT_MAP_SCAN_CHUNK`).
+    pub fn with_seat_scan_chunk(mut self, chunk: usize) -> Redis {
+        self.seat_scan_chunk = chunk.max(1);
+        self
     }
 
     pub async fn quit(&self) {
@@ -552,9 +567,14 @@ impl Redis {
                     argv.push(seat.clone());
                 }
             }
-            ReserveArgs::Best { section, quantity } => {
+            ReserveArgs::Best {
+                section,
+                quantity,
+                scan_seats_max,
+            } => {
                 argv.push(section.to_owned());
                 argv.push(quantity.to_string());
+                argv.push(scan_seats_max.to_string());
             }
         }
         let reply = self.run(&self.scripts.reserve, keys, argv).await?;
@@ -749,8 +769,42 @@ impl Redis {
     }
 
     /// Each seat's raw state: "-" free, "#" sold, else the holding hold's id.
+    /// Every seat's state (seat → `-`, `#` or the holding hold id), read in HSCAN steps of
+    /// `seats.map_scan_chunk` fields: one HGETALL of a 100,000-seat map would hold Redis for tens
+    /// of milliseconds, and every other drop on the node with it. Not one instant's picture (a
+    /// seat may change between steps), which a seat map shown to fans doesn't need.
     pub async fn seat_states(&self, drop: &DropId) -> Result<HashMap<String, String>> {
-        Ok(self.client().hgetall(DropKeys::new(drop).seats()).await?)
+        let key = DropKeys::new(drop).seats().to_owned();
+        let mut states = HashMap::new();
+        let mut cursor = "0".to_owned();
+        loop {
+            let reply: Value = self
+                .client()
+                .custom(
+                    fred::types::CustomCommand::new_static(
+                        "HSCAN",
+                        fred::types::ClusterHash::FirstKey,
+                        false,
+                    ),
+                    vec![
+                        key.clone(),
+                        cursor,
+                        "COUNT".to_owned(),
+                        self.seat_scan_chunk.to_string(),
+                    ],
+                )
+                .await?;
+            let mut parts = reply.into_array().into_iter();
+            cursor = text(parts.next().as_ref());
+            let pairs = parts.next().map(Value::into_array).unwrap_or_default();
+            let mut pairs = pairs.into_iter();
+            while let (Some(seat), Some(state)) = (pairs.next(), pairs.next()) {
+                states.insert(text(Some(&seat)), text(Some(&state)));
+            }
+            if cursor == "0" || cursor.is_empty() {
+                return Ok(states);
+            }
+        }
     }
 
     /// Redis' clock (`TIME`) as the node holding `drop` reads it: the clock every script of the

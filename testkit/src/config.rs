@@ -57,5 +57,8 @@ pub fn test_config_for(redis_url: &str, database_url: &str) -> Config {
     cfg.gateway.timeout_ms = 300;
     cfg.gateway.test_slow_ms = 500;
     cfg.queue.position_interval_ms = 500;
+    // Tests read a seat map right after changing it: no snapshot outlives the request that
+    // asked (the seat map suite sets its own refresh).
+    cfg.seats.map_refresh_ms = 0;
     cfg
 }

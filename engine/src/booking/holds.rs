@@ -41,6 +41,7 @@ impl Engine {
             HoldRequest::Best { section, quantity } => ReserveArgs::Best {
                 section,
                 quantity: *quantity,
+                scan_seats_max: self.cfg.seats.best_scan_seats_max,
             },
         };
         let started = Instant::now();

@@ -12,12 +12,15 @@
 //! - `confirm.rs` — paying for a hold: confirm begin, payment, the order's commit, finish or revert.
 //! - `background.rs` — the sweeper, the reconciler, the Redis watcher, recovery and the archiver.
 //! - `views.rs` — what the engine shows: drops, seats, holds, orders.
+//! - `seatmap.rs` — seat maps served from one snapshot per drop and process, read once per
+//!   refresh however many pages poll.
 
 mod background;
 mod confirm;
 mod drops;
 mod holds;
 mod lookups;
+mod seatmap;
 mod views;
 
 use confirm::Inflight;
@@ -27,7 +30,8 @@ pub use drops::AdmissionUpdate;
 use views::priced_items;
 pub use views::{
     AdmissionModeView, AdmissionView, DropList, DropSummary, DropView, FanHolds, FanOrders,
-    HoldView, InventoryView, Made, PricedItem, RowView, SeatView, SeatsView,
+    HoldView, InventoryView, Made, PricedItem, RowView, SeatMap, SeatMapRow, SeatMapSection,
+    SeatsView, SharedSeatMap,
 };
 
 use std::collections::HashMap;
@@ -84,6 +88,8 @@ pub struct Engine {
     /// Postgres reads of a drop definition on a request's behalf (tests count them).
     drop_reads: std::sync::atomic::AtomicU64,
     drop_fills: crate::fill::FillGate<DropId>,
+    /// Each seated drop's seat map as this process last read it, shared by every request.
+    seat_maps: seatmap::SeatMaps,
     inflight: Mutex<HashMap<HoldId, Inflight>>,
     /// Drops the background tasks look after: Postgres' newest live drops…
     watched: Mutex<Vec<DropId>>,
@@ -125,7 +131,9 @@ impl Engine {
     /// schema; this one refuses to start on an unmigrated one) nor starts an order writer.
     pub async fn start_as(cfg: Config, role: Role) -> Result<Arc<Engine>> {
         cfg.validate()?;
-        let redis = Redis::connect(&cfg.redis).await?;
+        let redis = Redis::connect(&cfg.redis)
+            .await?
+            .with_seat_scan_chunk(cfg.seats.map_scan_chunk);
         let db = Db::connect(&cfg.database)?;
         let writer = match role {
             Role::Booking => {
@@ -152,6 +160,7 @@ impl Engine {
             lookups: Mutex::new(lookups::Lookups::new(&cfg.drops)),
             drop_reads: Default::default(),
             drop_fills: Default::default(),
+            seat_maps: Default::default(),
             inflight: Mutex::new(HashMap::new()),
             watched: Mutex::new(Vec::new()),
             touched: Mutex::new(HashMap::new()),
@@ -231,6 +240,13 @@ impl Engine {
     #[cfg(feature = "testing")]
     pub fn drop_reads(&self) -> u64 {
         self.drop_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many times this process has read a seat map whole (from Redis, or Postgres once
+    /// archived), for tests that check a crowd of requests shares one read.
+    #[cfg(feature = "testing")]
+    pub fn seat_map_reads(&self) -> u64 {
+        self.seat_maps.reads()
     }
 
     /// The test gateway's records, for tests (when the engine pays through it).

@@ -289,6 +289,9 @@ fn resolve(op: &Op, model: &Model, ids: &mut Ids) -> Step {
                 Request::Best {
                     section: spec.buckets[a % spec.buckets.len()].0.clone(),
                     quantity: *n,
+                    // 1..=8 around the model's seven-seat section: below 5, its back row is
+                    // past the bound.
+                    scan_seats_max: 1 + b % 8,
                 }
             };
             let hold = format!("{}-h{:016x}", ids.drop, ids.next_hold);

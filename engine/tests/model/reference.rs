@@ -80,7 +80,12 @@ impl Hold {
 pub enum Request {
     Items(Vec<(String, u32)>),
     Seats(Vec<(String, String)>),
-    Best { section: String, quantity: u32 },
+    /// `scan_seats_max`: seats best-available examines at most (whole rows, front first).
+    Best {
+        section: String,
+        quantity: u32,
+        scan_seats_max: usize,
+    },
 }
 
 /// What reserve answered (the replay flag aside).
@@ -435,8 +440,9 @@ impl Model {
     }
 
     /// The best block of `n` adjacent free seats: front row first; within the section, a block
-    /// that leaves no single free seat stranded beside it, if any exists.
-    fn best_available(&self, section: &str, n: i64) -> Option<Vec<String>> {
+    /// that leaves no single free seat stranded beside it, if any exists. Whole rows are read
+    /// while fewer than `max_seats` have been (the first row always); later rows aren't looked at.
+    fn best_available(&self, section: &str, n: i64, max_seats: usize) -> Option<Vec<String>> {
         let rows: Vec<(String, i64)> = self
             .store
             .layout
@@ -452,7 +458,12 @@ impl Model {
             })
             .collect();
         let mut fallback = None;
+        let mut examined = 0;
         for (label, count) in rows {
+            if examined >= max_seats {
+                break;
+            }
+            examined += count.max(0) as usize;
             let ids: Vec<String> = (1..=count)
                 .map(|s| format!("{section}-{label}-{s}"))
                 .collect();
@@ -606,11 +617,15 @@ impl Model {
                     return answer(self, refused("seat_unavailable", json!({"seats": taken})));
                 }
             }
-            Request::Best { section, .. } => {
+            Request::Best {
+                section,
+                scan_seats_max,
+                ..
+            } => {
                 if let Some((code, detail)) = self.shortage(section, units) {
                     return answer(self, refused(code, detail));
                 }
-                let Some(seats) = self.best_available(section, units) else {
+                let Some(seats) = self.best_available(section, units, *scan_seats_max) else {
                     return answer(
                         self,
                         refused(

@@ -385,9 +385,14 @@ impl World {
                         seats = list.clone();
                         ReserveArgs::Seats(&seats)
                     }
-                    Request::Best { section, quantity } => ReserveArgs::Best {
+                    Request::Best {
+                        section,
+                        quantity,
+                        scan_seats_max,
+                    } => ReserveArgs::Best {
                         section,
                         quantity: *quantity,
+                        scan_seats_max: *scan_seats_max,
                     },
                 };
                 // The fan's admission token carries the session's ends admission stored.
