@@ -415,3 +415,61 @@ async fn crafted_link_with_another_fans_token_asks_before_switching() {
     p.close().await;
     h.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_long_seat_rows_fit_their_box_at_1280px() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::start().await;
+    let drop = h
+        .create_drop(json!({
+            "name": "wide hall", "per_fan_limit": 4, "hold_ttl_s": 300,
+            "admission": {"mode": "open"},
+            "inventory": {"kind": "seated", "sections": [
+                {"section": "A", "price_cents": 9000,
+                 "rows": [{"row": "1", "seats": 12}, {"row": "2", "seats": 40}, {"row": "3", "seats": 120}]}
+            ]}
+        }))
+        .await;
+    let p = open_browser("browser_long_seat_rows_fit_their_box_at_1280px", DESKTOP).await;
+    p.goto(&h.url(&format!("/drops/{drop}"))).await;
+    p.el("#seated:not([hidden]) #seat-map button[data-seat=\"A-3-120\"]")
+        .await;
+    p.shot("wide-rows").await;
+    // Every row, and every seat in it, within the map's box (no horizontal overflow).
+    let found = p
+        .client
+        .execute(
+            r#"const map = document.getElementById('seat-map');
+               const box = map.getBoundingClientRect();
+               return [...map.querySelectorAll('.seat-row')].map((r) => {
+                 const rb = r.getBoundingClientRect();
+                 const last = r.lastElementChild.getBoundingClientRect();
+                 return [r.getAttribute('aria-label'), rb.right <= box.right + 0.5,
+                         last.right <= box.right + 0.5, r.scrollWidth <= r.clientWidth + 1];
+               });"#,
+            vec![],
+        )
+        .await
+        .expect("the script runs");
+    let rows = found.as_array().expect("a list of rows").clone();
+    assert_eq!(rows.len(), 3, "{found}");
+    for r in &rows {
+        assert_eq!(
+            (&r[1], &r[2], &r[3]),
+            (&json!(true), &json!(true), &json!(true)),
+            "{} is wider than the seat map's box at 1280 px: {found}",
+            r[0]
+        );
+    }
+    let map_scroll = p
+        .client
+        .execute(
+            "const m = document.getElementById('seat-map'); return m.scrollWidth <= m.clientWidth + 1;",
+            vec![],
+        )
+        .await
+        .expect("the script runs");
+    assert_eq!(map_scroll, json!(true), "the seat map scrolls sideways");
+    p.close().await;
+    h.server.shutdown().await;
+}
