@@ -507,6 +507,10 @@
     if (state.final) return state.final;
     const pq = state.preQueue;
     if (pq) {
+      // Opening time has come but the place from the draw hasn't arrived yet: no "in 0:00".
+      if (pq.opensAtMs && pq.opensAtMs <= serverNow()) {
+        return { kind: 'pre_queue', text: 'Opening… Your place from the fair draw arrives in a moment; no need to refresh.' };
+      }
       const at = pq.opensAtMs ? ` at ${fmtTime(pq.opensAtMs)} (in ${fmtClock(pq.opensAtMs - serverNow())})` : ' soon';
       const who = typeof pq.waiting === 'number' ? ` ${plural(pq.waiting, 'fan is', 'fans are')} waiting.` : '';
       return { kind: 'pre_queue', text: `The line opens${at}.${who} Everyone here before then gets a place by fair draw — no need to rush or refresh.` };

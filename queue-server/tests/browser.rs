@@ -289,6 +289,37 @@ async fn queue_page_before_opening_shows_the_pre_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_page_at_opening_says_opening_until_its_place_arrives() {
+    let _one = ONE_BROWSER.lock().await;
+    let mut cfg = common::test_config();
+    // Exact positions once a minute: after opening, the page waits for its place from the draw
+    // well past the countdown's end (the page once showed "in 0:00" all that time).
+    cfg.queue.position_interval_ms = 60_000;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free local port")
+        .port();
+    cfg.queue.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    cfg.http.cors_allow_origins = vec![format!("http://127.0.0.1:{port}")];
+    let h = Harness::start_with(cfg).await;
+    // Paused: nobody is admitted at opening either, so only a position could end the wait.
+    let drop = h.queue_drop(20, 2, json!({"paused": true}), Some(12)).await;
+    let p = open_browser("queue-opening", PHONE).await;
+    join_in_browser(&p, &h, &drop, "on-the-dot").await;
+    line_state(&p, "pre_queue").await;
+    let words = p
+        .wait_text("#line-state", "the opening notice", |t| {
+            t.contains("Opening")
+        })
+        .await;
+    assert!(!words.contains("0:00"), "{words}");
+    assert_eq!(p.text("#place").await, "–");
+    p.shot("opening").await;
+    p.close().await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_page_survives_restarts_and_polls_when_sockets_fail() {
     let _one = ONE_BROWSER.lock().await;
     let h = Harness::start_for_pages().await;
