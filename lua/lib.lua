@@ -5,6 +5,7 @@
 --                                       mode, confirm_timeout_ms, confirm_grace_ms, reclaim_batch, done_ttl_ms,
 --                                       run_id (the redis-server run the state was loaded or rebuilt in),
 --                                       next_due_ms (no held hold expires before it; see reclaim)
+--                                       rebuild_token, rebuild_slices (a rebuild or load at work)
 -- KEYS[2]  {drop_id}:stock       hash   a:<bucket> available, h:<bucket> held (incl. confirming),
 --                                       s:<bucket> sold, t:<bucket> total
 -- KEYS[3]  {drop_id}:seats       hash   seat id → "-" free | hold id (held or confirming) | "#" sold
@@ -46,8 +47,12 @@ end
 
 -- A rebuild or load in progress names itself with a token in meta (rebuild_token); each of its
 -- slices carries it, so a slice of a rebuild that another one has since restarted changes nothing.
-local function rebuilding(token)
-  return redis.call('HGET', K.meta, 'rebuild_token') == token
+-- Each slice also counts itself (rebuild_slices): other instances' watchers tell a rebuild that is
+-- working from one whose process died by whether the count moves, and leave the first alone.
+local function rebuild_slice(token)
+  if redis.call('HGET', K.meta, 'rebuild_token') ~= token then return false end
+  redis.call('HINCRBY', K.meta, 'rebuild_slices', 1)
+  return true
 end
 
 local function meta_num(field, default)

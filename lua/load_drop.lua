@@ -4,12 +4,13 @@
 -- drop is `recovering` (reserves answer 503), so a load that stopped halfway is finished by the
 -- watcher's rebuild. Does nothing if the drop is already in Redis (creation may be retried).
 -- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[11]
--- ARGV[1] the load's token: every later slice names it (lib.lua `rebuilding`)
+-- ARGV[1] the load's token: every later slice names it (lib.lua `rebuild_slice`)
 -- ARGV[2] JSON {field = value}: the drop's meta fields
 -- Returns {"ok", "loaded"} | {"ok", "exists"}
 if redis.call('EXISTS', K.meta) == 1 then return {'ok', 'exists'} end
 for field, value in pairs(cjson.decode(ARGV[2])) do
   redis.call('HSET', K.meta, field, tostring(value))
 end
-redis.call('HSET', K.meta, 'recovering', '1', 'rebuild_token', ARGV[1])
+redis.call('HSET', K.meta, 'recovering', '1', 'rebuild_token', ARGV[1], 'rebuild_slices', 0,
+  'run_id', server_run_id())
 return {'ok', 'loaded'}

@@ -20,6 +20,7 @@
 -- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[11], and
 -- KEYS[12] {drop_id}:rebuild  zset   live hold id → created ms, between rebuild_sort and rebuild_keep
 -- ARGV[1] the rebuild's token: every later slice names it (a newer rebuild supersedes this one)
+--         and counts itself in meta's rebuild_slices (lib.lua `rebuild_slice`)
 -- ARGV[2] JSON {field = value}: the drop's meta fields (recovering = "1")
 -- Returns {"ok"}
 local was_closed = redis.call('HGET', K.meta, 'status') == 'closed'
@@ -29,6 +30,9 @@ end
 if was_closed then redis.call('HSET', K.meta, 'status', 'closed') end
 -- Deadlines are about to be rewritten: the next reclaim works out the earliest one again.
 redis.call('HDEL', K.meta, 'next_due_ms')
-redis.call('HSET', K.meta, 'recovering', '1', 'rebuild_token', ARGV[1])
+-- Stamped with this run at once: another instance's watcher then sees a rebuild at work (its
+-- slice count moving), not a drop left from an earlier Redis run, and leaves it alone.
+redis.call('HSET', K.meta, 'recovering', '1', 'rebuild_token', ARGV[1], 'rebuild_slices', 0,
+  'run_id', server_run_id())
 redis.call('UNLINK', K.seats, K.fans, K.fanholds, K.deadlines, K.confirming, KEYS[12])
 return {'ok'}

@@ -8,7 +8,7 @@
 --                     seats:  seat id, "-" (free) | "#" (sold), ...
 --                     fans:   fan id, units bought, ...
 -- Returns {"ok", entries written} | {"err", "superseded"} (another rebuild began since)
-if not rebuilding(ARGV[1]) then return {'err', 'superseded'} end
+if not rebuild_slice(ARGV[1]) then return {'err', 'superseded'} end
 local what, n = ARGV[2], 0
 if what == 'stock' then
   for i = 3, #ARGV, 3 do

@@ -4,8 +4,8 @@
 -- KEYS[12] {drop_id}:rebuild  zset   live hold id → created ms (must be empty by now)
 -- ARGV[1] the rebuild's token
 -- Returns {"ok"} | {"err", "superseded"} | {"err", "unsorted"} (live holds still to take)
-if not rebuilding(ARGV[1]) then return {'err', 'superseded'} end
+if not rebuild_slice(ARGV[1]) then return {'err', 'superseded'} end
 if redis.call('EXISTS', KEYS[12]) == 1 then return {'err', 'unsorted'} end
-redis.call('HDEL', K.meta, 'rebuild_token')
+redis.call('HDEL', K.meta, 'rebuild_token', 'rebuild_slices')
 redis.call('HSET', K.meta, 'recovering', '0', 'run_id', server_run_id())
 return {'ok'}

@@ -9,7 +9,7 @@
 -- ARGV[2] most holds to take in this call
 -- Returns {"ok", holds handled, holds kept, holds ended, live holds left to take}
 --       | {"err", "superseded"}
-if not rebuilding(ARGV[1]) then return {'err', 'superseded'} end
+if not rebuild_slice(ARGV[1]) then return {'err', 'superseded'} end
 local now = now_ms()
 local limit = meta_num('per_fan_limit', 0)
 local taken = redis.call('ZPOPMIN', KEYS[12], tonumber(ARGV[2]))

@@ -10,7 +10,7 @@
 -- ARGV[1] the rebuild's token
 -- ARGV[2..] hold id, its order id in Postgres or "" (none), ...
 -- Returns {"ok", holds handled, holds ended} | {"err", "superseded"}
-if not rebuilding(ARGV[1]) then return {'err', 'superseded'} end
+if not rebuild_slice(ARGV[1]) then return {'err', 'superseded'} end
 local now = now_ms()
 local n, ended = 0, 0
 for i = 2, #ARGV, 2 do

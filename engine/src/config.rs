@@ -110,6 +110,10 @@ impl Config {
         let positive_counts = [
             ("recovery.slice", self.recovery.slice),
             ("recovery.concurrent_drops", self.recovery.concurrent_drops),
+            (
+                "recovery.stalled_after_ms",
+                self.recovery.stalled_after_ms as usize,
+            ),
             ("drops.archive_batch", self.drops.archive_batch),
             (
                 "drops.archive_interval_ms",
@@ -503,6 +507,8 @@ impl Default for ReconcilerConfig {
 /// A slice of 500 holds is a few milliseconds of one Redis core: other drops never notice.
 pub const DEFAULT_RECOVERY_SLICE: usize = 500;
 pub const DEFAULT_RECOVERY_CONCURRENT_DROPS: usize = 4;
+/// A slice takes milliseconds: a rebuild that has done none for 10 s lost its process.
+pub const DEFAULT_RECOVERY_STALLED_AFTER_MS: u64 = 10_000;
 
 /// Recovery (rebuilding drops from Postgres) and loading new drops: both run in slices.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -514,6 +520,9 @@ pub struct RecoveryConfig {
     /// Drops one process rebuilds at a time (after a restart every drop needs one; a huge drop
     /// must not keep the small ones waiting).
     pub concurrent_drops: usize,
+    /// Another instance's rebuild (or load) of a drop is left alone while its slice count moves;
+    /// one that did no slice for this long (its process died) is taken over.
+    pub stalled_after_ms: u64,
 }
 
 impl Default for RecoveryConfig {
@@ -521,6 +530,7 @@ impl Default for RecoveryConfig {
         RecoveryConfig {
             slice: DEFAULT_RECOVERY_SLICE,
             concurrent_drops: DEFAULT_RECOVERY_CONCURRENT_DROPS,
+            stalled_after_ms: DEFAULT_RECOVERY_STALLED_AFTER_MS,
         }
     }
 }
@@ -974,6 +984,9 @@ mod tests {
         cfg.recovery.concurrent_drops = 0;
         refused(&cfg, "recovery.concurrent_drops must be above 0");
         let mut cfg = Config::default();
+        cfg.recovery.stalled_after_ms = 0;
+        refused(&cfg, "recovery.stalled_after_ms must be above 0");
+        let mut cfg = Config::default();
         cfg.drops.archive_batch = 0;
         refused(&cfg, "drops.archive_batch must be above 0");
         let mut cfg = Config::default();
@@ -1024,7 +1037,9 @@ mod tests {
             ("drops.lookups_per_s", |c| c.drops.lookups_per_s = 0),
             ("drops.lookup_burst", |c| c.drops.lookup_burst = 0),
             ("holds.sweep_rounds_max", |c| c.holds.sweep_rounds_max = 0),
-            ("queue.ws_send_timeout_ms", |c| c.queue.ws_send_timeout_ms = 0),
+            ("queue.ws_send_timeout_ms", |c| {
+                c.queue.ws_send_timeout_ms = 0
+            }),
         ];
         for (name, zero) in zeroes {
             let mut cfg = Config::default();

@@ -194,6 +194,8 @@ pub struct DropState {
     pub recovering: bool,
     /// The redis-server run the drop was loaded or rebuilt in (lua/lib.lua `server_run_id`).
     pub run_id: String,
+    /// A rebuild or load at work: its token and how many slices it has done so far.
+    pub rebuild: Option<(String, i64)>,
 }
 
 /// Live counts of one bucket. `held` includes confirming.
@@ -723,13 +725,26 @@ impl Redis {
         let keys = DropKeys::new(drop);
         let vals: Vec<Option<String>> = self
             .client()
-            .hmget(keys.meta(), vec!["status", "recovering", "run_id"])
+            .hmget(
+                keys.meta(),
+                vec![
+                    "status",
+                    "recovering",
+                    "run_id",
+                    "rebuild_token",
+                    "rebuild_slices",
+                ],
+            )
             .await?;
         match vals.as_slice() {
-            [Some(status), recovering, run_id] => Ok(Some(DropState {
+            [Some(status), recovering, run_id, token, slices] => Ok(Some(DropState {
                 status: status.clone(),
                 recovering: recovering.as_deref() == Some("1"),
                 run_id: run_id.clone().unwrap_or_default(),
+                rebuild: token.clone().map(|t| {
+                    let n = slices.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0);
+                    (t, n)
+                }),
             })),
             _ => Ok(None),
         }

@@ -163,7 +163,11 @@ impl Engine {
                 }
             };
             if !settled {
-                if let Err(e) = self.db.touch_attempt(&attempt.hold, &attempt.reference).await {
+                if let Err(e) = self
+                    .db
+                    .touch_attempt(&attempt.hold, &attempt.reference)
+                    .await
+                {
                     tracing::debug!(hold = %attempt.hold, error = %e, "could not requeue the attempt");
                 }
             }
@@ -325,7 +329,12 @@ impl Engine {
         };
         for drop in self.watched_drops() {
             let needs = match self.redis.drop_state(&drop).await {
-                Ok(Some(state)) => state.recovering || state.run_id != run_id,
+                Ok(Some(state)) if state.run_id != run_id => true,
+                Ok(Some(state)) if state.recovering => !self.rebuild_at_work(&drop, state.rebuild),
+                Ok(Some(_)) => {
+                    lock(&self.rebuilds_seen).remove(&drop);
+                    false
+                }
                 Ok(None) => true,
                 Err(_) => return,
             };
@@ -353,6 +362,32 @@ impl Engine {
                     tracing::warn!(%drop, error = %err, "recovery failed; retrying next round");
                 }
             });
+        }
+    }
+
+    /// Whether a rebuild or load of the drop (another instance's, or this one's) is at work: its
+    /// slice count moved within `recovery.stalled_after_ms`. One that stalled (its process died)
+    /// is taken over; two watchers must not keep superseding each other's rebuilds.
+    fn rebuild_at_work(&self, drop: &DropId, rebuild: Option<(String, i64)>) -> bool {
+        let mut seen = lock(&self.rebuilds_seen);
+        let Some(now) = rebuild else {
+            seen.remove(drop);
+            return false;
+        };
+        match seen.get(drop) {
+            Some(last) if last.progress == now => {
+                last.since.elapsed() < ms(self.cfg.recovery.stalled_after_ms)
+            }
+            _ => {
+                // Bounded by the drops looked after: an entry goes once its drop isn't
+                // recovering any more (watch_redis).
+                let last = SeenRebuild {
+                    progress: now,
+                    since: Instant::now(),
+                };
+                seen.insert(drop.clone(), last);
+                true
+            }
         }
     }
 
@@ -550,6 +585,13 @@ impl Engine {
         lock(&self.touched).remove(drop);
         lock(&self.watched).retain(|d| d != drop);
     }
+}
+
+/// A rebuild of a drop as this process's watcher last saw it: its token and slices done, and since
+/// when they haven't moved.
+pub(super) struct SeenRebuild {
+    progress: (String, i64),
+    since: Instant,
 }
 
 /// A drop this process is recovering (its entry in `Engine::recovering`), released however the

@@ -98,6 +98,9 @@ pub struct Engine {
     recovering: Mutex<HashMap<DropId, Instant>>,
     /// What this process's rebuilds did ([`Engine::recovery_stats`]).
     recovery_stats: Mutex<RebuildReport>,
+    /// Other instances' rebuilds in progress as this watcher last saw them: (token, slices done)
+    /// and since when unchanged.
+    rebuilds_seen: Mutex<HashMap<DropId, background::SeenRebuild>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -166,6 +169,7 @@ impl Engine {
             touched: Mutex::new(HashMap::new()),
             recovering: Mutex::new(HashMap::new()),
             recovery_stats: Mutex::new(RebuildReport::default()),
+            rebuilds_seen: Mutex::new(HashMap::new()),
             cfg,
         }))
     }
