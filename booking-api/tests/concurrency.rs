@@ -211,23 +211,18 @@ async fn two_hundred_fans_race_for_overlapping_seats() {
 
     let (status, map) = h.get(&format!("/v1/drops/{drop}/seats"), None).await;
     assert_eq!(status, 200, "{map}");
-    let sold: HashSet<String> = map["seats"]
-        .as_array()
-        .unwrap()
+    let states = testkit::seat_states(&map);
+    let sold: HashSet<String> = states
         .iter()
-        .filter(|s| s["state"] == "sold")
-        .map(|s| s["seat"].as_str().unwrap().to_owned())
+        .filter(|(_, st)| *st == "sold")
+        .map(|(seat, _)| seat.clone())
         .collect();
     assert_eq!(
         sold,
         seat_orders.keys().cloned().collect::<HashSet<_>>(),
         "every sold seat belongs to exactly one order, and every ordered seat is sold"
     );
-    assert!(map["seats"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|s| s["state"] != "held"));
+    assert!(states.iter().all(|(_, st)| *st != "held"), "{map}");
 
     let db = h.server.engine.db().client().await.unwrap();
     let twice = db

@@ -580,14 +580,13 @@ async fn fault_redis_flushed_then_rebuilt() {
                 .get_reply(&format!("/v1/drops/{seated}/seats"), None)
                 .await;
             assert_eq!(v.status, 200, "{v:?}");
-            for s in v.body["seats"].as_array().unwrap() {
-                let seat = s["seat"].as_str().unwrap();
-                let want = if sold_seats.contains(&seat) {
+            for (seat, state) in testkit::seat_states(&v.body) {
+                let want = if sold_seats.contains(&seat.as_str()) {
                     "sold"
                 } else {
                     "free"
                 };
-                assert_eq!(s["state"], want, "seat {seat} after the rebuild");
+                assert_eq!(state, want, "seat {seat} after the rebuild");
             }
             // Fans at the per-fan limit are still refused: their purchases count.
             let r = api.reserve_reply(&t1, &ga, &new_key(), &units(1)).await;

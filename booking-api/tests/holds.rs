@@ -569,13 +569,12 @@ async fn named_seats_are_all_or_nothing() {
     assert_eq!(error_code(&body), "seat_unavailable");
     assert_eq!(body["error"]["detail"]["seats"], json!(["A-1-2"]));
     let (_, map) = h.get(&format!("/v1/drops/{drop}/seats"), None).await;
+    let states = testkit::seat_states(&map);
     let state = |seat: &str| {
-        map["seats"]
-            .as_array()
-            .unwrap()
+        states
             .iter()
-            .find(|s| s["seat"] == seat)
-            .map(|s| s["state"].as_str().unwrap().to_owned())
+            .find(|(s, _)| s == seat)
+            .map(|(_, st)| st.to_string())
             .unwrap()
     };
     assert_eq!(state("A-1-1"), "free", "the free seat was not held");

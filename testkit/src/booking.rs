@@ -56,6 +56,33 @@ impl Reply {
     }
 }
 
+/// Every seat of a `GET /v1/drops/{id}/seats` answer (docs/API.md: per row, a string with a
+/// character per seat) as (seat id `S-R-n`, `"free"` | `"held"` | `"sold"`).
+pub fn seat_states(map: &Value) -> Vec<(String, &'static str)> {
+    let mut out = Vec::new();
+    for section in map["sections"].as_array().into_iter().flatten() {
+        let s = section["section"].as_str().unwrap_or_default();
+        for row in section["rows"].as_array().into_iter().flatten() {
+            let r = row["row"].as_str().unwrap_or_default();
+            for (i, c) in row["states"]
+                .as_str()
+                .unwrap_or_default()
+                .chars()
+                .enumerate()
+            {
+                let state = match c {
+                    'f' => "free",
+                    'h' => "held",
+                    's' => "sold",
+                    other => panic!("seat state {other:?} in {map}"),
+                };
+                out.push((format!("{s}-{r}-{}", i + 1), state));
+            }
+        }
+    }
+    out
+}
+
 /// A fresh `Idempotency-Key` (128 random bits).
 pub fn new_key() -> String {
     format!("k-{:032x}", rand::random::<u128>())

@@ -15,7 +15,7 @@ pub mod browser;
 pub mod config;
 pub mod wait;
 
-pub use booking::{new_key, BookingClient, Reply};
+pub use booking::{new_key, seat_states, BookingClient, Reply};
 pub use browser::{open_browser, Page, DESKTOP, ONE_BROWSER, PHONE};
 pub use config::{test_config, test_config_for, ADMISSION_SECRET};
 pub use wait::{eventually, eventually_within};
