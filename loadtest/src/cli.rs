@@ -55,6 +55,34 @@ pub const DEFAULT_SERVER_WS_BUFFER_BYTES: usize = 4 * 1024;
 pub const DEFAULT_SERVER_SEND_QUEUE_LEN: usize = 16;
 pub const DEFAULT_BASELINE_THREADS: usize = 2;
 
+/// `loadtest seatmap`'s defaults and bounds (issue 11, item 7: a 50,000-seat drop, 2,000 pages
+/// polling its map every 5 s as book.js does, reserves at half of peak).
+pub const DEFAULT_SEAT_SECTIONS: u32 = 50;
+pub const DEFAULT_SEAT_ROWS: u32 = 10;
+pub const DEFAULT_SEATS_PER_ROW: u32 = 100;
+/// booking-api's bounds on a seated drop (docs/API.md, `POST /v1/drops`): sections per drop
+/// (`drops.max_buckets` default), seats per row, seats per drop (`drops.max_seats` default).
+pub const MAX_SEAT_SECTIONS: u32 = 200;
+pub const MAX_SEATS_PER_ROW: u32 = 1000;
+pub const MAX_DROP_SEATS: u64 = 100_000;
+pub const DEFAULT_POLL_PAGES: usize = 2_000;
+pub const MAX_POLL_PAGES: usize = 1_000_000;
+/// book.js polls the seat map every 5 s.
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 5_000;
+pub const MIN_POLL_INTERVAL_MS: u64 = 100;
+pub const MAX_POLL_INTERVAL_MS: u64 = 600_000;
+/// Connections the pages share: 400 GETs/s of a few ms each need a handful.
+pub const DEFAULT_POLL_CONNECTIONS: usize = 16;
+pub const DEFAULT_SEATMAP_DURATION_S: f64 = 20.0;
+/// Long enough for a steady figure, short enough that a 50,000-seat drop lasts at ~15,000/s.
+pub const DEFAULT_PEAK_S: f64 = 2.0;
+/// The open-loop runs go at this share of the peak.
+pub const DEFAULT_LOAD_FRACTION: f64 = 0.5;
+/// Pairs of runs (without pages, then with) at most: each is two fresh drops.
+pub const MAX_ROUNDS: u32 = 20;
+/// The bar: reserve p99 with the pages at most this many times the p99 without them.
+pub const BAR_P99_RATIO: f64 = 1.2;
+
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version, about = "Floodgate's load generator")]
 pub struct Cli {
@@ -67,6 +95,9 @@ pub enum Scenario {
     /// Fans reserve GA units of one drop through booking-api, open- or closed-loop; then optional
     /// confirms and releases; then the stock invariants are checked against the API and Postgres.
     Reserve(ReserveArgs),
+    /// Seat maps at scale: on a seated drop, reserve p99 at half of peak without and with
+    /// thousands of booking pages polling the seat map (If-None-Match), and their ratio.
+    Seatmap(SeatmapArgs),
     /// The waiting room at scale: N WebSockets in one queue-server process, held by client
     /// processes of loadtest; RSS per socket, tick delivery to the last socket, exact-position
     /// rounds, admissions per minute against the set rate, and admission order — beside a
@@ -458,6 +489,180 @@ impl QueueArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct SeatmapArgs {
+    /// booking-api's base URL.
+    #[arg(long, env = "BOOKING_URL")]
+    pub booking_url: String,
+
+    /// Seller API key: each phase creates its own seated drop.
+    #[arg(long, env = "FLOODGATE_SELLER_KEY", hide_env_values = true)]
+    pub seller_key: String,
+
+    /// Created drops: sections (1..=200).
+    #[arg(long, default_value_t = DEFAULT_SEAT_SECTIONS)]
+    pub sections: u32,
+
+    /// Created drops: rows per section.
+    #[arg(long, default_value_t = DEFAULT_SEAT_ROWS)]
+    pub rows: u32,
+
+    /// Created drops: seats per row (1..=1000); sections × rows × seats ≤ 100,000.
+    #[arg(long, default_value_t = DEFAULT_SEATS_PER_ROW)]
+    pub seats_per_row: u32,
+
+    /// Skip the peak measurement and take this as peak reserves per second.
+    #[arg(long)]
+    pub peak_rate: Option<f64>,
+
+    /// Closed-loop peak measurement: measured seconds (after --warmup-s), on a drop of its own.
+    #[arg(long, default_value_t = DEFAULT_PEAK_S)]
+    pub peak_s: f64,
+
+    /// Closed-loop peak measurement: workers, one connection each.
+    #[arg(long, default_value_t = 50)]
+    pub workers: usize,
+
+    /// The open-loop runs go at this share of the peak (0 < f ≤ 1).
+    #[arg(long, default_value_t = DEFAULT_LOAD_FRACTION)]
+    pub load_fraction: f64,
+
+    /// Each open-loop run: measured seconds, after the warm-up.
+    #[arg(long, default_value_t = DEFAULT_SEATMAP_DURATION_S)]
+    pub duration_s: f64,
+
+    /// Load before each measured window that is sent but not recorded.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup_s: f64,
+
+    /// Open loop: keep-alive connections for the reserves.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+
+    /// Open loop: requests due but not yet sent beyond this are counted as dropped.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_backlog: usize,
+
+    /// Fan sessions; reserves go to them round robin (per-fan limit 1000: fans × 1000 must
+    /// cover the seats).
+    #[arg(long, default_value_t = 1000)]
+    pub fans: usize,
+
+    /// Pairs of runs, alternating without and with the pages: on a shared machine one pair is a
+    /// sample; the ratio reported is the median of the pairs'.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
+
+    /// Booking pages polling the seat map in the second run (0: no second run).
+    #[arg(long, default_value_t = DEFAULT_POLL_PAGES)]
+    pub pages: usize,
+
+    /// Each page's poll interval; pages are spread evenly over it.
+    #[arg(long, default_value_t = DEFAULT_POLL_INTERVAL_MS)]
+    pub poll_interval_ms: u64,
+
+    /// Connections the pages share.
+    #[arg(long, default_value_t = DEFAULT_POLL_CONNECTIONS)]
+    pub poll_connections: usize,
+
+    /// Runtime threads of the load generator.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+
+    /// A request without an answer after this long counts as a timeout.
+    #[arg(long, default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+
+    /// Also write the report as JSON to this path.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// No progress notes on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl SeatmapArgs {
+    /// Seats of each created drop.
+    pub fn seats(&self) -> u64 {
+        u64::from(self.sections) * u64::from(self.rows) * u64::from(self.seats_per_row)
+    }
+
+    /// Checks the bounds clap can't express; returns a message for the first one broken.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite_in = |v: f64, lo: f64, hi: f64| v.is_finite() && v >= lo && v <= hi;
+        if !(1..=MAX_SEAT_SECTIONS).contains(&self.sections) {
+            return Err(format!("--sections must be in 1..={MAX_SEAT_SECTIONS}"));
+        }
+        if !(1..=MAX_SEATS_PER_ROW).contains(&self.seats_per_row) {
+            return Err(format!(
+                "--seats-per-row must be in 1..={MAX_SEATS_PER_ROW}"
+            ));
+        }
+        if self.rows == 0 || self.seats() > MAX_DROP_SEATS {
+            return Err(format!(
+                "--rows must be at least 1 and sections × rows × seats at most {MAX_DROP_SEATS}"
+            ));
+        }
+        if let Some(peak) = self.peak_rate {
+            if !finite_in(peak, f64::MIN_POSITIVE, MAX_RATE_PER_S) {
+                return Err(format!("--peak-rate must be in (0, {MAX_RATE_PER_S}]"));
+            }
+        }
+        if !finite_in(self.load_fraction, f64::MIN_POSITIVE, 1.0) {
+            return Err("--load-fraction must be in (0, 1]".into());
+        }
+        for (name, v) in [("--duration-s", self.duration_s), ("--peak-s", self.peak_s)] {
+            if !finite_in(v, f64::MIN_POSITIVE, MAX_DURATION_S) {
+                return Err(format!("{name} must be in (0, {MAX_DURATION_S}]"));
+            }
+        }
+        if !finite_in(self.warmup_s, 0.0, MAX_DURATION_S) {
+            return Err(format!("--warmup-s must be in [0, {MAX_DURATION_S}]"));
+        }
+        for (name, v) in [
+            ("--connections", self.connections),
+            ("--poll-connections", self.poll_connections),
+        ] {
+            if !(1..=MAX_CONNECTIONS).contains(&v) {
+                return Err(format!("{name} must be in 1..={MAX_CONNECTIONS}"));
+            }
+        }
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            return Err(format!("--workers must be in 1..={MAX_WORKERS}"));
+        }
+        if !(1..=MAX_BACKLOG).contains(&self.max_backlog) {
+            return Err(format!("--max-backlog must be in 1..={MAX_BACKLOG}"));
+        }
+        // One seat per reserve and at most 1000 per fan (booking-api's per-fan limit bound).
+        if !(1..=MAX_FANS).contains(&self.fans) || (self.fans as u64) * 1000 < self.seats() {
+            return Err(format!(
+                "--fans must be in 1..={MAX_FANS} and fans × 1000 must cover the seats"
+            ));
+        }
+        if !(1..=MAX_ROUNDS).contains(&self.rounds) {
+            return Err(format!("--rounds must be in 1..={MAX_ROUNDS}"));
+        }
+        if self.pages > MAX_POLL_PAGES {
+            return Err(format!("--pages must be in 0..={MAX_POLL_PAGES}"));
+        }
+        if !(MIN_POLL_INTERVAL_MS..=MAX_POLL_INTERVAL_MS).contains(&self.poll_interval_ms) {
+            return Err(format!(
+                "--poll-interval-ms must be in {MIN_POLL_INTERVAL_MS}..={MAX_POLL_INTERVAL_MS}"
+            ));
+        }
+        if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&self.request_timeout_ms) {
+            return Err(format!(
+                "--request-timeout-ms must be in 1..={MAX_REQUEST_TIMEOUT_MS}"
+            ));
+        }
+        if !(1..=MAX_THREADS).contains(&self.threads) {
+            return Err(format!("--threads must be in 1..={MAX_THREADS}"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct WsBaselineArgs {
     #[arg(long)]
     pub listen: SocketAddr,
@@ -586,6 +791,48 @@ pub(crate) mod tests {
         assert!(parse(&["--rate", "0"]).validate().is_err());
         assert!(parse(&["--hold-ttl-s", "3601"]).validate().is_err());
         assert!(parse(&["--connections", "0"]).validate().is_err());
+    }
+
+    fn parse_seatmap(extra: &[&str]) -> SeatmapArgs {
+        let mut argv = vec![
+            "loadtest",
+            "seatmap",
+            "--booking-url",
+            "http://127.0.0.1:8080",
+            "--seller-key",
+            "k",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)
+            .expect("valid command line")
+            .scenario
+        {
+            Scenario::Seatmap(a) => a,
+            other => panic!("not seatmap: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn seatmap_defaults_are_the_benchmark_and_bounded() {
+        let a = parse_seatmap(&[]);
+        assert_eq!(a.seats(), 50_000);
+        assert_eq!(a.pages, 2_000);
+        assert_eq!(a.poll_interval_ms, 5_000);
+        assert_eq!(a.load_fraction, 0.5);
+        assert_eq!(a.validate(), Ok(()));
+        assert!(parse_seatmap(&["--rows", "30"]).validate().is_err()); // 150,000 seats
+        assert!(parse_seatmap(&["--sections", "201"]).validate().is_err());
+        assert!(parse_seatmap(&["--fans", "49"]).validate().is_err());
+        assert!(parse_seatmap(&["--load-fraction", "1.5"])
+            .validate()
+            .is_err());
+        assert!(parse_seatmap(&["--poll-interval-ms", "10"])
+            .validate()
+            .is_err());
+        assert!(parse_seatmap(&["--peak-rate", "0"]).validate().is_err());
+        assert_eq!(parse_seatmap(&["--pages", "0"]).validate(), Ok(()));
+        assert!(parse_seatmap(&["--rounds", "0"]).validate().is_err());
+        assert_eq!(parse_seatmap(&["--rounds", "3"]).validate(), Ok(()));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::api::{confirm_body, hold_id};
 use crate::http::{path_segment, Slot, Target, TransportError};
 use crate::schedule::Schedule;
+use crate::seatmap::SeatLayout;
 use crate::stats::Stats;
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -61,14 +62,31 @@ pub struct Reserve {
     pub target: Target,
     /// `/v1/drops/{drop_id}/holds`.
     pub uri: Uri,
-    /// The same body for every request.
-    pub body: Bytes,
+    /// The request body, by request number.
+    pub body: HoldBody,
     /// `Bearer <fan_token>` per fan.
     pub fans: Arc<Vec<HeaderValue>>,
     /// Keep hold ids for the follow-up phase.
     pub keep_holds: bool,
     pub timeout: Duration,
     pub progress: Arc<Progress>,
+}
+
+/// What a reserve asks for.
+pub enum HoldBody {
+    /// The same bytes for every request (`loadtest reserve`: GA units).
+    Same(Bytes),
+    /// Request `seq` names seat `seq` of the layout, one seat each (`loadtest seatmap`).
+    Seats(SeatLayout),
+}
+
+impl HoldBody {
+    fn for_seq(&self, seq: u64) -> Bytes {
+        match self {
+            Self::Same(b) => b.clone(),
+            Self::Seats(layout) => layout.hold_body(seq),
+        }
+    }
 }
 
 /// When one request happened.
@@ -147,7 +165,7 @@ impl Reserve {
             Method::POST,
             self.uri.clone(),
             Some(&self.fans[fan]),
-            Some(self.body.clone()),
+            Some(self.body.for_seq(seq)),
         );
         req.headers_mut().insert(IDEMPOTENCY_KEY, idempotency_key());
         (req, fan)

@@ -20,6 +20,8 @@
 //! - `ws_clients` — a client process of `queue`: its share of the sockets, aggregated per tick.
 //! - `ws_baseline` — the minimal tokio-tungstenite broadcast server `queue` compares against.
 //! - `queue_report` — the waiting room's figures from the clients' reports, its bars, its report.
+//! - `seatmap` — `loadtest seatmap`: reserve p99 at half of peak with and without polling
+//!   booking pages, on a seated drop.
 //! - `procfs` — memory, CPU, load and listening sockets from /proc.
 
 mod api;
@@ -32,6 +34,7 @@ mod queue;
 mod queue_report;
 mod report;
 mod schedule;
+mod seatmap;
 mod stats;
 mod ws_baseline;
 mod ws_clients;
@@ -52,7 +55,7 @@ use crate::api::{create_fans, hold_body, DropSpec, Setup};
 use crate::cli::{Cli, Mode, ReserveArgs, Scenario};
 use crate::http::{path_segment, Target};
 use crate::invariants::{Bookkeeping, Check, ClientCounts, Verdict};
-use crate::load::{follow_up, FollowUp, Progress, Reserve};
+use crate::load::{follow_up, FollowUp, HoldBody, Progress, Reserve};
 use crate::report::{rate, Latencies, Phase, Report, Throughput};
 use crate::schedule::Schedule;
 
@@ -69,6 +72,13 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             return block_on(current_thread(), queue::run(args));
+        }
+        Scenario::Seatmap(args) => {
+            if let Err(msg) = args.validate() {
+                eprintln!("loadtest: {msg}");
+                return ExitCode::from(2);
+            }
+            return block_on(runtime_with(args.threads), seatmap::run(args));
         }
         Scenario::QueueClients => {
             return block_on(current_thread(), async {
@@ -89,17 +99,19 @@ fn main() -> ExitCode {
         eprintln!("loadtest: {msg}");
         return ExitCode::from(2);
     }
-    let runtime = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+    block_on(runtime_with(args.threads), reserve(args))
+}
+
+/// The load generator's runtime: current-thread for 1 (see `--threads`), else multi-thread.
+fn runtime_with(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
+            .worker_threads(threads)
             .enable_all()
             .build()
-    };
-    block_on(runtime, reserve(args))
+    }
 }
 
 fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
@@ -131,7 +143,7 @@ fn block_on(
 }
 
 /// A progress bar on stderr, or a hidden one when stderr isn't a terminal or with --quiet.
-fn bar(quiet: bool, len: u64, template: &str) -> ProgressBar {
+pub(crate) fn bar(quiet: bool, len: u64, template: &str) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -168,7 +180,7 @@ impl Drop for Ticker {
     }
 }
 
-fn note(quiet: bool, msg: impl std::fmt::Display) {
+pub(crate) fn note(quiet: bool, msg: impl std::fmt::Display) {
     if !quiet {
         eprintln!("loadtest: {msg}");
     }
@@ -220,7 +232,7 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
     let ctx = Arc::new(Reserve {
         target: target.clone(),
         uri: target.uri(&format!("/v1/drops/{}/holds", path_segment(&drop_id)))?,
-        body: hold_body(&args.sku, args.quantity),
+        body: HoldBody::Same(hold_body(&args.sku, args.quantity)),
         fans: Arc::clone(&fans),
         keep_holds: args.confirm_pct > 0 || args.release_pct > 0,
         timeout,
