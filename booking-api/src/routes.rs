@@ -113,7 +113,8 @@ impl App {
     /// The per-IP limit (IPv6 by /64), before any key, token, id or store is looked at.
     fn check_ip(&self, req: &Request<Incoming>, peer: SocketAddr) -> Result<(), Error> {
         let trusted = &self.engine.cfg().limits.trusted_proxies;
-        self.limits.check_ip(http::client_ip(req, peer.ip(), trusted))
+        self.limits
+            .check_ip(http::client_ip(req, peer.ip(), trusted))
     }
 
     /// Prometheus text, for an ops key only: the public listener doesn't tell the world its

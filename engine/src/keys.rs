@@ -176,7 +176,7 @@ pub struct QueueKeys {
     pub bucket: String,
     pub watermark: String,
     pub seen: String,
-    /// Admitted fan → "<shop end ms>:<hard end ms>" (lua/admit.lua).
+    /// Admitted fan → `"<shop end ms>:<hard end ms>"` (lua/admit.lua).
     pub sessions: String,
 }
 

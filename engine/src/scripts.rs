@@ -868,7 +868,7 @@ impl Redis {
 /// What Postgres says a drop is, for loading it into Redis or rebuilding it there.
 #[derive(Debug, Clone, Default)]
 pub struct DropImage {
-    /// The drop's meta fields (lua/lib.lua's KEYS[1]).
+    /// The drop's meta fields (lua/lib.lua's `KEYS[1]`).
     pub meta: serde_json::Value,
     /// (bucket, total, sold): a SKU or a section.
     pub buckets: Vec<(String, i64, i64)>,
