@@ -505,6 +505,20 @@ impl Redis {
         cursor: &str,
         count: usize,
     ) -> Result<(String, Vec<String>)> {
+        let (next, pairs) = self.hscan_step(keys.holds(), cursor, count).await?;
+        let fields = pairs.iter().step_by(2).map(|v| text(Some(v))).collect();
+        Ok((next, fields))
+    }
+
+    /// One `HSCAN key cursor COUNT count`: the next cursor ("0" or empty when the walk is done)
+    /// and the step's field, value, field, value, ... (about `count` fields; Redis may return
+    /// more, or a small hash whole).
+    async fn hscan_step(
+        &self,
+        key: &str,
+        cursor: &str,
+        count: usize,
+    ) -> Result<(String, Vec<Value>)> {
         let reply: Value = self
             .client()
             .custom(
@@ -514,25 +528,17 @@ impl Redis {
                     false,
                 ),
                 vec![
-                    keys.holds().to_owned(),
+                    key.to_owned(),
                     cursor.to_owned(),
                     "COUNT".to_owned(),
                     count.to_string(),
                 ],
             )
             .await?;
-        let parts = reply.into_array();
-        let next = text(parts.first());
-        let fields = parts
-            .get(1)
-            .cloned()
-            .map(Value::into_array)
-            .unwrap_or_default()
-            .iter()
-            .step_by(2)
-            .map(|v| text(Some(v)))
-            .collect();
-        Ok((next, fields))
+        let mut parts = reply.into_array().into_iter();
+        let next = text(parts.next().as_ref());
+        let pairs = parts.next().map(Value::into_array).unwrap_or_default();
+        Ok((next, pairs))
     }
 
     // One argument per thing lua/reserve.lua's header lists: a struct would only rename them.
@@ -783,7 +789,6 @@ impl Redis {
         Ok(out)
     }
 
-    /// Each seat's raw state: "-" free, "#" sold, else the holding hold's id.
     /// Every seat's state (seat → `-`, `#` or the holding hold id), read in HSCAN steps of
     /// `seats.map_scan_chunk` fields: one HGETALL of a 100,000-seat map would hold Redis for tens
     /// of milliseconds, and every other drop on the node with it. Not one instant's picture (a
@@ -793,25 +798,8 @@ impl Redis {
         let mut states = HashMap::new();
         let mut cursor = "0".to_owned();
         loop {
-            let reply: Value = self
-                .client()
-                .custom(
-                    fred::types::CustomCommand::new_static(
-                        "HSCAN",
-                        fred::types::ClusterHash::FirstKey,
-                        false,
-                    ),
-                    vec![
-                        key.clone(),
-                        cursor,
-                        "COUNT".to_owned(),
-                        self.seat_scan_chunk.to_string(),
-                    ],
-                )
-                .await?;
-            let mut parts = reply.into_array().into_iter();
-            cursor = text(parts.next().as_ref());
-            let pairs = parts.next().map(Value::into_array).unwrap_or_default();
+            let (next, pairs) = self.hscan_step(&key, &cursor, self.seat_scan_chunk).await?;
+            cursor = next;
             let mut pairs = pairs.into_iter();
             while let (Some(seat), Some(state)) = (pairs.next(), pairs.next()) {
                 states.insert(text(Some(&seat)), text(Some(&state)));
