@@ -148,6 +148,11 @@ impl Config {
                  (an authorization must end before the confirm deadline)",
             ));
         }
+        if self.gateway.test_call_min_ms > self.gateway.test_call_max_ms {
+            return Err(crate::Error::invalid(
+                "config: gateway.test_call_min_ms must not exceed gateway.test_call_max_ms",
+            ));
+        }
         if self.queue.ws_idle_timeout_ms <= self.queue.ws_ping_interval_ms {
             return Err(crate::Error::invalid(
                 "config: queue.ws_idle_timeout_ms must exceed queue.ws_ping_interval_ms",
@@ -427,6 +432,8 @@ impl Default for WriterConfig {
 
 pub const DEFAULT_GATEWAY_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_TEST_GATEWAY_SLOW_MS: u64 = 100;
+pub const DEFAULT_TEST_GATEWAY_CALL_MIN_MS: u64 = 0;
+pub const DEFAULT_TEST_GATEWAY_CALL_MAX_MS: u64 = 0;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -437,6 +444,11 @@ pub struct GatewayConfig {
     /// How long the test gateway sits on a `slow_` authorization (longer than `timeout_ms` makes
     /// it time out; the test gateway clips `timeout_ms` to this, so tests stay fast).
     pub test_slow_ms: u64,
+    /// How long each authorize, capture and void of the test gateway takes, drawn evenly
+    /// between these two (real gateways take 200–500 ms; 0 and 0 answer at once). Benchmarks
+    /// set them; a confirm must not hold anything shared while it waits on the gateway.
+    pub test_call_min_ms: u64,
+    pub test_call_max_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -444,6 +456,8 @@ impl Default for GatewayConfig {
         GatewayConfig {
             timeout_ms: DEFAULT_GATEWAY_TIMEOUT_MS,
             test_slow_ms: DEFAULT_TEST_GATEWAY_SLOW_MS,
+            test_call_min_ms: DEFAULT_TEST_GATEWAY_CALL_MIN_MS,
+            test_call_max_ms: DEFAULT_TEST_GATEWAY_CALL_MAX_MS,
         }
     }
 }

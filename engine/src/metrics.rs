@@ -5,6 +5,10 @@ pub const HTTP_REQUEST_SECONDS: &str = "floodgate_http_request_seconds";
 pub const REJECTED: &str = "floodgate_rejected_requests_total";
 pub const RESERVE_SECONDS: &str = "floodgate_reserve_seconds";
 pub const CONFIRM_SECONDS: &str = "floodgate_confirm_seconds";
+/// One step of a confirm, labelled `step`: `begin` (Redis' confirm begin and clock), `payment_row`
+/// (the attempt recorded in Postgres), `authorize`, `order_commit` (through the order writer),
+/// `capture` (the gateway and its record), `finish` (Redis' confirm finish).
+pub const CONFIRM_STEP_SECONDS: &str = "floodgate_confirm_step_seconds";
 pub const HOLDS_CREATED: &str = "floodgate_holds_created_total";
 pub const HOLDS_RELEASED: &str = "floodgate_holds_released_total";
 pub const HOLDS_EXPIRED: &str = "floodgate_holds_expired_total";
@@ -16,6 +20,8 @@ pub const RECOVERIES: &str = "floodgate_recoveries_total";
 pub const WRITER_BATCH_ORDERS: &str = "floodgate_writer_batch_orders";
 pub const WRITER_REJECTED: &str = "floodgate_writer_rejected_total";
 pub const WRITER_RETRIES: &str = "floodgate_writer_retries_total";
+/// Batches whose set-based order statements Postgres refused, written again an order at a time.
+pub const WRITER_FALLBACKS: &str = "floodgate_writer_fallbacks_total";
 pub const CONSTRAINT_REFUSALS: &str = "floodgate_constraint_refusals_total";
 pub const OVERSELL_ALARMS: &str = "floodgate_oversell_alarms_total";
 pub const HTTP_CONNECTIONS: &str = "floodgate_http_connections";

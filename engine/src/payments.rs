@@ -127,6 +127,9 @@ pub struct TestPayment {
 /// [`TestGateway::hold_captures`]).
 pub struct TestGateway {
     slow: Duration,
+    /// Each authorize, capture and void takes between these two (`gateway.test_call_*_ms`).
+    call_min: Duration,
+    call_max: Duration,
     payments: Mutex<HashMap<String, TestPayment>>,
     /// Void calls still to fail (a fault hook for tests).
     voids_to_fail: AtomicU32,
@@ -162,10 +165,33 @@ impl TestGateway {
     pub fn new(slow: Duration) -> TestGateway {
         TestGateway {
             slow,
+            call_min: Duration::ZERO,
+            call_max: Duration::ZERO,
             payments: Mutex::new(HashMap::new()),
             voids_to_fail: AtomicU32::new(0),
             capture_gate: Mutex::new(None),
         }
+    }
+
+    /// Every authorize, capture and void takes between `min` and `max`, as a real gateway's
+    /// round trip does (benchmarks: 200–500 ms).
+    pub fn with_call_latency(mut self, min: Duration, max: Duration) -> TestGateway {
+        self.call_min = min;
+        self.call_max = max.max(min);
+        self
+    }
+
+    async fn call_latency(&self) {
+        if self.call_max.is_zero() {
+            return;
+        }
+        let spread = (self.call_max - self.call_min).as_micros() as u64;
+        let extra = if spread == 0 {
+            0
+        } else {
+            rand::Rng::random_range(&mut rand::rng(), 0..=spread)
+        };
+        tokio::time::sleep(self.call_min + Duration::from_micros(extra)).await;
     }
 
     pub fn payment(&self, hold: &HoldId) -> Option<TestPayment> {
@@ -203,6 +229,7 @@ impl PaymentGateway for TestGateway {
         _amount: i64,
         _currency: &str,
     ) -> Result<(), GatewayError> {
+        self.call_latency().await;
         self.with(hold, |p| {
             // A new reference is a new attempt; the same one again is the same authorization.
             if p.state.is_none() || p.reference != reference {
@@ -228,6 +255,7 @@ impl PaymentGateway for TestGateway {
     }
 
     async fn capture(&self, hold: &HoldId, reference: &str) -> Result<(), GatewayError> {
+        self.call_latency().await;
         let gate = self
             .capture_gate
             .lock()
@@ -261,6 +289,7 @@ impl PaymentGateway for TestGateway {
     }
 
     async fn void(&self, hold: &HoldId, reference: &str) -> Result<(), GatewayError> {
+        self.call_latency().await;
         let fail = self
             .voids_to_fail
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

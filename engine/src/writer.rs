@@ -1,6 +1,13 @@
-//! The order writer: one task that groups confirmed orders into Postgres transactions (group
-//! commit), one SAVEPOINT per order so a constraint refusing one order doesn't abort the rest.
-//! Each caller gets its answer only after the transaction holding its order has committed.
+//! The order writer: one task that groups what confirms write to Postgres — payment attempts
+//! recorded, orders, captures recorded — into one transaction per batch (group commit), with
+//! set-based statements (a statement per kind of work, not per order). If Postgres refuses the
+//! batch's orders (a constraint, the last guard), they are written again one at a time, a
+//! SAVEPOINT each, so the refused order fails alone. Each caller gets its answer only after the
+//! transaction holding its write has committed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
@@ -54,27 +61,91 @@ impl Committed {
     }
 }
 
+/// A payment attempt to record as `pending`, before the gateway is called.
+#[derive(Debug, Clone)]
+pub struct NewPayment {
+    pub hold_id: HoldId,
+    pub reference: String,
+    pub fan: String,
+    pub gateway: String,
+    pub amount_cents: i64,
+}
+
+/// What a confirm asks the writer to write; each kind goes into the batch's one transaction.
+enum Work {
+    /// Record an attempt (`begin_payment`): answers whether this call recorded it.
+    Payment(NewPayment),
+    /// Commit an order for an authorized attempt.
+    Order(NewOrder),
+    /// Record a capture: `authorized` → `captured`. Answers whether it moved.
+    Captured { hold_id: HoldId, reference: String },
+}
+
+enum Done {
+    Recorded(bool),
+    Order(Committed),
+}
+
 struct Job {
-    order: NewOrder,
-    reply: oneshot::Sender<Result<Committed>>,
+    work: Work,
+    reply: oneshot::Sender<Result<Done>>,
 }
 
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Job>,
+    fallbacks: Arc<AtomicU64>,
 }
 
 impl Writer {
     pub fn spawn(db: Db, cfg: &WriterConfig) -> Writer {
         let (tx, rx) = mpsc::channel(cfg.queue_len.max(1));
-        tokio::spawn(run(db, rx, cfg.max_batch.max(1), cfg.max_retries));
-        Writer { tx }
+        let fallbacks = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run(
+            db,
+            rx,
+            cfg.max_batch.max(1),
+            cfg.max_retries,
+            fallbacks.clone(),
+        ));
+        Writer { tx, fallbacks }
     }
 
     /// Commits the order (or finds the hold's existing one); answers after the commit.
     pub async fn commit(&self, order: NewOrder) -> Result<Committed> {
+        match self.submit(Work::Order(order)).await? {
+            Done::Order(c) => Ok(c),
+            Done::Recorded(_) => Err(Error::internal("order writer: wrong answer")),
+        }
+    }
+
+    /// Records a payment attempt as `pending` (see [`Db::begin_payment`]); answers after the
+    /// commit whether this call recorded it.
+    pub async fn begin_payment(&self, payment: NewPayment) -> Result<bool> {
+        self.recorded(Work::Payment(payment)).await
+    }
+
+    /// Records an attempt's capture (`authorized` → `captured`); answers whether it moved.
+    pub async fn captured(&self, hold_id: HoldId, reference: String) -> Result<bool> {
+        self.recorded(Work::Captured { hold_id, reference }).await
+    }
+
+    /// Batches whose set-based order statements Postgres refused, and which were written again
+    /// one order at a time (each in a SAVEPOINT) — this writer's, since it started.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    async fn recorded(&self, work: Work) -> Result<bool> {
+        match self.submit(work).await? {
+            Done::Recorded(b) => Ok(b),
+            Done::Order(_) => Err(Error::internal("order writer: wrong answer")),
+        }
+    }
+
+    async fn submit(&self, work: Work) -> Result<Done> {
         let (reply, answer) = oneshot::channel();
-        self.tx.try_send(Job { order, reply }).map_err(|_| {
+        self.tx.try_send(Job { work, reply }).map_err(|_| {
             metrics::counter!(crate::metrics::WRITER_REJECTED).increment(1);
             Error::msg(
                 Code::Unavailable,
@@ -88,12 +159,24 @@ impl Writer {
     }
 }
 
-async fn run(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize, max_retries: u32) {
+async fn run(
+    db: Db,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    max_retries: u32,
+    fallbacks: Arc<AtomicU64>,
+) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        metrics::histogram!(crate::metrics::WRITER_BATCH_ORDERS).record(batch.len() as f64);
         let jobs = std::mem::take(&mut batch);
-        match write_batch(&db, &jobs, max_retries).await {
+        let orders = jobs
+            .iter()
+            .filter(|j| matches!(j.work, Work::Order(_)))
+            .count();
+        if orders > 0 {
+            metrics::histogram!(crate::metrics::WRITER_BATCH_ORDERS).record(orders as f64);
+        }
+        match write_batch(&db, &jobs, max_retries, &fallbacks).await {
             Ok(results) => {
                 for (job, result) in jobs.into_iter().zip(results) {
                     let _ = job.reply.send(result);
@@ -108,13 +191,18 @@ async fn run(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize, max_retries:
     }
 }
 
-/// One transaction for the whole batch; per-order results, sent only if the commit succeeds.
+/// One transaction for the whole batch; per-job results, sent only if the commit succeeds.
 /// A batch Postgres aborts for another transaction's sake (a deadlock or serialization failure,
 /// say with another instance's batch) is run again, up to `max_retries` times.
-async fn write_batch(db: &Db, jobs: &[Job], max_retries: u32) -> Result<Vec<Result<Committed>>> {
+async fn write_batch(
+    db: &Db,
+    jobs: &[Job],
+    max_retries: u32,
+    fallbacks: &AtomicU64,
+) -> Result<Vec<Result<Done>>> {
     let mut retries = 0;
     loop {
-        match try_batch(db, jobs).await {
+        match try_batch(db, jobs, fallbacks).await {
             Ok(results) => return Ok(results),
             Err(Attempt::Retry(e)) if retries < max_retries => {
                 retries += 1;
@@ -153,50 +241,333 @@ impl From<Error> for Attempt {
     }
 }
 
-async fn try_batch(db: &Db, jobs: &[Job]) -> std::result::Result<Vec<Result<Committed>>, Attempt> {
+type Tx<'a> = deadpool_postgres::Transaction<'a>;
+
+/// The batch in one transaction, a statement per kind of work rather than per job: the payment
+/// attempts recorded, the captures recorded, then the orders — set-based (each statement covers
+/// every order of the batch), and if Postgres refuses that (a constraint, the last guard, fired
+/// for some order) again one order at a time, each in a SAVEPOINT, so the one refused order
+/// fails alone. Inventory rows are locked first, before any attempt row.
+async fn try_batch(
+    db: &Db,
+    jobs: &[Job],
+    fallbacks: &AtomicU64,
+) -> std::result::Result<Vec<Result<Done>>, Attempt> {
     let mut client = db.client().await?;
     let mut tx = client.transaction().await?;
-    lock_inventory(&tx, jobs).await?;
-    // Orders go in (drop, fan) order, so two batches that share fans take their per-fan rows
-    // (`fan_purchases`, keyed so) in the same order too (see lock_inventory).
-    let mut by_fan: Vec<usize> = (0..jobs.len()).collect();
-    by_fan.sort_by_cached_key(|&i| (jobs[i].order.hold_id.drop_id(), &jobs[i].order.fan));
-    let mut results: Vec<Result<Committed>> = vec![Ok(Committed::Superseded); jobs.len()];
-    for i in by_fan {
-        let job = &jobs[i];
-        let sp = tx.savepoint("one_order").await?;
-        match insert_order(&sp, &job.order).await {
+    let mut results: Vec<Option<Result<Done>>> = (0..jobs.len()).map(|_| None).collect();
+    let orders: Vec<(usize, &NewOrder)> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| match &j.work {
+            Work::Order(o) => Some((i, o)),
+            _ => None,
+        })
+        .collect();
+    if !orders.is_empty() {
+        lock_inventory(&tx, orders.iter().map(|(_, o)| *o)).await?;
+    }
+    let payments: Vec<(usize, &NewPayment)> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| match &j.work {
+            Work::Payment(p) => Some((i, p)),
+            _ => None,
+        })
+        .collect();
+    if !payments.is_empty() {
+        for (i, recorded) in insert_payments(&tx, &payments).await? {
+            results[i] = Some(Ok(Done::Recorded(recorded)));
+        }
+    }
+    let captures: Vec<(usize, &HoldId, &str)> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| match &j.work {
+            Work::Captured { hold_id, reference } => Some((i, hold_id, reference.as_str())),
+            _ => None,
+        })
+        .collect();
+    if !captures.is_empty() {
+        for (i, moved) in mark_captured(&tx, &captures).await? {
+            results[i] = Some(Ok(Done::Recorded(moved)));
+        }
+    }
+    if !orders.is_empty() {
+        let sp = tx.savepoint("orders").await?;
+        match insert_orders(&sp, &orders).await {
             Ok(done) => {
                 sp.commit().await?;
-                results[i] = Ok(done);
+                for (i, c) in done {
+                    results[i] = Some(Ok(Done::Order(c)));
+                }
             }
             Err(e) if is_constraint_violation(&e) => {
-                // The last guard fired: Redis let through a sale Postgres refuses. Never expected.
-                tracing::error!(hold = %job.order.hold_id, error = %e, "Postgres refused an order");
-                metrics::counter!(crate::metrics::CONSTRAINT_REFUSALS).increment(1);
                 sp.rollback().await?;
-                results[i] = Ok(Committed::Refused);
+                fallbacks.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::WRITER_FALLBACKS).increment(1);
+                tracing::warn!(error = %e, orders = orders.len(), "Postgres refused a batch of orders; writing them one at a time");
+                for (i, c) in orders_one_by_one(&mut tx, &orders).await? {
+                    results[i] = Some(c.map(Done::Order));
+                }
             }
             Err(e) => return Err(e.into()),
         }
     }
     tx.commit().await?;
-    Ok(results)
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::internal("order writer: a job went unanswered"))))
+        .collect())
+}
+
+/// Inserts the attempts as `pending`; per job, whether it recorded its attempt (an attempt
+/// already there, or named twice in the batch, is recorded by one job at most).
+async fn insert_payments(
+    tx: &Tx<'_>,
+    payments: &[(usize, &NewPayment)],
+) -> std::result::Result<Vec<(usize, bool)>, tokio_postgres::Error> {
+    let mut sorted: Vec<&(usize, &NewPayment)> = payments.iter().collect();
+    sorted.sort_by(|a, b| {
+        (a.1.hold_id.as_str(), &a.1.reference).cmp(&(b.1.hold_id.as_str(), &b.1.reference))
+    });
+    let holds: Vec<&str> = sorted.iter().map(|(_, p)| p.hold_id.as_str()).collect();
+    let refs: Vec<&str> = sorted.iter().map(|(_, p)| p.reference.as_str()).collect();
+    let drops: Vec<String> = sorted
+        .iter()
+        .map(|(_, p)| p.hold_id.drop_id().to_string())
+        .collect();
+    let fans: Vec<&str> = sorted.iter().map(|(_, p)| p.fan.as_str()).collect();
+    let gateways: Vec<&str> = sorted.iter().map(|(_, p)| p.gateway.as_str()).collect();
+    let amounts: Vec<i64> = sorted.iter().map(|(_, p)| p.amount_cents).collect();
+    let rows = tx
+        .query(
+            "INSERT INTO payment_attempts (hold_id, reference, drop_id, fan_id, gateway, amount_cents, state) \
+             SELECT h, r, d, f, g, a, 'pending' \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) AS t(h, r, d, f, g, a) \
+             ON CONFLICT (hold_id, reference) DO NOTHING RETURNING hold_id, reference",
+            &[&holds, &refs, &drops, &fans, &gateways, &amounts],
+        )
+        .await?;
+    let mut written: HashSet<(String, String)> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(payments
+        .iter()
+        .map(|(i, p)| {
+            // The first job naming an attempt takes the "recorded"; a repeat is not recorded.
+            let key = (p.hold_id.to_string(), p.reference.clone());
+            (*i, written.remove(&key))
+        })
+        .collect())
+}
+
+/// Moves the attempts `authorized` → `captured`; per job, whether its attempt moved.
+async fn mark_captured(
+    tx: &Tx<'_>,
+    captures: &[(usize, &HoldId, &str)],
+) -> std::result::Result<Vec<(usize, bool)>, tokio_postgres::Error> {
+    let mut pairs: Vec<(&str, &str)> = captures.iter().map(|(_, h, r)| (h.as_str(), *r)).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let (holds, refs): (Vec<&str>, Vec<&str>) = pairs.into_iter().unzip();
+    let rows = tx
+        .query(
+            "UPDATE payment_attempts p SET state = 'captured', updated_at = now() \
+             FROM unnest($1::text[], $2::text[]) AS t(h, r) \
+             WHERE p.hold_id = t.h AND p.reference = t.r AND p.state = 'authorized' \
+             RETURNING p.hold_id, p.reference",
+            &[&holds, &refs],
+        )
+        .await?;
+    let mut moved: HashSet<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(captures
+        .iter()
+        .map(|(i, h, r)| (*i, moved.remove(&(h.to_string(), r.to_string()))))
+        .collect())
+}
+
+/// The batch's orders, set-based: one statement moves every attempt still `pending` to
+/// `authorized` (`UPDATE … RETURNING`), and one more writes orders only for the attempts it got
+/// back — their items, ledger lines, one inventory update per (drop, bucket) and one per-fan row
+/// per (drop, fan). A job whose attempt was not pending any more (a reconciler is voiding it)
+/// gets no order; a hold that already had one gets that one back.
+async fn insert_orders(
+    tx: &Tx<'_>,
+    orders: &[(usize, &NewOrder)],
+) -> std::result::Result<Vec<(usize, Committed)>, tokio_postgres::Error> {
+    // Orders go in (drop, fan) order, so two batches that share fans take their per-fan rows
+    // (`fan_purchases`, keyed so) in the same order too (see lock_inventory).
+    let mut by_fan: Vec<&(usize, &NewOrder)> = orders.iter().collect();
+    by_fan.sort_by_cached_key(|(_, o)| (o.hold_id.drop_id(), o.fan.clone()));
+    let mut pairs: Vec<(&str, &str)> = by_fan
+        .iter()
+        .map(|(_, o)| (o.hold_id.as_str(), o.reference.as_str()))
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let (holds, refs): (Vec<&str>, Vec<&str>) = pairs.into_iter().unzip();
+    let claimed: HashSet<(String, String)> = tx
+        .query(
+            "UPDATE payment_attempts p SET state = 'authorized', updated_at = now() \
+             FROM unnest($1::text[], $2::text[]) AS t(h, r) \
+             WHERE p.hold_id = t.h AND p.reference = t.r AND p.state = 'pending' \
+             RETURNING p.hold_id, p.reference",
+            &[&holds, &refs],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // One order per hold: the first job of a hold whose attempt was claimed writes it.
+    let mut writing: HashSet<&str> = HashSet::new();
+    let to_write: Vec<&NewOrder> = by_fan
+        .iter()
+        .map(|(_, o)| *o)
+        .filter(|o| {
+            claimed.contains(&(o.hold_id.to_string(), o.reference.clone()))
+                && writing.insert(o.hold_id.as_str())
+        })
+        .collect();
+    let mut made: HashMap<String, OrderId> = HashMap::new();
+    if !to_write.is_empty() {
+        let order_ids: Vec<uuid::Uuid> = to_write.iter().map(|o| o.order_id.0).collect();
+        let o_holds: Vec<&str> = to_write.iter().map(|o| o.hold_id.as_str()).collect();
+        let o_drops: Vec<String> = to_write
+            .iter()
+            .map(|o| o.hold_id.drop_id().to_string())
+            .collect();
+        let o_fans: Vec<&str> = to_write.iter().map(|o| o.fan.as_str()).collect();
+        let totals: Vec<i64> = to_write.iter().map(|o| o.total_cents).collect();
+        let currencies: Vec<&str> = to_write.iter().map(|o| o.currency.as_str()).collect();
+        let limits: Vec<i32> = to_write.iter().map(|o| o.per_fan_limit).collect();
+        let items: Vec<(uuid::Uuid, &NewItem)> = to_write
+            .iter()
+            .flat_map(|o| o.items.iter().map(move |i| (o.order_id.0, i)))
+            .collect();
+        let i_orders: Vec<uuid::Uuid> = items.iter().map(|(o, _)| *o).collect();
+        let i_buckets: Vec<&str> = items.iter().map(|(_, i)| i.bucket.as_str()).collect();
+        let i_seats: Vec<Option<&str>> = items.iter().map(|(_, i)| i.seat.as_deref()).collect();
+        let i_qty: Vec<i32> = items.iter().map(|(_, i)| i.quantity).collect();
+        let i_prices: Vec<i64> = items.iter().map(|(_, i)| i.price_cents).collect();
+        // One statement: its sub-statements see one snapshot, and the foreign keys of the items
+        // are checked at its end, when their orders are in. Only orders the INSERT returned (no
+        // order for the hold yet) get items, stock, ledger and per-fan rows.
+        let rows = tx
+            .query(
+                "WITH input AS ( \
+                   SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::int[]) \
+                   AS t(order_id, hold_id, drop_id, fan_id, total, currency, lim)), \
+                 o AS ( \
+                   INSERT INTO orders (order_id, hold_id, drop_id, fan_id, total_cents, currency) \
+                   SELECT order_id, hold_id, drop_id, fan_id, total, currency FROM input \
+                   ON CONFLICT (hold_id) DO NOTHING RETURNING order_id, hold_id), \
+                 it AS ( \
+                   SELECT t.*, input.drop_id, input.fan_id, input.lim \
+                   FROM unnest($8::uuid[], $9::text[], $10::text[], $11::int[], $12::bigint[]) AS t(order_id, bucket, seat, q, p) \
+                   JOIN o USING (order_id) JOIN input USING (order_id)), \
+                 items AS ( \
+                   INSERT INTO order_items (order_id, drop_id, bucket, seat_id, quantity, price_cents) \
+                   SELECT order_id, drop_id, bucket, seat, q, p FROM it), \
+                 per_order AS ( \
+                   SELECT drop_id, bucket, order_id, sum(q)::int AS q FROM it GROUP BY drop_id, bucket, order_id), \
+                 ledger AS ( \
+                   INSERT INTO stock_ledger (drop_id, bucket, kind, delta_sold, order_id) \
+                   SELECT drop_id, bucket, 'sale', q, order_id FROM per_order), \
+                 stock AS ( \
+                   UPDATE inventory i SET sold = i.sold + per.q \
+                   FROM (SELECT drop_id, bucket, sum(q)::int AS q FROM per_order GROUP BY drop_id, bucket) per \
+                   WHERE i.drop_id = per.drop_id AND i.bucket = per.bucket), \
+                 fans AS ( \
+                   INSERT INTO fan_purchases (drop_id, fan_id, units, limit_units) \
+                   SELECT drop_id, fan_id, sum(q)::int, max(lim) FROM it \
+                   GROUP BY drop_id, fan_id ORDER BY drop_id, fan_id \
+                   ON CONFLICT (drop_id, fan_id) DO UPDATE SET units = fan_purchases.units + EXCLUDED.units) \
+                 SELECT hold_id, order_id FROM o",
+                &[
+                    &order_ids, &o_holds, &o_drops, &o_fans, &totals, &currencies, &limits,
+                    &i_orders, &i_buckets, &i_seats, &i_qty, &i_prices,
+                ],
+            )
+            .await?;
+        made = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), OrderId(r.get(1))))
+            .collect();
+    }
+    // Everyone else: the hold's order if it has one (a retry, the reconciler first, or another
+    // job of the batch), else nothing was made (the attempt is no longer pending).
+    let others: Vec<&str> = orders
+        .iter()
+        .map(|(_, o)| o.hold_id.as_str())
+        .filter(|h| !made.contains_key(*h))
+        .collect();
+    let mut existing: HashMap<String, OrderId> = HashMap::new();
+    if !others.is_empty() {
+        existing = tx
+            .query(
+                "SELECT hold_id, order_id FROM orders WHERE hold_id = ANY($1)",
+                &[&others],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), OrderId(r.get(1))))
+            .collect();
+    }
+    Ok(orders
+        .iter()
+        .map(|(i, o)| {
+            let committed = match made.get(o.hold_id.as_str()) {
+                Some(id) if *id == o.order_id => Committed::New(*id),
+                Some(id) => Committed::Existing(*id),
+                None => existing
+                    .get(o.hold_id.as_str())
+                    .map_or(Committed::Superseded, |id| Committed::Existing(*id)),
+            };
+            (*i, committed)
+        })
+        .collect())
+}
+
+/// The batch's orders again, one at a time, each in a SAVEPOINT, after Postgres refused the
+/// set-based statements: the order a constraint refuses is `Refused`, the others commit.
+async fn orders_one_by_one(
+    tx: &mut Tx<'_>,
+    orders: &[(usize, &NewOrder)],
+) -> std::result::Result<Vec<(usize, Result<Committed>)>, Attempt> {
+    let mut by_fan: Vec<&(usize, &NewOrder)> = orders.iter().collect();
+    by_fan.sort_by_cached_key(|(_, o)| (o.hold_id.drop_id(), o.fan.clone()));
+    let mut out = Vec::with_capacity(orders.len());
+    for (i, order) in by_fan {
+        let sp = tx.savepoint("one_order").await?;
+        match insert_order(&sp, order).await {
+            Ok(done) => {
+                sp.commit().await?;
+                out.push((*i, Ok(done)));
+            }
+            Err(e) if is_constraint_violation(&e) => {
+                // The last guard fired: Redis let through a sale Postgres refuses. Never expected.
+                tracing::error!(hold = %order.hold_id, error = %e, "Postgres refused an order");
+                metrics::counter!(crate::metrics::CONSTRAINT_REFUSALS).increment(1);
+                sp.rollback().await?;
+                out.push((*i, Ok(Committed::Refused)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
 }
 
 /// Locks every inventory row the batch will update, in one order (drop, bucket) for every
 /// writer. Orders update their rows one by one; two instances' batches taking the same rows in
 /// opposite orders would deadlock, and Postgres only notices after `deadlock_timeout` (1 s).
-async fn lock_inventory(
-    tx: &deadpool_postgres::Transaction<'_>,
-    jobs: &[Job],
+async fn lock_inventory<'a>(
+    tx: &Tx<'_>,
+    orders: impl Iterator<Item = &'a NewOrder>,
 ) -> std::result::Result<(), tokio_postgres::Error> {
-    let mut rows: Vec<(String, &str)> = jobs
-        .iter()
-        .flat_map(|j| {
-            let drop = j.order.hold_id.drop_id().to_string();
-            j.order
-                .items
+    let mut rows: Vec<(String, &str)> = orders
+        .flat_map(|o| {
+            let drop = o.hold_id.drop_id().to_string();
+            o.items
                 .iter()
                 .map(move |i| (drop.clone(), i.bucket.as_str()))
         })
@@ -214,7 +585,7 @@ async fn lock_inventory(
 }
 
 async fn insert_order(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &Tx<'_>,
     o: &NewOrder,
 ) -> std::result::Result<Committed, tokio_postgres::Error> {
     let drop = o.hold_id.drop_id();

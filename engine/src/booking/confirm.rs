@@ -3,6 +3,7 @@
 //! or void and revert. Concurrent confirms of one hold wait for the first.
 
 use super::*;
+use crate::writer::NewPayment;
 
 /// A payment as the fan sends it: `{"gateway": "test", "reference": "ok_1"}`.
 #[derive(Debug, Clone, Deserialize)]
@@ -125,6 +126,7 @@ impl Engine {
             .await
             .map_err(|e| not_found_as(e, Code::UnknownHold))?;
         self.watch_drop(&def.drop_id);
+        let step = Instant::now();
         let begun = match self
             .redis
             .confirm_begin(hold, fan, payment.reference.as_str())
@@ -153,18 +155,21 @@ impl Engine {
         let margin_ms = self.cfg.holds.confirm_safety_margin_ms as i64;
         let left_ms = rec.cexp.map_or(0, |d| d - margin_ms - redis_now).max(0);
         let cut_off = asked + ms(left_ms as u64);
+        let step = confirm_step("begin", step);
         let (_, total) = priced_items(&def, &rec.it);
         // If this fails nothing was charged: the hold stays confirming and the reconciler settles it.
+        // Recorded through the order writer, in one transaction with other confirms' writes.
         let recorded = self
-            .db
-            .begin_payment(
-                hold,
-                fan,
-                self.gateway.name(),
-                payment.reference.as_str(),
-                total,
-            )
+            .writer()?
+            .begin_payment(NewPayment {
+                hold_id: hold.clone(),
+                reference: payment.reference.as_str().to_owned(),
+                fan: fan.as_str().to_owned(),
+                gateway: self.gateway.name().to_owned(),
+                amount_cents: total,
+            })
             .await?;
+        let step = confirm_step("payment_row", step);
         if !recorded {
             return self
                 .attempt_already_recorded(hold, &payment.reference)
@@ -187,6 +192,7 @@ impl Engine {
         )
         .await
         .unwrap_or(Err(GatewayError::Timeout));
+        confirm_step("authorize", step);
         match auth {
             Ok(()) => {}
             Err(GatewayError::Declined) => {
@@ -279,10 +285,9 @@ impl Engine {
                 })
                 .collect(),
         };
-        let writer = self.writer.as_ref().ok_or_else(|| {
-            Error::internal("a confirm reached an engine without an order writer (queue-server's)")
-        })?;
-        let committed = writer.commit(new).await?;
+        let step = Instant::now();
+        let committed = self.writer()?.commit(new).await?;
+        let step = confirm_step("order_commit", step);
         if committed == Committed::Refused {
             // Postgres' final check refused the sale: undo the payment and the hold, and rebuild
             // the drop from Postgres, since Redis disagrees with it (else every later buyer of
@@ -300,7 +305,10 @@ impl Engine {
             return Ok(None);
         };
         self.capture(hold, &reference).await;
-        match self.redis.confirm_finish(hold, order_id).await {
+        let step = confirm_step("capture", step);
+        let finished = self.redis.confirm_finish(hold, order_id).await;
+        confirm_step("finish", step);
+        match finished {
             Ok(Finish::Sold | Finish::Already) => {}
             // The order is committed: the sale stands, and the fan hears so. Redis still says
             // `confirming`; past the confirm deadline the reconciler finds the order and
@@ -333,22 +341,25 @@ impl Engine {
         Ok(Some((order, matches!(committed, Committed::New(_)))))
     }
 
+    /// The order writer; queue-server's engine has none and never confirms.
+    fn writer(&self) -> Result<&Writer> {
+        self.writer.as_ref().ok_or_else(|| {
+            Error::internal("a confirm reached an engine without an order writer (queue-server's)")
+        })
+    }
+
     /// Captures an authorized attempt; a failure leaves it `authorized` for the reconciler's
     /// capture round.
     pub(super) async fn capture(&self, hold: &HoldId, reference: &str) {
         let timeout = ms(self.cfg.gateway.timeout_ms);
         match tokio::time::timeout(timeout, self.gateway.capture(hold, reference)).await {
             Ok(Ok(())) => {
-                if let Err(e) = self
-                    .db
-                    .set_payment_state(
-                        hold,
-                        reference,
-                        PaymentState::Authorized,
-                        PaymentState::Captured,
-                    )
-                    .await
-                {
+                // Through the writer, batched with other confirms' writes.
+                let recorded = match self.writer() {
+                    Ok(writer) => writer.captured(hold.clone(), reference.to_owned()).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = recorded {
                     tracing::warn!(%hold, error = %e, "captured, but not recorded; the capture round repeats it");
                 }
             }
@@ -447,6 +458,15 @@ impl Engine {
         }
         Err(payment_pending())
     }
+}
+
+/// Records how long one step of a confirm took (`floodgate_confirm_step_seconds{step}`, for the
+/// breakdown the confirm benchmark prints) and starts the next.
+fn confirm_step(step: &'static str, since: Instant) -> Instant {
+    let now = Instant::now();
+    metrics::histogram!(m::CONFIRM_STEP_SECONDS, "step" => step)
+        .record(now.duration_since(since).as_secs_f64());
+    now
 }
 
 pub(super) fn payment_pending() -> Error {

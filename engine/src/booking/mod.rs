@@ -148,7 +148,12 @@ impl Engine {
                 None
             }
         };
-        let test = Arc::new(TestGateway::new(ms(cfg.gateway.test_slow_ms)));
+        let test = Arc::new(
+            TestGateway::new(ms(cfg.gateway.test_slow_ms)).with_call_latency(
+                ms(cfg.gateway.test_call_min_ms),
+                ms(cfg.gateway.test_call_max_ms),
+            ),
+        );
         let fans = FanAuth::new(&cfg.identity)?;
         let admission = AdmissionKeys::new(&cfg.admission);
         Ok(Arc::new(Engine {
