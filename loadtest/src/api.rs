@@ -53,14 +53,21 @@ impl DropSpec {
     }
 }
 
-/// A drop behind the waiting room (`loadtest queue`): one GA SKU, admission settings given.
+/// A drop behind the waiting room (`loadtest queue`, `loadtest sale`): one GA SKU, admission
+/// settings given.
 #[derive(Debug, Clone)]
 pub struct QueueDropSpec {
     pub name: String,
     pub sku: String,
     pub stock: u64,
     pub per_fan_limit: u32,
+    pub hold_ttl_s: u32,
+    /// RFC 3339; None: open now.
+    pub opens_at: Option<String>,
     pub admission: AdmissionSettings,
+    /// `admission.shop_window_s` and `admission.leave_grace_s`; None: booking-api's defaults.
+    pub shop_window_s: Option<u32>,
+    pub leave_grace_s: Option<u32>,
 }
 
 /// `admission` settings of a queue drop, as `POST /v1/drops` and
@@ -89,10 +96,16 @@ impl QueueDropSpec {
     pub fn body(&self) -> serde_json::Value {
         let mut admission = self.admission.body();
         admission["mode"] = "queue".into();
-        serde_json::json!({
+        if let Some(s) = self.shop_window_s {
+            admission["shop_window_s"] = s.into();
+        }
+        if let Some(s) = self.leave_grace_s {
+            admission["leave_grace_s"] = s.into();
+        }
+        let mut body = serde_json::json!({
             "name": self.name,
             "per_fan_limit": self.per_fan_limit,
-            "hold_ttl_s": 600,
+            "hold_ttl_s": self.hold_ttl_s,
             "admission": admission,
             "inventory": {
                 "kind": "ga",
@@ -103,7 +116,11 @@ impl QueueDropSpec {
                     "quantity": self.stock,
                 }],
             },
-        })
+        });
+        if let Some(at) = &self.opens_at {
+            body["opens_at"] = at.as_str().into();
+        }
+        body
     }
 }
 
@@ -268,6 +285,19 @@ impl Setup {
             .with_context(|| format!("POST /v1/fans/session: no fan_token in {v}"))
     }
 
+    /// `GET path` (optionally with a bearer) → its status and JSON body (`null` if not JSON).
+    pub async fn get_json(
+        &mut self,
+        path: &str,
+        auth: Option<&HeaderValue>,
+    ) -> anyhow::Result<(StatusCode, serde_json::Value)> {
+        let (status, bytes) = self.call(Method::GET, path, auth, None).await?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        ))
+    }
+
     /// `GET /v1/drops/{drop_id}` as JSON.
     pub async fn get_drop(&mut self, drop_id: &str) -> anyhow::Result<serde_json::Value> {
         let path = format!("/v1/drops/{}", path_segment(drop_id));
@@ -373,6 +403,10 @@ mod tests {
             sku: "LT".into(),
             stock: 1_000_000,
             per_fan_limit: 1,
+            hold_ttl_s: 600,
+            opens_at: None,
+            shop_window_s: None,
+            leave_grace_s: Some(3600),
             admission: AdmissionSettings {
                 rate_per_s: 50.0,
                 burst: 50,
@@ -387,6 +421,10 @@ mod tests {
         assert_eq!(v["admission"]["max_active"], 1_000_000);
         assert_eq!(v["admission"]["paused"], true);
         assert_eq!(v["per_fan_limit"], 1);
+        assert_eq!(v["hold_ttl_s"], 600);
+        assert_eq!(v["admission"]["leave_grace_s"], 3600);
+        assert!(v["admission"].get("shop_window_s").is_none(), "{v}");
+        assert!(v.get("opens_at").is_none(), "{v}");
         let put = spec.admission.body();
         assert!(put.get("mode").is_none(), "mode can't be changed: {put}");
     }

@@ -83,6 +83,48 @@ pub const MAX_ROUNDS: u32 = 20;
 /// The bar: reserve p99 with the pages at most this many times the p99 without them.
 pub const BAR_P99_RATIO: f64 = 1.2;
 
+/// `loadtest sale`'s defaults and bounds: a small rehearsal by default (the acceptance run's
+/// figures are in docs/BENCHMARKS.md, "The whole sale").
+pub const DEFAULT_SALE_FANS: usize = 2_000;
+pub const DEFAULT_SALE_WS_FANS: usize = 1_000;
+pub const DEFAULT_SALE_STOCK: u64 = 500;
+pub const DEFAULT_SALE_RATE_PER_S: f64 = 50.0;
+pub const DEFAULT_SALE_BURST: u64 = 50;
+/// Fans who join before `opens_at` (the pre-queue), in percent.
+pub const DEFAULT_PRE_QUEUE_PCT: u8 = 20;
+/// The drop opens this long after it is created: the pre-queue fans join meanwhile.
+pub const DEFAULT_PRE_OPEN_S: f64 = 15.0;
+/// Short holds, so abandoned ones come back within the run.
+pub const DEFAULT_SALE_HOLD_TTL_S: u32 = 10;
+/// Admission counts a fan who released their hold as still shopping until the shop window ends
+/// (they may pick again), so units given back wait for it: a minute keeps the sale moving.
+pub const DEFAULT_SHOP_WINDOW_S: u32 = 60;
+/// The drop's `leave_grace_s` for the run: HTTP fans who poll every few seconds stay anyway; a
+/// long grace keeps the slow pollers of a big line in it (booking-api's bounds: 15..=86400).
+pub const DEFAULT_SALE_LEAVE_GRACE_S: u32 = 3_600;
+pub const DEFAULT_THINK_MS: u64 = 500;
+pub const DEFAULT_PAY_PCT: u8 = 80;
+pub const DEFAULT_RELEASE_PCT: u8 = 10;
+pub const DEFAULT_HOSTILE_PCT: u8 = 5;
+/// HTTP-only fans' joins per second after opening (the sockets join as fast as their client
+/// processes connect).
+pub const DEFAULT_JOIN_RATE_PER_S: f64 = 500.0;
+/// How often an HTTP-only fan polls `/queue/me` (queue-server allows 2/s per fan).
+pub const DEFAULT_POLL_MS: u64 = 5_000;
+pub const MIN_POLL_MS: u64 = 500;
+/// Connections the HTTP-only fans share, each from its own source address 127.0.0.(k+1).
+pub const DEFAULT_HTTP_CONNECTIONS: usize = 32;
+pub const MAX_HTTP_CONNECTIONS: usize = 250;
+/// Fans shopping at once (each on its own connection while it shops).
+pub const DEFAULT_SHOP_CONCURRENCY: usize = 256;
+pub const MAX_SHOP_CONCURRENCY: usize = 5_000;
+/// A fan told `all_held` tries again after this long, until its shop window ends.
+pub const DEFAULT_RETRY_MS: u64 = 1_000;
+pub const DEFAULT_SALE_MAX_DURATION_S: f64 = 900.0;
+/// After the last sale, how long waiters get to hear `sold_out` before the sockets close.
+pub const DEFAULT_SOLD_OUT_GRACE_S: f64 = 5.0;
+pub const DEFAULT_SALE_CLIENT_PROCS: usize = 2;
+
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version, about = "Floodgate's load generator")]
 pub struct Cli {
@@ -103,6 +145,14 @@ pub enum Scenario {
     /// rounds, admissions per minute against the set rate, and admission order — beside a
     /// minimal tokio-tungstenite broadcast server measured the same way in the same run.
     Queue(QueueArgs),
+    /// The whole flash sale: N fans (WebSockets across client processes, and HTTP-only fans
+    /// beyond them) join a queue drop, some before it opens; admitted fans reserve after a
+    /// think time, then pay, release or abandon; until sold out. Reports sold == stock (API and
+    /// Postgres), time to sell out, admissions/s against the set rate, Kendall τ of join vs
+    /// admission order, the pre-queue order against the revealed seed, `sold_out` delivery after
+    /// the last sale, latencies, errors by code, server and Redis CPU and memory; as text, JSON
+    /// and one HTML file with SVG charts.
+    Sale(SaleArgs),
     /// (internal) One client process of `queue`: JSON lines on stdin and stdout.
     #[command(hide = true)]
     QueueClients,
@@ -489,6 +539,304 @@ impl QueueArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct SaleArgs {
+    /// booking-api's base URL (drop, fan sessions, reserves, confirms).
+    #[arg(long, env = "BOOKING_URL")]
+    pub booking_url: String,
+
+    /// queue-server's base URL (the line: sockets, HTTP joins and polls, the seed).
+    #[arg(long, env = "QUEUE_URL")]
+    pub queue_url: String,
+
+    /// Seller API key: the run creates its own drop.
+    #[arg(long, env = "FLOODGATE_SELLER_KEY", hide_env_values = true)]
+    pub seller_key: String,
+
+    /// Postgres, for what was sold and the per-fan limit at the end.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Redis, only to find its process for its memory and CPU (optional).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Fans in all: the first --ws-fans on WebSockets, the rest HTTP-only (join, then poll
+    /// `/queue/me`).
+    #[arg(long, default_value_t = DEFAULT_SALE_FANS)]
+    pub fans: usize,
+
+    /// Fans on WebSockets (one queue-server process holds ≈ 19,000 under a 20,000-file limit).
+    #[arg(long, default_value_t = DEFAULT_SALE_WS_FANS)]
+    pub ws_fans: usize,
+
+    /// Units of the drop's one SKU.
+    #[arg(long, default_value_t = DEFAULT_SALE_STOCK)]
+    pub stock: u64,
+
+    /// Units per fan; each fan reserves one unit.
+    #[arg(long, default_value_t = DEFAULT_QUEUE_PER_FAN_LIMIT)]
+    pub per_fan_limit: u32,
+
+    /// Percentage of fans (of sockets and of HTTP fans alike) who join before `opens_at`.
+    #[arg(long, default_value_t = DEFAULT_PRE_QUEUE_PCT, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub pre_queue_pct: u8,
+
+    /// The drop opens this long after the run creates it; the pre-queue joins meanwhile.
+    #[arg(long, default_value_t = DEFAULT_PRE_OPEN_S)]
+    pub pre_open_s: f64,
+
+    /// Admissions per second (`admission.rate_per_s`).
+    #[arg(long, default_value_t = DEFAULT_SALE_RATE_PER_S)]
+    pub rate_per_s: f64,
+
+    /// Token bucket size (`admission.burst`).
+    #[arg(long, default_value_t = DEFAULT_SALE_BURST)]
+    pub burst: u64,
+
+    /// Active shoppers at most (`admission.max_active`).
+    #[arg(long, default_value_t = DEFAULT_MAX_ACTIVE)]
+    pub max_active: u64,
+
+    /// `admission.shop_window_s`.
+    #[arg(long, default_value_t = DEFAULT_SHOP_WINDOW_S)]
+    pub shop_window_s: u32,
+
+    /// `admission.leave_grace_s` for the run's drop (15..=86400).
+    #[arg(long, default_value_t = DEFAULT_SALE_LEAVE_GRACE_S)]
+    pub leave_grace_s: u32,
+
+    /// The drop's hold time (1..=3600): abandoned holds come back after it.
+    #[arg(long, default_value_t = DEFAULT_SALE_HOLD_TTL_S)]
+    pub hold_ttl_s: u32,
+
+    /// An admitted fan reserves this long after hearing it.
+    #[arg(long, default_value_t = DEFAULT_THINK_MS)]
+    pub think_ms: u64,
+
+    /// Percentage of held fans who pay (the test gateway's `ok_…`).
+    #[arg(long, default_value_t = DEFAULT_PAY_PCT, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub pay_pct: u8,
+
+    /// Percentage who release their hold; the rest abandon it (it expires).
+    #[arg(long, default_value_t = DEFAULT_RELEASE_PCT, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub release_pct: u8,
+
+    /// Percentage of hostile fans: a second tab (a second join), a reserve without admission,
+    /// and once admitted a retry reusing the idempotency key (same body, then another body)
+    /// and a reserve past the per-fan limit.
+    #[arg(long, default_value_t = DEFAULT_HOSTILE_PCT, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub hostile_pct: u8,
+
+    /// HTTP-only fans' joins per second after opening.
+    #[arg(long, default_value_t = DEFAULT_JOIN_RATE_PER_S)]
+    pub join_rate_per_s: f64,
+
+    /// How often an HTTP-only fan polls `/queue/me`.
+    #[arg(long, default_value_t = DEFAULT_POLL_MS)]
+    pub poll_ms: u64,
+
+    /// Connections of the HTTP-only fans, connection k from source address 127.0.0.(k+1).
+    #[arg(long, default_value_t = DEFAULT_HTTP_CONNECTIONS)]
+    pub http_connections: usize,
+
+    /// Fans shopping at once.
+    #[arg(long, default_value_t = DEFAULT_SHOP_CONCURRENCY)]
+    pub shop_concurrency: usize,
+
+    /// A fan told `all_held` tries again after this long.
+    #[arg(long, default_value_t = DEFAULT_RETRY_MS)]
+    pub retry_ms: u64,
+
+    /// Client processes holding the sockets (1..=100); process k uses 127.0.k.x.
+    #[arg(long, default_value_t = DEFAULT_SALE_CLIENT_PROCS)]
+    pub client_procs: usize,
+
+    #[arg(long, default_value_t = DEFAULT_SOCKETS_PER_ADDR)]
+    pub sockets_per_addr: usize,
+
+    #[arg(long, default_value_t = DEFAULT_CONNECT_CONCURRENCY)]
+    pub connect_concurrency: usize,
+
+    #[arg(long, default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
+    pub connect_timeout_ms: u64,
+
+    #[arg(long, default_value_t = DEFAULT_CLIENT_READ_BUFFER_BYTES)]
+    pub client_read_buffer_bytes: usize,
+
+    /// The sale fails if not sold out this long after opening.
+    #[arg(long, default_value_t = DEFAULT_SALE_MAX_DURATION_S)]
+    pub max_duration_s: f64,
+
+    /// After the last sale, how long waiters get to hear `sold_out`.
+    #[arg(long, default_value_t = DEFAULT_SOLD_OUT_GRACE_S)]
+    pub sold_out_grace_s: f64,
+
+    /// The join script's rate alone under redis-benchmark, measured in the same run
+    /// (bench/sale.sh): the report gives the join rate as a ratio of it.
+    #[arg(long)]
+    pub join_baseline_per_s: Option<f64>,
+
+    /// The admission script's rate alone under redis-benchmark (bench/sale.sh).
+    #[arg(long)]
+    pub admit_baseline_per_s: Option<f64>,
+
+    /// Runtime threads of the parent (HTTP fans and shopping).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+
+    #[arg(long, default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+
+    /// Exit 1 also when a bar is missed (τ, admission rate, `sold_out` delivery), not only on
+    /// a broken invariant.
+    #[arg(long)]
+    pub check: bool,
+
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// Write the report as one self-contained HTML file with SVG charts here.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+
+    /// Write the text summary here too (it always goes to stdout).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl SaleArgs {
+    /// Checks the bounds clap can't express; returns a message for the first one broken.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite_in = |v: f64, lo: f64, hi: f64| v.is_finite() && v >= lo && v <= hi;
+        if !(1..=MAX_FANS).contains(&self.fans) {
+            return Err(format!("--fans must be in 1..={MAX_FANS}"));
+        }
+        if self.ws_fans > self.fans || self.ws_fans > MAX_QUEUE_FANS {
+            return Err(format!(
+                "--ws-fans must be at most --fans and {MAX_QUEUE_FANS}"
+            ));
+        }
+        if !(1..=MAX_CLIENT_PROCS).contains(&self.client_procs) {
+            return Err(format!("--client-procs must be in 1..={MAX_CLIENT_PROCS}"));
+        }
+        if !(1..=MAX_SOCKETS_PER_ADDR).contains(&self.sockets_per_addr) {
+            return Err(format!(
+                "--sockets-per-addr must be in 1..={MAX_SOCKETS_PER_ADDR}"
+            ));
+        }
+        // The pre-queue's and the rest's sockets are split over the processes separately.
+        let per_proc = self.ws_fans.div_ceil(self.client_procs);
+        if per_proc.div_ceil(self.sockets_per_addr) > crate::ws_clients::MAX_HOSTS_PER_NET {
+            return Err(format!(
+                "{per_proc} sockets per client process need more than {} source addresses: \
+                 raise --sockets-per-addr or --client-procs",
+                crate::ws_clients::MAX_HOSTS_PER_NET
+            ));
+        }
+        if !(1..=MAX_CONNECT_CONCURRENCY).contains(&self.connect_concurrency) {
+            return Err(format!(
+                "--connect-concurrency must be in 1..={MAX_CONNECT_CONCURRENCY}"
+            ));
+        }
+        for (name, v) in [
+            ("--connect-timeout-ms", self.connect_timeout_ms),
+            ("--request-timeout-ms", self.request_timeout_ms),
+            ("--think-ms", self.think_ms.max(1)),
+            ("--retry-ms", self.retry_ms),
+        ] {
+            if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&v) {
+                return Err(format!("{name} must be in 1..={MAX_REQUEST_TIMEOUT_MS}"));
+            }
+        }
+        if !(MIN_POLL_MS..=MAX_REQUEST_TIMEOUT_MS).contains(&self.poll_ms) {
+            return Err(format!(
+                "--poll-ms must be in {MIN_POLL_MS}..={MAX_REQUEST_TIMEOUT_MS}"
+            ));
+        }
+        if !(256..=MAX_WS_MESSAGE_BYTES).contains(&self.client_read_buffer_bytes) {
+            return Err(format!(
+                "--client-read-buffer-bytes must be in 256..={MAX_WS_MESSAGE_BYTES}"
+            ));
+        }
+        if !(1..=MAX_HTTP_CONNECTIONS).contains(&self.http_connections) {
+            return Err(format!(
+                "--http-connections must be in 1..={MAX_HTTP_CONNECTIONS}"
+            ));
+        }
+        if !(1..=MAX_SHOP_CONCURRENCY).contains(&self.shop_concurrency) {
+            return Err(format!(
+                "--shop-concurrency must be in 1..={MAX_SHOP_CONCURRENCY}"
+            ));
+        }
+        // booking-api's bounds on the drop (docs/API.md, POST /v1/drops).
+        if !finite_in(self.rate_per_s, f64::MIN_POSITIVE, 100_000.0) {
+            return Err("--rate-per-s must be in (0, 100000]".into());
+        }
+        if !(1..=1_000_000).contains(&self.burst) {
+            return Err("--burst must be in 1..=1000000".into());
+        }
+        if !(1..=10_000_000).contains(&self.max_active) {
+            return Err("--max-active must be in 1..=10000000".into());
+        }
+        if !(1..=10_000_000).contains(&self.stock) {
+            return Err("--stock must be in 1..=10000000".into());
+        }
+        if !(1..=1000).contains(&self.per_fan_limit) {
+            return Err("--per-fan-limit must be in 1..=1000".into());
+        }
+        if !(1..=3600).contains(&self.hold_ttl_s) {
+            return Err("--hold-ttl-s must be in 1..=3600".into());
+        }
+        if !(10..=86_400).contains(&self.shop_window_s) {
+            return Err("--shop-window-s must be in 10..=86400".into());
+        }
+        if !(15..=86_400).contains(&self.leave_grace_s) {
+            return Err("--leave-grace-s must be in 15..=86400".into());
+        }
+        if u16::from(self.pay_pct) + u16::from(self.release_pct) > 100 {
+            return Err("--pay-pct + --release-pct must not exceed 100".into());
+        }
+        if self.pay_pct == 0 {
+            return Err("--pay-pct must be above 0, or nothing ever sells".into());
+        }
+        if !finite_in(self.join_rate_per_s, f64::MIN_POSITIVE, MAX_RATE_PER_S) {
+            return Err(format!(
+                "--join-rate-per-s must be in (0, {MAX_RATE_PER_S}]"
+            ));
+        }
+        for (name, v, lo) in [
+            ("--pre-open-s", self.pre_open_s, 0.0),
+            ("--max-duration-s", self.max_duration_s, 1.0),
+            ("--sold-out-grace-s", self.sold_out_grace_s, 0.0),
+        ] {
+            if !finite_in(v, lo, MAX_DURATION_S) {
+                return Err(format!("{name} must be in [{lo}, {MAX_DURATION_S}]"));
+            }
+        }
+        if self.pre_queue_pct > 0 && self.pre_open_s < 1.0 {
+            return Err("a pre-queue (--pre-queue-pct) needs --pre-open-s of at least 1".into());
+        }
+        for (name, v) in [
+            ("--join-baseline-per-s", self.join_baseline_per_s),
+            ("--admit-baseline-per-s", self.admit_baseline_per_s),
+        ] {
+            if v.is_some_and(|v| !finite_in(v, f64::MIN_POSITIVE, MAX_RATE_PER_S)) {
+                return Err(format!("{name} must be in (0, {MAX_RATE_PER_S}]"));
+            }
+        }
+        if !(1..=MAX_THREADS).contains(&self.threads) {
+            return Err(format!("--threads must be in 1..={MAX_THREADS}"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct SeatmapArgs {
     /// booking-api's base URL.
     #[arg(long, env = "BOOKING_URL")]
@@ -833,6 +1181,64 @@ pub(crate) mod tests {
         assert_eq!(parse_seatmap(&["--pages", "0"]).validate(), Ok(()));
         assert!(parse_seatmap(&["--rounds", "0"]).validate().is_err());
         assert_eq!(parse_seatmap(&["--rounds", "3"]).validate(), Ok(()));
+    }
+
+    pub(crate) fn parse_sale(extra: &[&str]) -> SaleArgs {
+        let mut argv = vec![
+            "loadtest",
+            "sale",
+            "--booking-url",
+            "http://127.0.0.1:8080",
+            "--queue-url",
+            "http://127.0.0.1:8081",
+            "--seller-key",
+            "k",
+            "--database-url",
+            "postgres://x@127.0.0.1/db",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)
+            .expect("valid command line")
+            .scenario
+        {
+            Scenario::Sale(a) => a,
+            other => panic!("not sale: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sale_defaults_are_a_small_rehearsal_and_bounded() {
+        let a = parse_sale(&[]);
+        assert_eq!((a.fans, a.ws_fans, a.stock), (2_000, 1_000, 500));
+        assert_eq!(a.validate(), Ok(()));
+        // The acceptance run's shape.
+        assert_eq!(
+            parse_sale(&[
+                "--fans",
+                "50000",
+                "--ws-fans",
+                "19000",
+                "--stock",
+                "5000",
+                "--client-procs",
+                "4"
+            ])
+            .validate(),
+            Ok(())
+        );
+        assert_eq!(parse_sale(&["--fans", "1000000"]).validate(), Ok(()));
+        assert!(parse_sale(&["--ws-fans", "2001"]).validate().is_err());
+        assert!(parse_sale(&["--pay-pct", "95", "--release-pct", "10"])
+            .validate()
+            .is_err());
+        assert!(parse_sale(&["--pay-pct", "0"]).validate().is_err());
+        assert!(parse_sale(&["--leave-grace-s", "5"]).validate().is_err());
+        assert!(parse_sale(&["--poll-ms", "10"]).validate().is_err());
+        assert!(parse_sale(&["--pre-open-s", "0"]).validate().is_err());
+        assert_eq!(
+            parse_sale(&["--pre-open-s", "0", "--pre-queue-pct", "0"]).validate(),
+            Ok(())
+        );
     }
 
     #[test]

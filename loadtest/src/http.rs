@@ -4,7 +4,7 @@
 //! it measures, so every microsecond it spends is throughput the server doesn't get.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -14,7 +14,7 @@ use hyper::client::conn::http1;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Responses larger than this are an error: booking-api's answers are a few hundred bytes.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
@@ -152,8 +152,17 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub async fn connect(target: &Target) -> std::io::Result<Self> {
-        let stream = TcpStream::connect(target.addr).await?;
+    /// Connects from `source` (a loopback address such as 127.0.0.7, so a server's per-address
+    /// limits see many clients, as in real life), or from wherever the OS picks.
+    pub async fn connect_from(target: &Target, source: Option<Ipv4Addr>) -> std::io::Result<Self> {
+        let stream = match (source, target.addr) {
+            (Some(ip), SocketAddr::V4(_)) => {
+                let socket = TcpSocket::new_v4()?;
+                socket.bind(SocketAddrV4::new(ip, 0).into())?;
+                socket.connect(target.addr).await?
+            }
+            _ => TcpStream::connect(target.addr).await?,
+        };
         // Requests are small and latency-bound: don't let Nagle hold them back.
         stream.set_nodelay(true)?;
         let (sender, driver) = http1::Builder::new()
@@ -207,6 +216,7 @@ impl Conn {
 pub struct Slot {
     conn: Option<Conn>,
     timeout: Duration,
+    source: Option<Ipv4Addr>,
 }
 
 impl Slot {
@@ -214,6 +224,15 @@ impl Slot {
         Self {
             conn: None,
             timeout,
+            source: None,
+        }
+    }
+
+    /// A slot whose connections leave from `source` ([`Conn::connect_from`]).
+    pub fn from_source(timeout: Duration, source: Ipv4Addr) -> Self {
+        Self {
+            source: Some(source),
+            ..Self::new(timeout)
         }
     }
 
@@ -227,7 +246,8 @@ impl Slot {
                 }
                 self.conn = None;
             }
-            match tokio::time::timeout(self.timeout, Conn::connect(target)).await {
+            match tokio::time::timeout(self.timeout, Conn::connect_from(target, self.source)).await
+            {
                 Ok(Ok(conn)) => self.conn = Some(conn),
                 Ok(Err(_)) | Err(_) => {
                     // Don't spin on a server that refuses connections.

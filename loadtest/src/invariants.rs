@@ -239,10 +239,34 @@ pub fn expiry_rules_out_bookkeeping(elapsed_s: f64, hold_ttl_s: u32) -> Option<S
 
 /// Postgres' sums for the drop.
 pub async fn postgres_sold(database_url: &str, drop_id: &str) -> anyhow::Result<PostgresSold> {
+    Ok(postgres_sale(database_url, drop_id, None).await?.0)
+}
+
+/// Postgres' sums for the drop and, given a per-fan limit, how many fans bought more than it.
+pub async fn postgres_sale(
+    database_url: &str,
+    drop_id: &str,
+    per_fan_limit: Option<u32>,
+) -> anyhow::Result<(PostgresSold, Option<i64>)> {
     let (client, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
         .await
         .context("connecting to Postgres (--database-url)")?;
     let driver = tokio::spawn(connection);
+    let over_limit = match per_fan_limit {
+        Some(limit) => Some(
+            client
+                .query_one(
+                    "SELECT count(*)::bigint FROM (SELECT o.fan_id FROM orders o \
+                     JOIN order_items i ON i.order_id = o.order_id WHERE o.drop_id = $1 \
+                     GROUP BY o.fan_id HAVING sum(i.quantity) > $2) past",
+                    &[&drop_id, &i64::from(limit)],
+                )
+                .await
+                .context("counting fans past the per-fan limit")?
+                .get::<_, i64>(0),
+        ),
+        None => None,
+    };
     let inventory_sold: i64 = client
         .query_one(
             "SELECT coalesce(sum(sold), 0)::bigint FROM inventory WHERE drop_id = $1",
@@ -261,10 +285,13 @@ pub async fn postgres_sold(database_url: &str, drop_id: &str) -> anyhow::Result<
         .get(0);
     drop(client);
     let _ = driver.await;
-    Ok(PostgresSold {
-        inventory_sold,
-        order_items,
-    })
+    Ok((
+        PostgresSold {
+            inventory_sold,
+            order_items,
+        },
+        over_limit,
+    ))
 }
 
 #[cfg(test)]

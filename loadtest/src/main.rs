@@ -2,7 +2,8 @@
 //! measures it honestly (open-loop arrivals, latency from the due time, HdrHistogram), and at
 //! the end checks that no unit was lost or sold twice, against the API and against Postgres.
 //! `loadtest queue` holds thousands of waiting-room WebSockets open against queue-server and
-//! measures memory per socket, tick delivery and admission accuracy.
+//! measures memory per socket, tick delivery and admission accuracy. `loadtest sale` runs a
+//! whole flash sale (line, admission, shopping, sold out) and reports it with charts.
 //!
 //! Exit code: 0 when every invariant holds, 1 when one is violated (or couldn't be checked; for
 //! `queue`, a bar missed with `--check`), 2 on a usage or setup error.
@@ -20,6 +21,9 @@
 //! - `ws_clients` — a client process of `queue`: its share of the sockets, aggregated per tick.
 //! - `ws_baseline` — the minimal tokio-tungstenite broadcast server `queue` compares against.
 //! - `queue_report` — the waiting room's figures from the clients' reports, its bars, its report.
+//! - `sale` — `loadtest sale`: the whole flash sale, from the pre-queue to sold out.
+//! - `sale_report` — the sale's figures (Kendall τ, the bucket-limited admission rate, ...) and
+//!   its report as text, JSON and HTML with inline SVG charts.
 //! - `seatmap` — `loadtest seatmap`: reserve p99 at half of peak with and without polling
 //!   booking pages, on a seated drop.
 //! - `procfs` — memory, CPU, load and listening sockets from /proc.
@@ -33,6 +37,8 @@ mod procfs;
 mod queue;
 mod queue_report;
 mod report;
+mod sale;
+mod sale_report;
 mod schedule;
 mod seatmap;
 mod stats;
@@ -72,6 +78,13 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             return block_on(current_thread(), queue::run(args));
+        }
+        Scenario::Sale(args) => {
+            if let Err(msg) = args.validate() {
+                eprintln!("loadtest: {msg}");
+                return ExitCode::from(2);
+            }
+            return block_on(runtime_with(args.threads), sale::run(args));
         }
         Scenario::Seatmap(args) => {
             if let Err(msg) = args.validate() {

@@ -59,7 +59,7 @@ const BASELINE_NET_BASE: u8 = 128;
 /// The SKU of a created drop.
 const SKU: &str = "LT";
 
-fn wall_ms() -> i64 {
+pub(crate) fn wall_ms() -> i64 {
     ws_clients::wall_us() / 1000
 }
 
@@ -77,16 +77,24 @@ struct Slot {
     ended: bool,
 }
 
-/// The client processes of one phase.
-struct Clients {
+/// Where client processes' admissions go (`loadtest sale`: the parent shops for those fans).
+pub(crate) type AdmissionSender = tokio::sync::mpsc::UnboundedSender<ws_clients::AdmissionLine>;
+
+/// The client processes of one phase (also `loadtest sale`'s socket fans).
+pub(crate) struct Clients {
     procs: Vec<Child>,
     stdins: Vec<ChildStdin>,
-    pids: Vec<u32>,
+    pub(crate) pids: Vec<u32>,
     slots: Arc<Mutex<Vec<Slot>>>,
 }
 
 impl Clients {
-    async fn spawn(inits: &[ClientsInit]) -> anyhow::Result<Self> {
+    /// Starts one client process per init; with `admissions`, their
+    /// [`ChildLine::Admission`] lines are passed on there.
+    pub(crate) async fn spawn(
+        inits: &[ClientsInit],
+        admissions: Option<AdmissionSender>,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding loadtest's own binary")?;
         let slots = Arc::new(Mutex::new(
             (0..inits.len())
@@ -115,14 +123,19 @@ impl Clients {
             stdin.write_all(&line).await?;
             stdin.flush().await?;
             clients.pids.push(child.id().unwrap_or(0));
-            tokio::spawn(read_child(k, stdout, Arc::clone(&clients.slots)));
+            tokio::spawn(read_child(
+                k,
+                stdout,
+                Arc::clone(&clients.slots),
+                admissions.clone(),
+            ));
             clients.procs.push(child);
             clients.stdins.push(stdin);
         }
         Ok(clients)
     }
 
-    fn counts(&self) -> Counts {
+    pub(crate) fn counts(&self) -> Counts {
         lock(&self.slots)
             .iter()
             .fold(Counts::default(), |a, s| Counts {
@@ -135,7 +148,7 @@ impl Clients {
     }
 
     /// Waits until every client process has tried every socket.
-    async fn wait_connected(&self, bar: &ProgressBar) -> anyhow::Result<Counts> {
+    pub(crate) async fn wait_connected(&self, bar: &ProgressBar) -> anyhow::Result<Counts> {
         let deadline = Instant::now() + CONNECT_PHASE_LIMIT;
         loop {
             let (all, dead) = {
@@ -164,7 +177,7 @@ impl Clients {
     }
 
     /// Tells every client process to stop, collects their reports, waits for them to exit.
-    async fn stop(mut self) -> anyhow::Result<Vec<ChildReport>> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<Vec<ChildReport>> {
         for stdin in &mut self.stdins {
             // A process that already exited is found below.
             let _ = stdin.write_all(b"stop\n").await;
@@ -203,7 +216,12 @@ impl Clients {
     }
 }
 
-async fn read_child(k: usize, stdout: ChildStdout, slots: Arc<Mutex<Vec<Slot>>>) {
+async fn read_child(
+    k: usize,
+    stdout: ChildStdout,
+    slots: Arc<Mutex<Vec<Slot>>>,
+    admissions: Option<AdmissionSender>,
+) {
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let msg = match serde_json::from_str::<ChildLine>(&line) {
@@ -223,6 +241,12 @@ async fn read_child(k: usize, stdout: ChildStdout, slots: Arc<Mutex<Vec<Slot>>>)
             ChildLine::Report(r) => {
                 s[k].counts = r.counts;
                 s[k].report = Some(*r);
+            }
+            ChildLine::Admission(a) => {
+                if let Some(tx) = &admissions {
+                    // The receiver goes only when the sale is over: nobody left to shop.
+                    let _ = tx.send(a);
+                }
             }
         }
     }
@@ -264,6 +288,7 @@ fn inits(args: &QueueArgs, spec: &PhaseSpec<'_>) -> Vec<ClientsInit> {
                 read_buffer_bytes: args.client_read_buffer_bytes,
                 connect_concurrency: args.connect_concurrency,
                 connect_timeout_ms: args.connect_timeout_ms,
+                sale: false,
             };
             first += count;
             init
@@ -292,7 +317,7 @@ async fn open_sockets(args: &QueueArgs, spec: &PhaseSpec<'_>) -> anyhow::Result<
     let rss_before_kib = procfs::vm_rss_kib(spec.pid)?;
     let inits = inits(args, spec);
     let started = Instant::now();
-    let clients = Clients::spawn(&inits).await?;
+    let clients = Clients::spawn(&inits, None).await?;
     let bar = crate::bar(
         args.quiet,
         args.fans as u64,
@@ -505,7 +530,7 @@ async fn baseline_phase(args: &QueueArgs, redis_pid: Option<u32>) -> anyhow::Res
 }
 
 /// The port of `redis://[user:password@]host:port[/db]` (or `host:port`).
-fn redis_port(url: &str) -> Option<u16> {
+pub(crate) fn redis_port(url: &str) -> Option<u16> {
     let rest = url.strip_prefix("redis://").unwrap_or(url);
     let hostport = rest.split('/').next()?;
     let hostport = hostport.rsplit('@').next()?;
@@ -542,7 +567,11 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<bool> {
                 sku: SKU.into(),
                 stock: args.stock,
                 per_fan_limit: args.per_fan_limit,
+                hold_ttl_s: 600,
+                opens_at: None,
                 admission: paused,
+                shop_window_s: None,
+                leave_grace_s: None,
             };
             // validate() made sure the key is there when no drop id is.
             let key = args

@@ -812,6 +812,8 @@ mod tests {
             first_us: first_ms * 1000,
             last_us: last_ms * 1000,
             bytes: 120,
+            waiting: None,
+            state: None,
         }
     }
 
@@ -908,6 +910,8 @@ mod tests {
             first_us: at_ms * 1000,
             last_us: at_ms * 1000,
             bytes: 1,
+            waiting: None,
+            state: None,
         }
     }
 

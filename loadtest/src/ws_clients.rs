@@ -79,6 +79,11 @@ pub struct ClientsInit {
     pub connect_concurrency: usize,
     /// Connect + handshake + first frame must take less than this.
     pub connect_timeout_ms: u64,
+    /// `loadtest sale`: also record each socket's join answer and when it heard `sold_out`, and
+    /// pass every admission token to the parent at once ([`ChildLine::Admission`]), which shops
+    /// for the fan.
+    #[serde(default)]
+    pub sale: bool,
 }
 
 impl ClientsInit {
@@ -143,6 +148,29 @@ pub enum ChildLine {
     /// Every socket has been tried (opened or failed).
     Connected(Counts),
     Report(Box<ChildReport>),
+    /// `sale` only: a socket's fan was admitted; the parent shops with the token.
+    Admission(AdmissionLine),
+}
+
+/// One admission, passed on as it happens (`sale`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdmissionLine {
+    pub fan: usize,
+    pub admission_token: String,
+    pub at_us: i64,
+}
+
+/// A socket's join answer (`sale`): its first frame after the auth frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinSeen {
+    pub fan: usize,
+    pub at_us: i64,
+    /// The place a `position` answer gave; None for `pre_queue` (the place is the fan's draw).
+    pub place: Option<i64>,
+    /// The first frame's type (`position`, `pre_queue`, `sold_out`, `error`, ...).
+    pub kind: String,
+    /// From the start of the connect to this frame (TCP, handshake, auth frame, join).
+    pub took_us: i64,
 }
 
 /// One tick as this child's sockets saw it.
@@ -156,6 +184,11 @@ pub struct TickSeen {
     pub last_us: i64,
     /// The frame's size.
     pub bytes: usize,
+    /// Waiters in line and the line's state, as the frame says.
+    #[serde(default)]
+    pub waiting: Option<i64>,
+    #[serde(default)]
+    pub state: Option<String>,
 }
 
 /// One slow-cadence round of exact `position` messages, as one child's sockets heard it: a
@@ -224,6 +257,13 @@ pub struct ChildReport {
     pub admitted: Vec<AdmittedSeen>,
     /// Ticks or positions beyond [`MAX_TICKS_TRACKED`] / [`MAX_POSITIONS_TRACKED`], not recorded.
     pub dropped_records: u64,
+    /// `sale` only: every socket's join answer (one per socket, so bounded by `count`).
+    #[serde(default)]
+    pub joins: Vec<JoinSeen>,
+    /// `sale` only: when each socket first heard the line was sold out (a `sold_out` message or
+    /// a tick whose state is `sold_out`), one per socket.
+    #[serde(default)]
+    pub sold_out_us: Vec<i64>,
 }
 
 /// The fields loadtest reads from a server frame; the rest are ignored.
@@ -236,18 +276,24 @@ struct Frame<'a> {
     place: Option<i64>,
     #[serde(borrow)]
     admission_token: Option<Cow<'a, str>>,
+    waiting: Option<i64>,
+    #[serde(borrow)]
+    state: Option<Cow<'a, str>>,
 }
 
-/// The `place` claim of an admission token `v1.<base64url claims>.<base64url mac>`.
-pub fn token_place(token: &str) -> Option<i64> {
+/// The claims of an admission token `v1.<base64url claims>.<base64url mac>` (not verified:
+/// loadtest only reads what the server put there).
+pub fn token_claims(token: &str) -> Option<serde_json::Value> {
     let claims = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(claims)
         .ok()?;
-    serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()?
-        .get("place")?
-        .as_i64()
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()
+}
+
+/// The `place` claim of an admission token.
+pub fn token_place(token: &str) -> Option<i64> {
+    token_claims(token)?.get("place")?.as_i64()
 }
 
 pub fn wall_us() -> i64 {
@@ -263,6 +309,12 @@ struct SocketState {
     last_tick_ms: Option<i64>,
     place: Option<i64>,
     positions: u64,
+    /// Its first frame (the join answer) has been booked.
+    joined: bool,
+    /// It has heard the line is sold out.
+    sold_out: bool,
+    /// When its connect began.
+    started_us: i64,
 }
 
 /// The child's aggregates, shared by its sockets (one runtime thread: the lock never waits).
@@ -279,7 +331,13 @@ struct Agg {
     closed_by_server: u64,
     read_errors: u64,
     /// Every socket gets the same tick frame: parse it once.
-    last_tick: Option<(String, i64, Option<i64>)>,
+    last_tick: Option<(String, TickSeen)>,
+    /// `sale`: record joins and sold-out times, and keep admission tokens for the parent.
+    sale: bool,
+    joins: Vec<JoinSeen>,
+    sold_out_us: Vec<i64>,
+    /// Admissions not yet passed to the parent (`sale`).
+    to_pass: Vec<AdmissionLine>,
 }
 
 impl Agg {
@@ -292,9 +350,9 @@ impl Agg {
         }
     }
 
-    fn tick(&mut self, at_ms: i64, admitted_total: Option<i64>, bytes: usize, now_us: i64) {
+    fn tick(&mut self, seen: &TickSeen, now_us: i64) {
         self.count_type("tick");
-        if let Some(t) = self.ticks.get_mut(&at_ms) {
+        if let Some(t) = self.ticks.get_mut(&seen.at_ms) {
             t.sockets += 1;
             t.first_us = t.first_us.min(now_us);
             t.last_us = t.last_us.max(now_us);
@@ -305,16 +363,21 @@ impl Agg {
             return;
         }
         self.ticks.insert(
-            at_ms,
+            seen.at_ms,
             TickSeen {
-                at_ms,
-                admitted_total,
                 sockets: 1,
                 first_us: now_us,
                 last_us: now_us,
-                bytes,
+                ..seen.clone()
             },
         );
+    }
+
+    fn heard_sold_out(&mut self, sock: &mut SocketState, now_us: i64) {
+        if self.sale && !sock.sold_out {
+            sock.sold_out = true;
+            self.sold_out_us.push(now_us);
+        }
     }
 
     fn position(&mut self, now_us: i64) {
@@ -327,11 +390,14 @@ impl Agg {
 
     /// Books one text frame of socket `fan`.
     fn frame(&mut self, fan: usize, sock: &mut SocketState, text: &str, now_us: i64) {
-        if let Some((last, at_ms, admitted_total)) = &self.last_tick {
-            if last == text {
-                let (at_ms, admitted_total) = (*at_ms, *admitted_total);
-                sock.last_tick_ms = Some(at_ms);
-                self.tick(at_ms, admitted_total, text.len(), now_us);
+        if let Some((last, seen)) = &self.last_tick {
+            if last == text && sock.joined {
+                let seen = seen.clone();
+                sock.last_tick_ms = Some(seen.at_ms);
+                if seen.state.as_deref() == Some("sold_out") {
+                    self.heard_sold_out(sock, now_us);
+                }
+                self.tick(&seen, now_us);
                 return;
             }
         }
@@ -339,6 +405,18 @@ impl Agg {
             self.bad_frames += 1;
             return;
         };
+        if !sock.joined {
+            sock.joined = true;
+            if self.sale {
+                self.joins.push(JoinSeen {
+                    fan,
+                    at_us: now_us,
+                    place: f.place.filter(|_| f.kind == "position"),
+                    kind: f.kind.clone().into_owned(),
+                    took_us: now_us - sock.started_us,
+                });
+            }
+        }
         match f.kind.as_ref() {
             "tick" => {
                 let Some(at_ms) = f.at_ms else {
@@ -346,8 +424,25 @@ impl Agg {
                     return;
                 };
                 sock.last_tick_ms = Some(at_ms);
-                self.last_tick = Some((text.to_owned(), at_ms, f.admitted_total));
-                self.tick(at_ms, f.admitted_total, text.len(), now_us);
+                let seen = TickSeen {
+                    at_ms,
+                    admitted_total: f.admitted_total,
+                    sockets: 0,
+                    first_us: now_us,
+                    last_us: now_us,
+                    bytes: text.len(),
+                    waiting: f.waiting,
+                    state: f.state.as_deref().map(str::to_owned),
+                };
+                if seen.state.as_deref() == Some("sold_out") {
+                    self.heard_sold_out(sock, now_us);
+                }
+                self.tick(&seen, now_us);
+                self.last_tick = Some((text.to_owned(), seen));
+            }
+            "sold_out" => {
+                self.count_type("sold_out");
+                self.heard_sold_out(sock, now_us);
             }
             "position" => {
                 self.count_type("position");
@@ -367,6 +462,13 @@ impl Agg {
                     after_tick_ms: sock.last_tick_ms,
                     at_us: now_us,
                 });
+                if let (true, Some(token)) = (self.sale, f.admission_token) {
+                    self.to_pass.push(AdmissionLine {
+                        fan,
+                        admission_token: token.into_owned(),
+                        at_us: now_us,
+                    });
+                }
             }
             other => self.count_type(other),
         }
@@ -469,6 +571,7 @@ async fn socket(
     let _live = Live(shared.clone());
     let fan = shared.init.first_fan + socket;
     let timeout = Duration::from_millis(shared.init.connect_timeout_ms);
+    let started_us = wall_us();
     let first = async {
         let mut ws = open(&shared, socket).await?;
         match ws.next().await {
@@ -488,7 +591,10 @@ async fn socket(
     drop(permit);
     shared.opened.fetch_add(1, Ordering::Relaxed);
     shared.open.fetch_add(1, Ordering::Relaxed);
-    let mut state = SocketState::default();
+    let mut state = SocketState {
+        started_us,
+        ..SocketState::default()
+    };
     let book = |text: &str, at_us: i64, state: &mut SocketState| {
         shared.frames.fetch_add(1, Ordering::Relaxed);
         let mut agg = shared.agg();
@@ -496,6 +602,9 @@ async fn socket(
         agg.frame(fan, state, text, at_us);
         if agg.admitted.len() > admitted_before {
             shared.admitted.fetch_add(1, Ordering::Relaxed);
+        }
+        for line in agg.to_pass.drain(..) {
+            emit(&ChildLine::Admission(line));
         }
     };
     book(&text, at_us, &mut state);
@@ -574,10 +683,14 @@ pub async fn run() -> anyhow::Result<()> {
         .write_buffer_size(0)
         .max_message_size(Some(crate::cli::MAX_WS_MESSAGE_BYTES))
         .max_frame_size(Some(crate::cli::MAX_WS_MESSAGE_BYTES));
+    let sale = init.sale;
     let shared = Arc::new(Shared {
         init,
         ws_config,
-        agg: Mutex::new(Agg::default()),
+        agg: Mutex::new(Agg {
+            sale,
+            ..Agg::default()
+        }),
         opened: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         open: AtomicU64::new(0),
@@ -630,6 +743,8 @@ pub async fn run() -> anyhow::Result<()> {
         positions_per_s,
         admitted: agg.admitted,
         dropped_records: agg.dropped_records,
+        joins: agg.joins,
+        sold_out_us: agg.sold_out_us,
     })));
     Ok(())
 }
@@ -650,6 +765,7 @@ mod tests {
             read_buffer_bytes: 4096,
             connect_concurrency: 8,
             connect_timeout_ms: 1000,
+            sale: false,
         }
     }
 
@@ -704,6 +820,8 @@ mod tests {
                 first_us: 1,
                 last_us: 2,
                 bytes: 155,
+                waiting: Some(4),
+                state: Some("open".into()),
             }],
             rounds: rounds_of(&[10, 20], 100),
             positions_per_s: vec![(1_795_451_408, 7), (1_795_451_409, 9)],
@@ -749,6 +867,80 @@ mod tests {
             [(3, 10, 25), (2, 400, 410), (1, 1000, 1000)]
         );
         assert!(rounds_of(&[], 100).is_empty());
+    }
+
+    #[test]
+    fn a_sale_books_joins_sold_out_once_and_passes_admissions_on() {
+        let mut agg = Agg {
+            sale: true,
+            ..Agg::default()
+        };
+        let (mut a, mut b, mut c) = (
+            SocketState {
+                started_us: 4,
+                ..SocketState::default()
+            },
+            SocketState::default(),
+            SocketState::default(),
+        );
+        let pos = r#"{"type":"position","place":4503599627370500,"ahead":3,"admitted_total":0}"#;
+        agg.frame(0, &mut a, pos, 10);
+        agg.frame(
+            1,
+            &mut b,
+            r#"{"type":"pre_queue","opens_at":"x","waiting":2}"#,
+            12,
+        );
+        agg.frame(2, &mut c, pos, 13);
+        assert_eq!(
+            agg.joins,
+            vec![
+                JoinSeen {
+                    fan: 0,
+                    at_us: 10,
+                    place: Some(4_503_599_627_370_500),
+                    kind: "position".into(),
+                    took_us: 6,
+                },
+                JoinSeen {
+                    fan: 1,
+                    at_us: 12,
+                    place: None,
+                    kind: "pre_queue".into(),
+                    took_us: 12,
+                },
+                JoinSeen {
+                    fan: 2,
+                    at_us: 13,
+                    place: Some(4_503_599_627_370_500),
+                    kind: "position".into(),
+                    took_us: 13,
+                },
+            ]
+        );
+        let admitted = r#"{"type":"admitted","admission_token":"v1.e30.x"}"#;
+        agg.frame(2, &mut c, admitted, 15);
+        assert_eq!(
+            agg.to_pass,
+            vec![AdmissionLine {
+                fan: 2,
+                admission_token: "v1.e30.x".into(),
+                at_us: 15,
+            }]
+        );
+        // The same sold-out tick to two sockets (the second through the cached parse), then
+        // the `sold_out` message: one time per socket, the first.
+        let tick =
+            r#"{"admitted_total":9,"at_ms":1000,"state":"sold_out","type":"tick","waiting":1}"#;
+        agg.frame(0, &mut a, tick, 20);
+        agg.frame(1, &mut b, tick, 21);
+        agg.frame(0, &mut a, r#"{"type":"sold_out"}"#, 22);
+        assert_eq!(agg.sold_out_us, vec![20, 21]);
+        let t = &agg.ticks[&1000];
+        assert_eq!(
+            (t.waiting, t.state.as_deref(), t.sockets),
+            (Some(1), Some("sold_out"), 2)
+        );
     }
 
     #[test]

@@ -1,0 +1,162 @@
+//! `loadtest sale` as a test of the scenario itself: a short sale (a few hundred fans, some on
+//! WebSockets, some HTTP-only, a pre-queue, hostile fans) against a real booking-api and
+//! queue-server started in process on the Redis and Postgres that `./dev test` started. It must
+//! sell exactly its stock, hold every invariant, and write its text, JSON and HTML reports; the
+//! HTML report must open in headless Chromium with its charts and no script error.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const FANS: usize = 240;
+const WS_FANS: usize = 120;
+const STOCK: u64 = 40;
+/// Generous: the sale itself takes seconds; a busy machine may take much longer.
+const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+fn out_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "floodgate-sale-test-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).expect("a report directory");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_sale_sells_exactly_its_stock_and_reports_it() {
+    let mut cfg = testkit::test_config();
+    // One dev identity for both servers: booking-api signs the fans' tokens, queue-server
+    // verifies them (each would make up its own secret otherwise).
+    cfg.identity.dev_secret = format!("loadtest-sale-{:016x}", rand::random::<u64>());
+    // Admission counts a fan whose hold was abandoned as still shopping until the hold's expiry
+    // plus the confirm grace, and one who released until the shop window ends: keep both short
+    // so the units they gave back are sold within the test.
+    cfg.holds.confirm_grace_ms = 1_000;
+    let redis_url = cfg.redis.url.clone();
+    let database_url = cfg.database.url.clone();
+    let booking = booking_api::start(cfg.clone())
+        .await
+        .expect("booking-api starts");
+    let mut qcfg = cfg;
+    qcfg.queue.booking_public_url = booking.url();
+    let queue = queue_server::start(qcfg)
+        .await
+        .expect("queue-server starts");
+    let client =
+        testkit::BookingClient::with_new_keys(booking.url(), &booking.engine, "loadtest-sale")
+            .await;
+    let dir = out_dir();
+    let (json_path, html_path, text_path) = (
+        dir.join("sale.json"),
+        dir.join("sale.html"),
+        dir.join("sale.txt"),
+    );
+
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["sale", "--quiet"])
+        .args(["--booking-url", &booking.url()])
+        .args(["--queue-url", &queue.url()])
+        .args(["--seller-key", &client.seller_key])
+        .args(["--database-url", &database_url])
+        .args(["--redis-url", &redis_url])
+        .args(["--fans", &FANS.to_string()])
+        .args(["--ws-fans", &WS_FANS.to_string()])
+        .args(["--stock", &STOCK.to_string()])
+        .args(["--client-procs", "1"])
+        .args(["--pre-queue-pct", "10", "--pre-open-s", "3"])
+        .args(["--shop-window-s", "10"])
+        .args(["--rate-per-s", "20", "--burst", "10"])
+        .args(["--hold-ttl-s", "2", "--think-ms", "50"])
+        .args(["--pay-pct", "80", "--release-pct", "10"])
+        .args(["--hostile-pct", "20"])
+        .args(["--poll-ms", "1000", "--join-rate-per-s", "200"])
+        .args(["--sold-out-grace-s", "2", "--max-duration-s", "120"])
+        .args(["--json", json_path.to_str().unwrap()])
+        .args(["--html", html_path.to_str().unwrap()])
+        .args(["--text", text_path.to_str().unwrap()])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(RUN_LIMIT, run)
+        .await
+        .expect("the sale ends")
+        .expect("loadtest sale runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "loadtest sale failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+
+    println!("{stdout}");
+
+    // The text summary: on stdout and in its file.
+    let text = std::fs::read_to_string(&text_path).expect("the text report");
+    assert_eq!(text, stdout, "the file holds what stdout showed");
+    assert!(text.contains("every invariant held"), "{text}");
+
+    // The JSON report.
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json_path).expect("the JSON report"))
+            .expect("the JSON report parses");
+    let o = &report["outcome"];
+    assert_eq!(o["sold_api"], STOCK, "{report:#}");
+    assert_eq!(o["sold_pg_inventory"], STOCK, "{report:#}");
+    assert_eq!(o["sold_pg_items"], STOCK, "{report:#}");
+    assert_eq!(o["pg_fans_over_limit"], 0, "{report:#}");
+    assert_eq!(report["invariants_held"], true, "{report:#}");
+    for c in report["checks"].as_array().expect("checks") {
+        if !c["name"].as_str().unwrap_or("").starts_with("bar: ") {
+            assert_ne!(c["verdict"], "fail", "{c}");
+        }
+    }
+    assert!(
+        report["seed"].as_str().is_some_and(|s| !s.is_empty()),
+        "the seed is revealed"
+    );
+    assert!(report["git_commit"].is_string() && report["machine"]["cpus"].as_u64() > Some(0));
+    assert_eq!(report["settings"]["fans"], FANS);
+    let f = &report["fairness"];
+    assert!(f["pre_queue_fans"].as_u64() > Some(0), "{f}");
+    assert_eq!(f["pre_queue_place_mismatches"], 0, "{f}");
+    let h = &report["hostile"];
+    assert!(h["fans"].as_u64() > Some(0), "{h}");
+    assert!(h["unadmitted_refused"].as_u64() > Some(0), "{h}");
+    assert!(h["reused_key_refused"].as_u64() > Some(0), "{h}");
+    assert!(report["series"]["t_s"]
+        .as_array()
+        .is_some_and(|t| !t.is_empty()));
+
+    // The HTML report: one file, four inline SVG charts, nothing fetched.
+    let html = std::fs::read_to_string(&html_path).expect("the HTML report");
+    assert!(html.starts_with("<!doctype html>"), "{html}");
+    assert_eq!(html.matches("<svg class=\"chart\"").count(), 4);
+    assert_eq!(html.matches("</svg>").count(), 4);
+    assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
+
+    queue.shutdown().await;
+    booking.shutdown().await;
+
+    // It opens in headless Chromium: the charts are there and no script failed.
+    let _one = testkit::ONE_BROWSER.lock().await;
+    let page = testkit::open_browser("sale-report", testkit::DESKTOP).await;
+    page.goto(&format!("file://{}", html_path.display())).await;
+    let seen = page
+        .client
+        .execute(
+            "return {errors: window.saleReportErrors, charts: document.body.dataset.charts, \
+             drawn: document.querySelectorAll('svg.chart path.series').length};",
+            vec![],
+        )
+        .await
+        .expect("read the page");
+    page.shot("loaded").await;
+    assert_eq!(seen["errors"], serde_json::json!([]), "{seen}");
+    assert_eq!(seen["charts"], "4", "{seen}");
+    assert!(seen["drawn"].as_u64() >= Some(5), "{seen}");
+    page.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
