@@ -285,6 +285,18 @@ impl Setup {
             .with_context(|| format!("POST /v1/fans/session: no fan_token in {v}"))
     }
 
+    /// `GET /metrics` with the ops key: the Prometheus text.
+    pub async fn metrics(&mut self, ops_key: &str) -> anyhow::Result<String> {
+        let auth = bearer(ops_key)?;
+        let (status, bytes) = self
+            .call(Method::GET, "/metrics", Some(&auth), None)
+            .await?;
+        if status != StatusCode::OK {
+            bail!("GET /metrics answered {status}");
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// `GET path` (optionally with a bearer) → its status and JSON body (`null` if not JSON).
     pub async fn get_json(
         &mut self,

@@ -249,6 +249,22 @@ pub struct ReserveArgs {
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub confirm_pct: u8,
 
+    /// Confirms and releases at this many per second (an open loop over the same connections:
+    /// latency counts from each one's due time) instead of back to back.
+    #[arg(long)]
+    pub follow_up_rate: Option<f64>,
+
+    /// More booking-api instances (base URLs, same Redis and Postgres) that share the confirms
+    /// and releases with --booking-url: the follow-up workers take the URLs in turn.
+    #[arg(long = "also-booking-url")]
+    pub also_booking_urls: Vec<String>,
+
+    /// Ops API key: with it, the confirm phase is broken down by step (begin, payment row,
+    /// authorize, order commit, capture, finish) from every instance's
+    /// `floodgate_confirm_step_seconds`, read before and after the phase.
+    #[arg(long, env = "FLOODGATE_OPS_KEY", hide_env_values = true)]
+    pub ops_key: Option<String>,
+
     /// Percentage (0..=100) of successful holds to release after the reserve phase.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub release_pct: u8,
@@ -281,6 +297,11 @@ impl ReserveArgs {
         }
         if !finite_in(self.duration_s, f64::MIN_POSITIVE, MAX_DURATION_S) {
             return Err(format!("--duration-s must be in (0, {MAX_DURATION_S}]"));
+        }
+        if let Some(r) = self.follow_up_rate {
+            if !finite_in(r, f64::MIN_POSITIVE, MAX_RATE_PER_S) {
+                return Err(format!("--follow-up-rate must be in (0, {MAX_RATE_PER_S}]"));
+            }
         }
         if !finite_in(self.warmup_s, 0.0, MAX_DURATION_S) {
             return Err(format!("--warmup-s must be in [0, {MAX_DURATION_S}]"));

@@ -461,29 +461,45 @@ impl FollowUpOutcome {
     }
 }
 
-/// Confirms and releases, interleaved in plan order, closed loop over `concurrency` connections.
-/// `Keep` entries are skipped.
+/// Confirms and releases, interleaved in plan order, closed loop over `concurrency` connections,
+/// worker `i` talking to `targets[i % targets.len()]` (one booking-api, or several sharing the
+/// work). `Keep` entries are skipped. With `rate_per_s`, op `k` is due at `t0 + k / rate` (an
+/// open loop over the same workers): none is sent before it is due, and its latency counts from
+/// then, so waiting for a free worker behind slow answers shows.
 pub async fn run_follow_ups(
-    target: Target,
+    targets: &[Target],
     fans: Arc<Vec<HeaderValue>>,
     ops: Vec<(FollowUp, HoldRef)>,
     concurrency: usize,
+    rate_per_s: Option<f64>,
     timeout: Duration,
     progress: Arc<Progress>,
 ) -> FollowUpOutcome {
     let ops = Arc::new(ops);
     let next = Arc::new(AtomicU64::new(0));
+    let workers = concurrency.min(ops.len());
+    // Every worker connects before t0, so the first ops' latency isn't the handshakes'.
+    let barrier = Arc::new(Barrier::new(workers + 1));
+    let t0_cell = Arc::new(OnceLock::<Instant>::new());
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.min(ops.len()) {
-        let (target, fans, ops, next, progress) = (
-            target.clone(),
+    for w in 0..workers {
+        let (target, fans, ops, next, progress, barrier, t0_cell) = (
+            targets[w % targets.len()].clone(),
             Arc::clone(&fans),
             Arc::clone(&ops),
             Arc::clone(&next),
             Arc::clone(&progress),
+            Arc::clone(&barrier),
+            Arc::clone(&t0_cell),
         );
         tasks.spawn(async move {
-            let mut slot = Slot::new(timeout);
+            let mut slot = preconnect(&target, timeout).await;
+            barrier.wait().await;
+            barrier.wait().await;
+            // Set before the second round of the barrier let anyone through.
+            let t0 = *t0_cell
+                .get()
+                .expect("t0 is set before the start barrier opens");
             let mut out = FollowUpOutcome::default();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -507,6 +523,10 @@ pub async fn run_follow_ups(
                         continue;
                     }
                 };
+                let due = rate_per_s.map(|r| t0 + Duration::from_secs_f64(i as f64 / r));
+                if let Some(due) = due {
+                    tokio::time::sleep_until(due).await;
+                }
                 let auth = &fans[hold.fan];
                 let build = || {
                     let req = if confirm {
@@ -523,6 +543,7 @@ pub async fn run_follow_ups(
                 };
                 let (result, sent_at) = slot.send(&target, build).await;
                 let done = Instant::now();
+                let from = due.map_or(sent_at, |d| d.min(sent_at));
                 let (stats, succeeded, unknown, requests) = if confirm {
                     (
                         &mut out.confirm,
@@ -551,7 +572,7 @@ pub async fn run_follow_ups(
                         // A 5xx confirm (payment_pending, unavailable) leaves the hold confirming:
                         // it may still be sold. A 5xx release may have happened.
                         *unknown += u64::from(status.is_server_error());
-                        stats.answer(done - sent_at, done - sent_at, status, &body, ok);
+                        stats.answer(done - from, done - sent_at, status, &body, ok);
                         progress.answered.fetch_add(1, Ordering::Relaxed);
                         if ok {
                             progress.ok.fetch_add(1, Ordering::Relaxed);
@@ -567,6 +588,9 @@ pub async fn run_follow_ups(
             out
         });
     }
+    barrier.wait().await;
+    let _ = t0_cell.set(Instant::now());
+    barrier.wait().await;
     let mut merged = FollowUpOutcome::default();
     while let Some(joined) = tasks.join_next().await {
         merged.merge(joined.expect("follow-up worker panicked"));

@@ -62,7 +62,7 @@ use crate::cli::{Cli, Mode, ReserveArgs, Scenario};
 use crate::http::{path_segment, Target};
 use crate::invariants::{Bookkeeping, Check, ClientCounts, Verdict};
 use crate::load::{follow_up, FollowUp, HoldBody, Progress, Reserve};
-use crate::report::{rate, Latencies, Phase, Report, Throughput};
+use crate::report::{confirm_step_totals, rate, step_means, Latencies, Phase, Report, Throughput};
 use crate::schedule::Schedule;
 
 /// How often the progress bar is redrawn.
@@ -197,6 +197,32 @@ pub(crate) fn note(quiet: bool, msg: impl std::fmt::Display) {
     if !quiet {
         eprintln!("loadtest: {msg}");
     }
+}
+
+/// `floodgate_confirm_step_seconds` summed over every target's `/metrics`; None without an ops
+/// key or if any target didn't answer (a breakdown of some instances only would mislead).
+async fn confirm_steps(
+    args: &ReserveArgs,
+    targets: &[Target],
+    timeout: Duration,
+) -> Option<std::collections::BTreeMap<String, (f64, f64)>> {
+    let key = args.ops_key.as_deref()?;
+    let mut total: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for t in targets {
+        let text = match Setup::new(t.clone(), timeout).metrics(key).await {
+            Ok(text) => text,
+            Err(e) => {
+                note(args.quiet, format_args!("no confirm breakdown: {e:#}"));
+                return None;
+            }
+        };
+        for (step, (sum, count)) in confirm_step_totals(&text) {
+            let entry = total.entry(step).or_default();
+            entry.0 += sum;
+            entry.1 += count;
+        }
+    }
+    Some(total)
 }
 
 /// The `reserve` scenario. `Ok(passed)`; `Err` for setup failures.
@@ -356,6 +382,11 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
             let p = Arc::clone(&follow_progress);
             Ticker::start(&ops_bar, move |b| b.set_position(p.done()))
         };
+        let mut targets = vec![target.clone()];
+        for url in &args.also_booking_urls {
+            targets.push(Target::resolve(url).await?);
+        }
+        let steps_before = confirm_steps(&args, &targets, timeout).await;
         let started = Instant::now();
         let concurrency = if args.mode == Mode::Open {
             args.connections
@@ -363,10 +394,11 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
             args.workers
         };
         let done = load::run_follow_ups(
-            target.clone(),
+            &targets,
             Arc::clone(&fans),
             ops,
             concurrency,
+            args.follow_up_rate,
             timeout,
             follow_progress,
         )
@@ -378,7 +410,13 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
         client.released = done.released;
         client.released_unknown = done.released_unknown;
         if args.confirm_pct > 0 {
-            confirm = Some(Phase::of(&done.confirm, done.confirm_requests, elapsed_s));
+            let mut phase = Phase::of(&done.confirm, done.confirm_requests, elapsed_s);
+            if let (Some(before), Some(after)) =
+                (steps_before, confirm_steps(&args, &targets, timeout).await)
+            {
+                phase.steps = step_means(&before, &after);
+            }
+            confirm = Some(phase);
         }
         if args.release_pct > 0 {
             release = Some(Phase::of(&done.release, done.release_requests, elapsed_s));

@@ -78,6 +78,85 @@ pub struct Phase {
     pub per_s: f64,
     pub latency: Percentiles,
     pub tally: Tally,
+    /// Confirms only, with an ops key: where a confirm's time went, per step.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepMean>,
+}
+
+/// One step of the confirms of a phase, from booking-api's `floodgate_confirm_step_seconds`
+/// (summed over every instance): how many times it ran and its mean time.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMean {
+    pub step: String,
+    pub count: u64,
+    pub mean_ms: f64,
+}
+
+/// The steps of a confirm, in the order they run.
+pub const CONFIRM_STEPS: [&str; 6] = [
+    "begin",
+    "payment_row",
+    "authorize",
+    "order_commit",
+    "capture",
+    "finish",
+];
+
+/// `step → (sum of seconds, count)` of `floodgate_confirm_step_seconds` in Prometheus text.
+pub fn confirm_step_totals(text: &str) -> BTreeMap<String, (f64, f64)> {
+    let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("floodgate_confirm_step_seconds_") else {
+            continue;
+        };
+        let (is_sum, rest) = if let Some(r) = rest.strip_prefix("sum{") {
+            (true, r)
+        } else if let Some(r) = rest.strip_prefix("count{") {
+            (false, r)
+        } else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once('}') else {
+            continue;
+        };
+        let Some(step) = labels
+            .split(',')
+            .find_map(|l| l.trim().strip_prefix("step=\""))
+            .and_then(|v| v.strip_suffix('"'))
+        else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let entry = out.entry(step.to_owned()).or_default();
+        if is_sum {
+            entry.0 += value;
+        } else {
+            entry.1 += value;
+        }
+    }
+    out
+}
+
+/// The steps' means between two readings (each summed over every instance).
+pub fn step_means(
+    before: &BTreeMap<String, (f64, f64)>,
+    after: &BTreeMap<String, (f64, f64)>,
+) -> Vec<StepMean> {
+    CONFIRM_STEPS
+        .iter()
+        .filter_map(|&step| {
+            let (s1, c1) = after.get(step).copied().unwrap_or_default();
+            let (s0, c0) = before.get(step).copied().unwrap_or_default();
+            let count = (c1 - c0).max(0.0);
+            (count > 0.0).then(|| StepMean {
+                step: step.to_owned(),
+                count: count as u64,
+                mean_ms: (s1 - s0) / count * 1000.0,
+            })
+        })
+        .collect()
 }
 
 impl Phase {
@@ -93,6 +172,7 @@ impl Phase {
             per_s,
             latency: Percentiles::of(&stats.latency),
             tally: stats.tally.clone(),
+            steps: Vec::new(),
         }
     }
 }
@@ -156,6 +236,12 @@ fn phase_lines(out: &mut String, name: &str, p: &Phase) {
     latency_header(out);
     latency_row(out, "all answers", &p.latency);
     tally_lines(out, &p.tally);
+    if !p.steps.is_empty() {
+        let _ = writeln!(out, "  per step (booking-api's metrics): mean ms, count");
+        for s in &p.steps {
+            let _ = writeln!(out, "    {:<14} {:>9.3} {:>9}", s.step, s.mean_ms, s.count);
+        }
+    }
 }
 
 /// The human-readable report.
@@ -254,6 +340,29 @@ mod tests {
     use super::*;
     use hyper::StatusCode;
     use std::time::Duration;
+
+    #[test]
+    fn confirm_steps_are_read_from_prometheus_text_and_differenced() {
+        let before = confirm_step_totals(
+            "floodgate_confirm_step_seconds_sum{step=\"authorize\"} 1.5\n\
+             floodgate_confirm_step_seconds_count{step=\"authorize\"} 10\n",
+        );
+        let after = confirm_step_totals(
+            "# TYPE floodgate_confirm_step_seconds histogram\n\
+             floodgate_confirm_step_seconds_bucket{step=\"authorize\",le=\"0.005\"} 12\n\
+             floodgate_confirm_step_seconds_sum{step=\"authorize\"} 2.5\n\
+             floodgate_confirm_step_seconds_count{step=\"authorize\"} 20\n\
+             floodgate_confirm_step_seconds_sum{step=\"finish\"} 0.02\n\
+             floodgate_confirm_step_seconds_count{step=\"finish\"} 10\n\
+             floodgate_confirm_seconds_sum 9\n",
+        );
+        let means = step_means(&before, &after);
+        assert_eq!(means.len(), 2);
+        assert_eq!((means[0].step.as_str(), means[0].count), ("authorize", 10));
+        assert!((means[0].mean_ms - 100.0).abs() < 1e-9);
+        assert_eq!((means[1].step.as_str(), means[1].count), ("finish", 10));
+        assert!((means[1].mean_ms - 2.0).abs() < 1e-9);
+    }
 
     fn sample() -> Report {
         let mut stats = Stats::default();
