@@ -91,24 +91,37 @@ struct Job {
     reply: oneshot::Sender<Result<Done>>,
 }
 
+/// Two lanes, each a task with its own queue and its own transactions: orders in one, payment
+/// attempts and captures (which never touch an inventory row) in the other. A confirm's three
+/// writes come one after another, so while one lane waits for its commit the other works: an
+/// attempt recorded never waits behind a batch of orders queuing for a busy inventory row.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<Job>,
+    orders: mpsc::Sender<Job>,
+    payments: mpsc::Sender<Job>,
     fallbacks: Arc<AtomicU64>,
 }
 
 impl Writer {
     pub fn spawn(db: Db, cfg: &WriterConfig) -> Writer {
-        let (tx, rx) = mpsc::channel(cfg.queue_len.max(1));
         let fallbacks = Arc::new(AtomicU64::new(0));
-        tokio::spawn(run(
-            db,
-            rx,
-            cfg.max_batch.max(1),
-            cfg.max_retries,
-            fallbacks.clone(),
-        ));
-        Writer { tx, fallbacks }
+        let lane = || {
+            let (tx, rx) = mpsc::channel(cfg.queue_len.max(1));
+            tokio::spawn(run(
+                db.clone(),
+                rx,
+                cfg.max_batch.max(1),
+                cfg.max_retries,
+                fallbacks.clone(),
+            ));
+            tx
+        };
+        let (orders, payments) = (lane(), lane());
+        Writer {
+            orders,
+            payments,
+            fallbacks,
+        }
     }
 
     /// Commits the order (or finds the hold's existing one); answers after the commit.
@@ -145,7 +158,11 @@ impl Writer {
 
     async fn submit(&self, work: Work) -> Result<Done> {
         let (reply, answer) = oneshot::channel();
-        self.tx.try_send(Job { work, reply }).map_err(|_| {
+        let lane = match work {
+            Work::Order(_) => &self.orders,
+            Work::Payment(_) | Work::Captured { .. } => &self.payments,
+        };
+        lane.try_send(Job { work, reply }).map_err(|_| {
             metrics::counter!(crate::metrics::WRITER_REJECTED).increment(1);
             Error::msg(
                 Code::Unavailable,
@@ -193,7 +210,8 @@ async fn run(
 
 /// One transaction for the whole batch; per-job results, sent only if the commit succeeds.
 /// A batch Postgres aborts for another transaction's sake (a deadlock or serialization failure,
-/// say with another instance's batch) is run again, up to `max_retries` times.
+/// say with another instance's batch) is run again, up to `max_retries` times. A batch whose
+/// set-based orders Postgres refused is run again at once, its orders one at a time.
 async fn write_batch(
     db: &Db,
     jobs: &[Job],
@@ -201,9 +219,17 @@ async fn write_batch(
     fallbacks: &AtomicU64,
 ) -> Result<Vec<Result<Done>>> {
     let mut retries = 0;
+    let mut one_by_one = false;
     loop {
-        match try_batch(db, jobs, fallbacks).await {
+        match try_batch(db, jobs, one_by_one).await {
             Ok(results) => return Ok(results),
+            // Only the set-based statements answer this, so the next round is the last of it.
+            Err(Attempt::Refused(e)) => {
+                one_by_one = true;
+                fallbacks.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::WRITER_FALLBACKS).increment(1);
+                tracing::warn!(error = %e, "Postgres refused a batch of orders; writing them one at a time");
+            }
             Err(Attempt::Retry(e)) if retries < max_retries => {
                 retries += 1;
                 metrics::counter!(crate::metrics::WRITER_RETRIES).increment(1);
@@ -215,9 +241,11 @@ async fn write_batch(
     }
 }
 
-/// Why a batch didn't commit: worth running again, or not.
+/// Why a batch didn't commit: worth running again, again one order at a time, or not.
 enum Attempt {
     Retry(tokio_postgres::Error),
+    /// A constraint refused the set-based statements of the batch's orders.
+    Refused(tokio_postgres::Error),
     Failed(Error),
 }
 
@@ -245,13 +273,13 @@ type Tx<'a> = deadpool_postgres::Transaction<'a>;
 
 /// The batch in one transaction, a statement per kind of work rather than per job: the payment
 /// attempts recorded, the captures recorded, then the orders — set-based (each statement covers
-/// every order of the batch), and if Postgres refuses that (a constraint, the last guard, fired
-/// for some order) again one order at a time, each in a SAVEPOINT, so the one refused order
-/// fails alone. Inventory rows are locked first, before any attempt row.
+/// every order of the batch), or with `one_by_one` (after Postgres refused them set-based: a
+/// constraint, the last guard, fired for some order) one order at a time, each in a SAVEPOINT,
+/// so the one refused order fails alone. Inventory rows are locked first, before any attempt row.
 async fn try_batch(
     db: &Db,
     jobs: &[Job],
-    fallbacks: &AtomicU64,
+    one_by_one: bool,
 ) -> std::result::Result<Vec<Result<Done>>, Attempt> {
     let mut client = db.client().await?;
     let mut tx = client.transaction().await?;
@@ -293,24 +321,20 @@ async fn try_batch(
             results[i] = Some(Ok(Done::Recorded(moved)));
         }
     }
-    if !orders.is_empty() {
-        let sp = tx.savepoint("orders").await?;
-        match insert_orders(&sp, &orders).await {
+    if !orders.is_empty() && one_by_one {
+        for (i, c) in orders_one_by_one(&mut tx, &orders).await? {
+            results[i] = Some(c.map(Done::Order));
+        }
+    } else if !orders.is_empty() {
+        // No SAVEPOINT around them (two round trips a batch): a refusal aborts the transaction,
+        // and the batch runs again from the start, one order at a time.
+        match insert_orders(&tx, &orders).await {
             Ok(done) => {
-                sp.commit().await?;
                 for (i, c) in done {
                     results[i] = Some(Ok(Done::Order(c)));
                 }
             }
-            Err(e) if is_constraint_violation(&e) => {
-                sp.rollback().await?;
-                fallbacks.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(crate::metrics::WRITER_FALLBACKS).increment(1);
-                tracing::warn!(error = %e, orders = orders.len(), "Postgres refused a batch of orders; writing them one at a time");
-                for (i, c) in orders_one_by_one(&mut tx, &orders).await? {
-                    results[i] = Some(c.map(Done::Order));
-                }
-            }
+            Err(e) if is_constraint_violation(&e) => return Err(Attempt::Refused(e)),
             Err(e) => return Err(e.into()),
         }
     }
@@ -342,10 +366,10 @@ async fn insert_payments(
     let amounts: Vec<i64> = sorted.iter().map(|(_, p)| p.amount_cents).collect();
     let rows = tx
         .query(
-            "INSERT INTO payment_attempts (hold_id, reference, drop_id, fan_id, gateway, amount_cents, state) \
+            &tx.prepare_cached("INSERT INTO payment_attempts (hold_id, reference, drop_id, fan_id, gateway, amount_cents, state) \
              SELECT h, r, d, f, g, a, 'pending' \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) AS t(h, r, d, f, g, a) \
-             ON CONFLICT (hold_id, reference) DO NOTHING RETURNING hold_id, reference",
+             ON CONFLICT (hold_id, reference) DO NOTHING RETURNING hold_id, reference").await?,
             &[&holds, &refs, &drops, &fans, &gateways, &amounts],
         )
         .await?;
@@ -372,10 +396,13 @@ async fn mark_captured(
     let (holds, refs): (Vec<&str>, Vec<&str>) = pairs.into_iter().unzip();
     let rows = tx
         .query(
-            "UPDATE payment_attempts p SET state = 'captured', updated_at = now() \
+            &tx.prepare_cached(
+                "UPDATE payment_attempts p SET state = 'captured', updated_at = now() \
              FROM unnest($1::text[], $2::text[]) AS t(h, r) \
              WHERE p.hold_id = t.h AND p.reference = t.r AND p.state = 'authorized' \
              RETURNING p.hold_id, p.reference",
+            )
+            .await?,
             &[&holds, &refs],
         )
         .await?;
@@ -408,10 +435,13 @@ async fn insert_orders(
     let (holds, refs): (Vec<&str>, Vec<&str>) = pairs.into_iter().unzip();
     let claimed: HashSet<(String, String)> = tx
         .query(
-            "UPDATE payment_attempts p SET state = 'authorized', updated_at = now() \
+            &tx.prepare_cached(
+                "UPDATE payment_attempts p SET state = 'authorized', updated_at = now() \
              FROM unnest($1::text[], $2::text[]) AS t(h, r) \
              WHERE p.hold_id = t.h AND p.reference = t.r AND p.state = 'pending' \
              RETURNING p.hold_id, p.reference",
+            )
+            .await?,
             &[&holds, &refs],
         )
         .await?
@@ -454,7 +484,7 @@ async fn insert_orders(
         // order for the hold yet) get items, stock, ledger and per-fan rows.
         let rows = tx
             .query(
-                "WITH input AS ( \
+                &tx.prepare_cached("WITH input AS ( \
                    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::int[]) \
                    AS t(order_id, hold_id, drop_id, fan_id, total, currency, lim)), \
                  o AS ( \
@@ -482,7 +512,7 @@ async fn insert_orders(
                    SELECT drop_id, fan_id, sum(q)::int, max(lim) FROM it \
                    GROUP BY drop_id, fan_id ORDER BY drop_id, fan_id \
                    ON CONFLICT (drop_id, fan_id) DO UPDATE SET units = fan_purchases.units + EXCLUDED.units) \
-                 SELECT hold_id, order_id FROM o",
+                 SELECT hold_id, order_id FROM o").await?,
                 &[
                     &order_ids, &o_holds, &o_drops, &o_fans, &totals, &currencies, &limits,
                     &i_orders, &i_buckets, &i_seats, &i_qty, &i_prices,
@@ -505,7 +535,8 @@ async fn insert_orders(
     if !others.is_empty() {
         existing = tx
             .query(
-                "SELECT hold_id, order_id FROM orders WHERE hold_id = ANY($1)",
+                &tx.prepare_cached("SELECT hold_id, order_id FROM orders WHERE hold_id = ANY($1)")
+                    .await?,
                 &[&others],
             )
             .await?
@@ -576,8 +607,11 @@ async fn lock_inventory<'a>(
     rows.dedup();
     let (drops, buckets): (Vec<String>, Vec<&str>) = rows.into_iter().unzip();
     tx.execute(
-        "SELECT 1 FROM inventory i JOIN unnest($1::text[], $2::text[]) AS t(d, b) \
+        &tx.prepare_cached(
+            "SELECT 1 FROM inventory i JOIN unnest($1::text[], $2::text[]) AS t(d, b) \
          ON i.drop_id = t.d AND i.bucket = t.b ORDER BY i.drop_id, i.bucket FOR UPDATE OF i",
+        )
+        .await?,
         &[&drops, &buckets],
     )
     .await?;
