@@ -106,8 +106,8 @@ pub const DEFAULT_THINK_MS: u64 = 500;
 pub const DEFAULT_PAY_PCT: u8 = 80;
 pub const DEFAULT_RELEASE_PCT: u8 = 10;
 pub const DEFAULT_HOSTILE_PCT: u8 = 5;
-/// HTTP-only fans' joins per second after opening (the sockets join as fast as their client
-/// processes connect).
+/// Joins per second after opening, sockets and HTTP fans together: fans arrive over time, so
+/// the order they get their answers in is an order (a burst of thousands at once has none).
 pub const DEFAULT_JOIN_RATE_PER_S: f64 = 500.0;
 /// How often an HTTP-only fan polls `/queue/me` (queue-server allows 2/s per fan).
 pub const DEFAULT_POLL_MS: u64 = 5_000;
@@ -120,6 +120,8 @@ pub const DEFAULT_SHOP_CONCURRENCY: usize = 256;
 pub const MAX_SHOP_CONCURRENCY: usize = 5_000;
 /// A fan told `all_held` tries again after this long, until its shop window ends.
 pub const DEFAULT_RETRY_MS: u64 = 1_000;
+/// engine::config's `DEFAULT_CONFIRM_GRACE_MS` (loadtest doesn't link the engine).
+pub const DEFAULT_CONFIRM_GRACE_MS: u64 = 60_000;
 pub const DEFAULT_SALE_MAX_DURATION_S: f64 = 900.0;
 /// After the last sale, how long waiters get to hear `sold_out` before the sockets close.
 pub const DEFAULT_SOLD_OUT_GRACE_S: f64 = 5.0;
@@ -648,7 +650,8 @@ pub struct SaleArgs {
     #[arg(long, default_value_t = DEFAULT_HOSTILE_PCT, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub hostile_pct: u8,
 
-    /// HTTP-only fans' joins per second after opening.
+    /// Joins per second after opening, sockets and HTTP fans together (each kind at its share);
+    /// the pre-queue joins as fast as it can.
     #[arg(long, default_value_t = DEFAULT_JOIN_RATE_PER_S)]
     pub join_rate_per_s: f64,
 
@@ -667,6 +670,11 @@ pub struct SaleArgs {
     /// A fan told `all_held` tries again after this long.
     #[arg(long, default_value_t = DEFAULT_RETRY_MS)]
     pub retry_ms: u64,
+
+    /// booking-api's `holds.confirm_grace_ms`: admission counts a fan who abandoned a hold as
+    /// shopping until its expiry plus this (for judging when the bucket limited admission).
+    #[arg(long, default_value_t = DEFAULT_CONFIRM_GRACE_MS)]
+    pub confirm_grace_ms: u64,
 
     /// Client processes holding the sockets (1..=100); process k uses 127.0.k.x.
     #[arg(long, default_value_t = DEFAULT_SALE_CLIENT_PROCS)]

@@ -289,6 +289,7 @@ fn inits(args: &QueueArgs, spec: &PhaseSpec<'_>) -> Vec<ClientsInit> {
                 connect_concurrency: args.connect_concurrency,
                 connect_timeout_ms: args.connect_timeout_ms,
                 sale: false,
+                connect_per_s: None,
             };
             first += count;
             init

@@ -153,6 +153,11 @@ struct FanLog {
     /// shop window).
     admitted_ms: Option<i64>,
     token_place: Option<i64>,
+    /// The session: its shop end, when the hold came and until when it lasts, how it ended.
+    shop_end_ms: Option<i64>,
+    hold_ms: Option<i64>,
+    hold_expires_ms: Option<i64>,
+    end: Option<report::SessionEnd>,
     /// HTTP fans: when a poll said `sold_out`.
     sold_out_us: Option<i64>,
     /// Admitted, or told the line is over: no more polls.
@@ -502,6 +507,8 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
         let log = &mut t.fans[fan];
         log.token_place = token_place;
         log.admitted_ms = shop_end_ms.map(|e| e - i64::from(ctx.args.shop_window_s) * 1000);
+        log.shop_end_ms = shop_end_ms;
+        log.end = Some(report::SessionEnd::NoHold);
     }
     tokio::time::sleep(Duration::from_millis(ctx.args.think_ms)).await;
     // One connection per server: a slot keeps the connection it opened first.
@@ -601,6 +608,10 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
             let mut t = ctx.tally();
             t.shop.holds += 1;
             record(&mut t.admitted_to_hold, (now - line.at_us).max(1) as u64);
+            let log = &mut t.fans[fan];
+            log.hold_ms = Some(now / 1000);
+            log.hold_expires_ms = json(&bytes)["expires_at_ms"].as_i64();
+            log.end = Some(report::SessionEnd::Holding);
             break (hold, key);
         }
         let code = error_code(&bytes);
@@ -642,6 +653,7 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
                 if status == StatusCode::CREATED {
                     t.shop.paid += 1;
                     t.last_sale_us = Some(t.last_sale_us.map_or(now, |l| l.max(now)));
+                    t.fans[fan].end = Some(report::SessionEnd::Paid { at_ms: now / 1000 });
                 }
             }
         }
@@ -659,10 +671,18 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
             )
             .await;
             if matches!(answer, Ok((s, _, _)) if s.is_success()) {
-                ctx.tally().shop.released += 1;
+                let mut t = ctx.tally();
+                t.shop.released += 1;
+                t.fans[fan].end = Some(report::SessionEnd::Released {
+                    at_ms: wall_us() / 1000,
+                });
             }
         }
-        Then::Abandon => ctx.tally().shop.abandoned += 1,
+        Then::Abandon => {
+            let mut t = ctx.tally();
+            t.shop.abandoned += 1;
+            t.fans[fan].end = Some(report::SessionEnd::Abandoned);
+        }
     }
 }
 
@@ -749,7 +769,28 @@ async fn hostile_replays(
     }
 }
 
-/// The client processes for socket fans `from..to`, `procs` of them, on 127.0.(net_base+k).x.
+/// The join rate after opening, shared by the sockets and the HTTP fans in proportion to their
+/// numbers, so both kinds arrive over the same stretch of time, interleaved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct JoinRates {
+    ws_per_s: f64,
+    http_per_s: f64,
+}
+
+impl JoinRates {
+    fn of(total_per_s: f64, ws: usize, http: usize) -> Self {
+        let n = (ws + http).max(1) as f64;
+        // Never 0: a kind with no fans never uses its rate.
+        let share = |k: usize| (total_per_s * k as f64 / n).max(f64::MIN_POSITIVE);
+        Self {
+            ws_per_s: share(ws),
+            http_per_s: share(http),
+        }
+    }
+}
+
+/// The client processes for socket fans `from..to`, `procs` of them, on 127.0.(net_base+k).x,
+/// together connecting at most `connect_per_s` a second (None: as fast as they can).
 fn socket_inits(
     args: &SaleArgs,
     url: &str,
@@ -757,6 +798,7 @@ fn socket_inits(
     tokens: &[String],
     (from, to): (usize, usize),
     net_base: u8,
+    connect_per_s: Option<f64>,
 ) -> Vec<ClientsInit> {
     let n = to - from;
     let procs = args.client_procs.min(n);
@@ -777,6 +819,7 @@ fn socket_inits(
                 connect_concurrency: args.connect_concurrency,
                 connect_timeout_ms: args.connect_timeout_ms,
                 sale: true,
+                connect_per_s: connect_per_s.map(|r| r * count as f64 / n as f64),
             };
             first += count;
             init
@@ -1018,12 +1061,17 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
     let http: Vec<usize> = (args.ws_fans..args.fans).collect();
     let pre_http = http.iter().filter(|i| ctx.fans[**i].pre_queue).count();
     let spread_us = (args.pre_open_s * PRE_QUEUE_SPREAD * 1e6) as i64;
+    let rates = JoinRates::of(
+        args.join_rate_per_s,
+        args.ws_fans - pre_ws,
+        http.len() - pre_http,
+    );
     let open_us = opens_at_ms * 1000 + OPEN_MARGIN.as_micros() as i64;
     for (k, &fan) in http.iter().enumerate() {
         let at = if ctx.fans[fan].pre_queue {
             now_us + spread_us * k as i64 / pre_http.max(1) as i64
         } else {
-            open_us + ((k - pre_http) as f64 / args.join_rate_per_s * 1e6) as i64
+            open_us + ((k - pre_http) as f64 / rates.http_per_s * 1e6) as i64
         };
         agenda.push(at, fan, Step::Join);
     }
@@ -1051,7 +1099,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
     // Sockets: the pre-queue's processes now, the rest's at opening.
     let mut clients = Vec::new();
     if pre_ws > 0 {
-        let inits = socket_inits(args, &ws_url, queue.addr, &tokens, (0, pre_ws), 0);
+        let inits = socket_inits(args, &ws_url, queue.addr, &tokens, (0, pre_ws), 0, None);
         clients.push(Clients::spawn(&inits, Some(admit_tx.clone())).await?);
     }
     let wait_open = Duration::from_micros((open_us - wall_us()).max(0) as u64);
@@ -1066,6 +1114,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
             &tokens,
             (pre_ws, args.ws_fans),
             base,
+            Some(rates.ws_per_s),
         );
         clients.push(Clients::spawn(&inits, Some(admit_tx.clone())).await?);
     }
@@ -1405,13 +1454,26 @@ fn figures(
         ),
     };
 
-    // Admission: where the bucket limited. Stock can't while the units available cover the
-    // fans admitted but not yet holding (≈ rate × (think + a reserve)) with room to spare.
+    // Admission: where the bucket limited, judged with the admission script's stock rule over
+    // the sessions the run saw.
     let skip_ms = (args.burst as f64 / args.rate_per_s * 1000.0) as i64 + 1000;
-    let headroom = (args.rate_per_s * (args.think_ms as f64 / 1000.0 + 2.0)).ceil() as i64
-        * i64::from(args.per_fan_limit)
-        + args.burst as i64;
-    let admission = report::admission_rate(&ticks, samples, args.rate_per_s, skip_ms, headroom);
+    let sessions: Vec<report::SessionSeen> = logs
+        .iter()
+        .filter_map(|l| {
+            Some(report::SessionSeen {
+                admitted_ms: l.admitted_ms?,
+                shop_end_ms: l.shop_end_ms?,
+                hold_ms: l.hold_ms,
+                hold_expires_ms: l.hold_expires_ms,
+                end: l.end?,
+            })
+        })
+        .collect();
+    let limit = i64::from(args.per_fan_limit);
+    let grace = args.confirm_grace_ms as i64;
+    let demand = |t: i64| sessions.iter().map(|s| s.demand_at(t, limit, grace)).sum();
+    let admission =
+        report::admission_rate(&ticks, samples, args.rate_per_s, skip_ms, limit, &demand);
 
     let latency = report::Latencies {
         join_http: Percentiles::of(&t.join_http),
@@ -1470,7 +1532,7 @@ fn settings_json(a: &SaleArgs) -> serde_json::Value {
         "pay_pct": a.pay_pct, "release_pct": a.release_pct, "hostile_pct": a.hostile_pct,
         "join_rate_per_s": a.join_rate_per_s, "poll_ms": a.poll_ms,
         "http_connections": a.http_connections, "shop_concurrency": a.shop_concurrency,
-        "client_procs": a.client_procs, "sockets_per_addr": a.sockets_per_addr,
+        "client_procs": a.client_procs, "confirm_grace_ms": a.confirm_grace_ms, "sockets_per_addr": a.sockets_per_addr,
         "max_duration_s": a.max_duration_s, "sold_out_grace_s": a.sold_out_grace_s,
     })
 }
@@ -1612,6 +1674,7 @@ mod tests {
             &tokens,
             (4, 14),
             3,
+            Some(100.0),
         );
         assert_eq!(inits.iter().map(|i| i.count).collect::<Vec<_>>(), [4, 3, 3]);
         assert_eq!(
@@ -1624,6 +1687,18 @@ mod tests {
             [4, 5, 6]
         );
         assert!(inits.iter().all(|i| i.sale));
+        // 100/s over 10 sockets: each process its share.
+        assert_eq!(
+            inits.iter().map(|i| i.connect_per_s).collect::<Vec<_>>(),
+            [Some(40.0), Some(30.0), Some(30.0)]
+        );
+    }
+
+    #[test]
+    fn joins_after_opening_share_the_rate_by_kind() {
+        let r = JoinRates::of(1000.0, 19_000, 31_000);
+        assert!((r.ws_per_s - 380.0).abs() < 1e-9 && (r.http_per_s - 620.0).abs() < 1e-9);
+        assert!(JoinRates::of(100.0, 0, 10).ws_per_s > 0.0);
     }
 
     #[test]

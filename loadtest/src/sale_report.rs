@@ -72,18 +72,86 @@ pub struct AdmissionRate {
     pub admitted_total: i64,
 }
 
+/// How one admitted fan's session ended, as the run saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Never held anything (sold out first, or the run stopped).
+    NoHold,
+    /// Still holding when the run stopped.
+    Holding,
+    Paid {
+        at_ms: i64,
+    },
+    Released {
+        at_ms: i64,
+    },
+    /// Left the hold to expire.
+    Abandoned,
+}
+
+/// One admitted fan's session, for the admission script's stock rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionSeen {
+    pub admitted_ms: i64,
+    pub shop_end_ms: i64,
+    pub hold_ms: Option<i64>,
+    pub hold_expires_ms: Option<i64>,
+    pub end: SessionEnd,
+}
+
+impl SessionSeen {
+    /// What lua/admit.lua counts for this session at `t` against the units available:
+    /// `per_fan_limit − units held or bought` while the session is active. A fan who released
+    /// stays active until the shop end (they may pick again); one who abandoned, until the
+    /// hold's expiry plus the confirm grace; buying the whole limit ends it.
+    pub fn demand_at(&self, t: i64, per_fan_limit: i64, confirm_grace_ms: i64) -> i64 {
+        if t < self.admitted_ms {
+            return 0;
+        }
+        let (full, holding) = (per_fan_limit, per_fan_limit - 1);
+        let within_shop = if t < self.shop_end_ms { full } else { 0 };
+        if self.hold_ms.is_none_or(|h| t < h) {
+            return within_shop;
+        }
+        match self.end {
+            SessionEnd::NoHold | SessionEnd::Holding => holding,
+            SessionEnd::Paid { at_ms } if t >= at_ms => {
+                if holding == 0 || t >= self.shop_end_ms {
+                    0
+                } else {
+                    holding
+                }
+            }
+            SessionEnd::Released { at_ms } if t >= at_ms => within_shop,
+            SessionEnd::Abandoned => match self.hold_expires_ms {
+                Some(exp) if t >= exp => {
+                    if t < exp + confirm_grace_ms {
+                        full
+                    } else {
+                        0
+                    }
+                }
+                _ => holding,
+            },
+            SessionEnd::Paid { .. } | SessionEnd::Released { .. } => holding,
+        }
+    }
+}
+
 /// Judges the rate only over intervals between consecutive ticks (Redis' `at_ms`) where the
 /// token bucket is what limits admission: the line is `open` at both ends with waiters left
-/// after it, the burst is spent (`skip_ms` after the first open tick), and stock can't be what
-/// holds admission back — the last sample before the interval had at least `headroom` units
-/// available (admission keeps the admitted-but-not-holding fans' units within what is
-/// available; the sale sets max_active so it never limits).
+/// after it, the burst is spent (`skip_ms` after the first open tick), and the stock rule can't
+/// be what holds admission back — at the interval's start, the units available (the last
+/// sample) cover what the active sessions count (`demand(t)`, lua/admit.lua's rule, without its
+/// margin) plus a whole interval's admissions at the set rate. The sale sets max_active so it
+/// never limits.
 pub fn admission_rate(
     ticks: &[TickSeen],
     samples: &[Sample],
     set_rate_per_s: f64,
     skip_ms: i64,
-    headroom: i64,
+    per_fan_limit: i64,
+    demand: &dyn Fn(i64) -> i64,
 ) -> AdmissionRate {
     let usable: Vec<&TickSeen> = ticks
         .iter()
@@ -114,7 +182,9 @@ pub fn admission_rate(
             continue;
         }
         let before = samples.partition_point(|s| s.at_ms <= a.at_ms);
-        let stock_ok = before > 0 && samples[before - 1].available >= headroom;
+        let wanted = demand(a.at_ms)
+            + per_fan_limit * (set_rate_per_s * (b.at_ms - a.at_ms) as f64 / 1000.0).ceil() as i64;
+        let stock_ok = before > 0 && samples[before - 1].available >= wanted;
         if !stock_ok {
             continue;
         }
@@ -500,7 +570,10 @@ pub fn render_text(r: &SaleReport) -> String {
         a.ratio,
         a.admitted_total,
         r.admit_baseline_per_s
-            .map(|b| format!("; the admission script alone: {b:.0} calls/s"))
+            .map(|b| format!(
+                "; the admission script alone admits {b:.0}/s: the set rate is {:.4}× of it",
+                a.set_rate_per_s / b
+            ))
             .unwrap_or_default()
     );
     let _ = writeln!(
@@ -637,6 +710,9 @@ const PAD_L: f64 = 64.0;
 const PAD_R: f64 = 16.0;
 const PAD_T: f64 = 28.0;
 const PAD_B: f64 = 36.0;
+/// Where the legends start right of the plot's left edge, and their spacing.
+const LEGEND_X: f64 = 230.0;
+const LEGEND_STEP: f64 = 110.0;
 
 /// A "nice" upper bound for an axis: 1, 2 or 5 × 10ⁿ at or above `v`.
 fn nice_max(v: f64) -> f64 {
@@ -724,13 +800,12 @@ pub fn svg_chart(
             d.trim_end(),
             esc(name)
         );
-        let lx = PAD_L + 8.0 + k as f64 * 150.0;
+        // Legends in a row right of the title, clear of the plot.
+        let lx = PAD_L + LEGEND_X + k as f64 * LEGEND_STEP;
         let _ = write!(
             out,
-            r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="3" fill="{colour}"/><text class="legend" x="{:.1}" y="{:.1}">{}</text>"#,
-            PAD_T - 2.0,
+            r#"<rect x="{lx:.1}" y="10" width="12" height="3" fill="{colour}"/><text class="legend" x="{:.1}" y="15">{}</text>"#,
             lx + 16.0,
-            PAD_T + 2.0,
             esc(name)
         );
     }
@@ -911,7 +986,9 @@ mod tests {
                 sold: 95,
             },
         ];
-        let a = admission_rate(&ticks, &samples, 10.0, 1500, 20);
+        // 10 units wanted by active sessions, 10 more for a second at 10/s: 20 ≤ 500 but > 5.
+        let demand = |_: i64| 10;
+        let a = admission_rate(&ticks, &samples, 10.0, 1500, 1, &demand);
         // Counted: 2000→3000, 3000→4000 (10 + 10 in 2 s).
         assert_eq!((a.intervals, a.admitted), (2, 20));
         assert!(
@@ -919,8 +996,56 @@ mod tests {
             "{a:?}"
         );
         assert_eq!(a.admitted_total, 110);
-        let none = admission_rate(&ticks[..1], &samples, 10.0, 0, 0);
+        // Sessions wanting all the stock: nothing is bucket-limited.
+        let all = |_: i64| 495;
+        assert_eq!(
+            admission_rate(&ticks, &samples, 10.0, 1500, 1, &all).intervals,
+            0
+        );
+        let none = admission_rate(&ticks[..1], &samples, 10.0, 0, 1, &demand);
         assert_eq!((none.intervals, none.ratio), (0, 0.0));
+    }
+
+    #[test]
+    fn sessions_count_as_the_admission_script_counts_them() {
+        let s = |hold_ms, end| SessionSeen {
+            admitted_ms: 1000,
+            shop_end_ms: 61_000,
+            hold_ms,
+            hold_expires_ms: Some(11_000),
+            end,
+        };
+        let at = |s: &SessionSeen, t| s.demand_at(t, 1, 60_000);
+        let waiting = s(None, SessionEnd::NoHold);
+        assert_eq!(
+            (at(&waiting, 999), at(&waiting, 1000), at(&waiting, 61_000)),
+            (0, 1, 0)
+        );
+        let paid = s(Some(2000), SessionEnd::Paid { at_ms: 3000 });
+        assert_eq!(
+            (at(&paid, 1500), at(&paid, 2500), at(&paid, 3000)),
+            (1, 0, 0)
+        );
+        let released = s(Some(2000), SessionEnd::Released { at_ms: 3000 });
+        assert_eq!(
+            (
+                at(&released, 2500),
+                at(&released, 3000),
+                at(&released, 61_000)
+            ),
+            (0, 1, 0)
+        );
+        let abandoned = s(Some(2000), SessionEnd::Abandoned);
+        assert_eq!(
+            (
+                at(&abandoned, 5000),
+                at(&abandoned, 11_000),
+                at(&abandoned, 71_000)
+            ),
+            (0, 1, 0)
+        );
+        // A limit of 2: a paid unit leaves one to want until the shop end.
+        assert_eq!(paid.demand_at(4000, 2, 60_000), 1);
     }
 
     #[test]

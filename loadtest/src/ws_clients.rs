@@ -84,6 +84,10 @@ pub struct ClientsInit {
     /// for the fan.
     #[serde(default)]
     pub sale: bool,
+    /// Sockets started per second at most (fans arriving over time, as `loadtest sale` paces
+    /// them); None: as fast as `connect_concurrency` allows.
+    #[serde(default)]
+    pub connect_per_s: Option<f64>,
 }
 
 impl ClientsInit {
@@ -629,10 +633,23 @@ async fn socket(
     shared.open.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Starts every socket, at most `connect_concurrency` between connect and first frame.
+/// Starts every socket, at most `connect_concurrency` between connect and first frame (and at
+/// most `connect_per_s` a second).
 async fn connect_all(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(shared.init.connect_concurrency));
+    let started = tokio::time::Instant::now();
+    let pace = shared
+        .init
+        .connect_per_s
+        .filter(|r| r.is_finite() && *r > 0.0);
     for i in 0..shared.init.count {
+        if let Some(rate) = pace {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = stop.changed() => return,
+            }
+        }
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.changed() => return,
@@ -766,6 +783,7 @@ mod tests {
             connect_concurrency: 8,
             connect_timeout_ms: 1000,
             sale: false,
+            connect_per_s: None,
         }
     }
 
