@@ -1,6 +1,6 @@
 -- confirm_finish.lua — the order is committed in Postgres: the hold's units move from held to
 -- sold for good. Called after the commit (and after capture), by the request or the reconciler.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[11]
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12]
 -- ARGV[1] hold id
 -- ARGV[2] order id
 -- Returns {"ok", "sold"} | {"ok", "already"}
@@ -18,7 +18,10 @@ local now = now_ms()
 for _, item in ipairs(h.it) do
   redis.call('HINCRBY', K.stock, 'h:' .. item.b, -item.q)
   redis.call('HINCRBY', K.stock, 's:' .. item.b, item.q)
-  if item.s then redis.call('HSET', K.seats, item.s, '#') end
+  if item.s then
+    redis.call('HSET', K.seats, item.s, '#')
+    show_seat(item.s, 's')
+  end
 end
 redis.call('ZREM', K.deadlines, id)
 redis.call('ZREM', K.confirming, id)

@@ -15,19 +15,23 @@
 -- KEYS[7]  {drop_id}:done        zset   ended hold id → purge_at_ms (kept so a fan can read how it ended)
 -- KEYS[8]  {drop_id}:fans        hash   fan id → units held + confirming + bought (the per-fan limit)
 -- KEYS[9]  {drop_id}:fanholds    zset   "<fan id>|<hold id>" for each live (held/confirming) hold
--- KEYS[10] {drop_id}:layout      hash   section → JSON [[row, seats], ...], front row first
+-- KEYS[10] {drop_id}:layout      hash   section → JSON [[row, seats], ...], front row first;
+--                                       "@<section>-<row>" → where the row's seat 1 is in seatmap
 -- KEYS[11] {drop_id}:active      zset   fan id → admission deadline ms (queue drops)
--- KEYS[12] {drop_id}:idem:<hash> string the first answer to an idempotent reserve (reserve only)
+-- KEYS[12] {drop_id}:seatmap     string the seat map as fans see it, a byte per seat in the map's
+--                                       order (sections, rows front first, seat 1 first): f free,
+--                                       h held or confirming, s sold; kept by whoever writes seats
+-- KEYS[13] {drop_id}:idem:<hash> string the first answer to an idempotent reserve (reserve only)
 --
 -- A hold is JSON: {fan, st, exp, cexp, ref, oid, u, c, it = [{b = bucket, q = qty, s = seat?}]}
 -- with st one of held | confirming | sold | released | expired.
--- The rebuild's scripts (rebuild*.lua) take one key more, KEYS[12] {drop_id}:rebuild, named in
+-- The rebuild's scripts (rebuild*.lua) take one key more, KEYS[13] {drop_id}:rebuild, named in
 -- their own headers.
 
 local K = {
   meta = KEYS[1], stock = KEYS[2], seats = KEYS[3], holds = KEYS[4], deadlines = KEYS[5],
   confirming = KEYS[6], done = KEYS[7], fans = KEYS[8], fanholds = KEYS[9], layout = KEYS[10],
-  active = KEYS[11], idem = KEYS[12],
+  active = KEYS[11], seatmap = KEYS[12], idem = KEYS[13],
 }
 
 -- This redis-server run's id. A drop whose meta carries another one was loaded before a restart:
@@ -81,12 +85,24 @@ local function forget_live_hold(fan, id)
   redis.call('ZREM', K.fanholds, fan .. '|' .. id)
 end
 
+-- Seat `seat` ("<section>-<row>-<n>") shows as `state` (f, h or s) in the seat map: two O(1)
+-- calls, so a page's map is read as one string (GETRANGE) rather than walked field by field over
+-- the seats hash. A seat whose row the layout doesn't place is left alone.
+local function show_seat(seat, state)
+  local row, n = string.match(seat, '^(.+)-(%d+)$')
+  local first = row and redis.call('HGET', K.layout, '@' .. row)
+  if first then redis.call('SETRANGE', K.seatmap, tonumber(first) + tonumber(n) - 1, state) end
+end
+
 -- A held or confirming hold gives its units back to stock and ends as `final_state`.
 local function return_to_stock(id, h, final_state, now)
   for _, item in ipairs(h.it) do
     redis.call('HINCRBY', K.stock, 'a:' .. item.b, item.q)
     redis.call('HINCRBY', K.stock, 'h:' .. item.b, -item.q)
-    if item.s then redis.call('HSET', K.seats, item.s, '-') end
+    if item.s then
+      redis.call('HSET', K.seats, item.s, '-')
+      show_seat(item.s, 'f')
+    end
   end
   local left = redis.call('HINCRBY', K.fans, h.fan, -h.u)
   if left <= 0 then redis.call('HDEL', K.fans, h.fan) end

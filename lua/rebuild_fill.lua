@@ -1,11 +1,13 @@
 -- rebuild_fill.lua — one slice of a rebuild or load (see rebuild.lua): a bounded run of a drop's
 -- stock, layout, seat or per-fan entries from Postgres.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[11]
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12]
 -- ARGV[1] the rebuild's token
 -- ARGV[2] what: "stock" | "layout" | "seats" | "fans"
 -- ARGV[3..] entries — stock:  bucket, total, sold, ...   (available = total - sold, none held)
---                     layout: section, JSON [[row, seats], ...], ...
---                     seats:  seat id, "-" (free) | "#" (sold), ...
+--                     layout: section, JSON [[row, seats], ...], ... and
+--                             "@<section>-<row>", where its seat 1 is in the seat map, ...
+--                     seats:  seat id, "-" (free) | "#" (sold), ... (the seat map with them:
+--                             the layout's slices come first)
 --                     fans:   fan id, units bought, ...
 -- Returns {"ok", entries written} | {"err", "superseded"} (another rebuild began since)
 if not rebuild_slice(ARGV[1]) then return {'err', 'superseded'} end
@@ -21,6 +23,7 @@ else
   local key = ({layout = K.layout, seats = K.seats, fans = K.fans})[what]
   for i = 3, #ARGV, 2 do
     redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+    if what == 'seats' then show_seat(ARGV[i], ARGV[i + 1] == '#' and 's' or 'f') end
     n = n + 1
   end
 end

@@ -7,7 +7,7 @@
 -- Unlike confirm_begin it doesn't compare the Redis run id (an INFO per call on the hottest path):
 -- a hold taken on stale state after a restart can't sell — confirm_begin refuses until the drop
 -- is rebuilt, and the rebuild ends holds that conflict with a sale.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12] (KEYS[12] = this request's idem key)
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[13] (KEYS[13] = this request's idem key)
 -- ARGV[1] fan id
 -- ARGV[2] new hold id (made by the caller; embeds the drop id)
 -- ARGV[3] SHA-256 hex of the request body (idempotency: same key + other body is refused)
@@ -25,7 +25,7 @@
 --           seat_unavailable | limit_exceeded | drop_closed | not_open | idempotency_key_reused |
 --           recovering | unknown_drop | not_admitted
 -- Every answer but recovering / unknown_drop / idempotency_key_reused / not_admitted is stored
--- under KEYS[12] for hold TTL + 10 minutes, so a retry gets the first answer back.
+-- under KEYS[13] for hold TTL + 10 minutes, so a retry gets the first answer back.
 
 local fan, hold_id, body_sha, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local shop_end, hard_end = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -174,7 +174,10 @@ local exp = now + ttl_ms
 for _, item in ipairs(items) do
   redis.call('HINCRBY', K.stock, 'a:' .. item.b, -item.q)
   redis.call('HINCRBY', K.stock, 'h:' .. item.b, item.q)
-  if item.s then redis.call('HSET', K.seats, item.s, hold_id) end
+  if item.s then
+    redis.call('HSET', K.seats, item.s, hold_id)
+    show_seat(item.s, 'h')
+  end
 end
 redis.call('HINCRBY', K.fans, fan, units)
 save_hold(hold_id, {fan = fan, st = 'held', exp = exp, u = units, c = now, it = items})

@@ -41,7 +41,7 @@ fn created<T: serde::Serialize>(body: T) -> Answer {
 /// `If-None-Match` names that version. `no-cache`: a browser may keep it but must ask again each
 /// time, so a poll always learns of a change.
 fn seat_map_answer(req: &Request<Incoming>, seats: &engine::booking::SeatsView) -> Response<Body> {
-    let etag = format!("\"{}\"", seats.map.0.version);
+    let etag = format!("\"{}\"", seats.version());
     let unchanged = header(req, "if-none-match").is_some_and(|v| {
         v.split(',')
             .map(|t| t.trim().trim_start_matches("W/"))
@@ -50,7 +50,7 @@ fn seat_map_answer(req: &Request<Incoming>, seats: &engine::booking::SeatsView) 
     let mut resp = if unchanged {
         http::empty(304)
     } else {
-        http::json(200, seats)
+        http::text("application/json", seats.json())
     };
     if let Ok(v) = hyper::header::HeaderValue::from_str(&etag) {
         resp.headers_mut().insert(hyper::header::ETAG, v);

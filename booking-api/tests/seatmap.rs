@@ -199,25 +199,46 @@ async fn the_map_is_a_string_of_states_per_row() {
 #[tokio::test]
 async fn a_map_larger_than_a_scan_step_is_read_whole() {
     let mut cfg = testkit::test_config();
-    // Many HSCAN steps for one map.
+    // Many GETRANGE steps for one map (and many HSCAN steps when it is read from the hash).
+    cfg.seats.map_read_bytes = 7;
     cfg.seats.map_scan_chunk = 7;
+    cfg.seats.map_refresh_ms = 0;
     let h = Harness::with_config(cfg).await;
     let drop = seated(&h, 400).await;
     let (_, fan) = h.fan("scanner").await;
     let (status, v) = h
-        .reserve(&fan, &drop, json!({"seats": ["A-2-400", "A-1-1"]}))
+        .reserve(&fan, &drop, json!({"seats": ["A-2-400", "A-1-1", "B-1-5"]}))
         .await;
     assert_eq!(status, 201, "{v}");
-    let (_, body) = ok(get_map(&h, &drop, None).await);
-    let map: Value = serde_json::from_str(&body).unwrap();
-    let rows: Vec<String> = map["sections"][0]["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["states"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(rows[0], format!("h{}", "f".repeat(399)));
-    assert_eq!(rows[1], format!("{}h", "f".repeat(399)));
+    let rows = |body: &str| -> Vec<String> {
+        let map: Value = serde_json::from_str(body).unwrap();
+        map["sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["rows"].as_array().unwrap())
+            .map(|r| r["states"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let expected = vec![
+        format!("h{}", "f".repeat(399)),
+        format!("{}h", "f".repeat(399)),
+        "ffffh".to_owned(),
+    ];
+    let (tag, body) = ok(get_map(&h, &drop, None).await);
+    assert_eq!(rows(&body), expected, "from the seat map string");
+    // A drop loaded by a release before the string existed has none: its map is read from the
+    // seats hash, and is the same map (the same version).
+    let id = engine::ids::DropId::parse(&drop).unwrap();
+    h.server
+        .engine
+        .redis()
+        .test_forget_seat_map(&id)
+        .await
+        .unwrap();
+    let (tag_from_hash, body) = ok(get_map(&h, &drop, None).await);
+    assert_eq!(rows(&body), expected, "from the seats hash");
+    assert_eq!(tag_from_hash, tag);
 }
 
 #[tokio::test]

@@ -182,6 +182,7 @@ impl Config {
         for (name, value) in [
             ("seats.map_cache_drops", self.seats.map_cache_drops),
             ("seats.map_scan_chunk", self.seats.map_scan_chunk),
+            ("seats.map_read_bytes", self.seats.map_read_bytes),
             ("seats.best_scan_seats_max", self.seats.best_scan_seats_max),
         ] {
             if value == 0 {
@@ -686,9 +687,13 @@ pub const DEFAULT_SEAT_MAP_REFRESH_MS: u64 = 250;
 /// Seat maps a process keeps; past it the one read longest ago is forgotten (a miss costs one
 /// read). A 100,000-seat map takes about 100 KiB.
 pub const DEFAULT_SEAT_MAP_CACHE_DROPS: usize = 256;
-/// Fields per HSCAN step when a seat map is read: a few hundred microseconds of Redis each, where
-/// one HGETALL of a 100,000-seat map holds it for tens of milliseconds.
+/// Fields per HSCAN step when a seat map is read from the seats hash (a drop loaded before the
+/// seat map string existed): a few hundred microseconds of Redis each, where one HGETALL of a
+/// 100,000-seat map holds it for tens of milliseconds.
 pub const DEFAULT_SEAT_MAP_SCAN_CHUNK: usize = 1_000;
+/// Bytes (seats) per GETRANGE step when a seat map is read from its string: a copy of 64 KiB is
+/// tens of microseconds of Redis, so a 50,000-seat map is one call.
+pub const DEFAULT_SEAT_MAP_READ_BYTES: usize = 65_536;
 /// Seats best-available looks at per reserve, at most (whole rows, front first; the first row
 /// always): bounds the reserve script's work whatever the section's size.
 pub const DEFAULT_BEST_SCAN_SEATS_MAX: usize = 4_000;
@@ -703,8 +708,11 @@ pub struct SeatsConfig {
     pub map_refresh_ms: u64,
     /// Drops whose snapshot a process keeps.
     pub map_cache_drops: usize,
-    /// Seats per HSCAN step reading a snapshot.
+    /// Seats per HSCAN step reading a snapshot from the seats hash (drops loaded before the seat
+    /// map string existed).
     pub map_scan_chunk: usize,
+    /// Bytes (seats) per GETRANGE step reading a snapshot from the seat map string.
+    pub map_read_bytes: usize,
     /// Seats one best-available reserve examines at most; a section whose free block lies past
     /// them answers `insufficient_stock` with `adjacent: false`.
     pub best_scan_seats_max: usize,
@@ -716,6 +724,7 @@ impl Default for SeatsConfig {
             map_refresh_ms: DEFAULT_SEAT_MAP_REFRESH_MS,
             map_cache_drops: DEFAULT_SEAT_MAP_CACHE_DROPS,
             map_scan_chunk: DEFAULT_SEAT_MAP_SCAN_CHUNK,
+            map_read_bytes: DEFAULT_SEAT_MAP_READ_BYTES,
             best_scan_seats_max: DEFAULT_BEST_SCAN_SEATS_MAX,
         }
     }

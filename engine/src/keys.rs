@@ -12,9 +12,9 @@ pub fn drop_key(drop: &DropId, name: &str) -> String {
     format!("fg:{{{drop}}}:{name}")
 }
 
-/// The keys every hold script takes, `KEYS[1]..KEYS[11]`, in lua/lib.lua's order (reserve adds its
-/// idempotency key as `KEYS[12]`).
-pub const HOLD_KEYS: [&str; 11] = [
+/// The keys every hold script takes, `KEYS[1]..KEYS[12]`, in lua/lib.lua's order (reserve adds its
+/// idempotency key as `KEYS[13]`).
+pub const HOLD_KEYS: [&str; 12] = [
     "meta",
     "stock",
     "seats",
@@ -26,9 +26,10 @@ pub const HOLD_KEYS: [&str; 11] = [
     "fanholds",
     "layout",
     "active",
+    "seatmap",
 ];
 
-/// The rebuild's scratch zset (live hold id → created ms), the rebuild scripts' `KEYS[12]`
+/// The rebuild's scratch zset (live hold id → created ms), the rebuild scripts' `KEYS[13]`
 /// (lua/rebuild.lua).
 pub const REBUILD_KEY: &str = "rebuild";
 
@@ -106,6 +107,9 @@ impl DropKeys {
     pub fn seats(&self) -> &str {
         self.get("seats")
     }
+    pub fn seatmap(&self) -> &str {
+        self.get("seatmap")
+    }
     pub fn holds(&self) -> &str {
         self.get("holds")
     }
@@ -130,7 +134,7 @@ impl DropKeys {
         drop_key(drop, &format!("idem:{}", hex::encode(&digest[..16])))
     }
 
-    /// All of them, `KEYS[1]..KEYS[11]`.
+    /// All of them, `KEYS[1]..KEYS[12]`.
     pub fn all(&self) -> Vec<String> {
         self.keys.clone()
     }
@@ -154,7 +158,7 @@ impl DropKeys {
         names.into_iter().map(|name| drop_key(drop, name)).collect()
     }
 
-    /// The rebuild scripts' keys: all of them and the scratch zset, `KEYS[1]..KEYS[12]`.
+    /// The rebuild scripts' keys: all of them and the scratch zset, `KEYS[1]..KEYS[13]`.
     pub fn rebuild(drop: &DropId) -> Vec<String> {
         let mut keys = DropKeys::new(drop).all();
         keys.push(drop_key(drop, REBUILD_KEY));
@@ -276,7 +280,7 @@ mod tests {
             .enumerate()
             .map(|(i, name)| ((*name).to_owned(), format!("KEYS[{}]", i + 1)))
             .collect();
-        expected.push(("idem".into(), "KEYS[12]".into()));
+        expected.push(("idem".into(), "KEYS[13]".into()));
         assert_eq!(pairs, expected, "lib.lua's K table");
     }
 
@@ -302,10 +306,10 @@ mod tests {
     fn rebuild_scripts_name_the_scratch_key_after_the_hold_keys() {
         for (name, lua) in REBUILD_SCRIPTS {
             let header = header_keys(lua);
-            assert_eq!(header, [REBUILD_KEY], "{name}.lua's KEYS[12]");
+            assert_eq!(header, [REBUILD_KEY], "{name}.lua's KEYS[13]");
             assert!(
-                lua.contains(&format!("-- KEYS[12] {{drop_id}}:{REBUILD_KEY} ")),
-                "{name}.lua names its KEYS[12]"
+                lua.contains(&format!("-- KEYS[13] {{drop_id}}:{REBUILD_KEY} ")),
+                "{name}.lua names its KEYS[13]"
             );
         }
         let drop = DropId::generate();

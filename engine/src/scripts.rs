@@ -297,6 +297,7 @@ pub struct Redis {
     pub(crate) scripts: Arc<Scripts>,
     /// Seats per HSCAN step reading a seat map (`seats.map_scan_chunk`).
     seat_scan_chunk: usize,
+    seat_read_bytes: usize,
 }
 
 pub(crate) type Reply = Vec<Value>;
@@ -357,13 +358,15 @@ impl Redis {
             pool,
             scripts: Arc::new(scripts),
             seat_scan_chunk: crate::config::DEFAULT_SEAT_MAP_SCAN_CHUNK,
+            seat_read_bytes: crate::config::DEFAULT_SEAT_MAP_READ_BYTES,
         })
     }
 
-    /// This client reading seat maps in HSCAN steps of `chunk` seats (a new client uses
-    /// `DEFAULT_SEAT_MAP_SCAN_CHUNK`).
-    pub fn with_seat_scan_chunk(mut self, chunk: usize) -> Redis {
+    /// This client reading seat maps in HSCAN steps of `chunk` seats and GETRANGE steps of
+    /// `bytes` (a new client uses `DEFAULT_SEAT_MAP_SCAN_CHUNK` and `DEFAULT_SEAT_MAP_READ_BYTES`).
+    pub fn with_seat_map_steps(mut self, chunk: usize, bytes: usize) -> Redis {
         self.seat_scan_chunk = chunk.max(1);
+        self.seat_read_bytes = bytes.max(1);
         self
     }
 
@@ -756,6 +759,14 @@ impl Redis {
         }
     }
 
+    /// Removes a drop's seat map string, as a drop loaded by a release before it existed has
+    /// none: tests of the map read from the seats hash instead.
+    #[cfg(feature = "testing")]
+    pub async fn test_forget_seat_map(&self, drop: &DropId) -> Result<()> {
+        let _: i64 = self.client().del(DropKeys::new(drop).seatmap()).await?;
+        Ok(())
+    }
+
     pub async fn set_meta(&self, drop: &DropId, field: &str, value: &str) -> Result<()> {
         let _: i64 = self
             .client()
@@ -789,23 +800,52 @@ impl Redis {
         Ok(out)
     }
 
+    /// The drop's seat map string (lua/lib.lua `KEYS[12]`, a byte per seat in the map's
+    /// order), its first `seats` bytes, in GETRANGE steps of `seats.map_read_bytes`: each step a
+    /// copy, however the seats are held. `None` when the drop has no such string (loaded by a
+    /// release before it existed: [`Redis::visit_seat_states`] reads the seats hash instead).
+    pub async fn seat_map_string(&self, drop: &DropId, seats: usize) -> Result<Option<Vec<u8>>> {
+        let key = DropKeys::new(drop).seatmap().to_owned();
+        let mut out: Vec<u8> = Vec::with_capacity(seats);
+        while out.len() < seats {
+            let step = self.seat_read_bytes.min(seats - out.len());
+            let part: Vec<u8> = self
+                .client()
+                .getrange(&key, out.len(), out.len() + step - 1)
+                .await?;
+            let short = part.len() < step;
+            out.extend_from_slice(&part);
+            // A string shorter than the map ends the read: seats past its end were never shown.
+            if short {
+                break;
+            }
+        }
+        Ok((!out.is_empty()).then_some(out))
+    }
+
     /// Every seat's state (seat → `-`, `#` or the holding hold id), read in HSCAN steps of
     /// `seats.map_scan_chunk` fields: one HGETALL of a 100,000-seat map would hold Redis for tens
     /// of milliseconds, and every other drop on the node with it. Not one instant's picture (a
     /// seat may change between steps), which a seat map shown to fans doesn't need.
-    pub async fn seat_states(&self, drop: &DropId) -> Result<HashMap<String, String>> {
+    /// Hands it each step's seats as the step arrives, so the caller's work is spread over
+    /// the steps too.
+    pub async fn visit_seat_states(
+        &self,
+        drop: &DropId,
+        mut visit: impl FnMut(&str, &str),
+    ) -> Result<()> {
         let key = DropKeys::new(drop).seats().to_owned();
-        let mut states = HashMap::new();
         let mut cursor = "0".to_owned();
         loop {
             let (next, pairs) = self.hscan_step(&key, &cursor, self.seat_scan_chunk).await?;
             cursor = next;
-            let mut pairs = pairs.into_iter();
-            while let (Some(seat), Some(state)) = (pairs.next(), pairs.next()) {
-                states.insert(text(Some(&seat)), text(Some(&state)));
+            for pair in pairs.chunks_exact(2) {
+                if let (Some(seat), Some(state)) = (pair[0].as_str(), pair[1].as_str()) {
+                    visit(&seat, &state);
+                }
             }
             if cursor == "0" || cursor.is_empty() {
-                return Ok(states);
+                return Ok(());
             }
         }
     }
@@ -1015,11 +1055,23 @@ impl<'a> SlicedRun<'a> {
             .map(|(b, total, sold)| vec![b.clone(), total.to_string(), sold.to_string()])
             .collect();
         self.fill("stock", stock).await?;
-        let layout = image
+        let mut layout: Vec<Vec<String>> = image
             .layout
             .iter()
             .map(|(section, rows)| vec![section.clone(), rows.clone()])
             .collect();
+        // Where each row's seat 1 is in the seat map string (lua/lib.lua `show_seat`): rows in
+        // the layout's order, which is the drop's (Engine::drop_image), as the map's reader
+        // lays them out.
+        let mut first = 0u64;
+        for (section, rows) in &image.layout {
+            let rows: Vec<(String, u64)> = serde_json::from_str(rows)
+                .map_err(|e| Error::internal(format!("a drop's layout as JSON: {e}")))?;
+            for (row, seats) in rows {
+                layout.push(vec![format!("@{section}-{row}"), first.to_string()]);
+                first += seats;
+            }
+        }
         self.fill("layout", layout).await?;
         let seats = image
             .seats

@@ -27,11 +27,11 @@ use confirm::Inflight;
 pub use confirm::{ConfirmBody, Payment};
 use drops::admission_fields;
 pub use drops::AdmissionUpdate;
+pub use seatmap::SeatsView;
 use views::priced_items;
 pub use views::{
     AdmissionModeView, AdmissionView, DropList, DropSummary, DropView, FanHolds, FanOrders,
-    HoldView, InventoryView, Made, PricedItem, RowView, SeatMap, SeatMapRow, SeatMapSection,
-    SeatsView, SharedSeatMap,
+    HoldView, InventoryView, Made, PricedItem, RowView,
 };
 
 use std::collections::HashMap;
@@ -136,7 +136,7 @@ impl Engine {
         cfg.validate()?;
         let redis = Redis::connect(&cfg.redis)
             .await?
-            .with_seat_scan_chunk(cfg.seats.map_scan_chunk);
+            .with_seat_map_steps(cfg.seats.map_scan_chunk, cfg.seats.map_read_bytes);
         let db = Db::connect(&cfg.database)?;
         let writer = match role {
             Role::Booking => {

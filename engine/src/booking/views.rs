@@ -61,59 +61,6 @@ pub struct RowView {
     pub seats: u32,
 }
 
-/// A seated drop's seat map as one request answers it (`GET /v1/drops/{id}/seats`): the
-/// process's shared snapshot ([`SeatMap`]) and the server's clock.
-#[derive(Debug, Clone, Serialize)]
-pub struct SeatsView {
-    #[serde(flatten)]
-    pub map: SharedSeatMap,
-    pub server_now_ms: i64,
-}
-
-/// One snapshot of a drop's seat map, shared by every request a process answers from it.
-#[derive(Debug, Clone)]
-pub struct SharedSeatMap(pub Arc<SeatMap>);
-
-impl Serialize for SharedSeatMap {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        self.0.serialize(s)
-    }
-}
-
-/// A seat map, compact: per row one string with a character per seat, seat 1 first (`f` free,
-/// `h` held, `s` sold); seat `n` of row `R` in section `S` is the seat id `S-R-n`. A
-/// 50,000-seat map is about 50 KB instead of 4 MB of one object per seat.
-#[derive(Debug, Clone, Serialize)]
-pub struct SeatMap {
-    pub drop_id: DropId,
-    /// Changes whenever a seat's state does (the same map has the same version in every
-    /// process); also the `ETag`.
-    pub version: String,
-    pub sections: Vec<SeatMapSection>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SeatMapSection {
-    pub section: String,
-    /// Front first.
-    pub rows: Vec<SeatMapRow>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SeatMapRow {
-    pub row: String,
-    pub states: String,
-}
-
-/// A seat's state on the wire ([`SeatMap`]) from its value in Redis (`-`, `#`, a hold id).
-fn seat_char(state: Option<&str>) -> char {
-    match state {
-        Some("-") => 'f',
-        Some("#") => 's',
-        _ => 'h',
-    }
-}
-
 /// A seller's drops (`GET /v1/drops`).
 #[derive(Debug, Clone, Serialize)]
 pub struct DropList {
@@ -270,61 +217,6 @@ impl Engine {
             inventory,
             server_now_ms: now_ms(),
         }
-    }
-
-    /// Reads a drop's seat map whole (Redis, or Postgres once archived); requests get it
-    /// through the process's snapshot ([`Engine::seats_view`]).
-    pub(super) async fn read_seat_map(&self, drop: &DropId) -> Result<SeatMap> {
-        let def = self.drop_def(drop).await?;
-        if def.kind != Kind::Seated {
-            return Err(Error::invalid("this drop has no seats"));
-        }
-        let states = match self.live_status(drop).await? {
-            Some(_) => self.redis.seat_states(drop).await?,
-            // Archived: Postgres' sold seats, the rest free (nothing is held any more).
-            None => {
-                let sold = self.db.sold_seats(drop).await?;
-                def.seat_ids()
-                    .map(|(id, ..)| {
-                        let state = if sold.contains(&id) { "#" } else { "-" };
-                        (id, state.to_owned())
-                    })
-                    .collect()
-            }
-        };
-        let sections: Vec<SeatMapSection> = def
-            .buckets
-            .iter()
-            .map(|b| SeatMapSection {
-                section: b.id.clone(),
-                rows: b
-                    .rows
-                    .iter()
-                    .map(|(row, seats)| SeatMapRow {
-                        row: row.clone(),
-                        states: (1..=*seats)
-                            .map(|n| {
-                                let id = format!("{}-{row}-{n}", b.id);
-                                seat_char(states.get(&id).map(String::as_str))
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        // Sections, rows and their lengths are fixed by the drop, so the states alone tell two
-        // maps of one drop apart; the separators keep rows from running into one another.
-        let mut all = String::new();
-        for r in sections.iter().flat_map(|s| &s.rows) {
-            all.push_str(&r.states);
-            all.push('|');
-        }
-        let version = crate::tokens::sha256_hex(all.as_bytes())[..16].to_owned();
-        Ok(SeatMap {
-            drop_id: drop.clone(),
-            version,
-            sections,
-        })
     }
 
     pub async fn list_drops(&self, seller: &ApiKey) -> Result<DropList> {

@@ -848,13 +848,41 @@ impl World {
         same!("fans", parse_i64(self.hash(&q.fans).await), s.fans.clone());
         let fanholds: BTreeSet<String> = self.zset(k.fanholds()).await.into_keys().collect();
         same!("fanholds", fanholds, s.fanholds.clone());
-        let layout: BTreeMap<String, Value> = self
-            .hash(&key("layout"))
-            .await
-            .into_iter()
-            .map(|(sec, raw)| (sec, serde_json::from_str(&raw).unwrap_or(Value::Null)))
+        let raw_layout = self.hash(&key("layout")).await;
+        // The "@<section>-<row>" fields place rows in the seat map string; checked below.
+        let layout: BTreeMap<String, Value> = raw_layout
+            .iter()
+            .filter(|(field, _)| !field.starts_with('@'))
+            .map(|(sec, raw)| {
+                (
+                    sec.clone(),
+                    serde_json::from_str(raw).unwrap_or(Value::Null),
+                )
+            })
             .collect();
         same!("layout", layout, s.layout.clone());
+        // The seat map string (lua/lib.lua `show_seat`) shows every seat of the seats hash as
+        // its state, where its row's "@" field says: the scripts keep the two together.
+        let shown: Vec<u8> = self.raw.get(&key("seatmap")).await.unwrap_or_default();
+        for (seat, state) in &s.seats {
+            let place = seat.rsplit_once('-').and_then(|(row, n)| {
+                let first: usize = raw_layout.get(&format!("@{row}"))?.parse().ok()?;
+                Some(first + n.parse::<usize>().ok()?.checked_sub(1)?)
+            });
+            let want = match state.as_str() {
+                "-" => b'f',
+                "#" => b's',
+                _ => b'h',
+            };
+            let got = place.and_then(|i| shown.get(i).copied());
+            if got != Some(want) {
+                return Some(format!(
+                    "seat map string: seat {seat} ({state}) shows as {:?} at {place:?}, not {:?}",
+                    got.map(char::from),
+                    char::from(want)
+                ));
+            }
+        }
         same!("active", self.zset(&q.active).await, s.active.clone());
         same!("sessions", self.hash(&q.sessions).await, s.sessions.clone());
         same!(
@@ -921,6 +949,8 @@ impl World {
         expect("meta", !s.meta.is_empty());
         expect("stock", !s.stock.is_empty());
         expect("seats", !s.seats.is_empty());
+        // Written with the seats, and dropped with them by a rebuild.
+        expect("seatmap", !s.seats.is_empty());
         expect("holds", !s.holds.is_empty());
         expect("deadlines", !s.deadlines.is_empty());
         expect("confirming", !s.confirming.is_empty());
