@@ -79,6 +79,7 @@ pub struct Engine {
     writer: Option<Writer>,
     pub(crate) gateway: Arc<dyn PaymentGateway>,
     /// The same gateway as `gateway` when it's the test one, so tests can read its records.
+    #[cfg(feature = "testing")]
     pub(crate) test_gateway: Option<Arc<TestGateway>>,
     pub(crate) fans: FanAuth,
     pub(crate) admission: AdmissionKeys,
@@ -160,8 +161,9 @@ impl Engine {
             redis,
             db,
             writer,
-            gateway: test.clone(),
-            test_gateway: Some(test),
+            #[cfg(feature = "testing")]
+            test_gateway: Some(test.clone()),
+            gateway: test,
             fans,
             admission,
             drops: Mutex::new(HashMap::new()),
