@@ -156,10 +156,11 @@ bench_drop=$("$LOADTEST" reserve --booking-url "$base_url" --database-url "$DATA
 [[ $bench_drop =~ ^d[0-9a-f]{16}$ ]] || die "unexpected drop id: $bench_drop"
 currency=$("$PG_BIN/psql" "$DATABASE_URL" -Atc "SELECT currency FROM drops WHERE drop_id = '$bench_drop'")
 bucket=$("$PG_BIN/psql" "$DATABASE_URL" -Atc "SELECT bucket FROM inventory WHERE drop_id = '$bench_drop'")
-# What BATCH confirms of one unit each write, set-based, one transaction: a payment attempt
-# (its trigger keeps the previous release's `payments` row in step, as for a confirm), an order,
-# its item, a ledger line, the fan's purchase, and the one inventory row once. Hold ids and fans
-# are fresh per transaction, so only the inventory row is shared, as between confirms of one SKU.
+# What BATCH confirms of one unit each write, set-based, one statement and one transaction: a
+# payment attempt (its trigger keeps the previous release's `payments` row in step, as for a
+# confirm), an order, its item, a ledger line, the fan's purchase, and the one inventory row once.
+# Hold ids and fans are fresh per transaction, so only the inventory row is shared, as between
+# confirms of one SKU; one statement holds that row's lock for the least time a client can.
 cat > "$OUT_DIR/baseline.sql" <<SQL
 BEGIN;
 WITH o AS (
@@ -178,10 +179,11 @@ WITH o AS (
 ), led AS (
     INSERT INTO stock_ledger (drop_id, bucket, kind, delta_sold, order_id)
     SELECT '$bench_drop', '$bucket', 'sale', 1, order_id FROM o
+), fp AS (
+    INSERT INTO fan_purchases (drop_id, fan_id, units, limit_units)
+    SELECT '$bench_drop', fan, 1, 1000 FROM o
+    ON CONFLICT (drop_id, fan_id) DO UPDATE SET units = fan_purchases.units + EXCLUDED.units
 )
-INSERT INTO fan_purchases (drop_id, fan_id, units, limit_units)
-SELECT '$bench_drop', fan, 1, 1000 FROM o
-ON CONFLICT (drop_id, fan_id) DO UPDATE SET units = fan_purchases.units + EXCLUDED.units;
 UPDATE inventory SET sold = sold + $BATCH WHERE drop_id = '$bench_drop' AND bucket = '$bucket';
 COMMIT;
 SQL

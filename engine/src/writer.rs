@@ -275,7 +275,8 @@ type Tx<'a> = deadpool_postgres::Transaction<'a>;
 /// attempts recorded, the captures recorded, then the orders — set-based (each statement covers
 /// every order of the batch), or with `one_by_one` (after Postgres refused them set-based: a
 /// constraint, the last guard, fired for some order) one order at a time, each in a SAVEPOINT,
-/// so the one refused order fails alone. Inventory rows are locked first, before any attempt row.
+/// so the one refused order fails alone. Inventory rows are locked before any attempt row of the
+/// orders (a batch of the order lane holds orders only; the payment lane's never touch inventory).
 async fn try_batch(
     db: &Db,
     jobs: &[Job],
@@ -292,7 +293,8 @@ async fn try_batch(
             _ => None,
         })
         .collect();
-    if !orders.is_empty() {
+    // (The set-based path locks them in `insert_orders`, pipelined with its first statement.)
+    if !orders.is_empty() && one_by_one {
         lock_inventory(&tx, orders.iter().map(|(_, o)| *o)).await?;
     }
     let payments: Vec<(usize, &NewPayment)> = jobs
@@ -433,21 +435,24 @@ async fn insert_orders(
     pairs.sort_unstable();
     pairs.dedup();
     let (holds, refs): (Vec<&str>, Vec<&str>) = pairs.into_iter().unzip();
-    let claimed: HashSet<(String, String)> = tx
-        .query(
+    let claim = async {
+        tx.query(
             &tx.prepare_cached(
                 "UPDATE payment_attempts p SET state = 'authorized', updated_at = now() \
-             FROM unnest($1::text[], $2::text[]) AS t(h, r) \
-             WHERE p.hold_id = t.h AND p.reference = t.r AND p.state = 'pending' \
-             RETURNING p.hold_id, p.reference",
+                 FROM unnest($1::text[], $2::text[]) AS t(h, r) \
+                 WHERE p.hold_id = t.h AND p.reference = t.r AND p.state = 'pending' \
+                 RETURNING p.hold_id, p.reference",
             )
             .await?,
             &[&holds, &refs],
         )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .await
+    };
+    // Pipelined: the lock of the inventory rows goes out first and Postgres runs it first (a
+    // connection runs its statements in order), so rows are still locked before any attempt
+    // row, one round trip sooner.
+    let (_, claimed) = tokio::try_join!(lock_inventory(tx, orders.iter().map(|(_, o)| *o)), claim)?;
+    let claimed: HashSet<(String, String)> = claimed.iter().map(|r| (r.get(0), r.get(1))).collect();
     // One order per hold: the first job of a hold whose attempt was claimed writes it.
     let mut writing: HashSet<&str> = HashSet::new();
     let to_write: Vec<&NewOrder> = by_fan
