@@ -120,6 +120,11 @@ pub const DEFAULT_SHOP_CONCURRENCY: usize = 256;
 pub const MAX_SHOP_CONCURRENCY: usize = 5_000;
 /// A fan told `all_held` tries again after this long, until its shop window ends.
 pub const DEFAULT_RETRY_MS: u64 = 1_000;
+/// `--line-only`: how long the full line is watched after the last join, and how many fans'
+/// `/queue/me` are timed at its head and at its back.
+pub const DEFAULT_LINE_HOLD_S: f64 = 30.0;
+pub const DEFAULT_POSITION_SAMPLES: usize = 200;
+pub const MAX_POSITION_SAMPLES: usize = 100_000;
 /// engine::config's `DEFAULT_CONFIRM_GRACE_MS` (loadtest doesn't link the engine).
 pub const DEFAULT_CONFIRM_GRACE_MS: u64 = 60_000;
 pub const DEFAULT_SALE_MAX_DURATION_S: f64 = 900.0;
@@ -700,6 +705,21 @@ pub struct SaleArgs {
     #[arg(long, default_value_t = DEFAULT_SOLD_OUT_GRACE_S)]
     pub sold_out_grace_s: f64,
 
+    /// The line at scale instead of a sale: every fan joins (HTTP fans join once and never
+    /// poll: give the drop a long --leave-grace-s), nobody shops (give it stock that never runs
+    /// out); reports the join rate, Redis memory per waiter, `/queue/me` at the head and at the
+    /// back of the line, and the admission rate while the line is full.
+    #[arg(long)]
+    pub line_only: bool,
+
+    /// `--line-only`: how long the full line is watched after the last join.
+    #[arg(long, default_value_t = DEFAULT_LINE_HOLD_S)]
+    pub line_hold_s: f64,
+
+    /// `--line-only`: fans whose `/queue/me` is timed at the head and at the back, each.
+    #[arg(long, default_value_t = DEFAULT_POSITION_SAMPLES)]
+    pub position_samples: usize,
+
     /// The join script's rate alone under redis-benchmark, measured in the same run
     /// (bench/sale.sh): the report gives the join rate as a ratio of it.
     #[arg(long)]
@@ -846,6 +866,14 @@ impl SaleArgs {
             if !finite_in(v, lo, MAX_DURATION_S) {
                 return Err(format!("{name} must be in [{lo}, {MAX_DURATION_S}]"));
             }
+        }
+        if !finite_in(self.line_hold_s, 1.0, MAX_DURATION_S) {
+            return Err(format!("--line-hold-s must be in [1, {MAX_DURATION_S}]"));
+        }
+        if !(1..=MAX_POSITION_SAMPLES).contains(&self.position_samples) {
+            return Err(format!(
+                "--position-samples must be in 1..={MAX_POSITION_SAMPLES}"
+            ));
         }
         if self.pre_queue_pct > 0 && self.pre_open_s < 1.0 {
             return Err("a pre-queue (--pre-queue-pct) needs --pre-open-s of at least 1".into());
@@ -1256,6 +1284,21 @@ pub(crate) mod tests {
             Ok(())
         );
         assert_eq!(parse_sale(&["--fans", "1000000"]).validate(), Ok(()));
+        // The line at a million.
+        let line = parse_sale(&[
+            "--line-only",
+            "--fans",
+            "1000000",
+            "--ws-fans",
+            "2000",
+            "--stock",
+            "10000000",
+            "--leave-grace-s",
+            "86400",
+        ]);
+        assert!(line.line_only);
+        assert_eq!(line.validate(), Ok(()));
+        assert!(parse_sale(&["--position-samples", "0"]).validate().is_err());
         assert!(parse_sale(&["--ws-fans", "2001"]).validate().is_err());
         assert!(parse_sale(&["--pay-pct", "95", "--release-pct", "10"])
             .validate()

@@ -64,6 +64,12 @@ const PRE_QUEUE_SPREAD: f64 = 0.7;
 /// Sockets of the post-open processes start this long after `opens_at`, so the first joins
 /// aren't refused by a server whose clock is a hair behind ours.
 const OPEN_MARGIN: Duration = Duration::from_millis(200);
+/// `--line-only`: the head's exact positions are timed this many seconds of admissions past
+/// the first waiter, so admission doesn't overtake the sample while it is timed.
+const POSITION_HEAD_MARGIN_S: f64 = 5.0;
+/// Reading Redis' INFO: how long, and how much, at most.
+const REDIS_INFO_TIMEOUT: Duration = Duration::from_secs(5);
+const REDIS_INFO_MAX_BYTES: usize = 64 * 1024;
 /// Source addresses of the HTTP fans: 127.0.0.(HTTP_HOST_BASE + k).
 const HTTP_HOST_BASE: usize = 2;
 
@@ -391,7 +397,12 @@ async fn http_join(ctx: &Ctx, agenda: &Agenda, slot: &mut Slot, fan: usize) {
             log.join_place = v["place"].as_i64();
             log.join_status = v["status"].as_str().map(str::to_owned);
             drop(t);
-            agenda.push(poll_at, fan, Step::Poll);
+            if ctx.args.line_only {
+                // In line: never polls (the drop's grace keeps it there).
+                ctx.http_live.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                agenda.push(poll_at, fan, Step::Poll);
+            }
         }
         Ok((status, bytes, _)) => {
             let code =
@@ -489,6 +500,23 @@ fn idempotency_key() -> HeaderValue {
 
 /// Shops for one admitted fan: think, reserve (again while `all_held`), then pay, release or
 /// abandon; hostile fans try what they shouldn't on the way.
+/// Books an admission: the token's place and session (its shop end, and the admission's Redis
+/// time, the shop end minus the shop window). Returns (place, shop end ms).
+fn book_admission(ctx: &Ctx, line: &AdmissionLine) -> (Option<i64>, Option<i64>) {
+    let claims = ws_clients::token_claims(&line.admission_token);
+    let claim = |k: &str| claims.as_ref().and_then(|c| c.get(k)?.as_i64());
+    let (token_place, shop_end_ms) = (claim("place"), claim("shop_end_ms"));
+    let mut t = ctx.tally();
+    t.shop.admitted += 1;
+    if let Some(log) = t.fans.get_mut(line.fan) {
+        log.token_place = token_place;
+        log.admitted_ms = shop_end_ms.map(|e| e - i64::from(ctx.args.shop_window_s) * 1000);
+        log.shop_end_ms = shop_end_ms;
+        log.end = Some(report::SessionEnd::NoHold);
+    }
+    (token_place, shop_end_ms)
+}
+
 async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
     let Ok(_permit) = shops.acquire().await else {
         return;
@@ -497,19 +525,7 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
     let Some(f) = ctx.fans.get(fan) else {
         return;
     };
-    let claims = ws_clients::token_claims(&line.admission_token);
-    let claim = |k: &str| claims.as_ref().and_then(|c| c.get(k)?.as_i64());
-    let token_place = claim("place");
-    let shop_end_ms = claim("shop_end_ms");
-    {
-        let mut t = ctx.tally();
-        t.shop.admitted += 1;
-        let log = &mut t.fans[fan];
-        log.token_place = token_place;
-        log.admitted_ms = shop_end_ms.map(|e| e - i64::from(ctx.args.shop_window_s) * 1000);
-        log.shop_end_ms = shop_end_ms;
-        log.end = Some(report::SessionEnd::NoHold);
-    }
+    let (token_place, shop_end_ms) = book_admission(&ctx, &line);
     tokio::time::sleep(Duration::from_millis(ctx.args.think_ms)).await;
     // One connection per server: a slot keeps the connection it opened first.
     let mut slot = Slot::new(ctx.timeout);
@@ -966,6 +982,243 @@ async fn sample_counts(
     }
 }
 
+/// Until the drop's counts show every unit sold (or `--max-duration-s`), with a bar; then the
+/// waiters' grace to hear it. Whether it sold out.
+async fn until_sold_out(
+    ctx: &Ctx,
+    clients: &[Clients],
+    samples: &Mutex<Vec<Sample>>,
+    sold_out: &tokio::sync::Notify,
+    opened: Instant,
+) -> bool {
+    let args = &ctx.args;
+    let bar = crate::bar(
+        args.quiet,
+        args.stock,
+        "sale          {bar:30} {pos}/{len} sold [{elapsed_precise}] {msg}",
+    );
+    let deadline = opened + Duration::from_secs_f64(args.max_duration_s);
+    let finished = loop {
+        let last = samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .copied();
+        if let Some(s) = last {
+            bar.set_position(s.sold.max(0) as u64);
+        }
+        let opened_sockets: u64 = clients.iter().map(|c| c.counts().opened).sum();
+        {
+            let t = ctx.tally();
+            bar.set_message(format!(
+                "sockets {opened_sockets} · admitted {} · held {} · paid {}",
+                t.shop.admitted,
+                last.map_or(0, |s| s.held),
+                t.shop.paid
+            ));
+        }
+        tokio::select! {
+            _ = sold_out.notified() => break true,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+    };
+    bar.finish_and_clear();
+    let sold_out_after = opened.elapsed();
+    crate::note(
+        args.quiet,
+        format_args!(
+            "{} after {:.1} s; letting waiters hear it",
+            if finished { "sold out" } else { "out of time" },
+            sold_out_after.as_secs_f64()
+        ),
+    );
+    // Waiters hear it: sockets by push; HTTP fans at their next poll.
+    let grace = Duration::from_secs_f64(args.sold_out_grace_s);
+    let http_grace = Duration::from_millis(args.poll_ms * 5 / 4 + 1000);
+    let grace_end = Instant::now() + grace;
+    let http_end = Instant::now() + grace.max(http_grace);
+    tokio::time::sleep_until(grace_end).await;
+    while Instant::now() < http_end && ctx.http_live.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    finished
+}
+
+/// `--line-only`: until every fan has tried to join (or `--max-duration-s`), then the line held
+/// full for `--line-hold-s`, then `/queue/me` timed at its head and its back.
+async fn watch_line(ctx: &Ctx, clients: &[Clients], opened: Instant) -> LineWatch {
+    let args = &ctx.args;
+    let deadline = opened + Duration::from_secs_f64(args.max_duration_s);
+    let bar = crate::bar(
+        args.quiet,
+        args.fans as u64,
+        "joining       {bar:30} {pos}/{len} [{elapsed_precise}] {msg}",
+    );
+    let full = loop {
+        let sockets = clients.iter().fold((0, 0), |(o, f), c| {
+            let n = c.counts();
+            (o + n.opened, f + n.failed)
+        });
+        let http_left = ctx.http_live.load(Ordering::Relaxed);
+        let http_done = (args.fans - args.ws_fans) as u64 - http_left;
+        bar.set_position(sockets.0 + sockets.1 + http_done);
+        bar.set_message(format!(
+            "sockets {} · admitted {}",
+            sockets.0,
+            ctx.tally().shop.admitted
+        ));
+        if http_left == 0 && sockets.0 + sockets.1 >= args.ws_fans as u64 {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    bar.finish_and_clear();
+    let full_at_ms = wall_us() / 1000;
+    let used_memory_full = redis_used_memory(args.redis_url.as_deref()).await;
+    crate::note(
+        args.quiet,
+        format_args!(
+            "{} after {:.1} s; watching the full line for {:.0} s",
+            if full {
+                "everyone joined"
+            } else {
+                "out of time"
+            },
+            opened.elapsed().as_secs_f64(),
+            args.line_hold_s
+        ),
+    );
+    let hold_from_ms = wall_us() / 1000;
+    tokio::time::sleep(Duration::from_secs_f64(args.line_hold_s)).await;
+    let hold_to_ms = wall_us() / 1000;
+
+    // Exact positions: the waiters with the lowest places not yet admitted, and the last ones.
+    let mut waiting: Vec<(i64, usize)> = {
+        let t = ctx.tally();
+        (args.ws_fans..args.fans)
+            .filter_map(|i| {
+                let l = &t.fans[i];
+                (l.admitted_ms.is_none() && l.join_status.as_deref() == Some("waiting"))
+                    .then_some((l.join_place?, i))
+            })
+            .collect()
+    };
+    waiting.sort_unstable();
+    // Admission moves on while the head is timed: start a few seconds of admissions further in.
+    let skip = (args.rate_per_s * POSITION_HEAD_MARGIN_S) as usize;
+    let n = args.position_samples;
+    let head: Vec<usize> = waiting.iter().skip(skip).take(n).map(|(_, i)| *i).collect();
+    let back: Vec<usize> = waiting.iter().rev().take(n).map(|(_, i)| *i).collect();
+    let position_head = time_positions(ctx, &head).await;
+    let position_back = time_positions(ctx, &back).await;
+    LineWatch {
+        full,
+        full_at_ms,
+        used_memory_full,
+        hold_from_ms,
+        hold_to_ms,
+        position_head,
+        position_back,
+    }
+}
+
+/// What `--line-only` saw while it watched.
+struct LineWatch {
+    full: bool,
+    full_at_ms: i64,
+    used_memory_full: Option<u64>,
+    hold_from_ms: i64,
+    hold_to_ms: i64,
+    position_head: Percentiles,
+    position_back: Percentiles,
+}
+
+/// `GET /queue/me` of each fan in turn on one connection: the latency of an exact position.
+async fn time_positions(ctx: &Ctx, fans: &[usize]) -> Percentiles {
+    let mut slot = Slot::new(ctx.timeout);
+    let mut h = new_histogram();
+    let path = ctx.queue_path("/me");
+    for &fan in fans {
+        let f = &ctx.fans[fan];
+        if let Ok((status, _, took)) = call(
+            ctx,
+            &mut slot,
+            &ctx.queue,
+            "position",
+            Method::GET,
+            &path,
+            &f.auth,
+            &[],
+            None,
+        )
+        .await
+        {
+            if status.is_success() {
+                record(&mut h, micros(took));
+            }
+        }
+    }
+    Percentiles::of(&h)
+}
+
+/// Redis' `used_memory` (INFO memory) at `redis://[:password@]host:port`, read with a plain
+/// RESP exchange; None when there is no URL or it can't be read (the report says n/a).
+async fn redis_used_memory(url: Option<&str>) -> Option<u64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rest = url?.strip_prefix("redis://").unwrap_or(url?);
+    let hostport = rest.split('/').next()?;
+    let (auth, hostport) = match hostport.rsplit_once('@') {
+        Some((a, h)) => (Some(a), h),
+        None => (None, hostport),
+    };
+    let mut stream =
+        tokio::time::timeout(REDIS_INFO_TIMEOUT, tokio::net::TcpStream::connect(hostport))
+            .await
+            .ok()?
+            .ok()?;
+    let mut ask = String::new();
+    if let Some(password) = auth.and_then(|a| a.split_once(':')).map(|(_, p)| p) {
+        ask.push_str(&format!(
+            "*2\r\n$4\r\nAUTH\r\n${}\r\n{password}\r\n",
+            password.len()
+        ));
+    }
+    ask.push_str("*2\r\n$4\r\nINFO\r\n$6\r\nmemory\r\n");
+    stream.write_all(ask.as_bytes()).await.ok()?;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if let Some(v) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse().ok())
+            {
+                return Some(v);
+            }
+            if got.len() > REDIS_INFO_MAX_BYTES {
+                return None;
+            }
+        }
+    };
+    tokio::time::timeout(REDIS_INFO_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// The `sale` scenario. `Ok(passed)`: every invariant held (and with `--check`, every bar was
 /// met); `Err` for setup failures.
 pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
@@ -1020,6 +1273,11 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
         ),
     );
     let watched = Arc::new(Watched::find(&args, &booking, &queue));
+    let used_memory_before = if args.line_only {
+        redis_used_memory(args.redis_url.as_deref()).await
+    } else {
+        None
+    };
 
     let ws_url = format!(
         "ws://{queue_authority}{queue_base_path}/v1/drops/{}/queue/ws",
@@ -1047,6 +1305,11 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
         tokio::spawn(async move {
             let mut tasks = tokio::task::JoinSet::new();
             while let Some(line) = admit_rx.recv().await {
+                if ctx.args.line_only {
+                    // Nobody shops: the admission is only counted.
+                    book_admission(&ctx, &line);
+                    continue;
+                }
                 tasks.spawn(shop(Arc::clone(&ctx), line, Arc::clone(&shops)));
                 while tasks.try_join_next().is_some() {}
             }
@@ -1120,59 +1383,15 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
     }
     drop(admit_tx);
 
-    // Until sold out (or out of time), with a bar.
-    let bar = crate::bar(
-        args.quiet,
-        args.stock,
-        "sale          {bar:30} {pos}/{len} sold [{elapsed_precise}] {msg}",
-    );
-    let deadline = opened + Duration::from_secs_f64(args.max_duration_s);
-    let finished = loop {
-        let last = samples
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .last()
-            .copied();
-        if let Some(s) = last {
-            bar.set_position(s.sold.max(0) as u64);
-        }
-        let opened_sockets: u64 = clients.iter().map(|c| c.counts().opened).sum();
-        {
-            let t = ctx.tally();
-            bar.set_message(format!(
-                "sockets {opened_sockets} · admitted {} · held {} · paid {}",
-                t.shop.admitted,
-                last.map_or(0, |s| s.held),
-                t.shop.paid
-            ));
-        }
-        tokio::select! {
-            _ = sold_out.notified() => break true,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        if Instant::now() >= deadline {
-            break false;
-        }
+    let (finished, line_watch) = if args.line_only {
+        let watch = watch_line(&ctx, &clients, opened).await;
+        (watch.full, Some(watch))
+    } else {
+        (
+            until_sold_out(&ctx, &clients, &samples, &sold_out, opened).await,
+            None,
+        )
     };
-    bar.finish_and_clear();
-    let sold_out_after = opened.elapsed();
-    crate::note(
-        args.quiet,
-        format_args!(
-            "{} after {:.1} s; letting waiters hear it",
-            if finished { "sold out" } else { "out of time" },
-            sold_out_after.as_secs_f64()
-        ),
-    );
-    // Waiters hear it: sockets by push; HTTP fans at their next poll.
-    let grace = Duration::from_secs_f64(args.sold_out_grace_s);
-    let http_grace = Duration::from_millis(args.poll_ms * 5 / 4 + 1000);
-    let grace_end = Instant::now() + grace;
-    let http_end = Instant::now() + grace.max(http_grace);
-    tokio::time::sleep_until(grace_end).await;
-    while Instant::now() < http_end && ctx.http_live.load(Ordering::Relaxed) > 0 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let elapsed_s = opened.elapsed().as_secs_f64();
     let resources = watched.usage(elapsed_s);
     let load_after = procfs::load_average();
@@ -1235,14 +1454,27 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
         &seed,
         opens_at_ms,
     );
+    out.line = line_watch.map(|w| {
+        line_figures(
+            &w,
+            &merge_ticks(&reports),
+            used_memory_before,
+            args.rate_per_s,
+        )
+    });
     out.run_id = run_id;
     out.started_at = started_at;
     out.machine = machine;
     out.resources = resources;
     out.checks = report::checks(&out, args.per_fan_limit);
     if !finished {
+        let what = if args.line_only {
+            "every fan joined within --max-duration-s"
+        } else {
+            "sold out within --max-duration-s"
+        };
         out.checks.push(invariants::Check::new(
-            "sold out within --max-duration-s",
+            what,
             false,
             format!("{:.0} s", args.max_duration_s),
         ));
@@ -1411,7 +1643,12 @@ fn figures(
     let first_post = post.iter().filter_map(|(_, l)| l.admitted_ms).min();
     let fairness = report::Fairness {
         after_open_fans: post.len() as u64,
-        tau_after_open: report::kendall_tau_b(&pairs(&|l| l.admitted_ms)),
+        tau_after_open: report::kendall_tau_b(&report::admission_ranks(
+            &post
+                .iter()
+                .filter_map(|(_, l)| Some((l.join_us?, l.admitted_ms?, l.token_place?)))
+                .collect::<Vec<_>>(),
+        )),
         tau_join_vs_place: report::kendall_tau_b(&pairs(&|l| l.token_place)),
         pre_queue_fans: pre.len() as u64,
         pre_queue_place_mismatches: mismatches,
@@ -1512,11 +1749,51 @@ fn figures(
         shop: t.shop.clone(),
         errors: t.errors.clone(),
         hostile,
+        line: None,
         resources: Vec::new(),
         series,
         checks: Vec::new(),
         invariants_held: false,
         bars_met: false,
+    }
+}
+
+/// `--line-only`'s figures from what it watched and the ticks the sockets saw.
+fn line_figures(
+    w: &LineWatch,
+    ticks: &[ws_clients::TickSeen],
+    used_memory_before: Option<u64>,
+    rate_per_s: f64,
+) -> report::LineFigures {
+    let waiting_at = |ms: i64| {
+        ticks
+            .iter()
+            .filter(|t| t.at_ms <= ms)
+            .filter_map(|t| t.waiting)
+            .next_back()
+    };
+    let waiting_full = waiting_at(w.full_at_ms).unwrap_or(0);
+    let hold_s = (w.hold_to_ms - w.hold_from_ms) as f64 / 1000.0;
+    let steady = crate::queue_report::admission(ticks, w.hold_from_ms, hold_s, rate_per_s);
+    report::LineFigures {
+        waiting_peak: ticks.iter().filter_map(|t| t.waiting).max().unwrap_or(0),
+        waiting_end: waiting_at(w.hold_to_ms).unwrap_or(0),
+        redis_used_memory_before: used_memory_before,
+        redis_used_memory_full: w.used_memory_full,
+        redis_bytes_per_waiter: match (used_memory_before, w.used_memory_full) {
+            (Some(a), Some(b)) if waiting_full > 0 => {
+                Some((b as f64 - a as f64) / waiting_full as f64)
+            }
+            _ => None,
+        },
+        position_head: w.position_head,
+        position_back: w.position_back,
+        hold_from_ms: steady.as_ref().map_or(w.hold_from_ms, |a| a.window_from_ms),
+        hold_to_ms: steady.as_ref().map_or(w.hold_from_ms, |a| a.window_to_ms),
+        admitted_while_full_per_s: steady
+            .as_ref()
+            .map_or(0.0, |a| a.admitted as f64 / a.window_s),
+        ratio_while_full: steady.as_ref().map_or(0.0, |a| a.ratio),
     }
 }
 
@@ -1532,7 +1809,9 @@ fn settings_json(a: &SaleArgs) -> serde_json::Value {
         "pay_pct": a.pay_pct, "release_pct": a.release_pct, "hostile_pct": a.hostile_pct,
         "join_rate_per_s": a.join_rate_per_s, "poll_ms": a.poll_ms,
         "http_connections": a.http_connections, "shop_concurrency": a.shop_concurrency,
-        "client_procs": a.client_procs, "confirm_grace_ms": a.confirm_grace_ms, "sockets_per_addr": a.sockets_per_addr,
+        "client_procs": a.client_procs, "confirm_grace_ms": a.confirm_grace_ms,
+        "line_only": a.line_only, "line_hold_s": a.line_hold_s,
+        "position_samples": a.position_samples, "sockets_per_addr": a.sockets_per_addr,
         "max_duration_s": a.max_duration_s, "sold_out_grace_s": a.sold_out_grace_s,
     })
 }

@@ -17,6 +17,9 @@ use crate::ws_clients::TickSeen;
 pub const BAR_TAU: f64 = 0.99;
 pub const BAR_ADMIT_RATE_ERROR_PCT: f64 = 2.0;
 pub const BAR_SOLD_OUT_P99_MS: f64 = 2_000.0;
+/// Fewer fans admitted after opening than this and τ's bar isn't judged (a handful of pairs
+/// says nothing about the order).
+pub const MIN_TAU_FANS: u64 = 20;
 /// Kendall's τ is O(n²) here: beyond this many fans an evenly spaced sample of them is used
 /// (the report says how many pairs were compared).
 pub const MAX_TAU_FANS: usize = 20_000;
@@ -46,6 +49,20 @@ pub fn kendall_tau_b(pairs: &[(i64, i64)]) -> Option<f64> {
         return None;
     }
     Some((concordant - discordant) as f64 / (n1 * n2).sqrt())
+}
+
+/// `(x, admitted_ms, place)` → `(x, rank in admission order)`. Admission order is the order
+/// lua/admit.lua admitted the fans in: by admission run (its Redis time), and within one run by
+/// place, lowest first, as the script pops them. (Leaving a run's fans tied would make τ-b
+/// read a burst of admissions as disorder.)
+pub fn admission_ranks(fans: &[(i64, i64, i64)]) -> Vec<(i64, i64)> {
+    let mut order: Vec<usize> = (0..fans.len()).collect();
+    order.sort_by_key(|&i| (fans[i].1, fans[i].2));
+    let mut out = vec![(0, 0); fans.len()];
+    for (rank, i) in order.into_iter().enumerate() {
+        out[i] = (fans[i].0, rank as i64);
+    }
+    out
 }
 
 /// One reading of the drop's live counts (`GET /v1/drops/{drop_id}`).
@@ -215,7 +232,8 @@ pub fn percentiles_of_us(values_us: impl IntoIterator<Item = i64>) -> Percentile
 pub struct Fairness {
     /// Fans admitted after joining after opening (rejoiners left out), and τ-b between the
     /// order their join answers arrived in and the order they were admitted in (the admission
-    /// time in their token, Redis' clock; fans of one admission run tie).
+    /// time in their token, Redis' clock; in one admission run, in place order, as the script
+    /// admits them: [`admission_ranks`]).
     pub after_open_fans: u64,
     pub tau_after_open: Option<f64>,
     /// τ-b between join order and place (what the line promised them).
@@ -344,6 +362,27 @@ pub struct Outcome {
     pub pg_fans_over_limit: Option<i64>,
 }
 
+/// `--line-only`: the line at scale.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LineFigures {
+    /// The longest line the ticks reported, and the line at the end.
+    pub waiting_peak: i64,
+    pub waiting_end: i64,
+    /// Redis' `used_memory` before the first join and with the line full, and per waiter.
+    pub redis_used_memory_before: Option<u64>,
+    pub redis_used_memory_full: Option<u64>,
+    pub redis_bytes_per_waiter: Option<f64>,
+    /// `GET /queue/me` (an exact position) for waiters at the head of the line and at its back.
+    pub position_head: Percentiles,
+    pub position_back: Percentiles,
+    /// Admissions per second over the hold after the last join (the line full, nobody
+    /// shopping), against the set rate.
+    pub hold_from_ms: i64,
+    pub hold_to_ms: i64,
+    pub admitted_while_full_per_s: f64,
+    pub ratio_while_full: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SaleReport {
     pub scenario: &'static str,
@@ -369,6 +408,8 @@ pub struct SaleReport {
     /// every request without one (`confirm:timeout`).
     pub errors: BTreeMap<String, u64>,
     pub hostile: Hostile,
+    /// `--line-only` runs: the line at scale.
+    pub line: Option<LineFigures>,
     pub resources: Vec<ProcUsage>,
     pub series: Series,
     pub checks: Vec<Check>,
@@ -383,12 +424,15 @@ pub fn checks(r: &SaleReport, per_fan_limit: u32) -> Vec<Check> {
     let o = &r.outcome;
     let h = &r.hostile;
     let f = &r.fairness;
-    let mut out = vec![
-        Check::new(
+    let mut out = Vec::new();
+    if r.line.is_none() {
+        out.push(Check::new(
             "sold exactly the stock",
             o.sold_api == o.stock as i64,
             format!("sold {} of {}", o.sold_api, o.stock),
-        ),
+        ));
+    }
+    out.extend([
         Check::new(
             "available + held + sold == stock",
             o.available_end + o.held_end + o.sold_api == o.stock as i64,
@@ -440,7 +484,7 @@ pub fn checks(r: &SaleReport, per_fan_limit: u32) -> Vec<Check> {
                 h.reused_key_other
             ),
         ),
-    ];
+    ]);
     if f.pre_queue_fans > 0 {
         out.push(Check::new(
             "pre-queue order is the revealed seed's (τ = 1.0)",
@@ -459,7 +503,9 @@ pub fn checks(r: &SaleReport, per_fan_limit: u32) -> Vec<Check> {
     }
     out.push(bar(
         format!("bar: τ(join order, admission order) ≥ {BAR_TAU}"),
-        f.tau_after_open.map(|t| t >= BAR_TAU),
+        f.tau_after_open
+            .filter(|_| f.after_open_fans >= MIN_TAU_FANS)
+            .map(|t| t >= BAR_TAU),
         format!(
             "τ {} over {} fans admitted after opening",
             opt(f.tau_after_open, 4),
@@ -475,6 +521,20 @@ pub fn checks(r: &SaleReport, per_fan_limit: u32) -> Vec<Check> {
             a.rate_per_s, a.set_rate_per_s, a.ratio, a.seconds
         ),
     ));
+    if let Some(l) = &r.line {
+        out.push(bar(
+            format!(
+                "bar: admission steady at the head while the line is full (±{BAR_ADMIT_RATE_ERROR_PCT} %)"
+            ),
+            (l.hold_to_ms > l.hold_from_ms)
+                .then_some((l.ratio_while_full - 1.0).abs() * 100.0 <= BAR_ADMIT_RATE_ERROR_PCT),
+            format!(
+                "{:.2}/s against {:.2}/s ({:.4}×) with {} waiting",
+                l.admitted_while_full_per_s, a.set_rate_per_s, l.ratio_while_full, l.waiting_end
+            ),
+        ));
+        return out;
+    }
     let s = &r.sold_out;
     out.push(bar(
         format!("bar: every waiting socket told sold_out, p99 ≤ {BAR_SOLD_OUT_P99_MS} ms"),
@@ -648,6 +708,29 @@ pub fn render_text(r: &SaleReport) -> String {
         h.over_limit_refused,
         h.over_limit_accepted
     );
+    if let Some(l) = &r.line {
+        let _ = writeln!(
+            out,
+            "line: {} waiting at most, {} at the end; Redis used_memory {} → {} bytes: {} bytes \
+             per waiter",
+            l.waiting_peak,
+            l.waiting_end,
+            opt_u(l.redis_used_memory_before),
+            opt_u(l.redis_used_memory_full),
+            opt(l.redis_bytes_per_waiter, 0)
+        );
+        let _ = writeln!(
+            out,
+            "line: /queue/me at the head p50 {:.1} ms p99 {:.1} ms; at the back p50 {:.1} ms p99 \
+             {:.1} ms; admitted {:.2}/s while full ({:.4}× the set rate)",
+            l.position_head.p50_ms,
+            l.position_head.p99_ms,
+            l.position_back.p50_ms,
+            l.position_back.p99_ms,
+            l.admitted_while_full_per_s,
+            l.ratio_while_full
+        );
+    }
     for p in &r.resources {
         let _ = writeln!(
             out,
@@ -679,6 +762,10 @@ pub fn render_text(r: &SaleReport) -> String {
         }
     );
     out
+}
+
+fn opt_u(v: Option<u64>) -> String {
+    v.map_or_else(|| "n/a".to_owned(), |v| v.to_string())
 }
 
 fn opt_i(v: Option<i64>) -> String {
@@ -944,6 +1031,22 @@ mod tests {
         assert!(t > 0.8 && t < 1.0, "{t}");
         assert_eq!(kendall_tau_b(&[(1, 1)]), None);
         assert_eq!(kendall_tau_b(&[(1, 1), (1, 2)]), None);
+    }
+
+    #[test]
+    fn admission_order_is_by_run_then_place() {
+        // Joined in order 1..=4; admitted in one run (at 100) in place order, the last alone
+        // later: no disorder, even though three share a run.
+        let fans = [(1, 100, 11), (2, 100, 12), (3, 100, 13), (4, 200, 14)];
+        let ranks = admission_ranks(&fans);
+        assert_eq!(ranks, [(1, 0), (2, 1), (3, 2), (4, 3)]);
+        assert_eq!(kendall_tau_b(&ranks), Some(1.0));
+        // With the run's ties left in, τ-b would read 0.41.
+        let tied: Vec<(i64, i64)> = fans.iter().map(|f| (f.0, f.1)).collect();
+        assert!(kendall_tau_b(&tied).unwrap() < 0.9);
+        // A fan who joined first but was admitted after a later one counts against.
+        let swapped = admission_ranks(&[(1, 100, 12), (2, 100, 11), (3, 200, 13)]);
+        assert!(kendall_tau_b(&swapped).unwrap() < 1.0);
     }
 
     fn tick(at_ms: i64, total: i64, waiting: i64, state: &str) -> TickSeen {

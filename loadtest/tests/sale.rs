@@ -25,12 +25,17 @@ fn out_dir() -> PathBuf {
     dir
 }
 
+/// The test config with one dev identity for both servers: booking-api signs the fans' tokens,
+/// queue-server verifies them (each would make up its own secret otherwise).
+fn config() -> engine::Config {
+    let mut cfg = testkit::test_config();
+    cfg.identity.dev_secret = format!("loadtest-sale-{:016x}", rand::random::<u64>());
+    cfg
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_sale_sells_exactly_its_stock_and_reports_it() {
-    let mut cfg = testkit::test_config();
-    // One dev identity for both servers: booking-api signs the fans' tokens, queue-server
-    // verifies them (each would make up its own secret otherwise).
-    cfg.identity.dev_secret = format!("loadtest-sale-{:016x}", rand::random::<u64>());
+    let mut cfg = config();
     // Admission counts a fan whose hold was abandoned as still shopping until the hold's expiry
     // plus the confirm grace, and one who released until the shop window ends: keep both short
     // so the units they gave back are sold within the test.
@@ -158,5 +163,76 @@ async fn a_short_sale_sells_exactly_its_stock_and_reports_it() {
     assert_eq!(seen["charts"], "4", "{seen}");
     assert!(seen["drawn"].as_u64() >= Some(5), "{seen}");
     page.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--line-only`, small: every fan joins and stays (no polls, a long grace), nobody shops; the
+/// report gives the line's figures and the invariants still hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_line_mode_fills_the_line_and_reports_it() {
+    let cfg = config();
+    let (redis_url, database_url) = (cfg.redis.url.clone(), cfg.database.url.clone());
+    let booking = booking_api::start(cfg.clone())
+        .await
+        .expect("booking-api starts");
+    let mut qcfg = cfg;
+    qcfg.queue.booking_public_url = booking.url();
+    let queue = queue_server::start(qcfg)
+        .await
+        .expect("queue-server starts");
+    let client =
+        testkit::BookingClient::with_new_keys(booking.url(), &booking.engine, "loadtest-line")
+            .await;
+    let dir = out_dir();
+    let json_path = dir.join("line.json");
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["sale", "--quiet", "--line-only"])
+        .args(["--booking-url", &booking.url()])
+        .args(["--queue-url", &queue.url()])
+        .args(["--seller-key", &client.seller_key])
+        .args(["--database-url", &database_url])
+        .args(["--redis-url", &redis_url])
+        .args(["--fans", "300", "--ws-fans", "40", "--client-procs", "1"])
+        .args(["--stock", "1000000", "--leave-grace-s", "86400"])
+        .args(["--pre-queue-pct", "0", "--pre-open-s", "0"])
+        .args([
+            "--rate-per-s",
+            "10",
+            "--burst",
+            "5",
+            "--join-rate-per-s",
+            "300",
+        ])
+        .args(["--line-hold-s", "2", "--position-samples", "20"])
+        .args(["--json", json_path.to_str().unwrap()])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(RUN_LIMIT, run)
+        .await
+        .expect("the run ends")
+        .expect("loadtest sale --line-only runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "loadtest sale --line-only failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{stdout}");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json_path).expect("the JSON report"))
+            .expect("the JSON report parses");
+    let line = &report["line"];
+    assert!(line["waiting_peak"].as_i64() > Some(200), "{line}");
+    assert!(line["redis_used_memory_full"].as_u64() > Some(0), "{line}");
+    assert!(
+        line["position_back"]["count"].as_u64() == Some(20),
+        "{line}"
+    );
+    assert!(line["position_head"]["count"].as_u64() > Some(0), "{line}");
+    assert_eq!(report["outcome"]["sold_api"], 0, "nobody shops: {report:#}");
+    assert_eq!(report["invariants_held"], true, "{report:#}");
+    queue.shutdown().await;
+    booking.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
