@@ -35,6 +35,9 @@
 #   SLOW_MIN_MS, SLOW_MAX_MS  the slow gateway's time per call         [200, 500]
 #   PGBENCH_CLIENTS, PGBENCH_S, BATCH   the baseline                   [64, 10, 10]
 #   PORT_BASE            first booking-api port                        [18480]
+#   AOF_REWRITE          `off`: no automatic AOF rewrite during the runs (auto-aof-rewrite-
+#                        percentage 0, as docs/OPERATIONS.md advises for a sale; put back at the
+#                        end); anything else leaves Redis as it is            [on]
 #   PG_BIN               PostgreSQL's binaries (pgbench, psql)         [/usr/lib/postgresql/15/bin]
 #   LOADTEST, BOOKING_API  binaries  [target/release/loadtest, target/release/booking-api]
 #   OUT_DIR              raw outputs                   [target/bench/confirm-<timestamp>]
@@ -98,6 +101,10 @@ fi
 aof_rewrites() {
     "${redis_cli[@]}" info persistence | tr -d '\r' | awk -F: '$1 == "aof_rewrites" { print $2 }'
 }
+aof_pct=$("${redis_cli[@]}" config get auto-aof-rewrite-percentage | tail -n 1)
+if [[ ${AOF_REWRITE:-on} == off ]]; then
+    "${redis_cli[@]}" config set auto-aof-rewrite-percentage 0 >/dev/null
+fi
 
 # Every booking-api shares these: the same stores and the same fan-token secret, so a fan signed
 # in at one is known at the other; limits raised so the load generator (one address, a thousand
@@ -120,7 +127,7 @@ stop_instances() {
     done
     pids=()
 }
-trap stop_instances EXIT
+trap 'stop_instances; "${redis_cli[@]}" config set auto-aof-rewrite-percentage "$aof_pct" >/dev/null || true' EXIT
 
 # start_instances N [ENV=VALUE ...] — N booking-api instances on PORT_BASE.., ready when it returns.
 start_instances() {
@@ -240,7 +247,7 @@ done
 stop_instances
 
 echo
-echo "confirm baseline ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores)"
+echo "confirm baseline ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores; Redis auto-aof-rewrite-percentage $("${redis_cli[@]}" config get auto-aof-rewrite-percentage | tail -n 1))"
 printf '  %-44s %10s %9s %9s\n' "" "orders/s" "p50 ms" "p99 ms"
 printf '  %-44s %10s %9s %9s\n' "pgbench, $PGBENCH_CLIENTS clients, $BATCH orders a transaction" \
     "$baseline" "" "avg ${pg_lat:-?}"
