@@ -713,3 +713,62 @@ async fn fault_redis_flushed_then_rebuilt() {
     h.server.shutdown().await;
     f.stop().await;
 }
+
+// ---- 5. AOF rewrites wait for a quiet Redis ----------------------------------------------------
+
+/// `./dev` runs Redis with its own rewrites off (`auto-aof-rewrite-percentage 0`): booking-api asks
+/// for them (engine::aof). While Redis is busy past `redis.aof_quiet_ops_per_s`, a grown file is
+/// left alone; quiet, it is rewritten; past the ceiling, it is rewritten whatever the load. A stack
+/// of its own: the shared test Redis' file is as big as the whole run has made it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_aof_rewrites_wait_for_a_quiet_redis() {
+    async fn rewrites(f: &Fault) -> u64 {
+        engine::aof::AofState::parse(&f.redis_cli(&["INFO", "persistence"]).await).rewrites
+    }
+    let f = Fault::start("fault-aof-quiet").await;
+    let mut cfg = test_config_for(&f.redis_url, &f.db_url);
+    // Always "busy", and the ceiling out of reach: the background task must never ask.
+    cfg.redis.aof_rewrite_min_bytes = 0;
+    cfg.redis.aof_quiet_ops_per_s = 0;
+    cfg.redis.aof_rewrite_growth_pct = 1;
+    cfg.redis.aof_rewrite_max_growth_pct = u64::MAX;
+    cfg.redis.aof_check_interval_ms = 50;
+    let h = Harness::with_config(cfg.clone()).await;
+    let before = rewrites(&f).await;
+    // Grow the file well past 1 % (a new Redis' AOF is a few hundred bytes).
+    for _ in 0..3 {
+        h.ga_drop(100, 4, 600).await;
+    }
+    let state = h.server.engine.redis().aof_state().await.unwrap();
+    assert!(state.enabled, "the stack's Redis runs with an AOF");
+    assert!(state.growth_pct() >= 1, "the file grew: {state:?}");
+    assert_eq!(h.server.engine.aof_round().await, None, "busy: left alone");
+    // Many background looks later (50 ms apart), still none — and Redis' own policy is off.
+    for _ in 0..20 {
+        h.ga_drop(100, 4, 600).await;
+    }
+    assert_eq!(rewrites(&f).await, before, "no rewrite while busy");
+    h.server.shutdown().await;
+
+    // Quiet (any load is under u64::MAX): the next look asks, and Redis rewrites.
+    cfg.redis.aof_quiet_ops_per_s = u64::MAX;
+    let h = Harness::with_config(cfg.clone()).await;
+    eventually("a rewrite once quiet", || async {
+        rewrites(&f).await > before
+    })
+    .await;
+    h.server.shutdown().await;
+
+    // Past the ceiling, even busy.
+    let before = rewrites(&f).await;
+    cfg.redis.aof_quiet_ops_per_s = 0;
+    cfg.redis.aof_rewrite_max_growth_pct = 1;
+    let h = Harness::with_config(cfg).await;
+    h.ga_drop(100, 4, 600).await;
+    eventually("a rewrite past the ceiling", || async {
+        rewrites(&f).await > before
+    })
+    .await;
+    h.server.shutdown().await;
+    f.stop().await;
+}

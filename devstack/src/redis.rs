@@ -72,6 +72,9 @@ impl Redis {
             .arg("--dir")
             .arg(&self.dir)
             .args(["--appendonly", "yes", "--appendfsync", "everysec"])
+            // Rewrites are booking-api's to ask for, when Redis is quiet (engine::aof), not
+            // Redis' own each time the file doubles, which in a sale is its busiest minutes.
+            .args(["--auto-aof-rewrite-percentage", "0"])
             .args(["--save", "", "--daemonize", "no", "--protected-mode", "no"])
             .current_dir(&self.dir)
             .stdin(Stdio::null())

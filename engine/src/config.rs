@@ -84,6 +84,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), crate::Error> {
         let positive = [
             ("holds.sweep_interval_ms", self.holds.sweep_interval_ms),
+            (
+                "redis.aof_check_interval_ms",
+                self.redis.aof_check_interval_ms,
+            ),
             ("reconciler.interval_ms", self.reconciler.interval_ms),
             (
                 "reconciler.watch_interval_ms",
@@ -146,6 +150,12 @@ impl Config {
             return Err(crate::Error::invalid(
                 "config: gateway.timeout_ms must be below holds.confirm_safety_margin_ms \
                  (an authorization must end before the confirm deadline)",
+            ));
+        }
+        if self.redis.aof_rewrite_growth_pct > self.redis.aof_rewrite_max_growth_pct {
+            return Err(crate::Error::invalid(
+                "config: redis.aof_rewrite_growth_pct must not exceed \
+                 redis.aof_rewrite_max_growth_pct",
             ));
         }
         if self.gateway.test_call_min_ms > self.gateway.test_call_max_ms {
@@ -253,6 +263,18 @@ pub const DEFAULT_REDIS_POOL_SIZE: usize = 4;
 pub const DEFAULT_REDIS_COMMAND_TIMEOUT_MS: u64 = 2_000;
 pub const DEFAULT_REDIS_MAX_COMMAND_BUFFER_LEN: usize = 20_000;
 pub const DEFAULT_REDIS_MAX_FEED_COUNT: u64 = 200;
+/// An AOF rewrite is asked for once the file has doubled since the last one (Redis' own default
+/// threshold), but only while Redis is quiet (engine::aof).
+pub const DEFAULT_AOF_REWRITE_GROWTH_PCT: u64 = 100;
+/// Past 16× its size after the last rewrite the file is rewritten whatever the load: a restart
+/// replays all of it.
+pub const DEFAULT_AOF_REWRITE_MAX_GROWTH_PCT: u64 = 1_500;
+/// Under this many commands a second Redis counts as quiet. A sale runs thousands (each reserve
+/// is one script); an idle stack's background tasks a few dozen.
+pub const DEFAULT_AOF_QUIET_OPS_PER_S: u64 = 1_000;
+pub const DEFAULT_AOF_CHECK_INTERVAL_MS: u64 = 5_000;
+/// A file smaller than this is never worth a rewrite (Redis' own `auto-aof-rewrite-min-size`).
+pub const DEFAULT_AOF_REWRITE_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -266,6 +288,18 @@ pub struct RedisConfig {
     /// with backpressure instead of piling up (fred's default is unbounded).
     pub max_command_buffer_len: usize,
     pub max_feed_count: u64,
+    /// booking-api asks Redis for an AOF rewrite once the file has grown this much (percent of
+    /// its size after the last rewrite) and Redis is quiet; 0: never (Redis' own
+    /// `auto-aof-rewrite-percentage` then decides).
+    pub aof_rewrite_growth_pct: u64,
+    /// Smaller than this, the file is left alone.
+    pub aof_rewrite_min_bytes: u64,
+    /// Grown this much, the rewrite is asked for whatever the load.
+    pub aof_rewrite_max_growth_pct: u64,
+    /// Commands a second under which Redis counts as quiet.
+    pub aof_quiet_ops_per_s: u64,
+    /// How often the AOF's size and Redis' load are looked at.
+    pub aof_check_interval_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -276,6 +310,11 @@ impl Default for RedisConfig {
             command_timeout_ms: DEFAULT_REDIS_COMMAND_TIMEOUT_MS,
             max_command_buffer_len: DEFAULT_REDIS_MAX_COMMAND_BUFFER_LEN,
             max_feed_count: DEFAULT_REDIS_MAX_FEED_COUNT,
+            aof_rewrite_growth_pct: DEFAULT_AOF_REWRITE_GROWTH_PCT,
+            aof_rewrite_min_bytes: DEFAULT_AOF_REWRITE_MIN_BYTES,
+            aof_rewrite_max_growth_pct: DEFAULT_AOF_REWRITE_MAX_GROWTH_PCT,
+            aof_quiet_ops_per_s: DEFAULT_AOF_QUIET_OPS_PER_S,
+            aof_check_interval_ms: DEFAULT_AOF_CHECK_INTERVAL_MS,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`drops`] — drop definitions: creation requests, bounds, reserve requests against a drop.
 //! - [`keys`] — every Redis key name of a drop, in the orders the scripts take them.
 //! - [`scripts`] — all Redis access: one typed wrapper per Lua script, and a few reads.
+//! - [`aof`] — when Redis rewrites its AOF: once grown, and only while Redis is quiet.
 //! - [`db`] — the Postgres store: migrations, keys, drops, payments, orders, recovery reads.
 //! - [`writer`] — group commit of confirmed orders, a SAVEPOINT per order.
 //! - [`payments`] — the payment gateway trait and the deterministic test gateway.
@@ -18,6 +19,7 @@
 //! - [`metrics`] — metric names.
 //! - [`net`] — address blocks and the client's address behind trusted proxies.
 
+pub mod aof;
 pub mod booking;
 pub mod config;
 pub mod db;

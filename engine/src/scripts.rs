@@ -759,6 +759,23 @@ impl Redis {
         }
     }
 
+    /// What the AOF rewrite policy reads (engine::aof), from the node's `INFO`.
+    pub async fn aof_state(&self) -> Result<crate::aof::AofState> {
+        let cmd = fred::types::CustomCommand::new_static("INFO", None, false);
+        let info: String = self
+            .client()
+            .custom(cmd, vec!["persistence".to_owned(), "stats".to_owned()])
+            .await?;
+        Ok(crate::aof::AofState::parse(&info))
+    }
+
+    /// Asks Redis to rewrite its AOF in the background (`BGREWRITEAOF`).
+    pub async fn rewrite_aof(&self) -> Result<()> {
+        let cmd = fred::types::CustomCommand::new_static("BGREWRITEAOF", None, false);
+        let _: Value = self.client().custom(cmd, Vec::<String>::new()).await?;
+        Ok(())
+    }
+
     /// Removes a drop's seat map string, as a drop loaded by a release before it existed has
     /// none: tests of the map read from the seats hash instead.
     #[cfg(feature = "testing")]

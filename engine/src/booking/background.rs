@@ -78,6 +78,17 @@ impl Engine {
         )));
         let e = self.clone();
         tasks.push(tokio::spawn(every(
+            ms(self.cfg.redis.aof_check_interval_ms),
+            shutdown.clone(),
+            move || {
+                let e = e.clone();
+                async move {
+                    e.aof_round().await;
+                }
+            },
+        )));
+        let e = self.clone();
+        tasks.push(tokio::spawn(every(
             ms(self.cfg.drops.archive_interval_ms),
             shutdown,
             move || {
@@ -88,6 +99,35 @@ impl Engine {
             },
         )));
         tasks
+    }
+
+    /// The AOF rewrite policy's look (engine::aof): asks Redis for a rewrite when one is due,
+    /// and says which, if any.
+    pub async fn aof_round(&self) -> Option<crate::aof::Rewrite> {
+        let state = match self.redis.aof_state().await {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read Redis' AOF state");
+                return None;
+            }
+        };
+        let due = crate::aof::due(&state, &self.cfg.redis)?;
+        match self.redis.rewrite_aof().await {
+            Ok(()) => {
+                tracing::info!(
+                    why = ?due,
+                    growth_pct = state.growth_pct(),
+                    ops_per_s = state.ops_per_s,
+                    "asked Redis to rewrite its AOF"
+                );
+                Some(due)
+            }
+            // Another instance may have asked a moment before: Redis refuses a second one.
+            Err(e) => {
+                tracing::debug!(error = %e, "BGREWRITEAOF refused");
+                None
+            }
+        }
     }
 
     /// One sweep: every watched drop's overdue holds back to stock, in bounded batches.

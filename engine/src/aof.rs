@@ -1,0 +1,166 @@
+//! When Redis rewrites its append-only file. A rewrite forks Redis and writes the whole dataset
+//! again; on a machine where Redis shares cores with the servers it took reserve p99 from ≈ 3 ms
+//! to 17–52 ms while it ran (docs/BENCHMARKS.md). Redis' own policy rewrites whenever the file has
+//! doubled, which during a sale is every minute or two — the busiest minutes. With Redis' own
+//! rewrites off (`auto-aof-rewrite-percentage 0`, as the dev stack runs it), booking-api's
+//! background task asks for one only when the file (at least `redis.aof_rewrite_min_bytes`) has
+//! grown `redis.aof_rewrite_growth_pct` and Redis is quiet (fewer than `redis.aof_quiet_ops_per_s` commands a second), or — so the file
+//! and a restart's replay stay bounded — once it has grown `redis.aof_rewrite_max_growth_pct`
+//! whatever the load.
+
+use crate::config::RedisConfig;
+
+/// What the policy reads from Redis (`INFO persistence`, `INFO stats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AofState {
+    /// `appendonly yes`.
+    pub enabled: bool,
+    /// A rewrite running or scheduled already.
+    pub busy_rewriting: bool,
+    pub current_bytes: u64,
+    /// The file's size after the last rewrite (or at start).
+    pub base_bytes: u64,
+    /// Commands a second, as Redis measures them (`instantaneous_ops_per_sec`).
+    pub ops_per_s: u64,
+    /// Rewrites since Redis started (`aof_rewrites`, Redis 7).
+    pub rewrites: u64,
+}
+
+impl AofState {
+    /// Reads the fields from `INFO` text; a missing field reads as 0 (AOF off, say).
+    pub fn parse(info: &str) -> AofState {
+        let field = |name: &str| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        AofState {
+            enabled: field("aof_enabled") == 1,
+            busy_rewriting: field("aof_rewrite_in_progress") == 1
+                || field("aof_rewrite_scheduled") == 1,
+            current_bytes: field("aof_current_size"),
+            base_bytes: field("aof_base_size"),
+            ops_per_s: field("instantaneous_ops_per_sec"),
+            rewrites: field("aof_rewrites"),
+        }
+    }
+
+    /// How much the file has grown since its last rewrite, in percent of what it was then.
+    pub fn growth_pct(&self) -> u64 {
+        self.current_bytes.saturating_sub(self.base_bytes) * 100 / self.base_bytes.max(1)
+    }
+}
+
+/// Why a rewrite is due now, if it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewrite {
+    /// Grown past `aof_rewrite_growth_pct` and Redis is quiet.
+    Quiet,
+    /// Grown past `aof_rewrite_max_growth_pct`: rewritten whatever the load.
+    Ceiling,
+}
+
+/// The policy: `None` while off (`aof_rewrite_growth_pct` 0), without an AOF, while a rewrite
+/// runs, while the file is under `aof_rewrite_min_bytes`, or until it has grown enough for the
+/// load Redis is under.
+pub fn due(state: &AofState, cfg: &RedisConfig) -> Option<Rewrite> {
+    if cfg.aof_rewrite_growth_pct == 0
+        || !state.enabled
+        || state.busy_rewriting
+        || state.current_bytes < cfg.aof_rewrite_min_bytes
+    {
+        return None;
+    }
+    let growth = state.growth_pct();
+    if growth >= cfg.aof_rewrite_max_growth_pct {
+        Some(Rewrite::Ceiling)
+    } else if growth >= cfg.aof_rewrite_growth_pct && state.ops_per_s < cfg.aof_quiet_ops_per_s {
+        Some(Rewrite::Quiet)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(base: u64, current: u64, ops: u64) -> AofState {
+        AofState {
+            enabled: true,
+            current_bytes: current,
+            base_bytes: base,
+            ops_per_s: ops,
+            ..AofState::default()
+        }
+    }
+
+    #[test]
+    fn info_text_is_read() {
+        let info = "# Persistence\r\naof_enabled:1\r\naof_rewrite_in_progress:0\r\n\
+                    aof_rewrite_scheduled:1\r\naof_rewrites:3\r\naof_current_size:5000\r\n\
+                    aof_base_size:1000\r\n# Stats\r\ninstantaneous_ops_per_sec:42\r\n";
+        let s = AofState::parse(info);
+        assert_eq!(
+            s,
+            AofState {
+                enabled: true,
+                busy_rewriting: true,
+                current_bytes: 5000,
+                base_bytes: 1000,
+                ops_per_s: 42,
+                rewrites: 3,
+            }
+        );
+        assert_eq!(s.growth_pct(), 400);
+        assert_eq!(AofState::parse("aof_enabled:0\r\n"), AofState::default());
+    }
+
+    #[test]
+    fn a_busy_redis_is_left_alone_until_the_ceiling() {
+        let cfg = RedisConfig {
+            aof_rewrite_min_bytes: 0,
+            ..RedisConfig::default()
+        };
+        let quiet = cfg.aof_quiet_ops_per_s - 1;
+        let busy = cfg.aof_quiet_ops_per_s;
+        let grown = 100 + cfg.aof_rewrite_growth_pct;
+        let past_ceiling = 100 + cfg.aof_rewrite_max_growth_pct;
+        assert_eq!(due(&state(100, 100, quiet), &cfg), None, "not grown");
+        assert_eq!(due(&state(100, grown, quiet), &cfg), Some(Rewrite::Quiet));
+        assert_eq!(
+            due(&state(100, grown, busy), &cfg),
+            None,
+            "grown, but a sale is on"
+        );
+        assert_eq!(
+            due(&state(100, past_ceiling, busy), &cfg),
+            Some(Rewrite::Ceiling)
+        );
+        let rewriting = AofState {
+            busy_rewriting: true,
+            ..state(100, past_ceiling, quiet)
+        };
+        assert_eq!(due(&rewriting, &cfg), None, "one at a time");
+        let off = RedisConfig {
+            aof_rewrite_growth_pct: 0,
+            ..RedisConfig::default()
+        };
+        assert_eq!(due(&state(100, past_ceiling, quiet), &off), None, "off");
+        let no_aof = AofState {
+            enabled: false,
+            ..state(100, past_ceiling, quiet)
+        };
+        assert_eq!(due(&no_aof, &cfg), None, "no AOF");
+        let small = RedisConfig {
+            aof_rewrite_min_bytes: past_ceiling + 1,
+            ..cfg.clone()
+        };
+        assert_eq!(
+            due(&state(100, past_ceiling, quiet), &small),
+            None,
+            "too small"
+        );
+    }
+}
