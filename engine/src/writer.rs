@@ -271,87 +271,73 @@ impl From<Error> for Attempt {
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
 
-/// The batch in one transaction, a statement per kind of work rather than per job: the payment
-/// attempts recorded, the captures recorded, then the orders — set-based (each statement covers
-/// every order of the batch), or with `one_by_one` (after Postgres refused them set-based: a
-/// constraint, the last guard, fired for some order) one order at a time, each in a SAVEPOINT,
-/// so the one refused order fails alone. Inventory rows are locked before any attempt row of the
-/// orders (a batch of the order lane holds orders only; the payment lane's never touch inventory).
+/// The batch: its payment attempts and captures recorded in one statement (no transaction
+/// around it: one round trip and one commit), then its orders in one transaction — set-based
+/// (each statement covers every order of the batch), or with `one_by_one` (after Postgres refused
+/// them set-based: a constraint, the last guard, fired for some order) one order at a time, each
+/// in a SAVEPOINT, so the one refused order fails alone. The two lanes never mix the two kinds,
+/// so a batch is one or the other; inventory rows are locked before any attempt row of the
+/// orders.
 async fn try_batch(
     db: &Db,
     jobs: &[Job],
     one_by_one: bool,
 ) -> std::result::Result<Vec<Result<Done>>, Attempt> {
-    let mut client = db.client().await?;
-    let mut tx = client.transaction().await?;
     let mut results: Vec<Option<Result<Done>>> = (0..jobs.len()).map(|_| None).collect();
-    let orders: Vec<(usize, &NewOrder)> = jobs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, j)| match &j.work {
-            Work::Order(o) => Some((i, o)),
-            _ => None,
-        })
-        .collect();
-    // (The set-based path locks them in `insert_orders`, pipelined with its first statement.)
-    if !orders.is_empty() && one_by_one {
-        lock_inventory(&tx, orders.iter().map(|(_, o)| *o)).await?;
-    }
-    let payments: Vec<(usize, &NewPayment)> = jobs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, j)| match &j.work {
-            Work::Payment(p) => Some((i, p)),
-            _ => None,
-        })
-        .collect();
-    if !payments.is_empty() {
-        for (i, recorded) in insert_payments(&tx, &payments).await? {
-            results[i] = Some(Ok(Done::Recorded(recorded)));
-        }
-    }
-    let captures: Vec<(usize, &HoldId, &str)> = jobs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, j)| match &j.work {
-            Work::Captured { hold_id, reference } => Some((i, hold_id, reference.as_str())),
-            _ => None,
-        })
-        .collect();
-    if !captures.is_empty() {
-        for (i, moved) in mark_captured(&tx, &captures).await? {
-            results[i] = Some(Ok(Done::Recorded(moved)));
-        }
-    }
-    if !orders.is_empty() && one_by_one {
-        for (i, c) in orders_one_by_one(&mut tx, &orders).await? {
-            results[i] = Some(c.map(Done::Order));
-        }
-    } else if !orders.is_empty() {
-        // No SAVEPOINT around them (two round trips a batch): a refusal aborts the transaction,
-        // and the batch runs again from the start, one order at a time.
-        match insert_orders(&tx, &orders).await {
-            Ok(done) => {
-                for (i, c) in done {
-                    results[i] = Some(Ok(Done::Order(c)));
-                }
+    let mut orders: Vec<(usize, &NewOrder)> = Vec::new();
+    let mut payments: Vec<(usize, &NewPayment)> = Vec::new();
+    let mut captures: Vec<(usize, &HoldId, &str)> = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        match &j.work {
+            Work::Order(o) => orders.push((i, o)),
+            Work::Payment(p) => payments.push((i, p)),
+            Work::Captured { hold_id, reference } => {
+                captures.push((i, hold_id, reference.as_str()))
             }
-            Err(e) if is_constraint_violation(&e) => return Err(Attempt::Refused(e)),
-            Err(e) => return Err(e.into()),
         }
     }
-    tx.commit().await?;
+    let mut client = db.client().await?;
+    if !payments.is_empty() || !captures.is_empty() {
+        for (i, done) in record_payments(&client, &payments, &captures).await? {
+            results[i] = Some(Ok(Done::Recorded(done)));
+        }
+    }
+    if !orders.is_empty() {
+        let mut tx = client.transaction().await?;
+        if one_by_one {
+            lock_inventory(&tx, orders.iter().map(|(_, o)| *o)).await?;
+            for (i, c) in orders_one_by_one(&mut tx, &orders).await? {
+                results[i] = Some(c.map(Done::Order));
+            }
+        } else {
+            // No SAVEPOINT around them (two round trips a batch): a refusal aborts the
+            // transaction, and the batch runs again from the start, one order at a time.
+            // (`insert_orders` locks the inventory rows, pipelined with its first statement.)
+            match insert_orders(&tx, &orders).await {
+                Ok(done) => {
+                    for (i, c) in done {
+                        results[i] = Some(Ok(Done::Order(c)));
+                    }
+                }
+                Err(e) if is_constraint_violation(&e) => return Err(Attempt::Refused(e)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tx.commit().await?;
+    }
     Ok(results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(Error::internal("order writer: a job went unanswered"))))
         .collect())
 }
 
-/// Inserts the attempts as `pending`; per job, whether it recorded its attempt (an attempt
-/// already there, or named twice in the batch, is recorded by one job at most).
-async fn insert_payments(
-    tx: &Tx<'_>,
+/// Records attempts as `pending` and captures (`authorized` → `captured`) in one statement; per
+/// job, whether it recorded its attempt (an attempt already there, or named twice in the batch,
+/// is recorded by one job at most) or moved its attempt to `captured`.
+async fn record_payments(
+    client: &deadpool_postgres::Client,
     payments: &[(usize, &NewPayment)],
+    captures: &[(usize, &HoldId, &str)],
 ) -> std::result::Result<Vec<(usize, bool)>, tokio_postgres::Error> {
     let mut sorted: Vec<&(usize, &NewPayment)> = payments.iter().collect();
     sorted.sort_by(|a, b| {
@@ -366,53 +352,57 @@ async fn insert_payments(
     let fans: Vec<&str> = sorted.iter().map(|(_, p)| p.fan.as_str()).collect();
     let gateways: Vec<&str> = sorted.iter().map(|(_, p)| p.gateway.as_str()).collect();
     let amounts: Vec<i64> = sorted.iter().map(|(_, p)| p.amount_cents).collect();
-    let rows = tx
-        .query(
-            &tx.prepare_cached("INSERT INTO payment_attempts (hold_id, reference, drop_id, fan_id, gateway, amount_cents, state) \
-             SELECT h, r, d, f, g, a, 'pending' \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) AS t(h, r, d, f, g, a) \
-             ON CONFLICT (hold_id, reference) DO NOTHING RETURNING hold_id, reference").await?,
-            &[&holds, &refs, &drops, &fans, &gateways, &amounts],
-        )
-        .await?;
-    let mut written: HashSet<(String, String)> =
-        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(payments
-        .iter()
-        .map(|(i, p)| {
-            // The first job naming an attempt takes the "recorded"; a repeat is not recorded.
-            let key = (p.hold_id.to_string(), p.reference.clone());
-            (*i, written.remove(&key))
-        })
-        .collect())
-}
-
-/// Moves the attempts `authorized` → `captured`; per job, whether its attempt moved.
-async fn mark_captured(
-    tx: &Tx<'_>,
-    captures: &[(usize, &HoldId, &str)],
-) -> std::result::Result<Vec<(usize, bool)>, tokio_postgres::Error> {
     let mut pairs: Vec<(&str, &str)> = captures.iter().map(|(_, h, r)| (h.as_str(), *r)).collect();
     pairs.sort_unstable();
     pairs.dedup();
-    let (holds, refs): (Vec<&str>, Vec<&str>) = pairs.into_iter().unzip();
-    let rows = tx
+    let (c_holds, c_refs): (Vec<&str>, Vec<&str>) = pairs.into_iter().unzip();
+    // Both halves see one snapshot; an attempt is never recorded and captured in one batch (a
+    // capture follows its order's commit, which follows the attempt's).
+    let rows = client
         .query(
-            &tx.prepare_cached(
-                "UPDATE payment_attempts p SET state = 'captured', updated_at = now() \
-             FROM unnest($1::text[], $2::text[]) AS t(h, r) \
-             WHERE p.hold_id = t.h AND p.reference = t.r AND p.state = 'authorized' \
-             RETURNING p.hold_id, p.reference",
-            )
-            .await?,
-            &[&holds, &refs],
+            &client
+                .prepare_cached(
+                    "WITH recorded AS ( \
+                       INSERT INTO payment_attempts (hold_id, reference, drop_id, fan_id, gateway, amount_cents, state) \
+                       SELECT h, r, d, f, g, a, 'pending' \
+                       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) AS t(h, r, d, f, g, a) \
+                       ON CONFLICT (hold_id, reference) DO NOTHING RETURNING hold_id, reference), \
+                     captured AS ( \
+                       UPDATE payment_attempts p SET state = 'captured', updated_at = now() \
+                       FROM unnest($7::text[], $8::text[]) AS t(h, r) \
+                       WHERE p.hold_id = t.h AND p.reference = t.r AND p.state = 'authorized' \
+                       RETURNING p.hold_id, p.reference) \
+                     SELECT true, hold_id, reference FROM recorded \
+                     UNION ALL SELECT false, hold_id, reference FROM captured",
+                )
+                .await?,
+            &[
+                &holds, &refs, &drops, &fans, &gateways, &amounts, &c_holds, &c_refs,
+            ],
         )
         .await?;
-    let mut moved: HashSet<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(captures
+    // (hold id, reference) of the attempts recorded, and of those captured.
+    let mut written: HashSet<(String, String)> = HashSet::new();
+    let mut moved: HashSet<(String, String)> = HashSet::new();
+    for r in &rows {
+        let key = (r.get::<_, String>(1), r.get::<_, String>(2));
+        if r.get::<_, bool>(0) {
+            written.insert(key);
+        } else {
+            moved.insert(key);
+        }
+    }
+    let recorded = payments.iter().map(|(i, p)| {
+        // The first job naming an attempt takes the "recorded"; a repeat is not recorded.
+        (
+            *i,
+            written.remove(&(p.hold_id.to_string(), p.reference.clone())),
+        )
+    });
+    let captured = captures
         .iter()
-        .map(|(i, h, r)| (*i, moved.remove(&(h.to_string(), r.to_string()))))
-        .collect())
+        .map(|(i, h, r)| (*i, moved.remove(&(h.to_string(), r.to_string()))));
+    Ok(recorded.chain(captured).collect())
 }
 
 /// The batch's orders, set-based: one statement moves every attempt still `pending` to
