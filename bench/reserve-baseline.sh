@@ -37,6 +37,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 die() {
     echo "reserve-baseline: $*" >&2
@@ -51,15 +52,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-# .dev/env holds shell KEY=value lines (values shell-quoted); take only keys not already set.
-if [[ -f .dev/env ]]; then
-    while IFS= read -r line; do
-        key=${line%%=*}
-        [[ $key =~ ^[A-Z_][A-Z0-9_]*$ ]] || continue
-        [[ -n ${!key:-} ]] && continue
-        eval "export $line"
-    done < .dev/env
-fi
+load_dev_env
 
 REDIS_URL=${REDIS_URL:-127.0.0.1:6379}
 REQUESTS=${REQUESTS:-300000}
@@ -80,31 +73,14 @@ if [[ ! -x $LOADTEST || ! -x $BOOKING_API ]]; then
     cargo build --release -p floodgate-loadtest -p floodgate-booking-api >&2
 fi
 
-# REDIS_URL → host, port, password.
-url=${REDIS_URL#redis://}
-url=${url%%/*}
-password=
-if [[ $url == *@* ]]; then
-    auth=${url%@*}
-    url=${url##*@}
-    [[ $auth == *:* ]] && password=${auth#*:}
-fi
-if [[ $url == *:* ]]; then
-    redis_host=${url%:*}
-    redis_port=${url##*:}
-else
-    redis_host=${url:-127.0.0.1}
-    redis_port=6379
-fi
-redis_auth=()
-[[ -n $password ]] && redis_auth=(-a "$password" --no-auth-warning)
+redis_args "$REDIS_URL"
 
 # redis_info SECTION FIELD → the field's value from INFO (empty when absent).
 redis_info() {
-    redis-cli -h "$redis_host" -p "$redis_port" "${redis_auth[@]}" info "$1" |
+    redis-cli "${REDIS_ARGS[@]}" info "$1" |
         tr -d '\r' | awk -F: -v f="$2" '$1 == f { print $2 }'
 }
-aof_rewrite_pct=$(redis-cli -h "$redis_host" -p "$redis_port" "${redis_auth[@]}" \
+aof_rewrite_pct=$(redis-cli "${REDIS_ARGS[@]}" \
     config get auto-aof-rewrite-percentage | tail -n 1)
 
 mkdir -p "$OUT_DIR"
@@ -121,7 +97,7 @@ echo "$bench_args" > "$OUT_DIR/bench-args.txt"
 
 # 1. The script alone.
 echo "reserve-baseline: redis-benchmark EVALSHA, $CLIENTS clients, -P 1, $REQUESTS requests" >&2
-redis-benchmark -h "$redis_host" -p "$redis_port" "${redis_auth[@]}" -c "$CLIENTS" -P 1 \
+redis-benchmark "${REDIS_ARGS[@]}" -c "$CLIENTS" -P 1 \
     -n "$REQUESTS" -r 100000000 --csv EVALSHA "${evalsha_args[@]}" > "$OUT_DIR/redis-benchmark.csv"
 
 # redis-benchmark --csv: a header line ("test","rps",...,"p50_latency_ms",...) and one row per

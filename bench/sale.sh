@@ -29,21 +29,14 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 die() {
     echo "sale: $*" >&2
     exit 2
 }
 
-# .dev/env holds shell KEY=value lines (values shell-quoted); take only keys not already set.
-if [[ -f .dev/env ]]; then
-    while IFS= read -r line; do
-        key=${line%%=*}
-        [[ $key =~ ^[A-Z_][A-Z0-9_]*$ ]] || continue
-        [[ -n ${!key:-} ]] && continue
-        eval "export $line"
-    done < .dev/env
-fi
+load_dev_env
 
 REDIS_URL=${REDIS_URL:-127.0.0.1:6379}
 REQUESTS=${REQUESTS:-200000}
@@ -60,20 +53,8 @@ done
 [[ -x $LOADTEST ]] || die "$LOADTEST is missing: cargo build --release -p floodgate-loadtest"
 mkdir -p "$OUT_DIR"
 
-# REDIS_URL → host, port, password.
-url=${REDIS_URL#redis://}
-url=${url%%/*}
-password=
-if [[ $url == *@* ]]; then
-    auth=${url%@*}
-    url=${url##*@}
-    [[ $auth == *:* ]] && password=${auth#*:}
-fi
-redis_host=${url%:*}
-redis_port=${url##*:}
-[[ $url == *:* ]] || { redis_host=${url:-127.0.0.1}; redis_port=6379; }
-redis=(-h "$redis_host" -p "$redis_port")
-[[ -n $password ]] && redis+=(-a "$password" --no-auth-warning)
+redis_args "$REDIS_URL"
+redis=("${REDIS_ARGS[@]}")
 
 # The baseline drop.
 body=$(jq -n --argjson burst "$BURST" '{

@@ -88,8 +88,6 @@ pub const BAR_P99_RATIO: f64 = 1.2;
 pub const DEFAULT_SALE_FANS: usize = 2_000;
 pub const DEFAULT_SALE_WS_FANS: usize = 1_000;
 pub const DEFAULT_SALE_STOCK: u64 = 500;
-pub const DEFAULT_SALE_RATE_PER_S: f64 = 50.0;
-pub const DEFAULT_SALE_BURST: u64 = 50;
 /// Fans who join before `opens_at` (the pre-queue), in percent.
 pub const DEFAULT_PRE_QUEUE_PCT: u8 = 20;
 /// The drop opens this long after it is created: the pre-queue fans join meanwhile.
@@ -130,7 +128,6 @@ pub const DEFAULT_CONFIRM_GRACE_MS: u64 = 60_000;
 pub const DEFAULT_SALE_MAX_DURATION_S: f64 = 900.0;
 /// After the last sale, how long waiters get to hear `sold_out` before the sockets close.
 pub const DEFAULT_SOLD_OUT_GRACE_S: f64 = 5.0;
-pub const DEFAULT_SALE_CLIENT_PROCS: usize = 2;
 
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version, about = "Floodgate's load generator")]
@@ -395,38 +392,13 @@ pub struct QueueArgs {
     #[arg(long, default_value_t = DEFAULT_QUEUE_PER_FAN_LIMIT)]
     pub per_fan_limit: u32,
 
-    /// Admissions per second (`admission.rate_per_s`).
-    #[arg(long, default_value_t = DEFAULT_ADMIT_RATE_PER_S)]
-    pub rate_per_s: f64,
+    /// The drop's admission settings.
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
 
-    /// Token bucket size (`admission.burst`).
-    #[arg(long, default_value_t = DEFAULT_ADMIT_BURST)]
-    pub burst: u64,
-
-    /// Active shoppers at most (`admission.max_active`); the default never limits.
-    #[arg(long, default_value_t = DEFAULT_MAX_ACTIVE)]
-    pub max_active: u64,
-
-    /// Client processes sharing the sockets (1..=100); process k uses source addresses
-    /// 127.0.k.1, 127.0.k.2, … (the baseline's 127.0.(128+k).x).
-    #[arg(long, default_value_t = DEFAULT_CLIENT_PROCS)]
-    pub client_procs: usize,
-
-    /// Sockets per source address.
-    #[arg(long, default_value_t = DEFAULT_SOCKETS_PER_ADDR)]
-    pub sockets_per_addr: usize,
-
-    /// Per client process: sockets between connect and their first frame at once.
-    #[arg(long, default_value_t = DEFAULT_CONNECT_CONCURRENCY)]
-    pub connect_concurrency: usize,
-
-    /// A socket not open (handshake done, first frame in) after this long counts as failed.
-    #[arg(long, default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
-    pub connect_timeout_ms: u64,
-
-    /// The clients' WebSocket read buffer per socket.
-    #[arg(long, default_value_t = DEFAULT_CLIENT_READ_BUFFER_BYTES)]
-    pub client_read_buffer_bytes: usize,
+    /// The client processes holding the sockets.
+    #[command(flatten)]
+    pub sockets: SocketArgs,
 
     /// Wait after the last socket opened before measuring.
     #[arg(long, default_value_t = DEFAULT_SETTLE_S)]
@@ -488,52 +460,13 @@ impl QueueArgs {
         if !(1..=MAX_QUEUE_FANS).contains(&self.fans) {
             return Err(format!("--fans must be in 1..={MAX_QUEUE_FANS}"));
         }
-        if !(1..=MAX_CLIENT_PROCS).contains(&self.client_procs) {
-            return Err(format!("--client-procs must be in 1..={MAX_CLIENT_PROCS}"));
-        }
-        if !(1..=MAX_SOCKETS_PER_ADDR).contains(&self.sockets_per_addr) {
-            return Err(format!(
-                "--sockets-per-addr must be in 1..={MAX_SOCKETS_PER_ADDR}"
-            ));
-        }
-        let per_proc = self.fans.div_ceil(self.client_procs);
-        if per_proc.div_ceil(self.sockets_per_addr) > crate::ws_clients::MAX_HOSTS_PER_NET {
-            return Err(format!(
-                "{per_proc} sockets per client process need more than {} source addresses: \
-                 raise --sockets-per-addr or --client-procs",
-                crate::ws_clients::MAX_HOSTS_PER_NET
-            ));
-        }
-        if !(1..=MAX_CONNECT_CONCURRENCY).contains(&self.connect_concurrency) {
-            return Err(format!(
-                "--connect-concurrency must be in 1..={MAX_CONNECT_CONCURRENCY}"
-            ));
-        }
-        if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&self.connect_timeout_ms) {
-            return Err(format!(
-                "--connect-timeout-ms must be in 1..={MAX_REQUEST_TIMEOUT_MS}"
-            ));
-        }
+        self.sockets.validate(self.fans)?;
         if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&self.request_timeout_ms) {
             return Err(format!(
                 "--request-timeout-ms must be in 1..={MAX_REQUEST_TIMEOUT_MS}"
             ));
         }
-        if !(256..=MAX_WS_MESSAGE_BYTES).contains(&self.client_read_buffer_bytes) {
-            return Err(format!(
-                "--client-read-buffer-bytes must be in 256..={MAX_WS_MESSAGE_BYTES}"
-            ));
-        }
-        // booking-api's bounds on the admission settings (docs/API.md).
-        if !finite_in(self.rate_per_s, f64::MIN_POSITIVE, 100_000.0) {
-            return Err("--rate-per-s must be in (0, 100000]".into());
-        }
-        if !(1..=1_000_000).contains(&self.burst) {
-            return Err("--burst must be in 1..=1000000".into());
-        }
-        if !(1..=10_000_000).contains(&self.max_active) {
-            return Err("--max-active must be in 1..=10000000".into());
-        }
+        self.admission.validate()?;
         if self.stock == 0 || self.per_fan_limit == 0 {
             return Err("--stock and --per-fan-limit must be at least 1".into());
         }
@@ -561,6 +494,101 @@ impl QueueArgs {
                 "creating a drop needs --seller-key (or FLOODGATE_SELLER_KEY); or pass --drop-id"
                     .into(),
             );
+        }
+        Ok(())
+    }
+}
+
+/// A queue drop's admission settings (`queue`, `sale`).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct AdmissionArgs {
+    /// Admissions per second (`admission.rate_per_s`).
+    #[arg(long, default_value_t = DEFAULT_ADMIT_RATE_PER_S)]
+    pub rate_per_s: f64,
+
+    /// Token bucket size (`admission.burst`).
+    #[arg(long, default_value_t = DEFAULT_ADMIT_BURST)]
+    pub burst: u64,
+
+    /// Active shoppers at most (`admission.max_active`); the default never limits.
+    #[arg(long, default_value_t = DEFAULT_MAX_ACTIVE)]
+    pub max_active: u64,
+}
+
+impl AdmissionArgs {
+    /// booking-api's bounds on the settings (docs/API.md).
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.rate_per_s.is_finite() && self.rate_per_s > 0.0 && self.rate_per_s <= 100_000.0) {
+            return Err("--rate-per-s must be in (0, 100000]".into());
+        }
+        if !(1..=1_000_000).contains(&self.burst) {
+            return Err("--burst must be in 1..=1000000".into());
+        }
+        if !(1..=10_000_000).contains(&self.max_active) {
+            return Err("--max-active must be in 1..=10000000".into());
+        }
+        Ok(())
+    }
+}
+
+/// The client processes that hold a scenario's WebSockets (`queue`, `sale`).
+#[derive(Debug, Clone, Args)]
+pub struct SocketArgs {
+    /// Client processes sharing the sockets (1..=100); process k uses source addresses
+    /// 127.0.k.1, 127.0.k.2, … (`queue`'s baseline 127.0.(128+k).x).
+    #[arg(long, default_value_t = DEFAULT_CLIENT_PROCS)]
+    pub client_procs: usize,
+
+    /// Sockets per source address.
+    #[arg(long, default_value_t = DEFAULT_SOCKETS_PER_ADDR)]
+    pub sockets_per_addr: usize,
+
+    /// Per client process: sockets between connect and their first frame at once.
+    #[arg(long, default_value_t = DEFAULT_CONNECT_CONCURRENCY)]
+    pub connect_concurrency: usize,
+
+    /// A socket not open (handshake done, first frame in) after this long counts as failed.
+    #[arg(long, default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
+    pub connect_timeout_ms: u64,
+
+    /// The clients' WebSocket read buffer per socket.
+    #[arg(long, default_value_t = DEFAULT_CLIENT_READ_BUFFER_BYTES)]
+    pub client_read_buffer_bytes: usize,
+}
+
+impl SocketArgs {
+    /// The bounds, for `sockets` sockets in all; a message for the first one broken.
+    pub fn validate(&self, sockets: usize) -> Result<(), String> {
+        if !(1..=MAX_CLIENT_PROCS).contains(&self.client_procs) {
+            return Err(format!("--client-procs must be in 1..={MAX_CLIENT_PROCS}"));
+        }
+        if !(1..=MAX_SOCKETS_PER_ADDR).contains(&self.sockets_per_addr) {
+            return Err(format!(
+                "--sockets-per-addr must be in 1..={MAX_SOCKETS_PER_ADDR}"
+            ));
+        }
+        let per_proc = sockets.div_ceil(self.client_procs);
+        if per_proc.div_ceil(self.sockets_per_addr) > crate::ws_clients::MAX_HOSTS_PER_NET {
+            return Err(format!(
+                "{per_proc} sockets per client process need more than {} source addresses: \
+                 raise --sockets-per-addr or --client-procs",
+                crate::ws_clients::MAX_HOSTS_PER_NET
+            ));
+        }
+        if !(1..=MAX_CONNECT_CONCURRENCY).contains(&self.connect_concurrency) {
+            return Err(format!(
+                "--connect-concurrency must be in 1..={MAX_CONNECT_CONCURRENCY}"
+            ));
+        }
+        if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&self.connect_timeout_ms) {
+            return Err(format!(
+                "--connect-timeout-ms must be in 1..={MAX_REQUEST_TIMEOUT_MS}"
+            ));
+        }
+        if !(256..=MAX_WS_MESSAGE_BYTES).contains(&self.client_read_buffer_bytes) {
+            return Err(format!(
+                "--client-read-buffer-bytes must be in 256..={MAX_WS_MESSAGE_BYTES}"
+            ));
         }
         Ok(())
     }
@@ -613,17 +641,9 @@ pub struct SaleArgs {
     #[arg(long, default_value_t = DEFAULT_PRE_OPEN_S)]
     pub pre_open_s: f64,
 
-    /// Admissions per second (`admission.rate_per_s`).
-    #[arg(long, default_value_t = DEFAULT_SALE_RATE_PER_S)]
-    pub rate_per_s: f64,
-
-    /// Token bucket size (`admission.burst`).
-    #[arg(long, default_value_t = DEFAULT_SALE_BURST)]
-    pub burst: u64,
-
-    /// Active shoppers at most (`admission.max_active`).
-    #[arg(long, default_value_t = DEFAULT_MAX_ACTIVE)]
-    pub max_active: u64,
+    /// The drop's admission settings.
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
 
     /// `admission.shop_window_s`.
     #[arg(long, default_value_t = DEFAULT_SHOP_WINDOW_S)]
@@ -681,21 +701,10 @@ pub struct SaleArgs {
     #[arg(long, default_value_t = DEFAULT_CONFIRM_GRACE_MS)]
     pub confirm_grace_ms: u64,
 
-    /// Client processes holding the sockets (1..=100); process k uses 127.0.k.x.
-    #[arg(long, default_value_t = DEFAULT_SALE_CLIENT_PROCS)]
-    pub client_procs: usize,
-
-    #[arg(long, default_value_t = DEFAULT_SOCKETS_PER_ADDR)]
-    pub sockets_per_addr: usize,
-
-    #[arg(long, default_value_t = DEFAULT_CONNECT_CONCURRENCY)]
-    pub connect_concurrency: usize,
-
-    #[arg(long, default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
-    pub connect_timeout_ms: u64,
-
-    #[arg(long, default_value_t = DEFAULT_CLIENT_READ_BUFFER_BYTES)]
-    pub client_read_buffer_bytes: usize,
+    /// The client processes holding the sockets (the pre-queue's and the rest's are split over
+    /// them separately: the latter on 127.0.(client_procs+k).x).
+    #[command(flatten)]
+    pub sockets: SocketArgs,
 
     /// The sale fails if not sold out this long after opening.
     #[arg(long, default_value_t = DEFAULT_SALE_MAX_DURATION_S)]
@@ -770,30 +779,8 @@ impl SaleArgs {
                 "--ws-fans must be at most --fans and {MAX_QUEUE_FANS}"
             ));
         }
-        if !(1..=MAX_CLIENT_PROCS).contains(&self.client_procs) {
-            return Err(format!("--client-procs must be in 1..={MAX_CLIENT_PROCS}"));
-        }
-        if !(1..=MAX_SOCKETS_PER_ADDR).contains(&self.sockets_per_addr) {
-            return Err(format!(
-                "--sockets-per-addr must be in 1..={MAX_SOCKETS_PER_ADDR}"
-            ));
-        }
-        // The pre-queue's and the rest's sockets are split over the processes separately.
-        let per_proc = self.ws_fans.div_ceil(self.client_procs);
-        if per_proc.div_ceil(self.sockets_per_addr) > crate::ws_clients::MAX_HOSTS_PER_NET {
-            return Err(format!(
-                "{per_proc} sockets per client process need more than {} source addresses: \
-                 raise --sockets-per-addr or --client-procs",
-                crate::ws_clients::MAX_HOSTS_PER_NET
-            ));
-        }
-        if !(1..=MAX_CONNECT_CONCURRENCY).contains(&self.connect_concurrency) {
-            return Err(format!(
-                "--connect-concurrency must be in 1..={MAX_CONNECT_CONCURRENCY}"
-            ));
-        }
+        self.sockets.validate(self.ws_fans)?;
         for (name, v) in [
-            ("--connect-timeout-ms", self.connect_timeout_ms),
             ("--request-timeout-ms", self.request_timeout_ms),
             ("--think-ms", self.think_ms.max(1)),
             ("--retry-ms", self.retry_ms),
@@ -807,11 +794,6 @@ impl SaleArgs {
                 "--poll-ms must be in {MIN_POLL_MS}..={MAX_REQUEST_TIMEOUT_MS}"
             ));
         }
-        if !(256..=MAX_WS_MESSAGE_BYTES).contains(&self.client_read_buffer_bytes) {
-            return Err(format!(
-                "--client-read-buffer-bytes must be in 256..={MAX_WS_MESSAGE_BYTES}"
-            ));
-        }
         if !(1..=MAX_HTTP_CONNECTIONS).contains(&self.http_connections) {
             return Err(format!(
                 "--http-connections must be in 1..={MAX_HTTP_CONNECTIONS}"
@@ -823,15 +805,7 @@ impl SaleArgs {
             ));
         }
         // booking-api's bounds on the drop (docs/API.md, POST /v1/drops).
-        if !finite_in(self.rate_per_s, f64::MIN_POSITIVE, 100_000.0) {
-            return Err("--rate-per-s must be in (0, 100000]".into());
-        }
-        if !(1..=1_000_000).contains(&self.burst) {
-            return Err("--burst must be in 1..=1000000".into());
-        }
-        if !(1..=10_000_000).contains(&self.max_active) {
-            return Err("--max-active must be in 1..=10000000".into());
-        }
+        self.admission.validate()?;
         if !(1..=10_000_000).contains(&self.stock) {
             return Err("--stock must be in 1..=10000000".into());
         }
@@ -1138,8 +1112,8 @@ pub(crate) mod tests {
     fn queue_defaults_are_valid_and_bounded() {
         let a = parse_queue(&[]);
         assert_eq!(a.fans, DEFAULT_QUEUE_FANS);
-        assert_eq!(a.rate_per_s, DEFAULT_ADMIT_RATE_PER_S);
-        assert_eq!(a.client_procs, DEFAULT_CLIENT_PROCS);
+        assert_eq!(a.admission.rate_per_s, DEFAULT_ADMIT_RATE_PER_S);
+        assert_eq!(a.sockets.client_procs, DEFAULT_CLIENT_PROCS);
         assert_eq!(a.validate(), Ok(()));
         assert_eq!(parse_queue(&["--fans", "19000"]).validate(), Ok(()));
         assert!(parse_queue(&["--fans", "0"]).validate().is_err());

@@ -32,7 +32,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::time::Instant;
 
 use crate::api::{create_fan_tokens, AdmissionSettings, QueueDropSpec, Setup};
-use crate::cli::QueueArgs;
+use crate::cli::{QueueArgs, SocketArgs};
 use crate::http::{path_segment, split_base_url, Target};
 use crate::procfs::{self, MachineCpu};
 use crate::queue_report::{
@@ -253,6 +253,24 @@ async fn read_child(
     lock(&slots)[k].ended = true;
 }
 
+/// `count` fan sessions of run `run_id` (their tokens, in fan order), with a progress bar.
+pub(crate) async fn fan_tokens(
+    quiet: bool,
+    booking: &Target,
+    run_id: &str,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let bar = crate::bar(
+        quiet,
+        count as u64,
+        "fans          {bar:30} {pos}/{len} [{elapsed_precise}]",
+    );
+    let tokens = create_fan_tokens(booking, run_id, count, timeout, &bar).await;
+    bar.finish_and_clear();
+    tokens
+}
+
 /// Which server a phase measures and how its sockets reach it.
 struct PhaseSpec<'a> {
     server: &'static str,
@@ -267,29 +285,66 @@ struct PhaseSpec<'a> {
 
 /// Splits the sockets over the client processes.
 fn inits(args: &QueueArgs, spec: &PhaseSpec<'_>) -> Vec<ClientsInit> {
-    let k = args.client_procs.min(args.fans);
-    let mut first = 0;
+    split_inits(
+        &args.sockets,
+        &Split {
+            target: spec.target,
+            url: &spec.url,
+            tokens: spec.tokens,
+            range: (0, args.fans),
+            net_base: spec.net_base,
+            sale: false,
+            connect_per_s: None,
+        },
+    )
+}
+
+/// Which sockets a set of client processes holds, and how (`queue`'s phases, `sale`'s fans).
+pub(crate) struct Split<'a> {
+    pub target: std::net::SocketAddr,
+    pub url: &'a str,
+    /// One fan token per socket of the whole run (each process takes those of its sockets);
+    /// None: plain sockets.
+    pub tokens: Option<&'a [String]>,
+    /// The run-wide socket (fan) indices `from..to`.
+    pub range: (usize, usize),
+    /// Process k uses source addresses 127.0.(net_base + 1 + k).x.
+    pub net_base: u8,
+    /// [`ClientsInit::sale`].
+    pub sale: bool,
+    /// Sockets started per second by all the processes together, each at its share; None: as
+    /// fast as they connect.
+    pub connect_per_s: Option<f64>,
+}
+
+/// Splits `split.range` over `sockets.client_procs` processes (fewer when there are fewer
+/// sockets), in contiguous runs of fans.
+pub(crate) fn split_inits(sockets: &SocketArgs, split: &Split<'_>) -> Vec<ClientsInit> {
+    let (from, to) = split.range;
+    let n = to.saturating_sub(from);
+    let k = sockets.client_procs.min(n);
+    let mut first = from;
     (0..k)
         .map(|i| {
-            let count = args.fans / k + usize::from(i < args.fans % k);
-            let tokens = spec
+            let count = n / k + usize::from(i < n % k);
+            let tokens = split
                 .tokens
                 .map(|t| t[first..first + count].to_vec())
                 .unwrap_or_default();
             let init = ClientsInit {
-                target: spec.target,
-                url: spec.url.clone(),
+                target: split.target,
+                url: split.url.to_owned(),
                 tokens,
                 count,
                 first_fan: first,
                 // validate() keeps client_procs ≤ 100, so this stays ≤ 229.
-                source_net: spec.net_base + 1 + i as u8,
-                sockets_per_addr: args.sockets_per_addr,
-                read_buffer_bytes: args.client_read_buffer_bytes,
-                connect_concurrency: args.connect_concurrency,
-                connect_timeout_ms: args.connect_timeout_ms,
-                sale: false,
-                connect_per_s: None,
+                source_net: split.net_base + 1 + i as u8,
+                sockets_per_addr: sockets.sockets_per_addr,
+                read_buffer_bytes: sockets.client_read_buffer_bytes,
+                connect_concurrency: sockets.connect_concurrency,
+                connect_timeout_ms: sockets.connect_timeout_ms,
+                sale: split.sale,
+                connect_per_s: split.connect_per_s.map(|r| r * count as f64 / n as f64),
             };
             first += count;
             init
@@ -547,9 +602,9 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<bool> {
     let load_before = procfs::load_average();
 
     let paused = AdmissionSettings {
-        rate_per_s: args.rate_per_s,
-        burst: args.burst,
-        max_active: args.max_active,
+        rate_per_s: args.admission.rate_per_s,
+        burst: args.admission.burst,
+        max_active: args.admission.max_active,
         paused: true,
     };
     let mut setup = Setup::new(booking.clone(), timeout);
@@ -593,9 +648,10 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<bool> {
         .and_then(redis_port)
         .and_then(|p| procfs::listener_pid(p).ok());
     // Resuming admits the burst at once, then the rate runs through settle, window and grace.
-    let settle_s = args.admit_settle_s + args.burst as f64 / args.rate_per_s;
-    let needed = args.burst as f64
-        + args.rate_per_s * (settle_s + args.admit_window_s + DELIVERY_GRACE.as_secs_f64());
+    let settle_s = args.admit_settle_s + args.admission.burst as f64 / args.admission.rate_per_s;
+    let needed = args.admission.burst as f64
+        + args.admission.rate_per_s
+            * (settle_s + args.admit_window_s + DELIVERY_GRACE.as_secs_f64());
     if (args.fans as f64) < needed {
         crate::note(
             args.quiet,
@@ -615,14 +671,7 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<bool> {
     );
 
     let run_id = format!("q{:08x}", rand::rng().random::<u32>());
-    let fans_bar = crate::bar(
-        args.quiet,
-        args.fans as u64,
-        "fans          {bar:30} {pos}/{len} [{elapsed_precise}]",
-    );
-    let tokens = create_fan_tokens(&booking, &run_id, args.fans, timeout, &fans_bar).await;
-    fans_bar.finish_and_clear();
-    let tokens = tokens?;
+    let tokens = fan_tokens(args.quiet, &booking, &run_id, args.fans, timeout).await?;
 
     let baseline = if args.no_baseline {
         None
@@ -704,16 +753,16 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<bool> {
         drop_id,
         drop_created,
         fans: args.fans,
-        client_procs: args.client_procs.min(args.fans),
-        sockets_per_addr: args.sockets_per_addr,
+        client_procs: args.sockets.client_procs.min(args.fans),
+        sockets_per_addr: args.sockets.sockets_per_addr,
         source_addrs: inits(&args, &spec)
             .iter()
             .map(ClientsInit::source_addrs)
             .sum(),
         settings: Settings {
-            rate_per_s: args.rate_per_s,
-            burst: args.burst,
-            max_active: args.max_active,
+            rate_per_s: args.admission.rate_per_s,
+            burst: args.admission.burst,
+            max_active: args.admission.max_active,
             stock: args.stock,
             per_fan_limit: args.per_fan_limit,
         },
@@ -739,7 +788,7 @@ pub async fn run(args: QueueArgs) -> anyhow::Result<bool> {
             &ticks,
             window_start_ms,
             args.admit_window_s,
-            args.rate_per_s,
+            args.admission.rate_per_s,
         ),
         admissions_by_ticks,
         order: report::admission_order(&ticks, &admitted),
@@ -804,6 +853,32 @@ mod tests {
         let inits = super::inits(&a, &plain);
         assert!(inits.iter().all(|i| i.tokens.is_empty()));
         assert_eq!(inits[0].source_net, 129);
+        // A range of the run's fans (`sale`'s sockets after opening), paced: each its share.
+        let paced = split_inits(
+            &a.sockets,
+            &Split {
+                target: plain.target,
+                url: &plain.url,
+                tokens: Some(&tokens),
+                range: (3, 10),
+                net_base: 3,
+                sale: true,
+                connect_per_s: Some(70.0),
+            },
+        );
+        let shape: Vec<_> = paced
+            .iter()
+            .map(|i| (i.first_fan, i.count, i.source_net, i.connect_per_s, i.sale))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (3, 3, 4, Some(30.0), true),
+                (6, 2, 5, Some(20.0), true),
+                (8, 2, 6, Some(20.0), true)
+            ]
+        );
+        assert_eq!(paced[1].tokens, ["t6", "t7"]);
     }
 
     #[test]

@@ -38,16 +38,16 @@ use sha2::Sha256;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
-use crate::api::{create_fan_tokens, error_code, hold_id, AdmissionSettings, QueueDropSpec, Setup};
+use crate::api::{error_code, hold_id, AdmissionSettings, QueueDropSpec, Setup};
 use crate::cli::SaleArgs;
 use crate::http::{bearer, path_segment, split_base_url, Slot, Target, TransportError};
 use crate::invariants::{self, Verdict};
 use crate::procfs;
-use crate::queue::{redis_port, Clients};
+use crate::queue::{fan_tokens, redis_port, split_inits, Clients, Split};
 use crate::queue_report::{merge_ticks, Machine};
 use crate::sale_report::{self as report, SaleReport, Sample};
 use crate::stats::{micros, new_histogram, Percentiles};
-use crate::ws_clients::{self, wall_us, AdmissionLine, ChildReport, ClientsInit};
+use crate::ws_clients::{self, wall_us, AdmissionLine, ChildReport};
 
 /// The SKU of the sale's drop.
 const SKU: &str = "LT";
@@ -249,20 +249,57 @@ impl Ctx {
     }
 }
 
+/// One request of a fan: what it is counted as, and its parts.
+struct Req<'a> {
+    /// Its errors are counted as `what:code`.
+    what: &'a str,
+    method: Method,
+    path: &'a str,
+    auth: &'a HeaderValue,
+    headers: &'a [(&'static str, HeaderValue)],
+    body: Option<Bytes>,
+}
+
+impl<'a> Req<'a> {
+    fn new(what: &'a str, method: Method, path: &'a str, auth: &'a HeaderValue) -> Self {
+        Self {
+            what,
+            method,
+            path,
+            auth,
+            headers: &[],
+            body: None,
+        }
+    }
+
+    fn headers(self, headers: &'a [(&'static str, HeaderValue)]) -> Self {
+        Self { headers, ..self }
+    }
+
+    fn body(self, body: Bytes) -> Self {
+        Self {
+            body: Some(body),
+            ..self
+        }
+    }
+}
+
 /// One request on `slot`, retried (bounded) while the server answers 429 or 503. The error
-/// answer's code (or the transport error) is counted under `what`.
-#[allow(clippy::too_many_arguments)] // one request's parts, each different at every call
+/// answer's code (or the transport error) is counted under `req.what`.
 async fn call(
     ctx: &Ctx,
     slot: &mut Slot,
     target: &Target,
-    what: &str,
-    method: Method,
-    path: &str,
-    auth: &HeaderValue,
-    headers: &[(&'static str, HeaderValue)],
-    body: Option<Bytes>,
+    req: Req<'_>,
 ) -> Result<(StatusCode, Bytes, Duration), TransportError> {
+    let Req {
+        what,
+        method,
+        path,
+        auth,
+        headers,
+        body,
+    } = req;
     let uri = target.uri(path).map_err(|_| TransportError::Connect)?;
     let mut last = Err(TransportError::Connect);
     for _ in 0..MAX_ATTEMPTS {
@@ -377,12 +414,7 @@ async fn http_join(ctx: &Ctx, agenda: &Agenda, slot: &mut Slot, fan: usize) {
         ctx,
         slot,
         &ctx.queue,
-        "join",
-        Method::POST,
-        &path,
-        &f.auth,
-        &[],
-        None,
+        Req::new("join", Method::POST, &path, &f.auth),
     )
     .await;
     let now = wall_us();
@@ -439,12 +471,7 @@ async fn http_poll(
         ctx,
         slot,
         &ctx.queue,
-        "poll",
-        Method::GET,
-        &path,
-        &f.auth,
-        &[],
-        None,
+        Req::new("poll", Method::GET, &path, &f.auth),
     )
     .await;
     let now = wall_us();
@@ -545,12 +572,7 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
             &ctx,
             &mut queue_slot,
             &ctx.queue,
-            "second_tab",
-            Method::POST,
-            &path,
-            &f.auth,
-            &[],
-            None,
+            Req::new("second_tab", Method::POST, &path, &f.auth),
         )
         .await
         {
@@ -568,12 +590,9 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
             &ctx,
             &mut slot,
             &ctx.booking,
-            "unadmitted_reserve",
-            Method::POST,
-            &holds,
-            &f.auth,
-            &[key],
-            Some(body.clone()),
+            Req::new("unadmitted_reserve", Method::POST, &holds, &f.auth)
+                .headers(&[key])
+                .body(body.clone()),
         )
         .await
         {
@@ -598,12 +617,9 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
             &ctx,
             &mut slot,
             &ctx.booking,
-            "reserve",
-            Method::POST,
-            &holds,
-            &f.auth,
-            &headers,
-            Some(body.clone()),
+            Req::new("reserve", Method::POST, &holds, &f.auth)
+                .headers(&headers)
+                .body(body.clone()),
         )
         .await;
         let now = wall_us();
@@ -653,12 +669,8 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
                 &ctx,
                 &mut slot,
                 &ctx.booking,
-                "confirm",
-                Method::POST,
-                &path,
-                &f.auth,
-                &[],
-                Some(crate::api::confirm_body(&hold)),
+                Req::new("confirm", Method::POST, &path, &f.auth)
+                    .body(crate::api::confirm_body(&hold)),
             )
             .await;
             let now = wall_us();
@@ -678,12 +690,7 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
                 &ctx,
                 &mut slot,
                 &ctx.booking,
-                "release",
-                Method::DELETE,
-                &hold_path,
-                &f.auth,
-                &[],
-                None,
+                Req::new("release", Method::DELETE, &hold_path, &f.auth),
             )
             .await;
             if matches!(answer, Ok((s, _, _)) if s.is_success()) {
@@ -720,12 +727,9 @@ async fn hostile_replays(
         ctx,
         slot,
         &ctx.booking,
-        "replay",
-        Method::POST,
-        holds,
-        &f.auth,
-        &with_key,
-        Some(body.clone()),
+        Req::new("replay", Method::POST, holds, &f.auth)
+            .headers(&with_key)
+            .body(body.clone()),
     )
     .await
     {
@@ -743,12 +747,9 @@ async fn hostile_replays(
         ctx,
         slot,
         &ctx.booking,
-        "reused_key",
-        Method::POST,
-        holds,
-        &f.auth,
-        &with_key,
-        Some(other),
+        Req::new("reused_key", Method::POST, holds, &f.auth)
+            .headers(&with_key)
+            .body(other),
     )
     .await
     {
@@ -767,12 +768,9 @@ async fn hostile_replays(
         ctx,
         slot,
         &ctx.booking,
-        "over_limit",
-        Method::POST,
-        holds,
-        &f.auth,
-        &fresh,
-        Some(past),
+        Req::new("over_limit", Method::POST, holds, &f.auth)
+            .headers(&fresh)
+            .body(past),
     )
     .await
     {
@@ -803,44 +801,6 @@ impl JoinRates {
             http_per_s: share(http),
         }
     }
-}
-
-/// The client processes for socket fans `from..to`, `procs` of them, on 127.0.(net_base+k).x,
-/// together connecting at most `connect_per_s` a second (None: as fast as they can).
-fn socket_inits(
-    args: &SaleArgs,
-    url: &str,
-    target: std::net::SocketAddr,
-    tokens: &[String],
-    (from, to): (usize, usize),
-    net_base: u8,
-    connect_per_s: Option<f64>,
-) -> Vec<ClientsInit> {
-    let n = to - from;
-    let procs = args.client_procs.min(n);
-    let mut first = from;
-    (0..procs)
-        .map(|i| {
-            let count = n / procs + usize::from(i < n % procs);
-            let init = ClientsInit {
-                target,
-                url: url.to_owned(),
-                tokens: tokens[first..first + count].to_vec(),
-                count,
-                first_fan: first,
-                // validate() keeps client_procs ≤ 100: at most 2·100 + 1 nets.
-                source_net: net_base + 1 + i as u8,
-                sockets_per_addr: args.sockets_per_addr,
-                read_buffer_bytes: args.client_read_buffer_bytes,
-                connect_concurrency: args.connect_concurrency,
-                connect_timeout_ms: args.connect_timeout_ms,
-                sale: true,
-                connect_per_s: connect_per_s.map(|r| r * count as f64 / n as f64),
-            };
-            first += count;
-            init
-        })
-        .collect()
 }
 
 /// An RFC 3339 time `ms` after the epoch.
@@ -1111,7 +1071,7 @@ async fn watch_line(ctx: &Ctx, clients: &[Clients], opened: Instant) -> LineWatc
     };
     waiting.sort_unstable();
     // Admission moves on while the head is timed: start a few seconds of admissions further in.
-    let skip = (args.rate_per_s * POSITION_HEAD_MARGIN_S) as usize;
+    let skip = (args.admission.rate_per_s * POSITION_HEAD_MARGIN_S) as usize;
     let n = args.position_samples;
     let head: Vec<usize> = waiting.iter().skip(skip).take(n).map(|(_, i)| *i).collect();
     let back: Vec<usize> = waiting.iter().rev().take(n).map(|(_, i)| *i).collect();
@@ -1150,12 +1110,7 @@ async fn time_positions(ctx: &Ctx, fans: &[usize]) -> Percentiles {
             ctx,
             &mut slot,
             &ctx.queue,
-            "position",
-            Method::GET,
-            &path,
-            &f.auth,
-            &[],
-            None,
+            Req::new("position", Method::GET, &path, &f.auth),
         )
         .await
         {
@@ -1233,14 +1188,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
 
     // The fans' sessions first: with tens of thousands they take a while, and the drop's
     // opening is timed from its creation.
-    let fans_bar = crate::bar(
-        args.quiet,
-        args.fans as u64,
-        "fans          {bar:30} {pos}/{len} [{elapsed_precise}]",
-    );
-    let tokens = create_fan_tokens(&booking, &run_id, args.fans, timeout, &fans_bar).await;
-    fans_bar.finish_and_clear();
-    let tokens = tokens?;
+    let tokens = fan_tokens(args.quiet, &booking, &run_id, args.fans, timeout).await?;
     let names: Vec<String> = (0..args.fans)
         .map(|i| crate::api::fan_name(&run_id, i))
         .collect();
@@ -1255,9 +1203,9 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
         hold_ttl_s: args.hold_ttl_s,
         opens_at: (args.pre_open_s > 0.0).then(|| rfc3339(opens_at_ms)),
         admission: AdmissionSettings {
-            rate_per_s: args.rate_per_s,
-            burst: args.burst,
-            max_active: args.max_active,
+            rate_per_s: args.admission.rate_per_s,
+            burst: args.admission.burst,
+            max_active: args.admission.max_active,
             paused: false,
         },
         shop_window_s: Some(args.shop_window_s),
@@ -1360,25 +1308,32 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
     ));
 
     // Sockets: the pre-queue's processes now, the rest's at opening.
+    let split = |range, net_base, connect_per_s| {
+        split_inits(
+            &args.sockets,
+            &Split {
+                target: queue.addr,
+                url: &ws_url,
+                tokens: Some(&tokens),
+                range,
+                net_base,
+                sale: true,
+                connect_per_s,
+            },
+        )
+    };
     let mut clients = Vec::new();
     if pre_ws > 0 {
-        let inits = socket_inits(args, &ws_url, queue.addr, &tokens, (0, pre_ws), 0, None);
+        let inits = split((0, pre_ws), 0, None);
         clients.push(Clients::spawn(&inits, Some(admit_tx.clone())).await?);
     }
     let wait_open = Duration::from_micros((open_us - wall_us()).max(0) as u64);
     tokio::time::sleep(wait_open).await;
     let opened = Instant::now();
     if args.ws_fans > pre_ws {
-        let base = args.client_procs.min(100) as u8;
-        let inits = socket_inits(
-            args,
-            &ws_url,
-            queue.addr,
-            &tokens,
-            (pre_ws, args.ws_fans),
-            base,
-            Some(rates.ws_per_s),
-        );
+        // validate() keeps client_procs ≤ 100: the two sets use at most 127.0.1–200.x.
+        let base = args.sockets.client_procs.min(100) as u8;
+        let inits = split((pre_ws, args.ws_fans), base, Some(rates.ws_per_s));
         clients.push(Clients::spawn(&inits, Some(admit_tx.clone())).await?);
     }
     drop(admit_tx);
@@ -1459,7 +1414,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
             &w,
             &merge_ticks(&reports),
             used_memory_before,
-            args.rate_per_s,
+            args.admission.rate_per_s,
         )
     });
     out.run_id = run_id;
@@ -1693,7 +1648,7 @@ fn figures(
 
     // Admission: where the bucket limited, judged with the admission script's stock rule over
     // the sessions the run saw.
-    let skip_ms = (args.burst as f64 / args.rate_per_s * 1000.0) as i64 + 1000;
+    let skip_ms = (args.admission.burst as f64 / args.admission.rate_per_s * 1000.0) as i64 + 1000;
     let sessions: Vec<report::SessionSeen> = logs
         .iter()
         .filter_map(|l| {
@@ -1709,8 +1664,14 @@ fn figures(
     let limit = i64::from(args.per_fan_limit);
     let grace = args.confirm_grace_ms as i64;
     let demand = |t: i64| sessions.iter().map(|s| s.demand_at(t, limit, grace)).sum();
-    let admission =
-        report::admission_rate(&ticks, samples, args.rate_per_s, skip_ms, limit, &demand);
+    let admission = report::admission_rate(
+        &ticks,
+        samples,
+        args.admission.rate_per_s,
+        skip_ms,
+        limit,
+        &demand,
+    );
 
     let latency = report::Latencies {
         join_http: Percentiles::of(&t.join_http),
@@ -1803,15 +1764,15 @@ fn settings_json(a: &SaleArgs) -> serde_json::Value {
         "booking_url": a.booking_url, "queue_url": a.queue_url,
         "fans": a.fans, "ws_fans": a.ws_fans, "stock": a.stock,
         "per_fan_limit": a.per_fan_limit, "pre_queue_pct": a.pre_queue_pct,
-        "pre_open_s": a.pre_open_s, "rate_per_s": a.rate_per_s, "burst": a.burst,
-        "max_active": a.max_active, "shop_window_s": a.shop_window_s,
+        "pre_open_s": a.pre_open_s, "rate_per_s": a.admission.rate_per_s, "burst": a.admission.burst,
+        "max_active": a.admission.max_active, "shop_window_s": a.shop_window_s,
         "leave_grace_s": a.leave_grace_s, "hold_ttl_s": a.hold_ttl_s, "think_ms": a.think_ms,
         "pay_pct": a.pay_pct, "release_pct": a.release_pct, "hostile_pct": a.hostile_pct,
         "join_rate_per_s": a.join_rate_per_s, "poll_ms": a.poll_ms,
         "http_connections": a.http_connections, "shop_concurrency": a.shop_concurrency,
-        "client_procs": a.client_procs, "confirm_grace_ms": a.confirm_grace_ms,
+        "client_procs": a.sockets.client_procs, "confirm_grace_ms": a.confirm_grace_ms,
         "line_only": a.line_only, "line_hold_s": a.line_hold_s,
-        "position_samples": a.position_samples, "sockets_per_addr": a.sockets_per_addr,
+        "position_samples": a.position_samples, "sockets_per_addr": a.sockets.sockets_per_addr,
         "max_duration_s": a.max_duration_s, "sold_out_grace_s": a.sold_out_grace_s,
     })
 }
@@ -1940,37 +1901,6 @@ mod tests {
         assert!((620..=780).contains(&pay), "{pay}");
         let abandon = share(&|f| f.then == Then::Abandon);
         assert!((60..=140).contains(&abandon), "{abandon}");
-    }
-
-    #[test]
-    fn sockets_split_over_processes_by_range() {
-        let a = parse_sale(&["--client-procs", "3"]);
-        let tokens: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
-        let inits = socket_inits(
-            &a,
-            "ws://x/ws",
-            "127.0.0.1:1".parse().unwrap(),
-            &tokens,
-            (4, 14),
-            3,
-            Some(100.0),
-        );
-        assert_eq!(inits.iter().map(|i| i.count).collect::<Vec<_>>(), [4, 3, 3]);
-        assert_eq!(
-            inits.iter().map(|i| i.first_fan).collect::<Vec<_>>(),
-            [4, 8, 11]
-        );
-        assert_eq!(inits[1].tokens, ["t8", "t9", "t10"]);
-        assert_eq!(
-            inits.iter().map(|i| i.source_net).collect::<Vec<_>>(),
-            [4, 5, 6]
-        );
-        assert!(inits.iter().all(|i| i.sale));
-        // 100/s over 10 sockets: each process its share.
-        assert_eq!(
-            inits.iter().map(|i| i.connect_per_s).collect::<Vec<_>>(),
-            [Some(40.0), Some(30.0), Some(30.0)]
-        );
     }
 
     #[test]

@@ -11,6 +11,9 @@ use engine::ids::FanId;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
+mod common;
+use common::Servers;
+
 const SOCKETS: usize = 5;
 
 /// The child's next stdout line of `kind` (progress lines in between are skipped).
@@ -33,18 +36,12 @@ async fn line_of(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_clients_authenticate_and_wait_in_line() {
-    let cfg = testkit::test_config();
-    let booking = booking_api::start(cfg.clone())
-        .await
-        .expect("booking-api starts");
-    let mut qcfg = cfg;
-    qcfg.queue.booking_public_url = booking.url();
-    let queue = queue_server::start(qcfg)
-        .await
-        .expect("queue-server starts");
-    let client =
-        testkit::BookingClient::with_new_keys(booking.url(), &booking.engine, "loadtest-test")
-            .await;
+    let Servers {
+        booking,
+        queue,
+        client,
+        ..
+    } = Servers::start(common::config(), "loadtest-test").await;
     // Paused: every socket stays in the line.
     let drop = client
         .create_drop(json!({

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+mod common;
+use common::{config, Servers};
+
 const FANS: usize = 240;
 const WS_FANS: usize = 120;
 const STOCK: u64 = 40;
@@ -25,12 +28,17 @@ fn out_dir() -> PathBuf {
     dir
 }
 
-/// The test config with one dev identity for both servers: booking-api signs the fans' tokens,
-/// queue-server verifies them (each would make up its own secret otherwise).
-fn config() -> engine::Config {
-    let mut cfg = testkit::test_config();
-    cfg.identity.dev_secret = format!("loadtest-sale-{:016x}", rand::random::<u64>());
-    cfg
+/// `loadtest sale` against `s`'s servers, Redis and Postgres; the test adds the rest.
+fn sale(s: &Servers) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"));
+    cmd.args(["sale", "--quiet"])
+        .args(["--booking-url", &s.booking.url()])
+        .args(["--queue-url", &s.queue.url()])
+        .args(["--seller-key", &s.client.seller_key])
+        .args(["--database-url", &s.database_url])
+        .args(["--redis-url", &s.redis_url])
+        .kill_on_drop(true);
+    cmd
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,19 +48,7 @@ async fn a_short_sale_sells_exactly_its_stock_and_reports_it() {
     // plus the confirm grace, and one who released until the shop window ends: keep both short
     // so the units they gave back are sold within the test.
     cfg.holds.confirm_grace_ms = 1_000;
-    let redis_url = cfg.redis.url.clone();
-    let database_url = cfg.database.url.clone();
-    let booking = booking_api::start(cfg.clone())
-        .await
-        .expect("booking-api starts");
-    let mut qcfg = cfg;
-    qcfg.queue.booking_public_url = booking.url();
-    let queue = queue_server::start(qcfg)
-        .await
-        .expect("queue-server starts");
-    let client =
-        testkit::BookingClient::with_new_keys(booking.url(), &booking.engine, "loadtest-sale")
-            .await;
+    let servers = Servers::start(cfg, "loadtest-sale").await;
     let dir = out_dir();
     let (json_path, html_path, text_path) = (
         dir.join("sale.json"),
@@ -60,13 +56,7 @@ async fn a_short_sale_sells_exactly_its_stock_and_reports_it() {
         dir.join("sale.txt"),
     );
 
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["sale", "--quiet"])
-        .args(["--booking-url", &booking.url()])
-        .args(["--queue-url", &queue.url()])
-        .args(["--seller-key", &client.seller_key])
-        .args(["--database-url", &database_url])
-        .args(["--redis-url", &redis_url])
+    let run = sale(&servers)
         .args(["--fans", &FANS.to_string()])
         .args(["--ws-fans", &WS_FANS.to_string()])
         .args(["--stock", &STOCK.to_string()])
@@ -82,7 +72,6 @@ async fn a_short_sale_sells_exactly_its_stock_and_reports_it() {
         .args(["--json", json_path.to_str().unwrap()])
         .args(["--html", html_path.to_str().unwrap()])
         .args(["--text", text_path.to_str().unwrap()])
-        .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(RUN_LIMIT, run)
         .await
@@ -142,8 +131,7 @@ async fn a_short_sale_sells_exactly_its_stock_and_reports_it() {
     assert_eq!(html.matches("</svg>").count(), 4);
     assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
 
-    queue.shutdown().await;
-    booking.shutdown().await;
+    servers.shutdown().await;
 
     // It opens in headless Chromium: the charts are there and no script failed.
     let _one = testkit::ONE_BROWSER.lock().await;
@@ -170,28 +158,11 @@ async fn a_short_sale_sells_exactly_its_stock_and_reports_it() {
 /// report gives the line's figures and the invariants still hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_line_mode_fills_the_line_and_reports_it() {
-    let cfg = config();
-    let (redis_url, database_url) = (cfg.redis.url.clone(), cfg.database.url.clone());
-    let booking = booking_api::start(cfg.clone())
-        .await
-        .expect("booking-api starts");
-    let mut qcfg = cfg;
-    qcfg.queue.booking_public_url = booking.url();
-    let queue = queue_server::start(qcfg)
-        .await
-        .expect("queue-server starts");
-    let client =
-        testkit::BookingClient::with_new_keys(booking.url(), &booking.engine, "loadtest-line")
-            .await;
+    let servers = Servers::start(config(), "loadtest-line").await;
     let dir = out_dir();
     let json_path = dir.join("line.json");
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["sale", "--quiet", "--line-only"])
-        .args(["--booking-url", &booking.url()])
-        .args(["--queue-url", &queue.url()])
-        .args(["--seller-key", &client.seller_key])
-        .args(["--database-url", &database_url])
-        .args(["--redis-url", &redis_url])
+    let run = sale(&servers)
+        .arg("--line-only")
         .args(["--fans", "300", "--ws-fans", "40", "--client-procs", "1"])
         .args(["--stock", "1000000", "--leave-grace-s", "86400"])
         .args(["--pre-queue-pct", "0", "--pre-open-s", "0"])
@@ -205,7 +176,6 @@ async fn the_line_mode_fills_the_line_and_reports_it() {
         ])
         .args(["--line-hold-s", "2", "--position-samples", "20"])
         .args(["--json", json_path.to_str().unwrap()])
-        .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(RUN_LIMIT, run)
         .await
@@ -232,7 +202,6 @@ async fn the_line_mode_fills_the_line_and_reports_it() {
     assert!(line["position_head"]["count"].as_u64() > Some(0), "{line}");
     assert_eq!(report["outcome"]["sold_api"], 0, "nobody shops: {report:#}");
     assert_eq!(report["invariants_held"], true, "{report:#}");
-    queue.shutdown().await;
-    booking.shutdown().await;
+    servers.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
