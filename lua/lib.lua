@@ -78,7 +78,7 @@ end
 -- A fan's live holds are members "<fan>|<hold id>" of one zset (all scores 0), so adding and
 -- removing cost O(log n) however many holds a fan has; `|` can't occur in either id.
 local function remember_live_hold(fan, id)
-  redis.call('ZADD', K.fanholds, 0, fan .. '|' .. id)
+  redis.call('ZADD', K.fanholds, '0', fan .. '|' .. id)
 end
 
 local function forget_live_hold(fan, id)
@@ -87,11 +87,14 @@ end
 
 -- Seat `seat` ("<section>-<row>-<n>") shows as `state` (f, h or s) in the seat map: two O(1)
 -- calls, so a page's map is read as one string (GETRANGE) rather than walked field by field over
--- the seats hash. A seat whose row the layout doesn't place is left alone.
+-- the seats hash. A seat whose row the layout doesn't place is left alone. (The offset goes to
+-- Redis formatted as an integer: a Lua number argument takes printf's far costlier float path.)
 local function show_seat(seat, state)
   local row, n = string.match(seat, '^(.+)-(%d+)$')
   local first = row and redis.call('HGET', K.layout, '@' .. row)
-  if first then redis.call('SETRANGE', K.seatmap, tonumber(first) + tonumber(n) - 1, state) end
+  if first then
+    redis.call('SETRANGE', K.seatmap, string.format('%d', tonumber(first) + tonumber(n) - 1), state)
+  end
 end
 
 -- A held or confirming hold gives its units back to stock and ends as `final_state`.

@@ -26,13 +26,21 @@
 --           recovering | unknown_drop | not_admitted
 -- Every answer but recovering / unknown_drop / idempotency_key_reused / not_admitted is stored
 -- under KEYS[13] for hold TTL + 10 minutes, so a retry gets the first answer back.
+-- Cost (docs/BENCHMARKS.md, reserve script cost): this is the hottest script, and under
+-- callgrind most of its instructions went to turning numbers into text (a Lua number passed to
+-- redis.call, concatenated or cjson-encoded goes through printf's floating-point path, about
+-- 2,500 instructions each) and to the redis.calls themselves. So the success path makes no cjson
+-- call and formats each number once, as an integer (`int`); the hold record, the items JSON and
+-- the stored answer are the same JSON cjson would make (every reader, old or new, reads them),
+-- built by concatenation: the ids and buckets in them are parsed ids that can't hold a character
+-- JSON escapes (engine/src/ids.rs).
 
 local fan, hold_id, body_sha, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local shop_end, hard_end = tonumber(ARGV[5]), tonumber(ARGV[6])
 local now = now_ms()
+local function int(x) return string.format('%d', x) end
 
--- The first answer is stored as "<body sha>\n<answer JSON>": one encode on the way in, none on a
--- replay (this is the hottest script; cjson is a large part of its cost).
+-- The first answer is stored as "<body sha>\n<answer JSON>": nothing to decode on a replay.
 local first = redis.call('GET', K.idem)
 if first then
   local cut = string.find(first, '\n', 1, true)
@@ -43,18 +51,16 @@ if first then
 end
 
 local meta = redis.call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit', 'hold_ttl_ms',
-  'opens_at_ms', 'reclaim_batch', 'mode', 'next_due_ms')
+  'opens_at_ms', 'reclaim_batch', 'mode', 'next_due_ms', 'confirm_grace_ms')
 if not meta[1] then return {'err', 'unknown_drop', '{}'} end
 if meta[2] == '1' then return {'err', 'recovering', '{}'} end
 local limit, ttl_ms = tonumber(meta[3]), tonumber(meta[4])
 local idem_ttl_ms = ttl_ms + 600000
 
-local function answer(ans)
-  redis.call('SET', K.idem, body_sha .. '\n' .. cjson.encode(ans), 'PX', idem_ttl_ms)
-  return ans
-end
 local function refuse(code, detail)
-  return answer({'err', code, cjson.encode(detail or {})})
+  local ans = {'err', code, cjson.encode(detail or {})}
+  redis.call('SET', K.idem, body_sha .. '\n' .. cjson.encode(ans), 'PX', int(idem_ttl_ms))
+  return ans
 end
 
 if meta[1] ~= 'open' then return refuse('drop_closed') end
@@ -171,25 +177,45 @@ else
 end
 
 local exp = now + ttl_ms
-for _, item in ipairs(items) do
-  redis.call('HINCRBY', K.stock, 'a:' .. item.b, -item.q)
-  redis.call('HINCRBY', K.stock, 'h:' .. item.b, item.q)
+-- The stock moves once per bucket (HINCRBY: dearer as an HSET of both counts into the small
+-- listpack-encoded stock hash), and the items JSON ([{"b":…,"q":…,"s":…}]) is made on the way.
+local buckets, moved, parts = {}, {}, {}
+for i, item in ipairs(items) do
+  if not moved[item.b] then
+    buckets[#buckets + 1] = item.b
+    moved[item.b] = 0
+  end
+  moved[item.b] = moved[item.b] + item.q
   if item.s then
     redis.call('HSET', K.seats, item.s, hold_id)
     show_seat(item.s, 'h')
+    parts[i] = '{"b":"' .. item.b .. '","q":1,"s":"' .. item.s .. '"}'
+  else
+    parts[i] = '{"b":"' .. item.b .. '","q":' .. int(item.q) .. '}'
   end
 end
-redis.call('HINCRBY', K.fans, fan, units)
-save_hold(hold_id, {fan = fan, st = 'held', exp = exp, u = units, c = now, it = items})
-redis.call('ZADD', K.deadlines, exp, hold_id)
-if exp < next_due then redis.call('HSET', K.meta, 'next_due_ms', exp) end
+for _, b in ipairs(buckets) do
+  local q = int(moved[b])
+  redis.call('HINCRBY', K.stock, 'a:' .. b, '-' .. q)
+  redis.call('HINCRBY', K.stock, 'h:' .. b, q)
+end
+local units_s, exp_s, now_s = int(units), int(exp), int(now)
+redis.call('HINCRBY', K.fans, fan, units_s)
+local items_json = '[' .. table.concat(parts, ',') .. ']'
+redis.call('HSET', K.holds, hold_id, '{"fan":"' .. fan .. '","st":"held","exp":' .. exp_s ..
+  ',"u":' .. units_s .. ',"c":' .. now_s .. ',"it":' .. items_json .. '}')
+redis.call('ZADD', K.deadlines, exp_s, hold_id)
+if exp < next_due then redis.call('HSET', K.meta, 'next_due_ms', exp_s) end
 remember_live_hold(fan, hold_id)
 -- A hold keeps a queue drop's shopper admitted until it can no longer be confirmed, never past
 -- the session's hard end.
 if meta[7] == 'queue' then
-  local until_ms = exp + meta_num('confirm_grace_ms', 60000)
+  local until_ms = exp + (tonumber(meta[9]) or 60000)
   if hard_end and until_ms > hard_end then until_ms = hard_end end
-  redis.call('ZADD', K.active, 'XX', 'GT', until_ms, fan)
+  redis.call('ZADD', K.active, 'XX', 'GT', int(until_ms), fan)
 end
 
-return answer({'ok', hold_id, exp, now, cjson.encode(items)})
+-- The stored first answer: the JSON array cjson would make of the reply, the items a string in it.
+redis.call('SET', K.idem, body_sha .. '\n["ok","' .. hold_id .. '",' .. exp_s .. ',' .. now_s ..
+  ',"' .. string.gsub(items_json, '"', '\\"') .. '"]', 'PX', int(idem_ttl_ms))
+return {'ok', hold_id, exp, now, items_json}

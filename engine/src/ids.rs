@@ -275,4 +275,17 @@ mod tests {
         assert!(SeatId::parse("A-1").is_err());
         assert_eq!(SeatId::parse("VIP-12-3").unwrap().section(), "VIP");
     }
+
+    /// lua/reserve.lua writes the hold record and the stored answer as JSON by concatenation, so
+    /// nothing it puts between quotes may need escaping: fan, hold, SKU, section and seat ids.
+    #[test]
+    fn ids_a_script_quotes_need_no_json_escaping() {
+        for bad in ["a\"b", "a\\b", "a\nb", "a\u{7f}b", "a\u{e9}b"] {
+            assert!(FanId::parse(bad).is_err(), "fan {bad:?}");
+            assert!(HoldId::parse(&format!("d0123456789abcdef-{bad}")).is_err());
+            assert!(Sku::parse(bad).is_err(), "sku {bad:?}");
+            assert!(Section::parse(bad).is_err(), "section {bad:?}");
+            assert!(SeatId::parse(&format!("A-{bad}-1")).is_err());
+        }
+    }
 }
