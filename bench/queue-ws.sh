@@ -6,11 +6,17 @@
 # tokio-tungstenite broadcast server measured the same way), prints the report, stops everything.
 #
 # Usage: bench/queue-ws.sh [extra loadtest queue options...]
+#        SCENARIO=sale bench/queue-ws.sh [loadtest sale options...]
+#   The same stack for the whole sale: bench/sale.sh (its script baselines, then `loadtest
+#   sale`) runs against it instead of `loadtest queue`; FANS is then the sale's sockets
+#   (--ws-fans), which size queue-server's connection cap, e.g.
+#   SCENARIO=sale bench/queue-ws.sh --fans 50000 --ws-fans 19000 --stock 5000 --check
 #   e.g. FANS=2000 bench/queue-ws.sh --rate-per-s 20 --admit-window-s 30
 #        bench/queue-ws.sh --check        # exit 1 when a bar is missed
 #
 # Environment:
 #   FANS                 sockets (one fan each)                              [19000]
+#   SCENARIO             queue, or sale (above)                              [queue]
 #   REDIS_PORT, PG_PORT, BOOKING_PORT, QUEUE_PORT, BASELINE_PORT
 #                        ports on 127.0.0.1                    [7201 7202 7203 7204 7205]
 #   STACK_NAME           devstack stack name ("test…" names start from empty state) [test-queue-ws]
@@ -84,6 +90,7 @@ if [[ ${1:-} != --inner ]]; then
         die "open-file limit $limit is below $FANS sockets + $SPARE_FILES; lower FANS or raise ulimit -Hn"
     fi
     export OUT_DIR FANS REDIS_PORT PG_PORT BOOKING_PORT QUEUE_PORT BASELINE_PORT QUEUE_ENV
+    export SCENARIO=${SCENARIO:-queue}
     export KEEP_BINARIES=${KEEP_BINARIES:-}
     exec "$OUT_DIR/bin/devstack" run --name "$STACK_NAME" --redis-port "$REDIS_PORT" \
         --pg-port "$PG_PORT" -- bash "$0" --inner "$@"
@@ -159,13 +166,20 @@ echo "queue-ws: $(uptime)" >&2
 echo "queue-ws: queue-server pid $QUEUE_PID (open files $(ulimit -n)); output in $OUT_DIR" >&2
 
 set +e
-"$BIN/loadtest" queue \
-    --booking-url "http://127.0.0.1:$BOOKING_PORT" \
-    --queue-url "http://127.0.0.1:$QUEUE_PORT" \
-    --seller-key "$SELLER_KEY" --ops-key "$OPS_KEY" \
-    --fans "$FANS" --server-pid "$QUEUE_PID" \
-    --baseline-listen "127.0.0.1:$BASELINE_PORT" \
-    --json "$OUT_DIR/report.json" "$@" | tee "$OUT_DIR/report.txt"
+if [[ $SCENARIO == sale ]]; then
+    BOOKING_URL=http://127.0.0.1:$BOOKING_PORT QUEUE_URL=http://127.0.0.1:$QUEUE_PORT \
+        FLOODGATE_SELLER_KEY=$SELLER_KEY LOADTEST=$BIN/loadtest OUT_DIR=$OUT_DIR/baselines \
+        bench/sale.sh --json "$OUT_DIR/report.json" --html "$OUT_DIR/report.html" "$@" |
+        tee "$OUT_DIR/report.txt"
+else
+    "$BIN/loadtest" queue \
+        --booking-url "http://127.0.0.1:$BOOKING_PORT" \
+        --queue-url "http://127.0.0.1:$QUEUE_PORT" \
+        --seller-key "$SELLER_KEY" --ops-key "$OPS_KEY" \
+        --fans "$FANS" --server-pid "$QUEUE_PID" \
+        --baseline-listen "127.0.0.1:$BASELINE_PORT" \
+        --json "$OUT_DIR/report.json" "$@" | tee "$OUT_DIR/report.txt"
+fi
 rc=${PIPESTATUS[0]}
 set -e
 machine_state "$OUT_DIR/machine-after.txt"
