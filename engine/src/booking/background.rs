@@ -122,9 +122,15 @@ impl Engine {
                 );
                 Some(due)
             }
-            // Another instance may have asked a moment before: Redis refuses a second one.
+            // Another instance may have asked a moment before: Redis refuses a second one. Any
+            // other refusal (a managed Redis that forbids the command) leaves the file growing,
+            // which an operator must hear of (or set redis.aof_rewrite_growth_pct = 0).
+            Err(e) if e.message.contains("already in progress") => {
+                tracing::debug!(error = %e, "BGREWRITEAOF: another one runs");
+                None
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "BGREWRITEAOF refused");
+                tracing::warn!(error = %e, "Redis refused BGREWRITEAOF: its AOF keeps growing");
                 None
             }
         }
