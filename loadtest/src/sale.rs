@@ -496,6 +496,7 @@ async fn http_poll(
             if let Some(token) = v["admission_token"].as_str() {
                 ctx.tally().fans[fan].done = true;
                 ctx.http_live.fetch_sub(1, Ordering::Relaxed);
+                // The shopper only goes once the run has stopped: nobody left to shop then.
                 let _ = admissions.send(AdmissionLine {
                     fan,
                     admission_token: token.to_owned(),
@@ -1358,6 +1359,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
         reports.extend(c.stop().await?);
     }
     while workers.join_next().await.is_some() {}
+    // A sampler that panicked leaves fewer samples: the charts show the gap.
     let _ = sampler.await;
     let mut shopping = shopper.await.context("the shopping task panicked")?;
     let drained = tokio::time::timeout(SHOP_DRAIN, async {

@@ -797,17 +797,19 @@ const PAD_L: f64 = 64.0;
 const PAD_R: f64 = 16.0;
 const PAD_T: f64 = 28.0;
 const PAD_B: f64 = 36.0;
+const NICE_STEPS: [f64; 9] = [1.0, 1.2, 1.6, 2.0, 2.4, 3.2, 4.0, 6.0, 8.0];
 /// Where the legends start right of the plot's left edge, and their spacing.
 const LEGEND_X: f64 = 230.0;
 const LEGEND_STEP: f64 = 110.0;
 
-/// A "nice" upper bound for an axis: 1, 2 or 5 × 10ⁿ at or above `v`.
+/// A "nice" upper bound for an axis at or above `v`: one of [`NICE_STEPS`] × 10ⁿ, so the plot
+/// uses most of its width and its four gridlines fall on round numbers.
 fn nice_max(v: f64) -> f64 {
     if v <= 0.0 || !v.is_finite() {
         return 1.0;
     }
     let mag = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    NICE_STEPS
         .iter()
         .map(|m| m * mag)
         .find(|m| *m >= v)
@@ -1162,7 +1164,9 @@ mod tests {
         let path = svg.split("d=\"").nth(1).unwrap().split('"').next().unwrap();
         assert_eq!(path.matches('M').count(), 2, "{path}");
         assert_eq!(nice_max(0.0), 1.0);
-        assert_eq!(nice_max(7.0), 10.0);
-        assert_eq!(nice_max(1200.0), 2000.0);
+        assert_eq!(nice_max(7.0), 8.0);
+        assert_eq!(nice_max(56.0), 60.0);
+        assert_eq!(nice_max(1250.0), 1600.0);
+        assert_eq!(nice_max(9.0), 10.0);
     }
 }
