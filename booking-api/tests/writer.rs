@@ -260,7 +260,11 @@ async fn payment_attempts_and_captures_are_recorded_in_shared_batches() {
     for (i, (p, m)) in payments.iter().zip(moved).enumerate() {
         assert_eq!(m.unwrap(), i.is_multiple_of(2), "capture {i}");
         let s = db.attempt_state(&p.hold_id, &p.reference).await.unwrap();
-        let want = if i.is_multiple_of(2) { "captured" } else { "pending" };
+        let want = if i.is_multiple_of(2) {
+            "captured"
+        } else {
+            "pending"
+        };
         assert_eq!(s.map(|s| s.as_str()), Some(want));
     }
     h.server.shutdown().await;

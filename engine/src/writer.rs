@@ -302,28 +302,25 @@ async fn try_batch(
             results[i] = Some(Ok(Done::Recorded(done)));
         }
     }
-    if !orders.is_empty() {
+    if !orders.is_empty() && one_by_one {
         let mut tx = client.transaction().await?;
-        if one_by_one {
-            lock_inventory(&tx, orders.iter().map(|(_, o)| *o)).await?;
-            for (i, c) in orders_one_by_one(&mut tx, &orders).await? {
-                results[i] = Some(c.map(Done::Order));
-            }
-        } else {
-            // No SAVEPOINT around them (two round trips a batch): a refusal aborts the
-            // transaction, and the batch runs again from the start, one order at a time.
-            // (`insert_orders` locks the inventory rows, pipelined with its first statement.)
-            match insert_orders(&tx, &orders).await {
-                Ok(done) => {
-                    for (i, c) in done {
-                        results[i] = Some(Ok(Done::Order(c)));
-                    }
-                }
-                Err(e) if is_constraint_violation(&e) => return Err(Attempt::Refused(e)),
-                Err(e) => return Err(e.into()),
-            }
+        lock_inventory(&tx, orders.iter().map(|(_, o)| *o)).await?;
+        for (i, c) in orders_one_by_one(&mut tx, &orders).await? {
+            results[i] = Some(c.map(Done::Order));
         }
         tx.commit().await?;
+    } else if !orders.is_empty() {
+        // No SAVEPOINT around them (two round trips a batch): a refusal rolls the batch back,
+        // and it runs again from the start, one order at a time.
+        match insert_orders(&client, &orders).await {
+            Ok(done) => {
+                for (i, c) in done {
+                    results[i] = Some(Ok(Done::Order(c)));
+                }
+            }
+            Err(e) if is_constraint_violation(&e) => return Err(Attempt::Refused(e)),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(results
         .into_iter()
@@ -405,83 +402,62 @@ async fn record_payments(
     Ok(recorded.chain(captured).collect())
 }
 
-/// The batch's orders, set-based: one statement moves every attempt still `pending` to
-/// `authorized` (`UPDATE … RETURNING`), and one more writes orders only for the attempts it got
-/// back — their items, ledger lines, one inventory update per (drop, bucket) and one per-fan row
-/// per (drop, fan). A job whose attempt was not pending any more (a reconciler is voiding it)
-/// gets no order; a hold that already had one gets that one back.
+/// The batch's orders, set-based, in one round trip: `BEGIN`, the lock of the batch's inventory
+/// rows (in one order for every writer), one statement and `COMMIT` go out together, and Postgres
+/// runs them in order. The statement moves every attempt still `pending` to `authorized`
+/// (`UPDATE … RETURNING`) and writes orders only for the attempts it got back — their items,
+/// ledger lines, one inventory update per (drop, bucket) and one per-fan row per (drop, fan). A
+/// job whose attempt was not pending any more (a reconciler is voiding it) gets no order; a hold
+/// that already had one gets that one back. If a statement fails, Postgres answers the `COMMIT`
+/// with a rollback: nothing of the batch stays.
 async fn insert_orders(
-    tx: &Tx<'_>,
+    client: &deadpool_postgres::Client,
     orders: &[(usize, &NewOrder)],
 ) -> std::result::Result<Vec<(usize, Committed)>, tokio_postgres::Error> {
     // Orders go in (drop, fan) order, so two batches that share fans take their per-fan rows
-    // (`fan_purchases`, keyed so) in the same order too (see lock_inventory).
-    let mut by_fan: Vec<&(usize, &NewOrder)> = orders.iter().collect();
-    by_fan.sort_by_cached_key(|(_, o)| (o.hold_id.drop_id(), o.fan.clone()));
-    let mut pairs: Vec<(&str, &str)> = by_fan
+    // (`fan_purchases`, keyed so) in the same order too (see lock_inventory); the first job of a
+    // hold in that order writes its order.
+    let mut by_fan: Vec<&NewOrder> = orders.iter().map(|(_, o)| *o).collect();
+    by_fan.sort_by_cached_key(|o| (o.hold_id.drop_id(), o.fan.clone()));
+    let order_ids: Vec<uuid::Uuid> = by_fan.iter().map(|o| o.order_id.0).collect();
+    let o_holds: Vec<&str> = by_fan.iter().map(|o| o.hold_id.as_str()).collect();
+    let o_drops: Vec<String> = by_fan
         .iter()
-        .map(|(_, o)| (o.hold_id.as_str(), o.reference.as_str()))
+        .map(|o| o.hold_id.drop_id().to_string())
         .collect();
-    pairs.sort_unstable();
-    pairs.dedup();
-    let (holds, refs): (Vec<&str>, Vec<&str>) = pairs.into_iter().unzip();
-    let claim = async {
-        tx.query(
-            &tx.prepare_cached(
-                "UPDATE payment_attempts p SET state = 'authorized', updated_at = now() \
-                 FROM unnest($1::text[], $2::text[]) AS t(h, r) \
-                 WHERE p.hold_id = t.h AND p.reference = t.r AND p.state = 'pending' \
-                 RETURNING p.hold_id, p.reference",
-            )
-            .await?,
-            &[&holds, &refs],
-        )
-        .await
-    };
-    // Pipelined: the lock of the inventory rows goes out first and Postgres runs it first (a
-    // connection runs its statements in order), so rows are still locked before any attempt
-    // row, one round trip sooner.
-    let (_, claimed) = tokio::try_join!(lock_inventory(tx, orders.iter().map(|(_, o)| *o)), claim)?;
-    let claimed: HashSet<(String, String)> = claimed.iter().map(|r| (r.get(0), r.get(1))).collect();
-    // One order per hold: the first job of a hold whose attempt was claimed writes it.
-    let mut writing: HashSet<&str> = HashSet::new();
-    let to_write: Vec<&NewOrder> = by_fan
+    let o_fans: Vec<&str> = by_fan.iter().map(|o| o.fan.as_str()).collect();
+    let totals: Vec<i64> = by_fan.iter().map(|o| o.total_cents).collect();
+    let currencies: Vec<&str> = by_fan.iter().map(|o| o.currency.as_str()).collect();
+    let limits: Vec<i32> = by_fan.iter().map(|o| o.per_fan_limit).collect();
+    let o_refs: Vec<&str> = by_fan.iter().map(|o| o.reference.as_str()).collect();
+    let positions: Vec<i32> = (0..by_fan.len() as i32).collect();
+    let items: Vec<(uuid::Uuid, &NewItem)> = by_fan
         .iter()
-        .map(|(_, o)| *o)
-        .filter(|o| {
-            claimed.contains(&(o.hold_id.to_string(), o.reference.clone()))
-                && writing.insert(o.hold_id.as_str())
-        })
+        .flat_map(|o| o.items.iter().map(move |i| (o.order_id.0, i)))
         .collect();
-    let mut made: HashMap<String, OrderId> = HashMap::new();
-    if !to_write.is_empty() {
-        let order_ids: Vec<uuid::Uuid> = to_write.iter().map(|o| o.order_id.0).collect();
-        let o_holds: Vec<&str> = to_write.iter().map(|o| o.hold_id.as_str()).collect();
-        let o_drops: Vec<String> = to_write
-            .iter()
-            .map(|o| o.hold_id.drop_id().to_string())
-            .collect();
-        let o_fans: Vec<&str> = to_write.iter().map(|o| o.fan.as_str()).collect();
-        let totals: Vec<i64> = to_write.iter().map(|o| o.total_cents).collect();
-        let currencies: Vec<&str> = to_write.iter().map(|o| o.currency.as_str()).collect();
-        let limits: Vec<i32> = to_write.iter().map(|o| o.per_fan_limit).collect();
-        let items: Vec<(uuid::Uuid, &NewItem)> = to_write
-            .iter()
-            .flat_map(|o| o.items.iter().map(move |i| (o.order_id.0, i)))
-            .collect();
-        let i_orders: Vec<uuid::Uuid> = items.iter().map(|(o, _)| *o).collect();
-        let i_buckets: Vec<&str> = items.iter().map(|(_, i)| i.bucket.as_str()).collect();
-        let i_seats: Vec<Option<&str>> = items.iter().map(|(_, i)| i.seat.as_deref()).collect();
-        let i_qty: Vec<i32> = items.iter().map(|(_, i)| i.quantity).collect();
-        let i_prices: Vec<i64> = items.iter().map(|(_, i)| i.price_cents).collect();
-        // One statement: its sub-statements see one snapshot, and the foreign keys of the items
-        // are checked at its end, when their orders are in. Only orders the INSERT returned (no
-        // order for the hold yet) get items, stock, ledger and per-fan rows.
-        let rows = tx
-            .query(
-                &tx.prepare_cached("WITH input AS ( \
-                   SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::int[]) \
-                   AS t(order_id, hold_id, drop_id, fan_id, total, currency, lim)), \
+    let i_orders: Vec<uuid::Uuid> = items.iter().map(|(o, _)| *o).collect();
+    let i_buckets: Vec<&str> = items.iter().map(|(_, i)| i.bucket.as_str()).collect();
+    let i_seats: Vec<Option<&str>> = items.iter().map(|(_, i)| i.seat.as_deref()).collect();
+    let i_qty: Vec<i32> = items.iter().map(|(_, i)| i.quantity).collect();
+    let i_prices: Vec<i64> = items.iter().map(|(_, i)| i.price_cents).collect();
+    let (lock_drops, lock_buckets) = inventory_rows(by_fan.iter().copied());
+    let lock = client.prepare_cached(LOCK_INVENTORY).await?;
+    // One statement: its sub-statements see one snapshot, and the foreign keys of the items are
+    // checked at its end, when their orders are in. Only orders the INSERT returned (no order
+    // for the hold yet) get items, stock, ledger and per-fan rows.
+    let write = client
+        .prepare_cached(
+            "WITH claimed AS ( \
+                   UPDATE payment_attempts p SET state = 'authorized', updated_at = now() \
+                   FROM unnest($2::text[], $13::text[]) AS t(h, r) \
+                   WHERE p.hold_id = t.h AND p.reference = t.r AND p.state = 'pending' \
+                   RETURNING p.hold_id, p.reference), \
+                 input AS ( \
+                   SELECT DISTINCT ON (t.hold_id) t.* \
+                   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::int[], $13::text[], $14::int[]) \
+                   AS t(order_id, hold_id, drop_id, fan_id, total, currency, lim, reference, pos) \
+                   JOIN claimed c ON c.hold_id = t.hold_id AND c.reference = t.reference \
+                   ORDER BY t.hold_id, t.pos), \
                  o AS ( \
                    INSERT INTO orders (order_id, hold_id, drop_id, fan_id, total_cents, currency) \
                    SELECT order_id, hold_id, drop_id, fan_id, total, currency FROM input \
@@ -507,20 +483,40 @@ async fn insert_orders(
                    SELECT drop_id, fan_id, sum(q)::int, max(lim) FROM it \
                    GROUP BY drop_id, fan_id ORDER BY drop_id, fan_id \
                    ON CONFLICT (drop_id, fan_id) DO UPDATE SET units = fan_purchases.units + EXCLUDED.units) \
-                 SELECT hold_id, order_id FROM o").await?,
-                &[
-                    &order_ids, &o_holds, &o_drops, &o_fans, &totals, &currencies, &limits,
-                    &i_orders, &i_buckets, &i_seats, &i_qty, &i_prices,
-                ],
-            )
-            .await?;
-        made = rows
-            .iter()
-            .map(|r| (r.get::<_, String>(0), OrderId(r.get(1))))
-            .collect();
-    }
+                 SELECT hold_id, order_id FROM o",
+        )
+        .await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
+        &order_ids,
+        &o_holds,
+        &o_drops,
+        &o_fans,
+        &totals,
+        &currencies,
+        &limits,
+        &i_orders,
+        &i_buckets,
+        &i_seats,
+        &i_qty,
+        &i_prices,
+        &o_refs,
+        &positions,
+    ];
+    let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&lock_drops, &lock_buckets];
+    // Sent together, answered in order; the COMMIT is sent whatever happens to the rest.
+    let (_, _, rows, _) = tokio::try_join!(
+        client.batch_execute("BEGIN"),
+        client.execute(&lock, &lock_params),
+        client.query(&write, &params),
+        client.batch_execute("COMMIT"),
+    )?;
+    let made: HashMap<String, OrderId> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), OrderId(r.get(1))))
+        .collect();
     // Everyone else: the hold's order if it has one (a retry, the reconciler first, or another
-    // job of the batch), else nothing was made (the attempt is no longer pending).
+    // job of the batch), else nothing was made (the attempt is no longer pending). Read after the
+    // commit: an order committed since by another writer is found too.
     let others: Vec<&str> = orders
         .iter()
         .map(|(_, o)| o.hold_id.as_str())
@@ -528,9 +524,10 @@ async fn insert_orders(
         .collect();
     let mut existing: HashMap<String, OrderId> = HashMap::new();
     if !others.is_empty() {
-        existing = tx
+        existing = client
             .query(
-                &tx.prepare_cached("SELECT hold_id, order_id FROM orders WHERE hold_id = ANY($1)")
+                &client
+                    .prepare_cached("SELECT hold_id, order_id FROM orders WHERE hold_id = ANY($1)")
                     .await?,
                 &[&others],
             )
@@ -583,13 +580,13 @@ async fn orders_one_by_one(
     Ok(out)
 }
 
-/// Locks every inventory row the batch will update, in one order (drop, bucket) for every
-/// writer. Orders update their rows one by one; two instances' batches taking the same rows in
-/// opposite orders would deadlock, and Postgres only notices after `deadlock_timeout` (1 s).
-async fn lock_inventory<'a>(
-    tx: &Tx<'_>,
-    orders: impl Iterator<Item = &'a NewOrder>,
-) -> std::result::Result<(), tokio_postgres::Error> {
+/// The statement that locks inventory rows, `$1` drops and `$2` buckets, in (drop, bucket) order.
+const LOCK_INVENTORY: &str =
+    "SELECT 1 FROM inventory i JOIN unnest($1::text[], $2::text[]) AS t(d, b) \
+     ON i.drop_id = t.d AND i.bucket = t.b ORDER BY i.drop_id, i.bucket FOR UPDATE OF i";
+
+/// The (drop, bucket) inventory rows the orders update, sorted, once each.
+fn inventory_rows<'a>(orders: impl Iterator<Item = &'a NewOrder>) -> (Vec<String>, Vec<&'a str>) {
     let mut rows: Vec<(String, &str)> = orders
         .flat_map(|o| {
             let drop = o.hold_id.drop_id().to_string();
@@ -600,13 +597,19 @@ async fn lock_inventory<'a>(
         .collect();
     rows.sort_unstable();
     rows.dedup();
-    let (drops, buckets): (Vec<String>, Vec<&str>) = rows.into_iter().unzip();
+    rows.into_iter().unzip()
+}
+
+/// Locks every inventory row the batch will update, in one order (drop, bucket) for every
+/// writer. Orders update their rows one by one; two instances' batches taking the same rows in
+/// opposite orders would deadlock, and Postgres only notices after `deadlock_timeout` (1 s).
+async fn lock_inventory<'a>(
+    tx: &Tx<'_>,
+    orders: impl Iterator<Item = &'a NewOrder>,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    let (drops, buckets) = inventory_rows(orders);
     tx.execute(
-        &tx.prepare_cached(
-            "SELECT 1 FROM inventory i JOIN unnest($1::text[], $2::text[]) AS t(d, b) \
-         ON i.drop_id = t.d AND i.bucket = t.b ORDER BY i.drop_id, i.bucket FOR UPDATE OF i",
-        )
-        .await?,
+        &tx.prepare_cached(LOCK_INVENTORY).await?,
         &[&drops, &buckets],
     )
     .await?;
