@@ -1089,6 +1089,13 @@ mod tests {
         cfg.validate().unwrap();
         cfg.queue.ws_max_write_buffer_bytes = 4096;
         refused(&cfg, "queue.ws_max_write_buffer_bytes must exceed");
+
+        let mut cfg = Config::default();
+        cfg.gateway.test_call_min_ms = 200;
+        cfg.gateway.test_call_max_ms = 200;
+        cfg.validate().unwrap();
+        cfg.gateway.test_call_max_ms = 199;
+        refused(&cfg, "gateway.test_call_min_ms must not exceed");
     }
 
     #[test]
