@@ -269,3 +269,34 @@ async fn payment_attempts_and_captures_are_recorded_in_shared_batches() {
     }
     h.server.shutdown().await;
 }
+
+/// One attempt Postgres refuses (its drop is unknown to Postgres: the foreign key) fails alone;
+/// the attempts recorded in the same batch are recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_record_postgres_refuses_fails_alone() {
+    let h = Harness::start().await;
+    let drop = drop_of(&h, 100, 2).await;
+    let w = writer(&h);
+    let payment = |drop: &DropId, fan: &str| NewPayment {
+        hold_id: HoldId::generate(drop),
+        reference: unique("ok"),
+        fan: fan.to_owned(),
+        gateway: "test".into(),
+        amount_cents: 100,
+    };
+    let mut payments: Vec<NewPayment> = (0..9).map(|i| payment(&drop, &format!("q{i}"))).collect();
+    let stray = payment(&DropId::generate(), "stray");
+    payments.insert(3, stray.clone());
+    let recorded = join_all(payments.iter().cloned().map(|p| w.begin_payment(p))).await;
+    let db = h.server.engine.db();
+    for (p, r) in payments.iter().zip(recorded) {
+        if p.hold_id == stray.hold_id {
+            assert!(r.is_err(), "the stray attempt is refused: {r:?}");
+        } else {
+            assert!(r.unwrap(), "a good attempt is recorded");
+            let s = db.attempt_state(&p.hold_id, &p.reference).await.unwrap();
+            assert_eq!(s.map(|s| s.as_str()), Some("pending"));
+        }
+    }
+    h.server.shutdown().await;
+}

@@ -298,8 +298,24 @@ async fn try_batch(
     }
     let mut client = db.client().await?;
     if !payments.is_empty() || !captures.is_empty() {
-        for (i, done) in record_payments(&client, &payments, &captures).await? {
-            results[i] = Some(Ok(Done::Recorded(done)));
+        match record_payments(&client, &payments, &captures).await {
+            Ok(done) => {
+                for (i, done) in done {
+                    results[i] = Some(Ok(Done::Recorded(done)));
+                }
+            }
+            // Never expected (a constraint refused some attempt's row): each job again on its
+            // own, so the one refused fails alone.
+            Err(e) if is_constraint_violation(&e) => {
+                tracing::warn!(error = %e, "Postgres refused a batch of payment records; writing them one at a time");
+                for p in &payments {
+                    results[p.0] = Some(one_record(&client, &[*p], &[]).await);
+                }
+                for c in &captures {
+                    results[c.0] = Some(one_record(&client, &[], &[*c]).await);
+                }
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     if !orders.is_empty() && one_by_one {
@@ -326,6 +342,18 @@ async fn try_batch(
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(Error::internal("order writer: a job went unanswered"))))
         .collect())
+}
+
+/// One payment record on its own (after its batch was refused): its answer, or its error.
+async fn one_record(
+    client: &deadpool_postgres::Client,
+    payment: &[(usize, &NewPayment)],
+    capture: &[(usize, &HoldId, &str)],
+) -> Result<Done> {
+    match record_payments(client, payment, capture).await {
+        Ok(done) => Ok(Done::Recorded(done.first().is_some_and(|(_, d)| *d))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Records attempts as `pending` and captures (`authorized` → `captured`) in one statement; per
