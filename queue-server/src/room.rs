@@ -152,6 +152,52 @@ pub struct View {
     pub read_at: Instant,
 }
 
+/// Admissions a second, measured over the last `window` of ticks from the drop's count of
+/// admissions ever; `None` until there is a second of samples.
+struct AdmissionRate {
+    window: Duration,
+    samples: VecDeque<(Instant, i64)>,
+}
+
+impl AdmissionRate {
+    fn new(window: Duration) -> AdmissionRate {
+        AdmissionRate {
+            window,
+            samples: VecDeque::new(),
+        }
+    }
+
+    fn observe(&mut self, now: Instant, admitted_total: i64) -> Option<f64> {
+        // The count only falls when Redis lost the line and it was restored from the last mark
+        // kept in Postgres, which is behind what this room saw: the samples before are of
+        // another count, and a rate across the two would be negative (a frame the contract
+        // doesn't allow, and an ETA that means nothing).
+        if self
+            .samples
+            .back()
+            .is_some_and(|(_, n)| admitted_total < *n)
+        {
+            self.samples.clear();
+        }
+        self.samples.push_back((now, admitted_total));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > self.window)
+        {
+            self.samples.pop_front();
+        }
+        match (self.samples.front(), self.samples.back()) {
+            (Some((t0, n0)), Some((t1, n1)))
+                if t1.duration_since(*t0) >= Duration::from_secs(1) =>
+            {
+                Some((n1 - n0) as f64 / t1.duration_since(*t0).as_secs_f64())
+            }
+            _ => None,
+        }
+    }
+}
+
 impl View {
     /// The rate ETAs use: the measured one once there is a second of data — zero when nothing
     /// moves (all `max_active` slots taken, say), so no ETA is promised then — else, while the
@@ -431,8 +477,7 @@ impl Rooms {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let position_every = ms(self.cfg.position_interval_ms.max(self.cfg.tick_ms));
         let mut last_positions = Instant::now();
-        let mut samples: VecDeque<(Instant, i64)> = VecDeque::new();
-        let window = ms(self.cfg.admit_rate_window_ms.max(1_000));
+        let mut rate = AdmissionRate::new(ms(self.cfg.admit_rate_window_ms.max(1_000)));
         let mut last_state: Option<LineState> = None;
         let mut last_presence = Instant::now();
         let broadcast_every = ms(self.cfg.broadcast_interval_ms.max(self.cfg.tick_ms));
@@ -547,22 +592,7 @@ impl Rooms {
                     });
                 }
             }
-            let now = Instant::now();
-            samples.push_back((now, t.admitted_total));
-            while samples
-                .front()
-                .is_some_and(|(at, _)| now.duration_since(*at) > window)
-            {
-                samples.pop_front();
-            }
-            let measured = match (samples.front(), samples.back()) {
-                (Some((t0, n0)), Some((t1, n1)))
-                    if t1.duration_since(*t0) >= Duration::from_secs(1) =>
-                {
-                    Some((n1 - n0) as f64 / t1.duration_since(*t0).as_secs_f64())
-                }
-                _ => None,
-            };
+            let measured = rate.observe(Instant::now(), t.admitted_total);
             let view = View::of(&t, measured);
             *lock(&room.view) = Some(view.clone());
             self.tell_admitted(&room, &t);
@@ -767,4 +797,28 @@ fn tick_frame(view: &View, state: &str, admit_rate_per_s: f64, at_ms: i64) -> Fr
 
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admission_rate_never_goes_negative_when_the_count_is_restored_lower() {
+        let mut rate = AdmissionRate::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_millis(s * 500);
+        assert_eq!(
+            rate.observe(at(0), 30),
+            None,
+            "less than a second of samples"
+        );
+        rate.observe(at(1), 35);
+        assert_eq!(rate.observe(at(2), 40), Some(10.0));
+        // Redis lost the line; it came back from Postgres' mark at 15 admissions, behind the
+        // 30 the window starts at (measured across the two: -10 a second).
+        assert_eq!(rate.observe(at(3), 15), None, "a new count: no rate yet");
+        rate.observe(at(4), 15);
+        assert_eq!(rate.observe(at(5), 25), Some(10.0));
+    }
 }

@@ -26,6 +26,9 @@ struct Fan {
     receipt: Option<String>,
     /// (admission token, shop end ms) of each `admitted` frame.
     admitted: Vec<(String, i64)>,
+    /// Every other frame but `position`, and how the socket ended: what a failure prints.
+    other: Vec<String>,
+    ended: Option<String>,
 }
 
 /// Opens a socket for `fan` that presents `auth` extras, and records what it hears into `seen`.
@@ -43,8 +46,16 @@ async fn wait(
     }
     send_text(&mut ws, &auth.to_string()).await;
     tokio::spawn(async move {
-        while let Some(Ok(msg)) = ws.next().await {
-            let Message::Text(t) = msg else { continue };
+        let ended = loop {
+            let msg = match ws.next().await {
+                Some(Ok(msg)) => msg,
+                other => break format!("{other:?}"),
+            };
+            let t = match msg {
+                Message::Text(t) => t,
+                Message::Close(c) => break format!("closed: {c:?}"),
+                _ => continue,
+            };
             let v: Value = common::checked_frame(&t);
             let mut f = seen.lock().unwrap();
             match v["type"].as_str() {
@@ -59,9 +70,10 @@ async fn wait(
                     f.admitted
                         .push((token, v["shop_ends_at_ms"].as_i64().unwrap()));
                 }
-                _ => {}
+                _ => f.other.push(t.to_string()),
             }
-        }
+        };
+        seen.lock().unwrap().ended = Some(ended);
     })
 }
 
@@ -191,15 +203,26 @@ async fn fault_the_line_survives_a_redis_flush() {
         "the newcomer's place {joined} must follow every restored one (up to {highest})"
     );
 
-    testkit::eventually_within(
-        Duration::from_secs(120),
-        "every returning fan is admitted or has their session back",
-        || async {
-            fans.iter()
-                .all(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
-        },
-    )
+    let all_back = testkit::wait_until(Duration::from_secs(120), || async {
+        fans.iter()
+            .all(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
+    })
     .await;
+    if !all_back {
+        let missing: Vec<String> = fans
+            .iter()
+            .filter_map(|(f, _, s)| {
+                let s = s.lock().unwrap();
+                s.admitted
+                    .is_empty()
+                    .then(|| format!("{f} (before: {:?}) now: {s:?}", before[f]))
+            })
+            .collect();
+        panic!(
+            "within 120 s, {} returning fans were neither admitted nor given their session back: {missing:#?}",
+            missing.len()
+        );
+    }
     let after: HashMap<FanId, Fan> = fans
         .iter()
         .map(|(f, _, s)| (f.clone(), s.lock().unwrap().clone()))

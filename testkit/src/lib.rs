@@ -18,7 +18,7 @@ pub mod wait;
 pub use booking::{new_key, seat_states, BookingClient, Reply};
 pub use browser::{open_browser, Page, DESKTOP, ONE_BROWSER, PHONE};
 pub use config::{test_config, test_config_for, ADMISSION_SECRET};
-pub use wait::{eventually, eventually_within};
+pub use wait::{eventually, eventually_within, wait_until};
 
 /// An HTTP answer as tests compare it: the status, and the JSON body (`null` when there is none
 /// or it isn't JSON).

@@ -19,7 +19,19 @@ where
 }
 
 /// Polls `f` until it holds; panics with `what` after `deadline`.
-pub async fn eventually_within<F, Fut>(deadline: Duration, what: &str, mut f: F)
+pub async fn eventually_within<F, Fut>(deadline: Duration, what: &str, f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    if !wait_until(deadline, f).await {
+        panic!("never happened within {deadline:?}: {what}");
+    }
+}
+
+/// Polls `f` until it holds (true) or `deadline` passes (false), for a caller that says more
+/// than [`eventually_within`] can when it fails.
+pub async fn wait_until<F, Fut>(deadline: Duration, mut f: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -27,9 +39,9 @@ where
     let until = Instant::now() + deadline;
     while Instant::now() < until {
         if f().await {
-            return;
+            return true;
         }
         tokio::time::sleep(POLL).await;
     }
-    panic!("never happened within {deadline:?}: {what}");
+    false
 }
