@@ -532,7 +532,10 @@ async fn insert_orders(
     ];
     let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&lock_drops, &lock_buckets];
     // Sent together, answered in order; the COMMIT is sent whatever happens to the rest.
+    // `biased`: polled top to bottom, so each statement (prepared above) goes out in this order
+    // on the first poll, whatever try_join's fairness rotation would pick.
     let (_, _, rows, _) = tokio::try_join!(
+        biased;
         client.batch_execute("BEGIN"),
         client.execute(&lock, &lock_params),
         client.query(&write, &params),
