@@ -1,11 +1,13 @@
 //! Seat maps at scale. Every booking page polls its drop's map every 5 s: 2,000 pages on a
 //! 50,000-seat drop would be 400 whole-map reads a second, each as long as the hash. A process
 //! serves every request for one drop from one snapshot, read again at most every
-//! `seats.map_refresh_ms` and then once however many requests wait for it. The reader walks the
-//! hash in `HSCAN` steps and places each step's seats as it arrives, so neither Redis nor this
-//! process does a long stretch of work for one read; the snapshot is serialised once, and a
-//! request only appends the server's clock. A snapshot's `version` is its `ETag`: a page whose
-//! map hasn't changed gets 304 and no body.
+//! `seats.map_refresh_ms` and then once however many requests wait for it. Redis keeps the map
+//! as the pages see it, a string with a byte per seat that every script writing a seat also
+//! writes (lua/lib.lua `show_seat`), so a read is a few `GETRANGE`s (one for 64 KiB of seats); a
+//! drop loaded before that string existed is read from the seats hash in `HSCAN` steps, each
+//! step's seats placed as it arrives. The snapshot is serialised once, and a request only
+//! appends the server's clock. A snapshot's `version` is its `ETag`: a page whose map hasn't
+//! changed gets 304 and no body.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
