@@ -743,7 +743,12 @@ async fn bodies_over_64_kib_are_413() {
                 .header("content-type", "application/json")
                 .body(body.as_bytes().to_vec());
             match req.send().await {
-                Ok(r) => break (r.status().as_u16(), r.json::<Value>().await.unwrap_or_default()),
+                Ok(r) => {
+                    break (
+                        r.status().as_u16(),
+                        r.json::<Value>().await.unwrap_or_default(),
+                    )
+                }
                 Err(e) if tries < 5 && e.is_request() => continue,
                 Err(e) => panic!("{case}: no answer after {tries} tries: {e}"),
             }
