@@ -20,6 +20,8 @@
 //! - `lib.rs`: [`Stack`], [`StackConfig`], [`free_port`], [`ensure_installed`], where state lives.
 //! - `pg`: one Postgres cluster: initdb, pg_ctl (as the `postgres` user when we are root), psql.
 //! - `redis`: one redis-server child process (appendonly everysec) and a raw-TCP PING.
+//! - [`cluster`]: a local Redis Cluster of six such servers (three primaries with a replica
+//!   each), which [`Stack::start_cluster`] runs in place of the lone Redis.
 //! - [`sys`]: process helpers over `/proc` and the `kill` command, log tails, port checks.
 //! - [`http`]: a tiny blocking HTTP/1.1 client that `devstack up` uses.
 //! - [`netns`]: [`NetLink`], a network namespace + veth pair whose packets a test drops (loss, a
@@ -37,6 +39,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+pub mod cluster;
 pub mod http;
 pub mod netns;
 mod pg;
@@ -77,6 +80,8 @@ pub struct Stack {
     redis: redis::Redis,
     /// Redis' network namespace, when it runs behind one; dropped after Redis stops.
     link: Option<NetLink>,
+    /// The Redis Cluster that runs in place of the lone Redis ([`Stack::start_cluster`]).
+    cluster: Option<cluster::Cluster>,
 }
 
 impl Stack {
@@ -84,7 +89,16 @@ impl Stack {
     /// answer and creates the database `floodgate`. Servers left running by an earlier run of
     /// the same stack (a crash, a SIGKILL) are stopped first.
     pub fn start(cfg: StackConfig) -> Result<Stack> {
-        Stack::start_inner(cfg, None)
+        Stack::start_inner(cfg, None, false)
+    }
+
+    /// As [`Stack::start`], with a Redis Cluster in place of the lone Redis: six nodes on
+    /// `cfg.redis_port .. cfg.redis_port + 6` (their buses 10000 above), three primaries with a
+    /// replica each, a node timeout of a second and `cluster-require-full-coverage no`, so one
+    /// shard failing over doesn't stop the others. [`Stack::redis_url`] is then the
+    /// `redis-cluster://` URL naming every node.
+    pub fn start_cluster(cfg: StackConfig) -> Result<Stack> {
+        Stack::start_inner(cfg, None, true)
     }
 
     /// As [`Stack::start`], but Redis runs inside a network namespace of its own and listens on
@@ -100,10 +114,14 @@ impl Stack {
     pub fn start_behind_link(cfg: StackConfig, which: BehindLink) -> Result<Stack> {
         validate_name(&cfg.name)?;
         let link = NetLink::create()?;
-        Stack::start_inner(cfg, Some((link, which)))
+        Stack::start_inner(cfg, Some((link, which)), false)
     }
 
-    fn start_inner(cfg: StackConfig, link: Option<(NetLink, BehindLink)>) -> Result<Stack> {
+    fn start_inner(
+        cfg: StackConfig,
+        link: Option<(NetLink, BehindLink)>,
+        clustered: bool,
+    ) -> Result<Stack> {
         validate_name(&cfg.name)?;
         // (address, namespace) for the server behind the link; loopback for the other.
         let place = |server: BehindLink| match &link {
@@ -142,11 +160,24 @@ impl Stack {
             port: cfg.redis_port,
             bind: redis_bind,
             netns: redis_netns,
+            cluster: false,
             child: None,
+        };
+        let cluster = if clustered {
+            install_missing(&[("redis-cli", "redis-tools")])?;
+            Some(cluster::Cluster::new(
+                &state_dir.join("redis-cluster"),
+                cfg.redis_port,
+            )?)
+        } else {
+            None
         };
 
         // Servers of an earlier run of this stack hold the ports and the data: stop them first.
         sys::kill_stale(&redis.pid_file, "redis-server");
+        for node in cluster.iter().flat_map(|c| &c.nodes) {
+            sys::kill_stale(&node.pid_file, "redis-server");
+        }
         if let pg::Status::Running = pg.status()? {
             eprintln!(
                 "devstack: stopping a PostgreSQL left running on {}",
@@ -160,7 +191,15 @@ impl Stack {
             create_traversable_dir(&state_dir)?;
         }
 
-        for (what, port) in [("Redis", cfg.redis_port), ("PostgreSQL", cfg.pg_port)] {
+        let redis_ports = match &cluster {
+            Some(c) => c.all_ports(),
+            None => vec![cfg.redis_port],
+        };
+        let ports = redis_ports
+            .iter()
+            .map(|p| ("Redis", *p))
+            .chain([("PostgreSQL", cfg.pg_port)]);
+        for (what, port) in ports {
             if !sys::port_is_free(port) {
                 bail!(
                     "port {port} (for {what} of stack {:?}) is already in use on 127.0.0.1; \
@@ -169,7 +208,7 @@ impl Stack {
                 );
             }
         }
-        if cfg.redis_port == cfg.pg_port {
+        if redis_ports.contains(&cfg.pg_port) {
             bail!("Redis and PostgreSQL can't share port {}", cfg.pg_port);
         }
 
@@ -181,11 +220,15 @@ impl Stack {
             pg_running: false,
             redis,
             link,
+            cluster,
         };
         // From here on, an error drops `stack`, which stops whatever did start.
         stack.start_postgres()?;
         stack.pg.create_database()?;
-        stack.start_redis()?;
+        match &mut stack.cluster {
+            Some(cluster) => cluster.start()?,
+            None => stack.start_redis()?,
+        }
         if stack.cfg.name == DEV_STACK_NAME {
             stack.link_dev_dir()?;
         }
@@ -196,9 +239,57 @@ impl Stack {
         &self.cfg
     }
 
-    /// `redis://127.0.0.1:PORT`, or `redis://<inside address>:PORT` behind a link.
+    /// `redis://127.0.0.1:PORT`, or `redis://<inside address>:PORT` behind a link; for a
+    /// cluster, `redis-cluster://127.0.0.1:P1?node=127.0.0.1:P2&...` with every node as a seed.
     pub fn redis_url(&self) -> String {
-        format!("redis://{}", self.redis_addr())
+        match &self.cluster {
+            Some(c) => {
+                let ports = c.ports();
+                let seeds: Vec<String> = ports[1..]
+                    .iter()
+                    .map(|p| format!("node=127.0.0.1:{p}"))
+                    .collect();
+                format!("redis-cluster://127.0.0.1:{}?{}", ports[0], seeds.join("&"))
+            }
+            None => format!("redis://{}", self.redis_addr()),
+        }
+    }
+
+    /// The cluster's nodes as `127.0.0.1:PORT,...` (`REDIS_CLUSTER_NODES`); `None` without one.
+    pub fn redis_cluster_nodes(&self) -> Option<String> {
+        let c = self.cluster.as_ref()?;
+        let nodes: Vec<String> = c.ports().iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        Some(nodes.join(","))
+    }
+
+    /// The cluster as its running nodes see it (`CLUSTER NODES`): which port is a primary, its
+    /// slots, which are replicas of which, which are marked failed.
+    pub fn cluster_topology(&mut self) -> Result<Vec<cluster::ClusterNode>> {
+        match &mut self.cluster {
+            Some(c) => c.topology(),
+            None => bail!("stack {:?} runs no Redis Cluster", self.cfg.name),
+        }
+    }
+
+    /// SIGKILLs one cluster node, as in a crash (its replica, if it was a primary, takes over
+    /// after the node timeout); waits for it to exit.
+    pub fn kill_cluster_node(&mut self, port: u16) -> Result<()> {
+        match &mut self.cluster {
+            Some(c) => c.node_mut(port)?.kill(),
+            None => bail!("stack {:?} runs no Redis Cluster", self.cfg.name),
+        }
+    }
+
+    /// Starts a killed cluster node again (it rejoins, as a replica if it was failed over), and
+    /// waits until the cluster is whole again.
+    pub fn start_cluster_node(&mut self, port: u16) -> Result<()> {
+        match &mut self.cluster {
+            Some(c) => {
+                c.node_mut(port)?.start()?;
+                c.wait_ready()
+            }
+            None => bail!("stack {:?} runs no Redis Cluster", self.cfg.name),
+        }
     }
 
     /// Where Redis listens: 127.0.0.1:PORT, or the inside end of its [`NetLink`].
@@ -269,6 +360,9 @@ impl Stack {
     /// Stops Redis and Postgres. Safe to call more than once.
     pub fn stop(&mut self) {
         self.redis.stop();
+        if let Some(c) = &mut self.cluster {
+            c.stop();
+        }
         if self.pg_running {
             if let Err(e) = self.pg.stop() {
                 eprintln!(

@@ -42,6 +42,11 @@ struct RunArgs {
     redis_port: u16,
     #[arg(long, env = "FLOODGATE_TEST_PG_PORT", default_value_t = 5440)]
     pg_port: u16,
+    /// A local Redis Cluster (three primaries, a replica each) on six ports from --redis-port
+    /// instead of one Redis; FLOODGATE_TEST_REDIS_URL is its `redis-cluster://` URL and
+    /// REDIS_CLUSTER_NODES lists its nodes.
+    #[arg(long)]
+    redis_cluster: bool,
     /// The command to run, after `--`.
     #[arg(last = true, required = true)]
     command: Vec<OsString>,
@@ -57,6 +62,10 @@ struct UpArgs {
     booking_port: u16,
     #[arg(long, env = "FLOODGATE_DEV_QUEUE_PORT", default_value_t = 8081)]
     queue_port: u16,
+    /// A local Redis Cluster (three primaries, a replica each) on six ports from --redis-port
+    /// instead of one Redis; .dev/env lists its nodes as REDIS_CLUSTER_NODES.
+    #[arg(long)]
+    redis_cluster: bool,
     /// The booking-api binary (relative paths: to the current directory, else to the checkout)
     /// [default: $CARGO_TARGET_DIR/release/booking-api, CARGO_TARGET_DIR defaulting to target]
     #[arg(long)]
@@ -144,11 +153,16 @@ fn exit_code(status: ExitStatus) -> u8 {
 
 fn run(args: RunArgs) -> Result<u8> {
     let signals = Signals::install()?;
-    let mut stack = Stack::start(StackConfig {
+    let cfg = StackConfig {
         name: args.name.clone(),
         redis_port: args.redis_port,
         pg_port: args.pg_port,
-    })?;
+    };
+    let mut stack = if args.redis_cluster {
+        Stack::start_cluster(cfg)?
+    } else {
+        Stack::start(cfg)?
+    };
     signals.check()?;
     eprintln!(
         "devstack: stack {:?} up: {} {} (state in {})",
@@ -159,7 +173,11 @@ fn run(args: RunArgs) -> Result<u8> {
     );
 
     // The command stays in our process group: a Ctrl-C at the terminal reaches it directly.
-    let mut child = Command::new(&args.command[0])
+    let mut command = Command::new(&args.command[0]);
+    if let Some(nodes) = stack.redis_cluster_nodes() {
+        command.env("REDIS_CLUSTER_NODES", nodes);
+    }
+    let mut child = command
         .args(&args.command[1..])
         .env("FLOODGATE_TEST_REDIS_URL", stack.redis_url())
         .env("FLOODGATE_TEST_DATABASE_URL", stack.database_url())
@@ -265,12 +283,17 @@ fn up(args: UpArgs) -> Result<u8> {
         "devstack: starting PostgreSQL on :{} and Redis on :{} ...",
         args.pg_port, args.redis_port
     );
-    let mut stack = Stack::start(StackConfig {
+    let cfg = StackConfig {
         name: args.name.clone(),
         redis_port: args.redis_port,
         pg_port: args.pg_port,
-    })
-    .context("starting the dev stack (ports: --redis-port/FLOODGATE_DEV_REDIS_PORT, --pg-port/FLOODGATE_DEV_PG_PORT)")?;
+    };
+    let started = if args.redis_cluster {
+        Stack::start_cluster(cfg)
+    } else {
+        Stack::start(cfg)
+    };
+    let mut stack = started.context("starting the dev stack (ports: --redis-port/FLOODGATE_DEV_REDIS_PORT, --pg-port/FLOODGATE_DEV_PG_PORT)")?;
     signals.check()?;
 
     // Fan tokens signed by booking-api and admission tokens signed by queue-server must verify in
@@ -340,7 +363,7 @@ fn up(args: UpArgs) -> Result<u8> {
     let seated_drop = create_drop(args.booking_port, &seller_key, DEMO_SEATED_DROP)?;
     let queue_drop = create_drop(args.booking_port, &seller_key, DEMO_QUEUE_DROP)?;
 
-    let vars = [
+    let mut vars = vec![
         ("BOOKING_URL", booking_url.clone()),
         ("QUEUE_URL", queue_url.clone()),
         ("DATABASE_URL", stack.database_url()),
@@ -351,6 +374,9 @@ fn up(args: UpArgs) -> Result<u8> {
         ("DEMO_SEATED_DROP_ID", seated_drop.clone()),
         ("DEMO_QUEUE_DROP_ID", queue_drop.clone()),
     ];
+    if let Some(nodes) = stack.redis_cluster_nodes() {
+        vars.push(("REDIS_CLUSTER_NODES", nodes));
+    }
     let env_text: String = vars
         .iter()
         .map(|(k, v)| format!("{k}={}\n", shell_quote(v)))

@@ -1,4 +1,5 @@
-//! One redis-server, run as our child process (never the system service), appendonly everysec.
+//! One redis-server, run as our child process (never the system service), appendonly everysec;
+//! alone, or as a node of a cluster (`crate::cluster`).
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
@@ -30,8 +31,14 @@ pub(crate) struct Redis {
     pub bind: Ipv4Addr,
     /// The network namespace it runs in (`ip netns exec`), if not the root one.
     pub netns: Option<String>,
+    /// A Redis Cluster node (`cluster-enabled yes`, its `nodes.conf` in `dir`), not a lone server.
+    pub cluster: bool,
     pub child: Option<Child>,
 }
+
+/// How long a cluster node goes unanswered before the others mark it failed and its replica takes
+/// over: short, so a failover test (and a dev stack's shard) is back within seconds.
+pub(crate) const CLUSTER_NODE_TIMEOUT_MS: u64 = 1_000;
 
 impl Redis {
     pub fn is_running(&mut self) -> bool {
@@ -66,6 +73,20 @@ impl Redis {
             }
             None => Command::new("redis-server"),
         };
+        if self.cluster {
+            command
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args([
+                    "--cluster-node-timeout",
+                    &CLUSTER_NODE_TIMEOUT_MS.to_string(),
+                ])
+                // One shard failing over (or down) must not stop the others answering.
+                .args(["--cluster-require-full-coverage", "no"])
+                // A replica whose link broke a while ago may still be promoted: the drops of its
+                // shard are rebuilt from Postgres after a failover anyway (their run id changes).
+                .args(["--cluster-replica-validity-factor", "0"]);
+        }
         let child = command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", &self.bind.to_string()])
