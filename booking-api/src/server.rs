@@ -1,8 +1,10 @@
 //! The server: accept loop with a connection bound, HTTP/1.1 via hyper, request timeout, CORS,
-//! metrics per route, and graceful shutdown (stop accepting, drain in-flight requests within
-//! `http.shutdown_grace_ms`, stop background tasks).
+//! metrics per route, and graceful shutdown: `/readyz` fails for `http.drain_unready_ms` first
+//! (a load balancer marks the instance down while it still serves), then stop accepting, drain
+//! in-flight requests within `http.shutdown_grace_ms`, stop background tasks.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,13 +30,25 @@ pub struct Running {
     /// The internal listener serving `/metrics` without a key (`http.metrics_listen`), if any.
     pub metrics_addr: Option<SocketAddr>,
     pub engine: Arc<Engine>,
+    /// Set when shutdown begins: `/readyz` answers 503 from then on.
+    draining: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish (bounded), stops background tasks.
+    /// Fails `/readyz` for `http.drain_unready_ms` while still serving, then stops accepting,
+    /// lets in-flight requests finish (bounded), stops background tasks.
     pub async fn shutdown(self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let unready = ms(self.engine.cfg().http.drain_unready_ms);
+        if !unready.is_zero() {
+            tracing::info!(
+                ?unready,
+                "draining: /readyz fails before the listener closes"
+            );
+            tokio::time::sleep(unready).await;
+        }
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
         self.engine.close().await;
@@ -66,12 +80,20 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         limits: Limits::new(&engine.cfg().limits),
         metrics: web::metrics_handle(),
     });
-    let task = tokio::spawn(serve(listener, metrics.map(|(l, _)| l), app, rx));
+    let draining = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(serve(
+        listener,
+        metrics.map(|(l, _)| l),
+        app,
+        draining.clone(),
+        rx,
+    ));
     tracing::info!(%addr, ?metrics_addr, "booking-api listening");
     Ok(Running {
         addr,
         metrics_addr,
         engine,
+        draining,
         shutdown,
         task,
     })
@@ -81,6 +103,7 @@ async fn serve(
     listener: TcpListener,
     metrics: Option<TcpListener>,
     app: Arc<App>,
+    draining: Arc<AtomicBool>,
     shutdown: watch::Receiver<bool>,
 ) {
     let cfg = app.engine.cfg().http.clone();
@@ -104,9 +127,13 @@ async fn serve(
     let timeout = ms(cfg.request_timeout_ms);
     http::accept_loop(listener, permits, shutdown, |stream, peer, permit| {
         let app = app.clone();
+        let draining = draining.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(&app, req, peer, timeout).await) }
+            let draining = draining.load(Ordering::SeqCst);
+            async move {
+                Ok::<_, std::convert::Infallible>(handle(&app, req, peer, timeout, draining).await)
+            }
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -142,15 +169,27 @@ async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     timeout: Duration,
+    draining: bool,
 ) -> Response<Body> {
     let origin = req.headers().get("origin").cloned();
-    let mut resp = if req.method() == Method::OPTIONS {
+    let mut resp = if draining && req.uri().path() == "/readyz" {
+        http::refusal(&draining_refusal())
+    } else if req.method() == Method::OPTIONS {
         http::answer_within(timeout, async { (http::empty(204), "preflight") }).await
     } else {
         http::answer_within(timeout, app.handle(req, peer)).await
     };
     cors(&app.engine.cfg().http, origin, &mut resp);
     resp
+}
+
+/// `/readyz` while shutting down: 503, so a load balancer stops sending requests here before the
+/// listener closes.
+fn draining_refusal() -> Error {
+    Error::msg(
+        Code::Unavailable,
+        "draining: this instance is shutting down; another serves",
+    )
 }
 
 /// Adds CORS headers when the request's Origin is on the allow-list (config `http.cors_allow_origins`).

@@ -110,6 +110,8 @@ impl Config {
                 "queue.line_marks_interval_ms",
                 self.queue.line_marks_interval_ms,
             ),
+            ("queue.admission_lease_ms", self.queue.admission_lease_ms),
+            ("reconciler.round_lease_ms", self.reconciler.round_lease_ms),
         ];
         let positive_counts = [
             ("recovery.slice", self.recovery.slice),
@@ -211,6 +213,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 15_000;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// 0: alone, nothing needs telling before the listener closes. Behind a load balancer set it to
+/// at least the balancer's health-check `fall × inter` (`devstack up --instances` does).
+pub const DEFAULT_DRAIN_UNREADY_MS: u64 = 0;
 /// hyper's read buffer per connection, which bounds a request's head (line and headers).
 pub const DEFAULT_MAX_READ_BUFFER_BYTES: usize = 64 * 1024;
 pub const DEFAULT_CORS_MAX_AGE_S: u64 = 600;
@@ -227,6 +232,10 @@ pub struct HttpConfig {
     pub header_read_timeout_ms: u64,
     /// How long graceful shutdown waits for in-flight requests.
     pub shutdown_grace_ms: u64,
+    /// On SIGTERM, how long `/readyz` answers 503 while everything else is still served, before
+    /// the listener closes: a load balancer checking `/readyz` marks the instance down in that
+    /// time, so no new request reaches a closed port.
+    pub drain_unready_ms: u64,
     /// Origins allowed to call the API from a browser on another domain (CORS). Empty: same origin only.
     pub cors_allow_origins: Vec<String>,
     /// How long a browser may reuse a CORS preflight's answer.
@@ -250,6 +259,7 @@ impl Default for HttpConfig {
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
+            drain_unready_ms: DEFAULT_DRAIN_UNREADY_MS,
             cors_allow_origins: Vec::new(),
             cors_max_age_s: DEFAULT_CORS_MAX_AGE_S,
             max_read_buffer_bytes: DEFAULT_MAX_READ_BUFFER_BYTES,
@@ -514,6 +524,10 @@ pub const DEFAULT_SERVED_KEEP_MS: u64 = 3_600_000;
 /// On the reserve path: a busy drop's "served lately" mark is refreshed at most this often.
 pub const DEFAULT_SERVED_REFRESH_MS: u64 = 10_000;
 pub const DEFAULT_RECOVER_ROUNDS_MAX: usize = 3;
+/// A drop's sweep and reconcile rounds run on one booking-api instance at a time, under a lease
+/// renewed each round: 3 s outlasts the rounds' intervals (250 ms, 1 s) several times over, and a
+/// dead holder's drops wait at most about 4 s for another instance to take them.
+pub const DEFAULT_ROUND_LEASE_MS: u64 = 3_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -540,6 +554,9 @@ pub struct ReconcilerConfig {
     /// Rebuilds of one drop in a row while sales keep landing in Postgres during them; past
     /// it the drop stays `recovering` and the watcher comes back to it.
     pub recover_rounds_max: usize,
+    /// How long an instance's per-drop lease on the sweep and reconcile rounds lasts unrenewed
+    /// (docs/ARCHITECTURE.md, "Many instances"): other instances skip the drop's rounds meanwhile.
+    pub round_lease_ms: u64,
 }
 
 impl Default for ReconcilerConfig {
@@ -554,6 +571,7 @@ impl Default for ReconcilerConfig {
             served_keep_ms: DEFAULT_SERVED_KEEP_MS,
             served_refresh_ms: DEFAULT_SERVED_REFRESH_MS,
             recover_rounds_max: DEFAULT_RECOVER_ROUNDS_MAX,
+            round_lease_ms: DEFAULT_ROUND_LEASE_MS,
         }
     }
 }
@@ -810,6 +828,14 @@ pub const DEFAULT_LEAVE_BATCH: usize = 1_000;
 pub const DEFAULT_WS_SEND_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_WS_CLOSE_WAIT_MS: u64 = 2_000;
 pub const DEFAULT_PRESENCE_CHUNK: usize = 1_000;
+/// A drop's admission runs happen on one queue-server instance at a time, under a lease renewed
+/// every third of it: 2 s is twenty ticks, and a dead holder's line stands still at most about
+/// that long (other instances run the script themselves once they have heard nothing for a
+/// lease's length).
+pub const DEFAULT_ADMISSION_LEASE_MS: u64 = 2_000;
+/// Admission feed messages held for the rooms before the oldest are lost (and their fans are
+/// found by the catch-up instead): 10 ticks of 100 drops.
+pub const DEFAULT_FEED_CAPACITY: usize = 1_024;
 pub const DEFAULT_QUEUE_PER_FAN_POLL_PER_S: u32 = 2;
 pub const DEFAULT_QUEUE_PER_FAN_POLL_BURST: u32 = 10;
 
@@ -910,6 +936,16 @@ pub struct QueueConfig {
     pub header_read_timeout_ms: u64,
     /// How long graceful shutdown waits for sockets to take their close frame.
     pub shutdown_grace_ms: u64,
+    /// On SIGTERM, how long `/readyz` answers 503 while sockets and requests are still served,
+    /// before the sockets are told 1012 and the listener closes: a load balancer checking
+    /// `/readyz` marks the instance down first, so reconnecting fans land on another one.
+    pub drain_unready_ms: u64,
+    /// How long an instance's per-drop lease on admission runs lasts unrenewed (docs/
+    /// ARCHITECTURE.md, "Many instances"); the other instances take each run's outcome from the
+    /// admission feed meanwhile.
+    pub admission_lease_ms: u64,
+    /// Admission feed messages buffered for this process' rooms; past it the oldest are lost.
+    pub feed_capacity: usize,
 }
 
 impl Default for QueueConfig {
@@ -956,6 +992,9 @@ impl Default for QueueConfig {
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
+            drain_unready_ms: DEFAULT_DRAIN_UNREADY_MS,
+            admission_lease_ms: DEFAULT_ADMISSION_LEASE_MS,
+            feed_capacity: DEFAULT_FEED_CAPACITY,
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The server: accept loop with a connection bound (WebSockets hold their permit for their whole
 //! life), HTTP/1.1 via hyper with upgrades, request timeout, metrics per route, and graceful
-//! shutdown: stop accepting, tell every socket to reconnect elsewhere (close 1012), wait for the
-//! connections to drain within `queue.shutdown_grace_ms`.
+//! shutdown: `/readyz` fails for `queue.drain_unready_ms` first (a load balancer marks the
+//! instance down while it still serves, so reconnecting fans land elsewhere), then stop
+//! accepting, tell every socket to reconnect elsewhere (close 1012), wait for the connections to
+//! drain within `queue.shutdown_grace_ms`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,13 +35,25 @@ pub struct Running {
     pub engine: Arc<Engine>,
     pub queue: Arc<Queue>,
     rooms: Arc<Rooms>,
+    /// Set when shutdown begins: `/readyz` answers 503 from then on.
+    draining: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Running {
-    /// Stops accepting, closes every socket with "reconnect", waits for connections to drain.
+    /// Fails `/readyz` for `queue.drain_unready_ms` while still serving, then stops accepting,
+    /// closes every socket with "reconnect", waits for connections to drain.
     pub async fn shutdown(self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let unready = ms(self.engine.cfg().queue.drain_unready_ms);
+        if !unready.is_zero() {
+            tracing::info!(
+                ?unready,
+                "draining: /readyz fails before sockets are closed"
+            );
+            tokio::time::sleep(unready).await;
+        }
         let _ = self.shutdown.send(true);
         self.rooms.close_all();
         let _ = self.task.await;
@@ -76,7 +91,14 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         metrics: web::metrics_handle(),
     });
     let rooms = app.rooms.clone();
-    let task = tokio::spawn(serve(listener, metrics.map(|(l, _)| l), app, rx));
+    let draining = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(serve(
+        listener,
+        metrics.map(|(l, _)| l),
+        app,
+        draining.clone(),
+        rx,
+    ));
     tracing::info!(%addr, ?metrics_addr, "queue-server listening");
     Ok(Running {
         addr,
@@ -84,6 +106,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         engine,
         queue,
         rooms,
+        draining,
         shutdown,
         task,
     })
@@ -93,6 +116,7 @@ async fn serve(
     listener: TcpListener,
     metrics: Option<TcpListener>,
     app: Arc<App>,
+    draining: Arc<AtomicBool>,
     shutdown: watch::Receiver<bool>,
 ) {
     let cfg = app.rooms.queue.engine.cfg().queue.clone();
@@ -122,12 +146,14 @@ async fn serve(
             let permit = Arc::new(permit);
             let app = app.clone();
             let conn_permit = permit.clone();
+            let draining = draining.clone();
             let service = service_fn(move |req: Request<Incoming>| {
                 let app = app.clone();
                 let permit = conn_permit.clone();
+                let draining = draining.load(Ordering::SeqCst);
                 async move {
                     Ok::<_, std::convert::Infallible>(
-                        handle(&app, req, peer, timeout, permit).await,
+                        handle(&app, req, peer, timeout, permit, draining).await,
                     )
                 }
             });
@@ -172,6 +198,15 @@ async fn handle(
     peer: SocketAddr,
     timeout: Duration,
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    draining: bool,
 ) -> Response<Body> {
+    // `/readyz` while shutting down: 503, so a load balancer stops sending new sockets here
+    // before the old ones are told to reconnect.
+    if draining && req.uri().path() == "/readyz" {
+        return http::refusal(&Error::msg(
+            Code::Unavailable,
+            "draining: this instance is shutting down; another serves",
+        ));
+    }
     http::answer_within(timeout, app.handle(req, peer, permit)).await
 }
