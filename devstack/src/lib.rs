@@ -27,6 +27,10 @@
 //! - [`netns`]: [`NetLink`], a network namespace + veth pair whose packets a test drops (loss, a
 //!   partition); the network-fault tests run Redis or Postgres behind one.
 //! - `relay`: [`DelayRelay`], a TCP relay that adds latency (kernels without `tc netem`).
+//! - [`haproxy`]: HAProxy's config (two path-routed frontends, `/readyz` checks, WebSockets,
+//!   `X-Forwarded-For`, maxconn) and one haproxy child process.
+//! - [`instances`]: [`instances::Fleet`], N booking-api and N queue-server processes behind
+//!   HAProxy (`devstack up --instances N`, the instance-kill fault test).
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -40,7 +44,9 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 pub mod cluster;
+pub mod haproxy;
 pub mod http;
+pub mod instances;
 pub mod netns;
 mod pg;
 mod redis;
@@ -433,6 +439,13 @@ pub fn ensure_installed() -> Result<()> {
     if install_missing(&[("redis-server", "redis-server")])? {
         stop_system_redis();
     }
+    Ok(())
+}
+
+/// Makes sure `haproxy` is there: installs Debian's package with apt when missing and we are
+/// root.
+pub fn ensure_haproxy() -> Result<()> {
+    install_missing(&[("haproxy", "haproxy")])?;
     Ok(())
 }
 
