@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use devstack::instances::{Fleet, FleetConfig};
 use devstack::{http, sys, Stack, StackConfig};
 
 #[derive(Parser)]
@@ -66,6 +67,11 @@ struct UpArgs {
     /// instead of one Redis; .dev/env lists its nodes as REDIS_CLUSTER_NODES.
     #[arg(long)]
     redis_cluster: bool,
+    /// N booking-api and N queue-server processes behind HAProxy, which listens on
+    /// --booking-port and --queue-port; .dev/env lists the instances as BOOKING_INSTANCE_URLS
+    /// and QUEUE_INSTANCE_URLS.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=32))]
+    instances: Option<u16>,
     /// The booking-api binary (relative paths: to the current directory, else to the checkout)
     /// [default: $CARGO_TARGET_DIR/release/booking-api, CARGO_TARGET_DIR defaulting to target]
     #[arg(long)]
@@ -340,24 +346,51 @@ fn up(args: UpArgs) -> Result<u8> {
     signals.check()?;
 
     // Declared after `stack`, so on an error they stop (drop) before it does.
-    let mut api = Server::spawn(
-        "booking-api",
-        &booking_bin,
-        &["serve"],
-        &booking_env,
-        args.booking_port,
-        stack.state_dir(),
-    )?;
-    let mut queue = Server::spawn(
-        "queue-server",
-        &queue_bin,
-        &[],
-        &queue_env,
-        args.queue_port,
-        stack.state_dir(),
-    )?;
-    api.wait_ready(&signals)?;
-    queue.wait_ready(&signals)?;
+    let mut servers = match args.instances {
+        None => {
+            let mut api = Server::spawn(
+                "booking-api",
+                &booking_bin,
+                &["serve"],
+                &booking_env,
+                args.booking_port,
+                stack.state_dir(),
+            )?;
+            let mut queue = Server::spawn(
+                "queue-server",
+                &queue_bin,
+                &[],
+                &queue_env,
+                args.queue_port,
+                stack.state_dir(),
+            )?;
+            api.wait_ready(&signals)?;
+            queue.wait_ready(&signals)?;
+            Servers::One { api, queue }
+        }
+        Some(n) => {
+            let owned = |env: &[(&str, String)]| -> Vec<(String, String)> {
+                env.iter()
+                    .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                    .collect()
+            };
+            let fleet = Fleet::start(
+                &FleetConfig {
+                    booking_bin: booking_bin.clone(),
+                    queue_bin: queue_bin.clone(),
+                    instances: usize::from(n),
+                    booking_port: args.booking_port,
+                    queue_port: args.queue_port,
+                    booking_env: owned(&shared),
+                    queue_env: owned(&shared),
+                    state_dir: stack.state_dir().to_path_buf(),
+                },
+                &|| signals.any(),
+            );
+            signals.check()?;
+            Servers::Fleet(Box::new(fleet?))
+        }
+    };
 
     let ga_drop = create_drop(args.booking_port, &seller_key, DEMO_GA_DROP)?;
     let seated_drop = create_drop(args.booking_port, &seller_key, DEMO_SEATED_DROP)?;
@@ -376,6 +409,10 @@ fn up(args: UpArgs) -> Result<u8> {
     ];
     if let Some(nodes) = stack.redis_cluster_nodes() {
         vars.push(("REDIS_CLUSTER_NODES", nodes));
+    }
+    if let Servers::Fleet(fleet) = &servers {
+        vars.push(("BOOKING_INSTANCE_URLS", fleet.booking_instance_urls()));
+        vars.push(("QUEUE_INSTANCE_URLS", fleet.queue_instance_urls()));
     }
     let env_text: String = vars
         .iter()
@@ -412,6 +449,15 @@ fn up(args: UpArgs) -> Result<u8> {
     println!(
         "  queue join (HTTP)  POST {queue_url}/v1/drops/{queue_drop}/queue, then GET .../queue/me"
     );
+    if let Servers::Fleet(fleet) = &servers {
+        println!("  (both hosts are HAProxy: the fan host {queue_url} serves the queue page, the shop and booking-api's API)");
+        println!("  booking-api        {}", fleet.booking_instance_urls());
+        println!("  queue-server       {}", fleet.queue_instance_urls());
+        println!(
+            "  HAProxy            {}/haproxy.cfg, admin socket haproxy.sock",
+            logs.display()
+        );
+    }
     println!("  logs               {}/", logs.display());
     println!();
     println!(
@@ -430,27 +476,60 @@ fn up(args: UpArgs) -> Result<u8> {
             eprintln!("\ndevstack: stopping ...");
             break;
         }
-        for server in [&mut api, &mut queue] {
-            if let Some(status) = server.child.try_wait()? {
-                eprintln!(
-                    "devstack: {} exited on its own ({status}); stopping the stack\n{}",
-                    server.name,
-                    server.log_tail()
-                );
-                code = 1;
-                break 'watch;
-            }
+        if let Some(exited) = servers.exited()? {
+            eprintln!("devstack: {exited}; stopping the stack");
+            code = 1;
+            break 'watch;
         }
         thread::sleep(Duration::from_millis(200));
     }
     // In order: queue-server (it tells its sockets to go), then booking-api (it drains in-flight
     // requests against Redis and Postgres), then the stack; the pid file goes last, when
     // `_pid_file` drops.
-    queue.stop();
-    api.stop();
+    servers.stop();
     stack.stop();
     eprintln!("devstack: stopped");
     Ok(code)
+}
+
+/// What serves the API: one booking-api and one queue-server, or (`--instances N`) N of each
+/// behind HAProxy.
+enum Servers {
+    One { api: Server, queue: Server },
+    Fleet(Box<Fleet>),
+}
+
+impl Servers {
+    /// What exited on its own, with its log tail, if anything did.
+    fn exited(&mut self) -> Result<Option<String>> {
+        match self {
+            Servers::One { api, queue } => {
+                for server in [queue, api] {
+                    if let Some(status) = server.child.try_wait()? {
+                        return Ok(Some(format!(
+                            "{} exited on its own ({status})\n{}",
+                            server.name,
+                            server.log_tail()
+                        )));
+                    }
+                }
+                Ok(None)
+            }
+            Servers::Fleet(fleet) => Ok(fleet.exited()),
+        }
+    }
+
+    /// In order: queue-server (it tells its sockets to go), then booking-api (it drains
+    /// in-flight requests against Redis and Postgres), then HAProxy.
+    fn stop(&mut self) {
+        match self {
+            Servers::One { api, queue } => {
+                queue.stop();
+                api.stop();
+            }
+            Servers::Fleet(fleet) => fleet.stop(),
+        }
+    }
 }
 
 /// 32 bytes from /dev/urandom, hex-encoded.
