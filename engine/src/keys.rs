@@ -12,9 +12,15 @@ pub fn drop_key(drop: &DropId, name: &str) -> String {
     format!("fg:{{{drop}}}:{name}")
 }
 
-/// The keys every hold script takes, `KEYS[1]..KEYS[12]`, in lua/lib.lua's order (reserve adds its
-/// idempotency key as `KEYS[13]`).
-pub const HOLD_KEYS: [&str; 12] = [
+/// The Redis Cluster slot every key of `drop` lives in: the hash tag `{drop_id}` makes it the
+/// slot of the drop id itself (CRC16 mod 16384, as Redis computes it).
+pub fn drop_slot(drop: &DropId) -> u16 {
+    fred::util::redis_keyslot(drop.as_str().as_bytes())
+}
+
+/// The keys every hold script takes, `KEYS[1]..KEYS[13]`, in lua/lib.lua's order (reserve adds its
+/// idempotency key as `KEYS[14]`).
+pub const HOLD_KEYS: [&str; 13] = [
     "meta",
     "stock",
     "seats",
@@ -339,6 +345,40 @@ mod tests {
         }
         let header = header_keys(include_str!("../../lua/archive.lua"));
         assert_eq!(header, ["meta", "stock"], "archive.lua's KEYS[1], KEYS[2]");
+    }
+
+    /// On a Redis Cluster a script may only touch keys of one slot (else `CROSSSLOT`): each
+    /// script's key set, as the engine passes it, hashes (CRC16 of the first `{...}`, as Redis
+    /// computes it) to the slot of the drop id itself, whatever the id.
+    #[test]
+    fn every_scripts_keys_hash_to_the_drops_slot() {
+        use fred::util::redis_keyslot;
+        let fan = FanId::parse("fan-1").expect("a fan id");
+        for _ in 0..200 {
+            let drop = DropId::generate();
+            let slot = drop_slot(&drop);
+            let mut hold_keys = DropKeys::new(&drop).all();
+            hold_keys.push(DropKeys::idem(&drop, &fan, "k"));
+            let q = QueueKeys::new(&drop);
+            let sets: [(&str, Vec<String>); 7] = [
+                ("hold scripts and reserve's idempotency key", hold_keys),
+                ("rebuild scripts", DropKeys::rebuild(&drop)),
+                ("archive", DropKeys::every(&drop)),
+                ("join", q.join()),
+                ("admit", q.admit()),
+                ("line_restore", q.line_restore()),
+                ("admission settings", vec![DropKeys::admission(&drop)]),
+            ];
+            for (what, keys) in sets {
+                for key in keys {
+                    assert_eq!(
+                        redis_keyslot(key.as_bytes()),
+                        slot,
+                        "{what}: {key} is not in drop {drop}'s slot {slot}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ const LIB: &str = include_str!("../../lua/lib.lua");
 
 /// Every script: its name (its file in `lua/`), its source, and whether it takes `lib.lua` (the
 /// hold scripts do; the waiting room's `join` and `admit` take only the clock).
-const SOURCES: [(&str, &str, bool); 16] = [
+const SOURCES: [(&str, &str, bool); 17] = [
     ("reserve", include_str!("../../lua/reserve.lua"), true),
     ("release", include_str!("../../lua/release.lua"), true),
     ("expire", include_str!("../../lua/expire.lua"), true),
@@ -72,6 +72,7 @@ const SOURCES: [(&str, &str, bool); 16] = [
         include_str!("../../lua/line_restore.lua"),
         false,
     ),
+    ("drop_state", include_str!("../../lua/drop_state.lua"), true),
 ];
 
 pub use crate::keys::DropKeys;
@@ -224,6 +225,7 @@ pub(crate) struct Scripts {
     pub(crate) join: Script,
     pub(crate) admit: Script,
     pub(crate) line_restore: Script,
+    drop_state: Script,
 }
 
 impl Scripts {
@@ -235,7 +237,7 @@ impl Scripts {
             let lib = if *with_lib { LIB } else { "" };
             Script::from_lua(format!("{clock}\n{lib}\n{body}"))
         });
-        // SOURCES has exactly these sixteen, in this order.
+        // SOURCES has exactly these seventeen, in this order.
         let mut next = || built.next().expect("one script per SOURCES entry");
         Scripts {
             reserve: next(),
@@ -254,10 +256,11 @@ impl Scripts {
             join: next(),
             admit: next(),
             line_restore: next(),
+            drop_state: next(),
         }
     }
 
-    fn all(&self) -> [&Script; 16] {
+    fn all(&self) -> [&Script; 17] {
         [
             &self.reserve,
             &self.release,
@@ -275,6 +278,7 @@ impl Scripts {
             &self.join,
             &self.admit,
             &self.line_restore,
+            &self.drop_state,
         ]
     }
 }
@@ -400,7 +404,9 @@ impl Redis {
         keys
     }
 
-    /// Redis' identity for this run of its process; changes when Redis restarts.
+    /// Redis' identity for this run of its process; changes when Redis restarts. On a cluster,
+    /// of whichever node the client reaches: a drop's own node answers
+    /// [`Redis::drop_state_and_server_run`].
     pub async fn run_id(&self) -> Result<String> {
         let info: String = self
             .client()
@@ -727,7 +733,6 @@ impl Redis {
         Ok(out)
     }
 
-    /// Whether the drop is loaded, and whether it is recovering.
     /// The drop's status, whether it is recovering, and the Redis run it was loaded or rebuilt
     /// in; `None` if the drop isn't in Redis at all.
     pub async fn drop_state(&self, drop: &DropId) -> Result<Option<DropState>> {
@@ -757,6 +762,39 @@ impl Redis {
             })),
             _ => Ok(None),
         }
+    }
+
+    /// [`Redis::drop_state`] and, beside it, the run id of the redis-server holding the drop now
+    /// (lua/drop_state.lua: one script, so both come from the node that owns the drop's slot —
+    /// on a Redis Cluster, the primary of its shard). The restart watcher compares the two: a
+    /// server run other than the stamped one restarted or failed over since, and may have lost
+    /// the drop's last writes. (The server's `INFO` costs the script more than the read: request
+    /// paths use [`Redis::drop_state`].)
+    pub async fn drop_state_and_server_run(
+        &self,
+        drop: &DropId,
+    ) -> Result<Option<(DropState, String)>> {
+        let reply = self
+            .run(
+                &self.scripts.drop_state,
+                vec![DropKeys::new(drop).meta().to_owned()],
+                vec![],
+            )
+            .await?;
+        let field = |i: usize| reply.get(i).and_then(|v| v.as_string());
+        let Some(status) = field(0) else {
+            return Ok(None);
+        };
+        let state = DropState {
+            status,
+            recovering: field(1).as_deref() == Some("1"),
+            run_id: field(2).unwrap_or_default(),
+            rebuild: field(3).map(|t| {
+                let n = field(4).and_then(|s| s.parse().ok()).unwrap_or(0);
+                (t, n)
+            }),
+        };
+        Ok(Some((state, field(5).unwrap_or_default())))
     }
 
     /// What the AOF rewrite policy reads (engine::aof), from the node's `INFO`.

@@ -366,17 +366,18 @@ impl Engine {
     /// A drop missing from Redis, left `recovering`, or loaded in an earlier Redis run (a restart
     /// or failover may have lost its last writes) → that drop recovers. Comparing each drop's
     /// stamped run id, rather than remembering the last one seen, also catches a restart that
-    /// happened while this process was down. Recoveries run as tasks of their own, up to
+    /// happened while this process was down. Both run ids come from one read on the node that
+    /// owns the drop's slot (lua/drop_state.lua), so on a Redis Cluster each drop is judged by
+    /// its own shard: a failover of one shard recovers only that shard's drops. Recoveries run as tasks of their own, up to
     /// `recovery.concurrent_drops` at once, so a huge drop's rebuild keeps neither the small
     /// drops' nor a later round's waiting.
     pub(super) async fn watch_redis(self: &Arc<Self>) {
-        let Ok(run_id) = self.redis.run_id().await else {
-            return;
-        };
         for drop in self.watched_drops() {
-            let needs = match self.redis.drop_state(&drop).await {
-                Ok(Some(state)) if state.run_id != run_id => true,
-                Ok(Some(state)) if state.recovering => !self.rebuild_at_work(&drop, state.rebuild),
+            let needs = match self.redis.drop_state_and_server_run(&drop).await {
+                Ok(Some((state, server_run))) if state.run_id != server_run => true,
+                Ok(Some((state, _))) if state.recovering => {
+                    !self.rebuild_at_work(&drop, state.rebuild)
+                }
                 Ok(Some(_)) => {
                     lock(&self.rebuilds_seen).remove(&drop);
                     false
