@@ -6,9 +6,15 @@
 --   the token bucket (rate_per_s, burst; time from TIME, elapsed clamped at >= 0),
 --   max_active − active shoppers (the active set after dropping entries past their deadline),
 --   inventory-aware (docs/ARCHITECTURE.md, Choices): admit one more only while
---     Σ over active fans (per_fan_limit − units held or bought) + per_fan_limit
+--     Σ over shopping fans (per_fan_limit − units held or bought, at least 0) + per_fan_limit
 --       ≤ available × (1 + admit_margin_pct / 100)
---   (O(active): one HMGET of the active fans' counts, and active ≤ max_active),
+--   where the shopping fans are the active ones before their shop end, and the sum is a running
+--   one, meta's demand_units (lua/lib.lua), over the fans in KEYS[13]: this script adds the fans
+--   it admits and drops those whose shop end came (at most ARGV[1] per call: any left over
+--   still count until the next call, so admission errs on the side of fewer), the hold scripts
+--   move it as a counted fan's units change. O(admitted + ended) per call, not O(active).
+--   A drop without the sum (new, just rebuilt, or last run by a version without it) gets it
+--   counted here once, O(active) (active ≤ max_active),
 --   and the line's length. Nobody enters while paused, recovering, closed, sold out, all held,
 --   or before opens_at_ms.
 -- A shopping session has two ends fixed here at admission (docs/ARCHITECTURE.md, invariants): the
@@ -27,7 +33,8 @@
 -- (lua/line_restore.lua): returning fans get their places back meanwhile, so the order they are
 -- admitted in is the line's, not their reconnect speed's (the state says recovering).
 -- Time comes from now_ms() (clock.lua, prepended by engine::scripts).
--- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, per_fan_limit (see lib.lua)
+-- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, per_fan_limit,
+--                                     demand_units (see lib.lua)
 -- KEYS[2] {drop_id}:admission  hash   rate_per_s, burst, max_active, paused "0"/"1",
 --                                     shop_window_s, admit_margin_pct, leave_grace_s;
 --                                     line_state set here
@@ -44,6 +51,7 @@
 -- KEYS[11] {drop_id}:sessions  hash   admitted fan id → "<shop end ms>:<hard end ms>"
 -- KEYS[12] {drop_id}:seq       string the join counter (returned, so its high-water mark can be
 --                                     kept in Postgres, beyond the reach of a Redis loss)
+-- KEYS[13] {drop_id}:shopping  zset   fan id → shop end ms, the fans meta's demand_units counts
 -- ARGV[1] most waiters to send away, and most ended sessions to drop, per call
 -- Returns {state, watermark place (decimal string), admitted ever, waiting, active, rate_per_s,
 --          now_ms, left (waiters sent away by this call), leave_grace_ms,
@@ -73,7 +81,7 @@ local function answer(state, active, popped)
 end
 
 local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms', 'per_fan_limit',
-  'hold_ttl_ms', 'confirm_grace_ms', 'line_returning_until_ms')
+  'hold_ttl_ms', 'confirm_grace_ms', 'line_returning_until_ms', 'demand_units')
 if not meta[1] then return answer('unknown_drop', 0) end
 
 -- Before the recovering check: a Redis restart is such a gap, and recovery may take a while.
@@ -107,6 +115,52 @@ for _, fan in ipairs(ended) do
   redis.call('HDEL', KEYS[11], fan)
 end
 local active = redis.call('ZCOUNT', KEYS[5], now, '+inf')
+
+-- The running sum of what shopping fans may still take (see the header).
+local limit = tonumber(meta[4]) or 1
+local function can_take(units)
+  units = tonumber(units) or 0
+  if units >= limit then return 0 end
+  return limit - units
+end
+local demand = tonumber(meta[8])
+local demand_was = demand
+if not demand then
+  demand = 0
+  redis.call('DEL', KEYS[13])
+  local fans = redis.call('ZRANGEBYSCORE', KEYS[5], now, '+inf')
+  -- In chunks: Lua's unpack fails past a few thousand values, and max_active may be more.
+  for from = 1, #fans, 1000 do
+    local to = math.min(from + 999, #fans)
+    local units = redis.call('HMGET', KEYS[4], unpack(fans, from, to))
+    local ends = redis.call('HMGET', KEYS[11], unpack(fans, from, to))
+    local counted = {}
+    for i = 1, to - from + 1 do
+      local shop = ends[i] and string.match(ends[i], '^(%d+):')
+      if shop and now < tonumber(shop) then
+        counted[#counted + 1] = shop
+        counted[#counted + 1] = fans[from + i - 1]
+        demand = demand + can_take(units[i])
+      end
+    end
+    if #counted > 0 then redis.call('ZADD', KEYS[13], unpack(counted)) end
+  end
+else
+  local due = redis.call('ZRANGEBYSCORE', KEYS[13], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+  for from = 1, #due, 1000 do
+    local to = math.min(from + 999, #due)
+    local units = redis.call('HMGET', KEYS[4], unpack(due, from, to))
+    for i = 1, to - from + 1 do demand = demand - can_take(units[i]) end
+    redis.call('ZREM', KEYS[13], unpack(due, from, to))
+  end
+end
+local function save_demand()
+  if demand ~= demand_was then
+    redis.call('HSET', KEYS[1], 'demand_units', string.format('%d', demand))
+  end
+end
+save_demand()
+demand_was = demand
 
 if meta[1] == 'closed' then return answer('closed', active) end
 if s[7] == 'sold_out' then return answer('sold_out', active) end
@@ -153,26 +207,7 @@ local n = math.floor(tokens)
 n = math.min(n, (tonumber(s[3]) or 0) - active)
 n = math.min(n, redis.call('ZCARD', KEYS[6]))
 if n > 0 then
-  local limit = tonumber(meta[4]) or 1
   local margin = tonumber(s[6]) or 0
-  local demand = 0
-  if active > 0 then
-    local fans = redis.call('ZRANGEBYSCORE', KEYS[5], now, '+inf')
-    -- In chunks: Lua's unpack fails past a few thousand values, and max_active may be more.
-    for from = 1, #fans, 1000 do
-      local to = math.min(from + 999, #fans)
-      local units = redis.call('HMGET', KEYS[4], unpack(fans, from, to))
-      local ends = redis.call('HMGET', KEYS[11], unpack(fans, from, to))
-      for i = 1, to - from + 1 do
-        -- A fan past their shop end can't take more: they are no demand on the stock.
-        local shop = ends[i] and tonumber(string.match(ends[i], '^(%d+):'))
-        if not shop or now < shop then
-          local can_take = limit - (tonumber(units[i]) or 0)
-          if can_take > 0 then demand = demand + can_take end
-        end
-      end
-    end
-  end
   -- (demand + k·limit)·100 ≤ available·(100 + margin), integers only.
   local room = available * (100 + margin) - demand * 100
   local by_stock = 0
@@ -190,11 +225,17 @@ local popped = redis.call('ZPOPMIN', KEYS[6], n)
 shop_end = now + (tonumber(s[5]) or 300) * 1000
 hard_end = shop_end + (tonumber(meta[5]) or 0) + (tonumber(meta[6]) or 60000)
 local session = shop_end .. ':' .. hard_end
+local shop_s = string.format('%d', shop_end)
 local out = {}
 for i = 1, #popped, 2 do
   local fan, place = popped[i], popped[i + 1]
   redis.call('ZADD', KEYS[5], shop_end, fan)
   redis.call('HSET', KEYS[11], fan, session)
+  -- The running sum counts the fan from now on (once: one still counted from an earlier session
+  -- whose shop end this script hasn't reached yet stays counted once).
+  if redis.call('ZADD', KEYS[13], shop_s, fan) == 1 then
+    demand = demand + can_take(redis.call('HGET', KEYS[4], fan))
+  end
   redis.call('ZREM', KEYS[10], fan)
   out[#out + 1] = fan
   out[#out + 1] = place
@@ -204,5 +245,6 @@ local count = #popped / 2
 tokens = tokens - count
 admitted_ever = admitted_ever + count
 save_bucket()
+save_demand()
 redis.call('HSET', KEYS[8], 'place', watermark, 'admitted', admitted_ever)
 return answer('open', active + count, out)

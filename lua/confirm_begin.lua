@@ -1,6 +1,6 @@
 -- confirm_begin.lua — payment starts: a held hold of this fan, not past its deadline, becomes
 -- `confirming` until a confirm deadline; only then may the gateway be charged.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12]
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[13]
 -- ARGV[1] hold id
 -- ARGV[2] fan id (must own the hold)
 -- ARGV[3] payment reference

@@ -1,6 +1,6 @@
 -- confirm_finish.lua — the order is committed in Postgres: the hold's units move from held to
 -- sold for good. Called after the commit (and after capture), by the request or the reconciler.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12]
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[13]
 -- ARGV[1] hold id
 -- ARGV[2] order id
 -- Returns {"ok", "sold"} | {"ok", "already"}
@@ -38,5 +38,8 @@ if limit > 0 and tonumber(redis.call('HGET', K.fans, h.fan) or '0') >= limit
     and #redis.call('ZRANGEBYLEX', K.fanholds, '[' .. h.fan .. '|', '(' .. h.fan .. '}',
       'LIMIT', 0, 1) == 0 then
   redis.call('ZREM', K.active, h.fan)
+  -- Admission's running sum (lib.lua) stops counting the fan: they may take nothing more, so
+  -- the sum stays as it is.
+  redis.call('ZREM', K.shopping, h.fan)
 end
 return {'ok', 'sold'}

@@ -1,6 +1,6 @@
 -- confirm_revert.lua — payment failed or was voided: a confirming hold goes back to `held` with
 -- its original deadline, or straight back to stock if that deadline has passed.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12]
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[13]
 -- ARGV[1] hold id
 -- ARGV[2] the payment reference the caller is reverting: another attempt that began since (a
 --         new reference) is left alone

@@ -3,7 +3,7 @@
 -- flush, or one not loaded yet) is left alone: writing here would make a meta hash of one field;
 -- so is a drop being rebuilt (lib.lua `recovering`: the rebuild expires what is due itself).
 -- While meta's next_due_ms says no hold can be due, nothing is read or written but meta.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12]
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[13]
 -- ARGV[1] most holds to expire (and to purge) in this call
 -- Returns {expired count, held holds still past their deadline (more to do when > 0)}
 local now = now_ms()

@@ -23,6 +23,8 @@
 -- KEYS[8] {drop_id}:sessions   hash   admitted fan id → "<shop end ms>:<hard end ms>"
 -- KEYS[9] {drop_id}:fans       hash   fan id → units held + confirming + bought
 -- KEYS[10] {drop_id}:watermark hash   place (highest place admitted), admitted
+-- KEYS[11] {drop_id}:shopping  zset   fan id → shop end ms: the fans meta's demand_units counts
+--                                     (lua/lib.lua); a returning admitted fan joins them
 -- ARGV[1] fan id
 -- ARGV[2] pre-queue score, a decimal integer in [0, 2^52) (used only before opening)
 -- ARGV[3] a place receipt's place, ARGV[4] its issue time ms ("-", "-" when none)
@@ -41,7 +43,7 @@ local token_shop_end, token_hard_end = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = now_ms()
 
 local meta = redis.call('HMGET', KEYS[1], 'status', 'recovering', 'opens_at_ms', 'mode',
-  'per_fan_limit', 'line_rebuilt_ms')
+  'per_fan_limit', 'line_rebuilt_ms', 'demand_units')
 if not meta[1] then return {'0', 0, 'unknown_drop', 0, now} end
 local opens_at = tonumber(meta[3]) or 0
 if meta[2] == '1' then return {'0', 0, 'recovering', opens_at, now} end
@@ -81,6 +83,12 @@ if rebuilt then
     redis.call('HSET', KEYS[3], fan, key)
     redis.call('ZADD', KEYS[6], 'GT', token_shop_end, fan)
     redis.call('HSET', KEYS[8], fan, string.format('%.0f:%.0f', token_shop_end, token_hard_end))
+    -- Admission's running sum counts the fan from now on, if there is one (else admit.lua's
+    -- next run counts it afresh, this fan included).
+    if meta[7] and redis.call('ZADD', KEYS[11], token_shop_end, fan) == 1 then
+      local take = (tonumber(meta[5]) or 1) - (tonumber(redis.call('HGET', KEYS[9], fan)) or 0)
+      if take > 0 then redis.call('HINCRBY', KEYS[1], 'demand_units', string.format('%d', take)) end
+    end
     return {key, 0, 'admitted', opens_at, now}
   end
   -- A waiter from before the loss: their place, as their receipt has it.

@@ -21,17 +21,22 @@
 -- KEYS[12] {drop_id}:seatmap     string the seat map as fans see it, a byte per seat in the map's
 --                                       order (sections, rows front first, seat 1 first): f free,
 --                                       h held or confirming, s sold; kept by whoever writes seats
--- KEYS[13] {drop_id}:idem:<hash> string the first answer to an idempotent reserve (reserve only)
+-- KEYS[13] {drop_id}:shopping    zset   fan id → shop end ms, for each active fan meta's demand_units
+--                                       counts (queue drops; lua/admit.lua keeps both)
+-- KEYS[14] {drop_id}:idem:<hash> string the first answer to an idempotent reserve (reserve only)
 --
 -- A hold is JSON: {fan, st, exp, cexp, ref, oid, u, c, it = [{b = bucket, q = qty, s = seat?}]}
 -- with st one of held | confirming | sold | released | expired.
--- The rebuild's scripts (rebuild*.lua) take one key more, KEYS[13] {drop_id}:rebuild, named in
+-- meta's demand_units is the running sum admit.lua admits by: over the fans in K.shopping, what
+-- each may still take (per_fan_limit − their units, at least 0). Whoever changes such a fan's
+-- units moves it (`fan_units_moved`); absent, admit.lua counts it afresh (and fills K.shopping).
+-- The rebuild's scripts (rebuild*.lua) take one key more, KEYS[14] {drop_id}:rebuild, named in
 -- their own headers.
 
 local K = {
   meta = KEYS[1], stock = KEYS[2], seats = KEYS[3], holds = KEYS[4], deadlines = KEYS[5],
   confirming = KEYS[6], done = KEYS[7], fans = KEYS[8], fanholds = KEYS[9], layout = KEYS[10],
-  active = KEYS[11], seatmap = KEYS[12], idem = KEYS[13],
+  active = KEYS[11], seatmap = KEYS[12], shopping = KEYS[13], idem = KEYS[14],
 }
 
 -- This redis-server run's id. A drop whose meta carries another one was loaded before a restart:
@@ -97,6 +102,24 @@ local function show_seat(seat, state)
   end
 end
 
+-- What a fan holding or having bought `units` may still take under `limit`.
+local function can_take(limit, units)
+  if units >= limit then return 0 end
+  return limit - units
+end
+
+-- A fan's units went from `old` to `new`: if admit.lua's running sum counts the fan (K.shopping),
+-- it moves by the change in what the fan may still take. (The sum exists whenever K.shopping has
+-- members: both are made together and dropped together.)
+local function fan_units_moved(fan, old, new)
+  if not redis.call('ZSCORE', K.shopping, fan) then return end
+  local m = redis.call('HMGET', K.meta, 'per_fan_limit', 'demand_units')
+  if not m[2] then return end
+  local limit = tonumber(m[1]) or 1
+  local by = can_take(limit, new) - can_take(limit, old)
+  if by ~= 0 then redis.call('HINCRBY', K.meta, 'demand_units', string.format('%d', by)) end
+end
+
 -- A held or confirming hold gives its units back to stock and ends as `final_state`.
 local function return_to_stock(id, h, final_state, now)
   for _, item in ipairs(h.it) do
@@ -109,6 +132,7 @@ local function return_to_stock(id, h, final_state, now)
   end
   local left = redis.call('HINCRBY', K.fans, h.fan, -h.u)
   if left <= 0 then redis.call('HDEL', K.fans, h.fan) end
+  fan_units_moved(h.fan, left + h.u, math.max(left, 0))
   redis.call('ZREM', K.deadlines, id)
   redis.call('ZREM', K.confirming, id)
   forget_live_hold(h.fan, id)

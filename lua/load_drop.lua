@@ -3,7 +3,7 @@
 -- A load is a rebuild of a drop that has sold nothing and holds nothing. Until its last slice the
 -- drop is `recovering` (reserves answer 503), so a load that stopped halfway is finished by the
 -- watcher's rebuild. Does nothing if the drop is already in Redis (creation may be retried).
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12]
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[13]
 -- ARGV[1] the load's token: every later slice names it (lib.lua `rebuild_slice`)
 -- ARGV[2] JSON {field = value}: the drop's meta fields
 -- Returns {"ok", "loaded"} | {"ok", "exists"}

@@ -1,6 +1,6 @@
 -- rebuild_fill.lua — one slice of a rebuild or load (see rebuild.lua): a bounded run of a drop's
 -- stock, layout, seat or per-fan entries from Postgres.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12]
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[13]
 -- ARGV[1] the rebuild's token
 -- ARGV[2] what: "stock" | "layout" | "seats" | "fans"
 -- ARGV[3..] entries — stock:  bucket, total, sold, ...   (available = total - sold, none held)

@@ -1,10 +1,10 @@
 -- rebuild_keep.lua — one slice of a rebuild (see rebuild.lua): the oldest live holds rebuild_sort
--- put in KEYS[13], at most ARGV[2] of them. Each keeps its units and seats — counted as held, its
+-- put in KEYS[14], at most ARGV[2] of them. Each keeps its units and seats — counted as held, its
 -- seats marked, its units added to the fan's, its deadline or confirm deadline back — unless that
 -- conflicts with a sale or an older hold: a seat not free, fewer units available than it holds,
 -- or the fan past the per-fan limit. Then it ends as `expired`. Oldest first, so the newest lose.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12], and
--- KEYS[13] {drop_id}:rebuild  zset   live hold id → created ms
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[13], and
+-- KEYS[14] {drop_id}:rebuild  zset   live hold id → created ms
 -- ARGV[1] the rebuild's token
 -- ARGV[2] most holds to take in this call
 -- Returns {"ok", holds handled, holds kept, holds ended, live holds left to take}
@@ -12,7 +12,7 @@
 if not rebuild_slice(ARGV[1]) then return {'err', 'superseded'} end
 local now = now_ms()
 local limit = meta_num('per_fan_limit', 0)
-local taken = redis.call('ZPOPMIN', KEYS[13], tonumber(ARGV[2]))
+local taken = redis.call('ZPOPMIN', KEYS[14], tonumber(ARGV[2]))
 local n, kept, ended = 0, 0, 0
 for i = 1, #taken, 2 do
   local id = taken[i]
@@ -52,4 +52,4 @@ for i = 1, #taken, 2 do
     end
   end
 end
-return {'ok', n, kept, ended, redis.call('ZCARD', KEYS[13])}
+return {'ok', n, kept, ended, redis.call('ZCARD', KEYS[14])}

@@ -1,12 +1,12 @@
 -- rebuild_sort.lua — one slice of a rebuild (see rebuild.lua): a bounded run of the drop's holds,
 -- as the caller's HSCAN of the holds hash found them. A hold with an order in Postgres becomes
--- sold; a held hold past its deadline expires; a live one (held or confirming) goes into KEYS[13]
+-- sold; a held hold past its deadline expires; a live one (held or confirming) goes into KEYS[14]
 -- by creation time (then id), for rebuild_keep.lua. A `sold` hold without an order (Redis saw a
 -- sale Postgres has not: the commit was lost or never made) goes back to `confirming`, due now,
 -- so the reconciler asks the gateway, as for any confirm that stopped halfway. A hold seen twice
 -- (HSCAN may return one again) ends up the same.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12], and
--- KEYS[13] {drop_id}:rebuild  zset   live hold id → created ms
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[13], and
+-- KEYS[14] {drop_id}:rebuild  zset   live hold id → created ms
 -- ARGV[1] the rebuild's token
 -- ARGV[2..] hold id, its order id in Postgres or "" (none), ...
 -- Returns {"ok", holds handled, holds ended} | {"err", "superseded"}
@@ -24,13 +24,13 @@ for i = 2, #ARGV, 2 do
   elseif h.st == 'held' and h.exp <= now then
     end_in_rebuild(id, h, 'expired', now); ended = ended + 1
   elseif h.st == 'held' or h.st == 'confirming' then
-    redis.call('ZADD', KEYS[13], h.c, id)
+    redis.call('ZADD', KEYS[14], h.c, id)
   elseif h.st == 'sold' then
     h.st = 'confirming'; h.cexp = now; h.oid = nil
     save_hold(id, h)
     -- Live again: off the purge list its sale put it on.
     redis.call('ZREM', K.done, id)
-    redis.call('ZADD', KEYS[13], h.c, id)
+    redis.call('ZADD', KEYS[14], h.c, id)
   end
 end
 return {'ok', n, ended}

@@ -1,5 +1,5 @@
 -- release.lua — a fan gives a held hold back; its units or seats return to stock at once.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[12]
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[13]
 -- ARGV[1] hold id
 -- ARGV[2] fan id (must own the hold)
 -- Returns {"ok", "released"} | {"ok", "already"} (released or expired before: nothing to do)

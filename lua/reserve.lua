@@ -7,7 +7,7 @@
 -- Unlike confirm_begin it doesn't compare the Redis run id (an INFO per call on the hottest path):
 -- a hold taken on stale state after a restart can't sell — confirm_begin refuses until the drop
 -- is rebuilt, and the rebuild ends holds that conflict with a sale.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[13] (KEYS[13] = this request's idem key)
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[14] (KEYS[14] = this request's idem key)
 -- ARGV[1] fan id
 -- ARGV[2] new hold id (made by the caller; embeds the drop id)
 -- ARGV[3] SHA-256 hex of the request body (idempotency: same key + other body is refused)
@@ -25,7 +25,7 @@
 --           seat_unavailable | limit_exceeded | drop_closed | not_open | idempotency_key_reused |
 --           recovering | unknown_drop | not_admitted
 -- Every answer but recovering / unknown_drop / idempotency_key_reused / not_admitted is stored
--- under KEYS[13] for hold TTL + 10 minutes, so a retry gets the first answer back.
+-- under KEYS[14] for hold TTL + 10 minutes, so a retry gets the first answer back.
 -- Cost (docs/BENCHMARKS.md, reserve script cost): this is the hottest script, and under
 -- callgrind most of its instructions went to turning numbers into text (a Lua number passed to
 -- redis.call, concatenated or cjson-encoded goes through printf's floating-point path, about
@@ -51,7 +51,7 @@ if first then
 end
 
 local meta = redis.call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit', 'hold_ttl_ms',
-  'opens_at_ms', 'reclaim_batch', 'mode', 'next_due_ms', 'confirm_grace_ms')
+  'opens_at_ms', 'reclaim_batch', 'mode', 'next_due_ms', 'confirm_grace_ms', 'demand_units')
 if not meta[1] then return {'err', 'unknown_drop', '{}'} end
 if meta[2] == '1' then return {'err', 'recovering', '{}'} end
 local limit, ttl_ms = tonumber(meta[3]), tonumber(meta[4])
@@ -213,6 +213,11 @@ if meta[7] == 'queue' then
   local until_ms = exp + (tonumber(meta[9]) or 60000)
   if hard_end and until_ms > hard_end then until_ms = hard_end end
   redis.call('ZADD', K.active, 'XX', 'GT', int(until_ms), fan)
+  -- The fan may take `units` fewer now (bought + units <= limit): admission's running sum
+  -- (lib.lua) drops by as much, if it counts the fan.
+  if meta[10] and redis.call('ZSCORE', K.shopping, fan) then
+    redis.call('HINCRBY', K.meta, 'demand_units', '-' .. units_s)
+  end
 end
 
 -- The stored first answer: the JSON array cjson would make of the reply, the items a string in it.

@@ -33,9 +33,10 @@ pub const HOLD_KEYS: [&str; 13] = [
     "layout",
     "active",
     "seatmap",
+    "shopping",
 ];
 
-/// The rebuild's scratch zset (live hold id → created ms), the rebuild scripts' `KEYS[13]`
+/// The rebuild's scratch zset (live hold id → created ms), the rebuild scripts' `KEYS[14]`
 /// (lua/rebuild.lua).
 pub const REBUILD_KEY: &str = "rebuild";
 
@@ -51,7 +52,7 @@ pub const REBUILD_SCRIPTS: [(&str, &str); 4] = [
 ];
 
 /// lua/join.lua's KEYS, in order.
-pub const JOIN_KEYS: [&str; 10] = [
+pub const JOIN_KEYS: [&str; 11] = [
     "meta",
     "admission",
     "places",
@@ -62,10 +63,11 @@ pub const JOIN_KEYS: [&str; 10] = [
     "sessions",
     "fans",
     "watermark",
+    "shopping",
 ];
 
 /// lua/admit.lua's KEYS, in order.
-pub const ADMIT_KEYS: [&str; 12] = [
+pub const ADMIT_KEYS: [&str; 13] = [
     "meta",
     "admission",
     "stock",
@@ -78,6 +80,7 @@ pub const ADMIT_KEYS: [&str; 12] = [
     "seen",
     "sessions",
     "seq",
+    "shopping",
 ];
 
 /// lua/line_restore.lua's KEYS, in order.
@@ -140,7 +143,7 @@ impl DropKeys {
         drop_key(drop, &format!("idem:{}", hex::encode(&digest[..16])))
     }
 
-    /// All of them, `KEYS[1]..KEYS[12]`.
+    /// All of them, `KEYS[1]..KEYS[13]`.
     pub fn all(&self) -> Vec<String> {
         self.keys.clone()
     }
@@ -164,7 +167,7 @@ impl DropKeys {
         names.into_iter().map(|name| drop_key(drop, name)).collect()
     }
 
-    /// The rebuild scripts' keys: all of them and the scratch zset, `KEYS[1]..KEYS[13]`.
+    /// The rebuild scripts' keys: all of them and the scratch zset, `KEYS[1]..KEYS[14]`.
     pub fn rebuild(drop: &DropId) -> Vec<String> {
         let mut keys = DropKeys::new(drop).all();
         keys.push(drop_key(drop, REBUILD_KEY));
@@ -188,6 +191,8 @@ pub struct QueueKeys {
     pub seen: String,
     /// Admitted fan → `"<shop end ms>:<hard end ms>"` (lua/admit.lua).
     pub sessions: String,
+    /// Fan → shop end ms, for each fan admission's running sum counts (lua/lib.lua).
+    pub shopping: String,
 }
 
 impl QueueKeys {
@@ -206,6 +211,7 @@ impl QueueKeys {
             watermark: k("watermark"),
             seen: k("seen"),
             sessions: k("sessions"),
+            shopping: k("shopping"),
         }
     }
 
@@ -223,6 +229,7 @@ impl QueueKeys {
             "watermark" => &self.watermark,
             "seen" => &self.seen,
             "sessions" => &self.sessions,
+            "shopping" => &self.shopping,
             // JOIN_KEYS and ADMIT_KEYS name only the fields above (the test below checks it).
             other => unreachable!("no queue key {other}"),
         }
@@ -286,7 +293,7 @@ mod tests {
             .enumerate()
             .map(|(i, name)| ((*name).to_owned(), format!("KEYS[{}]", i + 1)))
             .collect();
-        expected.push(("idem".into(), "KEYS[13]".into()));
+        expected.push(("idem".into(), "KEYS[14]".into()));
         assert_eq!(pairs, expected, "lib.lua's K table");
     }
 
@@ -312,10 +319,10 @@ mod tests {
     fn rebuild_scripts_name_the_scratch_key_after_the_hold_keys() {
         for (name, lua) in REBUILD_SCRIPTS {
             let header = header_keys(lua);
-            assert_eq!(header, [REBUILD_KEY], "{name}.lua's KEYS[13]");
+            assert_eq!(header, [REBUILD_KEY], "{name}.lua's KEYS[14]");
             assert!(
-                lua.contains(&format!("-- KEYS[13] {{drop_id}}:{REBUILD_KEY} ")),
-                "{name}.lua names its KEYS[13]"
+                lua.contains(&format!("-- KEYS[14] {{drop_id}}:{REBUILD_KEY} ")),
+                "{name}.lua names its KEYS[14]"
             );
         }
         let drop = DropId::generate();

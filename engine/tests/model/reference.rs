@@ -239,6 +239,8 @@ pub struct Store {
     pub active: BTreeMap<String, i64>,
     /// Admitted fan → "<shop end ms>:<hard end ms>".
     pub sessions: BTreeMap<String, String>,
+    /// Fan → shop end ms: the fans meta's demand_units (admission's running sum) counts.
+    pub shopping: BTreeMap<String, i64>,
     /// (fan, idempotency key) → (body sha, first answer)
     pub idem: BTreeMap<(String, String), (String, ReserveOut)>,
     pub admission: BTreeMap<String, String>,
@@ -268,6 +270,16 @@ fn incr(m: &mut BTreeMap<String, i64>, field: &str, by: i64) -> i64 {
     let v = m.entry(field.to_owned()).or_insert(0);
     *v += by;
     *v
+}
+
+/// lib.lua's `can_take`: what a fan holding or having bought `units` may still take.
+fn can_take(limit: i64, units: i64) -> i64 {
+    (limit - units).max(0)
+}
+
+/// meta's per_fan_limit as the admission scripts read it (1 when absent).
+fn limit_or_1(meta: &BTreeMap<String, String>) -> i64 {
+    num(meta, "per_fan_limit").unwrap_or(1)
 }
 
 /// Lua's `string.format('%.6f', x)` read back with `tonumber`.
@@ -318,6 +330,24 @@ impl Model {
 
     // ---- lib.lua ----------------------------------------------------------------------------
 
+    /// lib.lua's `fan_units_moved`: a counted fan's units went from `old` to `new`, so meta's
+    /// demand_units moves by the change in what the fan may still take.
+    fn fan_units_moved(&mut self, fan: &str, old: i64, new: i64) {
+        if !self.store.shopping.contains_key(fan) {
+            return;
+        }
+        let Some(demand) = num(&self.store.meta, "demand_units") else {
+            return;
+        };
+        let limit = self.meta_num("per_fan_limit", 1);
+        let by = can_take(limit, new) - can_take(limit, old);
+        if by != 0 {
+            self.store
+                .meta
+                .insert("demand_units".into(), (demand + by).to_string());
+        }
+    }
+
     fn return_to_stock(&mut self, id: &str, final_state: &'static str) {
         let now = self.now_ms;
         let done_ttl = self.meta_num("done_ttl_ms", 3_600_000);
@@ -332,16 +362,19 @@ impl Model {
                 s.seats.insert(seat.clone(), "-".into());
             }
         }
-        if incr(&mut s.fans, &h.fan, -h.units) <= 0 {
+        let left = incr(&mut s.fans, &h.fan, -h.units);
+        if left <= 0 {
             s.fans.remove(&h.fan);
         }
         s.deadlines.remove(id);
         s.confirming.remove(id);
         s.fanholds.remove(&format!("{}|{id}", h.fan));
+        let (fan, units) = (h.fan.clone(), h.units);
         h.state = final_state;
         h.ended_ms = Some(now);
         s.holds.insert(id.to_owned(), h);
         s.done.insert(id.to_owned(), now + done_ttl);
+        self.fan_units_moved(&fan, left + units, left.max(0));
     }
 
     /// Due held holds go back to stock, at most `limit`, earliest first. Returns how many.
@@ -681,6 +714,12 @@ impl Model {
             if let Some(d) = s.active.get_mut(fan) {
                 *d = (*d).max(until);
             }
+            if s.shopping.contains_key(fan) {
+                if let Some(demand) = num(&s.meta, "demand_units") {
+                    s.meta
+                        .insert("demand_units".into(), (demand - units).to_string());
+                }
+            }
         }
         answer(
             self,
@@ -817,6 +856,7 @@ impl Model {
             && !s.fanholds.iter().any(|m| m.starts_with(&prefix))
         {
             s.active.remove(&fan);
+            s.shopping.remove(&fan);
         }
         "sold"
     }
@@ -946,7 +986,10 @@ impl Model {
         }
         self.set_layout();
         let s = &mut self.store;
-        // rebuild.lua drops what the holds decide and counts it afresh from them.
+        // rebuild.lua drops what the holds decide and counts it afresh from them; admission's
+        // running sum too (the next admission run counts it).
+        s.shopping.clear();
+        s.meta.remove("demand_units");
         s.seats.clear();
         s.fans.clear();
         s.fanholds.clear();
@@ -1125,6 +1168,15 @@ impl Model {
                     *d = (*d).max(shop_end);
                     s.sessions
                         .insert(fan.to_owned(), format!("{shop_end}:{hard_end}"));
+                    if let Some(demand) = num(&s.meta, "demand_units") {
+                        if s.shopping.insert(fan.to_owned(), shop_end).is_none() {
+                            let take = limit_or_1(&s.meta) - s.fans.get(fan).copied().unwrap_or(0);
+                            if take > 0 {
+                                s.meta
+                                    .insert("demand_units".into(), (demand + take).to_string());
+                            }
+                        }
+                    }
                     return Ok((place, false, "admitted".into()));
                 }
             }
@@ -1284,6 +1336,63 @@ impl Model {
             s.sessions.remove(&fan);
         }
         let active = s.active.values().filter(|d| **d >= now).count() as i64;
+        // The running sum: counted afresh when absent, else fans whose shop end came leave it.
+        let limit = limit_or_1(&s.meta);
+        let units_of = |s: &Store, f: &str| s.fans.get(f).copied().unwrap_or(0);
+        let shop_end_of = |s: &Store, f: &str| {
+            s.sessions
+                .get(f)
+                .and_then(|v| v.split_once(':'))
+                .and_then(|(shop, _)| shop.parse::<i64>().ok())
+        };
+        let mut demand = match num(&s.meta, "demand_units") {
+            None => {
+                s.shopping.clear();
+                let mut demand = 0;
+                let fans: Vec<String> = s
+                    .active
+                    .iter()
+                    .filter(|(_, d)| **d >= now)
+                    .map(|(f, _)| f.clone())
+                    .collect();
+                for f in fans {
+                    if let Some(shop) = shop_end_of(s, &f).filter(|shop| now < *shop) {
+                        demand += can_take(limit, units_of(s, &f));
+                        s.shopping.insert(f, shop);
+                    }
+                }
+                s.meta.insert("demand_units".into(), demand.to_string());
+                demand
+            }
+            Some(mut demand) => {
+                let due: Vec<String> = zset_order(&s.shopping)
+                    .into_iter()
+                    .take_while(|(_, shop)| *shop <= now)
+                    .take(leave_batch.max(1) as usize)
+                    .map(|(f, _)| f)
+                    .collect();
+                for f in due {
+                    demand -= can_take(limit, units_of(s, &f));
+                    s.shopping.remove(&f);
+                }
+                s.meta.insert("demand_units".into(), demand.to_string());
+                demand
+            }
+        };
+        // With no counted fan's shop end left behind, the sum is what admission used to count
+        // on every run: over the active fans before their shop end.
+        if s.shopping.values().all(|shop| *shop > now) {
+            let counted: i64 = s
+                .active
+                .iter()
+                .filter(|(f, d)| **d >= now && shop_end_of(s, f).is_none_or(|end| now < end))
+                .map(|(f, _)| can_take(limit, units_of(s, f)))
+                .sum();
+            assert_eq!(
+                demand, counted,
+                "admission's running sum against a count over the active fans"
+            );
+        }
         // Every answer before the bucket is read admits no one and moves no watermark.
         let early =
             |s: &Store, state: &str| tick(s, state, active, vec![], watermark, admitted_ever, left);
@@ -1334,21 +1443,6 @@ impl Model {
         n = n.min(max_active - active);
         n = n.min(s.line.len() as i64);
         if n > 0 {
-            let limit = num(&s.meta, "per_fan_limit").unwrap_or(1);
-            let shopping = |f: &String| {
-                let shop_end = s
-                    .sessions
-                    .get(f)
-                    .and_then(|v| v.split_once(':'))
-                    .and_then(|(shop, _)| shop.parse::<i64>().ok());
-                shop_end.is_none_or(|end| now < end)
-            };
-            let demand: i64 = s
-                .active
-                .iter()
-                .filter(|(f, d)| **d >= now && shopping(f))
-                .map(|(f, _)| (limit - s.fans.get(f).copied().unwrap_or(0)).max(0))
-                .sum();
             let room = available * (100 + margin) - demand * 100;
             let by_stock = if room > 0 { room / (limit * 100) } else { 0 };
             n = n.min(by_stock);
@@ -1367,9 +1461,13 @@ impl Model {
             s.active.insert(fan.clone(), shop_end);
             s.sessions
                 .insert(fan.clone(), format!("{shop_end}:{hard_end}"));
+            if s.shopping.insert(fan.clone(), shop_end).is_none() {
+                demand += can_take(limit, units_of(s, fan));
+            }
             s.seen.remove(fan);
             watermark = watermark.max(*place);
         }
+        s.meta.insert("demand_units".into(), demand.to_string());
         let count = popped.len() as i64;
         tokens -= count as f64;
         admitted_ever += count;

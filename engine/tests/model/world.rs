@@ -885,6 +885,29 @@ impl World {
         }
         same!("active", self.zset(&q.active).await, s.active.clone());
         same!("sessions", self.hash(&q.sessions).await, s.sessions.clone());
+        // Admission's running sum (lua/lib.lua, meta's demand_units) against a count of what the
+        // fans it counts may still take, both as Redis has them.
+        let shopping = self.zset(&q.shopping).await;
+        let real_meta = self.hash(k.meta()).await;
+        if let Some(sum) = real_meta.get("demand_units") {
+            let limit = real_meta
+                .get("per_fan_limit")
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(1);
+            let fans = parse_i64(self.hash(&q.fans).await);
+            let counted: i64 = shopping
+                .keys()
+                .map(|f| (limit - fans.get(f).copied().unwrap_or(0)).max(0))
+                .sum();
+            if sum.parse::<i64>().ok() != Some(counted) {
+                return Some(format!(
+                    "meta demand_units {sum} is not what the fans in shopping may still take ({counted})"
+                ));
+            }
+        } else if !shopping.is_empty() {
+            return Some("shopping has fans but meta has no demand_units".to_owned());
+        }
+        same!("shopping", shopping, s.shopping.clone());
         same!(
             "admission",
             self.hash(&q.admission).await,
@@ -960,6 +983,7 @@ impl World {
         expect("layout", !s.layout.is_empty());
         expect("active", !s.active.is_empty());
         expect("sessions", !s.sessions.is_empty());
+        expect("shopping", !s.shopping.is_empty());
         expect("admission", !s.admission.is_empty());
         expect("places", !s.places.is_empty());
         expect("line", !s.line.is_empty());
