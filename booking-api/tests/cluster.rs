@@ -329,3 +329,19 @@ async fn twenty_concurrent_confirms_over_two_instances_make_one_order() {
     p.a.assert_invariants(&drop).await;
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_aof_policy_looks_at_every_primary() {
+    let p = Pair::start().await;
+    let redis = p.a.server.engine.redis();
+    let nodes = redis.aof_nodes();
+    assert_eq!(nodes.len(), 3, "one AOF per primary: {nodes:?}");
+    let mut distinct = HashSet::new();
+    for node in &nodes {
+        assert!(distinct.insert(node.to_string()), "{node} twice");
+        let state = redis.aof_state(node).await.expect("INFO of a primary");
+        assert!(state.enabled, "{node} runs with an AOF: {state:?}");
+        assert!(state.current_bytes > 0, "{node}: {state:?}");
+    }
+    p.shutdown().await;
+}

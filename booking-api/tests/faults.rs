@@ -739,7 +739,10 @@ async fn fault_aof_rewrites_wait_for_a_quiet_redis() {
     for _ in 0..3 {
         h.ga_drop(100, 4, 600).await;
     }
-    let state = h.server.engine.redis().aof_state().await.unwrap();
+    let redis = h.server.engine.redis();
+    let nodes = redis.aof_nodes();
+    assert_eq!(nodes.len(), 1, "one Redis, one file: {nodes:?}");
+    let state = redis.aof_state(&nodes[0]).await.unwrap();
     assert!(state.enabled, "the stack's Redis runs with an AOF");
     assert!(state.growth_pct() >= 1, "the file grew: {state:?}");
     assert_eq!(h.server.engine.aof_round().await, None, "busy: left alone");

@@ -797,20 +797,46 @@ impl Redis {
         Ok(Some((state, field(5).unwrap_or_default())))
     }
 
-    /// What the AOF rewrite policy reads (engine::aof), from the node's `INFO`.
-    pub async fn aof_state(&self) -> Result<crate::aof::AofState> {
+    /// The servers that keep an append-only file of their own: every primary of a Redis Cluster
+    /// (the client connects to each, and to no replica), or the one server.
+    pub fn aof_nodes(&self) -> Vec<RedisNode> {
+        let client = self.client();
+        if !client.is_clustered() {
+            return vec![RedisNode(None)];
+        }
+        let mut primaries = client.active_connections();
+        primaries.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+        primaries.into_iter().map(|s| RedisNode(Some(s))).collect()
+    }
+
+    /// What the AOF rewrite policy reads (engine::aof), from one node's `INFO`.
+    pub async fn aof_state(&self, node: &RedisNode) -> Result<crate::aof::AofState> {
         let cmd = fred::types::CustomCommand::new_static("INFO", None, false);
-        let info: String = self
-            .client()
-            .custom(cmd, vec!["persistence".to_owned(), "stats".to_owned()])
-            .await?;
+        let args = vec!["persistence".to_owned(), "stats".to_owned()];
+        let info: String = match &node.0 {
+            Some(server) => {
+                self.client()
+                    .with_cluster_node(server.clone())
+                    .custom(cmd, args)
+                    .await?
+            }
+            None => self.client().custom(cmd, args).await?,
+        };
         Ok(crate::aof::AofState::parse(&info))
     }
 
-    /// Asks Redis to rewrite its AOF in the background (`BGREWRITEAOF`).
-    pub async fn rewrite_aof(&self) -> Result<()> {
+    /// Asks one node to rewrite its AOF in the background (`BGREWRITEAOF`).
+    pub async fn rewrite_aof(&self, node: &RedisNode) -> Result<()> {
         let cmd = fred::types::CustomCommand::new_static("BGREWRITEAOF", None, false);
-        let _: Value = self.client().custom(cmd, Vec::<String>::new()).await?;
+        let _: Value = match &node.0 {
+            Some(server) => {
+                self.client()
+                    .with_cluster_node(server.clone())
+                    .custom(cmd, Vec::<String>::new())
+                    .await?
+            }
+            None => self.client().custom(cmd, Vec::<String>::new()).await?,
+        };
         Ok(())
     }
 
@@ -945,6 +971,20 @@ impl Redis {
 
     pub async fn admission(&self, drop: &DropId) -> Result<HashMap<String, String>> {
         Ok(self.client().hgetall(DropKeys::admission(drop)).await?)
+    }
+}
+
+/// One Redis server that commands carrying no key (`INFO`, `BGREWRITEAOF`) are sent to: a
+/// cluster's primary, or, without a cluster, the one server (`None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisNode(Option<fred::types::config::Server>);
+
+impl std::fmt::Display for RedisNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(server) => write!(f, "{}:{}", server.host, server.port),
+            None => f.write_str("redis"),
+        }
     }
 }
 

@@ -101,39 +101,45 @@ impl Engine {
         tasks
     }
 
-    /// The AOF rewrite policy's look (engine::aof): asks Redis for a rewrite when one is due,
-    /// and says which, if any.
+    /// The AOF rewrite policy's look (engine::aof), at each server that keeps a file (every
+    /// primary of a cluster): asks each for a rewrite when one is due there, and says which
+    /// rewrite, if any, it asked for first.
     pub async fn aof_round(&self) -> Option<crate::aof::Rewrite> {
-        let state = match self.redis.aof_state().await {
-            Ok(state) => state,
-            Err(e) => {
-                tracing::debug!(error = %e, "could not read Redis' AOF state");
-                return None;
-            }
-        };
-        let due = crate::aof::due(&state, &self.cfg.redis)?;
-        match self.redis.rewrite_aof().await {
-            Ok(()) => {
-                tracing::info!(
-                    why = ?due,
-                    growth_pct = state.growth_pct(),
-                    ops_per_s = state.ops_per_s,
-                    "asked Redis to rewrite its AOF"
-                );
-                Some(due)
-            }
-            // Another instance may have asked a moment before: Redis refuses a second one. Any
-            // other refusal (a managed Redis that forbids the command) leaves the file growing,
-            // which an operator must hear of (or set redis.aof_rewrite_growth_pct = 0).
-            Err(e) if e.message.contains("already in progress") => {
-                tracing::debug!(error = %e, "BGREWRITEAOF: another one runs");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Redis refused BGREWRITEAOF: its AOF keeps growing");
-                None
+        let mut asked = None;
+        for node in self.redis.aof_nodes() {
+            let state = match self.redis.aof_state(&node).await {
+                Ok(state) => state,
+                Err(e) => {
+                    tracing::debug!(%node, error = %e, "could not read Redis' AOF state");
+                    continue;
+                }
+            };
+            let Some(due) = crate::aof::due(&state, &self.cfg.redis) else {
+                continue;
+            };
+            match self.redis.rewrite_aof(&node).await {
+                Ok(()) => {
+                    tracing::info!(
+                        %node,
+                        why = ?due,
+                        growth_pct = state.growth_pct(),
+                        ops_per_s = state.ops_per_s,
+                        "asked Redis to rewrite its AOF"
+                    );
+                    asked = asked.or(Some(due));
+                }
+                // Another instance may have asked a moment before: Redis refuses a second one.
+                // Any other refusal (a managed Redis that forbids the command) leaves the file
+                // growing, which an operator must hear of (or set redis.aof_rewrite_growth_pct = 0).
+                Err(e) if e.message.contains("already in progress") => {
+                    tracing::debug!(%node, error = %e, "BGREWRITEAOF: another one runs");
+                }
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "Redis refused BGREWRITEAOF: its AOF keeps growing");
+                }
             }
         }
+        asked
     }
 
     /// One sweep: every watched drop's overdue holds back to stock, in bounded batches.
