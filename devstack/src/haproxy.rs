@@ -89,7 +89,6 @@ impl HaproxyConfig {
         line(w, "global");
         line(w, &format!("    maxconn {}", self.maxconn));
         line(w, &format!("    ulimit-n {HAPROXY_ULIMIT_N}"));
-        line(w, "    log stderr format raw local0 notice");
         line(
             w,
             &format!(
@@ -100,8 +99,6 @@ impl HaproxyConfig {
         line(w, "");
         line(w, "defaults");
         line(w, "    mode http");
-        line(w, "    log global");
-        line(w, "    option dontlognull");
         // The client's address goes on in X-Forwarded-For; the instances trust 127.0.0.1
         // (`limits.trusted_proxies`), so per-IP limits see fans, not the balancer.
         line(w, "    option forwardfor");
