@@ -51,7 +51,7 @@ if first then
 end
 
 local meta = redis.call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit', 'hold_ttl_ms',
-  'opens_at_ms', 'reclaim_batch', 'mode', 'next_due_ms', 'confirm_grace_ms', 'demand_units')
+  'opens_at_ms', 'reclaim_batch', 'mode', 'next_due_ms', 'confirm_grace_ms')
 if not meta[1] then return {'err', 'unknown_drop', '{}'} end
 if meta[2] == '1' then return {'err', 'recovering', '{}'} end
 local limit, ttl_ms = tonumber(meta[3]), tonumber(meta[4])
@@ -214,8 +214,9 @@ if meta[7] == 'queue' then
   if hard_end and until_ms > hard_end then until_ms = hard_end end
   redis.call('ZADD', K.active, 'XX', 'GT', int(until_ms), fan)
   -- The fan may take `units` fewer now (bought + units <= limit): admission's running sum
-  -- (lib.lua) drops by as much, if it counts the fan.
-  if meta[10] and redis.call('ZSCORE', K.shopping, fan) then
+  -- (lib.lua) drops by as much, if it counts the fan (then the sum exists: the two are made
+  -- together; not read here, as a missing field costs meta's whole listpack scanned on GA drops).
+  if redis.call('ZSCORE', K.shopping, fan) then
     redis.call('HINCRBY', K.meta, 'demand_units', '-' .. units_s)
   end
 end

@@ -715,10 +715,9 @@ impl Model {
                 *d = (*d).max(until);
             }
             if s.shopping.contains_key(fan) {
-                if let Some(demand) = num(&s.meta, "demand_units") {
-                    s.meta
-                        .insert("demand_units".into(), (demand - units).to_string());
-                }
+                let demand = num(&s.meta, "demand_units").unwrap_or(0);
+                s.meta
+                    .insert("demand_units".into(), (demand - units).to_string());
             }
         }
         answer(
