@@ -345,3 +345,135 @@ async fn the_aof_policy_looks_at_every_primary() {
     }
     p.shutdown().await;
 }
+
+/// `redis-cli -p PORT ARGS...` against one cluster node.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The cluster's primaries: (port, node id, first and last slot of each range).
+fn primaries() -> Vec<(u16, String, Vec<(u16, u16)>)> {
+    let nodes = std::env::var("REDIS_CLUSTER_NODES").expect("REDIS_CLUSTER_NODES");
+    let port: u16 = nodes
+        .split(',')
+        .next()
+        .and_then(|n| n.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("a node port");
+    devstack::cluster::parse_cluster_nodes(&redis_cli(port, &["CLUSTER", "NODES"]))
+        .into_iter()
+        .filter(|n| n.primary && !n.failed)
+        .map(|n| (n.port, n.id, n.slots))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drop_whose_slot_is_moving_answers_503_then_sells_on_its_new_shard() {
+    let p = Pair::start().await;
+    let drop = p.a.ga_drop(10, 4, 300).await;
+    let (_, token) = p.a.fan("mover").await;
+    let (status, body) =
+        p.a.reserve(
+            &token,
+            &drop,
+            json!({"items": [{"sku": "TEE", "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let slot = engine::keys::drop_slot(&DropId::parse(&drop).unwrap());
+    let nodes = primaries();
+    let owns =
+        |n: &(u16, String, Vec<(u16, u16)>)| n.2.iter().any(|(a, b)| (*a..=*b).contains(&slot));
+    let (from_port, from_id, _) = nodes.iter().find(|n| owns(n)).expect("an owner").clone();
+    let (to_port, to_id, _) = nodes
+        .iter()
+        .find(|n| !owns(n))
+        .expect("another primary")
+        .clone();
+    let slot_s = slot.to_string();
+
+    // Resharding, halfway: the slot is migrating, and one of the drop's keys has moved.
+    assert_eq!(
+        redis_cli(
+            to_port,
+            &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &from_id]
+        ),
+        "OK"
+    );
+    assert_eq!(
+        redis_cli(
+            from_port,
+            &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &to_id]
+        ),
+        "OK"
+    );
+    let stock = format!("fg:{{{drop}}}:stock");
+    let to_port_s = to_port.to_string();
+    assert_eq!(
+        redis_cli(
+            from_port,
+            &["MIGRATE", "127.0.0.1", &to_port_s, &stock, "0", "5000"]
+        ),
+        "OK"
+    );
+    for i in 0..4 {
+        let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
+        let reply = p
+            .at(i)
+            .reserve_reply(&token, &drop, &testkit::new_key(), &body)
+            .await;
+        assert_eq!(
+            reply.status, 503,
+            "a reserve while the slot moves: {reply:?}"
+        );
+        reply.check_5xx("reserve while the slot moves", &["unavailable"]);
+    }
+
+    // The move ends: the rest of the slot's keys go, and every primary learns the new owner.
+    let keys = redis_cli(from_port, &["CLUSTER", "GETKEYSINSLOT", &slot_s, "1000"]);
+    for key in keys.lines().filter(|k| !k.is_empty()) {
+        assert_eq!(
+            redis_cli(
+                from_port,
+                &["MIGRATE", "127.0.0.1", &to_port_s, key, "0", "5000"]
+            ),
+            "OK",
+            "moving {key}"
+        );
+    }
+    for (port, _, _) in &nodes {
+        assert_eq!(
+            redis_cli(*port, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]),
+            "OK"
+        );
+    }
+    // Through either instance (each follows MOVED), the drop sells again on its new shard.
+    for i in 0..2 {
+        let (p, token, drop) = (&p, &token, &drop);
+        eventually("a reserve on the moved drop succeeds", || async move {
+            let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
+            let reply = p
+                .at(i)
+                .reserve_reply(token, drop, &testkit::new_key(), &body)
+                .await;
+            reply.check_5xx("reserve after the move", &["unavailable"]);
+            reply.status == 201
+        })
+        .await;
+    }
+    // And keeps answering: no connection of either instance's pool was left stuck by the move
+    // (each request takes the pool's next connection, so a stuck one fails every few).
+    let pool = testkit::test_config().redis.pool_size;
+    for i in 0..4 * pool {
+        let reply = p.at(i).get_reply(&format!("/v1/drops/{drop}"), None).await;
+        assert_eq!(reply.status, 200, "view {i} after the move: {reply:?}");
+    }
+    assert_eq!(p.a.counts(&drop).await, (10, 7, 3, 0));
+    p.a.assert_invariants(&drop).await;
+    p.shutdown().await;
+}

@@ -153,9 +153,12 @@ impl From<crate::ids::ParseError> for Error {
 impl From<fred::error::Error> for Error {
     fn from(e: fred::error::Error) -> Self {
         // A script that fails while running is a bug in it, not an outage: retrying won't help,
-        // so it is a 500, logged as such. Everything else (I/O, timeouts, LOADING, BUSY, ...)
-        // is Redis being unreachable for now: 503 with Retry-After.
-        if is_script_error(e.kind(), e.details()) {
+        // so it is a 500, logged as such; so is a command whose keys span Redis Cluster slots
+        // (CROSSSLOT: a key named without its drop's hash tag). Everything else (I/O, timeouts,
+        // LOADING, BUSY, and a cluster moving slots or failing over: MOVED and ASK past the
+        // client's redirections, TRYAGAIN, CLUSTERDOWN) is Redis being unreachable for now: 503
+        // with Retry-After.
+        if is_script_error(e.kind(), e.details()) || e.details().starts_with("CROSSSLOT") {
             return Error::internal(e);
         }
         Error::unavailable("Redis", e)
@@ -202,6 +205,11 @@ mod tests {
             "WRONGTYPE Operation against a key holding the wrong kind of value script: 1a2b, on @user_script:9.",
         );
         assert_eq!(Error::from(wrong_type).code, Code::Internal);
+        let cross_slot = RedisError::new(
+            ErrorKind::Unknown,
+            "CROSSSLOT Keys in request don't hash to the same slot",
+        );
+        assert_eq!(Error::from(cross_slot).code, Code::Internal);
         for (kind, details) in [
             (ErrorKind::IO, "connection reset"),
             (ErrorKind::Timeout, "Request timed out."),
@@ -210,6 +218,15 @@ mod tests {
                 "LOADING Redis is loading the dataset in memory",
             ),
             (ErrorKind::Unknown, "BUSY Redis is busy running a script."),
+            // A Redis Cluster resharding or failing over.
+            (
+                ErrorKind::Unknown,
+                "TRYAGAIN Multiple keys request during rehashing of slot",
+            ),
+            (ErrorKind::Cluster, "MOVED 3999 127.0.0.1:6381"),
+            (ErrorKind::Cluster, "ASK 3999 127.0.0.1:6381"),
+            (ErrorKind::Cluster, "CLUSTERDOWN The cluster is down"),
+            (ErrorKind::Cluster, "CLUSTERDOWN Hash slot not served"),
         ] {
             let e = Error::from(RedisError::new(kind, details));
             assert_eq!(e.code, Code::Unavailable, "{details}");

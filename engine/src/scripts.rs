@@ -15,6 +15,14 @@ use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId, HoldId, OrderId};
 use crate::queue::SessionEnds;
 
+/// How many `MOVED`/`ASK` redirections a command follows on a Redis Cluster before it fails
+/// (503 `unavailable`: the caller retries). One: a `MOVED` (a slot moved, a replica promoted)
+/// refreshes the client's slot map and retries once. More would be no use and a hazard: fred 10.1
+/// resends a command after `ASKING` to the slot's old owner, which asks again, and once its send
+/// attempts run out the pool connection's task ends and never reconnects — every later command on
+/// it times out (booking-api/tests/cluster.rs moves a drop's slot to show it doesn't).
+const MAX_CLUSTER_REDIRECTIONS: u32 = 1;
+
 /// The prelude every script starts with: `now_ms()`, the one place a script reads the time.
 const CLOCK: &str = include_str!("../../lua/clock.lua");
 
@@ -348,6 +356,7 @@ impl Redis {
             .with_connection_config(|c| {
                 c.max_command_buffer_len = cfg.max_command_buffer_len;
                 c.connection_timeout = Duration::from_millis(cfg.command_timeout_ms);
+                c.max_redirections = MAX_CLUSTER_REDIRECTIONS;
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
             .build_pool(cfg.pool_size.max(1))
