@@ -34,6 +34,10 @@ pub struct ServerProcess {
     child: Option<Child>,
     pub log_file: PathBuf,
     pid_file: PathBuf,
+    /// What it was started with, to start it again ([`ServerProcess::restart`]).
+    bin: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl ServerProcess {
@@ -52,19 +56,35 @@ impl ServerProcess {
     ) -> Result<ServerProcess> {
         let pid_file = ServerProcess::pid_file(state_dir, name);
         sys::kill_stale(&pid_file, name.split('-').next().unwrap_or(name));
-        let log_file = state_dir.join(format!("{name}.log"));
+        let mut server = ServerProcess {
+            name: name.to_owned(),
+            port,
+            child: None,
+            log_file: state_dir.join(format!("{name}.log")),
+            pid_file,
+            bin: bin.to_path_buf(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            env: env.to_vec(),
+        };
+        server.launch(false)?;
+        Ok(server)
+    }
+
+    /// Spawns the process; its log is started afresh, or (`append`) continued.
+    fn launch(&mut self, append: bool) -> Result<()> {
         let log = OpenOptions::new()
             .create(true)
             .write(true)
-            .truncate(true)
-            .open(&log_file)
-            .with_context(|| format!("opening {}", log_file.display()))?;
-        let mut cmd = Command::new(bin);
-        for (k, v) in env {
+            .append(append)
+            .truncate(!append)
+            .open(&self.log_file)
+            .with_context(|| format!("opening {}", self.log_file.display()))?;
+        let mut cmd = Command::new(&self.bin);
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
         let child = cmd
-            .args(args)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
@@ -72,16 +92,29 @@ impl ServerProcess {
             // servers in order.
             .process_group(0)
             .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        fs::write(&pid_file, child.id().to_string())
-            .with_context(|| format!("writing {}", pid_file.display()))?;
-        Ok(ServerProcess {
-            name: name.to_owned(),
-            port,
-            child: Some(child),
-            log_file,
-            pid_file,
-        })
+            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        fs::write(&self.pid_file, child.id().to_string())
+            .with_context(|| format!("writing {}", self.pid_file.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts it again on the same port with the same binary, arguments and environment (an
+    /// upgrade in a rolling deploy replaces the binary at that path first), once the previous
+    /// process has exited; its log goes on in the same file.
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(child) = &mut self.child {
+            if child.try_wait()?.is_none() {
+                bail!("{} is still running", self.name);
+            }
+        }
+        self.launch(true)
+    }
+
+    /// SIGTERM without waiting: the instance drains (see [`ServerProcess::exited`] for when it
+    /// is done).
+    pub fn terminate(&self) -> bool {
+        self.pid().is_some_and(|pid| sys::send_signal(pid, "TERM"))
     }
 
     pub fn url(&self) -> String {
@@ -183,6 +216,9 @@ pub struct FleetConfig {
     pub queue_env: Vec<(String, String)>,
     /// Logs, pid files, haproxy.cfg and its admin socket go here.
     pub state_dir: PathBuf,
+    /// The instances' `http.drain_unready_ms` and `queue.drain_unready_ms`: at least HAProxy's
+    /// `fall × inter` ([`haproxy::DRAIN_UNREADY_MS`]).
+    pub drain_unready_ms: u64,
 }
 
 /// N booking-api and N queue-server processes behind HAProxy. Dropping it stops everything:
@@ -208,7 +244,7 @@ impl Fleet {
             haproxy: None,
         };
         let fan_host = format!("http://127.0.0.1:{}", cfg.queue_port);
-        let drain = haproxy::DRAIN_UNREADY_MS.to_string();
+        let drain = cfg.drain_unready_ms.to_string();
         let trusted = r#"["127.0.0.1"]"#.to_owned();
         // The first booking-api applies Postgres migrations; the others start once it has.
         for i in 0..cfg.instances {

@@ -384,6 +384,7 @@ fn up(args: UpArgs) -> Result<u8> {
                     booking_env: owned(&shared),
                     queue_env: owned(&shared),
                     state_dir: stack.state_dir().to_path_buf(),
+                    drain_unready_ms: devstack::haproxy::DRAIN_UNREADY_MS,
                 },
                 &|| signals.any(),
             );

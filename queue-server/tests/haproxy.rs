@@ -91,7 +91,7 @@ fn create_key(booking_bin: &PathBuf, env: &[(String, String)], scope: &str) -> S
         .to_owned()
 }
 
-async fn start(name: &'static str) -> Sale {
+async fn start(name: &'static str, drain_unready_ms: u64) -> Sale {
     tokio::task::spawn_blocking(move || {
         let stack = Stack::start(StackConfig {
             name: name.into(),
@@ -136,6 +136,7 @@ async fn start(name: &'static str) -> Sale {
                 booking_env,
                 queue_env: shared,
                 state_dir: stack.state_dir().join("fleet"),
+                drain_unready_ms,
             },
             &|| false,
         )
@@ -176,6 +177,29 @@ impl Sale {
         .await
     }
 
+    /// `POST /v1/drops` as the seller, through HAProxy; the new drop's id.
+    async fn create_drop(&self, body: Value) -> String {
+        let req = reqwest::Client::new()
+            .post(format!("{}/v1/drops", self.booking))
+            .bearer_auth(&self.seller_key)
+            .json(&body);
+        let (status, v) = send(req).await;
+        assert_eq!(status, 201, "create drop: {v}");
+        v["drop_id"].as_str().expect("a drop id").to_owned()
+    }
+
+    /// A fan signed in through `host` (the dev identity provider); their token.
+    async fn session(&self, fan: &Fan) -> String {
+        let (status, s) = send(
+            fan.http
+                .post(format!("{}/v1/fans/session", self.fan_host))
+                .json(&json!({"fan": fan.name})),
+        )
+        .await;
+        assert!(status == 200 || status == 201, "session: {status} {s}");
+        s["fan_token"].as_str().expect("a fan token").to_owned()
+    }
+
     fn psql(&self, sql: &str) -> String {
         let out = std::process::Command::new("psql")
             .args([
@@ -197,6 +221,14 @@ impl Sale {
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
+}
+
+/// One SKU of tees, one per fan.
+fn tees(quantity: u32, admission: Value) -> Value {
+    json!({
+        "name": "fault haproxy", "per_fan_limit": 1, "hold_ttl_s": 600, "admission": admission,
+        "inventory": {"kind": "ga", "skus": [{"sku": "TEE", "name": "Tee", "price_cents": 2500, "quantity": quantity}]}
+    })
 }
 
 /// A fan: their own address (every request says it in `X-Forwarded-For`) and client.
@@ -358,10 +390,37 @@ async fn buy(sale_booking: String, drop: String, fan: Fan, strict: bool) -> Resu
     Ok(bought)
 }
 
-/// The places one waiter was told, one per connection, and how many connections it made.
+/// The places one waiter was told, one per connection; and for each of its sockets that closed,
+/// the close code (None: the connection was lost without one) and, when the test is rolling
+/// instances, HAProxy's state of the one being rolled right then.
 #[derive(Default)]
 struct Waiter {
     places: Vec<u64>,
+    closes: Vec<(Option<u16>, String)>,
+}
+
+/// Asks HAProxy about the queue-server being rolled (`queue-{rolling + 1}`).
+#[derive(Clone)]
+struct Probe {
+    fleet: Arc<Mutex<Fleet>>,
+    rolling: Arc<AtomicUsize>,
+}
+
+impl Probe {
+    async fn status(&self) -> String {
+        let (fleet, i) = (self.fleet.clone(), self.rolling.load(Ordering::SeqCst));
+        tokio::task::spawn_blocking(move || {
+            let fleet = fleet.lock().unwrap_or_else(|p| p.into_inner());
+            fleet
+                .haproxy()
+                .and_then(|h| h.server_status("queue", &format!("queue-{}", i + 1)))
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default()
+    }
 }
 
 type Socket =
@@ -393,18 +452,28 @@ async fn join_line(ws_base: &str, drop: &str, fan: &Fan, token: &str) -> Option<
     }
 }
 
+/// What every waiter of a test shares: where the line is, the count of waiters whose latest
+/// socket is up, the probe of HAProxy (rolling tests), and the signal to stop.
+#[derive(Clone)]
+struct Line {
+    ws_base: String,
+    drop: String,
+    connected: Arc<AtomicUsize>,
+    probe: Option<Probe>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
 /// A fan waiting on a socket, as the page does: on a close (a 1012, or the connection lost with
 /// its instance) it connects again, through HAProxy, until `stop`. Records each connection's
 /// place; `connected` counts the waiters whose latest socket is up.
-async fn wait_in_line(
-    ws_base: String,
-    drop: String,
-    fan: Fan,
-    token: String,
-    log: Arc<Mutex<Waiter>>,
-    connected: Arc<AtomicUsize>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+async fn wait_in_line(line: Line, fan: Fan, token: String, log: Arc<Mutex<Waiter>>) {
+    let Line {
+        ws_base,
+        drop,
+        connected,
+        probe,
+        mut stop,
+    } = line;
     let until = Instant::now() + DEADLINE * 2;
     loop {
         let Some((mut ws, place)) = join_line(&ws_base, &drop, &fan, &token).await else {
@@ -422,47 +491,36 @@ async fn wait_in_line(
             tokio::select! {
                 msg = ws.next() => match msg {
                     Some(Ok(Message::Text(t))) => { checked_frame(&t); }
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break true,
+                    Some(Ok(Message::Close(frame))) => break Some(frame.map(|f| u16::from(f.code))),
+                    Some(Err(_)) | None => break Some(None),
                     Some(Ok(_)) => {}
                 },
-                _ = stop.changed() => break false,
+                _ = stop.changed() => break None,
             }
         };
         connected.fetch_sub(1, Ordering::SeqCst);
-        if !closed {
+        let Some(code) = closed else {
             let _ = ws.close(None).await;
             return;
-        }
+        };
+        let status = match &probe {
+            Some(p) => p.status().await,
+            None => String::new(),
+        };
+        log.lock().unwrap().closes.push((code, status));
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_instances_killed_behind_haproxy_mid_sale() {
-    let sale = start("fault-haproxy").await;
+    let sale = start("fault-haproxy", devstack::haproxy::DRAIN_UNREADY_MS).await;
     let ws_base = sale.fan_host.replace("http://", "ws://");
-    let seller = reqwest::Client::new();
-    let create = |body: Value| {
-        let (seller, url, key) = (
-            seller.clone(),
-            format!("{}/v1/drops", sale.booking),
-            sale.seller_key.clone(),
-        );
-        async move {
-            let (status, v) = send(seller.post(url).bearer_auth(key).json(&body)).await;
-            assert_eq!(status, 201, "create drop: {v}");
-            v["drop_id"].as_str().expect("a drop id").to_owned()
-        }
-    };
-    let tees = |quantity: u32, admission: Value| {
-        json!({
-            "name": "fault haproxy", "per_fan_limit": 1, "hold_ttl_s": 600, "admission": admission,
-            "inventory": {"kind": "ga", "skus": [{"sku": "TEE", "name": "Tee", "price_cents": 2500, "quantity": quantity}]}
-        })
-    };
     const TOTAL: u32 = 400;
-    let drop = create(tees(TOTAL, json!({"mode": "open"}))).await;
+    let drop = sale.create_drop(tees(TOTAL, json!({"mode": "open"}))).await;
     // A line nobody leaves: paused, so every place stays as it was given.
-    let line = create(tees(10, json!({"mode": "queue", "paused": true}))).await;
+    let line = sale
+        .create_drop(tees(10, json!({"mode": "queue", "paused": true})))
+        .await;
 
     // The fan pages of both servers on the fan host: the queue page, the shop, their assets.
     let page = reqwest::Client::new();
@@ -498,15 +556,14 @@ async fn fault_instances_killed_behind_haproxy_mid_sale() {
         let token = s["fan_token"].as_str().unwrap().to_owned();
         let log = Arc::new(Mutex::new(Waiter::default()));
         waiters.push((fan.name.clone(), log.clone()));
-        tokio::spawn(wait_in_line(
-            ws_base.clone(),
-            line.clone(),
-            fan,
-            token,
-            log,
-            connected.clone(),
-            stop_rx.clone(),
-        ));
+        let waiting = Line {
+            ws_base: ws_base.clone(),
+            drop: line.clone(),
+            connected: connected.clone(),
+            probe: None,
+            stop: stop_rx.clone(),
+        };
+        tokio::spawn(wait_in_line(waiting, fan, token, log));
     }
     testkit::eventually_within(DEADLINE, "every waiter is in line", || {
         let c = connected.clone();
@@ -574,7 +631,9 @@ async fn fault_instances_killed_behind_haproxy_mid_sale() {
     let failed: Vec<&String> = late.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(
         failed.is_empty(),
-        "after HAProxy marked the instance down: {failed:?}"
+        "{} failed after HAProxy marked the instance down, the first: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
     );
     for i in 0..10 {
         let fan = Fan::new(format!("late-waiter-{i}"), 30_000 + i);
@@ -636,7 +695,14 @@ async fn fault_instances_killed_behind_haproxy_mid_sale() {
     let sold = orders.len();
     assert_eq!(sold, BUYERS + 40);
 
-    // The books, through HAProxy and in Postgres.
+    assert_books(&sale, &drop, TOTAL, &orders).await;
+}
+
+/// The books after a run in which `orders` were answered (one tee each): through HAProxy,
+/// available + held + sold == total and the sold count is theirs; Postgres has exactly those
+/// orders, no hold sold twice, no fan with other than one tee.
+async fn assert_books(sale: &Sale, drop: &str, total_units: u32, orders: &[String]) {
+    let sold = orders.len();
     let view = send(reqwest::Client::new().get(format!("{}/v1/drops/{drop}", sale.booking))).await;
     assert_eq!(view.0, 200, "{}", view.1);
     let (mut total, mut counted, mut sold_view) = (0, 0, 0);
@@ -652,7 +718,10 @@ async fn fault_instances_killed_behind_haproxy_mid_sale() {
         counted += a + h + s;
         sold_view += s;
     }
-    assert_eq!((total, counted), (i64::from(TOTAL), i64::from(TOTAL)));
+    assert_eq!(
+        (total, counted),
+        (i64::from(total_units), i64::from(total_units))
+    );
     assert_eq!(sold_view, sold as i64, "sold in the drop's view");
     let pg = |sql: &str| sale.psql(&sql.replace("$DROP", &format!("'{drop}'")));
     assert_eq!(
@@ -675,4 +744,168 @@ async fn fault_instances_killed_behind_haproxy_mid_sale() {
     );
     let distinct: std::collections::HashSet<&String> = orders.iter().collect();
     assert_eq!(distinct.len(), sold, "an order answered to two fans");
+}
+
+/// The rolling-deploy runbook (docs/OPERATIONS.md, "Rolling deploys") played on both pairs of
+/// instances in turn while fans buy and wait: SIGTERM one booking-api and one queue-server,
+/// wait for them to exit, start them again, wait until HAProxy has them up, then the next pair.
+/// Nothing fails at any point; HAProxy has marked a draining instance down before it exits and
+/// before its sockets are told 1012; every waiter is told 1012 (never cut off) and keeps its
+/// place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_rolling_restart_behind_haproxy_fails_nothing() {
+    // Twice the default drain: HAProxy's checks compete with the whole test for two cores.
+    let sale = start(
+        "fault-haproxy-roll",
+        2 * devstack::haproxy::DRAIN_UNREADY_MS,
+    )
+    .await;
+    let ws_base = sale.fan_host.replace("http://", "ws://");
+    const TOTAL: u32 = 20_000;
+    let drop = sale.create_drop(tees(TOTAL, json!({"mode": "open"}))).await;
+    let line = sale
+        .create_drop(tees(10, json!({"mode": "queue", "paused": true})))
+        .await;
+
+    const WAITERS: usize = 20;
+    let rolling = Arc::new(AtomicUsize::new(0));
+    let probe = Probe {
+        fleet: sale.fleet.clone(),
+        rolling: rolling.clone(),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let connected = Arc::new(AtomicUsize::new(0));
+    let mut waiters = Vec::new();
+    for i in 0..WAITERS {
+        let fan = Fan::new(format!("waiter-{i}"), 1 + i);
+        let token = sale.session(&fan).await;
+        let log = Arc::new(Mutex::new(Waiter::default()));
+        waiters.push((fan.name.clone(), log.clone()));
+        let waiting = Line {
+            ws_base: ws_base.clone(),
+            drop: line.clone(),
+            connected: connected.clone(),
+            probe: Some(probe.clone()),
+            stop: stop_rx.clone(),
+        };
+        tokio::spawn(wait_in_line(waiting, fan, token, log));
+    }
+    testkit::eventually_within(DEADLINE, "every waiter is in line", || {
+        let c = connected.clone();
+        async move { c.load(Ordering::SeqCst) == WAITERS }
+    })
+    .await;
+
+    // Buyers keep coming, 8 at a time, until both pairs are rolled; each must succeed at the
+    // first try.
+    let buying = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (buying, next) = (buying.clone(), next.clone());
+            let (booking, drop) = (sale.booking.clone(), drop.clone());
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while buying.load(Ordering::SeqCst) {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let fan = Fan::new(format!("buyer-{i}"), 10_000 + i);
+                    got.push(buy(booking.clone(), drop.clone(), fan, true).await);
+                    // A steady trickle: the stock lasts, and the machine has room for
+                    // HAProxy's checks.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                got
+            })
+        })
+        .collect();
+
+    for i in 0..2 {
+        rolling.store(i, Ordering::SeqCst);
+        // 1. Drain.
+        sale.with_fleet(move |f| {
+            assert!(f.booking[i].terminate(), "SIGTERM booking-api-{}", i + 1);
+            assert!(f.queue[i].terminate(), "SIGTERM queue-server-{}", i + 1);
+        })
+        .await;
+        let (booking_server, queue_server) =
+            (format!("booking-{}", i + 1), format!("queue-{}", i + 1));
+        testkit::eventually_within(DEADLINE, "both drained instances exit", || {
+            sale.with_fleet(move |f| {
+                matches!(f.booking[i].exited(), Ok(Some(_)))
+                    && matches!(f.queue[i].exited(), Ok(Some(_)))
+            })
+        })
+        .await;
+        for (backend, server) in [("booking", &booking_server), ("queue", &queue_server)] {
+            let (b, s) = (backend.to_owned(), server.clone());
+            let status = sale
+                .with_fleet(move |f| {
+                    f.haproxy()
+                        .and_then(|h| h.server_status(&b, &s))
+                        .ok()
+                        .flatten()
+                })
+                .await;
+            assert_eq!(
+                status.as_deref(),
+                Some("DOWN"),
+                "{server} exited before HAProxy marked it down"
+            );
+        }
+        // 2. Upgrade (the same binary here) and 3. bring it back.
+        sale.with_fleet(move |f| {
+            f.booking[i].restart().expect("booking-api starts again");
+            f.queue[i].restart().expect("queue-server starts again");
+        })
+        .await;
+        sale.with_fleet(|f| f.wait_all_up(&|| false))
+            .await
+            .expect("HAProxy has every instance up again");
+    }
+    buying.store(false, Ordering::SeqCst);
+    let mut orders = Vec::new();
+    let mut failed = Vec::new();
+    for w in workers {
+        for r in w.await.expect("a buyer worker") {
+            match r {
+                Ok(b) => orders.push(b.order),
+                Err(e) => failed.push(e),
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed during the rolling restart, the first: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        !orders.is_empty(),
+        "nobody bought during the rolling restart"
+    );
+
+    testkit::eventually_within(DEADLINE, "every waiter is back in line", || {
+        let c = connected.clone();
+        async move { c.load(Ordering::SeqCst) == WAITERS }
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    for (name, log) in &waiters {
+        let log = log.lock().unwrap();
+        assert!(
+            log.places.windows(2).all(|w| w[0] == w[1]),
+            "{name} lost their place: {:?}",
+            log.places
+        );
+        // Each waiter sat on one of the two queue-servers, both were rolled.
+        assert!(!log.closes.is_empty(), "{name}'s socket was never closed");
+        for (code, status) in &log.closes {
+            assert_eq!(*code, Some(1012), "{name}'s socket closed without 1012");
+            assert_eq!(
+                status, "DOWN",
+                "{name} was told 1012 before HAProxy marked its queue-server down"
+            );
+        }
+    }
+    assert_books(&sale, &drop, TOTAL, &orders).await;
 }
