@@ -133,6 +133,18 @@ impl HaproxyConfig {
                 // Every other API path is booking-api's.
                 line(w, "    acl api path_beg /v1/");
                 line(w, &format!("    use_backend {other} if api"));
+                // `admitted`'s `booking_url` (`queue.booking_public_url` is this host): the
+                // booking page, which takes the admission token from the link, for front ends
+                // other than the queue page (which goes to `/drops/{id}/shop`).
+                line(w, r"    acl drop_page path_reg ^/drops/[^/]+/?$");
+                line(
+                    w,
+                    "    acl admission_link url_param(admission_token) -m found",
+                );
+                line(
+                    w,
+                    &format!("    use_backend {other} if drop_page admission_link"),
+                );
             }
             line(w, &format!("    default_backend {default}"));
             line(w, "");
@@ -407,6 +419,7 @@ mod tests {
         assert!(fan_host.contains("use_backend queue if queue_api"));
         assert!(fan_host.contains("use_backend booking if api"));
         assert!(fan_host.contains("default_backend queue"));
+        assert!(fan_host.contains("use_backend booking if drop_page admission_link"));
     }
 
     /// Two files per socket under the file limit, with room for listeners and checks.

@@ -909,3 +909,79 @@ async fn fault_rolling_restart_behind_haproxy_fails_nothing() {
     }
     assert_books(&sale, &drop, TOTAL, &orders).await;
 }
+
+/// `./dev up --instances 2` as a fan sees it, in headless Chromium: on HAProxy's fan host the
+/// queue page signs the fan in and waits on its socket, hands the admitted fan to the shop on the
+/// same host (queue-server's `/drops/{id}/shop`), which holds and pays at booking-api through the
+/// same host — no cross-origin call anywhere (the instances allow no CORS origin at all). The
+/// booking page on the booking host works too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_fan_pages_work_through_haproxy() {
+    use testkit::{open_browser, ONE_BROWSER, PHONE};
+    let _one = ONE_BROWSER.lock().await;
+    let sale = start("fault-haproxy-pages", devstack::haproxy::DRAIN_UNREADY_MS).await;
+    let line = sale
+        .create_drop(tees(
+            20,
+            json!({"mode": "queue", "rate_per_s": 5, "burst": 5, "max_active": 10}),
+        ))
+        .await;
+
+    let p = open_browser("haproxy-fan-host", PHONE).await;
+    p.goto(&format!("{}/drops/{line}", sale.fan_host)).await;
+    // The drop's name comes from booking-api's API, on the page's own host.
+    p.wait_text("#drop-name", "the drop's name", |t| t == "fault haproxy")
+        .await;
+    p.el("#signin:not([hidden])").await;
+    let fan = format!("pages-{:08x}", rand::random::<u32>());
+    p.fill("#fan-name", &fan).await;
+    p.click("#signin-form button[type=submit]").await;
+    let shop = format!("{}/drops/{line}/shop", sale.fan_host);
+    p.wait_url("the shop on the fan host", |u| u == shop).await;
+    p.el("#whoami:not([hidden])").await;
+    assert_eq!(p.text("#fan-label").await, fan);
+    p.click("#hold-button:enabled").await;
+    p.el("#hold-view:not([hidden])").await;
+    p.fill("#pay-reference", "ok_pages_1").await;
+    p.click("#pay:enabled").await;
+    p.el("#order-view:not([hidden])").await;
+    let order = p
+        .wait_text("#order-id", "the order number", |t| {
+            !t.is_empty() && !t.contains("being finalised")
+        })
+        .await;
+    p.shot("order").await;
+    assert_eq!(
+        sale.psql(&format!(
+            "SELECT fan_id FROM orders WHERE order_id::text = '{order}' AND drop_id = '{line}'"
+        )),
+        fan
+    );
+
+    // `admitted`'s `booking_url` (the fan host's `/drops/{id}?admission_token=…`, for other
+    // front ends) is booking-api's page, which takes the token from the link; without a token
+    // the same path is the queue page.
+    let booking_page_marker = r#"<meta name="floodgate-api-url" content="">"#;
+    let link = page_at(
+        &sale.fan_host,
+        &format!("/drops/{line}?admission_token=v1.x"),
+    )
+    .await;
+    assert!(link.contains(booking_page_marker), "{link}");
+    let queue_page = page_at(&sale.fan_host, &format!("/drops/{line}")).await;
+    assert!(!queue_page.contains(booking_page_marker), "{queue_page}");
+
+    // The booking host serves booking-api's own page.
+    let drop = sale.create_drop(tees(5, json!({"mode": "open"}))).await;
+    p.goto(&format!("{}/drops/{drop}", sale.booking)).await;
+    p.wait_text("#drop-name", "the drop's name", |t| t == "fault haproxy")
+        .await;
+    p.close().await;
+}
+
+/// GET `path` on `host`: 200 and its body.
+async fn page_at(host: &str, path: &str) -> String {
+    let r = reqwest::get(format!("{host}{path}")).await.unwrap();
+    assert_eq!(r.status(), 200, "GET {path}");
+    r.text().await.unwrap()
+}
