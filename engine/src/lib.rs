@@ -12,7 +12,9 @@
 //! - [`db`] — the Postgres store: migrations, keys, drops, payments, orders, recovery reads.
 //! - [`writer`] — group commit of confirmed orders, a SAVEPOINT per order.
 //! - [`payments`] — the payment gateway trait and the deterministic test gateway.
-//! - [`queue`] — the waiting room: line keys, pre-queue scores, join and admission wrappers.
+//! - [`queue`] — the waiting room: line keys, pre-queue scores, join and admission wrappers,
+//!   and the admission feed (sharded pub/sub) that tells every instance whom a run admitted.
+//! - [`lease`] — per-drop leases: one instance at a time runs a drop's shared rounds.
 //! - [`tokens`] — fan identity tokens (dev / HS256 / RS256) and admission tokens (HMAC-SHA256).
 //! - [`booking`] — the engine handlers call: reserve, release, confirm, the sweeper, the
 //!   reconciler and recovery.
@@ -28,6 +30,7 @@ pub mod error;
 pub mod fill;
 pub mod ids;
 pub mod keys;
+pub mod lease;
 pub mod metrics;
 pub mod net;
 pub mod payments;

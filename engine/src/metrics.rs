@@ -29,6 +29,11 @@ pub const QUEUE_WAITERS: &str = "floodgate_queue_waiters";
 pub const QUEUE_JOINS: &str = "floodgate_queue_joins_total";
 pub const QUEUE_ADMISSIONS: &str = "floodgate_queue_admissions_total";
 pub const QUEUE_LEFT: &str = "floodgate_queue_left_total";
+/// Runs of lua/admit.lua by this process: with many instances, one drop's runs happen on the
+/// instance holding its admission lease.
+pub const QUEUE_ADMISSION_RUNS: &str = "floodgate_queue_admission_runs_total";
+/// Admitted fans told by the per-tick catch-up, not the admission feed (a lost push).
+pub const QUEUE_CATCH_UPS: &str = "floodgate_queue_catch_ups_total";
 pub const QUEUE_WS_CONNECTIONS: &str = "floodgate_queue_ws_connections";
 pub const QUEUE_MESSAGES_SENT: &str = "floodgate_queue_messages_sent_total";
 pub const QUEUE_SLOW_CLIENTS_DROPPED: &str = "floodgate_queue_slow_clients_dropped_total";

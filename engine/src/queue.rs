@@ -1,17 +1,23 @@
 //! The waiting room's engine side (docs/ARCHITECTURE.md, Choices): the line's keys, the
 //! pre-queue's commit–reveal score, typed wrappers for lua/join.lua and lua/admit.lua, and the few
-//! plain reads queue-server needs (a fan's place, rank and admission deadline). All Redis access of
-//! the waiting room is here.
+//! plain reads queue-server needs (a fan's place, rank and admission deadline), and the admission
+//! feed: each admission run published on the drop's sharded channel, so every instance tells its
+//! own sockets (docs/ARCHITECTURE.md, "Many instances"). All Redis access of the waiting room is
+//! here.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use hmac::{Hmac, Mac};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::booking::Engine;
+use crate::config::RedisConfig;
 use crate::db::LineMarks;
 use crate::drops::AdmissionMode;
 use crate::error::{Code, Error, Result};
@@ -81,7 +87,7 @@ pub struct Joined {
 }
 
 /// The line as the admission script left it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LineState {
     Open,
@@ -125,7 +131,7 @@ impl LineState {
 /// A shopping session's two ends, fixed at admission (lua/admit.lua) and signed into the fan's
 /// admission token: reserves are accepted until `shop_end_ms`; nothing keeps the session (or its
 /// `max_active` slot) past `hard_end_ms` = shop end + hold TTL + confirm grace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionEnds {
     pub shop_end_ms: i64,
     pub hard_end_ms: i64,
@@ -142,8 +148,8 @@ impl SessionEnds {
     }
 }
 
-/// One run of the admission script.
-#[derive(Debug, Clone)]
+/// One run of the admission script; what the admission feed carries to every instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tick {
     pub state: LineState,
     /// The highest place admitted so far.
@@ -378,6 +384,34 @@ impl Redis {
         Ok(v.into_iter().map(|(f, d)| (f, d as i64)).collect())
     }
 
+    /// The line's admission watermark: (the highest place admitted so far, admissions ever), as
+    /// lua/admit.lua keeps them. One O(1) read, every tick of every instance that didn't run the
+    /// script itself: the catch-up for an admission feed message that was lost.
+    pub async fn admission_watermark(&self, drop: &DropId) -> Result<(i64, i64)> {
+        let (place, admitted): (Option<String>, Option<i64>) = self
+            .client()
+            .hmget(QueueKeys::new(drop).watermark, vec!["place", "admitted"])
+            .await?;
+        let place = place
+            .and_then(|p| p.parse::<f64>().ok())
+            .map_or(0, |p| p as i64);
+        Ok((place, admitted.unwrap_or(0)))
+    }
+
+    /// Publishes one admission run on the drop's sharded channel ([`admissions_channel`]).
+    pub async fn publish_admissions(&self, drop: &DropId, tick: &Tick) -> Result<()> {
+        let message = serde_json::to_string(&Pushed {
+            drop: drop.clone(),
+            tick: tick.clone(),
+        })
+        .map_err(Error::internal)?;
+        let _: i64 = self
+            .client()
+            .spublish(admissions_channel(drop), message)
+            .await?;
+        Ok(())
+    }
+
     /// Fans waiting in the line.
     pub async fn line_len(&self, drop: &DropId) -> Result<i64> {
         Ok(self.client().zcard(QueueKeys::new(drop).line).await?)
@@ -402,12 +436,90 @@ impl Redis {
     }
 }
 
+/// The drop's sharded pub/sub channel of admission runs. It carries the drop's hash tag, so on a
+/// Redis Cluster it lives on the shard that holds the drop's keys (and fails over with it).
+pub fn admissions_channel(drop: &DropId) -> String {
+    crate::keys::drop_key(drop, "admissions")
+}
+
+/// One message of the admission feed: a run of lua/admit.lua by any instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pushed {
+    pub drop: DropId,
+    pub tick: Tick,
+}
+
+/// The admission feed: one subscriber connection per process (per primary, on a cluster),
+/// subscribed to the sharded channel of every drop this instance has waiters of. fred
+/// resubscribes after a reconnect; what is published meanwhile is lost, which each room's
+/// per-tick catch-up (the watermark) makes good.
+pub struct Feed {
+    client: SubscriberClient,
+}
+
+impl Feed {
+    /// A feed over `cfg`'s Redis, holding at most `capacity` messages not yet taken (past it the
+    /// oldest are lost, and the catch-up finds their fans). Not connected: see [`Feed::start`].
+    pub fn new(cfg: &RedisConfig, capacity: usize) -> Result<Feed> {
+        let config =
+            Config::from_url(&cfg.url).map_err(|e| Error::invalid(format!("redis.url: {e}")))?;
+        let client = Builder::from_config(config)
+            .with_performance_config(|p| {
+                p.default_command_timeout = Duration::from_millis(cfg.command_timeout_ms);
+                p.broadcast_channel_capacity = capacity.max(1);
+            })
+            .with_connection_config(|c| {
+                c.max_command_buffer_len = cfg.max_command_buffer_len;
+                c.connection_timeout = Duration::from_millis(cfg.command_timeout_ms);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+            .build_subscriber_client()
+            .map_err(|e| Error::invalid(format!("redis: {e}")))?;
+        Ok(Feed { client })
+    }
+
+    /// Connects (and keeps reconnecting, resubscribing every channel after each reconnect).
+    pub fn start(&self) {
+        // Both run for the client's life; their handles aren't needed (dropping one detaches it,
+        // and `quit` ends both).
+        std::mem::drop(self.client.connect());
+        std::mem::drop(self.client.manage_subscriptions());
+    }
+
+    /// The messages as they come; [`Feed::parse`] reads one.
+    pub fn messages(&self) -> tokio::sync::broadcast::Receiver<fred::types::Message> {
+        self.client.message_rx()
+    }
+
+    /// A feed message's admission run; None for anything else.
+    pub fn parse(msg: &fred::types::Message) -> Option<Pushed> {
+        let text = msg.value.as_str()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub async fn subscribe(&self, drop: &DropId) -> Result<()> {
+        Ok(self.client.ssubscribe(admissions_channel(drop)).await?)
+    }
+
+    pub async fn unsubscribe(&self, drop: &DropId) -> Result<()> {
+        Ok(self.client.sunsubscribe(admissions_channel(drop)).await?)
+    }
+
+    pub async fn quit(&self) {
+        let _ = self.client.quit().await;
+    }
+}
+
 /// The waiting room over an [`Engine`]: joins (with the pre-queue's secret seed, cached per
 /// drop), admission ticks, standings and admission tokens.
 pub struct Queue {
     pub engine: Arc<Engine>,
     seeds: Mutex<HashMap<DropId, String>>,
     seed_fills: crate::fill::FillGate<DropId>,
+    /// Runs of lua/admit.lua by this process, every drop's, and the ticks of its rooms' loops
+    /// (a test compares instances by them).
+    admission_runs: AtomicU64,
+    room_ticks: AtomicU64,
 }
 
 impl Queue {
@@ -416,7 +528,24 @@ impl Queue {
             engine,
             seeds: Mutex::new(HashMap::new()),
             seed_fills: Default::default(),
+            admission_runs: AtomicU64::new(0),
+            room_ticks: AtomicU64::new(0),
         }
+    }
+
+    /// Counts one tick of a room's loop (queue-server's).
+    pub fn count_room_tick(&self) {
+        self.room_ticks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many ticks this process' rooms' loops made, over all drops.
+    pub fn room_ticks(&self) -> u64 {
+        self.room_ticks.load(Ordering::Relaxed)
+    }
+
+    /// How many times this process ran lua/admit.lua, over all drops.
+    pub fn admission_runs(&self) -> u64 {
+        self.admission_runs.load(Ordering::Relaxed)
     }
 
     fn cached_seed(&self, drop: &DropId) -> Option<String> {
@@ -524,6 +653,8 @@ impl Queue {
 
     pub async fn admit(&self, drop: &DropId) -> Result<Tick> {
         let batch = self.engine.cfg.queue.leave_batch;
+        self.admission_runs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::QUEUE_ADMISSION_RUNS).increment(1);
         let tick = self.engine.redis.admit(drop, batch).await?;
         if !tick.admitted.is_empty() {
             metrics::counter!(crate::metrics::QUEUE_ADMISSIONS)
@@ -533,6 +664,26 @@ impl Queue {
             metrics::counter!(crate::metrics::QUEUE_LEFT).increment(tick.left as u64);
         }
         Ok(tick)
+    }
+
+    /// Tells every instance (this one too) what an admission run did: see [`Feed`].
+    pub async fn publish(&self, drop: &DropId, tick: &Tick) -> Result<()> {
+        self.engine.redis.publish_admissions(drop, tick).await
+    }
+
+    /// Whether this process holds `drop`'s lease of `leases`' kind (taking or renewing it).
+    pub async fn holds(&self, leases: &crate::lease::Leases, drop: &DropId) -> bool {
+        leases.held(&self.engine.redis, drop).await
+    }
+
+    /// Lets go of `drop`'s lease of `leases`' kind, if this process holds it.
+    pub async fn release(&self, leases: &crate::lease::Leases, drop: &DropId) {
+        leases.release(&self.engine.redis, drop).await
+    }
+
+    /// See [`Redis::admission_watermark`].
+    pub async fn watermark(&self, drop: &DropId) -> Result<(i64, i64)> {
+        self.engine.redis.admission_watermark(drop).await
     }
 
     pub async fn touch_presence(&self, drop: &DropId, fans: &[FanId], now_ms: i64) -> Result<()> {

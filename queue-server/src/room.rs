@@ -1,11 +1,14 @@
 //! One admission loop per drop that has waiters (or recent pollers) on this instance. Every tick
-//! it runs the admission script (O(1) Redis calls, however many wait here) and tells the fans it
-//! admitted that are connected here, and every waiter when the line's state changes. Every
-//! `broadcast_interval_ms` it sends one shared `tick` frame, serialised once. On a slower cadence
-//! each waiter gets an exact `position`, and fans admitted by another instance are found (their
-//! deadline in the active set) and sent their token.
+//! the instance holding the drop's admission lease runs the admission script (O(1) Redis calls,
+//! however many wait here) and publishes the run on the drop's admission feed (sharded pub/sub);
+//! every instance tells the fans a run admitted that are connected to it the moment the run
+//! reaches it, and every waiter when the line's state changes. A push can be lost, so each tick
+//! also catches up: a socket here whose place is at or below the admission watermark and that
+//! hasn't heard `admitted` is checked against the active set and told (docs/ARCHITECTURE.md,
+//! "Many instances"). Every `broadcast_interval_ms` a room sends one shared `tick` frame,
+//! serialised once. On a slower cadence each waiter gets an exact `position`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,7 +16,8 @@ use std::time::{Duration, Instant};
 use engine::config::{ms, QueueConfig};
 use engine::db::LineMarks;
 use engine::ids::{DropId, FanId};
-use engine::queue::{LineState, Queue, SessionEnds, Standing, Tick};
+use engine::lease::Leases;
+use engine::queue::{Feed, LineState, Queue, SessionEnds, Standing, Tick};
 use engine::tokens::now_ms;
 use engine::{Code, Error};
 use futures::StreamExt;
@@ -39,6 +43,8 @@ pub fn frame(v: &Value) -> Frame {
 /// One connected socket of a fan.
 struct Waiter {
     fan: FanId,
+    /// The fan's place in the line when the socket joined.
+    place: i64,
     tx: mpsc::Sender<Frame>,
 }
 
@@ -46,6 +52,9 @@ struct Waiter {
 struct Waiters {
     by_conn: HashMap<u64, Waiter>,
     by_fan: HashMap<FanId, Vec<u64>>,
+    /// The fans connected here by place: the catch-up looks only at those at or below the
+    /// admission watermark (a range, however many wait here).
+    by_place: BTreeMap<i64, FanId>,
 }
 
 impl Waiters {
@@ -55,6 +64,9 @@ impl Waiters {
                 conns.retain(|c| *c != conn);
                 if conns.is_empty() {
                     self.by_fan.remove(&w.fan);
+                    if self.by_place.get(&w.place) == Some(&w.fan) {
+                        self.by_place.remove(&w.place);
+                    }
                 }
             }
             metrics::gauge!(engine::metrics::QUEUE_WAITERS).decrement(1.0);
@@ -252,6 +264,9 @@ pub struct Room {
     waiters: Mutex<Waiters>,
     touched: Mutex<Instant>,
     view: Mutex<Option<View>>,
+    /// The latest admission run another instance published (its admitted fans already told),
+    /// and when it arrived: a room not holding the admission lease takes its view from it.
+    pushed: Mutex<Option<(Tick, Instant)>>,
 }
 
 impl Room {
@@ -267,17 +282,84 @@ pub struct Rooms {
     rooms: Mutex<HashMap<DropId, Arc<Room>>>,
     next_conn: AtomicU64,
     shutdown: watch::Receiver<bool>,
+    /// Every drop's admission runs as any instance publishes them; None when it couldn't be
+    /// set up (then every room runs the script itself, as before there was a feed).
+    feed: Option<Arc<Feed>>,
+    /// Which drops' admission runs happen here.
+    leases: Leases,
 }
 
 impl Rooms {
+    /// The rooms, and the task that hands the admission feed's messages to them (it ends at
+    /// shutdown).
     pub fn new(queue: Arc<Queue>, cfg: QueueConfig, shutdown: watch::Receiver<bool>) -> Arc<Rooms> {
-        Arc::new(Rooms {
+        let feed = match Feed::new(&queue.engine.cfg().redis, cfg.feed_capacity) {
+            Ok(feed) => {
+                feed.start();
+                Some(Arc::new(feed))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no admission feed: every room runs admission itself");
+                None
+            }
+        };
+        let leases = Leases::new("admit", cfg.admission_lease_ms);
+        let rooms = Arc::new(Rooms {
             queue,
             cfg,
             rooms: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             shutdown,
-        })
+            feed,
+            leases,
+        });
+        if let Some(feed) = &rooms.feed {
+            tokio::spawn(rooms.clone().listen(feed.clone()));
+        }
+        rooms
+    }
+
+    /// Hands each admission run published on the feed to its drop's room here, if any, until
+    /// shutdown.
+    async fn listen(self: Arc<Self>, feed: Arc<Feed>) {
+        let mut messages = feed.messages();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let msg = tokio::select! {
+                m = messages.recv() => m,
+                _ = shutdown.changed() => break,
+            };
+            match msg {
+                Ok(msg) => {
+                    let Some(pushed) = Feed::parse(&msg) else {
+                        continue;
+                    };
+                    let room = lock(&self.rooms).get(&pushed.drop).cloned();
+                    if let Some(room) = room {
+                        self.on_pushed(&room, pushed.tick);
+                    }
+                }
+                // Messages lost to a full buffer: the rooms' catch-up finds their fans.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(lost = n, "admission feed lagged");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+        feed.quit().await;
+    }
+
+    /// An admission run from the feed (any instance's, this one's too): its fans connected here
+    /// hear `admitted` now; the run's view waits for the room's next tick.
+    fn on_pushed(&self, room: &Room, mut tick: Tick) {
+        self.tell_admitted(room, &tick);
+        tick.admitted.clear();
+        let mut pushed = lock(&room.pushed);
+        // Runs may arrive out of order (two instances ran near a lease's hand-over): the view
+        // follows Redis' clock, never back.
+        if pushed.as_ref().is_none_or(|(p, _)| p.now_ms <= tick.now_ms) {
+            *pushed = Some((tick, Instant::now()));
+        }
     }
 
     /// The drop's room, started if needed, marked as in use now.
@@ -298,6 +380,7 @@ impl Rooms {
                     waiters: Mutex::new(Waiters::default()),
                     touched: Mutex::new(Instant::now()),
                     view: Mutex::new(None),
+                    pushed: Mutex::new(None),
                 });
                 rooms.insert(drop.clone(), room.clone());
                 tokio::spawn(self.clone().run(room.clone()));
@@ -308,12 +391,14 @@ impl Rooms {
         Ok(room)
     }
 
-    /// Adds a socket to the drop's room; returns its id for [`Rooms::leave`]. Under the rooms
-    /// lock, so a room's loop can't decide to stop between the lookup and the insert.
+    /// Adds a socket of the fan at `place` to the drop's room; returns its id for
+    /// [`Rooms::leave`]. Under the rooms lock, so a room's loop can't decide to stop between the
+    /// lookup and the insert.
     pub fn enter(
         self: &Arc<Self>,
         drop: &DropId,
         fan: &FanId,
+        place: i64,
         tx: mpsc::Sender<Frame>,
     ) -> Result<u64, Error> {
         let room = self.touch(drop)?;
@@ -351,10 +436,12 @@ impl Rooms {
             conn,
             Waiter {
                 fan: fan.clone(),
+                place,
                 tx,
             },
         );
         w.by_fan.entry(fan.clone()).or_default().push(conn);
+        w.by_place.insert(place, fan.clone());
         metrics::gauge!(engine::metrics::QUEUE_WAITERS).increment(1.0);
         Ok(conn)
     }
@@ -391,7 +478,11 @@ impl Rooms {
         }
         let tick = self.queue.admit(drop).await?;
         let view = View::of(&tick, None);
-        // The fans this call admitted are told by the slow cadence (they are in the active set).
+        // The fans this call admitted hear it from the feed wherever their sockets are (or
+        // from the catch-up, if it is lost).
+        if let Err(e) = self.queue.publish(drop, &tick).await {
+            tracing::debug!(%drop, error = %e, "publishing an admission run failed");
+        }
         Ok(view)
     }
 
@@ -503,13 +594,23 @@ impl Rooms {
         let mut delivering: Option<Instant> = None;
         let slices = SliceGrants::new();
         let mut last_grant = Instant::now();
+        // The admission feed (see the module doc): whether this room is subscribed to the drop's
+        // channel, and when it last asked to be.
+        let lease = ms(self.cfg.admission_lease_ms);
+        let mut subscribed = false;
+        let mut last_subscribe = Instant::now();
+        // The catch-up's watermarks: the one seen last tick (this tick's is due next tick), and
+        // the last one caught up to.
+        let mut watermark_seen: Option<(i64, i64)> = None;
+        let mut caught_up: Option<(i64, i64)> = None;
+        let catch_up_running = Arc::new(AtomicBool::new(false));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => break,
             }
             if *shutdown.borrow() {
-                return;
+                break;
             }
             {
                 let mut rooms = lock(&self.rooms);
@@ -517,7 +618,23 @@ impl Rooms {
                     && lock(&room.touched).elapsed() >= ms(self.cfg.room_idle_keep_ms);
                 if idle {
                     rooms.remove(&drop);
-                    return;
+                    break;
+                }
+            }
+            self.queue.count_room_tick();
+            if let Some(feed) = &self.feed {
+                // Subscribed again whenever nothing came for a lease's length: a reconnect or a
+                // slot's move may have lost the subscription (SSUBSCRIBE twice is harmless).
+                let heard = lock(&room.pushed).as_ref().map(|(_, at)| *at);
+                let quiet = heard.is_none_or(|at| at.elapsed() >= lease);
+                if !subscribed || (quiet && last_subscribe.elapsed() >= lease) {
+                    last_subscribe = Instant::now();
+                    match feed.subscribe(&drop).await {
+                        Ok(()) => subscribed = true,
+                        Err(e) => {
+                            tracing::warn!(%drop, error = %e, "admission feed subscribe failed")
+                        }
+                    }
                 }
             }
             if delivering.is_some_and(|since| {
@@ -549,8 +666,25 @@ impl Rooms {
                 }
             }
             let started = Instant::now();
-            let t = match self.queue.admit(&drop).await {
-                Ok(t) => t,
+            // One instance runs the drop's admissions (its lease); the others take each run from
+            // the feed. One that has heard nothing for a lease's length (the holder died and its
+            // lease hasn't lapsed yet, or the feed is down) runs the script itself meanwhile: it
+            // is safe from any number of instances, only dearer.
+            let holder = self.feed.is_none() || self.queue.holds(&self.leases, &drop).await;
+            let pushed = if holder {
+                None
+            } else {
+                lock(&room.pushed)
+                    .clone()
+                    .filter(|(_, at)| at.elapsed() < lease)
+            };
+            let ran = pushed.is_none();
+            let outcome = match pushed {
+                Some((t, at)) => Ok((t, at)),
+                None => self.queue.admit(&drop).await.map(|t| (t, Instant::now())),
+            };
+            let (t, read_at) = match outcome {
+                Ok(got) => got,
                 Err(e) => {
                     tracing::warn!(%drop, error = %e, "admission tick failed");
                     // Redis out of reach: the line can't move, but its sockets hear so on the
@@ -568,15 +702,23 @@ impl Rooms {
                     continue;
                 }
             };
+            if ran {
+                // Every instance hears the run, this one too (its fans here are told below
+                // already; the feed then finds them gone).
+                if let Err(e) = self.queue.publish(&drop, &t).await {
+                    tracing::debug!(%drop, error = %e, "publishing an admission run failed");
+                }
+            }
             // The marks a Redis loss can't take (docs/ARCHITECTURE.md, "The line after Redis
             // loss"): kept when they moved, at most every `line_marks_interval_ms`, one write at
-            // a time; a failed write is tried again next interval.
+            // a time; a failed write is tried again next interval. By the instance that runs the
+            // line.
             let marks = LineMarks {
                 seq: t.seq,
                 place: t.watermark,
                 admitted: t.admitted_total,
             };
-            if marks != *lock(&kept_marks) && last_marks.elapsed() >= marks_every {
+            if ran && marks != *lock(&kept_marks) && last_marks.elapsed() >= marks_every {
                 if let Some(busy) = Busy::claim(&marks_running) {
                     last_marks = Instant::now();
                     let (queue, drop, kept) =
@@ -593,9 +735,38 @@ impl Rooms {
                 }
             }
             let measured = rate.observe(Instant::now(), t.admitted_total);
-            let view = View::of(&t, measured);
+            let mut view = View::of(&t, measured);
+            // Redis' clock at the run, as of when this process had the run's answer.
+            view.read_at = read_at;
             *lock(&room.view) = Some(view.clone());
             self.tell_admitted(&room, &t);
+            // The catch-up, one tick behind the watermark: a run's push gets a tick to arrive
+            // before its fans are looked up one by one. An instance that took the run from the
+            // feed reads the watermark itself (O(1)): the push it came in may be an old one.
+            let mark = if ran {
+                Some((t.watermark, t.admitted_total))
+            } else {
+                match self.queue.watermark(&drop).await {
+                    Ok(mark) => Some(mark),
+                    Err(e) => {
+                        tracing::debug!(%drop, error = %e, "reading the watermark failed");
+                        None
+                    }
+                }
+            };
+            if let Some(mark) = mark {
+                let due = watermark_seen.replace(mark);
+                if let Some(due) = due.filter(|d| Some(*d) != caught_up) {
+                    if let Some(busy) = Busy::claim(&catch_up_running) {
+                        caught_up = Some(due);
+                        let (rooms, room) = (self.clone(), room.clone());
+                        tokio::spawn(async move {
+                            let _busy = busy;
+                            rooms.catch_up(&room, due.0).await;
+                        });
+                    }
+                }
+            }
             // Redis lost the drop (it is unknown there, though the room started from Postgres)
             // or is rebuilding it: its line may be gone. Every socket here is told `recovering`
             // and let go; the pages reconnect and rejoin with their receipts and admission
@@ -664,6 +835,63 @@ impl Rooms {
             {
                 slices.grant();
                 last_grant = Instant::now();
+            }
+        }
+        // Another instance takes the drop's admissions over at once, not a lease later.
+        self.queue.release(&self.leases, &drop).await;
+        if let (Some(feed), true) = (&self.feed, subscribed) {
+            let still_here = lock(&self.rooms).contains_key(&drop);
+            if !still_here {
+                if let Err(e) = feed.unsubscribe(&drop).await {
+                    tracing::debug!(%drop, error = %e, "admission feed unsubscribe failed");
+                }
+            }
+        }
+    }
+
+    /// The catch-up (see the module doc): every fan connected here at or below `watermark`
+    /// that the feed hasn't told (a lost push, or a fan who entered the room just after the run
+    /// that admitted them) is looked up and, if admitted, told. At most `position_slice` fans a
+    /// round, `position_concurrency` lookups at a time; normally there are none.
+    async fn catch_up(&self, room: &Room, watermark: i64) {
+        let fans: Vec<(i64, FanId)> = lock(&room.waiters)
+            .by_place
+            .range(..=watermark)
+            .take(self.cfg.position_slice.max(1))
+            .map(|(p, f)| (*p, f.clone()))
+            .collect();
+        let drop = &room.drop;
+        let mut standings = futures::stream::iter(fans)
+            .map(|(place, fan)| async move {
+                let s = self.queue.standing(drop, &fan).await;
+                (place, fan, s)
+            })
+            .buffer_unordered(self.cfg.position_concurrency.max(1));
+        while let Some((joined_at, fan, standing)) = standings.next().await {
+            let Ok(s) = standing else { continue };
+            match (s.deadline_ms, s.place) {
+                (Some(deadline), Some(place)) if deadline >= now_ms() => {
+                    let msg = frame(&self.admitted_message(drop, &fan, place, s.session));
+                    let mut w = lock(&room.waiters);
+                    if w.by_fan.contains_key(&fan) {
+                        w.send_fan(&fan, &msg);
+                        metrics::counter!(engine::metrics::QUEUE_CATCH_UPS).increment(1);
+                        for conn in w.by_fan.get(&fan).cloned().unwrap_or_default() {
+                            w.remove(conn);
+                        }
+                    }
+                }
+                // Neither waiting nor admitted now (left, sent away, or the session is over):
+                // nothing to tell here; the position round says what there is.
+                _ if s.ahead.is_none() => {
+                    let mut w = lock(&room.waiters);
+                    if w.by_place.get(&joined_at) == Some(&fan) {
+                        w.by_place.remove(&joined_at);
+                    }
+                }
+                // Still in line below the watermark (a place given back after Redis lost the
+                // line): looked at again when admissions move.
+                _ => {}
             }
         }
     }

@@ -274,8 +274,11 @@ async fn wait_in_line<S>(
         ));
     };
     let conn = match Box::pin(first_messages(rooms, drop, fan, brought, &tx)).await {
-        Ok(true) => rooms.enter(drop, fan, tx.clone()).map_err(refuse).ok(),
-        Ok(false) => None,
+        Ok(Some(place)) => rooms
+            .enter(drop, fan, place, tx.clone())
+            .map_err(refuse)
+            .ok(),
+        Ok(None) => None,
         Err(e) => {
             refuse(e);
             None
@@ -355,14 +358,15 @@ where
     }
 }
 
-/// Joins and queues what a new socket hears first; true when the fan waits (enters the room).
+/// Joins and queues what a new socket hears first; the fan's place when they wait (enter the
+/// room).
 async fn first_messages(
     rooms: &Arc<Rooms>,
     drop: &DropId,
     fan: &FanId,
     brought: &Brought,
     tx: &mpsc::Sender<Frame>,
-) -> Result<bool, Error> {
+) -> Result<Option<i64>, Error> {
     let joined = rooms.queue.join(drop, fan, brought.proofs()).await?;
     let view = rooms.view(drop).await?;
     let send = |v: serde_json::Value| {
@@ -380,7 +384,7 @@ async fn first_messages(
             send(
                 json!({"type": "pre_queue", "opens_at": joined.opens_at_ms, "waiting": view.waiting}),
             );
-            return Ok(true);
+            return Ok(Some(joined.place));
         }
         FanStatus::Waiting => {
             let standing: Standing = rooms.queue.standing(drop, fan).await?;
@@ -390,14 +394,14 @@ async fn first_messages(
                 let admitted = msg["type"] == "admitted";
                 send(msg);
                 if admitted {
-                    return Ok(false);
+                    return Ok(None);
                 }
             }
             if let Some(state) = view.state_message() {
                 send(state);
             }
-            return Ok(true);
+            return Ok(Some(joined.place));
         }
     }
-    Ok(false)
+    Ok(None)
 }

@@ -145,6 +145,10 @@ impl Engine {
     /// One sweep: every watched drop's overdue holds back to stock, in bounded batches.
     pub async fn sweep(&self) {
         for drop in self.watched_drops() {
+            // One instance at a time sweeps a drop (docs/ARCHITECTURE.md, "Many instances").
+            if !self.round_leases.held(&self.redis, &drop).await {
+                continue;
+            }
             for _ in 0..self.cfg.holds.sweep_rounds_max {
                 match self.redis.expire(&drop, self.cfg.holds.sweep_batch).await {
                     Ok((expired, more)) => {
@@ -172,6 +176,9 @@ impl Engine {
         let mut clocks = HashMap::new();
         self.reconcile_attempts(&mut clocks).await;
         for drop in self.watched_drops() {
+            if !self.round_leases.held(&self.redis, &drop).await {
+                continue;
+            }
             if let Err(e) = self.reconcile_drop(&drop).await {
                 tracing::debug!(%drop, error = %e, "reconciling this drop stopped");
             }

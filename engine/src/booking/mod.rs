@@ -102,6 +102,9 @@ pub struct Engine {
     /// Other instances' rebuilds in progress as this watcher last saw them: (token, slices done)
     /// and since when unchanged.
     rebuilds_seen: Mutex<HashMap<DropId, background::SeenRebuild>>,
+    /// Which drops' sweep and reconcile rounds run here (docs/ARCHITECTURE.md, "Many
+    /// instances").
+    pub(crate) round_leases: crate::lease::Leases,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -177,6 +180,7 @@ impl Engine {
             recovering: Mutex::new(HashMap::new()),
             recovery_stats: Mutex::new(RebuildReport::default()),
             rebuilds_seen: Mutex::new(HashMap::new()),
+            round_leases: crate::lease::Leases::new("rounds", cfg.reconciler.round_lease_ms),
             cfg,
         }))
     }
@@ -193,6 +197,8 @@ impl Engine {
 
     /// Closes the Redis pool (at shutdown, after the last request).
     pub async fn close(&self) {
+        // Another instance takes this one's drops' rounds over at once, not a lease later.
+        self.round_leases.release_all(&self.redis).await;
         self.redis.quit().await;
     }
 
