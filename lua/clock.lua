@@ -5,7 +5,8 @@
 -- would let anyone who can write to Redis move a sale's clock.
 -- Defines now_ms(): milliseconds since the epoch, by Redis' clock.
 
+-- (TIME's two strings become numbers by arithmetic: cheaper than tonumber, lua/reserve.lua says why.)
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return t[1] * 1000 + math.floor(t[2] / 1000)
 end

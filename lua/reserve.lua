@@ -34,6 +34,10 @@
 -- the stored answer are the same JSON cjson would make (every reader, old or new, reads them),
 -- built by concatenation: the ids and buckets in them are parsed ids that can't hold a character
 -- JSON escapes (engine/src/ids.rs).
+-- Numbers Redis hands back as strings (meta, counts, the quantity) become numbers by arithmetic
+-- (`x + 0`), not `tonumber`: a call into C that parses the string twice (strtod twice), ≈ 9k
+-- instructions per reserve in all (docs/BENCHMARKS.md). Only where the value may be absent or
+-- not a number (the session ends, optional settings) does `tonumber` stay.
 
 local fan, hold_id, body_sha, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local shop_end, hard_end = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -54,7 +58,7 @@ local meta = redis.call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit'
   'opens_at_ms', 'reclaim_batch', 'mode', 'next_due_ms', 'confirm_grace_ms')
 if not meta[1] then return {'err', 'unknown_drop', '{}'} end
 if meta[2] == '1' then return {'err', 'recovering', '{}'} end
-local limit, ttl_ms = tonumber(meta[3]), tonumber(meta[4])
+local limit, ttl_ms = meta[3] + 0, meta[4] + 0
 local idem_ttl_ms = ttl_ms + 600000
 
 local function refuse(code, detail)
@@ -64,7 +68,7 @@ local function refuse(code, detail)
 end
 
 if meta[1] ~= 'open' then return refuse('drop_closed') end
-if now < tonumber(meta[5]) then return refuse('not_open', {opens_at_ms = tonumber(meta[5])}) end
+if now < meta[5] + 0 then return refuse('not_open', {opens_at_ms = tonumber(meta[5])}) end
 -- A queue drop's token says the fan was admitted; the active set says the session still runs,
 -- and the token's shop end says it may still pick. Not stored: the same key may be retried once
 -- the fan is admitted again.
@@ -76,7 +80,7 @@ if meta[7] == 'queue' then
   end
 end
 
-local next_due = tonumber(meta[8])
+local next_due = meta[8] and meta[8] + 0
 if not next_due or now >= next_due then
   local _
   _, next_due = reclaim(now, tonumber(meta[6]) or 8, next_due)
@@ -85,7 +89,7 @@ end
 -- Why a bucket can't give `want`: the one name each outcome has everywhere.
 local function shortage(bucket, want)
   local c = redis.call('HMGET', K.stock, 'a:' .. bucket, 'h:' .. bucket)
-  local avail, held = tonumber(c[1]) or 0, tonumber(c[2]) or 0
+  local avail, held = (c[1] or 0) + 0, (c[2] or 0) + 0
   if avail >= want then return nil end
   if avail == 0 and held == 0 then return 'sold_out', {bucket = bucket} end
   if avail == 0 then return 'all_held', {bucket = bucket} end
@@ -131,7 +135,7 @@ end
 local items, units = {}, 0
 if kind == 'items' then
   for i = 7, #ARGV, 2 do
-    local b, q = ARGV[i], tonumber(ARGV[i + 1])
+    local b, q = ARGV[i], ARGV[i + 1] + 0
     items[#items + 1] = {b = b, q = q}
     units = units + q
   end
@@ -141,10 +145,10 @@ elseif kind == 'seats' then
     units = units + 1
   end
 else
-  units = tonumber(ARGV[8])
+  units = ARGV[8] + 0
 end
 
-local bought = tonumber(redis.call('HGET', K.fans, fan) or '0')
+local bought = (redis.call('HGET', K.fans, fan) or 0) + 0
 if bought + units > limit then
   return refuse('limit_exceeded', {per_fan_limit = limit, already = bought})
 end
