@@ -200,6 +200,23 @@ impl Drop for ServerProcess {
     }
 }
 
+/// Stops what an earlier run in `state_dir` left running when it was SIGKILLed: its HAProxy
+/// (which holds the frontend ports) and its instances, however many it had.
+pub fn stop_leftovers(state_dir: &Path) {
+    sys::kill_stale(&Haproxy::pid_file(state_dir), "haproxy");
+    let Ok(entries) = fs::read_dir(state_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        for kind in ["booking-api", "queue-server"] {
+            if name.starts_with(&format!("{kind}-")) && name.ends_with(".pid") {
+                sys::kill_stale(&entry.path(), kind);
+            }
+        }
+    }
+}
+
 /// What a [`Fleet`] runs.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -238,6 +255,7 @@ impl Fleet {
         }
         fs::create_dir_all(&cfg.state_dir)
             .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+        stop_leftovers(&cfg.state_dir);
         let mut fleet = Fleet {
             booking: Vec::new(),
             queue: Vec::new(),

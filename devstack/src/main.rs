@@ -275,6 +275,8 @@ fn up(args: UpArgs) -> Result<u8> {
             "--queue-port or FLOODGATE_DEV_QUEUE_PORT",
         ),
     ];
+    // ... and an earlier `--instances` run's HAProxy and instances.
+    devstack::instances::stop_leftovers(&state_dir);
     for (name, port, how) in servers {
         sys::kill_stale(&Server::pid_file(&state_dir, name), name);
         if !sys::port_is_free(port) {
