@@ -8,5 +8,6 @@
 -- (TIME's two strings become numbers by arithmetic: cheaper than tonumber, lua/reserve.lua says why.)
 local function now_ms()
   local t = redis.call('TIME')
-  return t[1] * 1000 + math.floor(t[2] / 1000)
+  local us = t[2] + 0
+  return t[1] * 1000 + (us - us % 1000) / 1000
 end

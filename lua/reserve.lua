@@ -39,13 +39,15 @@
 -- instructions per reserve in all (docs/BENCHMARKS.md). Only where the value may be absent or
 -- not a number (the session ends, optional settings) does `tonumber` stay.
 
+-- redis.call, looked up once (two table lookups saved per call).
+local call = redis.call
 local fan, hold_id, body_sha, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local shop_end, hard_end = tonumber(ARGV[5]), tonumber(ARGV[6])
 local now = now_ms()
 local function int(x) return string.format('%d', x) end
 
 -- The first answer is stored as "<body sha>\n<answer JSON>": nothing to decode on a replay.
-local first = redis.call('GET', K.idem)
+local first = call('GET', K.idem)
 if first then
   local cut = string.find(first, '\n', 1, true)
   if string.sub(first, 1, cut - 1) ~= body_sha then
@@ -54,7 +56,7 @@ if first then
   return {'replay', string.sub(first, cut + 1), now}
 end
 
-local meta = redis.call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit', 'hold_ttl_ms',
+local meta = call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit', 'hold_ttl_ms',
   'opens_at_ms', 'reclaim_batch', 'mode', 'next_due_ms', 'confirm_grace_ms')
 if not meta[1] then return {'err', 'unknown_drop', '{}'} end
 if meta[2] == '1' then return {'err', 'recovering', '{}'} end
@@ -63,7 +65,7 @@ local idem_ttl_ms = ttl_ms + 600000
 
 local function refuse(code, detail)
   local ans = {'err', code, cjson.encode(detail or {})}
-  redis.call('SET', K.idem, body_sha .. '\n' .. cjson.encode(ans), 'PX', int(idem_ttl_ms))
+  call('SET', K.idem, body_sha .. '\n' .. cjson.encode(ans), 'PX', int(idem_ttl_ms))
   return ans
 end
 
@@ -73,7 +75,7 @@ if now < meta[5] + 0 then return refuse('not_open', {opens_at_ms = tonumber(meta
 -- and the token's shop end says it may still pick. Not stored: the same key may be retried once
 -- the fan is admitted again.
 if meta[7] == 'queue' then
-  local deadline = redis.call('ZSCORE', K.active, fan)
+  local deadline = call('ZSCORE', K.active, fan)
   if not deadline or tonumber(deadline) < now then return {'err', 'not_admitted', '{}'} end
   if shop_end and now >= shop_end then
     return {'err', 'not_admitted', cjson.encode({shop_ended_at_ms = shop_end})}
@@ -88,7 +90,7 @@ end
 
 -- Why a bucket can't give `want`: the one name each outcome has everywhere.
 local function shortage(bucket, want)
-  local c = redis.call('HMGET', K.stock, 'a:' .. bucket, 'h:' .. bucket)
+  local c = call('HMGET', K.stock, 'a:' .. bucket, 'h:' .. bucket)
   local avail, held = (c[1] or 0) + 0, (c[2] or 0) + 0
   if avail >= want then return nil end
   if avail == 0 and held == 0 then return 'sold_out', {bucket = bucket} end
@@ -101,7 +103,7 @@ end
 -- its work is bounded however big the section: a block only further back is not found
 -- (insufficient_stock, adjacent = false; the fan can still pick named seats on the map).
 local function best_available(section, n, max_seats)
-  local rows = cjson.decode(redis.call('HGET', K.layout, section) or '[]')
+  local rows = cjson.decode(call('HGET', K.layout, section) or '[]')
   local fallback = nil
   local examined = 0
   for _, row in ipairs(rows) do
@@ -110,7 +112,7 @@ local function best_available(section, n, max_seats)
     examined = examined + count
     local ids = {}
     for s = 1, count do ids[s] = section .. '-' .. label .. '-' .. s end
-    local states = redis.call('HMGET', K.seats, unpack(ids))
+    local states = call('HMGET', K.seats, unpack(ids))
     local s = 1
     while s <= count do
       if states[s] == '-' then
@@ -148,20 +150,21 @@ else
   units = ARGV[8] + 0
 end
 
-local bought = (redis.call('HGET', K.fans, fan) or 0) + 0
+local bought = (call('HGET', K.fans, fan) or 0) + 0
 if bought + units > limit then
   return refuse('limit_exceeded', {per_fan_limit = limit, already = bought})
 end
 
 if kind == 'items' then
-  for _, item in ipairs(items) do
+  for i = 1, #items do
+    local item = items[i]
     local code, detail = shortage(item.b, item.q)
     if code then return refuse(code, detail) end
   end
 elseif kind == 'seats' then
   local taken = {}
   for _, item in ipairs(items) do
-    if redis.call('HGET', K.seats, item.s) ~= '-' then taken[#taken + 1] = item.s end
+    if call('HGET', K.seats, item.s) ~= '-' then taken[#taken + 1] = item.s end
   end
   if #taken > 0 then
     local code, detail = shortage(items[1].b, 1)
@@ -184,48 +187,50 @@ local exp = now + ttl_ms
 -- The stock moves once per bucket (HINCRBY: dearer as an HSET of both counts into the small
 -- listpack-encoded stock hash), and the items JSON ([{"b":…,"q":…,"s":…}]) is made on the way.
 local buckets, moved, parts = {}, {}, {}
-for i, item in ipairs(items) do
+for i = 1, #items do
+  local item = items[i]
   if not moved[item.b] then
     buckets[#buckets + 1] = item.b
     moved[item.b] = 0
   end
   moved[item.b] = moved[item.b] + item.q
   if item.s then
-    redis.call('HSET', K.seats, item.s, hold_id)
+    call('HSET', K.seats, item.s, hold_id)
     show_seat(item.s, 'h')
     parts[i] = '{"b":"' .. item.b .. '","q":1,"s":"' .. item.s .. '"}'
   else
     parts[i] = '{"b":"' .. item.b .. '","q":' .. int(item.q) .. '}'
   end
 end
-for _, b in ipairs(buckets) do
+for i = 1, #buckets do
+  local b = buckets[i]
   local q = int(moved[b])
-  redis.call('HINCRBY', K.stock, 'a:' .. b, '-' .. q)
-  redis.call('HINCRBY', K.stock, 'h:' .. b, q)
+  call('HINCRBY', K.stock, 'a:' .. b, '-' .. q)
+  call('HINCRBY', K.stock, 'h:' .. b, q)
 end
 local units_s, exp_s, now_s = int(units), int(exp), int(now)
-redis.call('HINCRBY', K.fans, fan, units_s)
+call('HINCRBY', K.fans, fan, units_s)
 local items_json = '[' .. table.concat(parts, ',') .. ']'
-redis.call('HSET', K.holds, hold_id, '{"fan":"' .. fan .. '","st":"held","exp":' .. exp_s ..
+call('HSET', K.holds, hold_id, '{"fan":"' .. fan .. '","st":"held","exp":' .. exp_s ..
   ',"u":' .. units_s .. ',"c":' .. now_s .. ',"it":' .. items_json .. '}')
-redis.call('ZADD', K.deadlines, exp_s, hold_id)
-if exp < next_due then redis.call('HSET', K.meta, 'next_due_ms', exp_s) end
+call('ZADD', K.deadlines, exp_s, hold_id)
+if exp < next_due then call('HSET', K.meta, 'next_due_ms', exp_s) end
 remember_live_hold(fan, hold_id)
 -- A hold keeps a queue drop's shopper admitted until it can no longer be confirmed, never past
 -- the session's hard end.
 if meta[7] == 'queue' then
   local until_ms = exp + (tonumber(meta[9]) or 60000)
   if hard_end and until_ms > hard_end then until_ms = hard_end end
-  redis.call('ZADD', K.active, 'XX', 'GT', int(until_ms), fan)
+  call('ZADD', K.active, 'XX', 'GT', int(until_ms), fan)
   -- The fan may take `units` fewer now (bought + units <= limit): admission's running sum
   -- (lib.lua) drops by as much, if it counts the fan (then the sum exists: the two are made
   -- together; not read here, as a missing field costs meta's whole listpack scanned on GA drops).
-  if redis.call('ZSCORE', K.shopping, fan) then
-    redis.call('HINCRBY', K.meta, 'demand_units', '-' .. units_s)
+  if call('ZSCORE', K.shopping, fan) then
+    call('HINCRBY', K.meta, 'demand_units', '-' .. units_s)
   end
 end
 
 -- The stored first answer: the JSON array cjson would make of the reply, the items a string in it.
-redis.call('SET', K.idem, body_sha .. '\n["ok","' .. hold_id .. '",' .. exp_s .. ',' .. now_s ..
+call('SET', K.idem, body_sha .. '\n["ok","' .. hold_id .. '",' .. exp_s .. ',' .. now_s ..
   ',"' .. string.gsub(items_json, '"', '\\"') .. '"]', 'PX', int(idem_ttl_ms))
 return {'ok', hold_id, exp, now, items_json}
