@@ -183,6 +183,25 @@ impl Cluster {
     }
 }
 
+/// Where a cluster of a test's own can run: the first of six consecutive ports on 127.0.0.1 that
+/// are free, with their bus ports 10000 above, from 7200 up to 9000 (below the kernel's ephemeral
+/// range, so a bus port can't be taken by an outgoing connection meanwhile). Never the same base
+/// twice in one process.
+pub fn free_base_port() -> Option<u16> {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    (7_200..9_000).step_by(10).find(|base| {
+        let free = !handed_out.contains(base)
+            && (0..CLUSTER_NODE_COUNT).all(|i| {
+                sys::port_is_free(base + i) && sys::port_is_free(base + i + CLUSTER_BUS_PORT_OFFSET)
+            });
+        if free {
+            handed_out.push(*base);
+        }
+        free
+    })
+}
+
 /// Why the node isn't serving as part of a ready cluster yet, if it isn't.
 fn node_not_ready(port: u16) -> Option<String> {
     let info = match cli(port, &["CLUSTER", "INFO"]) {

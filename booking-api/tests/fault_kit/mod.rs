@@ -93,9 +93,11 @@ impl Fault {
         self.with(|s| s.stop()).await;
     }
 
-    /// `redis-cli -p PORT args...`, its stdout.
+    /// `redis-cli -c -p PORT args...`, its stdout (`-c` follows a Redis Cluster's redirections to
+    /// the node that holds the key; the same on one Redis).
     pub async fn redis_cli(&self, args: &[&str]) -> String {
         let out = tokio::process::Command::new("redis-cli")
+            .arg("-c")
             .arg("-h")
             .arg(self.redis_addr.ip().to_string())
             .arg("-p")

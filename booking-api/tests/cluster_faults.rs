@@ -1,0 +1,314 @@
+//! A Redis Cluster shard failing over in the middle of a sale (issue 14): `kill -9` of the primary
+//! that owns a GA drop's slot while fans reserve and pay on it and on a drop of another shard. Its
+//! replica takes over (a new run id): that drop answers `recovering` and is rebuilt from Postgres,
+//! the other shard's drop never answers a 5xx, every acknowledged order stays sold, nothing is sold
+//! twice, and `available + held + sold == total` on both. Serial (`--test-threads=1`): the test
+//! runs a cluster of its own (six redis-servers) and its own Postgres.
+mod common;
+mod fault_kit;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::Harness;
+use devstack::cluster::ClusterNode;
+use devstack::{free_port, Stack, StackConfig};
+use engine::ids::DropId;
+use fault_kit::{assert_consistent, eventually, pg_orders, Fault};
+use serde_json::json;
+use testkit::{new_key, test_config_for, BookingClient, Reply};
+
+/// `redis.command_timeout_ms` for this test: well above a failover with a one-second
+/// `cluster-node-timeout` (≈ 3.5 s measured on the shared machine).
+const CLUSTER_COMMAND_TIMEOUT_MS: u64 = 10_000;
+/// A confirm's deadline and margin here: the cut-off (15 s) well past a wait for the failover,
+/// and short enough that the reconciler settles a confirm the failover cut off within the test's
+/// patience.
+const FAILOVER_CONFIRM_TIMEOUT_MS: u64 = 20_000;
+const FAILOVER_CONFIRM_SAFETY_MARGIN_MS: u64 = 5_000;
+
+/// What the shoppers of one drop saw.
+#[derive(Default)]
+struct Seen {
+    reserves: usize,
+    confirms: usize,
+    /// 5xx answers by "<what> <status> <code>".
+    errors: HashMap<String, usize>,
+    /// (fan token, hold id, the confirm's answer if it was paid for)
+    holds: Vec<(String, String, Option<Reply>)>,
+}
+
+/// One shopper of one GA drop: fan after fan reserves one or two units and pays for most holds,
+/// retrying a 503 as a client would (the same Idempotency-Key), until `stop`.
+async fn shopper(
+    api: BookingClient,
+    drop: String,
+    stop: Arc<AtomicBool>,
+    confirmed: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Seen>>,
+) {
+    let pause = || tokio::time::sleep(Duration::from_millis(rand::random_range(5..40)));
+    let note = |what: &str, r: &Reply| {
+        if r.status >= 500 {
+            let key = format!("{what} {} {}", r.status, r.code());
+            *seen.lock().unwrap().errors.entry(key).or_default() += 1;
+        }
+    };
+    'fans: while !stop.load(Ordering::SeqCst) {
+        let token = api
+            .fan_token(&format!("failover-{}", uuid::Uuid::new_v4()))
+            .await;
+        while !stop.load(Ordering::SeqCst) {
+            let body = json!({"items": [{"sku": "TEE", "quantity": rand::random_range(1..=2)}]});
+            let idem = new_key();
+            let r = loop {
+                let r = api.reserve_reply(&token, &drop, &idem, &body).await;
+                r.check_5xx("reserve", &["unavailable", "recovering"]);
+                seen.lock().unwrap().reserves += 1;
+                note("reserve", &r);
+                if r.status != 503 || stop.load(Ordering::SeqCst) {
+                    break r;
+                }
+                pause().await;
+            };
+            let hold = match (r.status, r.code()) {
+                (201, _) => r.str("hold_id"),
+                (409, "insufficient_stock" | "all_held" | "sold_out") => {
+                    pause().await;
+                    continue;
+                }
+                (422, "limit_exceeded") => continue 'fans,
+                (503, _) => break 'fans,
+                _ => panic!("reserve {body}: unexpected {r:?}"),
+            };
+            if rand::random_bool(0.25) {
+                seen.lock().unwrap().holds.push((token.clone(), hold, None));
+                continue;
+            }
+            let reference = format!("ok_{}", uuid::Uuid::new_v4());
+            let c = loop {
+                let c = api.confirm_reply(&token, &hold, &reference).await;
+                c.check_5xx("confirm", &["unavailable", "payment_pending", "recovering"]);
+                seen.lock().unwrap().confirms += 1;
+                note("confirm", &c);
+                if c.status != 503 || stop.load(Ordering::SeqCst) {
+                    break c;
+                }
+                pause().await;
+            };
+            match (c.status, c.code()) {
+                (200 | 201, _) => {
+                    assert_eq!(c.str("hold_id"), hold);
+                    confirmed.fetch_add(1, Ordering::SeqCst);
+                }
+                // Ended by the rebuild (a hold the failover lost), refused cleanly.
+                (404, "unknown_hold") | (410, "hold_expired") => {}
+                // Given up at `stop`: the reconciler settles it.
+                (503, _) => {}
+                _ => panic!("confirm {hold}: unexpected {c:?}"),
+            }
+            seen.lock()
+                .unwrap()
+                .holds
+                .push((token.clone(), hold, Some(c)));
+            pause().await;
+        }
+    }
+}
+
+/// The primary serving `slot`, as a running node sees the cluster now.
+fn owner(nodes: &[ClusterNode], slot: u16) -> Option<&ClusterNode> {
+    nodes
+        .iter()
+        .filter(|n| n.primary && !n.failed)
+        .find(|n| n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+}
+
+fn slot_of(drop: &str) -> u16 {
+    engine::keys::drop_slot(&DropId::parse(drop).expect("a drop id"))
+}
+
+async fn rebuilds(h: &Harness, drop: &str) -> i64 {
+    let db = h.server.engine.db().client().await.unwrap();
+    db.query_one(
+        "SELECT count(*) FROM stock_ledger WHERE drop_id = $1 AND kind = 'rebuild'",
+        &[&drop],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_cluster_primary_killed_mid_sale_fails_over_one_shard() {
+    let base = devstack::cluster::free_base_port().expect("six free ports for a cluster");
+    let cfg = StackConfig {
+        name: "fault-cluster-failover".into(),
+        redis_port: base,
+        pg_port: free_port(),
+    };
+    let stack = tokio::task::spawn_blocking(move || Stack::start_cluster(cfg))
+        .await
+        .expect("the stack start task")
+        .expect("the cluster stack starts");
+    let mut f = Fault {
+        redis_addr: stack.redis_addr(),
+        redis_url: stack.redis_url(),
+        db_url: stack.database_url(),
+        stack: Arc::new(Mutex::new(stack)),
+    };
+    let mut cfg = test_config_for(&f.redis_url, &f.db_url);
+    // A shard's failover pauses the Redis client for every shard until the cluster has promoted
+    // the replica (docs/OPERATIONS.md, "On a Redis Cluster"): a command timeout above the
+    // failover time makes the other shards' requests wait instead of failing.
+    cfg.redis.command_timeout_ms = CLUSTER_COMMAND_TIMEOUT_MS;
+    // A confirm that waited out the failover must still be inside its own deadline after it
+    // (the test config's 5 s, less its 1 s margin, is shorter than a wait plus a payment): the
+    // spared drop's confirms then never answer 503 `payment_pending`.
+    cfg.holds.confirm_timeout_ms = FAILOVER_CONFIRM_TIMEOUT_MS;
+    cfg.holds.confirm_safety_margin_ms = FAILOVER_CONFIRM_SAFETY_MARGIN_MS;
+    let h = Harness::with_config(cfg).await;
+    let api = h.client.clone();
+
+    // Two GA drops on different shards: `hit` on the primary about to be killed.
+    let nodes = f
+        .with(|s| s.cluster_topology())
+        .await
+        .expect("the topology");
+    let hit = h.ga_drop(3_000, 4, 600).await;
+    let hit_port = owner(&nodes, slot_of(&hit)).expect("an owner").port;
+    let mut spared = None;
+    for _ in 0..100 {
+        let drop = h.ga_drop(3_000, 4, 600).await;
+        if owner(&nodes, slot_of(&drop)).expect("an owner").port != hit_port {
+            spared = Some(drop);
+            break;
+        }
+    }
+    let spared = spared.expect("a drop on another shard");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let confirmed: HashMap<String, Arc<AtomicUsize>> = [&hit, &spared]
+        .iter()
+        .map(|d| ((*d).clone(), Arc::new(AtomicUsize::new(0))))
+        .collect();
+    let seen: HashMap<String, Arc<Mutex<Seen>>> = [&hit, &spared]
+        .iter()
+        .map(|d| ((*d).clone(), Arc::new(Mutex::new(Seen::default()))))
+        .collect();
+    let shoppers: Vec<_> = (0..40)
+        .map(|i| {
+            let drop = if i % 2 == 0 { &hit } else { &spared };
+            tokio::spawn(shopper(
+                api.clone(),
+                drop.clone(),
+                stop.clone(),
+                confirmed[drop].clone(),
+                seen[drop].clone(),
+            ))
+        })
+        .collect();
+    let count = |drop: &str| confirmed[drop].load(Ordering::SeqCst);
+
+    eventually("30 confirms on each drop before the kill", || async {
+        count(&hit) >= 30 && count(&spared) >= 30
+    })
+    .await;
+    f.with(move |s| s.kill_cluster_node(hit_port))
+        .await
+        .expect("the primary is killed");
+    let (hit_before, spared_before) = (count(&hit), count(&spared));
+    // redis-cli (the consistency checks) asks a node that is still up.
+    let alive = nodes
+        .iter()
+        .find(|n| n.port != hit_port)
+        .expect("another node");
+    f.redis_addr = std::net::SocketAddr::from(([127, 0, 0, 1], alive.port));
+
+    // Its replica takes over the slot.
+    let hit_slot = slot_of(&hit);
+    eventually("a replica serves the killed primary's slots", || async {
+        let nodes = f.with(|s| s.cluster_topology()).await;
+        nodes
+            .ok()
+            .and_then(|n| owner(&n, hit_slot).map(|o| o.port))
+            .is_some_and(|port| port != hit_port)
+    })
+    .await;
+    // The sale goes on on both drops, through the rebuild of the one that failed over.
+    eventually(
+        "30 more confirms on each drop after the failover",
+        || async { count(&hit) >= hit_before + 30 && count(&spared) >= spared_before + 30 },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for s in shoppers {
+        s.await.expect("a shopper panicked");
+    }
+
+    // The failed-over drop was rebuilt from Postgres; the other shard's drop was left alone and
+    // never answered a 5xx.
+    eventually(
+        "the failed-over drop was rebuilt (a ledger line)",
+        || async { rebuilds(&h, &hit).await > 0 },
+    )
+    .await;
+    assert_eq!(
+        rebuilds(&h, &spared).await,
+        0,
+        "the spared drop was rebuilt"
+    );
+    let hit_seen = std::mem::take(&mut *seen[&hit].lock().unwrap());
+    let spared_seen = std::mem::take(&mut *seen[&spared].lock().unwrap());
+    eprintln!(
+        "failover: killed drop {} reserves, {} confirms, 5xx {:?}; spared drop {} reserves, {} \
+         confirms, 5xx {:?}",
+        hit_seen.reserves,
+        hit_seen.confirms,
+        hit_seen.errors,
+        spared_seen.reserves,
+        spared_seen.confirms,
+        spared_seen.errors
+    );
+    assert!(
+        hit_seen.errors.keys().any(|k| k.ends_with(" recovering")),
+        "the failed-over drop never answered `recovering`: {:?}",
+        hit_seen.errors
+    );
+    assert!(
+        spared_seen.errors.is_empty(),
+        "a drop on another shard answered 5xx: {:?}",
+        spared_seen.errors
+    );
+
+    // Every order answered 200/201 is in Postgres and its hold reads `sold` with that order.
+    for (drop, seen) in [(&hit, &hit_seen), (&spared, &spared_seen)] {
+        // A confirm whose last step the failover cut off is settled by the reconciler.
+        eventually("no hold is confirming", || async {
+            fault_kit::confirming(&h, drop).await == Some(0)
+        })
+        .await;
+        let orders = pg_orders(&h, drop).await;
+        let mut answered = 0;
+        for (token, hold, c) in &seen.holds {
+            let Some(c) = c.as_ref().filter(|c| c.status == 200 || c.status == 201) else {
+                continue;
+            };
+            answered += 1;
+            let order = c.str("order_id");
+            assert_eq!(orders.get(hold), Some(&order), "{drop}: hold {hold}");
+            let r = api
+                .get_reply(&format!("/v1/holds/{hold}"), Some(token))
+                .await;
+            assert_eq!(r.status, 200, "{r:?}");
+            assert_eq!(r.body["state"], "sold", "hold {hold}: {r:?}");
+        }
+        assert!(answered >= 60, "{drop}: only {answered} confirms answered");
+        assert_consistent(&f, &h, drop).await;
+    }
+
+    h.server.shutdown().await;
+    f.stop().await;
+}
