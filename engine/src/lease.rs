@@ -12,6 +12,7 @@
 //! third of one.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -80,6 +81,9 @@ pub struct Leases {
     me: String,
     ttl: Duration,
     held: Mutex<HashMap<DropId, Held>>,
+    /// Times [`Leases::held`] was asked, and answered yes (a test compares instances by them).
+    asked: AtomicU64,
+    granted: AtomicU64,
 }
 
 impl Leases {
@@ -89,7 +93,19 @@ impl Leases {
             me: hex::encode(rand::random::<[u8; 8]>()),
             ttl: Duration::from_millis(ttl_ms.max(30)),
             held: Mutex::new(HashMap::new()),
+            asked: AtomicU64::new(0),
+            granted: AtomicU64::new(0),
         }
+    }
+
+    /// How many times this process asked whether it holds a lease of this kind, and how many
+    /// times the answer was yes: with one instance the two are equal; with N sharing the drops,
+    /// the yeses over all of them stay near one instance's asks.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.asked.load(Ordering::Relaxed),
+            self.granted.load(Ordering::Relaxed),
+        )
     }
 
     /// The Redis key of `drop`'s lease of this kind.
@@ -106,6 +122,15 @@ impl Leases {
     /// every third of the TTL; between asks, the answer is what the last one said. A Redis error
     /// keeps a lease held until it surely lapsed, and retries soon.
     pub async fn held(&self, redis: &Redis, drop: &DropId) -> bool {
+        let held = self.ask(redis, drop).await;
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        if held {
+            self.granted.fetch_add(1, Ordering::Relaxed);
+        }
+        held
+    }
+
+    async fn ask(&self, redis: &Redis, drop: &DropId) -> bool {
         let now = Instant::now();
         let known = self.lock().get(drop).copied();
         if let Some(h) = known {

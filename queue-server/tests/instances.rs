@@ -244,3 +244,40 @@ async fn a_fan_whose_push_was_lost_hears_admitted_from_the_catch_up() {
     beat.abort();
     h.shutdown().await;
 }
+
+/// An ops change reaches the sockets of every instance, not only the one running the line: the
+/// others take the line's state from the runs the feed brings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ops_change_reaches_the_sockets_of_both_instances() {
+    let h = Harness::start_with(push_only_config()).await;
+    let other = second_queue_server(&h).await;
+    let drop = h
+        .queue_drop(
+            100,
+            1,
+            json!({"paused": true, "rate_per_s": 0.001, "burst": 1}),
+            None,
+        )
+        .await;
+    let mut sockets = Vec::new();
+    for (i, base) in [h.queue.ws_url(), other.ws_url()].into_iter().enumerate() {
+        let (_, token) = h.fan(&format!("ops{i}"));
+        let mut ws = common::connect(&base, &drop, &token).await;
+        common::wait_for(&mut ws, "paused").await;
+        sockets.push(ws);
+    }
+    // Open (the bucket's one token admits the first fan; the second waits on).
+    h.set_admission(&drop, json!({"paused": false})).await;
+    let (mut first, mut second) = (sockets.remove(0), sockets.remove(0));
+    until_admitted(&mut first, "the first fan", Instant::now() + PATIENCE).await;
+    loop {
+        let tick = common::wait_for(&mut second, "tick").await;
+        if tick["state"] == "open" {
+            break;
+        }
+    }
+    h.set_admission(&drop, json!({"paused": true})).await;
+    common::wait_for(&mut second, "paused").await;
+    other.shutdown().await;
+    h.shutdown().await;
+}

@@ -240,6 +240,11 @@ impl Engine {
         Ok(key)
     }
 
+    /// This process' per-drop round leases: (asked, held) as [`crate::lease::Leases::counts`].
+    pub fn round_lease_counts(&self) -> (u64, u64) {
+        self.round_leases.counts()
+    }
+
     /// Redis, for tests that look behind the engine.
     #[cfg(feature = "testing")]
     pub fn redis(&self) -> &Redis {
