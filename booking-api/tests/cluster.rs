@@ -14,6 +14,7 @@ mod on_cluster {
     use std::time::Duration;
 
     use crate::common::Harness;
+    use devstack::cluster::ClusterNode;
     use engine::ids::DropId;
     use engine::metrics::{CONSTRAINT_REFUSALS, RECOVERIES};
     use futures::future::join_all;
@@ -51,7 +52,7 @@ mod on_cluster {
 
         /// The instance request `i` goes to: even to a, odd to b.
         fn at(&self, i: usize) -> &BookingClient {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 &self.a.client
             } else {
                 &self.b
@@ -361,8 +362,8 @@ mod on_cluster {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
-    /// The cluster's primaries: (port, node id, first and last slot of each range).
-    fn primaries() -> Vec<(u16, String, Vec<(u16, u16)>)> {
+    /// The cluster's primaries, as the first node sees them.
+    fn primaries() -> Vec<ClusterNode> {
         let nodes = std::env::var("REDIS_CLUSTER_NODES").expect("REDIS_CLUSTER_NODES");
         let port: u16 = nodes
             .split(',')
@@ -373,7 +374,6 @@ mod on_cluster {
         devstack::cluster::parse_cluster_nodes(&redis_cli(port, &["CLUSTER", "NODES"]))
             .into_iter()
             .filter(|n| n.primary && !n.failed)
-            .map(|n| (n.port, n.id, n.slots))
             .collect()
     }
 
@@ -392,28 +392,24 @@ mod on_cluster {
         assert_eq!(status, 201, "{body}");
         let slot = engine::keys::drop_slot(&DropId::parse(&drop).unwrap());
         let nodes = primaries();
-        let owns =
-            |n: &(u16, String, Vec<(u16, u16)>)| n.2.iter().any(|(a, b)| (*a..=*b).contains(&slot));
-        let (from_port, from_id, _) = nodes.iter().find(|n| owns(n)).expect("an owner").clone();
-        let (to_port, to_id, _) = nodes
-            .iter()
-            .find(|n| !owns(n))
-            .expect("another primary")
-            .clone();
+        let owns = |n: &&ClusterNode| n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot));
+        let from = nodes.iter().find(owns).expect("an owner");
+        let to = nodes.iter().find(|n| !owns(n)).expect("another primary");
+        let (from_port, from_id, to_port, to_id) = (from.port, &from.id, to.port, &to.id);
         let slot_s = slot.to_string();
 
         // Resharding, halfway: the slot is migrating, and one of the drop's keys has moved.
         assert_eq!(
             redis_cli(
                 to_port,
-                &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &from_id]
+                &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", from_id]
             ),
             "OK"
         );
         assert_eq!(
             redis_cli(
                 from_port,
-                &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &to_id]
+                &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", to_id]
             ),
             "OK"
         );
@@ -451,9 +447,9 @@ mod on_cluster {
                 "moving {key}"
             );
         }
-        for (port, _, _) in &nodes {
+        for node in &nodes {
             assert_eq!(
-                redis_cli(*port, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]),
+                redis_cli(node.port, &["CLUSTER", "SETSLOT", &slot_s, "NODE", to_id]),
                 "OK"
             );
         }
