@@ -6,8 +6,10 @@
 //! - [`server`] — listener, connection bound, graceful shutdown, background tasks.
 //! - [`routes`] — the route table and handlers.
 //! - [`limits`] — governor rate limits per IP and per fan.
-//! - [`pages`] — the fan's booking page (static HTML/CSS/JS compiled in).
+//! - [`pages`] — the front page and the fan's booking page (static HTML/CSS/JS compiled in).
+//! - [`catalogue`] — the front page's catalogue, served from memory between Postgres reads.
 
+pub mod catalogue;
 pub mod limits;
 pub mod pages;
 pub mod routes;

@@ -1,4 +1,5 @@
-//! The fan's booking page: plain HTML, CSS and JS compiled into the binary (no build step).
+//! The front page and the fan's booking page: plain HTML, CSS and JS compiled into the binary (no
+//! build step).
 
 use hyper::Response;
 use web::{bytes, Body};
@@ -18,8 +19,27 @@ pub fn booking_page() -> Response<Body> {
     resp
 }
 
+/// The front page: the drops on sale and coming soon, from `GET /v1/catalogue`.
+pub fn front_page() -> Response<Body> {
+    let mut resp = bytes(
+        "text/html; charset=utf-8",
+        include_bytes!("../static/front.html"),
+    );
+    resp.headers_mut().insert(
+        "content-security-policy",
+        hyper::header::HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
 pub fn asset(name: &str) -> Option<Response<Body>> {
     match name {
+        "front.js" => Some(bytes(
+            "text/javascript; charset=utf-8",
+            include_bytes!("../static/front.js"),
+        )),
         "book.css" => Some(bytes(
             "text/css; charset=utf-8",
             include_bytes!("../static/book.css"),

@@ -15,6 +15,7 @@ use hyper::{Method, Request, Response};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::catalogue::CatalogueCache;
 use crate::limits::Limits;
 use crate::pages;
 use web::{self as http, bearer, header, parse_json, query_param, read_body, Body};
@@ -23,6 +24,8 @@ pub struct App {
     pub engine: Arc<Engine>,
     pub limits: Limits,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The public catalogue behind the front page, read from Postgres once per interval.
+    pub catalogue: CatalogueCache,
 }
 
 type Answer = Result<Response<Body>, Error>;
@@ -90,6 +93,7 @@ impl App {
                     Err(e) => Err(e),
                 },
             ),
+            (&Method::GET, [""]) => ("/", Ok(pages::front_page())),
             (&Method::GET, ["drops", _]) => ("/drops/{id}", Ok(pages::booking_page())),
             (&Method::GET, ["static", name]) => (
                 "/static/{name}",
@@ -144,6 +148,7 @@ impl App {
                 let seller = self.key(&req, Scope::Seller).await?;
                 ok(e.list_drops(&seller).await?)
             }
+            (&Method::GET, ["v1", "catalogue"]) => self.catalogue.answer(e).await,
             (&Method::GET, ["v1", "drops", id]) => ok(e.drop_view(&drop_id(id)?).await?),
             (&Method::GET, ["v1", "drops", id, "seats"]) => {
                 let seats = e.seats_view(&drop_id(id)?).await?;
@@ -152,6 +157,23 @@ impl App {
             (&Method::POST, ["v1", "drops", id, "close"]) => {
                 let seller = self.key(&req, Scope::Seller).await?;
                 ok(e.close_drop(&seller, &drop_id(id)?).await?)
+            }
+            (&Method::GET, ["v1", "drops", id, "audit"]) => {
+                let key = self.any_key(&req).await?;
+                let drop = drop_id(id)?;
+                let before = query_param(&req, "before")
+                    .map(|v| {
+                        v.parse::<i64>()
+                            .map_err(|_| Error::invalid("before must be an entry_id"))
+                    })
+                    .transpose()?;
+                let limit = query_param(&req, "limit")
+                    .map(|v| {
+                        v.parse::<u32>()
+                            .map_err(|_| Error::invalid("limit must be a whole number"))
+                    })
+                    .transpose()?;
+                ok(e.drop_audit(&key, &drop, before, limit).await?)
             }
             (&Method::GET, ["v1", "drops", id, "admission"]) => {
                 self.key(&req, Scope::Ops).await?;
@@ -251,6 +273,17 @@ impl App {
         self.engine.api_key(token, scope).await
     }
 
+    /// An API key of either scope: reads both sellers and ops may make.
+    async fn any_key(&self, req: &Request<Incoming>) -> Result<ApiKey, Error> {
+        let token = bearer(req).ok_or_else(|| {
+            Error::msg(
+                Code::Unauthorized,
+                "Send `Authorization: Bearer <api key>`.",
+            )
+        })?;
+        self.engine.any_api_key(token).await
+    }
+
     async fn fan_session(&self, req: Request<Incoming>) -> Answer {
         if !self.engine.fans().dev_enabled() {
             return Err(Error::msg(
@@ -283,9 +316,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
+    ("GET", "/"),
     ("GET", "/drops/{id}"),
     ("GET", "/static/{name}"),
     ("POST", "/v1/fans/session"),
+    ("GET", "/v1/catalogue"),
     ("POST", "/v1/drops"),
     ("GET", "/v1/drops"),
     ("GET", "/v1/drops/{id}"),
@@ -293,6 +328,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/drops/{id}/close"),
     ("GET", "/v1/drops/{id}/admission"),
     ("PUT", "/v1/drops/{id}/admission"),
+    ("GET", "/v1/drops/{id}/audit"),
     ("POST", "/v1/drops/{id}/holds"),
     ("GET", "/v1/fans/me/holds"),
     ("GET", "/v1/fans/me/orders"),
@@ -306,11 +342,13 @@ pub const ROUTES: &[(&str, &str)] = &[
 fn api_route(_method: &Method, seg: &[&str]) -> &'static str {
     match seg {
         ["v1", "fans", "session"] => "/v1/fans/session",
+        ["v1", "catalogue"] => "/v1/catalogue",
         ["v1", "drops"] => "/v1/drops",
         ["v1", "drops", _] => "/v1/drops/{id}",
         ["v1", "drops", _, "seats"] => "/v1/drops/{id}/seats",
         ["v1", "drops", _, "close"] => "/v1/drops/{id}/close",
         ["v1", "drops", _, "admission"] => "/v1/drops/{id}/admission",
+        ["v1", "drops", _, "audit"] => "/v1/drops/{id}/audit",
         ["v1", "drops", _, "holds"] => "/v1/drops/{id}/holds",
         ["v1", "fans", "me", "holds"] => "/v1/fans/me/holds",
         ["v1", "fans", "me", "orders"] => "/v1/fans/me/orders",

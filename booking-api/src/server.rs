@@ -79,6 +79,9 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         engine: engine.clone(),
         limits: Limits::new(&engine.cfg().limits),
         metrics: web::metrics_handle(),
+        catalogue: crate::catalogue::CatalogueCache::new(std::time::Duration::from_millis(
+            engine.cfg().drops.catalogue_refresh_ms,
+        )),
     });
     let draining = Arc::new(AtomicBool::new(false));
     let task = tokio::spawn(serve(

@@ -1429,7 +1429,6 @@ async fn unknown_routes_are_404_and_wrong_methods_405() {
     for path in [
         "/v1/nope",
         "/v2/drops",
-        "/",
         "/v1",
         "/v1/drops/x/y/z",
         "/static/nope.js",

@@ -473,3 +473,116 @@ async fn browser_long_seat_rows_fit_their_box_at_1280px() {
     p.close().await;
     h.server.shutdown().await;
 }
+
+/// The front page's test server: the catalogue read fresh on every request, and room for every
+/// drop the shared Postgres holds.
+fn front_config() -> engine::Config {
+    let mut cfg = testkit::test_config();
+    cfg.drops.catalogue_refresh_ms = 0;
+    cfg.drops.catalogue_max_drops = 500;
+    cfg.queue.public_url = "http://queue.example:8081".into();
+    cfg
+}
+
+/// The front page (`GET /`) lists a drop made a moment ago, with its opening time, from-price and
+/// state, and links to its booking page; a queue drop coming soon links to its queue page. A name
+/// that looks like HTML is shown as text, never parsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_front_page_lists_a_new_drop() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::with_config(front_config()).await;
+    let tag = format!("{:08x}", rand::random::<u32>());
+    let name = format!("Front tee {tag} <b>bold</b>");
+    let drop = h
+        .create_drop(json!({
+            "name": name, "per_fan_limit": 2, "hold_ttl_s": 300, "admission": {"mode": "open"},
+            "inventory": {"kind": "ga", "skus": [
+                {"sku": "TEE", "name": "Tee", "price_cents": 2500, "quantity": 5},
+                {"sku": "CAP", "name": "Cap", "price_cents": 1250, "quantity": 5}]}
+        }))
+        .await;
+    let opens = time::OffsetDateTime::now_utc() + time::Duration::days(2);
+    let soon = h
+        .create_drop(json!({
+            "name": format!("Front hoodie {tag}"), "per_fan_limit": 2, "hold_ttl_s": 300,
+            "opens_at": opens.format(&time::format_description::well_known::Rfc3339).unwrap(),
+            "admission": {"mode": "queue", "rate_per_s": 5.0, "max_active": 50},
+            "inventory": {"kind": "ga", "skus": [{"sku": "H", "name": "Hoodie", "price_cents": 6000, "quantity": 5}]}
+        }))
+        .await;
+
+    let p = open_browser("browser_front_page_lists_a_new_drop", DESKTOP).await;
+    p.goto(&h.url("/")).await;
+    let card = format!("#on-sale [data-drop-id=\"{drop}\"]");
+    p.wait_text(&card, "the new drop on the front page", |t| {
+        t.contains(&name)
+    })
+    .await;
+    let text = p.text(&card).await;
+    assert!(text.contains("12.50"), "from-price: {text}");
+    assert!(text.contains("On sale"), "state: {text}");
+    // The name is text: no <b> element came from it.
+    let bold = p
+        .client
+        .execute(
+            "return document.querySelectorAll(arguments[0]).length;",
+            vec![json!(format!("{card} b"))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(bold, json!(0), "API data parsed as HTML");
+    let link = p.attr(&format!("{card} a"), "href").await;
+    assert!(link.ends_with(&format!("/drops/{drop}")), "{link}");
+
+    let soon_card = format!("#coming-soon [data-drop-id=\"{soon}\"]");
+    let text = p
+        .wait_text(&soon_card, "the drop coming soon", |t| {
+            t.contains("Front hoodie")
+        })
+        .await;
+    assert!(
+        text.contains("Coming soon") && text.contains("60.00"),
+        "{text}"
+    );
+    let link = p.attr(&format!("{soon_card} a"), "href").await;
+    assert_eq!(link, format!("http://queue.example:8081/drops/{soon}"));
+    p.shot("front").await;
+
+    // Its link leads to the fan's booking page.
+    p.click(&format!("{card} a")).await;
+    p.wait_text("#drop-name", "the booking page", |t| t == name)
+        .await;
+    p.close().await;
+    h.server.shutdown().await;
+}
+
+/// At a phone's width the front page shows its drops, one column, nothing wider than the screen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_front_page_fits_a_phone() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::with_config(front_config()).await;
+    let drop = h.ga_drop(5, 2, 300).await;
+    let p = open_browser("browser_front_page_fits_a_phone", PHONE).await;
+    p.goto(&h.url("/")).await;
+    p.wait_text(
+        &format!("#on-sale [data-drop-id=\"{drop}\"]"),
+        "the drop on the front page",
+        |t| t.contains("test drop"),
+    )
+    .await;
+    let overflow = p
+        .client
+        .execute(
+            "return document.documentElement.scrollWidth - window.innerWidth;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(
+        overflow.as_i64().is_some_and(|o| o <= 0),
+        "wider than the phone by {overflow}"
+    );
+    p.shot("phone").await;
+    p.close().await;
+    h.server.shutdown().await;
+}

@@ -334,6 +334,8 @@ fn up(args: UpArgs) -> Result<u8> {
         "FLOODGATE_HTTP__CORS_ALLOW_ORIGINS",
         format!("[\"{queue_url}\"]"),
     ));
+    // The front page links a queue drop to its queue page at queue-server's public URL.
+    booking_env.push(("FLOODGATE_QUEUE__PUBLIC_URL", queue_url.clone()));
     let mut queue_env = shared.to_vec();
     queue_env.push((
         "FLOODGATE_QUEUE__LISTEN",
@@ -383,7 +385,11 @@ fn up(args: UpArgs) -> Result<u8> {
                     instances: usize::from(n),
                     booking_port: args.booking_port,
                     queue_port: args.queue_port,
-                    booking_env: owned(&shared),
+                    booking_env: {
+                        let mut env = owned(&shared);
+                        env.push(("FLOODGATE_QUEUE__PUBLIC_URL".into(), queue_url.clone()));
+                        env
+                    },
                     queue_env: owned(&shared),
                     state_dir: stack.state_dir().to_path_buf(),
                     drain_unready_ms: devstack::haproxy::DRAIN_UNREADY_MS,

@@ -121,6 +121,8 @@ impl Config {
                 self.recovery.stalled_after_ms as usize,
             ),
             ("drops.archive_batch", self.drops.archive_batch),
+            ("drops.catalogue_max_drops", self.drops.catalogue_max_drops),
+            ("drops.audit_page_max", self.drops.audit_page_max as usize),
             (
                 "drops.archive_interval_ms",
                 self.drops.archive_interval_ms as usize,
@@ -683,6 +685,16 @@ pub const DEFAULT_UNKNOWN_DROP_CACHE_ENTRIES: usize = 10_000;
 pub const DEFAULT_DROP_LOOKUPS_PER_S: u32 = 100;
 pub const DEFAULT_DROP_LOOKUP_BURST: u32 = 500;
 pub const DEFAULT_FAN_HOLDS_MAX_DROPS: usize = 100;
+/// The front page's catalogue lists at most this many drops on sale and as many coming soon: a
+/// page a fan reads at a glance, and one bounded query.
+pub const DEFAULT_CATALOGUE_MAX_DROPS: usize = 50;
+/// On a sale's day thousands of fans open `/` at once: each process reads the catalogue from
+/// Postgres at most once per this interval and serves every request between from memory.
+pub const DEFAULT_CATALOGUE_REFRESH_MS: u64 = 5_000;
+/// "Coming soon": opening within this many days.
+pub const DEFAULT_CATALOGUE_SOON_DAYS: u32 = 14;
+/// Entries of a drop's audit log per page (`GET /v1/drops/{id}/audit`), at most and by default.
+pub const DEFAULT_AUDIT_PAGE_MAX: u32 = 100;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -709,6 +721,15 @@ pub struct DropsConfig {
     /// Drops `GET /v1/fans/me/holds` looks in when it names none (the newest this process
     /// looks after): one Redis read each.
     pub fan_holds_max_drops: usize,
+    /// Drops the public catalogue (`GET /v1/catalogue`, the front page) lists on sale, and
+    /// again coming soon, at most.
+    pub catalogue_max_drops: usize,
+    /// How long each process serves the catalogue from memory before reading Postgres again.
+    pub catalogue_refresh_ms: u64,
+    /// A drop opening within this many days is "coming soon"; later ones aren't listed yet.
+    pub catalogue_soon_days: u32,
+    /// Entries per page of `GET /v1/drops/{id}/audit`, at most (and when `limit` is not sent).
+    pub audit_page_max: u32,
     /// A closed drop with no live hold and no unsettled payment is archived this long after it
     /// closed: its Redis keys are removed, and Postgres serves it from then on.
     pub archive_after_s: u64,
@@ -731,6 +752,10 @@ impl Default for DropsConfig {
             lookups_per_s: DEFAULT_DROP_LOOKUPS_PER_S,
             lookup_burst: DEFAULT_DROP_LOOKUP_BURST,
             fan_holds_max_drops: DEFAULT_FAN_HOLDS_MAX_DROPS,
+            catalogue_max_drops: DEFAULT_CATALOGUE_MAX_DROPS,
+            catalogue_refresh_ms: DEFAULT_CATALOGUE_REFRESH_MS,
+            catalogue_soon_days: DEFAULT_CATALOGUE_SOON_DAYS,
+            audit_page_max: DEFAULT_AUDIT_PAGE_MAX,
             archive_after_s: DEFAULT_ARCHIVE_AFTER_S,
             archive_interval_ms: DEFAULT_ARCHIVE_INTERVAL_MS,
             archive_batch: DEFAULT_ARCHIVE_BATCH,
@@ -808,6 +833,8 @@ pub const DEFAULT_WS_WRITE_BUFFER_BYTES: usize = 4 * 1024;
 pub const DEFAULT_WS_MAX_WRITE_BUFFER_BYTES: usize = 64 * 1024;
 pub const DEFAULT_WS_MAX_MESSAGE_BYTES: usize = 4 * 1024;
 pub const DEFAULT_BOOKING_PUBLIC_URL: &str = "http://127.0.0.1:8080";
+/// queue-server as browsers reach it, by default (its own default listen address).
+pub const DEFAULT_QUEUE_PUBLIC_URL: &str = "http://127.0.0.1:8081";
 pub const DEFAULT_ADMIT_RATE_WINDOW_MS: u64 = 10_000;
 pub const DEFAULT_ROOM_IDLE_KEEP_MS: u64 = 30_000;
 pub const DEFAULT_MAX_ROOMS: usize = 10_000;
@@ -879,6 +906,9 @@ pub struct QueueConfig {
     pub ws_max_message_bytes: usize,
     /// Where fans book: admitted fans are sent to `{booking_public_url}/drops/{drop_id}?admission_token=...`.
     pub booking_public_url: String,
+    /// queue-server as browsers reach it: booking-api's front page links a queue drop to its
+    /// queue page, `{public_url}/drops/{drop_id}`.
+    pub public_url: String,
     /// The admission rate behind ETAs is measured over this window.
     pub admit_rate_window_ms: u64,
     /// A drop's admission loop keeps running this long after its last waiter or poll here.
@@ -970,6 +1000,7 @@ impl Default for QueueConfig {
             ws_max_write_buffer_bytes: DEFAULT_WS_MAX_WRITE_BUFFER_BYTES,
             ws_max_message_bytes: DEFAULT_WS_MAX_MESSAGE_BYTES,
             booking_public_url: DEFAULT_BOOKING_PUBLIC_URL.to_owned(),
+            public_url: DEFAULT_QUEUE_PUBLIC_URL.to_owned(),
             admit_rate_window_ms: DEFAULT_ADMIT_RATE_WINDOW_MS,
             room_idle_keep_ms: DEFAULT_ROOM_IDLE_KEEP_MS,
             max_rooms: DEFAULT_MAX_ROOMS,

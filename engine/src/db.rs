@@ -38,6 +38,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "line_marks",
         include_str!("../../migrations/0004_line_marks.sql"),
     ),
+    (5, "audit", include_str!("../../migrations/0005_audit.sql")),
 ];
 const MIGRATION_LOCK_ID: i64 = 0x466c_6f6f_6467;
 
@@ -129,6 +130,39 @@ pub struct Order {
     pub currency: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+}
+
+/// One entry of a drop's audit log (migrations/0005_audit.sql): an admission change or a close.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    pub entry_id: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The key that made the change (its id; the secret is never stored).
+    pub key_id: String,
+    /// `admission` or `close`.
+    pub action: String,
+    /// `{"field": {"before": …, "after": …}}` per field changed; `null` on rows an older
+    /// release wrote (their `settings` says what the settings became).
+    pub changes: Option<serde_json::Value>,
+    /// An admission change's whole settings after it; `null` for a close.
+    pub settings: Option<serde_json::Value>,
+}
+
+/// An open drop the public catalogue lists.
+#[derive(Debug, Clone)]
+pub struct CatalogueRow {
+    pub drop_id: DropId,
+    pub name: String,
+    pub currency: String,
+    pub opens_at: OffsetDateTime,
+    /// Open already (on sale) rather than coming soon.
+    pub opened: bool,
+    /// Behind queue-server's waiting room.
+    pub queue: bool,
+    pub from_price_cents: Option<i64>,
+    /// Postgres has sold every unit.
+    pub sold_out: bool,
 }
 
 /// Postgres' view of one drop, for recovery.
@@ -477,15 +511,96 @@ impl Db {
             .collect())
     }
 
-    pub async fn close_drop(&self, drop: &DropId) -> Result<()> {
+    /// Closes the drop; the close is audited (by `key_id`) when the drop was open, so closing
+    /// again adds nothing. One statement: two closes racing audit one close.
+    pub async fn close_drop(&self, drop: &DropId, key_id: &str) -> Result<()> {
         self.client()
             .await?
             .execute(
-                "UPDATE drops SET status = 'closed', closed_at = coalesce(closed_at, now()) WHERE drop_id = $1",
-                &[&drop.as_str()],
+                // `prior` locks the row, so a racing close waits and then sees it closed.
+                "WITH prior AS (SELECT status FROM drops WHERE drop_id = $1 FOR NO KEY UPDATE), \
+                 closed AS (UPDATE drops SET status = 'closed', closed_at = coalesce(closed_at, now()) \
+                    WHERE drop_id = $1 RETURNING drop_id) \
+                 INSERT INTO admission_audit (drop_id, key_id, action, changes) \
+                 SELECT $1, $2, 'close', jsonb_build_object('status', \
+                    jsonb_build_object('before', prior.status, 'after', 'closed')) \
+                 FROM prior, closed WHERE prior.status <> 'closed'",
+                &[&drop.as_str(), &key_id],
             )
             .await?;
         Ok(())
+    }
+
+    /// A page of the drop's audit log, newest first: at most `limit` entries older than
+    /// `before` (an `entry_id`), or the newest when `before` is `None`.
+    pub async fn audit(
+        &self,
+        drop: &DropId,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT entry_id, at, key_id, action, changes, settings FROM admission_audit \
+                 WHERE drop_id = $1 AND ($2::bigint IS NULL OR entry_id < $2) \
+                 ORDER BY entry_id DESC LIMIT $3",
+                &[&drop.as_str(), &before, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                entry_id: r.get(0),
+                at: r.get(1),
+                key_id: r.get(2),
+                action: r.get(3),
+                changes: r.get(4),
+                settings: r.get(5),
+            })
+            .collect())
+    }
+
+    /// The public catalogue: open drops that opened (latest first) and that open within
+    /// `soon_days` (soonest first), at most `limit` of each, with their lowest price and whether
+    /// Postgres has sold every unit.
+    pub async fn catalogue(&self, soon_days: u32, limit: i64) -> Result<Vec<CatalogueRow>> {
+        let soon_days = i32::try_from(soon_days).unwrap_or(i32::MAX);
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "WITH picked AS ( \
+                   (SELECT drop_id FROM drops WHERE status = 'open' AND archived_at IS NULL \
+                      AND opens_at <= now() ORDER BY opens_at DESC LIMIT $2) \
+                   UNION ALL \
+                   (SELECT drop_id FROM drops WHERE status = 'open' AND archived_at IS NULL \
+                      AND opens_at > now() AND opens_at <= now() + make_interval(days => $1) \
+                      ORDER BY opens_at LIMIT $2)) \
+                 SELECT d.drop_id, d.name, d.currency, d.opens_at, d.opens_at <= now(), \
+                   d.admission->>'mode', i.from_price_cents, i.sold >= i.total \
+                 FROM picked p JOIN drops d USING (drop_id) \
+                 CROSS JOIN LATERAL (SELECT min(price_cents) AS from_price_cents, \
+                   sum(sold) AS sold, sum(total) AS total FROM inventory WHERE drop_id = d.drop_id) i",
+                &[&soon_days, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(CatalogueRow {
+                    drop_id: DropId::parse(r.get(0)).ok()?,
+                    name: r.get(1),
+                    currency: r.get(2),
+                    opens_at: r.get(3),
+                    opened: r.get(4),
+                    queue: r.get::<_, Option<&str>>(5) == Some("queue"),
+                    from_price_cents: r.get(6),
+                    sold_out: r.get::<_, Option<bool>>(7).unwrap_or(false),
+                })
+            })
+            .collect())
     }
 
     /// Ops' change to a drop's admission settings, one at a time per drop: under the drop row's
@@ -511,17 +626,24 @@ impl Db {
             )
             .await?
             .ok_or_else(|| Error::new(Code::UnknownDrop))?;
-        let settings = merge(row.get(0))?;
+        let stored: Option<serde_json::Value> = row.get(0);
+        let before = stored.clone();
+        let settings = merge(stored)?;
         tx.execute(
             "UPDATE drops SET admission = $2 WHERE drop_id = $1",
             &[&drop.as_str(), &settings],
         )
         .await?;
-        tx.execute(
-            "INSERT INTO admission_audit (drop_id, key_id, settings) VALUES ($1, $2, $3)",
-            &[&drop.as_str(), &key_id, &settings],
-        )
-        .await?;
+        // The audit log records changes: a change that sets every field to what it was is none.
+        let changes = changed_fields(before.as_ref(), &settings);
+        if !changes.as_object().is_some_and(|c| c.is_empty()) {
+            tx.execute(
+                "INSERT INTO admission_audit (drop_id, key_id, action, changes, settings) \
+                 VALUES ($1, $2, 'admission', $3, $4)",
+                &[&drop.as_str(), &key_id, &changes, &settings],
+            )
+            .await?;
+        }
         publish(&settings).await?;
         tx.commit().await?;
         Ok(settings)
@@ -988,6 +1110,34 @@ impl Db {
     }
 }
 
+/// `{"field": {"before": …, "after": …}}` for each field of `after` whose value differs from
+/// `before`'s (`null` where `before` has none). Numbers compare by value, so `5` and `5.0` are no
+/// change.
+pub fn changed_fields(
+    before: Option<&serde_json::Value>,
+    after: &serde_json::Value,
+) -> serde_json::Value {
+    let mut changes = serde_json::Map::new();
+    let Some(after) = after.as_object() else {
+        return serde_json::Value::Object(changes);
+    };
+    let null = serde_json::Value::Null;
+    for (field, new) in after {
+        let old = before.and_then(|b| b.get(field)).unwrap_or(&null);
+        let same = match (old.as_f64(), new.as_f64()) {
+            (Some(a), Some(b)) => a == b,
+            _ => old == new,
+        };
+        if !same {
+            changes.insert(
+                field.clone(),
+                serde_json::json!({"before": old, "after": new}),
+            );
+        }
+    }
+    serde_json::Value::Object(changes)
+}
+
 fn parse_state(state: &str) -> Result<PaymentState> {
     PaymentState::parse(state).ok_or_else(|| Error::internal(format!("payments.state `{state}`")))
 }
@@ -1053,4 +1203,28 @@ impl Drop for RecoverySnapshot {
 /// Whether a Postgres error is a constraint refusing a sale (not a fault to retry).
 pub fn is_constraint_violation(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| c.code().starts_with("23"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn changed_fields_names_each_change_with_before_and_after() {
+        let before = json!({"mode": "queue", "rate_per_s": 5.0, "burst": 10, "paused": false});
+        let after = json!({"mode": "queue", "rate_per_s": 7.5, "burst": 10, "paused": true, "shop_window_s": 60});
+        assert_eq!(
+            changed_fields(Some(&before), &after),
+            json!({
+                "rate_per_s": {"before": 5.0, "after": 7.5},
+                "paused": {"before": false, "after": true},
+                "shop_window_s": {"before": null, "after": 60},
+            })
+        );
+        // The same value written as an integer or a float is no change; nothing changed is {}.
+        let same = json!({"mode": "queue", "rate_per_s": 5, "burst": 10.0, "paused": false});
+        assert_eq!(changed_fields(Some(&before), &same), json!({}));
+        assert_eq!(changed_fields(Some(&before), &before), json!({}));
+    }
 }

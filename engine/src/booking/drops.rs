@@ -238,7 +238,7 @@ impl Engine {
 
     pub async fn close_drop(&self, seller: &ApiKey, drop: &DropId) -> Result<DropView> {
         let def = self.owned_drop(seller, drop).await?;
-        self.db.close_drop(drop).await?;
+        self.db.close_drop(drop, &seller.key_id).await?;
         // An archived drop is closed already and has no Redis state left to mark.
         if self.db.is_archived(drop).await? {
             return self.archived_view(&def).await;

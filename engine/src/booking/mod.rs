@@ -11,7 +11,8 @@
 //! - `holds.rs` — a fan's reserve and release.
 //! - `confirm.rs` — paying for a hold: confirm begin, payment, the order's commit, finish or revert.
 //! - `background.rs` — the sweeper, the reconciler, the Redis watcher, recovery and the archiver.
-//! - `views.rs` — what the engine shows: drops, seats, holds, orders.
+//! - `views.rs` — what the engine shows: drops, seats, holds, orders, a drop's audit log and the
+//!   public catalogue.
 //! - `seatmap.rs` — seat maps served from one snapshot per drop and process, read once per
 //!   refresh however many pages poll.
 
@@ -30,8 +31,8 @@ pub use drops::AdmissionUpdate;
 pub use seatmap::SeatsView;
 use views::priced_items;
 pub use views::{
-    AdmissionModeView, AdmissionView, DropList, DropSummary, DropView, FanHolds, FanOrders,
-    HoldView, InventoryView, Made, PricedItem, RowView,
+    AdmissionModeView, AdmissionView, AuditPage, Catalogue, CatalogueDrop, DropList, DropSummary,
+    DropView, FanHolds, FanOrders, HoldView, InventoryView, Made, PricedItem, RowView,
 };
 
 use std::collections::HashMap;
@@ -221,6 +222,15 @@ impl Engine {
         let db = Db::connect(&cfg.database)?;
         db.migrate().await?;
         db.create_key(scope, name).await
+    }
+
+    /// An API key of either scope (401 if missing or unknown), for what sellers and ops may
+    /// both read: the handler checks what the scope allows.
+    pub async fn any_api_key(&self, token: &str) -> Result<ApiKey> {
+        self.db
+            .verify_key(token)
+            .await?
+            .ok_or_else(|| Error::msg(Code::Unauthorized, "Unknown or revoked API key."))
     }
 
     /// The API key `token` names, if it has `scope`: 401 when unknown or revoked, 403 when it

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::*;
+use crate::db::AuditEntry;
 use crate::drops::AdmissionMode;
 use crate::scripts::Counts;
 
@@ -360,4 +361,133 @@ pub(super) fn priced_items(def: &DropDef, items: &[HoldItem]) -> (Vec<PricedItem
         })
         .collect();
     (out, total)
+}
+
+/// A page of a drop's audit log (`GET /v1/drops/{id}/audit`), newest first. `next_before` is
+/// the `before` that asks for the next page; `null` on the last.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditPage {
+    pub drop_id: DropId,
+    pub entries: Vec<AuditEntry>,
+    pub next_before: Option<i64>,
+}
+
+/// The public catalogue (`GET /v1/catalogue`, booking-api's front page).
+#[derive(Debug, Clone, Serialize)]
+pub struct Catalogue {
+    /// Opened, latest opening first: `on_sale`, or `sold_out` once Postgres sold every unit.
+    pub on_sale: Vec<CatalogueDrop>,
+    /// Opening within `soon_days`, soonest first.
+    pub coming_soon: Vec<CatalogueDrop>,
+    pub soon_days: u32,
+    /// When this catalogue was read from Postgres (it is served from memory a while).
+    pub generated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CatalogueDrop {
+    pub drop_id: DropId,
+    pub name: String,
+    pub opens_at: String,
+    pub currency: String,
+    /// The lowest price of any SKU or section.
+    pub from_price_cents: Option<i64>,
+    /// `on_sale`, `sold_out` or `coming_soon`.
+    pub state: &'static str,
+    pub admission_mode: AdmissionMode,
+    /// The fan's page: the booking page (`/drops/{id}`, on this server), or a queue drop's queue
+    /// page on queue-server (`{queue.public_url}/drops/{id}`).
+    pub url: String,
+}
+
+impl Engine {
+    /// A page of the drop's audit log, for an ops key or the seller who owns the drop: at most
+    /// `limit` entries (1..=`drops.audit_page_max`, that when `None`) older than `before`.
+    pub async fn drop_audit(
+        &self,
+        key: &ApiKey,
+        drop: &DropId,
+        before: Option<i64>,
+        limit: Option<u32>,
+    ) -> Result<AuditPage> {
+        let max = self.cfg.drops.audit_page_max;
+        let limit = limit.unwrap_or(max);
+        if limit == 0 || limit > max {
+            return Err(Error::invalid(format!("limit must be 1..={max}")));
+        }
+        if before.is_some_and(|b| b < 1) {
+            return Err(Error::invalid("before must be an entry_id (1 or more)"));
+        }
+        match key.scope {
+            Scope::Ops => {
+                self.drop_def(drop).await?;
+            }
+            Scope::Seller => {
+                self.owned_drop(key, drop).await?;
+            }
+        }
+        // One more than asked, to know whether another page follows.
+        let mut entries = self.db.audit(drop, before, i64::from(limit) + 1).await?;
+        let next_before = if entries.len() > limit as usize {
+            entries.truncate(limit as usize);
+            entries.last().map(|e| e.entry_id)
+        } else {
+            None
+        };
+        Ok(AuditPage {
+            drop_id: drop.clone(),
+            entries,
+            next_before,
+        })
+    }
+
+    /// The catalogue as Postgres has it now: one bounded query (booking-api serves it from
+    /// memory between reads, `drops.catalogue_refresh_ms`).
+    pub async fn catalogue(&self) -> Result<Catalogue> {
+        let d = &self.cfg.drops;
+        let limit = i64::try_from(d.catalogue_max_drops).unwrap_or(i64::MAX);
+        let mut rows = self.db.catalogue(d.catalogue_soon_days, limit).await?;
+        rows.sort_by_key(|r| r.opens_at);
+        let queue_url = self.cfg.queue.public_url.trim_end_matches('/');
+        let mut on_sale = Vec::new();
+        let mut coming_soon = Vec::new();
+        for r in rows {
+            let (mode, url) = if r.queue {
+                (
+                    AdmissionMode::Queue,
+                    format!("{queue_url}/drops/{}", r.drop_id),
+                )
+            } else {
+                (AdmissionMode::Open, format!("/drops/{}", r.drop_id))
+            };
+            let state = match (r.opened, r.sold_out) {
+                (false, _) => "coming_soon",
+                (true, true) => "sold_out",
+                (true, false) => "on_sale",
+            };
+            let entry = CatalogueDrop {
+                drop_id: r.drop_id,
+                name: r.name,
+                opens_at: rfc3339(r.opens_at),
+                currency: r.currency,
+                from_price_cents: r.from_price_cents,
+                state,
+                admission_mode: mode,
+                url,
+            };
+            if r.opened {
+                on_sale.push(entry);
+            } else {
+                coming_soon.push(entry);
+            }
+        }
+        // Latest opened first.
+        on_sale.reverse();
+        Ok(Catalogue {
+            on_sale,
+            coming_soon,
+            soon_days: d.catalogue_soon_days,
+            generated_at: rfc3339(OffsetDateTime::now_utc()),
+        })
+    }
 }
