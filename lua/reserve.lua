@@ -138,7 +138,7 @@ local items, units = {}, 0
 if kind == 'items' then
   for i = 7, #ARGV, 2 do
     local b, q = ARGV[i], ARGV[i + 1] + 0
-    items[#items + 1] = {b = b, q = q}
+    items[#items + 1] = {b = b, q = q, qs = ARGV[i + 1]}
     units = units + q
   end
 elseif kind == 'seats' then
@@ -199,16 +199,19 @@ for i = 1, #items do
     show_seat(item.s, 'h')
     parts[i] = '{"b":"' .. item.b .. '","q":1,"s":"' .. item.s .. '"}'
   else
-    parts[i] = '{"b":"' .. item.b .. '","q":' .. int(item.q) .. '}'
+    parts[i] = '{"b":"' .. item.b .. '","q":' .. item.qs .. '}'
   end
 end
 for i = 1, #buckets do
   local b = buckets[i]
-  local q = int(moved[b])
+  -- GA items name each SKU once (the caller refuses repeats): the quantity as it came, unformatted.
+  local q = (kind == 'items' and #buckets == #items) and items[i].qs or int(moved[b])
   call('HINCRBY', K.stock, 'a:' .. b, '-' .. q)
   call('HINCRBY', K.stock, 'h:' .. b, q)
 end
-local units_s, exp_s, now_s = int(units), int(exp), int(now)
+-- Formatting a number costs (see the header): what came as text is used as it came.
+local units_s = #items == 1 and items[1].qs or int(units)
+local exp_s, now_s = int(exp), int(now)
 call('HINCRBY', K.fans, fan, units_s)
 local items_json = '[' .. table.concat(parts, ',') .. ']'
 call('HSET', K.holds, hold_id, '{"fan":"' .. fan .. '","st":"held","exp":' .. exp_s ..
