@@ -190,3 +190,74 @@ async fn bad_audit_paging_is_refused() {
     let (status, v) = audit(&h, &drop, &format!("?limit={max}"), &h.ops_key).await;
     assert_eq!(status, 200, "{v}");
 }
+
+/// Changes racing each other are applied one at a time under the drop row's lock, so the log
+/// is a chain: each entry's `before` is what the entry before it left. Closes racing each other
+/// record one close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_changes_each_record_what_they_changed() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(5, 2, 60).await;
+    const CHANGES: u32 = 24;
+    let tasks: Vec<_> = (1..=CHANGES)
+        .map(|i| {
+            let client = h.client.clone();
+            let drop = drop.clone();
+            tokio::spawn(async move {
+                // Each burst value once; every third change also flips `paused`.
+                let body = if i % 3 == 0 {
+                    json!({"burst": i, "paused": i % 2 == 0})
+                } else {
+                    json!({"burst": i})
+                };
+                client.set_admission(&drop, body).await;
+            })
+        })
+        .collect();
+    let closes: Vec<_> = (0..8)
+        .map(|_| {
+            let client = h.client.clone();
+            let drop = drop.clone();
+            tokio::spawn(async move {
+                let (status, v) = client
+                    .seller_post(&format!("/v1/drops/{drop}/close"), json!({}))
+                    .await;
+                assert_eq!(status, 200, "{v}");
+            })
+        })
+        .collect();
+    for t in tasks.into_iter().chain(closes) {
+        t.await.unwrap();
+    }
+
+    let (status, v) = audit(&h, &drop, "", &h.ops_key).await;
+    assert_eq!(status, 200, "{v}");
+    let mut got = entries(&v);
+    got.reverse(); // oldest first
+    let closes: Vec<_> = got.iter().filter(|e| e["action"] == "close").collect();
+    assert_eq!(closes.len(), 1, "one close recorded: {v}");
+    // Replay the admission entries from the drop's own settings: each `before` must be the
+    // current value, and applying every `after` must end at the stored settings.
+    let (status, stored) = h
+        .call(
+            h.http
+                .get(h.url(&format!("/v1/drops/{drop}/admission")))
+                .bearer_auth(&h.ops_key),
+        )
+        .await;
+    assert_eq!(status, 200, "{stored}");
+    let mut current = json!({"burst": Value::Null, "paused": Value::Null});
+    let admissions: Vec<&Value> = got.iter().filter(|e| e["action"] == "admission").collect();
+    assert!(!admissions.is_empty());
+    for e in &admissions {
+        for (field, change) in e["changes"].as_object().unwrap() {
+            let known = &current[field];
+            if !known.is_null() {
+                assert_eq!(&change["before"], known, "{field} in {e}");
+            }
+            current[field] = change["after"].clone();
+        }
+    }
+    assert_eq!(current["burst"], stored["admission"]["burst"], "{v}");
+    assert_eq!(current["paused"], stored["admission"]["paused"], "{v}");
+}
