@@ -47,6 +47,9 @@ pub const CHECK_RISE: u32 = 2;
 /// (`http.drain_unready_ms`, `queue.drain_unready_ms`): HAProxy's `fall × inter`, twice over,
 /// so a check that was just under way when the drain began can't keep it up.
 pub const DRAIN_UNREADY_MS: u64 = 2 * CHECK_FALL as u64 * CHECK_INTER_MS;
+/// The address HAProxy's health checks say they come from (`X-Forwarded-For`): one of their own,
+/// so a client that spends 127.0.0.1's per-IP budget can't fail them.
+pub const CHECK_CLIENT_ADDR: &str = "127.0.0.2";
 /// A WebSocket (after the upgrade, a tunnel) may stay quiet this long: queue-server pings
 /// every socket far more often (`queue.ws_ping_interval_ms`).
 const TUNNEL_TIMEOUT_S: u64 = 3_600;
@@ -156,7 +159,17 @@ impl HaproxyConfig {
         ] {
             line(w, &format!("backend {name}"));
             line(w, &format!("    balance {balance}"));
-            line(w, "    option httpchk GET /readyz");
+            line(w, "    option httpchk");
+            // The checks come from 127.0.0.1 like every proxied request, which the instances
+            // trust; without an address of their own they would share 127.0.0.1's per-IP
+            // budget with clients that send no address (a load test), and a 429 would mark
+            // every instance down. 127.0.0.2 is not trusted: the checks' own bucket.
+            line(
+                w,
+                &format!(
+                    "    http-check send meth GET uri /readyz hdr X-Forwarded-For {CHECK_CLIENT_ADDR}"
+                ),
+            );
             line(w, "    http-check expect status 200");
             for (i, port) in ports.iter().enumerate() {
                 line(
@@ -399,7 +412,7 @@ mod tests {
             "option forwardfor",
             "timeout tunnel 3600s",
             "retry-on conn-failure",
-            "option httpchk GET /readyz",
+            "http-check send meth GET uri /readyz hdr X-Forwarded-For 127.0.0.2",
             "default-server check inter 500ms fall 2 rise 2",
             "bind 127.0.0.1:8080",
             "bind 127.0.0.1:8081",

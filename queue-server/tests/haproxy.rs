@@ -985,3 +985,37 @@ async fn page_at(host: &str, path: &str) -> String {
     assert_eq!(r.status(), 200, "GET {path}");
     r.text().await.unwrap()
 }
+
+/// Requests that carry no client address of their own (a load test through HAProxy) all count
+/// as 127.0.0.1, the balancer, which the instances trust: they can spend that address's per-IP
+/// budget, but HAProxy's health checks say they come from an address of their own, so the
+/// instances stay up — a 429 to a check would take every instance out of the balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_clients_without_an_address_cannot_fail_the_health_checks() {
+    let sale = start("fault-haproxy-checks", devstack::haproxy::DRAIN_UNREADY_MS).await;
+    let drop = sale.create_drop(tees(5, json!({"mode": "open"}))).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/drops/{drop}", sale.booking);
+    let mut refused = 0;
+    // Several of HAProxy's check intervals (500 ms) with 127.0.0.1's budget spent.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let (status, body) = send(http.get(&url)).await;
+        match status {
+            200 => {}
+            429 => refused += 1,
+            _ => panic!("GET {url}: {status} {body}"),
+        }
+        for server in ["booking-1", "booking-2"] {
+            let status = sale.status("booking", server).await;
+            assert!(
+                status == "UP",
+                "{server} is {status} while 127.0.0.1's budget is spent"
+            );
+        }
+    }
+    assert!(
+        refused > 0,
+        "the requests never spent 127.0.0.1's per-IP budget"
+    );
+}
