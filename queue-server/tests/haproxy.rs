@@ -1,6 +1,15 @@
 //! Many instances behind HAProxy (issue 14): two booking-api and two queue-server processes
-//! behind one HAProxy (devstack's `Fleet`, what `./dev up --instances 2` runs), a sale going
-//! through it, and one instance of each killed with SIGKILL in the middle:
+//! behind one HAProxy (devstack's `Fleet`, what `./dev up --instances 2` runs), each test on a
+//! stack of its own:
+//! - `fault_instances_killed_behind_haproxy_mid_sale` (below);
+//! - `fault_rolling_restart_behind_haproxy_fails_nothing`: the rolling-deploy runbook on both
+//!   pairs while fans buy and wait;
+//! - `fault_fan_pages_work_through_haproxy`: the queue page, the shop and the booking page in
+//!   headless Chromium, on HAProxy's hosts;
+//! - `fault_clients_without_an_address_cannot_fail_the_health_checks`.
+//!
+//! The first: a sale going through HAProxy, and one instance of each server killed with SIGKILL
+//! in the middle:
 //! - a request in flight to the killed instance may fail (502); a retry with the same
 //!   idempotency key gets the original outcome (the same hold, then the same order);
 //! - once HAProxy has marked them down, nothing fails: every reserve, confirm and new socket of
