@@ -12,12 +12,27 @@
 #      idempotency key and hold id per call, as `booking-api bench-args` gives them), stops Redis
 #      and divides the instructions by the calls Redis counted.
 #   4. The same for the empty script, in a second Redis under callgrind.
+#   With --old COMMIT, steps 1-3 run a second time, on a Redis and drop of their own, for
+#   reserve.lua as it was at COMMIT (with that commit's clock.lua and lib.lua), so a change is
+#   measured against what it replaced in the same run. The keys and arguments are this
+#   version's; the old lib.lua's idempotency key is pointed at this version's position of it
+#   (a key the old script doesn't know of is passed and ignored: it costs the old script
+#   ≈ 1.3k instructions per key, so the old figure is that much high).
+#   Warm-up: each Redis first takes --warmup reserves, so the drop's fans and holds hashes (an
+#   entry per reserve) are past Redis' listpack size, as a live drop's are: below it (128
+#   entries by default, 512 in Debian's build) each new fan or hold is a scan of the whole
+#   listpack, which inflated the figures of runs with the earlier 200-call warm-up.
 #
-# Usage: bench/script-cost.sh [--variant FILE] [--calls N]
+# Usage: bench/script-cost.sh [--variant FILE] [--calls N] [--warmup N] [--old COMMIT] [--timed]
 #   --variant FILE   measure FILE (a whole reserve.lua replacement; lua/clock.lua and lua/lib.lua
 #                    are prepended, as the engine does) instead of lua/reserve.lua, with the same
 #                    keys and arguments
 #   --calls N        reserves counted [3000]
+#   --warmup N       reserves before counting [1000]
+#   --old COMMIT     also measure reserve.lua as of COMMIT, in the same run
+#   --timed          no callgrind: report Redis' own `usec_per_call` (INFO commandstats) per
+#                    script instead of instructions — for a quiet machine only (the lead's
+#                    acceptance figure: `bench/script-cost.sh --timed --calls 300000 --old C`)
 # Environment: BOOKING_API (the binary, [target/debug/booking-api]), DEVSTACK
 # ([target/debug/devstack]), PORT_BASE (five ports from it are used [7300]).
 set -euo pipefail
@@ -31,10 +46,16 @@ die() {
 
 VARIANT=
 CALLS=3000
+WARMUP=1000
+OLD=
+TIMED=
 while [[ $# -gt 0 ]]; do
     case $1 in
         --variant) VARIANT=$(realpath "${2:?--variant needs a file}"); shift 2 ;;
         --calls) CALLS=${2:?--calls needs a number}; shift 2 ;;
+        --warmup) WARMUP=${2:?--warmup needs a number}; shift 2 ;;
+        --old) OLD=${2:?--old needs a commit}; shift 2 ;;
+        --timed) TIMED=1; shift ;;
         --inside-stack) INSIDE=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1" ;;
@@ -51,8 +72,10 @@ done
 if [[ -z ${INSIDE:-} ]]; then
     [[ -x $BOOKING_API && -x $DEVSTACK ]] ||
         cargo build -q -p floodgate-booking-api -p floodgate-devstack || die "build failed"
-    args=(--inside-stack --calls "$CALLS")
+    args=(--inside-stack --calls "$CALLS" --warmup "$WARMUP")
     [[ -n $VARIANT ]] && args+=(--variant "$VARIANT")
+    [[ -n $OLD ]] && args+=(--old "$OLD")
+    [[ -n $TIMED ]] && args+=(--timed)
     exec "$DEVSTACK" run --name script-cost --redis-port $((PORT_BASE)) \
         --pg-port $((PORT_BASE + 1)) -- "$0" "${args[@]}"
 fi
@@ -63,26 +86,29 @@ BPORT=$((PORT_BASE + 3))
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$OUT"' EXIT
 
-# start_redis NAME: a redis-server under callgrind on RPORT; sets REDIS_PID.
+# start_redis NAME: a redis-server (under callgrind unless --timed) on RPORT; sets REDIS_PID.
 start_redis() {
-    valgrind --tool=callgrind --callgrind-out-file="$OUT/$1.cg" \
-        redis-server --port "$RPORT" --save '' --appendonly no --dir "$OUT" >"$OUT/$1.log" 2>&1 &
+    local under=(valgrind --tool=callgrind --callgrind-out-file="$OUT/$1.cg")
+    [[ -n $TIMED ]] && under=()
+    "${under[@]}" redis-server --port "$RPORT" --save '' --appendonly no --dir "$OUT" \
+        >"$OUT/$1.log" 2>&1 &
     REDIS_PID=$!
     pids+=("$REDIS_PID")
     for _ in $(seq 600); do
         redis-cli -p "$RPORT" ping >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    die "redis-server under valgrind didn't start: $(tail -3 "$OUT/$1.log")"
+    die "redis-server didn't start: $(tail -3 "$OUT/$1.log")"
 }
 
-# count NAME ARGS...: zero the counters, run CALLS commands, stop Redis; prints Ir per call.
+# count NAME ARGS...: warm up, zero the counters, run CALLS commands, stop Redis; prints Ir per
+# call (or, with --timed, Redis' usec_per_call).
 count() {
     local name=$1
     shift
-    redis-benchmark -p "$RPORT" -c 1 -n 200 -r 100000000 "$@" >/dev/null
+    redis-benchmark -p "$RPORT" -c 1 -n "$WARMUP" -r 100000000 "$@" >/dev/null
     redis-cli -p "$RPORT" config resetstat >/dev/null
-    callgrind_control -z "$REDIS_PID" >/dev/null 2>&1
+    [[ -z $TIMED ]] && callgrind_control -z "$REDIS_PID" >/dev/null 2>&1
     redis-benchmark -p "$RPORT" -c 1 -n "$CALLS" -r 100000000 "$@" >/dev/null
     local stats calls failed ir
     stats=$(redis-cli -p "$RPORT" info commandstats | tr -d '\r' | grep "^cmdstat_${1,,}:")
@@ -91,48 +117,84 @@ count() {
     [[ $failed == 0 && $calls -gt 0 ]] || die "$name: $stats"
     redis-cli -p "$RPORT" shutdown nosave >/dev/null 2>&1 || true
     wait "$REDIS_PID" 2>/dev/null || true
+    if [[ -n $TIMED ]]; then
+        sed 's/.*usec_per_call=\([0-9.]*\).*/\1/' <<<"$stats"
+        return
+    fi
     ir=$(grep -m1 '^summary:' "$OUT/$name.cg" | awk '{print $2}')
     echo $((ir / calls))
 }
 
-# 1-3: the reserve script.
-start_redis reserve
 export FLOODGATE_DATABASE_URL=$FLOODGATE_TEST_DATABASE_URL
 export FLOODGATE_REDIS_URL=redis://127.0.0.1:$RPORT FLOODGATE_DEV_IDENTITY=true
 export FLOODGATE_HTTP__LISTEN=127.0.0.1:$BPORT FLOODGATE_LOG=warn
 key=$("$BOOKING_API" create-key --scope seller --name script-cost)
-"$BOOKING_API" serve >"$OUT/booking.log" 2>&1 &
-booking=$!
-pids+=("$booking")
-for _ in $(seq 600); do
-    curl -sf "127.0.0.1:$BPORT/healthz" >/dev/null && break
-    sleep 0.1
-done
 api() { curl -sf -H 'content-type: application/json' "$@"; }
-drop=$(api -X POST "127.0.0.1:$BPORT/v1/drops" -H "Authorization: Bearer $key" -d '{"name":"cost",
+
+# measure NAME DIR: steps 1-3 for the reserve script made of DIR/clock.lua, DIR/lib.lua and
+# DIR/reserve.lua (loaded as they are; nothing is loaded when DIR is empty: the engine's own).
+measure() {
+    local name=$1 dir=$2
+    start_redis "$name"
+    "$BOOKING_API" serve >"$OUT/booking-$name.log" 2>&1 &
+    local booking=$!
+    pids+=("$booking")
+    for _ in $(seq 600); do
+        curl -sf "127.0.0.1:$BPORT/healthz" >/dev/null && break
+        sleep 0.1
+    done
+    local drop fan
+    drop=$(api -X POST "127.0.0.1:$BPORT/v1/drops" -H "Authorization: Bearer $key" -d '{"name":"cost",
   "per_fan_limit":4,"hold_ttl_s":3600,"admission":{"mode":"open"},"inventory":{"kind":"ga",
   "skus":[{"sku":"TEE","name":"Tee","price_cents":100,"quantity":1000000}]}}' |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["drop_id"])') || die "creating the drop failed"
-fan=$(api -X POST "127.0.0.1:$BPORT/v1/fans/session" -d '{"fan":"warm"}' |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["fan_token"])')
-api -X POST "127.0.0.1:$BPORT/v1/drops/$drop/holds" -H "Authorization: Bearer $fan" \
-    -H 'Idempotency-Key: warm' -d '{"items":[{"sku":"TEE","quantity":1}]}' >/dev/null ||
-    die "the first reserve failed"
-read -ra evalsha <<<"$("$BOOKING_API" bench-args --drop-id "$drop")"
-kill "$booking"
-wait "$booking" 2>/dev/null || true
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["drop_id"])') ||
+        die "creating the drop failed"
+    fan=$(api -X POST "127.0.0.1:$BPORT/v1/fans/session" -d '{"fan":"warm"}' |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["fan_token"])')
+    api -X POST "127.0.0.1:$BPORT/v1/drops/$drop/holds" -H "Authorization: Bearer $fan" \
+        -H 'Idempotency-Key: warm' -d '{"items":[{"sku":"TEE","quantity":1}]}' >/dev/null ||
+        die "the first reserve failed"
+    local evalsha
+    read -ra evalsha <<<"$("$BOOKING_API" bench-args --drop-id "$drop")"
+    kill "$booking"
+    wait "$booking" 2>/dev/null || true
+    if [[ -n $dir ]]; then
+        evalsha[0]=$(redis-cli -p "$RPORT" script load \
+            "$(cat "$dir/clock.lua"; echo; cat "$dir/lib.lua"; echo; cat "$dir/reserve.lua")")
+    fi
+    count "$name" EVALSHA "${evalsha[@]}"
+}
+
 what=lua/reserve.lua
+dir=
 if [[ -n $VARIANT ]]; then
-    evalsha[0]=$(redis-cli -p "$RPORT" script load "$(cat lua/clock.lua; echo; cat lua/lib.lua; echo; cat "$VARIANT")")
+    dir=$OUT/variant
+    mkdir -p "$dir"
+    cp lua/clock.lua lua/lib.lua "$dir/"
+    cp "$VARIANT" "$dir/reserve.lua"
     what=$VARIANT
 fi
-reserve=$(count reserve EVALSHA "${evalsha[@]}")
+reserve=$(measure reserve "$dir")
+if [[ -n $OLD ]]; then
+    mkdir -p "$OUT/old"
+    for f in clock lib reserve; do
+        git show "$OLD:lua/$f.lua" >"$OUT/old/$f.lua" || die "no lua/$f.lua at $OLD"
+    done
+    idem=$(grep -o 'idem = KEYS\[[0-9]*\]' lua/lib.lua)
+    sed -i "s/idem = KEYS\[[0-9]*\]/$idem/" "$OUT/old/lib.lua"
+    old=$(measure old "$OUT/old")
+fi
 
 # 4: the empty script, the same way.
 start_redis empty
 empty=$(count empty EVAL "return 1" 0)
 
-echo "script-cost: $what, $CALLS calls each, callgrind instructions (Ir) per call in redis-server"
+unit="callgrind instructions (Ir) per call in redis-server"
+[[ -n $TIMED ]] && unit="Redis' usec_per_call (INFO commandstats), not under callgrind"
+echo "script-cost: $what, $CALLS calls each after $WARMUP, $unit"
 echo "  reserve      $reserve"
+[[ -n $OLD ]] && echo "  at $OLD  $old"
 echo "  empty EVAL   $empty"
 python3 -c "print(f'  ratio        {$reserve / $empty:.1f}x the empty script')"
+[[ -n $OLD ]] && python3 -c "print(f'  reserve / at $OLD: {$reserve / $old:.3f}')"
+exit 0
