@@ -309,6 +309,23 @@ async fn fault_cluster_primary_killed_mid_sale_fails_over_one_shard() {
         assert_consistent(&f, &h, drop).await;
     }
 
+    // The killed node comes back as a replica of the promoted one; the cluster is whole again.
+    f.with(move |s| s.start_cluster_node(hit_port))
+        .await
+        .expect("the killed node rejoins");
+    let nodes = f
+        .with(|s| s.cluster_topology())
+        .await
+        .expect("the topology");
+    let back = nodes.iter().find(|n| n.port == hit_port).expect("the node");
+    assert!(!back.primary && !back.failed, "{back:?}");
+    let token = api.fan_token("after-rejoin").await;
+    for drop in [&hit, &spared] {
+        let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
+        let r = api.reserve_reply(&token, drop, &new_key(), &body).await;
+        assert_eq!(r.status, 201, "{drop} after the node rejoined: {r:?}");
+    }
+
     h.server.shutdown().await;
     f.stop().await;
 }
