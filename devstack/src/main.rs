@@ -288,8 +288,18 @@ fn up(args: UpArgs) -> Result<u8> {
     }
 
     eprintln!(
-        "devstack: starting PostgreSQL on :{} and Redis on :{} ...",
-        args.pg_port, args.redis_port
+        "devstack: starting PostgreSQL on :{} and {} ...",
+        args.pg_port,
+        if args.redis_cluster {
+            format!(
+                "a Redis Cluster on :{}-{}",
+                args.redis_port,
+                args.redis_port
+                    .saturating_add(devstack::cluster::CLUSTER_NODE_COUNT - 1)
+            )
+        } else {
+            format!("Redis on :{}", args.redis_port)
+        }
     );
     let cfg = StackConfig {
         name: args.name.clone(),
