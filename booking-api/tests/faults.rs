@@ -1,6 +1,7 @@
 //! Fault tests (issue 3, "Fault tests"). Each test starts a PostgreSQL + Redis stack of its own
 //! with devstack (never the shared test stack) and breaks it on purpose: Postgres stopped during
-//! confirms, Redis killed with SIGKILL and restarted from its AOF, Redis flushed. Then it checks
+//! confirms, Redis killed with SIGKILL and restarted from its AOF, Redis flushed, Postgres stopped
+//! under the front page's catalogue. Then it checks
 //! what the hold lifecycle and recovery (docs/ARCHITECTURE.md) promise, not incidental details:
 //! - while a store is away, answers are documented codes, and every 503 carries `Retry-After`;
 //! - the reconciler and recovery bring every drop back by themselves (awaited with generous
@@ -770,6 +771,77 @@ async fn fault_aof_rewrites_wait_for_a_quiet_redis() {
     h.ga_drop(100, 4, 600).await;
     eventually("a rewrite past the ceiling", || async {
         rewrites(&f).await > before
+    })
+    .await;
+    h.server.shutdown().await;
+    f.stop().await;
+}
+
+// ---- Postgres stopped under the front page's catalogue ------------------------------------------
+
+/// With Postgres down, a booking-api that has read the catalogue keeps answering with the last
+/// one it read; one that never read it answers 503 `unavailable` with `Retry-After`. With
+/// Postgres back, a drop created since is listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_postgres_stopped_catalogue_serves_the_last_one() {
+    let f = Fault::start("fault-pg-catalogue").await;
+    let mut cfg = test_config_for(&f.redis_url, &f.db_url);
+    // Read on every request, so every request during the outage tries Postgres and fails.
+    cfg.drops.catalogue_refresh_ms = 0;
+    cfg.database.timeout_ms = 1_000;
+    let h = Harness::with_config(cfg.clone()).await;
+    let cold = booking_api::start(cfg).await.expect("a second booking-api starts");
+    let cold = BookingClient::new(cold.url());
+    let drop = h.ga_drop(5, 2, 60).await;
+    let listed = |v: &Value, drop: &str| {
+        v["on_sale"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|e| e["drop_id"] == drop))
+    };
+    let (status, before) = h.get("/v1/catalogue", None).await;
+    assert_eq!(status, 200, "{before}");
+    assert!(listed(&before, &drop), "{before}");
+
+    f.with(|s| s.stop_postgres())
+        .await
+        .expect("Postgres stops");
+    for _ in 0..3 {
+        let (status, v) = h.get("/v1/catalogue", None).await;
+        assert_eq!(status, 200, "the last catalogue: {v}");
+        assert_eq!(v, before);
+    }
+    let r = cold.get_reply("/v1/catalogue", None).await;
+    assert_eq!((r.status, r.code()), (503, "unavailable"), "{r:?}");
+    assert!(r.retry_after.is_some(), "{r:?}");
+
+    f.with(|s| s.start_postgres())
+        .await
+        .expect("Postgres starts again");
+    let created: Arc<Mutex<Option<String>>> = Arc::default();
+    eventually("a drop can be created again", || {
+        let (api, created) = (h.client.clone(), created.clone());
+        async move {
+            let (status, v) = api
+                .seller_post(
+                    "/v1/drops",
+                    json!({
+                        "name": "after the outage", "per_fan_limit": 1, "hold_ttl_s": 60,
+                        "admission": {"mode": "open"},
+                        "inventory": {"kind": "ga", "skus": [{"sku": "A", "name": "A", "price_cents": 100, "quantity": 1}]}
+                    }),
+                )
+                .await;
+            if status == 201 {
+                *created.lock().unwrap() = v["drop_id"].as_str().map(str::to_owned);
+            }
+            status == 201
+        }
+    })
+    .await;
+    let later = created.lock().unwrap().clone().expect("a drop id");
+    eventually("the new drop is listed", || async {
+        let (status, v) = h.get("/v1/catalogue", None).await;
+        status == 200 && listed(&v, &later) && listed(&v, &drop)
     })
     .await;
     h.server.shutdown().await;
