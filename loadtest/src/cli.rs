@@ -83,6 +83,18 @@ pub const MAX_ROUNDS: u32 = 20;
 /// The bar: reserve p99 with the pages at most this many times the p99 without them.
 pub const BAR_P99_RATIO: f64 = 1.2;
 
+/// Instances of one server a run spreads over (`loadtest sale`'s URL lists).
+pub const MAX_INSTANCES: usize = 64;
+
+/// A comma-separated list of base URLs (`.dev/env`'s `*_INSTANCE_URLS`), blanks dropped.
+pub fn instance_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// `loadtest sale`'s defaults and bounds: a small rehearsal by default (the acceptance run's
 /// figures are in docs/BENCHMARKS.md, "The whole sale").
 pub const DEFAULT_SALE_FANS: usize = 2_000;
@@ -596,13 +608,22 @@ impl SocketArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct SaleArgs {
-    /// booking-api's base URL (drop, fan sessions, reserves, confirms).
-    #[arg(long, env = "BOOKING_URL")]
-    pub booking_url: String,
+    /// booking-api's base URL (drop, fan sessions, reserves, confirms); several (comma-separated
+    /// or the flag repeated): instances of one deployment, fan k shops on instance k mod n.
+    #[arg(long, env = "BOOKING_URL", value_delimiter = ',', required = true)]
+    pub booking_url: Vec<String>,
 
-    /// queue-server's base URL (the line: sockets, HTTP joins and polls, the seed).
-    #[arg(long, env = "QUEUE_URL")]
-    pub queue_url: String,
+    /// queue-server's base URL (the line: sockets, HTTP joins and polls, the seed); several:
+    /// socket k connects to instance k mod n (so a fan always meets the same instance), HTTP
+    /// connection k joins and polls through instance k mod n.
+    #[arg(long, env = "QUEUE_URL", value_delimiter = ',', required = true)]
+    pub queue_url: Vec<String>,
+
+    /// Take the instances from `BOOKING_INSTANCE_URLS` and `QUEUE_INSTANCE_URLS` (`./dev up
+    /// --instances N` writes them to .dev/env) instead of --booking-url / --queue-url: past
+    /// HAProxy, whose one process holds ≈ 9,900 sockets under a 20,000-file limit.
+    #[arg(long)]
+    pub instances_from_env: bool,
 
     /// Seller API key: the run creates its own drop.
     #[arg(long, env = "FLOODGATE_SELLER_KEY", hide_env_values = true)]
@@ -768,8 +789,34 @@ pub struct SaleArgs {
 }
 
 impl SaleArgs {
+    /// With --instances-from-env: the instance lists from the environment replace the URLs.
+    pub fn resolve_instances(&mut self) -> Result<(), String> {
+        if !self.instances_from_env {
+            return Ok(());
+        }
+        let list = |var: &str| -> Result<Vec<String>, String> {
+            let urls = instance_urls(&std::env::var(var).unwrap_or_default());
+            if urls.is_empty() {
+                return Err(format!(
+                    "--instances-from-env: {var} is empty or unset (./dev up --instances N \
+                     writes it to .dev/env)"
+                ));
+            }
+            Ok(urls)
+        };
+        self.booking_url = list("BOOKING_INSTANCE_URLS")?;
+        self.queue_url = list("QUEUE_INSTANCE_URLS")?;
+        Ok(())
+    }
+
     /// Checks the bounds clap can't express; returns a message for the first one broken.
     pub fn validate(&self) -> Result<(), String> {
+        if self.booking_url.is_empty() || self.queue_url.is_empty() {
+            return Err("--booking-url and --queue-url need at least one URL each".into());
+        }
+        if self.booking_url.len() > MAX_INSTANCES || self.queue_url.len() > MAX_INSTANCES {
+            return Err(format!("at most {MAX_INSTANCES} instances of each server"));
+        }
         let finite_in = |v: f64, lo: f64, hi: f64| v.is_finite() && v >= lo && v <= hi;
         if !(1..=MAX_FANS).contains(&self.fans) {
             return Err(format!("--fans must be in 1..={MAX_FANS}"));
@@ -1235,6 +1282,33 @@ pub(crate) mod tests {
             Scenario::Sale(a) => a,
             other => panic!("not sale: {other:?}"),
         }
+    }
+
+    #[test]
+    fn sale_urls_take_several_instances() {
+        let a = parse_sale(&[
+            "--booking-url",
+            "http://127.0.0.1:9000,http://127.0.0.1:9001",
+        ]);
+        // A repeated flag adds to the list; a comma-separated one splits.
+        assert_eq!(
+            a.booking_url,
+            [
+                "http://127.0.0.1:8080",
+                "http://127.0.0.1:9000",
+                "http://127.0.0.1:9001"
+            ]
+        );
+        assert_eq!(a.queue_url, ["http://127.0.0.1:8081"]);
+        assert_eq!(a.validate(), Ok(()));
+        assert_eq!(
+            instance_urls(" http://a:1, ,http://b:2 "),
+            ["http://a:1", "http://b:2"]
+        );
+        // Without --instances-from-env the environment's lists are not read.
+        let mut a = parse_sale(&[]);
+        assert_eq!(a.resolve_instances(), Ok(()));
+        assert_eq!(a.queue_url, ["http://127.0.0.1:8081"]);
     }
 
     #[test]

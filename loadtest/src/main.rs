@@ -79,8 +79,8 @@ fn main() -> ExitCode {
             }
             return block_on(current_thread(), queue::run(args));
         }
-        Scenario::Sale(args) => {
-            if let Err(msg) = args.validate() {
+        Scenario::Sale(mut args) => {
+            if let Err(msg) = args.resolve_instances().and_then(|()| args.validate()) {
                 eprintln!("loadtest: {msg}");
                 return ExitCode::from(2);
             }

@@ -295,6 +295,7 @@ fn inits(args: &QueueArgs, spec: &PhaseSpec<'_>) -> Vec<ClientsInit> {
             net_base: spec.net_base,
             sale: false,
             connect_per_s: None,
+            instances: &[],
         },
     )
 }
@@ -315,6 +316,8 @@ pub(crate) struct Split<'a> {
     /// Sockets started per second by all the processes together, each at its share; None: as
     /// fast as they connect.
     pub connect_per_s: Option<f64>,
+    /// [`ClientsInit::instances`].
+    pub instances: &'a [(std::net::SocketAddr, String)],
 }
 
 /// Splits `split.range` over `sockets.client_procs` processes (fewer when there are fewer
@@ -345,6 +348,7 @@ pub(crate) fn split_inits(sockets: &SocketArgs, split: &Split<'_>) -> Vec<Client
                 connect_timeout_ms: sockets.connect_timeout_ms,
                 sale: split.sale,
                 connect_per_s: split.connect_per_s.map(|r| r * count as f64 / n as f64),
+                instances: split.instances.to_vec(),
             };
             first += count;
             init
@@ -864,6 +868,7 @@ mod tests {
                 net_base: 3,
                 sale: true,
                 connect_per_s: Some(70.0),
+                instances: &[],
             },
         );
         let shape: Vec<_> = paced

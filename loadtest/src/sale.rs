@@ -166,6 +166,8 @@ struct FanLog {
     end: Option<report::SessionEnd>,
     /// HTTP fans: when a poll said `sold_out`.
     sold_out_us: Option<i64>,
+    /// When the fan heard its admission (sockets: the `admitted` frame; HTTP: the poll).
+    heard_admitted_us: Option<i64>,
     /// Admitted, or told the line is over: no more polls.
     done: bool,
 }
@@ -228,8 +230,13 @@ fn record_at(by_s: &mut BTreeMap<i64, Histogram<u64>>, at_us: i64, us: u64) {
 /// The run's shared parts.
 struct Ctx {
     args: SaleArgs,
+    /// The first instance of each server: the run's own requests (drop, counts, seed).
     booking: Target,
     queue: Target,
+    /// Every instance of each server: fan k shops on `bookings[k mod n]`, socket k and HTTP
+    /// connection k go to `queues[k mod n]`.
+    bookings: Vec<Target>,
+    queues: Vec<Target>,
     drop_id: String,
     fans: Vec<Fan>,
     tally: Mutex<Tally>,
@@ -242,6 +249,14 @@ struct Ctx {
 impl Ctx {
     fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
         self.tally.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn booking_of(&self, fan: usize) -> &Target {
+        &self.bookings[fan % self.bookings.len()]
+    }
+
+    fn queue_of(&self, k: usize) -> &Target {
+        &self.queues[k % self.queues.len()]
     }
 
     fn queue_path(&self, tail: &str) -> String {
@@ -389,6 +404,8 @@ async fn http_worker(
 ) {
     let host = (HTTP_HOST_BASE + k).min(ws_clients::MAX_HOSTS_PER_NET) as u8;
     let mut slot = Slot::from_source(ctx.timeout, Ipv4Addr::new(127, 0, 0, host));
+    // A slot keeps one connection: this worker's fans join and poll through one instance.
+    let queue = ctx.queue_of(k).clone();
     while !ctx.stop.load(Ordering::Relaxed) {
         let (fan, step) = match agenda.next(wall_us()) {
             Ok(work) => work,
@@ -401,19 +418,19 @@ async fn http_worker(
             }
         };
         match step {
-            Step::Join => http_join(&ctx, &agenda, &mut slot, fan).await,
-            Step::Poll => http_poll(&ctx, &agenda, &mut slot, fan, &admissions).await,
+            Step::Join => http_join(&ctx, &queue, &agenda, &mut slot, fan).await,
+            Step::Poll => http_poll(&ctx, &queue, &agenda, &mut slot, fan, &admissions).await,
         }
     }
 }
 
-async fn http_join(ctx: &Ctx, agenda: &Agenda, slot: &mut Slot, fan: usize) {
+async fn http_join(ctx: &Ctx, queue: &Target, agenda: &Agenda, slot: &mut Slot, fan: usize) {
     let f = &ctx.fans[fan];
     let path = ctx.queue_path("");
     let answer = call(
         ctx,
         slot,
-        &ctx.queue,
+        queue,
         Req::new("join", Method::POST, &path, &f.auth),
     )
     .await;
@@ -460,6 +477,7 @@ fn jitter(poll_ms: u64, fan: usize) -> i64 {
 
 async fn http_poll(
     ctx: &Ctx,
+    queue: &Target,
     agenda: &Agenda,
     slot: &mut Slot,
     fan: usize,
@@ -470,7 +488,7 @@ async fn http_poll(
     let answer = call(
         ctx,
         slot,
-        &ctx.queue,
+        queue,
         Req::new("poll", Method::GET, &path, &f.auth),
     )
     .await;
@@ -540,6 +558,7 @@ fn book_admission(ctx: &Ctx, line: &AdmissionLine) -> (Option<i64>, Option<i64>)
         log.token_place = token_place;
         log.admitted_ms = shop_end_ms.map(|e| e - i64::from(ctx.args.shop_window_s) * 1000);
         log.shop_end_ms = shop_end_ms;
+        log.heard_admitted_us = Some(line.at_us);
         log.end = Some(report::SessionEnd::NoHold);
     }
     (token_place, shop_end_ms)
@@ -558,6 +577,7 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
     // One connection per server: a slot keeps the connection it opened first.
     let mut slot = Slot::new(ctx.timeout);
     let mut queue_slot = Slot::new(ctx.timeout);
+    let booking = ctx.booking_of(fan);
     let holds = format!("/v1/drops/{}/holds", path_segment(&ctx.drop_id));
     let body = crate::api::hold_body(SKU, 1);
     let Ok(token) = HeaderValue::from_str(&line.admission_token) else {
@@ -572,7 +592,7 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
         if let Ok((status, bytes, _)) = call(
             &ctx,
             &mut queue_slot,
-            &ctx.queue,
+            ctx.queue_of(fan),
             Req::new("second_tab", Method::POST, &path, &f.auth),
         )
         .await
@@ -590,7 +610,7 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
         if let Ok((status, _, _)) = call(
             &ctx,
             &mut slot,
-            &ctx.booking,
+            booking,
             Req::new("unadmitted_reserve", Method::POST, &holds, &f.auth)
                 .headers(&[key])
                 .body(body.clone()),
@@ -617,7 +637,7 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
         let answer = call(
             &ctx,
             &mut slot,
-            &ctx.booking,
+            booking,
             Req::new("reserve", Method::POST, &holds, &f.auth)
                 .headers(&headers)
                 .body(body.clone()),
@@ -659,7 +679,10 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
     };
 
     if f.hostile {
-        hostile_replays(&ctx, &mut slot, f, &holds, &admitted, &key, &body, &hold).await;
+        hostile_replays(
+            &ctx, &mut slot, booking, f, &holds, &admitted, &key, &body, &hold,
+        )
+        .await;
     }
 
     let hold_path = format!("/v1/holds/{}", path_segment(&hold));
@@ -669,7 +692,7 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
             let answer = call(
                 &ctx,
                 &mut slot,
-                &ctx.booking,
+                booking,
                 Req::new("confirm", Method::POST, &path, &f.auth)
                     .body(crate::api::confirm_body(&hold)),
             )
@@ -690,7 +713,7 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
             let answer = call(
                 &ctx,
                 &mut slot,
-                &ctx.booking,
+                booking,
                 Req::new("release", Method::DELETE, &hold_path, &f.auth),
             )
             .await;
@@ -716,6 +739,7 @@ async fn shop(ctx: Arc<Ctx>, line: AdmissionLine, shops: Arc<Semaphore>) {
 async fn hostile_replays(
     ctx: &Ctx,
     slot: &mut Slot,
+    booking: &Target,
     f: &Fan,
     holds: &str,
     admitted: &(&'static str, HeaderValue),
@@ -727,7 +751,7 @@ async fn hostile_replays(
     if let Ok((status, bytes, _)) = call(
         ctx,
         slot,
-        &ctx.booking,
+        booking,
         Req::new("replay", Method::POST, holds, &f.auth)
             .headers(&with_key)
             .body(body.clone()),
@@ -747,7 +771,7 @@ async fn hostile_replays(
     if let Ok((status, bytes, _)) = call(
         ctx,
         slot,
-        &ctx.booking,
+        booking,
         Req::new("reused_key", Method::POST, holds, &f.auth)
             .headers(&with_key)
             .body(other),
@@ -768,7 +792,7 @@ async fn hostile_replays(
     if let Ok((status, _, _)) = call(
         ctx,
         slot,
-        &ctx.booking,
+        booking,
         Req::new("over_limit", Method::POST, holds, &f.auth)
             .headers(&fresh)
             .body(past),
@@ -845,7 +869,7 @@ struct Watched {
 }
 
 impl Watched {
-    fn find(args: &SaleArgs, booking: &Target, queue: &Target) -> Self {
+    fn find(args: &SaleArgs, bookings: &[Target], queues: &[Target]) -> Self {
         let mut procs: Vec<(String, u32)> = Vec::new();
         let mut add = |name: &str, pid: Option<u32>| {
             let Some(pid) = pid else { return };
@@ -854,11 +878,18 @@ impl Watched {
                 None => procs.push((name.to_owned(), pid)),
             }
         };
-        add(
-            "booking-api",
-            procfs::listener_pid(booking.addr.port()).ok(),
-        );
-        add("queue-server", procfs::listener_pid(queue.addr.port()).ok());
+        // Several instances: one row each, named by port. (Behind HAProxy, its listener is the
+        // process found: the instances' own CPU needs --instances-from-env.)
+        for (server, targets) in [("booking-api", bookings), ("queue-server", queues)] {
+            for t in targets {
+                let name = if targets.len() > 1 {
+                    format!("{server} :{}", t.addr.port())
+                } else {
+                    server.to_owned()
+                };
+                add(&name, procfs::listener_pid(t.addr.port()).ok());
+            }
+        }
         add(
             "redis",
             args.redis_url
@@ -1179,9 +1210,17 @@ async fn redis_used_memory(url: Option<&str>) -> Option<u64> {
 /// met); `Err` for setup failures.
 pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
     let timeout = Duration::from_millis(args.request_timeout_ms);
-    let booking = Target::resolve(&args.booking_url).await?;
-    let queue = Target::resolve(&args.queue_url).await?;
-    let (queue_authority, queue_base_path) = split_base_url(&args.queue_url)?;
+    let mut bookings = Vec::new();
+    for url in &args.booking_url {
+        bookings.push(Target::resolve(url).await?);
+    }
+    let mut queues = Vec::new();
+    let mut ws_bases = Vec::new();
+    for url in &args.queue_url {
+        queues.push(Target::resolve(url).await?);
+        ws_bases.push(split_base_url(url)?);
+    }
+    let (booking, queue) = (bookings[0].clone(), queues[0].clone());
     let load_before = procfs::load_average();
     let started_at = rfc3339(wall_us() / 1000);
     let run_seed: u64 = rand::rng().random();
@@ -1221,17 +1260,20 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
             args.stock, args.pre_open_s, args.fans, args.ws_fans
         ),
     );
-    let watched = Arc::new(Watched::find(&args, &booking, &queue));
+    let watched = Arc::new(Watched::find(&args, &bookings, &queues));
     let used_memory_before = if args.line_only {
         redis_used_memory(args.redis_url.as_deref()).await
     } else {
         None
     };
 
-    let ws_url = format!(
-        "ws://{queue_authority}{queue_base_path}/v1/drops/{}/queue/ws",
-        path_segment(&drop_id)
-    );
+    let ws_path = format!("/v1/drops/{}/queue/ws", path_segment(&drop_id));
+    let ws_instances: Vec<(std::net::SocketAddr, String)> = queues
+        .iter()
+        .zip(&ws_bases)
+        .map(|(t, (authority, base))| (t.addr, format!("ws://{authority}{base}{ws_path}")))
+        .collect();
+    let ws_url = ws_instances[0].1.clone();
     let pre_ws = fans.iter().take_while(|f| f.socket && f.pre_queue).count();
     let ctx = Arc::new(Ctx {
         tally: Mutex::new(Tally::new(args.fans)),
@@ -1240,6 +1282,8 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
         timeout,
         booking,
         queue: queue.clone(),
+        bookings,
+        queues,
         drop_id: drop_id.clone(),
         fans,
         args,
@@ -1320,6 +1364,12 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
                 net_base,
                 sale: true,
                 connect_per_s,
+                // One instance: every socket to `target` / `url`.
+                instances: if ws_instances.len() > 1 {
+                    &ws_instances
+                } else {
+                    &[]
+                },
             },
         )
     };
@@ -1461,6 +1511,27 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<bool> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(out.invariants_held && (out.bars_met || !args.check))
+}
+
+/// Per queue-server instance, how long its socket fans (the first `ws_fans`; fan k's socket is on
+/// instance k mod n) waited from the admission run (the token's Redis time) to the `admitted`
+/// frame: issue 14's "within 1 s on whichever instance holds their socket".
+fn admitted_push(logs: &[FanLog], ws_fans: usize, queue_urls: &[String]) -> Vec<report::PushDelay> {
+    let n = queue_urls.len().max(1);
+    (0..n)
+        .map(|i| {
+            let delays = logs
+                .iter()
+                .enumerate()
+                .take(ws_fans)
+                .filter(|(fan, _)| fan % n == i)
+                .filter_map(|(_, l)| Some(l.heard_admitted_us? - l.admitted_ms? * 1000));
+            report::PushDelay {
+                queue_url: queue_urls.get(i).cloned().unwrap_or_default(),
+                delay: report::percentiles_of_us(delays),
+            }
+        })
+        .collect()
 }
 
 /// The report's figures from what the run recorded.
@@ -1682,6 +1753,7 @@ fn figures(
         reserve: Percentiles::of(&t.reserve),
         confirm: Percentiles::of(&t.confirm),
     };
+    let admitted_push = admitted_push(&logs, args.ws_fans, &args.queue_url);
     let series = series(&ticks, samples, &t, opens_at_ms);
     let mut hostile = t.hostile.clone();
     hostile.fans = ctx.fans.iter().filter(|f| f.hostile).count() as u64;
@@ -1709,6 +1781,7 @@ fn figures(
         fairness,
         sold_out,
         latency,
+        admitted_push,
         shop: t.shop.clone(),
         errors: t.errors.clone(),
         hostile,

@@ -383,6 +383,14 @@ pub struct LineFigures {
     pub ratio_while_full: f64,
 }
 
+/// One queue-server instance's sockets: admission run (the token's Redis time) → `admitted`
+/// frame at the fan (ms; Redis and loadtest share the machine's clock).
+#[derive(Debug, Clone, Serialize)]
+pub struct PushDelay {
+    pub queue_url: String,
+    pub delay: Percentiles,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SaleReport {
     pub scenario: &'static str,
@@ -403,6 +411,8 @@ pub struct SaleReport {
     pub fairness: Fairness,
     pub sold_out: SoldOutNotice,
     pub latency: Latencies,
+    /// Per queue-server instance: admission run → `admitted` frame at the fan's socket.
+    pub admitted_push: Vec<PushDelay>,
     pub shop: Shop,
     /// Every error answer by `what:code` (`reserve:sold_out`, `join:rate_limited`, ...) and
     /// every request without one (`confirm:timeout`).
@@ -682,6 +692,12 @@ pub fn render_text(r: &SaleReport) -> String {
     pct_row(&mut out, "admitted → hold", &l.admitted_to_hold);
     pct_row(&mut out, "reserve", &l.reserve);
     pct_row(&mut out, "confirm", &l.confirm);
+    for p in &r.admitted_push {
+        pct_row(&mut out, "admission → socket", &p.delay);
+        if r.admitted_push.len() > 1 {
+            let _ = writeln!(out, "    on {}", p.queue_url);
+        }
+    }
     let sh = &r.shop;
     let _ = writeln!(
         out,

@@ -88,6 +88,11 @@ pub struct ClientsInit {
     /// them); None: as fast as `connect_concurrency` allows.
     #[serde(default)]
     pub connect_per_s: Option<f64>,
+    /// Several queue-server instances (`(address, ws://… URL)`): fan f's socket connects to
+    /// instance f mod n, so a fan always meets the same instance; empty: every socket goes to
+    /// `target` / `url`.
+    #[serde(default)]
+    pub instances: Vec<(SocketAddr, String)>,
 }
 
 impl ClientsInit {
@@ -99,6 +104,17 @@ impl ClientsInit {
 
     pub fn source_addrs(&self) -> usize {
         self.count.div_ceil(self.sockets_per_addr.max(1))
+    }
+
+    /// Where socket `socket` connects: its fan's instance ([`ClientsInit::instances`]).
+    pub fn endpoint(&self, socket: usize) -> (SocketAddr, &str) {
+        match self.instances.len() {
+            0 => (self.target, self.url.as_str()),
+            n => {
+                let (addr, url) = &self.instances[(self.first_fan + socket) % n];
+                (*addr, url.as_str())
+            }
+        }
     }
 
     /// The auth frame socket `socket` opens with, if it has a fan token.
@@ -541,21 +557,19 @@ async fn open(shared: &Shared, socket: usize) -> Result<Ws, String> {
     let tcp = TcpSocket::new_v4().map_err(|_| "socket".to_owned())?;
     let src = SocketAddrV4::new(init.source_addr(socket), 0);
     tcp.bind(src.into()).map_err(|_| "bind".to_owned())?;
+    let (target, url) = init.endpoint(socket);
     let stream = tcp
-        .connect(init.target)
+        .connect(target)
         .await
         .map_err(|_| "connect".to_owned())?;
     let _ = stream.set_nodelay(true);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
-        init.url.as_str(),
-        stream,
-        Some(shared.ws_config),
-    )
-    .await
-    .map_err(|e| match e {
-        tungstenite::Error::Http(resp) => format!("http_{}", resp.status().as_u16()),
-        _ => "handshake".to_owned(),
-    })?;
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(url, stream, Some(shared.ws_config))
+            .await
+            .map_err(|e| match e {
+                tungstenite::Error::Http(resp) => format!("http_{}", resp.status().as_u16()),
+                _ => "handshake".to_owned(),
+            })?;
     if let Some(auth) = init.auth_of(socket) {
         ws.send(Message::text(auth))
             .await
@@ -784,7 +798,28 @@ mod tests {
             connect_timeout_ms: 1000,
             sale: false,
             connect_per_s: None,
+            instances: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_fans_socket_always_meets_its_instance() {
+        let mut i = init(4, 10);
+        assert_eq!(i.endpoint(3), (i.target, "ws://127.0.0.1:1/ws"));
+        let a = (
+            "127.0.0.1:2".parse().unwrap(),
+            "ws://127.0.0.1:2/ws".to_owned(),
+        );
+        let b = (
+            "127.0.0.1:3".parse().unwrap(),
+            "ws://127.0.0.1:3/ws".to_owned(),
+        );
+        i.instances = vec![a.clone(), b.clone()];
+        i.first_fan = 7;
+        // Fan 7 (socket 0) → instance 1, fan 8 → instance 0: by run-wide fan, not by child.
+        assert_eq!(i.endpoint(0), (b.0, b.1.as_str()));
+        assert_eq!(i.endpoint(1), (a.0, a.1.as_str()));
+        assert_eq!(i.endpoint(2), i.endpoint(0));
     }
 
     #[test]

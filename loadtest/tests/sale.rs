@@ -154,6 +154,108 @@ async fn a_short_sale_sells_exactly_its_stock_and_reports_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Issue 14: a sale spread over two booking-api and two queue-server instances (one Redis, one
+/// Postgres), taken from `BOOKING_INSTANCE_URLS` and `QUEUE_INSTANCE_URLS` as `./dev up
+/// --instances 2` writes them (`--instances-from-env`). It sells exactly its stock, and the
+/// report gives the admission → `admitted` delay for the sockets of each queue-server instance,
+/// so both held sockets whose fans were admitted (fan k's socket is on instance k mod 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_spreads_over_two_instances_of_each_server() {
+    let mut cfg = config();
+    cfg.holds.confirm_grace_ms = 1_000;
+    let servers = Servers::start(cfg.clone(), "loadtest-instances").await;
+    let booking2 = booking_api::start(cfg.clone())
+        .await
+        .expect("a second booking-api starts");
+    let mut qcfg = cfg;
+    qcfg.queue.booking_public_url = servers.booking.url();
+    let queue2 = queue_server::start(qcfg)
+        .await
+        .expect("a second queue-server starts");
+    let dir = out_dir();
+    let json_path = dir.join("instances.json");
+    let stock = 30;
+
+    let bookings = format!("{},{}", servers.booking.url(), booking2.url());
+    let queues = format!("{}, {}", servers.queue.url(), queue2.url());
+    // An instance list that is empty: --instances-from-env says so rather than guess.
+    let out = sale(&servers)
+        .arg("--instances-from-env")
+        .env("BOOKING_INSTANCE_URLS", &bookings)
+        .env("QUEUE_INSTANCE_URLS", "")
+        .output()
+        .await
+        .expect("loadtest sale runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("QUEUE_INSTANCE_URLS"), "{stderr}");
+
+    let run = sale(&servers)
+        .arg("--instances-from-env")
+        .env("BOOKING_INSTANCE_URLS", &bookings)
+        .env("QUEUE_INSTANCE_URLS", &queues)
+        .args(["--fans", "160", "--ws-fans", "100", "--client-procs", "2"])
+        .args(["--stock", &stock.to_string()])
+        .args(["--pre-queue-pct", "0", "--pre-open-s", "0"])
+        .args([
+            "--shop-window-s",
+            "10",
+            "--rate-per-s",
+            "40",
+            "--burst",
+            "20",
+        ])
+        .args(["--hold-ttl-s", "2", "--think-ms", "50"])
+        .args([
+            "--pay-pct",
+            "100",
+            "--release-pct",
+            "0",
+            "--hostile-pct",
+            "0",
+        ])
+        .args(["--poll-ms", "1000", "--join-rate-per-s", "200"])
+        .args(["--sold-out-grace-s", "2", "--max-duration-s", "120"])
+        .args(["--json", json_path.to_str().unwrap()])
+        .output();
+    let out = tokio::time::timeout(RUN_LIMIT, run)
+        .await
+        .expect("the sale ends")
+        .expect("loadtest sale runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "loadtest sale over two instances failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{stdout}");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json_path).expect("the JSON report"))
+            .expect("the JSON report parses");
+    let o = &report["outcome"];
+    assert_eq!(o["sold_api"], stock, "{report:#}");
+    assert_eq!(o["sold_pg_items"], stock, "{report:#}");
+    assert_eq!(report["invariants_held"], true, "{report:#}");
+    let push = report["admitted_push"].as_array().expect("admitted_push");
+    assert_eq!(push.len(), 2, "one row per queue-server instance: {push:?}");
+    for (row, url) in push.iter().zip([servers.queue.url(), queue2.url()]) {
+        assert_eq!(row["queue_url"], url.as_str(), "{row}");
+        assert!(row["delay"]["count"].as_u64() > Some(0), "{row}");
+    }
+    // Both booking-api instances are the run's.
+    assert_eq!(
+        report["settings"]["booking_url"].as_array().map(Vec::len),
+        Some(2),
+        "{report:#}"
+    );
+
+    queue2.shutdown().await;
+    booking2.shutdown().await;
+    servers.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--line-only`, small: every fan joins and stays (no polls, a long grace), nobody shops; the
 /// report gives the line's figures and the invariants still hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
