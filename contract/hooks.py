@@ -220,6 +220,10 @@ def map_case(ctx, case):
             params["drop_id"] = create_drop(GA_DROP_BODY)
         elif path == "/v1/drops/{drop_id}/seats":
             params["drop_id"] = w.seated
+        elif path == "/v1/drops/{drop_id}/skus/{sku}/stock":
+            # Only a GA drop's SKUs take stock; the shared GA drop's totals may grow (it is big).
+            params["drop_id"] = w.ga
+            params["sku"] = rng.choice(["TEE-M", "TEE-S"])
         elif path == "/v1/drops/{drop_id}/holds":
             body = case.body if isinstance(case.body, dict) else {}
             params["drop_id"] = w.ga if "items" in body else w.seated

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use engine::booking::{AdmissionUpdate, ConfirmBody, Made};
+use engine::booking::{AddStock, AdmissionUpdate, ConfirmBody, Made};
 use engine::db::{ApiKey, Scope};
 use engine::drops::{CreateDrop, HoldRequestBody};
 use engine::ids::{DropId, FanId, HoldId, IdempotencyKey, OrderId};
@@ -157,6 +157,12 @@ impl App {
             (&Method::POST, ["v1", "drops", id, "close"]) => {
                 let seller = self.key(&req, Scope::Seller).await?;
                 ok(e.close_drop(&seller, &drop_id(id)?).await?)
+            }
+            (&Method::POST, ["v1", "drops", id, "skus", sku, "stock"]) => {
+                let seller = self.key(&req, Scope::Seller).await?;
+                let drop = drop_id(id)?;
+                let body: AddStock = parse_json(&self.body(req).await?)?;
+                ok(e.add_stock(&seller, &drop, sku, body).await?)
             }
             (&Method::GET, ["v1", "drops", id, "audit"]) => {
                 let key = self.any_key(&req).await?;
@@ -329,6 +335,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/drops/{id}/admission"),
     ("PUT", "/v1/drops/{id}/admission"),
     ("GET", "/v1/drops/{id}/audit"),
+    ("POST", "/v1/drops/{id}/skus/{sku}/stock"),
     ("POST", "/v1/drops/{id}/holds"),
     ("GET", "/v1/fans/me/holds"),
     ("GET", "/v1/fans/me/orders"),
@@ -349,6 +356,7 @@ fn api_route(_method: &Method, seg: &[&str]) -> &'static str {
         ["v1", "drops", _, "close"] => "/v1/drops/{id}/close",
         ["v1", "drops", _, "admission"] => "/v1/drops/{id}/admission",
         ["v1", "drops", _, "audit"] => "/v1/drops/{id}/audit",
+        ["v1", "drops", _, "skus", _, "stock"] => "/v1/drops/{id}/skus/{sku}/stock",
         ["v1", "drops", _, "holds"] => "/v1/drops/{id}/holds",
         ["v1", "fans", "me", "holds"] => "/v1/fans/me/holds",
         ["v1", "fans", "me", "orders"] => "/v1/fans/me/orders",
@@ -368,7 +376,7 @@ mod tests {
     #[test]
     fn api_routes_are_named_by_the_route_table() {
         for (method, pattern) in ROUTES.iter().filter(|(_, p)| p.starts_with("/v1/")) {
-            let path = pattern.replace("{id}", "x");
+            let path = pattern.replace("{id}", "x").replace("{sku}", "y");
             let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
             let method = Method::from_bytes(method.as_bytes()).unwrap();
             assert_eq!(api_route(&method, &segments), *pattern);

@@ -39,6 +39,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0004_line_marks.sql"),
     ),
     (5, "audit", include_str!("../../migrations/0005_audit.sql")),
+    (
+        6,
+        "restock",
+        include_str!("../../migrations/0006_restock.sql"),
+    ),
 ];
 const MIGRATION_LOCK_ID: i64 = 0x466c_6f6f_6467;
 
@@ -531,6 +536,100 @@ impl Db {
         Ok(())
     }
 
+    /// Adds `add` units to a SKU's total in Postgres with a `restock` ledger line, in one
+    /// transaction (migrations/0006_restock.sql); returns the bucket's total after. With a
+    /// `request_id` seen before (same SKU and units), adds nothing and returns the total as it is
+    /// now (the caller raises Redis to it again: lua/restock.lua). Refuses a closed drop (the
+    /// drop row is read `FOR SHARE`, so a racing close either waits for this or is seen) and a
+    /// total past `max_total`.
+    pub async fn restock(
+        &self,
+        drop: &DropId,
+        bucket: &str,
+        add: i64,
+        request_id: Option<&str>,
+        max_total: i64,
+    ) -> Result<Restocked> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let d = drop.as_str();
+        let status: Option<String> = tx
+            .query_opt(
+                "SELECT status FROM drops WHERE drop_id = $1 FOR SHARE",
+                &[&d],
+            )
+            .await?
+            .map(|r| r.get(0));
+        let Some(status) = status else {
+            return Err(Error::new(Code::UnknownDrop));
+        };
+        // The row lock orders restocks of one SKU, so a retry that raced its first attempt reads
+        // that attempt's ledger line below once it has committed.
+        let total: i64 = tx
+            .query_opt(
+                "SELECT total::bigint FROM inventory WHERE drop_id = $1 AND bucket = $2 FOR UPDATE",
+                &[&d, &bucket],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .ok_or_else(|| Error::new(Code::UnknownSku))?;
+        if let Some(id) = request_id {
+            let seen = tx
+                .query_opt(
+                    "SELECT bucket, delta_total::bigint FROM stock_ledger \
+                     WHERE drop_id = $1 AND kind = 'restock' AND request_id = $2",
+                    &[&d, &id],
+                )
+                .await?;
+            if let Some(row) = seen {
+                let (b, n): (String, i64) = (row.get(0), row.get(1));
+                if b != bucket || n != add {
+                    return Err(Error::new(Code::IdempotencyKeyReused));
+                }
+                return Ok(Restocked {
+                    total,
+                    replay: true,
+                });
+            }
+        }
+        if status != "open" {
+            return Err(Error::new(Code::DropClosed));
+        }
+        if total + add > max_total {
+            return Err(Error::invalid(format!(
+                "the SKU's total would be {}, past the limit of {max_total}",
+                total + add
+            )));
+        }
+        let total: i64 = tx
+            .query_one(
+                "UPDATE inventory SET total = total + $3 WHERE drop_id = $1 AND bucket = $2 \
+                 RETURNING total::bigint",
+                &[&d, &bucket, &(add as i32)],
+            )
+            .await?
+            .get(0);
+        let inserted = tx
+            .execute(
+                "INSERT INTO stock_ledger (drop_id, bucket, kind, delta_sold, delta_total, request_id, note) \
+                 VALUES ($1, $2, 'restock', 0, $3, $4, $5)",
+                &[&d, &bucket, &(add as i32), &request_id, &format!("total now {total}")],
+            )
+            .await;
+        match inserted {
+            // The same request id for another SKU, committed since: not this request's twin.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                return Err(Error::new(Code::IdempotencyKeyReused));
+            }
+            r => r?,
+        };
+        tx.commit().await?;
+        Ok(Restocked {
+            total,
+            replay: false,
+        })
+    }
+
     /// A page of the drop's audit log, newest first: at most `limit` entries older than
     /// `before` (an `entry_id`), or the newest when `before` is `None`.
     pub async fn audit(
@@ -1018,8 +1117,9 @@ impl Db {
         Ok(row.is_some_and(|r| r.get(0)))
     }
 
-    /// An archived drop's final counts per bucket, `(total, sold)`: what Redis counted before it
-    /// let the drop go (nothing is held in an archived drop).
+    /// A drop's counts per bucket in Postgres, `(total, sold)`: an archived drop's final ones
+    /// (what Redis counted before it let the drop go: nothing is held then); a rebuild compares
+    /// them with what it read, to learn whether a sale or restock landed meanwhile.
     pub async fn final_counts(&self, drop: &DropId) -> Result<HashMap<String, (i64, i64)>> {
         Ok(self
             .client()
@@ -1059,20 +1159,22 @@ impl Db {
             client: Some(client),
             drop: drop.to_string(),
             sold: HashMap::new(),
+            totals: HashMap::new(),
             sold_seats: std::collections::HashSet::new(),
             bought: Vec::new(),
         };
         let c = snap.client()?;
         let d = drop.as_str();
-        let mut sold = HashMap::new();
+        let (mut sold, mut totals) = (HashMap::new(), HashMap::new());
         for r in c
             .query(
-                "SELECT bucket, sold::bigint FROM inventory WHERE drop_id = $1",
+                "SELECT bucket, sold::bigint, total::bigint FROM inventory WHERE drop_id = $1",
                 &[&d],
             )
             .await?
         {
             sold.insert(r.get(0), r.get(1));
+            totals.insert(r.get(0), r.get(2));
         }
         let mut sold_seats = std::collections::HashSet::new();
         for r in c
@@ -1093,7 +1195,7 @@ impl Db {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        (snap.sold, snap.sold_seats, snap.bought) = (sold, sold_seats, bought);
+        (snap.sold, snap.totals, snap.sold_seats, snap.bought) = (sold, totals, sold_seats, bought);
         Ok(snap)
     }
 
@@ -1142,6 +1244,14 @@ fn parse_state(state: &str) -> Result<PaymentState> {
     PaymentState::parse(state).ok_or_else(|| Error::internal(format!("payments.state `{state}`")))
 }
 
+/// A restock as Postgres recorded it: the SKU's total after, and whether the request id had
+/// been seen before (nothing added this time).
+#[derive(Debug, Clone, Copy)]
+pub struct Restocked {
+    pub total: i64,
+    pub replay: bool,
+}
+
 /// Postgres' view of one drop for a sliced rebuild: what was sold (units per bucket, seats, units
 /// per fan), read at the start of one repeatable-read, read-only transaction that stays open while
 /// the rebuild asks, a slice of holds at a time, which have orders. So a commit landing during the
@@ -1152,6 +1262,8 @@ pub struct RecoverySnapshot {
     client: Option<deadpool_postgres::Object>,
     drop: String,
     pub sold: HashMap<String, i64>,
+    /// Each bucket's total: the definition's, plus the units restocks added (0006_restock.sql).
+    pub totals: HashMap<String, i64>,
     pub sold_seats: std::collections::HashSet<String>,
     pub bought: Vec<(String, i64)>,
 }

@@ -31,7 +31,7 @@ const LIB: &str = include_str!("../../lua/lib.lua");
 
 /// Every script: its name (its file in `lua/`), its source, and whether it takes `lib.lua` (the
 /// hold scripts do; the waiting room's `join` and `admit` take only the clock).
-const SOURCES: [(&str, &str, bool); 17] = [
+const SOURCES: [(&str, &str, bool); 18] = [
     ("reserve", include_str!("../../lua/reserve.lua"), true),
     ("release", include_str!("../../lua/release.lua"), true),
     ("expire", include_str!("../../lua/expire.lua"), true),
@@ -81,6 +81,7 @@ const SOURCES: [(&str, &str, bool); 17] = [
         false,
     ),
     ("drop_state", include_str!("../../lua/drop_state.lua"), true),
+    ("restock", include_str!("../../lua/restock.lua"), true),
 ];
 
 pub use crate::keys::DropKeys;
@@ -234,6 +235,7 @@ pub(crate) struct Scripts {
     pub(crate) admit: Script,
     pub(crate) line_restore: Script,
     drop_state: Script,
+    restock: Script,
 }
 
 impl Scripts {
@@ -245,7 +247,7 @@ impl Scripts {
             let lib = if *with_lib { LIB } else { "" };
             Script::from_lua(format!("{clock}\n{lib}\n{body}"))
         });
-        // SOURCES has exactly these seventeen, in this order.
+        // SOURCES has exactly these eighteen, in this order.
         let mut next = || built.next().expect("one script per SOURCES entry");
         Scripts {
             reserve: next(),
@@ -265,10 +267,11 @@ impl Scripts {
             admit: next(),
             line_restore: next(),
             drop_state: next(),
+            restock: next(),
         }
     }
 
-    fn all(&self) -> [&Script; 17] {
+    fn all(&self) -> [&Script; 18] {
         [
             &self.reserve,
             &self.release,
@@ -287,6 +290,7 @@ impl Scripts {
             &self.admit,
             &self.line_restore,
             &self.drop_state,
+            &self.restock,
         ]
     }
 }
@@ -624,6 +628,24 @@ impl Redis {
             .await?;
         match (text(reply.first()).as_str(), text(reply.get(1)).as_str()) {
             ("ok", _) => Ok(()),
+            (_, code) => Err(script_error(code)),
+        }
+    }
+
+    /// Raises a SKU's total (and available with it) to `total`, Postgres' total after a restock
+    /// (lua/restock.lua); returns Redis' (total, available) after. Idempotent: a total Redis has
+    /// reached already changes nothing.
+    pub async fn restock(&self, drop: &DropId, bucket: &str, total: i64) -> Result<(i64, i64)> {
+        let reply = self
+            .run(
+                &self.scripts.restock,
+                DropKeys::new(drop).all(),
+                vec![bucket.to_owned(), total.to_string()],
+            )
+            .await?;
+        match (text(reply.first()).as_str(), text(reply.get(1)).as_str()) {
+            ("ok", _) => Ok((int(reply.get(1)), int(reply.get(2)))),
+            (_, "recovering") => Err(recovering_error()),
             (_, code) => Err(script_error(code)),
         }
     }

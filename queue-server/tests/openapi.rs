@@ -108,6 +108,7 @@ fn sample(path: &str) -> String {
             "{hold_id}" => "d0123456789abcdef-h0123456789abcdef",
             "{order_id}" => "00000000-0000-4000-8000-000000000000",
             "{name}" => "fan.js",
+            "{sku}" => "TEE",
             s if s.starts_with('{') => panic!("no sample for path parameter {s}"),
             s => s,
         })

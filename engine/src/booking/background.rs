@@ -508,7 +508,7 @@ impl Engine {
     }
 
     /// One rebuild, in slices of `recovery.slice` entries (lua/rebuild.lua); the bool says
-    /// whether Postgres' sold counts stayed as read while it ran.
+    /// whether Postgres' sold counts and totals stayed as read while it ran.
     pub(super) async fn recover_inner(&self, drop: &DropId) -> Result<(i64, i64, bool)> {
         if self.db.is_archived(drop).await? {
             // Postgres is an archived drop's only record: nothing to rebuild (and no meta key to
@@ -525,8 +525,12 @@ impl Engine {
         let snapshot = self.db.recovery_snapshot(drop).await?;
         let mut image = self.drop_image(&def, &status);
         image.meta["recovering"] = json!("1");
-        for (bucket, _, sold) in &mut image.buckets {
+        for (bucket, total, sold) in &mut image.buckets {
             *sold = snapshot.sold.get(bucket.as_str()).copied().unwrap_or(0);
+            // The definition's total plus any restock's (Postgres raises it before Redis).
+            if let Some(t) = snapshot.totals.get(bucket.as_str()) {
+                *total = *t;
+            }
         }
         for (seat, sold) in &mut image.seats {
             *sold = snapshot.sold_seats.contains(seat.as_str());
@@ -560,9 +564,15 @@ impl Engine {
         }
         let report = rebuild.finish().await?;
         self.count_slices(&report);
-        let sold = snapshot.sold.clone();
+        // Each bucket's (total, sold) as read: a sale or a restock that Postgres committed
+        // meanwhile (its Redis step refused while `recovering`) means another round.
+        let read: HashMap<String, (i64, i64)> = snapshot
+            .totals
+            .iter()
+            .map(|(b, t)| (b.clone(), (*t, snapshot.sold.get(b).copied().unwrap_or(0))))
+            .collect();
         snapshot.finish().await?;
-        let settled = self.db.sold_state(drop, &[]).await?.sold == sold;
+        let settled = self.db.final_counts(drop).await? == read;
         let (kept, ended) = (report.kept, report.ended);
         let _ = self
             .db

@@ -58,6 +58,29 @@ impl AdmissionUpdate {
     }
 }
 
+/// A seller's request to add stock to a SKU (`POST /v1/drops/{id}/skus/{sku}/stock`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddStock {
+    /// Units to add, at least 1; the SKU's total may not pass `drops.max_units_per_sku`.
+    pub add: i64,
+    /// Makes the request idempotent: the same id again adds nothing and answers the SKU as it
+    /// is now (printable ASCII, at most 128 characters).
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+/// What a restock left: the SKU's counts in Redis after it.
+#[derive(Debug, serde::Serialize)]
+pub struct StockView {
+    pub drop_id: DropId,
+    pub sku: String,
+    /// Units this request added (0 when its request id was seen before).
+    pub added: i64,
+    pub total: i64,
+    pub available: i64,
+}
+
 impl Engine {
     /// The fields of a drop's Redis meta hash, the same at creation and at every rebuild.
     pub(super) fn meta_fields(&self, def: &DropDef, status: &str) -> Value {
@@ -245,6 +268,55 @@ impl Engine {
         }
         self.redis.set_meta(drop, "status", "closed").await?;
         self.drop_view_of(&def, "closed").await
+    }
+
+    /// Adds stock to a SKU of the seller's open drop: Postgres' total first, with a `restock`
+    /// ledger line (db.rs `restock`), then Redis' total and available rise to it
+    /// (lua/restock.lua), so no moment has Redis selling units Postgres doesn't count. If Redis
+    /// fails between the two, the same request (same `request_id`) raises it again; a rebuild
+    /// takes the total from Postgres in any case. Admission reads Redis' stock on its next run.
+    pub async fn add_stock(
+        &self,
+        seller: &ApiKey,
+        drop: &DropId,
+        sku: &str,
+        body: AddStock,
+    ) -> Result<StockView> {
+        let max = i64::from(self.cfg.drops.max_units_per_sku);
+        if body.add < 1 || body.add > max {
+            return Err(Error::invalid(format!("add must be in 1..={max}")));
+        }
+        let request_id = body.request_id.as_deref();
+        if request_id.is_some_and(|r| {
+            r.is_empty() || r.len() > 128 || !r.bytes().all(|c| c.is_ascii_graphic())
+        }) {
+            return Err(Error::invalid(
+                "request_id must be 1 to 128 printable ASCII characters, without spaces",
+            ));
+        }
+        let def = self.owned_drop(seller, drop).await?;
+        match def.buckets.iter().find(|b| b.id == sku) {
+            Some(b) if b.rows.is_empty() => {}
+            Some(_) => {
+                return Err(Error::msg(
+                    Code::UnknownSku,
+                    "A section of a seated drop has the seats of its map; only a SKU takes stock.",
+                ))
+            }
+            None => return Err(Error::new(Code::UnknownSku)),
+        }
+        let done = self
+            .db
+            .restock(drop, sku, body.add, request_id, max)
+            .await?;
+        let (total, available) = self.redis.restock(drop, sku, done.total).await?;
+        Ok(StockView {
+            drop_id: drop.clone(),
+            sku: sku.to_owned(),
+            added: if done.replay { 0 } else { body.add },
+            total,
+            available,
+        })
     }
 
     pub async fn admission_settings(&self, drop: &DropId) -> Result<AdmissionSettings> {

@@ -27,7 +27,7 @@ mod views;
 use confirm::Inflight;
 pub use confirm::{ConfirmBody, Payment};
 use drops::admission_fields;
-pub use drops::AdmissionUpdate;
+pub use drops::{AddStock, AdmissionUpdate, StockView};
 pub use seatmap::SeatsView;
 use views::priced_items;
 pub use views::{

@@ -118,6 +118,12 @@ enum Op {
     Advance {
         ms: i64,
     },
+    /// A seller's restock of bucket `bucket` (GA drops only, as the API allows).
+    Restock {
+        bucket: usize,
+        add: i64,
+        redis: bool,
+    },
     Close,
     Archive,
     Checkpoint,
@@ -174,6 +180,9 @@ fn any_op() -> impl Strategy<Value = Op> {
             .prop_map(|(rate_per_s, burst, max_active, paused, shop_window_s, margin_pct, leave_grace_s)| {
                 Op::Settings(settings(rate_per_s, burst, max_active, paused, shop_window_s, margin_pct, leave_grace_s))
             }),
+        // Postgres first, then the script; one time in five the process dies in between.
+        2 => (0..2usize, 1..3i64, proptest::bool::weighted(0.8))
+            .prop_map(|(bucket, add, redis)| Op::Restock { bucket, add, redis }),
         1 => Just(Op::Close),
         1 => Just(Op::Archive),
         3 => Just(Op::Checkpoint),
@@ -382,6 +391,15 @@ fn resolve(op: &Op, model: &Model, ids: &mut Ids) -> Step {
             Step::Revert { hold, reference }
         }
         Op::Advance { ms } => Step::Advance { ms: *ms },
+        // Postgres refuses a restock of a closed drop, and a section's seats are fixed.
+        Op::Restock { .. } if spec.seated || model.record.status != "open" => {
+            Step::Expire { limit: 1 }
+        }
+        Op::Restock { bucket, add, redis } => Step::Restock {
+            bucket: spec.buckets[bucket % spec.buckets.len()].0.clone(),
+            add: *add,
+            redis: *redis,
+        },
         Op::Close => Step::Close,
         Op::Archive => Step::Archive,
         Op::Checkpoint => Step::Checkpoint,
@@ -473,6 +491,7 @@ fn count(step: &Step, outcome: &Outcome) {
         Step::Finish { .. } => "finish",
         Step::Revert { .. } => "revert",
         Step::Rebuild { .. } => "rebuild",
+        Step::Restock { redis: true, .. } => "restock",
         Step::Archive => "archive",
         Step::Join { .. } => "join",
         Step::Admit { .. } => "admit",
@@ -721,6 +740,7 @@ fn run_variant(concurrent: bool) {
             "reserve: limit_exceeded",
             "reserve: idempotency_key_reused",
             "reserve: seat_unavailable",
+            "restock: 1",
         ] {
             assert!(
                 seen.contains_key(must),

@@ -195,9 +195,21 @@ pub struct Record {
     /// The line's kept marks (join counter, highest place admitted, admissions ever), as
     /// queue-server raises them after admission runs (migrations/0004_line_marks.sql).
     pub line_marks: (i64, i64, i64),
+    /// bucket → units restocks added to inventory.total (migrations/0006_restock.sql).
+    pub restocked: BTreeMap<String, i64>,
 }
 
 impl Record {
+    /// A bucket's total in Postgres: the spec's, plus what restocks added.
+    pub fn total(&self, spec: &DropSpec, bucket: &str) -> i64 {
+        let base = spec
+            .buckets
+            .iter()
+            .find(|(b, _)| b == bucket)
+            .map_or(0, |(_, t)| *t);
+        base + self.restocked.get(bucket).copied().unwrap_or(0)
+    }
+
     pub fn sold(&self, bucket: &str) -> i64 {
         self.orders
             .values()
@@ -903,13 +915,7 @@ impl Model {
             .iter()
             .any(|i| i.seat.as_ref().is_some_and(|s| sold_seats.contains(s)));
         let over_total = h.items.iter().any(|i| {
-            let total = self
-                .spec
-                .buckets
-                .iter()
-                .find(|(b, _)| *b == i.bucket)
-                .map_or(0, |(_, t)| *t);
-            self.record.sold(&i.bucket) + i.quantity > total
+            self.record.sold(&i.bucket) + i.quantity > self.record.total(&self.spec, &i.bucket)
         });
         let over_limit = self.record.bought().get(&h.fan).copied().unwrap_or(0) + h.units
             > self.spec.per_fan_limit;
@@ -921,6 +927,34 @@ impl Model {
             (order.to_owned(), h.fan.clone(), h.items.clone()),
         );
         true
+    }
+
+    // ---- restock.lua (after Postgres' restock) ------------------------------------------------
+
+    /// Postgres adds `add` units to a bucket's total (the engine's db `restock`, with its ledger
+    /// line); returns the total after, which the script then raises Redis to.
+    pub fn restock_record(&mut self, bucket: &str, add: i64) -> i64 {
+        *self.record.restocked.entry(bucket.to_owned()).or_insert(0) += add;
+        self.record.total(&self.spec, bucket)
+    }
+
+    /// Raises a bucket's total and available to `target`: Ok((total, available)) or Err(code).
+    pub fn restock(&mut self, bucket: &str, target: i64) -> Result<(i64, i64), String> {
+        let Some(total) = self.store.stock.get(&format!("t:{bucket}")).copied() else {
+            return Err("unknown_sku".into());
+        };
+        if self.recovering() {
+            return Err("recovering".into());
+        }
+        let a = format!("a:{bucket}");
+        let mut available = self.store.stock.get(&a).copied().unwrap_or(0);
+        if target > total {
+            available += target - total;
+            self.store.stock.insert(a, available);
+            self.store.stock.insert(format!("t:{bucket}"), target);
+            return Ok((target, available));
+        }
+        Ok((total, available))
     }
 
     /// Ops change admission settings: Postgres, then Redis' admission hash (recovery writes
@@ -1040,8 +1074,8 @@ impl Model {
         });
         let mut room: BTreeMap<String, i64> = BTreeMap::new();
         let mut held: BTreeMap<String, i64> = BTreeMap::new();
-        for (b, total) in &spec.buckets {
-            room.insert(b.clone(), total - self.record.sold(b));
+        for (b, _) in &spec.buckets {
+            room.insert(b.clone(), self.record.total(&spec, b) - self.record.sold(b));
             held.insert(b.clone(), 0);
         }
         let limit = spec.per_fan_limit;
@@ -1090,11 +1124,12 @@ impl Model {
         for (fan, units) in fan_units {
             s.fans.insert(fan, units);
         }
-        for (b, total) in &spec.buckets {
+        for (b, _) in &spec.buckets {
             s.stock.insert(format!("a:{b}"), room[b]);
             s.stock.insert(format!("h:{b}"), held[b]);
             s.stock.insert(format!("s:{b}"), self.record.sold(b));
-            s.stock.insert(format!("t:{b}"), *total);
+            s.stock
+                .insert(format!("t:{b}"), self.record.total(&spec, b));
         }
         s.meta.insert("recovering".into(), "0".into());
         s.meta.insert("run_id".into(), self.run_id.clone());

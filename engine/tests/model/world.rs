@@ -72,6 +72,13 @@ pub enum Step {
     Advance {
         ms: i64,
     },
+    /// A seller adds `add` units to a SKU: Postgres' total, then (unless the process died in
+    /// between: `redis` false) lua/restock.lua raises Redis' to it.
+    Restock {
+        bucket: String,
+        add: i64,
+        redis: bool,
+    },
     Close,
     /// The archiver: lua/archive.lua (Postgres marked the drop archived).
     Archive,
@@ -155,6 +162,16 @@ pub fn apply(model: &mut Model, step: &Step) -> Outcome {
             model.now_ms += ms;
             Outcome::Nothing
         }
+        Step::Restock { bucket, add, redis } => {
+            let total = model.restock_record(bucket, *add);
+            match redis {
+                true => match model.restock(bucket, total) {
+                    Ok((t, a)) => Outcome::Pair(t, a),
+                    Err(e) => Outcome::Result(Err(e)),
+                },
+                false => Outcome::Nothing,
+            }
+        }
         Step::Close => {
             model.close();
             Outcome::Nothing
@@ -233,7 +250,7 @@ fn image(spec: &DropSpec, record: &Record, recovering: &str) -> DropImage {
         buckets: spec
             .buckets
             .iter()
-            .map(|(b, total)| (b.clone(), *total, record.sold(b)))
+            .map(|(b, _)| (b.clone(), record.total(spec, b), record.sold(b)))
             .collect(),
         layout: spec
             .layout_json()
@@ -501,6 +518,17 @@ impl World {
                 Outcome::Nothing
             }
             Step::Close if model.record.archived => Outcome::Nothing,
+            Step::Restock { bucket, redis, .. } => {
+                // The model has applied the step already: its record holds Postgres' new total.
+                if !*redis {
+                    return Outcome::Nothing;
+                }
+                let total = model.record.total(&model.spec, bucket);
+                match self.redis.restock(&self.drop, bucket, total).await {
+                    Ok((t, a)) => Outcome::Pair(t, a),
+                    Err(e) => Outcome::Result(Err(err_name(e))),
+                }
+            }
             Step::Close => {
                 self.redis
                     .set_meta(&self.drop, "status", "closed")
