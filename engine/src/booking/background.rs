@@ -386,6 +386,11 @@ impl Engine {
     /// drops' nor a later round's waiting.
     pub(super) async fn watch_redis(self: &Arc<Self>) {
         for drop in self.watched_drops() {
+            // Watched by the instance running the drop's rounds (docs/ARCHITECTURE.md, "Many
+            // instances"); a dead holder's drops are watched again within a lease.
+            if !self.round_leases.held(&self.redis, &drop).await {
+                continue;
+            }
             let needs = match self.redis.drop_state_and_server_run(&drop).await {
                 Ok(Some((state, server_run))) if state.run_id != server_run => true,
                 Ok(Some((state, _))) if state.recovering => {
