@@ -313,10 +313,20 @@ pub async fn redis_cli(args: &[&str]) -> String {
     redis_cli_at(&test_config().redis.url, args).await
 }
 
-/// `redis-cli` against the Redis at `url` (a stack of a test's own); its output, trimmed.
+/// `redis-cli` against the Redis at `url` (a stack of a test's own); its output, trimmed. On a
+/// Redis Cluster (`redis-cluster://HOST:PORT?node=...`, which redis-cli doesn't read) it asks the
+/// first node with `-c`, following `MOVED`/`ASK` to the shard that owns the key: a drop's keys
+/// live on one shard, not necessarily the first node's.
 pub async fn redis_cli_at(url: &str, args: &[&str]) -> String {
+    let target = match url.strip_prefix("redis-cluster://") {
+        Some(rest) => {
+            let first = rest.split(['?', ',', '/']).next().unwrap_or(rest);
+            vec!["-c".to_owned(), "-u".to_owned(), format!("redis://{first}")]
+        }
+        None => vec!["-u".to_owned(), url.to_owned()],
+    };
     let out = tokio::process::Command::new("redis-cli")
-        .args(["-u", url])
+        .args(&target)
         .args(args)
         .output()
         .await
