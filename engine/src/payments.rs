@@ -104,6 +104,17 @@ pub trait PaymentGateway: Send + Sync {
     /// What became of the attempt made under `reference`; one the gateway never saw (an
     /// earlier attempt with another reference doesn't count) is `Unknown`.
     async fn lookup(&self, hold: &HoldId, reference: &str) -> Result<Lookup, GatewayError>;
+    /// Pays `amount_cents` of the attempt's capture back to the fan, idempotent by `refund_id`
+    /// (the same refund id again is the same refund). Only a captured attempt has money to
+    /// refund: an authorization not yet captured is voided instead ([`PaymentGateway::void`]).
+    /// The refunds of one attempt never add up to more than its capture.
+    async fn refund(
+        &self,
+        hold: &HoldId,
+        reference: &str,
+        refund_id: &str,
+        amount_cents: i64,
+    ) -> Result<(), GatewayError>;
 }
 
 /// Per-hold record the test gateway keeps, visible to tests: the latest attempt's reference and
@@ -118,6 +129,13 @@ pub struct TestPayment {
     /// Every void call that reached the gateway, failed ones included.
     pub void_calls: u32,
     pub state: Option<PaymentState>,
+    /// The latest attempt's authorized amount.
+    pub amount_cents: i64,
+    /// Distinct refund ids refunded, and what they paid back in all.
+    pub refunds: u32,
+    pub refunded_cents: i64,
+    /// The refund ids seen, so a repeated one refunds nothing more.
+    pub refund_ids: Vec<String>,
 }
 
 /// Deterministic gateway for development and tests, by reference prefix:
@@ -226,7 +244,7 @@ impl PaymentGateway for TestGateway {
         &self,
         hold: &HoldId,
         reference: &str,
-        _amount: i64,
+        amount: i64,
         _currency: &str,
     ) -> Result<(), GatewayError> {
         self.call_latency().await;
@@ -234,6 +252,7 @@ impl PaymentGateway for TestGateway {
             // A new reference is a new attempt; the same one again is the same authorization.
             if p.state.is_none() || p.reference != reference {
                 p.reference = reference.to_owned();
+                p.amount_cents = amount;
                 p.authorizations += 1;
                 p.state = Some(
                     if reference.starts_with("ok_") || reference.starts_with("slow_") {
@@ -303,6 +322,33 @@ impl PaymentGateway for TestGateway {
                 p.voids += 1;
                 p.state = Some(PaymentState::Voided);
             }
+            Ok(())
+        })
+    }
+
+    async fn refund(
+        &self,
+        hold: &HoldId,
+        reference: &str,
+        refund_id: &str,
+        amount_cents: i64,
+    ) -> Result<(), GatewayError> {
+        self.call_latency().await;
+        self.with(hold, |p| {
+            if p.refund_ids.iter().any(|r| r == refund_id) {
+                return Ok(());
+            }
+            if p.reference != reference || p.state != Some(PaymentState::Captured) {
+                return Err(GatewayError::Other("nothing captured to refund".into()));
+            }
+            // An amount of 0 is a capture this gateway took before a restart (it forgot the
+            // authorization's amount): it takes the caller's word.
+            if p.amount_cents > 0 && p.refunded_cents + amount_cents > p.amount_cents {
+                return Err(GatewayError::Other("more than was captured".into()));
+            }
+            p.refund_ids.push(refund_id.to_owned());
+            p.refunds += 1;
+            p.refunded_cents += amount_cents;
             Ok(())
         })
     }
@@ -407,5 +453,31 @@ mod tests {
         let p = gw.payment(&hold).unwrap();
         assert_eq!(p.state, Some(PaymentState::Voided));
         assert_eq!((p.voids, p.void_calls), (1, 4));
+    }
+
+    #[tokio::test]
+    async fn the_test_gateway_refunds_a_capture_once_per_refund_id() {
+        let gw = TestGateway::new(Duration::from_millis(1));
+        let hold = HoldId::generate(&crate::ids::DropId::generate());
+        gw.authorize(&hold, "ok_1", 1000, "USD").await.unwrap();
+        assert!(
+            gw.refund(&hold, "ok_1", "r1", 300).await.is_err(),
+            "nothing captured to refund (an authorization is voided instead)"
+        );
+        gw.capture(&hold, "ok_1").await.unwrap();
+        assert!(
+            gw.refund(&hold, "ok_0", "r1", 300).await.is_err(),
+            "another attempt"
+        );
+        gw.refund(&hold, "ok_1", "r1", 300).await.unwrap();
+        gw.refund(&hold, "ok_1", "r1", 300).await.unwrap();
+        gw.refund(&hold, "ok_1", "r2", 700).await.unwrap();
+        assert!(
+            gw.refund(&hold, "ok_1", "r3", 1).await.is_err(),
+            "no more than was captured"
+        );
+        let p = gw.payment(&hold).unwrap();
+        assert_eq!((p.refunds, p.refunded_cents), (2, 1000));
+        assert_eq!(p.state, Some(PaymentState::Captured));
     }
 }
