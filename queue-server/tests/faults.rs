@@ -1,5 +1,6 @@
-//! Fault tests of the waiting room on a stack of their own (they flush its Redis). Run them one
-//! at a time: `cargo test --workspace --test faults -- --test-threads=1` (`./dev test` does).
+//! Fault tests of the waiting room on a stack of their own (they flush its Redis, or kill a Redis
+//! Cluster's primary). Run them one at a time:
+//! `cargo test --workspace --test faults -- --test-threads=1` (`./dev test` does).
 //! Every test fn is named `fault_*`.
 mod common;
 
@@ -274,6 +275,204 @@ async fn fault_the_line_survives_a_redis_flush() {
         shops_after_loss > shops_before,
         "the waiters were admitted after the loss"
     );
+    for l in listeners {
+        l.abort();
+    }
+    h.shutdown().await;
+    std::mem::drop(stack);
+}
+
+/// Issue 14 on a Redis Cluster: fans wait on sockets for a queue drop, some are admitted, and
+/// the primary that owns the drop's slot is killed (`kill -9`). Its replica takes over (a new run
+/// id): booking-api's watcher rebuilds the drop from Postgres and restores its line. The line
+/// keeps its order: every fan is admitted at its original place, the admitted keep their
+/// sessions, and the others are admitted in place order after the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_cluster_failover_keeps_the_line() {
+    const FANS: usize = 60;
+    let base_port = devstack::cluster::free_base_port().expect("six free ports for a cluster");
+    let stack = tokio::task::spawn_blocking(move || {
+        Stack::start_cluster(StackConfig {
+            name: "fault-cluster-line".into(),
+            redis_port: base_port,
+            pg_port: free_port(),
+        })
+    })
+    .await
+    .unwrap()
+    .expect("the cluster stack starts");
+    let mut cfg = testkit::test_config_for(&stack.redis_url(), &stack.database_url());
+    cfg.identity.dev_secret = "queue-test-dev-secret".into();
+    cfg.database.pool_size = 4;
+    cfg.queue.recovery_return_s = RETURN_S;
+    cfg.queue.line_marks_interval_ms = 200;
+    let stack = Mutex::new(stack);
+    let h = Harness::start_with(cfg).await;
+    let drop = h
+        .queue_drop(
+            1_000,
+            1,
+            json!({"rate_per_s": 10, "burst": 1, "max_active": 1000, "paused": true}),
+            None,
+        )
+        .await;
+    let base = h.queue.ws_url();
+    let slot = engine::keys::drop_slot(&drop);
+    let owner = |nodes: &[devstack::cluster::ClusterNode]| {
+        nodes
+            .iter()
+            .filter(|n| n.primary && !n.failed)
+            .find(|n| n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+            .map(|n| n.port)
+    };
+    let nodes = stack
+        .lock()
+        .unwrap()
+        .cluster_topology()
+        .expect("the topology");
+    let killed = owner(&nodes).expect("the drop's primary");
+
+    let fans: Vec<(FanId, String, Arc<Mutex<Fan>>)> = (0..FANS)
+        .map(|i| {
+            let (fan, token) = h.fan(&format!("c{i:03}"));
+            (fan, token, Arc::new(Mutex::new(Fan::default())))
+        })
+        .collect();
+    let mut listeners = Vec::new();
+    for (_, token, seen) in &fans {
+        listeners.push(wait(&base, &drop, token, json!({}), seen.clone()).await);
+    }
+    testkit::eventually("every waiter has a place and a receipt", || async {
+        fans.iter().all(|(_, _, s)| {
+            let f = s.lock().unwrap();
+            f.place > 0 && f.receipt.is_some()
+        })
+    })
+    .await;
+    // Some are admitted, then admission pauses: the rest wait through the failover.
+    h.client
+        .set_admission(&drop, json!({"paused": false}))
+        .await;
+    testkit::eventually("10 waiters are admitted", || async {
+        fans.iter()
+            .filter(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
+            .count()
+            >= 10
+    })
+    .await;
+    h.client.set_admission(&drop, json!({"paused": true})).await;
+    let db = h.booking.engine.db();
+    testkit::eventually("the line's marks are kept", || async {
+        db.line_marks(&drop).await.unwrap().place > 0
+    })
+    .await;
+    let before: HashMap<FanId, Fan> = fans
+        .iter()
+        .map(|(f, _, s)| (f.clone(), s.lock().unwrap().clone()))
+        .collect();
+
+    tokio::task::block_in_place(|| stack.lock().unwrap().kill_cluster_node(killed))
+        .expect("the primary is killed");
+    let alive = nodes
+        .iter()
+        .find(|n| n.port != killed)
+        .expect("another node")
+        .port;
+    let redis_url = format!("redis-cluster://127.0.0.1:{alive}");
+    testkit::eventually("a replica serves the drop's slot", || async {
+        let nodes = tokio::task::block_in_place(|| stack.lock().unwrap().cluster_topology());
+        nodes
+            .ok()
+            .and_then(|n| owner(&n))
+            .is_some_and(|p| p != killed)
+    })
+    .await;
+    // booking-api's watcher sees the shard's new run id and rebuilds the drop from Postgres.
+    testkit::eventually("the drop is rebuilt (a ledger line)", || async {
+        let c = db.client().await.unwrap();
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM stock_ledger WHERE drop_id = $1 AND kind = 'rebuild'",
+                &[&drop.as_str()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n > 0
+    })
+    .await;
+    testkit::eventually("the drop is no longer recovering", || async {
+        let meta = engine::keys::drop_key(&drop, "meta");
+        redis_cli_at(&redis_url, &["HGET", &meta, "recovering"]).await == "0"
+    })
+    .await;
+
+    // Pages whose socket the failover ended come back with what they kept.
+    for (l, (fan, token, seen)) in listeners.iter_mut().zip(&fans) {
+        if seen.lock().unwrap().ended.is_none() {
+            continue;
+        }
+        let b = &before[fan];
+        *seen.lock().unwrap() = Fan::default();
+        let mut extras = json!({"receipt": b.receipt});
+        if let Some((admission, _)) = b.admitted.last() {
+            extras["admission_token"] = json!(admission);
+        }
+        l.abort();
+        *l = wait(&base, &drop, token, extras, seen.clone()).await;
+    }
+    h.client
+        .set_admission(&drop, json!({"paused": false}))
+        .await;
+    let all = testkit::wait_until(Duration::from_secs(120), || async {
+        fans.iter()
+            .all(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
+    })
+    .await;
+    let after: HashMap<FanId, Fan> = fans
+        .iter()
+        .map(|(f, _, s)| (f.clone(), s.lock().unwrap().clone()))
+        .collect();
+    assert!(
+        all,
+        "within 120 s some fans were never admitted: {after:#?}"
+    );
+
+    // Everyone at their original place; the admitted kept their sessions; the rest in order.
+    let mut waiting: Vec<(i64, i64)> = Vec::new();
+    for (fan, b) in &before {
+        let a = &after[fan];
+        for (token, _) in &a.admitted {
+            assert_eq!(
+                claims(token)["place"].as_i64(),
+                Some(b.place),
+                "{fan}: admitted at its original place ({a:?})"
+            );
+        }
+        match b.admitted.last() {
+            Some((_, shop_end)) => assert!(
+                a.admitted.iter().all(|(_, e)| e == shop_end),
+                "{fan} was admitted before the failover: its session stays as it was ({a:?})"
+            ),
+            None => waiting.push((b.place, a.admitted[0].1)),
+        }
+    }
+    assert!(
+        waiting.len() >= FANS / 2,
+        "most fans waited: {}",
+        waiting.len()
+    );
+    waiting.sort();
+    for pair in waiting.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].1,
+            "place {} was admitted (shop end {}) after place {} (shop end {}): out of order",
+            pair[0].0,
+            pair[0].1,
+            pair[1].0,
+            pair[1].1
+        );
+    }
     for l in listeners {
         l.abort();
     }
