@@ -595,10 +595,11 @@ impl Rooms {
         let slices = SliceGrants::new();
         let mut last_grant = Instant::now();
         // The admission feed (see the module doc): whether this room is subscribed to the drop's
-        // channel, and when it last asked to be.
+        // channel, when it last asked to be, and whether an ask is in flight.
         let lease = ms(self.cfg.admission_lease_ms);
-        let mut subscribed = false;
-        let mut last_subscribe = Instant::now();
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let mut last_subscribe: Option<Instant> = None;
+        let subscribing = Arc::new(AtomicBool::new(false));
         // The catch-up's watermarks: the one seen last tick (this tick's is due next tick), and
         // the last one caught up to.
         let mut watermark_seen: Option<(i64, i64)> = None;
@@ -625,15 +626,27 @@ impl Rooms {
             if let Some(feed) = &self.feed {
                 // Subscribed again whenever nothing came for a lease's length: a reconnect or a
                 // slot's move may have lost the subscription (SSUBSCRIBE twice is harmless).
+                // Beside the loop: a subscriber connection that is down makes the ask wait for
+                // `redis.command_timeout_ms`, which must not hold up the ticks.
                 let heard = lock(&room.pushed).as_ref().map(|(_, at)| *at);
                 let quiet = heard.is_none_or(|at| at.elapsed() >= lease);
-                if !subscribed || (quiet && last_subscribe.elapsed() >= lease) {
-                    last_subscribe = Instant::now();
-                    match feed.subscribe(&drop).await {
-                        Ok(()) => subscribed = true,
-                        Err(e) => {
-                            tracing::warn!(%drop, error = %e, "admission feed subscribe failed")
-                        }
+                let due = last_subscribe.is_none_or(|at| {
+                    at.elapsed() >= lease && (quiet || !subscribed.load(Ordering::Acquire))
+                });
+                if due {
+                    if let Some(busy) = Busy::claim(&subscribing) {
+                        last_subscribe = Some(Instant::now());
+                        let (feed, drop, subscribed) =
+                            (feed.clone(), drop.clone(), subscribed.clone());
+                        tokio::spawn(async move {
+                            let _busy = busy;
+                            match feed.subscribe(&drop).await {
+                                Ok(()) => subscribed.store(true, Ordering::Release),
+                                Err(e) => tracing::warn!(
+                                    %drop, error = %e, "admission feed subscribe failed"
+                                ),
+                            }
+                        });
                     }
                 }
             }
@@ -839,7 +852,7 @@ impl Rooms {
         }
         // Another instance takes the drop's admissions over at once, not a lease later.
         self.queue.release(&self.leases, &drop).await;
-        if let (Some(feed), true) = (&self.feed, subscribed) {
+        if let (Some(feed), true) = (&self.feed, subscribed.load(Ordering::Acquire)) {
             let still_here = lock(&self.rooms).contains_key(&drop);
             if !still_here {
                 if let Err(e) = feed.unsubscribe(&drop).await {
