@@ -637,6 +637,11 @@ pub struct SaleArgs {
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// A Redis Cluster's nodes (`host:port`, comma-separated; `./dev up --redis-cluster` writes
+    /// them to .dev/env): each node's process CPU and memory are reported, as --redis-url's.
+    #[arg(long, env = "REDIS_CLUSTER_NODES", value_delimiter = ',')]
+    pub redis_nodes: Vec<String>,
+
     /// Fans in all: the first --ws-fans on WebSockets, the rest HTTP-only (join, then poll
     /// `/queue/me`).
     #[arg(long, default_value_t = DEFAULT_SALE_FANS)]
@@ -1301,6 +1306,8 @@ pub(crate) mod tests {
         );
         assert_eq!(a.queue_url, ["http://127.0.0.1:8081"]);
         assert_eq!(a.validate(), Ok(()));
+        let a = parse_sale(&["--redis-nodes", "127.0.0.1:7001,127.0.0.1:7002"]);
+        assert_eq!(a.redis_nodes, ["127.0.0.1:7001", "127.0.0.1:7002"]);
         assert_eq!(
             instance_urls(" http://a:1, ,http://b:2 "),
             ["http://a:1", "http://b:2"]

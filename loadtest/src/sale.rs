@@ -897,6 +897,15 @@ impl Watched {
                 .and_then(redis_port)
                 .and_then(|p| procfs::listener_pid(p).ok()),
         );
+        for node in &args.redis_nodes {
+            let port = node
+                .trim()
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok());
+            if let Some(port) = port {
+                add(&format!("redis :{port}"), procfs::listener_pid(port).ok());
+            }
+        }
         let cpu_start = procs.iter().map(|(_, p)| procfs::cpu_s(*p)).collect();
         let rss_start: Vec<u64> = procs
             .iter()
