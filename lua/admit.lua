@@ -53,6 +53,7 @@
 --                                     kept in Postgres, beyond the reach of a Redis loss)
 -- KEYS[13] {drop_id}:shopping  zset   fan id → shop end ms, the fans meta's demand_units counts
 -- ARGV[1] most waiters to send away, and most ended sessions to drop, per call
+-- ARGV[2] most fans to admit per call (`queue.admit_batch_max`)
 -- Returns {state, watermark place (decimal string), admitted ever, waiting, active, rate_per_s,
 --          now_ms, left (waiters sent away by this call), leave_grace_ms,
 --          shop end ms, hard end ms (of this call's admissions; 0, 0 when it admitted none),
@@ -125,6 +126,12 @@ local function can_take(units)
 end
 local demand = tonumber(meta[8])
 local demand_was = demand
+-- A sum that can't be right is counted afresh too: below zero, or above zero with no fan left to
+-- count (a field deleted by hand while a reserve moved it, a fleet of mixed releases). A sum
+-- that drifted low admits more fans than the stock can serve until it is counted again.
+if demand and (demand < 0 or (demand > 0 and redis.call('ZCARD', KEYS[13]) == 0)) then
+  demand = nil
+end
 if not demand then
   demand = 0
   redis.call('DEL', KEYS[13])
@@ -206,6 +213,9 @@ end
 local n = math.floor(tokens)
 n = math.min(n, (tonumber(s[3]) or 0) - active)
 n = math.min(n, redis.call('ZCARD', KEYS[6]))
+-- At most ARGV[2] a call: what a call pops, answers and publishes stays bounded however many
+-- tokens a paused line saved up (the rest enter on the next runs).
+n = math.min(n, tonumber(ARGV[2]) or n)
 if n > 0 then
   local margin = tonumber(s[6]) or 0
   -- (demand + k·limit)·100 ≤ available·(100 + margin), integers only.

@@ -851,6 +851,10 @@ pub const DEFAULT_RECOVERY_RETURN_S: u64 = 30;
 pub const DEFAULT_LINE_SEQ_MARGIN: u64 = 1_000_000;
 pub const DEFAULT_LINE_MARKS_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_LEAVE_BATCH: usize = 1_000;
+/// 10,000 a run: the highest rate a drop takes (100,000 a second) at the default 100 ms tick,
+/// and an admission message of ≈ 0.6 MB on the drop's channel, far below Redis' pub/sub output
+/// limits.
+pub const DEFAULT_ADMIT_BATCH_MAX: usize = 10_000;
 /// A write that blocks this long means the client stopped reading.
 pub const DEFAULT_WS_SEND_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_WS_CLOSE_WAIT_MS: u64 = 2_000;
@@ -931,6 +935,9 @@ pub struct QueueConfig {
     pub presence_interval_ms: u64,
     /// Waiters past their grace sent away per admission run, at most.
     pub leave_batch: usize,
+    /// Fans admitted per admission run, at most: bounds the run's answer and the admission
+    /// message every instance receives, however many tokens a paused line saved up.
+    pub admit_batch_max: usize,
     /// Waiters marked present per Redis call (`ZADD XX` of this many members).
     pub presence_chunk: usize,
     /// The server pings every socket this often; a socket that sends nothing (not even the pong
@@ -1009,6 +1016,7 @@ impl Default for QueueConfig {
             position_slice: DEFAULT_POSITION_SLICE,
             presence_interval_ms: DEFAULT_PRESENCE_INTERVAL_MS,
             leave_batch: DEFAULT_LEAVE_BATCH,
+            admit_batch_max: DEFAULT_ADMIT_BATCH_MAX,
             presence_chunk: DEFAULT_PRESENCE_CHUNK,
             ws_ping_interval_ms: DEFAULT_WS_PING_INTERVAL_MS,
             ws_idle_timeout_ms: DEFAULT_WS_IDLE_TIMEOUT_MS,

@@ -265,14 +265,23 @@ impl Redis {
     }
 
     /// lua/admit.lua: sends away at most `leave_batch` waiters unseen past the drop's grace, then
-    /// admits as many fans as the bucket, `max_active`, the stock and `paused` allow.
-    pub async fn admit(&self, drop: &DropId, leave_batch: usize) -> Result<Tick> {
+    /// admits as many fans as the bucket, `max_active`, the stock and `paused` allow, at most
+    /// `admit_batch`.
+    pub async fn admit(
+        &self,
+        drop: &DropId,
+        leave_batch: usize,
+        admit_batch: usize,
+    ) -> Result<Tick> {
         let k = QueueKeys::new(drop);
         let reply = self
             .run(
                 &self.scripts.admit,
                 k.admit(),
-                vec![leave_batch.max(1).to_string()],
+                vec![
+                    leave_batch.max(1).to_string(),
+                    admit_batch.max(1).to_string(),
+                ],
             )
             .await?;
         const FIXED: usize = 12;
@@ -652,10 +661,14 @@ impl Queue {
     }
 
     pub async fn admit(&self, drop: &DropId) -> Result<Tick> {
-        let batch = self.engine.cfg.queue.leave_batch;
+        let q = &self.engine.cfg.queue;
         self.admission_runs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::QUEUE_ADMISSION_RUNS).increment(1);
-        let tick = self.engine.redis.admit(drop, batch).await?;
+        let tick = self
+            .engine
+            .redis
+            .admit(drop, q.leave_batch, q.admit_batch_max)
+            .await?;
         if !tick.admitted.is_empty() {
             metrics::counter!(crate::metrics::QUEUE_ADMISSIONS)
                 .increment(tick.admitted.len() as u64);

@@ -153,6 +153,55 @@ async fn admission_is_inventory_aware() {
     h.shutdown().await;
 }
 
+/// The running sum of what shoppers may still take (meta's `demand_units`) deleted alone — not
+/// with its zset — while a reserve moves it: the reserve starts a sum below zero from its own
+/// change, which would let in fans the stock can't serve. The next run counts it afresh instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sum_that_cant_be_right_is_counted_again() {
+    let h = Harness::start().await;
+    // 12 units, 4 per fan, no margin: three shoppers (4 + 4 + 4 ≤ 12), then nobody.
+    let drop = h
+        .queue_drop(
+            12,
+            4,
+            json!({"rate_per_s": 10000, "burst": 10000, "max_active": 1000, "admit_margin_pct": 0}),
+            None,
+        )
+        .await;
+    let fans: Vec<_> = (0..10).map(|i| h.fan(&format!("sum{i}"))).collect();
+    for (fan, _) in &fans {
+        h.queue
+            .queue
+            .join(&drop, fan, Default::default())
+            .await
+            .unwrap();
+    }
+    let mut admitted = Vec::new();
+    for _ in 0..5 {
+        admitted.extend(h.queue.queue.admit(&drop).await.unwrap().admitted);
+    }
+    assert_eq!(admitted.len(), 3, "{admitted:?}");
+    let meta = format!("fg:{{{drop}}}:meta");
+    common::redis_cli(&["HDEL", &meta, "demand_units"]).await;
+    let (fan, place) = &admitted[0];
+    let token = fans.iter().find(|(f, _)| f == fan).unwrap().1.clone();
+    let (adm, _) = h.queue.queue.admission_token(&drop, fan, *place, None);
+    let (status, body) = h.reserve_admitted(&drop, &token, &adm, 1).await;
+    assert_eq!(status, 201, "{body}");
+    // 11 units left, and the three shoppers may still take 3 + 4 + 4 of them: nobody more.
+    for _ in 0..5 {
+        let t = h.queue.queue.admit(&drop).await.unwrap();
+        assert!(
+            t.admitted.is_empty(),
+            "admitted past the stock: {:?}",
+            t.admitted
+        );
+    }
+    let sum = common::redis_cli(&["HGET", &meta, "demand_units"]).await;
+    assert_eq!(sum.trim(), "11");
+    h.shutdown().await;
+}
+
 /// A drop without a waiting room has no line to run: polling `/queue/me` on it is refused like a
 /// join, before any admission run (each one writes the drop's token bucket in Redis).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1293,7 +1293,7 @@ impl Model {
 
     // ---- admit.lua --------------------------------------------------------------------------
 
-    pub fn admit(&mut self, leave_batch: i64) -> TickOut {
+    pub fn admit(&mut self, leave_batch: i64, admit_batch: i64) -> TickOut {
         let now = self.now_ms;
         let s = &mut self.store;
         let mut watermark = s.watermark.get("place").copied().unwrap_or(0);
@@ -1379,7 +1379,10 @@ impl Model {
                 .and_then(|v| v.split_once(':'))
                 .and_then(|(shop, _)| shop.parse::<i64>().ok())
         };
-        let mut demand = match num(&s.meta, "demand_units") {
+        // A sum that can't be right is counted afresh, like a missing one (see admit.lua).
+        let demand_now =
+            num(&s.meta, "demand_units").filter(|d| !(*d < 0 || (*d > 0 && s.shopping.is_empty())));
+        let mut demand = match demand_now {
             None => {
                 s.shopping.clear();
                 let mut demand = 0;
@@ -1476,6 +1479,7 @@ impl Model {
         let mut n = tokens.floor() as i64;
         n = n.min(max_active - active);
         n = n.min(s.line.len() as i64);
+        n = n.min(admit_batch.max(1));
         if n > 0 {
             let room = available * (100 + margin) - demand * 100;
             let by_stock = if room > 0 { room / (limit * 100) } else { 0 };

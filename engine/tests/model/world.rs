@@ -204,7 +204,7 @@ pub fn apply(model: &mut Model, step: &Step) -> Outcome {
             Outcome::Join(out)
         }
         Step::Admit { leave_batch, keep } => {
-            let t = model.admit(*leave_batch);
+            let t = model.admit(*leave_batch, admit_batch(*leave_batch));
             if *keep {
                 model.keep_marks(&t);
             }
@@ -615,7 +615,11 @@ impl World {
             Step::Admit { leave_batch, .. } => {
                 let t = self
                     .redis
-                    .admit(&self.drop, *leave_batch as usize)
+                    .admit(
+                        &self.drop,
+                        *leave_batch as usize,
+                        admit_batch(*leave_batch) as usize,
+                    )
                     .await
                     .expect("admit");
                 Outcome::Tick(TickOut {
@@ -1034,4 +1038,10 @@ impl World {
         }
         let _: i64 = self.raw.del(self.clock_key()).await.unwrap_or(0);
     }
+}
+
+/// An admission run's cap on fans admitted (`queue.admit_batch_max`), drawn with its leave batch:
+/// small enough that runs with more tokens than that are capped, sometimes.
+fn admit_batch(leave_batch: i64) -> i64 {
+    leave_batch * 2
 }
