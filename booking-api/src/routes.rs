@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use engine::booking::{AddStock, AdmissionUpdate, ConfirmBody, Made};
+use engine::booking::{AddStock, AdmissionUpdate, ConfirmBody, Made, OrderCursor, OrderSearch};
 use engine::db::{ApiKey, Scope};
 use engine::drops::{CreateDrop, HoldRequestBody};
 use engine::ids::{DropId, FanId, HoldId, IdempotencyKey, OrderId};
@@ -181,6 +181,17 @@ impl App {
                     .transpose()?;
                 ok(e.drop_audit(&key, &drop, before, limit).await?)
             }
+            (&Method::GET, ["v1", "drops", id, "orders"]) => {
+                let key = self.any_key(&req).await?;
+                let drop = drop_id(id)?;
+                ok(e.drop_orders(&key, &drop, &order_search(&req)?).await?)
+            }
+            (&Method::GET, ["v1", "drops", id, "orders.csv"]) => {
+                let key = self.any_key(&req).await?;
+                let drop = drop_id(id)?;
+                let csv = e.drop_orders_csv(&key, &drop, &order_search(&req)?).await?;
+                Ok(csv_answer(&drop, csv))
+            }
             (&Method::GET, ["v1", "drops", id, "admission"]) => {
                 self.key(&req, Scope::Ops).await?;
                 let drop = drop_id(id)?;
@@ -308,6 +319,73 @@ impl App {
     }
 }
 
+/// The search of `GET /v1/drops/{id}/orders` (and `.csv`): `fan`, `order_id`, `cursor`, `limit`,
+/// each optional, each refused (422) when it doesn't parse. Values are percent-decoded; a `+`
+/// stays a `+` (fan ids may hold one, never a space).
+fn order_search(req: &Request<Incoming>) -> Result<OrderSearch, Error> {
+    let param = |name: &str| -> Result<Option<String>, Error> {
+        query_param(req, name)
+            .map(|v| {
+                percent_decode(v)
+                    .ok_or_else(|| Error::invalid(format!("{name} is not percent-encoded UTF-8")))
+            })
+            .transpose()
+    };
+    Ok(OrderSearch {
+        fan: param("fan")?
+            .map(|v| FanId::parse(&v).map_err(|e| Error::invalid(format!("fan: {}", e.0))))
+            .transpose()?,
+        order_id: param("order_id")?
+            .map(|v| {
+                OrderId::parse(&v)
+                    .map_err(|_| Error::invalid("order_id must be an order id (a UUID)"))
+            })
+            .transpose()?,
+        cursor: param("cursor")?
+            .map(|v| OrderCursor::parse(&v))
+            .transpose()?,
+        limit: param("limit")?
+            .map(|v| {
+                v.parse::<u32>()
+                    .map_err(|_| Error::invalid("limit must be a whole number"))
+            })
+            .transpose()?,
+    })
+}
+
+/// `%XX` decoded; `None` for a bad escape or bytes that aren't UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The CSV export as a download (`orders-<drop>.csv`), never cached by a browser or proxy.
+fn csv_answer(drop: &DropId, csv: String) -> Response<Body> {
+    let mut resp = http::text("text/csv; charset=utf-8", csv);
+    let disposition = format!("attachment; filename=\"orders-{drop}.csv\"");
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&disposition) {
+        resp.headers_mut()
+            .insert(hyper::header::CONTENT_DISPOSITION, v);
+    }
+    resp.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
 fn drop_id(s: &str) -> Result<DropId, Error> {
     DropId::parse(s).map_err(|_| Error::new(Code::UnknownDrop))
 }
@@ -335,6 +413,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/drops/{id}/admission"),
     ("PUT", "/v1/drops/{id}/admission"),
     ("GET", "/v1/drops/{id}/audit"),
+    ("GET", "/v1/drops/{id}/orders"),
+    ("GET", "/v1/drops/{id}/orders.csv"),
     ("POST", "/v1/drops/{id}/skus/{sku}/stock"),
     ("POST", "/v1/drops/{id}/holds"),
     ("GET", "/v1/fans/me/holds"),
@@ -356,6 +436,8 @@ fn api_route(_method: &Method, seg: &[&str]) -> &'static str {
         ["v1", "drops", _, "close"] => "/v1/drops/{id}/close",
         ["v1", "drops", _, "admission"] => "/v1/drops/{id}/admission",
         ["v1", "drops", _, "audit"] => "/v1/drops/{id}/audit",
+        ["v1", "drops", _, "orders"] => "/v1/drops/{id}/orders",
+        ["v1", "drops", _, "orders.csv"] => "/v1/drops/{id}/orders.csv",
         ["v1", "drops", _, "skus", _, "stock"] => "/v1/drops/{id}/skus/{sku}/stock",
         ["v1", "drops", _, "holds"] => "/v1/drops/{id}/holds",
         ["v1", "fans", "me", "holds"] => "/v1/fans/me/holds",

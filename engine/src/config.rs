@@ -123,6 +123,8 @@ impl Config {
             ("drops.archive_batch", self.drops.archive_batch),
             ("drops.catalogue_max_drops", self.drops.catalogue_max_drops),
             ("drops.audit_page_max", self.drops.audit_page_max as usize),
+            ("drops.orders_page_max", self.drops.orders_page_max as usize),
+            ("drops.orders_csv_max_rows", self.drops.orders_csv_max_rows),
             (
                 "drops.archive_interval_ms",
                 self.drops.archive_interval_ms as usize,
@@ -695,6 +697,12 @@ pub const DEFAULT_CATALOGUE_REFRESH_MS: u64 = 5_000;
 pub const DEFAULT_CATALOGUE_SOON_DAYS: u32 = 14;
 /// Entries of a drop's audit log per page (`GET /v1/drops/{id}/audit`), at most and by default.
 pub const DEFAULT_AUDIT_PAGE_MAX: u32 = 100;
+/// Orders per page of `GET /v1/drops/{id}/orders` (the seller's back office), at most and by
+/// default: a screenful, two bounded queries.
+pub const DEFAULT_ORDERS_PAGE_MAX: u32 = 100;
+/// Rows of `GET /v1/drops/{id}/orders.csv`, at most: the file is built in memory (about 150 bytes
+/// a row, so ~7.5 MB at the bound); a search matching more is refused, not cut short.
+pub const DEFAULT_ORDERS_CSV_MAX_ROWS: usize = 50_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -730,6 +738,10 @@ pub struct DropsConfig {
     pub catalogue_soon_days: u32,
     /// Entries per page of `GET /v1/drops/{id}/audit`, at most (and when `limit` is not sent).
     pub audit_page_max: u32,
+    /// Orders per page of `GET /v1/drops/{id}/orders`, at most (and when `limit` is not sent).
+    pub orders_page_max: u32,
+    /// Rows of `GET /v1/drops/{id}/orders.csv`, at most; a search matching more is refused.
+    pub orders_csv_max_rows: usize,
     /// A closed drop with no live hold and no unsettled payment is archived this long after it
     /// closed: its Redis keys are removed, and Postgres serves it from then on.
     pub archive_after_s: u64,
@@ -756,6 +768,8 @@ impl Default for DropsConfig {
             catalogue_refresh_ms: DEFAULT_CATALOGUE_REFRESH_MS,
             catalogue_soon_days: DEFAULT_CATALOGUE_SOON_DAYS,
             audit_page_max: DEFAULT_AUDIT_PAGE_MAX,
+            orders_page_max: DEFAULT_ORDERS_PAGE_MAX,
+            orders_csv_max_rows: DEFAULT_ORDERS_CSV_MAX_ROWS,
             archive_after_s: DEFAULT_ARCHIVE_AFTER_S,
             archive_interval_ms: DEFAULT_ARCHIVE_INTERVAL_MS,
             archive_batch: DEFAULT_ARCHIVE_BATCH,

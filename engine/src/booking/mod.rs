@@ -11,6 +11,7 @@
 //! - `holds.rs` — a fan's reserve and release.
 //! - `confirm.rs` — paying for a hold: confirm begin, payment, the order's commit, finish or revert.
 //! - `background.rs` — the sweeper, the reconciler, the Redis watcher, recovery and the archiver.
+//! - `orders.rs` — a drop's orders for its seller: search, pages, the CSV export.
 //! - `views.rs` — what the engine shows: drops, seats, holds, orders, a drop's audit log and the
 //!   public catalogue.
 //! - `seatmap.rs` — seat maps served from one snapshot per drop and process, read once per
@@ -21,6 +22,7 @@ mod confirm;
 mod drops;
 mod holds;
 mod lookups;
+mod orders;
 mod seatmap;
 mod views;
 
@@ -28,6 +30,7 @@ use confirm::Inflight;
 pub use confirm::{ConfirmBody, Payment};
 use drops::admission_fields;
 pub use drops::{AddStock, AdmissionUpdate, StockView};
+pub use orders::{csv_cell, OrderCursor, OrderSearch, OrdersPage, SellerOrder, ORDERS_CSV_HEADER};
 pub use seatmap::SeatsView;
 use views::priced_items;
 pub use views::{
