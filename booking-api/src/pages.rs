@@ -1,4 +1,4 @@
-//! The front page and the fan's booking page: plain HTML, CSS and JS compiled into the binary (no
+//! The front page, the fan's booking page and the seller's back office: plain HTML, CSS and JS compiled into the binary (no
 //! build step).
 
 use hyper::Response;
@@ -34,8 +34,31 @@ pub fn front_page() -> Response<Body> {
     resp
 }
 
+/// The seller's back office: create drops, live counts, close, orders and their CSV.
+pub fn seller_page() -> Response<Body> {
+    let mut resp = bytes(
+        "text/html; charset=utf-8",
+        include_bytes!("../static/seller.html"),
+    );
+    resp.headers_mut().insert(
+        "content-security-policy",
+        hyper::header::HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
 pub fn asset(name: &str) -> Option<Response<Body>> {
     match name {
+        "seller.js" => Some(bytes(
+            "text/javascript; charset=utf-8",
+            include_bytes!("../static/seller.js"),
+        )),
+        "seller.css" => Some(bytes(
+            "text/css; charset=utf-8",
+            include_bytes!("../static/seller.css"),
+        )),
         "front.js" => Some(bytes(
             "text/javascript; charset=utf-8",
             include_bytes!("../static/front.js"),

@@ -95,6 +95,7 @@ impl App {
             ),
             (&Method::GET, [""]) => ("/", Ok(pages::front_page())),
             (&Method::GET, ["drops", _]) => ("/drops/{id}", Ok(pages::booking_page())),
+            (&Method::GET, ["seller"]) => ("/seller", Ok(pages::seller_page())),
             (&Method::GET, ["static", name]) => (
                 "/static/{name}",
                 pages::asset(name).ok_or_else(|| Error::new(Code::NotFound)),
@@ -402,6 +403,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("GET", "/"),
     ("GET", "/drops/{id}"),
+    ("GET", "/seller"),
     ("GET", "/static/{name}"),
     ("POST", "/v1/fans/session"),
     ("GET", "/v1/catalogue"),
