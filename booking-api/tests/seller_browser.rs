@@ -38,6 +38,17 @@ async fn buy(h: &Harness, drop: &str, fan: &str, body: serde_json::Value) -> Str
     order["order_id"].as_str().unwrap().to_owned()
 }
 
+/// Scrolls the element with this id to the top of the viewport (for the screenshots).
+async fn scroll_to(p: &Page, id: &str) {
+    p.client
+        .execute(
+            "document.getElementById(arguments[0]).scrollIntoView();",
+            vec![json!(id)],
+        )
+        .await
+        .unwrap();
+}
+
 async fn drop_count(h: &Harness) -> usize {
     let (status, v) = h.get("/v1/drops", Some(&h.seller_key)).await;
     assert_eq!(status, 200, "{v}");
@@ -103,6 +114,7 @@ async fn browser_seller_creates_a_ga_drop_sells_exports_and_closes() {
     // The name is text, not markup.
     let shown = p.text(&format!("{row} a")).await;
     assert_eq!(shown, name);
+    scroll_to(&p, "drops-title").await;
     p.shot("sold").await;
 
     // Orders: search by fan.
@@ -114,6 +126,7 @@ async fn browser_seller_creates_a_ga_drop_sells_exports_and_closes() {
     p.wait_text(&format!("{orow} .fan"), "the fan's order", |t| t == fan)
         .await;
     assert_eq!(p.text(&format!("{orow} .payment")).await, "captured");
+    scroll_to(&p, "orders-title").await;
     p.shot("orders").await;
 
     // CSV: the page downloads it (a Blob it fetched with the key); read that Blob and parse it.
@@ -191,6 +204,7 @@ async fn browser_seller_creates_a_seated_drop_with_a_live_preview() {
     })
     .await;
     p.el("#seat-preview [data-seat=\"B-1-6\"]").await;
+    scroll_to(&p, "section-rows").await;
     p.shot("preview").await;
     let drop = create(&p).await;
     let v = h.drop_view(&drop).await;
