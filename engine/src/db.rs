@@ -44,6 +44,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "restock",
         include_str!("../../migrations/0006_restock.sql"),
     ),
+    (
+        7,
+        "refunds",
+        include_str!("../../migrations/0007_refunds.sql"),
+    ),
 ];
 const MIGRATION_LOCK_ID: i64 = 0x466c_6f6f_6467;
 
@@ -630,6 +635,179 @@ impl Db {
         })
     }
 
+    /// Records a refund of `order` (step 1 of a refund; migrations/0007_refunds.sql): `items`, or
+    /// with `None` everything the order still has unrefunded. One transaction under the order
+    /// row's lock, so racing refunds of one order are taken one at a time and never return more
+    /// than it bought (409 `already_refunded` once nothing — or not that much — is left); the
+    /// inventory rows are then locked in (drop, bucket) order, as the order writer locks them.
+    /// The same `refund_id` again answers the refund as recorded (`new` false); with other items,
+    /// 422 `idempotency_key_reused`.
+    pub async fn record_refund(
+        &self,
+        order: OrderId,
+        refund_id: &str,
+        key_id: &str,
+        items: Option<&[crate::scripts::HoldItem]>,
+    ) -> Result<RefundRecord> {
+        use crate::scripts::HoldItem;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT drop_id, fan_id, hold_id FROM orders WHERE order_id = $1 FOR UPDATE",
+                &[&order.0],
+            )
+            .await?
+            .ok_or_else(|| Error::new(Code::UnknownOrder))?;
+        let (drop_id, fan_id, hold_id): (String, String, String) =
+            (row.get(0), row.get(1), row.get(2));
+        let decode = |v: serde_json::Value| -> Result<Vec<HoldItem>> {
+            serde_json::from_value(v).map_err(Error::internal)
+        };
+        if let Some(r) = tx
+            .query_opt(
+                "SELECT items, amount_cents, state FROM refunds WHERE order_id = $1 AND refund_id = $2",
+                &[&order.0, &refund_id],
+            )
+            .await?
+        {
+            let recorded = decode(r.get(0))?;
+            if items.is_some_and(|asked| asked != recorded.as_slice()) {
+                return Err(Error::new(Code::IdempotencyKeyReused));
+            }
+            return Ok(RefundRecord {
+                refund_id: refund_id.to_owned(),
+                order_id: order,
+                hold_id,
+                drop_id,
+                fan_id,
+                items: recorded,
+                amount_cents: r.get(1),
+                state: r.get(2),
+                new: false,
+            });
+        }
+        // What the order still has: (bucket, seat) → (units not refunded, price).
+        let mut left: Vec<(HoldItem, i64)> = tx
+            .query(
+                "SELECT bucket, seat_id, (quantity - refunded)::bigint, price_cents FROM order_items \
+                 WHERE order_id = $1 ORDER BY bucket, seat_id",
+                &[&order.0],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                let q: i64 = r.get(2);
+                (
+                    HoldItem {
+                        b: r.get(0),
+                        q: q as u32,
+                        s: r.get(1),
+                    },
+                    r.get(3),
+                )
+            })
+            .collect();
+        let refunding: Vec<(HoldItem, i64)> = match items {
+            None => {
+                left.retain(|(i, _)| i.q > 0);
+                left
+            }
+            Some(asked) => {
+                let mut out: Vec<(HoldItem, i64)> = Vec::new();
+                for a in asked {
+                    let Some((have, price)) = left.iter().find(|(i, _)| i.b == a.b && i.s == a.s)
+                    else {
+                        return Err(Error::invalid(format!(
+                            "the order has no item `{}`{}",
+                            a.b,
+                            a.s.as_deref()
+                                .map(|s| format!(" seat `{s}`"))
+                                .unwrap_or_default()
+                        )));
+                    };
+                    if a.q == 0 || out.iter().any(|(o, _)| o.b == a.b && o.s == a.s) {
+                        return Err(Error::invalid(
+                            "each item once, with a quantity of at least 1",
+                        ));
+                    }
+                    if a.q > have.q {
+                        return Err(Error::new(Code::AlreadyRefunded));
+                    }
+                    out.push((a.clone(), *price));
+                }
+                out
+            }
+        };
+        if refunding.is_empty() {
+            return Err(Error::new(Code::AlreadyRefunded));
+        }
+        let mut buckets: Vec<String> = Vec::new();
+        let mut seats: Vec<Option<String>> = Vec::new();
+        let mut quantities: Vec<i32> = Vec::new();
+        for (i, _) in &refunding {
+            buckets.push(i.b.clone());
+            seats.push(i.s.clone());
+            quantities.push(i.q as i32);
+        }
+        tx.execute(
+            "UPDATE order_items oi SET refunded = oi.refunded + t.q \
+             FROM unnest($2::text[], $3::text[], $4::int[]) AS t(b, s, q) \
+             WHERE oi.order_id = $1 AND oi.bucket = t.b AND oi.seat_id IS NOT DISTINCT FROM t.s",
+            &[&order.0, &buckets, &seats, &quantities],
+        )
+        .await?;
+        // Inventory rows in (drop, bucket) order, as the order writer takes them.
+        tx.query(
+            "SELECT 1 FROM inventory WHERE drop_id = $1 AND bucket = ANY($2) ORDER BY bucket FOR UPDATE",
+            &[&drop_id, &buckets],
+        )
+        .await?;
+        tx.execute(
+            "WITH per AS (SELECT b, sum(q)::int AS q FROM unnest($2::text[], $3::int[]) AS t(b, q) GROUP BY b), \
+             upd AS (UPDATE inventory i SET sold = i.sold - per.q FROM per \
+                WHERE i.drop_id = $1 AND i.bucket = per.b) \
+             INSERT INTO stock_ledger (drop_id, bucket, kind, delta_sold, order_id, note) \
+             SELECT $1, b, 'refund', -q, $4, $5 FROM per",
+            &[&drop_id, &buckets, &quantities, &order.0, &format!("refund {refund_id}")],
+        )
+        .await?;
+        let units: i32 = quantities.iter().sum();
+        tx.execute(
+            "UPDATE fan_purchases SET units = units - $3 WHERE drop_id = $1 AND fan_id = $2",
+            &[&drop_id, &fan_id, &units],
+        )
+        .await?;
+        let amount_cents: i64 = refunding.iter().map(|(i, p)| i64::from(i.q) * p).sum();
+        let items: Vec<HoldItem> = refunding.into_iter().map(|(i, _)| i).collect();
+        tx.execute(
+            "INSERT INTO refunds (order_id, refund_id, drop_id, fan_id, key_id, items, amount_cents) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &order.0,
+                &refund_id,
+                &drop_id,
+                &fan_id,
+                &key_id,
+                &serde_json::to_value(&items).map_err(Error::internal)?,
+                &amount_cents,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(RefundRecord {
+            refund_id: refund_id.to_owned(),
+            order_id: order,
+            hold_id,
+            drop_id,
+            fan_id,
+            items,
+            amount_cents,
+            state: "pending".into(),
+            new: true,
+        })
+    }
+
     /// A page of the drop's audit log, newest first: at most `limit` entries older than
     /// `before` (an `entry_id`), or the newest when `before` is `None`.
     pub async fn audit(
@@ -1027,7 +1205,7 @@ impl Db {
         }
         for r in client
             .query(
-                "SELECT seat_id FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL",
+                "SELECT seat_id FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL AND refunded = 0",
                 &[&d],
             )
             .await?
@@ -1140,7 +1318,7 @@ impl Db {
             .client()
             .await?
             .query(
-                "SELECT seat_id FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL",
+                "SELECT seat_id FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL AND refunded = 0",
                 &[&drop.as_str()],
             )
             .await?
@@ -1179,7 +1357,7 @@ impl Db {
         let mut sold_seats = std::collections::HashSet::new();
         for r in c
             .query(
-                "SELECT seat_id FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL",
+                "SELECT seat_id FROM order_items WHERE drop_id = $1 AND seat_id IS NOT NULL AND refunded = 0",
                 &[&d],
             )
             .await?
@@ -1242,6 +1420,23 @@ pub fn changed_fields(
 
 fn parse_state(state: &str) -> Result<PaymentState> {
     PaymentState::parse(state).ok_or_else(|| Error::internal(format!("payments.state `{state}`")))
+}
+
+/// A refund as Postgres recorded it (migrations/0007_refunds.sql).
+#[derive(Debug, Clone)]
+pub struct RefundRecord {
+    pub refund_id: String,
+    pub order_id: OrderId,
+    pub hold_id: String,
+    pub drop_id: String,
+    pub fan_id: String,
+    /// What it returns, in the scripts' item shape.
+    pub items: Vec<crate::scripts::HoldItem>,
+    pub amount_cents: i64,
+    /// `pending` | `gateway_done` | `returned`.
+    pub state: String,
+    /// Recorded by this call (false: the refund id was recorded before).
+    pub new: bool,
 }
 
 /// A restock as Postgres recorded it: the SKU's total after, and whether the request id had

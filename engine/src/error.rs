@@ -53,6 +53,7 @@ codes! {
     SeatUnavailable => (409, "seat_unavailable", "A requested seat is held or sold."),
     DropClosed => (409, "drop_closed", "The drop is closed."),
     NotOpen => (409, "not_open", "The drop is not open yet."),
+    AlreadyRefunded => (409, "already_refunded", "The order, or these items of it, was refunded already."),
     HoldConfirming => (409, "hold_confirming", "The hold is being paid for and can't be released now."),
     HoldSold => (409, "hold_sold", "The hold was already paid for."),
     ConfirmInProgress => (409, "confirm_in_progress", "The hold is being paid for with another payment."),

@@ -49,7 +49,8 @@ impl Harness {
     }
 
     /// Checks `available + held + sold == total` for every bucket, and Postgres' record of the
-    /// sale: inventory.sold, order items and the ledger all agree with Redis' sold count.
+    /// sale: inventory.sold, order items (less what was refunded) and the ledger all agree with
+    /// Redis' sold count.
     pub async fn assert_invariants(&self, drop: &str) {
         let v = self.drop_view(drop).await;
         let db = self.server.engine.db().client().await.unwrap();
@@ -70,7 +71,7 @@ impl Harness {
             let row = db
                 .query_one(
                     "SELECT (SELECT sold::bigint FROM inventory WHERE drop_id = $1 AND bucket = $2), \
-                     (SELECT coalesce(sum(quantity), 0)::bigint FROM order_items WHERE drop_id = $1 AND bucket = $2), \
+                     (SELECT coalesce(sum(quantity - refunded), 0)::bigint FROM order_items WHERE drop_id = $1 AND bucket = $2), \
                      (SELECT coalesce(sum(delta_sold), 0)::bigint FROM stock_ledger WHERE drop_id = $1 AND bucket = $2)",
                     &[&drop, &bucket],
                 )
