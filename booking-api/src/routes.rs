@@ -126,7 +126,10 @@ impl App {
     /// traffic (`http.metrics_listen` serves it without a key, privately).
     async fn metrics(&self, req: &Request<Incoming>) -> Answer {
         self.key(req, Scope::Ops).await?;
-        Ok(http::metrics_page(&self.metrics))
+        Ok(http::metrics_page_with(
+            &self.metrics,
+            &self.engine.drop_gauges_text(),
+        ))
     }
 
     async fn readyz(&self) -> Answer {

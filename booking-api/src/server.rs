@@ -110,7 +110,8 @@ async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let cfg = app.engine.cfg().http.clone();
-    let background = app.engine.spawn_background(shutdown.clone());
+    let mut background = app.engine.spawn_background(shutdown.clone());
+    background.push(app.engine.spawn_drop_metrics(shutdown.clone()));
     let permits = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let tidy = {
@@ -119,9 +120,11 @@ async fn serve(
         http::every_until_shutdown(every, shutdown.clone(), move || app.limits.tidy())
     };
     let metrics = metrics.map(|l| {
-        tokio::spawn(http::serve_metrics(
+        let engine = app.engine.clone();
+        tokio::spawn(http::serve_metrics_with(
             l,
             app.metrics.clone(),
+            Arc::new(move || engine.drop_gauges_text()),
             permits.clone(),
             ms(cfg.header_read_timeout_ms),
             shutdown.clone(),

@@ -223,6 +223,11 @@ pub const DEFAULT_DRAIN_UNREADY_MS: u64 = 0;
 /// hyper's read buffer per connection, which bounds a request's head (line and headers).
 pub const DEFAULT_MAX_READ_BUFFER_BYTES: usize = 64 * 1024;
 pub const DEFAULT_CORS_MAX_AGE_S: u64 = 600;
+/// 50 drops × 14 series: a few hundred series per instance, whatever the catalogue holds.
+pub const DEFAULT_DROP_METRICS_MAX_DROPS: usize = 50;
+/// Slow enough that the reads cost Redis nothing (a dozen O(1) reads per drop), fast enough for
+/// a 15 s scrape interval.
+pub const DEFAULT_DROP_METRICS_INTERVAL_MS: u64 = 5_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -250,6 +255,12 @@ pub struct HttpConfig {
     /// An internal listener serving `GET /metrics` without a key (for Prometheus on a private
     /// network). Unset: none; the public listener answers `/metrics` only with an ops key.
     pub metrics_listen: Option<SocketAddr>,
+    /// The most drops `/metrics` reports per-drop gauges for (engine::drop_metrics): the newest
+    /// live ones. Bounds the `drop` label's cardinality. 0: no per-drop gauges.
+    pub drop_metrics_max_drops: usize,
+    /// How often the per-drop gauges are read from Redis (one task per process; a scrape reads
+    /// the last round).
+    pub drop_metrics_interval_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -268,6 +279,8 @@ impl Default for HttpConfig {
             cors_max_age_s: DEFAULT_CORS_MAX_AGE_S,
             max_read_buffer_bytes: DEFAULT_MAX_READ_BUFFER_BYTES,
             metrics_listen: None,
+            drop_metrics_max_drops: DEFAULT_DROP_METRICS_MAX_DROPS,
+            drop_metrics_interval_ms: DEFAULT_DROP_METRICS_INTERVAL_MS,
         }
     }
 }

@@ -19,12 +19,14 @@
 //! - [`booking`] — the engine handlers call: reserve, release, confirm, the sweeper, the
 //!   reconciler and recovery.
 //! - [`metrics`] — metric names.
+//! - [`drop_metrics`] — per-drop gauges read from Redis, appended to `/metrics`.
 //! - [`net`] — address blocks and the client's address behind trusted proxies.
 
 pub mod aof;
 pub mod booking;
 pub mod config;
 pub mod db;
+pub mod drop_metrics;
 pub mod drops;
 pub mod error;
 pub mod fill;

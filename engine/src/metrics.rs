@@ -38,3 +38,21 @@ pub const QUEUE_WS_CONNECTIONS: &str = "floodgate_queue_ws_connections";
 pub const QUEUE_MESSAGES_SENT: &str = "floodgate_queue_messages_sent_total";
 pub const QUEUE_SLOW_CLIENTS_DROPPED: &str = "floodgate_queue_slow_clients_dropped_total";
 pub const QUEUE_TICK_SECONDS: &str = "floodgate_queue_tick_seconds";
+
+// Per-drop figures read from Redis (engine::drop_metrics), labelled `drop` (and `state` for the
+// line's state): every instance reports the same values, so aggregate them with `max by (drop)`.
+pub const DROP_LINE_FANS: &str = "floodgate_drop_line_fans";
+pub const DROP_JOINS: &str = "floodgate_drop_joins_total";
+pub const DROP_ADMITTED: &str = "floodgate_drop_admitted_total";
+pub const DROP_ADMISSION_RATE: &str = "floodgate_drop_admission_rate_per_second";
+pub const DROP_MAX_ACTIVE: &str = "floodgate_drop_max_active_fans";
+pub const DROP_ACTIVE_SHOPPERS: &str = "floodgate_drop_active_fans";
+pub const DROP_AVAILABLE_UNITS: &str = "floodgate_drop_available_units";
+pub const DROP_HELD_UNITS: &str = "floodgate_drop_held_units";
+pub const DROP_SOLD_UNITS: &str = "floodgate_drop_sold_units";
+pub const DROP_CONFIRMING_HOLDS: &str = "floodgate_drop_confirming_holds";
+pub const DROP_ADMISSION_PAUSED: &str = "floodgate_drop_admission_paused";
+pub const DROP_RECOVERING: &str = "floodgate_drop_recovering";
+pub const DROP_LINE_STATE: &str = "floodgate_drop_line_state";
+/// How many drops this process's last round reported (at most `http.drop_metrics_max_drops`).
+pub const DROP_METRICS_DROPS: &str = "floodgate_drop_metrics_drops";

@@ -343,8 +343,19 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// `/metrics`: the process's Prometheus text.
 pub fn metrics_page(handle: &PrometheusHandle) -> Response<Body> {
-    text("text/plain; version=0.0.4", handle.render())
+    metrics_page_with(handle, "")
 }
+
+/// `/metrics`: the process's Prometheus text, then `extra` (booking-api's per-drop gauges,
+/// engine::drop_metrics, which the exporter's registry doesn't hold).
+pub fn metrics_page_with(handle: &PrometheusHandle, extra: &str) -> Response<Body> {
+    let mut page = handle.render();
+    page.push_str(extra);
+    text("text/plain; version=0.0.4", page)
+}
+
+/// What an internal metrics listener appends to each page ([`serve_metrics_with`]).
+pub type MetricsExtra = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// The internal metrics listener (`http.metrics_listen`, `queue.metrics_listen`): `GET /metrics`
 /// without a key, 404 `not_found` for anything else, until `shutdown`. Its connections count
@@ -356,12 +367,34 @@ pub async fn serve_metrics(
     header_read_timeout: Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let none: MetricsExtra = Arc::new(String::new);
+    serve_metrics_with(
+        listener,
+        handle,
+        none,
+        permits,
+        header_read_timeout,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve_metrics`], each page ending with what `extra` says at the time.
+pub async fn serve_metrics_with(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    extra: MetricsExtra,
+    permits: Arc<tokio::sync::Semaphore>,
+    header_read_timeout: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let stop = shutdown.clone();
     accept_loop(listener, permits, shutdown, |stream, _peer, permit| {
         let handle = handle.clone();
+        let extra = extra.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let resp = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
-                metrics_page(&handle)
+                metrics_page_with(&handle, &extra())
             } else {
                 error(&Error::new(Code::NotFound))
             };

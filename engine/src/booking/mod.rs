@@ -109,6 +109,8 @@ pub struct Engine {
     /// Which drops' sweep and reconcile rounds run here (docs/ARCHITECTURE.md, "Many
     /// instances").
     pub(crate) round_leases: crate::lease::Leases,
+    /// The per-drop gauges' last round as Prometheus text (engine::drop_metrics).
+    pub(crate) drop_gauges: Mutex<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -185,6 +187,7 @@ impl Engine {
             recovery_stats: Mutex::new(RebuildReport::default()),
             rebuilds_seen: Mutex::new(HashMap::new()),
             round_leases: crate::lease::Leases::new("rounds", cfg.reconciler.round_lease_ms),
+            drop_gauges: Mutex::new(String::new()),
             cfg,
         }))
     }
