@@ -79,7 +79,7 @@ async fn per_drop_gauges_show_what_redis_has() {
         .await;
     assert_eq!(status, 201, "{order}");
 
-    // A queue drop, paused, with three fans in line and two admitted.
+    // A queue drop, paused, with three fans in line and two shopping.
     let queue = h
         .create_drop(json!({
             "name": "metrics queue", "per_fan_limit": 2, "hold_ttl_s": 300,
@@ -100,6 +100,13 @@ async fn per_drop_gauges_show_what_redis_has() {
     }
     h.admit(&queue, "metrics-in-0").await;
     h.admit(&queue, "metrics-in-1").await;
+    // A session whose deadline passed (admission drops it on its next run) counts no more.
+    h.server
+        .engine
+        .redis()
+        .test_admit(&qid, &FanId::parse("metrics-gone").unwrap(), -60_000)
+        .await
+        .unwrap();
 
     let o = format!("drop=\"{open}\"");
     let q = format!("drop=\"{queue}\"");

@@ -5,10 +5,11 @@
 //!
 //! One task per process ([`Engine::spawn_drop_metrics`]) reads them every
 //! `http.drop_metrics_interval_ms` for at most `http.drop_metrics_max_drops` live drops (open, or
-//! closed in the last hour: Postgres' `live_drops`, newest first), a fixed handful of O(1) Redis
-//! reads per drop (HMGET, ZCARD, GET; the stock hash's HGETALL is as long as the drop's buckets,
-//! SKUs or sections, never its seats or holds). A scrape costs nothing: `/metrics` appends the
-//! last round's text ([`Engine::drop_gauges_text`]). A drop that is no longer live drops out of the text at the
+//! closed in the last hour: Postgres' `live_drops`, newest first), a fixed handful of Redis reads
+//! per drop: HMGET, ZCARD and GET are O(1), ZCOUNT of the active set O(log n), and the stock
+//! hash's HGETALL as long as the drop's buckets (SKUs or sections), never its seats or holds. A
+//! scrape costs nothing: `/metrics` appends the last round's text
+//! ([`Engine::drop_gauges_text`]). A drop that is no longer live drops out of the text at the
 //! next round, so the `drop` label's cardinality stays bounded by the setting.
 //!
 //! Every instance reports the same figures for the same drop: aggregate them with `max by
@@ -104,7 +105,12 @@ impl Engine {
             admission.next().flatten(),
         );
         let line_fans: i64 = client.zcard(&q.line).await?;
-        let active_shoppers: i64 = client.zcard(&q.active).await?;
+        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        // Sessions whose deadline hasn't passed (admission drops the rest on its next run):
+        // O(log n), by this process's clock, which is near enough Redis' for a gauge.
+        let active_shoppers: i64 = client
+            .zcount(&q.active, now_ms as f64, f64::INFINITY)
+            .await?;
         let confirming_holds: i64 = client.zcard(drop_key(drop, "confirming")).await?;
         let joins: Option<String> = client.get(&q.seq).await?;
         let admitted: Option<String> = client.hget(&q.watermark, "admitted").await?;
@@ -120,7 +126,6 @@ impl Engine {
         let recovering = recovering.as_deref() == Some("1");
         let paused = paused.as_deref() == Some("1");
         let queue = mode.as_deref() == Some("queue") || rate.is_some();
-        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         // lua/admit.lua's order: recovering, closed, sold out (the line closed for good), paused,
         // before opening, all held, open.
         let state = if recovering {
