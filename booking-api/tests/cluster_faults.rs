@@ -2,8 +2,11 @@
 //! that owns a GA drop's slot while fans reserve and pay on it and on a drop of another shard. Its
 //! replica takes over (a new run id): that drop answers `recovering` and is rebuilt from Postgres,
 //! the other shard's drop never answers a 5xx, every acknowledged order stays sold, nothing is sold
-//! twice, and `available + held + sold == total` on both. Serial (`--test-threads=1`): the test
-//! runs a cluster of its own (six redis-servers) and its own Postgres.
+//! twice, and `available + held + sold == total` on both — with the test config's command timeout
+//! and confirm deadline, both shorter than the failover (the engine's client per primary keeps
+//! the other shard out of the wait). The same failover under a queue drop's waiters on sockets:
+//! queue-server/tests/faults.rs. Serial (`--test-threads=1`): the test runs a cluster of its own
+//! (six redis-servers) and its own Postgres.
 mod common;
 mod fault_kit;
 
@@ -20,14 +23,8 @@ use fault_kit::{assert_consistent, eventually, pg_orders, Fault};
 use serde_json::json;
 use testkit::{new_key, test_config_for, BookingClient, Reply};
 
-/// `redis.command_timeout_ms` for this test: well above a failover with a one-second
-/// `cluster-node-timeout` (≈ 3.5 s measured on the shared machine).
-const CLUSTER_COMMAND_TIMEOUT_MS: u64 = 10_000;
-/// A confirm's deadline and margin here: the cut-off (15 s) well past a wait for the failover,
-/// and short enough that the reconciler settles a confirm the failover cut off within the test's
-/// patience.
-const FAILOVER_CONFIRM_TIMEOUT_MS: u64 = 20_000;
-const FAILOVER_CONFIRM_SAFETY_MARGIN_MS: u64 = 5_000;
+/// Units of each drop: more than the sale sells before the end, so both still sell then.
+const UNITS: u32 = 10_000;
 
 /// What the shoppers of one drop saw.
 #[derive(Default)]
@@ -141,31 +138,14 @@ async fn rebuilds(h: &Harness, drop: &str) -> i64 {
     .get(0)
 }
 
-/// The failover test with the timeouts that let it pass today: a command timeout above the
-/// failover and a confirm deadline past a wait for it (see [`failover_mid_sale`]).
+/// With the test config's command timeout and confirm deadline (the defaults' kind: shorter
+/// than a failover): the other shard's drop never waits on the failed one (engine
+/// scripts/shards.rs: a Redis client per primary).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_cluster_primary_killed_mid_sale_fails_over_one_shard() {
-    failover_mid_sale("fault-cluster-failover", true).await;
-}
-
-/// The same with the default `redis.command_timeout_ms` and confirm deadline: issue 14's
-/// acceptance as written. It fails (the spared drop answers 503 `unavailable` and
-/// `payment_pending`) until the engine keeps a Redis client per primary (docs/ARCHITECTURE.md,
-/// "Redis Cluster: a drop is a slot"): fred 10.1 reconnects a cluster client as a whole, and
-/// every shard's commands wait for the failed one's replica to be promoted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 14: fails until the engine keeps a Redis client per primary"]
-async fn fault_cluster_failover_with_default_timeouts_spares_other_shards() {
-    failover_mid_sale("fault-cluster-failover-defaults", false).await;
-}
-
-/// `kill -9` of the primary that owns a GA drop's slot mid-sale (the module doc says what must
-/// hold). `long_timeouts`: run with [`CLUSTER_COMMAND_TIMEOUT_MS`] and
-/// [`FAILOVER_CONFIRM_TIMEOUT_MS`] instead of the test config's defaults.
-async fn failover_mid_sale(name: &str, long_timeouts: bool) {
     let base = devstack::cluster::free_base_port().expect("six free ports for a cluster");
     let cfg = StackConfig {
-        name: name.into(),
+        name: "fault-cluster-failover".into(),
         redis_port: base,
         pg_port: free_port(),
     };
@@ -179,18 +159,7 @@ async fn failover_mid_sale(name: &str, long_timeouts: bool) {
         db_url: stack.database_url(),
         stack: Arc::new(Mutex::new(stack)),
     };
-    let mut cfg = test_config_for(&f.redis_url, &f.db_url);
-    if long_timeouts {
-        // A shard's failover pauses the Redis client for every shard until the cluster has
-        // promoted the replica (docs/OPERATIONS.md, "On a Redis Cluster"): a command timeout
-        // above the failover time makes the other shards' requests wait instead of failing.
-        cfg.redis.command_timeout_ms = CLUSTER_COMMAND_TIMEOUT_MS;
-        // A confirm that waited out the failover must still be inside its own deadline after it
-        // (the test config's 5 s, less its 1 s margin, is shorter than a wait plus a payment):
-        // the spared drop's confirms then never answer 503 `payment_pending`.
-        cfg.holds.confirm_timeout_ms = FAILOVER_CONFIRM_TIMEOUT_MS;
-        cfg.holds.confirm_safety_margin_ms = FAILOVER_CONFIRM_SAFETY_MARGIN_MS;
-    }
+    let cfg = test_config_for(&f.redis_url, &f.db_url);
     let h = Harness::with_config(cfg).await;
     let api = h.client.clone();
 
@@ -199,11 +168,11 @@ async fn failover_mid_sale(name: &str, long_timeouts: bool) {
         .with(|s| s.cluster_topology())
         .await
         .expect("the topology");
-    let hit = h.ga_drop(3_000, 4, 600).await;
+    let hit = h.ga_drop(UNITS, 4, 600).await;
     let hit_port = owner(&nodes, slot_of(&hit)).expect("an owner").port;
     let mut spared = None;
     for _ in 0..100 {
-        let drop = h.ga_drop(3_000, 4, 600).await;
+        let drop = h.ga_drop(UNITS, 4, 600).await;
         if owner(&nodes, slot_of(&drop)).expect("an owner").port != hit_port {
             spared = Some(drop);
             break;

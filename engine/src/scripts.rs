@@ -15,6 +15,8 @@ use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId, HoldId, OrderId};
 use crate::queue::SessionEnds;
 
+mod shards;
+
 /// How many `MOVED`/`ASK` redirections a command follows on a Redis Cluster before it fails
 /// (503 `unavailable`: the caller retries). One: a `MOVED` (a slot moved, a replica promoted)
 /// refreshes the client's slot map and retries once. More would be no use and a hazard: fred 10.1
@@ -310,6 +312,9 @@ pub struct TestScripts {
 #[derive(Clone)]
 pub struct Redis {
     pool: Pool,
+    /// On a Redis Cluster, a pool per primary that a drop's commands go to (scripts/shards.rs
+    /// says why); `None` on one Redis.
+    shards: Option<Arc<shards::Shards>>,
     pub(crate) scripts: Arc<Scripts>,
     /// Seats per HSCAN step reading a seat map (`seats.map_scan_chunk`).
     seat_scan_chunk: usize,
@@ -352,17 +357,8 @@ impl Redis {
     async fn connect_with(cfg: &RedisConfig, scripts: Scripts) -> Result<Redis> {
         let config =
             Config::from_url(&cfg.url).map_err(|e| Error::invalid(format!("redis.url: {e}")))?;
-        let pool = Builder::from_config(config)
-            .with_performance_config(|p| {
-                p.default_command_timeout = Duration::from_millis(cfg.command_timeout_ms);
-                p.max_feed_count = cfg.max_feed_count;
-            })
-            .with_connection_config(|c| {
-                c.max_command_buffer_len = cfg.max_command_buffer_len;
-                c.connection_timeout = Duration::from_millis(cfg.command_timeout_ms);
-                c.max_redirections = MAX_CLUSTER_REDIRECTIONS;
-            })
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+        let policy = ReconnectPolicy::new_exponential(0, 50, 2_000, 2);
+        let pool = builder(config.clone(), cfg, policy.clone())
             .build_pool(cfg.pool_size.max(1))
             .map_err(|e| Error::invalid(format!("redis: {e}")))?;
         pool.init()
@@ -371,8 +367,21 @@ impl Redis {
         for s in scripts.all() {
             s.load(pool.next()).await?;
         }
+        let shards = if config.server.is_clustered() {
+            let any = pool.next().active_connections();
+            let asked = any
+                .first()
+                .ok_or_else(|| Error::unavailable("Redis", "no cluster node connected"))?;
+            let routing = shards::read_slots(pool.next(), asked).await?;
+            Some(Arc::new(
+                shards::Shards::connect(config, cfg, policy, routing).await?,
+            ))
+        } else {
+            None
+        };
         Ok(Redis {
             pool,
+            shards,
             scripts: Arc::new(scripts),
             seat_scan_chunk: crate::config::DEFAULT_SEAT_MAP_SCAN_CHUNK,
             seat_read_bytes: crate::config::DEFAULT_SEAT_MAP_READ_BYTES,
@@ -388,11 +397,23 @@ impl Redis {
     }
 
     pub async fn quit(&self) {
+        if let Some(shards) = &self.shards {
+            shards.quit().await;
+        }
         let _ = self.pool.quit().await;
     }
 
     pub(crate) fn client(&self) -> &Client {
         self.pool.next()
+    }
+
+    /// A client for commands on `key`: on a Redis Cluster, of the pool of the primary serving
+    /// its slot (as last read; the cluster client if none does); on one Redis, [`Redis::client`].
+    pub(crate) fn at(&self, key: &str) -> Client {
+        self.shards
+            .as_ref()
+            .and_then(|s| s.client(fred::util::redis_keyslot(key.as_bytes())))
+            .unwrap_or_else(|| self.pool.next().clone())
     }
 
     pub(crate) async fn run(
@@ -401,9 +422,41 @@ impl Redis {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Reply> {
-        Ok(script
-            .evalsha_with_reload::<Reply, _, _>(self.client(), keys, args)
-            .await?)
+        let Some(shards) = &self.shards else {
+            return Ok(script
+                .evalsha_with_reload::<Reply, _, _>(self.client(), keys, args)
+                .await?);
+        };
+        let key = keys.first().cloned().unwrap_or_default();
+        let mut redirections = 0;
+        loop {
+            let client = self.at(&key);
+            match script
+                .evalsha_with_reload::<Reply, _, _>(&client, keys.clone(), args.clone())
+                .await
+            {
+                Ok(reply) => return Ok(reply),
+                Err(e) => {
+                    // A failed or demoted primary, a slot moved: the map may be stale.
+                    let moved = e.details().starts_with("MOVED");
+                    if moved
+                        || matches!(
+                            e.kind(),
+                            fred::error::ErrorKind::IO
+                                | fred::error::ErrorKind::Timeout
+                                | fred::error::ErrorKind::Canceled
+                                | fred::error::ErrorKind::Cluster
+                        )
+                    {
+                        shards.refresh().await;
+                    }
+                    if !moved || redirections >= MAX_CLUSTER_REDIRECTIONS {
+                        return Err(e.into());
+                    }
+                    redirections += 1;
+                }
+            }
+        }
     }
 
     /// The SHA-1 of the reserve script as loaded, and its key set, for `redis-benchmark`.
@@ -511,7 +564,7 @@ impl Redis {
     pub async fn present_keys(&self, drop: &DropId) -> Result<Vec<String>> {
         let mut present = Vec::new();
         for key in DropKeys::every(drop) {
-            let n: i64 = self.client().exists(key.as_str()).await?;
+            let n: i64 = self.at(&key).exists(key.as_str()).await?;
             if n > 0 {
                 present.push(key);
             }
@@ -726,7 +779,10 @@ impl Redis {
 
     pub async fn hold(&self, hold: &HoldId) -> Result<Option<HoldRecord>> {
         let keys = DropKeys::new(&hold.drop_id());
-        let raw: Option<String> = self.client().hget(keys.holds(), hold.as_str()).await?;
+        let raw: Option<String> = self
+            .at(keys.holds())
+            .hget(keys.holds(), hold.as_str())
+            .await?;
         raw.map(|r| decode(&r)).transpose()
     }
 
@@ -740,7 +796,7 @@ impl Redis {
         // Members are "<fan>|<hold id>" (lua/lib.lua): the fan's run of them, in lex order.
         let prefix = format!("{fan}|");
         let members: Vec<String> = self
-            .client()
+            .at(keys.fanholds())
             .zrangebylex(
                 keys.fanholds(),
                 format!("[{prefix}"),
@@ -769,7 +825,7 @@ impl Redis {
     pub async fn drop_state(&self, drop: &DropId) -> Result<Option<DropState>> {
         let keys = DropKeys::new(drop);
         let vals: Vec<Option<String>> = self
-            .client()
+            .at(keys.meta())
             .hmget(
                 keys.meta(),
                 vec![
@@ -889,7 +945,8 @@ impl Redis {
 
     /// Live counts per bucket, from one HGETALL.
     pub async fn counts(&self, drop: &DropId) -> Result<HashMap<String, Counts>> {
-        let raw: HashMap<String, i64> = self.client().hgetall(DropKeys::new(drop).stock()).await?;
+        let stock = DropKeys::new(drop).stock().to_owned();
+        let raw: HashMap<String, i64> = self.at(&stock).hgetall(&stock).await?;
         let mut out: HashMap<String, Counts> = HashMap::new();
         for (field, v) in raw {
             let Some((kind, bucket)) = field.split_once(':') else {
@@ -967,7 +1024,10 @@ impl Redis {
     pub async fn time_ms(&self, drop: &DropId) -> Result<i64> {
         let keys = DropKeys::new(drop);
         let cmd = fred::types::CustomCommand::new_static("TIME", keys.meta(), false);
-        let (secs, micros): (i64, i64) = self.client().custom(cmd, Vec::<String>::new()).await?;
+        let (secs, micros): (i64, i64) = self
+            .at(keys.meta())
+            .custom(cmd, Vec::<String>::new())
+            .await?;
         Ok(secs * 1_000 + micros / 1_000)
     }
 
@@ -979,10 +1039,11 @@ impl Redis {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<HoldId>> {
+        let confirming = DropKeys::new(drop).confirming().to_owned();
         let ids: Vec<String> = self
-            .client()
+            .at(&confirming)
             .zrangebyscore(
-                DropKeys::new(drop).confirming(),
+                &confirming,
                 "-inf",
                 now_ms as f64,
                 false,
@@ -1268,4 +1329,21 @@ fn refused(code: &str, detail: &str) -> Result<Reserved> {
         Code::from_name(code).ok_or_else(|| Error::internal(format!("reserve answered {code}")))?;
     let detail = serde_json::from_str(detail).unwrap_or(serde_json::Value::Null);
     Ok(Reserved::Refused { code, detail })
+}
+
+/// A fred builder for `config` with every buffer and wait bounded (fred's defaults are
+/// unbounded): the cluster client and, on a cluster, each primary's pool.
+fn builder(config: Config, cfg: &RedisConfig, policy: ReconnectPolicy) -> Builder {
+    let mut b = Builder::from_config(config);
+    b.with_performance_config(|p| {
+        p.default_command_timeout = Duration::from_millis(cfg.command_timeout_ms);
+        p.max_feed_count = cfg.max_feed_count;
+    })
+    .with_connection_config(|c| {
+        c.max_command_buffer_len = cfg.max_command_buffer_len;
+        c.connection_timeout = Duration::from_millis(cfg.command_timeout_ms);
+        c.max_redirections = MAX_CLUSTER_REDIRECTIONS;
+    })
+    .set_policy(policy);
+    b
 }
