@@ -6,12 +6,13 @@
 -- ARGV[1] bucket (a SKU)
 -- ARGV[2] the bucket's total in Postgres after the restock
 -- Returns {"ok", total, available} (raised, or already at least that: nothing to do)
---       | {"err", "unknown_sku"} (no such bucket in Redis) | {"err", "recovering"} (lib.lua: the
---         rebuild in progress may have read the old total; the caller retries)
+--       | {"err", "recovering"}: the bucket isn't in Redis (the caller checked the SKU against the
+--         drop's definition, so the drop was lost or flushed and its rebuild from Postgres, which
+--         has the new total, is due), or lib.lua's recovering (the rebuild in progress may have
+--         read the old total); either way the caller retries, with the same request id
 local b, target = ARGV[1], tonumber(ARGV[2])
 local c = redis.call('HMGET', K.stock, 't:' .. b, 'a:' .. b)
-if not c[1] then return {'err', 'unknown_sku'} end
-if recovering() then return {'err', 'recovering'} end
+if not c[1] or recovering() then return {'err', 'recovering'} end
 local total, available = tonumber(c[1]), tonumber(c[2]) or 0
 if target > total then
   available = redis.call('HINCRBY', K.stock, 'a:' .. b, string.format('%d', target - total))

@@ -54,30 +54,15 @@ async fn hold_record(h: &Harness, hold: &str) -> engine::scripts::HoldRecord {
         .expect("the hold is in Redis")
 }
 
-async fn redis_cli(args: &[&str]) -> String {
-    let url = std::env::var("FLOODGATE_TEST_REDIS_URL").unwrap();
-    let out = tokio::process::Command::new("redis-cli")
-        .arg("-u")
-        .arg(&url)
-        .args(args)
-        .output()
-        .await
-        .expect("redis-cli runs");
-    assert!(out.status.success(), "redis-cli {args:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .trim_end_matches('\n')
-        .to_owned()
-}
-
 /// Replaces a hold's record in Redis with something no script or reader can decode (so every
 /// call about that hold fails with a Redis error) and returns the record, to put back later.
 async fn break_hold(hold: &str) -> String {
     let holds = DropKeys::new(&HoldId::parse(hold).unwrap().drop_id())
         .holds()
         .to_owned();
-    let raw = redis_cli(&["HGET", &holds, hold]).await;
+    let raw = common::redis_cli(&["HGET", &holds, hold]).await;
     assert!(raw.starts_with('{'), "the hold's record: {raw}");
-    redis_cli(&["HSET", &holds, hold, "not a hold"]).await;
+    common::redis_cli(&["HSET", &holds, hold, "not a hold"]).await;
     raw
 }
 
@@ -85,7 +70,7 @@ async fn mend_hold(hold: &str, raw: &str) {
     let holds = DropKeys::new(&HoldId::parse(hold).unwrap().drop_id())
         .holds()
         .to_owned();
-    redis_cli(&["HSET", &holds, hold, raw]).await;
+    common::redis_cli(&["HSET", &holds, hold, raw]).await;
 }
 
 /// A fan with one hold of `units` tees in a fresh drop of ten.

@@ -213,6 +213,33 @@ async fn bad_restocks_are_refused_and_change_nothing() {
     assert_eq!(h.counts(&drop).await, (4, 4, 0, 0));
 }
 
+/// A drop lost from Redis (flushed, its rebuild not yet run) when a restock arrives: Postgres
+/// takes the units first, so the answer is a 503 to retry, never a 404 that says nothing was
+/// added; the retry under the same id adds nothing twice, and the rebuild brings the units.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restock_of_a_drop_lost_from_redis_is_a_503_to_retry() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(4, 1, 60).await;
+    let key = |name: &str| format!("fg:{{{drop}}}:{name}");
+    common::redis_cli(&["DEL", &key("meta"), &key("stock")]).await;
+    let body = json!({"add": 3, "request_id": "lost-1"});
+    let (status, v) = add_stock(&h, &drop, "TEE", body.clone()).await;
+    assert_eq!((status, code(&v)), (503, "recovering"), "{v}");
+    assert_eq!(pg_totals(&h, &drop, "TEE").await, (7, 3, 1));
+    let mut retried = (0, Value::Null);
+    for _ in 0..600 {
+        retried = add_stock(&h, &drop, "TEE", body.clone()).await;
+        if retried.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(retried.0, 200, "{}", retried.1);
+    assert_eq!(retried.1["added"], 0);
+    assert_eq!(retried.1["total"], 7);
+    assert_eq!(pg_totals(&h, &drop, "TEE").await, (7, 3, 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restocks_racing_a_sell_out_keep_the_books() {
     let h = Harness::start().await;

@@ -113,3 +113,20 @@ impl Harness {
         row.get(0)
     }
 }
+
+/// `redis-cli -u <the test Redis> args...`, its stdout: for tests that play a fault on a drop's
+/// keys.
+pub async fn redis_cli(args: &[&str]) -> String {
+    let url = std::env::var("FLOODGATE_TEST_REDIS_URL").unwrap();
+    let out = tokio::process::Command::new("redis-cli")
+        .arg("-u")
+        .arg(&url)
+        .args(args)
+        .output()
+        .await
+        .expect("redis-cli runs");
+    assert!(out.status.success(), "redis-cli {args:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .trim_end_matches('\n')
+        .to_owned()
+}

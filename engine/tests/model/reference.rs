@@ -940,8 +940,9 @@ impl Model {
 
     /// Raises a bucket's total and available to `target`: Ok((total, available)) or Err(code).
     pub fn restock(&mut self, bucket: &str, target: i64) -> Result<(i64, i64), String> {
+        // A bucket missing from Redis: the drop was lost, and its rebuild is due.
         let Some(total) = self.store.stock.get(&format!("t:{bucket}")).copied() else {
-            return Err("unknown_sku".into());
+            return Err("recovering".into());
         };
         if self.recovering() {
             return Err("recovering".into());
