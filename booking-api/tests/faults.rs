@@ -790,7 +790,9 @@ async fn fault_postgres_stopped_catalogue_serves_the_last_one() {
     cfg.drops.catalogue_refresh_ms = 0;
     cfg.database.timeout_ms = 1_000;
     let h = Harness::with_config(cfg.clone()).await;
-    let cold = booking_api::start(cfg).await.expect("a second booking-api starts");
+    let cold = booking_api::start(cfg)
+        .await
+        .expect("a second booking-api starts");
     let cold = BookingClient::new(cold.url());
     let drop = h.ga_drop(5, 2, 60).await;
     let listed = |v: &Value, drop: &str| {
@@ -802,9 +804,7 @@ async fn fault_postgres_stopped_catalogue_serves_the_last_one() {
     assert_eq!(status, 200, "{before}");
     assert!(listed(&before, &drop), "{before}");
 
-    f.with(|s| s.stop_postgres())
-        .await
-        .expect("Postgres stops");
+    f.with(|s| s.stop_postgres()).await.expect("Postgres stops");
     for _ in 0..3 {
         let (status, v) = h.get("/v1/catalogue", None).await;
         assert_eq!(status, 200, "the last catalogue: {v}");

@@ -1,6 +1,6 @@
 //! A local Redis Cluster: six redis-servers on consecutive ports (`cluster-enabled yes`), three
 //! primaries with a replica each, formed with `redis-cli --cluster create`. Each node is a
-//! [`Redis`] child like the lone server (appendonly everysec, our process group), in
+//! `Redis` child (devstack's redis.rs) like the lone server (appendonly everysec, our process group), in
 //! `<state>/redis-cluster/<port>/`. A persistent stack's nodes keep their `nodes.conf`, so the next
 //! start re-forms the same cluster instead of creating a new one.
 
@@ -257,8 +257,8 @@ pub fn cli(port: u16, args: &[&str]) -> Result<String> {
     Ok(text)
 }
 
-/// Reads `CLUSTER NODES` text: `<id> <ip:port@bus> <flags> <primary id|-> <ping> <pong> <epoch>
-/// <link> <slot>...`, one node a line.
+/// Reads `CLUSTER NODES` text, one node a line:
+/// `<id> <ip:port@bus> <flags> <primary id|-> <ping> <pong> <epoch> <link> <slot>...`.
 pub fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
     text.lines()
         .filter_map(|line| {

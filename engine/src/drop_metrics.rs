@@ -75,7 +75,7 @@ impl Engine {
 
     /// Reads one drop's figures: `None` when Redis has no state for it (not loaded, or gone).
     pub async fn drop_figures(&self, drop: &DropId) -> Result<Option<DropFigures>> {
-        let client = self.redis().client();
+        let client = self.redis.client();
         let q = QueueKeys::new(drop);
         let meta: Vec<Option<String>> = client
             .hmget(&q.meta, vec!["status", "recovering", "opens_at_ms", "mode"])
@@ -171,7 +171,7 @@ impl Engine {
             self.set_drop_gauges(String::new());
             return;
         }
-        let drops = match self.db().live_drops(max as i64).await {
+        let drops = match self.db.live_drops(max as i64).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(error = %e, "drop metrics: could not list the live drops");
