@@ -570,18 +570,8 @@ async fn browser_front_page_fits_a_phone() {
         |t| t.contains("test drop"),
     )
     .await;
-    let overflow = p
-        .client
-        .execute(
-            "return document.documentElement.scrollWidth - window.innerWidth;",
-            vec![],
-        )
-        .await
-        .unwrap();
-    assert!(
-        overflow.as_i64().is_some_and(|o| o <= 0),
-        "wider than the phone by {overflow}"
-    );
+    let overflow = p.sideways_overflow_px().await;
+    assert!(overflow <= 0, "wider than the phone by {overflow}");
     p.shot("phone").await;
     p.close().await;
     h.server.shutdown().await;

@@ -216,27 +216,7 @@ mod on_cluster {
             }))
             .await;
         let refusals_before = p.a.metric(CONSTRAINT_REFUSALS).await;
-        let mut pairs = Vec::new();
-        for section in ["A", "B"] {
-            for row in 1..=3 {
-                for n in 1..=9 {
-                    pairs.push(vec![
-                        format!("{section}-{row}-{n}"),
-                        format!("{section}-{row}-{}", n + 1),
-                    ]);
-                }
-            }
-        }
-        let requests: Vec<Value> = (0..200)
-            .map(|i| {
-                if i % 5 < 3 {
-                    json!({"seats": pairs[(i * 7) % pairs.len()]})
-                } else {
-                    let section = if i % 2 == 0 { "A" } else { "B" };
-                    json!({"best_available": {"section": section, "quantity": 2}})
-                }
-            })
-            .collect();
+        let requests = crate::common::seated_race_requests();
         let fans = fans(&p, "seat-racer", 200).await;
         let answers = join_all(
             fans.iter()

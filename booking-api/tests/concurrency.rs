@@ -117,29 +117,7 @@ async fn two_hundred_fans_race_for_overlapping_seats() {
         .await;
     let refusals_before = h.metric(CONSTRAINT_REFUSALS).await;
 
-    // Every adjacent pair of the drop (54): neighbouring pairs share a seat, so they collide.
-    let mut pairs = Vec::new();
-    for section in ["A", "B"] {
-        for row in 1..=3 {
-            for n in 1..=9 {
-                pairs.push(vec![
-                    format!("{section}-{row}-{n}"),
-                    format!("{section}-{row}-{}", n + 1),
-                ]);
-            }
-        }
-    }
-    // 120 fans ask for named pairs (each pair about twice), 80 for the best two in a section.
-    let requests: Vec<Value> = (0..200)
-        .map(|i| {
-            if i % 5 < 3 {
-                json!({"seats": pairs[(i * 7) % pairs.len()]})
-            } else {
-                let section = if i % 2 == 0 { "A" } else { "B" };
-                json!({"best_available": {"section": section, "quantity": 2}})
-            }
-        })
-        .collect();
+    let requests = common::seated_race_requests();
     let fans = fans(&h, "seat-racer", 200).await;
     let answers = join_all(
         fans.iter()

@@ -239,18 +239,8 @@ async fn browser_seller_page_fits_a_phone() {
         |t| t.contains("TEE: 5 / 0 / 0"),
     )
     .await;
-    let overflow = p
-        .client
-        .execute(
-            "return document.documentElement.scrollWidth - window.innerWidth;",
-            vec![],
-        )
-        .await
-        .unwrap();
-    assert!(
-        overflow.as_i64().unwrap_or(1) <= 0,
-        "the page scrolls sideways by {overflow}px"
-    );
+    let overflow = p.sideways_overflow_px().await;
+    assert!(overflow <= 0, "the page scrolls sideways by {overflow}px");
     p.shot("phone").await;
     p.close().await;
 }

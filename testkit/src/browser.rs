@@ -239,6 +239,16 @@ impl Page {
         el.attr(name).await.ok().flatten().unwrap_or_default()
     }
 
+    /// How far the page is wider than the window, in CSS pixels (≤ 0: it never scrolls
+    /// sideways, what a phone-width smoke test asks).
+    pub async fn sideways_overflow_px(&self) -> i64 {
+        let js = "return document.documentElement.scrollWidth - window.innerWidth;";
+        match self.client.execute(js, vec![]).await {
+            Ok(v) => v.as_i64().unwrap_or(i64::MAX),
+            Err(e) => self.fail(&format!("measure the page's width: {e}")).await,
+        }
+    }
+
     pub async fn css(&self, css: &str, property: &str) -> String {
         let el = self.el(css).await;
         el.css_value(property).await.unwrap_or_default()

@@ -130,3 +130,30 @@ pub async fn redis_cli(args: &[&str]) -> String {
         .trim_end_matches('\n')
         .to_owned()
 }
+
+/// The seated race's 200 requests for a drop of sections A and B, 3 rows of 10 seats: 120 fans
+/// ask for named adjacent pairs (each of the 54 pairs about twice; neighbouring pairs share a
+/// seat, so they collide), 80 for the best two in a section.
+pub fn seated_race_requests() -> Vec<serde_json::Value> {
+    let mut pairs = Vec::new();
+    for section in ["A", "B"] {
+        for row in 1..=3 {
+            for n in 1..=9 {
+                pairs.push(vec![
+                    format!("{section}-{row}-{n}"),
+                    format!("{section}-{row}-{}", n + 1),
+                ]);
+            }
+        }
+    }
+    (0..200)
+        .map(|i| {
+            if i % 5 < 3 {
+                serde_json::json!({"seats": pairs[(i * 7) % pairs.len()]})
+            } else {
+                let section = if i % 2 == 0 { "A" } else { "B" };
+                serde_json::json!({"best_available": {"section": section, "quantity": 2}})
+            }
+        })
+        .collect()
+}
