@@ -1,5 +1,5 @@
 //! Sellers add stock to a SKU of an open drop (`POST /v1/drops/{id}/skus/{sku}/stock`): Postgres'
-//! total rises first, with a `restock` ledger line, then Redis'; a request id makes it
+//! total rises first, with a `restock` ledger line, then Redis'; a request id (required) makes it
 //! idempotent; a rebuild keeps the added units; bad input is refused and changes nothing; and
 //! restocks racing a sell-out keep `available + held + sold == total` with Postgres in step.
 mod common;
@@ -95,8 +95,14 @@ async fn added_stock_is_in_postgres_and_redis_once_per_request_id_and_survives_a
     )
     .await;
     assert_eq!((status, code(&v)), (422, "idempotency_key_reused"), "{v}");
-    // Without an id, each request adds.
-    let (status, v) = add_stock(&h, &drop, "TEE", json!({"add": 1})).await;
+    // Another id adds again.
+    let (status, v) = add_stock(
+        &h,
+        &drop,
+        "TEE",
+        json!({"add": 1, "request_id": "restock-2"}),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["total"], 6, "{v}");
     assert_eq!(pg_totals(&h, &drop, "TEE").await, (6, 4, 2));
@@ -126,16 +132,61 @@ async fn bad_restocks_are_refused_and_change_nothing() {
         .await;
     let max = engine::config::DEFAULT_MAX_UNITS_PER_SKU;
     let cases: Vec<(&str, &str, Value, u16, &str)> = vec![
-        (&drop, "TEE", json!({"add": 0}), 422, "invalid_request"),
-        (&drop, "TEE", json!({"add": -3}), 422, "invalid_request"),
-        (&drop, "TEE", json!({"add": max}), 422, "invalid_request"),
-        (&drop, "TEE", json!({"add": 1.5}), 422, "invalid_request"),
-        (&drop, "TEE", json!({"add": "2"}), 422, "invalid_request"),
-        (&drop, "TEE", json!({}), 422, "invalid_request"),
         (
             &drop,
             "TEE",
-            json!({"add": 1, "extra": true}),
+            json!({"add": 0, "request_id": "r1"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            &drop,
+            "TEE",
+            json!({"add": -3, "request_id": "r1"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            &drop,
+            "TEE",
+            json!({"add": max, "request_id": "r1"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            &drop,
+            "TEE",
+            json!({"add": 1.5, "request_id": "r1"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            &drop,
+            "TEE",
+            json!({"add": "2", "request_id": "r1"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            &drop,
+            "TEE",
+            json!({"request_id": "r1"}),
+            422,
+            "invalid_request",
+        ),
+        // Every write is idempotent: a restock without its request id is refused.
+        (&drop, "TEE", json!({"add": 1}), 422, "invalid_request"),
+        (
+            &drop,
+            "TEE",
+            json!({"add": 1, "request_id": null}),
+            422,
+            "invalid_request",
+        ),
+        (
+            &drop,
+            "TEE",
+            json!({"add": 1, "request_id": "r1", "extra": true}),
             422,
             "invalid_request",
         ),
@@ -153,12 +204,24 @@ async fn bad_restocks_are_refused_and_change_nothing() {
             422,
             "invalid_request",
         ),
-        (&drop, "HOODIE", json!({"add": 1}), 404, "unknown_sku"),
-        (&seated, "A", json!({"add": 1}), 404, "unknown_sku"),
+        (
+            &drop,
+            "HOODIE",
+            json!({"add": 1, "request_id": "r1"}),
+            404,
+            "unknown_sku",
+        ),
+        (
+            &seated,
+            "A",
+            json!({"add": 1, "request_id": "r1"}),
+            404,
+            "unknown_sku",
+        ),
         (
             "d_nosuchdrop",
             "TEE",
-            json!({"add": 1}),
+            json!({"add": 1, "request_id": "r1"}),
             404,
             "unknown_drop",
         ),
@@ -167,6 +230,9 @@ async fn bad_restocks_are_refused_and_change_nothing() {
         let (status, v) = add_stock(&h, d, sku, body.clone()).await;
         assert_eq!((status, code(&v)), (want_status, want_code), "{body}: {v}");
     }
+    let (_, v) = add_stock(&h, &drop, "TEE", json!({"add": 1})).await;
+    let message = v["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("request_id"), "names the field: {v}");
     let (status, v) = h
         .call(
             h.http
@@ -179,23 +245,16 @@ async fn bad_restocks_are_refused_and_change_nothing() {
     assert_eq!((status, code(&v)), (400, "malformed_json"), "{v}");
     // No key, an ops key, another seller's key.
     let url = h.url(&format!("/v1/drops/{drop}/skus/TEE/stock"));
-    let (status, _) = h.call(h.http.post(&url).json(&json!({"add": 1}))).await;
+    let good = json!({"add": 1, "request_id": "r1"});
+    let (status, _) = h.call(h.http.post(&url).json(&good)).await;
     assert_eq!(status, 401);
     let (status, v) = h
-        .call(
-            h.http
-                .post(&url)
-                .bearer_auth(&h.ops_key)
-                .json(&json!({"add": 1})),
-        )
+        .call(h.http.post(&url).bearer_auth(&h.ops_key).json(&good))
         .await;
     assert_eq!((status, code(&v)), (403, "forbidden"), "{v}");
     let other = BookingClient::with_new_keys(h.server.url(), &h.server.engine, "other").await;
     let (status, v) = other
-        .seller_post(
-            &format!("/v1/drops/{drop}/skus/TEE/stock"),
-            json!({"add": 1}),
-        )
+        .seller_post(&format!("/v1/drops/{drop}/skus/TEE/stock"), good.clone())
         .await;
     assert_eq!((status, code(&v)), (403, "forbidden"), "{v}");
     assert_eq!(h.counts(&drop).await, (4, 4, 0, 0));
@@ -207,7 +266,7 @@ async fn bad_restocks_are_refused_and_change_nothing() {
         .seller_post(&format!("/v1/drops/{drop}/close"), json!({}))
         .await;
     assert_eq!(status, 200);
-    let (status, v) = add_stock(&h, &drop, "TEE", json!({"add": 1})).await;
+    let (status, v) = add_stock(&h, &drop, "TEE", good).await;
     assert_eq!((status, code(&v)), (409, "drop_closed"), "{v}");
     assert_eq!(pg_totals(&h, &drop, "TEE").await, (4, 0, 0));
     assert_eq!(h.counts(&drop).await, (4, 4, 0, 0));

@@ -13,7 +13,7 @@ use tokio_postgres::NoTls;
 use crate::config::DatabaseConfig;
 use crate::drops::DropDef;
 use crate::error::{Code, Error, Result};
-use crate::ids::{DropId, FanId, HoldId, OrderId};
+use crate::ids::{DropId, FanId, HoldId, OrderId, RequestId};
 use crate::payments::PaymentState;
 use crate::tokens::sha256_hex;
 
@@ -542,7 +542,7 @@ impl Db {
     }
 
     /// Adds `add` units to a SKU's total in Postgres with a `restock` ledger line, in one
-    /// transaction (migrations/0006_restock.sql); returns the bucket's total after. With a
+    /// transaction (migrations/0006_restock.sql); returns the bucket's total after. With the
     /// `request_id` seen before (same SKU and units), adds nothing and returns the total as it is
     /// now (the caller raises Redis to it again: lua/restock.lua). Refuses a closed drop (the
     /// drop row is read `FOR SHARE`, so a racing close either waits for this or is seen) and a
@@ -552,7 +552,7 @@ impl Db {
         drop: &DropId,
         bucket: &str,
         add: i64,
-        request_id: Option<&str>,
+        request_id: &RequestId,
         max_total: i64,
     ) -> Result<Restocked> {
         let mut client = self.client().await?;
@@ -578,24 +578,23 @@ impl Db {
             .await?
             .map(|r| r.get(0))
             .ok_or_else(|| Error::new(Code::UnknownSku))?;
-        if let Some(id) = request_id {
-            let seen = tx
-                .query_opt(
-                    "SELECT bucket, delta_total::bigint FROM stock_ledger \
-                     WHERE drop_id = $1 AND kind = 'restock' AND request_id = $2",
-                    &[&d, &id],
-                )
-                .await?;
-            if let Some(row) = seen {
-                let (b, n): (String, i64) = (row.get(0), row.get(1));
-                if b != bucket || n != add {
-                    return Err(Error::new(Code::IdempotencyKeyReused));
-                }
-                return Ok(Restocked {
-                    total,
-                    replay: true,
-                });
+        let request_id = request_id.as_str();
+        let seen = tx
+            .query_opt(
+                "SELECT bucket, delta_total::bigint FROM stock_ledger \
+                 WHERE drop_id = $1 AND kind = 'restock' AND request_id = $2",
+                &[&d, &request_id],
+            )
+            .await?;
+        if let Some(row) = seen {
+            let (b, n): (String, i64) = (row.get(0), row.get(1));
+            if b != bucket || n != add {
+                return Err(Error::new(Code::IdempotencyKeyReused));
             }
+            return Ok(Restocked {
+                total,
+                replay: true,
+            });
         }
         if status != "open" {
             return Err(Error::new(Code::DropClosed));

@@ -84,6 +84,11 @@ string_id!(
     /// A payment's reference from the fan's payment method: 1..=128 printable ASCII characters.
     PaymentReference
 );
+string_id!(
+    /// A seller's `request_id` that makes a write idempotent (add stock): 1..=128 printable
+    /// ASCII characters.
+    RequestId
+);
 
 /// What a key or a reference may be: 1..=128 printable ASCII characters (no space, no control).
 fn printable_ascii_128(s: &str, what: &str) -> Result<String, ParseError> {
@@ -104,6 +109,12 @@ impl IdempotencyKey {
 impl PaymentReference {
     pub fn parse(s: &str) -> Result<Self, ParseError> {
         printable_ascii_128(s, "payment.reference").map(PaymentReference)
+    }
+}
+
+impl RequestId {
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        printable_ascii_128(s, "request_id").map(RequestId)
     }
 }
 

@@ -2,6 +2,7 @@
 //! closing it; ops' admission settings, applied one change at a time under the drop row's lock.
 
 use super::*;
+use crate::ids::RequestId;
 
 /// Ops' partial update of a drop's admission settings.
 #[derive(Debug, Default, Deserialize)]
@@ -64,10 +65,10 @@ impl AdmissionUpdate {
 pub struct AddStock {
     /// Units to add, at least 1; the SKU's total may not pass `drops.max_units_per_sku`.
     pub add: i64,
-    /// Makes the request idempotent: the same id again adds nothing and answers the SKU as it
-    /// is now (printable ASCII, at most 128 characters).
-    #[serde(default)]
-    pub request_id: Option<String>,
+    /// Makes the request idempotent, as every write is: the same id again adds nothing and
+    /// answers the SKU as it is now. Required, because a restock whose answer was lost can only
+    /// be retried safely under its first id.
+    pub request_id: RequestId,
 }
 
 /// What a restock left: the SKU's counts in Redis after it.
@@ -286,14 +287,6 @@ impl Engine {
         if body.add < 1 || body.add > max {
             return Err(Error::invalid(format!("add must be in 1..={max}")));
         }
-        let request_id = body.request_id.as_deref();
-        if request_id.is_some_and(|r| {
-            r.is_empty() || r.len() > 128 || !r.bytes().all(|c| c.is_ascii_graphic())
-        }) {
-            return Err(Error::invalid(
-                "request_id must be 1 to 128 printable ASCII characters, without spaces",
-            ));
-        }
         let def = self.owned_drop(seller, drop).await?;
         match def.buckets.iter().find(|b| b.id == sku) {
             Some(b) if b.rows.is_empty() => {}
@@ -307,7 +300,7 @@ impl Engine {
         }
         let done = self
             .db
-            .restock(drop, sku, body.add, request_id, max)
+            .restock(drop, sku, body.add, &body.request_id, max)
             .await?;
         let (total, available) = self.redis.restock(drop, sku, done.total).await?;
         Ok(StockView {
