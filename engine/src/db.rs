@@ -49,6 +49,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "refunds",
         include_str!("../../migrations/0007_refunds.sql"),
     ),
+    (
+        8,
+        "orders_index",
+        include_str!("../../migrations/0008_orders_index.sql"),
+    ),
 ];
 const MIGRATION_LOCK_ID: i64 = 0x466c_6f6f_6467;
 

@@ -30,7 +30,10 @@ use confirm::Inflight;
 pub use confirm::{ConfirmBody, Payment};
 use drops::admission_fields;
 pub use drops::{AddStock, AdmissionUpdate, StockView};
-pub use orders::{csv_cell, OrderCursor, OrderSearch, OrdersPage, SellerOrder, ORDERS_CSV_HEADER};
+pub use orders::{
+    csv_cell, OrderCursor, OrderSearch, OrdersPage, SellerOrder, ORDERS_CSV_HEADER, ORDERS_PAGE_SQL,
+};
+pub use refunds::{RefundItem, RefundList, RefundRequest, RefundState, RefundView};
 pub use seatmap::SeatsView;
 use views::priced_items;
 pub use views::{

@@ -170,14 +170,7 @@ impl Engine {
         let (after_at, after_id) = (after.map(|a| a.0), after.map(|a| a.1));
         let rows = client
             .query(
-                "SELECT o.order_id, o.hold_id, o.fan_id, o.total_cents, o.currency, o.created_at, \
-                 (SELECT p.state FROM payment_attempts p WHERE p.hold_id = o.hold_id \
-                  ORDER BY (p.state = 'captured') DESC, p.updated_at DESC LIMIT 1) \
-                 FROM orders o WHERE o.drop_id = $1 \
-                 AND ($2::text IS NULL OR o.fan_id = $2) \
-                 AND ($3::uuid IS NULL OR o.order_id = $3) \
-                 AND ($4::timestamptz IS NULL OR (o.created_at, o.order_id) < ($4, $5::uuid)) \
-                 ORDER BY o.created_at DESC, o.order_id DESC LIMIT $6",
+                ORDERS_PAGE_SQL,
                 &[
                     &def.drop_id.as_str(),
                     &fan,
@@ -236,6 +229,20 @@ impl Engine {
         Ok((orders, next))
     }
 }
+
+/// One page of a drop's orders, newest first: $1 the drop, $2 a fan or null, $3 an order id or
+/// null, $4 and $5 the cursor's (created_at, order_id) or null, $6 the rows to read. Each call
+/// prepares it afresh, so Postgres plans it with the values (the nulls fold away) and reads the
+/// drop's newest orders from `orders_drop_recent` (migrations/0008_orders_index.sql) in order.
+pub const ORDERS_PAGE_SQL: &str =
+    "SELECT o.order_id, o.hold_id, o.fan_id, o.total_cents, o.currency, o.created_at, \
+     (SELECT p.state FROM payment_attempts p WHERE p.hold_id = o.hold_id \
+      ORDER BY (p.state = 'captured') DESC, p.updated_at DESC LIMIT 1) \
+     FROM orders o WHERE o.drop_id = $1 \
+     AND ($2::text IS NULL OR o.fan_id = $2) \
+     AND ($3::uuid IS NULL OR o.order_id = $3) \
+     AND ($4::timestamptz IS NULL OR (o.created_at, o.order_id) < ($4, $5::uuid)) \
+     ORDER BY o.created_at DESC, o.order_id DESC LIMIT $6";
 
 /// One order's cells: its items as `TEE x2; SEC-A A-1-4`.
 fn csv_cells(o: &SellerOrder) -> Vec<String> {

@@ -1,0 +1,14 @@
+-- 0008_orders_index.sql — a drop's orders, newest first, read from an index (issue 15).
+--
+-- The seller's orders listing (`GET /v1/drops/{id}/orders` and `…/orders.csv`, engine/src/booking/
+-- orders.rs `ORDERS_PAGE_SQL`) reads `WHERE drop_id = $1 ORDER BY created_at DESC, order_id DESC
+-- LIMIT n`, each later page from a cursor `(created_at, order_id) < ($4, $5)`. Without this index
+-- Postgres reads every order of the drop (through orders_fan) and sorts them for each page; with
+-- it, a page is a backward scan of n + 1 index entries from the cursor on.
+--
+-- Expand-only: the previous release's queries are unchanged. `IF NOT EXISTS` lets an operator
+-- with a big `orders` table build it first without blocking confirms (a plain CREATE INDEX, run
+-- inside the migration's transaction, holds off inserts into `orders` while it builds):
+--   CREATE INDEX CONCURRENTLY IF NOT EXISTS orders_drop_recent ON orders (drop_id, created_at, order_id);
+-- and the migration then finds it there (docs/OPERATIONS.md, "Schema changes").
+CREATE INDEX IF NOT EXISTS orders_drop_recent ON orders (drop_id, created_at, order_id);
