@@ -6,11 +6,14 @@
 //! - [`server`] — listener, connection bound, graceful shutdown, background tasks.
 //! - [`routes`] — the route table and handlers.
 //! - [`limits`] — governor rate limits per IP and per fan.
-//! - [`pages`] — the front page and the fan's booking page (static HTML/CSS/JS compiled in).
+//! - [`ops`] — the ops console's live stream (`/v1/ops/ws`, a WebSocket authenticated by its
+//!   first message).
+//! - [`pages`] — the front page, the fan's booking page, the back office and the ops console (static HTML/CSS/JS compiled in).
 //! - [`catalogue`] — the front page's catalogue, served from memory between Postgres reads.
 
 pub mod catalogue;
 pub mod limits;
+pub mod ops;
 pub mod pages;
 pub mod routes;
 pub mod server;

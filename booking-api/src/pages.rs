@@ -1,4 +1,4 @@
-//! The front page, the fan's booking page and the seller's back office: plain HTML, CSS and JS compiled into the binary (no
+//! The front page, the fan's booking page, the seller's back office and the ops console: plain HTML, CSS and JS compiled into the binary (no
 //! build step).
 
 use hyper::Response;
@@ -49,8 +49,32 @@ pub fn seller_page() -> Response<Body> {
     resp
 }
 
+/// The ops console: live figures per drop (over `/v1/ops/ws`), admission controls, the audit log.
+pub fn ops_page() -> Response<Body> {
+    let mut resp = bytes(
+        "text/html; charset=utf-8",
+        include_bytes!("../static/ops.html"),
+    );
+    resp.headers_mut().insert(
+        "content-security-policy",
+        // connect-src 'self' covers the page's own WebSocket (ws: to the same host and port).
+        hyper::header::HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
 pub fn asset(name: &str) -> Option<Response<Body>> {
     match name {
+        "ops.js" => Some(bytes(
+            "text/javascript; charset=utf-8",
+            include_bytes!("../static/ops.js"),
+        )),
+        "ops.css" => Some(bytes(
+            "text/css; charset=utf-8",
+            include_bytes!("../static/ops.css"),
+        )),
         "seller.js" => Some(bytes(
             "text/javascript; charset=utf-8",
             include_bytes!("../static/seller.js"),

@@ -8,6 +8,7 @@ use engine::booking::{AddStock, AdmissionUpdate, ConfirmBody, Made, OrderCursor,
 use engine::db::{ApiKey, Scope};
 use engine::drops::{CreateDrop, HoldRequestBody};
 use engine::ids::{DropId, FanId, HoldId, IdempotencyKey, OrderId};
+use engine::ops_figures::Call;
 use engine::tokens::sha256_hex;
 use engine::{Code, Engine, Error};
 use hyper::body::Incoming;
@@ -26,6 +27,14 @@ pub struct App {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The public catalogue behind the front page, read from Postgres once per interval.
     pub catalogue: CatalogueCache,
+    /// The ops console's live streams and this process's reserve and confirm figures.
+    pub ops: crate::ops::OpsStreams,
+}
+
+/// Whether an answer counts as a failed call in the ops console's error rates: a server-side
+/// failure (5xx), not an expected refusal such as `sold_out`.
+fn failed<T>(r: &Result<T, Error>) -> bool {
+    r.as_ref().is_err_and(|e| e.code.status() >= 500)
 }
 
 type Answer = Result<Response<Body>, Error>;
@@ -96,6 +105,7 @@ impl App {
             (&Method::GET, [""]) => ("/", Ok(pages::front_page())),
             (&Method::GET, ["drops", _]) => ("/drops/{id}", Ok(pages::booking_page())),
             (&Method::GET, ["seller"]) => ("/seller", Ok(pages::seller_page())),
+            (&Method::GET, ["ops"]) => ("/ops", Ok(pages::ops_page())),
             (&Method::GET, ["static", name]) => (
                 "/static/{name}",
                 pages::asset(name).ok_or_else(|| Error::new(Code::NotFound)),
@@ -202,6 +212,7 @@ impl App {
                 let s = e.admission_settings(&drop).await?;
                 ok(json!({"drop_id": drop, "admission": s}))
             }
+            (&Method::GET, ["v1", "ops", "ws"]) => self.ops.open(e, req),
             (&Method::PUT, ["v1", "drops", id, "admission"]) => {
                 let ops = self.key(&req, Scope::Ops).await?;
                 let drop = drop_id(id)?;
@@ -218,10 +229,15 @@ impl App {
                 let raw = self.body(req).await?;
                 let body: HoldRequestBody = parse_json(&raw)?;
                 let body_sha256 = sha256_hex(&raw);
-                created(
-                    e.reserve(&fan, &drop, &key, token.as_deref(), body, &body_sha256)
-                        .await?,
-                )
+                let started = std::time::Instant::now();
+                let held = e
+                    .reserve(&fan, &drop, &key, token.as_deref(), body, &body_sha256)
+                    .await;
+                let took = started.elapsed();
+                self.ops
+                    .recent
+                    .record(&drop, Call::Reserve, took, failed(&held));
+                created(held?)
             }
             (&Method::GET, ["v1", "fans", "me", "holds"]) => {
                 let fan = self.fan(&req)?;
@@ -246,7 +262,13 @@ impl App {
                 let fan = self.fan(&req)?;
                 let hold = hold_id(id)?;
                 let ConfirmBody { payment } = parse_json(&self.body(req).await?)?;
-                match e.confirm(&fan, &hold, payment).await? {
+                let started = std::time::Instant::now();
+                let confirmed = e.confirm(&fan, &hold, payment).await;
+                let took = started.elapsed();
+                self.ops
+                    .recent
+                    .record(&hold.drop_id(), Call::Confirm, took, failed(&confirmed));
+                match confirmed? {
                     Made::New(order) => created(order),
                     Made::Existing(order) => ok(order),
                 }
@@ -407,8 +429,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/"),
     ("GET", "/drops/{id}"),
     ("GET", "/seller"),
+    ("GET", "/ops"),
     ("GET", "/static/{name}"),
     ("POST", "/v1/fans/session"),
+    ("GET", "/v1/ops/ws"),
     ("GET", "/v1/catalogue"),
     ("POST", "/v1/drops"),
     ("GET", "/v1/drops"),
@@ -434,6 +458,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 fn api_route(_method: &Method, seg: &[&str]) -> &'static str {
     match seg {
         ["v1", "fans", "session"] => "/v1/fans/session",
+        ["v1", "ops", "ws"] => "/v1/ops/ws",
         ["v1", "catalogue"] => "/v1/catalogue",
         ["v1", "drops"] => "/v1/drops",
         ["v1", "drops", _] => "/v1/drops/{id}",

@@ -82,6 +82,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         catalogue: crate::catalogue::CatalogueCache::new(std::time::Duration::from_millis(
             engine.cfg().drops.catalogue_refresh_ms,
         )),
+        ops: crate::ops::OpsStreams::new(&engine, rx.clone()),
     });
     let draining = Arc::new(AtomicBool::new(false));
     let task = tokio::spawn(serve(
@@ -112,8 +113,14 @@ async fn serve(
     let cfg = app.engine.cfg().http.clone();
     let mut background = app.engine.spawn_background(shutdown.clone());
     background.push(app.engine.spawn_drop_metrics(shutdown.clone()));
-    let permits = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    background.push(
+        app.engine
+            .spawn_call_figures(app.ops.recent.clone(), shutdown.clone()),
+    );
+    let max = cfg
+        .max_connections
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let permits = Arc::new(Semaphore::new(max));
     let tidy = {
         let app = app.clone();
         let every = ms(app.engine.cfg().limits.tidy_interval_ms);
@@ -131,6 +138,9 @@ async fn serve(
         ))
     });
     let timeout = ms(cfg.request_timeout_ms);
+    // Each connection is told to finish and close when shutdown begins; every one holds a permit
+    // until it has, so all permits back means all drained.
+    let (all_permits, conns_stop) = (permits.clone(), shutdown.clone());
     http::accept_loop(listener, permits, shutdown, |stream, peer, permit| {
         let app = app.clone();
         let draining = draining.clone();
@@ -145,11 +155,21 @@ async fn serve(
             .timer(TokioTimer::new())
             .header_read_timeout(ms(cfg.header_read_timeout_ms))
             .max_buf_size(cfg.max_read_buffer_bytes)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+            .serve_connection(TokioIo::new(stream), service)
+            // The ops console's stream is a WebSocket (crate::ops). hyper-util's
+            // GracefulShutdown can't watch a connection with upgrades, hence the select below.
+            .with_upgrades();
+        let mut stop = conns_stop.clone();
         metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).increment(1.0);
         tokio::spawn(async move {
-            let _ = conn.await;
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
             metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).decrement(1.0);
             drop(permit);
         });
@@ -159,10 +179,12 @@ async fn serve(
     if let Some(m) = metrics {
         let _ = m.await;
     }
-    if tokio::time::timeout(ms(cfg.shutdown_grace_ms), graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = tokio::time::timeout(
+        ms(cfg.shutdown_grace_ms),
+        all_permits.acquire_many(max as u32),
+    )
+    .await;
+    if drained.is_err() {
         tracing::warn!("shutdown grace period over with connections still open");
     }
     for t in background {

@@ -112,6 +112,18 @@ impl Config {
             ),
             ("queue.admission_lease_ms", self.queue.admission_lease_ms),
             ("reconciler.round_lease_ms", self.reconciler.round_lease_ms),
+            (
+                "http.ops_stream_interval_ms",
+                self.http.ops_stream_interval_ms,
+            ),
+            (
+                "http.ops_stream_auth_timeout_ms",
+                self.http.ops_stream_auth_timeout_ms,
+            ),
+            (
+                "http.ops_call_figures_ttl_ms",
+                self.http.ops_call_figures_ttl_ms,
+            ),
         ];
         let positive_counts = [
             ("recovery.slice", self.recovery.slice),
@@ -123,6 +135,8 @@ impl Config {
             ("drops.archive_batch", self.drops.archive_batch),
             ("drops.catalogue_max_drops", self.drops.catalogue_max_drops),
             ("drops.audit_page_max", self.drops.audit_page_max as usize),
+            ("http.ops_history_len", self.http.ops_history_len),
+            ("http.ops_max_instances", self.http.ops_max_instances),
             ("drops.orders_page_max", self.drops.orders_page_max as usize),
             ("drops.orders_csv_max_rows", self.drops.orders_csv_max_rows),
             (
@@ -228,6 +242,22 @@ pub const DEFAULT_DROP_METRICS_MAX_DROPS: usize = 50;
 /// Slow enough that the reads cost Redis nothing (a dozen O(1) reads per drop), fast enough for
 /// a 15 s scrape interval.
 pub const DEFAULT_DROP_METRICS_INTERVAL_MS: u64 = 5_000;
+/// The ops console's streams open at once per process (booking-api's `/v1/ops/ws`): each reads a
+/// dozen keys of its drop a second. Ops are a handful of people.
+pub const DEFAULT_OPS_STREAM_MAX_SUBSCRIBERS: usize = 32;
+/// One sample a second: what the console promises ("at most a second old").
+pub const DEFAULT_OPS_STREAM_INTERVAL_MS: u64 = 1_000;
+/// How long an ops socket may take to send its auth frame.
+pub const DEFAULT_OPS_STREAM_AUTH_TIMEOUT_MS: u64 = 5_000;
+/// An instance's call figures for a drop live this long after its last write: two windows, so
+/// a sample never misses an instance that answered calls in the last second.
+pub const DEFAULT_OPS_CALL_FIGURES_TTL_MS: u64 = 2_000;
+/// Drops one process counts reserves and confirms for in one window (more are not counted).
+pub const DEFAULT_OPS_RECENT_MAX_DROPS: usize = 200;
+/// Instances a sample reads call figures from, at most (the latest writers).
+pub const DEFAULT_OPS_MAX_INSTANCES: usize = 64;
+/// Samples kept per drop for the console's charts: 15 minutes at one a second.
+pub const DEFAULT_OPS_HISTORY_LEN: usize = 900;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -261,6 +291,21 @@ pub struct HttpConfig {
     /// How often the per-drop gauges are read from Redis (one task per process; a scrape reads
     /// the last round).
     pub drop_metrics_interval_ms: u64,
+    /// The ops console's live streams open at once (`GET /v1/ops/ws`); past it, 503.
+    pub ops_stream_max_subscribers: usize,
+    /// How often a stream sends its drop's sample, and how often each instance writes its
+    /// reserve and confirm figures to Redis (engine::ops_figures).
+    pub ops_stream_interval_ms: u64,
+    /// How long an ops socket may take to send its auth frame before it is closed.
+    pub ops_stream_auth_timeout_ms: u64,
+    /// The TTL of an instance's per-drop call figures in Redis.
+    pub ops_call_figures_ttl_ms: u64,
+    /// Drops a process counts reserves and confirms for in one window.
+    pub ops_recent_max_drops: usize,
+    /// Instances whose call figures a sample combines, at most.
+    pub ops_max_instances: usize,
+    /// Samples kept per drop for the console's charts (one a second).
+    pub ops_history_len: usize,
 }
 
 impl Default for HttpConfig {
@@ -281,6 +326,13 @@ impl Default for HttpConfig {
             metrics_listen: None,
             drop_metrics_max_drops: DEFAULT_DROP_METRICS_MAX_DROPS,
             drop_metrics_interval_ms: DEFAULT_DROP_METRICS_INTERVAL_MS,
+            ops_stream_max_subscribers: DEFAULT_OPS_STREAM_MAX_SUBSCRIBERS,
+            ops_stream_interval_ms: DEFAULT_OPS_STREAM_INTERVAL_MS,
+            ops_stream_auth_timeout_ms: DEFAULT_OPS_STREAM_AUTH_TIMEOUT_MS,
+            ops_call_figures_ttl_ms: DEFAULT_OPS_CALL_FIGURES_TTL_MS,
+            ops_recent_max_drops: DEFAULT_OPS_RECENT_MAX_DROPS,
+            ops_max_instances: DEFAULT_OPS_MAX_INSTANCES,
+            ops_history_len: DEFAULT_OPS_HISTORY_LEN,
         }
     }
 }

@@ -20,6 +20,8 @@
 //!   reconciler and recovery.
 //! - [`metrics`] — metric names.
 //! - [`drop_metrics`] — per-drop gauges read from Redis, appended to `/metrics`.
+//! - [`ops_figures`] — the ops console's live samples: Redis' figures, each instance's reserve
+//!   and confirm rates and p99s written to Redis once a second, the charts' history.
 //! - [`net`] — address blocks and the client's address behind trusted proxies.
 
 pub mod aof;
@@ -35,6 +37,7 @@ pub mod keys;
 pub mod lease;
 pub mod metrics;
 pub mod net;
+pub mod ops_figures;
 pub mod payments;
 pub mod queue;
 pub mod scripts;
