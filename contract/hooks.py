@@ -237,7 +237,8 @@ def map_case(ctx, case):
     if "order_id" in params and live(case):
         fan = w.holder()
         params["order_id"] = w.order(fan)
-        if rng.random() < 0.3:
+        # A refund is the seller's (or ops'), never the fan's: a fan token there is only a 401.
+        if rng.random() < 0.3 or path.endswith("/refunds"):
             fan = "seller"
 
     if path.startswith("/v1/fans/me/") and isinstance(case.query, dict) and "drop_id" in case.query and live(case):

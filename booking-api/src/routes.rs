@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use engine::booking::{AddStock, AdmissionUpdate, ConfirmBody, Made, OrderCursor, OrderSearch};
+use engine::booking::{
+    AddStock, AdmissionUpdate, ConfirmBody, Made, OrderCursor, OrderSearch, RefundRequest,
+};
 use engine::db::{ApiKey, Scope};
 use engine::drops::{CreateDrop, HoldRequestBody};
 use engine::ids::{DropId, FanId, HoldId, IdempotencyKey, OrderId};
@@ -283,6 +285,20 @@ impl App {
                     ok(e.order_for_fan(&fan, order).await?)
                 }
             }
+            (&Method::POST, ["v1", "orders", id, "refunds"]) => {
+                let key = self.any_key(&req).await?;
+                let order = OrderId::parse(id).map_err(|_| Error::new(Code::UnknownOrder))?;
+                let body: RefundRequest = parse_json(&self.body(req).await?)?;
+                match e.refund(&key, order, body).await? {
+                    Made::New(refund) => created(refund),
+                    Made::Existing(refund) => ok(refund),
+                }
+            }
+            (&Method::GET, ["v1", "orders", id, "refunds"]) => {
+                let key = self.any_key(&req).await?;
+                let order = OrderId::parse(id).map_err(|_| Error::new(Code::UnknownOrder))?;
+                ok(e.order_refunds(&key, order).await?)
+            }
             _ if api_route(method, seg) != "unknown" => Err(Error::new(Code::MethodNotAllowed)),
             _ => Err(Error::new(Code::NotFound)),
         }
@@ -452,6 +468,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/holds/{id}"),
     ("POST", "/v1/holds/{id}/confirm"),
     ("GET", "/v1/orders/{id}"),
+    ("POST", "/v1/orders/{id}/refunds"),
+    ("GET", "/v1/orders/{id}/refunds"),
 ];
 
 /// The route pattern for metrics labels (bounded cardinality) and 405 detection.
@@ -475,6 +493,7 @@ fn api_route(_method: &Method, seg: &[&str]) -> &'static str {
         ["v1", "holds", _] => "/v1/holds/{id}",
         ["v1", "holds", _, "confirm"] => "/v1/holds/{id}/confirm",
         ["v1", "orders", _] => "/v1/orders/{id}",
+        ["v1", "orders", _, "refunds"] => "/v1/orders/{id}/refunds",
         _ => "unknown",
     }
 }

@@ -1,9 +1,11 @@
-//! Refunds, first step (issue 15): recording a refund in Postgres (`engine::db::Db::record_refund`)
-//! — one transaction under the order row's lock that marks the order's items refunded, lowers
-//! `inventory.sold` and the fan's `fan_purchases`, adds a `refund` ledger line and a `pending`
-//! refunds row. Idempotent by refund id; an order is never refunded past what it bought, however
-//! many refunds race; a refunded seat can be sold again (the "sold once" guard covers live sales).
-//! The gateway and the return of units to Redis come after this step (not yet built).
+//! Refunds (issue 15): an order refunded, whole or some of its items, through
+//! `POST /v1/orders/{order_id}/refunds` — recorded in Postgres (`engine::db::Db::record_refund`:
+//! one transaction under the order row's lock), paid back through the gateway (a capture
+//! refunded, an authorization voided), then its units or seats back in Redis' stock
+//! (lua/refund.lua), each step idempotent by refund id; what a request couldn't finish the resume
+//! round takes up. An order is never refunded past what it bought, however many refunds race; a
+//! refunded seat sells again; refunds racing reserves of the returned units never oversell, and
+//! Postgres' books agree with Redis' at the end.
 mod common;
 
 use common::Harness;
@@ -196,14 +198,14 @@ async fn a_refunded_seat_can_be_sold_again_in_postgres() {
         .expect("a refunded seat sells again");
 }
 
-/// Until the return script exists, a rebuild is how Redis learns of a recorded refund: it counts
-/// Postgres' refunds as returned — units available again, a refunded seat free, the fan's count
-/// lowered — and the books balance against Postgres.
+/// A rebuild counts Postgres' refunds as returned — units available again, a refunded seat free,
+/// the fan's count lowered — and the books balance against Postgres; it marks them returned too,
+/// so a late step 3 (lua/refund.lua) returns nothing twice.
 #[tokio::test]
 async fn a_rebuild_counts_recorded_refunds_as_returned() {
     let h = Harness::start().await;
     let ga = h.ga_drop(5, 5, 60).await;
-    let (order, _) = buy(
+    let (order, ga_hold) = buy(
         &h,
         &ga,
         "buyer",
@@ -219,9 +221,11 @@ async fn a_rebuild_counts_recorded_refunds_as_returned() {
         .await;
     let (seat_order, _) = buy(&h, &seated, "sitter", json!({"seats": ["A-1-1", "A-1-2"]})).await;
     let db = h.server.engine.db();
-    db.record_refund(order, "r1", "k", Some(&[tee(2)]))
+    let r1 = db
+        .record_refund(order, "r1", "k", Some(&[tee(2)]))
         .await
         .unwrap();
+    let ga_fan = r1.fan_id.clone();
     let seat = HoldItem {
         b: "A".into(),
         q: 1,
@@ -236,6 +240,22 @@ async fn a_rebuild_counts_recorded_refunds_as_returned() {
         h.assert_invariants(drop).await;
     }
     assert_eq!(h.counts(&ga).await, (5, 4, 0, 1));
+    // The request's own step 3, arriving after the rebuild, finds its marker.
+    let late = h
+        .server
+        .engine
+        .redis()
+        .refund(
+            &engine::ids::DropId::parse(&ga).unwrap(),
+            &format!("{order}|r1"),
+            &ga_hold,
+            &ga_fan,
+            &[tee(2)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(late, engine::scripts::RefundReturn::Already);
+    assert_eq!(h.counts(&ga).await, (5, 4, 0, 1));
     assert_eq!(h.counts(&seated).await, (4, 3, 0, 1));
     let (status, map) = h.get(&format!("/v1/drops/{seated}/seats"), None).await;
     assert_eq!(status, 200, "{map}");
@@ -248,4 +268,467 @@ async fn a_rebuild_counts_recorded_refunds_as_returned() {
         .reserve(&token, &seated, json!({"seats": ["A-1-2"]}))
         .await;
     assert_eq!(status, 201, "{v}");
+}
+
+/// `POST /v1/orders/{order}/refunds` with `key`.
+async fn refund_with(
+    h: &Harness,
+    key: &str,
+    order: &OrderId,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    h.call(
+        h.http
+            .post(h.url(&format!("/v1/orders/{order}/refunds")))
+            .bearer_auth(key)
+            .json(&body),
+    )
+    .await
+}
+
+async fn refund(h: &Harness, order: &OrderId, body: serde_json::Value) -> (u16, serde_json::Value) {
+    refund_with(h, &h.seller_key, order, body).await
+}
+
+#[tokio::test]
+async fn a_refund_pays_back_and_returns_the_units_to_stock() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 3, 60).await;
+    let (order, hold) = buy(
+        &h,
+        &drop,
+        "buyer",
+        json!({"items": [{"sku": "TEE", "quantity": 3}]}),
+    )
+    .await;
+    assert_eq!(h.counts(&drop).await, (10, 7, 0, 3));
+    // One unit first, then the rest of the order.
+    let (status, v) = refund(
+        &h,
+        &order,
+        json!({"refund_id": "part-1", "items": [{"sku": "TEE", "quantity": 1}]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["state"], "returned", "{v}");
+    assert_eq!(v["amount_cents"], 2500, "{v}");
+    assert_eq!(h.counts(&drop).await, (10, 8, 0, 2));
+    h.assert_invariants(&drop).await;
+    let (status, v) = refund(&h, &order, json!({"refund_id": "rest"})).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(
+        (v["state"].as_str(), v["amount_cents"].as_i64()),
+        (Some("returned"), Some(5000))
+    );
+    assert_eq!(h.counts(&drop).await, (10, 10, 0, 0));
+    h.assert_invariants(&drop).await;
+    // The same id again is the same refund: nothing more comes back, nothing more is paid.
+    let (status, again) = refund(&h, &order, json!({"refund_id": "rest"})).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["state"], "returned");
+    let p = h.payment(&hold).await;
+    assert_eq!((p.refunds, p.refunded_cents), (2, 7500));
+    assert_eq!(h.counts(&drop).await, (10, 10, 0, 0));
+    let (status, list) = h
+        .get(&format!("/v1/orders/{order}/refunds"), Some(&h.seller_key))
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let ids: Vec<&str> = list["refunds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["refund_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["part-1", "rest"]);
+    // The fan's per-fan count went down with it: they may buy the limit again.
+    let db = h.server.engine.db().client().await.unwrap();
+    let fan: String = db
+        .query_one("SELECT fan_id FROM orders WHERE order_id = $1", &[&order.0])
+        .await
+        .unwrap()
+        .get(0);
+    let token = h.fan_token(&fan).await;
+    let (status, v) = h
+        .reserve(
+            &token,
+            &drop,
+            json!({"items": [{"sku": "TEE", "quantity": 3}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+}
+
+#[tokio::test]
+async fn a_refunded_seat_is_free_on_the_map_and_sells_again() {
+    let h = Harness::start().await;
+    let drop = h
+        .create_drop(json!({
+            "name": "seated", "per_fan_limit": 2, "hold_ttl_s": 60, "admission": {"mode": "open"},
+            "inventory": {"kind": "seated", "sections": [
+                {"section": "A", "price_cents": 100, "rows": [{"row": "1", "seats": 4}]}]}
+        }))
+        .await;
+    let (order, _) = buy(&h, &drop, "sitter", json!({"seats": ["A-1-1", "A-1-2"]})).await;
+    // Ops may refund any drop's order.
+    let (status, v) = refund_with(
+        &h,
+        &h.ops_key,
+        &order,
+        json!({"refund_id": "seat-2", "items": [{"seat": "A-1-2"}]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["state"], "returned", "{v}");
+    assert_eq!(h.counts(&drop).await, (4, 3, 0, 1));
+    h.assert_invariants(&drop).await;
+    testkit::wait::eventually("the seat map shows the seat free", || async {
+        let (status, map) = h.get(&format!("/v1/drops/{drop}/seats"), None).await;
+        assert_eq!(status, 200, "{map}");
+        let states = testkit::booking::seat_states(&map);
+        let state = |id: &str| states.iter().find(|(s, _)| s == id).unwrap().1;
+        (state("A-1-1"), state("A-1-2")) == ("sold", "free")
+    })
+    .await;
+    let (_, token) = h.fan("second").await;
+    let (status, v) = h.reserve(&token, &drop, json!({"seats": ["A-1-2"]})).await;
+    assert_eq!(status, 201, "{v}");
+}
+
+#[tokio::test]
+async fn bad_refunds_are_refused_and_change_nothing() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 5, 60).await;
+    let (order, hold) = buy(
+        &h,
+        &drop,
+        "buyer",
+        json!({"items": [{"sku": "TEE", "quantity": 2}]}),
+    )
+    .await;
+    let before = (h.counts(&drop).await, pg_sold(&h, &drop, "TEE").await);
+    let cases = [
+        (
+            json!({"refund_id": "x", "items": [{"sku": "HOODIE", "quantity": 1}]}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"refund_id": "x", "items": [{"sku": "TEE", "quantity": 3}]}),
+            409,
+            "already_refunded",
+        ),
+        (
+            json!({"refund_id": "x", "items": [{"sku": "TEE", "quantity": 0}]}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"refund_id": "x", "items": [{"sku": "TEE"}]}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"refund_id": "x", "items": [{"seat": "A-1-1"}]}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"refund_id": "x", "items": []}),
+            422,
+            "invalid_request",
+        ),
+        (json!({"refund_id": ""}), 422, "invalid_request"),
+        (json!({"refund_id": "has space"}), 422, "invalid_request"),
+        (
+            json!({"refund_id": "x".repeat(129)}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"items": [{"sku": "TEE", "quantity": 1}]}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"refund_id": "x", "reason": "?"}),
+            422,
+            "invalid_request",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (got, v) = refund(&h, &order, body.clone()).await;
+        assert_eq!(
+            (got, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {v}"
+        );
+    }
+    let (got, v) = h
+        .call(
+            h.http
+                .post(h.url(&format!("/v1/orders/{order}/refunds")))
+                .bearer_auth(&h.seller_key)
+                .body("{not json"),
+        )
+        .await;
+    assert_eq!(
+        (got, v["error"]["code"].as_str()),
+        (400, Some("malformed_json"))
+    );
+    let (got, v) = refund(&h, &OrderId::generate(), json!({"refund_id": "x"})).await;
+    assert_eq!(
+        (got, v["error"]["code"].as_str()),
+        (404, Some("unknown_order"))
+    );
+    let (got, v) = h
+        .call(
+            h.http
+                .post(h.url("/v1/orders/not-an-order/refunds"))
+                .bearer_auth(&h.seller_key)
+                .json(&json!({"refund_id": "x"})),
+        )
+        .await;
+    assert_eq!(
+        (got, v["error"]["code"].as_str()),
+        (404, Some("unknown_order"))
+    );
+    // Another seller's order is as unknown as none; a fan may not refund; no key is 401.
+    let other = engine::db::Scope::Seller;
+    let other_key = h
+        .server
+        .engine
+        .db()
+        .create_key(other, "other-seller")
+        .await
+        .unwrap();
+    let (got, v) = refund_with(&h, &other_key, &order, json!({"refund_id": "x"})).await;
+    assert_eq!(
+        (got, v["error"]["code"].as_str()),
+        (404, Some("unknown_order"))
+    );
+    let (_, fan_token) = h.fan("someone").await;
+    let (got, _) = refund_with(&h, &fan_token, &order, json!({"refund_id": "x"})).await;
+    assert_eq!(got, 401);
+    let (got, _) = h
+        .get(&format!("/v1/orders/{order}/refunds"), Some(&other_key))
+        .await;
+    assert_eq!(got, 404);
+    assert_eq!(
+        (h.counts(&drop).await, pg_sold(&h, &drop, "TEE").await),
+        before
+    );
+    assert_eq!(h.payment(&hold).await.refunds, 0);
+    let (_, list) = h
+        .get(&format!("/v1/orders/{order}/refunds"), Some(&h.seller_key))
+        .await;
+    assert_eq!(list["refunds"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_concurrent_http_refunds_of_one_order_make_one() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 5, 60).await;
+    let (order, hold) = buy(
+        &h,
+        &drop,
+        "buyer",
+        json!({"items": [{"sku": "TEE", "quantity": 3}]}),
+    )
+    .await;
+    // Each with its own refund id: one wins, the rest find nothing left.
+    let answers = join_all((0..100).map(|i| {
+        let h = &h;
+        async move { refund(h, &order, json!({"refund_id": format!("r-{i}")})).await }
+    }))
+    .await;
+    let won: Vec<_> = answers.iter().filter(|(s, _)| *s == 201).collect();
+    assert_eq!(won.len(), 1, "{answers:?}");
+    for (status, v) in &answers {
+        assert!(
+            *status == 201 || (*status == 409 && v["error"]["code"] == "already_refunded"),
+            "{status} {v}"
+        );
+    }
+    assert_eq!(won[0].1["state"], "returned");
+    let p = h.payment(&hold).await;
+    assert_eq!((p.refunds, p.refunded_cents), (1, 7500));
+    assert_eq!(h.counts(&drop).await, (10, 10, 0, 0));
+    h.assert_invariants(&drop).await;
+
+    // And one refund id sent 100 times at once: one refund, paid back once.
+    let (order, hold) = buy(
+        &h,
+        &drop,
+        "buyer2",
+        json!({"items": [{"sku": "TEE", "quantity": 2}]}),
+    )
+    .await;
+    let answers = join_all((0..100).map(|_| {
+        let h = &h;
+        async move { refund(h, &order, json!({"refund_id": "same"})).await }
+    }))
+    .await;
+    assert_eq!(
+        answers.iter().filter(|(s, _)| *s == 201).count(),
+        1,
+        "{answers:?}"
+    );
+    assert!(
+        answers.iter().all(|(s, _)| *s == 201 || *s == 200),
+        "{answers:?}"
+    );
+    let p = h.payment(&hold).await;
+    assert_eq!((p.refunds, p.refunded_cents), (1, 5000));
+    assert_eq!(h.counts(&drop).await, (10, 10, 0, 0));
+    h.assert_invariants(&drop).await;
+}
+
+/// Many fans reserve (and pay for) the units refunds bring back while the refunds land: at no
+/// point is more sold or held than the total, and at the end Redis' books balance and Postgres'
+/// inventory, order items and ledger agree with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refunds_racing_reserves_of_the_returned_units_never_oversell() {
+    let h = Harness::start().await;
+    let total = 20u32;
+    let drop = h.ga_drop(total, 2, 60).await;
+    let mut orders = Vec::new();
+    for i in 0..(total / 2) {
+        let (order, _) = buy(
+            &h,
+            &drop,
+            &format!("first{i}"),
+            json!({"items": [{"sku": "TEE", "quantity": 2}]}),
+        )
+        .await;
+        orders.push(order);
+    }
+    assert_eq!(h.counts(&drop).await, (20, 0, 0, 20));
+    let refunds = join_all(orders.iter().enumerate().map(|(i, order)| {
+        let h = &h;
+        async move {
+            // Half whole, half one unit.
+            let body = if i % 2 == 0 {
+                json!({"refund_id": "race"})
+            } else {
+                json!({"refund_id": "race", "items": [{"sku": "TEE", "quantity": 1}]})
+            };
+            let (status, v) = refund(h, order, body).await;
+            assert_eq!(status, 201, "{v}");
+        }
+    }));
+    let buyers = join_all((0..40).map(|i| {
+        let h = &h;
+        let drop = &drop;
+        async move {
+            let (_, token) = h.fan(&format!("racer{i}")).await;
+            let mut bought = 0;
+            for attempt in 0..20 {
+                let (status, v) = h
+                    .reserve(
+                        &token,
+                        drop,
+                        json!({"items": [{"sku": "TEE", "quantity": 1}]}),
+                    )
+                    .await;
+                let (_, a, held, s) = h.counts(drop).await;
+                assert!(
+                    held + s <= 20 && a >= 0,
+                    "oversold: held {held} + sold {s} > 20"
+                );
+                if status == 201 {
+                    let hold = v["hold_id"].as_str().unwrap().to_owned();
+                    let (status, v) = h
+                        .confirm(&token, &hold, &format!("ok_r{i}_{attempt}"))
+                        .await;
+                    assert_eq!(status, 201, "{v}");
+                    bought += 1;
+                    if bought == 2 {
+                        break;
+                    }
+                } else {
+                    assert_eq!(status, 409, "{v}");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            bought
+        }
+    }));
+    let ((), bought) = tokio::join!(
+        async {
+            refunds.await;
+        },
+        buyers
+    );
+    let bought: u32 = bought.iter().sum();
+    // 15 units came back (5 whole orders of 2, 5 single units); the racers took at most those.
+    assert!(
+        bought <= 15,
+        "the racers bought {bought} of 15 returned units"
+    );
+    let (t, a, held, s) = h.counts(&drop).await;
+    assert_eq!((t, held), (20, 0));
+    assert_eq!(s, 5 + i64::from(bought));
+    assert_eq!(a + s, t);
+    h.assert_invariants(&drop).await;
+}
+
+/// A refund recorded but never taken further (its process stopped after step 1) is finished by
+/// the resume round: paid back, units returned.
+#[tokio::test]
+async fn an_unfinished_refund_is_resumed_by_the_background_round() {
+    let mut cfg = testkit::test_config();
+    cfg.reconciler.refund_resume_after_ms = 100;
+    let h = Harness::with_config(cfg).await;
+    let drop = h.ga_drop(10, 5, 60).await;
+    let (order, hold) = buy(
+        &h,
+        &drop,
+        "buyer",
+        json!({"items": [{"sku": "TEE", "quantity": 2}]}),
+    )
+    .await;
+    h.server
+        .engine
+        .db()
+        .record_refund(order, "stopped", "k", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.counts(&drop).await,
+        (10, 8, 0, 2),
+        "only Postgres knows yet"
+    );
+    testkit::wait::eventually("the resume round finishes the refund", || async {
+        let (_, list) = h
+            .get(&format!("/v1/orders/{order}/refunds"), Some(&h.seller_key))
+            .await;
+        list["refunds"][0]["state"] == "returned"
+    })
+    .await;
+    assert_eq!(h.counts(&drop).await, (10, 10, 0, 0));
+    assert_eq!(h.payment(&hold).await.refunds, 1);
+    h.assert_invariants(&drop).await;
+}
+
+/// A closed drop's order is refunded too: paid back and counted, state `closed` (nothing sells).
+#[tokio::test]
+async fn a_closed_drops_order_is_refunded_with_state_closed() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 5, 60).await;
+    let (order, hold) = buy(
+        &h,
+        &drop,
+        "buyer",
+        json!({"items": [{"sku": "TEE", "quantity": 2}]}),
+    )
+    .await;
+    let (status, v) = h
+        .seller_post(&format!("/v1/drops/{drop}/close"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = refund(&h, &order, json!({"refund_id": "after-close"})).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["state"], "closed", "{v}");
+    assert_eq!(h.payment(&hold).await.refunds, 1);
+    h.assert_invariants(&drop).await;
 }

@@ -133,6 +133,7 @@ impl Config {
                 self.recovery.stalled_after_ms as usize,
             ),
             ("drops.archive_batch", self.drops.archive_batch),
+            ("reconciler.refund_batch", self.reconciler.refund_batch),
             ("drops.catalogue_max_drops", self.drops.catalogue_max_drops),
             ("drops.audit_page_max", self.drops.audit_page_max as usize),
             ("http.ops_history_len", self.http.ops_history_len),
@@ -597,6 +598,11 @@ pub const DEFAULT_RECOVER_ROUNDS_MAX: usize = 3;
 /// renewed each round: 3 s outlasts the rounds' intervals (250 ms, 1 s) several times over, and a
 /// dead holder's drops wait at most about 4 s for another instance to take them.
 pub const DEFAULT_ROUND_LEASE_MS: u64 = 3_000;
+/// A round's refunds each cost a gateway call and a script: 100 a second per process is far
+/// above any seller's refund rate, and bounds a round after a long gateway outage.
+pub const DEFAULT_REFUND_BATCH: usize = 100;
+/// A refund request finishes its steps within a gateway timeout or two; 10 s later it was left.
+pub const DEFAULT_REFUND_RESUME_AFTER_MS: u64 = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -626,6 +632,12 @@ pub struct ReconcilerConfig {
     /// How long an instance's per-drop lease on the sweep and reconcile rounds lasts unrenewed
     /// (docs/ARCHITECTURE.md, "Many instances"): other instances skip the drop's rounds meanwhile.
     pub round_lease_ms: u64,
+    /// Refunds the resume round takes up per round (unfinished: the gateway or Redis failed, or
+    /// the process stopped, between a refund's steps).
+    pub refund_batch: usize,
+    /// How long a refund must have been left unfinished before the resume round takes it up,
+    /// so it doesn't race the request still working on it.
+    pub refund_resume_after_ms: u64,
 }
 
 impl Default for ReconcilerConfig {
@@ -641,6 +653,8 @@ impl Default for ReconcilerConfig {
             served_refresh_ms: DEFAULT_SERVED_REFRESH_MS,
             recover_rounds_max: DEFAULT_RECOVER_ROUNDS_MAX,
             round_lease_ms: DEFAULT_ROUND_LEASE_MS,
+            refund_batch: DEFAULT_REFUND_BATCH,
+            refund_resume_after_ms: DEFAULT_REFUND_RESUME_AFTER_MS,
         }
     }
 }

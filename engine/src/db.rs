@@ -54,6 +54,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "orders_index",
         include_str!("../../migrations/0008_orders_index.sql"),
     ),
+    (
+        9,
+        "refund_states",
+        include_str!("../../migrations/0009_refund_states.sql"),
+    ),
 ];
 const MIGRATION_LOCK_ID: i64 = 0x466c_6f6f_6467;
 
@@ -812,6 +817,124 @@ impl Db {
         })
     }
 
+    /// Moves a refund from state `from` to `to`; a late or repeated write changes nothing.
+    /// Returns whether it moved.
+    pub async fn set_refund_state(
+        &self,
+        order: OrderId,
+        refund_id: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<bool> {
+        let moved = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE refunds SET state = $4, updated_at = now() \
+                 WHERE order_id = $1 AND refund_id = $2 AND state = $3",
+                &[&order.0, &refund_id, &from, &to],
+            )
+            .await?;
+        Ok(moved == 1)
+    }
+
+    /// Sends a refund the resume round couldn't finish to the back of its work list.
+    pub async fn touch_refund(&self, order: OrderId, refund_id: &str) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE refunds SET updated_at = now() WHERE order_id = $1 AND refund_id = $2",
+                &[&order.0, &refund_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn refunds_where(
+        &self,
+        clause: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<RefundRecord>> {
+        let sql = format!(
+            "SELECT r.order_id, r.refund_id, o.hold_id, r.drop_id, r.fan_id, r.items, \
+             r.amount_cents, r.state FROM refunds r JOIN orders o USING (order_id) WHERE {clause}"
+        );
+        let rows = self.client().await?.query(&sql, params).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RefundRecord {
+                    order_id: OrderId(r.get(0)),
+                    refund_id: r.get(1),
+                    hold_id: r.get(2),
+                    drop_id: r.get(3),
+                    fan_id: r.get(4),
+                    items: serde_json::from_value(r.get(5)).map_err(Error::internal)?,
+                    amount_cents: r.get(6),
+                    state: r.get(7),
+                    new: false,
+                })
+            })
+            .collect()
+    }
+
+    /// An order's refunds, oldest first (an order has at most one per unit it bought).
+    pub async fn order_refunds(&self, order: OrderId) -> Result<Vec<RefundRecord>> {
+        self.refunds_where(
+            "r.order_id = $1 ORDER BY r.created_at, r.refund_id",
+            &[&order.0],
+        )
+        .await
+    }
+
+    /// Refunds not finished (`pending`, `gateway_done`) and untouched for `after_ms`, least
+    /// recently touched first, at most `limit`: of every drop, or only of `drops`.
+    pub async fn refunds_to_resume(
+        &self,
+        limit: i64,
+        after_ms: u64,
+        drops: Option<&[DropId]>,
+    ) -> Result<Vec<RefundRecord>> {
+        let drops: Option<Vec<&str>> = drops.map(|d| d.iter().map(DropId::as_str).collect());
+        self.refunds_where(
+            "r.state IN ('pending', 'gateway_done') \
+             AND r.updated_at <= now() - make_interval(secs => $2) \
+             AND ($3::text[] IS NULL OR r.drop_id = ANY($3)) ORDER BY r.updated_at LIMIT $1",
+            &[&limit, &(after_ms as f64 / 1000.0), &drops],
+        )
+        .await
+    }
+
+    /// Units of an order not refunded yet.
+    pub async fn unrefunded_units(&self, order: OrderId) -> Result<i64> {
+        Ok(self
+            .client()
+            .await?
+            .query_one(
+                "SELECT coalesce(sum(quantity - refunded), 0)::bigint FROM order_items WHERE order_id = $1",
+                &[&order.0],
+            )
+            .await?
+            .get(0))
+    }
+
+    /// A hold's payment attempts that took money or still may (authorized, captured) or are
+    /// being voided, as (reference, state): the one its order was committed for is the only one
+    /// ever `authorized` (and then `captured`, or `voiding` once a refund voids it).
+    pub async fn money_attempts(&self, hold: &str) -> Result<Vec<(String, PaymentState)>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT reference, state FROM payment_attempts WHERE hold_id = $1 \
+                 AND state IN ('authorized', 'captured', 'voiding') ORDER BY updated_at DESC",
+                &[&hold],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), parse_state(r.get(1))?)))
+            .collect()
+    }
+
     /// A page of the drop's audit log, newest first: at most `limit` entries older than
     /// `before` (an `entry_id`), or the newest when `before` is `None`.
     pub async fn audit(
@@ -1344,6 +1467,7 @@ impl Db {
             totals: HashMap::new(),
             sold_seats: std::collections::HashSet::new(),
             bought: Vec::new(),
+            refunds: Vec::new(),
         };
         let c = snap.client()?;
         let d = drop.as_str();
@@ -1376,6 +1500,17 @@ impl Db {
             .await?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        // Every refund recorded: their units are out of the sold counts read above (the same
+        // snapshot), so the rebuild marks them returned (lua/refund.lua's markers).
+        snap.refunds = c
+            .query(
+                "SELECT order_id::text || '|' || refund_id FROM refunds WHERE drop_id = $1",
+                &[&d],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
             .collect();
         (snap.sold, snap.totals, snap.sold_seats, snap.bought) = (sold, totals, sold_seats, bought);
         Ok(snap)
@@ -1465,6 +1600,8 @@ pub struct RecoverySnapshot {
     pub totals: HashMap<String, i64>,
     pub sold_seats: std::collections::HashSet<String>,
     pub bought: Vec<(String, i64)>,
+    /// Every refund recorded, `"<order id>|<refund id>"` (lua/refund.lua's markers).
+    pub refunds: Vec<String>,
 }
 
 impl RecoverySnapshot {

@@ -75,6 +75,11 @@ string_id!(
     /// A seat: `SECTION-ROW-NUMBER`, numbers from 1, e.g. `A-1-7`.
     SeatId
 );
+string_id!(
+    /// A seller's id for a refund of an order (the same id again is the same refund): 1..=128
+    /// printable ASCII characters.
+    RefundId
+);
 
 string_id!(
     /// A client's `Idempotency-Key` for a reserve: 1..=128 printable ASCII characters.
@@ -98,6 +103,12 @@ fn printable_ascii_128(s: &str, what: &str) -> Result<String, ParseError> {
         )));
     }
     Ok(s.to_owned())
+}
+
+impl RefundId {
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        printable_ascii_128(s, "refund_id").map(RefundId)
+    }
 }
 
 impl IdempotencyKey {

@@ -40,6 +40,10 @@ pub const HOLD_KEYS: [&str; 13] = [
 /// (lua/rebuild.lua).
 pub const REBUILD_KEY: &str = "rebuild";
 
+/// The refunds returned to stock (`"<order id>|<refund id>"` → `"1"`): lua/refund.lua's
+/// `KEYS[14]`, and rebuild_fill.lua's when it writes the markers of Postgres' refunds.
+pub const REFUNDS_KEY: &str = "refunds";
+
 /// The rebuild scripts that take [`REBUILD_KEY`] after the hold keys, as their headers say.
 pub const REBUILD_SCRIPTS: [(&str, &str); 4] = [
     ("rebuild", include_str!("../../lua/rebuild.lua")),
@@ -158,13 +162,21 @@ impl DropKeys {
             .iter()
             .chain(JOIN_KEYS.iter())
             .chain(ADMIT_KEYS.iter())
-            .chain(["admission", REBUILD_KEY].iter());
+            .chain(["admission", REBUILD_KEY, REFUNDS_KEY].iter());
         for name in all {
             if !names.contains(name) {
                 names.push(name);
             }
         }
         names.into_iter().map(|name| drop_key(drop, name)).collect()
+    }
+
+    /// lua/refund.lua's keys (and rebuild_fill.lua's for its refund markers): all of them and
+    /// the refund markers, `KEYS[1]..KEYS[14]`.
+    pub fn refund(drop: &DropId) -> Vec<String> {
+        let mut keys = DropKeys::new(drop).all();
+        keys.push(drop_key(drop, REFUNDS_KEY));
+        keys
     }
 
     /// The rebuild scripts' keys: all of them and the scratch zset, `KEYS[1]..KEYS[14]`.
@@ -332,6 +344,22 @@ mod tests {
     }
 
     #[test]
+    fn refund_names_the_markers_after_the_hold_keys() {
+        assert_eq!(
+            header_keys(include_str!("../../lua/refund.lua")),
+            [REFUNDS_KEY]
+        );
+        assert_eq!(
+            header_keys(include_str!("../../lua/rebuild_fill.lua")),
+            [REFUNDS_KEY]
+        );
+        let drop = DropId::generate();
+        let keys = DropKeys::refund(&drop);
+        assert_eq!(keys[..HOLD_KEYS.len()], DropKeys::new(&drop).all()[..]);
+        assert_eq!(keys[HOLD_KEYS.len()], drop_key(&drop, REFUNDS_KEY));
+    }
+
+    #[test]
     fn archive_takes_meta_and_stock_first_and_every_key_once() {
         let drop = DropId::generate();
         let every = DropKeys::every(&drop);
@@ -343,7 +371,7 @@ mod tests {
             .iter()
             .chain(&JOIN_KEYS)
             .chain(&ADMIT_KEYS)
-            .chain(&["admission", REBUILD_KEY]);
+            .chain(&["admission", REBUILD_KEY, REFUNDS_KEY]);
         for name in named {
             assert!(
                 every.contains(&drop_key(&drop, name)),
@@ -367,9 +395,10 @@ mod tests {
             let mut hold_keys = DropKeys::new(&drop).all();
             hold_keys.push(DropKeys::idem(&drop, &fan, "k"));
             let q = QueueKeys::new(&drop);
-            let sets: [(&str, Vec<String>); 7] = [
+            let sets: [(&str, Vec<String>); 8] = [
                 ("hold scripts and reserve's idempotency key", hold_keys),
                 ("rebuild scripts", DropKeys::rebuild(&drop)),
+                ("refund", DropKeys::refund(&drop)),
                 ("archive", DropKeys::every(&drop)),
                 ("join", q.join()),
                 ("admit", q.admit()),
@@ -398,6 +427,7 @@ mod tests {
         all.extend(QueueKeys::new(&drop).join());
         all.push(DropKeys::admission(&drop));
         all.extend(DropKeys::rebuild(&drop));
+        all.extend(DropKeys::refund(&drop));
         all.extend(DropKeys::every(&drop));
         all.push(DropKeys::idem(&drop, &fan, "k"));
         for key in all {

@@ -33,7 +33,7 @@ const LIB: &str = include_str!("../../lua/lib.lua");
 
 /// Every script: its name (its file in `lua/`), its source, and whether it takes `lib.lua` (the
 /// hold scripts do; the waiting room's `join` and `admit` take only the clock).
-const SOURCES: [(&str, &str, bool); 18] = [
+const SOURCES: [(&str, &str, bool); 19] = [
     ("reserve", include_str!("../../lua/reserve.lua"), true),
     ("release", include_str!("../../lua/release.lua"), true),
     ("expire", include_str!("../../lua/expire.lua"), true),
@@ -84,6 +84,7 @@ const SOURCES: [(&str, &str, bool); 18] = [
     ),
     ("drop_state", include_str!("../../lua/drop_state.lua"), true),
     ("restock", include_str!("../../lua/restock.lua"), true),
+    ("refund", include_str!("../../lua/refund.lua"), true),
 ];
 
 pub use crate::keys::DropKeys;
@@ -191,6 +192,19 @@ pub enum Finish {
     Unknown,
 }
 
+/// What lua/refund.lua did with a refund.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundReturn {
+    /// Its units went back to stock now; `closed`: the drop was closed (nothing sells them).
+    Returned { closed: bool },
+    /// Returned before, or counted by a rebuild: nothing done.
+    Already,
+    /// The order's hold is still confirming in Redis: its confirm finishes first.
+    HoldNotSold,
+    /// Redis doesn't have the sale the refund gives back (nothing written; a rebuild settles it).
+    OutOfStep,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Revert {
     Held,
@@ -238,6 +252,7 @@ pub(crate) struct Scripts {
     pub(crate) line_restore: Script,
     drop_state: Script,
     restock: Script,
+    refund: Script,
 }
 
 impl Scripts {
@@ -249,7 +264,7 @@ impl Scripts {
             let lib = if *with_lib { LIB } else { "" };
             Script::from_lua(format!("{clock}\n{lib}\n{body}"))
         });
-        // SOURCES has exactly these eighteen, in this order.
+        // SOURCES has exactly these nineteen, in this order.
         let mut next = || built.next().expect("one script per SOURCES entry");
         Scripts {
             reserve: next(),
@@ -270,10 +285,11 @@ impl Scripts {
             line_restore: next(),
             drop_state: next(),
             restock: next(),
+            refund: next(),
         }
     }
 
-    fn all(&self) -> [&Script; 18] {
+    fn all(&self) -> [&Script; 19] {
         [
             &self.reserve,
             &self.release,
@@ -293,6 +309,7 @@ impl Scripts {
             &self.line_restore,
             &self.drop_state,
             &self.restock,
+            &self.refund,
         ]
     }
 }
@@ -703,6 +720,36 @@ impl Redis {
         }
     }
 
+    /// Returns a recorded refund's units or seats to the drop's stock (lua/refund.lua), once per
+    /// `marker` (`"<order id>|<refund id>"`); `items` as the refunds row has them.
+    pub async fn refund(
+        &self,
+        drop: &DropId,
+        marker: &str,
+        hold: &str,
+        fan: &str,
+        items: &[HoldItem],
+    ) -> Result<RefundReturn> {
+        let items = serde_json::to_string(items).map_err(Error::internal)?;
+        let reply = self
+            .run(
+                &self.scripts.refund,
+                DropKeys::refund(drop),
+                vec![marker.to_owned(), hold.to_owned(), fan.to_owned(), items],
+            )
+            .await?;
+        match (text(reply.first()).as_str(), text(reply.get(1)).as_str()) {
+            ("ok", "returned") => Ok(RefundReturn::Returned {
+                closed: text(reply.get(2)) == "closed",
+            }),
+            ("ok", _) => Ok(RefundReturn::Already),
+            (_, "hold_not_sold") => Ok(RefundReturn::HoldNotSold),
+            (_, "out_of_step") => Ok(RefundReturn::OutOfStep),
+            (_, "recovering") => Err(recovering_error()),
+            (_, code) => Err(script_error(code)),
+        }
+    }
+
     /// Expires up to `limit` held holds past their deadline; returns (expired, still overdue).
     pub async fn expire(&self, drop: &DropId, limit: u32) -> Result<(i64, i64)> {
         let reply = self
@@ -1093,6 +1140,9 @@ pub struct DropImage {
     pub seats: Vec<(String, bool)>,
     /// (fan, units bought).
     pub bought: Vec<(String, i64)>,
+    /// Every refund Postgres recorded, `"<order id>|<refund id>"`: counted as returned (a
+    /// rebuild's sold counts no longer have their units), so their markers go in with it.
+    pub refunds: Vec<String>,
 }
 
 /// What a sliced rebuild (or load) did: live holds kept and holds ended, and its script calls
@@ -1185,6 +1235,7 @@ impl Rebuild<'_> {
 /// One rebuild or load in progress: its token, its slice and what it did so far.
 struct SlicedRun<'a> {
     redis: &'a Redis,
+    drop: DropId,
     keys: Vec<String>,
     token: String,
     slice: usize,
@@ -1195,6 +1246,7 @@ impl<'a> SlicedRun<'a> {
     fn new(redis: &'a Redis, drop: &DropId, slice: usize) -> SlicedRun<'a> {
         SlicedRun {
             redis,
+            drop: drop.clone(),
             keys: DropKeys::rebuild(drop),
             token: hex::encode(rand::random::<[u8; 16]>()),
             slice: slice.max(1),
@@ -1204,7 +1256,17 @@ impl<'a> SlicedRun<'a> {
 
     /// A script call of this run; `superseded` (another rebuild began since) fails it.
     async fn call(&self, script: &Script, argv: Vec<String>) -> Result<Reply> {
-        let reply = self.redis.run(script, self.keys.clone(), argv).await?;
+        self.call_with(script, self.keys.clone(), argv).await
+    }
+
+    /// [`SlicedRun::call`] with other keys of the drop.
+    async fn call_with(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        argv: Vec<String>,
+    ) -> Result<Reply> {
+        let reply = self.redis.run(script, keys, argv).await?;
         if text(reply.first()) == "err" {
             let why = text(reply.get(1));
             return Err(Error::msg(
@@ -1271,7 +1333,18 @@ impl<'a> SlicedRun<'a> {
             .iter()
             .map(|(fan, units)| vec![fan.clone(), units.to_string()])
             .collect();
-        self.fill("fans", fans).await
+        self.fill("fans", fans).await?;
+        // The markers live in a key of their own, rebuild_fill.lua's KEYS[14] for them alone.
+        let keys = DropKeys::refund(&self.drop);
+        for chunk in image.refunds.chunks(self.slice) {
+            let mut argv = vec![self.token.clone(), "refunds".to_owned()];
+            argv.extend(chunk.iter().cloned());
+            let reply = self
+                .call_with(&self.redis.scripts.rebuild_fill, keys.clone(), argv)
+                .await?;
+            self.counted(int(reply.get(1)));
+        }
+        Ok(())
     }
 
     async fn finish(&mut self) -> Result<()> {

@@ -170,7 +170,8 @@ impl Engine {
 
     /// One reconciler round: every unsettled payment attempt in Postgres (whatever its drop's
     /// age, whichever process served it), then every watched drop's overdue confirms (an attempt
-    /// that never recorded its payment is only in Redis), then captures that failed. A hold
+    /// that never recorded its payment is only in Redis), then captures that failed, then
+    /// refunds left unfinished (booking/refunds.rs). A hold
     /// whose settlement fails is logged and left for the next round; the round goes on.
     pub async fn reconcile(&self) {
         let mut clocks = HashMap::new();
@@ -191,6 +192,7 @@ impl Engine {
             }
             Err(e) => tracing::debug!(error = %e, "capture round skipped"),
         }
+        self.resume_refunds().await;
     }
 
     /// The unsettled attempts Postgres has, each settled on its own (one failing doesn't stop
@@ -541,6 +543,7 @@ impl Engine {
             *sold = snapshot.sold_seats.contains(seat.as_str());
         }
         image.bought = snapshot.bought.clone();
+        image.refunds = snapshot.refunds.clone();
         let admission = self.admission_settings(drop).await?;
         self.redis
             .set_admission(drop, admission_fields(&admission))

@@ -118,6 +118,7 @@ impl Engine {
                 .collect(),
             seats: def.seat_ids().map(|(id, ..)| (id, false)).collect(),
             bought: Vec::new(),
+            refunds: Vec::new(),
         }
     }
 

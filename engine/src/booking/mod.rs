@@ -12,6 +12,8 @@
 //! - `confirm.rs` — paying for a hold: confirm begin, payment, the order's commit, finish or revert.
 //! - `background.rs` — the sweeper, the reconciler, the Redis watcher, recovery and the archiver.
 //! - `orders.rs` — a drop's orders for its seller: search, pages, the CSV export.
+//! - `refunds.rs` — refunds of an order: recorded, paid back, units returned to stock; the round
+//!   that resumes those left unfinished.
 //! - `views.rs` — what the engine shows: drops, seats, holds, orders, a drop's audit log and the
 //!   public catalogue.
 //! - `seatmap.rs` — seat maps served from one snapshot per drop and process, read once per
@@ -23,6 +25,7 @@ mod drops;
 mod holds;
 mod lookups;
 mod orders;
+mod refunds;
 mod seatmap;
 mod views;
 

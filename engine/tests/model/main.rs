@@ -124,6 +124,14 @@ enum Op {
         add: i64,
         redis: bool,
     },
+    /// A seller's refund of the `order`-th order Postgres has (refund id `refund`; `part`: one
+    /// unit, else all it has left).
+    Refund {
+        order: usize,
+        refund: usize,
+        part: bool,
+        redis: bool,
+    },
     Close,
     Archive,
     Checkpoint,
@@ -183,6 +191,10 @@ fn any_op() -> impl Strategy<Value = Op> {
         // Postgres first, then the script; one time in five the process dies in between.
         2 => (0..2usize, 1..3i64, proptest::bool::weighted(0.8))
             .prop_map(|(bucket, add, redis)| Op::Restock { bucket, add, redis }),
+        // Postgres first, then the script; one time in five the process dies in between (a
+        // rebuild, or the same refund id again, returns its units later).
+        8 => (0..8usize, 0..2usize, any::<bool>(), proptest::bool::weighted(0.8))
+            .prop_map(|(order, refund, part, redis)| Op::Refund { order, refund, part, redis }),
         1 => Just(Op::Close),
         1 => Just(Op::Archive),
         3 => Just(Op::Checkpoint),
@@ -400,6 +412,25 @@ fn resolve(op: &Op, model: &Model, ids: &mut Ids) -> Step {
             add: *add,
             redis: *redis,
         },
+        Op::Refund {
+            order,
+            refund,
+            part,
+            redis,
+        } => match model
+            .record
+            .orders
+            .keys()
+            .nth(order % model.record.orders.len().max(1))
+        {
+            Some(hold) => Step::Refund {
+                hold: hold.clone(),
+                refund_id: format!("r{refund}"),
+                part: *part,
+                redis: *redis,
+            },
+            None => Step::Expire { limit: 1 },
+        },
         Op::Close => Step::Close,
         Op::Archive => Step::Archive,
         Op::Checkpoint => Step::Checkpoint,
@@ -492,6 +523,7 @@ fn count(step: &Step, outcome: &Outcome) {
         Step::Revert { .. } => "revert",
         Step::Rebuild { .. } => "rebuild",
         Step::Restock { redis: true, .. } => "restock",
+        Step::Refund { redis: true, .. } => "refund",
         Step::Archive => "archive",
         Step::Join { .. } => "join",
         Step::Admit { .. } => "admit",
@@ -741,6 +773,7 @@ fn run_variant(concurrent: bool) {
             "reserve: idempotency_key_reused",
             "reserve: seat_unavailable",
             "restock: 1",
+            "refund: returned open",
         ] {
             assert!(
                 seen.contains_key(must),
@@ -758,6 +791,22 @@ fn scripts_agree_with_the_model() {
 #[test]
 fn concurrent_scripts_agree_with_some_serial_order_of_the_model() {
     run_variant(true);
+}
+
+/// A refund whose script ignores its marker (kept as a fixture) returns a refund's units twice
+/// (a retried step 3, or one after a rebuild counted it): the model test fails it.
+#[test]
+fn a_refund_returned_twice_is_caught() {
+    let broken = include_str!("fixtures/refund_ignores_marker.lua").to_owned();
+    let seed = seed();
+    let outcome = check(seed, 400, 60, false, vec![("refund".into(), broken)]);
+    let Err((reason, shape, ops)) = outcome else {
+        panic!("the broken refund passed the model test (seed {seed:x})");
+    };
+    eprintln!(
+        "caught, shrunk to {} ops on {shape:?}: {ops:?}\n{reason}",
+        ops.len()
+    );
 }
 
 /// The test earns its keep: a release that forgets the per-fan count (kept as a fixture) fails it,

@@ -197,6 +197,10 @@ pub struct Record {
     pub line_marks: (i64, i64, i64),
     /// bucket → units restocks added to inventory.total (migrations/0006_restock.sql).
     pub restocked: BTreeMap<String, i64>,
+    /// Refunds recorded (migrations/0007_refunds.sql), by their marker `"<order id>|<refund
+    /// id>"`: (the order's hold, its fan, the items refunded). Postgres counts their units as
+    /// returned from the moment they are recorded.
+    pub refunds: BTreeMap<String, (String, String, Vec<Item>)>,
 }
 
 impl Record {
@@ -210,28 +214,78 @@ impl Record {
         base + self.restocked.get(bucket).copied().unwrap_or(0)
     }
 
+    /// Units of `bucket` sold and not refunded (`inventory.sold`).
     pub fn sold(&self, bucket: &str) -> i64 {
+        let units = |items: &[Item]| -> i64 {
+            items
+                .iter()
+                .filter(|i| i.bucket == bucket)
+                .map(|i| i.quantity)
+                .sum()
+        };
         self.orders
             .values()
-            .flat_map(|(_, _, it)| it)
-            .filter(|i| i.bucket == bucket)
-            .map(|i| i.quantity)
-            .sum()
+            .map(|(_, _, it)| units(it))
+            .sum::<i64>()
+            - self
+                .refunds
+                .values()
+                .map(|(_, _, it)| units(it))
+                .sum::<i64>()
     }
 
+    /// Units each fan bought and kept (`fan_purchases`: a refund lowers its row, never drops it).
     pub fn bought(&self) -> BTreeMap<String, i64> {
         let mut out = BTreeMap::new();
         for (_, fan, items) in self.orders.values() {
             *out.entry(fan.clone()).or_insert(0) += items.iter().map(|i| i.quantity).sum::<i64>();
         }
+        for (_, fan, items) in self.refunds.values() {
+            *out.entry(fan.clone()).or_insert(0) -= items.iter().map(|i| i.quantity).sum::<i64>();
+        }
         out
     }
 
+    /// Seats sold and not refunded (the "sold once" guard's seats).
     pub fn sold_seats(&self) -> Vec<String> {
         self.orders
-            .values()
-            .flat_map(|(_, _, it)| it.iter().filter_map(|i| i.seat.clone()))
+            .iter()
+            .flat_map(|(hold, (_, _, it))| {
+                it.iter()
+                    .filter_map(|i| i.seat.clone())
+                    .filter(|seat| !self.seat_refunded(hold, seat))
+                    .collect::<Vec<_>>()
+            })
             .collect()
+    }
+
+    fn seat_refunded(&self, hold: &str, seat: &str) -> bool {
+        self.refunds
+            .values()
+            .any(|(h, _, it)| h == hold && it.iter().any(|i| i.seat.as_deref() == Some(seat)))
+    }
+
+    /// What the order of `hold` still has: its items less what its refunds took.
+    pub fn unrefunded(&self, hold: &str) -> Vec<Item> {
+        let Some((_, _, items)) = self.orders.get(hold) else {
+            return Vec::new();
+        };
+        let mut left = items.clone();
+        for (h, _, refunded) in self.refunds.values() {
+            if h != hold {
+                continue;
+            }
+            for r in refunded {
+                if let Some(i) = left
+                    .iter_mut()
+                    .find(|i| i.bucket == r.bucket && i.seat == r.seat)
+                {
+                    i.quantity -= r.quantity;
+                }
+            }
+        }
+        left.retain(|i| i.quantity > 0);
+        left
     }
 }
 
@@ -263,6 +317,8 @@ pub struct Store {
     /// The token bucket's hash, each field as a number.
     pub bucket: BTreeMap<String, f64>,
     pub watermark: BTreeMap<String, i64>,
+    /// Refunds returned to stock (lua/refund.lua's markers, a rebuild's too).
+    pub refunds: BTreeSet<String>,
 }
 
 /// Members of a zset in Redis' order (score, then member bytes).
@@ -958,6 +1014,98 @@ impl Model {
         Ok((total, available))
     }
 
+    // ---- refund.lua (after Postgres recorded the refund) ----------------------------------
+
+    /// Postgres records refund `refund_id` of the order of `hold` (the engine's db
+    /// `record_refund`): everything the order has left, or with `part` one unit of its first
+    /// item left. Its marker, when Postgres has it (recorded now or before); `None` when the
+    /// hold has no order or nothing is left to refund.
+    pub fn refund_record(&mut self, hold: &str, refund_id: &str, part: bool) -> Option<String> {
+        let (order, fan, _) = self.record.orders.get(hold)?.clone();
+        let marker = format!("{order}|{refund_id}");
+        if self.record.refunds.contains_key(&marker) {
+            return Some(marker);
+        }
+        let mut items = self.record.unrefunded(hold);
+        if items.is_empty() {
+            return None;
+        }
+        if part {
+            items.truncate(1);
+            items[0].quantity = 1;
+        }
+        self.record
+            .refunds
+            .insert(marker.clone(), (hold.to_owned(), fan, items));
+        Some(marker)
+    }
+
+    /// lua/refund.lua: the recorded refund `marker`'s units back to stock, once.
+    /// Ok("returned <status>") | Ok("already") | Err(code).
+    pub fn refund_return(&mut self, marker: &str) -> Result<String, String> {
+        if self.store.refunds.contains(marker) {
+            return Ok("already".into());
+        }
+        let Some(status) = self.store.meta.get("status").cloned() else {
+            return Err("recovering".into());
+        };
+        if self.recovering() {
+            return Err("recovering".into());
+        }
+        let (hold, fan, items) = self
+            .record
+            .refunds
+            .get(marker)
+            .cloned()
+            .ok_or("no refund")?;
+        if self
+            .store
+            .holds
+            .get(&hold)
+            .is_some_and(|h| h.state != "sold")
+        {
+            return Err("hold_not_sold".into());
+        }
+        let mut per_bucket: BTreeMap<&str, i64> = BTreeMap::new();
+        for i in &items {
+            *per_bucket.entry(&i.bucket).or_insert(0) += i.quantity;
+            if let Some(seat) = &i.seat {
+                if self.store.seats.get(seat).map(String::as_str) != Some("#") {
+                    return Err("out_of_step".into());
+                }
+            }
+        }
+        for (b, q) in &per_bucket {
+            if self
+                .store
+                .stock
+                .get(&format!("s:{b}"))
+                .copied()
+                .unwrap_or(0)
+                < *q
+            {
+                return Err("out_of_step".into());
+            }
+        }
+        let s = &mut self.store;
+        let mut units = 0;
+        for i in &items {
+            incr(&mut s.stock, &format!("s:{}", i.bucket), -i.quantity);
+            incr(&mut s.stock, &format!("a:{}", i.bucket), i.quantity);
+            if let Some(seat) = &i.seat {
+                s.seats.insert(seat.clone(), "-".into());
+            }
+            units += i.quantity;
+        }
+        let left = incr(&mut s.fans, &fan, -units);
+        if left <= 0 {
+            s.fans.remove(&fan);
+        }
+        s.refunds.insert(marker.to_owned());
+        self.fan_units_moved(&fan, left + units, left.max(0));
+        Ok(format!("returned {status}"))
+    }
+
     /// Ops change admission settings: Postgres, then Redis' admission hash (recovery writes
     /// Postgres' settings back into Redis before it rebuilds).
     pub fn set_admission(&mut self, fields: &[(String, String)]) {
@@ -1034,6 +1182,10 @@ impl Model {
         }
         for seat in self.record.sold_seats() {
             s.seats.insert(seat, "#".into());
+        }
+        // Every refund Postgres recorded is counted as returned (sold above is net of it).
+        for marker in self.record.refunds.keys() {
+            s.refunds.insert(marker.clone());
         }
         let done_ttl = num(&s.meta, "done_ttl_ms").unwrap_or(3_600_000);
         let finish_ended = |s: &mut Store, id: &str, mut h: Hold, state: &'static str| {

@@ -9,7 +9,8 @@ use engine::ids::{DropId, FanId, HoldId, OrderId};
 use engine::keys::drop_key;
 use engine::queue::{QueueKeys, Returning, SessionEnds};
 use engine::scripts::{
-    ConfirmBegin, DropImage, DropKeys, Finish, Redis, ReserveArgs, Reserved, Revert, TestScripts,
+    ConfirmBegin, DropImage, DropKeys, Finish, Redis, RefundReturn, ReserveArgs, Reserved, Revert,
+    TestScripts,
 };
 use fred::prelude::*;
 use serde_json::Value;
@@ -77,6 +78,15 @@ pub enum Step {
     Restock {
         bucket: String,
         add: i64,
+        redis: bool,
+    },
+    /// A seller refunds the order of `hold` (refund id `refund_id`; `part`: one unit of its
+    /// first item left, else all it has left): Postgres records it, then (unless the process
+    /// died in between: `redis` false) lua/refund.lua returns its units to stock.
+    Refund {
+        hold: String,
+        refund_id: String,
+        part: bool,
         redis: bool,
     },
     Close,
@@ -172,6 +182,15 @@ pub fn apply(model: &mut Model, step: &Step) -> Outcome {
                 false => Outcome::Nothing,
             }
         }
+        Step::Refund {
+            hold,
+            refund_id,
+            part,
+            redis,
+        } => match model.refund_record(hold, refund_id, *part) {
+            Some(marker) if *redis => Outcome::Result(model.refund_return(&marker)),
+            _ => Outcome::Nothing,
+        },
         Step::Close => {
             model.close();
             Outcome::Nothing
@@ -268,6 +287,7 @@ fn image(spec: &DropSpec, record: &Record, recovering: &str) -> DropImage {
             })
             .collect(),
         bought: record.bought().into_iter().collect(),
+        refunds: record.refunds.keys().cloned().collect(),
     }
 }
 
@@ -516,6 +536,45 @@ impl World {
             Step::Advance { .. } => {
                 self.set_clock(model.now_ms).await;
                 Outcome::Nothing
+            }
+            Step::Refund {
+                hold: h,
+                refund_id,
+                redis,
+                ..
+            } => {
+                // The model has applied the step already: its record has the refund if Postgres
+                // recorded it (now or before).
+                let Some((order, _, _)) = model.record.orders.get(h) else {
+                    return Outcome::Nothing;
+                };
+                let marker = format!("{order}|{refund_id}");
+                let Some((_, fan, items)) = model.record.refunds.get(&marker) else {
+                    return Outcome::Nothing;
+                };
+                if !*redis {
+                    return Outcome::Nothing;
+                }
+                let items: Vec<engine::scripts::HoldItem> = items
+                    .iter()
+                    .map(|i| engine::scripts::HoldItem {
+                        b: i.bucket.clone(),
+                        q: i.quantity as u32,
+                        s: i.seat.clone(),
+                    })
+                    .collect();
+                Outcome::Result(
+                    match self.redis.refund(&self.drop, &marker, h, fan, &items).await {
+                        Ok(RefundReturn::Returned { closed }) => Ok(format!(
+                            "returned {}",
+                            if closed { "closed" } else { "open" }
+                        )),
+                        Ok(RefundReturn::Already) => Ok("already".into()),
+                        Ok(RefundReturn::HoldNotSold) => Err("hold_not_sold".into()),
+                        Ok(RefundReturn::OutOfStep) => Err("out_of_step".into()),
+                        Err(e) => Err(err_name(e)),
+                    },
+                )
             }
             Step::Close if model.record.archived => Outcome::Nothing,
             Step::Restock { bucket, redis, .. } => {
@@ -880,6 +939,8 @@ impl World {
         same!("fans", parse_i64(self.hash(&q.fans).await), s.fans.clone());
         let fanholds: BTreeSet<String> = self.zset(k.fanholds()).await.into_keys().collect();
         same!("fanholds", fanholds, s.fanholds.clone());
+        let refunds: BTreeSet<String> = self.hash(&key("refunds")).await.into_keys().collect();
+        same!("refunds", refunds, s.refunds.clone());
         let raw_layout = self.hash(&key("layout")).await;
         // The "@<section>-<row>" fields place rows in the seat map string; checked below.
         let layout: BTreeMap<String, Value> = raw_layout
@@ -1023,6 +1084,7 @@ impl World {
         expect("seen", !s.seen.is_empty());
         expect("bucket", !s.bucket.is_empty());
         expect("watermark", !s.watermark.is_empty());
+        expect("refunds", !s.refunds.is_empty());
         for (fan, key) in s.idem.keys() {
             let fan = FanId::parse(fan).expect("a fan id");
             expected.insert(DropKeys::idem(&self.drop, &fan, key));
