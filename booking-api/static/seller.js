@@ -329,6 +329,48 @@
     return `${i.sku || i.section} × ${i.quantity}`;
   }
 
+  // ---- refunds ----------------------------------------------------------------------------
+
+  /** What a refund's state means, in the seller's words (docs/API.md, the refund's `state`). */
+  const REFUND_STATES = {
+    pending: 'Refund recorded; the payment is being returned',
+    gateway_done: 'Paid back; the units are on their way back',
+    returned: 'Refunded; the units are back on sale',
+    closed: 'Refunded (the drop is closed)',
+  };
+
+  /**
+   * An order row's refund cell: a button that refunds the whole order, after a confirmation.
+   * Its refund id is kept while the answer is unknown (a network error, a 5xx), so a second
+   * click retries that refund, which the API makes once; an answer or a 4xx ends it.
+   */
+  function refundCell(order) {
+    const button = h('button', { type: 'button', class: 'refund-button' }, 'Refund');
+    const said = h('span', { class: 'refund-state', role: 'status' });
+    let pending = null;
+    button.addEventListener('click', async () => {
+      if (!window.confirm(`Refund order ${order.order_id} in full?`)) return;
+      if (!pending) {
+        const b = crypto.getRandomValues(new Uint8Array(16));
+        pending = `refund-${Array.from(b, (v) => v.toString(16).padStart(2, '0')).join('')}`;
+      }
+      button.disabled = true;
+      try {
+        const r = await api('POST', `/v1/orders/${encodeURIComponent(order.order_id)}/refunds`,
+          { refund_id: pending });
+        pending = null;
+        said.textContent = REFUND_STATES[r.state] || String(r.state);
+        button.hidden = true;
+        loadDrops();
+      } catch (e) {
+        if (e.status && e.status < 500) pending = null;
+        said.textContent = `Couldn't refund: ${e.message}`;
+        button.disabled = false;
+      }
+    });
+    return h('td', { class: 'refund' }, button, said);
+  }
+
   let nextCursor = null;
   async function loadOrders(more) {
     const drop = $('orders-drop').value;
@@ -342,7 +384,8 @@
         h('td', { class: 'fan' }, String(o.fan)),
         h('td', null, (o.items || []).map(itemText).join(', ')),
         h('td', null, fmtMoney(o.total_cents, o.currency)),
-        h('td', { class: 'payment' }, String(o.payment_state ?? '—'))));
+        h('td', { class: 'payment' }, String(o.payment_state ?? '—')),
+        refundCell(o)));
       if (more) $('orders').append(...rows); else $('orders').replaceChildren(...rows);
       nextCursor = page.next_cursor;
       $('orders-more').hidden = !nextCursor;
