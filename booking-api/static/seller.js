@@ -5,7 +5,9 @@
  * sent as `Authorization: Bearer`. The create form sends what the seller typed and shows the API's
  * own error message: the API is the one validator, so page and API never disagree. Every API value
  * reaches the page as text (textContent, setAttribute): a drop or fan named "<b>…" shows those
- * characters. The drops list polls GET /v1/drops and GET /v1/drops/{id} every few seconds.
+ * characters. The drops list polls GET /v1/drops and GET /v1/drops/{id} every few seconds; an
+ * open GA drop's SKUs take stock from it (POST /v1/drops/{id}/skus/{sku}/stock, confirmed first,
+ * with a request id that makes a retry add once).
  */
 (() => {
   'use strict';
@@ -250,13 +252,16 @@
   });
 
   // ---- the drops list ---------------------------------------------------------------------
+  // Each drop's row is made once and updated in place on every poll, so a number being typed
+  // into an "add stock" field survives the refresh.
 
-  function countsCell(view) {
-    const lines = (view.inventory || []).map((b) => h('div', { class: 'bucket', 'data-bucket': b.sku || b.section },
-      `${b.sku || `Section ${b.section}`}: ${b.available} / ${b.held} / ${b.sold}`));
-    return h('td', { class: 'counts' }, lines);
+  /** A new request id for one add-stock attempt (crypto.randomUUID needs a secure context). */
+  function requestId() {
+    const b = crypto.getRandomValues(new Uint8Array(16));
+    return `restock-${Array.from(b, (v) => v.toString(16).padStart(2, '0')).join('')}`;
   }
 
+  /** What the drop took in: each SKU's or section's units sold × its price, summed. */
   function revenue(view) {
     return (view.inventory || []).reduce((sum, b) => sum + b.sold * b.price_cents, 0);
   }
@@ -272,6 +277,102 @@
     }
   }
 
+  /**
+   * The "add stock" form of one SKU. Its request id is kept while the answer is unknown (a
+   * network error, a 5xx): sending the same amount again then retries that request, which the
+   * API adds once; a new amount, an answer or a 4xx starts a new one.
+   */
+  function addStockForm(drop, sku) {
+    const qty = input('add-stock-qty', {
+      type: 'number', min: 1, step: 1, 'aria-label': `Units to add to ${sku}`, placeholder: 'units',
+    });
+    const button = h('button', { type: 'submit', class: 'add-stock-button' }, 'Add stock');
+    const err = h('p', { class: 'error add-stock-error', role: 'alert' });
+    err.hidden = true;
+    const form = h('form', { class: 'add-stock', novalidate: true }, qty, button, err);
+    let pending = null; // {id, add}
+    form.addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      err.hidden = true;
+      const add = numberOr(qty.value);
+      // Only a change is confirmed: what the API will refuse (its message shows) changes nothing.
+      const change = Number.isInteger(add) && add >= 1;
+      if (change && !window.confirm(`Add ${add} to ${sku} of “${drop.name}”?`)) return;
+      if (!pending || pending.add !== add) pending = { id: requestId(), add };
+      button.disabled = true;
+      try {
+        const r = await api('POST',
+          `/v1/drops/${encodeURIComponent(drop.drop_id)}/skus/${encodeURIComponent(sku)}/stock`,
+          { add, request_id: pending.id });
+        pending = null;
+        qty.value = '';
+        $('status').textContent =
+          `Added ${r.added} to ${r.sku}: ${r.available} of ${r.total} available.`;
+        await loadDrops();
+      } catch (e) {
+        if (e.status && e.status < 500) pending = null;
+        err.textContent = `Stock was not added: ${e.message}`;
+        err.hidden = false;
+      } finally {
+        button.disabled = false;
+      }
+    });
+    return form;
+  }
+
+  /** One bucket's line in the counts cell: its counts, and for an open GA drop's SKU the form. */
+  function bucketLine(drop, b) {
+    const id = b.sku || b.section;
+    const line = h('div', { class: 'bucket', 'data-bucket': id }, h('span', { class: 'bucket-counts' }));
+    if (b.sku) line.append(addStockForm(drop, b.sku));
+    return line;
+  }
+
+  function updateCounts(td, drop, view) {
+    if (!view) { td.replaceChildren('—'); return; }
+    const open = view.status === 'open';
+    for (const b of view.inventory || []) {
+      const id = b.sku || b.section;
+      let line = [...td.querySelectorAll('.bucket')].find((el) => el.dataset.bucket === id);
+      if (!line) { line = bucketLine(drop, b); td.append(line); }
+      line.querySelector('.bucket-counts').textContent =
+        `${b.sku || `Section ${b.section}`}: ${b.available} / ${b.held} / ${b.sold}`;
+      const form = line.querySelector('.add-stock');
+      if (form) form.hidden = !open;
+    }
+    for (const node of [...td.childNodes]) if (node.nodeType === Node.TEXT_NODE) node.remove();
+  }
+
+  const dropRows = new Map(); // drop id → its row, made once
+
+  function dropRow(d) {
+    let row = dropRows.get(d.drop_id);
+    if (row) return row;
+    const name = String(d.name || d.drop_id);
+    const close = h('button', { type: 'button', class: 'close-drop' }, 'Close');
+    close.addEventListener('click', () => closeDrop(d.drop_id, name));
+    row = h('tr', { class: 'drop-row', 'data-drop-id': d.drop_id },
+      h('td', null, h('a', { href: `/drops/${encodeURIComponent(d.drop_id)}` }, name),
+        h('div', { class: 'hint' }, `${d.kind} · ${d.drop_id}`)),
+      h('td', { class: 'state' }, h('span', { class: 'badge' })),
+      h('td', null, fmtDateTime(d.opens_at)),
+      h('td', { class: 'counts' }, '—'),
+      h('td', { class: 'revenue' }, '—'),
+      h('td', null, close));
+    dropRows.set(d.drop_id, row);
+    return row;
+  }
+
+  function updateRow(row, d, view) {
+    const state = String(view ? view.status : d.status);
+    const badge = row.querySelector('.state .badge');
+    badge.textContent = state;
+    badge.className = `badge ${state === 'open' ? 'open' : 'closed'}`;
+    row.querySelector('.close-drop').disabled = state === 'closed';
+    updateCounts(row.querySelector('.counts'), { drop_id: d.drop_id, name: String(d.name || d.drop_id) }, view);
+    row.querySelector('.revenue').textContent = view ? fmtMoney(revenue(view), d.currency) : '—';
+  }
+
   let loading = false;
   async function loadDrops() {
     if (loading || !key()) return;
@@ -282,22 +383,15 @@
       const views = await Promise.all(drops.slice(0, LIVE_DROPS).map((d) =>
         api('GET', `/v1/drops/${encodeURIComponent(d.drop_id)}`).catch(() => null)));
       const rows = drops.map((d, i) => {
-        const v = views[i];
-        const state = v ? v.status : d.status;
-        const name = String(d.name || d.drop_id);
-        const close = h('button', { type: 'button', class: 'close-drop' }, 'Close');
-        close.disabled = state === 'closed';
-        close.addEventListener('click', () => closeDrop(d.drop_id, name));
-        return h('tr', { class: 'drop-row', 'data-drop-id': d.drop_id },
-          h('td', null, h('a', { href: `/drops/${encodeURIComponent(d.drop_id)}` }, name),
-            h('div', { class: 'hint' }, `${d.kind} · ${d.drop_id}`)),
-          h('td', { class: 'state' }, h('span', { class: `badge ${state === 'open' ? 'open' : 'closed'}` }, String(state))),
-          h('td', null, fmtDateTime(d.opens_at)),
-          v ? countsCell(v) : h('td', { class: 'counts' }, '—'),
-          h('td', { class: 'revenue' }, v ? fmtMoney(revenue(v), d.currency) : '—'),
-          h('td', null, close));
+        const row = dropRow(d);
+        updateRow(row, d, views[i]);
+        return row;
       });
-      $('drops').replaceChildren(...rows);
+      // Moving a row would take the focus from a field being typed in: only when the list changed.
+      const shown = [...$('drops').children];
+      if (shown.length !== rows.length || shown.some((r, i) => r !== rows[i])) {
+        $('drops').replaceChildren(...rows);
+      }
       $('drops-empty').hidden = rows.length > 0;
       show('drops-error', '');
       const sel = $('orders-drop');

@@ -1,33 +1,16 @@
 //! The fan's booking page (`GET /drops/{id}`, static/book.{html,js,css}) driven in a real headless
-//! Chromium through ChromeDriver, against an in-process booking-api per test. The browser harness
-//! (one browser at a time, bounded waits, screenshots under `target/browser-artifacts/`) is
-//! `testkit::browser`.
+//! Chromium through ChromeDriver, against an in-process booking-api per test, and the front page
+//! (`GET /`). The browser harness (one browser at a time, bounded waits, screenshots under
+//! `target/browser-artifacts/`) is `testkit::browser`; the steps on the pages are common::pages.
 mod common;
 
+use common::pages::{
+    add_sku_in_office, create_in_office, fan_sign_in as sign_in, fan_token, front_config,
+    hold_tees, pay, seller_sign_in,
+};
 use common::Harness;
 use serde_json::{json, Value};
 use testkit::{open_browser, Page, DESKTOP, ONE_BROWSER, PHONE};
-
-/// The fan token the booking page keeps in localStorage after signing in.
-async fn fan_token(p: &Page) -> String {
-    match p.local_storage("floodgate.fan_token").await {
-        Some(t) if !t.is_empty() => t,
-        other => {
-            p.fail(&format!("no fan token in localStorage: {other:?}"))
-                .await
-        }
-    }
-}
-
-/// Signs in through the page's form and waits for the picking view.
-async fn sign_in(p: &Page, name: &str) {
-    p.el("#signin:not([hidden])").await;
-    p.fill("#fan-name", name).await;
-    p.shot("signin").await;
-    p.click("#signin-form button[type=submit]").await;
-    p.el("#whoami:not([hidden])").await;
-    p.el("#pick:not([hidden])").await;
-}
 
 /// `m:ss` from the countdown, in seconds.
 fn clock_secs(text: &str) -> Option<u64> {
@@ -79,19 +62,6 @@ async fn order_ids(h: &Harness, token: &str) -> Vec<String> {
         .collect()
 }
 
-/// Picks `quantity` of the GA drop's one SKU (TEE) and holds it; waits for the hold view.
-async fn hold_tees(p: &Page, quantity: u32) {
-    let option = format!("#quantity-TEE option[value=\"{quantity}\"]");
-    p.el(&option).await;
-    let select = p.el("#quantity-TEE:enabled").await;
-    if let Err(e) = select.select_by_value(&quantity.to_string()).await {
-        p.fail(&format!("choose quantity {quantity}: {e}")).await;
-    }
-    p.shot("picked").await;
-    p.click("#hold-button:enabled").await;
-    p.el("#hold-view:not([hidden])").await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_fan_holds_pays_and_sees_the_order() {
     let _one = ONE_BROWSER.lock().await;
@@ -121,14 +91,7 @@ async fn browser_fan_holds_pays_and_sees_the_order() {
     let token = fan_token(&p).await;
     assert_eq!(h.counts(&drop).await, (10, 8, 2, 0));
 
-    p.fill("#pay-reference", "ok_browser_1").await;
-    p.click("#pay:enabled").await;
-    p.el("#order-view:not([hidden])").await;
-    let order_id = p
-        .wait_text("#order-id", "the order number", |t| {
-            !t.is_empty() && !t.contains("being finalised")
-        })
-        .await;
+    let order_id = pay(&p, "ok_browser_1").await;
     let paid = p.text("#order-total").await;
     assert!(paid.contains("50.00"), "paid: {paid}");
     p.shot("order").await;
@@ -273,14 +236,7 @@ async fn browser_seat_map_hold() {
     assert_eq!(order_ids(&h, &token).await, Vec::<String>::new());
 
     // Paying again with a good reference makes the order.
-    p.fill("#pay-reference", "ok_y").await;
-    p.click("#pay:enabled").await;
-    p.el("#order-view:not([hidden])").await;
-    let order_id = p
-        .wait_text("#order-id", "the order number", |t| {
-            !t.is_empty() && !t.contains("being finalised")
-        })
-        .await;
+    let order_id = pay(&p, "ok_y").await;
     let ordered = p.text("#order-items").await;
     assert!(
         ordered.contains("Section A, row 1, seat 3")
@@ -474,33 +430,21 @@ async fn browser_long_seat_rows_fit_their_box_at_1280px() {
     h.server.shutdown().await;
 }
 
-/// The front page's test server: the catalogue read fresh on every request, and room for every
-/// drop the shared Postgres holds.
-fn front_config() -> engine::Config {
-    let mut cfg = testkit::test_config();
-    cfg.drops.catalogue_refresh_ms = 0;
-    cfg.drops.catalogue_max_drops = 500;
-    cfg.queue.public_url = "http://queue.example:8081".into();
-    cfg
-}
-
-/// The front page (`GET /`) lists a drop made a moment ago, with its opening time, from-price and
-/// state, and links to its booking page; a queue drop coming soon links to its queue page. A name
-/// that looks like HTML is shown as text, never parsed.
+/// The front page (`GET /`) lists a drop the seller made a moment ago in the back office, with
+/// its opening time, from-price and state, and links to its booking page; a queue drop coming soon
+/// links to its queue page. A name that looks like HTML is shown as text, never parsed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn browser_front_page_lists_a_new_drop() {
+async fn browser_front_page_lists_a_drop_made_in_the_back_office() {
     let _one = ONE_BROWSER.lock().await;
     let h = Harness::with_config(front_config()).await;
+    let p = open_browser("browser_front_page_lists_a_new_drop", DESKTOP).await;
+    seller_sign_in(&p, &h).await;
     let tag = format!("{:08x}", rand::random::<u32>());
     let name = format!("Front tee {tag} <b>bold</b>");
-    let drop = h
-        .create_drop(json!({
-            "name": name, "per_fan_limit": 2, "hold_ttl_s": 300, "admission": {"mode": "open"},
-            "inventory": {"kind": "ga", "skus": [
-                {"sku": "TEE", "name": "Tee", "price_cents": 2500, "quantity": 5},
-                {"sku": "CAP", "name": "Cap", "price_cents": 1250, "quantity": 5}]}
-        }))
-        .await;
+    // The form's own SKU row (TEE at 25.00) and a cap at 12.50, the from-price.
+    p.fill("#drop-name", &name).await;
+    add_sku_in_office(&p, "CAP", "Cap", 1250, 5).await;
+    let drop = create_in_office(&p).await;
     let opens = time::OffsetDateTime::now_utc() + time::Duration::days(2);
     let soon = h
         .create_drop(json!({
@@ -511,7 +455,6 @@ async fn browser_front_page_lists_a_new_drop() {
         }))
         .await;
 
-    let p = open_browser("browser_front_page_lists_a_new_drop", DESKTOP).await;
     p.goto(&h.url("/")).await;
     let card = format!("#on-sale [data-drop-id=\"{drop}\"]");
     p.wait_text(&card, "the new drop on the front page", |t| {
@@ -569,6 +512,26 @@ async fn browser_front_page_fits_a_phone() {
         "the drop on the front page",
         |t| t.contains("test drop"),
     )
+    .await;
+    let overflow = p.sideways_overflow_px().await;
+    assert!(overflow <= 0, "wider than the phone by {overflow}");
+    p.shot("phone").await;
+    p.close().await;
+    h.server.shutdown().await;
+}
+
+/// At a phone's width the booking page, signed in and picking, is no wider than the screen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_book_page_fits_a_phone() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::start().await;
+    let drop = h.ga_drop(5, 2, 300).await;
+    let p = open_browser("browser_book_page_fits_a_phone", PHONE).await;
+    p.goto(&h.url(&format!("/drops/{drop}"))).await;
+    sign_in(&p, &format!("phone-fan-{:08x}", rand::random::<u32>())).await;
+    p.wait_text("#inventory .avail", "the stock", |t| {
+        t.contains("5 of 5 left")
+    })
     .await;
     let overflow = p.sideways_overflow_px().await;
     assert!(overflow <= 0, "wider than the phone by {overflow}");

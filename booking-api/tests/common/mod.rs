@@ -5,6 +5,8 @@
 //! here. Every test makes its own drops and fans, so tests run in parallel without sharing data.
 #![allow(dead_code)]
 
+pub mod pages;
+
 use booking_api::Running;
 use engine::Config;
 use testkit::BookingClient;
