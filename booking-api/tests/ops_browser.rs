@@ -503,3 +503,56 @@ async fn ops_stream_refuses_bad_keys_and_pushes_every_instances_figures() {
     std::mem::drop((again, ws));
     s.stop().await;
 }
+
+/// Two booking-api instances on one Redis: a stream from either combines both instances'
+/// reserves (the figures describe the sale, not the instance serving the console).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_stream_combines_every_instances_calls() {
+    let s = Stack::start(testkit::test_config()).await;
+    let mut cfg = s.booking.engine.cfg().clone();
+    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+    let other = booking_api::start(cfg).await.expect("a second booking-api");
+    let via_other = BookingClient::new(other.url());
+    let drop = s.client.ga_drop(1000, 1, 300).await;
+
+    let mut ws = open(&s).await;
+    send(
+        &mut ws,
+        json!({"type": "auth", "api_key": s.client.ops_key}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "drops");
+    send(&mut ws, json!({"type": "watch", "drop_id": drop})).await;
+    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "history");
+
+    // Reserves through both instances until a sample shows both (each writes once a second).
+    let until = Instant::now() + testkit::browser::WAIT;
+    let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
+    let mut last = Value::Null;
+    'sale: loop {
+        assert!(
+            Instant::now() < until,
+            "no sample combined two instances; last {last}"
+        );
+        for client in [&s.client, &via_other] {
+            let (_, token) = s.client.fan("ops-two").await;
+            let (status, hold) = client.reserve(&token, &drop, body.clone()).await;
+            assert_eq!(status, 201, "{hold}");
+        }
+        // Read what arrived meanwhile, without waiting for more than one frame.
+        while let Ok(Some(Ok(Message::Text(t)))) =
+            tokio::time::timeout(Duration::from_millis(50), ws.next()).await
+        {
+            let f: Value = serde_json::from_str(&t).unwrap();
+            if f["type"] == "figures" && f["instances"] == 2 {
+                assert!(f["reserve"]["per_s"].as_f64().unwrap() > 0.0, "{f}");
+                assert!(f["reserve"]["p99_ms"].as_f64().unwrap() > 0.0, "{f}");
+                break 'sale;
+            }
+            last = f;
+        }
+    }
+    std::mem::drop(ws);
+    other.shutdown().await;
+    s.stop().await;
+}
