@@ -293,10 +293,28 @@ async fn browser_ops_console_fits_a_phone() {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// A frame the stream sent, parsed and checked against docs/ops-frames.schema.json: every frame a
+/// test reads goes through here, so the schema and the server can't drift apart.
+fn checked_frame(text: &str) -> Value {
+    static SCHEMA: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    let schema = SCHEMA.get_or_init(|| {
+        let doc: Value = serde_json::from_str(include_str!("../../docs/ops-frames.schema.json"))
+            .expect("docs/ops-frames.schema.json is JSON");
+        jsonschema::validator_for(&doc).expect("docs/ops-frames.schema.json is a JSON Schema")
+    });
+    let frame: Value = serde_json::from_str(text).expect("a JSON frame");
+    let errors: Vec<String> = schema.iter_errors(&frame).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "frame {frame} breaks docs/ops-frames.schema.json: {errors:?}"
+    );
+    frame
+}
+
 async fn next_json(ws: &mut Socket) -> Option<Value> {
     loop {
         match tokio::time::timeout(testkit::browser::WAIT, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).ok(),
+            Ok(Some(Ok(Message::Text(t)))) => return Some(checked_frame(&t)),
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
             _ => return None,
         }
@@ -543,7 +561,7 @@ async fn ops_stream_combines_every_instances_calls() {
         while let Ok(Some(Ok(Message::Text(t)))) =
             tokio::time::timeout(Duration::from_millis(50), ws.next()).await
         {
-            let f: Value = serde_json::from_str(&t).unwrap();
+            let f = checked_frame(&t);
             if f["type"] == "figures" && f["instances"] == 2 {
                 assert!(f["reserve"]["per_s"].as_f64().unwrap() > 0.0, "{f}");
                 assert!(f["reserve"]["p99_ms"].as_f64().unwrap() > 0.0, "{f}");
