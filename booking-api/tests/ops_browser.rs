@@ -275,10 +275,23 @@ async fn browser_ops_pause_and_rate_change_reach_the_fan_page_and_the_audit_log(
 async fn browser_ops_console_fits_a_phone() {
     let _one = ONE_BROWSER.lock().await;
     let s = Stack::start(testkit::test_config()).await;
-    let drop = s.queue_drop(json!({"rate_per_s": 5})).await;
+    // A long name with markup in it: shown as text, and it doesn't widen the page.
+    let name = "Phone drop <b>bold</b> with a name long enough to wrap on a phone";
+    let drop = s
+        .client
+        .create_drop(json!({
+            "name": name, "per_fan_limit": 2, "hold_ttl_s": 300,
+            "admission": {"mode": "queue", "rate_per_s": 5},
+            "inventory": {"kind": "ga", "skus": [{"sku": "TEE", "name": "Tee", "price_cents": 2500, "quantity": 20}]}
+        }))
+        .await;
     let p = open_browser("ops_phone", PHONE).await;
     sign_in(&p, &s).await;
     pick(&p, &drop).await;
+    let option = p
+        .text(&format!("#drop-picker option[value=\"{drop}\"]"))
+        .await;
+    assert!(option.starts_with(name), "{option}");
     p.el("#audit-empty:not([hidden])").await;
     p.shot("phone").await;
     let overflow = p.sideways_overflow_px().await;
