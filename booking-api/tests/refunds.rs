@@ -732,3 +732,127 @@ async fn a_closed_drops_order_is_refunded_with_state_closed() {
     assert_eq!(h.payment(&hold).await.refunds, 1);
     h.assert_invariants(&drop).await;
 }
+
+/// A refund of a whole order whose payment is authorized but not captured yet voids the
+/// authorization instead of refunding a capture; the capture that comes after finds nothing to
+/// take, and the units come back once the order's confirm has finished in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_uncaptured_payment_is_voided_not_refunded() {
+    let mut cfg = testkit::test_config();
+    cfg.reconciler.refund_resume_after_ms = 100;
+    let h = Harness::with_config(cfg).await;
+    let drop = h.ga_drop(10, 5, 60).await;
+    let (_, token) = h.fan("voided").await;
+    let (status, v) = h
+        .reserve(
+            &token,
+            &drop,
+            json!({"items": [{"sku": "TEE", "quantity": 2}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let hold = v["hold_id"].as_str().unwrap().to_owned();
+    let gate = h.server.engine.test_gateway().unwrap().hold_captures();
+    let arrived = gate.arrived.notified();
+    let confirm = tokio::spawn({
+        let (client, token, hold) = (h.client.clone(), token.clone(), hold.clone());
+        async move { client.confirm(&token, &hold, "ok_void").await }
+    });
+    // The order is committed; its capture waits at the gateway.
+    arrived.await;
+    let db = h.server.engine.db().client().await.unwrap();
+    let order: uuid::Uuid = db
+        .query_one("SELECT order_id FROM orders WHERE hold_id = $1", &[&hold])
+        .await
+        .unwrap()
+        .get(0);
+    let order = OrderId(order);
+    let (status, v) = refund(&h, &order, json!({"refund_id": "before-capture"})).await;
+    assert_eq!(status, 201, "{v}");
+    // Voided at the gateway; the hold is still confirming in Redis, so the units wait.
+    assert_eq!(v["state"], "gateway_done", "{v}");
+    let p = h.payment(&hold).await;
+    assert_eq!((p.voids, p.captures, p.refunds), (1, 0, 0));
+    gate.open();
+    let (status, v) = confirm.await.unwrap();
+    assert_eq!(status, 201, "the order stands: {v}");
+    testkit::wait::eventually("the units come back", || async {
+        h.counts(&drop).await == (10, 10, 0, 0)
+    })
+    .await;
+    let (_, list) = h
+        .get(&format!("/v1/orders/{order}/refunds"), Some(&h.seller_key))
+        .await;
+    assert_eq!(list["refunds"][0]["state"], "returned", "{list}");
+    let p = h.payment(&hold).await;
+    assert_eq!(
+        (p.voids, p.captures, p.refunds),
+        (1, 0, 0),
+        "never captured"
+    );
+    let state: String = db
+        .query_one(
+            "SELECT state FROM payment_attempts WHERE hold_id = $1",
+            &[&hold],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "voided");
+    h.assert_invariants(&drop).await;
+}
+
+/// A part refund of an authorization can't void it (that would give back the rest too): the
+/// payment is captured first, then the part refunded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_part_of_an_uncaptured_payment_is_captured_then_refunded() {
+    let mut cfg = testkit::test_config();
+    cfg.reconciler.refund_resume_after_ms = 100;
+    let h = Harness::with_config(cfg).await;
+    let drop = h.ga_drop(10, 5, 60).await;
+    let (_, token) = h.fan("part").await;
+    let (status, v) = h
+        .reserve(
+            &token,
+            &drop,
+            json!({"items": [{"sku": "TEE", "quantity": 2}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let hold = v["hold_id"].as_str().unwrap().to_owned();
+    let gate = h.server.engine.test_gateway().unwrap().hold_captures();
+    let arrived = gate.arrived.notified();
+    let confirm = tokio::spawn({
+        let (client, token, hold) = (h.client.clone(), token.clone(), hold.clone());
+        async move { client.confirm(&token, &hold, "ok_part").await }
+    });
+    arrived.await;
+    let db = h.server.engine.db().client().await.unwrap();
+    let order: uuid::Uuid = db
+        .query_one("SELECT order_id FROM orders WHERE hold_id = $1", &[&hold])
+        .await
+        .unwrap()
+        .get(0);
+    let order = OrderId(order);
+    let (status, v) = refund(
+        &h,
+        &order,
+        json!({"refund_id": "one", "items": [{"sku": "TEE", "quantity": 1}]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["state"], "pending", "the capture is held back: {v}");
+    gate.open();
+    let (status, v) = confirm.await.unwrap();
+    assert_eq!(status, 201, "{v}");
+    testkit::wait::eventually("the part refunded and returned", || async {
+        h.counts(&drop).await == (10, 9, 0, 1)
+    })
+    .await;
+    let p = h.payment(&hold).await;
+    assert_eq!(
+        (p.voids, p.captures, p.refunds, p.refunded_cents),
+        (0, 1, 1, 2500)
+    );
+    h.assert_invariants(&drop).await;
+}
