@@ -236,7 +236,17 @@ async fn serve(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let Some(drop) = &watching else { continue };
+                let Some(drop) = &watching else {
+                    // Nothing picked yet: a ping keeps proxies from closing a quiet tunnel and
+                    // finds a console that vanished without closing.
+                    if !matches!(
+                        tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::Ping(Default::default()))).await,
+                        Ok(Ok(()))
+                    ) {
+                        break;
+                    }
+                    continue;
+                };
                 let frame = match engine.ops_sample(drop, previous.as_ref()).await {
                     Ok(Some(s)) => {
                         if let Err(e) = engine.push_ops_history(drop, &s).await {
