@@ -189,3 +189,57 @@ async fn per_drop_gauges_are_bounded() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Holds past their confirm deadline count per drop (`floodgate_drop_confirming_overdue_holds`),
+/// and the reconciler's `floodgate_confirming_backlog_holds` is every watched drop's overdue holds
+/// in its round, not the last drop's it looked at. The overdue entries here have no hold record
+/// behind them, so no round can settle them and they stay overdue for the test.
+#[tokio::test]
+async fn overdue_confirms_count_per_drop_and_in_the_reconcilers_backlog() {
+    let h = Harness::start().await;
+    let a = h.ga_drop(5, 2, 60).await;
+    let b = h.ga_drop(5, 2, 60).await;
+    for (drop, n) in [(&a, 2), (&b, 1)] {
+        for i in 0..n {
+            let hold = format!("{drop}-h{i:016x}");
+            common::redis_cli(&["ZADD", &format!("fg:{{{drop}}}:confirming"), "1", &hold]).await;
+        }
+    }
+    wait_for(
+        &h,
+        &[
+            (
+                m::DROP_CONFIRMING_OVERDUE_HOLDS,
+                format!("drop=\"{a}\""),
+                2.0,
+            ),
+            (
+                m::DROP_CONFIRMING_OVERDUE_HOLDS,
+                format!("drop=\"{b}\""),
+                1.0,
+            ),
+        ],
+    )
+    .await;
+    // The process-wide gauge: other tests' servers in this binary set it too, so wait for ours.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        let text = page(&h).await;
+        let backlog = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{} ", m::CONFIRMING_BACKLOG)))
+            .and_then(|v| v.parse::<f64>().ok());
+        if backlog == Some(3.0) {
+            break;
+        }
+        if !seen.contains(&backlog) {
+            seen.push(backlog);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backlog never counted both drops' 3 overdue holds; it showed {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

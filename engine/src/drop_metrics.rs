@@ -1,13 +1,14 @@
 //! Per-drop gauges for Prometheus, read from Redis so that they describe the whole sale, not the
 //! instance that is scraped: fans in line, joins and admissions ever, the admission settings,
-//! active shoppers, units available / held / sold, confirming holds, whether the drop is
-//! recovering, and the line's state.
+//! active shoppers, units available / held / sold, confirming holds (and those past their
+//! deadline), whether the drop is recovering, and the line's state.
 //!
 //! One task per process ([`Engine::spawn_drop_metrics`]) reads them every
 //! `http.drop_metrics_interval_ms` for at most `http.drop_metrics_max_drops` live drops (open, or
 //! closed in the last hour: Postgres' `live_drops`, newest first), a fixed handful of Redis reads
-//! per drop: HMGET, ZCARD and GET are O(1), ZCOUNT of the active set O(log n), and the stock
-//! hash's HGETALL as long as the drop's buckets (SKUs or sections), never its seats or holds. A
+//! per drop: HMGET, ZCARD and GET are O(1), ZCOUNT of the active set and of the overdue confirms
+//! O(log n), and the stock hash's HGETALL as long as the drop's buckets (SKUs or sections), never
+//! its seats or holds. A
 //! scrape costs nothing: `/metrics` appends the last round's text
 //! ([`Engine::drop_gauges_text`]). A drop that is no longer live drops out of the text at the
 //! next round, so the `drop` label's cardinality stays bounded by the setting.
@@ -46,6 +47,9 @@ pub struct DropFigures {
     pub held_units: i64,
     pub sold_units: i64,
     pub confirming_holds: i64,
+    /// Of those, the ones past their confirm deadline (by this process's clock): what the
+    /// reconciler has yet to settle.
+    pub confirming_overdue_holds: i64,
     pub paused: bool,
     pub recovering: bool,
     /// The line's state as lua/admit.lua would say it now (`open`, `paused`, `pre_queue`,
@@ -112,6 +116,14 @@ impl Engine {
             .zcount(&q.active, now_ms as f64, f64::INFINITY)
             .await?;
         let confirming_holds: i64 = client.zcard(drop_key(drop, "confirming")).await?;
+        // Scored by confirm deadline: O(log n) like the active shoppers' count.
+        let confirming_overdue_holds: i64 = client
+            .zcount(
+                drop_key(drop, "confirming"),
+                f64::NEG_INFINITY,
+                now_ms as f64,
+            )
+            .await?;
         let joins: Option<String> = client.get(&q.seq).await?;
         let admitted: Option<String> = client.hget(&q.watermark, "admitted").await?;
 
@@ -157,6 +169,7 @@ impl Engine {
             held_units,
             sold_units,
             confirming_holds,
+            confirming_overdue_holds,
             paused,
             recovering,
             state,
@@ -215,7 +228,7 @@ impl Engine {
 
 /// Every per-drop metric this module exports, with its type and help: [`render`] writes exactly
 /// these, and the docs/ops test checks dashboards and alerts against them.
-pub const EXPORTED: [(&str, &str, &str); 14] = [
+pub const EXPORTED: [(&str, &str, &str); 15] = [
     (
         metrics::DROP_LINE_FANS,
         "gauge",
@@ -261,6 +274,11 @@ pub const EXPORTED: [(&str, &str, &str); 14] = [
         metrics::DROP_CONFIRMING_HOLDS,
         "gauge",
         "Holds between confirm begin and finish.",
+    ),
+    (
+        metrics::DROP_CONFIRMING_OVERDUE_HOLDS,
+        "gauge",
+        "Holds still confirming past their confirm deadline (the reconciler settles them).",
     ),
     (
         metrics::DROP_ADMISSION_PAUSED,
@@ -310,6 +328,7 @@ pub fn render(figures: &[DropFigures]) -> String {
                 metrics::DROP_HELD_UNITS => f.held_units,
                 metrics::DROP_SOLD_UNITS => f.sold_units,
                 metrics::DROP_CONFIRMING_HOLDS => f.confirming_holds,
+                metrics::DROP_CONFIRMING_OVERDUE_HOLDS => f.confirming_overdue_holds,
                 metrics::DROP_ADMISSION_PAUSED => i64::from(f.paused),
                 metrics::DROP_RECOVERING => i64::from(f.recovering),
                 metrics::DROP_LINE_STATE => {

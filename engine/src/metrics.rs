@@ -51,6 +51,8 @@ pub const DROP_AVAILABLE_UNITS: &str = "floodgate_drop_available_units";
 pub const DROP_HELD_UNITS: &str = "floodgate_drop_held_units";
 pub const DROP_SOLD_UNITS: &str = "floodgate_drop_sold_units";
 pub const DROP_CONFIRMING_HOLDS: &str = "floodgate_drop_confirming_holds";
+/// Holds still confirming past their confirm deadline (what the reconciler settles).
+pub const DROP_CONFIRMING_OVERDUE_HOLDS: &str = "floodgate_drop_confirming_overdue_holds";
 pub const DROP_ADMISSION_PAUSED: &str = "floodgate_drop_admission_paused";
 pub const DROP_RECOVERING: &str = "floodgate_drop_recovering";
 pub const DROP_LINE_STATE: &str = "floodgate_drop_line_state";

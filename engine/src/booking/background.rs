@@ -176,14 +176,19 @@ impl Engine {
     pub async fn reconcile(&self) {
         let mut clocks = HashMap::new();
         self.reconcile_attempts(&mut clocks).await;
+        // Every drop's overdue confirms this round found, summed: one drop's figure alone would
+        // say only the last drop's (each drop's own is floodgate_drop_confirming_overdue_holds).
+        let mut backlog = 0;
         for drop in self.watched_drops() {
             if !self.round_leases.held(&self.redis, &drop).await {
                 continue;
             }
-            if let Err(e) = self.reconcile_drop(&drop).await {
-                tracing::debug!(%drop, error = %e, "reconciling this drop stopped");
+            match self.reconcile_drop(&drop).await {
+                Ok(overdue) => backlog += overdue,
+                Err(e) => tracing::debug!(%drop, error = %e, "reconciling this drop stopped"),
             }
         }
+        metrics::gauge!(m::CONFIRMING_BACKLOG).set(backlog as f64);
         match self.db.uncaptured(self.cfg.reconciler.batch as i64).await {
             Ok(attempts) => {
                 for (hold, reference) in attempts {
@@ -298,19 +303,19 @@ impl Engine {
     }
 
     /// Settles a drop's confirming holds past their confirm deadline (Redis' clock), each on its
-    /// own: one failing is logged, and the others are still settled.
+    /// own: one failing is logged, and the others are still settled. Returns how many were
+    /// overdue (at most `reconciler.batch`).
     pub async fn reconcile_drop(&self, drop: &DropId) -> Result<usize> {
         let now = self.redis.time_ms(drop).await?;
         let overdue = self
             .redis
             .overdue_confirming(drop, now, self.cfg.reconciler.batch)
             .await?;
-        metrics::gauge!(m::CONFIRMING_BACKLOG).set(overdue.len() as f64);
+        let found = overdue.len();
         if overdue.is_empty() {
             return Ok(0);
         }
         let def = self.drop_def(drop).await?;
-        let mut settled = 0;
         for hold in overdue {
             if lock(&self.inflight).contains_key(&hold) {
                 continue;
@@ -322,15 +327,11 @@ impl Engine {
                 Ok(_) => Ok(false),
                 Err(e) => Err(e),
             };
-            match result {
-                Ok(true) => settled += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(%hold, error = %e, "settling this hold failed; retrying next round")
-                }
+            if let Err(e) = result {
+                tracing::warn!(%hold, error = %e, "settling this hold failed; retrying next round")
             }
         }
-        Ok(settled)
+        Ok(found)
     }
 
     /// Settles one confirming hold past its confirm deadline: an order in Postgres → sold; an
