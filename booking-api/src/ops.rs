@@ -34,10 +34,6 @@ use web::Body;
 /// What a client must send first: the refusals quote it.
 const AUTH_FIRST: &str =
     r#"A socket's first message must be {"type":"auth","api_key":"<ops key>"}."#;
-/// Frames from the console are small: a key or a drop id.
-const MAX_MESSAGE_BYTES: usize = 4 * 1024;
-/// How long one frame may take to leave before the console counts as gone.
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The ops streams of one process: their bound, the shutdown signal that ends them, and this
 /// process's reserve and confirm counts (written to Redis by [`Engine::spawn_call_figures`]).
@@ -137,19 +133,19 @@ fn error_frame(e: &Error) -> Message {
     )
 }
 
-async fn send(ws: &mut Socket, v: &Value) -> bool {
+async fn send(ws: &mut Socket, v: &Value, timeout: Duration) -> bool {
     let msg = Message::Text(v.to_string().into());
     matches!(
-        tokio::time::timeout(SEND_TIMEOUT, ws.send(msg)).await,
+        tokio::time::timeout(timeout, ws.send(msg)).await,
         Ok(Ok(()))
     )
 }
 
 /// Tells the client why (an `error` frame) and closes with 1008 and the code as reason.
-async fn refuse(mut ws: Socket, e: Option<Error>) {
+async fn refuse(mut ws: Socket, e: Option<Error>, timeout: Duration) {
     let reason = match &e {
         Some(e) => {
-            let _ = tokio::time::timeout(SEND_TIMEOUT, ws.send(error_frame(e))).await;
+            let _ = tokio::time::timeout(timeout, ws.send(error_frame(e))).await;
             e.code.name()
         }
         None => "auth_timeout",
@@ -158,9 +154,9 @@ async fn refuse(mut ws: Socket, e: Option<Error>) {
         code: CloseCode::Policy,
         reason: reason.into(),
     };
-    let _ = tokio::time::timeout(SEND_TIMEOUT, ws.close(Some(close))).await;
+    let _ = tokio::time::timeout(timeout, ws.close(Some(close))).await;
     // Read the client's close, so the refusal isn't lost to a reset.
-    let until = tokio::time::Instant::now() + SEND_TIMEOUT;
+    let until = tokio::time::Instant::now() + timeout;
     while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, ws.next()).await {}
 }
 
@@ -215,17 +211,19 @@ async fn serve(
             return;
         }
     };
+    let cfg = &engine.cfg().http;
+    let send_timeout = ms(cfg.ops_stream_send_timeout_ms);
     let config = WebSocketConfig::default()
-        .read_buffer_size(MAX_MESSAGE_BYTES)
-        .max_message_size(Some(MAX_MESSAGE_BYTES))
-        .max_frame_size(Some(MAX_MESSAGE_BYTES));
+        .read_buffer_size(cfg.ops_stream_max_message_bytes)
+        .max_message_size(Some(cfg.ops_stream_max_message_bytes))
+        .max_frame_size(Some(cfg.ops_stream_max_message_bytes));
     let mut ws =
         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
     if let Err(e) = authenticate(&engine, &mut ws).await {
-        refuse(ws, e).await;
+        refuse(ws, e, send_timeout).await;
         return;
     }
-    if !send(&mut ws, &drops_frame(&engine).await).await {
+    if !send(&mut ws, &drops_frame(&engine).await, send_timeout).await {
         return;
     }
     let period = ms(engine.cfg().http.ops_stream_interval_ms);
@@ -240,7 +238,7 @@ async fn serve(
                     // Nothing picked yet: a ping keeps proxies from closing a quiet tunnel and
                     // finds a console that vanished without closing.
                     if !matches!(
-                        tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::Ping(Default::default()))).await,
+                        tokio::time::timeout(send_timeout, ws.send(Message::Ping(Default::default()))).await,
                         Ok(Ok(()))
                     ) {
                         break;
@@ -261,7 +259,7 @@ async fn serve(
                         "message": "Redis has no state for this drop (archived, or not loaded yet)."}),
                     Err(e) => json!({"type": "error", "code": e.code.name(), "message": e.message}),
                 };
-                if !send(&mut ws, &frame).await {
+                if !send(&mut ws, &frame, send_timeout).await {
                     break;
                 }
             }
@@ -288,7 +286,7 @@ async fn serve(
                         "code": "invalid_request",
                         "message": r#"Send {"type":"watch","drop_id":"…"} or {"type":"drops"}."#}),
                 };
-                if !send(&mut ws, &reply).await {
+                if !send(&mut ws, &reply, send_timeout).await {
                     break;
                 }
             }
@@ -297,7 +295,7 @@ async fn serve(
                     code: CloseCode::Restart,
                     reason: "server restarting: reconnect".into(),
                 };
-                let _ = tokio::time::timeout(SEND_TIMEOUT, ws.close(Some(close))).await;
+                let _ = tokio::time::timeout(send_timeout, ws.close(Some(close))).await;
                 break;
             }
         }

@@ -121,6 +121,10 @@ impl Config {
                 self.http.ops_stream_auth_timeout_ms,
             ),
             (
+                "http.ops_stream_send_timeout_ms",
+                self.http.ops_stream_send_timeout_ms,
+            ),
+            (
                 "http.ops_call_figures_ttl_ms",
                 self.http.ops_call_figures_ttl_ms,
             ),
@@ -137,6 +141,10 @@ impl Config {
             ("drops.catalogue_max_drops", self.drops.catalogue_max_drops),
             ("drops.audit_page_max", self.drops.audit_page_max as usize),
             ("http.ops_history_len", self.http.ops_history_len),
+            (
+                "http.ops_stream_max_message_bytes",
+                self.http.ops_stream_max_message_bytes,
+            ),
             ("http.ops_max_instances", self.http.ops_max_instances),
             ("drops.orders_page_max", self.drops.orders_page_max as usize),
             ("drops.orders_csv_max_rows", self.drops.orders_csv_max_rows),
@@ -250,6 +258,10 @@ pub const DEFAULT_OPS_STREAM_MAX_SUBSCRIBERS: usize = 32;
 pub const DEFAULT_OPS_STREAM_INTERVAL_MS: u64 = 1_000;
 /// How long an ops socket may take to send its auth frame.
 pub const DEFAULT_OPS_STREAM_AUTH_TIMEOUT_MS: u64 = 5_000;
+/// How long one frame to a console may take to leave before the console counts as gone.
+pub const DEFAULT_OPS_STREAM_SEND_TIMEOUT_MS: u64 = 5_000;
+/// The largest frame a console may send (a key or a drop id) and the socket's read buffer.
+pub const DEFAULT_OPS_STREAM_MAX_MESSAGE_BYTES: usize = 4 * 1024;
 /// An instance's call figures for a drop live this long after its last write: two windows, so
 /// a sample never misses an instance that answered calls in the last second.
 pub const DEFAULT_OPS_CALL_FIGURES_TTL_MS: u64 = 2_000;
@@ -299,6 +311,10 @@ pub struct HttpConfig {
     pub ops_stream_interval_ms: u64,
     /// How long an ops socket may take to send its auth frame before it is closed.
     pub ops_stream_auth_timeout_ms: u64,
+    /// How long one frame to a console may take to leave before the socket is closed.
+    pub ops_stream_send_timeout_ms: u64,
+    /// The largest frame a console may send; also the socket's read buffer.
+    pub ops_stream_max_message_bytes: usize,
     /// The TTL of an instance's per-drop call figures in Redis.
     pub ops_call_figures_ttl_ms: u64,
     /// Drops a process counts reserves and confirms for in one window.
@@ -330,6 +346,8 @@ impl Default for HttpConfig {
             ops_stream_max_subscribers: DEFAULT_OPS_STREAM_MAX_SUBSCRIBERS,
             ops_stream_interval_ms: DEFAULT_OPS_STREAM_INTERVAL_MS,
             ops_stream_auth_timeout_ms: DEFAULT_OPS_STREAM_AUTH_TIMEOUT_MS,
+            ops_stream_send_timeout_ms: DEFAULT_OPS_STREAM_SEND_TIMEOUT_MS,
+            ops_stream_max_message_bytes: DEFAULT_OPS_STREAM_MAX_MESSAGE_BYTES,
             ops_call_figures_ttl_ms: DEFAULT_OPS_CALL_FIGURES_TTL_MS,
             ops_recent_max_drops: DEFAULT_OPS_RECENT_MAX_DROPS,
             ops_max_instances: DEFAULT_OPS_MAX_INSTANCES,
