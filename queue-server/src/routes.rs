@@ -143,7 +143,10 @@ impl App {
             )
         })?;
         self.rooms.queue.engine.api_key(key, Scope::Ops).await?;
-        Ok(http::metrics_page(&self.metrics))
+        Ok(http::metrics_page_with(
+            &self.metrics,
+            &self.rooms.queue.engine.drop_gauges_text(),
+        ))
     }
 
     async fn readyz(&self) -> Answer {

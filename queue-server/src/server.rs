@@ -127,10 +127,15 @@ async fn serve(
         let every = ms(app.rooms.queue.engine.cfg().limits.tidy_interval_ms);
         http::every_until_shutdown(every, shutdown.clone(), move || app.limits.tidy())
     };
+    // The per-drop gauges, read from Redis as booking-api reads them (engine::drop_metrics), so
+    // either server's /metrics shows each drop's line.
+    let drop_metrics = app.rooms.queue.engine.spawn_drop_metrics(shutdown.clone());
     let metrics = metrics.map(|l| {
-        tokio::spawn(http::serve_metrics(
+        let engine = app.rooms.queue.engine.clone();
+        tokio::spawn(http::serve_metrics_with(
             l,
             app.metrics.clone(),
+            Arc::new(move || engine.drop_gauges_text()),
             permits.clone(),
             ms(cfg.header_read_timeout_ms),
             shutdown.clone(),
@@ -184,6 +189,7 @@ async fn serve(
     if let Some(m) = metrics {
         let _ = m.await;
     }
+    let _ = drop_metrics.await;
     // Every connection and socket holds a permit: all of them back means everything drained.
     let drained =
         tokio::time::timeout(ms(cfg.shutdown_grace_ms), permits.acquire_many(max as u32)).await;

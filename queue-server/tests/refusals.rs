@@ -254,3 +254,62 @@ async fn queue_metrics_need_the_ops_key_or_the_internal_listener() {
     assert_eq!(r.status(), 404, "the internal listener serves metrics only");
     h.shutdown().await;
 }
+
+/// queue-server reports the per-drop gauges too (engine::drop_metrics, read from Redis, as
+/// booking-api does): a paused line's length, admissions and active shoppers, labelled `drop`, on
+/// both its listeners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_metrics_show_each_drops_line() {
+    let mut cfg = test_config();
+    cfg.queue.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let h = Harness::start_with(cfg).await;
+    let drop = h.queue_drop(20, 2, json!({"paused": true}), None).await;
+    for name in ["gauge-1", "gauge-2"] {
+        let (_, token) = h.fan(name);
+        let (status, v) = h.join(&drop, &token).await;
+        assert_eq!(status, 201, "{v}");
+    }
+    let internal = h.queue.metrics_addr.expect("an internal metrics listener");
+    let want = [
+        format!("{}{{drop=\"{drop}\"}} 2", engine::metrics::DROP_LINE_FANS),
+        format!("{}{{drop=\"{drop}\"}} 0", engine::metrics::DROP_ADMITTED),
+        format!(
+            "{}{{drop=\"{drop}\"}} 0",
+            engine::metrics::DROP_ACTIVE_SHOPPERS
+        ),
+        format!(
+            "{}{{drop=\"{drop}\"}} 1",
+            engine::metrics::DROP_ADMISSION_PAUSED
+        ),
+    ];
+    for (what, url, key) in [
+        ("internal", format!("http://{internal}/metrics"), None),
+        (
+            "public",
+            format!("{}/metrics", h.queue.url()),
+            Some(h.ops_key.clone()),
+        ),
+    ] {
+        let started = Instant::now();
+        loop {
+            let mut req = h.http.get(&url);
+            if let Some(k) = &key {
+                req = req.bearer_auth(k);
+            }
+            let text = req.send().await.unwrap().text().await.unwrap();
+            let missing: Vec<&String> = want
+                .iter()
+                .filter(|w| !text.lines().any(|l| l == w.as_str()))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "{what} /metrics never showed {missing:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    h.shutdown().await;
+}
