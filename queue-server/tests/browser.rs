@@ -416,3 +416,20 @@ async fn queue_page_crafted_link_asks_before_switching_fans() {
     p.close().await;
     h.shutdown().await;
 }
+
+/// At a phone's width the queue page, waiting in a paused line, is no wider than the screen (the
+/// other tests here run at phone width too, but none measures it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_page_fits_a_phone() {
+    let _one = ONE_BROWSER.lock().await;
+    let h = Harness::start_for_pages().await;
+    let drop = h.queue_drop(20, 2, json!({"paused": true}), None).await;
+    let p = open_browser("queue-phone", PHONE).await;
+    join_in_browser(&p, &h, &drop, "phone-fan").await;
+    line_state(&p, "paused").await;
+    let overflow = p.sideways_overflow_px().await;
+    assert!(overflow <= 0, "wider than the phone by {overflow}px");
+    p.shot("phone").await;
+    p.close().await;
+    h.shutdown().await;
+}
