@@ -337,8 +337,9 @@ impl Redis {
         })
     }
 
-    /// lua/line_restore.lua: if Redis lost the drop's line, sets it up again from the marks
-    /// Postgres kept; true if it did.
+    /// lua/line_restore.lua: if Redis lost the drop's line, or may have lost its tail (the
+    /// drop's data is from another Redis run), sets it up again from the marks Postgres kept;
+    /// true if it did. Called before lua/rebuild.lua stamps the drop with this run.
     pub async fn restore_line(
         &self,
         drop: &DropId,

@@ -479,3 +479,192 @@ async fn fault_cluster_failover_keeps_the_line() {
     h.shutdown().await;
     std::mem::drop(stack);
 }
+
+/// An HTTP join that presents `receipt` (`X-Place-Receipt`) if given; (status, body).
+async fn join_with(h: &Harness, drop: &DropId, token: &str, receipt: Option<&str>) -> (u16, Value) {
+    let url = format!("{}/v1/drops/{drop}/queue", h.queue.url());
+    let mut req = h.http.post(url).bearer_auth(token);
+    if let Some(r) = receipt {
+        req = req.header("x-place-receipt", r);
+    }
+    h.call(req).await
+}
+
+/// Whether any file of Redis' AOF directory holds `needle` (a key written after the writes a
+/// copy of the file must hold: the AOF is appended in order).
+fn aof_holds(dir: &std::path::Path, needle: &str) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|e| {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap_or_default();
+        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+    })
+}
+
+/// Issue 14: Redis loses the line's last joins but not the line. It restarts from an AOF that
+/// missed its tail (what a failover to a replica lagging a moment behind does too): the join
+/// counter is still there, but below places it had handed out. The fans whose joins were lost
+/// come back with their receipts only after fans new since the restart have joined, and still
+/// get their own places back, ahead of the newcomers; the line admits them in place order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_a_redis_that_lost_its_last_joins_keeps_the_line() {
+    const KEPT: usize = 20;
+    const LOST: usize = 20;
+    const NEW: usize = 20;
+    let mut stack = tokio::task::spawn_blocking(|| {
+        Stack::start(StackConfig {
+            name: "fault-line-rewind".into(),
+            redis_port: free_port(),
+            pg_port: free_port(),
+        })
+    })
+    .await
+    .unwrap()
+    .expect("the stack starts");
+    let mut cfg = testkit::test_config_for(&stack.redis_url(), &stack.database_url());
+    cfg.identity.dev_secret = "queue-test-dev-secret".into();
+    cfg.database.pool_size = 4;
+    cfg.queue.recovery_return_s = RETURN_S;
+    cfg.queue.line_marks_interval_ms = 200;
+    let h = Harness::start_with(cfg).await;
+    let drop = h
+        .queue_drop(
+            1_000,
+            1,
+            json!({"rate_per_s": 20, "burst": 1, "max_active": 1000, "paused": true}),
+            None,
+        )
+        .await;
+    let redis_url = stack.redis_url();
+    let aof = stack.state_dir().join("redis/appendonlydir");
+    let copy = aof.with_file_name("appendonlydir.copy");
+
+    // (fan, token, place, receipt) of each fan's first join.
+    let join_all = |prefix: &'static str, n: usize| {
+        let h = &h;
+        let drop = &drop;
+        async move {
+            let mut out = Vec::new();
+            for i in 0..n {
+                let (fan, token) = h.fan(&format!("{prefix}{i:03}"));
+                let (status, joined) = join_with(h, drop, &token, None).await;
+                assert_eq!(status, 201, "{fan} joins: {joined}");
+                let place = joined["place"].as_i64().unwrap();
+                let receipt = joined["receipt"].as_str().unwrap().to_owned();
+                out.push((fan, token, place, receipt));
+            }
+            out
+        }
+    };
+
+    // Fans whose joins Redis keeps: the AOF copy is taken once a write after them is in the
+    // file (it is appended in order, so theirs are whole before it).
+    let kept = join_all("k", KEPT).await;
+    let marker = format!("fault-line-rewind-{:08x}", rand::random::<u32>());
+    assert_eq!(redis_cli_at(&redis_url, &["SET", &marker, "1"]).await, "OK");
+    testkit::eventually("the kept joins are in the AOF", || async {
+        aof_holds(&aof, &marker)
+    })
+    .await;
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(&aof).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    // Fans whose joins Redis will lose; then Redis is SIGKILLed and restarts from the copy.
+    let lost = join_all("l", LOST).await;
+    tokio::task::block_in_place(|| stack.kill_redis()).expect("redis-server is killed");
+    std::fs::remove_dir_all(&aof).unwrap();
+    std::fs::rename(&copy, &aof).unwrap();
+    tokio::task::block_in_place(|| stack.start_redis()).expect("redis-server restarts");
+    let seq_key = engine::keys::drop_key(&drop, "seq");
+    let seq: i64 = redis_cli_at(&redis_url, &["GET", &seq_key])
+        .await
+        .parse()
+        .unwrap();
+    assert_eq!(
+        seq, KEPT as i64,
+        "the counter survived, without the lost joins"
+    );
+
+    // booking-api's watcher sees the new run and rebuilds the drop.
+    let db = h.booking.engine.db();
+    testkit::eventually("the drop is rebuilt (a ledger line)", || async {
+        let c = db.client().await.unwrap();
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM stock_ledger WHERE drop_id = $1 AND kind = 'rebuild'",
+                &[&drop.as_str()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n > 0
+    })
+    .await;
+    testkit::eventually("the drop is no longer recovering", || async {
+        let meta = engine::keys::drop_key(&drop, "meta");
+        redis_cli_at(&redis_url, &["HGET", &meta, "recovering"]).await == "0"
+    })
+    .await;
+
+    // Fans new since the restart join first; then the lost and the kept come back with their
+    // receipts.
+    let new = join_all("n", NEW).await;
+    let first_new = new.iter().map(|f| f.2).min().unwrap();
+    for (fan, token, place, receipt) in lost.iter().chain(&kept) {
+        let (status, joined) = join_with(&h, &drop, token, Some(receipt)).await;
+        assert_eq!(
+            joined["place"].as_i64(),
+            Some(*place),
+            "{fan} joined before the loss at {place} and comes back with its receipt: its place, \
+             not a new one ({joined}); the first newcomer's is {first_new}"
+        );
+        assert_eq!(status, 200, "{fan} comes back: {joined}");
+    }
+    let last_old = lost.iter().chain(&kept).map(|f| f.2).max().unwrap();
+    assert!(
+        last_old < first_new,
+        "every fan new since the loss is behind every fan from before it ({last_old} < {first_new})"
+    );
+
+    // The line admits them all, in place order: nobody new before anyone from before the loss.
+    h.client
+        .set_admission(&drop, json!({"paused": false}))
+        .await;
+    let all: Vec<_> = kept.iter().chain(&lost).chain(&new).collect();
+    let shop_ends: std::sync::Mutex<HashMap<FanId, i64>> = Default::default();
+    let admitted = testkit::wait_until(Duration::from_secs(120), || async {
+        for (fan, token, _, _) in &all {
+            if shop_ends.lock().unwrap().contains_key(fan) {
+                continue;
+            }
+            let (status, me) = h.me(&drop, token).await;
+            if status == 200 && me["status"] == "admitted" {
+                let end = me["shop_ends_at_ms"].as_i64().unwrap();
+                shop_ends.lock().unwrap().insert(fan.clone(), end);
+            }
+        }
+        shop_ends.lock().unwrap().len() == all.len()
+    })
+    .await;
+    let shop_ends = shop_ends.into_inner().unwrap();
+    assert!(
+        admitted,
+        "within 120 s only {} of {} fans were admitted",
+        shop_ends.len(),
+        all.len()
+    );
+    let mut by_place: Vec<(i64, i64)> = all.iter().map(|f| (f.2, shop_ends[&f.0])).collect();
+    by_place.sort();
+    for pair in by_place.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].1,
+            "place {} was admitted (shop end {}) after place {} (shop end {})",
+            pair[0].0,
+            pair[0].1,
+            pair[1].0,
+            pair[1].1
+        );
+    }
+    h.shutdown().await;
+    std::mem::drop(stack);
+}

@@ -549,13 +549,12 @@ impl Engine {
         self.redis
             .set_admission(drop, admission_fields(&admission))
             .await?;
-        let mut rebuild = self
-            .redis
-            .begin_rebuild(drop, &image, self.cfg.recovery.slice)
-            .await?;
         if def.admission.mode == AdmissionMode::Queue {
-            // The line's own keys, if Redis lost them: set up again from the marks Postgres kept
-            // (lua/line_restore.lua), before the drop leaves `recovering` and fans come back.
+            // The line's own keys, if Redis lost them or may have lost their tail: set up again
+            // from the marks Postgres kept (lua/line_restore.lua), before the drop leaves
+            // `recovering` and fans come back. Before lua/rebuild.lua: the script tells a drop
+            // whose data came from another Redis run (a restart, a failover: its last joins may
+            // be gone though the counter isn't) by the run id the rebuild stamps anew.
             let marks = self.db.line_marks(drop).await?;
             let q = &self.cfg.queue;
             let returning_ms = q.recovery_return_s.saturating_mul(1000);
@@ -564,9 +563,13 @@ impl Engine {
                 .restore_line(drop, marks, q.line_seq_margin, returning_ms)
                 .await?
             {
-                tracing::info!(%drop, ?marks, "the line was lost: restored from its kept marks");
+                tracing::info!(%drop, ?marks, "the line was lost or may have lost its tail: restored from its kept marks");
             }
         }
+        let mut rebuild = self
+            .redis
+            .begin_rebuild(drop, &image, self.cfg.recovery.slice)
+            .await?;
         while let Some(holds) = rebuild.next_holds().await? {
             let orders = snapshot.orders(&holds).await?;
             rebuild.sort(&holds, &orders).await?;

@@ -1407,17 +1407,30 @@ impl Model {
     }
 
     /// queue-server's presence refresh: waiters still in `seen` are seen now.
-    /// line_restore.lua, as recovery runs it for a queue drop: true if it restored the line.
+    /// line_restore.lua, as recovery runs it for a queue drop (before the rebuild stamps this
+    /// run): true if it restored the line. A line is restored when its counter is gone (and a
+    /// mark was kept), or when the drop's data is from another redis-server run (its tail may be
+    /// lost though the counter is there): the counter goes above both it and its mark, the
+    /// watermark to the higher of Redis' and the kept one.
     pub fn restore_line(&mut self, margin: i64, returning_ms: i64) -> bool {
         let now = self.now_ms;
         let (seq, place, admitted) = self.record.line_marks;
+        let same_run = self.store.meta.get("run_id") == Some(&self.run_id);
         let s = &mut self.store;
-        if s.meta.is_empty() || s.seq != 0 || (seq, place, admitted) == (0, 0, 0) {
+        // A counter of 0 is no counter: INCR and this script only ever set it above 0.
+        let has_seq = s.seq != 0;
+        if s.meta.is_empty()
+            || (has_seq && same_run)
+            || (!has_seq && (seq, place, admitted) == (0, 0, 0))
+        {
             return false;
         }
-        s.seq = seq + margin;
-        s.watermark.insert("place".into(), place);
-        s.watermark.insert("admitted".into(), admitted);
+        s.seq = s.seq.max(seq) + margin;
+        let wm = |w: &BTreeMap<String, i64>, f: &str| w.get(f).copied().unwrap_or(0);
+        let (wm_place, wm_admitted) = (wm(&s.watermark, "place"), wm(&s.watermark, "admitted"));
+        s.watermark.insert("place".into(), wm_place.max(place));
+        s.watermark
+            .insert("admitted".into(), wm_admitted.max(admitted));
         s.meta.insert("line_rebuilt_ms".into(), now.to_string());
         s.meta.insert(
             "line_returning_until_ms".into(),

@@ -26,6 +26,10 @@ const SLICE: usize = 3;
 const LINE_SEQ_MARGIN: i64 = 1_000;
 const RETURN_MS: i64 = 3_000;
 
+/// A redis-server run id other than the test Redis': what a drop's meta says after Redis lost
+/// its last writes (it restarted, or a replica took over; lua/line_restore.lua tells so by it).
+const EARLIER_RUN: &str = "0123456789abcdef0123456789abcdef01234567";
+
 /// The test's clock, in place of lua/clock.lua: every script's KEYS[1] is its drop's meta key, so
 /// each drop gets a clock of its own (`fg:{drop}:testclock`) and cases can run side by side.
 const TEST_CLOCK: &str = r#"
@@ -201,10 +205,12 @@ pub fn apply(model: &mut Model, step: &Step) -> Outcome {
         Step::Rebuild { .. } if model.record.archived => Outcome::Pair(0, 0),
         Step::Rebuild { .. } => {
             model.restore_admission();
-            let (a, b) = model.rebuild();
+            // Before the rebuild stamps this run: line_restore.lua tells a drop from another
+            // run (its line's tail may be lost) by the run id.
             if model.spec.queue {
                 model.restore_line(LINE_SEQ_MARGIN, RETURN_MS);
             }
+            let (a, b) = model.rebuild();
             Outcome::Pair(a, b)
         }
         Step::Join {
@@ -617,6 +623,20 @@ impl World {
                         .await
                         .expect("set_admission");
                 }
+                // Recovery sets a queue drop's line up again if it was lost or may have lost its
+                // tail, from Postgres' marks, before the rebuild stamps the drop with this run.
+                if model.spec.queue {
+                    let (seq, place, admitted) = model.record.line_marks;
+                    let marks = engine::db::LineMarks {
+                        seq,
+                        place,
+                        admitted,
+                    };
+                    self.redis
+                        .restore_line(&self.drop, marks, LINE_SEQ_MARGIN as u64, RETURN_MS as u64)
+                        .await
+                        .expect("restore_line");
+                }
                 let stale = match interrupted {
                     true => Some(self.interrupted_rebuild(model).await),
                     false => None,
@@ -638,19 +658,6 @@ impl World {
                     }
                     let e = stale.finish().await.expect_err("superseded");
                     assert_eq!(e.code.name(), "recovering", "a superseded rebuild_keep");
-                }
-                // Recovery sets a queue drop's line up again if it was lost, from Postgres' marks.
-                if model.spec.queue {
-                    let (seq, place, admitted) = model.record.line_marks;
-                    let marks = engine::db::LineMarks {
-                        seq,
-                        place,
-                        admitted,
-                    };
-                    self.redis
-                        .restore_line(&self.drop, marks, LINE_SEQ_MARGIN as u64, RETURN_MS as u64)
-                        .await
-                        .expect("restore_line");
                 }
                 Outcome::Pair(report.kept, ended_before + report.ended)
             }
@@ -843,6 +850,15 @@ impl World {
             .await
             .expect("set recovering");
         model.store.meta.insert("recovering".into(), "1".into());
+        // Writes are lost only by a restart or a failover: what is left of the drop was stamped
+        // by another redis-server run than the one serving it now.
+        if rollback && model.store.meta.contains_key("run_id") {
+            self.redis
+                .set_meta(&self.drop, "run_id", EARLIER_RUN)
+                .await
+                .expect("set run_id");
+            model.store.meta.insert("run_id".into(), EARLIER_RUN.into());
+        }
     }
 
     async fn hash(&self, key: &str) -> BTreeMap<String, String> {
