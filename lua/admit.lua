@@ -17,6 +17,18 @@
 --   counted here once, O(active) (active ≤ max_active),
 --   and the line's length. Nobody enters while paused, recovering, closed, sold out, all held,
 --   or before opens_at_ms.
+-- The waiting list (the drop's `waitlist` setting, docs/ARCHITECTURE.md "The waiting list"):
+-- without it, a drop with nothing available or held closes its line for good (line_state
+-- sold_out). With it, the line stays as the waiting list (line_state waitlist, for good: the
+-- state is `waitlist` from then on) and every later admission is an offer: the same admission,
+-- but for offer_window_s instead of shop_window_s, recorded in KEYS[14], and with no margin —
+-- admit one more only while demand + per_fan_limit ≤ available — so the units every offered fan
+-- (and every other shopping fan) may still take never pass what is available: no unit is
+-- offered to two fans at once. An offer unused by its end leaves the running sum (as any shop
+-- end does), and the next run offers the unit to the next fan in line. Units that come back
+-- (added stock, refunds, holds expiring) are counted for the fans' page: came_back_units rises
+-- by each rise of available + held between two runs (a unit back and sold again between two
+-- runs isn't seen; runs come every queue.tick_ms).
 -- A shopping session has two ends fixed here at admission (docs/ARCHITECTURE.md, invariants): the
 -- shop end (now + shop_window_s: reserves are accepted until then) and the hard end (shop end +
 -- hold_ttl_ms + confirm_grace_ms: nothing keeps the session, or its max_active slot, past it).
@@ -36,8 +48,10 @@
 -- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, per_fan_limit,
 --                                     demand_units (see lib.lua)
 -- KEYS[2] {drop_id}:admission  hash   rate_per_s, burst, max_active, paused "0"/"1",
---                                     shop_window_s, admit_margin_pct, leave_grace_s;
---                                     line_state set here
+--                                     shop_window_s, admit_margin_pct, leave_grace_s,
+--                                     waitlist "0"/"1", offer_window_s; set here: line_state
+--                                     ("sold_out" | "waitlist", for good), came_back_units and
+--                                     free_units_seen (available + held at the last run)
 -- KEYS[3] {drop_id}:stock      hash   a:<bucket> available, h:<bucket> held (see lib.lua)
 -- KEYS[4] {drop_id}:fans       hash   fan id → units held + confirming + bought
 -- KEYS[5] {drop_id}:active     zset   fan id → admission deadline ms
@@ -52,22 +66,28 @@
 -- KEYS[12] {drop_id}:seq       string the join counter (returned, so its high-water mark can be
 --                                     kept in Postgres, beyond the reach of a Redis loss)
 -- KEYS[13] {drop_id}:shopping  zset   fan id → shop end ms, the fans meta's demand_units counts
+-- KEYS[14] {drop_id}:offers    zset   fan id → offer end ms, the fans offered a unit (its window
+--                                     ended ones leave it, at most ARGV[1] per call)
 -- ARGV[1] most waiters to send away, and most ended sessions to drop, per call
 -- ARGV[2] most fans to admit per call (`queue.admit_batch_max`)
 -- Returns {state, watermark place (decimal string), admitted ever, waiting, active, rate_per_s,
 --          now_ms, left (waiters sent away by this call), leave_grace_ms,
 --          shop end ms, hard end ms (of this call's admissions; 0, 0 when it admitted none),
---          the join counter,
---          fan 1, place 1, fan 2, place 2, ...}   (the fans admitted by this call)
---   state: open | paused | pre_queue | all_held | sold_out | closed | recovering | unknown_drop
+--          the join counter, units come back since the sell-out (waiting list),
+--          fan 1, place 1, fan 2, place 2, ...}   (the fans admitted by this call; in state
+--                                                  waitlist, each admission is an offer)
+--   state: open | paused | pre_queue | all_held | sold_out | waitlist | closed | recovering |
+--          unknown_drop
 
 local now = now_ms()
 
 local wm = redis.call('HMGET', KEYS[8], 'place', 'admitted')
 local watermark, admitted_ever = wm[1] or '0', tonumber(wm[2]) or 0
 local s = redis.call('HMGET', KEYS[2], 'rate_per_s', 'burst', 'max_active', 'paused',
-  'shop_window_s', 'admit_margin_pct', 'line_state', 'leave_grace_s')
+  'shop_window_s', 'admit_margin_pct', 'line_state', 'leave_grace_s', 'waitlist',
+  'offer_window_s', 'came_back_units', 'free_units_seen')
 local rate = tonumber(s[1]) or 0
+local came_back = tonumber(s[11]) or 0
 -- 120: DEFAULT_LEAVE_GRACE_S, for drops created before the setting existed.
 local grace_ms = (tonumber(s[8]) or 120) * 1000
 local left = 0
@@ -76,7 +96,8 @@ local shop_end, hard_end = 0, 0
 
 local function answer(state, active, popped)
   local out = {state, watermark, admitted_ever, redis.call('ZCARD', KEYS[6]), active,
-    tostring(rate), now, left, grace_ms, shop_end, hard_end, redis.call('GET', KEYS[12]) or '0'}
+    tostring(rate), now, left, grace_ms, shop_end, hard_end, redis.call('GET', KEYS[12]) or '0',
+    came_back}
   for _, x in ipairs(popped or {}) do out[#out + 1] = x end
   return out
 end
@@ -116,6 +137,11 @@ for _, fan in ipairs(ended) do
   redis.call('HDEL', KEYS[11], fan)
 end
 local active = redis.call('ZCOUNT', KEYS[5], now, '+inf')
+-- Offers past their end leave the offers set, as many (what an offer claims is in the running
+-- sum below, which lets it go at the same end).
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[14], '-inf', '(' .. now, 'LIMIT', 0,
+  tonumber(ARGV[1]))
+for _, fan in ipairs(lapsed) do redis.call('ZREM', KEYS[14], fan) end
 
 -- The running sum of what shopping fans may still take (see the header).
 local limit = tonumber(meta[4]) or 1
@@ -179,10 +205,25 @@ for i = 1, #stock, 2 do
   if kind == 'a:' then available = available + tonumber(stock[i + 1])
   elseif kind == 'h:' then held = held + tonumber(stock[i + 1]) end
 end
-if available == 0 and held == 0 then
-  -- Nothing can come back (sold is final): the line closes for good.
-  redis.call('HSET', KEYS[2], 'line_state', 'sold_out')
-  return answer('sold_out', active)
+local waitlisted = s[7] == 'waitlist'
+if available == 0 and held == 0 and not waitlisted then
+  if s[9] ~= '1' then
+    -- No waiting list: the line closes for good.
+    redis.call('HSET', KEYS[2], 'line_state', 'sold_out')
+    return answer('sold_out', active)
+  end
+  -- The line becomes the waiting list (see the header), and counts what comes back from here.
+  waitlisted, came_back = true, 0
+  s[12] = '0'
+  redis.call('HSET', KEYS[2], 'line_state', 'waitlist', 'came_back_units', 0,
+    'free_units_seen', 0)
+end
+if waitlisted then
+  local free, seen = available + held, tonumber(s[12]) or 0
+  if free ~= seen then
+    if free > seen then came_back = came_back + free - seen end
+    redis.call('HSET', KEYS[2], 'free_units_seen', free, 'came_back_units', came_back)
+  end
 end
 
 -- The bucket refills while paused too, up to burst, like any token bucket.
@@ -204,8 +245,9 @@ end
 local state = 'open'
 if s[4] == '1' then state = 'paused'
 elseif now < (tonumber(meta[3]) or 0) then state = 'pre_queue'
+elseif waitlisted then state = 'waitlist'
 elseif available == 0 then state = 'all_held' end
-if state ~= 'open' then
+if (state ~= 'open' and state ~= 'waitlist') or available == 0 then
   save_bucket()
   return answer(state, active)
 end
@@ -217,7 +259,9 @@ n = math.min(n, redis.call('ZCARD', KEYS[6]))
 -- tokens a paused line saved up (the rest enter on the next runs).
 n = math.min(n, tonumber(ARGV[2]) or n)
 if n > 0 then
+  -- An offer claims its units outright: no margin on the waiting list.
   local margin = tonumber(s[6]) or 0
+  if waitlisted then margin = 0 end
   -- (demand + k·limit)·100 ≤ available·(100 + margin), integers only.
   local room = available * (100 + margin) - demand * 100
   local by_stock = 0
@@ -226,13 +270,14 @@ if n > 0 then
 end
 if n <= 0 then
   save_bucket()
-  return answer('open', active)
+  return answer(state, active)
 end
 
 local popped = redis.call('ZPOPMIN', KEYS[6], n)
--- 300 s, 60 s: DEFAULT_SHOP_WINDOW_S and DEFAULT_CONFIRM_GRACE_MS, for drops whose settings
--- predate them.
+-- 300 s, 60 s, 120 s: DEFAULT_SHOP_WINDOW_S, DEFAULT_CONFIRM_GRACE_MS and DEFAULT_OFFER_WINDOW_S,
+-- for drops whose settings predate them.
 shop_end = now + (tonumber(s[5]) or 300) * 1000
+if waitlisted then shop_end = now + (tonumber(s[10]) or 120) * 1000 end
 hard_end = shop_end + (tonumber(meta[5]) or 0) + (tonumber(meta[6]) or 60000)
 local session = shop_end .. ':' .. hard_end
 local shop_s = string.format('%d', shop_end)
@@ -247,6 +292,7 @@ for i = 1, #popped, 2 do
     demand = demand + can_take(redis.call('HGET', KEYS[4], fan))
   end
   redis.call('ZREM', KEYS[10], fan)
+  if waitlisted then redis.call('ZADD', KEYS[14], shop_s, fan) end
   out[#out + 1] = fan
   out[#out + 1] = place
   if tonumber(place) > tonumber(watermark) then watermark = place end
@@ -257,4 +303,4 @@ admitted_ever = admitted_ever + count
 save_bucket()
 save_demand()
 redis.call('HSET', KEYS[8], 'place', watermark, 'admitted', admitted_ever)
-return answer('open', active + count, out)
+return answer(state, active + count, out)

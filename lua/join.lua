@@ -10,10 +10,13 @@
 -- the admitted watermark, or if the fan bought the per-fan limit). Only proofs issued before the
 -- rebuild count, and a receipt only if issued within two leave graces of it: a fan unseen for
 -- longer had left the line (one grace), the other covers the time from the loss to its rebuild.
+-- After a sell-out with the waiting list on (admit.lua set line_state "waitlist"), the line
+-- stays: a waiter is `waitlisted`, and a new arrival takes a place at its back, waitlisted too.
 -- Time comes from now_ms() (clock.lua, prepended by engine::scripts).
 -- KEYS[1] {drop_id}:meta       hash   status, recovering, opens_at_ms, mode, per_fan_limit,
 --                                     line_rebuilt_ms (see lib.lua)
--- KEYS[2] {drop_id}:admission  hash   ops' settings; line_state = "sold_out" once the line closed
+-- KEYS[2] {drop_id}:admission  hash   ops' settings; line_state = "sold_out" once the line closed,
+--                                     "waitlist" once it became the waiting list
 -- KEYS[3] {drop_id}:places     hash   fan id → place (kept after admission: one place per fan)
 -- KEYS[4] {drop_id}:line       zset   waiting fan id → place
 -- KEYS[5] {drop_id}:seq        string the counter places after opening come from
@@ -32,6 +35,7 @@
 --         ARGV[8] its hard end ms ("-" x4 when none)
 -- Returns {place (decimal string), 1 if the place is new else 0, status, opens_at_ms, now_ms}
 --   status: waiting | pre_queue | admitted (in the active set, deadline not passed) |
+--           waitlisted (in the line after a sell-out, the waiting list on) |
 --           done (admitted before, session over) | sold_out | closed | recovering | unknown_drop |
 --           not_queue (the drop has no waiting room)
 -- A fan with no place on a sold-out / closed drop gets place "0" and no place is made.
@@ -48,13 +52,19 @@ if not meta[1] then return {'0', 0, 'unknown_drop', 0, now} end
 local opens_at = tonumber(meta[3]) or 0
 if meta[2] == '1' then return {'0', 0, 'recovering', opens_at, now} end
 if meta[4] ~= 'queue' then return {'0', 0, 'not_queue', opens_at, now} end
+local line_state = redis.call('HGET', KEYS[2], 'line_state')
+-- A place in the line after opening: on the waiting list once the line became one.
+local function in_line()
+  if line_state == 'waitlist' then return 'waitlisted' end
+  return 'waiting'
+end
 
 local function status_of(place)
   local deadline = redis.call('ZSCORE', KEYS[6], fan)
   if deadline and tonumber(deadline) >= now then return 'admitted' end
   if redis.call('ZSCORE', KEYS[4], fan) then
     if now < opens_at then return 'pre_queue' end
-    return 'waiting'
+    return in_line()
   end
   return 'done'
 end
@@ -62,17 +72,15 @@ end
 local place = redis.call('HGET', KEYS[3], fan)
 if place then
   local status = status_of(place)
-  if status == 'waiting' or status == 'pre_queue' then
+  if status == 'waiting' or status == 'waitlisted' or status == 'pre_queue' then
     redis.call('ZADD', KEYS[7], now, fan)
     if meta[1] == 'closed' then status = 'closed' end
-    if redis.call('HGET', KEYS[2], 'line_state') == 'sold_out' then status = 'sold_out' end
+    if line_state == 'sold_out' then status = 'sold_out' end
   end
   return {place, 0, status, opens_at, now}
 end
 if meta[1] == 'closed' then return {'0', 0, 'closed', opens_at, now} end
-if redis.call('HGET', KEYS[2], 'line_state') == 'sold_out' then
-  return {'0', 0, 'sold_out', opens_at, now}
-end
+if line_state == 'sold_out' then return {'0', 0, 'sold_out', opens_at, now} end
 
 local rebuilt = tonumber(meta[6])
 if rebuilt then
@@ -106,7 +114,7 @@ if rebuilt then
     redis.call('ZADD', KEYS[4], key, fan)
     redis.call('ZADD', KEYS[7], now, fan)
     if now < opens_at then return {key, 0, 'pre_queue', opens_at, now} end
-    return {key, 0, 'waiting', opens_at, now}
+    return {key, 0, in_line(), opens_at, now}
   end
 end
 
@@ -117,7 +125,7 @@ if now < opens_at then
 else
   -- 2^52 + n stays exact in a double (n < 2^52) and above every pre-queue score.
   place = string.format('%.0f', 4503599627370496 + redis.call('INCR', KEYS[5]))
-  status = 'waiting'
+  status = in_line()
 end
 redis.call('HSET', KEYS[3], fan, place)
 redis.call('ZADD', KEYS[4], place, fan)

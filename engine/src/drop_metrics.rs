@@ -139,7 +139,7 @@ impl Engine {
         let paused = paused.as_deref() == Some("1");
         let queue = mode.as_deref() == Some("queue") || rate.is_some();
         // lua/admit.lua's order: recovering, closed, sold out (the line closed for good), paused,
-        // before opening, all held, open.
+        // the waiting list, before opening, all held, open.
         let state = if recovering {
             "recovering"
         } else if status == "closed" {
@@ -150,6 +150,9 @@ impl Engine {
             "sold_out"
         } else if paused {
             "paused"
+        } else if line_state.as_deref() == Some("waitlist") {
+            // Sold out with the waiting list on: the line stays, offering what comes back.
+            "waitlist"
         } else if now_ms < i128::from(int(opens_at_ms)) {
             "pre_queue"
         } else if available_units == 0 {

@@ -57,6 +57,15 @@ pub struct AdmissionSettings {
     /// back within it, they keep their place.
     #[serde(default = "default_leave_grace_s")]
     pub leave_grace_s: u32,
+    /// The waiting list after a sell-out (the seller's choice at creation, fixed after): fans in
+    /// line then, and new arrivals, are waitlisted instead of sent away, and units that come back
+    /// are offered to them in line order (lua/admit.lua). Queue drops only.
+    #[serde(default = "default_waitlist")]
+    pub waitlist: bool,
+    /// How long an offered fan has to take the unit (their shop window); unused, the offer passes
+    /// to the next fan on the waiting list.
+    #[serde(default = "default_offer_window_s")]
+    pub offer_window_s: u32,
 }
 
 pub const DEFAULT_ADMIT_RATE_PER_S: f64 = 10.0;
@@ -67,6 +76,14 @@ pub const DEFAULT_ADMIT_MARGIN_PCT: u32 = 10;
 /// Two minutes: a phone changing networks or a browser restarting comes back well within it,
 /// while a closed tab stops taking an admission slot soon after.
 pub const DEFAULT_LEAVE_GRACE_S: u32 = 120;
+/// Off: a sold-out line closes for good unless the seller asks for the waiting list.
+pub const DEFAULT_WAITLIST: bool = false;
+/// Two minutes: enough to pick and pay for a unit the fan already wanted, short enough that an
+/// offer nobody answers passes on soon.
+pub const DEFAULT_OFFER_WINDOW_S: u32 = 120;
+/// Bounds of `offer_window_s`: the floor is the shop window's, the ceiling an hour.
+pub const OFFER_WINDOW_S_MIN: u32 = 10;
+pub const OFFER_WINDOW_S_MAX: u32 = 3_600;
 fn default_rate_per_s() -> f64 {
     DEFAULT_ADMIT_RATE_PER_S
 }
@@ -84,6 +101,12 @@ fn default_admit_margin_pct() -> u32 {
 }
 fn default_leave_grace_s() -> u32 {
     DEFAULT_LEAVE_GRACE_S
+}
+fn default_waitlist() -> bool {
+    DEFAULT_WAITLIST
+}
+fn default_offer_window_s() -> u32 {
+    DEFAULT_OFFER_WINDOW_S
 }
 
 impl AdmissionSettings {
@@ -116,6 +139,16 @@ impl AdmissionSettings {
         if !(15..=86_400).contains(&self.leave_grace_s) {
             return Err(Error::invalid(
                 "admission.leave_grace_s must be in 15..=86400",
+            ));
+        }
+        if !(OFFER_WINDOW_S_MIN..=OFFER_WINDOW_S_MAX).contains(&self.offer_window_s) {
+            return Err(Error::invalid(format!(
+                "admission.offer_window_s must be in {OFFER_WINDOW_S_MIN}..={OFFER_WINDOW_S_MAX}"
+            )));
+        }
+        if self.waitlist && self.mode != AdmissionMode::Queue {
+            return Err(Error::invalid(
+                "admission.waitlist needs admission.mode \"queue\": an open drop has no line",
             ));
         }
         Ok(())
@@ -595,6 +628,8 @@ mod tests {
         assert_eq!(a.shop_window_s, DEFAULT_SHOP_WINDOW_S);
         assert_eq!(a.admit_margin_pct, DEFAULT_ADMIT_MARGIN_PCT);
         assert_eq!(a.leave_grace_s, DEFAULT_LEAVE_GRACE_S);
+        assert!(!a.waitlist);
+        assert_eq!(a.offer_window_s, DEFAULT_OFFER_WINDOW_S);
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub const JOIN_KEYS: [&str; 11] = [
 ];
 
 /// lua/admit.lua's KEYS, in order.
-pub const ADMIT_KEYS: [&str; 13] = [
+pub const ADMIT_KEYS: [&str; 14] = [
     "meta",
     "admission",
     "stock",
@@ -85,6 +85,7 @@ pub const ADMIT_KEYS: [&str; 13] = [
     "sessions",
     "seq",
     "shopping",
+    "offers",
 ];
 
 /// lua/line_restore.lua's KEYS, in order.
@@ -205,6 +206,8 @@ pub struct QueueKeys {
     pub sessions: String,
     /// Fan → shop end ms, for each fan admission's running sum counts (lua/lib.lua).
     pub shopping: String,
+    /// Fan → offer end ms: the fans the waiting list offered a unit (lua/admit.lua).
+    pub offers: String,
 }
 
 impl QueueKeys {
@@ -224,6 +227,7 @@ impl QueueKeys {
             seen: k("seen"),
             sessions: k("sessions"),
             shopping: k("shopping"),
+            offers: k("offers"),
         }
     }
 
@@ -242,6 +246,7 @@ impl QueueKeys {
             "seen" => &self.seen,
             "sessions" => &self.sessions,
             "shopping" => &self.shopping,
+            "offers" => &self.offers,
             // JOIN_KEYS and ADMIT_KEYS name only the fields above (the test below checks it).
             other => unreachable!("no queue key {other}"),
         }

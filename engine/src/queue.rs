@@ -61,6 +61,9 @@ pub enum FanStatus {
     Done,
     SoldOut,
     Closed,
+    /// In the line after a sell-out, the drop's waiting list on: units that come back are
+    /// offered in line order.
+    Waitlisted,
 }
 
 impl FanStatus {
@@ -72,6 +75,7 @@ impl FanStatus {
             FanStatus::Done => "done",
             FanStatus::SoldOut => "sold_out",
             FanStatus::Closed => "closed",
+            FanStatus::Waitlisted => "waitlisted",
         }
     }
 }
@@ -95,6 +99,8 @@ pub enum LineState {
     PreQueue,
     AllHeld,
     SoldOut,
+    /// Sold out with the waiting list on: the line stays, and every admission is an offer.
+    Waitlist,
     Closed,
     Recovering,
     UnknownDrop,
@@ -108,6 +114,7 @@ impl LineState {
             "pre_queue" => LineState::PreQueue,
             "all_held" => LineState::AllHeld,
             "sold_out" => LineState::SoldOut,
+            "waitlist" => LineState::Waitlist,
             "closed" => LineState::Closed,
             "recovering" => LineState::Recovering,
             _ => LineState::UnknownDrop,
@@ -121,6 +128,7 @@ impl LineState {
             LineState::PreQueue => "pre_queue",
             LineState::AllHeld => "all_held",
             LineState::SoldOut => "sold_out",
+            LineState::Waitlist => "waitlist",
             LineState::Closed => "closed",
             LineState::Recovering => "recovering",
             LineState::UnknownDrop => "unknown_drop",
@@ -172,6 +180,17 @@ pub struct Tick {
     pub session: Option<SessionEnds>,
     /// The join counter (its high-water mark is kept in Postgres: [`crate::db::LineMarks`]).
     pub seq: i64,
+    /// Units come back since the sell-out, on the waiting list (0 before); absent from the
+    /// runs of a version without the waiting list.
+    #[serde(default)]
+    pub came_back: i64,
+}
+
+impl Tick {
+    /// Whether this run's admissions are offers (the line is the waiting list).
+    pub fn offers(&self) -> bool {
+        self.state == LineState::Waitlist
+    }
 }
 
 /// What a fan's page presents when it joins: the last place receipt it was handed and its
@@ -202,15 +221,26 @@ pub struct Standing {
     pub admitted_total: i64,
     /// When admitted: the session's ends.
     pub session: Option<SessionEnds>,
+    /// When the waiting list offered the fan a unit: the offer's end (may have passed).
+    pub offer_end_ms: Option<i64>,
 }
 
-/// What [`Redis::standing`] reads: place, rank, deadline, admissions, session.
+impl Standing {
+    /// Whether the fan's admission is a waiting-list offer (a fan has one place, so one
+    /// admission: an offer recorded is this one).
+    pub fn offered(&self) -> bool {
+        self.offer_end_ms.is_some()
+    }
+}
+
+/// What [`Redis::standing`] reads: place, rank, deadline, admissions, session, offer end.
 type StandingReads = (
     Option<String>,
     Option<i64>,
     Option<f64>,
     Option<i64>,
     Option<String>,
+    Option<f64>,
 );
 
 fn place_of(v: Option<&Value>) -> i64 {
@@ -251,6 +281,7 @@ impl Redis {
             "done" => FanStatus::Done,
             "sold_out" => FanStatus::SoldOut,
             "closed" => FanStatus::Closed,
+            "waitlisted" => FanStatus::Waitlisted,
             "recovering" => return Err(crate::booking::recovering()),
             "not_queue" => return Err(not_queue()),
             _ => return Err(Error::new(Code::UnknownDrop)),
@@ -284,7 +315,7 @@ impl Redis {
                 ],
             )
             .await?;
-        const FIXED: usize = 12;
+        const FIXED: usize = 13;
         let mut admitted = Vec::with_capacity(reply.len().saturating_sub(FIXED) / 2);
         let mut i = FIXED;
         while i + 1 < reply.len() {
@@ -308,13 +339,14 @@ impl Redis {
                 hard_end_ms: int(reply.get(10)),
             }),
             seq: int(reply.get(11)),
+            came_back: int(reply.get(12)),
             admitted,
         })
     }
 
-    /// A fan's place, rank in the line, admission deadline, the admissions count and the
-    /// session's ends, as five reads pipelined on one connection, so Redis runs them in this
-    /// order (not atomically).
+    /// A fan's place, rank in the line, admission deadline, the admissions count, the
+    /// session's ends and any waiting-list offer, as six reads pipelined on one connection, so
+    /// Redis runs them in this order (not atomically).
     /// The order is what makes the answer safe while other instances admit: the deadline is read
     /// after the rank, so a fan admitted in between shows as admitted (never as neither); the
     /// count is read last, so a page counting down `ahead − (admitted now − admitted_total)`
@@ -327,13 +359,15 @@ impl Redis {
         let _: () = p.zscore(&k.active, fan.as_str()).await?;
         let _: () = p.hget(&k.watermark, "admitted").await?;
         let _: () = p.hget(&k.sessions, fan.as_str()).await?;
-        let (place, rank, deadline, admitted, session): StandingReads = p.all().await?;
+        let _: () = p.zscore(&k.offers, fan.as_str()).await?;
+        let (place, rank, deadline, admitted, session, offer): StandingReads = p.all().await?;
         Ok(Standing {
             place: place.and_then(|p| p.parse::<f64>().ok()).map(|p| p as i64),
             ahead: rank,
             deadline_ms: deadline.map(|d| d as i64),
             admitted_total: admitted.unwrap_or(0),
             session: session.as_deref().and_then(SessionEnds::parse),
+            offer_end_ms: offer.map(|e| e as i64),
         })
     }
 

@@ -162,6 +162,8 @@ pub struct View {
     /// Redis' clock at the admission run, and when this process read it.
     pub redis_now_ms: i64,
     pub read_at: Instant,
+    /// On the waiting list: units come back since the sell-out.
+    pub came_back: i64,
 }
 
 /// Admissions a second, measured over the last `window` of ticks from the drop's count of
@@ -239,6 +241,7 @@ impl View {
             leave_grace_ms: t.leave_grace_ms,
             redis_now_ms: t.now_ms,
             read_at: Instant::now(),
+            came_back: t.came_back,
         }
     }
 
@@ -253,6 +256,8 @@ impl View {
             LineState::Paused => Some(json!({"type": "paused"})),
             LineState::AllHeld => Some(json!({"type": "all_held"})),
             LineState::SoldOut => Some(json!({"type": "sold_out"})),
+            // Each waiter's own `waitlisted` (with their place) follows on the position cadence.
+            LineState::Waitlist => Some(json!({"type": "waitlisted", "came_back": self.came_back})),
             LineState::Closed => Some(json!({"type": "closed"})),
             _ => None,
         }
@@ -486,17 +491,20 @@ impl Rooms {
         Ok(view)
     }
 
-    /// The `admitted` message for a fan, with a fresh token and the session's ends.
+    /// The `admitted` message for a fan, with a fresh token and the session's ends; `offer`
+    /// when the waiting list offered them a unit (the session is the offer's window).
     pub fn admitted_message(
         &self,
         drop: &DropId,
         fan: &FanId,
         place: i64,
         session: Option<SessionEnds>,
+        offer: bool,
     ) -> Value {
         let (token, claims) = self.queue.admission_token(drop, fan, place, session);
         json!({
             "type": "admitted",
+            "offer": offer,
             "admission_token": token,
             "expires_at": claims.exp,
             "shop_ends_at_ms": claims.shop_end_ms,
@@ -521,7 +529,13 @@ impl Rooms {
         let now = now_ms();
         if let (Some(deadline), Some(place)) = (standing.deadline_ms, standing.place) {
             if deadline >= now {
-                return Some(self.admitted_message(drop, fan, place, standing.session));
+                return Some(self.admitted_message(
+                    drop,
+                    fan,
+                    place,
+                    standing.session,
+                    standing.offered(),
+                ));
             }
         }
         let ahead = standing.ahead?;
@@ -529,6 +543,19 @@ impl Rooms {
             return Some(
                 json!({"type": "pre_queue", "opens_at": opens_at_ms, "waiting": view.waiting}),
             );
+        }
+        if view.state == LineState::Waitlist {
+            // No ETA: when units come back is up to refunds and the seller.
+            let mut waitlisted = json!({
+                "type": "waitlisted",
+                "place": standing.place,
+                "ahead": ahead,
+                "came_back": view.came_back,
+            });
+            if let Some(place) = standing.place {
+                waitlisted["receipt"] = json!(self.queue.receipt(drop, fan, place));
+            }
+            return Some(waitlisted);
         }
         let mut position = json!({
             "type": "position",
@@ -884,7 +911,8 @@ impl Rooms {
             let Ok(s) = standing else { continue };
             match (s.deadline_ms, s.place) {
                 (Some(deadline), Some(place)) if deadline >= now_ms() => {
-                    let msg = frame(&self.admitted_message(drop, &fan, place, s.session));
+                    let msg =
+                        frame(&self.admitted_message(drop, &fan, place, s.session, s.offered()));
                     let mut w = lock(&room.waiters);
                     if w.by_fan.contains_key(&fan) {
                         w.send_fan(&fan, &msg);
@@ -919,7 +947,7 @@ impl Rooms {
             if !w.by_fan.contains_key(fan) {
                 continue;
             }
-            let msg = frame(&self.admitted_message(&room.drop, fan, *place, t.session));
+            let msg = frame(&self.admitted_message(&room.drop, fan, *place, t.session, t.offers()));
             w.send_fan(fan, &msg);
             for conn in w.by_fan.get(fan).cloned().unwrap_or_default() {
                 w.remove(conn);
@@ -967,9 +995,9 @@ impl Rooms {
                 // reconnect, and its join takes a new place.
                 None => None,
             };
-            let ends = msg
-                .as_ref()
-                .is_none_or(|m| m["type"] != "position" && m["type"] != "pre_queue");
+            let ends = msg.as_ref().is_none_or(|m| {
+                m["type"] != "position" && m["type"] != "pre_queue" && m["type"] != "waitlisted"
+            });
             let mut w = lock(&room.waiters);
             if let Some(msg) = msg {
                 w.send_fan(&fan, &frame(&msg));

@@ -188,7 +188,7 @@ impl App {
         // Before opening the place is the fan's draw, and a draw seen could be a draw shopped
         // for (join under many names, keep the best): like `/me` and the socket, show none.
         let (place, ahead) = match joined.status {
-            FanStatus::Waiting => (
+            FanStatus::Waiting | FanStatus::Waitlisted => (
                 Some(joined.place),
                 self.rooms.queue.standing(&drop, &fan).await?.ahead,
             ),
@@ -197,7 +197,7 @@ impl App {
         };
         let status = if joined.new { 201 } else { 200 };
         let mut answer = json!({"place": place, "ahead": ahead, "status": joined.status.as_str()});
-        if joined.status == FanStatus::Waiting {
+        if matches!(joined.status, FanStatus::Waiting | FanStatus::Waitlisted) {
             answer["receipt"] = json!(self.rooms.queue.receipt(&drop, &fan, joined.place));
         }
         ok(status, answer)
@@ -230,13 +230,15 @@ impl App {
         let now = now_ms();
         let paused = view.state == engine::queue::LineState::Paused;
         if standing.deadline_ms.is_some_and(|d| d >= now) {
+            let offer = standing.offered();
             let msg = self
                 .rooms
-                .admitted_message(&drop, &fan, place, standing.session);
+                .admitted_message(&drop, &fan, place, standing.session, offer);
             return ok(
                 200,
                 json!({
                     "status": "admitted", "place": place, "ahead": 0, "eta_s": 0, "paused": paused,
+                    "offer": offer,
                     "admission_token": msg["admission_token"], "expires_at": msg["expires_at"],
                     "shop_ends_at_ms": msg["shop_ends_at_ms"],
                     "session_ends_at_ms": msg["session_ends_at_ms"],
@@ -250,17 +252,23 @@ impl App {
             (_, S::Closed) => "closed",
             (Some(_), _) if now < def.opens_at_ms() => "pre_queue",
             (Some(_), S::AllHeld) => "all_held",
+            (Some(_), S::Waitlist) => "waitlisted",
             (Some(_), _) => "waiting",
             (None, _) => "done",
         };
         let ahead = standing.ahead.filter(|_| status != "pre_queue");
+        let waitlisted = status == "waitlisted";
         let mut answer = json!({
             "status": status,
             "place": if status == "pre_queue" { None } else { Some(place) },
             "ahead": ahead,
-            "eta_s": ahead.and_then(|a| view.eta_s(a)),
+            // On the waiting list nothing moves at a rate: units come back when they do.
+            "eta_s": ahead.filter(|_| !waitlisted).and_then(|a| view.eta_s(a)),
             "paused": paused,
         });
+        if waitlisted {
+            answer["came_back"] = json!(view.came_back);
+        }
         // In the line after opening: a receipt for the place (before opening the place is the
         // fan's draw, not shown; the draw comes back by itself, it is HMAC(seed, fan)).
         if standing.ahead.is_some() && status != "pre_queue" {

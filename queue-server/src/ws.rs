@@ -377,8 +377,14 @@ async fn first_messages(
         FanStatus::Closed => send(json!({"type": "closed"})),
         FanStatus::Done => send(json!({"type": "done"})),
         FanStatus::Admitted => {
-            let session = rooms.queue.standing(drop, fan).await?.session;
-            send(rooms.admitted_message(drop, fan, joined.place, session))
+            let standing = rooms.queue.standing(drop, fan).await?;
+            send(rooms.admitted_message(
+                drop,
+                fan,
+                joined.place,
+                standing.session,
+                standing.offered(),
+            ))
         }
         FanStatus::PreQueue => {
             send(
@@ -386,19 +392,25 @@ async fn first_messages(
             );
             return Ok(Some(joined.place));
         }
-        FanStatus::Waiting => {
+        // On the waiting list, the standing message is `waitlisted` (the view says so).
+        FanStatus::Waiting | FanStatus::Waitlisted => {
             let standing: Standing = rooms.queue.standing(drop, fan).await?;
+            let mut said = None;
             if let Some(msg) =
                 rooms.standing_message(drop, fan, &standing, &view, joined.opens_at_ms)
             {
                 let admitted = msg["type"] == "admitted";
+                said = msg["type"].as_str().map(str::to_owned);
                 send(msg);
                 if admitted {
                     return Ok(None);
                 }
             }
+            // Not twice: a waitlisted fan's own `waitlisted` says the state already.
             if let Some(state) = view.state_message() {
-                send(state);
+                if said.as_deref() != state["type"].as_str() {
+                    send(state);
+                }
             }
             return Ok(Some(joined.place));
         }

@@ -60,7 +60,8 @@
     polls: 0,
     position: null,       // the last exact `position` (or poll answer)
     tick: null,           // the last `tick`
-    line: null,           // null (not known yet) | 'open' | 'paused' | 'all_held' | 'recovering' | 'unavailable'
+    line: null,           // null (not known yet) | 'open' | 'paused' | 'all_held' | 'waitlist' | 'recovering' | 'unavailable'
+    cameBack: 0,          // on the waiting list: units come back since the sell-out
     preQueue: null,       // {opensAtMs, waiting} before opening
     opensAtMs: null,      // from the drop (the poll answer doesn't carry it)
     final: null,          // {kind, text, url}: nothing more will change (no reconnects)
@@ -363,6 +364,18 @@
       case 'paused': case 'all_held':
         state.line = m.type;
         break;
+      // Sold out, with the waiting list: the fan keeps their place; with `ahead`, their own
+      // standing (exact, like a position), else the line's news alone.
+      case 'waitlisted':
+        state.line = 'waitlist';
+        if (typeof m.came_back === 'number') state.cameBack = m.came_back;
+        if (typeof m.ahead === 'number') {
+          state.position = { place: m.place, ahead: m.ahead, admittedTotal: null, rate: 0 };
+          if (m.receipt) kept.saveReceipt(m.receipt);
+        }
+        state.preQueue = null;
+        showError('');
+        break;
       case 'admitted':
         admitted(m);
         return;
@@ -394,6 +407,7 @@
     if (typeof t.at_ms === 'number') state.clockOffsetMs = t.at_ms - Date.now();
     if (state.preQueue && typeof t.waiting === 'number') state.preQueue.waiting = t.waiting;
     if (['open', 'paused', 'all_held', 'recovering', 'unavailable'].includes(t.state)) state.line = t.state;
+    if (t.state === 'waitlist') state.line = 'waitlist';
   }
 
   // ---------------------------------------------------------------- polling (no WebSocket)
@@ -448,6 +462,10 @@
         state.position = { place: me.place, ahead: me.ahead, admittedTotal: null, rate: null, etaS: me.eta_s };
         state.tick = null;
         state.line = me.paused ? 'paused' : (me.status === 'all_held' ? 'all_held' : 'open');
+        if (me.status === 'waitlisted') {
+          state.line = me.paused ? 'paused' : 'waitlist';
+          state.cameBack = typeof me.came_back === 'number' ? me.came_back : state.cameBack;
+        }
     }
     render();
   }
@@ -475,7 +493,9 @@
   function admitted(m) {
     handOff(m.admission_token);
     const url = shopUrl();
-    finish('admitted', 'It\'s your turn! Taking you to the shop…', url);
+    finish('admitted', m.offer
+      ? 'One came back for you! It\'s kept for you for a little while: taking you to the shop…'
+      : 'It\'s your turn! Taking you to the shop…', url);
     location.assign(url);
   }
 
@@ -520,6 +540,13 @@
     }
     if (state.line === 'all_held') {
       return { kind: 'all_held', text: 'Everything is in other fans\' baskets right now. You may still get in: what isn\'t paid for comes back, and the line moves again.' };
+    }
+    if (state.line === 'waitlist') {
+      const ahead = aheadNow();
+      const where = ahead === null ? 'you\'re on the waiting list'
+        : `you're #${(ahead + 1).toLocaleString()} on the waiting list`;
+      const back = state.cameBack > 0 ? `${state.cameBack.toLocaleString()} came back since it sold out` : 'none has come back yet';
+      return { kind: 'waitlist', text: `Sold out — ${where}; ${back}. If one comes back for you, this page takes you to the shop.` };
     }
     if (state.line === 'recovering') {
       return { kind: 'paused', text: 'The line waits a moment while stock is checked. You keep your place.' };
@@ -580,6 +607,7 @@
     if (ahead === null) els.eta.textContent = '–';
     else if (state.line === 'paused' || state.line === 'unavailable') els.eta.textContent = 'on hold';
     else if (state.line === 'all_held') els.eta.textContent = 'when stock returns';
+    else if (state.line === 'waitlist') els.eta.textContent = 'if stock comes back';
     // A measured rate of 0 on an open line: every shopping slot is taken and nobody has finished
     // for a while. Promising a time then would be a guess, so the page says what is happening.
     else if (eta === null && state.tick && state.tick.rate === 0) els.eta.textContent = 'when shoppers finish';

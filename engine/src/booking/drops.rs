@@ -15,6 +15,8 @@ pub struct AdmissionUpdate {
     pub shop_window_s: Option<u32>,
     pub admit_margin_pct: Option<u32>,
     pub leave_grace_s: Option<u32>,
+    /// The waiting list's offer window; the waiting list itself is fixed at creation.
+    pub offer_window_s: Option<u32>,
 }
 
 impl AdmissionUpdate {
@@ -41,6 +43,9 @@ impl AdmissionUpdate {
         if let Some(v) = self.leave_grace_s {
             s.leave_grace_s = v;
         }
+        if let Some(v) = self.offer_window_s {
+            s.offer_window_s = v;
+        }
     }
 
     /// The settings after this update: the stored ones (the drop's own when none are stored or
@@ -54,6 +59,9 @@ impl AdmissionUpdate {
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_else(|| drop.clone());
         self.apply(&mut s);
+        // The seller's choice, like the mode: stored settings from before the field existed
+        // read as off, so the drop's own always wins.
+        s.waitlist = drop.waitlist;
         s.validate()?;
         Ok(s)
     }
@@ -366,6 +374,8 @@ pub(super) fn admission_fields(s: &AdmissionSettings) -> Vec<(String, String)> {
         ("shop_window_s".into(), s.shop_window_s.to_string()),
         ("admit_margin_pct".into(), s.admit_margin_pct.to_string()),
         ("leave_grace_s".into(), s.leave_grace_s.to_string()),
+        ("waitlist".into(), if s.waitlist { "1" } else { "0" }.into()),
+        ("offer_window_s".into(), s.offer_window_s.to_string()),
     ]
 }
 
@@ -397,7 +407,7 @@ mod tests {
         );
         let s = update(json!({
             "rate_per_s": 2.5, "burst": 3, "max_active": 7, "paused": false, "shop_window_s": 60,
-            "admit_margin_pct": 0, "leave_grace_s": 30
+            "admit_margin_pct": 0, "leave_grace_s": 30, "offer_window_s": 45
         }))
         .applied_to(None, &drop)
         .unwrap();
@@ -412,6 +422,8 @@ mod tests {
                 shop_window_s: 60,
                 admit_margin_pct: 0,
                 leave_grace_s: 30,
+                waitlist: false,
+                offer_window_s: 45,
             }
         );
         // An empty update changes nothing.
@@ -454,6 +466,8 @@ mod tests {
             (json!({"shop_window_s": 9}), "shop_window_s"),
             (json!({"admit_margin_pct": 1001}), "admit_margin_pct"),
             (json!({"leave_grace_s": 14}), "leave_grace_s"),
+            (json!({"offer_window_s": 9}), "offer_window_s"),
+            (json!({"offer_window_s": 3601}), "offer_window_s"),
         ] {
             let err = update(body.clone())
                 .applied_to(None, &drop)
@@ -465,6 +479,7 @@ mod tests {
         for body in [
             json!({"rate": 5}),
             json!({"mode": "open"}),
+            json!({"waitlist": true}),
             json!({"burst": -1}),
         ] {
             assert!(

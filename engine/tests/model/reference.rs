@@ -122,6 +122,8 @@ pub struct TickOut {
     pub session: (i64, i64),
     /// The join counter.
     pub seq: i64,
+    /// Units come back since the sell-out (the waiting list).
+    pub came_back: i64,
     pub admitted: Vec<(String, i64)>,
 }
 
@@ -307,6 +309,8 @@ pub struct Store {
     pub sessions: BTreeMap<String, String>,
     /// Fan → shop end ms: the fans meta's demand_units (admission's running sum) counts.
     pub shopping: BTreeMap<String, i64>,
+    /// Fan → offer end ms: the fans the waiting list offered a unit.
+    pub offers: BTreeMap<String, i64>,
     /// (fan, idempotency key) → (body sha, first answer)
     pub idem: BTreeMap<(String, String), (String, ReserveOut)>,
     pub admission: BTreeMap<String, String>,
@@ -1312,8 +1316,14 @@ impl Model {
         if self.store.meta.get("mode").map(String::as_str) != Some("queue") {
             return Err("not_queue".into());
         }
-        let sold_out =
-            self.store.admission.get("line_state").map(String::as_str) == Some("sold_out");
+        let line_state = self.store.admission.get("line_state").cloned();
+        let sold_out = line_state.as_deref() == Some("sold_out");
+        // After opening, a place in the line is on the waiting list once the line became one.
+        let in_line = if line_state.as_deref() == Some("waitlist") {
+            "waitlisted"
+        } else {
+            "waiting"
+        };
         let s = &mut self.store;
         if let Some(place) = s.places.get(fan).copied() {
             let mut st = if s.active.get(fan).is_some_and(|d| *d >= now) {
@@ -1322,12 +1332,12 @@ impl Model {
                 if now < opens_at {
                     "pre_queue"
                 } else {
-                    "waiting"
+                    in_line
                 }
             } else {
                 "done"
             };
-            if st == "waiting" || st == "pre_queue" {
+            if st == "waiting" || st == "waitlisted" || st == "pre_queue" {
                 s.seen.insert(fan.to_owned(), now);
                 if status == "closed" {
                     st = "closed";
@@ -1385,11 +1395,7 @@ impl Model {
                     }
                     s.line.insert(fan.to_owned(), place);
                     s.seen.insert(fan.to_owned(), now);
-                    let st = if now < opens_at {
-                        "pre_queue"
-                    } else {
-                        "waiting"
-                    };
+                    let st = if now < opens_at { "pre_queue" } else { in_line };
                     return Ok((place, false, st.into()));
                 }
             }
@@ -1398,7 +1404,7 @@ impl Model {
             (prequeue_score, "pre_queue")
         } else {
             s.seq += 1;
-            (POST_OPEN_BASE + s.seq, "waiting")
+            (POST_OPEN_BASE + s.seq, in_line)
         };
         s.places.insert(fan.to_owned(), place);
         s.line.insert(fan.to_owned(), place);
@@ -1471,8 +1477,11 @@ impl Model {
         let max_active = setting("max_active").unwrap_or(0.0) as i64;
         let paused = s.admission.get("paused").map(String::as_str) == Some("1");
         let shop_window_s = setting("shop_window_s").unwrap_or(300.0) as i64;
-        let margin = setting("admit_margin_pct").unwrap_or(0.0) as i64;
+        let mut margin = setting("admit_margin_pct").unwrap_or(0.0) as i64;
+        let offer_window_s = setting("offer_window_s").unwrap_or(120.0) as i64;
+        let waitlist_on = s.admission.get("waitlist").map(String::as_str) == Some("1");
         let line_sold_out = s.admission.get("line_state").map(String::as_str) == Some("sold_out");
+        let mut waitlisted = s.admission.get("line_state").map(String::as_str) == Some("waitlist");
         let mut left = 0;
         let tick =
             |s: &Store, state: &str, active: i64, admitted: Vec<(String, i64)>, w, a, left| {
@@ -1485,6 +1494,7 @@ impl Model {
                     left,
                     session: (0, 0),
                     seq: s.seq,
+                    came_back: num(&s.admission, "came_back_units").unwrap_or(0),
                     admitted,
                 }
             };
@@ -1536,6 +1546,15 @@ impl Model {
             s.sessions.remove(&fan);
         }
         let active = s.active.values().filter(|d| **d >= now).count() as i64;
+        let lapsed: Vec<String> = zset_order(&s.offers)
+            .into_iter()
+            .take_while(|(_, end)| *end < now)
+            .take(leave_batch.max(1) as usize)
+            .map(|(f, _)| f)
+            .collect();
+        for fan in lapsed {
+            s.offers.remove(&fan);
+        }
         // The running sum: counted afresh when absent, else fans whose shop end came leave it.
         let limit = limit_or_1(&s.meta);
         let units_of = |s: &Store, f: &str| s.fans.get(f).copied().unwrap_or(0);
@@ -1613,9 +1632,32 @@ impl Model {
                 held += v;
             }
         }
-        if available == 0 && held == 0 {
-            s.admission.insert("line_state".into(), "sold_out".into());
-            return early(s, "sold_out");
+        if available == 0 && held == 0 && !waitlisted {
+            if !waitlist_on {
+                s.admission.insert("line_state".into(), "sold_out".into());
+                return early(s, "sold_out");
+            }
+            waitlisted = true;
+            s.admission.insert("line_state".into(), "waitlist".into());
+            s.admission.insert("came_back_units".into(), "0".into());
+            s.admission.insert("free_units_seen".into(), "0".into());
+        }
+        if waitlisted {
+            let (free, seen) = (
+                available + held,
+                num(&s.admission, "free_units_seen").unwrap_or(0),
+            );
+            if free != seen {
+                let mut came_back = num(&s.admission, "came_back_units").unwrap_or(0);
+                if free > seen {
+                    came_back += free - seen;
+                }
+                s.admission
+                    .insert("free_units_seen".into(), free.to_string());
+                s.admission
+                    .insert("came_back_units".into(), came_back.to_string());
+            }
+            margin = 0;
         }
         let (mut tokens, mut last) = match (s.bucket.get("tokens"), s.bucket.get("last_ms")) {
             (Some(t), Some(l)) => (*t, *l as i64),
@@ -1633,12 +1675,14 @@ impl Model {
             "paused"
         } else if now < opens_at {
             "pre_queue"
+        } else if waitlisted {
+            "waitlist"
         } else if available == 0 {
             "all_held"
         } else {
             "open"
         };
-        if state != "open" {
+        if (state != "open" && state != "waitlist") || available == 0 {
             save_bucket(s, tokens);
             return tick(s, state, active, vec![], watermark, admitted_ever, left);
         }
@@ -1653,10 +1697,15 @@ impl Model {
         }
         if n <= 0 {
             save_bucket(s, tokens);
-            return tick(s, "open", active, vec![], watermark, admitted_ever, left);
+            return tick(s, state, active, vec![], watermark, admitted_ever, left);
         }
         let popped: Vec<(String, i64)> = zset_order(&s.line).into_iter().take(n as usize).collect();
-        let shop_end = now + shop_window_s * 1000;
+        let shop_end = now
+            + if waitlisted {
+                offer_window_s
+            } else {
+                shop_window_s
+            } * 1000;
         let hard_end = shop_end
             + num(&s.meta, "hold_ttl_ms").unwrap_or(0)
             + num(&s.meta, "confirm_grace_ms").unwrap_or(60_000);
@@ -1669,6 +1718,9 @@ impl Model {
                 demand += can_take(limit, units_of(s, fan));
             }
             s.seen.remove(fan);
+            if waitlisted {
+                s.offers.insert(fan.clone(), shop_end);
+            }
             watermark = watermark.max(*place);
         }
         s.meta.insert("demand_units".into(), demand.to_string());
@@ -1680,7 +1732,7 @@ impl Model {
         s.watermark.insert("admitted".into(), admitted_ever);
         let mut out = tick(
             s,
-            "open",
+            state,
             active + count,
             popped,
             watermark,

@@ -697,6 +697,7 @@ impl World {
                     left: t.left,
                     session: t.session.map_or((0, 0), |s| (s.shop_end_ms, s.hard_end_ms)),
                     seq: t.seq,
+                    came_back: t.came_back,
                     admitted: t
                         .admitted
                         .into_iter()
@@ -1017,6 +1018,7 @@ impl World {
             return Some("shopping has fans but meta has no demand_units".to_owned());
         }
         same!("shopping", shopping, s.shopping.clone());
+        same!("offers", self.zset(&q.offers).await, s.offers.clone());
         same!(
             "admission",
             self.hash(&q.admission).await,
@@ -1093,6 +1095,7 @@ impl World {
         expect("active", !s.active.is_empty());
         expect("sessions", !s.sessions.is_empty());
         expect("shopping", !s.shopping.is_empty());
+        expect("offers", !s.offers.is_empty());
         expect("admission", !s.admission.is_empty());
         expect("places", !s.places.is_empty());
         expect("line", !s.line.is_empty());
