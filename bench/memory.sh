@@ -5,7 +5,7 @@
 #
 #   1. Starts its own Postgres (devstack) and a plain redis-server (no persistence, so nothing
 #      but the dataset is counted), booking-api against them, and a GA drop of 1,000,000 units.
-#   2. Runs N reserves of the real reserve.lua with redis-benchmark (EVALSHA; a fresh fan,
+#   2. Runs N reserves of the real reserve.lua with redis-benchmark (FCALL; a fresh fan,
 #      idempotency key and hold id per call, as `booking-api bench-args` gives them): N live
 #      holds, N idempotency answers, N fans.
 #   3. Reports `used_memory` grown per reserve (everything), and per structure: the holds hash,
@@ -90,7 +90,7 @@ used() { rc info memory | tr -d '\r' | sed -n 's/^used_memory:\([0-9]*\)$/\1/p';
 usage() { rc memory usage "$1" samples 0 | tr -d '\r'; }
 k() { echo "fg:{$drop}:$1"; }
 before=$(used)
-redis-benchmark -p "$RPORT" -c 20 -n "$N" -r 1000000000 EVALSHA "${evalsha[@]}" >/dev/null
+redis-benchmark -p "$RPORT" -c 20 -n "$N" -r 1000000000 "${evalsha[@]}" >/dev/null
 after=$(used)
 holds=$(rc hlen "$(k holds)")
 [[ $holds -ge $((N * 99 / 100)) ]] || die "only $holds holds after $N reserves"

@@ -2,7 +2,7 @@
 # reserve-baseline.sh — reserve through booking-api against the reserve script alone, on the same
 # drop, in the same run (docs/BENCHMARKS.md, Bars: bar ≥ 0.6×, goal ≥ 0.75×).
 #
-#   1. redis-benchmark calls EVALSHA of lua/reserve.lua directly: 50 clients, no pipelining.
+#   1. redis-benchmark calls reserve directly (FCALL of its function): 50 clients, no pipelining.
 #      That is the ceiling: Redis doing nothing but the script.
 #   2. loadtest reserve, closed loop, 50 workers, against booking-api and the same drop: the
 #      same script behind HTTP, auth and validation.
@@ -27,9 +27,10 @@
 #   LOADTEST, BOOKING_API  binaries  [target/release/loadtest, target/release/booking-api]
 #   OUT_DIR              where raw outputs go                [target/bench/reserve-<timestamp>]
 #
-# The EVALSHA arguments come from `booking-api bench-args --drop-id D`, which prints one line:
-# `<sha> <numkeys> <keys...> <args...>`, with `__rand_int__` where each call needs a fresh value
-# (redis-benchmark replaces it, given -r).
+# The reserve call comes from `booking-api bench-args --drop-id D`, which prints one line:
+# `FCALL <function> <numkeys> <keys...> <args...>` (reserve is a Redis Function; with --evalsha,
+# `EVALSHA <sha> ...` of the same code as a script), with `__rand_int__` where each call needs a
+# fresh value (redis-benchmark replaces it, given -r).
 #
 # Both runs hold units of the drop (for the hold TTL), so each run should get a fresh drop,
 # which is the default. Exit code: loadtest's (1 if an invariant was violated), or 2 on a setup
@@ -92,13 +93,13 @@ fi
 
 bench_args=$("$BOOKING_API" bench-args --drop-id "$DROP_ID") || die "booking-api bench-args failed"
 read -r -a evalsha_args <<< "$bench_args"
-[[ ${evalsha_args[0]:-} =~ ^[0-9a-f]{40}$ ]] || die "bench-args should start with a script SHA, got: $bench_args"
+[[ ${evalsha_args[0]:-} =~ ^(FCALL|EVALSHA)$ ]] || die "bench-args should start with FCALL, got: $bench_args"
 echo "$bench_args" > "$OUT_DIR/bench-args.txt"
 
 # 1. The script alone.
-echo "reserve-baseline: redis-benchmark EVALSHA, $CLIENTS clients, -P 1, $REQUESTS requests" >&2
+echo "reserve-baseline: redis-benchmark ${evalsha_args[0]}, $CLIENTS clients, -P 1, $REQUESTS requests" >&2
 redis-benchmark "${REDIS_ARGS[@]}" -c "$CLIENTS" -P 1 \
-    -n "$REQUESTS" -r 100000000 --csv EVALSHA "${evalsha_args[@]}" > "$OUT_DIR/redis-benchmark.csv"
+    -n "$REQUESTS" -r 100000000 --csv "${evalsha_args[@]}" > "$OUT_DIR/redis-benchmark.csv"
 
 # redis-benchmark --csv: a header line ("test","rps",...,"p50_latency_ms",...) and one row per
 # test. The first column holds the command line, which may itself contain commas, so columns are
@@ -136,7 +137,7 @@ ratio=$(awk -v a="$lt_rps" -v b="$rb_rps" 'BEGIN { if (b > 0) printf "%.2f", a /
 echo
 echo "reserve baseline — drop $DROP_ID, $CLIENTS clients, no pipelining ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
 printf '  %-36s %12s %10s %10s\n' "" "req/s" "p50 ms" "p99 ms"
-printf '  %-36s %12.0f %10s %10s\n' "redis-benchmark EVALSHA reserve" "$rb_rps" "$rb_p50" "$rb_p99"
+printf '  %-36s %12.0f %10s %10s\n' "redis-benchmark FCALL reserve" "$rb_rps" "$rb_p50" "$rb_p99"
 printf '  %-36s %12.0f %10.3f %10.3f\n' "loadtest via booking-api (closed)" "$lt_rps" "$lt_p50" "$lt_p99"
 echo "  ratio loadtest / redis-benchmark: ${ratio}×   (bar ≥ 0.6×, goal ≥ 0.75×)"
 echo "  loadtest answers by status: ${lt_codes:-none}; 201/s: $(printf '%.0f' "$lt_ok_rps")"

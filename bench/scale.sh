@@ -10,7 +10,7 @@
 #   1. sale: `loadtest sale`, FANS fans for UNITS units (with 2 instances straight to the
 #      instances, --instances-from-env: one HAProxy process holds ≈ 9,900 sockets), its JSON
 #      report in OUT_DIR/<stage>/sale.json;
-#   2. one drop: redis-benchmark EVALSHA of lua/reserve.lua on the drop's own shard (-h/-p of
+#   2. one drop: redis-benchmark FCALL of lua/reserve.lua on the drop's own shard (-h/-p of
 #      the primary that owns the drop's slot; `booking-api bench-args` gives the arguments),
 #      then `loadtest reserve` closed loop through BOOKING_URL on the same drop;
 #   3. (cluster stages) three drops whose slots three different primaries own, a closed-loop
@@ -203,12 +203,12 @@ stage() { # stage NAME: one row of the table in $OUT_DIR/NAME/row.json
         bench_args=$("$BOOKING_API" bench-args --drop-id "$drop" 2> "$SDIR/bench-args.err") ||
             die "$name: booking-api bench-args failed: $(tail -3 "$SDIR/bench-args.err")"
         read -r -a evalsha <<< "$bench_args"
-        echo "scale: $name: redis-benchmark EVALSHA reserve on $shard (drop $drop), $REQUESTS calls" >&2
+        echo "scale: $name: redis-benchmark FCALL reserve on $shard (drop $drop), $REQUESTS calls" >&2
         # shellcheck disable=SC2086
         c0=$(cpu_s $redis_pids)
         t0=$(date +%s.%N)
         redis-benchmark -h "${shard%:*}" -p "${shard##*:}" -c "$CLIENTS" -P 1 -n "$REQUESTS" \
-            -r 100000000 --csv EVALSHA "${evalsha[@]}" > "$SDIR/redis-benchmark.csv"
+            -r 100000000 --csv "${evalsha[@]}" > "$SDIR/redis-benchmark.csv"
         t1=$(date +%s.%N)
         # shellcheck disable=SC2086
         rb_cpu=$(awk -v a="$c0" -v b="$(cpu_s $redis_pids)" 'BEGIN { print b - a }')
@@ -294,7 +294,7 @@ for s in "${STAGES[@]}"; do
 done
 echo "  sold: API count/stock; tau: τ(join, admission) after opening; adm: admissions/s ÷ set rate where"
 echo "  the bucket limited; sold_out: p99 after the last sale; admit→ws: the slowest instance's p99 from"
-echo "  admission run to the \`admitted\` frame. script/s: redis-benchmark EVALSHA reserve on the drop's"
+echo "  admission run to the \`admitted\` frame. script/s: redis-benchmark FCALL reserve on the drop's"
 echo "  shard (per CPU-s: of the Redis nodes); reserve/s: loadtest via booking-api, same drop (per CPU-s:"
 echo "  Redis nodes + booking-api instances + HAProxy); 3 drops: three shards' drops at once."
 echo "  raw outputs: $OUT_DIR"

@@ -12,9 +12,13 @@
 #      idempotency key and hold id per call, as `booking-api bench-args` gives them), stops Redis
 #      and divides the instructions by the calls Redis counted.
 #   4. The same for the empty script, in a second Redis under callgrind.
+#   Reserve is called as the engine calls it: FCALL of a function library (clock.lua, lib.lua and
+#   reserve.lua, engine/src/scripts/function.rs) since the engine made it a Redis Function;
+#   EVALSHA of a script before.
 #   With --old COMMIT, steps 1-3 run a second time, on a Redis and drop of their own, for
-#   reserve.lua as it was at COMMIT (with that commit's clock.lua and lib.lua), so a change is
-#   measured against what it replaced in the same run. The keys and arguments are this
+#   reserve.lua as it was at COMMIT (with that commit's clock.lua and lib.lua; a function if that
+#   commit's engine called it as one, else a script), so a change is measured against what it
+#   replaced in the same run. The keys and arguments are this
 #   version's; the old lib.lua's idempotency key is pointed at this version's position of it
 #   (a key the old script doesn't know of is passed and ignored: it costs the old script
 #   ≈ 1.3k instructions per key, so the old figure is that much high).
@@ -23,13 +27,19 @@
 #   entries by default, 512 in Debian's build) each new fan or hold is a scan of the whole
 #   listpack, which inflated the figures of runs with the earlier 200-call warm-up.
 #
-# Usage: bench/script-cost.sh [--variant FILE] [--calls N] [--warmup N] [--old COMMIT] [--timed]
-#   --variant FILE   measure FILE (a whole reserve.lua replacement; lua/clock.lua and lua/lib.lua
-#                    are prepended, as the engine does) instead of lua/reserve.lua, with the same
-#                    keys and arguments
+# Usage: bench/script-cost.sh [--variant FILE [--as-script]] [--calls N] [--warmup N]
+#                             [--old COMMIT] [--timed] [--profile DIR]
+#   --variant FILE   measure FILE (a whole reserve.lua replacement, made a function library with
+#                    lua/clock.lua and lua/lib.lua as the engine does) instead of lua/reserve.lua,
+#                    with the same keys and arguments; with --as-script, a script (EVALSHA) of the
+#                    three instead; a FILE starting `#!lua` is a whole function library, loaded by
+#                    FUNCTION LOAD and called by FCALL of the function it registers
 #   --calls N        reserves counted [3000]
 #   --warmup N       reserves before counting [1000]
 #   --old COMMIT     also measure reserve.lua as of COMMIT, in the same run
+#   --profile DIR    keep each Redis' callgrind file (with --dump-instr=yes) in DIR, for
+#                    `callgrind_annotate --inclusive=yes DIR/reserve.cg`; a redis-server with
+#                    symbols first in PATH names Redis' own functions (Debian's is stripped)
 #   --timed          no callgrind: report Redis' own `usec_per_call` (INFO commandstats) per
 #                    script instead of instructions — for a quiet machine only (the lead's
 #                    acceptance figure: `bench/script-cost.sh --timed --calls 300000 --old C`)
@@ -49,6 +59,8 @@ CALLS=3000
 WARMUP=1000
 OLD=
 TIMED=
+PROFILE=
+AS_SCRIPT=
 while [[ $# -gt 0 ]]; do
     case $1 in
         --variant) VARIANT=$(realpath "${2:?--variant needs a file}"); shift 2 ;;
@@ -56,6 +68,8 @@ while [[ $# -gt 0 ]]; do
         --warmup) WARMUP=${2:?--warmup needs a number}; shift 2 ;;
         --old) OLD=${2:?--old needs a commit}; shift 2 ;;
         --timed) TIMED=1; shift ;;
+        --as-script) AS_SCRIPT=1; shift ;;
+        --profile) PROFILE=$(mkdir -p "${2:?--profile needs a folder}" && realpath "$2"); shift 2 ;;
         --inside-stack) INSIDE=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1" ;;
@@ -76,6 +90,8 @@ if [[ -z ${INSIDE:-} ]]; then
     [[ -n $VARIANT ]] && args+=(--variant "$VARIANT")
     [[ -n $OLD ]] && args+=(--old "$OLD")
     [[ -n $TIMED ]] && args+=(--timed)
+    [[ -n $PROFILE ]] && args+=(--profile "$PROFILE")
+    [[ -n $AS_SCRIPT ]] && args+=(--as-script)
     exec "$DEVSTACK" run --name script-cost --redis-port $((PORT_BASE)) \
         --pg-port $((PORT_BASE + 1)) -- "$0" "${args[@]}"
 fi
@@ -89,6 +105,7 @@ trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$OUT"' EXIT
 # start_redis NAME: a redis-server (under callgrind unless --timed) on RPORT; sets REDIS_PID.
 start_redis() {
     local under=(valgrind --tool=callgrind --callgrind-out-file="$OUT/$1.cg")
+    [[ -n $PROFILE ]] && under+=(--dump-instr=yes)
     [[ -n $TIMED ]] && under=()
     "${under[@]}" redis-server --port "$RPORT" --save '' --appendonly no --dir "$OUT" \
         >"$OUT/$1.log" 2>&1 &
@@ -122,6 +139,7 @@ count() {
         return
     fi
     ir=$(grep -m1 '^summary:' "$OUT/$name.cg" | awk '{print $2}')
+    [[ -z $PROFILE ]] || cp "$OUT/$name.cg" "$PROFILE/"
     echo $((ir / calls))
 }
 
@@ -154,15 +172,35 @@ measure() {
     api -X POST "127.0.0.1:$BPORT/v1/drops/$drop/holds" -H "Authorization: Bearer $fan" \
         -H 'Idempotency-Key: warm' -d '{"items":[{"sku":"TEE","quantity":1}]}' >/dev/null ||
         die "the first reserve failed"
-    local evalsha
-    read -ra evalsha <<<"$("$BOOKING_API" bench-args --drop-id "$drop")"
+    # The call as the engine makes it: FCALL <function> <numkeys> <keys...> <args...>
+    local call
+    read -ra call <<<"$("$BOOKING_API" bench-args --drop-id "$drop")"
     kill "$booking"
     wait "$booking" 2>/dev/null || true
-    if [[ -n $dir ]]; then
-        evalsha[0]=$(redis-cli -p "$RPORT" script load \
-            "$(cat "$dir/clock.lua"; echo; cat "$dir/lib.lua"; echo; cat "$dir/reserve.lua")")
+    if [[ -n $dir && $(head -c5 "$dir/reserve.lua") == '#!lua' ]]; then
+        # A whole function library (FUNCTION LOAD): called by FCALL of the function it registers.
+        redis-cli -p "$RPORT" -x function load replace <"$dir/reserve.lua" >/dev/null
+        call[0]=FCALL
+        call[1]=$(grep -o "register_function('[^']*'" "$dir/reserve.lua" | cut -d"'" -f2)
+    elif [[ -f $dir/as-function ]]; then
+        # Assembled as engine::scripts' Function does (scripts/function.rs).
+        call[0]=FCALL
+        call[1]=floodgate_bench_$name
+        { echo "#!lua name=${call[1]}"; echo 'local KEYS, ARGV'; cat "$dir/clock.lua"; echo
+            cat "$dir/lib.lua"; echo; echo 'local function run(keys, args)'
+            echo 'KEYS, ARGV = keys, args'; echo 'name_keys(KEYS)'; cat "$dir/reserve.lua"; echo
+            echo 'end'; echo "redis.register_function('${call[1]}', run)"; } >"$dir/library.lua"
+        redis-cli -p "$RPORT" -x function load replace <"$dir/library.lua" >/dev/null
+    elif [[ -n $dir ]]; then
+        # A script, as the engine loaded scripts before reserve became a function; a lib.lua with
+        # name_keys (this version's) has the script name its keys first, as the engine does.
+        call[0]=EVALSHA
+        call[1]=$(redis-cli -p "$RPORT" script load "$(cat "$dir/clock.lua"; echo
+            cat "$dir/lib.lua"; echo
+            grep -q '^local function name_keys' "$dir/lib.lua" && echo 'name_keys(KEYS)'
+            cat "$dir/reserve.lua")")
     fi
-    count "$name" EVALSHA "${evalsha[@]}"
+    count "$name" "${call[@]}"
 }
 
 what=lua/reserve.lua
@@ -172,6 +210,7 @@ if [[ -n $VARIANT ]]; then
     mkdir -p "$dir"
     cp lua/clock.lua lua/lib.lua "$dir/"
     cp "$VARIANT" "$dir/reserve.lua"
+    [[ -n $AS_SCRIPT ]] || touch "$dir/as-function"
     what=$VARIANT
 fi
 reserve=$(measure reserve "$dir")
@@ -180,6 +219,8 @@ if [[ -n $OLD ]]; then
     for f in clock lib reserve; do
         git show "$OLD:lua/$f.lua" >"$OUT/old/$f.lua" || die "no lua/$f.lua at $OLD"
     done
+    # Reserve was a script (EVALSHA) until the engine called it as a function.
+    git cat-file -e "$OLD:engine/src/scripts/function.rs" 2>/dev/null && touch "$OUT/old/as-function"
     idem=$(grep -o 'idem = KEYS\[[0-9]*\]' lua/lib.lua)
     sed -i "s/idem = KEYS\[[0-9]*\]/$idem/" "$OUT/old/lib.lua"
     old=$(measure old "$OUT/old")

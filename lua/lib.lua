@@ -33,11 +33,17 @@
 -- The rebuild's scripts (rebuild*.lua) take one key more, KEYS[14] {drop_id}:rebuild, named in
 -- their own headers.
 
-local K = {
-  meta = KEYS[1], stock = KEYS[2], seats = KEYS[3], holds = KEYS[4], deadlines = KEYS[5],
-  confirming = KEYS[6], done = KEYS[7], fans = KEYS[8], fanholds = KEYS[9], layout = KEYS[10],
-  active = KEYS[11], seatmap = KEYS[12], shopping = KEYS[13], idem = KEYS[14],
-}
+-- The keys by name. engine::scripts starts every hold script with `name_keys(KEYS)` after this
+-- prelude; reserve, a Redis Function (loaded once, its preludes made once per load), names the
+-- keys of each call (docs/ARCHITECTURE.md, Choices: reserve is a Redis Function).
+local K
+local function name_keys(KEYS)
+  K = {
+    meta = KEYS[1], stock = KEYS[2], seats = KEYS[3], holds = KEYS[4], deadlines = KEYS[5],
+    confirming = KEYS[6], done = KEYS[7], fans = KEYS[8], fanholds = KEYS[9], layout = KEYS[10],
+    active = KEYS[11], seatmap = KEYS[12], shopping = KEYS[13], idem = KEYS[14],
+  }
+end
 
 -- This redis-server run's id. A drop whose meta carries another one was loaded before a restart:
 -- the AOF may have lost its last writes (holds, sales Postgres already has), so it must not sell

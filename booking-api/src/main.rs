@@ -36,11 +36,14 @@ enum Command {
         #[arg(long)]
         drop_id: Option<String>,
     },
-    /// Print `<sha> <numkeys> <keys...> <args...>` for redis-benchmark EVALSHA of reserve.lua
-    /// against a drop (GA, first SKU, quantity 1), with `__rand_int__` for per-call uniqueness.
+    /// Print `FCALL <function> <numkeys> <keys...> <args...>`, the reserve call as the engine makes
+    /// it, for redis-benchmark against a drop (GA, first SKU, quantity 1), with `__rand_int__` for
+    /// per-call uniqueness; with `--evalsha`, `EVALSHA <sha> ...` of the same code as a script.
     BenchArgs {
         #[arg(long)]
         drop_id: String,
+        #[arg(long)]
+        evalsha: bool,
     },
 }
 
@@ -70,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::BenchArgs { drop_id } => {
+        Command::BenchArgs { drop_id, evalsha } => {
             let drop = DropId::parse(&drop_id)?;
             let engine = Engine::start(cfg).await?;
             let def = engine.drop_def(&drop).await?;
@@ -92,9 +95,14 @@ async fn main() -> anyhow::Result<()> {
                 sku,
                 "1".to_owned(),
             ];
+            let call = if evalsha {
+                format!("EVALSHA {}", engine.reserve_script_sha())
+            } else {
+                format!("FCALL {}", engine.reserve_function())
+            };
             println!(
                 "{} {} {} {}",
-                engine.reserve_script_sha(),
+                call,
                 keys.len(),
                 keys.join(" "),
                 args.join(" ")

@@ -896,3 +896,25 @@ async fn order_refused_by_postgres_voids_and_rebuilds_the_drop() {
     assert_eq!(error_code(&answer.1), "sold_out");
     h.server.shutdown().await;
 }
+
+/// Reserve is a Redis Function (engine/src/scripts/function.rs), loaded when the engine starts: a
+/// Redis that has lost its functions since (a restart without persistence, `FUNCTION FLUSH`) gets
+/// reserve's library again from the next reserve, which answers as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reserve_loads_its_function_again_where_redis_lost_it() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 4, 300).await;
+    let (_, token) = h.fan("forgetful").await;
+    let libraries = || common::redis_cli(&["FUNCTION", "LIST", "LIBRARYNAME", "floodgate_*"]);
+    assert!(
+        libraries().await.contains("floodgate_"),
+        "reserve's function library is loaded when the engine starts"
+    );
+    common::redis_cli(&["FUNCTION", "FLUSH"]).await;
+    let (status, hold) = h.reserve(&token, &drop, tee(1)).await;
+    assert_eq!(status, 201, "{hold}");
+    assert!(
+        libraries().await.contains("floodgate_"),
+        "the reserve loaded its library again"
+    );
+}

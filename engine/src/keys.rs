@@ -294,7 +294,7 @@ mod tests {
         let header = header_keys(lib);
         assert_eq!(&header[..HOLD_KEYS.len()], HOLD_KEYS);
         let table = lib
-            .split_once("local K = {")
+            .split_once("K = {")
             .and_then(|(_, rest)| rest.split_once('}'))
             .map(|(body, _)| body)
             .expect("lib.lua has a K table");

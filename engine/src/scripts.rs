@@ -15,7 +15,10 @@ use crate::error::{Code, Error, Result};
 use crate::ids::{DropId, FanId, HoldId, OrderId};
 use crate::queue::SessionEnds;
 
+mod function;
 mod shards;
+
+use function::Function;
 
 /// How many `MOVED`/`ASK` redirections a command follows on a Redis Cluster before it fails
 /// (503 `unavailable`: the caller retries). One: a `MOVED` (a slot moved, a replica promoted)
@@ -28,8 +31,12 @@ const MAX_CLUSTER_REDIRECTIONS: u32 = 1;
 /// The prelude every script starts with: `now_ms()`, the one place a script reads the time.
 const CLOCK: &str = include_str!("../../lua/clock.lua");
 
-/// The shared prelude each hold script starts with after the clock (key names, hold helpers).
-const LIB: &str = include_str!("../../lua/lib.lua");
+/// The shared prelude each hold script starts with after the clock (key names, hold helpers),
+/// naming the script's keys (lib.lua `name_keys`).
+const LIB: &str = concat!(include_str!("../../lua/lib.lua"), "\nname_keys(KEYS)\n");
+
+/// lib.lua alone: reserve's function library names the keys of each call itself.
+const LIB_FOR_FUNCTIONS: &str = include_str!("../../lua/lib.lua");
 
 /// Every script: its name (its file in `lua/`), its source, and whether it takes `lib.lua` (the
 /// hold scripts do; the waiting room's `join` and `admit` take only the clock).
@@ -234,7 +241,11 @@ pub struct Counts {
 }
 
 pub(crate) struct Scripts {
+    /// lua/reserve.lua as a script too: never called by the engine, but loaded, so `redis-benchmark`
+    /// can measure `EVALSHA` of it against `FCALL` of `reserve_fn` (`booking-api bench-args`).
     reserve: Script,
+    /// lua/reserve.lua as the engine calls it: a Redis Function (scripts/function.rs says why).
+    reserve_fn: Function,
     release: Script,
     expire: Script,
     confirm_begin: Script,
@@ -259,6 +270,7 @@ impl Scripts {
     /// Every script with `clock` as its time prelude; `source(name, file's text)` may hand back
     /// another body (only the model test does, to load a deliberately broken script).
     fn new(clock: &str, source: impl Fn(&str, &'static str) -> String) -> Scripts {
+        let reserve_fn = Function::new(clock, LIB_FOR_FUNCTIONS, &source("reserve", SOURCES[0].1));
         let mut built = SOURCES.iter().map(|(name, body, with_lib)| {
             let body = source(name, body);
             let lib = if *with_lib { LIB } else { "" };
@@ -268,6 +280,7 @@ impl Scripts {
         let mut next = || built.next().expect("one script per SOURCES entry");
         Scripts {
             reserve: next(),
+            reserve_fn,
             release: next(),
             expire: next(),
             confirm_begin: next(),
@@ -340,6 +353,27 @@ pub struct Redis {
 
 pub(crate) type Reply = Vec<Value>;
 
+/// What [`Redis::run`] calls: a script (`EVALSHA`) or reserve's function (`FCALL`).
+#[derive(Clone, Copy)]
+enum Callable<'a> {
+    Script(&'a Script),
+    Function(&'a Function),
+}
+
+impl Callable<'_> {
+    async fn call(
+        self,
+        client: &Client,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> FredResult<Reply> {
+        match self {
+            Callable::Script(s) => s.evalsha_with_reload(client, keys, args).await,
+            Callable::Function(f) => f.call_with_reload(client, keys, args).await,
+        }
+    }
+}
+
 pub(crate) fn text(v: Option<&Value>) -> String {
     v.and_then(|v| v.as_string()).unwrap_or_default()
 }
@@ -383,6 +417,13 @@ impl Redis {
             .map_err(|e| Error::unavailable("Redis", e))?;
         for s in scripts.all() {
             s.load(pool.next()).await?;
+        }
+        if config.server.is_clustered() {
+            pool.next()
+                .function_load_cluster::<(), _>(true, scripts.reserve_fn.code())
+                .await?;
+        } else {
+            scripts.reserve_fn.load(pool.next()).await?;
         }
         let shards = if config.server.is_clustered() {
             let any = pool.next().active_connections();
@@ -439,19 +480,25 @@ impl Redis {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Reply> {
+        self.call(Callable::Script(script), keys, args).await
+    }
+
+    /// A script or function call on the drop's node (the first key's), reloading it there if the
+    /// node has lost it.
+    async fn call(
+        &self,
+        script: Callable<'_>,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Reply> {
         let Some(shards) = &self.shards else {
-            return Ok(script
-                .evalsha_with_reload::<Reply, _, _>(self.client(), keys, args)
-                .await?);
+            return Ok(script.call(self.client(), keys, args).await?);
         };
         let key = keys.first().cloned().unwrap_or_default();
         let mut redirections = 0;
         loop {
             let client = self.at(&key);
-            match script
-                .evalsha_with_reload::<Reply, _, _>(&client, keys.clone(), args.clone())
-                .await
-            {
+            match script.call(&client, keys.clone(), args.clone()).await {
                 Ok(reply) => return Ok(reply),
                 Err(e) => {
                     // A failed or demoted primary, a slot moved: the map may be stale.
@@ -479,6 +526,11 @@ impl Redis {
     /// The SHA-1 of the reserve script as loaded, and its key set, for `redis-benchmark`.
     pub fn reserve_sha(&self) -> String {
         self.scripts.reserve.sha1().to_string()
+    }
+
+    /// The name of the reserve function, for `redis-benchmark` (`FCALL`).
+    pub fn reserve_function(&self) -> String {
+        self.scripts.reserve_fn.name().to_owned()
     }
 
     pub fn bench_keys(drop: &DropId, idem: &str) -> Vec<String> {
@@ -677,7 +729,9 @@ impl Redis {
                 argv.push(scan_seats_max.to_string());
             }
         }
-        let reply = self.run(&self.scripts.reserve, keys, argv).await?;
+        let reply = self
+            .call(Callable::Function(&self.scripts.reserve_fn), keys, argv)
+            .await?;
         match text(reply.first()).as_str() {
             "replay" => {
                 let first: Vec<serde_json::Value> = decode(&text(reply.get(1)))?;

@@ -220,6 +220,11 @@ impl Engine {
         self.redis.reserve_sha()
     }
 
+    /// The name of the reserve function the engine calls (for `redis-benchmark`'s FCALL).
+    pub fn reserve_function(&self) -> String {
+        self.redis.reserve_function()
+    }
+
     /// The live drops the background work looks after at most (`reconciler.max_drops_watched`),
     /// newest first: what `booking-api rebuild` rebuilds when given no drop.
     pub async fn live_drops(&self) -> Result<Vec<DropId>> {
