@@ -305,7 +305,7 @@ impl App {
     }
 
     async fn body(&self, req: Request<Incoming>) -> Result<bytes::Bytes, Error> {
-        read_body(req, self.engine.cfg().http.max_body_bytes).await
+        read_body(req, &self.engine.cfg().http).await
     }
 
     /// The signed-in fan, rate-limited per fan.

@@ -181,6 +181,13 @@ impl Config {
                  (an authorization must end before the confirm deadline)",
             ));
         }
+        // The drain runs inside the request's time: at or past it, a refused upload would be
+        // answered 503 `unavailable` instead of its 413.
+        if self.http.refused_body_drain_ms >= self.http.request_timeout_ms {
+            return Err(crate::Error::invalid(
+                "config: http.refused_body_drain_ms must be below http.request_timeout_ms",
+            ));
+        }
         if self.redis.aof_rewrite_growth_pct > self.redis.aof_rewrite_max_growth_pct {
             return Err(crate::Error::invalid(
                 "config: redis.aof_rewrite_growth_pct must not exceed \
@@ -236,6 +243,11 @@ impl Config {
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+/// A client's upload in flight when its body is refused: 1 MiB is read to its end (and dropped)
+/// on a fast link in milliseconds, so the client reads the 413 rather than a reset connection.
+pub const DEFAULT_REFUSED_BODY_DRAIN_BYTES: u64 = 1024 * 1024;
+/// Well below `http.request_timeout_ms`: a slow upload isn't waited for long.
+pub const DEFAULT_REFUSED_BODY_DRAIN_MS: u64 = 2_000;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 15_000;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
@@ -278,6 +290,13 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted; larger ones get 413 `body_too_large`.
     pub max_body_bytes: usize,
+    /// A refused body of at most this many bytes is read to its end and dropped before the 413
+    /// goes out: closing a connection with unread bytes makes the kernel reset it, and a client
+    /// still sending would see a broken pipe instead of the answer. A larger one isn't read.
+    pub refused_body_drain_bytes: u64,
+    /// How long that reading may take at most (below `request_timeout_ms`); then the 413 goes
+    /// out anyway.
+    pub refused_body_drain_ms: u64,
     /// Open connections per process; past it new connections wait in the accept backlog.
     pub max_connections: usize,
     pub request_timeout_ms: u64,
@@ -332,6 +351,8 @@ impl Default for HttpConfig {
                 .parse()
                 .expect("the default listen address parses"),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            refused_body_drain_bytes: DEFAULT_REFUSED_BODY_DRAIN_BYTES,
+            refused_body_drain_ms: DEFAULT_REFUSED_BODY_DRAIN_MS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
@@ -1189,6 +1210,16 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_refused_body_is_drained_within_the_request_time() {
+        let mut cfg = Config::default();
+        cfg.http.refused_body_drain_ms = cfg.http.request_timeout_ms;
+        refused(
+            &cfg,
+            "http.refused_body_drain_ms must be below http.request_timeout_ms",
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use governor::nanos::Nanos;
 use governor::{Quota, RateLimiter};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -112,22 +112,64 @@ pub fn allow(resp: &mut Response<Body>, routes: &[(&'static str, &str)], segment
     }
 }
 
-/// Reads the whole body, refusing more than `max` bytes with 413 `body_too_large` (checked from
-/// Content-Length first, so an honest large upload isn't read at all).
-pub async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Error> {
+/// Reads the whole body, refusing more than `http.max_body_bytes` with 413 `body_too_large`
+/// (checked from Content-Length first, so an honest large upload isn't kept). A refused body is
+/// still read to its end and dropped — up to `http.refused_body_drain_bytes`, for at most
+/// `http.refused_body_drain_ms` — before the 413 goes out: hyper closes a connection whose
+/// request body was left unread, the kernel answers the bytes still arriving with a reset, and
+/// a client still writing its body then sees a broken pipe or a reset rather than the answer.
+pub async fn read_body(
+    req: Request<Incoming>,
+    cfg: &engine::config::HttpConfig,
+) -> Result<Bytes, Error> {
+    let max = cfg.max_body_bytes;
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
+    // A client that asked before sending (`Expect: 100-continue`) sends nothing until the body
+    // is read: reading it would only ask for the upload the 413 refuses.
+    let waits_to_send = req
+        .headers()
+        .get(EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let mut body = req.into_body();
+    let drain = engine::config::ms(cfg.refused_body_drain_ms);
+    if let Some(declared) = declared.filter(|n| *n > max as u64) {
+        // One that can't be read within the bound isn't started: the reset comes either way.
+        if !waits_to_send && declared <= cfg.refused_body_drain_bytes {
+            drain_refused(&mut body, declared, drain).await;
+        }
         return Err(Error::new(Code::BodyTooLarge));
     }
-    match Limited::new(req.into_body(), max).collect().await {
+    match Limited::new(&mut body, max).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(Code::BodyTooLarge)),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            // Past `max` while reading (no length declared): what is left of the bound.
+            let left = cfg.refused_body_drain_bytes.saturating_sub(max as u64);
+            drain_refused(&mut body, left, drain).await;
+            Err(Error::new(Code::BodyTooLarge))
+        }
         Err(e) => Err(Error::invalid(format!("could not read the body: {e}"))),
     }
+}
+
+/// Reads and drops at most `max_bytes` more of a refused body, for at most `within`; stops at
+/// the body's end, a read error, or either bound (what is left then stays unread).
+async fn drain_refused(body: &mut Incoming, max_bytes: u64, within: Duration) {
+    let mut read = 0u64;
+    let _ = tokio::time::timeout(within, async {
+        while read < max_bytes {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                Some(Err(_)) | None => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// A header's value as text, if present and valid.
