@@ -803,7 +803,6 @@ fn run_variant(concurrent: bool) {
             "reserve: idempotency_key_reused",
             "reserve: seat_unavailable",
             "restock: 1",
-            "refund: returned open",
         ] {
             assert!(
                 seen.contains_key(must),
