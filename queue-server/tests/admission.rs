@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Harness;
-use engine::ids::DropId;
+use engine::ids::{DropId, FanId};
 use serde_json::json;
 
 /// How long the bucket test waits for its admissions: generous, for a machine that two cores
@@ -23,6 +23,17 @@ async fn fill_line(h: &Harness, drop: &DropId, n: usize) {
         async move { q.join(&drop, &fan, Default::default()).await.unwrap() }
     });
     futures::future::join_all(joins).await;
+}
+
+/// Every fan of `fans` joins the line, one after another (so in this order).
+async fn join_all(h: &Harness, drop: &DropId, fans: &[(FanId, String)]) {
+    for (fan, _) in fans {
+        h.queue
+            .queue
+            .join(drop, fan, Default::default())
+            .await
+            .unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -121,13 +132,7 @@ async fn admission_is_inventory_aware() {
         )
         .await;
     let fans: Vec<_> = (0..20).map(|i| h.fan(&format!("shop{i}"))).collect();
-    for (fan, _) in &fans {
-        h.queue
-            .queue
-            .join(&drop, fan, Default::default())
-            .await
-            .unwrap();
-    }
+    join_all(&h, &drop, &fans).await;
     let mut admitted = Vec::new();
     for _ in 0..20 {
         admitted.extend(h.queue.queue.admit(&drop).await.unwrap().admitted);
@@ -169,13 +174,7 @@ async fn a_sum_that_cant_be_right_is_counted_again() {
         )
         .await;
     let fans: Vec<_> = (0..10).map(|i| h.fan(&format!("sum{i}"))).collect();
-    for (fan, _) in &fans {
-        h.queue
-            .queue
-            .join(&drop, fan, Default::default())
-            .await
-            .unwrap();
-    }
+    join_all(&h, &drop, &fans).await;
     let mut admitted = Vec::new();
     for _ in 0..5 {
         admitted.extend(h.queue.queue.admit(&drop).await.unwrap().admitted);
