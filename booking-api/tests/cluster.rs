@@ -495,8 +495,9 @@ mod on_cluster {
             .into_iter()
             .find(|n| n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
             .expect("the drop's primary");
-        // As a restarted node or a promoted replica without them would.
+        // As a restarted node or a promoted replica without them would; reserve is a function.
         assert_eq!(redis_cli(owner.port, &["SCRIPT", "FLUSH"]), "OK");
+        assert_eq!(redis_cli(owner.port, &["FUNCTION", "FLUSH"]), "OK");
         for i in 0..4 {
             let (_, token) = p.at(i).fan(&format!("noscript-{i}")).await;
             let (status, body) = p
@@ -507,7 +508,10 @@ mod on_cluster {
                     json!({"items": [{"sku": "TEE", "quantity": 1}]}),
                 )
                 .await;
-            assert_eq!(status, 201, "reserve {i} after SCRIPT FLUSH: {body}");
+            assert_eq!(
+                status, 201,
+                "reserve {i} after SCRIPT and FUNCTION FLUSH: {body}"
+            );
         }
         assert_eq!(p.a.counts(&drop).await, (10, 6, 4, 0));
         p.shutdown().await;
