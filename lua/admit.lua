@@ -27,8 +27,8 @@
 -- offered to two fans at once. An offer unused by its end leaves the running sum (as any shop
 -- end does), and the next run offers the unit to the next fan in line. Units that come back
 -- (added stock, refunds, holds expiring) are counted for the fans' page: came_back_units rises
--- by each rise of available + held between two runs (a unit back and sold again between two
--- runs isn't seen; runs come every queue.tick_ms).
+-- by each rise of available + held between two runs (a unit back and sold again, or sold and
+-- back, between two runs isn't seen: low, never high; runs come every queue.tick_ms).
 -- A shopping session has two ends fixed here at admission (docs/ARCHITECTURE.md, invariants): the
 -- shop end (now + shop_window_s: reserves are accepted until then) and the hard end (shop end +
 -- hold_ttl_ms + confirm_grace_ms: nothing keeps the session, or its max_active slot, past it).
