@@ -270,7 +270,12 @@ impl Scripts {
     /// Every script with `clock` as its time prelude; `source(name, file's text)` may hand back
     /// another body (only the model test does, to load a deliberately broken script).
     fn new(clock: &str, source: impl Fn(&str, &'static str) -> String) -> Scripts {
-        let reserve_fn = Function::new(clock, LIB_FOR_FUNCTIONS, &source("reserve", SOURCES[0].1));
+        let reserve = SOURCES.iter().find(|(name, _, _)| *name == "reserve");
+        let reserve_fn = Function::new(
+            clock,
+            LIB_FOR_FUNCTIONS,
+            &source("reserve", reserve.map_or("", |(_, body, _)| body)),
+        );
         let mut built = SOURCES.iter().map(|(name, body, with_lib)| {
             let body = source(name, body);
             let lib = if *with_lib { LIB } else { "" };
