@@ -26,6 +26,8 @@
 --           recovering | unknown_drop | not_admitted
 -- Every answer but recovering / unknown_drop / idempotency_key_reused / not_admitted is stored
 -- under KEYS[14] for hold TTL + 10 minutes, so a retry gets the first answer back.
+-- The engine calls it as a Redis Function (engine/src/scripts/function.rs): the preludes are made
+-- once per load, and KEYS and ARGV are the library's, set on each call; the text is the same.
 -- Cost (docs/BENCHMARKS.md, reserve script cost): this is the hottest script, and under
 -- callgrind most of its instructions went to turning numbers into text (a Lua number passed to
 -- redis.call, concatenated or cjson-encoded goes through printf's floating-point path, about
