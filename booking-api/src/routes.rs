@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use engine::booking::{
-    AddStock, AdmissionUpdate, ConfirmBody, Made, OrderCursor, OrderSearch, RefundRequest,
+    AddStock, AdmissionUpdate, CancelDrop, ConfirmBody, Made, OrderCursor, OrderSearch,
+    RefundRequest,
 };
 use engine::db::{ApiKey, Scope};
 use engine::drops::{CreateDrop, HoldRequestBody};
@@ -173,6 +174,20 @@ impl App {
             (&Method::POST, ["v1", "drops", id, "close"]) => {
                 let seller = self.key(&req, Scope::Seller).await?;
                 ok(e.close_drop(&seller, &drop_id(id)?).await?)
+            }
+            (&Method::POST, ["v1", "drops", id, "cancel"]) => {
+                let key = self.any_key(&req).await?;
+                let drop = drop_id(id)?;
+                let body: CancelDrop = parse_json(&self.body(req).await?)?;
+                // 202 either way: the job refunds the orders after the answer.
+                let job = match e.cancel_drop(&key, &drop, body).await? {
+                    Made::New(job) | Made::Existing(job) => job,
+                };
+                Ok(http::json(202, &job))
+            }
+            (&Method::GET, ["v1", "drops", id, "cancellation"]) => {
+                let key = self.any_key(&req).await?;
+                ok(e.cancellation(&key, &drop_id(id)?).await?)
             }
             (&Method::POST, ["v1", "drops", id, "skus", sku, "stock"]) => {
                 let seller = self.key(&req, Scope::Seller).await?;
@@ -455,6 +470,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/drops/{id}"),
     ("GET", "/v1/drops/{id}/seats"),
     ("POST", "/v1/drops/{id}/close"),
+    ("POST", "/v1/drops/{id}/cancel"),
+    ("GET", "/v1/drops/{id}/cancellation"),
     ("GET", "/v1/drops/{id}/admission"),
     ("PUT", "/v1/drops/{id}/admission"),
     ("GET", "/v1/drops/{id}/audit"),
@@ -482,6 +499,8 @@ fn api_route(_method: &Method, seg: &[&str]) -> &'static str {
         ["v1", "drops", _] => "/v1/drops/{id}",
         ["v1", "drops", _, "seats"] => "/v1/drops/{id}/seats",
         ["v1", "drops", _, "close"] => "/v1/drops/{id}/close",
+        ["v1", "drops", _, "cancel"] => "/v1/drops/{id}/cancel",
+        ["v1", "drops", _, "cancellation"] => "/v1/drops/{id}/cancellation",
         ["v1", "drops", _, "admission"] => "/v1/drops/{id}/admission",
         ["v1", "drops", _, "audit"] => "/v1/drops/{id}/audit",
         ["v1", "drops", _, "orders"] => "/v1/drops/{id}/orders",

@@ -59,6 +59,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "refund_states",
         include_str!("../../migrations/0009_refund_states.sql"),
     ),
+    (
+        10,
+        "drop_cancellations",
+        include_str!("../../migrations/0010_drop_cancellations.sql"),
+    ),
 ];
 const MIGRATION_LOCK_ID: i64 = 0x466c_6f6f_6467;
 
@@ -160,7 +165,7 @@ pub struct AuditEntry {
     pub at: OffsetDateTime,
     /// The key that made the change (its id; the secret is never stored).
     pub key_id: String,
-    /// `admission` or `close`.
+    /// `admission`, `close` or `cancel` (migrations/0010_drop_cancellations.sql).
     pub action: String,
     /// `{"field": {"before": …, "after": …}}` per field changed; `null` on rows an older
     /// release wrote (their `settings` says what the settings became).

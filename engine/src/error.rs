@@ -42,6 +42,7 @@ codes! {
     UnknownDrop => (404, "unknown_drop", "There is no such drop."),
     UnknownSku => (404, "unknown_sku", "The drop has no such SKU."),
     UnknownSeat => (404, "unknown_seat", "The drop has no such seat."),
+    NoCancellation => (404, "no_cancellation", "This drop has not been cancelled."),
     UnknownSection => (404, "unknown_section", "The drop has no such section."),
     UnknownHold => (404, "unknown_hold", "There is no such hold."),
     UnknownOrder => (404, "unknown_order", "There is no such order."),

@@ -171,7 +171,8 @@ impl Engine {
     /// One reconciler round: every unsettled payment attempt in Postgres (whatever its drop's
     /// age, whichever process served it), then every watched drop's overdue confirms (an attempt
     /// that never recorded its payment is only in Redis), then captures that failed, then
-    /// refunds left unfinished (booking/refunds.rs). A hold
+    /// refunds left unfinished (booking/refunds.rs), then a batch of each cancelled drop's
+    /// orders refunded (booking/cancel.rs). A hold
     /// whose settlement fails is logged and left for the next round; the round goes on.
     pub async fn reconcile(&self) {
         let mut clocks = HashMap::new();
@@ -198,6 +199,7 @@ impl Engine {
             Err(e) => tracing::debug!(error = %e, "capture round skipped"),
         }
         self.resume_refunds().await;
+        self.cancel_round().await;
     }
 
     /// The unsettled attempts Postgres has, each settled on its own (one failing doesn't stop

@@ -20,6 +20,7 @@
 //!   refresh however many pages poll.
 
 mod background;
+mod cancel;
 mod confirm;
 mod drops;
 mod holds;
@@ -29,6 +30,7 @@ mod refunds;
 mod seatmap;
 mod views;
 
+pub use cancel::{CancelDrop, CancellationState, CancellationView};
 use confirm::Inflight;
 pub use confirm::{ConfirmBody, Payment};
 use drops::admission_fields;

@@ -1,0 +1,311 @@
+//! Cancelling a whole drop (issue 15): `POST /v1/drops/{id}/cancel` closes the drop (audited as
+//! `cancel`) and records a job in Postgres (migrations/0010_drop_cancellations.sql) that the
+//! reconciler's rounds work in batches of `reconciler.cancel_batch`, refunding every order whole
+//! through the refunds engine with the refund id `cancel-<drop>`; `GET …/cancellation` reports its
+//! progress. Every order is refunded and paid back once, Redis' stock and Postgres' books agree
+//! at the end, the same request again is the same job, and a job a process left halfway (stopped
+//! after one batch) is finished by the next process.
+mod common;
+
+use common::Harness;
+use engine::ids::HoldId;
+use engine::payments::PaymentGateway;
+use serde_json::{json, Value};
+use testkit::BookingClient;
+
+/// A fan buys `units` tees of `drop`; (order id, hold id).
+async fn buy(c: &BookingClient, drop: &str, name: &str, units: u32) -> (String, String) {
+    let (_, token) = c.fan(name).await;
+    let (status, v) = c
+        .reserve(
+            &token,
+            drop,
+            json!({"items": [{"sku": "TEE", "quantity": units}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let hold = v["hold_id"].as_str().unwrap().to_owned();
+    let (status, v) = c.confirm(&token, &hold, &format!("ok_{name}")).await;
+    assert_eq!(status, 201, "{v}");
+    (v["order_id"].as_str().unwrap().to_owned(), hold)
+}
+
+async fn cancel_with(c: &BookingClient, key: &str, drop: &str, body: Value) -> (u16, Value) {
+    c.call(
+        c.http
+            .post(c.url(&format!("/v1/drops/{drop}/cancel")))
+            .bearer_auth(key)
+            .json(&body),
+    )
+    .await
+}
+
+async fn progress(c: &BookingClient, drop: &str) -> Value {
+    let (status, v) = c
+        .get(
+            &format!("/v1/drops/{drop}/cancellation"),
+            Some(&c.seller_key),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+async fn wait_done(c: &BookingClient, drop: &str) -> Value {
+    testkit::wait::eventually("the cancel job is done", || async {
+        progress(c, drop).await["state"] == "done"
+    })
+    .await;
+    progress(c, drop).await
+}
+
+/// Waits until the test gateway has captured every hold's payment (the capture follows the
+/// order's commit), so each refund refunds a capture.
+async fn wait_captured(h: &Harness, holds: &[String]) {
+    testkit::wait::eventually("every payment captured", || async {
+        let gw = h.server.engine.test_gateway().unwrap();
+        holds.iter().all(|hold| {
+            gw.payment(&HoldId::parse(hold).unwrap())
+                .is_some_and(|p| p.captures == 1)
+        })
+    })
+    .await;
+}
+
+/// The order's refunds' ids.
+async fn refund_ids(c: &BookingClient, order: &str) -> Vec<String> {
+    let (status, v) = c
+        .get(&format!("/v1/orders/{order}/refunds"), Some(&c.seller_key))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v["refunds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["refund_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelling_a_drop_refunds_every_order_once() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(60, 5, 60).await;
+    let mut orders = Vec::new();
+    for i in 0..30 {
+        orders.push(buy(&h, &drop, &format!("fan{i}"), i % 2 + 1).await);
+    }
+    let holds: Vec<String> = orders.iter().map(|(_, h)| h.clone()).collect();
+    wait_captured(&h, &holds).await;
+    assert_eq!(h.counts(&drop).await, (60, 15, 0, 45));
+    // One order the seller refunded already: the job has nothing left of it to refund.
+    let (status, v) = h
+        .seller_post(
+            &format!("/v1/orders/{}/refunds", orders[0].0),
+            json!({"refund_id": "before"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+
+    let (status, job) = cancel_with(&h, &h.seller_key, &drop, json!({"request_id": "c1"})).await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["orders_total"], 29, "{job}");
+    assert_eq!(job["request_id"], "c1", "{job}");
+    assert!(job["finished_at"].is_null(), "{job}");
+    // Closed at once: nothing sells from now on.
+    assert_eq!(h.drop_view(&drop).await["status"], "closed");
+    let (_, token) = h.fan("late").await;
+    let (status, _) = h
+        .reserve(
+            &token,
+            &drop,
+            json!({"items": [{"sku": "TEE", "quantity": 1}]}),
+        )
+        .await;
+    assert_ne!(status, 201, "a cancelled drop sells nothing");
+
+    let done = wait_done(&h, &drop).await;
+    assert_eq!(
+        (&done["orders_total"], &done["orders_refunded"]),
+        (&json!(29), &json!(29)),
+        "{done}"
+    );
+    assert!(done["finished_at"].is_string(), "{done}");
+    let refund_id = format!("cancel-{drop}");
+    for (i, (order, hold)) in orders.iter().enumerate() {
+        let want = if i == 0 { "before" } else { refund_id.as_str() };
+        assert_eq!(refund_ids(&h, order).await, vec![want.to_owned()]);
+        assert_eq!(h.payment(hold).await.refunds, 1, "paid back once: {order}");
+    }
+    assert_eq!(h.counts(&drop).await, (60, 60, 0, 0));
+    h.assert_invariants(&drop).await;
+
+    // The same drop cancelled again (any request id): the same job, as it stands.
+    let (status, again) = cancel_with(&h, &h.seller_key, &drop, json!({"request_id": "c2"})).await;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(again, done);
+    // The audit log says who cancelled it, once.
+    let (_, audit) = h
+        .get(&format!("/v1/drops/{drop}/audit"), Some(&h.seller_key))
+        .await;
+    let cancels = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "cancel")
+        .count();
+    assert_eq!(cancels, 1, "{audit}");
+}
+
+/// A process stopped after one batch of the job: the next one, on the same Redis and Postgres,
+/// finishes it, and no order is refunded twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_mid_job_finishes_it() {
+    let mut cfg = testkit::test_config();
+    cfg.reconciler.cancel_batch = 5;
+    // The first process's rounds run once at its start only: the test takes its one batch.
+    cfg.reconciler.interval_ms = 3_600_000;
+    let h = Harness::with_config(cfg).await;
+    let drop = h.ga_drop(40, 5, 60).await;
+    let mut orders = Vec::new();
+    for i in 0..12 {
+        orders.push(buy(&h, &drop, &format!("fan{i}"), 2).await);
+    }
+    let holds: Vec<String> = orders.iter().map(|(_, h)| h.clone()).collect();
+    wait_captured(&h, &holds).await;
+    let (status, job) = cancel_with(&h, &h.seller_key, &drop, json!({"request_id": "c"})).await;
+    assert_eq!(status, 202, "{job}");
+    let d = engine::ids::DropId::parse(&drop).unwrap();
+    assert_eq!(h.server.engine.cancel_batch(&d).await.unwrap(), 5);
+    let half = progress(&h, &drop).await;
+    assert_eq!(
+        (
+            &half["state"],
+            &half["orders_total"],
+            &half["orders_refunded"]
+        ),
+        (&json!("running"), &json!(12), &json!(5)),
+        "{half}"
+    );
+    let first_gw = h.server.engine.test_gateway().unwrap().clone();
+    let refunded_first: Vec<bool> = holds
+        .iter()
+        .map(|hold| {
+            first_gw
+                .payment(&HoldId::parse(hold).unwrap())
+                .unwrap()
+                .refunds
+                == 1
+        })
+        .collect();
+    assert_eq!(refunded_first.iter().filter(|r| **r).count(), 5);
+
+    // The first process stops; a new one starts on the same Redis and Postgres.
+    let Harness { server, client } = h;
+    server.shutdown().await;
+    let mut cfg = testkit::test_config();
+    cfg.reconciler.cancel_batch = 5;
+    let server = booking_api::start(cfg).await.expect("booking-api starts");
+    // The gateway is a service outside the process that remembers the captures; the test
+    // gateway lives in the process, so the new one is told what the old one had.
+    let gw = server.engine.test_gateway().unwrap().clone();
+    for (i, (_, hold)) in orders.iter().enumerate() {
+        if !refunded_first[i] {
+            let hold = HoldId::parse(hold).unwrap();
+            gw.authorize(&hold, &format!("ok_fan{i}"), 5000, "USD")
+                .await
+                .unwrap();
+            gw.capture(&hold, &format!("ok_fan{i}")).await.unwrap();
+        }
+    }
+    let c = BookingClient::new(server.url()).with_keys(client.seller_key, client.ops_key);
+    let h = Harness { server, client: c };
+    // A test server looks after only the drops it served (`reconciler.watch_newest_drops = 0`):
+    // the cancel sent again (the same job) shows it this one; a production process takes every
+    // running job from Postgres.
+    let (status, again) = cancel_with(&h, &h.seller_key, &drop, json!({"request_id": "c"})).await;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(again["started_at"], job["started_at"], "the same job");
+    let done = wait_done(&h, &drop).await;
+    assert_eq!(
+        (&done["orders_total"], &done["orders_refunded"]),
+        (&json!(12), &json!(12)),
+        "{done}"
+    );
+    for (i, (order, hold)) in orders.iter().enumerate() {
+        assert_eq!(refund_ids(&h, order).await, vec![format!("cancel-{drop}")]);
+        let hold = HoldId::parse(hold).unwrap();
+        let (first, second) = (
+            first_gw.payment(&hold).unwrap().refunds,
+            gw.payment(&hold).map_or(0, |p| p.refunds),
+        );
+        assert_eq!(first + second, 1, "order {i} paid back once");
+    }
+    assert_eq!(h.counts(&drop).await, (40, 40, 0, 0));
+    h.assert_invariants(&drop).await;
+}
+
+/// Bad input answers its documented 4xx and changes nothing: the drop stays open, no job.
+#[tokio::test]
+async fn bad_cancels_change_nothing() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 5, 60).await;
+    let (_, hold) = buy(&h, &drop, "buyer", 2).await;
+    let before = h.counts(&drop).await;
+    let unknown = engine::ids::DropId::generate().to_string();
+    let (status, v) = cancel_with(&h, &h.seller_key, &unknown, json!({"request_id": "x"})).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("unknown_drop"))
+    );
+    let other = h
+        .server
+        .engine
+        .db()
+        .create_key(engine::db::Scope::Seller, "other-seller")
+        .await
+        .unwrap();
+    let (status, v) = cancel_with(&h, &other, &drop, json!({"request_id": "x"})).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("unknown_drop"))
+    );
+    let (status, _) = h
+        .get(&format!("/v1/drops/{drop}/cancellation"), Some(&other))
+        .await;
+    assert_eq!(status, 404);
+    let (_, fan) = h.fan("someone").await;
+    let (status, _) = cancel_with(&h, &fan, &drop, json!({"request_id": "x"})).await;
+    assert_eq!(status, 401);
+    let (status, v) = cancel_with(&h, &h.seller_key, &drop, json!({})).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (422, Some("invalid_request")),
+        "{v}"
+    );
+    let (status, v) = cancel_with(
+        &h,
+        &h.seller_key,
+        &drop,
+        json!({"request_id": "x", "extra": 1}),
+    )
+    .await;
+    assert_eq!(status, 422, "{v}");
+    let (status, v) = h
+        .get(
+            &format!("/v1/drops/{drop}/cancellation"),
+            Some(&h.seller_key),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("no_cancellation"))
+    );
+
+    assert_eq!(h.drop_view(&drop).await["status"], "open");
+    assert_eq!(h.counts(&drop).await, before);
+    assert_eq!(h.payment(&hold).await.refunds, 0);
+    let (_, audit) = h
+        .get(&format!("/v1/drops/{drop}/audit"), Some(&h.seller_key))
+        .await;
+    assert!(audit["entries"].as_array().unwrap().is_empty(), "{audit}");
+}
