@@ -15,14 +15,19 @@ use testkit::BookingClient;
 
 /// A fan buys `units` tees of `drop`; (order id, hold id).
 async fn buy(c: &BookingClient, drop: &str, name: &str, units: u32) -> (String, String) {
+    buy_with(
+        c,
+        drop,
+        name,
+        json!({"items": [{"sku": "TEE", "quantity": units}]}),
+    )
+    .await
+}
+
+/// A fan reserves `body` of `drop` and confirms it; (order id, hold id).
+async fn buy_with(c: &BookingClient, drop: &str, name: &str, body: Value) -> (String, String) {
     let (_, token) = c.fan(name).await;
-    let (status, v) = c
-        .reserve(
-            &token,
-            drop,
-            json!({"items": [{"sku": "TEE", "quantity": units}]}),
-        )
-        .await;
+    let (status, v) = c.reserve(&token, drop, body).await;
     assert_eq!(status, 201, "{v}");
     let hold = v["hold_id"].as_str().unwrap().to_owned();
     let (status, v) = c.confirm(&token, &hold, &format!("ok_{name}")).await;
@@ -105,6 +110,14 @@ async fn cancelling_a_drop_refunds_every_order_once() {
         )
         .await;
     assert_eq!(status, 201, "{v}");
+    // And one (of 2 units) it refunded in part: the job refunds the rest.
+    let (status, v) = h
+        .seller_post(
+            &format!("/v1/orders/{}/refunds", orders[1].0),
+            json!({"refund_id": "part", "items": [{"sku": "TEE", "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
 
     let (status, job) = cancel_with(&h, &h.seller_key, &drop, json!({"request_id": "c1"})).await;
     assert_eq!(status, 202, "{job}");
@@ -132,9 +145,19 @@ async fn cancelling_a_drop_refunds_every_order_once() {
     assert!(done["finished_at"].is_string(), "{done}");
     let refund_id = format!("cancel-{drop}");
     for (i, (order, hold)) in orders.iter().enumerate() {
-        let want = if i == 0 { "before" } else { refund_id.as_str() };
-        assert_eq!(refund_ids(&h, order).await, vec![want.to_owned()]);
-        assert_eq!(h.payment(hold).await.refunds, 1, "paid back once: {order}");
+        let want = match i {
+            0 => vec!["before".to_owned()],
+            1 => vec!["part".to_owned(), refund_id.clone()],
+            _ => vec![refund_id.clone()],
+        };
+        assert_eq!(refund_ids(&h, order).await, want);
+        let p = h.payment(hold).await;
+        assert_eq!(
+            p.refunds as usize,
+            want.len(),
+            "paid back once each: {order}"
+        );
+        assert_eq!(p.refunded_cents, p.amount_cents, "paid back whole: {order}");
     }
     assert_eq!(h.counts(&drop).await, (60, 60, 0, 0));
     h.assert_invariants(&drop).await;
@@ -308,4 +331,68 @@ async fn bad_cancels_change_nothing() {
         .get(&format!("/v1/drops/{drop}/audit"), Some(&h.seller_key))
         .await;
     assert!(audit["entries"].as_array().unwrap().is_empty(), "{audit}");
+}
+
+/// A seated drop cancelled by 20 requests at once, seller's and ops': one job, one audit line,
+/// every seat free again and every order paid back once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_cancels_of_a_seated_drop_make_one_job() {
+    let h = Harness::start().await;
+    let drop = h
+        .create_drop(json!({
+            "name": "seated", "per_fan_limit": 2, "hold_ttl_s": 60, "admission": {"mode": "open"},
+            "inventory": {"kind": "seated", "sections": [
+                {"section": "A", "price_cents": 100, "rows": [{"row": "1", "seats": 8}]}]}
+        }))
+        .await;
+    let mut orders = Vec::new();
+    for i in 0..4 {
+        let seats = json!({"seats": [format!("A-1-{}", 2 * i + 1), format!("A-1-{}", 2 * i + 2)]});
+        orders.push(buy_with(&h, &drop, &format!("sitter{i}"), seats).await);
+    }
+    let holds: Vec<String> = orders.iter().map(|(_, h)| h.clone()).collect();
+    wait_captured(&h, &holds).await;
+    assert_eq!(h.counts(&drop).await, (8, 0, 0, 8));
+    let answers = futures::future::join_all((0..20).map(|i| {
+        let h = &h;
+        let drop = &drop;
+        async move {
+            let key = if i % 2 == 0 {
+                &h.seller_key
+            } else {
+                &h.ops_key
+            };
+            cancel_with(h, key, drop, json!({"request_id": format!("c{i}")})).await
+        }
+    }))
+    .await;
+    let started: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|(status, v)| {
+            assert_eq!(*status, 202, "{v}");
+            v["started_at"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(started.len(), 1, "one job: {answers:?}");
+    let done = wait_done(&h, &drop).await;
+    assert_eq!(
+        (&done["orders_total"], &done["orders_refunded"]),
+        (&json!(4), &json!(4)),
+        "{done}"
+    );
+    for hold in &holds {
+        assert_eq!(h.payment(hold).await.refunds, 1);
+    }
+    assert_eq!(h.counts(&drop).await, (8, 8, 0, 0));
+    h.assert_invariants(&drop).await;
+    let (_, audit) = h
+        .get(&format!("/v1/drops/{drop}/audit"), Some(&h.seller_key))
+        .await;
+    let cancels = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "cancel")
+        .count();
+    assert_eq!(cancels, 1, "{audit}");
 }

@@ -312,3 +312,28 @@ const ORDERS_LEFT_LIST: &str = "SELECT o.order_id FROM orders o WHERE o.drop_id 
 /// How many orders of drop `$1` have something to refund (no cancel refund exists yet).
 const ORDERS_LEFT: &str = "SELECT count(*)::integer FROM orders o WHERE o.drop_id = $1 \
      AND EXISTS (SELECT 1 FROM order_items i WHERE i.order_id = o.order_id AND i.refunded < i.quantity)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `drop_cancellations.state` CHECK names exactly the enum's states.
+    #[test]
+    fn cancellation_states_match_the_sql_check() {
+        let sql = include_str!("../../../migrations/0010_drop_cancellations.sql");
+        let list = sql
+            .split_once("CHECK (state IN (")
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .expect("a CHECK (state IN (...)) on drop_cancellations.state")
+            .0;
+        let in_sql: Vec<&str> = list
+            .split(',')
+            .map(|name| name.trim().trim_matches('\''))
+            .collect();
+        let in_rust: Vec<&str> = CancellationState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(in_sql, in_rust);
+        for state in CancellationState::ALL {
+            assert_eq!(CancellationState::parse(state.as_str()).unwrap(), state);
+        }
+    }
+}
