@@ -526,6 +526,105 @@ async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
     f.stop().await;
 }
 
+/// The flake this suite had (`fault_redis_lost_its_last_writes`: a confirm answered 500, "refused
+/// by the store's final check"): a confirm began on a Redis that then lost the hold (here Redis
+/// is flushed while the payment authorizes; in the flake, a restart from an AOF copy without the
+/// hold, while the confirm's steps waited for Redis), the drop was rebuilt without it, another
+/// fan took the seat, and both orders went to Postgres — which refused the second (a seat sold
+/// twice). A confirm whose hold Redis no longer keeps is voided, not sold: the seat's new holder
+/// buys it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_hold_lost_while_its_payment_authorizes_is_not_sold() {
+    let f = Fault::start("fault-lost-mid-payment").await;
+    let mut cfg = test_config_for(&f.redis_url, &f.db_url);
+    // Each gateway call takes a second: time to lose the hold while its payment authorizes.
+    cfg.gateway.test_call_min_ms = 1_000;
+    cfg.gateway.test_call_max_ms = 1_000;
+    cfg.gateway.timeout_ms = 3_000;
+    cfg.holds.confirm_safety_margin_ms = 4_000;
+    cfg.holds.confirm_timeout_ms = 15_000;
+    let h = Harness::with_config(cfg).await;
+    let api = h.client.clone();
+    let drop = h.create_drop(seated_body(&["A"], 1, 2, 1)).await;
+    let seat = json!({"seats": ["A-1-1"]});
+
+    let first = api.fan_token("lost-first").await;
+    let r = api.reserve_reply(&first, &drop, &new_key(), &seat).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let lost = r.str("hold_id");
+    let paying = {
+        let (api, first, lost) = (api.clone(), first.clone(), lost.clone());
+        tokio::spawn(async move { api.confirm_reply(&first, &lost, "ok_lost").await })
+    };
+    // The attempt is recorded before the gateway is called: Redis loses all while it authorizes.
+    let db = h.server.engine.db().client().await.unwrap();
+    eventually("the payment attempt is recorded", || async {
+        db.query_opt(
+            "SELECT 1 FROM payment_attempts WHERE hold_id = $1",
+            &[&lost],
+        )
+        .await
+        .unwrap()
+        .is_some()
+    })
+    .await;
+    f.flushall().await;
+
+    // The drop is rebuilt from Postgres (no sale yet) and another fan takes the seat.
+    let second = api.fan_token("lost-second").await;
+    let key2 = new_key();
+    eventually("another fan holds the seat after the rebuild", || async {
+        let r = api.reserve_reply(&second, &drop, &key2, &seat).await;
+        r.check_5xx("reserve after the loss", &["unavailable", "recovering"]);
+        r.status == 201
+    })
+    .await;
+    let r = api.reserve_reply(&second, &drop, &key2, &seat).await;
+    let taken = r.str("hold_id");
+
+    let c = paying.await.unwrap();
+    assert_eq!(
+        (c.status, c.code()),
+        (404, "unknown_hold"),
+        "the lost hold's confirm: {c:?}"
+    );
+    let c = eventually_confirmed(&api, &second, &taken).await;
+    assert_eq!(c.status, 201, "the seat's new holder pays: {c:?}");
+    let orders = pg_orders(&h, &drop).await;
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    assert!(orders.contains_key(&taken), "{orders:?}");
+    let state: String = db
+        .query_one(
+            "SELECT state FROM payment_attempts WHERE hold_id = $1",
+            &[&lost],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "voided", "the lost hold's payment");
+    eventually("no hold is confirming", || async {
+        confirming(&h, &drop).await == Some(0)
+    })
+    .await;
+    assert_consistent(&f, &h, &drop).await;
+
+    h.server.shutdown().await;
+    f.stop().await;
+}
+
+/// A confirm, retried on 503 as a client would (the same reference).
+async fn eventually_confirmed(api: &BookingClient, token: &str, hold: &str) -> Reply {
+    let reference = format!("ok_{}", uuid::Uuid::new_v4());
+    for _ in 0..100 {
+        let c = api.confirm_reply(token, hold, &reference).await;
+        if c.status != 503 {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the confirm of {hold} kept answering 503");
+}
+
 // ---- 3. Redis flushed: the watcher rebuilds by itself; so does the rebuild command ---------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

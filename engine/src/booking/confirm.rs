@@ -224,6 +224,35 @@ impl Engine {
         if Instant::now() >= cut_off {
             return Err(payment_pending());
         }
+        // Redis may have lost the hold while this payment was authorized (a restart from an AOF
+        // that missed its last second, a failover): its units are then free there, and once the
+        // drop is rebuilt another fan may take and pay for them — an order committed now would
+        // meet that sale at Postgres' final check (a seat sold twice: 500, the payment voided).
+        // So only a hold Redis still keeps is committed: confirming, or held (a copy from before
+        // this confirm began: the units are still the hold's). Else this payment is voided (its
+        // authorization is over, so the void can't come first) and the fan hears how the hold
+        // ended. Known limit: a restart between this read and the commit still slips through;
+        // the confirm's finish then finds no hold and the drop is rebuilt (docs/ARCHITECTURE.md).
+        let gone = match self.redis.hold(hold).await? {
+            Some(now) if matches!(now.st, HoldState::Confirming | HoldState::Held) => None,
+            Some(_) => Some(Code::HoldExpired),
+            None => Some(Code::UnknownHold),
+        };
+        if let Some(code) = gone {
+            let voided = match self.void_and_revert(&def, hold, &rec).await {
+                Ok(voided) => voided,
+                // Voided in Postgres and at the gateway; only the hold's revert found nothing
+                // to revert (or the drop is being rebuilt, which settles the hold).
+                Err(e) if matches!(e.code, Code::UnknownHold | Code::Recovering) => true,
+                Err(e) => return Err(e),
+            };
+            // Not voided: the attempt is authorized, so its order is committed or committing
+            // (the reconciler got there first): the commit below finds it.
+            if voided {
+                tracing::warn!(%hold, "Redis lost the hold during its payment: voided, not sold");
+                return Err(Error::new(code));
+            }
+        }
         self.commit_and_finish(&def, hold, &rec)
             .await?
             .ok_or_else(|| {
