@@ -4,34 +4,10 @@
 //! buys them again. The refund's answer reaches the page as text only.
 mod common;
 
+use common::pages::{accept_confirms, drop_row, scroll_to, seller_sign_in};
 use common::Harness;
 use serde_json::json;
-use testkit::{open_browser, Page, DESKTOP, ONE_BROWSER};
-
-/// Opens the back office, signs in with the harness' seller key and answers every
-/// `window.confirm` with OK (the back office confirms each change).
-async fn sign_in(p: &Page, h: &Harness) {
-    p.goto(&h.url("/seller")).await;
-    p.el("#signin:not([hidden])").await;
-    p.fill("#seller-key", &h.seller_key).await;
-    p.click("#signin-form button[type=submit]").await;
-    p.el("#office:not([hidden])").await;
-    p.client
-        .execute("window.confirm = () => true;", vec![])
-        .await
-        .unwrap();
-}
-
-/// Scrolls the element with this id to the top of the viewport (for the screenshots).
-async fn scroll_to(p: &Page, id: &str) {
-    p.client
-        .execute(
-            "document.getElementById(arguments[0]).scrollIntoView();",
-            vec![json!(id)],
-        )
-        .await
-        .unwrap();
-}
+use testkit::{open_browser, DESKTOP, ONE_BROWSER};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_refund_an_order_and_see_the_units_back() {
@@ -54,8 +30,9 @@ async fn browser_refund_an_order_and_see_the_units_back() {
     let order = order["order_id"].as_str().unwrap().to_owned();
 
     let p = open_browser("browser_refund", DESKTOP).await;
-    sign_in(&p, &h).await;
-    let row = format!("#drops [data-drop-id=\"{drop}\"]");
+    seller_sign_in(&p, &h).await;
+    accept_confirms(&p).await;
+    let row = drop_row(&drop);
     p.wait_text(
         &format!("{row} .counts"),
         "the sale in the live counts",
