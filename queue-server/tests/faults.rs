@@ -78,6 +78,83 @@ async fn wait(
     })
 }
 
+/// A fan waiting on a socket: its id, its fan token, and what its socket heard.
+type Waiter = (FanId, String, Arc<Mutex<Fan>>);
+
+/// `n` fans named `<prefix>NNN` wait for `drop` on a socket each, until every one has been told
+/// its place and handed a receipt. The sockets' listeners come back too, for the test to end.
+async fn seat_waiters(
+    h: &Harness,
+    drop: &DropId,
+    prefix: &str,
+    n: usize,
+) -> (Vec<Waiter>, Vec<tokio::task::JoinHandle<()>>) {
+    let base = h.queue.ws_url();
+    let fans: Vec<Waiter> = (0..n)
+        .map(|i| {
+            let (fan, token) = h.fan(&format!("{prefix}{i:03}"));
+            (fan, token, Arc::new(Mutex::new(Fan::default())))
+        })
+        .collect();
+    let mut listeners = Vec::new();
+    for (_, token, seen) in &fans {
+        listeners.push(wait(&base, drop, token, json!({}), seen.clone()).await);
+    }
+    testkit::eventually("every waiter has a place and a receipt", || async {
+        fans.iter().all(|(_, _, s)| {
+            let f = s.lock().unwrap();
+            f.place > 0 && f.receipt.is_some()
+        })
+    })
+    .await;
+    (fans, listeners)
+}
+
+/// Unpauses the (paused) line until at least `k` of `fans` have been admitted on their sockets.
+async fn admit_at_least(h: &Harness, drop: &DropId, fans: &[Waiter], k: usize) {
+    h.client.set_admission(drop, json!({"paused": false})).await;
+    testkit::eventually(&format!("{k} waiters are admitted"), || async {
+        fans.iter()
+            .filter(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
+            .count()
+            >= k
+    })
+    .await;
+}
+
+/// What each fan's socket has heard so far.
+fn heard(fans: &[Waiter]) -> HashMap<FanId, Fan> {
+    fans.iter()
+        .map(|(f, _, s)| (f.clone(), s.lock().unwrap().clone()))
+        .collect()
+}
+
+/// What a returning page presents with its socket's auth: the receipt it kept and, if it was
+/// admitted, its admission token.
+fn kept(before: &Fan) -> Value {
+    let mut extras = json!({"receipt": before.receipt});
+    if let Some((admission, _)) = before.admitted.last() {
+        extras["admission_token"] = json!(admission);
+    }
+    extras
+}
+
+/// Admission runs admit the head of the line: with `waiting` as (place, shop end) pairs, in
+/// place order, admission times never fall.
+fn assert_admitted_in_place_order(mut waiting: Vec<(i64, i64)>) {
+    waiting.sort();
+    for pair in waiting.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].1,
+            "place {} was admitted (shop end {}) after place {} (shop end {}): out of order",
+            pair[0].0,
+            pair[0].1,
+            pair[1].0,
+            pair[1].1
+        );
+    }
+}
+
 /// The claims of an admission token (its middle part is base64url JSON).
 fn claims(token: &str) -> Value {
     use base64::Engine as _;
@@ -124,35 +201,10 @@ async fn fault_the_line_survives_a_redis_flush() {
     let redis_url = stack.redis_url();
 
     // 200 waiters, each on a socket, each told its place (and handed a receipt).
-    let fans: Vec<(FanId, String, Arc<Mutex<Fan>>)> = (0..WAITERS)
-        .map(|i| {
-            let (fan, token) = h.fan(&format!("w{i:03}"));
-            (fan, token, Arc::new(Mutex::new(Fan::default())))
-        })
-        .collect();
-    let mut listeners = Vec::new();
-    for (_, token, seen) in &fans {
-        listeners.push(wait(&base, &drop, token, json!({}), seen.clone()).await);
-    }
-    testkit::eventually("every waiter has a place and a receipt", || async {
-        fans.iter().all(|(_, _, s)| {
-            let f = s.lock().unwrap();
-            f.place > 0 && f.receipt.is_some()
-        })
-    })
-    .await;
+    let (fans, listeners) = seat_waiters(&h, &drop, "w", WAITERS).await;
 
     // Some are admitted (20 a second); the line's marks reach Postgres; then Redis loses all.
-    h.client
-        .set_admission(&drop, json!({"paused": false}))
-        .await;
-    testkit::eventually("30 waiters are admitted", || async {
-        fans.iter()
-            .filter(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
-            .count()
-            >= 30
-    })
-    .await;
+    admit_at_least(&h, &drop, &fans, 30).await;
     let db = h.booking.engine.db();
     testkit::eventually("the line's marks are kept", || async {
         db.line_marks(&drop).await.unwrap().place > 0
@@ -162,10 +214,7 @@ async fn fault_the_line_survives_a_redis_flush() {
     for l in listeners {
         l.abort();
     }
-    let before: HashMap<FanId, Fan> = fans
-        .iter()
-        .map(|(f, _, s)| (f.clone(), s.lock().unwrap().clone()))
-        .collect();
+    let before = heard(&fans);
     let was_admitted = |f: &FanId| !before[f].admitted.is_empty();
 
     // The drop is rebuilt and its line restored (booking-api's watcher notices the loss).
@@ -182,16 +231,12 @@ async fn fault_the_line_survives_a_redis_flush() {
     .await;
 
     // Everyone comes back, last place first, with what their page kept.
-    let mut order: Vec<&(FanId, String, Arc<Mutex<Fan>>)> = fans.iter().collect();
+    let mut order: Vec<&Waiter> = fans.iter().collect();
     order.sort_by_key(|(f, _, _)| std::cmp::Reverse(before[f].place));
     let mut listeners = Vec::new();
     for (fan, token, seen) in order {
         *seen.lock().unwrap() = Fan::default();
-        let b = &before[fan];
-        let mut extras = json!({"receipt": b.receipt});
-        if let Some((admission, _)) = b.admitted.last() {
-            extras["admission_token"] = json!(admission);
-        }
+        let extras = kept(&before[fan]);
         listeners.push(wait(&base, &drop, token, extras, seen.clone()).await);
     }
     // A fan new after the loss.
@@ -224,10 +269,7 @@ async fn fault_the_line_survives_a_redis_flush() {
             missing.len()
         );
     }
-    let after: HashMap<FanId, Fan> = fans
-        .iter()
-        .map(|(f, _, s)| (f.clone(), s.lock().unwrap().clone()))
-        .collect();
+    let after = heard(&fans);
     // The admitted have their sessions back, not a second admission: the same shop end.
     let mut waiting: Vec<(i64, i64)> = Vec::new();
     for (fan, b) in &before {
@@ -253,19 +295,8 @@ async fn fault_the_line_survives_a_redis_flush() {
         "most fans were still waiting: {}",
         waiting.len()
     );
-    // Admission runs admit the head of the line: in place order, admission times never fall.
-    waiting.sort();
-    for pair in waiting.windows(2) {
-        assert!(
-            pair[0].1 <= pair[1].1,
-            "place {} was admitted (shop end {}) after place {} (shop end {}): out of order",
-            pair[0].0,
-            pair[0].1,
-            pair[1].0,
-            pair[1].1
-        );
-    }
-    let shops_after_loss = waiting.first().unwrap().1;
+    let shops_after_loss = waiting.iter().min().unwrap().1;
+    assert_admitted_in_place_order(waiting);
     let shops_before = before
         .values()
         .flat_map(|f| f.admitted.iter().map(|(_, e)| *e))
@@ -332,44 +363,16 @@ async fn fault_cluster_failover_keeps_the_line() {
         .expect("the topology");
     let killed = owner(&nodes).expect("the drop's primary");
 
-    let fans: Vec<(FanId, String, Arc<Mutex<Fan>>)> = (0..FANS)
-        .map(|i| {
-            let (fan, token) = h.fan(&format!("c{i:03}"));
-            (fan, token, Arc::new(Mutex::new(Fan::default())))
-        })
-        .collect();
-    let mut listeners = Vec::new();
-    for (_, token, seen) in &fans {
-        listeners.push(wait(&base, &drop, token, json!({}), seen.clone()).await);
-    }
-    testkit::eventually("every waiter has a place and a receipt", || async {
-        fans.iter().all(|(_, _, s)| {
-            let f = s.lock().unwrap();
-            f.place > 0 && f.receipt.is_some()
-        })
-    })
-    .await;
+    let (fans, mut listeners) = seat_waiters(&h, &drop, "c", FANS).await;
     // Some are admitted, then admission pauses: the rest wait through the failover.
-    h.client
-        .set_admission(&drop, json!({"paused": false}))
-        .await;
-    testkit::eventually("10 waiters are admitted", || async {
-        fans.iter()
-            .filter(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
-            .count()
-            >= 10
-    })
-    .await;
+    admit_at_least(&h, &drop, &fans, 10).await;
     h.client.set_admission(&drop, json!({"paused": true})).await;
     let db = h.booking.engine.db();
     testkit::eventually("the line's marks are kept", || async {
         db.line_marks(&drop).await.unwrap().place > 0
     })
     .await;
-    let before: HashMap<FanId, Fan> = fans
-        .iter()
-        .map(|(f, _, s)| (f.clone(), s.lock().unwrap().clone()))
-        .collect();
+    let before = heard(&fans);
 
     tokio::task::block_in_place(|| stack.lock().unwrap().kill_cluster_node(killed))
         .expect("the primary is killed");
@@ -412,12 +415,8 @@ async fn fault_cluster_failover_keeps_the_line() {
         if seen.lock().unwrap().ended.is_none() {
             continue;
         }
-        let b = &before[fan];
+        let extras = kept(&before[fan]);
         *seen.lock().unwrap() = Fan::default();
-        let mut extras = json!({"receipt": b.receipt});
-        if let Some((admission, _)) = b.admitted.last() {
-            extras["admission_token"] = json!(admission);
-        }
         l.abort();
         *l = wait(&base, &drop, token, extras, seen.clone()).await;
     }
@@ -429,10 +428,7 @@ async fn fault_cluster_failover_keeps_the_line() {
             .all(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
     })
     .await;
-    let after: HashMap<FanId, Fan> = fans
-        .iter()
-        .map(|(f, _, s)| (f.clone(), s.lock().unwrap().clone()))
-        .collect();
+    let after = heard(&fans);
     assert!(
         all,
         "within 120 s some fans were never admitted: {after:#?}"
@@ -462,17 +458,7 @@ async fn fault_cluster_failover_keeps_the_line() {
         "most fans waited: {}",
         waiting.len()
     );
-    waiting.sort();
-    for pair in waiting.windows(2) {
-        assert!(
-            pair[0].1 <= pair[1].1,
-            "place {} was admitted (shop end {}) after place {} (shop end {}): out of order",
-            pair[0].0,
-            pair[0].1,
-            pair[1].0,
-            pair[1].1
-        );
-    }
+    assert_admitted_in_place_order(waiting);
     for l in listeners {
         l.abort();
     }
@@ -653,18 +639,7 @@ async fn fault_a_redis_that_lost_its_last_joins_keeps_the_line() {
         shop_ends.len(),
         all.len()
     );
-    let mut by_place: Vec<(i64, i64)> = all.iter().map(|f| (f.2, shop_ends[&f.0])).collect();
-    by_place.sort();
-    for pair in by_place.windows(2) {
-        assert!(
-            pair[0].1 <= pair[1].1,
-            "place {} was admitted (shop end {}) after place {} (shop end {})",
-            pair[0].0,
-            pair[0].1,
-            pair[1].0,
-            pair[1].1
-        );
-    }
+    assert_admitted_in_place_order(all.iter().map(|f| (f.2, shop_ends[&f.0])).collect());
     h.shutdown().await;
     std::mem::drop(stack);
 }
