@@ -13,107 +13,17 @@ mod fault_kit;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::Harness;
 use devstack::cluster::ClusterNode;
 use devstack::{free_port, Stack, StackConfig};
 use engine::ids::DropId;
-use fault_kit::{assert_consistent, eventually, pg_orders, Fault};
+use fault_kit::{assert_consistent, eventually, pg_orders, shopper, DropKind, Fault, Seen};
 use serde_json::json;
-use testkit::{new_key, test_config_for, BookingClient, Reply};
+use testkit::{new_key, test_config_for};
 
 /// Units of each drop: more than the sale sells before the end, so both still sell then.
 const UNITS: u32 = 10_000;
-
-/// What the shoppers of one drop saw.
-#[derive(Default)]
-struct Seen {
-    reserves: usize,
-    confirms: usize,
-    /// 5xx answers by "<what> <status> <code>".
-    errors: HashMap<String, usize>,
-    /// (fan token, hold id, the confirm's answer if it was paid for)
-    holds: Vec<(String, String, Option<Reply>)>,
-}
-
-/// One shopper of one GA drop: fan after fan reserves one or two units and pays for most holds,
-/// retrying a 503 as a client would (the same Idempotency-Key), until `stop`.
-async fn shopper(
-    api: BookingClient,
-    drop: String,
-    stop: Arc<AtomicBool>,
-    confirmed: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Seen>>,
-) {
-    let pause = || tokio::time::sleep(Duration::from_millis(rand::random_range(5..40)));
-    let note = |what: &str, r: &Reply| {
-        if r.status >= 500 {
-            let key = format!("{what} {} {}", r.status, r.code());
-            *seen.lock().unwrap().errors.entry(key).or_default() += 1;
-        }
-    };
-    'fans: while !stop.load(Ordering::SeqCst) {
-        let token = api
-            .fan_token(&format!("failover-{}", uuid::Uuid::new_v4()))
-            .await;
-        while !stop.load(Ordering::SeqCst) {
-            let body = json!({"items": [{"sku": "TEE", "quantity": rand::random_range(1..=2)}]});
-            let idem = new_key();
-            let r = loop {
-                let r = api.reserve_reply(&token, &drop, &idem, &body).await;
-                r.check_5xx("reserve", &["unavailable", "recovering"]);
-                seen.lock().unwrap().reserves += 1;
-                note("reserve", &r);
-                if r.status != 503 || stop.load(Ordering::SeqCst) {
-                    break r;
-                }
-                pause().await;
-            };
-            let hold = match (r.status, r.code()) {
-                (201, _) => r.str("hold_id"),
-                (409, "insufficient_stock" | "all_held" | "sold_out") => {
-                    pause().await;
-                    continue;
-                }
-                (422, "limit_exceeded") => continue 'fans,
-                (503, _) => break 'fans,
-                _ => panic!("reserve {body}: unexpected {r:?}"),
-            };
-            if rand::random_bool(0.25) {
-                seen.lock().unwrap().holds.push((token.clone(), hold, None));
-                continue;
-            }
-            let reference = format!("ok_{}", uuid::Uuid::new_v4());
-            let c = loop {
-                let c = api.confirm_reply(&token, &hold, &reference).await;
-                c.check_5xx("confirm", &["unavailable", "payment_pending", "recovering"]);
-                seen.lock().unwrap().confirms += 1;
-                note("confirm", &c);
-                if c.status != 503 || stop.load(Ordering::SeqCst) {
-                    break c;
-                }
-                pause().await;
-            };
-            match (c.status, c.code()) {
-                (200 | 201, _) => {
-                    assert_eq!(c.str("hold_id"), hold);
-                    confirmed.fetch_add(1, Ordering::SeqCst);
-                }
-                // Ended by the rebuild (a hold the failover lost), refused cleanly.
-                (404, "unknown_hold") | (410, "hold_expired") => {}
-                // Given up at `stop`: the reconciler settles it.
-                (503, _) => {}
-                _ => panic!("confirm {hold}: unexpected {c:?}"),
-            }
-            seen.lock()
-                .unwrap()
-                .holds
-                .push((token.clone(), hold, Some(c)));
-            pause().await;
-        }
-    }
-}
 
 /// The primary serving `slot`, as a running node sees the cluster now.
 fn owner(nodes: &[ClusterNode], slot: u16) -> Option<&ClusterNode> {
@@ -195,6 +105,7 @@ async fn fault_cluster_primary_killed_mid_sale_fails_over_one_shard() {
             tokio::spawn(shopper(
                 api.clone(),
                 drop.clone(),
+                DropKind::Ga,
                 stop.clone(),
                 confirmed[drop].clone(),
                 seen[drop].clone(),
@@ -283,7 +194,7 @@ async fn fault_cluster_primary_killed_mid_sale_fails_over_one_shard() {
         .await;
         let orders = pg_orders(&h, drop).await;
         let mut answered = 0;
-        for (token, hold, c) in &seen.holds {
+        for (_, token, hold, c) in &seen.holds {
             let Some(c) = c.as_ref().filter(|c| c.status == 200 || c.status == 201) else {
                 continue;
             };

@@ -20,7 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::Harness;
-use fault_kit::{assert_consistent, confirming, eventually, key, pg_orders, seated_body, Fault};
+use fault_kit::{
+    assert_consistent, confirming, eventually, key, pg_orders, seated_body, shopper, DropKind,
+    Fault, Seen,
+};
 use futures::future::join_all;
 use serde_json::{json, Value};
 use testkit::{new_key, test_config_for, BookingClient, Reply};
@@ -220,120 +223,6 @@ async fn fault_postgres_stopped_during_confirms() {
 
 // ---- 2. Redis killed (SIGKILL) mid-burst and restarted from its AOF ------------------------------
 
-/// What the shoppers saw, for the checks afterwards.
-#[derive(Default)]
-struct Seen {
-    reserves: usize,
-    reserve_503: HashMap<String, usize>,
-    confirm_503: HashMap<String, usize>,
-    /// (drop, fan token, hold id, the last confirm answer if the hold was confirmed)
-    holds: Vec<(String, String, String, Option<Reply>)>,
-}
-
-/// One shopper: a fan after another reserves (GA units, best-available or named seats) and pays
-/// for most holds, retrying 503s as a client would, until `stop`.
-async fn shopper(
-    api: BookingClient,
-    drop: String,
-    seated: bool,
-    stop: Arc<AtomicBool>,
-    confirmed: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Seen>>,
-) {
-    let retry = |r: &Reply| r.status == 503 && !stop.load(Ordering::SeqCst);
-    let pause = || tokio::time::sleep(Duration::from_millis(rand::random_range(5..40)));
-    'fans: while !stop.load(Ordering::SeqCst) {
-        let token = api
-            .fan_token(&format!("kill-{}", uuid::Uuid::new_v4()))
-            .await;
-        while !stop.load(Ordering::SeqCst) {
-            let body = if !seated {
-                json!({"items": [{"sku": "TEE", "quantity": rand::random_range(1..=2)}]})
-            } else if rand::random_bool(0.5) {
-                let section = ["A", "B"][rand::random_range(0..2)];
-                json!({"best_available": {"section": section, "quantity": rand::random_range(1..=2)}})
-            } else {
-                let section = ["A", "B"][rand::random_range(0..2)];
-                let seat = format!(
-                    "{section}-{}-{}",
-                    rand::random_range(1..=10),
-                    rand::random_range(1..=20)
-                );
-                json!({"seats": [seat]})
-            };
-            // Retries reuse the Idempotency-Key, as a client retrying one request does.
-            let idem = new_key();
-            let r = loop {
-                let r = api.reserve_reply(&token, &drop, &idem, &body).await;
-                r.check_5xx("reserve", &["unavailable", "recovering"]);
-                {
-                    let mut s = seen.lock().unwrap();
-                    s.reserves += 1;
-                    if r.status == 503 {
-                        *s.reserve_503.entry(r.code().to_owned()).or_default() += 1;
-                    }
-                }
-                if !retry(&r) {
-                    break r;
-                }
-                pause().await;
-            };
-            let hold = match (r.status, r.code()) {
-                (201, _) => r.str("hold_id"),
-                (409, "seat_unavailable" | "insufficient_stock" | "all_held" | "sold_out") => {
-                    pause().await;
-                    continue;
-                }
-                (422, "limit_exceeded") => continue 'fans,
-                (503, _) => break 'fans,
-                _ => panic!("reserve {body}: unexpected {r:?}"),
-            };
-            if rand::random_bool(0.25) {
-                // Left held: live holds must survive recovery (or end cleanly).
-                seen.lock()
-                    .unwrap()
-                    .holds
-                    .push((drop.clone(), token.clone(), hold, None));
-                continue;
-            }
-            let reference = format!("ok_{}", uuid::Uuid::new_v4());
-            let c = loop {
-                let c = api.confirm_reply(&token, &hold, &reference).await;
-                c.check_5xx("confirm", &["unavailable", "payment_pending", "recovering"]);
-                if c.status == 503 {
-                    *seen
-                        .lock()
-                        .unwrap()
-                        .confirm_503
-                        .entry(c.code().to_owned())
-                        .or_default() += 1;
-                }
-                if !retry(&c) {
-                    break c;
-                }
-                pause().await;
-            };
-            match (c.status, c.code()) {
-                (200 | 201, _) => {
-                    assert_eq!(c.str("hold_id"), hold);
-                    confirmed.fetch_add(1, Ordering::SeqCst);
-                }
-                // The hold was lost with the AOF's last second, or recovery ended it because
-                // Postgres sold its seat meanwhile: refused cleanly, nothing charged.
-                (404, "unknown_hold") | (410, "hold_expired") => {}
-                // Given up at `stop`: the reconciler settles it.
-                (503, _) => {}
-                _ => panic!("confirm {hold}: unexpected {c:?}"),
-            }
-            seen.lock()
-                .unwrap()
-                .holds
-                .push((drop.clone(), token.clone(), hold, Some(c)));
-            pause().await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_redis_killed_and_restarted_from_aof() {
     burst_through_a_redis_crash("fault-redis-kill", false).await;
@@ -363,15 +252,15 @@ async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let shoppers: Vec<_> = (0..60)
         .map(|i| {
-            let (drop, is_seated) = if i % 2 == 0 {
-                (ga.clone(), false)
+            let (drop, kind) = if i % 2 == 0 {
+                (ga.clone(), DropKind::Ga)
             } else {
-                (seated.clone(), true)
+                (seated.clone(), DropKind::Seated)
             };
             tokio::spawn(shopper(
                 api.clone(),
                 drop,
-                is_seated,
+                kind,
                 stop.clone(),
                 confirmed.clone(),
                 seen.clone(),
@@ -485,12 +374,12 @@ async fn burst_through_a_redis_crash(stack: &str, lose_writes: bool) {
         .map(|r| r.get(0))
         .collect();
     eprintln!(
-        "{stack}: {} reserves (503s: {:?}), {} holds \
-         ({outcomes:?}), confirm 503s: {:?}; rebuilds: {notes:?}",
+        "{stack}: {} reserves, {} confirms (5xx: {:?}), {} holds ({outcomes:?}); rebuilds: \
+         {notes:?}",
         seen.reserves,
-        seen.reserve_503,
-        seen.holds.len(),
-        seen.confirm_503
+        seen.confirms,
+        seen.errors,
+        seen.holds.len()
     );
     let orders: HashMap<String, HashMap<String, String>> = HashMap::from([
         (ga.clone(), pg_orders(&h, &ga).await),

@@ -1,17 +1,21 @@
-//! What the fault tests share (booking-api/tests/faults.rs and netfaults.rs): a stack of the
-//! test's own ([`Fault`]), and the checks every fault run ends with ([`assert_consistent`]: Redis
-//! agrees with itself and with Postgres hold by hold, nothing is sold twice, the books balance).
+//! What the fault tests share (booking-api/tests/faults.rs, cluster_faults.rs, netfaults.rs,
+//! recovery.rs): a stack of the test's own ([`Fault`]), shoppers that reserve and pay through
+//! the fault ([`shopper`]), and the checks every fault run ends with ([`assert_consistent`]:
+//! Redis agrees with itself and with Postgres hold by hold, nothing is sold twice, the books
+//! balance).
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devstack::{free_port, BehindLink, NetLink, Stack, StackConfig};
 use engine::ids::DropId;
 use serde_json::{json, Value};
+use testkit::{new_key, BookingClient, Reply};
 
 use crate::common::Harness;
 
@@ -347,4 +351,134 @@ pub fn seated_body(sections: &[&str], rows: u32, seats: u32, per_fan_limit: u32)
             "rows": (1..=rows).map(|r| json!({"row": r.to_string(), "seats": seats})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>()}
     })
+}
+
+// ---- shoppers -----------------------------------------------------------------------------------
+
+/// What a shopper buys: GA units, or a seated drop's seats (sections `A` and `B`, 10 rows of 20,
+/// as [`seated_body`] makes them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropKind {
+    Ga,
+    Seated,
+}
+
+/// What shoppers saw, for the checks afterwards.
+#[derive(Default)]
+pub struct Seen {
+    /// Reserve and confirm requests sent, retries included.
+    pub reserves: usize,
+    pub confirms: usize,
+    /// 5xx answers by "<what> <status> <code>" (e.g. `reserve 503 recovering`).
+    pub errors: HashMap<String, usize>,
+    /// (drop, fan token, hold id, the confirm's last answer if the hold was paid for)
+    pub holds: Vec<(String, String, String, Option<Reply>)>,
+}
+
+/// One shopper: fan after fan reserves (GA units; best-available or named seats) and pays for
+/// most holds, retrying a 503 as a client would (the same Idempotency-Key, the same payment
+/// reference), until `stop`; a quarter of the holds are left held (live holds must survive a
+/// recovery or end cleanly).
+pub async fn shopper(
+    api: BookingClient,
+    drop: String,
+    kind: DropKind,
+    stop: Arc<AtomicBool>,
+    confirmed: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Seen>>,
+) {
+    let retry = |r: &Reply| r.status == 503 && !stop.load(Ordering::SeqCst);
+    let pause = || tokio::time::sleep(Duration::from_millis(rand::random_range(5..40)));
+    let note = |what: &str, r: &Reply| {
+        let mut s = seen.lock().unwrap();
+        match what {
+            "reserve" => s.reserves += 1,
+            _ => s.confirms += 1,
+        }
+        if r.status >= 500 {
+            let key = format!("{what} {} {}", r.status, r.code());
+            *s.errors.entry(key).or_default() += 1;
+        }
+    };
+    'fans: while !stop.load(Ordering::SeqCst) {
+        let token = api
+            .fan_token(&format!("shopper-{}", uuid::Uuid::new_v4()))
+            .await;
+        while !stop.load(Ordering::SeqCst) {
+            let body = reserve_body(kind);
+            let idem = new_key();
+            let r = loop {
+                let r = api.reserve_reply(&token, &drop, &idem, &body).await;
+                r.check_5xx("reserve", &["unavailable", "recovering"]);
+                note("reserve", &r);
+                if !retry(&r) {
+                    break r;
+                }
+                pause().await;
+            };
+            let hold = match (r.status, r.code()) {
+                (201, _) => r.str("hold_id"),
+                (409, "insufficient_stock" | "all_held" | "sold_out") => {
+                    pause().await;
+                    continue;
+                }
+                (409, "seat_unavailable") if kind == DropKind::Seated => {
+                    pause().await;
+                    continue;
+                }
+                (422, "limit_exceeded") => continue 'fans,
+                (503, _) => break 'fans,
+                _ => panic!("reserve {body}: unexpected {r:?}"),
+            };
+            if rand::random_bool(0.25) {
+                let held = (drop.clone(), token.clone(), hold, None);
+                seen.lock().unwrap().holds.push(held);
+                continue;
+            }
+            let reference = format!("ok_{}", uuid::Uuid::new_v4());
+            let c = loop {
+                let c = api.confirm_reply(&token, &hold, &reference).await;
+                c.check_5xx("confirm", &["unavailable", "payment_pending", "recovering"]);
+                note("confirm", &c);
+                if !retry(&c) {
+                    break c;
+                }
+                pause().await;
+            };
+            match (c.status, c.code()) {
+                (200 | 201, _) => {
+                    assert_eq!(c.str("hold_id"), hold);
+                    confirmed.fetch_add(1, Ordering::SeqCst);
+                }
+                // The hold was lost with Redis' last writes, or a rebuild ended it (Postgres sold
+                // its seat meanwhile): refused cleanly, nothing charged.
+                (404, "unknown_hold") | (410, "hold_expired") => {}
+                // Given up at `stop`: the reconciler settles it.
+                (503, _) => {}
+                _ => panic!("confirm {hold}: unexpected {c:?}"),
+            }
+            let paid = (drop.clone(), token.clone(), hold, Some(c));
+            seen.lock().unwrap().holds.push(paid);
+            pause().await;
+        }
+    }
+}
+
+/// A reserve's body: one or two GA units; or, half the time each, one or two best-available
+/// seats of a section, or one named seat.
+fn reserve_body(kind: DropKind) -> Value {
+    let section = ["A", "B"][rand::random_range(0..2)];
+    match kind {
+        DropKind::Ga => {
+            json!({"items": [{"sku": "TEE", "quantity": rand::random_range(1..=2)}]})
+        }
+        DropKind::Seated if rand::random_bool(0.5) => {
+            json!({"best_available": {"section": section, "quantity": rand::random_range(1..=2)}})
+        }
+        DropKind::Seated => {
+            let row = rand::random_range(1..=10);
+            let seat = format!("{section}-{row}-{}", rand::random_range(1..=20));
+            json!({"seats": [seat]})
+        }
+    }
 }
