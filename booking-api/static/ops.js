@@ -173,6 +173,13 @@
     });
   }
 
+  /** The line's state as words: the state's own word with spaces ("sold out", "all held"), but
+   *  the waiting list by its name (the state word is `waitlist`). */
+  const STATE_LABELS = { waitlist: 'waiting list' };
+  function stateLabel(s) {
+    return STATE_LABELS[s] || String(s).replace(/_/g, ' ');
+  }
+
   function render() {
     const last = samples[samples.length - 1];
     if (!last) return;
@@ -184,7 +191,7 @@
       draw(tile.querySelector('svg'), f, now);
     }
     const state = $('line-state');
-    state.textContent = last.state.replace('_', ' ');
+    state.textContent = stateLabel(last.state);
     state.dataset.state = last.state;
     $('updated').textContent = `· updated ${fmtTime(last.at_ms)}`;
     $('paused-now').textContent = last.paused ? 'paused' : 'running';

@@ -271,6 +271,70 @@ async fn browser_ops_pause_and_rate_change_reach_the_fan_page_and_the_audit_log(
     s.stop().await;
 }
 
+/// A drop on its waiting list (sold out with `admission.waitlist` on): the console labels the
+/// line's state "waiting list", as it labels the others ("sold out", "all held"), not with the
+/// raw word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_ops_labels_the_waiting_list() {
+    let _one = ONE_BROWSER.lock().await;
+    let s = Stack::start(testkit::test_config()).await;
+    let drop = s
+        .client
+        .create_drop(json!({
+            "name": "ops waiting list", "per_fan_limit": 1, "hold_ttl_s": 300,
+            "admission": {"mode": "queue", "rate_per_s": 1000, "burst": 1000, "max_active": 1000,
+                          "waitlist": true, "offer_window_s": 60},
+            "inventory": {"kind": "ga", "skus": [{"sku": "TEE", "name": "Tee", "price_cents": 2500, "quantity": 1}]}
+        }))
+        .await;
+    // One fan joins, is admitted and buys the one tee: sold out, the line is the waiting list.
+    let (_, token) = s.client.fan("ops-buyer").await;
+    let line = format!("{}/v1/drops/{drop}/queue", s.queue.url());
+    let (status, v) = s
+        .client
+        .call(s.client.http.post(&line).bearer_auth(&token))
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let admission = std::sync::Mutex::new(String::new());
+    testkit::eventually("the fan is admitted", || async {
+        let me = format!("{line}/me");
+        let (_, v) = s
+            .client
+            .call(s.client.http.get(me).bearer_auth(&token))
+            .await;
+        let got = v["admission_token"].as_str().unwrap_or_default();
+        *admission.lock().unwrap() = got.to_owned();
+        !got.is_empty()
+    })
+    .await;
+    let admission = admission.into_inner().unwrap();
+    let (status, hold) = s
+        .client
+        .reserve_with(
+            &token,
+            &drop,
+            Some(&testkit::new_key()),
+            Some(&admission),
+            json!({"items": [{"sku": "TEE", "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{hold}");
+    let hold = hold["hold_id"].as_str().unwrap().to_owned();
+    let (status, order) = s.client.confirm(&token, &hold, "ok_ops").await;
+    assert_eq!(status, 201, "{order}");
+
+    let p = open_browser("ops_waiting_list", DESKTOP).await;
+    sign_in(&p, &s).await;
+    pick(&p, &drop).await;
+    p.el("#line-state[data-state=\"waitlist\"]").await;
+    p.wait_text("#line-state", "the waiting list's label", |t| {
+        t == "waiting list"
+    })
+    .await;
+    p.close().await;
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_ops_console_fits_a_phone() {
     let _one = ONE_BROWSER.lock().await;
