@@ -1,8 +1,8 @@
 //! Cancelling a whole drop (issue 15): `POST /v1/drops/{id}/cancel` closes the drop (audited as
 //! `cancel`) and records a job in Postgres (migrations/0010_drop_cancellations.sql) that the
 //! reconciler's rounds work in batches of `reconciler.cancel_batch`, refunding every order whole
-//! through the refunds engine with the refund id `cancel-<drop>`; `GET …/cancellation` reports its
-//! progress. Every order is refunded and paid back once, Redis' stock and Postgres' books agree
+//! through the refunds engine with the refund id `cancel-<drop>`; `GET …/cancellation` reports
+//! its progress. Every order is refunded and paid back once, Redis' stock and Postgres' books agree
 //! at the end, the same request again is the same job, and a job a process left halfway (stopped
 //! after one batch) is finished by the next process.
 mod common;
@@ -395,4 +395,47 @@ async fn concurrent_cancels_of_a_seated_drop_make_one_job() {
         .filter(|e| e["action"] == "cancel")
         .count();
     assert_eq!(cancels, 1, "{audit}");
+}
+
+/// An archived drop may be cancelled too: its orders are refunded from Postgres (state `closed`,
+/// nothing back on sale), paid back once, and Postgres' books count the units returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_archived_drop_is_cancelled_from_postgres() {
+    let mut cfg = testkit::test_config();
+    cfg.drops.archive_after_s = 0;
+    let h = Harness::with_config(cfg).await;
+    let drop = h.ga_drop(10, 5, 600).await;
+    let mut orders = Vec::new();
+    for i in 0..3 {
+        orders.push(buy(&h, &drop, &format!("fan{i}"), 2).await);
+    }
+    let holds: Vec<String> = orders.iter().map(|(_, h)| h.clone()).collect();
+    wait_captured(&h, &holds).await;
+    let (status, v) = h
+        .seller_post(&format!("/v1/drops/{drop}/close"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(h.server.engine.archive_round().await, 1);
+
+    let (status, job) = cancel_with(&h, &h.ops_key, &drop, json!({"request_id": "c"})).await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["orders_total"], 3, "{job}");
+    let done = wait_done(&h, &drop).await;
+    assert_eq!(done["orders_refunded"], 3, "{done}");
+    let db = h.server.engine.db().client().await.unwrap();
+    let row = db
+        .query_one(
+            "SELECT (SELECT sold::bigint FROM inventory WHERE drop_id = $1), \
+             (SELECT coalesce(sum(delta_sold), 0)::bigint FROM stock_ledger WHERE drop_id = $1), \
+             (SELECT count(*) FROM refunds WHERE drop_id = $1 AND state = 'closed'), \
+             (SELECT archived_at IS NOT NULL FROM drops WHERE drop_id = $1)",
+            &[&drop],
+        )
+        .await
+        .unwrap();
+    let got: (i64, i64, i64, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(got, (0, 0, 3, true));
+    for hold in &holds {
+        assert_eq!(h.payment(hold).await.refunds, 1);
+    }
 }

@@ -66,7 +66,8 @@ pub struct CancellationView {
 }
 
 const CANCELLATION_COLUMNS: &str =
-    "drop_id, request_id, state, orders_total::bigint, orders_refunded::bigint, started_at, finished_at";
+    "drop_id, request_id, state, orders_total::bigint, orders_refunded::bigint, \
+     started_at, finished_at";
 
 fn cancellation_view(row: &tokio_postgres::Row) -> Result<CancellationView> {
     Ok(CancellationView {
@@ -126,6 +127,7 @@ impl Engine {
         if let Some(row) = existing {
             tx.commit().await?;
             self.watch_drop(drop);
+            lock(&self.cancelled_here).insert(drop.clone());
             return Ok(Made::Existing(cancellation_view(&row)?));
         }
         tx.execute(
@@ -157,6 +159,7 @@ impl Engine {
             self.redis.set_meta(drop, "status", "closed").await?;
         }
         self.watch_drop(drop);
+        lock(&self.cancelled_here).insert(drop.clone());
         Ok(Made::New(cancellation_view(&row)?))
     }
 
@@ -186,8 +189,8 @@ impl Engine {
 
     /// One round of the cancel job: each running cancellation (at most
     /// `reconciler.max_drops_watched` of them; a process that looks after only the drops it
-    /// served takes only those) whose round lease this instance holds gets one batch. How many
-    /// orders it refunded.
+    /// served takes only those and those it was asked to cancel) whose round lease this
+    /// instance holds gets one batch. How many orders it refunded.
     pub async fn cancel_round(&self) -> usize {
         let drops = match self.running_cancellations().await {
             Ok(drops) => drops,
@@ -221,7 +224,11 @@ impl Engine {
                 &[&(self.cfg.reconciler.max_drops_watched as i64)],
             )
             .await?;
-        let only = (self.cfg.reconciler.watch_newest_drops == 0).then(|| self.watched_drops());
+        let only = (self.cfg.reconciler.watch_newest_drops == 0).then(|| {
+            let mut drops = self.watched_drops();
+            drops.extend(lock(&self.cancelled_here).iter().cloned());
+            drops
+        });
         Ok(rows
             .iter()
             .filter_map(|r| DropId::parse(r.get(0)).ok())
@@ -278,10 +285,11 @@ impl Engine {
             }
         }
         // Progress: the cancel refunds finished, and those recorded plus the orders still left.
-        self.db
+        let state = self
+            .db
             .client()
             .await?
-            .execute(
+            .query_opt(
                 &format!(
                     "WITH mine AS (SELECT count(*) AS recorded, \
                         count(*) FILTER (WHERE state IN ('returned', 'closed')) AS finished \
@@ -294,11 +302,15 @@ impl Engine {
                             THEN 'done' ELSE 'running' END, \
                         finished_at = CASE WHEN left_.n = 0 AND mine.finished = mine.recorded \
                             THEN now() END \
-                     FROM mine, left_ WHERE drop_id = $1 AND state = 'running'"
+                     FROM mine, left_ WHERE drop_id = $1 AND drop_cancellations.state = 'running' \
+                     RETURNING drop_cancellations.state"
                 ),
                 &[&drop.as_str(), &refund_id],
             )
             .await?;
+        if state.is_some_and(|row| row.get::<_, &str>(0) == "done") {
+            lock(&self.cancelled_here).remove(drop);
+        }
         Ok(refunded)
     }
 }
@@ -307,11 +319,13 @@ impl Engine {
 /// cancel job's work list; `orders_drop_recent` and the refunds' primary key serve it).
 const ORDERS_LEFT_LIST: &str = "SELECT o.order_id FROM orders o WHERE o.drop_id = $1 \
      AND NOT EXISTS (SELECT 1 FROM refunds r WHERE r.order_id = o.order_id AND r.refund_id = $2) \
-     AND EXISTS (SELECT 1 FROM order_items i WHERE i.order_id = o.order_id AND i.refunded < i.quantity)";
+     AND EXISTS (SELECT 1 FROM order_items i \
+        WHERE i.order_id = o.order_id AND i.refunded < i.quantity)";
 
 /// How many orders of drop `$1` have something to refund (no cancel refund exists yet).
 const ORDERS_LEFT: &str = "SELECT count(*)::integer FROM orders o WHERE o.drop_id = $1 \
-     AND EXISTS (SELECT 1 FROM order_items i WHERE i.order_id = o.order_id AND i.refunded < i.quantity)";
+     AND EXISTS (SELECT 1 FROM order_items i \
+        WHERE i.order_id = o.order_id AND i.refunded < i.quantity)";
 
 #[cfg(test)]
 mod tests {

@@ -109,6 +109,11 @@ pub struct Engine {
     /// …plus every drop this process served lately, so its own drops are never crowded out.
     touched: Mutex<HashMap<DropId, Instant>>,
     recovering: Mutex<HashMap<DropId, Instant>>,
+    /// Drops this process was asked to cancel: a process that looks after only the drops it
+    /// served (`reconciler.watch_newest_drops = 0`) still works their jobs, archived ones
+    /// included (booking/cancel.rs). Bounded by the running jobs asked of this process: a job
+    /// leaves when done.
+    cancelled_here: Mutex<std::collections::HashSet<DropId>>,
     /// What this process's rebuilds did ([`Engine::recovery_stats`]).
     recovery_stats: Mutex<RebuildReport>,
     /// Other instances' rebuilds in progress as this watcher last saw them: (token, slices done)
@@ -191,6 +196,7 @@ impl Engine {
             inflight: Mutex::new(HashMap::new()),
             watched: Mutex::new(Vec::new()),
             touched: Mutex::new(HashMap::new()),
+            cancelled_here: Mutex::new(Default::default()),
             recovering: Mutex::new(HashMap::new()),
             recovery_stats: Mutex::new(RebuildReport::default()),
             rebuilds_seen: Mutex::new(HashMap::new()),
