@@ -278,6 +278,36 @@
   }
 
   /**
+   * Cancels a drop (POST …/cancel): it closes at once and a job refunds every order; the row
+   * shows the job's progress (GET …/cancellation) until it is done. The request id is the drop's
+   * own, so a retry is the same request — and the drop cancelled again is the same job anyway.
+   */
+  async function cancelDrop(id, name, row) {
+    if (!window.confirm(`Cancel “${name}”? It closes, and every order is refunded.`)) return;
+    const cell = row.querySelector('.cancel-state');
+    const shown = (job) => {
+      cell.textContent = job.state === 'done'
+        ? `Cancelled: ${job.orders_refunded} of ${job.orders_total} orders refunded.`
+        : `Cancelling: ${job.orders_refunded} of ${job.orders_total} orders refunded…`;
+    };
+    const path = `/v1/drops/${encodeURIComponent(id)}`;
+    try {
+      let job = await api('POST', `${path}/cancel`, { request_id: `cancel-${id}` });
+      shown(job);
+      $('status').textContent = `Drop ${id} cancelled; its orders are being refunded.`;
+      await loadDrops();
+      while (job.state !== 'done') {
+        await new Promise((resolve) => setTimeout(resolve, 1000));
+        job = await api('GET', `${path}/cancellation`);
+        shown(job);
+      }
+      await loadDrops();
+    } catch (e) {
+      show('drops-error', `Couldn't cancel the drop: ${e.message}`);
+    }
+  }
+
+  /**
    * The "add stock" form of one SKU. Its request id is kept while the answer is unknown (a
    * network error, a 5xx): sending the same amount again then retries that request, which the
    * API adds once; a new amount, an answer or a 4xx starts a new one.
@@ -351,6 +381,7 @@
     const name = String(d.name || d.drop_id);
     const close = h('button', { type: 'button', class: 'close-drop' }, 'Close');
     close.addEventListener('click', () => closeDrop(d.drop_id, name));
+    const cancel = h('button', { type: 'button', class: 'cancel-drop' }, 'Cancel drop');
     row = h('tr', { class: 'drop-row', 'data-drop-id': d.drop_id },
       h('td', null, h('a', { href: `/drops/${encodeURIComponent(d.drop_id)}` }, name),
         h('div', { class: 'hint' }, `${d.kind} · ${d.drop_id}`)),
@@ -358,7 +389,8 @@
       h('td', null, fmtDateTime(d.opens_at)),
       h('td', { class: 'counts' }, '—'),
       h('td', { class: 'revenue' }, '—'),
-      h('td', null, close));
+      h('td', null, close, ' ', cancel, h('div', { class: 'cancel-state hint' })));
+    cancel.addEventListener('click', () => cancelDrop(d.drop_id, name, row));
     dropRows.set(d.drop_id, row);
     return row;
   }
