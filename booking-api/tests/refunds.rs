@@ -710,6 +710,46 @@ async fn an_unfinished_refund_is_resumed_by_the_background_round() {
     h.assert_invariants(&drop).await;
 }
 
+/// A refund whose units Redis can't take back — its sold count disagrees with Postgres', so
+/// lua/refund.lua answers `out_of_step` — puts the drop through recovery, as other out-of-step
+/// findings do: the rebuild from Postgres counts the refund as returned and writes its marker, and
+/// the next resume round finds it `already` and finishes it. Without the rebuild it would stay
+/// `gateway_done`, retried by every round forever.
+#[tokio::test]
+async fn a_refund_redis_cannot_return_puts_the_drop_through_recovery() {
+    let mut cfg = testkit::test_config();
+    cfg.reconciler.refund_resume_after_ms = 100;
+    let h = Harness::with_config(cfg).await;
+    let drop = h.ga_drop(10, 5, 60).await;
+    let (order, hold) = buy(
+        &h,
+        &drop,
+        "buyer",
+        json!({"items": [{"sku": "TEE", "quantity": 2}]}),
+    )
+    .await;
+    assert_eq!(h.counts(&drop).await, (10, 8, 0, 2));
+    // Redis forgot the sale (its counts still add up, to a drop that sold nothing).
+    let stock = format!("fg:{{{drop}}}:stock");
+    common::redis_cli(&["HSET", &stock, "s:TEE", "0", "a:TEE", "10"]).await;
+    let (status, v) = refund(&h, &order, json!({"refund_id": "out-of-step"})).await;
+    assert!(status == 201 || status == 202, "{status} {v}");
+    assert_eq!(v["state"], "gateway_done", "Redis refused the units: {v}");
+    testkit::wait::eventually(
+        "the rebuild and the resume round finish the refund",
+        || async {
+            let (_, list) = h
+                .get(&format!("/v1/orders/{order}/refunds"), Some(&h.seller_key))
+                .await;
+            list["refunds"][0]["state"] == "returned"
+        },
+    )
+    .await;
+    assert_eq!(h.counts(&drop).await, (10, 10, 0, 0));
+    assert_eq!(h.payment(&hold).await.refunds, 1);
+    h.assert_invariants(&drop).await;
+}
+
 /// A closed drop's order is refunded too: paid back and counted, state `closed` (nothing sells).
 #[tokio::test]
 async fn a_closed_drops_order_is_refunded_with_state_closed() {

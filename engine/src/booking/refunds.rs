@@ -410,8 +410,13 @@ impl Engine {
             }
             RefundReturn::HoldNotSold => Ok(None),
             RefundReturn::OutOfStep => {
+                // Redis disagrees with Postgres (it hasn't the sale this returns): rebuild the
+                // drop from Postgres, as a sale the store refused does (confirm.rs). The rebuild
+                // counts the recorded refund as returned and writes its marker, so the next
+                // round's step 3 answers `already`; until then, left unfinished.
                 tracing::warn!(%drop, order = %rec.order_id, refund = %rec.refund_id,
-                    "refund: Redis hasn't the sale it returns; left for a rebuild");
+                    "refund: Redis hasn't the sale it returns; the drop is rebuilt");
+                self.redis.set_meta(&drop, "recovering", "1").await?;
                 Ok(None)
             }
         }
