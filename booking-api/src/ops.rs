@@ -7,7 +7,11 @@
 //! naming a key is refused (422) before the upgrade. Then the server sends the drops the console
 //! may pick (`drops`); the client picks one (`{"type":"watch","drop_id":"…"}`) and hears its
 //! chart history (`history`) and a `figures` frame a second until it picks another or closes.
-//! At most `http.ops_stream_max_subscribers` sockets at once per process (503 past it).
+//! At most `http.ops_stream_max_subscribers` authenticated streams at once per process: the slot
+//! is taken after the auth frame, so sockets that never authenticate (bounded by
+//! `http.max_connections` and the auth timeout) can't hold the slots and lock ops out. Past the
+//! bound, a 503 before the upgrade when it's already full, or after the auth frame an `error`
+//! frame (`unavailable`) and close 1013.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,16 +65,27 @@ impl OpsStreams {
     ) -> Result<Response<Body>, Error> {
         refuse_key_in_url(&req)?;
         let resp = accept(&req)?;
-        let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
-            Error::msg(
-                Code::Unavailable,
-                "Too many ops streams are open on this instance (http.ops_stream_max_subscribers).",
-            )
-            .retry_after(Duration::from_secs(5))
-        })?;
-        tokio::spawn(serve(engine.clone(), req, permit, self.shutdown.clone()));
+        // A cheap early 503 while the bound is full; the slot itself is taken after the auth
+        // frame (serve), so an unauthenticated socket never holds one.
+        if self.permits.available_permits() == 0 {
+            return Err(too_many());
+        }
+        tokio::spawn(serve(
+            engine.clone(),
+            req,
+            self.permits.clone(),
+            self.shutdown.clone(),
+        ));
         Ok(resp)
     }
+}
+
+fn too_many() -> Error {
+    Error::msg(
+        Code::Unavailable,
+        "Too many ops streams are open on this instance (http.ops_stream_max_subscribers).",
+    )
+    .retry_after(Duration::from_secs(5))
 }
 
 /// 422 for a URL whose query names a credential (`api_key`, `key`, `token`, `access_token`),
@@ -141,8 +156,8 @@ async fn send(ws: &mut Socket, v: &Value, timeout: Duration) -> bool {
     )
 }
 
-/// Tells the client why (an `error` frame) and closes with 1008 and the code as reason.
-async fn refuse(mut ws: Socket, e: Option<Error>, timeout: Duration) {
+/// Tells the client why (an `error` frame) and closes with `code` and the error's code as reason.
+async fn refuse(mut ws: Socket, e: Option<Error>, code: CloseCode, timeout: Duration) {
     let reason = match &e {
         Some(e) => {
             let _ = tokio::time::timeout(timeout, ws.send(error_frame(e))).await;
@@ -151,7 +166,7 @@ async fn refuse(mut ws: Socket, e: Option<Error>, timeout: Duration) {
         None => "auth_timeout",
     };
     let close = CloseFrame {
-        code: CloseCode::Policy,
+        code,
         reason: reason.into(),
     };
     let _ = tokio::time::timeout(timeout, ws.close(Some(close))).await;
@@ -201,7 +216,7 @@ async fn drops_frame(engine: &Engine) -> Value {
 async fn serve(
     engine: Arc<Engine>,
     req: Request<Incoming>,
-    permit: OwnedSemaphorePermit,
+    permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let upgraded = match hyper::upgrade::on(req).await {
@@ -220,9 +235,16 @@ async fn serve(
     let mut ws =
         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
     if let Err(e) = authenticate(&engine, &mut ws).await {
-        refuse(ws, e, send_timeout).await;
+        refuse(ws, e, CloseCode::Policy, send_timeout).await;
         return;
     }
+    let permit: OwnedSemaphorePermit = match permits.try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            refuse(ws, Some(too_many()), CloseCode::Again, send_timeout).await;
+            return;
+        }
+    };
     if !send(&mut ws, &drops_frame(&engine).await, send_timeout).await {
         return;
     }

@@ -510,8 +510,14 @@ async fn ops_stream_refuses_bad_keys_and_pushes_every_instances_figures() {
             && d["mode"] == "open"),
         "{drops}"
     );
-    // At most two streams: a third is 503 while two are open.
+    // At most two streams: a third is 503 while two are open (an authenticated one holds a slot).
     let mut second = open(&s).await;
+    send(
+        &mut second,
+        json!({"type": "auth", "api_key": s.client.ops_key}),
+    )
+    .await;
+    assert_eq!(next_json(&mut second).await.unwrap()["type"], "drops");
     match tokio_tungstenite::connect_async(s.ws_url()).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
         other => panic!("a third stream: {:?}", other.map(|_| ())),
@@ -649,5 +655,61 @@ async fn ops_stream_combines_every_instances_calls() {
     }
     std::mem::drop(ws);
     other.shutdown().await;
+    s.stop().await;
+}
+
+/// Sockets that never authenticate hold no slot: the bound is taken after the auth frame, so
+/// reconnecting every auth timeout can't lock ops out of the console.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_stream_slots_go_to_authenticated_consoles_only() {
+    let mut cfg = testkit::test_config();
+    cfg.http.ops_stream_max_subscribers = 2;
+    let s = Stack::start(cfg).await;
+
+    // Twice the bound of sockets that say nothing (the auth timeout is 5 s: they stay open).
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        let (ws, _) = tokio_tungstenite::connect_async(s.ws_url())
+            .await
+            .expect("an unauthenticated socket upgrades");
+        silent.push(ws);
+    }
+    // An ops console still connects and hears its drops.
+    let mut ws = open(&s).await;
+    send(
+        &mut ws,
+        json!({"type": "auth", "api_key": s.client.ops_key}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "drops");
+    // Past the bound of authenticated consoles: told so after the auth frame, closed with 1013.
+    let mut second = open(&s).await;
+    send(
+        &mut second,
+        json!({"type": "auth", "api_key": s.client.ops_key}),
+    )
+    .await;
+    assert_eq!(next_json(&mut second).await.unwrap()["type"], "drops");
+    let mut third = match tokio_tungstenite::connect_async(s.ws_url()).await {
+        Ok((third, _)) => third,
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            std::mem::drop((silent, ws, second));
+            return s.stop().await;
+        }
+        Err(e) => panic!("a third console: {e}"),
+    };
+    send(
+        &mut third,
+        json!({"type": "auth", "api_key": s.client.ops_key}),
+    )
+    .await;
+    let e = next_json(&mut third).await.expect("an error frame");
+    assert_eq!(e["code"], "unavailable", "{e}");
+    assert_eq!(
+        close_of(&mut third).await,
+        Some((1013, "unavailable".to_owned()))
+    );
+    std::mem::drop((silent, ws, second));
     s.stop().await;
 }
