@@ -439,3 +439,45 @@ async fn an_archived_drop_is_cancelled_from_postgres() {
         assert_eq!(h.payment(hold).await.refunds, 1);
     }
 }
+
+/// A hold still live when the drop is cancelled may still be bought (a close lets existing holds
+/// confirm): the job isn't done while the drop holds anything, and refunds that order too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hold_live_at_the_cancel_is_refunded_once_bought() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 5, 600).await;
+    let (_, first) = buy(&h, &drop, "early", 2).await;
+    let (_, token) = h.fan("late").await;
+    let (status, v) = h
+        .reserve(
+            &token,
+            &drop,
+            json!({"items": [{"sku": "TEE", "quantity": 3}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let late = v["hold_id"].as_str().unwrap().to_owned();
+    wait_captured(&h, std::slice::from_ref(&first)).await;
+
+    let (status, job) = cancel_with(&h, &h.seller_key, &drop, json!({"request_id": "c"})).await;
+    assert_eq!(status, 202, "{job}");
+    testkit::wait::eventually("the first order refunded", || async {
+        progress(&h, &drop).await["orders_refunded"] == 1
+    })
+    .await;
+    let v = progress(&h, &drop).await;
+    assert_eq!(v["state"], "running", "not done while a hold is live: {v}");
+    let (status, v) = h.confirm(&token, &late, "ok_late").await;
+    assert_eq!(status, 201, "{v}");
+    let done = wait_done(&h, &drop).await;
+    assert_eq!(
+        (&done["orders_total"], &done["orders_refunded"]),
+        (&json!(2), &json!(2)),
+        "{done}"
+    );
+    for hold in [&first, &late] {
+        assert_eq!(h.payment(hold).await.refunds, 1);
+    }
+    assert_eq!(h.counts(&drop).await, (10, 10, 0, 0));
+    h.assert_invariants(&drop).await;
+}

@@ -239,7 +239,8 @@ impl Engine {
     /// One batch of a drop's cancel job: up to `reconciler.cancel_batch` orders that have
     /// something left to refund and no cancel refund yet, each refunded whole (recorded, then
     /// its next steps taken at once); then the progress is written, and the job marked done when
-    /// no order is left and every cancel refund is finished. How many orders it refunded.
+    /// Redis holds nothing of the drop, no order is left and every cancel refund is finished. How
+    /// many orders it refunded.
     pub async fn cancel_batch(&self, drop: &DropId) -> Result<usize> {
         let refund_id = cancel_refund_id(drop);
         let client = self.db.client().await?;
@@ -284,6 +285,15 @@ impl Engine {
                 }
             }
         }
+        // A hold still live may yet be bought (a close lets existing holds confirm): the job isn't
+        // done while Redis holds anything. Read before Postgres' orders: a confirm commits its
+        // order in Postgres before its units leave `held`, so an order whose hold is gone here is
+        // in the count below.
+        let quiet = match self.redis.drop_state(drop).await? {
+            Some(_) => self.redis.counts(drop).await?.values().all(|c| c.held == 0),
+            // An archived drop has no holds; one missing from Redis otherwise waits for recovery.
+            None => self.db.is_archived(drop).await?,
+        };
         // Progress: the cancel refunds finished, and those recorded plus the orders still left.
         let state = self
             .db
@@ -298,14 +308,14 @@ impl Engine {
                      UPDATE drop_cancellations SET \
                         orders_total = mine.recorded + left_.n, \
                         orders_refunded = mine.finished, \
-                        state = CASE WHEN left_.n = 0 AND mine.finished = mine.recorded \
+                        state = CASE WHEN $3 AND left_.n = 0 AND mine.finished = mine.recorded \
                             THEN 'done' ELSE 'running' END, \
-                        finished_at = CASE WHEN left_.n = 0 AND mine.finished = mine.recorded \
-                            THEN now() END \
+                        finished_at = CASE WHEN $3 AND left_.n = 0 \
+                            AND mine.finished = mine.recorded THEN now() END \
                      FROM mine, left_ WHERE drop_id = $1 AND drop_cancellations.state = 'running' \
                      RETURNING drop_cancellations.state"
                 ),
-                &[&drop.as_str(), &refund_id],
+                &[&drop.as_str(), &refund_id, &quiet],
             )
             .await?;
         if state.is_some_and(|row| row.get::<_, &str>(0) == "done") {
