@@ -481,3 +481,53 @@ async fn a_hold_live_at_the_cancel_is_refunded_once_bought() {
     assert_eq!(h.counts(&drop).await, (10, 10, 0, 0));
     h.assert_invariants(&drop).await;
 }
+
+/// A cancel commits in Postgres before it tells Redis: if that write is lost (the caller saw an
+/// error), the drop must not go on selling. The same cancel again closes Redis, and so does the
+/// job's next batch even if nobody retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_whose_redis_close_was_lost_still_stops_the_sale() {
+    let mut cfg = testkit::test_config();
+    // The rounds run once at the start only: the test takes the job's batches itself.
+    cfg.reconciler.interval_ms = 3_600_000;
+    let h = Harness::with_config(cfg).await;
+    let drop = h.ga_drop(40, 5, 60).await;
+    buy(&h, &drop, "early", 1).await;
+    let d = engine::ids::DropId::parse(&drop).unwrap();
+    let redis = h.server.engine.redis();
+    let reopen = || async {
+        // What Redis looks like when the cancel's own write never reached it.
+        redis.set_meta(&d, "status", "open").await.unwrap();
+    };
+    let status_in_redis = || async { redis.drop_state(&d).await.unwrap().unwrap().status };
+
+    let (status, job) = cancel_with(&h, &h.seller_key, &drop, json!({"request_id": "c1"})).await;
+    assert_eq!(status, 202, "{job}");
+    reopen().await;
+    // The same cancel again: the same job, and Redis closed this time.
+    let (status, again) = cancel_with(&h, &h.seller_key, &drop, json!({"request_id": "c2"})).await;
+    assert_eq!(
+        (status, &again["request_id"]),
+        (202, &json!("c1")),
+        "{again}"
+    );
+    assert_eq!(status_in_redis().await, "closed");
+
+    // Nobody retries: the job's next batch closes it.
+    reopen().await;
+    h.server.engine.cancel_batch(&d).await.unwrap();
+    assert_eq!(status_in_redis().await, "closed");
+    let (_, token) = h.fan("late").await;
+    let (status, v) = h
+        .reserve(
+            &token,
+            &drop,
+            json!({"items": [{"sku": "TEE", "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (409, &json!("drop_closed")),
+        "{v}"
+    );
+}

@@ -126,6 +126,9 @@ impl Engine {
             .await?;
         if let Some(row) = existing {
             tx.commit().await?;
+            // The first cancel may have failed after its commit, before Redis heard of it: the
+            // same cancel again closes Redis too.
+            self.close_in_redis(drop).await?;
             self.watch_drop(drop);
             lock(&self.cancelled_here).insert(drop.clone());
             return Ok(Made::Existing(cancellation_view(&row)?));
@@ -154,13 +157,26 @@ impl Engine {
             )
             .await?;
         tx.commit().await?;
-        // Redis sells nothing more from now on (an archived drop has no Redis state to mark).
-        if !self.db.is_archived(drop).await? {
-            self.redis.set_meta(drop, "status", "closed").await?;
-        }
+        self.close_in_redis(drop).await?;
         self.watch_drop(drop);
         lock(&self.cancelled_here).insert(drop.clone());
         Ok(Made::New(cancellation_view(&row)?))
+    }
+
+    /// Marks a cancelled drop closed in Redis, so it sells nothing more (its existing holds may
+    /// still confirm, as after a close). A drop Redis doesn't have — archived, or lost and waiting
+    /// for recovery, which reads the closed status from Postgres — is left alone: writing one
+    /// field would make a half-made drop.
+    async fn close_in_redis(&self, drop: &DropId) -> Result<()> {
+        if self
+            .redis
+            .drop_state(drop)
+            .await?
+            .is_some_and(|s| s.status != "closed")
+        {
+            self.redis.set_meta(drop, "status", "closed").await?;
+        }
+        Ok(())
     }
 
     /// A drop's cancellation, for its seller or ops; 404 `no_cancellation` if it wasn't cancelled.
@@ -253,6 +269,10 @@ impl Engine {
         let Some(job) = job else {
             return Ok(0);
         };
+        // Every batch, not only the cancel: a cancel whose Redis write failed after Postgres
+        // committed (its caller saw an error and may never retry) stops selling within a round,
+        // and the `held == 0` test below can't be kept open by new holds.
+        self.close_in_redis(drop).await?;
         let key_id: String = job.get(0);
         let orders = client
             .query(
