@@ -216,6 +216,9 @@
       body.admission.rate_per_s = numberOr($('q-rate').value);
       body.admission.burst = numberOr($('q-burst').value);
       body.admission.max_active = numberOr($('q-active').value);
+      // The waiting list after a sell-out (fixed at creation) and how long each offer lasts.
+      body.admission.waitlist = $('q-waitlist').checked;
+      if (body.admission.waitlist) body.admission.offer_window_s = numberOr($('q-offer').value);
     }
     if (radio('kind') === 'seated') {
       body.inventory = { kind: 'seated', sections: sections() };
