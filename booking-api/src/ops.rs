@@ -7,6 +7,7 @@
 //! naming a key is refused (422) before the upgrade. Then the server sends the drops the console
 //! may pick (`drops`); the client picks one (`{"type":"watch","drop_id":"…"}`) and hears its
 //! chart history (`history`) and a `figures` frame a second until it picks another or closes.
+//! The server handles at most one client frame per `http.ops_stream_interval_ms` (the rest wait).
 //! At most `http.ops_stream_max_subscribers` authenticated streams at once per process: the slot
 //! is taken after the auth frame, so sockets that never authenticate (bounded by
 //! `http.max_connections` and the auth timeout) can't hold the slots and lock ops out. Past the
@@ -251,6 +252,10 @@ async fn serve(
     let period = ms(engine.cfg().http.ops_stream_interval_ms);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // At most one client frame per interval: a watch reads up to `http.ops_history_len` samples
+    // and a drops frame queries Postgres, so frames sent faster wait their turn (the socket
+    // isn't read meanwhile, so the client's own TCP window holds the rest).
+    let mut next_frame_at = tokio::time::Instant::now();
     let mut watching: Option<DropId> = None;
     let mut previous: Option<OpsSample> = None;
     loop {
@@ -291,6 +296,8 @@ async fn serve(
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                     Some(Ok(_)) => continue,
                 };
+                tokio::time::sleep_until(next_frame_at).await;
+                next_frame_at = tokio::time::Instant::now() + period;
                 let reply = match serde_json::from_str::<ClientFrame>(&text) {
                     Ok(ClientFrame::Watch { drop_id }) => match DropId::parse(&drop_id) {
                         Ok(drop) => {

@@ -713,3 +713,35 @@ async fn ops_stream_slots_go_to_authenticated_consoles_only() {
     std::mem::drop((silent, ws, second));
     s.stop().await;
 }
+
+/// A console's frames are handled at most one per `http.ops_stream_interval_ms` (a watch reads up
+/// to 900 samples, a drops frame queries Postgres): a second watch sent at once waits its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_stream_takes_one_client_frame_per_interval() {
+    let mut cfg = testkit::test_config();
+    // Long enough that the second watch can't be answered while the test looks.
+    cfg.http.ops_stream_interval_ms = 60_000;
+    let s = Stack::start(cfg).await;
+    let drop = s.client.ga_drop(10, 4, 300).await;
+    let mut ws = open(&s).await;
+    send(
+        &mut ws,
+        json!({"type": "auth", "api_key": s.client.ops_key}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "drops");
+    send(&mut ws, json!({"type": "watch", "drop_id": drop})).await;
+    send(&mut ws, json!({"type": "watch", "drop_id": drop})).await;
+    let history = next_json(&mut ws).await.unwrap();
+    assert_eq!(history["type"], "history", "{history}");
+    // The first watch's figures at once; the second watch's history not before the interval.
+    let mut heard = Vec::new();
+    while let Ok(Some(Ok(Message::Text(t)))) =
+        tokio::time::timeout(Duration::from_secs(2), ws.next()).await
+    {
+        heard.push(checked_frame(&t)["type"].clone());
+    }
+    assert!(!heard.contains(&json!("history")), "{heard:?}");
+    std::mem::drop(ws);
+    s.stop().await;
+}
