@@ -424,9 +424,7 @@ impl Redis {
             s.load(pool.next()).await?;
         }
         if config.server.is_clustered() {
-            pool.next()
-                .function_load_cluster::<(), _>(true, scripts.reserve_fn.code())
-                .await?;
+            scripts.reserve_fn.load_on_every_primary(pool.next()).await;
         } else {
             scripts.reserve_fn.load(pool.next()).await?;
         }

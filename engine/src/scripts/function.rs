@@ -44,11 +44,6 @@ impl Function {
         &self.name
     }
 
-    /// The library's code, for `FUNCTION LOAD`.
-    pub(crate) fn code(&self) -> String {
-        self.code.clone()
-    }
-
     /// Loads the library on the node `client` reaches (replacing a library of the same name,
     /// which is the same code).
     pub(crate) async fn load(&self, client: &Client) -> FredResult<()> {
@@ -56,6 +51,29 @@ impl Function {
             .function_load::<Value, _>(true, self.code.clone())
             .await?;
         Ok(())
+    }
+
+    /// Loads the library on every cluster primary `client` is connected to, best effort: a primary that
+    /// fails (down, failing over) is logged and skipped, since a call there loads the library
+    /// on "Function not found" ([`Function::call_with_reload`]). Requiring every primary at
+    /// start would keep a booking-api down while one shard fails over.
+    pub(crate) async fn load_on_every_primary(&self, client: &Client) {
+        // The client's connections are to the primaries (it reads from no replica); a primary
+        // it couldn't reach has none, and loads the library on its first call.
+        for server in client.active_connections() {
+            if let Err(e) = client
+                .with_cluster_node(server.clone())
+                .function_load::<Value, _>(true, self.code.clone())
+                .await
+            {
+                tracing::warn!(
+                    %server,
+                    error = %e,
+                    function = %self.name,
+                    "reserve's function library not loaded on this primary; it loads on its first call there"
+                );
+            }
+        }
     }
 
     /// `FCALL`, loading the library first where the node has lost it.
