@@ -40,6 +40,14 @@ fn failed<T>(r: &Result<T, Error>) -> bool {
     r.as_ref().is_err_and(|e| e.code.status() >= 500)
 }
 
+/// Whether a reserve's or confirm's answer counts in the ops figures: not when the engine didn't
+/// know the drop (or the hold), so junk ids take none of `http.ops_recent_max_drops`' places in
+/// a window (crowding out the real drops) and cost no Redis writes.
+fn counts<T>(r: &Result<T, Error>) -> bool {
+    !r.as_ref()
+        .is_err_and(|e| matches!(e.code, Code::UnknownDrop | Code::UnknownHold))
+}
+
 type Answer = Result<Response<Body>, Error>;
 
 /// 200 with the engine's answer as JSON.
@@ -251,9 +259,11 @@ impl App {
                     .reserve(&fan, &drop, &key, token.as_deref(), body, &body_sha256)
                     .await;
                 let took = started.elapsed();
-                self.ops
-                    .recent
-                    .record(&drop, Call::Reserve, took, failed(&held));
+                if counts(&held) {
+                    self.ops
+                        .recent
+                        .record(&drop, Call::Reserve, took, failed(&held));
+                }
                 created(held?)
             }
             (&Method::GET, ["v1", "fans", "me", "holds"]) => {
@@ -282,9 +292,14 @@ impl App {
                 let started = std::time::Instant::now();
                 let confirmed = e.confirm(&fan, &hold, payment).await;
                 let took = started.elapsed();
-                self.ops
-                    .recent
-                    .record(&hold.drop_id(), Call::Confirm, took, failed(&confirmed));
+                if counts(&confirmed) {
+                    self.ops.recent.record(
+                        &hold.drop_id(),
+                        Call::Confirm,
+                        took,
+                        failed(&confirmed),
+                    );
+                }
                 match confirmed? {
                     Made::New(order) => created(order),
                     Made::Existing(order) => ok(order),

@@ -745,3 +745,62 @@ async fn ops_stream_takes_one_client_frame_per_interval() {
     std::mem::drop(ws);
     s.stop().await;
 }
+
+/// Reserves to drop ids that don't exist aren't counted: only calls the engine answered for a
+/// drop it knows take one of the window's `http.ops_recent_max_drops` places, so junk ids can't
+/// crowd out the real drop's figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_stream_figures_ignore_unknown_drops() {
+    let mut cfg = testkit::test_config();
+    cfg.http.ops_recent_max_drops = 2;
+    let s = Stack::start(cfg).await;
+    let drop = s.client.ga_drop(1000, 1, 300).await;
+    let mut ws = open(&s).await;
+    send(
+        &mut ws,
+        json!({"type": "auth", "api_key": s.client.ops_key}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "drops");
+    send(&mut ws, json!({"type": "watch", "drop_id": drop})).await;
+    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "history");
+
+    let until = Instant::now() + testkit::browser::WAIT;
+    let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
+    let mut last = Value::Null;
+    'sale: loop {
+        assert!(
+            Instant::now() < until,
+            "the real drop's reserves never counted; last {last}"
+        );
+        // Junk ids first, each window: before the fix they took both places.
+        for n in 0..4 {
+            let (_, token) = s.client.fan(&format!("ops-junk-{n}")).await;
+            let junk = format!("d{:016x}", rand_junk(n));
+            let (status, e) = s.client.reserve(&token, &junk, body.clone()).await;
+            assert_eq!(
+                (status, e["error"]["code"].as_str()),
+                (404, Some("unknown_drop")),
+                "{e}"
+            );
+        }
+        let (_, token) = s.client.fan("ops-real").await;
+        let (status, hold) = s.client.reserve(&token, &drop, body.clone()).await;
+        assert_eq!(status, 201, "{hold}");
+        while let Ok(Some(Ok(Message::Text(t)))) =
+            tokio::time::timeout(Duration::from_millis(50), ws.next()).await
+        {
+            let f = checked_frame(&t);
+            if f["type"] == "figures" && f["reserve"]["per_s"].as_f64().is_some_and(|r| r > 0.0) {
+                break 'sale;
+            }
+            last = f;
+        }
+    }
+    std::mem::drop(ws);
+    s.stop().await;
+}
+
+fn rand_junk(n: u64) -> u64 {
+    0x0bad_0000_0000_0000 | (n << 8) | u64::from(std::process::id() & 0xff)
+}
