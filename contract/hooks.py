@@ -198,6 +198,10 @@ def live(case) -> bool:
 # ---- cases ----------------------------------------------------------------------------------------
 
 
+# Operations after which a drop sells nothing more: they get a drop of their own.
+ENDS_A_DROP = ("/v1/drops/{drop_id}/close", "/v1/drops/{drop_id}/cancel")
+
+
 @schemathesis.hook
 def map_case(ctx, case):
     """Swaps generated ids for live ones most of the time, and names the fan they belong to."""
@@ -207,16 +211,18 @@ def map_case(ctx, case):
     params = case.path_parameters if case.path_parameters is not None else {}
     fan = None
 
-    if path == "/v1/drops/{drop_id}/close" and params.get("drop_id") in (w.ga, w.seated, w.queue):
+    if path in ENDS_A_DROP and params.get("drop_id") in (w.ga, w.seated, w.queue):
         # Schemathesis may reuse a drop id it saw in an answer (`GET /v1/drops` lists them), live
-        # or not: closing a shared drop would turn every later set-up reserve into drop_closed.
-        print(f"contract: a close of shared drop {params['drop_id']} goes to a new drop", file=sys.stderr)
+        # or not: closing (or cancelling) a shared drop would turn every later set-up reserve
+        # into drop_closed.
+        print(f"contract: {path} of shared drop {params['drop_id']} goes to a new drop", file=sys.stderr)
         params["drop_id"] = create_drop(GA_DROP_BODY)
     elif "drop_id" in params and path != "/drops/{drop_id}" and live(case):
         if path.startswith("/v1/drops/{drop_id}/queue"):
             params["drop_id"] = w.queue
-        elif path == "/v1/drops/{drop_id}/close":
-            # Closing one of the shared drops would turn every later reserve into drop_closed.
+        elif path in ENDS_A_DROP:
+            # Closing or cancelling one of the shared drops would turn every later reserve into
+            # drop_closed.
             params["drop_id"] = create_drop(GA_DROP_BODY)
         elif path == "/v1/drops/{drop_id}/seats":
             params["drop_id"] = w.seated

@@ -70,9 +70,17 @@ impl RefundState {
 pub struct RefundRequest {
     /// The seller's id for this refund: the same id again is the same refund.
     pub refund_id: RefundId,
-    /// What to refund; absent: everything the order still has.
-    #[serde(default)]
+    /// What to refund; absent: everything the order still has. `null` is refused (422), not read
+    /// as "everything": a refund of the whole order is too costly a default for a sent mistake.
+    #[serde(default, deserialize_with = "present_items")]
     pub items: Option<Vec<RefundItem>>,
+}
+
+/// `items` when the body has the field: a list, never `null` (left out, serde's default applies).
+fn present_items<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Vec<RefundItem>>, D::Error> {
+    Vec::deserialize(d).map(Some)
 }
 
 /// One item to refund: units of a SKU, or a seat.
