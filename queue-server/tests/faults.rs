@@ -4,7 +4,7 @@
 //! Every test fn is named `fault_*`.
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -410,24 +410,46 @@ async fn fault_cluster_failover_keeps_the_line() {
     })
     .await;
 
-    // Pages whose socket the failover ended come back with what they kept.
-    for (l, (fan, token, seen)) in listeners.iter_mut().zip(&fans) {
-        if seen.lock().unwrap().ended.is_none() {
-            continue;
+    // Pages whose socket the failover ended come back with what they kept — whenever it ends, as
+    // a page does: queue-server may tell a socket `recovering` (and close it) after booking-api's
+    // rebuild is done, so this goes on until everyone is admitted rather than looking once (a
+    // socket closed just after a single look was never reconnected: a flaky failure).
+    let mut back: HashSet<FanId> = HashSet::new();
+    let mut unpaused = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let all = loop {
+        for (l, (fan, token, seen)) in listeners.iter_mut().zip(&fans) {
+            let again = {
+                let s = seen.lock().unwrap();
+                // Ended before coming back, or came back and ended again before its admission.
+                s.ended.is_some() && (!back.contains(fan) || s.admitted.is_empty())
+            };
+            if !again {
+                continue;
+            }
+            let extras = kept(&before[fan]);
+            *seen.lock().unwrap() = Fan::default();
+            l.abort();
+            *l = wait(&base, &drop, token, extras, seen.clone()).await;
+            back.insert(fan.clone());
         }
-        let extras = kept(&before[fan]);
-        *seen.lock().unwrap() = Fan::default();
-        l.abort();
-        *l = wait(&base, &drop, token, extras, seen.clone()).await;
-    }
-    h.client
-        .set_admission(&drop, json!({"paused": false}))
-        .await;
-    let all = testkit::wait_until(Duration::from_secs(120), || async {
-        fans.iter()
+        if !unpaused {
+            h.client
+                .set_admission(&drop, json!({"paused": false}))
+                .await;
+            unpaused = true;
+        }
+        if fans
+            .iter()
             .all(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
-    })
-    .await;
+        {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     let after = heard(&fans);
     assert!(
         all,
