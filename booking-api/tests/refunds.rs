@@ -779,20 +779,21 @@ async fn a_closed_drops_order_is_refunded_with_state_closed() {
     h.assert_invariants(&drop).await;
 }
 
-/// A refund of a whole order whose payment is authorized but not captured yet voids the
-/// authorization instead of refunding a capture; the capture that comes after finds nothing to
-/// take, and the units come back once the order's confirm has finished in Redis.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_uncaptured_payment_is_voided_not_refunded() {
-    let mut cfg = testkit::test_config();
-    cfg.reconciler.refund_resume_after_ms = 100;
-    let h = Harness::with_config(cfg).await;
-    let drop = h.ga_drop(10, 5, 60).await;
-    let (_, token) = h.fan("voided").await;
+/// A two-tee order whose confirm waits at the gateway's capture: the order committed in Postgres,
+/// its payment authorized and not captured until `gate` opens.
+struct Uncaptured {
+    hold: String,
+    order: OrderId,
+    gate: std::sync::Arc<engine::payments::CaptureGate>,
+    confirm: tokio::task::JoinHandle<(u16, serde_json::Value)>,
+}
+
+async fn order_with_its_capture_held(h: &Harness, drop: &str, fan: &str) -> Uncaptured {
+    let (_, token) = h.fan(fan).await;
     let (status, v) = h
         .reserve(
             &token,
-            &drop,
+            drop,
             json!({"items": [{"sku": "TEE", "quantity": 2}]}),
         )
         .await;
@@ -802,7 +803,8 @@ async fn an_uncaptured_payment_is_voided_not_refunded() {
     let arrived = gate.arrived.notified();
     let confirm = tokio::spawn({
         let (client, token, hold) = (h.client.clone(), token.clone(), hold.clone());
-        async move { client.confirm(&token, &hold, "ok_void").await }
+        let reference = format!("ok_{fan}");
+        async move { client.confirm(&token, &hold, &reference).await }
     });
     // The order is committed; its capture waits at the gateway.
     arrived.await;
@@ -812,7 +814,29 @@ async fn an_uncaptured_payment_is_voided_not_refunded() {
         .await
         .unwrap()
         .get(0);
-    let order = OrderId(order);
+    Uncaptured {
+        hold,
+        order: OrderId(order),
+        gate,
+        confirm,
+    }
+}
+
+/// A refund of a whole order whose payment is authorized but not captured yet voids the
+/// authorization instead of refunding a capture; the capture that comes after finds nothing to
+/// take, and the units come back once the order's confirm has finished in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_uncaptured_payment_is_voided_not_refunded() {
+    let mut cfg = testkit::test_config();
+    cfg.reconciler.refund_resume_after_ms = 100;
+    let h = Harness::with_config(cfg).await;
+    let drop = h.ga_drop(10, 5, 60).await;
+    let Uncaptured {
+        hold,
+        order,
+        gate,
+        confirm,
+    } = order_with_its_capture_held(&h, &drop, "voided").await;
     let (status, v) = refund(&h, &order, json!({"refund_id": "before-capture"})).await;
     assert_eq!(status, 201, "{v}");
     // Voided at the gateway; the hold is still confirming in Redis, so the units wait.
@@ -836,6 +860,7 @@ async fn an_uncaptured_payment_is_voided_not_refunded() {
         (1, 0, 0),
         "never captured"
     );
+    let db = h.server.engine.db().client().await.unwrap();
     let state: String = db
         .query_one(
             "SELECT state FROM payment_attempts WHERE hold_id = $1",
@@ -856,30 +881,12 @@ async fn a_part_of_an_uncaptured_payment_is_captured_then_refunded() {
     cfg.reconciler.refund_resume_after_ms = 100;
     let h = Harness::with_config(cfg).await;
     let drop = h.ga_drop(10, 5, 60).await;
-    let (_, token) = h.fan("part").await;
-    let (status, v) = h
-        .reserve(
-            &token,
-            &drop,
-            json!({"items": [{"sku": "TEE", "quantity": 2}]}),
-        )
-        .await;
-    assert_eq!(status, 201, "{v}");
-    let hold = v["hold_id"].as_str().unwrap().to_owned();
-    let gate = h.server.engine.test_gateway().unwrap().hold_captures();
-    let arrived = gate.arrived.notified();
-    let confirm = tokio::spawn({
-        let (client, token, hold) = (h.client.clone(), token.clone(), hold.clone());
-        async move { client.confirm(&token, &hold, "ok_part").await }
-    });
-    arrived.await;
-    let db = h.server.engine.db().client().await.unwrap();
-    let order: uuid::Uuid = db
-        .query_one("SELECT order_id FROM orders WHERE hold_id = $1", &[&hold])
-        .await
-        .unwrap()
-        .get(0);
-    let order = OrderId(order);
+    let Uncaptured {
+        hold,
+        order,
+        gate,
+        confirm,
+    } = order_with_its_capture_held(&h, &drop, "part").await;
     let (status, v) = refund(
         &h,
         &order,
