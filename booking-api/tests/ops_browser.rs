@@ -432,6 +432,18 @@ async fn open(s: &Stack) -> Socket {
     }
 }
 
+/// Opens a stream and signs in with the ops key: the `drops` frame is its answer.
+async fn signed_in(s: &Stack) -> Socket {
+    let mut ws = open(s).await;
+    send(
+        &mut ws,
+        json!({"type": "auth", "api_key": s.client.ops_key}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "drops");
+    ws
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_stream_refuses_bad_keys_and_pushes_every_instances_figures() {
     let mut cfg = testkit::test_config();
@@ -511,13 +523,7 @@ async fn ops_stream_refuses_bad_keys_and_pushes_every_instances_figures() {
         "{drops}"
     );
     // At most two streams: a third is 503 while two are open (an authenticated one holds a slot).
-    let mut second = open(&s).await;
-    send(
-        &mut second,
-        json!({"type": "auth", "api_key": s.client.ops_key}),
-    )
-    .await;
-    assert_eq!(next_json(&mut second).await.unwrap()["type"], "drops");
+    let mut second = signed_in(&s).await;
     match tokio_tungstenite::connect_async(s.ws_url()).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
         other => panic!("a third stream: {:?}", other.map(|_| ())),
@@ -584,13 +590,7 @@ async fn ops_stream_refuses_bad_keys_and_pushes_every_instances_figures() {
         last = f;
     }
     // The samples became the drop's history: a new console starts its charts with them.
-    let mut again = open(&s).await;
-    send(
-        &mut again,
-        json!({"type": "auth", "api_key": s.client.ops_key}),
-    )
-    .await;
-    assert_eq!(next_json(&mut again).await.unwrap()["type"], "drops");
+    let mut again = signed_in(&s).await;
     send(&mut again, json!({"type": "watch", "drop_id": drop})).await;
     let history = next_json(&mut again).await.unwrap();
     let samples = history["samples"].as_array().unwrap();
@@ -616,13 +616,7 @@ async fn ops_stream_combines_every_instances_calls() {
     let via_other = BookingClient::new(other.url());
     let drop = s.client.ga_drop(1000, 1, 300).await;
 
-    let mut ws = open(&s).await;
-    send(
-        &mut ws,
-        json!({"type": "auth", "api_key": s.client.ops_key}),
-    )
-    .await;
-    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "drops");
+    let mut ws = signed_in(&s).await;
     send(&mut ws, json!({"type": "watch", "drop_id": drop})).await;
     assert_eq!(next_json(&mut ws).await.unwrap()["type"], "history");
 
@@ -675,21 +669,9 @@ async fn ops_stream_slots_go_to_authenticated_consoles_only() {
         silent.push(ws);
     }
     // An ops console still connects and hears its drops.
-    let mut ws = open(&s).await;
-    send(
-        &mut ws,
-        json!({"type": "auth", "api_key": s.client.ops_key}),
-    )
-    .await;
-    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "drops");
+    let ws = signed_in(&s).await;
     // Past the bound of authenticated consoles: told so after the auth frame, closed with 1013.
-    let mut second = open(&s).await;
-    send(
-        &mut second,
-        json!({"type": "auth", "api_key": s.client.ops_key}),
-    )
-    .await;
-    assert_eq!(next_json(&mut second).await.unwrap()["type"], "drops");
+    let second = signed_in(&s).await;
     let mut third = match tokio_tungstenite::connect_async(s.ws_url()).await {
         Ok((third, _)) => third,
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
@@ -723,13 +705,7 @@ async fn ops_stream_takes_one_client_frame_per_interval() {
     cfg.http.ops_stream_interval_ms = 60_000;
     let s = Stack::start(cfg).await;
     let drop = s.client.ga_drop(10, 4, 300).await;
-    let mut ws = open(&s).await;
-    send(
-        &mut ws,
-        json!({"type": "auth", "api_key": s.client.ops_key}),
-    )
-    .await;
-    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "drops");
+    let mut ws = signed_in(&s).await;
     send(&mut ws, json!({"type": "watch", "drop_id": drop})).await;
     send(&mut ws, json!({"type": "watch", "drop_id": drop})).await;
     let history = next_json(&mut ws).await.unwrap();
@@ -755,13 +731,7 @@ async fn ops_stream_figures_ignore_unknown_drops() {
     cfg.http.ops_recent_max_drops = 2;
     let s = Stack::start(cfg).await;
     let drop = s.client.ga_drop(1000, 1, 300).await;
-    let mut ws = open(&s).await;
-    send(
-        &mut ws,
-        json!({"type": "auth", "api_key": s.client.ops_key}),
-    )
-    .await;
-    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "drops");
+    let mut ws = signed_in(&s).await;
     send(&mut ws, json!({"type": "watch", "drop_id": drop})).await;
     assert_eq!(next_json(&mut ws).await.unwrap()["type"], "history");
 
