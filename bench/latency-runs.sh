@@ -87,7 +87,6 @@ if [[ $KIND == peak ]]; then
     RATE=${RATE:-$(jq -r ".throughput.ok_per_s / 2 | floor" "$OUT_DIR/peak.json")}
 fi
 echo "$RATE" > "$OUT_DIR/rate.txt"
-rewrites_before=$("${redis[@]}" info persistence | tr -d "\r" | awk -F: "\$1 == \"aof_rewrites\" { print \$2 }")
 held_before=$("${redis[@]}" hget "fg:{$drop}:stock" h:LT | tr -d "\r")
 if [[ $KIND == rewrite ]]; then
     ( sleep $((3 + REWRITE_AT_S)); "${redis[@]}" bgrewriteaof > /dev/null ) &
@@ -95,15 +94,28 @@ if [[ $KIND == rewrite ]]; then
 fi
 # Fans enough that none reaches the per-fan limit (1,000) within the window.
 mfans=$((RATE * (DURATION_S + 3) / 500 + 100))
+# Where the time goes: CPU seconds of Redis and booking-api over the window (utime + stime from
+# /proc, in clock ticks), and the reserve function usec_per_call (INFO commandstats, reset here).
+redis_pid=$("${redis[@]}" info server | tr -d "\r" | awk -F: "\$1 == \"process_id\" { print \$2 }")
+ticks() { awk "{ print \$14 + \$15 }" "/proc/$1/stat"; }
+"${redis[@]}" config resetstat > /dev/null
+# RESETSTAT zeroes aof_rewrites too: count from here.
+rewrites_before=0
+redis_t0=$(ticks "$redis_pid"); api_t0=$(ticks "$api")
 "$LOADTEST" reserve --drop-id "$drop" --rate "$RATE" --fans "$mfans" --warmup-s 3 \
     --duration-s "$DURATION_S" --json "$OUT_DIR/run-$N.json" --quiet > "$OUT_DIR/run-$N.txt" || true
+redis_cpu_ms=$(( ($(ticks "$redis_pid") - redis_t0) * 1000 / $(getconf CLK_TCK) ))
+api_cpu_ms=$(( ($(ticks "$api") - api_t0) * 1000 / $(getconf CLK_TCK) ))
+fcall_us=$("${redis[@]}" info commandstats | tr -d "\r" | awk -F"[:,=]" "\$1 == \"cmdstat_fcall\" { print \$7 }")
 [[ -n ${rewriter:-} ]] && wait "$rewriter"
 rewrites=$(( $("${redis[@]}" info persistence | tr -d "\r" | awk -F: "\$1 == \"aof_rewrites\" { print \$2 }") - rewrites_before ))
 mem=$("${redis[@]}" info memory | tr -d "\r" | awk -F: "\$1 == \"used_memory_human\" { print \$2 }")
 jq -c --arg held "$held_before" --arg rw "$rewrites" --arg mem "$mem" --arg kind "$KIND" \
+    --arg fcall "${fcall_us:-0}" --arg rcpu "$redis_cpu_ms" --arg acpu "$api_cpu_ms" \
     "{kind: \$kind, rate: .throughput.ok_per_s, p50: .latency.all.p50_ms, p99: .latency.all.p99_ms,
       p999: .latency.all.p99_9_ms, live_holds_at_start: (\$held | tonumber), aof_rewrites: (\$rw | tonumber),
-      redis_memory: \$mem}" "$OUT_DIR/run-$N.json" > "$OUT_DIR/summary-$N.json"
+      redis_memory: \$mem, fcall_usec_per_call: (\$fcall | tonumber),
+      redis_cpu_ms: (\$rcpu | tonumber), booking_api_cpu_ms: (\$acpu | tonumber)}" "$OUT_DIR/run-$N.json" > "$OUT_DIR/summary-$N.json"
 '
 }
 
@@ -114,17 +126,22 @@ for ((i = 1; i <= RUNS; i++)); do
     one_run "$i" "$kind"
     RATE=$(cat "$OUT_DIR/rate.txt")
 done
-echo "latency-runs: run $((RUNS + 1)): a BGREWRITEAOF ${REWRITE_AT_S} s into the window" >&2
-one_run $((RUNS + 1)) rewrite
+if [[ ${REWRITE_RUN:-1} == 1 ]]; then
+    echo "latency-runs: run $((RUNS + 1)): a BGREWRITEAOF ${REWRITE_AT_S} s into the window" >&2
+    one_run $((RUNS + 1)) rewrite
+fi
 
 echo
 echo "reserve latency, open loop at $RATE/s (half of peak: $(jq -r '.throughput.ok_per_s | floor' "$OUT_DIR/peak.json" 2>/dev/null || echo given)/s), ${DURATION_S} s per run ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
-printf '  %-4s %-8s %8s %8s %8s %9s %12s %8s %8s\n' run kind "ok/s" "p50 ms" "p99 ms" "p99.9 ms" "live holds" rewrites memory
+printf '  %-4s %-8s %8s %8s %8s %9s %12s %8s %8s %9s %9s %9s\n' run kind "ok/s" "p50 ms" "p99 ms" "p99.9 ms" \
+    "live holds" rewrites memory "fcall µs" "Redis µs" "API µs"
 met=0
-for ((i = 1; i <= RUNS + 1; i++)); do
+last=$RUNS
+[[ ${REWRITE_RUN:-1} == 1 ]] && last=$((RUNS + 1))
+for ((i = 1; i <= last; i++)); do
     f=$OUT_DIR/summary-$i.json
     [[ -f $f ]] || { echo "  $i: no report"; continue; }
-    jq -r --arg i "$i" '"  \($i | . + "    " | .[0:4]) \(.kind + "        " | .[0:8]) \(.rate | floor | tostring | ("        " + .)[-8:]) \(.p50 * 100 | round / 100 | tostring | ("        " + .)[-8:]) \(.p99 * 100 | round / 100 | tostring | ("        " + .)[-8:]) \(.p999 * 100 | round / 100 | tostring | ("         " + .)[-9:]) \(.live_holds_at_start | tostring | ("            " + .)[-12:]) \(.aof_rewrites | tostring | ("        " + .)[-8:]) \(.redis_memory | ("        " + .)[-8:])"' "$f"
+    jq -r --arg i "$i" --argjson d "$DURATION_S" '"  \($i | . + "    " | .[0:4]) \(.kind + "        " | .[0:8]) \(.rate | floor | tostring | ("        " + .)[-8:]) \(.p50 * 100 | round / 100 | tostring | ("        " + .)[-8:]) \(.p99 * 100 | round / 100 | tostring | ("        " + .)[-8:]) \(.p999 * 100 | round / 100 | tostring | ("         " + .)[-9:]) \(.live_holds_at_start | tostring | ("            " + .)[-12:]) \(.aof_rewrites | tostring | ("        " + .)[-8:]) \(.redis_memory | ("        " + .)[-8:]) \(.fcall_usec_per_call // 0 | . * 10 | round / 10 | tostring | ("         " + .)[-9:]) \((.redis_cpu_ms // 0) * 1000 / (.rate * ($d + 3)) | round | tostring | ("         " + .)[-9:]) \((.booking_api_cpu_ms // 0) * 1000 / (.rate * ($d + 3)) | round | tostring | ("         " + .)[-9:])"' "$f"
     if (( i <= RUNS )) && jq -e '.p99 <= 5' "$f" > /dev/null; then met=$((met + 1)); fi
 done
 echo "  runs with p99 ≤ 5 ms: $met of $RUNS (bar: at least 9 of 10); run $((RUNS + 1)) had a forced BGREWRITEAOF (goal p99 ≤ 20 ms)"
