@@ -35,8 +35,7 @@ redis.call('ZADD', K.done, now + meta_num('done_ttl_ms', 3600000), id)
 -- (bought alone: no live hold left), freeing its place among max_active for the next fan.
 local limit = meta_num('per_fan_limit', 0)
 if limit > 0 and tonumber(redis.call('HGET', K.fans, h.fan) or '0') >= limit
-    and #redis.call('ZRANGEBYLEX', K.fanholds, '[' .. h.fan .. '|', '(' .. h.fan .. '}',
-      'LIMIT', 0, 1) == 0 then
+    and not has_live_hold(h.fan) then
   redis.call('ZREM', K.active, h.fan)
   -- Admission's running sum (lib.lua) stops counting the fan: they may take nothing more, so
   -- the sum stays as it is.

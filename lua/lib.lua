@@ -13,8 +13,11 @@
 -- KEYS[5]  {drop_id}:deadlines   zset   held hold id → expires_at_ms
 -- KEYS[6]  {drop_id}:confirming  zset   confirming hold id → confirm deadline ms
 -- KEYS[7]  {drop_id}:done        zset   ended hold id → purge_at_ms (kept so a fan can read how it ended)
--- KEYS[8]  {drop_id}:fans        hash   fan id → units held + confirming + bought (the per-fan limit)
--- KEYS[9]  {drop_id}:fanholds    zset   "<fan id>|<hold id>" for each live (held/confirming) hold
+-- KEYS[8]  {drop_id}:fans        hash   fan id → units held + confirming + bought (the per-fan limit);
+--                                       "h|<fan id>" → the fan's live (held/confirming) hold ids,
+--                                       joined by "," (absent: none)
+-- KEYS[9]  {drop_id}:fanholds    zset   "<fan id>|<hold id>": where releases before the index moved
+--                                       into fans kept it; read and emptied, never added to
 -- KEYS[10] {drop_id}:layout      hash   section → JSON [[row, seats], ...], front row first;
 --                                       "@<section>-<row>" → where the row's seat 1 is in seatmap
 -- KEYS[11] {drop_id}:active      zset   fan id → admission deadline ms (queue drops)
@@ -86,14 +89,51 @@ local function save_hold(id, h)
   redis.call('HSET', K.holds, id, cjson.encode(h))
 end
 
--- A fan's live holds are members "<fan>|<hold id>" of one zset (all scores 0), so adding and
--- removing cost O(log n) however many holds a fan has; `|` can't occur in either id.
+-- A fan's live holds are one field of the fans hash, "h|<fan>" → hold ids joined by ",": reserve
+-- reads it with the fan's count and writes it with the new count, so the index costs reserve no
+-- call of its own. It held a zset of "<fan>|<hold id>" members before, whose ZADD — a skiplist
+-- walked at a random place among every live hold of the drop — was the dearest command of a
+-- reserve on a sale-sized drop (docs/BENCHMARKS.md). A field is at most per_fan_limit ids long
+-- (every hold has a unit), and `|` and `,` occur in no id (engine/src/ids.rs).
+-- During a rolling deploy the previous release still adds to the zset (K.fanholds): forgetting a
+-- hold removes it from both, and readers (confirm_finish, engine::scripts) read both.
+local function live_holds_field(fan)
+  return 'h|' .. fan
+end
+
+-- The list `ids` ("a,b,c") without `id`, or nil if nothing is left.
+local function without_id(ids, id)
+  local rest = {}
+  for other in string.gmatch(ids, '[^,]+') do
+    if other ~= id then rest[#rest + 1] = other end
+  end
+  if #rest == 0 then return nil end
+  return table.concat(rest, ',')
+end
+
 local function remember_live_hold(fan, id)
-  redis.call('ZADD', K.fanholds, '0', fan .. '|' .. id)
+  local field = live_holds_field(fan)
+  local ids = redis.call('HGET', K.fans, field)
+  redis.call('HSET', K.fans, field, ids and (ids .. ',' .. id) or id)
 end
 
 local function forget_live_hold(fan, id)
   redis.call('ZREM', K.fanholds, fan .. '|' .. id)
+  local field = live_holds_field(fan)
+  local ids = redis.call('HGET', K.fans, field)
+  if not ids then return end
+  local rest = without_id(ids, id)
+  if rest then
+    redis.call('HSET', K.fans, field, rest)
+  else
+    redis.call('HDEL', K.fans, field)
+  end
+end
+
+-- Whether the fan has a live hold, in either index.
+local function has_live_hold(fan)
+  return redis.call('HEXISTS', K.fans, live_holds_field(fan)) == 1
+    or #redis.call('ZRANGEBYLEX', K.fanholds, '[' .. fan .. '|', '(' .. fan .. '}', 'LIMIT', 0, 1) > 0
 end
 
 -- Seat `seat` ("<section>-<row>-<n>") shows as `state` (f, h or s) in the seat map: two O(1)

@@ -152,7 +152,9 @@ else
   units = ARGV[8] + 0
 end
 
-local bought = (call('HGET', K.fans, fan) or 0) + 0
+-- The fan's count and live holds (lib.lua), read together and written together below.
+local fan_row = call('HMGET', K.fans, fan, live_holds_field(fan))
+local bought = (fan_row[1] or 0) + 0
 if bought + units > limit then
   return refuse('limit_exceeded', {per_fan_limit = limit, already = bought})
 end
@@ -214,13 +216,15 @@ end
 -- Formatting a number costs (see the header): what came as text is used as it came.
 local units_s = #items == 1 and items[1].qs or int(units)
 local exp_s, now_s = int(exp), int(now)
-call('HINCRBY', K.fans, fan, units_s)
+-- The count and the live-hold list in one write; the count formatted from the number it was read as.
+local live = fan_row[2]
+call('HSET', K.fans, fan, int(bought + units), live_holds_field(fan),
+  live and (live .. ',' .. hold_id) or hold_id)
 local items_json = '[' .. table.concat(parts, ',') .. ']'
 call('HSET', K.holds, hold_id, '{"fan":"' .. fan .. '","st":"held","exp":' .. exp_s ..
   ',"u":' .. units_s .. ',"c":' .. now_s .. ',"it":' .. items_json .. '}')
 call('ZADD', K.deadlines, exp_s, hold_id)
 if exp < next_due then call('HSET', K.meta, 'next_due_ms', exp_s) end
-remember_live_hold(fan, hold_id)
 -- A hold keeps a queue drop's shopper admitted until it can no longer be confirmed, never past
 -- the session's hard end.
 if meta[7] == 'queue' then

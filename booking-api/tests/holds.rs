@@ -918,3 +918,73 @@ async fn reserve_loads_its_function_again_where_redis_lost_it() {
         "the reserve loaded its library again"
     );
 }
+
+/// A rolling deploy from a release that kept the live-hold index in a zset (`fg:{D}:fanholds`,
+/// members "<fan>|<hold id>") to one that keeps it in the fans hash ("h|<fan>", lua/lib.lua):
+/// a hold the previous release made is listed among the fan's holds, and ending it takes it out
+/// of the zset, which then goes; the current index is kept beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holds_the_previous_release_indexed_are_listed_and_forgotten() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 4, 300).await;
+    let (fan, token) = h.fan("upgraded").await;
+    let (_, older) = h.reserve(&token, &drop, tee(1)).await;
+    let (_, newer) = h.reserve(&token, &drop, tee(2)).await;
+    let older_id = older["hold_id"].as_str().unwrap();
+    let newer_id = newer["hold_id"].as_str().unwrap();
+    let fans = format!("fg:{{{drop}}}:fans");
+    let zset = format!("fg:{{{drop}}}:fanholds");
+    let field = format!("h|{fan}");
+    assert_eq!(
+        common::redis_cli(&["HGET", &fans, &field]).await,
+        format!("{older_id},{newer_id}"),
+        "the index is in the fans hash"
+    );
+    // As the previous release would have it: the older hold in the zset only.
+    common::redis_cli(&["HSET", &fans, &field, newer_id]).await;
+    common::redis_cli(&["ZADD", &zset, "0", &format!("{fan}|{older_id}")]).await;
+
+    let mut both = vec![older_id.to_owned(), newer_id.to_owned()];
+    both.sort();
+    assert_eq!(
+        listed_holds(&h, &token, &drop).await,
+        both,
+        "both indexes are read"
+    );
+
+    assert_eq!(h.release(&token, older_id).await, 204);
+    assert_eq!(
+        common::redis_cli(&["EXISTS", &zset]).await,
+        "0",
+        "ending the older hold emptied the zset"
+    );
+    assert_eq!(
+        listed_holds(&h, &token, &drop).await,
+        vec![newer_id.to_owned()]
+    );
+    assert_eq!(h.release(&token, newer_id).await, 204);
+    assert_eq!(
+        common::redis_cli(&["HEXISTS", &fans, &field]).await,
+        "0",
+        "no live hold, no list"
+    );
+    assert_eq!(listed_holds(&h, &token, &drop).await, Vec::<String>::new());
+    h.assert_invariants(&drop).await;
+    h.server.shutdown().await;
+}
+
+/// The ids of the fan's holds `GET /v1/fans/me/holds` lists for the drop, sorted.
+async fn listed_holds(h: &Harness, token: &str, drop: &str) -> Vec<String> {
+    let (status, v) = h
+        .get(&format!("/v1/fans/me/holds?drop_id={drop}"), Some(token))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let mut ids: Vec<String> = v["holds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["hold_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}

@@ -130,6 +130,10 @@ impl DropKeys {
     pub fn confirming(&self) -> &str {
         self.get("confirming")
     }
+    /// Fan id → units held, confirming or bought; "h|<fan id>" → the fan's live hold ids.
+    pub fn fans(&self) -> &str {
+        self.get("fans")
+    }
     pub fn fanholds(&self) -> &str {
         self.get("fanholds")
     }

@@ -897,7 +897,13 @@ impl Redis {
         fan: &FanId,
     ) -> Result<Vec<(HoldId, HoldRecord)>> {
         let keys = DropKeys::new(drop);
-        // Members are "<fan>|<hold id>" (lua/lib.lua): the fan's run of them, in lex order.
+        // The fans hash's "h|<fan>" field: the hold ids, joined by "," (lua/lib.lua).
+        let listed: Option<String> = self
+            .at(keys.fans())
+            .hget(keys.fans(), format!("h|{fan}"))
+            .await?;
+        // And, until every release has written the field, the zset the previous one added to:
+        // members "<fan>|<hold id>", the fan's run of them in lex order.
         let prefix = format!("{fan}|");
         let members: Vec<String> = self
             .at(keys.fanholds())
@@ -908,10 +914,15 @@ impl Redis {
                 None,
             )
             .await?;
-        let ids: Vec<&str> = members
-            .iter()
-            .filter_map(|m| m.strip_prefix(&prefix))
-            .collect();
+        let mut ids: Vec<&str> = listed
+            .as_deref()
+            .map(|l| l.split(',').collect())
+            .unwrap_or_default();
+        for id in members.iter().filter_map(|m| m.strip_prefix(&prefix)) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
         let mut out = Vec::new();
         for id in ids {
             let Ok(hold) = HoldId::parse(id) else {

@@ -241,7 +241,12 @@ pub async fn assert_consistent(f: &Fault, h: &Harness, drop: &str) {
     let stock = f.redis_hash(&key(drop, "stock")).await;
     let holds = f.redis_hash(&key(drop, "holds")).await;
     let seats = f.redis_hash(&key(drop, "seats")).await;
-    let fans = f.redis_hash(&key(drop, "fans")).await;
+    // The fans hash: fan → units, and "h|<fan>" → the fan's live hold ids (lua/lib.lua).
+    let (live_lists, fans): (HashMap<String, String>, HashMap<String, String>) = f
+        .redis_hash(&key(drop, "fans"))
+        .await
+        .into_iter()
+        .partition(|(field, _)| field.starts_with("h|"));
     let orders = pg_orders(h, drop).await;
     let sold_seats = pg_sold_seats(h, drop).await;
     let db = h.server.engine.db().client().await.unwrap();
@@ -259,6 +264,7 @@ pub async fn assert_consistent(f: &Fault, h: &Harness, drop: &str) {
     let mut held: HashMap<String, i64> = HashMap::new();
     let mut live_units: HashMap<String, i64> = HashMap::new();
     let mut held_seats: HashMap<String, String> = HashMap::new();
+    let mut live_ids: HashMap<String, Vec<String>> = HashMap::new();
     for (id, raw) in &holds {
         let hold: Value = serde_json::from_str(raw).unwrap();
         let st = hold["st"].as_str().unwrap();
@@ -270,6 +276,10 @@ pub async fn assert_consistent(f: &Fault, h: &Harness, drop: &str) {
         );
         if st == "held" || st == "confirming" {
             let fan = hold["fan"].as_str().unwrap().to_owned();
+            live_ids
+                .entry(format!("h|{fan}"))
+                .or_default()
+                .push(id.clone());
             *live_units.entry(fan).or_default() += hold["u"].as_i64().unwrap();
             for item in hold["it"].as_array().unwrap() {
                 let b = item["b"].as_str().unwrap().to_owned();
@@ -329,6 +339,21 @@ pub async fn assert_consistent(f: &Fault, h: &Harness, drop: &str) {
         .chain(bought.keys())
         .chain(live_units.keys())
         .collect();
+    let listed: HashMap<String, Vec<String>> = live_lists
+        .into_iter()
+        .map(|(field, ids)| {
+            let mut ids: Vec<String> = ids.split(',').map(str::to_owned).collect();
+            ids.sort();
+            (field, ids)
+        })
+        .collect();
+    for ids in live_ids.values_mut() {
+        ids.sort();
+    }
+    assert_eq!(
+        listed, live_ids,
+        "{drop}: the fans' live-hold lists != their live holds"
+    );
     for fan in every_fan {
         let counted: i64 = fans.get(fan).map_or(0, |v| v.parse().unwrap());
         let expected =

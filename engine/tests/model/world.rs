@@ -953,8 +953,11 @@ impl World {
             s.confirming.clone()
         );
         same!("done", self.zset(&key("done")).await, s.done.clone());
-        same!("fans", parse_i64(self.hash(&q.fans).await), s.fans.clone());
-        let fanholds: BTreeSet<String> = self.zset(k.fanholds()).await.into_keys().collect();
+        let (fans, mut fanholds) = split_fans(self.hash(&q.fans).await);
+        same!("fans", fans, s.fans.clone());
+        // The live-hold index: the fans hash's "h|<fan>" lists, and what is left of the zset the
+        // release before kept it in (lua/lib.lua): one set of "<fan>|<hold id>" to the model.
+        fanholds.extend(self.zset(k.fanholds()).await.into_keys());
         same!("fanholds", fanholds, s.fanholds.clone());
         let refunds: BTreeSet<String> = self.hash(&key("refunds")).await.into_keys().collect();
         same!("refunds", refunds, s.refunds.clone());
@@ -1004,7 +1007,7 @@ impl World {
                 .get("per_fan_limit")
                 .and_then(|v| v.parse::<i64>().ok())
                 .unwrap_or(1);
-            let fans = parse_i64(self.hash(&q.fans).await);
+            let (fans, _) = split_fans(self.hash(&q.fans).await);
             let counted: i64 = shopping
                 .keys()
                 .map(|f| (limit - fans.get(f).copied().unwrap_or(0)).max(0))
@@ -1090,7 +1093,9 @@ impl World {
         expect("confirming", !s.confirming.is_empty());
         expect("done", !s.done.is_empty());
         expect("fans", !s.fans.is_empty());
-        expect("fanholds", !s.fanholds.is_empty());
+        // The live-hold index is in `fans` now (lua/lib.lua); nothing adds to the old zset, and
+        // a live hold has units, so `fans` exists whenever the index has anything.
+        expect("fanholds", false);
         expect("layout", !s.layout.is_empty());
         expect("active", !s.active.is_empty());
         expect("sessions", !s.sessions.is_empty());
@@ -1125,4 +1130,21 @@ impl World {
 /// small enough that runs with more tokens than that are capped, sometimes.
 fn admit_batch(leave_batch: i64) -> i64 {
     leave_batch * 2
+}
+
+/// The fans hash as the model keeps it: fan → units (parsed as `diff` parses counts), and the
+/// live-hold index its "h|<fan>" fields carry (lua/lib.lua) as "<fan>|<hold id>" members.
+fn split_fans(hash: BTreeMap<String, String>) -> (BTreeMap<String, i64>, BTreeSet<String>) {
+    let mut counts = BTreeMap::new();
+    let mut live = BTreeSet::new();
+    for (field, value) in hash {
+        match field.strip_prefix("h|") {
+            Some(fan) => live.extend(value.split(',').map(|id| format!("{fan}|{id}"))),
+            None => {
+                let units = value.parse::<f64>().map_or(i64::MIN, |f| f as i64);
+                counts.insert(field, units);
+            }
+        }
+    }
+    (counts, live)
 }
