@@ -31,6 +31,9 @@ DURATION_S=${DURATION_S:-60}
 PRELOAD_HOLDS=${PRELOAD_HOLDS:-100000}
 PEAK_DURATION_S=${PEAK_DURATION_S:-10}
 REWRITE_AT_S=${REWRITE_AT_S:-20}
+# Live holds per fan the load makes: a sale's fans hold a few each (per-fan limits are a
+# handful); 500 — the figure before 2026-12-06 — made every fan's live-hold list long.
+HOLDS_PER_FAN=${HOLDS_PER_FAN:-20}
 PORT=${PORT:-8097}
 REDIS_PORT=${REDIS_PORT:-6407}
 PG_PORT=${PG_PORT:-5457}
@@ -57,7 +60,7 @@ one_run() {
     "$DEVSTACK" run --name test-latency --redis-port "$REDIS_PORT" --pg-port "$PG_PORT" -- \
         env N="$n" KIND="$kind" RATE="${RATE:-}" OUT_DIR="$OUT_DIR" PORT="$PORT" STOCK="$STOCK" \
         PRELOAD_HOLDS="$PRELOAD_HOLDS" DURATION_S="$DURATION_S" PEAK_DURATION_S="$PEAK_DURATION_S" \
-        REWRITE_AT_S="$REWRITE_AT_S" LOADTEST="$LOADTEST" BOOKING_API="$BOOKING_API" \
+        REWRITE_AT_S="$REWRITE_AT_S" HOLDS_PER_FAN="$HOLDS_PER_FAN" LOADTEST="$LOADTEST" BOOKING_API="$BOOKING_API" \
         bash -c '
 set -euo pipefail
 export FLOODGATE_DATABASE_URL=$FLOODGATE_TEST_DATABASE_URL FLOODGATE_REDIS_URL=$FLOODGATE_TEST_REDIS_URL
@@ -73,7 +76,7 @@ api=$!
 trap "kill $api 2>/dev/null; wait $api 2>/dev/null" EXIT
 for _ in $(seq 100); do curl -fsS "$BOOKING_URL/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 drop=$("$LOADTEST" reserve --setup-only --quiet --stock "$STOCK" --per-fan-limit 1000 --hold-ttl-s 1800)
-fans=$((PRELOAD_HOLDS / 500 + 100))
+fans=$((PRELOAD_HOLDS / HOLDS_PER_FAN + 100))
 # Preload: closed loop until the holds are there (at most 10 rounds of 10 s).
 for _ in $(seq 10); do
     held=$("${redis[@]}" hget "fg:{$drop}:stock" h:LT | tr -d "\r")
@@ -92,8 +95,8 @@ if [[ $KIND == rewrite ]]; then
     ( sleep $((3 + REWRITE_AT_S)); "${redis[@]}" bgrewriteaof > /dev/null ) &
     rewriter=$!
 fi
-# Fans enough that none reaches the per-fan limit (1,000) within the window.
-mfans=$((RATE * (DURATION_S + 3) / 500 + 100))
+# HOLDS_PER_FAN holds per fan over the window (the per-fan limit, 1,000, is never reached).
+mfans=$((RATE * (DURATION_S + 3) / HOLDS_PER_FAN + 100))
 # Where the time goes: CPU seconds of Redis and booking-api over the window (utime + stime from
 # /proc, in clock ticks), and the reserve function usec_per_call (INFO commandstats, reset here).
 redis_pid=$("${redis[@]}" info server | tr -d "\r" | awk -F: "\$1 == \"process_id\" { print \$2 }")
