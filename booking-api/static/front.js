@@ -11,21 +11,7 @@
   /** How often the page reads the catalogue again while it is open. */
   const REFRESH_MS = 30000;
 
-  const $ = (id) => document.getElementById(id);
-
-  /** Creates an element: h('p', {class: 'x'}, 'text', child). Text is never HTML. */
-  function h(tag, attrs, ...kids) {
-    const el = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (v === null || v === undefined || v === false) continue;
-      if (k === 'class') el.className = v;
-      else el.setAttribute(k, String(v));
-    }
-    for (const kid of kids.flat()) {
-      if (kid !== null && kid !== undefined && kid !== false) el.append(kid);
-    }
-    return el;
-  }
+  const { $, h } = window.FloodgatePage;
 
   const moneyFormats = new Map();
   function fmtMoney(cents, currency) {

@@ -1,7 +1,8 @@
 /*
  * ops.js — the ops console (ops.html), on the API of the same origin.
  *
- * The ops key lives in this tab's sessionStorage only (never localStorage, never a URL). The live
+ * The ops key lives in this tab's sessionStorage only (never localStorage, never a URL; page.js's
+ * keyedSession, which this page shares with the seller's back office, signs in and out). The live
  * figures come over the WebSocket /v1/ops/ws, whose first message carries the key
  * ({"type":"auth","api_key":…}: a browser can't put an Authorization header on a WebSocket or an
  * EventSource, and a URL would end up in proxies' logs). The server then lists the live drops;
@@ -23,21 +24,7 @@
   const RECONNECT_MS = 2000;
   const SVG = 'http://www.w3.org/2000/svg';
 
-  const $ = (id) => document.getElementById(id);
-
-  /** Creates an element: h('p', {class: 'x'}, 'text', child). Text is never HTML. */
-  function h(tag, attrs, ...kids) {
-    const el = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (v === null || v === undefined || v === false) continue;
-      if (k === 'class') el.className = v;
-      else el.setAttribute(k, String(v));
-    }
-    for (const kid of kids.flat()) {
-      if (kid !== null && kid !== undefined && kid !== false) el.append(kid);
-    }
-    return el;
-  }
+  const { $, h, show, keyedSession } = window.FloodgatePage;
 
   function svg(tag, attrs) {
     const el = document.createElementNS(SVG, tag);
@@ -45,31 +32,16 @@
     return el;
   }
 
-  function show(id, text) {
-    const el = $(id);
-    el.textContent = text || '';
-    el.hidden = !text;
-  }
-
   function say(text) { $('status').textContent = text; }
 
-  const key = () => sessionStorage.getItem(KEY) || '';
-
-  /** An API call with the ops key: the parsed body, or throws with the API's message. */
-  async function api(method, path, body) {
-    const headers = { Accept: 'application/json', Authorization: `Bearer ${key()}` };
-    if (body !== undefined) headers['Content-Type'] = 'application/json';
-    const r = await fetch(path, {
-      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    const data = await r.json().catch(() => null);
-    if (!r.ok) {
-      if (r.status === 401) signOut('That key was not accepted; sign in again.');
-      const msg = data && data.error && data.error.message;
-      throw new Error(msg || `the server answered ${r.status}`);
-    }
-    return data;
-  }
+  // The sign-in (page.js): the key, API calls with it (a 401 signs out), and the console shown
+  // once signed in, whose stream opens then.
+  const { key, api, signOut, signedIn } = keyedSession({
+    storageKey: KEY,
+    signedInPart: 'console',
+    onSignIn: () => connect(),
+    onSignOut: () => stopWatching(),
+  });
 
   function fmtNum(v, digits) {
     if (v === null || v === undefined || Number.isNaN(v)) return '–';
@@ -432,17 +404,8 @@
 
   // ---- signing in ---------------------------------------------------------------------------
 
-  function signedIn() {
-    const on = key() !== '';
-    $('signin').hidden = on;
-    $('console').hidden = !on;
-    $('whoami').hidden = !on;
-    if (on) connect();
-  }
-
-  function signOut(why) {
-    sessionStorage.removeItem(KEY);
-    show('signin-error', why || '');
+  /** On signing out: the stream closes (no reconnect) and no drop is watched. */
+  function stopWatching() {
     if (ws) {
       const sock = ws;
       ws = null;
@@ -451,19 +414,8 @@
     clearTimeout(reconnect);
     watching = '';
     $('watch').hidden = true;
-    signedIn();
   }
 
-  $('signin-form').addEventListener('submit', (ev) => {
-    ev.preventDefault();
-    const k = $('ops-key').value.trim();
-    if (!k) return;
-    sessionStorage.setItem(KEY, k);
-    $('ops-key').value = '';
-    show('signin-error', '');
-    signedIn();
-  });
-  $('signout').addEventListener('click', () => signOut(''));
   $('drop-picker').addEventListener('change', () => watch($('drop-picker').value));
   $('drops-refresh').addEventListener('click', () => send({ type: 'drops' }));
 

@@ -2,12 +2,14 @@
  * seller.js — the seller's back office (seller.html), on the API of the same origin.
  *
  * The seller key lives in this tab's sessionStorage only (never localStorage, never a URL) and is
- * sent as `Authorization: Bearer`. The create form sends what the seller typed and shows the API's
- * own error message: the API is the one validator, so page and API never disagree. Every API value
- * reaches the page as text (textContent, setAttribute): a drop or fan named "<b>…" shows those
- * characters. The drops list polls GET /v1/drops and GET /v1/drops/{id} every few seconds; an
- * open GA drop's SKUs take stock from it (POST /v1/drops/{id}/skus/{sku}/stock, confirmed first,
- * with a request id that makes a retry add once).
+ * sent as `Authorization: Bearer` (page.js's keyedSession, which this page shares with the ops
+ * console, signs in and out and makes the API calls). The create form sends what the seller typed
+ * and shows the API's own error message: the API is the one validator, so page and API never
+ * disagree. Every API value reaches the page as text (textContent, setAttribute): a drop or fan
+ * named "<b>…" shows those characters. The drops list polls GET /v1/drops and GET /v1/drops/{id}
+ * every few seconds; an open GA drop's SKUs take stock from it
+ * (POST /v1/drops/{id}/skus/{sku}/stock, confirmed first, with a request id that makes a retry
+ * add once).
  */
 (() => {
   'use strict';
@@ -20,21 +22,7 @@
   /** Seats drawn in the preview, at most: a big map is summarised rather than drawn. */
   const PREVIEW_MAX_SEATS = 2000;
 
-  const $ = (id) => document.getElementById(id);
-
-  /** Creates an element: h('p', {class: 'x'}, 'text', child). Text is never HTML. */
-  function h(tag, attrs, ...kids) {
-    const el = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (v === null || v === undefined || v === false) continue;
-      if (k === 'class') el.className = v;
-      else el.setAttribute(k, String(v));
-    }
-    for (const kid of kids.flat()) {
-      if (kid !== null && kid !== undefined && kid !== false) el.append(kid);
-    }
-    return el;
-  }
+  const { $, h, show, keyedSession } = window.FloodgatePage;
 
   function fmtMoney(cents, currency) {
     const cur = currency || 'USD';
@@ -54,58 +42,15 @@
       .format(new Date(ms));
   }
 
-  function show(id, text) {
-    const el = $(id);
-    el.textContent = text || '';
-    el.hidden = !text;
-  }
-
-  const key = () => sessionStorage.getItem(KEY) || '';
-
-  /** An API call with the seller key: the parsed body, or throws with the API's message. */
-  async function api(method, path, body) {
-    const headers = { Accept: 'application/json', Authorization: `Bearer ${key()}` };
-    if (body !== undefined) headers['Content-Type'] = 'application/json';
-    const r = await fetch(path, {
-      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    const data = await r.json().catch(() => null);
-    if (!r.ok) {
-      if (r.status === 401) signOut('That key was not accepted; sign in again.');
-      const msg = data && data.error && data.error.message;
-      const err = new Error(msg || `the server answered ${r.status}`);
-      err.status = r.status;
-      throw err;
-    }
-    return data;
-  }
-
   // ---- signing in ------------------------------------------------------------------------
+  // page.js: the key, API calls with it (a 401 signs out), and the office shown once signed in,
+  // whose drops load then.
 
-  function signedIn() {
-    const on = key() !== '';
-    $('signin').hidden = on;
-    $('office').hidden = !on;
-    $('whoami').hidden = !on;
-    if (on) loadDrops();
-  }
-
-  function signOut(why) {
-    sessionStorage.removeItem(KEY);
-    show('signin-error', why || '');
-    signedIn();
-  }
-
-  $('signin-form').addEventListener('submit', (ev) => {
-    ev.preventDefault();
-    const k = $('seller-key').value.trim();
-    if (!k) return;
-    sessionStorage.setItem(KEY, k);
-    $('seller-key').value = '';
-    show('signin-error', '');
-    signedIn();
+  const { key, api, signedIn } = keyedSession({
+    storageKey: KEY,
+    signedInPart: 'office',
+    onSignIn: () => loadDrops(),
   });
-  $('signout').addEventListener('click', () => signOut(''));
 
   // ---- the create form --------------------------------------------------------------------
 
