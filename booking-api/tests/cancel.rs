@@ -7,33 +7,11 @@
 //! after one batch) is finished by the next process.
 mod common;
 
-use common::Harness;
-use engine::ids::HoldId;
+use common::{buy, buy_tees, wait_captured, Harness};
+use engine::ids::{HoldId, OrderId};
 use engine::payments::PaymentGateway;
 use serde_json::{json, Value};
 use testkit::BookingClient;
-
-/// A fan buys `units` tees of `drop`; (order id, hold id).
-async fn buy(c: &BookingClient, drop: &str, name: &str, units: u32) -> (String, String) {
-    buy_with(
-        c,
-        drop,
-        name,
-        json!({"items": [{"sku": "TEE", "quantity": units}]}),
-    )
-    .await
-}
-
-/// A fan reserves `body` of `drop` and confirms it; (order id, hold id).
-async fn buy_with(c: &BookingClient, drop: &str, name: &str, body: Value) -> (String, String) {
-    let (_, token) = c.fan(name).await;
-    let (status, v) = c.reserve(&token, drop, body).await;
-    assert_eq!(status, 201, "{v}");
-    let hold = v["hold_id"].as_str().unwrap().to_owned();
-    let (status, v) = c.confirm(&token, &hold, &format!("ok_{name}")).await;
-    assert_eq!(status, 201, "{v}");
-    (v["order_id"].as_str().unwrap().to_owned(), hold)
-}
 
 async fn cancel_with(c: &BookingClient, key: &str, drop: &str, body: Value) -> (u16, Value) {
     c.call(
@@ -64,21 +42,22 @@ async fn wait_done(c: &BookingClient, drop: &str) -> Value {
     progress(c, drop).await
 }
 
-/// Waits until the test gateway has captured every hold's payment (the capture follows the
-/// order's commit), so each refund refunds a capture.
-async fn wait_captured(h: &Harness, holds: &[String]) {
-    testkit::wait::eventually("every payment captured", || async {
-        let gw = h.server.engine.test_gateway().unwrap();
-        holds.iter().all(|hold| {
-            gw.payment(&HoldId::parse(hold).unwrap())
-                .is_some_and(|p| p.captures == 1)
-        })
-    })
-    .await;
+/// How many of the drop's audit lines record a cancel, and the audit log.
+async fn cancel_lines(h: &Harness, drop: &str) -> (usize, Value) {
+    let (_, audit) = h
+        .get(&format!("/v1/drops/{drop}/audit"), Some(&h.seller_key))
+        .await;
+    let cancels = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "cancel")
+        .count();
+    (cancels, audit)
 }
 
 /// The order's refunds' ids.
-async fn refund_ids(c: &BookingClient, order: &str) -> Vec<String> {
+async fn refund_ids(c: &BookingClient, order: &OrderId) -> Vec<String> {
     let (status, v) = c
         .get(&format!("/v1/orders/{order}/refunds"), Some(&c.seller_key))
         .await;
@@ -97,7 +76,7 @@ async fn cancelling_a_drop_refunds_every_order_once() {
     let drop = h.ga_drop(60, 5, 60).await;
     let mut orders = Vec::new();
     for i in 0..30 {
-        orders.push(buy(&h, &drop, &format!("fan{i}"), i % 2 + 1).await);
+        orders.push(buy_tees(&h, &drop, &format!("fan{i}"), i % 2 + 1).await);
     }
     let holds: Vec<String> = orders.iter().map(|(_, h)| h.clone()).collect();
     wait_captured(&h, &holds).await;
@@ -167,15 +146,7 @@ async fn cancelling_a_drop_refunds_every_order_once() {
     assert_eq!(status, 202, "{again}");
     assert_eq!(again, done);
     // The audit log says who cancelled it, once.
-    let (_, audit) = h
-        .get(&format!("/v1/drops/{drop}/audit"), Some(&h.seller_key))
-        .await;
-    let cancels = audit["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["action"] == "cancel")
-        .count();
+    let (cancels, audit) = cancel_lines(&h, &drop).await;
     assert_eq!(cancels, 1, "{audit}");
 }
 
@@ -191,7 +162,7 @@ async fn a_restart_mid_job_finishes_it() {
     let drop = h.ga_drop(40, 5, 60).await;
     let mut orders = Vec::new();
     for i in 0..12 {
-        orders.push(buy(&h, &drop, &format!("fan{i}"), 2).await);
+        orders.push(buy_tees(&h, &drop, &format!("fan{i}"), 2).await);
     }
     let holds: Vec<String> = orders.iter().map(|(_, h)| h.clone()).collect();
     wait_captured(&h, &holds).await;
@@ -272,7 +243,7 @@ async fn a_restart_mid_job_finishes_it() {
 async fn bad_cancels_change_nothing() {
     let h = Harness::start().await;
     let drop = h.ga_drop(10, 5, 60).await;
-    let (_, hold) = buy(&h, &drop, "buyer", 2).await;
+    let (_, hold) = buy_tees(&h, &drop, "buyer", 2).await;
     let before = h.counts(&drop).await;
     let unknown = engine::ids::DropId::generate().to_string();
     let (status, v) = cancel_with(&h, &h.seller_key, &unknown, json!({"request_id": "x"})).await;
@@ -348,7 +319,7 @@ async fn concurrent_cancels_of_a_seated_drop_make_one_job() {
     let mut orders = Vec::new();
     for i in 0..4 {
         let seats = json!({"seats": [format!("A-1-{}", 2 * i + 1), format!("A-1-{}", 2 * i + 2)]});
-        orders.push(buy_with(&h, &drop, &format!("sitter{i}"), seats).await);
+        orders.push(buy(&h, &drop, &format!("sitter{i}"), seats).await);
     }
     let holds: Vec<String> = orders.iter().map(|(_, h)| h.clone()).collect();
     wait_captured(&h, &holds).await;
@@ -385,15 +356,7 @@ async fn concurrent_cancels_of_a_seated_drop_make_one_job() {
     }
     assert_eq!(h.counts(&drop).await, (8, 8, 0, 0));
     h.assert_invariants(&drop).await;
-    let (_, audit) = h
-        .get(&format!("/v1/drops/{drop}/audit"), Some(&h.seller_key))
-        .await;
-    let cancels = audit["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["action"] == "cancel")
-        .count();
+    let (cancels, audit) = cancel_lines(&h, &drop).await;
     assert_eq!(cancels, 1, "{audit}");
 }
 
@@ -407,7 +370,7 @@ async fn an_archived_drop_is_cancelled_from_postgres() {
     let drop = h.ga_drop(10, 5, 600).await;
     let mut orders = Vec::new();
     for i in 0..3 {
-        orders.push(buy(&h, &drop, &format!("fan{i}"), 2).await);
+        orders.push(buy_tees(&h, &drop, &format!("fan{i}"), 2).await);
     }
     let holds: Vec<String> = orders.iter().map(|(_, h)| h.clone()).collect();
     wait_captured(&h, &holds).await;
@@ -446,7 +409,7 @@ async fn an_archived_drop_is_cancelled_from_postgres() {
 async fn a_hold_live_at_the_cancel_is_refunded_once_bought() {
     let h = Harness::start().await;
     let drop = h.ga_drop(10, 5, 600).await;
-    let (_, first) = buy(&h, &drop, "early", 2).await;
+    let (_, first) = buy_tees(&h, &drop, "early", 2).await;
     let (_, token) = h.fan("late").await;
     let (status, v) = h
         .reserve(
@@ -492,7 +455,7 @@ async fn a_cancel_whose_redis_close_was_lost_still_stops_the_sale() {
     cfg.reconciler.interval_ms = 3_600_000;
     let h = Harness::with_config(cfg).await;
     let drop = h.ga_drop(40, 5, 60).await;
-    buy(&h, &drop, "early", 1).await;
+    buy_tees(&h, &drop, "early", 1).await;
     let d = engine::ids::DropId::parse(&drop).unwrap();
     let redis = h.server.engine.redis();
     let reopen = || async {

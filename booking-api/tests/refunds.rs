@@ -8,7 +8,7 @@
 //! Postgres' books agree with Redis' at the end.
 mod common;
 
-use common::Harness;
+use common::{buy, Harness};
 use engine::ids::OrderId;
 use engine::scripts::HoldItem;
 use futures::future::join_all;

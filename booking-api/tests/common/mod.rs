@@ -8,6 +8,7 @@
 pub mod pages;
 
 use booking_api::Running;
+use engine::ids::{HoldId, OrderId};
 use engine::Config;
 use testkit::BookingClient;
 
@@ -114,6 +115,45 @@ impl Harness {
         };
         row.get(0)
     }
+}
+
+/// A fan named `name` reserves `body` of `drop` and pays for it (the reference `ok_<name>`, which
+/// the test gateway approves); (order id, hold id).
+pub async fn buy(
+    h: &Harness,
+    drop: &str,
+    name: &str,
+    body: serde_json::Value,
+) -> (OrderId, String) {
+    let (_, token) = h.fan(name).await;
+    let (status, v) = h.reserve(&token, drop, body).await;
+    assert_eq!(status, 201, "{v}");
+    let hold = v["hold_id"].as_str().unwrap().to_owned();
+    let (status, v) = h.confirm(&token, &hold, &format!("ok_{name}")).await;
+    assert_eq!(status, 201, "{v}");
+    (
+        OrderId::parse(v["order_id"].as_str().unwrap()).unwrap(),
+        hold,
+    )
+}
+
+/// [`buy`] of `units` tees (the SKU `TEE` of a `ga_drop`).
+pub async fn buy_tees(h: &Harness, drop: &str, name: &str, units: u32) -> (OrderId, String) {
+    let body = serde_json::json!({"items": [{"sku": "TEE", "quantity": units}]});
+    buy(h, drop, name, body).await
+}
+
+/// Waits until the test gateway has captured every hold's payment (the capture follows the
+/// order's commit), so that a refund of each refunds a capture rather than voiding it.
+pub async fn wait_captured(h: &Harness, holds: &[String]) {
+    testkit::wait::eventually("every payment captured", || async {
+        let gw = h.server.engine.test_gateway().unwrap();
+        holds.iter().all(|hold| {
+            gw.payment(&HoldId::parse(hold).unwrap())
+                .is_some_and(|p| p.captures == 1)
+        })
+    })
+    .await;
 }
 
 /// `redis-cli -u <the test Redis> args...`, its stdout: for tests that play a fault on a drop's
