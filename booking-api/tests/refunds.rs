@@ -14,20 +14,6 @@ use engine::scripts::HoldItem;
 use futures::future::join_all;
 use serde_json::json;
 
-/// A fan buys `body`'s items of `drop`; (order id, hold id).
-async fn buy(h: &Harness, drop: &str, name: &str, body: serde_json::Value) -> (OrderId, String) {
-    let (_, token) = h.fan(name).await;
-    let (status, v) = h.reserve(&token, drop, body).await;
-    assert_eq!(status, 201, "{v}");
-    let hold = v["hold_id"].as_str().unwrap().to_owned();
-    let (status, v) = h.confirm(&token, &hold, &format!("ok_{name}")).await;
-    assert_eq!(status, 201, "{v}");
-    (
-        OrderId::parse(v["order_id"].as_str().unwrap()).unwrap(),
-        hold,
-    )
-}
-
 /// Postgres' side of a bucket: (inventory.sold, ledger sum of delta_sold, refund lines).
 async fn pg_sold(h: &Harness, drop: &str, bucket: &str) -> (i64, i64, i64) {
     let db = h.server.engine.db().client().await.unwrap();
