@@ -16,19 +16,24 @@
 -- ARGV[4] JSON items [{b = bucket, q = units, s = seat?}], as the refunds row has them
 -- Returns {"ok", "returned", status} (status: the drop's, "open" or "closed")
 --       | {"ok", "already"} (its marker is there: returned before, or counted by a rebuild)
---       | {"err", "hold_not_sold"} (the order's hold is still confirming here: its confirm
---         finishes first, then this is called again)
---       | {"err", "out_of_step"} (a bucket sold fewer units, or a seat isn't sold: Redis doesn't
---         have the sale it refunds; nothing written, a rebuild settles it)
+--       | {"err", "hold_not_sold"} (the order's hold is still live here, held or confirming:
+--         its confirm finishes first, or it ends, then this is called again)
+--       | {"err", "out_of_step"} (the order's hold ended here unsold, expired or released; or a
+--         bucket sold fewer units, or a seat isn't sold: Redis doesn't have the sale it refunds;
+--         nothing written, a rebuild settles it)
 --       | {"err", "recovering"} (the drop is being rebuilt or isn't in Redis: lib.lua)
 local marker, hold_id, fan = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('HEXISTS', KEYS[14], marker) == 1 then return {'ok', 'already'} end
 local status = redis.call('HGET', K.meta, 'status')
 if not status or recovering() then return {'err', 'recovering'} end
 local h = load_hold(hold_id)
--- A hold purged an hour after it ended was sold long ago (its order exists); one still live here
--- has its units counted as held, not sold.
-if h and h.st ~= 'sold' then return {'err', 'hold_not_sold'} end
+-- A hold purged an hour after it ended was sold long ago (its order exists). One still live here
+-- has its units counted as held, not sold: its confirm finishes (or it expires) first. One that
+-- ended unsold gave its units back while Postgres committed its order (it expired or was
+-- released as the confirm committed, and the confirm's alarm never reached Redis; a copy from
+-- before the sale that a restart brought back): waiting can't help, nothing will sell it here.
+if h and (h.st == 'held' or h.st == 'confirming') then return {'err', 'hold_not_sold'} end
+if h and h.st ~= 'sold' then return {'err', 'out_of_step'} end
 local items = cjson.decode(ARGV[4])
 local per_bucket, units = {}, 0
 for _, it in ipairs(items) do

@@ -895,3 +895,143 @@ async fn a_part_of_an_uncaptured_payment_is_captured_then_refunded() {
     );
     h.assert_invariants(&drop).await;
 }
+
+/// Redis gives a sold hold's units back the way an ended hold's go (lua/lib.lua
+/// `return_to_stock`): each item from sold to available, the fan's units down, the hold ended as
+/// `state` — what Redis is left with when a hold expired (or was released) while its confirm
+/// committed the order, and the confirm's alarm (the drop marked `recovering`) never reached
+/// Redis. Redis' counts still add up, to a drop that didn't sell this order.
+async fn redis_ended_the_sold_hold(drop: &str, hold: &str, state: &str) {
+    let script = "local h = cjson.decode(redis.call('HGET', KEYS[1], ARGV[1])) \
+        for _, it in ipairs(h.it) do \
+          redis.call('HINCRBY', KEYS[2], 's:' .. it.b, -it.q) \
+          redis.call('HINCRBY', KEYS[2], 'a:' .. it.b, it.q) \
+        end \
+        local left = redis.call('HINCRBY', KEYS[3], h.fan, -h.u) \
+        if left <= 0 then redis.call('HDEL', KEYS[3], h.fan) end \
+        h.st = ARGV[2] \
+        redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(h)) \
+        return h.u";
+    let key = |k: &str| format!("fg:{{{drop}}}:{k}");
+    let units = common::redis_cli(&[
+        "EVAL",
+        script,
+        "3",
+        &key("holds"),
+        &key("stock"),
+        &key("fans"),
+        hold,
+        state,
+    ])
+    .await;
+    assert_eq!(units, "2", "the hold's units went back");
+}
+
+/// The `/metrics` page's value of the label-less series `name` (0 if absent).
+async fn counter(h: &Harness, name: &str) -> f64 {
+    let text = h
+        .http
+        .get(h.url("/metrics"))
+        .bearer_auth(&h.ops_key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A refund whose order's hold Redis ended unsold (`expired`, or `released`) — Redis gave its
+/// units back while Postgres committed the order — can't wait for that hold's confirm to finish
+/// (lua/refund.lua's `hold_not_sold`, right for a hold still confirming): nothing will finish it.
+/// Redis hasn't the sale, as when its counts disagree (`out_of_step`): the drop is rebuilt from
+/// Postgres, which counts the order's units as sold and the refund's as returned (its marker),
+/// and the resume round finishes the refund — its units back on sale once, not twice. Before:
+/// `gateway_done`, retried by every round forever.
+#[tokio::test]
+async fn a_refund_of_a_hold_redis_ended_unsold_goes_through_recovery() {
+    let mut cfg = testkit::test_config();
+    cfg.reconciler.refund_resume_after_ms = 100;
+    let h = Harness::with_config(cfg).await;
+    let drop = h.ga_drop(10, 5, 60).await;
+    let tees = json!({"items": [{"sku": "TEE", "quantity": 2}]});
+    let (expired, expired_hold) = buy(&h, &drop, "expired", tees.clone()).await;
+    let (released, released_hold) = buy(&h, &drop, "released", tees.clone()).await;
+    let (kept, _) = buy(&h, &drop, "kept", tees).await;
+    assert_eq!(h.counts(&drop).await, (10, 4, 0, 6));
+    redis_ended_the_sold_hold(&drop, &expired_hold, "expired").await;
+    redis_ended_the_sold_hold(&drop, &released_hold, "released").await;
+    assert_eq!(
+        h.counts(&drop).await,
+        (10, 8, 0, 2),
+        "Redis forgot two sales"
+    );
+    // The refunds' counters (shared by the binary's tests running at once: they only grow).
+    let names = [
+        "floodgate_refunds_out_of_step_total",
+        "floodgate_refunds_accepted_total",
+        "floodgate_refunds_completed_total{state=\"returned\"}",
+        "floodgate_refunds_resumed_total",
+    ];
+    let mut before = Vec::new();
+    for name in names {
+        before.push(counter(&h, name).await);
+    }
+    for order in [&expired, &released] {
+        let (status, v) = refund(&h, order, json!({"refund_id": "ended"})).await;
+        assert!(status == 201 || status == 202, "{status} {v}");
+        assert_eq!(v["state"], "gateway_done", "Redis can't return them: {v}");
+    }
+    testkit::wait::eventually(
+        "the rebuild and the resume round finish both refunds",
+        || async {
+            let mut done = true;
+            for order in [&expired, &released] {
+                let (_, list) = h
+                    .get(&format!("/v1/orders/{order}/refunds"), Some(&h.seller_key))
+                    .await;
+                done &= list["refunds"][0]["state"] == "returned";
+            }
+            done
+        },
+    )
+    .await;
+    // The third order is still sold; the refunded units are available once (not 8 + 4).
+    assert_eq!(h.counts(&drop).await, (10, 8, 0, 2));
+    h.assert_invariants(&drop).await;
+    for hold in [&expired_hold, &released_hold] {
+        assert_eq!(h.payment(hold).await.refunds, 1);
+    }
+    // Out of step at least once (the second refund may have met the drop already recovering);
+    // both accepted, both finished, by the resume round.
+    for (name, (was, by)) in names.iter().zip(before.iter().zip([1.0, 2.0, 2.0, 1.0])) {
+        let now = counter(&h, name).await;
+        assert!(now >= was + by, "{name}: {was} before, {now} after");
+    }
+    // The stock's ledger says why the drop was rebuilt.
+    let db = h.server.engine.db().client().await.unwrap();
+    let why: i64 = db
+        .query_one(
+            "SELECT count(*) FROM stock_ledger WHERE drop_id = $1 AND kind = 'rebuild' \
+             AND note LIKE 'refund %'",
+            &[&drop],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(why >= 1, "no ledger line names the refund");
+    // The kept order still refunds the ordinary way, at once.
+    let (status, v) = refund(&h, &kept, json!({"refund_id": "ordinary"})).await;
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (201, Some("returned")),
+        "{v}"
+    );
+    assert_eq!(h.counts(&drop).await, (10, 10, 0, 0));
+    h.assert_invariants(&drop).await;
+}

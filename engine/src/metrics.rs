@@ -24,6 +24,20 @@ pub const WRITER_RETRIES: &str = "floodgate_writer_retries_total";
 pub const WRITER_FALLBACKS: &str = "floodgate_writer_fallbacks_total";
 pub const CONSTRAINT_REFUSALS: &str = "floodgate_constraint_refusals_total";
 pub const OVERSELL_ALARMS: &str = "floodgate_oversell_alarms_total";
+/// Refunds recorded (step 1: a new refund id; the same id again isn't counted).
+pub const REFUNDS_ACCEPTED: &str = "floodgate_refunds_accepted_total";
+/// Refunds finished, labelled `state`: `returned` (units back on sale) or `closed` (a closed or
+/// archived drop's). Counted by the process whose write finished it, so once per refund.
+pub const REFUNDS_COMPLETED: &str = "floodgate_refunds_completed_total";
+/// Step 2 (the money back) left for the next round: the gateway refused or didn't answer, or a
+/// capture or void it needs first hasn't settled.
+pub const REFUND_GATEWAY_FAILURES: &str = "floodgate_refund_gateway_failures_total";
+/// Refunds the resume round took up (left unfinished by their request or an earlier round).
+pub const REFUNDS_RESUMED: &str = "floodgate_refunds_resumed_total";
+/// Step 3 found that Redis hasn't the sale the refund returns (lua/refund.lua `out_of_step`: its
+/// counts disagree with Postgres', or the order's hold ended there unsold): the drop is rebuilt
+/// from Postgres, which counts the refund as returned. Should stay near zero.
+pub const REFUNDS_OUT_OF_STEP: &str = "floodgate_refunds_out_of_step_total";
 pub const HTTP_CONNECTIONS: &str = "floodgate_http_connections";
 pub const QUEUE_WAITERS: &str = "floodgate_queue_waiters";
 pub const QUEUE_JOINS: &str = "floodgate_queue_joins_total";

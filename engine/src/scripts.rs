@@ -206,9 +206,11 @@ pub enum RefundReturn {
     Returned { closed: bool },
     /// Returned before, or counted by a rebuild: nothing done.
     Already,
-    /// The order's hold is still confirming in Redis: its confirm finishes first.
+    /// The order's hold is still live in Redis (held or confirming): its confirm finishes, or it
+    /// expires, first.
     HoldNotSold,
-    /// Redis doesn't have the sale the refund gives back (nothing written; a rebuild settles it).
+    /// Redis doesn't have the sale the refund gives back: its counts are short of it, or the
+    /// order's hold ended there unsold (nothing written; a rebuild settles it).
     OutOfStep,
 }
 

@@ -11,7 +11,11 @@
 //!
 //! The request runs the steps at once; what it couldn't finish (the gateway down, Redis
 //! rebuilding, the order's confirm not finished in Redis yet) the resume round takes up again
-//! ([`Engine::resume_refunds`], under each drop's round lease).
+//! ([`Engine::resume_refunds`], under each drop's round lease). A step 3 that finds Redis
+//! without the sale (`out_of_step`: its counts short of it, or the order's hold ended there
+//! unsold) doesn't wait for what can't come: the drop is rebuilt from Postgres, which counts the
+//! refund as returned, and the next round finishes it. Metrics: `floodgate_refunds_*`
+//! (engine::metrics).
 
 use super::*;
 use crate::db::RefundRecord;
@@ -137,6 +141,9 @@ impl Engine {
                 items.as_deref(),
             )
             .await?;
+        if rec.new {
+            metrics::counter!(m::REFUNDS_ACCEPTED).increment(1);
+        }
         self.watch_drop(&def.drop_id);
         let state = self.advance_refund(&rec).await;
         let view = refund_view(&def, &rec, state);
@@ -238,8 +245,12 @@ impl Engine {
                         .refund_moved(rec, RefundState::Pending, RefundState::GatewayDone)
                         .await;
                 }
-                Ok(false) => return state,
+                Ok(false) => {
+                    metrics::counter!(m::REFUND_GATEWAY_FAILURES).increment(1);
+                    return state;
+                }
                 Err(e) => {
+                    metrics::counter!(m::REFUND_GATEWAY_FAILURES).increment(1);
                     tracing::warn!(order = %rec.order_id, refund = %rec.refund_id, error = %e,
                         "refund: the gateway step failed; the resume round tries again");
                     return state;
@@ -274,7 +285,12 @@ impl Engine {
             .set_refund_state(rec.order_id, &rec.refund_id, from.as_str(), to.as_str())
             .await
         {
-            Ok(true) => to,
+            Ok(true) => {
+                if to.finished() {
+                    metrics::counter!(m::REFUNDS_COMPLETED, "state" => to.as_str()).increment(1);
+                }
+                to
+            }
             Ok(false) => self
                 .db
                 .order_refunds(rec.order_id)
@@ -418,13 +434,28 @@ impl Engine {
             }
             RefundReturn::HoldNotSold => Ok(None),
             RefundReturn::OutOfStep => {
-                // Redis disagrees with Postgres (it hasn't the sale this returns): rebuild the
-                // drop from Postgres, as a sale the store refused does (confirm.rs). The rebuild
-                // counts the recorded refund as returned and writes its marker, so the next
-                // round's step 3 answers `already`; until then, left unfinished.
+                // Redis disagrees with Postgres: it hasn't the sale this returns (its counts are
+                // short of it, or the order's hold ended there unsold — it expired or was
+                // released while the confirm committed the order). Nothing Redis does later
+                // would sell it, so waiting can't help: rebuild the drop from Postgres, as a sale
+                // the store refused does (confirm.rs). The rebuild counts the order's units as
+                // sold and the recorded refund's as returned, and writes its marker, so the next
+                // round's step 3 answers `already`; until then, left unfinished. The script
+                // answers this only while the drop isn't recovering, so once per rebuild.
                 tracing::warn!(%drop, order = %rec.order_id, refund = %rec.refund_id,
                     "refund: Redis hasn't the sale it returns; the drop is rebuilt");
+                metrics::counter!(m::REFUNDS_OUT_OF_STEP).increment(1);
                 self.redis.set_meta(&drop, "recovering", "1").await?;
+                self.start_recovery(&drop);
+                // The stock's audit trail says why this rebuild happened (the rebuild adds its
+                // own line when it ends).
+                let note = format!(
+                    "refund {}|{}: Redis hasn't the sale it returns; rebuilt from Postgres",
+                    rec.order_id, rec.refund_id
+                );
+                if let Err(e) = self.db.record_rebuild(&drop, &note).await {
+                    tracing::warn!(%drop, error = %e, "refund: the ledger line of an out-of-step refund wasn't written");
+                }
                 Ok(None)
             }
         }
@@ -460,6 +491,7 @@ impl Engine {
             if !self.round_leases.held(&self.redis, &drop).await {
                 continue;
             }
+            metrics::counter!(m::REFUNDS_RESUMED).increment(1);
             if self.advance_refund(&rec).await.finished() {
                 finished += 1;
             } else if let Err(e) = self.db.touch_refund(rec.order_id, &rec.refund_id).await {

@@ -1062,13 +1062,12 @@ impl Model {
             .get(marker)
             .cloned()
             .ok_or("no refund")?;
-        if self
-            .store
-            .holds
-            .get(&hold)
-            .is_some_and(|h| h.state != "sold")
-        {
-            return Err("hold_not_sold".into());
+        match self.store.holds.get(&hold).map(|h| h.state) {
+            // Live: its confirm finishes (or it expires) first.
+            Some("held" | "confirming") => return Err("hold_not_sold".into()),
+            // Ended unsold while Postgres has its order: Redis hasn't the sale.
+            Some(state) if state != "sold" => return Err("out_of_step".into()),
+            _ => {}
         }
         let mut per_bucket: BTreeMap<&str, i64> = BTreeMap::new();
         for i in &items {
