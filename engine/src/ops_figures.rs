@@ -8,7 +8,8 @@
 //! - What only a process knows — how many reserves and confirms it answered in the last second,
 //!   how many failed, how long they took — each booking-api instance counts in memory
 //!   ([`RecentCalls`], bounded by `http.ops_recent_max_drops` drops and a fixed histogram per
-//!   drop) and writes once a second ([`Engine::spawn_call_figures`]), per drop it served, to a
+//!   drop, counted with atomics so concurrent requests never wait on each other) and writes once
+//!   a second ([`Engine::spawn_call_figures`]), per drop it served, to a
 //!   small hash `fg:{drop}:ops:calls:<instance>` with a TTL (`http.ops_call_figures_ttl_ms`), and
 //!   its instance id to `fg:{drop}:ops:instances` (a zset, by write time). A sample sums the
 //!   instances' rates and takes the **largest** of their p99s: the p99 of the union isn't
@@ -21,8 +22,11 @@
 //!
 //! Every read is O(1) or bounded by a setting: no key here grows with a sale.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use fred::interfaces::{HashesInterface, KeysInterface, ListInterface, SortedSetsInterface};
@@ -85,6 +89,7 @@ impl Default for Calls {
 }
 
 impl Calls {
+    #[cfg(test)]
     fn record(&mut self, took: Duration, error: bool) {
         self.n += 1;
         self.errors += u64::from(error);
@@ -121,22 +126,70 @@ pub struct CallFigures {
     pub confirm_p99_us: Option<u64>,
 }
 
-struct Window {
-    since: Instant,
-    drops: HashMap<DropId, [Calls; 2]>,
+/// [`Calls`] that many requests count at once: each field its own atomic.
+struct SharedCalls {
+    n: AtomicU64,
+    errors: AtomicU64,
+    buckets: [AtomicU32; LATENCY_BUCKETS],
 }
+
+impl Default for SharedCalls {
+    fn default() -> Self {
+        SharedCalls {
+            n: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            buckets: std::array::from_fn(|_| AtomicU32::new(0)),
+        }
+    }
+}
+
+impl SharedCalls {
+    // Relaxed: the counts are read only after `take` has swapped their map out under its shard's
+    // write lock, which orders every increment made under a read lock before the read.
+    fn record(&self, took: Duration, error: bool) {
+        self.n.fetch_add(1, Ordering::Relaxed);
+        if error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        // A bucket can't wrap: 4 billion calls to one drop within one window.
+        self.buckets[bucket_of(took.as_secs_f64() * 1e6)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn load(&self) -> Calls {
+        Calls {
+            n: self.n.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Shards of [`RecentCalls`]' map: a call takes its drop's shard's lock shared (only a new drop
+/// in the window takes it exclusively), so calls never wait on each other, and `take` holds
+/// each shard exclusively for no more than a swap.
+const RECENT_SHARDS: usize = 16;
+
+type Shard = RwLock<HashMap<DropId, Box<[SharedCalls; 2]>>>;
 
 /// This process's reserves and confirms per drop since the last flush. A call to a drop past
 /// `max_drops` in one window is not counted (the figures of the drops already counted stay
 /// whole): the map's size is bounded whatever ids requests carry, and booking-api records only
 /// calls for a drop the engine knew (routes.rs `counts`), so junk ids don't take the places.
 ///
-/// One Mutex for every drop, taken once per reserve and confirm: the section is a map lookup
-/// and a histogram bucket increment, small next to the call's Redis round trip. If it ever shows
-/// up in a profile, shard it by drop id (each shard with its share of `max_drops`).
+/// Taken on every reserve and confirm, so nothing here serialises requests: the drops are
+/// spread over [`RECENT_SHARDS`] maps by hash, a call to a drop already in the window finds it
+/// under its shard's read lock (shared by every call) and counts with atomic increments, and
+/// the window's drop count is one atomic, claimed under the shard's write lock by a drop's first
+/// call. The window turns over shard by shard (`take`): a call landing in a shard already turned
+/// counts in the next window, never in neither.
 pub struct RecentCalls {
     max_drops: usize,
-    window: Mutex<Window>,
+    /// Drops in the window, over every shard: at most `max_drops`.
+    drops: AtomicUsize,
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    /// When the window began; only `take` touches it.
+    since: Mutex<Instant>,
     instance: String,
 }
 
@@ -144,12 +197,16 @@ impl RecentCalls {
     pub fn new(max_drops: usize) -> RecentCalls {
         RecentCalls {
             max_drops,
-            window: Mutex::new(Window {
-                since: Instant::now(),
-                drops: HashMap::new(),
-            }),
+            drops: AtomicUsize::new(0),
+            shards: (0..RECENT_SHARDS).map(|_| Shard::default()).collect(),
+            hasher: RandomState::new(),
+            since: Mutex::new(Instant::now()),
             instance: hex::encode(rand::random::<[u8; 8]>()),
         }
+    }
+
+    fn shard(&self, drop: &DropId) -> &Shard {
+        &self.shards[self.hasher.hash_one(drop) as usize % RECENT_SHARDS]
     }
 
     /// This process, as its figures' key names it: random, so a restarted process is new.
@@ -160,29 +217,55 @@ impl RecentCalls {
     /// Counts one answered call. `error`: the answer was a server-side failure (5xx), not an
     /// expected refusal such as `sold_out`.
     pub fn record(&self, drop: &DropId, call: Call, took: Duration, error: bool) {
-        let mut guard = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        let drops = &mut guard.drops;
-        if let Some(calls) = drops.get_mut(drop) {
-            calls[call as usize].record(took, error);
+        let shard = self.shard(drop);
+        {
+            let counted = shard.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(calls) = counted.get(drop) {
+                calls[call as usize].record(took, error);
+                return;
+            }
+        }
+        // Past the bound, calls to drops not counted take no lock at all.
+        if self.drops.load(Ordering::Acquire) >= self.max_drops {
             return;
         }
-        if drops.len() >= self.max_drops {
-            return;
+        // The drop's first call in this window (or a racing one: checked again under the lock).
+        let mut counted = shard.write().unwrap_or_else(|p| p.into_inner());
+        if !counted.contains_key(drop) {
+            let claimed = self
+                .drops
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.max_drops).then_some(n + 1)
+                })
+                .is_ok();
+            if !claimed {
+                return;
+            }
         }
-        drops.entry(drop.clone()).or_default()[call as usize].record(took, error);
+        counted.entry(drop.clone()).or_default()[call as usize].record(took, error);
     }
 
     /// The window's figures per drop (drops without calls left out); a new window starts.
     pub fn take(&self) -> Vec<(DropId, CallFigures)> {
-        let (since, drops) = {
-            let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-            let since = std::mem::replace(&mut w.since, Instant::now());
-            (since, std::mem::take(&mut w.drops))
+        let since = {
+            let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *since, Instant::now())
         };
+        let mut drops = Vec::new();
+        for shard in self.shards.iter() {
+            let taken = {
+                let mut counted = shard.write().unwrap_or_else(|p| p.into_inner());
+                // Under the lock, so the count never says less than the shards hold.
+                self.drops.fetch_sub(counted.len(), Ordering::AcqRel);
+                std::mem::take(&mut *counted)
+            };
+            drops.extend(taken);
+        }
         let window_ms = (since.elapsed().as_millis() as u64).max(1);
         drops
             .into_iter()
-            .map(|(drop, [r, c])| {
+            .map(|(drop, calls)| {
+                let [r, c] = [calls[0].load(), calls[1].load()];
                 let f = CallFigures {
                     window_ms,
                     reserve_n: r.n,
@@ -554,6 +637,67 @@ mod tests {
         assert_eq!(taken[0].1.reserve_n, 2);
         assert_eq!((taken[1].1.confirm_n, taken[1].1.confirm_errors), (1, 1));
         assert!(r.take().is_empty());
+    }
+
+    /// Many threads recording while another takes windows: no window holds more than
+    /// `max_drops` drops, and with room for every drop no call is lost or counted twice
+    /// across the windows' turnovers.
+    #[test]
+    fn recent_calls_stay_bounded_and_whole_under_concurrent_calls() {
+        const THREADS: usize = 8;
+        const CALLS: usize = 5_000;
+        let drops: Vec<DropId> = (0..6)
+            .map(|i| DropId::parse(&format!("d{i:016}")).unwrap())
+            .collect();
+        for max_drops in [4, drops.len()] {
+            let r = RecentCalls::new(max_drops);
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let mut windows = std::thread::scope(|s| {
+                let taker = s.spawn(|| {
+                    let mut windows = Vec::new();
+                    while !done.load(Ordering::Acquire) {
+                        windows.push(r.take());
+                        std::thread::yield_now();
+                    }
+                    windows
+                });
+                let recorders: Vec<_> = (0..THREADS)
+                    .map(|t| {
+                        let (r, drops) = (&r, &drops);
+                        s.spawn(move || {
+                            for i in 0..CALLS {
+                                let call = if i % 3 == 0 {
+                                    Call::Confirm
+                                } else {
+                                    Call::Reserve
+                                };
+                                let took = Duration::from_micros((i % 700) as u64 * 10);
+                                let drop = &drops[(t + i) % drops.len()];
+                                r.record(drop, call, took, i % 10 == 0);
+                            }
+                        })
+                    })
+                    .collect();
+                for recorder in recorders {
+                    recorder.join().unwrap();
+                }
+                done.store(true, Ordering::Release);
+                taker.join().unwrap()
+            });
+            windows.push(r.take());
+            for w in &windows {
+                assert!(w.len() <= max_drops, "{} drops in a window", w.len());
+            }
+            if max_drops == drops.len() {
+                let n: u64 = windows
+                    .iter()
+                    .flatten()
+                    .map(|(_, f)| f.reserve_n + f.confirm_n)
+                    .sum();
+                assert_eq!(n, (THREADS * CALLS) as u64);
+            }
+            assert_eq!(r.drops.load(Ordering::Relaxed), 0);
+        }
     }
 
     #[test]
