@@ -7,6 +7,10 @@
 //! the other shard out of the wait). The same failover under a queue drop's waiters on sockets:
 //! queue-server/tests/faults.rs. Serial (`--test-threads=1`): the test runs a cluster of its own
 //! (six redis-servers) and its own Postgres.
+//!
+//! And a restart during a failover: a booking-api and a queue-server started while a shard has
+//! no primary at all start anyway, sell the other shards' drops, and sell the shard's drops once
+//! its replica has taken over (`fault_cluster_start_with_a_primary_down_...`).
 mod common;
 mod fault_kit;
 
@@ -20,7 +24,7 @@ use devstack::{free_port, Stack, StackConfig};
 use engine::ids::DropId;
 use fault_kit::{assert_consistent, eventually, pg_orders, shopper, DropKind, Fault, Seen};
 use serde_json::json;
-use testkit::{new_key, test_config_for};
+use testkit::{new_key, test_config_for, BookingClient, Reply};
 
 /// Units of each drop: more than the sale sells before the end, so both still sell then.
 const UNITS: u32 = 10_000;
@@ -228,6 +232,210 @@ async fn fault_cluster_primary_killed_mid_sale_fails_over_one_shard() {
         assert_eq!(r.status, 201, "{drop} after the node rejoined: {r:?}");
     }
 
+    h.server.shutdown().await;
+    f.stop().await;
+}
+
+/// How long a server's start may take before the test gives up on it: generous (the machine is
+/// shared); a start that waits for the dead primary would wait for good, or fail.
+const START_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A new fan buys one tee of `drop`: reserve, then pay. The hold id, or the first answer that
+/// wasn't a success.
+async fn buy(api: &BookingClient, drop: &str) -> Result<String, Reply> {
+    let token = api
+        .fan_token(&format!("buyer-{}", uuid::Uuid::new_v4()))
+        .await;
+    let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
+    let r = api.reserve_reply(&token, drop, &new_key(), &body).await;
+    if r.status != 201 {
+        return Err(r);
+    }
+    let hold = r.str("hold_id");
+    let reference = format!("ok_{}", uuid::Uuid::new_v4());
+    let c = api.confirm_reply(&token, &hold, &reference).await;
+    if c.status != 200 && c.status != 201 {
+        return Err(c);
+    }
+    Ok(hold)
+}
+
+/// A refusal a buyer retries while a shard fails over: a 503 (`unavailable`, `recovering`,
+/// `payment_pending`), or a hold its rebuild ended before the payment (refused cleanly).
+fn worth_retrying(r: &Reply) -> bool {
+    r.status == 503 || matches!(r.code(), "unknown_hold" | "hold_expired")
+}
+
+/// `GET path` of a server's own (not the API client's: /readyz and /healthz need no key).
+async fn status_of(base: &str, path: &str) -> u16 {
+    reqwest::get(format!("{base}{path}"))
+        .await
+        .expect("the server answers")
+        .status()
+        .as_u16()
+}
+
+/// A restart during a failover (docs/OPERATIONS.md, "Starting during a failover"): a shard has
+/// no primary — its replica stopped first, then its primary killed, so nothing takes over until
+/// the replica is back — and a booking-api and a queue-server start meanwhile. Both start and
+/// keep running; booking-api sells the other shard's drop and answers the dead shard's 503
+/// `unavailable` with `Retry-After`; `/readyz` says not ready on both. Once the replica is back
+/// and promoted, the dead shard's drop is rebuilt and sells, both are ready, and the books of
+/// both drops balance. (Before: fred's cluster pool, and the engine's pool per primary, failed
+/// their first connect on the dead primary and the start returned an error.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_cluster_start_with_a_primary_down_serves_the_other_shards() {
+    let base = devstack::cluster::free_base_port().expect("six free ports for a cluster");
+    let cfg = StackConfig {
+        name: "fault-cluster-start".into(),
+        redis_port: base,
+        pg_port: free_port(),
+    };
+    let stack = tokio::task::spawn_blocking(move || Stack::start_cluster(cfg))
+        .await
+        .expect("the stack start task")
+        .expect("the cluster stack starts");
+    let mut f = Fault {
+        redis_addr: stack.redis_addr(),
+        redis_url: stack.redis_url(),
+        db_url: stack.database_url(),
+        stack: Arc::new(Mutex::new(stack)),
+    };
+    let cfg = test_config_for(&f.redis_url, &f.db_url);
+
+    // A first booking-api makes two drops on different shards and sells a few of each; a live
+    // hold on each must survive too.
+    let first = Harness::with_config(cfg.clone()).await;
+    let nodes = f
+        .with(|s| s.cluster_topology())
+        .await
+        .expect("the topology");
+    let hit = first.ga_drop(UNITS, 4, 600).await;
+    let hit_owner = owner(&nodes, slot_of(&hit)).expect("an owner").clone();
+    let mut spared = None;
+    for _ in 0..100 {
+        let drop = first.ga_drop(UNITS, 4, 600).await;
+        if owner(&nodes, slot_of(&drop)).expect("an owner").port != hit_owner.port {
+            spared = Some(drop);
+            break;
+        }
+    }
+    let spared = spared.expect("a drop on another shard");
+    let spared_port = owner(&nodes, slot_of(&spared)).expect("an owner").port;
+    for drop in [&hit, &spared] {
+        for _ in 0..3 {
+            buy(&first, drop).await.expect("a sale before the fault");
+        }
+        let token = first.fan_token("left-holding").await;
+        let body = json!({"items": [{"sku": "TEE", "quantity": 2}]});
+        let r = first.reserve_reply(&token, drop, &new_key(), &body).await;
+        assert_eq!(r.status, 201, "{r:?}");
+    }
+    first.server.shutdown().await;
+
+    // The shard loses its replica, then its primary: no failover can start.
+    let replica_port = nodes
+        .iter()
+        .find(|n| n.replica_of.as_deref() == Some(hit_owner.id.as_str()))
+        .expect("the hit primary's replica")
+        .port;
+    let hit_port = hit_owner.port;
+    f.with(move |s| s.kill_cluster_node(replica_port))
+        .await
+        .expect("the replica is killed");
+    f.with(move |s| s.kill_cluster_node(hit_port))
+        .await
+        .expect("the primary is killed");
+    // redis-cli (the consistency checks) asks a node that is up.
+    f.redis_addr = std::net::SocketAddr::from(([127, 0, 0, 1], spared_port));
+
+    // Both servers start while the shard has no primary.
+    let server = tokio::time::timeout(START_DEADLINE, booking_api::start(cfg.clone()))
+        .await
+        .expect("booking-api's start ends")
+        .unwrap_or_else(|e| panic!("booking-api starts with a primary down: {e:?}"));
+    let client = BookingClient::with_new_keys(server.url(), &server.engine, "restarted").await;
+    let h = Harness { server, client };
+    let queue = tokio::time::timeout(START_DEADLINE, queue_server::start(cfg.clone()))
+        .await
+        .expect("queue-server's start ends")
+        .unwrap_or_else(|e| panic!("queue-server starts with a primary down: {e:?}"));
+
+    // The other shard's drop sells at once; the dead shard's answers 503 with Retry-After.
+    for _ in 0..3 {
+        buy(&h, &spared)
+            .await
+            .unwrap_or_else(|r| panic!("the spared drop, its primary up: {r:?}"));
+    }
+    let token = h.fan_token("on-the-dead-shard").await;
+    let body = json!({"items": [{"sku": "TEE", "quantity": 1}]});
+    let r = h.reserve_reply(&token, &hit, &new_key(), &body).await;
+    assert_eq!((r.status, r.code()), (503, "unavailable"), "{r:?}");
+    assert!(r.retry_after.is_some(), "no Retry-After: {r:?}");
+    for base in [h.server.url(), queue.url()] {
+        assert_eq!(status_of(&base, "/healthz").await, 200, "{base}");
+        assert_eq!(
+            status_of(&base, "/readyz").await,
+            503,
+            "{base} ready with a shard down"
+        );
+    }
+
+    // The replica comes back and takes over the shard (devstack waits for it).
+    f.with(move |s| s.start_cluster_node(replica_port))
+        .await
+        .expect("the replica rejoins and is promoted");
+    eventually("the failed-over drop sells", || async {
+        match buy(&h, &hit).await {
+            Ok(_) => true,
+            Err(r) if worth_retrying(&r) => false,
+            Err(r) => panic!("the failed-over drop: {r:?}"),
+        }
+    })
+    .await;
+    eventually(
+        "the failed-over drop was rebuilt (a ledger line)",
+        || async { rebuilds(&h, &hit).await > 0 },
+    )
+    .await;
+    for base in [h.server.url(), queue.url()] {
+        eventually("ready once every slot has a primary", || async {
+            status_of(&base, "/readyz").await == 200
+        })
+        .await;
+    }
+    // The killed primary rejoins as a replica; both drops still sell.
+    f.with(move |s| s.start_cluster_node(hit_port))
+        .await
+        .expect("the killed primary rejoins");
+    buy(&h, &spared)
+        .await
+        .unwrap_or_else(|r| panic!("the spared drop with the cluster whole: {r:?}"));
+    eventually(
+        "the failed-over drop sells with the cluster whole",
+        || async {
+            match buy(&h, &hit).await {
+                Ok(_) => true,
+                Err(r) if worth_retrying(&r) => false,
+                Err(r) => panic!("the failed-over drop: {r:?}"),
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        rebuilds(&h, &spared).await,
+        0,
+        "the spared drop was rebuilt"
+    );
+    for drop in [&hit, &spared] {
+        eventually("no hold is confirming", || async {
+            fault_kit::confirming(&h, drop).await == Some(0)
+        })
+        .await;
+        assert_consistent(&f, &h, drop).await;
+    }
+
+    queue.shutdown().await;
     h.server.shutdown().await;
     f.stop().await;
 }

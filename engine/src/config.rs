@@ -88,6 +88,7 @@ impl Config {
                 "redis.aof_check_interval_ms",
                 self.redis.aof_check_interval_ms,
             ),
+            ("redis.connect_retry_ms", self.redis.connect_retry_ms),
             ("reconciler.interval_ms", self.reconciler.interval_ms),
             (
                 "reconciler.watch_interval_ms",
@@ -187,6 +188,11 @@ impl Config {
         if self.http.refused_body_drain_ms >= self.http.request_timeout_ms {
             return Err(crate::Error::invalid(
                 "config: http.refused_body_drain_ms must be below http.request_timeout_ms",
+            ));
+        }
+        if self.redis.connect_retry_ms > self.redis.connect_retry_max_ms {
+            return Err(crate::Error::invalid(
+                "config: redis.connect_retry_ms must not exceed redis.connect_retry_max_ms",
             ));
         }
         if self.redis.aof_rewrite_growth_pct > self.redis.aof_rewrite_max_growth_pct {
@@ -383,6 +389,12 @@ pub const DEFAULT_REDIS_POOL_SIZE: usize = 4;
 pub const DEFAULT_REDIS_COMMAND_TIMEOUT_MS: u64 = 2_000;
 pub const DEFAULT_REDIS_MAX_COMMAND_BUFFER_LEN: usize = 20_000;
 pub const DEFAULT_REDIS_MAX_FEED_COUNT: u64 = 200;
+/// A node that refused a connection is tried again after 50 ms, then 100, 200, … (fred's
+/// exponential policy): a restart's blip costs little, a dead node little work.
+pub const DEFAULT_REDIS_CONNECT_RETRY_MS: u64 = 50;
+/// At most every 2 s once a node has been down a while: a promoted replica or a restarted node
+/// is found within that of coming up.
+pub const DEFAULT_REDIS_CONNECT_RETRY_MAX_MS: u64 = 2_000;
 /// An AOF rewrite is asked for once the file has doubled since the last one (Redis' own default
 /// threshold), but only while Redis is quiet (engine::aof).
 pub const DEFAULT_AOF_REWRITE_GROWTH_PCT: u64 = 100;
@@ -408,6 +420,13 @@ pub struct RedisConfig {
     /// with backpressure instead of piling up (fred's default is unbounded).
     pub max_command_buffer_len: usize,
     pub max_feed_count: u64,
+    /// The first wait before connecting again to a Redis node that didn't answer (at start, or
+    /// after a connection dropped); each failed attempt doubles it, up to
+    /// `connect_retry_max_ms`. On a Redis Cluster a process starts with a primary down and keeps
+    /// trying it this way in the background (docs/OPERATIONS.md, "Starting during a failover").
+    pub connect_retry_ms: u64,
+    /// The longest wait between two attempts to connect to a node.
+    pub connect_retry_max_ms: u64,
     /// booking-api asks Redis for an AOF rewrite once the file has grown this much (percent of
     /// its size after the last rewrite) and Redis is quiet; 0: never (Redis' own
     /// `auto-aof-rewrite-percentage` then decides).
@@ -430,6 +449,8 @@ impl Default for RedisConfig {
             command_timeout_ms: DEFAULT_REDIS_COMMAND_TIMEOUT_MS,
             max_command_buffer_len: DEFAULT_REDIS_MAX_COMMAND_BUFFER_LEN,
             max_feed_count: DEFAULT_REDIS_MAX_FEED_COUNT,
+            connect_retry_ms: DEFAULT_REDIS_CONNECT_RETRY_MS,
+            connect_retry_max_ms: DEFAULT_REDIS_CONNECT_RETRY_MAX_MS,
             aof_rewrite_growth_pct: DEFAULT_AOF_REWRITE_GROWTH_PCT,
             aof_rewrite_min_bytes: DEFAULT_AOF_REWRITE_MIN_BYTES,
             aof_rewrite_max_growth_pct: DEFAULT_AOF_REWRITE_MAX_GROWTH_PCT,

@@ -505,8 +505,12 @@ impl Feed {
     /// A feed over `cfg`'s Redis, holding at most `capacity` messages not yet taken (past it the
     /// oldest are lost, and the catch-up finds their fans). Not connected: see [`Feed::start`].
     pub fn new(cfg: &RedisConfig, capacity: usize) -> Result<Feed> {
-        let config =
+        let mut config =
             Config::from_url(&cfg.url).map_err(|e| Error::invalid(format!("redis.url: {e}")))?;
+        // A first connect that fails is retried like a dropped connection, not given up: on a
+        // Redis Cluster with a primary down (a restart during a failover) the feed connects
+        // once the replica has taken over.
+        config.fail_fast = false;
         let client = Builder::from_config(config)
             .with_performance_config(|p| {
                 p.default_command_timeout = Duration::from_millis(cfg.command_timeout_ms);
@@ -516,7 +520,7 @@ impl Feed {
                 c.max_command_buffer_len = cfg.max_command_buffer_len;
                 c.connection_timeout = Duration::from_millis(cfg.command_timeout_ms);
             })
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+            .set_policy(crate::scripts::reconnect_policy(cfg))
             .build_subscriber_client()
             .map_err(|e| Error::invalid(format!("redis: {e}")))?;
         Ok(Feed { client })

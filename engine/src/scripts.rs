@@ -415,8 +415,12 @@ impl Redis {
     async fn connect_with(cfg: &RedisConfig, scripts: Scripts) -> Result<Redis> {
         let config =
             Config::from_url(&cfg.url).map_err(|e| Error::invalid(format!("redis.url: {e}")))?;
-        let policy = ReconnectPolicy::new_exponential(0, 50, 2_000, 2);
-        let pool = builder(config.clone(), cfg, policy.clone())
+        let policy = reconnect_policy(cfg);
+        if config.server.is_clustered() {
+            return Self::connect_cluster(config, cfg, policy, scripts).await;
+        }
+        // One Redis: it answers at start or the process doesn't start.
+        let pool = builder(config, cfg, policy)
             .build_pool(cfg.pool_size.max(1))
             .map_err(|e| Error::invalid(format!("redis: {e}")))?;
         pool.init()
@@ -425,30 +429,77 @@ impl Redis {
         for s in scripts.all() {
             s.load(pool.next()).await?;
         }
-        if config.server.is_clustered() {
-            scripts.reserve_fn.load_on_every_primary(pool.next()).await;
-        } else {
-            scripts.reserve_fn.load(pool.next()).await?;
+        scripts.reserve_fn.load(pool.next()).await?;
+        Ok(Self::with_pools(pool, None, scripts))
+    }
+
+    /// A Redis Cluster: starts with whatever primaries answer (docs/OPERATIONS.md, "Starting
+    /// during a failover"). The slot map comes from the first seed node that answers (none: the
+    /// start fails, as with one Redis down); a pool per primary connects, and one that doesn't
+    /// answer within `command_timeout_ms` keeps trying in the background
+    /// (`redis.connect_retry_ms` doubling up to `redis.connect_retry_max_ms`) while its drops
+    /// answer 503 `unavailable`. fred's cluster pool likewise connects in the background: it
+    /// needs every primary the map names (scripts/shards.rs says why), so with one down it waits
+    /// for the failover. Scripts and reserve's function are loaded on every primary that
+    /// answered; the others load them on their first call (`NOSCRIPT`, "Function not found").
+    async fn connect_cluster(
+        mut config: Config,
+        cfg: &RedisConfig,
+        policy: ReconnectPolicy,
+        scripts: Scripts,
+    ) -> Result<Redis> {
+        // Reconnect, rather than give up, when the first connect fails: that is what lets a
+        // pool wait for a dead primary's replica (fred's `fail_fast` only governs the first).
+        config.fail_fast = false;
+        let routing = shards::discover(&config, cfg).await?;
+        let pool = builder(config.clone(), cfg, policy.clone())
+            .build_pool(cfg.pool_size.max(1))
+            .map_err(|e| Error::invalid(format!("redis: {e}")))?;
+        let deadline = std::time::Instant::now() + Duration::from_millis(cfg.command_timeout_ms);
+        // Its connection tasks run detached; `quit` ends them.
+        std::mem::drop(pool.connect_pool());
+        let shards = shards::Shards::connect(config, cfg, policy, routing).await?;
+        if !shards::connected_by(pool.clients(), deadline).await {
+            tracing::warn!(
+                "the Redis Cluster client is not connected yet (it needs every primary); it \
+                 keeps trying, and the waiting room's reads, leases and /readyz wait for it"
+            );
         }
-        let shards = if config.server.is_clustered() {
-            let any = pool.next().active_connections();
-            let asked = any
-                .first()
-                .ok_or_else(|| Error::unavailable("Redis", "no cluster node connected"))?;
-            let routing = shards::read_slots(pool.next(), asked).await?;
-            Some(Arc::new(
-                shards::Shards::connect(config, cfg, policy, routing).await?,
-            ))
-        } else {
-            None
-        };
-        Ok(Redis {
+        for (server, client) in shards.primaries() {
+            if !client.is_connected() {
+                tracing::warn!(
+                    %server,
+                    "Redis Cluster primary not reachable at start; its drops answer 503 until it \
+                     (or its replica) answers, and it loads the scripts on its first call"
+                );
+                continue;
+            }
+            let mut loaded = scripts.reserve_fn.load(&client).await;
+            for s in scripts.all() {
+                if loaded.is_err() {
+                    break;
+                }
+                loaded = s.load(&client).await;
+            }
+            if let Err(e) = loaded {
+                tracing::warn!(
+                    %server,
+                    error = %e,
+                    "scripts not loaded on this primary at start; it loads each on its first call"
+                );
+            }
+        }
+        Ok(Self::with_pools(pool, Some(Arc::new(shards)), scripts))
+    }
+
+    fn with_pools(pool: Pool, shards: Option<Arc<shards::Shards>>, scripts: Scripts) -> Redis {
+        Redis {
             pool,
             shards,
             scripts: Arc::new(scripts),
             seat_scan_chunk: crate::config::DEFAULT_SEAT_MAP_SCAN_CHUNK,
             seat_read_bytes: crate::config::DEFAULT_SEAT_MAP_READ_BYTES,
-        })
+        }
     }
 
     /// This client reading seat maps in HSCAN steps of `chunk` seats and GETRANGE steps of
@@ -560,7 +611,20 @@ impl Redis {
             .to_owned())
     }
 
+    /// Redis answers (readiness). On a Redis Cluster, every slot has a primary whose pool is
+    /// connected, and the cluster client answers too (it needs every primary): a shard without a
+    /// reachable primary — down at start, or failing over — is not ready. A slot map that names
+    /// an unreachable primary is read again first, so a promoted replica is found without a
+    /// drop's request.
     pub async fn ping(&self) -> Result<()> {
+        if let Some(shards) = &self.shards {
+            if shards.unserved().is_some() {
+                shards.refresh().await;
+            }
+            if let Some(why) = shards.unserved() {
+                return Err(Error::unavailable("Redis", why));
+            }
+        }
         let _: String = self.client().ping(None).await?;
         Ok(())
     }
@@ -1170,16 +1234,17 @@ impl Redis {
         Ok(ids.iter().filter_map(|s| HoldId::parse(s).ok()).collect())
     }
 
+    /// On the drop's primary (a cluster client waits for every primary: a drop on a shard that
+    /// answers is made and tuned while another shard is down).
     pub async fn set_admission(&self, drop: &DropId, fields: Vec<(String, String)>) -> Result<()> {
-        let _: i64 = self
-            .client()
-            .hset(DropKeys::admission(drop), fields)
-            .await?;
+        let key = DropKeys::admission(drop);
+        let _: i64 = self.at(&key).hset(key, fields).await?;
         Ok(())
     }
 
     pub async fn admission(&self, drop: &DropId) -> Result<HashMap<String, String>> {
-        Ok(self.client().hgetall(DropKeys::admission(drop)).await?)
+        let key = DropKeys::admission(drop);
+        Ok(self.at(&key).hgetall(key).await?)
     }
 }
 
@@ -1472,6 +1537,18 @@ fn refused(code: &str, detail: &str) -> Result<Reserved> {
         Code::from_name(code).ok_or_else(|| Error::internal(format!("reserve answered {code}")))?;
     let detail = serde_json::from_str(detail).unwrap_or(serde_json::Value::Null);
     Ok(Reserved::Refused { code, detail })
+}
+
+/// How every client reconnects: after `redis.connect_retry_ms`, doubling up to
+/// `redis.connect_retry_max_ms`, for as long as it runs.
+pub(crate) fn reconnect_policy(cfg: &RedisConfig) -> ReconnectPolicy {
+    let ms = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    ReconnectPolicy::new_exponential(
+        0,
+        ms(cfg.connect_retry_ms),
+        ms(cfg.connect_retry_max_ms.max(cfg.connect_retry_ms)),
+        2,
+    )
 }
 
 /// A fred builder for `config` with every buffer and wait bounded (fred's defaults are

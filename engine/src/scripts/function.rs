@@ -53,29 +53,6 @@ impl Function {
         Ok(())
     }
 
-    /// Loads the library on every cluster primary `client` is connected to, best effort: a primary that
-    /// fails (down, failing over) is logged and skipped, since a call there loads the library
-    /// on "Function not found" ([`Function::call_with_reload`]). Requiring every primary at
-    /// start would keep a booking-api down while one shard fails over.
-    pub(crate) async fn load_on_every_primary(&self, client: &Client) {
-        // The client's connections are to the primaries (it reads from no replica); a primary
-        // it couldn't reach has none, and loads the library on its first call.
-        for server in client.active_connections() {
-            if let Err(e) = client
-                .with_cluster_node(server.clone())
-                .function_load::<Value, _>(true, self.code.clone())
-                .await
-            {
-                tracing::warn!(
-                    %server,
-                    error = %e,
-                    function = %self.name,
-                    "reserve's function library not loaded on this primary; it loads on its first call there"
-                );
-            }
-        }
-    }
-
     /// `FCALL`, loading the library first where the node has lost it.
     pub(crate) async fn call_with_reload(
         &self,

@@ -21,6 +21,13 @@ use crate::error::{Error, Result};
 /// commands of the failed shard's drops, which fail until its replica is promoted.
 const SHARD_MAP_REFRESH_MIN_INTERVAL_MS: u64 = 200;
 
+/// How often a start looks whether its pools have connected (fred tells only a connect that
+/// succeeds, so a pool still trying a dead node would be waited on for good).
+const CONNECT_POLL_MS: u64 = 5;
+
+/// Redis Cluster's slot count: slots `0..CLUSTER_SLOTS`.
+const CLUSTER_SLOTS: u32 = 16_384;
+
 /// Which primary serves which slots: `(first slot, last slot, primary)`, from `CLUSTER SLOTS`.
 pub(crate) type Routing = Vec<(u16, u16, Server)>;
 
@@ -73,6 +80,49 @@ pub(crate) async fn read_slots(client: &Client, asked: &Server) -> Result<Routin
     Ok(routing)
 }
 
+/// The slot map from the first of `config`'s seed nodes that answers `CLUSTER SLOTS` (a
+/// replica's answer will do), each asked through a client of its own; none answering fails the
+/// start, as one Redis down does.
+pub(crate) async fn discover(config: &Config, cfg: &RedisConfig) -> Result<Routing> {
+    let mut last = None;
+    for seed in config.server.hosts() {
+        let mut one = config.clone();
+        one.fail_fast = true;
+        one.server = ServerConfig::Centralized {
+            server: seed.clone(),
+        };
+        let client = super::builder(one, cfg, ReconnectPolicy::default())
+            .build()
+            .map_err(|e| Error::invalid(format!("redis: {e}")))?;
+        let routing = match client.init().await {
+            Ok(_) => read_slots(&client, &seed).await,
+            Err(e) => Err(Error::unavailable("Redis", e)),
+        };
+        let _ = client.quit().await;
+        match routing {
+            Ok(routing) => return Ok(routing),
+            Err(e) => {
+                tracing::warn!(%seed, error = %e, "Redis Cluster seed node didn't answer CLUSTER SLOTS");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::unavailable("Redis", "redis.url names no cluster node")))
+}
+
+/// Whether every one of `clients` is connected by `deadline` (they connect in the background).
+pub(crate) async fn connected_by(clients: &[Client], deadline: Instant) -> bool {
+    loop {
+        if clients.iter().all(|c| c.is_connected()) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(CONNECT_POLL_MS)).await;
+    }
+}
+
 pub(crate) struct Shards {
     /// The cluster's config (credentials, TLS), its server replaced per primary.
     template: Config,
@@ -84,7 +134,10 @@ pub(crate) struct Shards {
 }
 
 impl Shards {
-    /// A pool per primary of `routing` (the cluster client's view at start).
+    /// A pool per primary of `routing` (the slot map at start), each connecting in the
+    /// background: this waits at most `command_timeout_ms` for them, and a primary that hasn't
+    /// answered by then (down, failing over) is tried again and again
+    /// ([`super::reconnect_policy`]) while its drops' commands fail (503).
     pub(crate) async fn connect(
         template: Config,
         cfg: &RedisConfig,
@@ -103,9 +156,12 @@ impl Shards {
         };
         let pools = shards.pools_for(&routing, &HashMap::new())?;
         for pool in pools.values() {
-            pool.init()
-                .await
-                .map_err(|e| Error::unavailable("Redis", e))?;
+            // The connection tasks run detached; `quit` ends them.
+            std::mem::drop(pool.connect_pool());
+        }
+        let deadline = Instant::now() + Duration::from_millis(cfg.command_timeout_ms);
+        for pool in pools.values() {
+            connected_by(pool.clients(), deadline).await;
         }
         *shards.map.write().unwrap_or_else(|e| e.into_inner()) =
             Arc::new(ShardMap { routing, pools });
@@ -190,9 +246,35 @@ impl Shards {
             Arc::new(ShardMap { routing, pools });
     }
 
+    /// Why some slot has no primary this process reaches, if one hasn't: the map leaves it
+    /// unassigned, or its primary's pool has no connection (down at start, or failing over).
+    pub(crate) fn unserved(&self) -> Option<String> {
+        let map = self.current();
+        let mut next: u32 = 0;
+        for (first, last, server) in &map.routing {
+            let first = u32::from(*first);
+            if first > next {
+                return Some(format!("slots {next}-{} have no primary", first - 1));
+            }
+            let reached = map
+                .pools
+                .get(server)
+                .is_some_and(|p| p.clients().iter().any(|c| c.is_connected()));
+            if !reached {
+                return Some(format!(
+                    "the primary of slots {first}-{last} ({server}) is not reachable"
+                ));
+            }
+            next = next.max(u32::from(*last) + 1);
+        }
+        (next < CLUSTER_SLOTS)
+            .then(|| format!("slots {next}-{} have no primary", CLUSTER_SLOTS - 1))
+    }
+
+    /// Every pool's every client (one that still tries a dead node stops trying).
     pub(crate) async fn quit(&self) {
-        for (_, client) in self.primaries() {
-            let _ = client.quit().await;
+        for pool in self.current().pools.values() {
+            let _ = pool.quit().await;
         }
     }
 
