@@ -165,24 +165,25 @@ fn claims(token: &str) -> Value {
     serde_json::from_slice(&bytes).unwrap()
 }
 
-/// 200 fans wait on sockets and some are admitted; Redis is flushed. The drop is rebuilt, the
-/// line restored from its kept marks, and every fan comes back — in reverse order, the worst
-/// case — with its receipt and, if admitted, its admission token. The admitted get their
-/// sessions back (not a second admission); the others are admitted in their original order, at
-/// their original places; a fan new after the loss joins behind all of them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fault_the_line_survives_a_redis_flush() {
-    let stack = tokio::task::spawn_blocking(|| {
+/// A stack of the test's own: Redis and Postgres on free ports, state under `name`.
+async fn own_stack(name: &'static str) -> Stack {
+    tokio::task::spawn_blocking(move || {
         Stack::start(StackConfig {
-            name: "fault-line-flush".into(),
+            name: name.into(),
             redis_port: free_port(),
             pg_port: free_port(),
         })
     })
     .await
     .unwrap()
-    .expect("the stack starts");
-    let mut cfg = testkit::test_config_for(&stack.redis_url(), &stack.database_url());
+    .expect("the stack starts")
+}
+
+/// booking-api and queue-server on `redis_url` and `database_url` — the line's marks kept every
+/// 200 ms, returning fans awaited `RETURN_S` after a restore — and a queue drop of 1,000 whose
+/// line starts paused and admits `rate_per_s` once it runs.
+async fn paused_line(redis_url: &str, database_url: &str, rate_per_s: u32) -> (Harness, DropId) {
+    let mut cfg = testkit::test_config_for(redis_url, database_url);
     // As common::test_config: both servers accept each other's fan tokens.
     cfg.identity.dev_secret = "queue-test-dev-secret".into();
     cfg.database.pool_size = 4;
@@ -193,10 +194,46 @@ async fn fault_the_line_survives_a_redis_flush() {
         .queue_drop(
             1_000,
             1,
-            json!({"rate_per_s": 20, "burst": 1, "max_active": 1000, "paused": true}),
+            json!({"rate_per_s": rate_per_s, "burst": 1, "max_active": 1000, "paused": true}),
             None,
         )
         .await;
+    (h, drop)
+}
+
+/// Waits until booking-api's watcher has rebuilt `drop` from Postgres (a `rebuild` line in its
+/// ledger) and Redis, at `redis_url`, no longer has it recovering.
+async fn wait_rebuilt(h: &Harness, drop: &DropId, redis_url: &str) {
+    let db = h.booking.engine.db();
+    testkit::eventually("the drop is rebuilt (a ledger line)", || async {
+        let c = db.client().await.unwrap();
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM stock_ledger WHERE drop_id = $1 AND kind = 'rebuild'",
+                &[&drop.as_str()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n > 0
+    })
+    .await;
+    testkit::eventually("the drop is no longer recovering", || async {
+        let meta = engine::keys::drop_key(drop, "meta");
+        redis_cli_at(redis_url, &["HGET", &meta, "recovering"]).await == "0"
+    })
+    .await;
+}
+
+/// 200 fans wait on sockets and some are admitted; Redis is flushed. The drop is rebuilt, the
+/// line restored from its kept marks, and every fan comes back — in reverse order, the worst
+/// case — with its receipt and, if admitted, its admission token. The admitted get their
+/// sessions back (not a second admission); the others are admitted in their original order, at
+/// their original places; a fan new after the loss joins behind all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_the_line_survives_a_redis_flush() {
+    let stack = own_stack("fault-line-flush").await;
+    let (h, drop) = paused_line(&stack.redis_url(), &stack.database_url(), 20).await;
     let base = h.queue.ws_url();
     let redis_url = stack.redis_url();
 
@@ -332,21 +369,8 @@ async fn fault_cluster_failover_keeps_the_line() {
     .await
     .unwrap()
     .expect("the cluster stack starts");
-    let mut cfg = testkit::test_config_for(&stack.redis_url(), &stack.database_url());
-    cfg.identity.dev_secret = "queue-test-dev-secret".into();
-    cfg.database.pool_size = 4;
-    cfg.queue.recovery_return_s = RETURN_S;
-    cfg.queue.line_marks_interval_ms = 200;
+    let (h, drop) = paused_line(&stack.redis_url(), &stack.database_url(), 10).await;
     let stack = Mutex::new(stack);
-    let h = Harness::start_with(cfg).await;
-    let drop = h
-        .queue_drop(
-            1_000,
-            1,
-            json!({"rate_per_s": 10, "burst": 1, "max_active": 1000, "paused": true}),
-            None,
-        )
-        .await;
     let base = h.queue.ws_url();
     let slot = engine::keys::drop_slot(&drop);
     let owner = |nodes: &[devstack::cluster::ClusterNode]| {
@@ -391,24 +415,7 @@ async fn fault_cluster_failover_keeps_the_line() {
     })
     .await;
     // booking-api's watcher sees the shard's new run id and rebuilds the drop from Postgres.
-    testkit::eventually("the drop is rebuilt (a ledger line)", || async {
-        let c = db.client().await.unwrap();
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM stock_ledger WHERE drop_id = $1 AND kind = 'rebuild'",
-                &[&drop.as_str()],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n > 0
-    })
-    .await;
-    testkit::eventually("the drop is no longer recovering", || async {
-        let meta = engine::keys::drop_key(&drop, "meta");
-        redis_cli_at(&redis_url, &["HGET", &meta, "recovering"]).await == "0"
-    })
-    .await;
+    wait_rebuilt(&h, &drop, &redis_url).await;
 
     // Pages whose socket the failover ended come back with what they kept — whenever it ends, as
     // a page does: queue-server may tell a socket `recovering` (and close it) after booking-api's
@@ -517,30 +524,8 @@ async fn fault_a_redis_that_lost_its_last_joins_keeps_the_line() {
     const KEPT: usize = 20;
     const LOST: usize = 20;
     const NEW: usize = 20;
-    let mut stack = tokio::task::spawn_blocking(|| {
-        Stack::start(StackConfig {
-            name: "fault-line-rewind".into(),
-            redis_port: free_port(),
-            pg_port: free_port(),
-        })
-    })
-    .await
-    .unwrap()
-    .expect("the stack starts");
-    let mut cfg = testkit::test_config_for(&stack.redis_url(), &stack.database_url());
-    cfg.identity.dev_secret = "queue-test-dev-secret".into();
-    cfg.database.pool_size = 4;
-    cfg.queue.recovery_return_s = RETURN_S;
-    cfg.queue.line_marks_interval_ms = 200;
-    let h = Harness::start_with(cfg).await;
-    let drop = h
-        .queue_drop(
-            1_000,
-            1,
-            json!({"rate_per_s": 20, "burst": 1, "max_active": 1000, "paused": true}),
-            None,
-        )
-        .await;
+    let mut stack = own_stack("fault-line-rewind").await;
+    let (h, drop) = paused_line(&stack.redis_url(), &stack.database_url(), 20).await;
     let redis_url = stack.redis_url();
     let aof = stack.state_dir().join("redis/appendonlydir");
     let copy = aof.with_file_name("appendonlydir.copy");
@@ -594,25 +579,7 @@ async fn fault_a_redis_that_lost_its_last_joins_keeps_the_line() {
     );
 
     // booking-api's watcher sees the new run and rebuilds the drop.
-    let db = h.booking.engine.db();
-    testkit::eventually("the drop is rebuilt (a ledger line)", || async {
-        let c = db.client().await.unwrap();
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM stock_ledger WHERE drop_id = $1 AND kind = 'rebuild'",
-                &[&drop.as_str()],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n > 0
-    })
-    .await;
-    testkit::eventually("the drop is no longer recovering", || async {
-        let meta = engine::keys::drop_key(&drop, "meta");
-        redis_cli_at(&redis_url, &["HGET", &meta, "recovering"]).await == "0"
-    })
-    .await;
+    wait_rebuilt(&h, &drop, &redis_url).await;
 
     // Fans new since the restart join first; then the lost and the kept come back with their
     // receipts.
