@@ -5,6 +5,10 @@
 //! as a whole, in the client's one routing task, and can't until the replica is promoted — every
 //! shard's commands wait meanwhile. A single-node client per primary stalls only its own node's
 //! commands: the other shards' drops keep selling through a failover.
+//!
+//! The same holds at start: a primary that doesn't answer (a restart during a failover) leaves
+//! its pool trying in the background while the others serve (docs/OPERATIONS.md, "Starting
+//! during a failover").
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
