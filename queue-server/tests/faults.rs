@@ -206,7 +206,11 @@ async fn paused_line(redis_url: &str, database_url: &str, rate_per_s: u32) -> (H
 async fn wait_rebuilt(h: &Harness, drop: &DropId, redis_url: &str) {
     let db = h.booking.engine.db();
     testkit::eventually("the drop is rebuilt (a ledger line)", || async {
-        let c = db.client().await.unwrap();
+        // The look shares booking-api's small pool with the rebuild itself: a connection not
+        // free within the pool's timeout (a busy machine) is "not yet", not a failure.
+        let Ok(c) = db.client().await else {
+            return false;
+        };
         let n: i64 = c
             .query_one(
                 "SELECT count(*) FROM stock_ledger WHERE drop_id = $1 AND kind = 'rebuild'",
