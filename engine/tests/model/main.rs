@@ -883,6 +883,60 @@ fn a_refund_returned_twice_is_caught() {
     }
 }
 
+/// A refund of an order whose hold Redis ended unsold: the order is committed in Postgres, then
+/// the hold goes back to stock as if its payment had failed (a revert past its deadline:
+/// `expired`), so Redis never counted the sale. lua/refund.lua answers `out_of_step` (Redis hasn't
+/// the sale: the engine rebuilds the drop), not `hold_not_sold` (which waits for a confirm that
+/// will never come), and returns nothing; the model agrees, key by key.
+#[test]
+fn a_refund_of_a_hold_redis_ended_unsold_is_out_of_step() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let (redis, raw) = rt.block_on(world::connect(vec![]));
+    let run_id = rt.block_on(redis.run_id()).expect("Redis' run id");
+    let ops = vec![
+        Op::Reserve {
+            fan: 0,
+            key: 0,
+            kind: 0,
+            a: 0,
+            b: 0,
+            n: 2,
+        },
+        // 1: the first hold in the state, and its owner.
+        Op::Begin {
+            fan: 5,
+            hold: 1,
+            reference: 0,
+        },
+        Op::Commit { hold: 1 },
+        // Past the hold's deadline, so the revert ends it `expired`.
+        Op::Advance { ms: 6_000 },
+        // 2: under the reference it is confirming with.
+        Op::Revert {
+            hold: 1,
+            reference: 2,
+        },
+        Op::Refund {
+            order: 0,
+            refund: 0,
+            part: false,
+            redis: true,
+        },
+    ];
+    SEEN.with(|seen| seen.borrow_mut().clear());
+    if let Err(e) = rt.block_on(run_case(&redis, &raw, &run_id, Shape::default(), &ops)) {
+        panic!("lua/refund.lua and the model disagree on a hold ended unsold: {e}");
+    }
+    let seen = SEEN.with(|seen| seen.borrow().clone());
+    for must in ["revert: expired", "refund: out_of_step"] {
+        assert!(seen.contains_key(must), "never reached `{must}`: {seen:#?}");
+    }
+}
+
 /// The test earns its keep: a release that forgets the per-fan count (kept as a fixture) fails it,
 /// and the failing case shrinks to a handful of steps.
 #[test]
