@@ -51,6 +51,11 @@ pub fn asset(name: &str) -> Option<Response<Body>> {
             "text/javascript; charset=utf-8",
             include_bytes!("../static/page.js"),
         )),
+        // The back office's and the ops console's tables and form grids, before their own CSS.
+        "page.css" => Some(bytes(
+            "text/css; charset=utf-8",
+            include_bytes!("../static/page.css"),
+        )),
         "ops.js" => Some(bytes(
             "text/javascript; charset=utf-8",
             include_bytes!("../static/ops.js"),

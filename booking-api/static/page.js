@@ -15,7 +15,7 @@
  * `Authorization: Bearer`; an answer of 401 signs the page out, saying why. The page gives an
  * empty `<section id="signin">` naming its key (data-key-label, data-key-input) and this builds
  * the card in it, the same on both pages; the page keeps `#whoami` with its `#signout` button, and
- * the part shown once signed in.
+ * the part shown once signed in. Their look beyond book.css is shared the same way: page.css.
  */
 (function () {
   'use strict';
