@@ -96,7 +96,10 @@ end
 -- reserve on a sale-sized drop (docs/BENCHMARKS.md). A field is at most per_fan_limit ids long
 -- (every hold has a unit), and `|` and `,` occur in no id (engine/src/ids.rs).
 -- During a rolling deploy the previous release still adds to the zset (K.fanholds): forgetting a
--- hold removes it from both, and readers (confirm_finish, engine::scripts) read both.
+-- hold removes it from both, and readers (confirm_finish, engine::scripts) read both. The previous
+-- release also ends holds this one listed without taking them off the list (it knows only the
+-- zset): a list may name ended holds. Readers check each hold's state (`live_only`), and a
+-- reserve prunes a list longer than any fan's live holds can be, so it stays bounded.
 local function live_holds_field(fan)
   return 'h|' .. fan
 end
@@ -110,6 +113,30 @@ local function without_id(ids, id)
   if #rest == 0 then return nil end
   return table.concat(rest, ',')
 end
+
+-- The hold ids of the list `ids` whose holds are live (held or confirming), joined by ",", or
+-- nil: one HMGET of at most the list's length. A hold record is JSON made by reserve's
+-- concatenation or cjson (no spaces); no id can hold a quote (engine/src/ids.rs), so the state
+-- is found as text.
+local function live_only(ids)
+  local list = {}
+  for id in string.gmatch(ids, '[^,]+') do list[#list + 1] = id end
+  local records = redis.call('HMGET', K.holds, unpack(list))
+  local keep = {}
+  for i = 1, #list do
+    local r = records[i]
+    if r and (string.find(r, '"st":"held"', 1, true) or string.find(r, '"st":"confirming"', 1, true)) then
+      keep[#keep + 1] = list[i]
+    end
+  end
+  if #keep == 0 then return nil end
+  return table.concat(keep, ',')
+end
+
+-- A fan's list is longer than it can be with live holds only (each has a unit, and a fan holds at
+-- most per_fan_limit units) once it passes this many bytes per unit of the limit: a hold id and
+-- its comma are 36 bytes (engine/src/ids.rs). Past it, reserve prunes the list first.
+local LIVE_LIST_BYTES_PER_UNIT = 64
 
 local function remember_live_hold(fan, id)
   local field = live_holds_field(fan)
@@ -130,10 +157,23 @@ local function forget_live_hold(fan, id)
   end
 end
 
--- Whether the fan has a live hold, in either index.
+-- Whether the fan has a live hold, in either index. The list is checked hold by hold and written
+-- back pruned if it named ended ones (see above).
 local function has_live_hold(fan)
-  return redis.call('HEXISTS', K.fans, live_holds_field(fan)) == 1
-    or #redis.call('ZRANGEBYLEX', K.fanholds, '[' .. fan .. '|', '(' .. fan .. '}', 'LIMIT', 0, 1) > 0
+  local field = live_holds_field(fan)
+  local ids = redis.call('HGET', K.fans, field)
+  if ids then
+    local live = live_only(ids)
+    if live ~= ids then
+      if live then
+        redis.call('HSET', K.fans, field, live)
+      else
+        redis.call('HDEL', K.fans, field)
+      end
+    end
+    if live then return true end
+  end
+  return #redis.call('ZRANGEBYLEX', K.fanholds, '[' .. fan .. '|', '(' .. fan .. '}', 'LIMIT', 0, 1) > 0
 end
 
 -- Seat `seat` ("<section>-<row>-<n>") shows as `state` (f, h or s) in the seat map: two O(1)

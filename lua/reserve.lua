@@ -218,6 +218,7 @@ local units_s = #items == 1 and items[1].qs or int(units)
 local exp_s, now_s = int(exp), int(now)
 -- The count and the live-hold list in one write; the count formatted from the number it was read as.
 local live = fan_row[2]
+if live and #live > limit * LIVE_LIST_BYTES_PER_UNIT then live = live_only(live) end
 call('HSET', K.fans, fan, int(bought + units), live_holds_field(fan),
   live and (live .. ',' .. hold_id) or hold_id)
 local items_json = '[' .. table.concat(parts, ',') .. ']'

@@ -969,6 +969,24 @@ async fn holds_the_previous_release_indexed_are_listed_and_forgotten() {
         "no live hold, no list"
     );
     assert_eq!(listed_holds(&h, &token, &drop).await, Vec::<String>::new());
+
+    // The other way round: the previous release ends a hold this one listed and leaves it on the
+    // list (it knows only the zset). Listing skips it, and a list longer than the fan's live
+    // holds can be (per_fan_limit 4: 4 × 64 bytes) is pruned by the next reserve.
+    common::redis_cli(&["HSET", &fans, &field, &[newer_id; 8].join(",")]).await;
+    assert_eq!(listed_holds(&h, &token, &drop).await, Vec::<String>::new());
+    let (status, last) = h.reserve(&token, &drop, tee(1)).await;
+    assert_eq!(status, 201, "{last}");
+    let last_id = last["hold_id"].as_str().unwrap();
+    assert_eq!(
+        common::redis_cli(&["HGET", &fans, &field]).await,
+        last_id,
+        "the ended holds went from the list"
+    );
+    assert_eq!(
+        listed_holds(&h, &token, &drop).await,
+        vec![last_id.to_owned()]
+    );
     h.assert_invariants(&drop).await;
     h.server.shutdown().await;
 }

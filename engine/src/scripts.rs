@@ -994,8 +994,11 @@ impl Redis {
             let Ok(hold) = HoldId::parse(id) else {
                 continue;
             };
+            // A list may name a hold an older release ended (lua/lib.lua): live ones only.
             if let Some(rec) = self.hold(&hold).await? {
-                out.push((hold, rec));
+                if matches!(rec.st, HoldState::Held | HoldState::Confirming) {
+                    out.push((hold, rec));
+                }
             }
         }
         Ok(out)
