@@ -144,17 +144,20 @@ local function remember_live_hold(fan, id)
   redis.call('HSET', K.fans, field, ids and (ids .. ',' .. id) or id)
 end
 
+-- Writes the fan's list `ids`, or removes the field when it is nil (no live hold).
+local function store_live_holds(field, ids)
+  if ids then
+    redis.call('HSET', K.fans, field, ids)
+  else
+    redis.call('HDEL', K.fans, field)
+  end
+end
+
 local function forget_live_hold(fan, id)
   redis.call('ZREM', K.fanholds, fan .. '|' .. id)
   local field = live_holds_field(fan)
   local ids = redis.call('HGET', K.fans, field)
-  if not ids then return end
-  local rest = without_id(ids, id)
-  if rest then
-    redis.call('HSET', K.fans, field, rest)
-  else
-    redis.call('HDEL', K.fans, field)
-  end
+  if ids then store_live_holds(field, without_id(ids, id)) end
 end
 
 -- Whether the fan has a live hold, in either index. The list is checked hold by hold and written
@@ -164,13 +167,7 @@ local function has_live_hold(fan)
   local ids = redis.call('HGET', K.fans, field)
   if ids then
     local live = live_only(ids)
-    if live ~= ids then
-      if live then
-        redis.call('HSET', K.fans, field, live)
-      else
-        redis.call('HDEL', K.fans, field)
-      end
-    end
+    if live ~= ids then store_live_holds(field, live) end
     if live then return true end
   end
   return #redis.call('ZRANGEBYLEX', K.fanholds, '[' .. fan .. '|', '(' .. fan .. '}', 'LIMIT', 0, 1) > 0
