@@ -275,7 +275,7 @@ async fn fault_the_line_survives_a_redis_flush() {
     let mut order: Vec<&Waiter> = fans.iter().collect();
     order.sort_by_key(|(f, _, _)| std::cmp::Reverse(before[f].place));
     let mut listeners = Vec::new();
-    for (fan, token, seen) in order {
+    for (fan, token, seen) in &order {
         *seen.lock().unwrap() = Fan::default();
         let extras = kept(&before[fan]);
         listeners.push(wait(&base, &drop, token, extras, seen.clone()).await);
@@ -290,11 +290,34 @@ async fn fault_the_line_survives_a_redis_flush() {
         "the newcomer's place {joined} must follow every restored one (up to {highest})"
     );
 
-    let all_back = testkit::wait_until(Duration::from_secs(120), || async {
-        fans.iter()
+    // A page whose socket ends before its admission comes back again, as a page does:
+    // queue-server may close a socket while the restored line settles (a single round of coming
+    // back left 2 of 200 fans closed and never admitted in one fresh-clone run).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let all_back = loop {
+        for (l, (fan, token, seen)) in listeners.iter_mut().zip(&order) {
+            let again = {
+                let s = seen.lock().unwrap();
+                s.ended.is_some() && s.admitted.is_empty()
+            };
+            if !again {
+                continue;
+            }
+            *seen.lock().unwrap() = Fan::default();
+            l.abort();
+            *l = wait(&base, &drop, token, kept(&before[fan]), seen.clone()).await;
+        }
+        if fans
+            .iter()
             .all(|(_, _, s)| !s.lock().unwrap().admitted.is_empty())
-    })
-    .await;
+        {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     if !all_back {
         let missing: Vec<String> = fans
             .iter()
