@@ -822,11 +822,11 @@ fn concurrent_scripts_agree_with_some_serial_order_of_the_model() {
     run_variant(true);
 }
 
-/// A refund's steps, fixed (not random: a random case reaches a refund repeated only now and
-/// then): a fan buys two units, the seller refunds one, and the same refund id comes again (a
-/// retried request, or the resume round). Every key is checked against the model after each step;
-/// the second return must answer `already` and give nothing back.
-fn a_refund_repeated(replace: Vec<(String, String)>) -> Result<(), TestCaseError> {
+/// The set-up both fixed refund cases share: a fan reserves two units and the confirm of that
+/// hold begins and commits its order; `then` are the case's own steps after it. Every key is
+/// checked against the model after each step. Err names the first step where Redis and the
+/// model part.
+fn fixed_refund_case(replace: Vec<(String, String)>, then: Vec<Op>) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -834,13 +834,7 @@ fn a_refund_repeated(replace: Vec<(String, String)>) -> Result<(), TestCaseError
         .expect("a runtime");
     let (redis, raw) = rt.block_on(world::connect(replace));
     let run_id = rt.block_on(redis.run_id()).expect("Redis' run id");
-    let refund = Op::Refund {
-        order: 0,
-        refund: 0,
-        part: true,
-        redis: true,
-    };
-    let ops = vec![
+    let mut ops = vec![
         Op::Reserve {
             fan: 0,
             key: 0,
@@ -856,11 +850,26 @@ fn a_refund_repeated(replace: Vec<(String, String)>) -> Result<(), TestCaseError
             reference: 0,
         },
         Op::Commit { hold: 1 },
-        Op::Finish { hold: 1 },
-        refund.clone(),
-        refund,
     ];
+    ops.extend(then);
     rt.block_on(run_case(&redis, &raw, &run_id, Shape::default(), &ops))
+}
+
+/// A refund's steps, fixed (not random: a random case reaches a refund repeated only now and
+/// then): a fan buys two units, the seller refunds one, and the same refund id comes again (a
+/// retried request, or the resume round). The second return must answer `already` and give
+/// nothing back.
+fn a_refund_repeated(replace: Vec<(String, String)>) -> Result<(), TestCaseError> {
+    let refund = Op::Refund {
+        order: 0,
+        refund: 0,
+        part: true,
+        redis: true,
+    };
+    fixed_refund_case(
+        replace,
+        vec![Op::Finish { hold: 1 }, refund.clone(), refund],
+    )
 }
 
 /// A refund whose script ignores its marker (kept as a fixture) returns a refund's units twice
@@ -890,29 +899,7 @@ fn a_refund_returned_twice_is_caught() {
 /// will never come), and returns nothing; the model agrees, key by key.
 #[test]
 fn a_refund_of_a_hold_redis_ended_unsold_is_out_of_step() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    let (redis, raw) = rt.block_on(world::connect(vec![]));
-    let run_id = rt.block_on(redis.run_id()).expect("Redis' run id");
-    let ops = vec![
-        Op::Reserve {
-            fan: 0,
-            key: 0,
-            kind: 0,
-            a: 0,
-            b: 0,
-            n: 2,
-        },
-        // 1: the first hold in the state, and its owner.
-        Op::Begin {
-            fan: 5,
-            hold: 1,
-            reference: 0,
-        },
-        Op::Commit { hold: 1 },
+    let ended_unsold = vec![
         // Past the hold's deadline, so the revert ends it `expired`.
         Op::Advance { ms: 6_000 },
         // 2: under the reference it is confirming with.
@@ -928,7 +915,7 @@ fn a_refund_of_a_hold_redis_ended_unsold_is_out_of_step() {
         },
     ];
     SEEN.with(|seen| seen.borrow_mut().clear());
-    if let Err(e) = rt.block_on(run_case(&redis, &raw, &run_id, Shape::default(), &ops)) {
+    if let Err(e) = fixed_refund_case(vec![], ended_unsold) {
         panic!("lua/refund.lua and the model disagree on a hold ended unsold: {e}");
     }
     let seen = SEEN.with(|seen| seen.borrow().clone());
