@@ -766,20 +766,27 @@ async fn a_closed_drops_order_is_refunded_with_state_closed() {
 }
 
 /// A two-tee order whose confirm waits at the gateway's capture: the order committed in Postgres,
-/// its payment authorized and not captured until `gate` opens.
+/// its payment authorized and not captured until `gate` opens. On a harness of its own whose
+/// refund resume round comes back after 100 ms, and a GA drop of ten tees.
 struct Uncaptured {
+    h: Harness,
+    drop: String,
     hold: String,
     order: OrderId,
     gate: std::sync::Arc<engine::payments::CaptureGate>,
     confirm: tokio::task::JoinHandle<(u16, serde_json::Value)>,
 }
 
-async fn order_with_its_capture_held(h: &Harness, drop: &str, fan: &str) -> Uncaptured {
+async fn order_with_its_capture_held(fan: &str) -> Uncaptured {
+    let mut cfg = testkit::test_config();
+    cfg.reconciler.refund_resume_after_ms = 100;
+    let h = Harness::with_config(cfg).await;
+    let drop = h.ga_drop(10, 5, 60).await;
     let (_, token) = h.fan(fan).await;
     let (status, v) = h
         .reserve(
             &token,
-            drop,
+            &drop,
             json!({"items": [{"sku": "TEE", "quantity": 2}]}),
         )
         .await;
@@ -801,6 +808,8 @@ async fn order_with_its_capture_held(h: &Harness, drop: &str, fan: &str) -> Unca
         .unwrap()
         .get(0);
     Uncaptured {
+        h,
+        drop,
         hold,
         order: OrderId(order),
         gate,
@@ -813,16 +822,14 @@ async fn order_with_its_capture_held(h: &Harness, drop: &str, fan: &str) -> Unca
 /// take, and the units come back once the order's confirm has finished in Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_uncaptured_payment_is_voided_not_refunded() {
-    let mut cfg = testkit::test_config();
-    cfg.reconciler.refund_resume_after_ms = 100;
-    let h = Harness::with_config(cfg).await;
-    let drop = h.ga_drop(10, 5, 60).await;
     let Uncaptured {
+        h,
+        drop,
         hold,
         order,
         gate,
         confirm,
-    } = order_with_its_capture_held(&h, &drop, "voided").await;
+    } = order_with_its_capture_held("voided").await;
     let (status, v) = refund(&h, &order, json!({"refund_id": "before-capture"})).await;
     assert_eq!(status, 201, "{v}");
     // Voided at the gateway; the hold is still confirming in Redis, so the units wait.
@@ -863,16 +870,14 @@ async fn an_uncaptured_payment_is_voided_not_refunded() {
 /// payment is captured first, then the part refunded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_part_of_an_uncaptured_payment_is_captured_then_refunded() {
-    let mut cfg = testkit::test_config();
-    cfg.reconciler.refund_resume_after_ms = 100;
-    let h = Harness::with_config(cfg).await;
-    let drop = h.ga_drop(10, 5, 60).await;
     let Uncaptured {
+        h,
+        drop,
         hold,
         order,
         gate,
         confirm,
-    } = order_with_its_capture_held(&h, &drop, "part").await;
+    } = order_with_its_capture_held("part").await;
     let (status, v) = refund(
         &h,
         &order,
