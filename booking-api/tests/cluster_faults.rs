@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 
 use common::Harness;
 use devstack::cluster::ClusterNode;
-use devstack::{free_port, Stack, StackConfig};
 use engine::ids::DropId;
 use fault_kit::{assert_consistent, eventually, pg_orders, shopper, DropKind, Fault, Seen};
 use serde_json::json;
@@ -57,22 +56,7 @@ async fn rebuilds(h: &Harness, drop: &str) -> i64 {
 /// scripts/shards.rs: a Redis client per primary).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_cluster_primary_killed_mid_sale_fails_over_one_shard() {
-    let base = devstack::cluster::free_base_port().expect("six free ports for a cluster");
-    let cfg = StackConfig {
-        name: "fault-cluster-failover".into(),
-        redis_port: base,
-        pg_port: free_port(),
-    };
-    let stack = tokio::task::spawn_blocking(move || Stack::start_cluster(cfg))
-        .await
-        .expect("the stack start task")
-        .expect("the cluster stack starts");
-    let mut f = Fault {
-        redis_addr: stack.redis_addr(),
-        redis_url: stack.redis_url(),
-        db_url: stack.database_url(),
-        stack: Arc::new(Mutex::new(stack)),
-    };
+    let mut f = Fault::start_cluster("fault-cluster-failover").await;
     let cfg = test_config_for(&f.redis_url, &f.db_url);
     let h = Harness::with_config(cfg).await;
     let api = h.client.clone();
@@ -285,22 +269,7 @@ async fn status_of(base: &str, path: &str) -> u16 {
 /// their first connect on the dead primary and the start returned an error.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_cluster_start_with_a_primary_down_serves_the_other_shards() {
-    let base = devstack::cluster::free_base_port().expect("six free ports for a cluster");
-    let cfg = StackConfig {
-        name: "fault-cluster-start".into(),
-        redis_port: base,
-        pg_port: free_port(),
-    };
-    let stack = tokio::task::spawn_blocking(move || Stack::start_cluster(cfg))
-        .await
-        .expect("the stack start task")
-        .expect("the cluster stack starts");
-    let mut f = Fault {
-        redis_addr: stack.redis_addr(),
-        redis_url: stack.redis_url(),
-        db_url: stack.database_url(),
-        stack: Arc::new(Mutex::new(stack)),
-    };
+    let mut f = Fault::start_cluster("fault-cluster-start").await;
     let cfg = test_config_for(&f.redis_url, &f.db_url);
 
     // A first booking-api makes two drops on different shards and sells a few of each; a live

@@ -67,12 +67,31 @@ impl Fault {
         })
         .await
         .expect("the stack start task")?;
-        Ok(Fault {
+        Ok(Fault::of(stack))
+    }
+
+    /// A stack whose Redis is a cluster of its own (devstack's [`Stack::start_cluster`]: six
+    /// redis-servers, three primaries with a replica each), with its own Postgres.
+    pub async fn start_cluster(name: &str) -> Fault {
+        let cfg = StackConfig {
+            name: name.to_owned(),
+            redis_port: devstack::cluster::free_base_port().expect("six free ports for a cluster"),
+            pg_port: free_port(),
+        };
+        let stack = tokio::task::spawn_blocking(move || Stack::start_cluster(cfg))
+            .await
+            .expect("the stack start task")
+            .expect("the cluster stack starts");
+        Fault::of(stack)
+    }
+
+    fn of(stack: Stack) -> Fault {
+        Fault {
             redis_addr: stack.redis_addr(),
             redis_url: stack.redis_url(),
             db_url: stack.database_url(),
             stack: Arc::new(Mutex::new(stack)),
-        })
+        }
     }
 
     /// Runs `f` on the stack's link (loss, partition, heal) off the async workers.
