@@ -4,12 +4,16 @@
 //! doubled, which during a sale is every minute or two — the busiest minutes. With Redis' own
 //! rewrites off (`auto-aof-rewrite-percentage 0`, as the dev stack runs it), booking-api's
 //! background task asks for one only when the file (at least `redis.aof_rewrite_min_bytes`) has
-//! grown `redis.aof_rewrite_growth_pct` and Redis is quiet (fewer than `redis.aof_quiet_ops_per_s` commands a second), or — so the file
-//! and a restart's replay stay bounded — once it has grown `redis.aof_rewrite_max_growth_pct`
-//! whatever the load, measured from a base of at least `redis.aof_rewrite_min_bytes` (so a Redis
+//! grown `redis.aof_rewrite_growth_pct` and Redis has been quiet (fewer than
+//! `redis.aof_quiet_ops_per_s` commands a second) on every look for `redis.aof_quiet_for_ms`,
+//! or — so the file and a restart's replay stay bounded — once it has grown
+//! `redis.aof_rewrite_max_growth_pct` whatever the load, measured from a base of at least `redis.aof_rewrite_min_bytes` (so a Redis
 //! started empty reaches the ceiling at 16 × 64 MiB at the defaults, not at 64 MiB).
 
 use crate::config::RedisConfig;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// What the policy reads from Redis (`INFO persistence`, `INFO stats`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,6 +56,11 @@ impl AofState {
         self.current_bytes.saturating_sub(self.base_bytes) * 100 / self.base_bytes.max(1)
     }
 
+    /// Under `redis.aof_quiet_ops_per_s` commands a second.
+    pub fn is_quiet(&self, cfg: &RedisConfig) -> bool {
+        self.ops_per_s < cfg.aof_quiet_ops_per_s
+    }
+
     /// The growth the ceiling is measured by: against the base, but never a base under
     /// `min_bytes`. A Redis started empty has a base of a few bytes, so measured from it the
     /// file is "16× grown" the moment it passes `min_bytes` — which on a fresh Redis is in the
@@ -72,10 +81,36 @@ pub enum Rewrite {
     Ceiling,
 }
 
+/// How long each Redis node has looked quiet to this process: since the first of an unbroken run
+/// of quiet looks. Redis' load figure covers only its last two seconds or so, so one quiet look is
+/// a lull — fans between two waves, a load generator between its phases — and a rewrite started in
+/// it runs into the load that follows (seen in `bench/latency-runs.sh`: a rewrite asked for in a
+/// few seconds' lull before the measured window). One entry per node the policy looks at (each
+/// primary), so it is bounded by the cluster's size.
+#[derive(Debug, Default)]
+pub struct QuietWatch {
+    since: Mutex<HashMap<String, Instant>>,
+}
+
+impl QuietWatch {
+    /// Records a look at `node` at `now`: how long it has been quiet on every look since (zero
+    /// on the first quiet look, and when it is busy now).
+    pub fn look(&self, node: &str, quiet: bool, now: Instant) -> Duration {
+        let mut since = self.since.lock().unwrap_or_else(|e| e.into_inner());
+        if !quiet {
+            since.remove(node);
+            return Duration::ZERO;
+        }
+        let first = *since.entry(node.to_owned()).or_insert(now);
+        now.saturating_duration_since(first)
+    }
+}
+
 /// The policy: `None` while off (`aof_rewrite_growth_pct` 0), without an AOF, while a rewrite
 /// runs, while the file is under `aof_rewrite_min_bytes`, or until it has grown enough for the
-/// load Redis is under.
-pub fn due(state: &AofState, cfg: &RedisConfig) -> Option<Rewrite> {
+/// load Redis is under. `quiet_for` is how long the node has looked quiet ([`QuietWatch`]): the
+/// quiet rewrite waits for `aof_quiet_for_ms` of it.
+pub fn due(state: &AofState, cfg: &RedisConfig, quiet_for: Duration) -> Option<Rewrite> {
     if cfg.aof_rewrite_growth_pct == 0
         || !state.enabled
         || state.busy_rewriting
@@ -86,7 +121,10 @@ pub fn due(state: &AofState, cfg: &RedisConfig) -> Option<Rewrite> {
     let growth = state.growth_pct();
     if state.ceiling_growth_pct(cfg.aof_rewrite_min_bytes) >= cfg.aof_rewrite_max_growth_pct {
         Some(Rewrite::Ceiling)
-    } else if growth >= cfg.aof_rewrite_growth_pct && state.ops_per_s < cfg.aof_quiet_ops_per_s {
+    } else if growth >= cfg.aof_rewrite_growth_pct
+        && state.is_quiet(cfg)
+        && quiet_for >= Duration::from_millis(cfg.aof_quiet_for_ms)
+    {
         Some(Rewrite::Quiet)
     } else {
         None
@@ -96,6 +134,9 @@ pub fn due(state: &AofState, cfg: &RedisConfig) -> Option<Rewrite> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Quiet on every look for an hour: the quiet window is no obstacle.
+    const LONG: Duration = Duration::from_secs(3600);
 
     fn state(base: u64, current: u64, ops: u64) -> AofState {
         AofState {
@@ -138,38 +179,45 @@ mod tests {
         let busy = cfg.aof_quiet_ops_per_s;
         let grown = 100 + cfg.aof_rewrite_growth_pct;
         let past_ceiling = 100 + cfg.aof_rewrite_max_growth_pct;
-        assert_eq!(due(&state(100, 100, quiet), &cfg), None, "not grown");
-        assert_eq!(due(&state(100, grown, quiet), &cfg), Some(Rewrite::Quiet));
+        assert_eq!(due(&state(100, 100, quiet), &cfg, LONG), None, "not grown");
         assert_eq!(
-            due(&state(100, grown, busy), &cfg),
+            due(&state(100, grown, quiet), &cfg, LONG),
+            Some(Rewrite::Quiet)
+        );
+        assert_eq!(
+            due(&state(100, grown, busy), &cfg, LONG),
             None,
             "grown, but a sale is on"
         );
         assert_eq!(
-            due(&state(100, past_ceiling, busy), &cfg),
+            due(&state(100, past_ceiling, busy), &cfg, LONG),
             Some(Rewrite::Ceiling)
         );
         let rewriting = AofState {
             busy_rewriting: true,
             ..state(100, past_ceiling, quiet)
         };
-        assert_eq!(due(&rewriting, &cfg), None, "one at a time");
+        assert_eq!(due(&rewriting, &cfg, LONG), None, "one at a time");
         let off = RedisConfig {
             aof_rewrite_growth_pct: 0,
             ..RedisConfig::default()
         };
-        assert_eq!(due(&state(100, past_ceiling, quiet), &off), None, "off");
+        assert_eq!(
+            due(&state(100, past_ceiling, quiet), &off, LONG),
+            None,
+            "off"
+        );
         let no_aof = AofState {
             enabled: false,
             ..state(100, past_ceiling, quiet)
         };
-        assert_eq!(due(&no_aof, &cfg), None, "no AOF");
+        assert_eq!(due(&no_aof, &cfg, LONG), None, "no AOF");
         let small = RedisConfig {
             aof_rewrite_min_bytes: past_ceiling + 1,
             ..cfg.clone()
         };
         assert_eq!(
-            due(&state(100, past_ceiling, quiet), &small),
+            due(&state(100, past_ceiling, quiet), &small, LONG),
             None,
             "too small"
         );
@@ -183,22 +231,70 @@ mod tests {
         // A fresh Redis' base is its empty preamble: measured from it, any file past the
         // minimum is far past the ceiling.
         let empty_base = 88;
-        assert_eq!(due(&state(empty_base, min + 1, busy), &cfg), None);
-        assert_eq!(due(&state(empty_base, min * 10, busy), &cfg), None);
+        assert_eq!(due(&state(empty_base, min + 1, busy), &cfg, LONG), None);
+        assert_eq!(due(&state(empty_base, min * 10, busy), &cfg, LONG), None);
         let ceiling = min + min * cfg.aof_rewrite_max_growth_pct / 100;
         assert_eq!(
-            due(&state(empty_base, ceiling, busy), &cfg),
+            due(&state(empty_base, ceiling, busy), &cfg, LONG),
             Some(Rewrite::Ceiling)
         );
         // Quiet, the ordinary rule still rewrites it as soon as it passes the minimum.
         assert_eq!(
-            due(&state(empty_base, min + 1, busy - 1), &cfg),
+            due(&state(empty_base, min + 1, busy - 1), &cfg, LONG),
             Some(Rewrite::Quiet)
         );
         // A base above the minimum: the ceiling is 16× that base, as before.
         let base = min * 2;
         let past = base + base * cfg.aof_rewrite_max_growth_pct / 100;
-        assert_eq!(due(&state(base, past - 1, busy), &cfg), None);
-        assert_eq!(due(&state(base, past, busy), &cfg), Some(Rewrite::Ceiling));
+        assert_eq!(due(&state(base, past - 1, busy), &cfg, LONG), None);
+        assert_eq!(
+            due(&state(base, past, busy), &cfg, LONG),
+            Some(Rewrite::Ceiling)
+        );
+    }
+
+    #[test]
+    fn a_lull_is_not_quiet_until_it_has_lasted() {
+        let cfg = RedisConfig {
+            aof_rewrite_min_bytes: 0,
+            ..RedisConfig::default()
+        };
+        let window = Duration::from_millis(cfg.aof_quiet_for_ms);
+        assert!(
+            window > Duration::ZERO,
+            "the default waits for a quiet spell"
+        );
+        let grown = state(
+            100,
+            100 + cfg.aof_rewrite_growth_pct,
+            cfg.aof_quiet_ops_per_s - 1,
+        );
+        let busy = state(
+            100,
+            100 + cfg.aof_rewrite_growth_pct,
+            cfg.aof_quiet_ops_per_s,
+        );
+        let watch = QuietWatch::default();
+        let t0 = Instant::now();
+        let look = |s: &AofState, at: Duration| {
+            let quiet_for = watch.look("a", s.is_quiet(&cfg), t0 + at);
+            due(s, &cfg, quiet_for)
+        };
+        // The first quiet look, and every one until the window has passed: a lull.
+        assert_eq!(look(&grown, Duration::ZERO), None, "one quiet look");
+        assert_eq!(look(&grown, window / 2), None, "half the window");
+        // A busy look starts the count again.
+        assert_eq!(look(&busy, window / 2 + Duration::from_secs(1)), None);
+        assert_eq!(look(&grown, window), None, "quiet again only just now");
+        assert_eq!(look(&grown, window * 2 - Duration::from_millis(1)), None);
+        assert_eq!(look(&grown, window * 2), Some(Rewrite::Quiet));
+        // Each node has its own count.
+        assert_eq!(watch.look("b", true, t0 + window * 2), Duration::ZERO);
+        // 0: the first quiet look will do (the rule before the window existed).
+        let at_once = RedisConfig {
+            aof_quiet_for_ms: 0,
+            ..cfg.clone()
+        };
+        assert_eq!(due(&grown, &at_once, Duration::ZERO), Some(Rewrite::Quiet));
     }
 }

@@ -404,6 +404,9 @@ pub const DEFAULT_AOF_REWRITE_MAX_GROWTH_PCT: u64 = 1_500;
 /// Under this many commands a second Redis counts as quiet. A sale runs thousands (each reserve
 /// is one script); an idle stack's background tasks a few dozen.
 pub const DEFAULT_AOF_QUIET_OPS_PER_S: u64 = 1_000;
+/// Quiet on every look for half a minute: a lull of a few seconds between two waves of fans is
+/// not a quiet spell (engine::aof).
+pub const DEFAULT_AOF_QUIET_FOR_MS: u64 = 30_000;
 pub const DEFAULT_AOF_CHECK_INTERVAL_MS: u64 = 5_000;
 /// A file smaller than this is never worth a rewrite (Redis' own `auto-aof-rewrite-min-size`).
 pub const DEFAULT_AOF_REWRITE_MIN_BYTES: u64 = 64 * 1024 * 1024;
@@ -437,6 +440,9 @@ pub struct RedisConfig {
     pub aof_rewrite_max_growth_pct: u64,
     /// Commands a second under which Redis counts as quiet.
     pub aof_quiet_ops_per_s: u64,
+    /// How long Redis must have been quiet on every look before a rewrite that waits for quiet
+    /// is asked for; 0: the first quiet look.
+    pub aof_quiet_for_ms: u64,
     /// How often the AOF's size and Redis' load are looked at.
     pub aof_check_interval_ms: u64,
 }
@@ -455,6 +461,7 @@ impl Default for RedisConfig {
             aof_rewrite_min_bytes: DEFAULT_AOF_REWRITE_MIN_BYTES,
             aof_rewrite_max_growth_pct: DEFAULT_AOF_REWRITE_MAX_GROWTH_PCT,
             aof_quiet_ops_per_s: DEFAULT_AOF_QUIET_OPS_PER_S,
+            aof_quiet_for_ms: DEFAULT_AOF_QUIET_FOR_MS,
             aof_check_interval_ms: DEFAULT_AOF_CHECK_INTERVAL_MS,
         }
     }

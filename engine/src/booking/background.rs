@@ -114,7 +114,12 @@ impl Engine {
                     continue;
                 }
             };
-            let Some(due) = crate::aof::due(&state, &self.cfg.redis) else {
+            let quiet_for = self.aof_quiet.look(
+                &node.to_string(),
+                state.is_quiet(&self.cfg.redis),
+                Instant::now(),
+            );
+            let Some(due) = crate::aof::due(&state, &self.cfg.redis, quiet_for) else {
                 continue;
             };
             match self.redis.rewrite_aof(&node).await {

@@ -122,6 +122,8 @@ pub struct Engine {
     /// Which drops' sweep and reconcile rounds run here (docs/ARCHITECTURE.md, "Many
     /// instances").
     pub(crate) round_leases: crate::lease::Leases,
+    /// How long each Redis node has looked quiet to the AOF policy (engine::aof).
+    aof_quiet: crate::aof::QuietWatch,
     /// The per-drop gauges' last round as Prometheus text (engine::drop_metrics).
     pub(crate) drop_gauges: Mutex<String>,
 }
@@ -201,6 +203,7 @@ impl Engine {
             recovery_stats: Mutex::new(RebuildReport::default()),
             rebuilds_seen: Mutex::new(HashMap::new()),
             round_leases: crate::lease::Leases::new("rounds", cfg.reconciler.round_lease_ms),
+            aof_quiet: crate::aof::QuietWatch::default(),
             drop_gauges: Mutex::new(String::new()),
             cfg,
         }))
