@@ -14,7 +14,8 @@
 #      each request's due time), on the same drop.
 # After RUNS such runs, one more with a BGREWRITEAOF forced REWRITE_AT_S into its measured
 # window. Prints each run's p50 / p99 / p99.9, live holds, Redis' used memory and AOF rewrites,
-# then how many runs met the bar.
+# then how many runs met the bar; OUT_DIR keeps per run the load generator's report, Redis'
+# `INFO commandstats` (commandstats-N.txt) and `LATENCY LATEST` (redis-latency-N.txt).
 #
 # Usage: bench/latency-runs.sh
 # Environment:
@@ -102,6 +103,10 @@ mfans=$((RATE * (DURATION_S + 3) / HOLDS_PER_FAN + 100))
 redis_pid=$("${redis[@]}" info server | tr -d "\r" | awk -F: "\$1 == \"process_id\" { print \$2 }")
 ticks() { awk "{ print \$14 + \$15 }" "/proc/$1/stat"; }
 "${redis[@]}" config resetstat > /dev/null
+# Stalls inside Redis over the window (LATENCY LATEST, saved per run): a command or an AOF
+# write that took 1 ms or more of wall time — preemption on shared cores shows up here too.
+"${redis[@]}" config set latency-monitor-threshold 1 > /dev/null
+"${redis[@]}" latency reset > /dev/null
 # RESETSTAT zeroes aof_rewrites too: count from here.
 rewrites_before=0
 redis_t0=$(ticks "$redis_pid"); api_t0=$(ticks "$api")
@@ -110,6 +115,9 @@ redis_t0=$(ticks "$redis_pid"); api_t0=$(ticks "$api")
 redis_cpu_ms=$(( ($(ticks "$redis_pid") - redis_t0) * 1000 / $(getconf CLK_TCK) ))
 api_cpu_ms=$(( ($(ticks "$api") - api_t0) * 1000 / $(getconf CLK_TCK) ))
 fcall_us=$("${redis[@]}" info commandstats | tr -d "\r" | awk -F"[:,=]" "\$1 == \"cmdstat_fcall\" { print \$7 }")
+# Per command (commands a script runs are counted too): where the time of the function goes.
+"${redis[@]}" info commandstats | tr -d "\r" > "$OUT_DIR/commandstats-$N.txt"
+"${redis[@]}" latency latest > "$OUT_DIR/redis-latency-$N.txt"
 [[ -n ${rewriter:-} ]] && wait "$rewriter"
 rewrites=$(( $("${redis[@]}" info persistence | tr -d "\r" | awk -F: "\$1 == \"aof_rewrites\" { print \$2 }") - rewrites_before ))
 mem=$("${redis[@]}" info memory | tr -d "\r" | awk -F: "\$1 == \"used_memory_human\" { print \$2 }")
