@@ -23,7 +23,7 @@ use crate::api::{confirm_body, hold_id};
 use crate::http::{path_segment, Slot, Target, TransportError};
 use crate::schedule::Schedule;
 use crate::seatmap::SeatLayout;
-use crate::stats::Stats;
+use crate::stats::{Stats, Timeline};
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -70,6 +70,8 @@ pub struct Reserve {
     pub keep_holds: bool,
     pub timeout: Duration,
     pub progress: Arc<Progress>,
+    /// Where the run's [`Timeline`] counts seconds from (set before the run starts).
+    pub origin: Instant,
 }
 
 /// What a reserve asks for.
@@ -135,6 +137,8 @@ impl Ledger {
 pub struct Outcome {
     /// The measured window only.
     pub stats: Stats,
+    /// The measured window's answers by second, from `Reserve::origin`.
+    pub timeline: Timeline,
     pub ledger: Ledger,
     /// When the last measured answer came in.
     pub last_done: Option<Instant>,
@@ -143,6 +147,7 @@ pub struct Outcome {
 impl Outcome {
     fn merge(&mut self, other: Outcome) {
         self.stats.merge(&other.stats);
+        self.timeline.merge(&other.timeline);
         self.ledger.merge(other.ledger);
         self.last_done = self.last_done.max(other.last_done);
     }
@@ -218,8 +223,10 @@ impl Reserve {
                     out.ledger.reserved_unknown += 1;
                 }
                 if measured {
-                    out.stats
-                        .answer(done - from, done - sent_at, status, &body, ok);
+                    let (latency, service) = (done - from, done - sent_at);
+                    out.stats.answer(latency, service, status, &body, ok);
+                    out.timeline
+                        .record(self.origin.into_std(), done.into_std(), latency, service);
                     out.last_done = Some(done);
                 }
                 self.progress.answered.fetch_add(1, Ordering::Relaxed);

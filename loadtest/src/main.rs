@@ -276,6 +276,7 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
         keep_holds: args.confirm_pct > 0 || args.release_pct > 0,
         timeout,
         progress: Arc::clone(&progress),
+        origin: Instant::now(),
     });
     let warmup = Duration::from_secs_f64(args.warmup_s);
     let duration = Duration::from_secs_f64(args.duration_s);
@@ -442,6 +443,9 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
         requests,
         throughput,
         latency: Latencies::of(&outcome.stats),
+        timeline: outcome
+            .timeline
+            .window(ctx.origin.into_std(), measure_start.into_std()),
         reserve: outcome.stats.tally.clone(),
         confirm,
         release,

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::cli::Mode;
 use crate::invariants::{Check, ClientCounts, Verdict};
-use crate::stats::{Percentiles, Stats, Tally};
+use crate::stats::{Percentiles, Second, Stats, Tally};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -34,6 +34,8 @@ pub struct Report {
     pub requests: u64,
     pub throughput: Throughput,
     pub latency: Latencies,
+    /// The measured window's answers second by second (the text report lists the slowest).
+    pub timeline: Vec<Second>,
     pub reserve: Tally,
     pub confirm: Option<Phase>,
     pub release: Option<Phase>,
@@ -202,6 +204,30 @@ fn latency_row(out: &mut String, label: &str, p: &Percentiles) {
     );
 }
 
+/// How many of the slowest seconds the text report names.
+const SLOWEST_SECONDS_SHOWN: usize = 3;
+
+/// The seconds with the longest latency, e.g. to tell one stall (one bad second) from a slow
+/// stretch, or a client backlog (max far above max service) from a slow server.
+fn slowest_seconds(out: &mut String, timeline: &[Second]) {
+    let mut worst: Vec<&Second> = timeline.iter().filter(|s| s.answers > 0).collect();
+    worst.sort_by(|a, b| b.max_ms.total_cmp(&a.max_ms));
+    if worst.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  slowest seconds of the window (max / mean latency, max service time, answers):"
+    );
+    for s in worst.iter().take(SLOWEST_SECONDS_SHOWN) {
+        let _ = writeln!(
+            out,
+            "    at {:>5} s   {:>9.3} / {:>9.3} ms   service {:>9.3} ms   {} answers",
+            s.t_s, s.max_ms, s.mean_ms, s.max_service_ms, s.answers
+        );
+    }
+}
+
 fn counts_line<K: std::fmt::Display>(map: &BTreeMap<K, u64>) -> String {
     if map.is_empty() {
         return "none".into();
@@ -307,6 +333,7 @@ pub fn render_text(r: &Report) -> String {
     latency_row(&mut out, &format!("all, {from}"), &r.latency.all);
     latency_row(&mut out, &format!("201, {from}"), &r.latency.ok);
     latency_row(&mut out, "all, service time", &r.latency.service);
+    slowest_seconds(&mut out, &r.timeline);
     if let Some(p) = &r.confirm {
         phase_lines(&mut out, "confirm", p);
     }
@@ -421,6 +448,29 @@ mod tests {
                 ok: fixed,
                 service: fixed,
             },
+            timeline: vec![
+                Second {
+                    t_s: 0,
+                    answers: 60,
+                    mean_ms: 30.0,
+                    max_ms: 60.0,
+                    max_service_ms: 30.0,
+                },
+                Second {
+                    t_s: 1,
+                    answers: 0,
+                    mean_ms: 0.0,
+                    max_ms: 0.0,
+                    max_service_ms: 0.0,
+                },
+                Second {
+                    t_s: 2,
+                    answers: 40,
+                    mean_ms: 80.5,
+                    max_ms: 100.0,
+                    max_service_ms: 50.0,
+                },
+            ],
             reserve: stats.tally.clone(),
             confirm: None,
             release: Some(Phase::of(&Stats::default(), 0, 0.0)),
@@ -461,6 +511,22 @@ mod tests {
             &cols[4..],
             ["100", "50.500", "50.000", "90.000", "99.000", "100.000", "100.000"]
         );
+        // The slowest second first; a second without answers is not "slow".
+        let slow: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.contains("slowest seconds"))
+            .skip(1)
+            .take_while(|l| l.trim_start().starts_with("at "))
+            .collect();
+        assert_eq!(slow.len(), 2, "{text}");
+        assert_eq!(
+            slow[0].split_whitespace().collect::<Vec<_>>(),
+            [
+                "at", "2", "s", "100.000", "/", "80.500", "ms", "service", "50.000", "ms", "40",
+                "answers"
+            ]
+        );
+        assert!(slow[1].contains("at     0 s"), "{text}");
         assert!(text.contains("\nrelease: 0 requests"), "{text}");
         assert!(
             text.contains("  ok   LT: available + held + sold == total: 1 + 2 + 3 = 6, total 6"),
@@ -497,6 +563,8 @@ mod tests {
         assert_eq!(v["throughput"]["total_per_s"], 1000.0);
         assert_eq!(v["latency"]["all"]["p50_ms"], 50.0);
         assert_eq!(v["latency"]["all"]["p99_ms"], 99.0);
+        assert_eq!(v["timeline"][2]["max_service_ms"], 50.0);
+        assert_eq!(v["timeline"][1]["answers"], 0);
         assert_eq!(v["reserve"]["by_status"]["409"], 10);
         assert_eq!(v["reserve"]["by_code"]["sold_out"], 10);
         assert_eq!(v["checks"][0]["verdict"], "pass");

@@ -382,6 +382,7 @@ impl Bench {
             keep_holds: false,
             timeout: self.timeout,
             progress: Arc::new(Progress::default()),
+            origin: Instant::now(),
         }))
     }
 

@@ -3,7 +3,7 @@
 //! the end, so recording never contends.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use hyper::StatusCode;
@@ -141,6 +141,98 @@ impl Stats {
     }
 }
 
+/// Seconds a [`Timeline`] keeps, counted from its origin: the longest run `--warmup-s` and
+/// `--duration-s` allow (24 h each) plus an hour of set-up. Answers later than that aren't placed.
+pub const MAX_TIMELINE_S: u64 = 2 * 24 * 3600 + 3600;
+
+/// One second of a [`Timeline`], as recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct SecondTally {
+    answers: u64,
+    latency_sum_us: u64,
+    latency_max_us: u64,
+    service_max_us: u64,
+}
+
+/// Answers by the second they came in: what the percentiles of a whole window can't show —
+/// when a tail happened, whether it was one stall or a slow stretch, and whether the client fell
+/// behind (latency from the due time far above the service time). Seconds count from an origin
+/// every worker shares; each worker keeps its own and they are merged at the end, like [`Stats`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timeline {
+    /// Index: whole seconds from the origin to the answer.
+    seconds: Vec<SecondTally>,
+}
+
+/// One second of the measured window, for the report.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Second {
+    /// Whole seconds from the start of the measured window to the answers.
+    pub t_s: u64,
+    pub answers: u64,
+    /// From the due time (open loop) or the send (closed loop), as `latency.all`.
+    pub mean_ms: f64,
+    pub max_ms: f64,
+    /// The longest service time (from the write) among these answers.
+    pub max_service_ms: f64,
+}
+
+impl Timeline {
+    /// Places one answer that came in at `done`.
+    pub fn record(&mut self, origin: Instant, done: Instant, latency: Duration, service: Duration) {
+        let i = done.saturating_duration_since(origin).as_secs();
+        if i >= MAX_TIMELINE_S {
+            return;
+        }
+        let i = i as usize;
+        if self.seconds.len() <= i {
+            self.seconds.resize(i + 1, SecondTally::default());
+        }
+        let s = &mut self.seconds[i];
+        let (latency_us, service_us) = (micros(latency), micros(service));
+        s.answers += 1;
+        s.latency_sum_us = s.latency_sum_us.saturating_add(latency_us);
+        s.latency_max_us = s.latency_max_us.max(latency_us);
+        s.service_max_us = s.service_max_us.max(service_us);
+    }
+
+    pub fn merge(&mut self, other: &Timeline) {
+        if self.seconds.len() < other.seconds.len() {
+            self.seconds
+                .resize(other.seconds.len(), SecondTally::default());
+        }
+        for (s, o) in self.seconds.iter_mut().zip(&other.seconds) {
+            s.answers += o.answers;
+            s.latency_sum_us = s.latency_sum_us.saturating_add(o.latency_sum_us);
+            s.latency_max_us = s.latency_max_us.max(o.latency_max_us);
+            s.service_max_us = s.service_max_us.max(o.service_max_us);
+        }
+    }
+
+    /// The seconds from the one holding `start` on, `t_s` counted from there. Seconds without
+    /// an answer are listed too (answers 0): a stall shows as a gap.
+    pub fn window(&self, origin: Instant, start: Instant) -> Vec<Second> {
+        let first = start.saturating_duration_since(origin).as_secs() as usize;
+        let ms = |us: u64| us as f64 / 1000.0;
+        self.seconds
+            .iter()
+            .enumerate()
+            .skip(first)
+            .map(|(i, s)| Second {
+                t_s: (i - first) as u64,
+                answers: s.answers,
+                mean_ms: if s.answers == 0 {
+                    0.0
+                } else {
+                    ms(s.latency_sum_us) / s.answers as f64
+                },
+                max_ms: ms(s.latency_max_us),
+                max_service_ms: ms(s.service_max_us),
+            })
+            .collect()
+    }
+}
+
 /// A histogram summarised in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Percentiles {
@@ -237,6 +329,36 @@ mod tests {
         merged.merge(&s);
         assert_eq!(merged.tally.by_code["sold_out"], 4);
         assert_eq!(merged.latency.len(), 8);
+    }
+
+    #[test]
+    fn a_timeline_places_answers_by_second_and_merges() {
+        let origin = Instant::now();
+        let at = |ms: u64| origin + Duration::from_millis(ms);
+        let ms = Duration::from_millis;
+        let (mut a, mut b) = (Timeline::default(), Timeline::default());
+        a.record(origin, at(500), ms(2), ms(1)); // before the window: left out of it
+        a.record(origin, at(1_100), ms(2), ms(1));
+        a.record(origin, at(1_900), ms(4), ms(3));
+        b.record(origin, at(1_500), ms(90), ms(5)); // a client backlog: 90 ms from due, 5 served
+        b.record(origin, at(3_200), ms(1), ms(1)); // second 2 of the window had no answer
+        a.merge(&b);
+        let w = a.window(origin, at(1_000));
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert_eq!((w[0].t_s, w[0].answers), (0, 3));
+        assert!((w[0].mean_ms - 32.0).abs() < 1e-9, "{w:?}");
+        assert_eq!((w[0].max_ms, w[0].max_service_ms), (90.0, 5.0));
+        assert_eq!((w[1].t_s, w[1].answers, w[1].max_ms), (1, 0, 0.0));
+        assert_eq!((w[2].t_s, w[2].answers), (2, 1));
+    }
+
+    #[test]
+    fn a_timeline_is_bounded() {
+        let origin = Instant::now();
+        let mut t = Timeline::default();
+        let late = origin + Duration::from_secs(MAX_TIMELINE_S);
+        t.record(origin, late, Duration::ZERO, Duration::ZERO);
+        assert!(t.window(origin, origin).is_empty());
     }
 
     #[test]
