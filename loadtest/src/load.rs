@@ -70,8 +70,8 @@ pub struct Reserve {
     pub keep_holds: bool,
     pub timeout: Duration,
     pub progress: Arc<Progress>,
-    /// Where the run's [`Timeline`] counts seconds from (set before the run starts).
-    pub origin: Instant,
+    /// The measured answers by second (one for the run, shared by its workers).
+    pub timeline: Timeline,
 }
 
 /// What a reserve asks for.
@@ -137,8 +137,6 @@ impl Ledger {
 pub struct Outcome {
     /// The measured window only.
     pub stats: Stats,
-    /// The measured window's answers by second, from `Reserve::origin`.
-    pub timeline: Timeline,
     pub ledger: Ledger,
     /// When the last measured answer came in.
     pub last_done: Option<Instant>,
@@ -147,7 +145,6 @@ pub struct Outcome {
 impl Outcome {
     fn merge(&mut self, other: Outcome) {
         self.stats.merge(&other.stats);
-        self.timeline.merge(&other.timeline);
         self.ledger.merge(other.ledger);
         self.last_done = self.last_done.max(other.last_done);
     }
@@ -225,8 +222,7 @@ impl Reserve {
                 if measured {
                     let (latency, service) = (done - from, done - sent_at);
                     out.stats.answer(latency, service, status, &body, ok);
-                    out.timeline
-                        .record(self.origin.into_std(), done.into_std(), latency, service);
+                    self.timeline.record(done.into_std(), latency, service);
                     out.last_done = Some(done);
                 }
                 self.progress.answered.fetch_add(1, Ordering::Relaxed);

@@ -64,6 +64,7 @@ use crate::invariants::{Bookkeeping, Check, ClientCounts, Verdict};
 use crate::load::{follow_up, FollowUp, HoldBody, Progress, Reserve};
 use crate::report::{confirm_step_totals, rate, step_means, Latencies, Phase, Report, Throughput};
 use crate::schedule::Schedule;
+use crate::stats::{Timeline, TIMELINE_SLACK_S};
 
 /// How often the progress bar is redrawn.
 const PROGRESS_TICK: Duration = Duration::from_millis(200);
@@ -276,7 +277,12 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
         keep_holds: args.confirm_pct > 0 || args.release_pct > 0,
         timeout,
         progress: Arc::clone(&progress),
-        origin: Instant::now(),
+        timeline: Timeline::new(
+            std::time::Instant::now(),
+            Duration::from_secs_f64(args.warmup_s + args.duration_s)
+                + timeout
+                + Duration::from_secs(TIMELINE_SLACK_S),
+        ),
     });
     let warmup = Duration::from_secs_f64(args.warmup_s);
     let duration = Duration::from_secs_f64(args.duration_s);
@@ -443,9 +449,7 @@ async fn reserve(args: ReserveArgs) -> anyhow::Result<bool> {
         requests,
         throughput,
         latency: Latencies::of(&outcome.stats),
-        timeline: outcome
-            .timeline
-            .window(ctx.origin.into_std(), measure_start.into_std()),
+        timeline: ctx.timeline.window(measure_start.into_std()),
         reserve: outcome.stats.tally.clone(),
         confirm,
         release,

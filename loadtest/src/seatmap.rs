@@ -35,7 +35,7 @@ use crate::invariants::{self, Check, Verdict};
 use crate::load::{self, HoldBody, Progress, Reserve, DISPATCH_TICK};
 use crate::report::{rate, Latencies};
 use crate::schedule::Schedule;
-use crate::stats::{Percentiles, Stats, Tally};
+use crate::stats::{Percentiles, Stats, Tally, Timeline};
 use crate::{bar, note};
 
 /// Price of every seat of the created drops.
@@ -382,7 +382,8 @@ impl Bench {
             keep_holds: false,
             timeout: self.timeout,
             progress: Arc::new(Progress::default()),
-            origin: Instant::now(),
+            // Its report has no timeline: nothing to place.
+            timeline: Timeline::new(std::time::Instant::now(), Duration::ZERO),
         }))
     }
 

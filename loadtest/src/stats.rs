@@ -3,6 +3,7 @@
 //! the end, so recording never contends.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -141,27 +142,33 @@ impl Stats {
     }
 }
 
-/// Seconds a [`Timeline`] keeps, counted from its origin: the longest run `--warmup-s` and
-/// `--duration-s` allow (24 h each) plus an hour of set-up. Answers later than that aren't placed.
+/// Seconds a [`Timeline`] holds at most: the longest run `--warmup-s` and `--duration-s` allow
+/// (24 h each) and an hour for answers that trail behind. 32 bytes a second, ≈ 5.6 MB at most,
+/// shared by every worker. Answers later than the timeline's span aren't placed.
 pub const MAX_TIMELINE_S: u64 = 2 * 24 * 3600 + 3600;
 
-/// One second of a [`Timeline`], as recorded.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct SecondTally {
-    answers: u64,
-    latency_sum_us: u64,
-    latency_max_us: u64,
-    service_max_us: u64,
+/// Seconds a run's timeline spans beyond its warm-up, window and request timeout: connecting
+/// before the start, and answers that trail behind.
+pub const TIMELINE_SLACK_S: u64 = 60;
+
+/// One second of a [`Timeline`]: every worker adds to it (relaxed atomics; a few per answer).
+#[derive(Debug, Default)]
+struct SecondCell {
+    answers: AtomicU64,
+    latency_sum_us: AtomicU64,
+    latency_max_us: AtomicU64,
+    service_max_us: AtomicU64,
 }
 
 /// Answers by the second they came in: what the percentiles of a whole window can't show —
 /// when a tail happened, whether it was one stall or a slow stretch, and whether the client fell
-/// behind (latency from the due time far above the service time). Seconds count from an origin
-/// every worker shares; each worker keeps its own and they are merged at the end, like [`Stats`].
-#[derive(Debug, Clone, Default, PartialEq)]
+/// behind (latency from the due time far above the service time). One per run, shared by every
+/// worker, sized for the run's span up front, so its memory doesn't grow with the workers.
+#[derive(Debug)]
 pub struct Timeline {
-    /// Index: whole seconds from the origin to the answer.
-    seconds: Vec<SecondTally>,
+    origin: Instant,
+    /// Index: whole seconds from `origin` to the answer.
+    seconds: Box<[SecondCell]>,
 }
 
 /// One second of the measured window, for the report.
@@ -178,56 +185,62 @@ pub struct Second {
 }
 
 impl Timeline {
+    /// Seconds from `origin` for `span` (at most [`MAX_TIMELINE_S`]); a span of zero places
+    /// nothing.
+    pub fn new(origin: Instant, span: Duration) -> Self {
+        let n = span.as_secs().saturating_add(1).min(MAX_TIMELINE_S);
+        let n = if span.is_zero() { 0 } else { n as usize };
+        Self {
+            origin,
+            seconds: (0..n).map(|_| SecondCell::default()).collect(),
+        }
+    }
+
     /// Places one answer that came in at `done`.
-    pub fn record(&mut self, origin: Instant, done: Instant, latency: Duration, service: Duration) {
-        let i = done.saturating_duration_since(origin).as_secs();
-        if i >= MAX_TIMELINE_S {
+    pub fn record(&self, done: Instant, latency: Duration, service: Duration) {
+        let i = done.saturating_duration_since(self.origin).as_secs();
+        let Some(s) = usize::try_from(i).ok().and_then(|i| self.seconds.get(i)) else {
             return;
-        }
-        let i = i as usize;
-        if self.seconds.len() <= i {
-            self.seconds.resize(i + 1, SecondTally::default());
-        }
-        let s = &mut self.seconds[i];
-        let (latency_us, service_us) = (micros(latency), micros(service));
-        s.answers += 1;
-        s.latency_sum_us = s.latency_sum_us.saturating_add(latency_us);
-        s.latency_max_us = s.latency_max_us.max(latency_us);
-        s.service_max_us = s.service_max_us.max(service_us);
+        };
+        s.answers.fetch_add(1, Ordering::Relaxed);
+        s.latency_sum_us
+            .fetch_add(micros(latency), Ordering::Relaxed);
+        s.latency_max_us
+            .fetch_max(micros(latency), Ordering::Relaxed);
+        s.service_max_us
+            .fetch_max(micros(service), Ordering::Relaxed);
     }
 
-    pub fn merge(&mut self, other: &Timeline) {
-        if self.seconds.len() < other.seconds.len() {
-            self.seconds
-                .resize(other.seconds.len(), SecondTally::default());
-        }
-        for (s, o) in self.seconds.iter_mut().zip(&other.seconds) {
-            s.answers += o.answers;
-            s.latency_sum_us = s.latency_sum_us.saturating_add(o.latency_sum_us);
-            s.latency_max_us = s.latency_max_us.max(o.latency_max_us);
-            s.service_max_us = s.service_max_us.max(o.service_max_us);
-        }
-    }
-
-    /// The seconds from the one holding `start` on, `t_s` counted from there. Seconds without
-    /// an answer are listed too (answers 0): a stall shows as a gap.
-    pub fn window(&self, origin: Instant, start: Instant) -> Vec<Second> {
-        let first = start.saturating_duration_since(origin).as_secs() as usize;
+    /// The seconds from the one holding `start` to the last with an answer, `t_s` counted from
+    /// `start`'s. Seconds between without an answer are listed (answers 0): a stall shows as a
+    /// gap.
+    pub fn window(&self, start: Instant) -> Vec<Second> {
+        let first = start.saturating_duration_since(self.origin).as_secs() as usize;
         let ms = |us: u64| us as f64 / 1000.0;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let last = self
+            .seconds
+            .iter()
+            .rposition(|s| get(&s.answers) > 0)
+            .map_or(0, |i| i + 1);
         self.seconds
             .iter()
             .enumerate()
+            .take(last)
             .skip(first)
-            .map(|(i, s)| Second {
-                t_s: (i - first) as u64,
-                answers: s.answers,
-                mean_ms: if s.answers == 0 {
-                    0.0
-                } else {
-                    ms(s.latency_sum_us) / s.answers as f64
-                },
-                max_ms: ms(s.latency_max_us),
-                max_service_ms: ms(s.service_max_us),
+            .map(|(i, s)| {
+                let answers = get(&s.answers);
+                Second {
+                    t_s: (i - first) as u64,
+                    answers,
+                    mean_ms: if answers == 0 {
+                        0.0
+                    } else {
+                        ms(get(&s.latency_sum_us)) / answers as f64
+                    },
+                    max_ms: ms(get(&s.latency_max_us)),
+                    max_service_ms: ms(get(&s.service_max_us)),
+                }
             })
             .collect()
     }
@@ -332,19 +345,18 @@ mod tests {
     }
 
     #[test]
-    fn a_timeline_places_answers_by_second_and_merges() {
+    fn a_timeline_places_answers_by_second() {
         let origin = Instant::now();
         let at = |ms: u64| origin + Duration::from_millis(ms);
         let ms = Duration::from_millis;
-        let (mut a, mut b) = (Timeline::default(), Timeline::default());
-        a.record(origin, at(500), ms(2), ms(1)); // before the window: left out of it
-        a.record(origin, at(1_100), ms(2), ms(1));
-        a.record(origin, at(1_900), ms(4), ms(3));
-        b.record(origin, at(1_500), ms(90), ms(5)); // a client backlog: 90 ms from due, 5 served
-        b.record(origin, at(3_200), ms(1), ms(1)); // second 2 of the window had no answer
-        a.merge(&b);
-        let w = a.window(origin, at(1_000));
-        assert_eq!(w.len(), 3, "{w:?}");
+        let t = Timeline::new(origin, Duration::from_secs(10));
+        t.record(at(500), ms(2), ms(1)); // before the window: left out of it
+        t.record(at(1_100), ms(2), ms(1));
+        t.record(at(1_900), ms(4), ms(3));
+        t.record(at(1_500), ms(90), ms(5)); // a client backlog: 90 ms from due, 5 served
+        t.record(at(3_200), ms(1), ms(1)); // second 2 of the window had no answer
+        let w = t.window(at(1_000));
+        assert_eq!(w.len(), 3, "to the last second with an answer: {w:?}");
         assert_eq!((w[0].t_s, w[0].answers), (0, 3));
         assert!((w[0].mean_ms - 32.0).abs() < 1e-9, "{w:?}");
         assert_eq!((w[0].max_ms, w[0].max_service_ms), (90.0, 5.0));
@@ -355,10 +367,29 @@ mod tests {
     #[test]
     fn a_timeline_is_bounded() {
         let origin = Instant::now();
-        let mut t = Timeline::default();
-        let late = origin + Duration::from_secs(MAX_TIMELINE_S);
-        t.record(origin, late, Duration::ZERO, Duration::ZERO);
-        assert!(t.window(origin, origin).is_empty());
+        let t = Timeline::new(origin, Duration::from_secs(5));
+        t.record(
+            origin + Duration::from_secs(5),
+            Duration::ZERO,
+            Duration::ZERO,
+        );
+        t.record(
+            origin + Duration::from_secs(6),
+            Duration::ZERO,
+            Duration::ZERO,
+        );
+        assert_eq!(t.window(origin).len(), 6, "seconds 0..=5 of a 5 s span");
+        t.record(
+            origin + Duration::from_secs(60),
+            Duration::ZERO,
+            Duration::ZERO,
+        );
+        assert_eq!(t.window(origin).len(), 6, "past the span: not placed");
+        let huge = Timeline::new(origin, Duration::from_secs(u64::MAX));
+        assert_eq!(huge.seconds.len() as u64, MAX_TIMELINE_S);
+        assert!(Timeline::new(origin, Duration::ZERO)
+            .window(origin)
+            .is_empty());
     }
 
     #[test]
