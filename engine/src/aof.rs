@@ -7,8 +7,9 @@
 //! grown `redis.aof_rewrite_growth_pct` and Redis has been quiet (fewer than
 //! `redis.aof_quiet_ops_per_s` commands a second) on every look for `redis.aof_quiet_for_ms`,
 //! or — so the file and a restart's replay stay bounded — once it has grown
-//! `redis.aof_rewrite_max_growth_pct` whatever the load, measured from a base of at least `redis.aof_rewrite_min_bytes` (so a Redis
-//! started empty reaches the ceiling at 16 × 64 MiB at the defaults, not at 64 MiB).
+//! `redis.aof_rewrite_max_growth_pct` whatever the load, measured from a base of at least
+//! `redis.aof_rewrite_min_bytes` (so a Redis started empty reaches the ceiling at 16 × 64 MiB at
+//! the defaults, not at 64 MiB: ≈ 800,000 reserves; docs/OPERATIONS.md says when to raise it).
 
 use crate::config::RedisConfig;
 use std::collections::HashMap;
