@@ -202,11 +202,10 @@ impl Timeline {
         let Some(s) = usize::try_from(i).ok().and_then(|i| self.seconds.get(i)) else {
             return;
         };
+        let latency_us = micros(latency);
         s.answers.fetch_add(1, Ordering::Relaxed);
-        s.latency_sum_us
-            .fetch_add(micros(latency), Ordering::Relaxed);
-        s.latency_max_us
-            .fetch_max(micros(latency), Ordering::Relaxed);
+        s.latency_sum_us.fetch_add(latency_us, Ordering::Relaxed);
+        s.latency_max_us.fetch_max(latency_us, Ordering::Relaxed);
         s.service_max_us
             .fetch_max(micros(service), Ordering::Relaxed);
     }
