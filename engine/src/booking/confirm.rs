@@ -323,7 +323,7 @@ impl Engine {
             // these units would be authorized, voided and refused the same way). The hold goes
             // back first: a drop being rebuilt takes no script calls.
             self.void_and_revert(def, hold, rec).await?;
-            let _ = self.redis.set_meta(&def.drop_id, "recovering", "1").await;
+            self.flag_for_rebuild(&def.drop_id, hold).await;
             return Err(Error::msg(
                 Code::Internal,
                 "The sale was refused by the store's final check.",
@@ -350,7 +350,7 @@ impl Engine {
                 tracing::error!(%hold, %order_id, "order committed for a hold whose units went back to stock");
                 // Redis doesn't count this sale (it lost the hold, or gave its units back): the
                 // watcher rebuilds the drop from Postgres.
-                let _ = self.redis.set_meta(&def.drop_id, "recovering", "1").await;
+                self.flag_for_rebuild(&def.drop_id, hold).await;
             }
         }
         if let Committed::New(_) = committed {
@@ -406,6 +406,16 @@ impl Engine {
     /// void fails: no order can be committed for a `voiding` attempt, and the reconciler calls
     /// the void again until the gateway confirms it. Returns false, touching nothing, if the
     /// attempt is authorized: its order is committed or committing, and the hold will be sold.
+    /// Marks a drop whose Redis state disagrees with Postgres `recovering`, for the watcher to
+    /// rebuild. The confirm's answer doesn't wait on it: when Redis can't take the mark, the
+    /// error is logged for ops (`booking-api rebuild --drop-id D` rebuilds it by hand,
+    /// docs/OPERATIONS.md), and a Redis restart (its run id moves) rebuilds it anyway.
+    async fn flag_for_rebuild(&self, drop: &DropId, hold: &HoldId) {
+        if let Err(e) = self.redis.set_meta(drop, "recovering", "1").await {
+            tracing::error!(%drop, %hold, error = %e, "Redis disagrees with Postgres and could not be marked for a rebuild: run `booking-api rebuild --drop-id` once Redis answers");
+        }
+    }
+
     pub(super) async fn void_and_revert(
         &self,
         def: &DropDef,
