@@ -12,10 +12,8 @@ use engine::config::{ms, HttpConfig};
 use engine::{Code, Config, Engine, Error};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -141,6 +139,10 @@ async fn serve(
     // Each connection is told to finish and close when shutdown begins; every one holds a permit
     // until it has, so all permits back means all drained.
     let (all_permits, conns_stop) = (permits.clone(), shutdown.clone());
+    let limits = http::ConnLimits {
+        header_read_timeout: ms(cfg.header_read_timeout_ms),
+        max_buf_size: cfg.max_read_buffer_bytes,
+    };
     http::accept_loop(listener, permits, shutdown, |stream, peer, permit| {
         let app = app.clone();
         let draining = draining.clone();
@@ -151,28 +153,8 @@ async fn serve(
                 Ok::<_, std::convert::Infallible>(handle(&app, req, peer, timeout, draining).await)
             }
         });
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(ms(cfg.header_read_timeout_ms))
-            .max_buf_size(cfg.max_read_buffer_bytes)
-            .serve_connection(TokioIo::new(stream), service)
-            // The ops console's stream is a WebSocket (crate::ops). hyper-util's
-            // GracefulShutdown can't watch a connection with upgrades, hence the select below.
-            .with_upgrades();
-        let mut stop = conns_stop.clone();
-        metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).increment(1.0);
-        tokio::spawn(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-            metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).decrement(1.0);
-            drop(permit);
-        });
+        // The ops console's stream is a WebSocket (crate::ops): the connection allows upgrades.
+        http::spawn_connection(stream, service, limits, conns_stop.clone(), permit);
     })
     .await;
     tidy.abort();
@@ -201,7 +183,7 @@ async fn handle(
 ) -> Response<Body> {
     let origin = req.headers().get("origin").cloned();
     let mut resp = if draining && req.uri().path() == "/readyz" {
-        http::refusal(&draining_refusal())
+        http::draining_refusal()
     } else if req.method() == Method::OPTIONS {
         http::answer_within(timeout, async { (http::empty(204), "preflight") }).await
     } else {
@@ -209,15 +191,6 @@ async fn handle(
     };
     cors(&app.engine.cfg().http, origin, &mut resp);
     resp
-}
-
-/// `/readyz` while shutting down: 503, so a load balancer stops sending requests here before the
-/// listener closes.
-fn draining_refusal() -> Error {
-    Error::msg(
-        Code::Unavailable,
-        "draining: this instance is shutting down; another serves",
-    )
 }
 
 /// Adds CORS headers when the request's Origin is on the allow-list (config `http.cors_allow_origins`).

@@ -14,10 +14,8 @@ use engine::config::ms;
 use engine::queue::Queue;
 use engine::{Code, Config, Engine, Error};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -142,6 +140,10 @@ async fn serve(
         ))
     });
     let timeout = ms(cfg.request_timeout_ms);
+    let limits = http::ConnLimits {
+        header_read_timeout: ms(cfg.header_read_timeout_ms),
+        max_buf_size: cfg.max_read_buffer_bytes,
+    };
     http::accept_loop(
         listener,
         permits.clone(),
@@ -162,26 +164,7 @@ async fn serve(
                     )
                 }
             });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(ms(cfg.header_read_timeout_ms))
-                .max_buf_size(cfg.max_read_buffer_bytes)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            let mut stop = shutdown.clone();
-            metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).increment(1.0);
-            tokio::spawn(async move {
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    _ = stop.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
-                }
-                metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).decrement(1.0);
-                drop(permit);
-            });
+            http::spawn_connection(stream, service, limits, shutdown.clone(), permit);
         },
     )
     .await;
@@ -206,13 +189,8 @@ async fn handle(
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
     draining: bool,
 ) -> Response<Body> {
-    // `/readyz` while shutting down: 503, so a load balancer stops sending new sockets here
-    // before the old ones are told to reconnect.
     if draining && req.uri().path() == "/readyz" {
-        return http::refusal(&Error::msg(
-            Code::Unavailable,
-            "draining: this instance is shutting down; another serves",
-        ));
+        return http::draining_refusal();
     }
     http::answer_within(timeout, app.handle(req, peer, permit)).await
 }

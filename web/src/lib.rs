@@ -459,6 +459,67 @@ pub async fn serve_metrics_with(
     .await;
 }
 
+/// How a server reads its HTTP/1.1 connections (config `http.*` and `queue.*`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// A client must have sent a request's headers within this long.
+    pub header_read_timeout: Duration,
+    /// The most a connection's read buffer may grow to.
+    pub max_buf_size: usize,
+}
+
+/// Serves one accepted API connection (HTTP/1.1, upgrades allowed: the WebSockets) on a task of
+/// its own, counted in `floodgate_http_connections` and holding `permit` — the connection cap —
+/// until it ends. When `shutdown` fires it is told to finish the request in hand and close
+/// (hyper-util's GracefulShutdown can't watch a connection with upgrades, hence the select). A
+/// permit shared with the requests (`Arc`, as queue-server's WebSockets take one) returns only
+/// once the upgraded socket has ended too.
+pub fn spawn_connection<S, P>(
+    stream: tokio::net::TcpStream,
+    service: S,
+    limits: ConnLimits,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    permit: P,
+) where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    P: Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_buf_size)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .with_upgrades();
+    metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).increment(1.0);
+    tokio::spawn(async move {
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+        metrics::gauge!(engine::metrics::HTTP_CONNECTIONS).decrement(1.0);
+        drop(permit);
+    });
+}
+
+/// `/readyz`'s answer while a server shuts down: 503, so a load balancer stops sending requests
+/// (and new sockets) here before the listener closes.
+pub fn draining_refusal() -> Response<Body> {
+    refusal(&Error::msg(
+        Code::Unavailable,
+        "draining: this instance is shutting down; another serves",
+    ))
+}
+
 /// Binds a listener for `at` (port 0 picks a free one): the listener and its address.
 pub async fn bind(
     at: std::net::SocketAddr,
