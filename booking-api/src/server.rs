@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine::config::{ms, HttpConfig};
-use engine::{Code, Config, Engine, Error};
+use engine::{Config, Engine, Error};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::service::service_fn;
@@ -38,15 +38,8 @@ impl Running {
     /// Fails `/readyz` for `http.drain_unready_ms` while still serving, then stops accepting,
     /// lets in-flight requests finish (bounded), stops background tasks.
     pub async fn shutdown(self) {
-        self.draining.store(true, Ordering::SeqCst);
         let unready = ms(self.engine.cfg().http.drain_unready_ms);
-        if !unready.is_zero() {
-            tracing::info!(
-                ?unready,
-                "draining: /readyz fails before the listener closes"
-            );
-            tokio::time::sleep(unready).await;
-        }
+        http::begin_draining(&self.draining, unready, "the listener closes").await;
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
         self.engine.close().await;
@@ -59,13 +52,7 @@ impl Running {
 
 /// Starts booking-api on `cfg.http.listen` (port 0 picks a free one) with its background tasks.
 pub async fn start(cfg: Config) -> Result<Running, Error> {
-    let listener = TcpListener::bind(cfg.http.listen).await.map_err(|e| {
-        Error::msg(
-            Code::Internal,
-            format!("cannot listen on {}: {e}", cfg.http.listen),
-        )
-    })?;
-    let addr = listener.local_addr().map_err(Error::internal)?;
+    let (listener, addr) = web::bind(cfg.http.listen).await?;
     let metrics = match cfg.http.metrics_listen {
         Some(at) => Some(web::bind(at).await?),
         None => None,

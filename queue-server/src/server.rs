@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use engine::config::ms;
 use engine::queue::Queue;
-use engine::{Code, Config, Engine, Error};
+use engine::{Config, Engine, Error};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -43,15 +43,8 @@ impl Running {
     /// Fails `/readyz` for `queue.drain_unready_ms` while still serving, then stops accepting,
     /// closes every socket with "reconnect", waits for connections to drain.
     pub async fn shutdown(self) {
-        self.draining.store(true, Ordering::SeqCst);
         let unready = ms(self.engine.cfg().queue.drain_unready_ms);
-        if !unready.is_zero() {
-            tracing::info!(
-                ?unready,
-                "draining: /readyz fails before sockets are closed"
-            );
-            tokio::time::sleep(unready).await;
-        }
+        http::begin_draining(&self.draining, unready, "sockets are closed").await;
         let _ = self.shutdown.send(true);
         self.rooms.close_all();
         let _ = self.task.await;
@@ -69,11 +62,7 @@ impl Running {
 
 /// Starts queue-server on `cfg.queue.listen` (port 0 picks a free one).
 pub async fn start(cfg: Config) -> Result<Running, Error> {
-    let listen = cfg.queue.listen;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| Error::msg(Code::Internal, format!("cannot listen on {listen}: {e}")))?;
-    let addr = listener.local_addr().map_err(Error::internal)?;
+    let (listener, addr) = web::bind(cfg.queue.listen).await?;
     let metrics = match cfg.queue.metrics_listen {
         Some(at) => Some(web::bind(at).await?),
         None => None,

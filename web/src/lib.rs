@@ -520,6 +520,21 @@ pub fn draining_refusal() -> Response<Body> {
     ))
 }
 
+/// Shutdown's first step: `/readyz` fails from now on (`draining` set) while the server goes on
+/// serving for `unready`, so a load balancer's health checks take it out of rotation before
+/// `next` (closing the listener, or the sockets) happens.
+pub async fn begin_draining(
+    draining: &std::sync::atomic::AtomicBool,
+    unready: Duration,
+    next: &'static str,
+) {
+    draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    if !unready.is_zero() {
+        tracing::info!(?unready, "draining: /readyz fails before {next}");
+        tokio::time::sleep(unready).await;
+    }
+}
+
 /// Binds a listener for `at` (port 0 picks a free one): the listener and its address.
 pub async fn bind(
     at: std::net::SocketAddr,
