@@ -5,15 +5,15 @@ use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use devstack::instances::{Fleet, FleetConfig};
+use devstack::instances::{Fleet, FleetConfig, ServerProcess};
 use devstack::{http, sys, Stack, StackConfig};
 
 #[derive(Parser)]
@@ -213,12 +213,7 @@ fn run(args: RunArgs) -> Result<u8> {
 // ---------------------------------------------------------------------------------------------
 // devstack up
 
-/// How long a server may take to answer `GET /readyz` with 200.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a server gets to shut down gracefully after SIGTERM.
-const SERVER_STOP_GRACE: Duration = Duration::from_secs(10);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
-const LOG_TAIL_LINES: usize = 40;
 
 const DEMO_GA_DROP: &str = r#"{"name":"Demo drop — Floodgate tee","currency":"USD","per_fan_limit":4,"hold_ttl_s":300,"admission":{"mode":"open"},"inventory":{"kind":"ga","skus":[{"sku":"TEE-S","name":"Tee, small","price_cents":2500,"quantity":50},{"sku":"TEE-M","name":"Tee, medium","price_cents":2500,"quantity":100}]}}"#;
 const DEMO_SEATED_DROP: &str = r#"{"name":"Demo concert","per_fan_limit":6,"hold_ttl_s":300,"admission":{"mode":"open"},"inventory":{"kind":"seated","sections":[{"section":"A","price_cents":9000,"rows":[{"row":"1","seats":12},{"row":"2","seats":12},{"row":"3","seats":14}]},{"section":"B","price_cents":5000,"rows":[{"row":"1","seats":20},{"row":"2","seats":20}]}]}}"#;
@@ -278,7 +273,7 @@ fn up(args: UpArgs) -> Result<u8> {
     // ... and an earlier `--instances` run's HAProxy and instances.
     devstack::instances::stop_leftovers(&state_dir);
     for (name, port, how) in servers {
-        sys::kill_stale(&Server::pid_file(&state_dir, name), name);
+        sys::kill_stale(&ServerProcess::pid_file(&state_dir, name), name);
         if !sys::port_is_free(port) {
             bail!("port {port} (for {name}) is already in use on 127.0.0.1; choose another with {how}");
         }
@@ -362,7 +357,7 @@ fn up(args: UpArgs) -> Result<u8> {
     // Declared after `stack`, so on an error they stop (drop) before it does.
     let mut servers = match args.instances {
         None => {
-            let mut api = Server::spawn(
+            let mut api = spawn_server(
                 "booking-api",
                 &booking_bin,
                 &["serve"],
@@ -370,7 +365,7 @@ fn up(args: UpArgs) -> Result<u8> {
                 args.booking_port,
                 stack.state_dir(),
             )?;
-            let mut queue = Server::spawn(
+            let mut queue = spawn_server(
                 "queue-server",
                 &queue_bin,
                 &[],
@@ -378,16 +373,14 @@ fn up(args: UpArgs) -> Result<u8> {
                 args.queue_port,
                 stack.state_dir(),
             )?;
-            api.wait_ready(&signals)?;
-            queue.wait_ready(&signals)?;
+            for server in [&mut api, &mut queue] {
+                let ready = server.wait_ready(&|| signals.any());
+                signals.check()?;
+                ready?;
+            }
             Servers::One { api, queue }
         }
         Some(n) => {
-            let owned = |env: &[(&str, String)]| -> Vec<(String, String)> {
-                env.iter()
-                    .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                    .collect()
-            };
             let fleet = Fleet::start(
                 &FleetConfig {
                     booking_bin: booking_bin.clone(),
@@ -407,7 +400,7 @@ fn up(args: UpArgs) -> Result<u8> {
                 &|| signals.any(),
             );
             signals.check()?;
-            Servers::Fleet(Box::new(fleet?))
+            Servers::Fleet(fleet?)
         }
     };
 
@@ -514,8 +507,11 @@ fn up(args: UpArgs) -> Result<u8> {
 /// What serves the API: one booking-api and one queue-server, or (`--instances N`) N of each
 /// behind HAProxy.
 enum Servers {
-    One { api: Server, queue: Server },
-    Fleet(Box<Fleet>),
+    One {
+        api: ServerProcess,
+        queue: ServerProcess,
+    },
+    Fleet(Fleet),
 }
 
 impl Servers {
@@ -524,7 +520,7 @@ impl Servers {
         match self {
             Servers::One { api, queue } => {
                 for server in [queue, api] {
-                    if let Some(status) = server.child.try_wait()? {
+                    if let Some(status) = server.exited()? {
                         return Ok(Some(format!(
                             "{} exited on its own ({status})\n{}",
                             server.name,
@@ -658,105 +654,28 @@ fn shell_quote(value: &str) -> String {
     }
 }
 
-/// A server `devstack up` runs (booking-api, queue-server), logging to `<state>/<name>.log`, its
-/// pid in `<state>/<name>.pid` for the next run to clean up after a SIGKILL. Dropping it stops it.
-struct Server {
-    name: &'static str,
+/// Starts one of `devstack up`'s servers (booking-api, queue-server) and says where.
+fn spawn_server(
+    name: &str,
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
     port: u16,
-    child: Child,
-    log_file: PathBuf,
-    pid_file: PathBuf,
+    state_dir: &Path,
+) -> Result<ServerProcess> {
+    let server = ServerProcess::spawn(name, bin, args, &owned(env), port, state_dir)?;
+    eprintln!(
+        "devstack: starting {name} on http://127.0.0.1:{port} (log: {}) ...",
+        server.log_file.display()
+    );
+    Ok(server)
 }
 
-impl Server {
-    fn pid_file(state_dir: &Path, name: &str) -> PathBuf {
-        state_dir.join(format!("{name}.pid"))
-    }
-
-    fn spawn(
-        name: &'static str,
-        bin: &Path,
-        args: &[&str],
-        env: &[(&str, String)],
-        port: u16,
-        state_dir: &Path,
-    ) -> Result<Server> {
-        let log_file = state_dir.join(format!("{name}.log"));
-        eprintln!(
-            "devstack: starting {name} on http://127.0.0.1:{port} (log: {}) ...",
-            log_file.display()
-        );
-        let log = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&log_file)
-            .with_context(|| format!("opening {}", log_file.display()))?;
-        let child = server_command(bin, env)
-            .args(args)
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let pid_file = Server::pid_file(state_dir, name);
-        let server = Server {
-            name,
-            port,
-            child,
-            log_file,
-            pid_file,
-        };
-        fs::write(&server.pid_file, server.child.id().to_string())
-            .with_context(|| format!("writing {}", server.pid_file.display()))?;
-        Ok(server)
-    }
-
-    fn log_tail(&self) -> String {
-        format!(
-            "--- {} ---\n{}",
-            self.log_file.display(),
-            sys::tail(&self.log_file, LOG_TAIL_LINES)
-        )
-    }
-
-    fn wait_ready(&mut self, signals: &Signals) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            signals.check()?;
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "{} exited before it was ready ({status})\n{}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-            if let Ok(resp) = http::request(self.port, "GET", "/readyz", &[], None, HTTP_TIMEOUT) {
-                if resp.status == 200 {
-                    return Ok(());
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{} did not answer GET /readyz with 200 within {READY_TIMEOUT:?}\n{}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    /// SIGTERM (graceful shutdown), up to 10 s, then SIGKILL. Safe to call twice.
-    fn stop(&mut self) {
-        sys::terminate_child(&mut self.child, SERVER_STOP_GRACE);
-        let _ = fs::remove_file(&self.pid_file);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// An environment as [`ServerProcess`] and [`FleetConfig`] take it.
+fn owned(env: &[(&str, String)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
 }
 
 /// `.dev/up.pid` (`.dev/up-<name>.pid`): one `devstack up` per checkout and stack name.
