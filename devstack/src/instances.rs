@@ -1,5 +1,6 @@
-//! Several booking-api and queue-server processes behind one HAProxy ([`Fleet`]): what
-//! `devstack up --instances N` runs, and what the instance-kill fault test starts and breaks.
+//! booking-api and queue-server as child processes ([`ServerProcess`]: what `devstack up` runs),
+//! and several of each behind one HAProxy ([`Fleet`]): what `devstack up --instances N` runs,
+//! and what the instance-kill fault test starts and breaks.
 //!
 //! Every instance gets the caller's shared environment (stores, secrets) and, from here, its
 //! own listen port, 127.0.0.1 as trusted proxy (HAProxy's address: per-IP limits then see the

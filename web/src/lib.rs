@@ -1,8 +1,9 @@
 //! HTTP plumbing both servers share, kept out of the domain crate (`engine`): JSON answers, the
 //! one place an [`engine::Error`] becomes a response (status, `{"error":{...}}`, `Retry-After`),
 //! bounded body reads, headers, keyed rate limits, the process-wide metrics recorder, the accept
-//! loop under a connection cap, one request's handler under a timeout with its metrics, periodic
-//! chores that stop at shutdown, and ([`process`]) logging and the shutdown signal.
+//! loop under a connection cap, one connection served until it ends or shutdown tells it to close,
+//! draining (`/readyz` failing first), one request's handler under a timeout with its metrics,
+//! periodic chores that stop at shutdown, and ([`process`]) logging and the shutdown signal.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;

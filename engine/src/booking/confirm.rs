@@ -399,6 +399,22 @@ impl Engine {
         }
     }
 
+    /// Marks a drop whose Redis state disagrees with Postgres `recovering`, for the watcher to
+    /// rebuild. The confirm's answer doesn't wait on it. When Redis can't take the mark, the
+    /// error is logged for ops: if Redis restarted or failed over, the watcher's run-id check
+    /// rebuilds the drop anyway; otherwise (a timeout, a refused write) nothing will until the
+    /// next refused sale marks it again or ops run `booking-api rebuild --drop-id D`
+    /// (docs/OPERATIONS.md), which the log line names.
+    async fn flag_for_rebuild(&self, drop: &DropId, hold: &HoldId) {
+        if let Err(e) = self.redis.set_meta(drop, "recovering", "1").await {
+            tracing::error!(
+                %drop, %hold, error = %e,
+                "Redis disagrees with Postgres and could not be marked for a rebuild: \
+                 run `booking-api rebuild --drop-id {drop}` once Redis answers"
+            );
+        }
+    }
+
     /// Ends the hold's confirming attempt without a sale and gives the hold back: Postgres first
     /// (`pending` → `voiding`, or an unrecorded attempt recorded `voided`: the arbitration with a
     /// request committing the same attempt), then the gateway's void, then the hold back to
@@ -406,16 +422,6 @@ impl Engine {
     /// void fails: no order can be committed for a `voiding` attempt, and the reconciler calls
     /// the void again until the gateway confirms it. Returns false, touching nothing, if the
     /// attempt is authorized: its order is committed or committing, and the hold will be sold.
-    /// Marks a drop whose Redis state disagrees with Postgres `recovering`, for the watcher to
-    /// rebuild. The confirm's answer doesn't wait on it: when Redis can't take the mark, the
-    /// error is logged for ops (`booking-api rebuild --drop-id D` rebuilds it by hand,
-    /// docs/OPERATIONS.md), and a Redis restart (its run id moves) rebuilds it anyway.
-    async fn flag_for_rebuild(&self, drop: &DropId, hold: &HoldId) {
-        if let Err(e) = self.redis.set_meta(drop, "recovering", "1").await {
-            tracing::error!(%drop, %hold, error = %e, "Redis disagrees with Postgres and could not be marked for a rebuild: run `booking-api rebuild --drop-id` once Redis answers");
-        }
-    }
-
     pub(super) async fn void_and_revert(
         &self,
         def: &DropDef,

@@ -40,10 +40,10 @@ struct Shape {
     seated: bool,
     queue: bool,
     opens_later: bool,
-    /// A GA drop of 2 units (one per bucket), one per fan: two of the three fans sell it out.
-    /// With a line, the third is left on the waiting list; without one, the next reserve of a
-    /// sold bucket is refused `sold_out` — which the larger drops reach only by luck, as it
-    /// needs every unit of a bucket confirmed.
+    /// A GA drop of 2 units (one per bucket). With a line, one unit a fan: two of the three fans
+    /// sell it out and the third is left on the waiting list. Without one, the next reserve of a
+    /// sold bucket is refused `sold_out` — which the larger drops reach only by luck, as it needs
+    /// every unit of a bucket confirmed.
     few: bool,
 }
 
@@ -61,9 +61,8 @@ impl Shape {
                 ],
             )
         } else if self.few {
-            // Little stock, one unit a fan: a case gets to the sell-out within its steps — and,
-            // with a line (which admits a fan per unit), to the waiting list the first settings
-            // turn on.
+            // Little stock: a case gets to the sell-out within its steps — and, with a line
+            // (which admits a fan per unit), to the waiting list the first settings turn on.
             (vec![("TEE".to_owned(), 1), ("CAP".to_owned(), 1)], vec![])
         } else {
             (vec![("TEE".to_owned(), 4), ("CAP".to_owned(), 2)], vec![])
@@ -73,8 +72,9 @@ impl Shape {
             queue: self.queue,
             buckets,
             layout,
-            // One unit a fan where a line admits a fan per unit; without a line, a fan may ask for
-            // more than there is, so a sold bucket is refused whatever the quantity.
+            // One unit a fan where a line admits a fan per unit. Without a line the limit is
+            // checked before the stock, so it must never be what refuses: a fan may ask for more
+            // than there is, and a sold bucket answers `sold_out` whatever the quantity.
             per_fan_limit: if self.few && self.queue { 1 } else { 4 },
             hold_ttl_ms: 5_000,
             opens_at_ms: if self.opens_later {
