@@ -30,7 +30,7 @@ h.st = 'sold'
 h.oid = order_id
 h.ended = now
 save_hold(id, h)
-redis.call('ZADD', K.done, now + meta_num('done_ttl_ms', 3600000), id)
+redis.call('ZADD', K.done, purge_at(h, now), id)
 -- A queue drop's shopping session ends once the fan has bought all the per-fan limit allows
 -- (bought alone: no live hold left), freeing its place among max_active for the next fan.
 local limit = meta_num('per_fan_limit', 0)

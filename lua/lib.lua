@@ -4,15 +4,17 @@
 -- KEYS[1]  {drop_id}:meta        hash   status, recovering, kind, per_fan_limit, hold_ttl_ms, opens_at_ms,
 --                                       mode, confirm_timeout_ms, confirm_grace_ms, reclaim_batch, done_ttl_ms,
 --                                       run_id (the redis-server run the state was loaded or rebuilt in),
---                                       next_due_ms (no held hold expires before it; see reclaim)
+--                                       next_due_ms (no held hold expires before it; see reclaim),
+--                                       answers ("holds": stored answers in K.holds; see below)
 --                                       rebuild_token, rebuild_slices (a rebuild or load at work)
 -- KEYS[2]  {drop_id}:stock       hash   a:<bucket> available, h:<bucket> held (incl. confirming),
 --                                       s:<bucket> sold, t:<bucket> total
 -- KEYS[3]  {drop_id}:seats       hash   seat id → "-" free | hold id (held or confirming) | "#" sold
--- KEYS[4]  {drop_id}:holds       hash   hold id → JSON hold
+-- KEYS[4]  {drop_id}:holds       hash   hold id → JSON hold; "i:<digest>" → a stored answer (below)
 -- KEYS[5]  {drop_id}:deadlines   zset   held hold id → expires_at_ms
 -- KEYS[6]  {drop_id}:confirming  zset   confirming hold id → confirm deadline ms
--- KEYS[7]  {drop_id}:done        zset   ended hold id → purge_at_ms (kept so a fan can read how it ended)
+-- KEYS[7]  {drop_id}:done        zset   ended hold id → purge_at_ms (kept so a fan can read how it ended);
+--                                       "i:<digest>" → purge_at_ms of a refusal's stored answer
 -- KEYS[8]  {drop_id}:fans        hash   fan id → units held + confirming + bought (the per-fan limit);
 --                                       "h|<fan id>" → the fan's live (held/confirming) hold ids,
 --                                       joined by "," (absent: none)
@@ -26,10 +28,18 @@
 --                                       h held or confirming, s sold; kept by whoever writes seats
 -- KEYS[13] {drop_id}:shopping    zset   fan id → shop end ms, for each active fan meta's demand_units
 --                                       counts (queue drops; lua/admit.lua keeps both)
--- KEYS[14] {drop_id}:idem:<hash> string the first answer to an idempotent reserve (reserve only)
+-- KEYS[14] {drop_id}:idem:<digest> string the first answer to an idempotent reserve (reserve only;
+--                                       drops whose meta has no `answers`), <digest> 32 hex digits
 --
--- A hold is JSON: {fan, st, exp, cexp, ref, oid, u, c, it = [{b = bucket, q = qty, s = seat?}]}
--- with st one of held | confirming | sold | released | expired.
+-- A hold is JSON: {fan, st, exp, cexp, ref, oid, u, c, k, it = [{b = bucket, q = qty, s = seat?}]}
+-- with st one of held | confirming | sold | released | expired, and k the field of its stored answer.
+-- Stored answers (reserve's idempotency): a drop loaded by this release (meta answers = "holds")
+-- keeps each reserve's first answer in the holds hash, under "i:" and the request's digest (the
+-- last 32 characters of KEYS[14]): "<body sha>\n<hold id>" beside the hold it made, purged with
+-- the hold's record (purge_ended); "<body sha>\n<answer JSON>" for a refusal, purged through
+-- K.done at hold TTL + 10 minutes. A success then writes no key of its own: its answer goes in the
+-- HSET that writes the hold. A drop loaded before keeps them under KEYS[14] with a TTL, as the
+-- release that loaded it does, so both releases answer its retries alike during a deploy.
 -- meta's demand_units is the running sum admit.lua admits by: over the fans in K.shopping, what
 -- each may still take (per_fan_limit − their units, at least 0). Whoever changes such a fan's
 -- units moves it (`fan_units_moved`); absent, admit.lua counts it afresh (and fills K.shopping).
@@ -87,6 +97,14 @@ end
 
 local function save_hold(id, h)
   redis.call('HSET', K.holds, id, cjson.encode(h))
+end
+
+-- The first answer of the reserve that made hold `id`, as reserve.lua returned it (JSON), made
+-- from the hold's record; nil if the record is gone.
+local function hold_answer(id)
+  local h = load_hold(id)
+  if not h then return nil end
+  return cjson.encode({'ok', id, h.exp, h.c, cjson.encode(h.it)})
 end
 
 -- A fan's live holds are one field of the fans hash, "h|<fan>" → hold ids joined by ",": reserve
@@ -203,6 +221,16 @@ local function fan_units_moved(fan, old, new)
   if by ~= 0 then redis.call('HINCRBY', K.meta, 'demand_units', string.format('%d', by)) end
 end
 
+-- When hold `h`, ending at `now`, leaves the holds hash (K.done): `done_ttl_ms` after it ended,
+-- and, if it carries its stored answer ("k"), not before that answer's window has passed: hold TTL
+-- + 10 minutes after it was made, as long as a refusal's answer is kept.
+local function purge_at(h, now)
+  local m = redis.call('HMGET', K.meta, 'done_ttl_ms', 'hold_ttl_ms')
+  local at = now + (tonumber(m[1]) or 3600000)
+  if h.k then at = math.max(at, h.c + (tonumber(m[2]) or 0) + 600000) end
+  return at
+end
+
 -- A held or confirming hold gives its units back to stock and ends as `final_state`.
 local function return_to_stock(id, h, final_state, now)
   for _, item in ipairs(h.it) do
@@ -222,7 +250,7 @@ local function return_to_stock(id, h, final_state, now)
   h.st = final_state
   h.ended = now
   save_hold(id, h)
-  redis.call('ZADD', K.done, now + meta_num('done_ttl_ms', 3600000), id)
+  redis.call('ZADD', K.done, purge_at(h, now), id)
 end
 
 -- meta's next_due_ms is a lower bound on every deadline in K.deadlines (missing: unknown), so
@@ -262,12 +290,15 @@ local function reclaim(now, limit, known_next_due)
   return expired, next_due
 end
 
--- Ended holds past their keep time leave the holds hash, at most `limit` of them. The sweeper's
--- job (expire.lua), kept off reserve's hot path.
+-- Ended holds past their keep time leave the holds hash, each with its stored answer (the
+-- record's "k"), and so do refusals' stored answers past theirs; at most `limit` of them. The
+-- sweeper's job (expire.lua), kept off reserve's hot path.
 local function purge_ended(now, limit)
   local gone = redis.call('ZRANGEBYSCORE', K.done, '-inf', now, 'LIMIT', 0, limit)
   for _, id in ipairs(gone) do
-    redis.call('HDEL', K.holds, id)
+    local raw = string.sub(id, 1, 2) ~= 'i:' and redis.call('HGET', K.holds, id)
+    local answer = raw and string.match(raw, '"k":"(i:%x+)"')
+    if answer then redis.call('HDEL', K.holds, id, answer) else redis.call('HDEL', K.holds, id) end
     redis.call('ZREM', K.done, id)
   end
 end
@@ -279,5 +310,5 @@ local function end_in_rebuild(id, h, state, now)
   save_hold(id, h)
   redis.call('ZREM', K.deadlines, id)
   redis.call('ZREM', K.confirming, id)
-  redis.call('ZADD', K.done, now + meta_num('done_ttl_ms', 3600000), id)
+  redis.call('ZADD', K.done, purge_at(h, now), id)
 end

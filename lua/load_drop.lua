@@ -11,6 +11,7 @@ if redis.call('EXISTS', K.meta) == 1 then return {'ok', 'exists'} end
 for field, value in pairs(cjson.decode(ARGV[2])) do
   redis.call('HSET', K.meta, field, tostring(value))
 end
+-- answers: this release keeps the drop's stored answers in its holds hash (lib.lua).
 redis.call('HSET', K.meta, 'recovering', '1', 'rebuild_token', ARGV[1], 'rebuild_slices', 0,
-  'run_id', server_run_id())
+  'run_id', server_run_id(), 'answers', 'holds')
 return {'ok', 'loaded'}

@@ -24,7 +24,11 @@
 --         and counts itself in meta's rebuild_slices (lib.lua `rebuild_slice`)
 -- ARGV[2] JSON {field = value}: the drop's meta fields (recovering = "1")
 -- Returns {"ok"}
-local was_closed = redis.call('HGET', K.meta, 'status') == 'closed'
+local status = redis.call('HGET', K.meta, 'status')
+local was_closed = status == 'closed'
+-- A drop whose meta is gone (a flush) comes back keeping its stored answers in its holds hash, as
+-- a drop loaded now does (lib.lua); one still in Redis keeps them where they are.
+if not status then redis.call('HSET', K.meta, 'answers', 'holds') end
 for field, value in pairs(cjson.decode(ARGV[2])) do
   redis.call('HSET', K.meta, field, tostring(value))
 end

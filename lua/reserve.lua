@@ -7,7 +7,8 @@
 -- Unlike confirm_begin it doesn't compare the Redis run id (an INFO per call on the hottest path):
 -- a hold taken on stale state after a restart can't sell — confirm_begin refuses until the drop
 -- is rebuilt, and the rebuild ends holds that conflict with a sale.
--- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[14] (KEYS[14] = this request's idem key)
+-- KEYS: the drop key set described in lib.lua, KEYS[1]..KEYS[14] (KEYS[14] = this request's idem key,
+--       whose last 32 characters are the request's digest: lib.lua, stored answers)
 -- ARGV[1] fan id
 -- ARGV[2] new hold id (made by the caller; embeds the drop id)
 -- ARGV[3] SHA-256 hex of the request body (idempotency: same key + other body is refused)
@@ -24,8 +25,9 @@
 --       | {"err", code, detail JSON}   code: sold_out | all_held | insufficient_stock |
 --           seat_unavailable | limit_exceeded | drop_closed | not_open | idempotency_key_reused |
 --           recovering | unknown_drop | not_admitted
--- Every answer but recovering / unknown_drop / idempotency_key_reused / not_admitted is stored
--- under KEYS[14] for hold TTL + 10 minutes, so a retry gets the first answer back.
+-- Every answer but recovering / unknown_drop / idempotency_key_reused / not_admitted is stored, so
+-- a retry gets the first answer back (lib.lua, stored answers): a hold's as a field of the holds
+-- hash beside its record, for as long as the record is kept; a refusal's for hold TTL + 10 minutes.
 -- The engine calls it as a Redis Function (engine/src/scripts/function.rs): the preludes are made
 -- once per load, and KEYS and ARGV are the library's, set on each call; the text is the same.
 -- Cost (docs/BENCHMARKS.md, reserve script cost): this is the hottest script, and under
@@ -48,18 +50,26 @@ local shop_end, hard_end = tonumber(ARGV[5]), tonumber(ARGV[6])
 local now = now_ms()
 local function int(x) return string.format('%d', x) end
 
--- The first answer is stored as "<body sha>\n<answer JSON>": nothing to decode on a replay.
-local first = call('GET', K.idem)
+local meta = call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit', 'hold_ttl_ms',
+  'opens_at_ms', 'reclaim_batch', 'mode', 'next_due_ms', 'confirm_grace_ms', 'answers')
+-- Where this drop keeps its stored answers (lib.lua): a field of the holds hash, or a key of its own.
+local answer_field = meta[10] == 'holds' and 'i:' .. string.sub(K.idem, -32)
+-- A stored answer is "<body sha>\n<answer JSON>", or "<body sha>\n<hold id>" for a hold, whose
+-- answer is made from its record: nothing to decode on a refusal's replay.
+local first
+if answer_field then first = call('HGET', K.holds, answer_field) else first = call('GET', K.idem) end
 if first then
   local cut = string.find(first, '\n', 1, true)
   if string.sub(first, 1, cut - 1) ~= body_sha then
     return {'err', 'idempotency_key_reused', '{}'}
   end
-  return {'replay', string.sub(first, cut + 1), now}
+  local answer = string.sub(first, cut + 1)
+  if string.byte(answer) ~= 91 then answer = hold_answer(answer) end  -- 91: '['
+  -- No answer: the hold's record went without it (purged by a release that didn't know of it),
+  -- as if the answer had been forgotten with it.
+  if answer then return {'replay', answer, now} end
 end
 
-local meta = call('HMGET', K.meta, 'status', 'recovering', 'per_fan_limit', 'hold_ttl_ms',
-  'opens_at_ms', 'reclaim_batch', 'mode', 'next_due_ms', 'confirm_grace_ms')
 if not meta[1] then return {'err', 'unknown_drop', '{}'} end
 if meta[2] == '1' then return {'err', 'recovering', '{}'} end
 local limit, ttl_ms = meta[3] + 0, meta[4] + 0
@@ -67,7 +77,13 @@ local idem_ttl_ms = ttl_ms + 600000
 
 local function refuse(code, detail)
   local ans = {'err', code, cjson.encode(detail or {})}
-  call('SET', K.idem, body_sha .. '\n' .. cjson.encode(ans), 'PX', int(idem_ttl_ms))
+  local stored = body_sha .. '\n' .. cjson.encode(ans)
+  if answer_field then
+    call('HSET', K.holds, answer_field, stored)
+    call('ZADD', K.done, int(now + idem_ttl_ms), answer_field)
+  else
+    call('SET', K.idem, stored, 'PX', int(idem_ttl_ms))
+  end
   return ans
 end
 
@@ -160,10 +176,15 @@ if bought + units > limit then
 end
 
 if kind == 'items' then
+  -- Each SKU's units are taken by the HINCRBY that checks there are enough (one call, not a read
+  -- and a write); a shortage gives back what was taken before it says why.
   for i = 1, #items do
     local item = items[i]
-    local code, detail = shortage(item.b, item.q)
-    if code then return refuse(code, detail) end
+    if call('HINCRBY', K.stock, 'a:' .. item.b, '-' .. item.qs) < 0 then
+      for j = 1, i do call('HINCRBY', K.stock, 'a:' .. items[j].b, items[j].qs) end
+      local code, detail = shortage(item.b, item.q)
+      return refuse(code or 'insufficient_stock', detail)
+    end
   end
 elseif kind == 'seats' then
   local taken = {}
@@ -189,7 +210,8 @@ end
 
 local exp = now + ttl_ms
 -- The stock moves once per bucket (HINCRBY: dearer as an HSET of both counts into the small
--- listpack-encoded stock hash), and the items JSON ([{"b":…,"q":…,"s":…}]) is made on the way.
+-- listpack-encoded stock hash; GA items' available count moved above), and the items JSON
+-- ([{"b":…,"q":…,"s":…}]) is made on the way.
 local buckets, moved, parts = {}, {}, {}
 for i = 1, #items do
   local item = items[i]
@@ -210,7 +232,7 @@ for i = 1, #buckets do
   local b = buckets[i]
   -- GA items name each SKU once (the caller refuses repeats): the quantity as it came, unformatted.
   local q = (kind == 'items' and #buckets == #items) and items[i].qs or int(moved[b])
-  call('HINCRBY', K.stock, 'a:' .. b, '-' .. q)
+  if kind ~= 'items' then call('HINCRBY', K.stock, 'a:' .. b, '-' .. q) end
   call('HINCRBY', K.stock, 'h:' .. b, q)
 end
 -- Formatting a number costs (see the header): what came as text is used as it came.
@@ -222,8 +244,15 @@ if live and #live > limit * LIVE_LIST_BYTES_PER_UNIT then live = live_only(live)
 call('HSET', K.fans, fan, int(bought + units), live_holds_field(fan),
   live and (live .. ',' .. hold_id) or hold_id)
 local items_json = '[' .. table.concat(parts, ',') .. ']'
-call('HSET', K.holds, hold_id, '{"fan":"' .. fan .. '","st":"held","exp":' .. exp_s ..
-  ',"u":' .. units_s .. ',"c":' .. now_s .. ',"it":' .. items_json .. '}')
+if answer_field then
+  -- The record names its stored answer ("k"), which goes when the record goes (lib.lua).
+  call('HSET', K.holds, hold_id, '{"fan":"' .. fan .. '","st":"held","exp":' .. exp_s ..
+    ',"u":' .. units_s .. ',"c":' .. now_s .. ',"k":"' .. answer_field .. '","it":' .. items_json ..
+    '}', answer_field, body_sha .. '\n' .. hold_id)
+else
+  call('HSET', K.holds, hold_id, '{"fan":"' .. fan .. '","st":"held","exp":' .. exp_s ..
+    ',"u":' .. units_s .. ',"c":' .. now_s .. ',"it":' .. items_json .. '}')
+end
 call('ZADD', K.deadlines, exp_s, hold_id)
 if exp < next_due then call('HSET', K.meta, 'next_due_ms', exp_s) end
 -- A hold keeps a queue drop's shopper admitted until it can no longer be confirmed, never past
@@ -240,7 +269,10 @@ if meta[7] == 'queue' then
   end
 end
 
--- The stored first answer: the JSON array cjson would make of the reply, the items a string in it.
-call('SET', K.idem, body_sha .. '\n["ok","' .. hold_id .. '",' .. exp_s .. ',' .. now_s ..
-  ',"' .. string.gsub(items_json, '"', '\\"') .. '"]', 'PX', int(idem_ttl_ms))
+-- A drop that keeps its answers in keys: the JSON array cjson would make of the reply, the items
+-- a string in it.
+if not answer_field then
+  call('SET', K.idem, body_sha .. '\n["ok","' .. hold_id .. '",' .. exp_s .. ',' .. now_s ..
+    ',"' .. string.gsub(items_json, '"', '\\"') .. '"]', 'PX', int(idem_ttl_ms))
+end
 return {'ok', hold_id, exp, now, items_json}

@@ -82,7 +82,10 @@ async fn main() -> anyhow::Result<()> {
                 .first()
                 .map(|b| b.id.clone())
                 .unwrap_or_default();
-            let keys = Redis::bench_keys(&drop, &format!("fg:{{{drop}}}:idem:bench__rand_int__"));
+            // The idempotency key ends in 32 digits, as a request's digest does (engine::keys):
+            // 20 zeros and redis-benchmark's 12.
+            let keys =
+                Redis::bench_keys(&drop, &format!("fg:{{{drop}}}:idem:{:020}__rand_int__", 0));
             let args = [
                 "bench__rand_int__".to_owned(),
                 format!("{drop}-h__rand_int__"),

@@ -3,9 +3,10 @@
 //! touch a hold. Each test makes its own drops and fans against the real Redis and Postgres.
 mod common;
 
-use common::Harness;
+use common::{redis_cli, Harness};
 use engine::config::AdmissionConfig;
 use engine::ids::{DropId, FanId, HoldId};
+use engine::keys::{drop_key, DropKeys};
 use engine::tokens::{now_s, AdmissionClaims, AdmissionKeys};
 use serde_json::{json, Value};
 use testkit::{eventually, test_config, ADMISSION_SECRET};
@@ -361,6 +362,79 @@ async fn replayed_refusal_is_the_first_answer_even_after_stock_returns() {
     );
     let (status, fresh) = h.reserve_with_key(&waiter, &drop, "k-w2", tee(1)).await;
     assert_eq!(status, 201, "a new key is a new request: {fresh}");
+    h.assert_invariants(&drop).await;
+    h.server.shutdown().await;
+}
+
+/// Where a drop keeps its reserves' stored answers (docs/ARCHITECTURE.md, Choices): the value of
+/// the holds-hash field of (fan, key), and whether the key of its own exists.
+async fn stored_answer(drop: &str, fan: &str, key: &str) -> (String, bool) {
+    let (drop, fan) = (DropId::parse(drop).unwrap(), FanId::parse(fan).unwrap());
+    let holds = drop_key(&drop, "holds");
+    let field = redis_cli(&["HGET", &holds, &DropKeys::answer_field(&fan, key)]).await;
+    let exists = redis_cli(&["EXISTS", &DropKeys::idem(&drop, &fan, key)]).await;
+    (field, exists == "1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_are_stored_in_the_holds_hash_and_replayed_from_it() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 2, 300).await;
+    let (fan, token) = h.fan("answered").await;
+    let (status, first) = h.reserve_with_key(&token, &drop, "k-ok", tee(2)).await;
+    assert_eq!(status, 201, "{first}");
+    let hold = first["hold_id"].as_str().unwrap();
+    let (stored, key_exists) = stored_answer(&drop, &fan, "k-ok").await;
+    assert!(stored.ends_with(&format!("\n{hold}")), "{stored:?}");
+    assert!(!key_exists, "a success writes no key of its own");
+    let (status, again) = h.reserve_with_key(&token, &drop, "k-ok", tee(2)).await;
+    assert_eq!(status, 201, "{again}");
+    for field in ["hold_id", "expires_at_ms", "items"] {
+        assert_eq!(again[field], first[field], "{field}: {first} {again}");
+    }
+    // A refusal is stored the same way, as its answer.
+    let (status, refused) = h.reserve_with_key(&token, &drop, "k-over", tee(1)).await;
+    assert_eq!((status, error_code(&refused)), (422, "limit_exceeded"));
+    let (stored, key_exists) = stored_answer(&drop, &fan, "k-over").await;
+    assert!(
+        stored.contains("limit_exceeded") && !key_exists,
+        "{stored:?}"
+    );
+    let (status, again) = h.reserve_with_key(&token, &drop, "k-over", tee(1)).await;
+    assert_eq!((status, &again), (422, &refused));
+    assert_eq!(h.counts(&drop).await, (10, 8, 2, 0));
+    h.assert_invariants(&drop).await;
+    h.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drop_loaded_before_answers_moved_keeps_them_in_keys() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(10, 2, 300).await;
+    // As a drop loaded by the release before looks: no `answers` in its meta.
+    let meta = drop_key(&DropId::parse(&drop).unwrap(), "meta");
+    assert_eq!(redis_cli(&["HDEL", &meta, "answers"]).await, "1");
+    let (fan, token) = h.fan("old-drop").await;
+    let (status, first) = h.reserve_with_key(&token, &drop, "k-ok", tee(2)).await;
+    assert_eq!(status, 201, "{first}");
+    let (stored, key_exists) = stored_answer(&drop, &fan, "k-ok").await;
+    assert!(stored.is_empty() && key_exists, "{stored:?}");
+    let (status, again) = h.reserve_with_key(&token, &drop, "k-ok", tee(2)).await;
+    assert_eq!(
+        (status, &again["hold_id"]),
+        (201, &first["hold_id"]),
+        "{again}"
+    );
+    let (status, refused) = h.reserve_with_key(&token, &drop, "k-over", tee(1)).await;
+    assert_eq!((status, error_code(&refused)), (422, "limit_exceeded"));
+    let (stored, key_exists) = stored_answer(&drop, &fan, "k-over").await;
+    assert!(stored.is_empty() && key_exists, "{stored:?}");
+    let (status, again) = h.reserve_with_key(&token, &drop, "k-over", tee(2)).await;
+    assert_eq!(
+        (status, error_code(&again)),
+        (422, "idempotency_key_reused")
+    );
+    assert_eq!(h.counts(&drop).await, (10, 8, 2, 0));
     h.assert_invariants(&drop).await;
     h.server.shutdown().await;
 }

@@ -7,6 +7,17 @@ use sha2::{Digest, Sha256};
 
 use crate::ids::{DropId, FanId};
 
+/// An idempotent reserve's digest: 32 hex digits of SHA-256 over the fan and their key, so a key
+/// is scoped to the fan who sent it.
+fn request_digest(fan: &FanId, key: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(fan.as_str())
+        .chain_update([0])
+        .chain_update(key)
+        .finalize();
+    hex::encode(&digest[..16])
+}
+
 /// The key `name` of `drop`.
 pub fn drop_key(drop: &DropId, name: &str) -> String {
     // Pushed into a string of the right size, not `format!`ed: a reserve names fourteen keys,
@@ -151,15 +162,23 @@ impl DropKeys {
         drop_key(drop, "admission")
     }
 
-    /// The key an idempotent reserve's first answer lives under: scoped to drop, fan and key.
+    /// The key an idempotent reserve's first answer lives under on a drop that keeps its answers
+    /// in keys (lua/lib.lua, stored answers): scoped to drop, fan and key. It ends with the
+    /// request's digest, 32 hex digits, which lua/reserve.lua takes from it to name the answer's
+    /// field on a drop that keeps them in its holds hash ([`DropKeys::answer_field`]).
     pub fn idem(drop: &DropId, fan: &FanId, key: &str) -> String {
-        let digest = Sha256::new()
-            .chain_update(fan.as_str())
-            .chain_update([0])
-            .chain_update(key)
-            .finalize();
-        drop_key(drop, &["idem:", &hex::encode(&digest[..16])].concat())
+        drop_key(drop, &["idem:", &request_digest(fan, key)].concat())
     }
+
+    /// The holds-hash field a reserve's first answer is stored under on a drop loaded by this
+    /// release (meta `answers` = "holds"): [`DropKeys::ANSWER_PREFIX`] and the request's digest.
+    pub fn answer_field(fan: &FanId, key: &str) -> String {
+        [Self::ANSWER_PREFIX, &request_digest(fan, key)].concat()
+    }
+
+    /// What starts a stored answer's field in the holds hash (no hold id does: they start with
+    /// the drop id).
+    pub const ANSWER_PREFIX: &'static str = "i:";
 
     /// All of them, `KEYS[1]..KEYS[13]`.
     pub fn all(&self) -> Vec<String> {

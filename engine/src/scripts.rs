@@ -711,7 +711,8 @@ impl Redis {
     }
 
     /// One HSCAN step over a drop's holds: the next cursor ("0" when the walk is done) and the
-    /// fields it returned (about `count`; Redis may return more, or a small hash whole).
+    /// hold ids it returned (about `count`; Redis may return more, or a small hash whole). The
+    /// stored answers beside them (`i:` fields, lua/lib.lua) are left out: they are no holds.
     async fn hscan_fields(
         &self,
         keys: &DropKeys,
@@ -719,7 +720,12 @@ impl Redis {
         count: usize,
     ) -> Result<(String, Vec<String>)> {
         let (next, pairs) = self.hscan_step(keys.holds(), cursor, count).await?;
-        let fields = pairs.iter().step_by(2).map(|v| text(Some(v))).collect();
+        let fields = pairs
+            .iter()
+            .step_by(2)
+            .map(|v| text(Some(v)))
+            .filter(|field| !field.starts_with(DropKeys::ANSWER_PREFIX))
+            .collect();
         Ok((next, fields))
     }
 

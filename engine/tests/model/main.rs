@@ -193,7 +193,10 @@ fn any_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         100 => script_op(),
         15 => (0..64usize).prop_map(|hold| Op::Commit { hold }),
-        16 => prop_oneof![0..1_500i64, 1_500..4_000i64, Just(9_000i64)]
+        // Now and then past a stored answer's window (hold TTL + 10 minutes, lua/lib.lua), so
+        // answers and the holds that carry them are purged too.
+        16 => prop_oneof![20 => 0..1_500i64, 20 => 1_500..4_000i64, 20 => Just(9_000i64),
+                          1 => Just(620_000i64)]
             .prop_map(|ms| Op::Advance { ms }),
         4 => (0..8u8).prop_map(|mask| Op::Touch { mask }),
         4 => (0..4u32, 0..4u32, 0..4u32, proptest::bool::weighted(0.2), 1..8u32, 0..30u32, 2..8u32,
@@ -689,6 +692,7 @@ async fn run_ops(
             continue;
         }
         let step = resolve(op, model, ids);
+        let answers_before = model.store.idem.len();
         let expected = apply(model, &step);
         match &step {
             Step::Checkpoint => world.checkpoint(model).await,
@@ -705,6 +709,14 @@ async fn run_ops(
             return Err(TestCaseError::fail(format!("after step {i} {step:?}, {d}")));
         }
         count(&step, &actual);
+        if matches!(step, Step::Expire { .. }) && model.store.idem.len() < answers_before {
+            SEEN.with(|seen| {
+                *seen
+                    .borrow_mut()
+                    .entry("expire: purged stored answers".into())
+                    .or_insert(0) += 1
+            });
+        }
     }
     Ok(())
 }
@@ -1040,6 +1052,56 @@ fn the_waiting_list_agrees_with_the_model_step_by_step() {
         "join: waitlisted new false",
     ] {
         assert!(seen.contains_key(must), "never reached `{must}`: {seen:#?}");
+    }
+}
+
+/// Stored answers (lua/lib.lua) step by step, every key checked against the model: a hold's
+/// answer and a refusal's replay; past their window (hold TTL + 10 minutes) the sweeper purges
+/// the released hold with its answer and the refusal's answer, and the same keys are then new
+/// requests: a new hold, a new refusal. The random cases pass the window seldom.
+#[test]
+fn stored_answers_are_purged_with_their_holds_and_after_their_window() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let (redis, raw) = rt.block_on(world::connect(vec![]));
+    let run_id = rt.block_on(redis.run_id()).expect("Redis' run id");
+    let reserve = |key, n| Op::Reserve {
+        fan: 0,
+        key,
+        kind: 0,
+        a: 0,
+        b: 0,
+        n,
+    };
+    let ops = vec![
+        reserve(0, 1),
+        // Over the per-fan limit of 4 with the unit held: a stored refusal.
+        reserve(1, 4),
+        reserve(0, 1),
+        reserve(1, 4),
+        // 3: the hold's own fan.
+        Op::Release { fan: 3, hold: 0 },
+        Op::Advance { ms: 620_000 },
+        Op::Expire { limit: 3 },
+        reserve(0, 1),
+        reserve(1, 4),
+    ];
+    SEEN.with(|seen| seen.borrow_mut().clear());
+    let result = rt.block_on(run_case(&redis, &raw, &run_id, Shape::default(), &ops));
+    if let Err(e) = result {
+        panic!("stored answers and the model disagree: {e}");
+    }
+    let seen = SEEN.with(|seen| seen.borrow().clone());
+    for (must, times) in [
+        ("reserve: held", 2),
+        ("reserve: limit_exceeded", 2),
+        ("reserve: replay", 2),
+        ("expire: purged stored answers", 1),
+    ] {
+        assert_eq!(seen.get(must), Some(&times), "`{must}`: {seen:#?}");
     }
 }
 

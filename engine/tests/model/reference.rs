@@ -10,6 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use engine::ids::FanId;
+use engine::keys::DropKeys;
 use engine::queue::Returning;
 use serde_json::{json, Value};
 
@@ -49,6 +51,8 @@ pub struct Hold {
     pub created_ms: i64,
     pub items: Vec<Item>,
     pub ended_ms: Option<i64>,
+    /// The holds-hash field of the stored answer of the reserve that made it (lua/lib.lua).
+    pub answer: Option<String>,
 }
 
 impl Hold {
@@ -70,6 +74,9 @@ impl Hold {
         }
         if let Some(x) = self.ended_ms {
             v["ended"] = json!(x);
+        }
+        if let Some(x) = &self.answer {
+            v["k"] = json!(x);
         }
         v
     }
@@ -422,11 +429,11 @@ impl Model {
 
     fn return_to_stock(&mut self, id: &str, final_state: &'static str) {
         let now = self.now_ms;
-        let done_ttl = self.meta_num("done_ttl_ms", 3_600_000);
-        let s = &mut self.store;
-        let Some(mut h) = s.holds.get(id).cloned() else {
+        let Some(mut h) = self.store.holds.get(id).cloned() else {
             return;
         };
+        let purge_at = purge_at(&self.store.meta, &h, now);
+        let s = &mut self.store;
         for item in &h.items {
             incr(&mut s.stock, &format!("a:{}", item.bucket), item.quantity);
             incr(&mut s.stock, &format!("h:{}", item.bucket), -item.quantity);
@@ -445,7 +452,7 @@ impl Model {
         h.state = final_state;
         h.ended_ms = Some(now);
         s.holds.insert(id.to_owned(), h);
-        s.done.insert(id.to_owned(), now + done_ttl);
+        s.done.insert(id.to_owned(), purge_at);
         self.fan_units_moved(&fan, left + units, left.max(0));
     }
 
@@ -479,9 +486,23 @@ impl Model {
             .map(|(id, _)| id)
             .collect();
         for id in gone {
-            self.store.holds.remove(&id);
+            let answer = match self.store.holds.remove(&id) {
+                Some(h) => h.answer,
+                None => Some(id.clone()).filter(|id| id.starts_with(DropKeys::ANSWER_PREFIX)),
+            };
+            if let Some(field) = answer {
+                self.store
+                    .idem
+                    .retain(|(fan, key), _| answer_field(fan, key) != field);
+            }
             self.store.done.remove(&id);
         }
+    }
+
+    /// Whether the drop keeps its stored answers in its holds hash (lua/lib.lua), as every drop
+    /// loaded by this release does; else under keys of their own.
+    pub fn answers_in_holds(&self) -> bool {
+        self.store.meta.get("answers").map(String::as_str) == Some("holds")
     }
 
     // ---- load_drop.lua ----------------------------------------------------------------------
@@ -503,6 +524,7 @@ impl Model {
         }
         self.set_layout();
         self.store.meta.insert("run_id".into(), self.run_id.clone());
+        self.store.meta.insert("answers".into(), "holds".into());
         true
     }
 
@@ -636,10 +658,18 @@ impl Model {
         }
         let limit = self.meta_num("per_fan_limit", 0);
         let ttl_ms = self.meta_num("hold_ttl_ms", 0);
+        let answers_in_holds = self.answers_in_holds();
         let answer = |m: &mut Model, out: ReserveOut| {
             m.store
                 .idem
                 .insert(idem_key.clone(), (body_sha.to_owned(), out.clone()));
+            // A refusal's stored answer in the holds hash is purged at hold TTL + 10 minutes; a
+            // hold's goes with the hold's record.
+            if answers_in_holds && matches!(out, ReserveOut::Refused { .. }) {
+                m.store
+                    .done
+                    .insert(answer_field(fan, key), now + ttl_ms + 600_000);
+            }
             (out, false)
         };
         if self.store.meta.get("status").map(String::as_str) != Some("open") {
@@ -773,6 +803,7 @@ impl Model {
                 created_ms: now,
                 items: items.clone(),
                 ended_ms: None,
+                answer: answers_in_holds.then(|| answer_field(fan, key)),
             },
         );
         s.deadlines.insert(hold_id.to_owned(), exp);
@@ -902,7 +933,7 @@ impl Model {
         if self.recovering() {
             return "recovering";
         }
-        let done_ttl = self.meta_num("done_ttl_ms", 3_600_000);
+        let purge_at = purge_at(&self.store.meta, &h, now);
         let limit = self.meta_num("per_fan_limit", 0);
         let s = &mut self.store;
         for item in &h.items {
@@ -920,7 +951,7 @@ impl Model {
         h.ended_ms = Some(now);
         let fan = h.fan.clone();
         s.holds.insert(id.to_owned(), h);
-        s.done.insert(id.to_owned(), now + done_ttl);
+        s.done.insert(id.to_owned(), purge_at);
         let prefix = format!("{fan}|");
         if limit > 0
             && *s.fans.get(&fan).unwrap_or(&0) >= limit
@@ -1148,7 +1179,12 @@ impl Model {
         if s.iter().any(|(k, v)| k.starts_with("h:") && *v != 0) {
             return Err("live_holds".into());
         }
-        let idem = std::mem::take(&mut self.store.idem);
+        // Stored answers in keys of their own outlive the drop's keys (they expire by themselves);
+        // those in the holds hash go with it.
+        let mut idem = std::mem::take(&mut self.store.idem);
+        if self.answers_in_holds() {
+            idem.clear();
+        }
         self.store = Store {
             idem,
             ..Store::default()
@@ -1165,6 +1201,9 @@ impl Model {
         let spec = self.spec.clone();
         let meta = spec.meta_payload(&self.record.status, "1");
         let was_closed = self.store.meta.get("status").map(String::as_str) == Some("closed");
+        if !self.store.meta.contains_key("status") {
+            self.store.meta.insert("answers".into(), "holds".into());
+        }
         self.set_meta_from(&meta);
         if was_closed {
             self.store.meta.insert("status".into(), "closed".into());
@@ -1190,14 +1229,13 @@ impl Model {
         for marker in self.record.refunds.keys() {
             s.refunds.insert(marker.clone());
         }
-        let done_ttl = num(&s.meta, "done_ttl_ms").unwrap_or(3_600_000);
         let finish_ended = |s: &mut Store, id: &str, mut h: Hold, state: &'static str| {
             h.state = state;
             h.ended_ms = Some(now);
+            s.done.insert(id.to_owned(), purge_at(&s.meta, &h, now));
             s.holds.insert(id.to_owned(), h);
             s.deadlines.remove(id);
             s.confirming.remove(id);
-            s.done.insert(id.to_owned(), now + done_ttl);
         };
         let mut live: Vec<(String, Hold)> = Vec::new();
         let mut ended = 0;
@@ -1740,5 +1778,21 @@ impl Model {
         );
         out.session = (shop_end, hard_end);
         out
+    }
+}
+
+/// The holds-hash field of a fan's stored answer for `key` (engine::keys).
+pub fn answer_field(fan: &str, key: &str) -> String {
+    DropKeys::answer_field(&FanId::parse(fan).expect("a fan id"), key)
+}
+
+/// When a hold ending at `now` is purged (lua/lib.lua `purge_at`): `done_ttl_ms` after it ended,
+/// and not before its stored answer's window (hold TTL + 10 minutes after it was made) if it has
+/// one.
+fn purge_at(meta: &BTreeMap<String, String>, h: &Hold, now: i64) -> i64 {
+    let at = now + num(meta, "done_ttl_ms").unwrap_or(3_600_000);
+    match h.answer {
+        Some(_) => at.max(h.created_ms + num(meta, "hold_ttl_ms").unwrap_or(0) + 600_000),
+        None => at,
     }
 }

@@ -929,9 +929,13 @@ impl World {
             }
         }
         same!("seats", self.hash(k.seats()).await, s.seats.clone());
-        let holds: BTreeMap<String, Value> = self
+        // The holds hash: hold records, and the stored answers beside them (lua/lib.lua).
+        let (answers, holds): (BTreeMap<String, String>, BTreeMap<String, String>) = self
             .hash(k.holds())
             .await
+            .into_iter()
+            .partition(|(field, _)| field.starts_with(DropKeys::ANSWER_PREFIX));
+        let holds: BTreeMap<String, Value> = holds
             .into_iter()
             .map(|(id, raw)| (id, serde_json::from_str(&raw).unwrap_or(Value::Null)))
             .collect();
@@ -1049,16 +1053,27 @@ impl World {
             s.watermark.clone()
         );
         // Each idempotent reserve's first answer: the body's SHA and the answer's kind and
-        // hold id or code ("<sha>\n<answer JSON>", lua/reserve.lua).
+        // hold id or code ("<sha>\n<answer JSON>", or "<sha>\n<hold id>" in the holds hash:
+        // lua/lib.lua), in the holds hash or under a key of its own, and nothing else there.
+        let in_holds = model.answers_in_holds();
+        let mut modelled_answers = BTreeSet::new();
         for ((fan, key), (sha, first)) in &s.idem {
             let fan = FanId::parse(fan).expect("a fan id");
-            let stored: Option<String> = self
-                .raw
-                .get(DropKeys::idem(&self.drop, &fan, key))
-                .await
-                .expect("GET an idempotency key");
+            let stored: Option<String> = if in_holds {
+                let field = DropKeys::answer_field(&fan, key);
+                modelled_answers.insert(field.clone());
+                answers.get(&field).cloned()
+            } else {
+                self.raw
+                    .get(DropKeys::idem(&self.drop, &fan, key))
+                    .await
+                    .expect("GET an idempotency key")
+            };
             let stored = stored.and_then(|raw| {
                 let (sha, answer) = raw.split_once('\n')?;
+                if !answer.starts_with('[') {
+                    return Some((sha.to_owned(), Value::from("ok"), Value::from(answer)));
+                }
                 let answer: Value = serde_json::from_str(answer).ok()?;
                 Some((sha.to_owned(), answer[0].clone(), answer[1].clone()))
             });
@@ -1076,6 +1091,11 @@ impl World {
                 Some(expected)
             );
         }
+        same!(
+            "stored answers in the holds hash",
+            answers.into_keys().collect::<BTreeSet<_>>(),
+            modelled_answers
+        );
         // And nothing else: a script that wrote a key the model doesn't know of shows here.
         let mut expected: BTreeSet<String> = BTreeSet::new();
         let mut expect = |name: &str, present: bool| {
@@ -1088,7 +1108,11 @@ impl World {
         expect("seats", !s.seats.is_empty());
         // Written with the seats, and dropped with them by a rebuild.
         expect("seatmap", !s.seats.is_empty());
-        expect("holds", !s.holds.is_empty());
+        // The holds hash also keeps the stored answers (lua/lib.lua).
+        expect(
+            "holds",
+            !s.holds.is_empty() || (in_holds && !s.idem.is_empty()),
+        );
         expect("deadlines", !s.deadlines.is_empty());
         expect("confirming", !s.confirming.is_empty());
         expect("done", !s.done.is_empty());
@@ -1109,7 +1133,7 @@ impl World {
         expect("bucket", !s.bucket.is_empty());
         expect("watermark", !s.watermark.is_empty());
         expect("refunds", !s.refunds.is_empty());
-        for (fan, key) in s.idem.keys() {
+        for (fan, key) in s.idem.keys().filter(|_| !in_holds) {
             let fan = FanId::parse(fan).expect("a fan id");
             expected.insert(DropKeys::idem(&self.drop, &fan, key));
         }
