@@ -8,9 +8,11 @@
 #   2. Runs N reserves of the real reserve.lua with redis-benchmark (FCALL; a fresh fan,
 #      idempotency key and hold id per call, as `booking-api bench-args` gives them): N live
 #      holds, N idempotency answers, N fans.
-#   3. Reports `used_memory` grown per reserve (everything), and per structure: the holds hash,
-#      the deadlines and live-hold zsets and the per-fan hash per entry (`MEMORY USAGE … SAMPLES
-#      0`, exact), and an idempotency answer (`MEMORY USAGE` of 1,000 of them, averaged).
+#   3. Reports `used_memory` grown per reserve (everything), and per structure: the holds hash
+#      (each hold's record and its stored answer beside it), the expiries list and the per-fan
+#      hash per entry (`MEMORY USAGE … SAMPLES 0`, exact), and, on a drop that keeps its answers
+#      in keys of their own (a drop loaded before they moved), an idempotency answer (`MEMORY
+#      USAGE` of 1,000 of them, averaged).
 #
 # Usage: bench/memory.sh [--reserves N]     (default 100000)
 # Environment: BOOKING_API [target/release/booking-api], DEVSTACK [target/debug/devstack],
@@ -93,28 +95,31 @@ k() { echo "fg:{$drop}:$1"; }
 before=$(used)
 redis-benchmark -p "$RPORT" -c 20 -n "$N" -r 1000000000 "${evalsha[@]}" >/dev/null
 after=$(used)
-holds=$(rc hlen "$(k holds)")
+# Every reserve that took a unit put its hold on the expiries list once (lua/lib.lua).
+holds=$(rc llen "$(k expiries)")
 [[ $holds -ge $((N * 99 / 100)) ]] || die "only $holds holds after $N reserves"
 idem_sample=$(rc --scan --pattern "$(k 'idem:*')" | head -1000 || true)
 idem_bytes=0
 idem_n=0
 while read -r key; do
+    [[ -n $key ]] || continue
     idem_bytes=$((idem_bytes + $(usage "$key")))
     idem_n=$((idem_n + 1))
 done <<<"$idem_sample"
 
 echo "memory: $N reserves of lua/reserve.lua (GA, one unit each, a fresh fan each), Redis $(rc info server | tr -d '\r' | sed -n 's/^redis_version://p')"
 python3 - "$N" "$before" "$after" "$holds" \
-    "$(usage "$(k holds)")" "$(usage "$(k deadlines)")" "$(usage "$(k fanholds)")" \
+    "$(usage "$(k holds)")" "$(usage "$(k expiries)")" "$(usage "$(k deadlines)")" \
     "$(usage "$(k fans)")" "$(rc hlen "$(k fans)")" "$idem_bytes" "$idem_n" <<'EOF'
 import sys
-n, before, after, holds, h, dl, fh, fans, nfans, idem, nidem = map(int, sys.argv[1:])
+n, before, after, holds, h, ex, dl, fans, nfans, idem, nidem = map(int, sys.argv[1:])
 print(f"  used_memory grown per reserve   {(after - before) / n:8.0f} B (everything below, and Redis' own)")
-print(f"  holds hash per hold             {h / holds:8.0f} B")
-print(f"  deadlines zset per hold         {dl / holds:8.0f} B")
-if fh:
-    print(f"  live-hold zset per hold         {fh / holds:8.0f} B  (the index before it moved into fans)")
+print(f"  holds hash per hold             {h / holds:8.0f} B  (its record and its stored answer)")
+print(f"  expiries list per hold          {ex / holds:8.0f} B")
+if dl:
+    print(f"  deadlines zset per hold         {dl / holds:8.0f} B  (the index before the list)")
 # Every fan here has one live hold: a count field and an "h|<fan>" live-hold list (lua/lib.lua).
 print(f"  per-fan hash per fan            {fans / max(nfans // 2, 1):8.0f} B  (count and live-hold list)")
-print(f"  idempotency answer (key)        {idem / max(nidem, 1):8.0f} B  (mean of {nidem})")
+if nidem:
+    print(f"  idempotency answer (key)        {idem / nidem:8.0f} B  (mean of {nidem})")
 EOF

@@ -11,15 +11,15 @@
 --                                       s:<bucket> sold, t:<bucket> total
 -- KEYS[3]  {drop_id}:seats       hash   seat id → "-" free | hold id (held or confirming) | "#" sold
 -- KEYS[4]  {drop_id}:holds       hash   hold id → JSON hold; "i:<digest>" → a stored answer (below)
--- KEYS[5]  {drop_id}:deadlines   zset   held hold id → expires_at_ms
+-- KEYS[5]  {drop_id}:deadlines   zset   held hold id → expires_at_ms, for holds not in K.expiries:
+--                                       put back by a revert or a rebuild, or made by a release before
 -- KEYS[6]  {drop_id}:confirming  zset   confirming hold id → confirm deadline ms
 -- KEYS[7]  {drop_id}:done        zset   ended hold id → purge_at_ms (kept so a fan can read how it ended);
 --                                       "i:<digest>" → purge_at_ms of a refusal's stored answer
 -- KEYS[8]  {drop_id}:fans        hash   fan id → units held + confirming + bought (the per-fan limit);
 --                                       "h|<fan id>" → the fan's live (held/confirming) hold ids,
 --                                       joined by "," (absent: none)
--- KEYS[9]  {drop_id}:fanholds    zset   "<fan id>|<hold id>": where releases before the index moved
---                                       into fans kept it; read and emptied, never added to
+-- KEYS[9]  {drop_id}:expiries    list   hold ids in the order reserve made them (see reclaim)
 -- KEYS[10] {drop_id}:layout      hash   section → JSON [[row, seats], ...], front row first;
 --                                       "@<section>-<row>" → where the row's seat 1 is in seatmap
 -- KEYS[11] {drop_id}:active      zset   fan id → admission deadline ms (queue drops)
@@ -53,7 +53,7 @@ local K
 local function name_keys(KEYS)
   K = {
     meta = KEYS[1], stock = KEYS[2], seats = KEYS[3], holds = KEYS[4], deadlines = KEYS[5],
-    confirming = KEYS[6], done = KEYS[7], fans = KEYS[8], fanholds = KEYS[9], layout = KEYS[10],
+    confirming = KEYS[6], done = KEYS[7], fans = KEYS[8], expiries = KEYS[9], layout = KEYS[10],
     active = KEYS[11], seatmap = KEYS[12], shopping = KEYS[13], idem = KEYS[14],
   }
 end
@@ -113,9 +113,7 @@ end
 -- walked at a random place among every live hold of the drop — was the dearest command of a
 -- reserve on a sale-sized drop (docs/BENCHMARKS.md). A field is at most per_fan_limit ids long
 -- (every hold has a unit), and `|` and `,` occur in no id (engine/src/ids.rs).
--- During a rolling deploy the previous release still adds to the zset (K.fanholds): forgetting a
--- hold removes it from both, and readers (confirm_finish, engine::scripts) read both. The previous
--- release also ends holds this one listed without taking them off the list (it knows only the
+-- Releases before 2026-12-06 ended holds without taking them off the list (they knew only the
 -- zset): a list may name ended holds. Readers check each hold's state (`live_only`), and a
 -- reserve prunes a list longer than any fan's live holds can be, so it stays bounded.
 local function live_holds_field(fan)
@@ -172,14 +170,13 @@ local function store_live_holds(field, ids)
 end
 
 local function forget_live_hold(fan, id)
-  redis.call('ZREM', K.fanholds, fan .. '|' .. id)
   local field = live_holds_field(fan)
   local ids = redis.call('HGET', K.fans, field)
   if ids then store_live_holds(field, without_id(ids, id)) end
 end
 
--- Whether the fan has a live hold, in either index. The list is checked hold by hold and written
--- back pruned if it named ended ones (see above).
+-- Whether the fan has a live hold. The list is checked hold by hold and written back pruned if it
+-- named ended ones (see above).
 local function has_live_hold(fan)
   local field = live_holds_field(fan)
   local ids = redis.call('HGET', K.fans, field)
@@ -188,7 +185,7 @@ local function has_live_hold(fan)
     if live ~= ids then store_live_holds(field, live) end
     if live then return true end
   end
-  return #redis.call('ZRANGEBYLEX', K.fanholds, '[' .. fan .. '|', '(' .. fan .. '}', 'LIMIT', 0, 1) > 0
+  return false
 end
 
 -- Seat `seat` ("<section>-<row>-<n>") shows as `state` (f, h or s) in the seat map: two O(1)
@@ -253,27 +250,49 @@ local function return_to_stock(id, h, final_state, now)
   redis.call('ZADD', K.done, purge_at(h, now), id)
 end
 
--- meta's next_due_ms is a lower bound on every deadline in K.deadlines (missing: unknown), so
+-- meta's next_due_ms is a lower bound on every deadline in K.deadlines and K.expiries (missing: unknown), so
 -- reserve skips its inline reclaim while nothing can be due: a `redis.call` saved on the hottest
 -- path. Whoever adds a deadline below it lowers it (lower_next_due); reclaim sets it afresh; a
 -- rebuild deletes it. A bound that is too low only costs one reclaim that finds nothing.
 local NO_DEADLINE = 9007199254740992  -- 2^53: no held hold
+
+-- Reserve reclaims a deadline inline only once it has passed by this long, and leaves the fresher
+-- ones to the sweeper (expire.lua, every holds.sweep_interval_ms, 250 by default, in batches).
+-- Every hold reserve made reaches the head of K.expiries a hold TTL later, ended or not, so in a
+-- sale longer than a TTL a deadline passes about as often as a reserve comes: reclaimed inline at
+-- once, nearly every reserve would pay for a reclaim. An expired hold that waits can't be
+-- confirmed meanwhile (confirm_begin checks its deadline); its units come back when the sweeper
+-- or a reserve gets to it, at most this long late while no sweeper runs.
+local RESERVE_RECLAIM_LAG_MS = 1000
 
 local function lower_next_due(exp)
   local cur = tonumber(redis.call('HGET', K.meta, 'next_due_ms'))
   if cur and exp < cur then redis.call('HSET', K.meta, 'next_due_ms', exp) end
 end
 
--- Expired held holds go back to stock, at most `limit` of them. Returns how many expired and the
--- earliest deadline left (NO_DEADLINE when none; at or before `now` when more are due), which it
--- stores as next_due_ms unless that is already `known_next_due`.
-local function reclaim(now, limit, known_next_due)
+-- Expired held holds go back to stock, at most `limit` of them (every deadline looked at counts,
+-- live or not). Returns how many expired and the earliest deadline left (NO_DEADLINE when none; at
+-- or before `now` when more are due), which it stores as next_due_ms unless that is already
+-- `known_next_due`.
+-- Two indexes say when holds expire. K.expiries, a list, has every hold reserve made, in order:
+-- an RPUSH where a zset's ZADD cost a reserve a node in a skiplist and a dict among every live
+-- hold of the drop (docs/ARCHITECTURE.md, Choices). A drop's holds share its hold TTL, so the
+-- list is in deadline order, and its head is the next to expire; holds that ended before (sold,
+-- released, confirming) are dropped from it as their deadline passes. K.deadlines, a zset, keeps
+-- the few that come back out of order: a reverted confirm, a hold a rebuild kept (and a release
+-- before this one's). A TTL shortened mid-sale puts the list out of order: a hold behind one
+-- that expires later is reclaimed when that one is (it can't be confirmed past its own
+-- deadline meanwhile: confirm_begin checks it).
+-- `due_by` (default `now`): only deadlines at or before it count as passed (see
+-- RESERVE_RECLAIM_LAG_MS).
+local function reclaim(now, limit, known_next_due, due_by)
+  due_by = due_by or now
   local expired, seen, next_due = 0, 0, NO_DEADLINE
   -- The first limit + 1 deadlines in order: those due are reclaimed, the next one is next_due.
   local first = redis.call('ZRANGE', K.deadlines, 0, limit, 'WITHSCORES')
   for i = 1, #first, 2 do
     local id, at = first[i], tonumber(first[i + 1])
-    if at > now or seen == limit then
+    if at > due_by or seen == limit then
       next_due = at
       break
     end
@@ -286,6 +305,28 @@ local function reclaim(now, limit, known_next_due)
       redis.call('ZREM', K.deadlines, id)
     end
   end
+  -- Then the list's head, as far as the budget goes: each hold whose deadline has passed leaves
+  -- it (reclaimed if still held); the first one that hasn't passed is the list's next due.
+  local queued = redis.call('LRANGE', K.expiries, 0, limit - seen)
+  local popped = 0
+  for i = 1, #queued do
+    local h = load_hold(queued[i])
+    if h and h.exp > due_by then
+      if h.exp < next_due then next_due = h.exp end
+      break
+    end
+    if seen == limit then
+      -- Due, and past the budget: the next reclaim starts here.
+      next_due = math.min(next_due, h and h.exp or now)
+      break
+    end
+    seen, popped = seen + 1, popped + 1
+    if h and h.st == 'held' then
+      return_to_stock(queued[i], h, 'expired', now)
+      expired = expired + 1
+    end
+  end
+  if popped > 0 then redis.call('LTRIM', K.expiries, popped, -1) end
   if next_due ~= known_next_due then redis.call('HSET', K.meta, 'next_due_ms', next_due) end
   return expired, next_due
 end

@@ -39,6 +39,6 @@ redis.call('HDEL', K.meta, 'next_due_ms', 'demand_units')
 -- slice count moving), not a drop left from an earlier Redis run, and leaves it alone.
 redis.call('HSET', K.meta, 'recovering', '1', 'rebuild_token', ARGV[1], 'rebuild_slices', 0,
   'run_id', server_run_id())
-redis.call('UNLINK', K.seats, K.seatmap, K.fans, K.fanholds, K.deadlines, K.confirming,
+redis.call('UNLINK', K.seats, K.seatmap, K.fans, K.expiries, K.deadlines, K.confirming,
   K.shopping, KEYS[14])
 return {'ok'}

@@ -2,7 +2,8 @@
 -- all or nothing, as one hold that expires by itself unless confirmed.
 -- Checks, in order: idempotency replay, drop recovering / closed / not yet open, admitted (queue
 -- drops: the fan is in the active set with a live deadline), per-fan limit, stock or seats. A few
--- expired holds of the drop are reclaimed first (when meta's next_due_ms says any can be due), so
+-- holds of the drop expired for a second or more are reclaimed first (when meta's next_due_ms says
+-- any can be; lib.lua RESERVE_RECLAIM_LAG_MS), so
 -- stock comes back even when no sweeper runs.
 -- Unlike confirm_begin it doesn't compare the Redis run id (an INFO per call on the hottest path):
 -- a hold taken on stale state after a restart can't sell — confirm_begin refuses until the drop
@@ -101,9 +102,10 @@ if meta[7] == 'queue' then
 end
 
 local next_due = meta[8] and meta[8] + 0
-if not next_due or now >= next_due then
+local due_by = now - RESERVE_RECLAIM_LAG_MS
+if not next_due or due_by >= next_due then
   local _
-  _, next_due = reclaim(now, tonumber(meta[6]) or 8, next_due)
+  _, next_due = reclaim(now, tonumber(meta[6]) or 8, next_due, due_by)
 end
 
 -- Why a bucket can't give `want`: the one name each outcome has everywhere.
@@ -253,7 +255,8 @@ else
   call('HSET', K.holds, hold_id, '{"fan":"' .. fan .. '","st":"held","exp":' .. exp_s ..
     ',"u":' .. units_s .. ',"c":' .. now_s .. ',"it":' .. items_json .. '}')
 end
-call('ZADD', K.deadlines, exp_s, hold_id)
+-- Its deadline is its place in the list (lib.lua `reclaim`).
+call('RPUSH', K.expiries, hold_id)
 if exp < next_due then call('HSET', K.meta, 'next_due_ms', exp_s) end
 -- A hold keeps a queue drop's shopper admitted until it can no longer be confirmed, never past
 -- the session's hard end.

@@ -69,8 +69,9 @@ async fn redis_pipe(f: &Fault, commands: &[Vec<String>]) {
 }
 
 /// Writes `HOLDS` held holds of one unit of `TEE` into `drop`, exactly as reserve.lua would have
-/// (the hold JSON lua/lib.lua describes, its deadline, the fan's live-hold member, the per-fan
-/// count and the stock moved from available to held). Through HTTP, 200,000 reserves would take
+/// (the hold JSON lua/lib.lua describes, its place in the expiries list, the per-fan count and
+/// the stock moved from available to held; not the fans' live-hold lists, which a rebuild makes
+/// afresh). Through HTTP, 200,000 reserves would take
 /// minutes of this machine; what matters here is what recovery finds in Redis, and the books are
 /// checked balanced before the restart.
 async fn write_holds(f: &Fault, drop: &str) {
@@ -82,24 +83,19 @@ async fn write_holds(f: &Fault, drop: &str) {
     let expires_at_ms = now_ms + 3_600_000;
     let per_fan = HOLDS / FANS;
     let mut commands: Vec<Vec<String>> = Vec::new();
-    let (mut holds, mut deadlines, mut fanholds) = (Vec::new(), Vec::new(), Vec::new());
-    let flush = |holds: &mut Vec<String>,
-                 deadlines: &mut Vec<String>,
-                 fanholds: &mut Vec<String>,
-                 commands: &mut Vec<Vec<String>>| {
-        if holds.is_empty() {
-            return;
-        }
-        let mut c = vec!["HSET".to_owned(), key(drop, "holds")];
-        c.append(holds);
-        commands.push(c);
-        let mut c = vec!["ZADD".to_owned(), key(drop, "deadlines")];
-        c.append(deadlines);
-        commands.push(c);
-        let mut c = vec!["ZADD".to_owned(), key(drop, "fanholds")];
-        c.append(fanholds);
-        commands.push(c);
-    };
+    let (mut holds, mut expiries) = (Vec::new(), Vec::new());
+    let flush =
+        |holds: &mut Vec<String>, expiries: &mut Vec<String>, commands: &mut Vec<Vec<String>>| {
+            if holds.is_empty() {
+                return;
+            }
+            let mut c = vec!["HSET".to_owned(), key(drop, "holds")];
+            c.append(holds);
+            commands.push(c);
+            let mut c = vec!["RPUSH".to_owned(), key(drop, "expiries")];
+            c.append(expiries);
+            commands.push(c);
+        };
     for i in 0..HOLDS {
         let fan = format!("bulk-{}", i % FANS);
         let id = format!("{drop}-h{:016x}", i);
@@ -109,15 +105,12 @@ async fn write_holds(f: &Fault, drop: &str) {
         });
         holds.push(id.clone());
         holds.push(hold.to_string());
-        deadlines.push(expires_at_ms.to_string());
-        deadlines.push(id.clone());
-        fanholds.push("0".to_owned());
-        fanholds.push(format!("{fan}|{id}"));
+        expiries.push(id.clone());
         if holds.len() >= 2_000 {
-            flush(&mut holds, &mut deadlines, &mut fanholds, &mut commands);
+            flush(&mut holds, &mut expiries, &mut commands);
         }
     }
-    flush(&mut holds, &mut deadlines, &mut fanholds, &mut commands);
+    flush(&mut holds, &mut expiries, &mut commands);
     let mut c = vec!["HSET".to_owned(), key(drop, "fans")];
     for i in 0..FANS {
         c.push(format!("bulk-{i}"));

@@ -49,12 +49,17 @@ pub const HOLD_KEYS: [&str; 13] = [
     "confirming",
     "done",
     "fans",
-    "fanholds",
+    "expiries",
     "layout",
     "active",
     "seatmap",
     "shopping",
 ];
+
+/// The live-hold index as releases before 2026-12-06 kept it (a zset of `<fan>|<hold id>`), in
+/// the hold keys' place of [`HOLD_KEYS`]' `expiries` until 2026-12-07: nothing reads or writes it
+/// now, and archiving a drop removes what is left of it.
+pub const LEGACY_FANHOLDS_KEY: &str = "fanholds";
 
 /// The rebuild's scratch zset (live hold id → created ms), the rebuild scripts' `KEYS[14]`
 /// (lua/rebuild.lua).
@@ -154,8 +159,9 @@ impl DropKeys {
     pub fn fans(&self) -> &str {
         self.get("fans")
     }
-    pub fn fanholds(&self) -> &str {
-        self.get("fanholds")
+    /// Hold ids in the order reserve made them: when each expires (lua/lib.lua `reclaim`).
+    pub fn expiries(&self) -> &str {
+        self.get("expiries")
     }
     /// Waiting-room settings ops change live (read by lua/admit.lua).
     pub fn admission(drop: &DropId) -> String {
@@ -195,7 +201,7 @@ impl DropKeys {
             .iter()
             .chain(JOIN_KEYS.iter())
             .chain(ADMIT_KEYS.iter())
-            .chain(["admission", REBUILD_KEY, REFUNDS_KEY].iter());
+            .chain(["admission", REBUILD_KEY, REFUNDS_KEY, LEGACY_FANHOLDS_KEY].iter());
         for name in all {
             if !names.contains(name) {
                 names.push(name);

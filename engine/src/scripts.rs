@@ -879,7 +879,8 @@ impl Redis {
         }
     }
 
-    /// Expires up to `limit` held holds past their deadline; returns (expired, still overdue).
+    /// Expires up to `limit` held holds past their deadline; returns (expired, 1 if more are due
+    /// than that budget reached, else 0).
     pub async fn expire(&self, drop: &DropId, limit: u32) -> Result<(i64, i64)> {
         let reply = self
             .run(
@@ -974,27 +975,10 @@ impl Redis {
             .at(keys.fans())
             .hget(keys.fans(), format!("h|{fan}"))
             .await?;
-        // And, until every release has written the field, the zset the previous one added to:
-        // members "<fan>|<hold id>", the fan's run of them in lex order.
-        let prefix = format!("{fan}|");
-        let members: Vec<String> = self
-            .at(keys.fanholds())
-            .zrangebylex(
-                keys.fanholds(),
-                format!("[{prefix}"),
-                format!("[{prefix}~"),
-                None,
-            )
-            .await?;
-        let mut ids: Vec<&str> = listed
+        let ids: Vec<&str> = listed
             .as_deref()
             .map(|l| l.split(',').collect())
             .unwrap_or_default();
-        for id in members.iter().filter_map(|m| m.strip_prefix(&prefix)) {
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
         let mut out = Vec::new();
         for id in ids {
             let Ok(hold) = HoldId::parse(id) else {

@@ -306,6 +306,8 @@ pub struct Store {
     pub seats: BTreeMap<String, String>,
     pub holds: BTreeMap<String, Hold>,
     pub deadlines: BTreeMap<String, i64>,
+    /// Hold ids in the order reserve made them (lua/lib.lua `reclaim`).
+    pub expiries: Vec<String>,
     pub confirming: BTreeMap<String, i64>,
     pub done: BTreeMap<String, i64>,
     pub fans: BTreeMap<String, i64>,
@@ -456,16 +458,19 @@ impl Model {
         self.fan_units_moved(&fan, left + units, left.max(0));
     }
 
-    /// Due held holds go back to stock, at most `limit`, earliest first. Returns how many.
-    fn reclaim(&mut self, limit: i64) -> i64 {
-        let now = self.now_ms;
+    /// Held holds due by `due_by` go back to stock, at most `limit` deadlines looked at: the
+    /// zset's earliest first, then the list's head while its holds' deadlines have passed.
+    /// Returns how many.
+    fn reclaim(&mut self, limit: i64, due_by: i64) -> i64 {
+        let limit = limit.max(0) as usize;
         let mut expired = 0;
         let due: Vec<String> = zset_order(&self.store.deadlines)
             .into_iter()
-            .take_while(|(_, at)| *at <= now)
-            .take(limit.max(0) as usize)
+            .take_while(|(_, at)| *at <= due_by)
+            .take(limit)
             .map(|(id, _)| id)
             .collect();
+        let mut seen = due.len();
         for id in due {
             if self.store.holds.get(&id).map(|h| h.state) == Some("held") {
                 self.return_to_stock(&id, "expired");
@@ -474,7 +479,31 @@ impl Model {
                 self.store.deadlines.remove(&id);
             }
         }
+        let mut popped = 0;
+        for id in self.store.expiries.clone() {
+            let hold = self.store.holds.get(&id);
+            if hold.is_some_and(|h| h.expires_at_ms > due_by) || seen == limit {
+                break;
+            }
+            seen += 1;
+            popped += 1;
+            if hold.map(|h| h.state) == Some("held") {
+                self.return_to_stock(&id, "expired");
+                expired += 1;
+            }
+        }
+        self.store.expiries.drain(..popped);
         expired
+    }
+
+    /// Whether a deadline has passed that no reclaim has looked at yet (expire.lua's "more").
+    fn reclaim_due(&self) -> bool {
+        let now = self.now_ms;
+        let s = &self.store;
+        s.deadlines.values().any(|at| *at <= now)
+            || s.expiries
+                .first()
+                .is_some_and(|id| s.holds.get(id).is_none_or(|h| h.expires_at_ms <= now))
     }
 
     fn purge_ended(&mut self, limit: i64) {
@@ -693,8 +722,9 @@ impl Model {
                 );
             }
         }
+        // lua/lib.lua RESERVE_RECLAIM_LAG_MS: reserve leaves the freshest deadlines to the sweeper.
         let batch = self.meta_num("reclaim_batch", 8);
-        self.reclaim(batch);
+        self.reclaim(batch, now - 1_000);
 
         let (mut items, units): (Vec<Item>, i64) = match req {
             Request::Items(list) => (
@@ -806,7 +836,7 @@ impl Model {
                 answer: answers_in_holds.then(|| answer_field(fan, key)),
             },
         );
-        s.deadlines.insert(hold_id.to_owned(), exp);
+        s.expiries.push(hold_id.to_owned());
         s.fanholds.insert(format!("{fan}|{hold_id}"));
         if queue {
             let grace = num(&s.meta, "confirm_grace_ms").unwrap_or(60_000);
@@ -862,16 +892,9 @@ impl Model {
         if !self.store.meta.contains_key("status") || self.recovering() {
             return (0, 0);
         }
-        let expired = self.reclaim(limit);
+        let expired = self.reclaim(limit, self.now_ms);
         self.purge_ended(limit);
-        let now = self.now_ms;
-        let overdue = self
-            .store
-            .deadlines
-            .values()
-            .filter(|at| **at <= now)
-            .count() as i64;
-        (expired, overdue)
+        (expired, self.reclaim_due() as i64)
     }
 
     // ---- confirm_begin / confirm_finish / confirm_revert -------------------------------------
@@ -1218,6 +1241,7 @@ impl Model {
         s.fans.clear();
         s.fanholds.clear();
         s.deadlines.clear();
+        s.expiries.clear();
         s.confirming.clear();
         for seat in spec.seat_ids() {
             s.seats.insert(seat, "-".into());

@@ -876,6 +876,10 @@ impl World {
         v.into_iter().map(|(m, s)| (m, s as i64)).collect()
     }
 
+    async fn list(&self, key: &str) -> Vec<String> {
+        self.raw.lrange(key, 0, -1).await.expect("LRANGE")
+    }
+
     /// Compares Redis with the model key by key; the first difference, if any.
     pub async fn diff(&self, model: &Model) -> Option<String> {
         let k = DropKeys::new(&self.drop);
@@ -889,7 +893,18 @@ impl World {
         let mut meta = self.hash(k.meta()).await;
         let next_due = meta.remove("next_due_ms");
         if let Some(next_due) = next_due.and_then(|v| v.parse::<f64>().ok()) {
-            let earliest = s.deadlines.values().min().copied();
+            // The earliest deadline of a held hold in either index (lua/lib.lua `reclaim`).
+            let listed = s.expiries.iter().filter_map(|id| s.holds.get(id));
+            let earliest = s
+                .deadlines
+                .values()
+                .copied()
+                .chain(
+                    listed
+                        .filter(|h| h.state == "held")
+                        .map(|h| h.expires_at_ms),
+                )
+                .min();
             if let Some(e) = earliest {
                 if next_due as i64 > e {
                     return Some(format!(
@@ -956,12 +971,16 @@ impl World {
             self.zset(&key("confirming")).await,
             s.confirming.clone()
         );
+        same!(
+            "expiries",
+            self.list(k.expiries()).await,
+            s.expiries.clone()
+        );
         same!("done", self.zset(&key("done")).await, s.done.clone());
-        let (fans, mut fanholds) = split_fans(self.hash(&q.fans).await);
+        let (fans, fanholds) = split_fans(self.hash(&q.fans).await);
         same!("fans", fans, s.fans.clone());
-        // The live-hold index: the fans hash's "h|<fan>" lists, and what is left of the zset the
-        // release before kept it in (lua/lib.lua): one set of "<fan>|<hold id>" to the model.
-        fanholds.extend(self.zset(k.fanholds()).await.into_keys());
+        // The live-hold index: the fans hash's "h|<fan>" lists (lua/lib.lua), one set of
+        // "<fan>|<hold id>" to the model.
         same!("fanholds", fanholds, s.fanholds.clone());
         let refunds: BTreeSet<String> = self.hash(&key("refunds")).await.into_keys().collect();
         same!("refunds", refunds, s.refunds.clone());
@@ -1114,11 +1133,13 @@ impl World {
             !s.holds.is_empty() || (in_holds && !s.idem.is_empty()),
         );
         expect("deadlines", !s.deadlines.is_empty());
+        expect("expiries", !s.expiries.is_empty());
         expect("confirming", !s.confirming.is_empty());
         expect("done", !s.done.is_empty());
         expect("fans", !s.fans.is_empty());
-        // The live-hold index is in `fans` now (lua/lib.lua); nothing adds to the old zset, and
-        // a live hold has units, so `fans` exists whenever the index has anything.
+        // The live-hold index is in `fans` (lua/lib.lua); nothing touches the old zset
+        // (engine::keys LEGACY_FANHOLDS_KEY), and a live hold has units, so `fans` exists whenever
+        // the index has anything.
         expect("fanholds", false);
         expect("layout", !s.layout.is_empty());
         expect("active", !s.active.is_empty());
