@@ -839,11 +839,13 @@ fn concurrent_scripts_agree_with_some_serial_order_of_the_model() {
     run_variant(true);
 }
 
-/// The set-up both fixed refund cases share: a fan reserves two units and the confirm of that
-/// hold begins and commits its order; `then` are the case's own steps after it. Every key is
-/// checked against the model after each step. Err names the first step where Redis and the
-/// model part.
-fn fixed_refund_case(replace: Vec<(String, String)>, then: Vec<Op>) -> Result<(), TestCaseError> {
+/// Runs one fixed case (`ops` on a drop of `shape`, with the scripts `replace` names swapped in)
+/// on a runtime of its own; Err names the first step where Redis and the model part.
+fn run_fixed_case(
+    replace: Vec<(String, String)>,
+    shape: Shape,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -851,6 +853,14 @@ fn fixed_refund_case(replace: Vec<(String, String)>, then: Vec<Op>) -> Result<()
         .expect("a runtime");
     let (redis, raw) = rt.block_on(world::connect(replace));
     let run_id = rt.block_on(redis.run_id()).expect("Redis' run id");
+    rt.block_on(run_case(&redis, &raw, &run_id, shape, ops))
+}
+
+/// The set-up both fixed refund cases share: a fan reserves two units and the confirm of that
+/// hold begins and commits its order; `then` are the case's own steps after it. Every key is
+/// checked against the model after each step. Err names the first step where Redis and the
+/// model part.
+fn fixed_refund_case(replace: Vec<(String, String)>, then: Vec<Op>) -> Result<(), TestCaseError> {
     let mut ops = vec![
         Op::Reserve {
             fan: 0,
@@ -869,7 +879,7 @@ fn fixed_refund_case(replace: Vec<(String, String)>, then: Vec<Op>) -> Result<()
         Op::Commit { hold: 1 },
     ];
     ops.extend(then);
-    rt.block_on(run_case(&redis, &raw, &run_id, Shape::default(), &ops))
+    run_fixed_case(replace, Shape::default(), &ops)
 }
 
 /// A refund's steps, fixed (not random: a random case reaches a refund repeated only now and
@@ -973,13 +983,6 @@ fn a_release_that_forgets_the_fan_count_is_caught_and_shrunk() {
 /// set. The random cases reach the waiting list too, but seldom: a line must sell out first.
 #[test]
 fn the_waiting_list_agrees_with_the_model_step_by_step() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    let (redis, raw) = rt.block_on(world::connect(vec![]));
-    let run_id = rt.block_on(redis.run_id()).expect("Redis' run id");
     let shape = Shape {
         seated: false,
         queue: true,
@@ -1041,7 +1044,7 @@ fn the_waiting_list_agrees_with_the_model_step_by_step() {
         // Unused, the offer lapses.
         admit.clone(),
     ]);
-    let result = rt.block_on(run_case(&redis, &raw, &run_id, shape, &ops));
+    let result = run_fixed_case(vec![], shape, &ops);
     if let Err(e) = result {
         panic!("the waiting list's steps and the model disagree: {e}");
     }
@@ -1061,13 +1064,6 @@ fn the_waiting_list_agrees_with_the_model_step_by_step() {
 /// requests: a new hold, a new refusal. The random cases pass the window seldom.
 #[test]
 fn stored_answers_are_purged_with_their_holds_and_after_their_window() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    let (redis, raw) = rt.block_on(world::connect(vec![]));
-    let run_id = rt.block_on(redis.run_id()).expect("Redis' run id");
     let reserve = |key, n| Op::Reserve {
         fan: 0,
         key,
@@ -1090,7 +1086,7 @@ fn stored_answers_are_purged_with_their_holds_and_after_their_window() {
         reserve(1, 4),
     ];
     SEEN.with(|seen| seen.borrow_mut().clear());
-    let result = rt.block_on(run_case(&redis, &raw, &run_id, Shape::default(), &ops));
+    let result = run_fixed_case(vec![], Shape::default(), &ops);
     if let Err(e) = result {
         panic!("stored answers and the model disagree: {e}");
     }
@@ -1114,13 +1110,6 @@ fn stored_answers_are_purged_with_their_holds_and_after_their_window() {
 /// reach a lost tail seldom: a checkpoint must fall between two joins.
 #[test]
 fn a_line_that_lost_its_tail_agrees_with_the_model_step_by_step() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    let (redis, raw) = rt.block_on(world::connect(vec![]));
-    let run_id = rt.block_on(redis.run_id()).expect("Redis' run id");
     let shape = Shape {
         queue: true,
         ..Shape::default()
@@ -1148,7 +1137,7 @@ fn a_line_that_lost_its_tail_agrees_with_the_model_step_by_step() {
         Op::Touch { mask: 0b111 },
         admit,
     ];
-    let result = rt.block_on(run_case(&redis, &raw, &run_id, shape, &ops));
+    let result = run_fixed_case(vec![], shape, &ops);
     if let Err(e) = result {
         panic!("a line that lost its tail and the model disagree: {e}");
     }
