@@ -194,8 +194,9 @@ measure() {
     read -ra call <<<"$("$BOOKING_API" bench-args --drop-id "$drop")"
     kill "$booking"
     wait "$booking" 2>/dev/null || true
-    # KEYS[9] was the live-hold zset (fanholds) before it was the expiries list: the old script
-    # would ZADD to the list the warm-up reserve made, so it starts without one.
+    # KEYS[9] was the live-hold zset (fanholds) before it was the expiries list: an old script
+    # that adds to it (the original, a85e765, did) would ZADD to the list the warm-up reserve
+    # made, so it starts without one.
     [[ $name == old ]] && redis-cli -p "$RPORT" del "fg:{$drop}:expiries" >/dev/null
     if [[ -n $dir && $(head -c5 "$dir/reserve.lua") == '#!lua' ]]; then
         # A whole function library (FUNCTION LOAD): called by FCALL of the function it registers.

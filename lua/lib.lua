@@ -317,7 +317,7 @@ local function reclaim(now, limit, known_next_due, due_by)
     end
     if seen == limit then
       -- Due, and past the budget: the next reclaim starts here.
-      next_due = math.min(next_due, h and h.exp or now)
+      next_due = math.min(next_due, h and h.exp or 0)
       break
     end
     seen, popped = seen + 1, popped + 1
@@ -333,7 +333,7 @@ end
 
 -- Ended holds past their keep time leave the holds hash, each with its stored answer (the
 -- record's "k"), and so do refusals' stored answers past theirs; at most `limit` of them. The
--- sweeper's job (expire.lua), kept off reserve's hot path.
+-- sweeper's job (expire.lua), kept off reserve's hot path. Returns how many it purged.
 local function purge_ended(now, limit)
   local gone = redis.call('ZRANGEBYSCORE', K.done, '-inf', now, 'LIMIT', 0, limit)
   for _, id in ipairs(gone) do
@@ -342,6 +342,7 @@ local function purge_ended(now, limit)
     if answer then redis.call('HDEL', K.holds, id, answer) else redis.call('HDEL', K.holds, id) end
     redis.call('ZREM', K.done, id)
   end
+  return #gone
 end
 
 -- A rebuild ends a hold without giving anything back: it counts stock, seats and fans afresh.

@@ -241,6 +241,29 @@ async fn confirm_after_expiry_is_gone_and_units_return() {
     h.server.shutdown().await;
 }
 
+/// The sweeper reclaims a hold from the expiries list even when meta's `next_due_ms` says nothing
+/// is due — as a release before the list leaves it after its own reclaim (lua/expire.lua): on a
+/// drop whose stock is all held, no reserve succeeds to lower it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweeper_reclaims_listed_holds_whatever_next_due_says() {
+    let h = Harness::start().await;
+    let drop = h.ga_drop(2, 4, 1).await;
+    let (_, token) = h.fan("all-held").await;
+    let (status, hold) = h.reserve(&token, &drop, tee(2)).await;
+    assert_eq!(status, 201, "{hold}");
+    let meta = drop_key(&DropId::parse(&drop).unwrap(), "meta");
+    // 2^53: "no held hold", as the previous release's reclaim writes when its zset is empty.
+    redis_cli(&["HSET", &meta, "next_due_ms", "9007199254740992"]).await;
+    eventually("the sweeper puts the expired units back", || async {
+        h.counts(&drop).await == (2, 2, 0, 0)
+    })
+    .await;
+    let hold_id = hold["hold_id"].as_str().unwrap();
+    assert_eq!(h.hold_state(&token, hold_id).await, "expired");
+    h.assert_invariants(&drop).await;
+    h.server.shutdown().await;
+}
+
 // ---- idempotency ----------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -879,8 +879,9 @@ impl Redis {
         }
     }
 
-    /// Expires up to `limit` held holds past their deadline; returns (expired, 1 if more are due
-    /// than that budget reached, else 0).
+    /// Expires up to `limit` held holds past their deadline and purges up to `limit` ended ones
+    /// (lua/expire.lua); returns (expired, 1 if more of either are due than that budget reached,
+    /// else 0).
     pub async fn expire(&self, drop: &DropId, limit: u32) -> Result<(i64, i64)> {
         let reply = self
             .run(

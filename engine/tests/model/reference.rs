@@ -506,7 +506,8 @@ impl Model {
                 .is_some_and(|id| s.holds.get(id).is_none_or(|h| h.expires_at_ms <= now))
     }
 
-    fn purge_ended(&mut self, limit: i64) {
+    /// Returns how many it purged.
+    fn purge_ended(&mut self, limit: i64) -> usize {
         let now = self.now_ms;
         let gone: Vec<String> = zset_order(&self.store.done)
             .into_iter()
@@ -514,6 +515,7 @@ impl Model {
             .take(limit.max(0) as usize)
             .map(|(id, _)| id)
             .collect();
+        let purged = gone.len();
         for id in gone {
             let answer = match self.store.holds.remove(&id) {
                 Some(h) => h.answer,
@@ -526,6 +528,7 @@ impl Model {
             }
             self.store.done.remove(&id);
         }
+        purged
     }
 
     /// Whether the drop keeps its stored answers in its holds hash (lua/lib.lua), as every drop
@@ -893,8 +896,9 @@ impl Model {
             return (0, 0);
         }
         let expired = self.reclaim(limit, self.now_ms);
-        self.purge_ended(limit);
-        (expired, self.reclaim_due() as i64)
+        let purged = self.purge_ended(limit);
+        let more = self.reclaim_due() || purged as i64 == limit;
+        (expired, more as i64)
     }
 
     // ---- confirm_begin / confirm_finish / confirm_revert -------------------------------------
