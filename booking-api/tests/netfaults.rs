@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use common::Harness;
 use devstack::{BehindLink, DelayRelay};
-use fault_kit::{assert_consistent, confirming, eventually, key, pg_orders, seated_body, Fault};
+use fault_kit::{assert_consistent, confirming, eventually, pg_orders, seated_body, Fault};
 use futures::future::join_all;
 use serde_json::{json, Value};
 use testkit::{new_key, test_config_for, BookingClient, Reply};
@@ -297,7 +297,7 @@ async fn fault_slow_lossy_redis_during_a_reserve_burst() {
     // timed out after the script ran, Redis has at most one hold of that fan.
     for drop in [&ga, &seated] {
         let mut per_fan: HashMap<String, usize> = HashMap::new();
-        for raw in f.redis_hash(&key(drop, "holds")).await.values() {
+        for raw in f.redis_holds(drop).await.values() {
             let hold: Value = serde_json::from_str(raw).unwrap();
             *per_fan
                 .entry(hold["fan"].as_str().unwrap().to_owned())

@@ -142,19 +142,19 @@ impl Fault {
         assert_eq!(out.trim(), "OK", "FLUSHALL answered {out}");
     }
 
-    /// A Redis hash as field → value (redis-cli prints them on alternate lines).
+    /// A Redis hash as field → value (redis-cli's JSON: values may hold newlines, as the stored
+    /// answers in a holds hash do).
     pub async fn redis_hash(&self, key: &str) -> HashMap<String, String> {
-        let out = self.redis_cli(&["HGETALL", key]).await;
-        let out = out.trim_end_matches('\n');
-        if out.is_empty() {
-            return HashMap::new();
-        }
-        let lines: Vec<&str> = out.split('\n').collect();
-        assert!(lines.len().is_multiple_of(2), "HGETALL {key}: {out}");
-        lines
-            .chunks(2)
-            .map(|kv| (kv[0].to_owned(), kv[1].to_owned()))
-            .collect()
+        let out = self.redis_cli(&["--json", "HGETALL", key]).await;
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("HGETALL {key}: {e}: {out}"))
+    }
+
+    /// A drop's hold records by id: its holds hash without the stored answers beside them
+    /// (`i:` fields, lua/lib.lua).
+    pub async fn redis_holds(&self, drop: &str) -> HashMap<String, String> {
+        let mut holds = self.redis_hash(&key(drop, "holds")).await;
+        holds.retain(|field, _| !field.starts_with(engine::keys::DropKeys::ANSWER_PREFIX));
+        holds
     }
 }
 
@@ -258,7 +258,7 @@ pub async fn assert_pg_sane(h: &Harness, drop: &str) {
 /// Then the harness' own check: available + held + sold == total and Postgres' sold == Redis'.
 pub async fn assert_consistent(f: &Fault, h: &Harness, drop: &str) {
     let stock = f.redis_hash(&key(drop, "stock")).await;
-    let holds = f.redis_hash(&key(drop, "holds")).await;
+    let holds = f.redis_holds(drop).await;
     let seats = f.redis_hash(&key(drop, "seats")).await;
     // The fans hash: fan → units, and "h|<fan>" → the fan's live hold ids (lua/lib.lua).
     let (live_lists, fans): (HashMap<String, String>, HashMap<String, String>) = f
